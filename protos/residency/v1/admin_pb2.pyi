@@ -1,0 +1,66 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetNodeStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetNodeStatusResponse(_message.Message):
+    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts")
+    class FieldCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
+    LOG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FIELD_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    role: str
+    records: int
+    tombstones: int
+    log_entries: int
+    rules_version: str
+    field_counts: _containers.ScalarMap[str, int]
+    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ReplicationStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DestinationStatus(_message.Message):
+    __slots__ = ("region", "address", "applied_sequence", "pending", "lag_seconds", "last_error", "copies_sent")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    COPIES_SENT_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    address: str
+    applied_sequence: int
+    pending: int
+    lag_seconds: float
+    last_error: str
+    copies_sent: int
+    def __init__(self, region: _Optional[str] = ..., address: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., pending: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., copies_sent: _Optional[int] = ...) -> None: ...
+
+class ReplicationStatusResponse(_message.Message):
+    __slots__ = ("head_sequence", "destinations")
+    HEAD_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
+    head_sequence: int
+    destinations: _containers.RepeatedCompositeFieldContainer[DestinationStatus]
+    def __init__(self, head_sequence: _Optional[int] = ..., destinations: _Optional[_Iterable[_Union[DestinationStatus, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,100 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from residency.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Record(_message.Message):
+    __slots__ = ("user_id", "version", "source", "fields", "home_region", "created_at", "updated_at")
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.Value, _Mapping]] = ...) -> None: ...
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    HOME_REGION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    version: int
+    source: str
+    fields: _containers.MessageMap[str, _common_pb2.Value]
+    home_region: str
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., fields: _Optional[_Mapping[str, _common_pb2.Value]] = ..., home_region: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PutRecordRequest(_message.Message):
+    __slots__ = ("context", "record")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.CallContext
+    record: Record
+    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., record: _Optional[_Union[Record, _Mapping]] = ...) -> None: ...
+
+class PutRecordResponse(_message.Message):
+    __slots__ = ("user_id", "version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    version: int
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PutRecordsRequest(_message.Message):
+    __slots__ = ("context", "records")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.CallContext
+    records: _containers.RepeatedCompositeFieldContainer[Record]
+    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
+
+class PutRecordsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PutRecordResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[PutRecordResponse, _Mapping]]] = ...) -> None: ...
+
+class GetRecordRequest(_message.Message):
+    __slots__ = ("context", "user_id")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.CallContext
+    user_id: str
+    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class GetRecordResponse(_message.Message):
+    __slots__ = ("record", "withheld", "log_sequence")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    LOG_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    record: Record
+    withheld: _containers.RepeatedCompositeFieldContainer[_common_pb2.WithheldField]
+    log_sequence: int
+    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., withheld: _Optional[_Iterable[_Union[_common_pb2.WithheldField, _Mapping]]] = ..., log_sequence: _Optional[int] = ...) -> None: ...
+
+class DeleteRecordRequest(_message.Message):
+    __slots__ = ("context", "user_id")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.CallContext
+    user_id: str
+    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class DeleteRecordResponse(_message.Message):
+    __slots__ = ("user_id", "version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    version: int
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""The residency node: domain core (schema, rules, crypto, store, translog) and gRPC services."""

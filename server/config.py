@@ -1,0 +1,144 @@
+"""A node's configuration: one typed object, loaded and validated once at start.
+
+Relative paths are resolved against the config file's folder. A bad value fails at start
+with a message naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from server.errors import ConfigError
+
+ROLES = ("primary", "region")
+DURABILITY = {"full": "FULL", "normal": "NORMAL"}
+
+
+@dataclass(frozen=True)
+class Affiliate:
+    region: str
+    address: str
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class ReplicatorConfig:
+    enabled: bool = True
+    batch_size: int = 500
+    # Seconds between retries grow from `retry_initial` up to `retry_max`, with jitter.
+    retry_initial: float = 0.2
+    retry_max: float = 10.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    path: Path
+    region: str
+    role: str
+    listen: str
+    data_dir: Path
+    schema: Path
+    rules: Path
+    keys_dir: Path
+    durability: str = "full"
+    affiliates: tuple[Affiliate, ...] = ()
+    replicator: ReplicatorConfig = field(default_factory=ReplicatorConfig)
+
+    @property
+    def is_primary(self) -> bool:
+        return self.role == "primary"
+
+
+def _listen(value: Any, where: str) -> str:
+    if not isinstance(value, str) or value.count(":") < 1:
+        raise ConfigError(f"{where}: must be HOST:PORT, e.g. 127.0.0.1:50051")
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: must be HOST:PORT with a port from 0 to 65535, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    path = Path(path).resolve()
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a node config is a mapping")
+    base = path.parent
+
+    def need(key: str, kind: type = str) -> Any:
+        if key not in doc:
+            raise ConfigError(f"{path}: '{key}' is required")
+        if not isinstance(doc[key], kind):
+            raise ConfigError(f"{path}: '{key}' must be a {kind.__name__}")
+        return doc[key]
+
+    def rel(value: str) -> Path:
+        return (base / value).resolve()
+
+    known = {
+        "region",
+        "role",
+        "listen",
+        "data_dir",
+        "schema",
+        "rules",
+        "keys",
+        "durability",
+        "affiliates",
+        "replicator",
+    }
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    role = need("role")
+    if role not in ROLES:
+        raise ConfigError(f"{path}: 'role' must be one of {list(ROLES)}, got {role!r}")
+    keys = need("keys", dict)
+    if keys.get("provider", "local") != "local":
+        raise ConfigError(f"{path}: 'keys.provider': only 'local' is available in this version")
+    if not isinstance(keys.get("dir"), str):
+        raise ConfigError(f"{path}: 'keys.dir' is required: the folder holding region.key")
+    durability = doc.get("durability", "full")
+    if durability not in DURABILITY:
+        raise ConfigError(f"{path}: 'durability' must be one of {sorted(DURABILITY)}")
+    affiliates = []
+    for i, a in enumerate(doc.get("affiliates") or []):
+        where = f"{path}: 'affiliates[{i}]"
+        if not isinstance(a, dict) or not all(
+            isinstance(a.get(k), str) for k in ("region", "address", "public_key")
+        ):
+            raise ConfigError(f"{where}' needs region, address and public_key")
+        affiliates.append(
+            Affiliate(a["region"], _listen(a["address"], f"{where}.address'"), rel(a["public_key"]))
+        )
+    if affiliates and role != "primary":
+        raise ConfigError(f"{path}: 'affiliates' is for the primary only")
+    rep = doc.get("replicator") or {}
+    if not isinstance(rep, dict):
+        raise ConfigError(f"{path}: 'replicator' must be a mapping")
+    try:
+        replicator = ReplicatorConfig(**rep)
+    except TypeError as e:
+        raise ConfigError(f"{path}: 'replicator': {e}") from e
+    if not 1 <= replicator.batch_size <= 1000:
+        raise ConfigError(f"{path}: 'replicator.batch_size' must be from 1 to 1000")
+    return NodeConfig(
+        path=path,
+        region=need("region"),
+        role=role,
+        listen=_listen(need("listen"), f"{path}: 'listen'"),
+        data_dir=rel(need("data_dir")),
+        schema=rel(need("schema")),
+        rules=rel(need("rules")),
+        keys_dir=rel(keys["dir"]),
+        durability=durability,
+        affiliates=tuple(affiliates),
+        replicator=replicator,
+    )

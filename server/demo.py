@@ -1,0 +1,291 @@
+"""`residency demo`: a primary and two affiliate region nodes on loopback, synthetic users
+covering every field of the example schema, replication awaited, a per-region report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from residency.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    records_pb2,
+    records_pb2_grpc,
+    translog_pb2,
+    translog_pb2_grpc,
+)
+from tqdm import tqdm
+
+from server import codec
+from server.config import load_config
+from server.deployment import AFFILIATES, PRIMARY, init_deployment
+
+IDENTITY = (("x-residency-identity", "demo:loader"),)
+BATCH = 500
+
+
+def synthetic_user(i: int, rng: random.Random) -> tuple[str, str, dict[str, Any]]:
+    """(user id, source, fields): every field appears across users; passwords on one user in
+    fifty (each costs a 40 ms scrypt hash), violation records on one in twenty."""
+    first = rng.choice(["Li", "Wang", "Zhang", "Liu", "Chen", "Yang", "Zhao", "Huang"])
+    given = rng.choice(["Wei", "Fang", "Na", "Min", "Jing", "Lei", "Yan", "Tao"])
+    visit = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=rng.randrange(86400 * 26))
+    fields: dict[str, Any] = {
+        "name": f"{first} {given}",
+        "phone": f"+86 13{rng.randrange(10**9):09d}",
+        "email": f"user{i}@example.cn",
+        "address": f"{rng.randrange(1, 999)} Changan Avenue, Beijing",
+        "national_id": f"{rng.randrange(10**17):017d}{rng.choice('0123456789X')}",
+        "ip_address": f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+        "browser_type": rng.choice(["Chrome 142", "Firefox 145", "Safari 19", "Edge 142"]),
+        "language": rng.choice(["zh-CN", "en-SG", "en-IE", "zh-TW"]),
+        "visit_time": visit,
+        "hardware_software": rng.choice(["Android 16; Pixel 10", "iOS 26; iPhone 17", "Windows 11; x64"]),
+        "pages_visited": [f"/item/{rng.randrange(10**6)}" for _ in range(rng.randrange(1, 6))],
+        "cookie_id": f"ck-{rng.randrange(16**16):016x}",
+        "search_keywords": rng.sample(["phone case", "tea", "bicycle", "lamp", "jacket", "book"], 2),
+        "published_content": f"Review #{i}: works as described.",
+        "transactions": [f"order-{i}-{n}" for n in range(rng.randrange(1, 4))],
+    }
+    source = "registration"
+    if i % 7 == 0:
+        source = "partner:acme-travel"
+        fields["partner_profile"] = "frequent traveller; prefers rail"
+    if i % 50 == 0:
+        fields["password"] = f"pw-{rng.randrange(10**12)}"
+    if i % 20 == 0:
+        fields["violation_records"] = ["2026-10: spam posting; posting suspended 7 days"]
+    return f"user-{i:07d}", source, fields
+
+
+class Deployment:
+    """The three node processes of a deployment folder."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.configs = {r: directory / f"{r}.yaml" for r in (PRIMARY, *AFFILIATES)}
+        self.addresses = {r: load_config(p).listen for r, p in self.configs.items()}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, region: str) -> None:
+        data = load_config(self.configs[region]).data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        out = open(data / "node.log", "ab")  # noqa: SIM115 - handed to the child process
+        self.procs[region] = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--config", str(self.configs[region])],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def stop(self, region: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        proc = self.procs.pop(region)
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop_all(self) -> dict[str, int]:
+        return {r: self.stop(r) for r in list(self.procs)}
+
+
+async def wait_serving(address: str, deadline: float = 30.0) -> None:
+    """Waits until the node at `address` reports SERVING, or raises TimeoutError."""
+    end = time.monotonic() + deadline
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError(f"node at {address} did not start within {deadline:.0f} s")
+            await asyncio.sleep(0.05)
+
+
+async def wait_replicated(primary: str, timeout: float = 600.0, progress: bool = True) -> dict:
+    """Waits until every destination has applied the whole outbox; returns the last status."""
+    end = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(primary) as ch:
+        stub = admin_pb2_grpc.AdminServiceStub(ch)
+        bar = None
+        while True:
+            s = await stub.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+            done = min((d.applied_sequence for d in s.destinations), default=s.head_sequence)
+            if progress:
+                if bar is None:
+                    bar = tqdm(total=s.head_sequence, desc="replicating", unit="change", file=sys.stderr)
+                bar.total = s.head_sequence
+                bar.n = done
+                bar.refresh()
+            if all(d.pending == 0 and d.applied_sequence >= s.head_sequence for d in s.destinations):
+                if bar:
+                    bar.close()
+                return {d.region: d for d in s.destinations}
+            if time.monotonic() > end:
+                raise TimeoutError(f"replication did not catch up within {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+
+
+async def load_users(primary: str, users: int, seed: int = 7) -> None:
+    rng = random.Random(seed)
+    ctx = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
+    async with grpc.aio.insecure_channel(primary) as ch:
+        stub = records_pb2_grpc.RecordServiceStub(ch)
+        with tqdm(total=users, desc="writing users", unit="user", file=sys.stderr) as bar:
+            for start in range(0, users, BATCH):
+                req = records_pb2.PutRecordsRequest(context=ctx)
+                for i in range(start, min(users, start + BATCH)):
+                    user_id, source, fields = synthetic_user(i, rng)
+                    rec = req.records.add(user_id=user_id, source=source)
+                    for name, value in fields.items():
+                        rec.fields[name].CopyFrom(codec.to_value(value))
+                await stub.PutRecords(req, metadata=IDENTITY, timeout=120)
+                bar.update(len(req.records))
+
+
+async def read_log(address: str) -> list[dict]:
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = translog_pb2_grpc.TransferLogServiceStub(ch)
+        return [
+            json.loads(e.entry_json)
+            async for e in stub.TailEntries(translog_pb2.TailEntriesRequest(), timeout=120)
+        ]
+
+
+async def node_status(address: str) -> admin_pb2.GetNodeStatusResponse:
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await admin_pb2_grpc.AdminServiceStub(ch).GetNodeStatus(
+            admin_pb2.GetNodeStatusRequest(), timeout=60
+        )
+
+
+async def sample_reads(primary: str) -> list[str]:
+    """Two cross-location reads of one user, one allowed in part and one refused."""
+    lines = []
+    async with grpc.aio.insecure_channel(primary) as ch:
+        stub = records_pb2_grpc.RecordServiceStub(ch)
+        for location, purpose in (
+            ("ap-southeast-1", "essential.service"),
+            ("eu-west-1", "marketing.communications"),
+        ):
+            ctx = common_pb2.CallContext(location=location, purpose=purpose)
+            try:
+                r = await stub.GetRecord(
+                    records_pb2.GetRecordRequest(context=ctx, user_id="user-0000001"),
+                    metadata=(("x-residency-identity", "demo:reader"),),
+                    timeout=10,
+                )
+                lines.append(
+                    f"  read from {location} for {purpose}: {len(r.record.fields)} fields returned "
+                    f"({', '.join(sorted(r.record.fields))}); {len(r.withheld)} withheld; "
+                    f"log entry {r.log_sequence}"
+                )
+            except grpc.aio.AioRpcError as e:
+                lines.append(f"  read from {location} for {purpose}: {e.code().name}: {e.details()}")
+    return lines
+
+
+def summarize(entries: list[dict], statuses: dict[str, Any], users: int) -> str:
+    per: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"records": 0, "denied": 0, "sent": Counter(), "withheld": Counter(), "why": {}}
+    )
+    for e in entries:
+        if e["kind"] != "replication":
+            continue
+        p = per[e["destination_region"]]
+        p["records" if e["outcome"] == "allowed" else "denied"] += 1
+        for f in e["fields"]:
+            p["sent"][f["name"]] += 1
+        for w in e["withheld"]:
+            p["withheld"][w["name"]] += 1
+            p["why"][w["name"]] = w["reason"]
+    out = [f"\n{users} users written to {PRIMARY}; primary transfer log: {len(entries)} entries"]
+    for region in AFFILIATES:
+        p, s = per[region], statuses[region]
+        out.append(f"\n{region}: {s.records} copies held, {s.log_entries} transfer-log entries on the node")
+        out.append(f"  replicated: {p['records']} records sent, {p['denied']} with nothing allowed")
+        out.append(
+            "  transferred: " + (", ".join(f"{n} ({c})" for n, c in sorted(p["sent"].items())) or "nothing")
+        )
+        out.append(
+            "  withheld:    "
+            + ", ".join(f"{n} ({c}, {p['why'][n]})" for n, c in sorted(p["withheld"].items()))
+        )
+        held = dict(s.field_counts)
+        stray = sorted(set(held) - set(p["sent"]))
+        out.append(
+            f"  check: fields held there = fields sent: {'yes' if not stray else 'NO: ' + ', '.join(stray)}"
+        )
+    return "\n".join(out)
+
+
+async def _run(directory: Path, users: int) -> int:
+    dep = Deployment(directory)
+    t0 = time.monotonic()
+    try:
+        for region in dep.configs:
+            dep.start(region)
+        await asyncio.gather(*(wait_serving(a) for a in dep.addresses.values()))
+        print(
+            f"started {PRIMARY} (primary) at {dep.addresses[PRIMARY]}, "
+            + ", ".join(f"{r} at {dep.addresses[r]}" for r in AFFILIATES),
+            file=sys.stderr,
+        )
+        t1 = time.monotonic()
+        await load_users(dep.addresses[PRIMARY], users)
+        t2 = time.monotonic()
+        await wait_replicated(dep.addresses[PRIMARY])
+        t3 = time.monotonic()
+        reads = await sample_reads(dep.addresses[PRIMARY])
+        entries = await read_log(dep.addresses[PRIMARY])
+        statuses = {r: await node_status(dep.addresses[r]) for r in AFFILIATES}
+        print(summarize(entries, statuses, users))
+        print("\ncross-location reads at the primary:")
+        print("\n".join(reads))
+        print(
+            f"\ntimes: start {t1 - t0:.1f} s, write {t2 - t1:.1f} s "
+            f"({users / max(t2 - t1, 1e-9):,.0f} users/s), "
+            f"replication caught up {t3 - t2:.1f} s later"
+        )
+    finally:
+        codes = dep.stop_all()
+    bad = {r: c for r, c in codes.items() if c != 0}
+    if bad:
+        print(f"nodes exited with errors: {bad}; see node.log under each data folder", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_demo(users: int = 1000, directory: Path | None = None) -> int:
+    if users < 1:
+        print("error: --users must be at least 1", file=sys.stderr)
+        return 2
+    if directory is not None:
+        if (directory / f"{PRIMARY}.yaml").exists():
+            print(f"using the deployment in {directory}", file=sys.stderr)
+        else:
+            init_deployment(directory)
+        return asyncio.run(_run(directory.resolve(), users))
+    with tempfile.TemporaryDirectory(prefix="residency-demo-") as tmp:
+        init_deployment(tmp)
+        return asyncio.run(_run(Path(tmp), users))

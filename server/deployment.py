@@ -1,0 +1,147 @@
+"""`residency init`: writes a complete local three-region deployment (configs, schema,
+rules, keys) with the example schema and rules that follow the privacy policy."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import yaml
+
+from server.crypto import RegionKey
+
+PRIMARY = "cn-north"
+AFFILIATES = ("ap-southeast-1", "eu-west-1")
+
+# Every kind of data the privacy policy names (section 1), with its Fides category.
+EXAMPLE_SCHEMA = """\
+# Fields a record may hold. category: a Fides data category (fideslang); sensitive:
+# sensitive personal information (PIPL Art. 28); out_of_scope: data the policy (1c) puts
+# outside its scope, transferred only under a rule naming its category explicitly;
+# source: registration (policy 1a), automatic (1b) or partner (1c).
+version: 1
+fields:
+  name:              {category: user.name, type: string, max_bytes: 256, source: registration,
+                      description: "Name given at registration"}
+  phone:             {category: user.contact.phone_number, type: string, max_bytes: 32, source: registration,
+                      description: "Mobile phone number"}
+  email:             {category: user.contact.email, type: string, max_bytes: 320, source: registration,
+                      description: "E-mail address"}
+  address:           {category: user.contact.address, type: string, max_bytes: 512, source: registration,
+                      description: "Postal address"}
+  national_id:       {category: user.government_id.national_identification_number, type: string,
+                      max_bytes: 32, sensitive: true, source: registration,
+                      description: "Resident identity card number"}
+  password:          {category: user.authorization.password, type: string, max_bytes: 256, source: registration,
+                      description: "Account password; stored only as a scrypt hash"}
+  ip_address:        {category: user.device.ip_address, type: string, max_bytes: 45, source: automatic,
+                      description: "IP address of the terminal"}
+  browser_type:      {category: user.device, type: string, max_bytes: 256, source: automatic,
+                      description: "Browser (explorer) type"}
+  language:          {category: user.demographic.language, type: string, max_bytes: 35, source: automatic,
+                      description: "Language used"}
+  visit_time:        {category: user.telemetry, type: timestamp, source: automatic,
+                      description: "Date and time of the visit"}
+  hardware_software: {category: user.device, type: string, max_bytes: 1024, source: automatic,
+                      description: "Hardware and software features of the terminal"}
+  pages_visited:     {category: user.behavior.browsing_history, type: list, max_bytes: 16384, max_items: 200,
+                      source: automatic, description: "Web pages requested"}
+  cookie_id:         {category: user.device.cookie_id, type: string, max_bytes: 128, source: automatic,
+                      description: "Cookie identifier (policy 5)"}
+  partner_profile:   {category: user.demographic.profile, type: string, max_bytes: 4096, source: partner,
+                      description: "Profile data obtained from a business partner"}
+  search_keywords:   {category: user.behavior.search_history, type: list, max_bytes: 8192, max_items: 100,
+                      source: automatic, out_of_scope: true,
+                      description: "Keywords typed into the search service (policy 1c-a)"}
+  published_content: {category: user.content.public, type: string, max_bytes: 16384, source: registration,
+                      out_of_scope: true, description: "Content the user published (policy 1c-b)"}
+  transactions:      {category: user.behavior.purchase_history, type: list, max_bytes: 16384, max_items: 200,
+                      source: automatic, out_of_scope: true,
+                      description: "Transactions and evaluations (policy 1c-b)"}
+  violation_records: {category: user.criminal_history, type: list, max_bytes: 8192, max_items: 100,
+                      sensitive: true, out_of_scope: true, source: automatic,
+                      description: "Violations of law or of the app's rules, and measures taken (policy 1c-c)"}
+"""
+
+EXAMPLE_RULES = """\
+# What may leave the home region. Default deny: a field goes only where a rule sends it.
+version: 1
+home_region: cn-north
+recipients:                      # PIPL Art. 39: the user is told each recipient's name and contact
+  - id: sg-affiliate
+    region: ap-southeast-1
+    company: Example Holdings Pte. Ltd.
+    contact: dpo@example.sg
+  - id: ie-affiliate
+    region: eu-west-1
+    company: Example Europe Ltd.
+    contact: dpo@example.ie
+never_transfer: [user.authorization, user.government_id, user.behavior.search_history]
+rules:
+  - id: sg-service               # the Singapore affiliate serves the account
+    recipient: sg-affiliate
+    purposes: [essential.service]
+    legal_basis: contract
+    categories: [user.name, user.contact, user.device, user.demographic.language]
+    exclude: [user.contact.address]
+    retention_days: 365
+  - id: ie-analytics             # the Irish affiliate reports on service use
+    recipient: ie-affiliate
+    purposes: [analytics.reporting]
+    legal_basis: contract
+    categories: [user.demographic.language, user.telemetry, user.behavior.browsing_history]
+    retention_days: 180
+  - id: ie-support               # ... and answers support requests
+    recipient: ie-affiliate
+    purposes: [essential.service.operations.support]
+    legal_basis: contract
+    categories: [user.contact.email, user.behavior.purchase_history]
+    retention_days: 365
+"""
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def init_deployment(directory: str | Path, ports: list[int] | None = None) -> dict[str, Path]:
+    """Writes the deployment into `directory`; returns each region's config path."""
+    d = Path(directory).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    regions = (PRIMARY, *AFFILIATES)
+    ports = ports or free_ports(len(regions))
+    (d / "schema.yaml").write_text(EXAMPLE_SCHEMA)
+    (d / "rules.yaml").write_text(EXAMPLE_RULES)
+    for region in regions:
+        RegionKey.generate(region, d / "keys" / region)
+    addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
+    paths = {}
+    for region in regions:
+        config = {
+            "region": region,
+            "role": "primary" if region == PRIMARY else "region",
+            "listen": addresses[region],
+            "data_dir": f"data/{region}",
+            "schema": "schema.yaml",
+            "rules": "rules.yaml",
+            "keys": {"provider": "local", "dir": f"keys/{region}"},
+            "durability": "full",
+        }
+        if region == PRIMARY:
+            config["affiliates"] = [
+                {"region": a, "address": addresses[a], "public_key": f"keys/{a}/region.pub"}
+                for a in AFFILIATES
+            ]
+            config["replicator"] = {"enabled": True, "batch_size": 500}
+        paths[region] = d / f"{region}.yaml"
+        paths[region].write_text(yaml.safe_dump(config, sort_keys=False))
+    return paths

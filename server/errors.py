@@ -1,0 +1,38 @@
+"""Domain exceptions. `server.services` maps each to one gRPC status, in one place."""
+
+from __future__ import annotations
+
+
+class ResidencyError(Exception):
+    """Base of every error a caller can be told about. Messages never carry field values."""
+
+
+class InvalidRecord(ResidencyError):
+    """A request breaks the schema or the API contract.
+
+    `violations` lists (field path, description) pairs, one per offending field.
+    """
+
+    def __init__(self, violations: list[tuple[str, str]]):
+        self.violations = violations
+        super().__init__("; ".join(f"{f}: {d}" for f, d in violations))
+
+
+class NotFound(ResidencyError):
+    pass
+
+
+class TransferDenied(ResidencyError):
+    """No rule allows any of the requested data to go where it was asked for."""
+
+
+class KeyUnavailable(ResidencyError):
+    """A key needed to seal or open data cannot be had; nothing was written."""
+
+
+class FailedPrecondition(ResidencyError):
+    pass
+
+
+class ConfigError(ResidencyError):
+    """The configuration is invalid. The message names the file and key."""

@@ -1,0 +1,286 @@
+"""What a node does with records: write, read, erase (primary) and apply copies (region).
+
+Every method here runs on the store's thread, inside a transaction the caller opens, so a
+write, its outbox entry and its transfer-log entries commit together or not at all. Values
+are sealed before they reach the store; plaintext exists only in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from residency.v1 import common_pb2, replica_pb2
+
+from server import codec, translog
+from server.crypto import DataKey, KeyCache, RegionKey, field_aad
+from server.errors import NotFound
+from server.rules import Allowed, RuleSet, Withheld
+from server.schema import FieldValue, Schema
+from server.store import Row, Store
+
+SealedCopy = replica_pb2.SealedCopy
+
+
+@dataclass(slots=True)
+class Write:
+    user_id: str
+    source: str
+    # Plain values; credential fields already hold their scrypt hash (bytes).
+    values: dict[str, FieldValue]
+
+
+@dataclass(slots=True)
+class Opened:
+    """A record or copy, opened: field name to serialized `Value` bytes."""
+
+    user_id: str
+    version: int
+    source: str
+    home_region: str
+    created_at: float
+    updated_at: float
+    fields: dict[str, bytes]
+    wrapped_key: bytes = b""
+
+
+@dataclass(slots=True)
+class ReadResult:
+    record: Opened
+    withheld: dict[str, Withheld]
+    log_sequence: int = 0
+    # Set when no field may go to the caller: the denial is logged, nothing is returned.
+    denied: str = ""
+
+
+@dataclass(slots=True)
+class Caller:
+    identity: str
+    location: str
+    purpose: str
+
+
+class Records:
+    def __init__(
+        self, region: str, primary: bool, schema: Schema, rules: RuleSet, key: RegionKey, store: Store
+    ):
+        self.region = region
+        self.primary = primary
+        self.schema = schema
+        self.rules = rules
+        self.key = key
+        self.store = store
+        self._keys = KeyCache()
+
+    # ---- primary: writes -------------------------------------------------------------
+
+    def put(self, writes: list[Write]) -> list[int]:
+        """Writes records (fields given replace those stored; others are kept) and queues
+        them for replication. Returns the new versions, in order."""
+        rows = self.store.rows(list({w.user_id for w in writes}))
+        now = time.time()
+        changed: dict[str, Row] = {}
+        versions = []
+        for w in writes:
+            old = changed.get(w.user_id) or rows.get(w.user_id)
+            if old is not None and not old.deleted:
+                prior = self.open_row(old)
+                values, wrapped = prior.fields, prior.wrapped_key
+                created, source = prior.created_at, w.source or prior.source
+                dek = self._local_key(w.user_id, wrapped)
+            else:
+                values, created, source = {}, now, w.source or "registration"
+                dek, wrapped = self.key.new_local_data_key(w.user_id)
+                self._keys.put(w.user_id, dek)
+            for name, value in w.values.items():
+                values[name] = codec.encode(value)
+            version = (old.version if old else 0) + 1
+            row = Row(
+                w.user_id,
+                version,
+                False,
+                self._seal(w.user_id, version, source, created, now, dek, wrapped, values),
+                now,
+            )
+            changed[w.user_id] = row
+            versions.append(version)
+        self.store.upsert(list(changed.values()))
+        self.store.outbox_append([(r.user_id, r.version) for r in changed.values()])
+        return versions
+
+    def delete(self, user_id: str) -> int:
+        """Erases a record: its data key is destroyed with it (crypto-shredding) and a
+        tombstone carries the erasure to every region."""
+        old = self.store.rows([user_id]).get(user_id)
+        if old is None or old.deleted:
+            raise NotFound(f"user {user_id} has no record")
+        version = old.version + 1
+        now = time.time()
+        tomb = SealedCopy(
+            user_id=user_id,
+            version=version,
+            deleted=True,
+            reason="erasure",
+            home_region=self.region,
+            updated_at=codec.timestamp(now),
+        )
+        self.store.upsert([Row(user_id, version, True, tomb.SerializeToString(), now)])
+        self.store.outbox_append([(user_id, version)])
+        self._keys.drop(user_id)
+        return version
+
+    def _seal(
+        self,
+        user_id: str,
+        version: int,
+        source: str,
+        created: float,
+        updated: float,
+        dek: DataKey,
+        wrapped: bytes,
+        values: dict[str, bytes],
+    ) -> bytes:
+        kid = self.key.key_id
+        sealed = {n: dek.seal(v, field_aad(user_id, n, self.region, version, kid)) for n, v in values.items()}
+        return SealedCopy(
+            user_id=user_id,
+            version=version,
+            key_id=kid,
+            wrapped_data_key=wrapped,
+            sealed_fields=sealed,
+            source=source,
+            home_region=self.region,
+            created_at=codec.timestamp(created),
+            updated_at=codec.timestamp(updated),
+            rules_version=self.rules.version,
+        ).SerializeToString()
+
+    def _local_key(self, user_id: str, wrapped: bytes) -> DataKey:
+        dek = self._keys.get(user_id)
+        if dek is None:
+            dek = self.key.open_local_data_key(user_id, wrapped)
+            self._keys.put(user_id, dek)
+        return dek
+
+    # ---- region node: copies ----------------------------------------------------------
+
+    def apply(self, copies: list[Any]) -> tuple[int, int]:
+        """Applies sealed copies idempotently: a version not newer than the one held is
+        skipped, so a replay never duplicates or goes back in time."""
+        held = self.store.rows(list({c.user_id for c in copies}))
+        newest: dict[str, Any] = {}
+        skipped = 0
+        for c in copies:
+            have = newest.get(c.user_id) or held.get(c.user_id)
+            if have is not None and have.version >= c.version:
+                skipped += 1
+                continue
+            newest[c.user_id] = c
+        now = time.time()
+        self.store.upsert(
+            [Row(c.user_id, c.version, c.deleted, c.SerializeToString(), now) for c in newest.values()]
+        )
+        for user_id in newest:
+            self._keys.drop(user_id)
+        return len(newest), skipped
+
+    # ---- reads ------------------------------------------------------------------------
+
+    def open_row(self, row: Row) -> Opened:
+        copy = SealedCopy.FromString(row.blob)
+        if self.primary:
+            dek = self._local_key(row.user_id, copy.wrapped_data_key)
+        else:
+            dek = self._keys.get(row.user_id)
+            if dek is None:
+                dek = self.key.open_data_key(row.user_id, copy.key_id, copy.wrapped_data_key)
+                self._keys.put(row.user_id, dek)
+        kid, version = copy.key_id, copy.version
+        fields = {
+            n: dek.open(s, field_aad(row.user_id, n, self.region, version, kid))
+            for n, s in copy.sealed_fields.items()
+        }
+        return Opened(
+            row.user_id,
+            version,
+            copy.source,
+            copy.home_region or self.region,
+            _secs(copy.created_at),
+            _secs(copy.updated_at),
+            fields,
+            copy.wrapped_data_key,
+        )
+
+    def read(self, user_id: str, caller: Caller) -> ReadResult:
+        """Reads a record or copy for `caller`. From another location only what a rule allows
+        for that location and purpose is returned, and the read is logged either way."""
+        row = self.store.rows([user_id]).get(user_id)
+        if row is None or row.deleted:
+            raise NotFound(f"user {user_id} has no record in {self.region}")
+        rec = self.open_row(row)
+        withheld: dict[str, Withheld] = {}
+        for name in list(rec.fields):
+            spec = self.schema.fields.get(name)
+            if spec is not None and spec.credential:
+                del rec.fields[name]
+                withheld[name] = Withheld("credential")
+        if caller.location == self.region:
+            return ReadResult(rec, withheld)
+        plan = self.rules.plan(caller.location, caller.purpose)
+        sent, refused = plan.project(rec.fields)
+        withheld.update(refused)
+        entry = translog.entry(
+            "remote_read",
+            time=time.time(),
+            subject=user_id,
+            source_region=self.region,
+            destination_region=caller.location,
+            outcome="allowed" if sent else "denied",
+            actor=caller.identity,
+            rules_version=self.rules.version,
+            purpose=caller.purpose,
+            recipient=_recipients(plan.decisions, sent),
+            fields=self.describe(plan.decisions, sent),
+            withheld=self.describe_withheld(withheld),
+            version=rec.version,
+            reason=""
+            if sent
+            else f"no rule allows any field of this record to {caller.location} for {caller.purpose}",
+        )
+        (seq,) = self.store.log_append([entry])
+        rec.fields = sent
+        return ReadResult(rec, withheld, seq, entry["reason"])
+
+    def describe(self, decisions: dict[str, Any], names: Any) -> list[dict[str, Any]]:
+        out = []
+        for n in sorted(names):
+            d = decisions[n]
+            item = {"name": n, "category": self.schema.fields[n].category}
+            if isinstance(d, Allowed) and d.rule.id != "home":
+                item |= {
+                    "rule": d.rule.id,
+                    "legal_basis": d.rule.legal_basis,
+                    "purposes": list(d.rule.purposes),
+                }
+            out.append(item)
+        return out
+
+    def describe_withheld(self, withheld: dict[str, Withheld]) -> list[dict[str, Any]]:
+        return [
+            {"name": n, "category": self.schema.fields[n].category, "reason": w.reason}
+            for n, w in sorted(withheld.items())
+        ]
+
+
+def _recipients(decisions: dict[str, Any], names: Any) -> str:
+    found = {decisions[n].recipient.id for n in names if isinstance(decisions[n], Allowed)}
+    return ",".join(sorted(found - {"home"}))
+
+
+def _secs(ts: Any) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def value_of(data: bytes) -> common_pb2.Value:
+    return common_pb2.Value.FromString(data)

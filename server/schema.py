@@ -1,0 +1,172 @@
+"""The declared fields of a record: data category, type, sensitivity, source, limits.
+
+Validation is pure: it takes plain Python values and returns every violation at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from server.errors import ConfigError, InvalidRecord
+
+FieldValue = str | int | bool | bytes | datetime | list[str]
+
+TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "bytes": (bytes,),
+    "timestamp": (datetime,),
+    "list": (list,),
+}
+USER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+SOURCE = re.compile(r"registration|automatic|partner:[A-Za-z0-9._-]{1,64}")
+MAX_FIELDS_BYTES = 64 * 1024
+CREDENTIAL_PREFIX = "user.authorization"
+INT64 = (-(2**63), 2**63 - 1)
+
+
+@cache
+def data_categories() -> frozenset[str]:
+    from fideslang import DEFAULT_TAXONOMY
+
+    return frozenset(c.fides_key for c in DEFAULT_TAXONOMY.data_category)
+
+
+@cache
+def data_uses() -> frozenset[str]:
+    from fideslang import DEFAULT_TAXONOMY
+
+    return frozenset(u.fides_key for u in DEFAULT_TAXONOMY.data_use)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    name: str
+    category: str
+    type: str
+    description: str = ""
+    sensitive: bool = False
+    # Outside the privacy policy's scope (policy 1c): transferred only under an explicit rule.
+    out_of_scope: bool = False
+    # Where the value comes from: "registration", "automatic" or "partner".
+    source: str = "registration"
+    max_bytes: int = 4096
+    max_items: int = 256
+
+    @property
+    def credential(self) -> bool:
+        """Credentials are stored only as a slow hash: never readable, never transferred."""
+        return self.category == CREDENTIAL_PREFIX or self.category.startswith(CREDENTIAL_PREFIX + ".")
+
+
+@dataclass(frozen=True)
+class Schema:
+    fields: dict[str, FieldSpec]
+    version: int = 1
+    _names: frozenset[str] = field(default=frozenset(), repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_names", frozenset(self.fields))
+
+    def validate(
+        self, user_id: str, source: str, values: dict[str, FieldValue], path: str = "record"
+    ) -> list[tuple[str, str]]:
+        """Every violation of this record against the schema, as (field path, description)."""
+        bad: list[tuple[str, str]] = []
+        if not USER_ID.fullmatch(user_id):
+            bad.append((f"{path}.user_id", "must be 1-128 characters from [A-Za-z0-9._:@-]"))
+        if source and not SOURCE.fullmatch(source):
+            bad.append((f"{path}.source", "must be registration, automatic or partner:NAME"))
+        total = 0
+        for name, value in values.items():
+            where = f"{path}.fields[{name}]"
+            spec = self.fields.get(name)
+            if spec is None:
+                bad.append((where, "unknown field: not declared in the schema"))
+                continue
+            problem, size = _check_value(spec, value)
+            if problem:
+                bad.append((where, problem))
+            total += size
+        if total > MAX_FIELDS_BYTES:
+            bad.append((f"{path}.fields", f"record is {total} bytes; the limit is {MAX_FIELDS_BYTES}"))
+        return bad
+
+    def check(self, user_id: str, source: str, values: dict[str, FieldValue]) -> None:
+        bad = self.validate(user_id, source, values)
+        if bad:
+            raise InvalidRecord(bad)
+
+
+def _check_value(spec: FieldSpec, value: FieldValue) -> tuple[str, int]:
+    """(problem or "", size in bytes) of one value against its declaration."""
+    expected = TYPES[spec.type]
+    # bool is an int in Python; an int field must not take a bool and vice versa.
+    if not isinstance(value, expected) or (spec.type == "int" and isinstance(value, bool)):
+        return f"expected a {spec.type} value, got {_kind(value)}", 0
+    if isinstance(value, str):
+        size = len(value.encode())
+    elif isinstance(value, bytes):
+        size = len(value)
+    elif isinstance(value, list):
+        if len(value) > spec.max_items:
+            return f"{len(value)} items; the limit is {spec.max_items}", 0
+        if not all(isinstance(v, str) for v in value):
+            return "list items must be strings", 0
+        size = sum(len(v.encode()) for v in value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT64[0] <= value <= INT64[1]:
+            return "out of the 64-bit integer range", 0
+        size = 8
+    else:
+        size = 8
+    if size > spec.max_bytes:
+        return f"{size} bytes; the limit is {spec.max_bytes}", size
+    return "", size
+
+
+def _kind(value: Any) -> str:
+    for name, types in TYPES.items():
+        if isinstance(value, types) and not (name == "int" and isinstance(value, bool)):
+            return name
+    return "nothing" if value is None else type(value).__name__
+
+
+def load_schema(path: str | Path) -> Schema:
+    """Loads and validates a schema file; a bad entry fails naming the file and the field."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read schema: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("fields"), dict) or not doc["fields"]:
+        raise ConfigError(f"{path}: a schema needs a non-empty 'fields' mapping")
+    known = data_categories()
+    fields: dict[str, FieldSpec] = {}
+    for name, raw in doc["fields"].items():
+        where = f"{path}: fields.{name}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        allowed = set(FieldSpec.__dataclass_fields__) - {"name"}
+        extra = set(raw) - allowed
+        if extra:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}")
+        if raw.get("category") not in known:
+            raise ConfigError(f"{where}.category: {raw.get('category')!r} is not a Fides data category")
+        if raw.get("type") not in TYPES:
+            raise ConfigError(f"{where}.type: must be one of {sorted(TYPES)}")
+        if raw.get("source", "registration") not in ("registration", "automatic", "partner"):
+            raise ConfigError(f"{where}.source: must be registration, automatic or partner")
+        try:
+            fields[name] = FieldSpec(name=name, **raw)
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from e
+    return Schema(fields=fields, version=int(doc.get("version", 1)))

@@ -1,0 +1,337 @@
+"""The gRPC servicers. Thin: decode the request, call the core, encode the reply. Domain
+errors become gRPC statuses in one place, `_status_for`."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from residency.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    records_pb2,
+    records_pb2_grpc,
+    replica_pb2,
+    replica_pb2_grpc,
+    translog_pb2,
+    translog_pb2_grpc,
+)
+
+from server import codec
+from server.crypto import SealError, hash_credential
+from server.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidRecord,
+    KeyUnavailable,
+    NotFound,
+    ResidencyError,
+    TransferDenied,
+)
+from server.records import Caller, Records, Write
+from server.schema import USER_ID, data_uses
+from server.writer import StoreThread
+
+log = logging.getLogger("residency.services")
+IDENTITY_KEY = "x-residency-identity"
+MAX_BATCH = 1000
+
+_CODES = {
+    InvalidRecord: code_pb2.INVALID_ARGUMENT,
+    ConfigError: code_pb2.INVALID_ARGUMENT,
+    NotFound: code_pb2.NOT_FOUND,
+    TransferDenied: code_pb2.PERMISSION_DENIED,
+    KeyUnavailable: code_pb2.UNAVAILABLE,
+    SealError: code_pb2.FAILED_PRECONDITION,
+    FailedPrecondition: code_pb2.FAILED_PRECONDITION,
+}
+
+
+def _status_for(e: ResidencyError) -> status_pb2.Status:
+    code = next((c for t, c in _CODES.items() if isinstance(e, t)), code_pb2.INTERNAL)
+    status = status_pb2.Status(code=code, message=str(e))
+    if isinstance(e, InvalidRecord):
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in e.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return status
+
+
+def rpc(method: Callable) -> Callable:
+    """Maps domain errors raised by a servicer method (unary or streaming) to statuses."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except ResidencyError as e:
+                await context.abort_with_status(rpc_status.to_status(_status_for(e)))
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except ResidencyError as e:
+            await context.abort_with_status(rpc_status.to_status(_status_for(e)))
+
+    return unary
+
+
+class Node:
+    """What the servicers share: the records engine, the store thread, the replicator."""
+
+    def __init__(self, records: Records, db: StoreThread, replicator: Any = None):
+        self.records = records
+        self.db = db
+        self.replicator = replicator
+        self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
+
+    def caller(self, ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext) -> Caller:
+        bad = []
+        if ctx.location not in self.records.rules.regions:
+            bad.append(
+                (
+                    "context.location",
+                    f"unknown region {ctx.location!r}; known: {sorted(self.records.rules.regions)}",
+                )
+            )
+        if ctx.purpose not in data_uses():
+            bad.append(("context.purpose", f"{ctx.purpose!r} is not a Fides data use"))
+        identity = dict(context.invocation_metadata() or ()).get(IDENTITY_KEY, "")
+        if not identity:
+            bad.append((f"metadata.{IDENTITY_KEY}", "the caller's identity is required"))
+        if bad:
+            raise InvalidRecord(bad)
+        return Caller(identity, ctx.location, ctx.purpose)
+
+
+class RecordService(records_pb2_grpc.RecordServiceServicer):
+    def __init__(self, node: Node):
+        self.node = node
+        self.records = node.records
+
+    def _primary_only(self) -> None:
+        if not self.records.primary:
+            raise FailedPrecondition(
+                f"{self.records.region} holds copies only; write to the home region's primary"
+            )
+
+    async def _writes(self, records: Any, path: str) -> list[Write]:
+        schema = self.records.schema
+        writes, bad = [], []
+        for i, r in enumerate(records):
+            where = path.format(i=i)
+            values = {}
+            for name, v in r.fields.items():
+                value = codec.from_value(v)
+                if value is None:
+                    bad.append((f"{where}.fields[{name}]", "a value is required"))
+                    continue
+                values[name] = value
+            bad += schema.validate(r.user_id, r.source, values, where)
+            if r.home_region and r.home_region != self.records.region:
+                bad.append(
+                    (f"{where}.home_region", f"this primary is the home of {self.records.region} records")
+                )
+            writes.append(Write(r.user_id, r.source, values))
+        if bad:
+            raise InvalidRecord(bad)
+        await self._hash_credentials(writes)
+        return writes
+
+    async def _hash_credentials(self, writes: list[Write]) -> None:
+        fields = self.records.schema.fields
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for w in writes:
+            for name, value in w.values.items():
+                if fields[name].credential:
+                    jobs.append((w, name, loop.run_in_executor(self.node.hashing, hash_credential, value)))
+        for w, name, job in jobs:
+            w.values[name] = await job
+
+    @rpc
+    async def PutRecord(self, request, context):
+        self._primary_only()
+        self.node.caller(request.context, context)
+        (w,) = await self._writes([request.record], "record")
+        (version,) = await self.node.db.write(lambda: self.records.put([w]))
+        self._wake()
+        return records_pb2.PutRecordResponse(user_id=w.user_id, version=version)
+
+    @rpc
+    async def PutRecords(self, request, context):
+        self._primary_only()
+        self.node.caller(request.context, context)
+        if not 1 <= len(request.records) <= MAX_BATCH:
+            raise InvalidRecord([("records", f"{len(request.records)} records; send 1 to {MAX_BATCH}")])
+        writes = await self._writes(request.records, "records[{i}]")
+        versions = await self.node.db.write(lambda: self.records.put(writes), weight=len(writes))
+        self._wake()
+        return records_pb2.PutRecordsResponse(
+            results=[
+                records_pb2.PutRecordResponse(user_id=w.user_id, version=v)
+                for w, v in zip(writes, versions, strict=True)
+            ]
+        )
+
+    @rpc
+    async def GetRecord(self, request, context):
+        caller = self.node.caller(request.context, context)
+        _check_user(request.user_id)
+        if caller.location == self.records.region:
+            result = await self.node.db.call(self.records.read, request.user_id, caller)
+        else:  # a cross-location read writes its transfer-log entry before it answers
+            result = await self.node.db.write(lambda: self.records.read(request.user_id, caller))
+        if result.denied:
+            raise TransferDenied(f"{result.denied} (transfer-log entry {result.log_sequence})")
+        rec = result.record
+        reply = records_pb2.GetRecordResponse(log_sequence=result.log_sequence)
+        out = reply.record
+        out.user_id, out.version, out.source, out.home_region = (
+            rec.user_id,
+            rec.version,
+            rec.source,
+            rec.home_region,
+        )
+        out.created_at.CopyFrom(codec.timestamp(rec.created_at))
+        out.updated_at.CopyFrom(codec.timestamp(rec.updated_at))
+        for name, data in rec.fields.items():
+            out.fields[name].ParseFromString(data)
+        schema = self.records.schema.fields
+        reply.withheld.extend(
+            common_pb2.WithheldField(field=n, category=schema[n].category, reason=w.reason, detail=w.detail)
+            for n, w in sorted(result.withheld.items())
+        )
+        return reply
+
+    @rpc
+    async def DeleteRecord(self, request, context):
+        self._primary_only()
+        self.node.caller(request.context, context)
+        _check_user(request.user_id)
+        version = await self.node.db.write(lambda: self.records.delete(request.user_id))
+        self._wake()
+        return records_pb2.DeleteRecordResponse(user_id=request.user_id, version=version)
+
+    def _wake(self) -> None:
+        if self.node.replicator is not None:
+            self.node.replicator.wake()
+
+
+def _check_user(user_id: str) -> None:
+    if not USER_ID.fullmatch(user_id):
+        raise InvalidRecord([("user_id", "must be 1-128 characters from [A-Za-z0-9._:@-]")])
+
+
+class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
+    def __init__(self, node: Node):
+        self.node = node
+
+    @rpc
+    async def ApplyCopies(self, request, context):
+        records = self.node.records
+        if records.primary:
+            raise FailedPrecondition(f"{records.region} is the primary; it does not take copies")
+        bad = [
+            (f"copies[{i}].user_id", "malformed user id")
+            for i, c in enumerate(request.copies)
+            if not USER_ID.fullmatch(c.user_id)
+        ]
+        bad += [
+            (f"copies[{i}].version", "must be at least 1")
+            for i, c in enumerate(request.copies)
+            if c.version < 1
+        ]
+        if bad:
+            raise InvalidRecord(bad)
+        copies = list(request.copies)
+        applied, skipped = await self.node.db.write(lambda: records.apply(copies), weight=len(copies))
+        return replica_pb2.ApplyCopiesResponse(applied=applied, skipped=skipped)
+
+
+class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
+    PAGE = 1000
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    @rpc
+    async def TailEntries(self, request, context):
+        after, left = request.after_sequence, request.limit or None
+        store = self.node.db.store
+        while left is None or left > 0:
+            page = await self.node.db.call(store.log_after, after, min(self.PAGE, left or self.PAGE))
+            if not page:
+                return
+            for seq, data, chain in page:
+                yield translog_pb2.TailEntriesResponse(
+                    sequence=seq, entry_json=data.decode(), chain_hash=chain
+                )
+            after = page[-1][0]
+            if left is not None:
+                left -= len(page)
+
+
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, node: Node, role: str):
+        self.node = node
+        self.role = role
+
+    @rpc
+    async def GetNodeStatus(self, request, context):
+        records, store = self.node.records, self.node.db.store
+
+        def gather() -> dict[str, Any]:
+            live, dead = store.counts()
+            fields: dict[str, int] = {}
+            after = ""
+            while page := store.live_blobs(after, 2000):
+                for _user_id, blob in page:
+                    for name in replica_pb2.SealedCopy.FromString(blob).sealed_fields:
+                        fields[name] = fields.get(name, 0) + 1
+                after = page[-1][0]
+            return {"live": live, "dead": dead, "log": store.log_count(), "fields": fields}
+
+        s = await self.node.db.call(gather)
+        return admin_pb2.GetNodeStatusResponse(
+            region=records.region,
+            role=self.role,
+            records=s["live"],
+            tombstones=s["dead"],
+            log_entries=s["log"],
+            rules_version=records.rules.version,
+            field_counts=s["fields"],
+        )
+
+    @rpc
+    async def ReplicationStatus(self, request, context):
+        rep = self.node.replicator
+        if rep is None:
+            raise FailedPrecondition("this node runs no replicator")
+        s = await self.node.db.call(rep.status)
+        return admin_pb2.ReplicationStatusResponse(
+            head_sequence=s["head"],
+            destinations=[admin_pb2.DestinationStatus(**d) for d in s["destinations"]],
+        )
