@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
-from residency.v1 import replica_pb2, replica_pb2_grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
+from residency.v1 import replica_pb2, replica_pb2_grpc
 from server import codec, translog
 from server.config import ReplicatorConfig
 from server.crypto import DataKey, KeyCache, RecipientKey, field_aad
@@ -202,7 +202,8 @@ class Replicator:
             key_id=kid,
             wrapped_data_key=dek[1],
             sealed_fields={
-                n: dek[0].seal(v, field_aad(row.user_id, n, d.region, version, kid)) for n, v in sent.items()
+                n: dek[0].seal(v.SerializeToString(), field_aad(row.user_id, n, d.region, version, kid))
+                for n, v in sent.items()
             },
             categories={n: r.schema.fields[n].category for n in sent},
             source=opened.source,

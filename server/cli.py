@@ -63,7 +63,6 @@ def _print_rpc_error(e: grpc.aio.AioRpcError | grpc.RpcError) -> int:
 
 async def _records(args: argparse.Namespace) -> int:
     from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
-
     from server import codec
 
     ctx = common_pb2.CallContext(location=args.location, purpose=args.purpose)

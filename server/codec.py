@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from residency.v1 import common_pb2
 
+from residency.v1 import common_pb2
 from server.schema import FieldValue
 
 Value = common_pb2.Value

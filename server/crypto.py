@@ -44,7 +44,14 @@ def _dek_context(user_id: str, region: str, key_id: str) -> bytes:
 
 
 def field_aad(user_id: str, field: str, region: str, version: int, key_id: str) -> bytes:
-    return "\x00".join((user_id, field, region, str(version), key_id)).encode()
+    """Associated data of one sealed field of a replicated copy."""
+    return "\x00".join(("field", user_id, field, region, str(version), key_id)).encode()
+
+
+def record_aad(user_id: str, region: str, version: int, key_id: str) -> bytes:
+    """Associated data of a home record sealed at rest as one unit (its field names are
+    inside the authenticated plaintext)."""
+    return "\x00".join(("record", user_id, region, str(version), key_id)).encode()
 
 
 class DataKey:

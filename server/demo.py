@@ -19,6 +19,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tqdm import tqdm
+
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -28,8 +30,6 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-from tqdm import tqdm
-
 from server import codec
 from server.config import load_config
 from server.deployment import AFFILIATES, PRIMARY, init_deployment
@@ -91,6 +91,27 @@ class Deployment:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+
+    def check_running(self) -> None:
+        """Raises with the tail of its log if a node process has exited."""
+        for region, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = load_config(self.configs[region]).data_dir / "node.log"
+                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+                raise RuntimeError(f"node {region} exited with status {proc.returncode}:\n" + "\n".join(tail))
+
+    async def wait_serving(self, deadline: float = 30.0) -> None:
+        """Waits until every started node reports SERVING; a node that died is reported."""
+        waits = [asyncio.create_task(wait_serving(self.addresses[r], deadline)) for r in self.procs]
+        try:
+            while not all(w.done() for w in waits):
+                self.check_running()
+                await asyncio.wait(waits, timeout=0.1)
+            for w in waits:
+                w.result()
+        finally:
+            for w in waits:
+                w.cancel()
 
     def stop(self, region: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         proc = self.procs.pop(region)
@@ -245,7 +266,7 @@ async def _run(directory: Path, users: int) -> int:
     try:
         for region in dep.configs:
             dep.start(region)
-        await asyncio.gather(*(wait_serving(a) for a in dep.addresses.values()))
+        await dep.wait_serving()
         print(
             f"started {PRIMARY} (primary) at {dep.addresses[PRIMARY]}, "
             + ", ".join(f"{r} at {dep.addresses[r]}" for r in AFFILIATES),

@@ -9,6 +9,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -19,7 +20,6 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-
 from server.config import DURABILITY, NodeConfig
 from server.crypto import RecipientKey, RegionKey
 from server.errors import ConfigError
@@ -59,10 +59,11 @@ class RunningNode:
             )
         key = RegionKey.load(c.region, c.keys_dir)
         store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
-        records = Records(c.region, c.is_primary, schema, rules, key, store)
+        replicate = c.is_primary and bool(c.affiliates) and c.replicator.enabled
+        records = Records(c.region, c.is_primary, schema, rules, key, store, outbox=replicate)
         self.db = StoreThread(store)
         self.db.start()
-        if c.is_primary and c.affiliates and c.replicator.enabled:
+        if replicate:
             from replicator.worker import Destination, ReplicaSink, Replicator
 
             destinations = [

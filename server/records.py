@@ -11,29 +11,30 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from residency.v1 import common_pb2, replica_pb2
-
+from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 from server import codec, translog
-from server.crypto import DataKey, KeyCache, RegionKey, field_aad
+from server.crypto import DataKey, KeyCache, RegionKey, field_aad, record_aad
 from server.errors import NotFound
 from server.rules import Allowed, RuleSet, Withheld
-from server.schema import FieldValue, Schema
+from server.schema import Schema
 from server.store import Row, Store
 
 SealedCopy = replica_pb2.SealedCopy
+StoredRecord = storage_pb2.StoredRecord
+Value = common_pb2.Value
 
 
 @dataclass(slots=True)
 class Write:
     user_id: str
     source: str
-    # Plain values; credential fields already hold their scrypt hash (bytes).
-    values: dict[str, FieldValue]
+    # A validated Record holding only `fields` (credentials already replaced by their hash).
+    body: Any
 
 
 @dataclass(slots=True)
 class Opened:
-    """A record or copy, opened: field name to serialized `Value` bytes."""
+    """A record or copy, opened: field name to value."""
 
     user_id: str
     version: int
@@ -41,7 +42,7 @@ class Opened:
     home_region: str
     created_at: float
     updated_at: float
-    fields: dict[str, bytes]
+    fields: dict[str, Value]
     wrapped_key: bytes = b""
 
 
@@ -63,7 +64,14 @@ class Caller:
 
 class Records:
     def __init__(
-        self, region: str, primary: bool, schema: Schema, rules: RuleSet, key: RegionKey, store: Store
+        self,
+        region: str,
+        primary: bool,
+        schema: Schema,
+        rules: RuleSet,
+        key: RegionKey,
+        store: Store,
+        outbox: bool = True,
     ):
         self.region = region
         self.primary = primary
@@ -71,6 +79,8 @@ class Records:
         self.rules = rules
         self.key = key
         self.store = store
+        # Without destinations there is nobody to read an outbox.
+        self.outbox = outbox
         self._keys = KeyCache()
 
     # ---- primary: writes -------------------------------------------------------------
@@ -80,33 +90,41 @@ class Records:
         them for replication. Returns the new versions, in order."""
         rows = self.store.rows(list({w.user_id for w in writes}))
         now = time.time()
+        stamp = codec.timestamp(now)
         changed: dict[str, Row] = {}
         versions = []
         for w in writes:
             old = changed.get(w.user_id) or rows.get(w.user_id)
-            if old is not None and not old.deleted:
-                prior = self.open_row(old)
-                values, wrapped = prior.fields, prior.wrapped_key
-                created, source = prior.created_at, w.source or prior.source
-                dek = self._local_key(w.user_id, wrapped)
-            else:
-                values, created, source = {}, now, w.source or "registration"
-                dek, wrapped = self.key.new_local_data_key(w.user_id)
-                self._keys.put(w.user_id, dek)
-            for name, value in w.values.items():
-                values[name] = codec.encode(value)
-            version = (old.version if old else 0) + 1
-            row = Row(
-                w.user_id,
-                version,
-                False,
-                self._seal(w.user_id, version, source, created, now, dek, wrapped, values),
-                now,
+            stored = StoredRecord(
+                user_id=w.user_id, home_region=self.region, key_id=self.key.key_id, updated_at=stamp
             )
-            changed[w.user_id] = row
-            versions.append(version)
+            if old is not None and not old.deleted:
+                prior = StoredRecord.FromString(old.blob)
+                dek = self._local_key(w.user_id, prior.wrapped_data_key)
+                old_body = dek.open(
+                    prior.sealed_fields, record_aad(w.user_id, self.region, prior.version, prior.key_id)
+                )
+                # Serialized messages concatenate as a merge: a map entry given again replaces
+                # the stored one, the others are kept.
+                body = records_pb2.Record.FromString(old_body + w.body.SerializeToString())
+                stored.created_at.CopyFrom(prior.created_at)
+                stored.source = w.source or prior.source
+                stored.wrapped_data_key = prior.wrapped_data_key
+            else:
+                body = w.body
+                dek, stored.wrapped_data_key = self.key.new_local_data_key(w.user_id)
+                self._keys.put(w.user_id, dek)
+                stored.created_at.CopyFrom(stamp)
+                stored.source = w.source or "registration"
+            stored.version = (old.version if old else 0) + 1
+            stored.sealed_fields = dek.seal(
+                body.SerializeToString(), record_aad(w.user_id, self.region, stored.version, self.key.key_id)
+            )
+            changed[w.user_id] = Row(w.user_id, stored.version, False, stored.SerializeToString(), now)
+            versions.append(stored.version)
         self.store.upsert(list(changed.values()))
-        self.store.outbox_append([(r.user_id, r.version) for r in changed.values()])
+        if self.outbox:
+            self.store.outbox_append([(r.user_id, r.version) for r in changed.values()])
         return versions
 
     def delete(self, user_id: str) -> int:
@@ -117,44 +135,18 @@ class Records:
             raise NotFound(f"user {user_id} has no record")
         version = old.version + 1
         now = time.time()
-        tomb = SealedCopy(
+        tomb = StoredRecord(
             user_id=user_id,
             version=version,
             deleted=True,
-            reason="erasure",
             home_region=self.region,
             updated_at=codec.timestamp(now),
         )
         self.store.upsert([Row(user_id, version, True, tomb.SerializeToString(), now)])
-        self.store.outbox_append([(user_id, version)])
+        if self.outbox:
+            self.store.outbox_append([(user_id, version)])
         self._keys.drop(user_id)
         return version
-
-    def _seal(
-        self,
-        user_id: str,
-        version: int,
-        source: str,
-        created: float,
-        updated: float,
-        dek: DataKey,
-        wrapped: bytes,
-        values: dict[str, bytes],
-    ) -> bytes:
-        kid = self.key.key_id
-        sealed = {n: dek.seal(v, field_aad(user_id, n, self.region, version, kid)) for n, v in values.items()}
-        return SealedCopy(
-            user_id=user_id,
-            version=version,
-            key_id=kid,
-            wrapped_data_key=wrapped,
-            sealed_fields=sealed,
-            source=source,
-            home_region=self.region,
-            created_at=codec.timestamp(created),
-            updated_at=codec.timestamp(updated),
-            rules_version=self.rules.version,
-        ).SerializeToString()
 
     def _local_key(self, user_id: str, wrapped: bytes) -> DataKey:
         dek = self._keys.get(user_id)
@@ -188,24 +180,37 @@ class Records:
     # ---- reads ------------------------------------------------------------------------
 
     def open_row(self, row: Row) -> Opened:
-        copy = SealedCopy.FromString(row.blob)
         if self.primary:
-            dek = self._local_key(row.user_id, copy.wrapped_data_key)
-        else:
-            dek = self._keys.get(row.user_id)
-            if dek is None:
-                dek = self.key.open_data_key(row.user_id, copy.key_id, copy.wrapped_data_key)
-                self._keys.put(row.user_id, dek)
+            st = StoredRecord.FromString(row.blob)
+            dek = self._local_key(row.user_id, st.wrapped_data_key)
+            body = records_pb2.Record.FromString(
+                dek.open(st.sealed_fields, record_aad(row.user_id, self.region, st.version, st.key_id))
+            )
+            return Opened(
+                row.user_id,
+                st.version,
+                st.source,
+                st.home_region,
+                _secs(st.created_at),
+                _secs(st.updated_at),
+                dict(body.fields),
+                st.wrapped_data_key,
+            )
+        copy = SealedCopy.FromString(row.blob)
+        dek = self._keys.get(row.user_id)
+        if dek is None:
+            dek = self.key.open_data_key(row.user_id, copy.key_id, copy.wrapped_data_key)
+            self._keys.put(row.user_id, dek)
         kid, version = copy.key_id, copy.version
         fields = {
-            n: dek.open(s, field_aad(row.user_id, n, self.region, version, kid))
+            n: Value.FromString(dek.open(s, field_aad(row.user_id, n, self.region, version, kid)))
             for n, s in copy.sealed_fields.items()
         }
         return Opened(
             row.user_id,
             version,
             copy.source,
-            copy.home_region or self.region,
+            copy.home_region,
             _secs(copy.created_at),
             _secs(copy.updated_at),
             fields,
@@ -280,7 +285,3 @@ def _recipients(decisions: dict[str, Any], names: Any) -> str:
 
 def _secs(ts: Any) -> float:
     return ts.seconds + ts.nanos / 1e9
-
-
-def value_of(data: bytes) -> common_pb2.Value:
-    return common_pb2.Value.FromString(data)

@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -26,7 +27,6 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-
 from server import codec
 from server.crypto import SealError, hash_credential
 from server.errors import (
@@ -138,45 +138,51 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
             )
 
     async def _writes(self, records: Any, path: str) -> list[Write]:
-        schema = self.records.schema
-        writes, bad = [], []
+        """Validates every record (all violations at once) and hashes credentials."""
+        schema, region = self.records.schema, self.records.region
+        secret_fields = schema.credential_fields
+        writes, bad, secrets = [], [], []
+        from_value = codec.from_value
         for i, r in enumerate(records):
-            where = path.format(i=i)
-            values = {}
-            for name, v in r.fields.items():
-                value = codec.from_value(v)
-                if value is None:
-                    bad.append((f"{where}.fields[{name}]", "a value is required"))
-                    continue
-                values[name] = value
-            bad += schema.validate(r.user_id, r.source, values, where)
-            if r.home_region and r.home_region != self.records.region:
-                bad.append(
-                    (f"{where}.home_region", f"this primary is the home of {self.records.region} records")
-                )
-            writes.append(Write(r.user_id, r.source, values))
+            fields = r.fields
+            problems = schema.validate(r.user_id, r.source, [(n, from_value(v)) for n, v in fields.items()])
+            if r.home_region and r.home_region != region:
+                problems.append(("home_region", f"this primary is the home of {region} records"))
+            if problems:
+                where = path.format(i=i)
+                bad += [(f"{where}.{f}", d) for f, d in problems]
+                continue
+            if secret_fields:
+                secrets += [(fields, n) for n in secret_fields.intersection(fields)]
+            user_id, source = r.user_id, r.source
+            for meta in ("user_id", "version", "source", "home_region", "created_at", "updated_at"):
+                r.ClearField(meta)  # what is sealed is the fields alone
+            writes.append(Write(user_id, source, r))
         if bad:
             raise InvalidRecord(bad)
-        await self._hash_credentials(writes)
+        await self._hash_credentials(secrets)
         return writes
 
-    async def _hash_credentials(self, writes: list[Write]) -> None:
-        fields = self.records.schema.fields
+    async def _hash_credentials(self, secrets: list[tuple[Any, str]]) -> None:
+        """Credentials are replaced by their scrypt hash before they go anywhere."""
         loop = asyncio.get_running_loop()
-        jobs = []
-        for w in writes:
-            for name, value in w.values.items():
-                if fields[name].credential:
-                    jobs.append((w, name, loop.run_in_executor(self.node.hashing, hash_credential, value)))
-        for w, name, job in jobs:
-            w.values[name] = await job
+        jobs = [
+            (
+                fields,
+                name,
+                loop.run_in_executor(self.node.hashing, hash_credential, fields[name].string_value),
+            )
+            for fields, name in secrets
+        ]
+        for fields, name, job in jobs:
+            fields[name].CopyFrom(common_pb2.Value(bytes_value=await job))
 
     @rpc
     async def PutRecord(self, request, context):
         self._primary_only()
         self.node.caller(request.context, context)
         (w,) = await self._writes([request.record], "record")
-        (version,) = await self.node.db.write(lambda: self.records.put([w]))
+        (version,) = await self.node.db.write_many(self.records.put, [w])
         self._wake()
         return records_pb2.PutRecordResponse(user_id=w.user_id, version=version)
 
@@ -187,7 +193,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         if not 1 <= len(request.records) <= MAX_BATCH:
             raise InvalidRecord([("records", f"{len(request.records)} records; send 1 to {MAX_BATCH}")])
         writes = await self._writes(request.records, "records[{i}]")
-        versions = await self.node.db.write(lambda: self.records.put(writes), weight=len(writes))
+        versions = await self.node.db.write_many(self.records.put, writes)
         self._wake()
         return records_pb2.PutRecordsResponse(
             results=[
@@ -217,8 +223,8 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         )
         out.created_at.CopyFrom(codec.timestamp(rec.created_at))
         out.updated_at.CopyFrom(codec.timestamp(rec.updated_at))
-        for name, data in rec.fields.items():
-            out.fields[name].ParseFromString(data)
+        for name, value in rec.fields.items():
+            out.fields[name].CopyFrom(value)
         schema = self.records.schema.fields
         reply.withheld.extend(
             common_pb2.WithheldField(field=n, category=schema[n].category, reason=w.reason, detail=w.detail)

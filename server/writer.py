@@ -1,7 +1,9 @@
 """The async edge of the store: one thread owns the store, and concurrent writes that arrive
 while a transaction is running are grouped into the next one (group commit), so callers
 share the cost of a commit. Each write runs in its own savepoint, so one failing write
-does not fail its neighbours."""
+does not fail its neighbours. Writes made with `write_many` and the same function are
+also merged into one call of it (one read of existing rows, one insert), and run one by
+one only if the merged call fails."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from server.store import Store
@@ -16,12 +19,21 @@ from server.store import Store
 T = TypeVar("T")
 
 
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[..., Any]
+    # With `many`: fn takes a list of items and returns one result per item.
+    items: list[Any] | None
+    weight: int
+    future: asyncio.Future
+
+
 class StoreThread:
     def __init__(self, store: Store, max_batch: int = 2000):
         self.store = store
         self.max_batch = max_batch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._queue: asyncio.Queue[tuple[Callable[[], Any], int, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[_Op] | None = None
         self._task: asyncio.Task | None = None
         self.committed = asyncio.Event()
 
@@ -35,53 +47,86 @@ class StoreThread:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def write(self, fn: Callable[[], T], weight: int = 1) -> T:
-        """Runs `fn` inside the next group transaction; resolves once it has committed."""
+        """Runs `fn()` inside the next group transaction; resolves once it has committed."""
+        return await self._enqueue(_Op(fn, None, weight, self._future()))
+
+    async def write_many(self, fn: Callable[[list[Any]], list[T]], items: list[Any]) -> list[T]:
+        """Runs `fn(items)` inside the next group transaction, merged with other callers'
+        items for the same `fn`; resolves to this caller's results once committed."""
+        return await self._enqueue(_Op(fn, items, len(items), self._future()))
+
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueue(self, op: _Op) -> Any:
         assert self._queue is not None, "StoreThread.start() first"
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((fn, weight, fut))
-        return await fut
+        self._queue.put_nowait(op)
+        return await op.future
 
     async def _loop(self) -> None:
         assert self._queue is not None
         while True:
-            first = await self._queue.get()
-            batch, weight = [first], first[1]
+            batch = [await self._queue.get()]
+            weight = batch[0].weight
             while weight < self.max_batch and not self._queue.empty():
-                item = self._queue.get_nowait()
-                batch.append(item)
-                weight += item[1]
+                batch.append(self._queue.get_nowait())
+                weight += batch[-1].weight
             try:
-                results = await self.call(self._run, [fn for fn, _, _ in batch])
+                results = await self.call(self._run, batch)
             except BaseException as e:  # the transaction itself failed: every write in it did
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(e)
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 continue
-            for (_, _, fut), (ok, value) in zip(batch, results, strict=True):
-                if fut.done():
+            for op, (ok, value) in zip(batch, results, strict=True):
+                if op.future.done():
                     continue
                 if ok:
-                    fut.set_result(value)
+                    op.future.set_result(value)
                 else:
-                    fut.set_exception(value)
+                    op.future.set_exception(value)
             self.committed.set()
 
-    def _run(self, fns: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+    def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         out: list[tuple[bool, Any]] = []
-        db = self.store
-        with db.transaction():
-            for fn in fns:
-                db.savepoint()
-                try:
-                    out.append((True, fn()))
-                except Exception as e:
-                    db.rollback_savepoint()
-                    out.append((False, e))
-                else:
-                    db.release_savepoint()
+        with self.store.transaction():
+            i = 0
+            while i < len(batch):
+                j = i + 1
+                if batch[i].items is not None:
+                    while j < len(batch) and batch[j].items is not None and batch[j].fn == batch[i].fn:
+                        j += 1
+                out += self._merged(batch[i:j]) if j - i > 1 else [self._one(batch[i])]
+                i = j
         return out
+
+    def _merged(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        merged = [item for op in ops for item in op.items or ()]
+        ok, results = self._attempt(lambda: ops[0].fn(merged))
+        if not ok:  # find the culprit: each caller's items on their own
+            return [self._one(op) for op in ops]
+        out, k = [], 0
+        for op in ops:
+            n = len(op.items or ())
+            out.append((True, results[k : k + n]))
+            k += n
+        return out
+
+    def _one(self, op: _Op) -> tuple[bool, Any]:
+        return self._attempt(op.fn if op.items is None else lambda: op.fn(op.items))
+
+    def _attempt(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        db = self.store
+        db.savepoint()
+        try:
+            value = fn()
+        except Exception as e:
+            db.rollback_savepoint()
+            return False, e
+        db.release_savepoint()
+        return True, value
 
     async def drain(self) -> None:
         """Waits for queued writes to commit, then stops the loop and the thread."""

@@ -1,0 +1,155 @@
+"""Fixtures that start real residency nodes (`residency serve` processes) on loopback."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from residency.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    records_pb2,
+    records_pb2_grpc,
+    replica_pb2_grpc,
+    translog_pb2,
+    translog_pb2_grpc,
+)
+from server import codec
+from server.config import load_config
+from server.demo import Deployment, wait_replicated
+from server.deployment import AFFILIATES, PRIMARY, init_deployment
+
+IDENTITY = (("x-residency-identity", "test:suite"),)
+
+
+class Cluster:
+    """A deployment folder and its node processes, with typed clients for the tests."""
+
+    def __init__(self, directory: Path):
+        init_deployment(directory)
+        self.dir = directory
+        self.dep = Deployment(directory)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: list[grpc.aio.Channel] = []
+
+    async def start(self, *regions: str) -> None:
+        for r in regions or (PRIMARY, *AFFILIATES):
+            self.dep.start(r)
+        await self.dep.wait_serving()
+
+    def stop(self, region: str, sig: int = signal.SIGTERM) -> int:
+        ch = self._channels.pop(region, None)
+        if ch is not None:
+            self._closing.append(ch)
+        return self.dep.stop(region, sig)
+
+    def channel(self, region: str) -> grpc.aio.Channel:
+        if region not in self._channels:
+            self._channels[region] = grpc.aio.insecure_channel(self.dep.addresses[region])
+        return self._channels[region]
+
+    def records(self, region: str = PRIMARY) -> records_pb2_grpc.RecordServiceStub:
+        return records_pb2_grpc.RecordServiceStub(self.channel(region))
+
+    def replica(self, region: str) -> replica_pb2_grpc.ReplicaServiceStub:
+        return replica_pb2_grpc.ReplicaServiceStub(self.channel(region))
+
+    def admin(self, region: str = PRIMARY) -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(self.channel(region))
+
+    def data_dir(self, region: str) -> Path:
+        return load_config(self.dep.configs[region]).data_dir
+
+    async def put(
+        self,
+        user_id: str,
+        fields: dict[str, Any],
+        *,
+        source: str = "registration",
+        location: str = PRIMARY,
+        purpose: str = "essential.service",
+    ) -> int:
+        rec = records_pb2.Record(user_id=user_id, source=source)
+        for name, value in fields.items():
+            rec.fields[name].CopyFrom(codec.to_value(value))
+        reply = await self.records().PutRecord(
+            records_pb2.PutRecordRequest(context=ctx(location, purpose), record=rec),
+            metadata=IDENTITY,
+            timeout=30,
+        )
+        return reply.version
+
+    async def get(
+        self,
+        user_id: str,
+        *,
+        region: str = PRIMARY,
+        location: str | None = None,
+        purpose: str = "essential.service",
+    ) -> records_pb2.GetRecordResponse:
+        return await self.records(region).GetRecord(
+            records_pb2.GetRecordRequest(context=ctx(location or region, purpose), user_id=user_id),
+            metadata=IDENTITY,
+            timeout=30,
+        )
+
+    async def delete(self, user_id: str) -> int:
+        reply = await self.records().DeleteRecord(
+            records_pb2.DeleteRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id=user_id),
+            metadata=IDENTITY,
+            timeout=30,
+        )
+        return reply.version
+
+    async def replicated(self, timeout: float = 60.0) -> dict:
+        return await wait_replicated(self.dep.addresses[PRIMARY], timeout=timeout, progress=False)
+
+    async def log(self, region: str = PRIMARY) -> list[tuple[int, str, bytes]]:
+        stub = translog_pb2_grpc.TransferLogServiceStub(self.channel(region))
+        return [
+            (e.sequence, e.entry_json, e.chain_hash)
+            async for e in stub.TailEntries(translog_pb2.TailEntriesRequest(), timeout=30)
+        ]
+
+    async def status(self, region: str) -> admin_pb2.GetNodeStatusResponse:
+        return await self.admin(region).GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)
+
+    async def close(self) -> None:
+        self.dep.stop_all()
+        for ch in [*self._channels.values(), *self._closing]:
+            await ch.close()
+
+
+def ctx(location: str, purpose: str) -> common_pb2.CallContext:
+    return common_pb2.CallContext(location=location, purpose=purpose)
+
+
+def values(reply: records_pb2.GetRecordResponse) -> dict[str, Any]:
+    return {n: codec.from_value(v) for n, v in reply.record.fields.items()}
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """A primary and both affiliate region nodes, running."""
+    c = Cluster(tmp_path / "deployment")
+    try:
+        await c.start()
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def idle_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """A deployment whose nodes the test starts itself."""
+    c = Cluster(tmp_path / "deployment")
+    try:
+        yield c
+    finally:
+        await c.close()

@@ -1,0 +1,149 @@
+"""Benchmark: PutRecord calls/s against a no-op unary call (grpc.health.v1.Health/Check) on
+the same server, same client and concurrency, and PutRecords records/s for 10-field records.
+
+The primary runs as its own `residency serve` process, configured as `residency init` writes
+it (SQLite WAL, synchronous=FULL, local keyring). With --replication the two affiliate nodes
+run too and the in-process replicator ships every write while the benchmark runs.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
+from server.demo import Deployment, wait_replicated
+from server.deployment import AFFILIATES, PRIMARY, init_deployment
+
+META = (("x-residency-identity", "bench:put"),)
+CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
+
+
+def ten_fields(i: int) -> dict[str, common_pb2.Value]:
+    s = lambda x: common_pb2.Value(string_value=x)  # noqa: E731
+    return {
+        "name": s(f"Li Wei {i}"),
+        "phone": s(f"+86 138{i:08d}"),
+        "email": s(f"user{i}@example.cn"),
+        "address": s(f"{i} Changan Avenue, Beijing"),
+        "ip_address": s(f"10.0.{i % 256}.{i % 250 + 1}"),
+        "browser_type": s("Firefox 145"),
+        "language": s("zh-CN"),
+        "hardware_software": s("Android 16; Pixel 10"),
+        "cookie_id": s(f"ck-{i:016x}"),
+        "partner_profile": s("frequent traveller; prefers rail"),
+    }
+
+
+async def closed_loop(call, concurrency: int, seconds: float) -> float:
+    """Calls/s with `concurrency` callers each issuing calls back to back for `seconds`."""
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        n = 0
+        while time.perf_counter() < end:
+            await call(w, n)
+            n += 1
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return done / (time.perf_counter() - t0)
+
+
+async def run(args: argparse.Namespace, directory: Path) -> dict:
+    init_deployment(directory)
+    dep = Deployment(directory)
+    regions = [PRIMARY, *AFFILIATES] if args.replication else [PRIMARY]
+    if not args.replication:  # no destinations: the primary runs no replicator
+        cfg = directory / f"{PRIMARY}.yaml"
+        doc = yaml.safe_load(cfg.read_text())
+        doc["replicator"]["enabled"] = False
+        cfg.write_text(yaml.safe_dump(doc))
+    for r in regions:
+        dep.start(r)
+    try:
+        await dep.wait_serving()
+        address = dep.addresses[PRIMARY]
+        async with grpc.aio.insecure_channel(address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            records = records_pb2_grpc.RecordServiceStub(ch)
+            ping = health_pb2.HealthCheckRequest()
+
+            async def noop(w: int, n: int) -> None:
+                await health.Check(ping, timeout=30)
+
+            async def put(w: int, n: int) -> None:
+                i = w * 10_000_000 + n
+                rec = records_pb2.Record(user_id=f"u{i}", fields=ten_fields(i))
+                await records.PutRecord(
+                    records_pb2.PutRecordRequest(context=CTX, record=rec), metadata=META, timeout=30
+                )
+
+            batches = []
+            for b in range(args.batches):
+                req = records_pb2.PutRecordsRequest(context=CTX)
+                for j in range(1000):
+                    i = 900_000_000 + b * 1000 + j
+                    req.records.add(user_id=f"b{i}", fields=ten_fields(i))
+                batches.append(req)
+
+            async def bulk(w: int, n: int) -> None:
+                await records.PutRecords(batches[(w * 7919 + n) % len(batches)], metadata=META, timeout=60)
+
+            await closed_loop(noop, args.concurrency, 1.0)  # warm up both paths
+            await closed_loop(put, args.concurrency, 1.0)
+            noop_rate = await closed_loop(noop, args.concurrency, args.seconds)
+            put_rate = await closed_loop(put, args.concurrency, args.seconds)
+            bulk_calls = await closed_loop(bulk, args.bulk_concurrency, args.seconds)
+            caught_up = None
+            if args.replication:
+                t = time.perf_counter()
+                await wait_replicated(address, timeout=600, progress=False)
+                caught_up = round(time.perf_counter() - t, 2)
+        return {
+            "benchmark": "put",
+            "cpus": os.cpu_count(),
+            "replication": args.replication,
+            "concurrency": args.concurrency,
+            "noop_unary_calls_per_s": round(noop_rate),
+            "put_record_calls_per_s": round(put_rate),
+            "unary_ratio": round(put_rate / noop_rate, 3),
+            "put_records_records_per_s": round(bulk_calls * 1000),
+            "fields_per_record": 10,
+            "replication_caught_up_after_s": caught_up,
+        }
+    finally:
+        dep.stop_all()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seconds", type=float, default=5.0, help="measuring time per phase")
+    p.add_argument("--concurrency", type=int, default=64, help="unary calls in flight")
+    p.add_argument("--bulk-concurrency", type=int, default=2, help="PutRecords calls in flight")
+    p.add_argument("--batches", type=int, default=20, help="distinct 1,000-record batches to cycle through")
+    p.add_argument(
+        "--replication", action="store_true", help="run the affiliate nodes and the replicator too"
+    )
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-put-") as tmp:
+        print(json.dumps(asyncio.run(run(args, Path(tmp)))))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The `residency` command as operators use it, against real nodes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from server.deployment import PRIMARY
+from tests.conftest import Cluster
+
+
+def residency(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_init_writes_a_complete_deployment(tmp_path: Path):
+    r = residency("init", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    d = tmp_path / "d"
+    for name in ("cn-north.yaml", "ap-southeast-1.yaml", "eu-west-1.yaml", "schema.yaml", "rules.yaml"):
+        assert (d / name).is_file()
+    primary = yaml.safe_load((d / "cn-north.yaml").read_text())
+    assert primary["role"] == "primary" and primary["region"] == "cn-north"
+    assert {a["region"] for a in primary["affiliates"]} == {"ap-southeast-1", "eu-west-1"}
+    for key in ("listen", "data_dir", "schema", "rules", "keys"):
+        assert key in primary
+    region = yaml.safe_load((d / "eu-west-1.yaml").read_text())
+    assert region["role"] == "region" and "affiliates" not in region
+    ports = {
+        yaml.safe_load((d / f"{r}.yaml").read_text())["listen"]
+        for r in ("cn-north", "ap-southeast-1", "eu-west-1")
+    }
+    assert len(ports) == 3 and all(p.startswith("127.0.0.1:") for p in ports)
+
+
+def test_serve_refuses_an_invalid_config_naming_the_key(tmp_path: Path):
+    residency("init", str(tmp_path / "d"))
+    cfg = tmp_path / "d" / "cn-north.yaml"
+    doc = yaml.safe_load(cfg.read_text())
+    cases = {
+        "role": ("role", "leader"),
+        "listen": ("listen", "nowhere"),
+        "durability": ("durability", "sometimes"),
+        "unknown key(s) ['colour']": ("colour", "blue"),
+    }
+    for expected, (key, value) in cases.items():
+        cfg.write_text(yaml.safe_dump({**doc, key: value}))
+        r = residency("serve", "--config", str(cfg), timeout=30)
+        assert r.returncode != 0
+        assert expected in r.stderr and str(cfg) in r.stderr, r.stderr
+    broken = {k: v for k, v in doc.items() if k != "data_dir"}
+    cfg.write_text(yaml.safe_dump(broken))
+    r = residency("serve", "--config", str(cfg), timeout=30)
+    assert r.returncode != 0 and "'data_dir' is required" in r.stderr
+
+
+async def test_records_put_get_delete_and_log_tail(cluster: Cluster):
+    target = cluster.dep.addresses[PRIMARY]
+    common = ["--target", target, "--location", PRIMARY, "--purpose", "essential.service"]
+    r = residency(
+        "records",
+        "put",
+        *common,
+        "cli-1",
+        "email=cli@example.cn",
+        "name=Li Wei",
+        'pages_visited:=["/a"]',
+        "visit_time@=2026-11-27T08:00:00Z",
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"user_id": "cli-1", "version": 1}
+    r = residency(
+        "records",
+        "get",
+        "--target",
+        target,
+        "--location",
+        "ap-southeast-1",
+        "--purpose",
+        "essential.service",
+        "cli-1",
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["fields"] == {"email": "cli@example.cn", "name": "Li Wei"}
+    assert {w["field"]: w["reason"] for w in got["withheld"]} == {
+        "pages_visited": "no_rule",
+        "visit_time": "no_rule",
+    }
+    assert got["log_sequence"] >= 1
+    r = residency(
+        "records",
+        "get",
+        "--target",
+        target,
+        "--location",
+        "eu-west-1",
+        "--purpose",
+        "marketing.communications",
+        "cli-1",
+    )
+    assert r.returncode != 0 and "PERMISSION_DENIED" in r.stderr
+    r = residency("records", "put", *common, "cli-1", "shoe_size:=42")
+    assert r.returncode != 0
+    assert "INVALID_ARGUMENT" in r.stderr and "record.fields[shoe_size]: unknown field" in r.stderr
+    r = residency("records", "delete", *common, "cli-1")
+    assert r.returncode == 0 and json.loads(r.stdout)["version"] == 2
+    r = residency("records", "get", *common, "cli-1")
+    assert r.returncode != 0 and "NOT_FOUND" in r.stderr
+    await cluster.replicated()
+    r = residency("log", "tail", "--target", target)
+    assert r.returncode == 0, r.stderr
+    entries = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["sequence"] for e in entries] == list(range(1, len(entries) + 1))
+    assert {e["kind"] for e in entries} == {"remote_read", "replication", "erasure"}
+    r = residency("status", "--target", target)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["node"]["role"] == "primary"
+    assert {d["region"] for d in status["replication"]["destinations"]} == {"ap-southeast-1", "eu-west-1"}
+
+
+def test_a_bad_field_assignment_is_a_usage_error():
+    r = residency(
+        "records",
+        "put",
+        "--target",
+        "127.0.0.1:1",
+        "--location",
+        PRIMARY,
+        "--purpose",
+        "essential.service",
+        "u",
+        "no-equals-sign",
+    )
+    assert r.returncode == 2 and "FIELD=VALUE" in r.stderr
+
+
+def test_demo_runs_end_to_end_and_reports_per_region(tmp_path: Path):
+    r = residency("demo", "--users", "60", "--dir", str(tmp_path / "demo"), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "60 users written to cn-north" in out
+    for region in ("ap-southeast-1", "eu-west-1"):
+        assert f"{region}: 60 copies held" in out
+    assert out.count("check: fields held there = fields sent: yes") == 2
+    assert "national_id (60, never_transfer)" in out
+    assert "PERMISSION_DENIED" in out  # the refused sample read
+    assert "writing users" in r.stderr and "replicating" in r.stderr  # progress shown
+    assert (tmp_path / "demo" / "cn-north.yaml").is_file()  # --dir keeps the deployment

@@ -1,0 +1,176 @@
+"""Replication end to end: what reaches each region is exactly what the rules allow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+
+from residency.v1 import admin_pb2, replica_pb2
+from server.deployment import AFFILIATES, PRIMARY
+from server.rules import Allowed, load_rules
+from server.schema import load_schema
+from tests.conftest import Cluster, values
+
+FULL = {
+    "name": "Li Wei",
+    "phone": "+86 13800000000",
+    "email": "li.wei@example.cn",
+    "address": "1 Changan Avenue, Beijing",
+    "national_id": "11010519491231002X",
+    "password": "correct horse battery staple",
+    "ip_address": "10.1.2.3",
+    "browser_type": "Firefox 145",
+    "language": "zh-CN",
+    "visit_time": datetime(2026, 11, 27, 8, 30, tzinfo=UTC),
+    "hardware_software": "Android 16; Pixel 10",
+    "pages_visited": ["/item/1", "/item/2"],
+    "cookie_id": "ck-0001",
+    "partner_profile": "frequent traveller",
+    "search_keywords": ["tea", "lamp"],
+    "published_content": "Works as described.",
+    "transactions": ["order-1"],
+    "violation_records": ["2026-10: spam"],
+}
+
+
+def allowed_fields(cluster: Cluster, region: str) -> set[str]:
+    rules = load_rules(cluster.dir / "rules.yaml", load_schema(cluster.dir / "schema.yaml"))
+    plan = rules.plan(region)
+    return {n for n, d in plan.decisions.items() if isinstance(d, Allowed)}
+
+
+async def test_each_region_holds_exactly_the_fields_its_rules_allow(cluster: Cluster):
+    await cluster.put("u-1", FULL)
+    await cluster.replicated()
+    seen = {}
+    for region in AFFILIATES:
+        reply = await cluster.get("u-1", region=region)  # a local read at the region node
+        got = values(reply)
+        expected = allowed_fields(cluster, region)
+        assert set(got) == expected, region
+        assert got == {n: FULL[n] for n in expected}
+        seen[region] = set(got)
+    # The two affiliates receive different subsets, and the home-only data goes nowhere.
+    assert seen["ap-southeast-1"] != seen["eu-west-1"]
+    for region_fields in seen.values():
+        assert not region_fields & {"password", "national_id", "search_keywords"}
+
+
+async def test_replication_is_logged_per_record_and_region_with_rule_and_withheld(cluster: Cluster):
+    await cluster.put("u-2", FULL)
+    await cluster.replicated()
+    entries = [json.loads(e) for _, e, _ in await cluster.log()]
+    repl = {
+        e["destination_region"]: e for e in entries if e["kind"] == "replication" and e["subject"] == "u-2"
+    }
+    assert set(repl) == set(AFFILIATES)
+    sg = repl["ap-southeast-1"]
+    assert sg["outcome"] == "allowed" and sg["recipient"] == "sg-affiliate"
+    assert {f["name"] for f in sg["fields"]} == allowed_fields(cluster, "ap-southeast-1")
+    assert all(f["rule"] == "sg-service" and f["legal_basis"] == "contract" for f in sg["fields"])
+    withheld = {w["name"]: w["reason"] for w in sg["withheld"]}
+    assert withheld["national_id"] == "never_transfer"
+    assert withheld["password"] == "credential"
+    assert withheld["address"] == "excluded"
+    assert sg["rules_version"] and sg["record_version"] == 1
+    # No value of any field is in the log.
+    text = json.dumps(entries)
+    assert not any(isinstance(v, str) and v in text for v in FULL.values() if len(str(v)) > 4)
+
+
+async def test_updates_replicate_newest_version_and_versions_only_increase(cluster: Cluster):
+    assert await cluster.put("u-3", {"email": "a@example.cn", "name": "A"}) == 1
+    assert await cluster.put("u-3", {"email": "b@example.cn"}) == 2
+    assert await cluster.put("u-3", {"language": "en-SG"}) == 3
+    await cluster.replicated()
+    home = await cluster.get("u-3")
+    assert values(home) == {"email": "b@example.cn", "name": "A", "language": "en-SG"}
+    sg = await cluster.get("u-3", region="ap-southeast-1")
+    assert sg.record.version == 3
+    assert values(sg) == {"email": "b@example.cn", "name": "A", "language": "en-SG"}
+
+
+async def test_replaying_an_older_copy_never_goes_back_in_time(cluster: Cluster):
+    await cluster.put("u-4", {"email": "new@example.cn"})
+    await cluster.put("u-4", {"email": "newer@example.cn"})
+    await cluster.replicated()
+    stale = replica_pb2.SealedCopy(user_id="u-4", version=1, deleted=True, reason="erasure")
+    reply = await cluster.replica("ap-southeast-1").ApplyCopies(
+        replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=[stale]), timeout=10
+    )
+    assert (reply.applied, reply.skipped) == (0, 1)
+    got = await cluster.get("u-4", region="ap-southeast-1")
+    assert values(got)["email"] == "newer@example.cn" and got.record.version == 2
+
+
+async def test_erasure_propagates_to_every_region_and_is_logged(cluster: Cluster):
+    await cluster.put("u-5", FULL)
+    await cluster.replicated()
+    version = await cluster.delete("u-5")
+    assert version == 2
+    await cluster.replicated()
+    for region in (PRIMARY, *AFFILIATES):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cluster.get("u-5", region=region)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    entries = [json.loads(e) for _, e, _ in await cluster.log()]
+    erased = {e["destination_region"] for e in entries if e["kind"] == "erasure" and e["subject"] == "u-5"}
+    assert erased == set(AFFILIATES)
+    for region in AFFILIATES:
+        status = await cluster.status(region)
+        assert status.tombstones >= 1
+    # Erasing again: nothing to erase.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cluster.delete("u-5")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_region_that_was_down_catches_up_and_does_not_hold_back_the_other(cluster: Cluster):
+    cluster.stop("eu-west-1")
+    for i in range(20):
+        await cluster.put(f"down-{i}", {"email": f"d{i}@example.cn", "language": "zh-CN"})
+    # ap-southeast-1 is served while eu-west-1 is down.
+    deadline = time.monotonic() + 30
+    while True:
+        reply = await cluster.admin().ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+        status = {d.region: d for d in reply.destinations}
+        if status["ap-southeast-1"].pending == 0:
+            break
+        assert time.monotonic() < deadline, "ap-southeast-1 did not catch up while eu-west-1 was down"
+        await asyncio.sleep(0.05)
+    assert status["eu-west-1"].pending > 0
+    assert status["eu-west-1"].last_error
+    await cluster.start("eu-west-1")
+    await cluster.replicated()
+    for i in range(20):
+        got = await cluster.get(f"down-{i}", region="eu-west-1")
+        assert values(got) == {"email": f"d{i}@example.cn", "language": "zh-CN"}
+
+
+async def test_acknowledged_writes_survive_sigkill_of_the_primary(cluster: Cluster):
+    acked = {}
+    for i in range(50):
+        email = f"k{i}@example.cn"
+        acked[f"k-{i}"] = (await cluster.put(f"k-{i}", {"email": email, "name": f"K {i}"}), email)
+    assert cluster.stop(PRIMARY, signal.SIGKILL) == -signal.SIGKILL
+    await cluster.start(PRIMARY)
+    await cluster.replicated()
+    for user, (version, email) in acked.items():
+        home = await cluster.get(user)
+        assert home.record.version == version
+        for region in AFFILIATES:
+            copy = await cluster.get(user, region=region)
+            assert copy.record.version == version
+            assert values(copy)["email"] == email
+
+
+async def test_sigterm_drains_and_exits_zero(cluster: Cluster):
+    await cluster.put("t-1", {"email": "t@example.cn"})
+    for region in (PRIMARY, *AFFILIATES):
+        assert cluster.stop(region) == 0
