@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ class RuleSet:
     source: str = ""
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @property
+    @cached_property
     def regions(self) -> frozenset[str]:
         return frozenset({self.home_region, *(r.region for r in self.recipients.values())})
 

@@ -108,6 +108,12 @@ class Node:
         self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
 
     def caller(self, ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext) -> Caller:
+        identity = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == IDENTITY_KEY:
+                identity = value
+        if identity and ctx.location in self.records.rules.regions and ctx.purpose in data_uses():
+            return Caller(identity, ctx.location, ctx.purpose)
         bad = []
         if ctx.location not in self.records.rules.regions:
             bad.append(
@@ -118,7 +124,6 @@ class Node:
             )
         if ctx.purpose not in data_uses():
             bad.append(("context.purpose", f"{ctx.purpose!r} is not a Fides data use"))
-        identity = dict(context.invocation_metadata() or ()).get(IDENTITY_KEY, "")
         if not identity:
             bad.append((f"metadata.{IDENTITY_KEY}", "the caller's identity is required"))
         if bad:

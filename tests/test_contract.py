@@ -54,3 +54,10 @@ async def test_reflection_lists_every_service_and_health_answers(cluster: Cluste
         raise AssertionError("unknown service should be NOT_FOUND")
     except grpc.aio.AioRpcError as e:
         assert e.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_ruff_lint_and_format_are_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    for args in (["check", "."], ["format", "--check", "."]):
+        r = subprocess.run([ruff, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +45,12 @@ def ten_fields(i: int) -> dict[str, common_pb2.Value]:
         "cookie_id": s(f"ck-{i:016x}"),
         "partner_profile": s("frequent traveller; prefers rail"),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def closed_loop(call, concurrency: int, seconds: float) -> float:
@@ -106,9 +113,19 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
 
             await closed_loop(noop, args.concurrency, 1.0)  # warm up both paths
             await closed_loop(put, args.concurrency, 1.0)
-            noop_rate = await closed_loop(noop, args.concurrency, args.seconds)
-            put_rate = await closed_loop(put, args.concurrency, args.seconds)
-            bulk_calls = await closed_loop(bulk, args.bulk_concurrency, args.seconds)
+            # Alternate the two in rounds so that a noisy neighbour hurts both alike.
+            noop_rates, put_rates, bulk_rates = [], [], []
+            pid = dep.procs[PRIMARY].pid
+            cpu = {"noop": 0.0, "put": 0.0}
+            for _ in range(args.rounds):
+                for name, fn, rates in (("noop", noop, noop_rates), ("put", put, put_rates)):
+                    c0 = cpu_seconds(pid)
+                    rates.append(await closed_loop(fn, args.concurrency, args.seconds))
+                    cpu[name] += (cpu_seconds(pid) - c0) / (rates[-1] * args.seconds)
+            for _ in range(args.rounds):
+                bulk_rates.append(await closed_loop(bulk, args.bulk_concurrency, args.seconds))
+            noop_rate, put_rate = statistics.median(noop_rates), statistics.median(put_rates)
+            bulk_calls = statistics.median(bulk_rates)
             caught_up = None
             if args.replication:
                 t = time.perf_counter()
@@ -122,6 +139,9 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
             "noop_unary_calls_per_s": round(noop_rate),
             "put_record_calls_per_s": round(put_rate),
             "unary_ratio": round(put_rate / noop_rate, 3),
+            "unary_ratio_per_round": [round(p / q, 3) for p, q in zip(put_rates, noop_rates, strict=True)],
+            "server_cpu_us_per_noop_call": round(cpu["noop"] / args.rounds * 1e6),
+            "server_cpu_us_per_put_record_call": round(cpu["put"] / args.rounds * 1e6),
             "put_records_records_per_s": round(bulk_calls * 1000),
             "fields_per_record": 10,
             "replication_caught_up_after_s": caught_up,
@@ -132,7 +152,9 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seconds", type=float, default=5.0, help="measuring time per phase")
+    p.add_argument("--seconds", type=float, default=3.0, help="measuring time per phase and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per phase; the median is reported")
+    p.add_argument("--unary-pool", type=int, default=20000, help="distinct prebuilt PutRecord requests")
     p.add_argument("--concurrency", type=int, default=64, help="unary calls in flight")
     p.add_argument("--bulk-concurrency", type=int, default=2, help="PutRecords calls in flight")
     p.add_argument("--batches", type=int, default=20, help="distinct 1,000-record batches to cycle through")
