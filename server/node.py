@@ -59,22 +59,20 @@ class RunningNode:
             )
         key = RegionKey.load(c.region, c.keys_dir)
         store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
-        replicate = c.is_primary and bool(c.affiliates) and c.replicator.enabled
-        records = Records(c.region, c.is_primary, schema, rules, key, store, outbox=replicate)
+        # The outbox is written whenever there are destinations, even with the in-process
+        # replicator off: a standalone `residency replicate` worker then reads it.
+        outbox = c.is_primary and bool(c.affiliates)
+        records = Records(c.region, c.is_primary, schema, rules, key, store, outbox=outbox)
+        for a in c.affiliates:
+            RecipientKey.load(a.region, a.public_key)  # a missing key fails at start
         self.db = StoreThread(store)
         self.db.start()
-        if replicate:
-            from replicator.worker import Destination, ReplicaSink, Replicator
+        if outbox and c.replicator.enabled:
+            from replicator.worker import Replicator, destinations_for
 
-            destinations = [
-                Destination(
-                    a.region, a.address, RecipientKey.load(a.region, a.public_key), ReplicaSink(a.address)
-                )
-                for a in c.affiliates
-            ]
-            self.replicator = Replicator(records, self.db, destinations, c.replicator)
+            self.replicator = Replicator(records, self.db, destinations_for(c), c.replicator)
             await self.replicator.start()
-        node = Node(records, self.db, self.replicator)
+        node = Node(records, self.db, self.replicator, c.affiliates)
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         records_pb2_grpc.add_RecordServiceServicer_to_server(RecordService(node), server)
         replica_pb2_grpc.add_ReplicaServiceServicer_to_server(ReplicaService(node), server)

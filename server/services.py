@@ -7,6 +7,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +29,7 @@ from residency.v1 import (
     translog_pb2_grpc,
 )
 from server import codec
+from server.config import Affiliate
 from server.crypto import SealError, hash_credential
 from server.errors import (
     ConfigError,
@@ -101,10 +103,19 @@ def rpc(method: Callable) -> Callable:
 class Node:
     """What the servicers share: the records engine, the store thread, the replicator."""
 
-    def __init__(self, records: Records, db: StoreThread, replicator: Any = None):
+    def __init__(
+        self,
+        records: Records,
+        db: StoreThread,
+        replicator: Any = None,
+        affiliates: tuple[Affiliate, ...] = (),
+    ):
         self.records = records
         self.db = db
+        # The in-process replication worker, if this node runs one (it is woken on writes).
         self.replicator = replicator
+        # Replication destinations; their state is in the store, whichever worker ships.
+        self.affiliates = {a.region: a for a in affiliates}
         self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
 
     def caller(self, ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext) -> Caller:
@@ -336,13 +347,54 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             field_counts=s["fields"],
         )
 
+    def _affiliate(self, region: str) -> str:
+        if not self.node.affiliates:
+            raise FailedPrecondition("this node replicates to no destination")
+        if region not in self.node.affiliates:
+            raise NotFound(
+                f"no replication destination {region!r}; destinations: {sorted(self.node.affiliates)}"
+            )
+        return region
+
     @rpc
     async def ReplicationStatus(self, request, context):
-        rep = self.node.replicator
-        if rep is None:
-            raise FailedPrecondition("this node runs no replicator")
-        s = await self.node.db.call(rep.status)
+        affiliates = self.node.affiliates
+        if not affiliates:
+            raise FailedPrecondition("this node replicates to no destination")
+        store = self.node.db.store
+        s = await self.node.db.call(lambda: store.replication_status(list(affiliates), time.time()))
         return admin_pb2.ReplicationStatusResponse(
             head_sequence=s["head"],
-            destinations=[admin_pb2.DestinationStatus(**d) for d in s["destinations"]],
+            destinations=[
+                admin_pb2.DestinationStatus(
+                    region=region, address=a.target, sink=a.sink, **s["destinations"][region]
+                )
+                for region, a in affiliates.items()
+            ],
         )
+
+    @rpc
+    async def PauseReplication(self, request, context):
+        region = self._affiliate(request.region)
+        await self.node.db.write(lambda: self.node.db.store.set_paused(region, True))
+        log.info("replication to %s paused", region)
+        return admin_pb2.PauseReplicationResponse()
+
+    @rpc
+    async def ResumeReplication(self, request, context):
+        region = self._affiliate(request.region)
+        await self.node.db.write(lambda: self.node.db.store.set_paused(region, False))
+        log.info("replication to %s resumed", region)
+        self._wake()
+        return admin_pb2.ResumeReplicationResponse()
+
+    @rpc
+    async def RetryDeadLetters(self, request, context):
+        region = self._affiliate(request.region) if request.region else None
+        marked = await self.node.db.write(lambda: self.node.db.store.request_retry(region))
+        self._wake()
+        return admin_pb2.RetryDeadLettersResponse(marked=marked)
+
+    def _wake(self) -> None:
+        if self.node.replicator is not None:
+            self.node.replicator.wake()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18residency/v1/admin.proto\x12\x0cresidency.v1\"\x16\n\x14GetNodeStatusRequest\"\x86\x02\n\x15GetNodeStatusResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x12\n\ntombstones\x18\x04 \x01(\x04\x12\x13\n\x0blog_entries\x18\x05 \x01(\x04\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12J\n\x0c\x66ield_counts\x18\x07 \x03(\x0b\x32\x34.residency.v1.GetNodeStatusResponse.FieldCountsEntry\x1a\x32\n\x10\x46ieldCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1a\n\x18ReplicationStatusRequest\"\x9d\x01\n\x11\x44\x65stinationStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x03 \x01(\x04\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x12\x13\n\x0blag_seconds\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x13\n\x0b\x63opies_sent\x18\x07 \x01(\x04\"i\n\x19ReplicationStatusResponse\x12\x15\n\rhead_sequence\x18\x01 \x01(\x04\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.residency.v1.DestinationStatus2\xce\x01\n\x0c\x41\x64minService\x12X\n\rGetNodeStatus\x12\".residency.v1.GetNodeStatusRequest\x1a#.residency.v1.GetNodeStatusResponse\x12\x64\n\x11ReplicationStatus\x12&.residency.v1.ReplicationStatusRequest\x1a\'.residency.v1.ReplicationStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18residency/v1/admin.proto\x12\x0cresidency.v1\"\x16\n\x14GetNodeStatusRequest\"\x86\x02\n\x15GetNodeStatusResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x12\n\ntombstones\x18\x04 \x01(\x04\x12\x13\n\x0blog_entries\x18\x05 \x01(\x04\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12J\n\x0c\x66ield_counts\x18\x07 \x03(\x0b\x32\x34.residency.v1.GetNodeStatusResponse.FieldCountsEntry\x1a\x32\n\x10\x46ieldCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1a\n\x18ReplicationStatusRequest\"\xe7\x01\n\x11\x44\x65stinationStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x03 \x01(\x04\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x12\x13\n\x0blag_seconds\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x13\n\x0b\x63opies_sent\x18\x07 \x01(\x04\x12\x0e\n\x06paused\x18\x08 \x01(\x08\x12\x15\n\rdead_lettered\x18\t \x01(\x04\x12\x13\n\x0blease_owner\x18\n \x01(\t\x12\x0c\n\x04sink\x18\x0b \x01(\t\"i\n\x19ReplicationStatusResponse\x12\x15\n\rhead_sequence\x18\x01 \x01(\x04\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.residency.v1.DestinationStatus\")\n\x17PauseReplicationRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x1a\n\x18PauseReplicationResponse\"*\n\x18ResumeReplicationRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x1b\n\x19ResumeReplicationResponse\")\n\x17RetryDeadLettersRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"*\n\x18RetryDeadLettersResponse\x12\x0e\n\x06marked\x18\x01 \x01(\x04\x32\xfa\x03\n\x0c\x41\x64minService\x12X\n\rGetNodeStatus\x12\".residency.v1.GetNodeStatusRequest\x1a#.residency.v1.GetNodeStatusResponse\x12\x64\n\x11ReplicationStatus\x12&.residency.v1.ReplicationStatusRequest\x1a\'.residency.v1.ReplicationStatusResponse\x12\x61\n\x10PauseReplication\x12%.residency.v1.PauseReplicationRequest\x1a&.residency.v1.PauseReplicationResponse\x12\x64\n\x11ResumeReplication\x12&.residency.v1.ResumeReplicationRequest\x1a\'.residency.v1.ResumeReplicationResponse\x12\x61\n\x10RetryDeadLetters\x12%.residency.v1.RetryDeadLettersRequest\x1a&.residency.v1.RetryDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICATIONSTATUSREQUEST']._serialized_start=331
   _globals['_REPLICATIONSTATUSREQUEST']._serialized_end=357
   _globals['_DESTINATIONSTATUS']._serialized_start=360
-  _globals['_DESTINATIONSTATUS']._serialized_end=517
-  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_start=519
-  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_end=624
-  _globals['_ADMINSERVICE']._serialized_start=627
-  _globals['_ADMINSERVICE']._serialized_end=833
+  _globals['_DESTINATIONSTATUS']._serialized_end=591
+  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_start=593
+  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_end=698
+  _globals['_PAUSEREPLICATIONREQUEST']._serialized_start=700
+  _globals['_PAUSEREPLICATIONREQUEST']._serialized_end=741
+  _globals['_PAUSEREPLICATIONRESPONSE']._serialized_start=743
+  _globals['_PAUSEREPLICATIONRESPONSE']._serialized_end=769
+  _globals['_RESUMEREPLICATIONREQUEST']._serialized_start=771
+  _globals['_RESUMEREPLICATIONREQUEST']._serialized_end=813
+  _globals['_RESUMEREPLICATIONRESPONSE']._serialized_start=815
+  _globals['_RESUMEREPLICATIONRESPONSE']._serialized_end=842
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=844
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=885
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=887
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=929
+  _globals['_ADMINSERVICE']._serialized_start=932
+  _globals['_ADMINSERVICE']._serialized_end=1438
 # @@protoc_insertion_point(module_scope)
