@@ -251,17 +251,29 @@ class Replicator:
             d.cursor = await self.db.call(store.cursor, d.region)
             d.reread_cursor = False
         wake.clear()
-        redrive = await self.db.call(store.dead_letters, d.region, True, self.config.batch_size)
+        paused, redrive, items = await self.db.call(self._poll, d)
+        if paused:  # an operator paused it since the lease was last renewed
+            d.paused = True
+            raise StandDown(d.region)
         if redrive:
             batch = await self.db.call(self._prepare_users, d, [u for u, *_ in redrive])
             await self._deliver_and_commit(d, batch, advance=False)
             return True
-        items = await self.db.call(store.outbox_after, d.cursor, self.config.batch_size)
         if not items:
             return False
         batch = await self.db.call(self._prepare, d, items)
         await self._deliver_and_commit(d, batch, advance=True)
         return True
+
+    def _poll(self, d: Destination) -> tuple[bool, list[tuple], list[OutboxItem]]:
+        """On the store thread: paused?, dead letters to re-drive, the next outbox entries."""
+        store = self.db.store
+        if store.is_paused(d.region):
+            return True, [], []
+        redrive = store.dead_letters(d.region, True, self.config.batch_size)
+        if redrive:
+            return False, redrive, []
+        return False, [], store.outbox_after(d.cursor, self.config.batch_size)
 
     async def _deliver_and_commit(self, d: Destination, batch: Prepared, advance: bool) -> None:
         refused = await self._deliver(d, batch.copies) if batch.copies else {}
