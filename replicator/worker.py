@@ -173,6 +173,9 @@ class Replicator:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake = {d.region: asyncio.Event() for d in destinations}
         self._tasks: list[asyncio.Task] = []
+        # Records opened for one destination's batch, kept for the others' batches of the same
+        # changes (they run close together on the same store thread): one open per change.
+        self._opened: dict[tuple[str, int], Any] = {}
 
     async def start(self) -> None:
         for d in self.destinations.values():
@@ -411,7 +414,7 @@ class Replicator:
             return tomb, translog.entry(
                 "erasure", outcome="allowed", reason="the user's record was erased", **common
             )
-        opened = r.open_row(row)
+        opened = self._open(row)
         plan = r.rules.plan(d.region)
         sent, withheld = plan.project(opened.fields)
         described = r.describe_withheld(withheld)
@@ -460,6 +463,16 @@ class Replicator:
             withheld=described,
             **common,
         )
+
+    def _open(self, row: Row) -> Any:
+        key = (row.user_id, row.version)
+        opened = self._opened.get(key)
+        if opened is None:
+            opened = self.records.open_row(row)
+            if len(self._opened) >= 4 * self.config.batch_size * max(1, len(self.destinations)):
+                del self._opened[next(iter(self._opened))]  # the oldest
+            self._opened[key] = opened
+        return opened
 
     def _data_key(self, d: Destination, user_id: str) -> tuple[DataKey, bytes]:
         hit = d.keys.get(user_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -70,7 +71,11 @@ class RunningNode:
         if outbox and c.replicator.enabled:
             from replicator.worker import Replicator, destinations_for
 
-            self.replicator = Replicator(records, self.db, destinations_for(c), c.replicator)
+            # A stable owner: a node restarted after a crash takes its own leases back at once
+            # instead of waiting for them to expire (two nodes on one config cannot both run:
+            # they would share a listen address).
+            owner = f"{socket.gethostname()}:serve:{c.region}"
+            self.replicator = Replicator(records, self.db, destinations_for(c), c.replicator, owner=owner)
             await self.replicator.start()
         node = Node(records, self.db, self.replicator, c.affiliates)
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
