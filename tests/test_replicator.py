@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -339,3 +340,40 @@ async def test_workers_share_one_outbox_by_leases_and_a_killed_holder_is_replace
                 w.kill()
                 w.wait()
         await c.close()
+
+
+def test_an_s3_destination_config_is_checked_naming_the_key(tmp_path: Path):
+    import pytest
+    import yaml
+
+    from server.config import load_config
+    from server.deployment import init_deployment
+    from server.errors import ConfigError
+
+    path = init_deployment(tmp_path)[PRIMARY]
+    doc = yaml.safe_load(path.read_text())
+    good = {
+        "region": S3_REGION,
+        "sink": "s3",
+        "bucket": "b-1",
+        "prefix": "r",
+        "public_key": "keys/eu-west-1/region.pub",
+    }
+    doc["affiliates"][1] = good
+    path.write_text(yaml.safe_dump(doc))
+    a = load_config(path).affiliates[1]
+    assert (a.sink, a.bucket, a.prefix, a.address) == ("s3", "b-1", "r/", "")
+    for broken, message in (
+        ({**good, "bucket": ""}, "'affiliates[1].bucket' is required for sink s3"),
+        ({**good, "sink": "ftp"}, "'affiliates[1].sink' must be one of"),
+        ({**good, "address": "127.0.0.1:1"}, "unknown key(s) ['address'] for sink s3"),
+    ):
+        doc["affiliates"][1] = broken
+        path.write_text(yaml.safe_dump(doc))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(path)
+    doc["affiliates"][1] = good
+    doc["replicator"] = {"lease_seconds": 4, "ship_timeout": 3}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="'replicator.ship_timeout' must be above 0 and at most half"):
+        load_config(path)

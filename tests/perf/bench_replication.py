@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -89,7 +88,9 @@ def request(start: int, n: int) -> records_pb2.PutRecordsRequest:
 
 
 def pct(xs: list[float], q: float) -> float:
-    return round(statistics.quantiles(xs, n=100)[q - 1] * 1000, 1) if len(xs) > 1 else 0.0
+    """Nearest-rank percentile, in milliseconds."""
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] * 1000, 1) if s else 0.0
 
 
 async def steady(records, admin, rate: int, batch: int, seconds: float) -> dict:
