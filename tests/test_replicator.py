@@ -377,3 +377,27 @@ def test_an_s3_destination_config_is_checked_naming_the_key(tmp_path: Path):
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="'replicator.ship_timeout' must be above 0 and at most half"):
         load_config(path)
+
+
+async def test_a_copy_the_rules_no_longer_allow_is_withdrawn_from_bucket_and_logged(s3_cluster: Cluster):
+    """Withdrawal is the general tombstone path: here the rules stop sending anything to
+    eu-west-1; the user's next change withdraws the bucket's object (rule changes, consent
+    withdrawal, grant end and retention expiry all come down to this)."""
+    import yaml
+
+    c = s3_cluster
+    await c.put("w-1", {"email": "w@example.cn", "language": "zh-CN"})
+    await c.replicated()
+    assert await asyncio.to_thread(bucket_object, c, "w-1") is not None
+    c.stop(PRIMARY)
+    rules = yaml.safe_load((c.dir / "rules.yaml").read_text())
+    rules["rules"] = [r for r in rules["rules"] if r["recipient"] != "ie-affiliate"]
+    (c.dir / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    await c.start(PRIMARY)
+    await c.put("w-1", {"name": "W"})
+    await c.replicated()
+    assert await asyncio.to_thread(bucket_object, c, "w-1") is None
+    entries = [json.loads(e) for _, e, _ in await c.log()]
+    last = [e for e in entries if e["subject"] == "w-1" and e["destination_region"] == S3_REGION][-1]
+    assert (last["kind"], last["outcome"], last["record_version"]) == ("replication", "denied", 2)
+    assert values(await c.get("w-1", region="ap-southeast-1"))["name"] == "W"
