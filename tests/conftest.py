@@ -48,6 +48,7 @@ class S3Server:
         self.ports = free_ports(8)
         self.endpoint = f"http://127.0.0.1:{self.ports[6]}"
         self.proc: subprocess.Popen | None = None
+        self._client: Any = None
 
     def start(self, deadline: float = 60.0) -> None:
         p = self.ports
@@ -107,6 +108,12 @@ class S3Server:
         client.delete_object(Bucket=name, Key="warm-up")
 
     def client(self) -> Any:
+        """One client for the server (boto3 clients are thread-safe and slow to make)."""
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def _make_client(self) -> Any:
         import boto3
         from botocore.config import Config
 

@@ -8,6 +8,8 @@ bucket on a local SeaweedFS. Two phases:
   `--seconds`; every 50 ms the primary's ReplicationStatus is sampled, and each
   destination's `lag_seconds` (age of its oldest change not yet applied: an upper bound
   of every pending change's commit-to-applied lag) gives p50/p99/max.
+- `--standalone`: the primary's in-process worker off, one `residency replicate` process
+  ships instead (replication then runs beside, not inside, the primary's interpreter).
 - drain: every destination paused, `--backlog` records written, all resumed at once; the
   time each destination takes to apply the backlog gives its sustained records/s (the
   rate beyond which, under a steady load, its lag would grow without bound).
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +44,7 @@ CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
 
 
-def deployment(d: Path, s3: S3Server) -> None:
+def deployment(d: Path, s3: S3Server, standalone: bool) -> None:
     init_deployment(d)
     RegionKey.generate(S3_REGION, d / "keys" / S3_REGION)
     rules = yaml.safe_load((d / "rules.yaml").read_text())
@@ -75,6 +78,8 @@ def deployment(d: Path, s3: S3Server) -> None:
             "public_key": f"keys/{S3_REGION}/region.pub",
         }
     )
+    if standalone:
+        primary["replicator"]["enabled"] = False
     (d / f"{PRIMARY}.yaml").write_text(yaml.safe_dump(primary, sort_keys=False))
 
 
@@ -152,10 +157,17 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
     s3.start()
     try:
         s3.make_bucket(BUCKET)
-        deployment(d / "deployment", s3)
+        deployment(d / "deployment", s3, args.standalone)
         dep = Deployment(d / "deployment")
         for r in dep.configs:
             dep.start(r)
+        worker = None
+        if args.standalone:  # the replicator in its own process, off the primary's GIL
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "replicate", "--config", str(dep.configs[PRIMARY])],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         try:
             await dep.wait_serving()
             primary = dep.addresses[PRIMARY]
@@ -167,6 +179,9 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
                 out["drain_records_per_s"] = await drain(records, admin, args.backlog)
             return out
         finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(30)
             dep.stop_all()
     finally:
         s3.stop()
@@ -178,6 +193,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=20, help="records per PutRecords call (default 20)")
     p.add_argument("--seconds", type=float, default=20.0, help="steady phase length (default 20)")
     p.add_argument("--backlog", type=int, default=20_000, help="records in the drain phase (default 20000)")
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help="replicate with one `residency replicate` process instead of the primary's in-process worker",
+    )
     args = p.parse_args()
     # The local S3 server takes any credentials; boto3 (here and in the primary) finds them
     # the standard way.
