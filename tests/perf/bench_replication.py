@@ -83,10 +83,13 @@ def deployment(d: Path, s3: S3Server, standalone: bool) -> None:
     (d / f"{PRIMARY}.yaml").write_text(yaml.safe_dump(primary, sort_keys=False))
 
 
-def request(start: int, n: int) -> records_pb2.PutRecordsRequest:
+def request(start: int, n: int, users: int = 0) -> records_pb2.PutRecordsRequest:
+    """`n` 10-field records; with `users`, user ids cycle through that many users (updates
+    after the first round), else every record is a new user."""
     req = records_pb2.PutRecordsRequest(context=CTX)
     for i in range(start, start + n):
-        rec = req.records.add(user_id=f"u-{i:08d}", source="registration")
+        uid = f"u-{i % users:08d}" if users else f"u-{i:08d}"
+        rec = req.records.add(user_id=uid, source="registration")
         for name, value in ten_fields(i).items():
             rec.fields[name].CopyFrom(value)
     return req
@@ -98,7 +101,7 @@ def pct(xs: list[float], q: float) -> float:
     return round(s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] * 1000, 1) if s else 0.0
 
 
-async def steady(records, admin, rate: int, batch: int, seconds: float) -> dict:
+async def steady(records, admin, rate: int, batch: int, seconds: float, users: int) -> dict:
     samples: dict[str, list[float]] = {}
     stop = asyncio.Event()
 
@@ -114,7 +117,7 @@ async def steady(records, admin, rate: int, batch: int, seconds: float) -> dict:
     sent, calls = 0, []
     while time.perf_counter() - start < seconds:
         calls.append(
-            asyncio.ensure_future(records.PutRecords(request(10_000_000 + sent, batch), metadata=META))
+            asyncio.ensure_future(records.PutRecords(request(10_000_000 + sent, batch, users), metadata=META))
         )
         sent += batch
         await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
@@ -174,7 +177,9 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
             async with grpc.aio.insecure_channel(primary) as ch:
                 records = records_pb2_grpc.RecordServiceStub(ch)
                 admin = admin_pb2_grpc.AdminServiceStub(ch)
-                out = {"steady": await steady(records, admin, args.rate, args.batch, args.seconds)}
+                out = {
+                    "steady": await steady(records, admin, args.rate, args.batch, args.seconds, args.users)
+                }
                 await wait_replicated(primary, timeout=300, progress=False)
                 out["drain_records_per_s"] = await drain(records, admin, args.backlog)
             return out
@@ -193,6 +198,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=20, help="records per PutRecords call (default 20)")
     p.add_argument("--seconds", type=float, default=20.0, help="steady phase length (default 20)")
     p.add_argument("--backlog", type=int, default=20_000, help="records in the drain phase (default 20000)")
+    p.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        help="steady phase: cycle through this many users (0: every write a new user, the costliest)",
+    )
     p.add_argument(
         "--standalone",
         action="store_true",
