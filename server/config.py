@@ -47,6 +47,13 @@ class NodeConfig:
     durability: str = "full"
     affiliates: tuple[Affiliate, ...] = ()
     replicator: ReplicatorConfig = field(default_factory=ReplicatorConfig)
+    # The transfer log signs a checkpoint this often (when it grew), and on demand.
+    checkpoint_interval_seconds: float = 60.0
+
+    @property
+    def log_key(self) -> Path:
+        """The log signing key `residency init` writes beside the region key."""
+        return self.keys_dir / "log.key"
 
     @property
     def is_primary(self) -> bool:
@@ -93,6 +100,7 @@ def load_config(path: str | Path) -> NodeConfig:
         "durability",
         "affiliates",
         "replicator",
+        "checkpoint_interval_seconds",
     }
     unknown = sorted(set(doc) - known)
     if unknown:
@@ -129,6 +137,9 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{path}: 'replicator': {e}") from e
     if not 1 <= replicator.batch_size <= 1000:
         raise ConfigError(f"{path}: 'replicator.batch_size' must be from 1 to 1000")
+    interval = doc.get("checkpoint_interval_seconds", 60.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+        raise ConfigError(f"{path}: 'checkpoint_interval_seconds' must be a number of seconds above 0")
     return NodeConfig(
         path=path,
         region=need("region"),
@@ -141,4 +152,5 @@ def load_config(path: str | Path) -> NodeConfig:
         durability=durability,
         affiliates=tuple(affiliates),
         replicator=replicator,
+        checkpoint_interval_seconds=float(interval),
     )

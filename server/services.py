@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-from server import codec
+from server import codec, merkle, translog
 from server.crypto import SealError, hash_credential
 from server.errors import (
     ConfigError,
@@ -35,11 +36,13 @@ from server.errors import (
     InvalidRecord,
     KeyUnavailable,
     NotFound,
+    OutOfRange,
     ResidencyError,
     TransferDenied,
 )
 from server.records import Caller, Records, Write
 from server.schema import USER_ID, data_uses
+from server.transferlog import LogEntry, SignedCheckpoint, TransferLog
 from server.writer import StoreThread
 
 log = logging.getLogger("residency.services")
@@ -50,6 +53,7 @@ _CODES = {
     InvalidRecord: code_pb2.INVALID_ARGUMENT,
     ConfigError: code_pb2.INVALID_ARGUMENT,
     NotFound: code_pb2.NOT_FOUND,
+    OutOfRange: code_pb2.OUT_OF_RANGE,
     TransferDenied: code_pb2.PERMISSION_DENIED,
     KeyUnavailable: code_pb2.UNAVAILABLE,
     SealError: code_pb2.FAILED_PRECONDITION,
@@ -101,10 +105,17 @@ def rpc(method: Callable) -> Callable:
 class Node:
     """What the servicers share: the records engine, the store thread, the replicator."""
 
-    def __init__(self, records: Records, db: StoreThread, replicator: Any = None):
+    def __init__(
+        self,
+        records: Records,
+        db: StoreThread,
+        replicator: Any = None,
+        transfer_log: TransferLog | None = None,
+    ):
         self.records = records
         self.db = db
         self.replicator = replicator
+        self.transfer_log = transfer_log
         self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
 
     def caller(self, ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext) -> Caller:
@@ -284,9 +295,16 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
 
 class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
     PAGE = 1000
+    QUERY_PAGE, QUERY_PAGE_MAX = 500, 5000
 
     def __init__(self, node: Node):
         self.node = node
+
+    @property
+    def log(self) -> TransferLog:
+        if self.node.transfer_log is None:
+            raise FailedPrecondition("this node has no log signing key; checkpoints and proofs are off")
+        return self.node.transfer_log
 
     @rpc
     async def TailEntries(self, request, context):
@@ -298,11 +316,123 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
                 return
             for seq, data, chain in page:
                 yield translog_pb2.TailEntriesResponse(
-                    sequence=seq, entry_json=data.decode(), chain_hash=chain
+                    sequence=seq, entry_json=data.decode(), chain_hash=chain, leaf_hash=merkle.leaf_hash(data)
                 )
             after = page[-1][0]
             if left is not None:
                 left -= len(page)
+
+    @rpc
+    async def Query(self, request, context):
+        f = translog.Filter(
+            subject=request.subject,
+            region=request.region,
+            recipient=request.recipient,
+            kind=request.kind,
+            purpose=request.purpose,
+            legal_basis=request.legal_basis,
+            outcome=request.outcome,
+            since=_secs(request.since) if request.HasField("since") else None,
+            until=_secs(request.until) if request.HasField("until") else None,
+        )
+        page_size = request.page_size or self.QUERY_PAGE
+        if page_size > self.QUERY_PAGE_MAX:
+            raise InvalidRecord([("page_size", f"at most {self.QUERY_PAGE_MAX}")])
+        after = _page_token(request.page_token)
+        left = request.limit or None
+        while True:
+            want = min(page_size, left) if left is not None else page_size
+            entries, after, more = await self.node.db.call(self.log.query, f, after, want)
+            if left is not None:
+                left -= len(entries)
+            done = not more or left == 0
+            yield translog_pb2.QueryResponse(
+                entries=[_entry(e) for e in entries], next_page_token=str(after) if more else ""
+            )
+            if done:
+                return
+
+    @rpc
+    async def GetCheckpoint(self, request, context):
+        cp = await self.node.db.call(self.log.checkpoint, request.refresh)
+        return self._checkpoint(cp)
+
+    def _checkpoint(self, cp: SignedCheckpoint) -> translog_pb2.GetCheckpointResponse:
+        return translog_pb2.GetCheckpointResponse(
+            checkpoint=cp.note, tree_size=cp.size, root_hash=cp.root, verifier_key=self.log.verifier_key
+        )
+
+    @rpc
+    async def ProveInclusion(self, request, context):
+        log_ = self.log
+        size = request.tree_size
+
+        def prove() -> tuple[list[bytes], bytes, bytes]:
+            hashes, leaf = log_.prove_inclusion(request.leaf_index, size)
+            return hashes, leaf, log_.store.log_tree().root(size)
+
+        hashes, leaf, root = await self.node.db.call(prove)
+        return translog_pb2.ProveInclusionResponse(
+            leaf_index=request.leaf_index, tree_size=size, hashes=hashes, leaf_hash=leaf, root_hash=root
+        )
+
+    @rpc
+    async def ProveConsistency(self, request, context):
+        hashes = await self.node.db.call(self.log.prove_consistency, request.from_size, request.tree_size)
+        return translog_pb2.ProveConsistencyResponse(
+            from_size=request.from_size, tree_size=request.tree_size, hashes=hashes
+        )
+
+    @rpc
+    async def SubjectReport(self, request, context):
+        _check_user(request.subject)
+        log_ = self.log
+
+        def gather() -> tuple[list[LogEntry], SignedCheckpoint]:
+            return log_.subject_entries(request.subject), log_.checkpoint(refresh=True)
+
+        entries, cp = await self.node.db.call(gather)
+        named = {r for e in entries for r in str(json.loads(e.data).get("recipient", "")).split(",") if r}
+        rules = self.node.records.rules
+        return translog_pb2.SubjectReportResponse(
+            subject=request.subject,
+            entries=[_entry(e) for e in entries],
+            recipients=[_recipient(rules.recipients[r]) for r in sorted(named) if r in rules.recipients],
+            checkpoint=self._checkpoint(cp),
+        )
+
+    @rpc
+    async def GetReviewContext(self, request, context):
+        records = self.node.records
+        return translog_pb2.GetReviewContextResponse(
+            region=records.region,
+            home_region=records.rules.home_region,
+            recipients=[_recipient(r) for _, r in sorted(records.rules.recipients.items())],
+            sensitive_fields=sorted(n for n, f in records.schema.fields.items() if f.sensitive),
+            rules_version=records.rules.version,
+        )
+
+
+def _entry(e: LogEntry) -> translog_pb2.LogEntry:
+    return translog_pb2.LogEntry(
+        sequence=e.sequence, leaf_index=e.leaf_index, entry_json=e.data.decode(), leaf_hash=e.leaf_hash
+    )
+
+
+def _recipient(r: Any) -> translog_pb2.Recipient:
+    return translog_pb2.Recipient(id=r.id, region=r.region, company=r.company, contact=r.contact)
+
+
+def _secs(ts: Any) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _page_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit():
+        raise InvalidRecord([("page_token", "not a token this service issued")])
+    return int(token)
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):

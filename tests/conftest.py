@@ -117,6 +117,9 @@ class Cluster:
             async for e in stub.TailEntries(translog_pb2.TailEntriesRequest(), timeout=30)
         ]
 
+    def transfer_log(self, region: str = PRIMARY) -> translog_pb2_grpc.TransferLogServiceStub:
+        return translog_pb2_grpc.TransferLogServiceStub(self.channel(region))
+
     async def status(self, region: str) -> admin_pb2.GetNodeStatusResponse:
         return await self.admin(region).GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)
 
@@ -138,6 +141,18 @@ def values(reply: records_pb2.GetRecordResponse) -> dict[str, Any]:
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     """A primary and both affiliate region nodes, running."""
     c = Cluster(tmp_path / "deployment")
+    try:
+        await c.start()
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture(scope="module")
+async def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+    """A running deployment shared by one module's tests (each node start costs seconds on
+    a shared 2-core machine); tests that need a pristine deployment use `cluster`."""
+    c = Cluster(tmp_path_factory.mktemp("shared") / "deployment")
     try:
         await c.start()
         yield c
