@@ -265,7 +265,14 @@ def _bars(title: str, counts: Counter[str], width: int = 520) -> str:
     return f'<div class="panel"><h3>{_e(title)}</h3>{"".join(parts)}</div>'
 
 
-_BUCKETS = ((60, "%H:%M"), (3600, "%d %H:00"), (86400, "%Y-%m-%d"), (86400 * 31, "%Y-%m"))
+_BUCKETS = (
+    (1, "%H:%M:%S"),
+    (10, "%H:%M:%S"),
+    (60, "%H:%M"),
+    (3600, "%d %H:00"),
+    (86400, "%Y-%m-%d"),
+    (86400 * 31, "%Y-%m"),
+)
 
 
 def _timeline(rows: list[dict[str, Any]], width: int = 1100, height: int = 220) -> str:
@@ -286,7 +293,7 @@ def _timeline(rows: list[dict[str, Any]], width: int = 1100, height: int = 220) 
         buckets[int((r["time"] - start) // size)][r["outcome"]] += 1
     top = max(sum(b.values()) for b in buckets)
     left, plot_h = 50, height - 60
-    bw = (width - left - 10) / n
+    bw = min((width - left - 10) / n, 60)
     parts = [
         f'<svg role="img" aria-label="timeline" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
@@ -382,7 +389,11 @@ def _html(
     by_dest = Counter(_place(r["destination_region"]) for r in crossed)
     by_cat, by_basis, by_purpose = Counter(), Counter(), Counter()
     for r in crossed:
-        by_purpose[r["purpose"] or "(none)"] += 1
+        # A replication serves the purposes of the rules it went under; a read states one.
+        for purpose in (
+            {r["purpose"]} if r["purpose"] else {p for f in r["fields"] for p in f.get("purposes", [])}
+        ):
+            by_purpose[purpose] += 1
         for f in r["fields"]:
             by_cat[f["category"]] += 1
             by_basis[f.get("legal_basis") or "(home region)"] += 1

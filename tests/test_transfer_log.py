@@ -240,3 +240,82 @@ async def test_a_region_node_keeps_and_signs_its_own_log(logged: Cluster):
     assert open_note(cp.checkpoint, cp.verifier_key).origin == f"residency/{region}"
     log = await logged.log(region)
     assert cp.tree_size == len(log) >= 1
+
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+async def test_the_html_report_is_self_contained_and_renders_in_chromium(logged: Cluster, tmp_path: Path):
+    out = tmp_path / "report.html"
+    target = logged.dep.addresses[PRIMARY]
+    assert await cli("log", "report", "--target", target, "--out", str(out), "--subject", USERS[0]) == 0
+    page = out.read_text()
+    for needle in (
+        "verified",
+        "residency/cn-north",
+        "Example Holdings Pte. Ltd.",
+        "dpo@example.ie",
+        "Singapore",
+        "100,000",
+        f"Where did the data of {USERS[0]} go?",
+        "<svg",
+    ):
+        assert needle in page, needle
+    assert "national_id (never_transfer)" in page  # what was withheld, and why
+    assert "Li Wei" not in page and "@example.cn" not in page  # no field values, ever
+    for external in ("http://", "https://", "<script", "<link", "src="):
+        assert external not in page.replace('xmlns="http://www.w3.org/2000/svg"', ""), external
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "transfer-log-report.png"
+    shot.unlink(missing_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        out.as_uri(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    shutil.copy(out, ARTIFACTS / "transfer-log-report.html")
+
+
+async def test_the_report_also_comes_as_csv_and_json_lines(logged: Cluster, tmp_path: Path):
+    target = logged.dep.addresses[PRIMARY]
+    csv_out, jsonl_out = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    assert await cli("log", "report", "--target", target, "--out", str(csv_out), "--format", "csv") == 0
+    assert (
+        await cli(
+            "log",
+            "report",
+            "--target",
+            target,
+            "--out",
+            str(jsonl_out),
+            "--format",
+            "jsonl",
+            "--subject",
+            USERS[1],
+        )
+        == 0
+    )
+    header, *rows = csv_out.read_text().splitlines()
+    assert header.startswith("sequence,leaf_index,time,kind,subject")
+    assert any(",denied," in r for r in rows)
+    lines = [json.loads(x) for x in jsonl_out.read_text().splitlines()]
+    assert lines and {x["subject"] for x in lines} == {USERS[1]}
