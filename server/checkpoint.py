@@ -103,7 +103,8 @@ def verifier_key(name: str, public: bytes) -> str:
 def parse_verifier_key(text: str) -> tuple[str, bytes, Ed25519PublicKey]:
     """(name, key hash, public key) of a `name+hexkeyhash+base64` verifier key."""
     try:
-        name, hexhash, b64 = text.strip().split("+")
+        # The base64 key may itself contain '+': split off the name and hash only.
+        name, hexhash, b64 = text.strip().split("+", 2)
         raw = base64.b64decode(b64, validate=True)
         keyhash = bytes.fromhex(hexhash)
     except (ValueError, binascii.Error) as e:

@@ -30,7 +30,7 @@ def test_a_checkpoint_is_origin_size_and_root_then_one_signature_line(signer: Lo
 
 
 def test_the_verifier_key_is_name_keyhash_and_typed_public_key(signer: LogSigner):
-    name, hexhash, b64 = signer.verifier_key.split("+")
+    name, hexhash, b64 = signer.verifier_key.split("+", 2)
     pub = base64.b64decode(b64)
     assert name == "residency/cn-north" and pub[0] == 1 and len(pub) == 33
     assert hexhash == hashlib.sha256(name.encode() + b"\n" + pub).digest()[:4].hex()
