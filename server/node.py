@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +53,8 @@ class RunningNode:
         self.health = health.aio.HealthServicer()
         self.transfer_log: TransferLog | None = None
         self._checkpoints: asyncio.Task | None = None
+        self._archiver: Any = None
+        self._archiving: asyncio.Task | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -96,6 +99,11 @@ class RunningNode:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._checkpoints = asyncio.create_task(self._sign_checkpoints(), name="checkpoints")
+        if c.archive is not None:
+            from server.archive import Archiver, S3Bucket
+
+            self._archiver = Archiver(self.db, self.transfer_log, S3Bucket(c.archive), c.archive)
+            self._archiving = asyncio.create_task(self._archiver.run(), name="archive")
         log.info("%s node for %s listening on %s", c.role, c.region, c.listen)
 
     async def _sign_checkpoints(self) -> None:
@@ -120,8 +128,11 @@ class RunningNode:
             await self.server.stop(GRACE_SECONDS)
         if self.replicator is not None:
             await self.replicator.stop()
-        if self._checkpoints is not None:
-            self._checkpoints.cancel()
+        for task in (self._checkpoints, self._archiving):
+            if task is not None:
+                task.cancel()
+        if self._archiver is not None:
+            self._archiver.close()
         if self.db is not None:
             await self.db.drain()
             if self.transfer_log is not None:  # the last entries get a checkpoint too

@@ -59,6 +59,8 @@ class Store(Protocol):
     def log_tree(self) -> merkle.Tree: ...
     def checkpoint_save(self, size: int, note: str) -> None: ...
     def checkpoint_latest(self) -> tuple[int, str] | None: ...
+    def archived_size(self) -> int: ...
+    def archive_mark(self, size: int) -> None: ...
     def counts(self) -> tuple[int, int]: ...
     def live_blobs(self, after_user: str, limit: int) -> list[tuple[str, bytes]]: ...
     def close(self) -> None: ...
@@ -90,13 +92,17 @@ MIGRATIONS: list[str] = [
         chain    BLOB NOT NULL
     );
     """,
-    # 2: signed checkpoints of the transfer log (the Merkle tree itself is rebuilt from the
-    # entries at start: leaf hashes are a pure function of the stored bytes)
+    # 2: signed checkpoints of the transfer log and how far it is archived (the Merkle tree
+    # itself is rebuilt from the entries at start: leaf hashes are a pure function of them)
     """
     CREATE TABLE checkpoints (
         tree_size  INTEGER PRIMARY KEY,
         note       TEXT NOT NULL,
         created_at REAL NOT NULL
+    );
+    CREATE TABLE archived (
+        tree_size   INTEGER PRIMARY KEY,
+        uploaded_at REAL NOT NULL
     );
     """,
 ]
@@ -273,6 +279,15 @@ class SqliteStore:
             "SELECT tree_size, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
         ).fetchone()
         return (row[0], row[1]) if row else None
+
+    def archived_size(self) -> int:
+        """The tree size up to which sealed segments are in the archive bucket."""
+        return self._db.execute("SELECT coalesce(max(tree_size), 0) FROM archived").fetchone()[0]
+
+    def archive_mark(self, size: int) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO archived (tree_size, uploaded_at) VALUES (?,?)", (size, time.time())
+        )
 
     def counts(self) -> tuple[int, int]:
         """(live records, tombstones)."""
