@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from server import merkle, translog
 from server.checkpoint import Checkpoint, LogSigner
@@ -114,7 +113,3 @@ class TransferLog:
     def subject_entries(self, subject: str) -> list[LogEntry]:
         entries, _, _ = self.query(translog.Filter(subject=subject), 0, 1 << 62)
         return entries
-
-
-def entry_dict(e: LogEntry) -> dict[str, Any]:
-    return json.loads(e.data)
