@@ -319,3 +319,56 @@ async def test_the_report_also_comes_as_csv_and_json_lines(logged: Cluster, tmp_
     assert any(",denied," in r for r in rows)
     lines = [json.loads(x) for x in jsonl_out.read_text().splitlines()]
     assert lines and {x["subject"] for x in lines} == {USERS[1]}
+
+
+async def test_an_export_window_keeps_every_entry_and_records_the_window(
+    logged: Cluster, tmp_path: Path, capsys
+):
+    out = tmp_path / "window"
+    target = logged.dep.addresses[PRIMARY]
+    assert await cli("log", "export", "--target", target, "--out", str(out), "--since", "2999-01-01") == 0
+    window = json.loads((out / "window.json").read_text())
+    assert window["entries"] == 0 and window["first_index"] is None
+    code, printed, err = verify(capsys, str(out))
+    assert code == 0, err
+    result = json.loads(printed)
+    assert result["tree_size"] == len((out / "entries.jsonl").read_bytes().splitlines()) > 0
+    assert result["window"]["entries"] == 0
+
+
+async def test_a_node_signs_checkpoints_at_its_interval_and_archives_them(
+    idle_cluster: Cluster, s3_server, tmp_path: Path
+):
+    import yaml
+    from botocore.exceptions import ClientError
+
+    from server.archive import ArchiveConfig, S3Bucket
+
+    config = idle_cluster.dep.configs[PRIMARY]
+    doc = yaml.safe_load(config.read_text())
+    archive = {
+        "bucket": "node-archive",
+        "endpoint": s3_server.endpoint,
+        "access_key_id": "test",
+        "secret_access_key": "test",
+        "interval_seconds": 0.2,
+        "retention_days": 1,
+    }
+    config.write_text(yaml.safe_dump({**doc, "checkpoint_interval_seconds": 0.2, "archive": archive}))
+    await idle_cluster.start(PRIMARY)
+    await idle_cluster.put("w-1", {"name": "Li Wei", "language": "zh"})
+    await idle_cluster.get("w-1", location="ap-southeast-1", purpose="essential.service")
+    stub = idle_cluster.transfer_log()
+    bucket = S3Bucket(ArchiveConfig(**archive))
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:  # no refresh: only the node's own schedule can have signed these
+        cp = await stub.GetCheckpoint(translog_pb2.GetCheckpointRequest(), timeout=10)
+        try:
+            keys = await asyncio.to_thread(bucket.keys, "translog/residency/cn-north/checkpoints/")
+        except ClientError:  # the node has not created its bucket yet
+            keys = []
+        if cp.tree_size >= 1 and keys:
+            break
+        assert asyncio.get_running_loop().time() < deadline, (cp.tree_size, keys)
+        await asyncio.sleep(0.1)
+    assert open_note(cp.checkpoint, cp.verifier_key).size == cp.tree_size
