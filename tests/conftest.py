@@ -203,10 +203,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         f"-dir={d}",
         f"-master.port={master}",
         f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=64",
+        "-master.volumeSizeLimitMB=16",
         f"-volume.port={volume}",
         f"-volume.port.grpc={volume_grpc}",
-        "-volume.max=8",
+        "-volume.max=100",  # each bucket grows several volumes
         "-filer",
         f"-filer.port={filer}",
         f"-filer.port.grpc={filer_grpc}",
