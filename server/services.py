@@ -296,6 +296,7 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
 class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
     PAGE = 1000
     QUERY_PAGE, QUERY_PAGE_MAX = 500, 5000
+    QUERY_SCAN = 20_000  # entries looked at per store-thread turn
 
     def __init__(self, node: Node):
         self.node = node
@@ -340,15 +341,20 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
             raise InvalidRecord([("page_size", f"at most {self.QUERY_PAGE_MAX}")])
         after = _page_token(request.page_token)
         left = request.limit or None
+        entries: list[LogEntry] = []
         while True:
-            want = min(page_size, left) if left is not None else page_size
-            entries, after, more = await self.node.db.call(self.log.query, f, after, want)
+            room = page_size - len(entries)
+            want = min(room, left) if left is not None else room
+            found, after, more = await self.node.db.call(self.log.query, f, after, want, self.QUERY_SCAN)
+            entries += found
             if left is not None:
-                left -= len(entries)
+                left -= len(found)
             done = not more or left == 0
-            yield translog_pb2.QueryResponse(
-                entries=[_entry(e) for e in entries], next_page_token=str(after) if more else ""
-            )
+            if len(entries) == page_size or done:  # a page is full, or the last one
+                yield translog_pb2.QueryResponse(
+                    entries=[_entry(e) for e in entries], next_page_token=str(after) if more else ""
+                )
+                entries = []
             if done:
                 return
 

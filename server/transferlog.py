@@ -97,17 +97,23 @@ class TransferLog:
                 yield LogEntry(seq, data)
             after = page[-1][0]
 
-    def query(self, f: translog.Filter, after: int, limit: int) -> tuple[list[LogEntry], int, bool]:
-        """Up to `limit` matching entries after sequence `after`: (entries, the sequence to
-        resume after, whether the log has more to scan)."""
+    def query(
+        self, f: translog.Filter, after: int, limit: int, max_scan: int | None = None
+    ) -> tuple[list[LogEntry], int, bool]:
+        """Up to `limit` matching entries after sequence `after`, looking at no more than
+        `max_scan` entries (so a selective query does not hold the store thread, and with it
+        every write, for long): (entries, the sequence to resume after, whether the log has
+        more to scan)."""
         out: list[LogEntry] = []
+        scanned = 0
         while page := self.store.log_after(after, self.PAGE):
             for seq, data, _chain in page:
                 after = seq
+                scanned += 1
                 if f.matches(json.loads(data)):
                     out.append(LogEntry(seq, data))
-                    if len(out) == limit:
-                        return out, after, seq < self.store.log_count()
+                if len(out) == limit or (max_scan is not None and scanned >= max_scan):
+                    return out, after, seq < self.store.log_count()
         return out, after, False
 
     def subject_entries(self, subject: str) -> list[LogEntry]:
