@@ -393,11 +393,15 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
     async def SubjectReport(self, request, context):
         _check_user(request.subject)
         log_ = self.log
-
-        def gather() -> tuple[list[LogEntry], SignedCheckpoint]:
-            return log_.subject_entries(request.subject), log_.checkpoint(refresh=True)
-
-        entries, cp = await self.node.db.call(gather)
+        # The checkpoint first: the entries are read up to the size it covers, a bounded
+        # stretch per store-thread turn so writes keep flowing meanwhile.
+        cp = await self.node.db.call(log_.checkpoint, True)
+        f = translog.Filter(subject=request.subject)
+        entries: list[LogEntry] = []
+        after, more = 0, cp.size > 0
+        while more and after < cp.size:
+            found, after, more = await self.node.db.call(log_.query, f, after, 1 << 30, self.QUERY_SCAN)
+            entries += [e for e in found if e.sequence <= cp.size]
         named = {r for e in entries for r in str(json.loads(e.data).get("recipient", "")).split(",") if r}
         rules = self.node.records.rules
         return translog_pb2.SubjectReportResponse(

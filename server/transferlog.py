@@ -115,7 +115,3 @@ class TransferLog:
                 if len(out) == limit or (max_scan is not None and scanned >= max_scan):
                     return out, after, seq < self.store.log_count()
         return out, after, False
-
-    def subject_entries(self, subject: str) -> list[LogEntry]:
-        entries, _, _ = self.query(translog.Filter(subject=subject), 0, 1 << 62)
-        return entries
