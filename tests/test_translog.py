@@ -81,5 +81,7 @@ def test_a_failed_write_in_a_group_rolls_back_alone(store):
 
 
 def test_migrations_are_versioned(store):
-    assert store._db.execute("PRAGMA user_version").fetchone()[0] == 1
+    from server.store import MIGRATIONS
+
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
