@@ -189,11 +189,12 @@ class Replicator:
                 reason="withdrawn",
                 home_region=r.region,
             )
+            # Logged as an erasure: what consent, grants, retention or rules allowed before goes.
             return tomb, translog.entry(
-                "replication",
-                outcome="denied",
+                "erasure",
+                outcome="allowed",
                 withheld=described,
-                reason=f"no field of this record may go to {d.region}",
+                reason=f"withdrawn: no field of this record may be held in {d.region} now",
                 **common,
             )
         dek = self._data_key(d, row.user_id)

@@ -268,10 +268,12 @@ def summarize(entries: list[dict], statuses: dict[str, Any], users: int) -> str:
         lambda: {"records": 0, "denied": 0, "sent": Counter(), "withheld": Counter(), "why": {}}
     )
     for e in entries:
+        if e["kind"] == "erasure" and e["reason"].startswith("withdrawn"):
+            per[e["destination_region"]]["denied"] += 1
         if e["kind"] != "replication":
             continue
         p = per[e["destination_region"]]
-        p["records" if e["outcome"] == "allowed" else "denied"] += 1
+        p["records"] += 1
         for f in e["fields"]:
             p["sent"][f["name"]] += 1
         for w in e["withheld"]:

@@ -72,6 +72,16 @@ class RunningNode:
         c = self.config
         schema = load_schema(c.schema)
         rules = load_rules(c.rules, schema)
+        if c.is_primary and c.region != rules.home_region:
+            raise ConfigError(
+                f"{c.path}: this primary's region {c.region!r} is not the rules' home_region "
+                f"{rules.home_region!r} ({c.rules})"
+            )
+        missing = sorted({a.region for a in c.affiliates} - rules.regions)
+        if missing:
+            raise ConfigError(
+                f"{c.path}: 'affiliates' names {missing}, which no recipient in {c.rules} is in"
+            )
         if c.region not in rules.regions:
             raise ConfigError(
                 f"{c.path}: 'region' {c.region!r} is not in {c.rules} (regions: {sorted(rules.regions)})"

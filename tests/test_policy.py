@@ -439,3 +439,15 @@ def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     assert row.version == v1 + 1
     assert records.open_row(row).updated_at == rec.updated_at  # a re-projection does not reset the age
     store.close()
+
+
+async def test_a_copy_left_with_nothing_allowed_is_withdrawn_and_logged_as_erasure(cluster: Cluster):
+    await cluster.put("w-1", {"name": "Li Wei", "phone": "+86 1380000"})
+    await cluster.consent("w-1", "marketing.communications", "ie-affiliate")
+    await cluster.replicated()
+    assert await copy_fields(cluster, "w-1", EU) == {"name", "phone"}
+    await cluster.consent("w-1", "marketing.communications", "ie-affiliate", withdraw=True)
+    await cluster.replicated()
+    assert await copy_fields(cluster, "w-1", EU) == set()  # the copy is gone
+    erased = await log_entries(cluster, kind="erasure", subject="w-1", destination_region=EU)
+    assert erased and erased[-1]["reason"].startswith("withdrawn")
