@@ -46,6 +46,8 @@ class NodeConfig:
     rules: Path
     keys_dir: Path
     durability: str = "full"
+    # How often the primary ends expired grants and withdraws copies past retention.
+    policy_sweep_seconds: float = 30.0
     affiliates: tuple[Affiliate, ...] = ()
     replicator: ReplicatorConfig = field(default_factory=ReplicatorConfig)
     # The transfer log signs a checkpoint this often (when it grew), and on demand.
@@ -70,6 +72,12 @@ def _listen(value: Any, where: str) -> str:
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: must be HOST:PORT with a port from 0 to 65535, got {value!r}")
     return value
+
+
+def _positive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: must be a positive number of seconds")
+    return float(value)
 
 
 def load_config(path: str | Path) -> NodeConfig:
@@ -105,6 +113,7 @@ def load_config(path: str | Path) -> NodeConfig:
         "replicator",
         "checkpoint_interval_seconds",
         "archive",
+        "policy_sweep_seconds",
     }
     unknown = sorted(set(doc) - known)
     if unknown:
@@ -155,6 +164,9 @@ def load_config(path: str | Path) -> NodeConfig:
         rules=rel(need("rules")),
         keys_dir=rel(keys["dir"]),
         durability=durability,
+        policy_sweep_seconds=_positive(
+            doc.get("policy_sweep_seconds", 30.0), f"{path}: 'policy_sweep_seconds'"
+        ),
         affiliates=tuple(affiliates),
         replicator=replicator,
         checkpoint_interval_seconds=float(interval),
