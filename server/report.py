@@ -172,7 +172,8 @@ def thresholds(
     home = country(home_region)
     for r in rows:
         dest = country(r["destination_region"])
-        if not _crossed(r) or dest == home:
+        # A disclosure to a third party names no region: no country to count it against.
+        if not _crossed(r) or not r["destination_region"] or dest == home:
             continue
         key = (dest, datetime.fromtimestamp(r["time"], UTC).year)
         people[key].add(r["subject"])
@@ -229,7 +230,7 @@ _COLORS = {"allowed": "#2da44e", "denied": "#cf222e", "failed": "#d4a72c"}
 
 
 def _place(region: str) -> str:
-    return f"{region} ({country(region)})"
+    return f"{region} ({country(region)})" if region else "third party (no region)"
 
 
 def _identity(recipients: dict[str, Any], rid: str) -> str:
@@ -247,7 +248,7 @@ def _bars(title: str, counts: Counter[str], width: int = 520) -> str:
     if not items:
         return f'<div class="panel"><h3>{_e(title)}</h3><p class="muted">none</p></div>'
     top = max(v for _, v in items)
-    label_w, bar_w, row = 200, width - 260, 22
+    label_w, bar_w, row = 230, width - 290, 22
     parts = [
         f'<svg role="img" aria-label="{_e(title)}" width="{width}" height="{row * len(items) + 4}" '
         f'viewBox="0 0 {width} {row * len(items) + 4}" xmlns="http://www.w3.org/2000/svg">'
@@ -257,7 +258,7 @@ def _bars(title: str, counts: Counter[str], width: int = 520) -> str:
         w = max(2, round(bar_w * v / top))
         parts.append(
             f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" font-size="12" fill="#1d2330">'
-            f"{_e(name[:30])}</text>"
+            f"<title>{_e(name)}</title>{_e(name if len(name) <= 34 else name[:33] + chr(0x2026))}</text>"
             f'<rect x="{label_w}" y="{y + 3}" width="{w}" height="{row - 6}" rx="3" fill="#3b6fd8"/>'
             f'<text x="{label_w + w + 6}" y="{y + 15}" font-size="12" fill="#1d2330">{v:,}</text>'
         )
@@ -468,7 +469,7 @@ def _html(
                 [
                     _e(rid),
                     _e(recipients.get(rid, {}).get("region", "?")),
-                    _e(recipients.get(rid, {}).get("company", "unknown to this rules version")),
+                    _e(recipients.get(rid, {}).get("company", "not a rules recipient (e.g. a disclosure)")),
                     _e(recipients.get(rid, {}).get("contact", "")),
                     f"{sum(1 for r in crossed if rid in r['recipient'].split(',')):,}",
                 ]

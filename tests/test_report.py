@@ -31,6 +31,7 @@ def test_individuals_abroad_are_counted_once_per_country_and_calendar_year():
         sent("u-3", "eu-west-1", ["email"]),
         sent("u-4", "eu-west-1", ["email"], outcome="denied"),  # nothing went
         sent("u-5", "cn-north", ["email"]),  # not abroad
+        {**sent("u-6", "", ["email"]), "kind": "disclosure"},  # a third party, no region
     ]
     got = {
         (t["country"], t["year"]): (t["individuals"], t["sensitive"])

@@ -23,8 +23,10 @@ USERS = [f"t-{i}" for i in range(12)]
 
 @pytest.fixture(scope="module")
 async def logged(module_cluster: Cluster) -> Cluster:
-    """The shared deployment with replications, allowed and denied cross-location reads."""
+    """The shared deployment with consents, replications, allowed and denied cross-location
+    reads."""
     c = module_cluster
+    await c.consent(USERS[:2], "analytics.reporting", "ie-affiliate")
     for u in USERS:
         await c.put(u, {"name": "Li Wei", "email": f"{u}@example.cn", "language": "zh", "national_id": "X1"})
     await c.replicated()
