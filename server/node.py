@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,7 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
+from server.checkpoint import LogSigner
 from server.config import DURABILITY, NodeConfig
 from server.crypto import RecipientKey, RegionKey
 from server.errors import ConfigError
@@ -41,6 +43,7 @@ from server.services import (
     TransferLogService,
 )
 from server.store import SqliteStore
+from server.transferlog import TransferLog
 from server.writer import StoreThread
 
 log = logging.getLogger("residency.node")
@@ -64,6 +67,8 @@ class RunningNode:
         self.replicator = None
         self.db: StoreThread | None = None
         self.health = health.aio.HealthServicer()
+        self.transfer_log: TransferLog | None = None
+        self._archiver: Any = None
         self.node: Node | None = None
         self._tasks: list[asyncio.Task] = []
         self._reproject: asyncio.Task | None = None
@@ -87,11 +92,13 @@ class RunningNode:
                 f"{c.path}: 'region' {c.region!r} is not in {c.rules} (regions: {sorted(rules.regions)})"
             )
         key = RegionKey.load(c.region, c.keys_dir)
+        signer = LogSigner.load(c.log_key)
         store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
         replicate = c.is_primary and bool(c.affiliates) and c.replicator.enabled
         records = Records(c.region, c.is_primary, schema, rules, key, store, outbox=replicate)
         self.db = StoreThread(store)
         self.db.start()
+        self.transfer_log = TransferLog(store, signer, signer.name)
         if replicate:
             from replicator.worker import Destination, ReplicaSink, Replicator
 
@@ -103,7 +110,7 @@ class RunningNode:
             ]
             self.replicator = Replicator(records, self.db, destinations, c.replicator)
             await self.replicator.start()
-        node = Node(records, self.db, self.replicator)
+        node = Node(records, self.db, self.replicator, self.transfer_log)
         node.reload_rules = self.apply_rules
         self.node, self.schema = node, schema
         if c.is_primary:
@@ -125,7 +132,27 @@ class RunningNode:
         self.server = server
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._sign_checkpoints(), name="checkpoints"))
+        if c.archive is not None:
+            from server.archive import Archiver, S3Bucket
+
+            self._archiver = Archiver(self.db, self.transfer_log, S3Bucket(c.archive), c.archive)
+            self._tasks.append(asyncio.create_task(self._archiver.run(), name="archive"))
         log.info("%s node for %s listening on %s", c.role, c.region, c.listen)
+
+    async def _sign_checkpoints(self) -> None:
+        """Signs a checkpoint every interval in which the log grew, so a reviewer always
+        finds one recent enough without asking for it."""
+        assert self.db is not None and self.transfer_log is not None
+        tlog = self.transfer_log
+        while True:
+            try:
+                if await self.db.call(tlog.grew_since_checkpoint):
+                    cp = await self.db.call(tlog.checkpoint, True)
+                    log.info("signed a checkpoint at tree size %d", cp.size)
+            except Exception:
+                log.exception("signing a checkpoint failed; retrying next interval")
+            await asyncio.sleep(self.config.checkpoint_interval_seconds)
 
     async def apply_rules(self, text: bytes, actor: str, persist: bool) -> tuple[str, str, int]:
         """Validates `text` as the new rule set, swaps it in atomically and logs the change,
@@ -188,8 +215,12 @@ class RunningNode:
             await self.server.stop(GRACE_SECONDS)
         if self.replicator is not None:
             await self.replicator.stop()
+        if self._archiver is not None:
+            self._archiver.close()
         if self.db is not None:
             await self.db.drain()
+            if self.transfer_log is not None:  # the last entries get a checkpoint too
+                self.transfer_log.checkpoint(refresh=True)
             self.db.store.close()
 
 
