@@ -38,7 +38,7 @@ from server import codec, translog
 from server.config import Affiliate, NodeConfig, ReplicatorConfig
 from server.crypto import DataKey, KeyCache, RecipientKey, field_aad
 from server.records import Records
-from server.rules import Allowed
+from server.rules import Allowed, Permits
 from server.store import OutboxItem, Row
 from server.writer import StoreThread
 
@@ -365,14 +365,16 @@ class Replicator:
     # ---- runs on the store thread -----------------------------------------------------
 
     def _prepare(self, d: Destination, items: list[OutboxItem]) -> Prepared:
-        rows = self.records.store.rows(list({i.user_id for i in items}))
+        users = list({i.user_id for i in items})
+        rows = self.records.store.rows(users)
+        permits = self.records.permits_for(users)
         copies, entries = [], []
         for item in items:
             row = rows.get(item.user_id)
             # A later outbox entry carries a newer version: ship each version once, the newest.
             if row is None or row.version != item.version:
                 continue
-            copy, entry = self._copy_for(d, row)
+            copy, entry = self._copy_for(d, row, permits[row.user_id])
             copies.append(copy)
             entries.append(entry)
         return Prepared(copies, entries, items[-1].sequence)
@@ -380,6 +382,7 @@ class Replicator:
     def _prepare_users(self, d: Destination, user_ids: list[str]) -> Prepared:
         """Copies of the current version of each user (re-driving dead letters)."""
         rows = self.records.store.rows(user_ids)
+        permits = self.records.permits_for(user_ids)
         copies, entries = [], []
         gone = []
         for u in user_ids:
@@ -387,14 +390,14 @@ class Replicator:
             if row is None:
                 gone.append((u, 2**62))
                 continue
-            copy, entry = self._copy_for(d, row)
+            copy, entry = self._copy_for(d, row, permits[u])
             copies.append(copy)
             entries.append(entry)
         if gone:  # nothing left to send: the dead letter has nothing to re-drive
             self.records.store.dead_letters_superseded(d.region, gone)
         return Prepared(copies, entries, 0)
 
-    def _copy_for(self, d: Destination, row: Row) -> tuple[replica_pb2.SealedCopy, dict]:
+    def _copy_for(self, d: Destination, row: Row, permits: Permits) -> tuple[replica_pb2.SealedCopy, dict]:
         r = self.records
         now = time.time()
         common = dict(
@@ -415,8 +418,8 @@ class Replicator:
                 "erasure", outcome="allowed", reason="the user's record was erased", **common
             )
         opened = self._open(row)
-        plan = r.rules.plan(d.region)
-        sent, withheld = plan.project(opened.fields)
+        plan = r.rules.plan(d.region, None, permits)
+        sent, withheld = r.project(plan, opened.fields, opened.updated_at)
         described = r.describe_withheld(withheld)
         if not sent:
             # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
@@ -427,11 +430,12 @@ class Replicator:
                 reason="withdrawn",
                 home_region=r.region,
             )
+            # Logged as an erasure: what consent, grants, retention or rules allowed before goes.
             return tomb, translog.entry(
-                "replication",
-                outcome="denied",
+                "erasure",
+                outcome="allowed",
                 withheld=described,
-                reason=f"no field of this record may go to {d.region}",
+                reason=f"withdrawn: no field of this record may be held in {d.region} now",
                 **common,
             )
         dek = self._data_key(d, row.user_id)

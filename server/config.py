@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from server.archive import ArchiveConfig
 from server.errors import ConfigError
 
 ROLES = ("primary", "region")
@@ -77,8 +78,19 @@ class NodeConfig:
     rules: Path
     keys_dir: Path
     durability: str = "full"
+    # How often the primary ends expired grants and withdraws copies past retention.
+    policy_sweep_seconds: float = 30.0
     affiliates: tuple[Affiliate, ...] = ()
     replicator: ReplicatorConfig = field(default_factory=ReplicatorConfig)
+    # The transfer log signs a checkpoint this often (when it grew), and on demand.
+    checkpoint_interval_seconds: float = 60.0
+    # Where sealed transfer-log segments and checkpoints are uploaded (None: not archived).
+    archive: ArchiveConfig | None = None
+
+    @property
+    def log_key(self) -> Path:
+        """The log signing key `residency init` writes beside the region key."""
+        return self.keys_dir / "log.key"
 
     @property
     def is_primary(self) -> bool:
@@ -130,6 +142,12 @@ def _affiliate(a: Any, where: str, rel: Any) -> Affiliate:
     )
 
 
+def _positive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: must be a positive number of seconds")
+    return float(value)
+
+
 def load_config(path: str | Path) -> NodeConfig:
     path = Path(path).resolve()
     try:
@@ -161,6 +179,9 @@ def load_config(path: str | Path) -> NodeConfig:
         "durability",
         "affiliates",
         "replicator",
+        "checkpoint_interval_seconds",
+        "archive",
+        "policy_sweep_seconds",
     }
     unknown = sorted(set(doc) - known)
     if unknown:
@@ -200,6 +221,10 @@ def load_config(path: str | Path) -> NodeConfig:
         )
     if not 1 <= replicator.s3_concurrency <= 256:
         raise ConfigError(f"{path}: 'replicator.s3_concurrency' must be from 1 to 256")
+    interval = doc.get("checkpoint_interval_seconds", 60.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+        raise ConfigError(f"{path}: 'checkpoint_interval_seconds' must be a number of seconds above 0")
+    archive = _archive(doc.get("archive"), f"{path}: 'archive")
     return NodeConfig(
         path=path,
         region=need("region"),
@@ -210,6 +235,27 @@ def load_config(path: str | Path) -> NodeConfig:
         rules=rel(need("rules")),
         keys_dir=rel(keys["dir"]),
         durability=durability,
+        policy_sweep_seconds=_positive(
+            doc.get("policy_sweep_seconds", 30.0), f"{path}: 'policy_sweep_seconds'"
+        ),
         affiliates=tuple(affiliates),
         replicator=replicator,
+        checkpoint_interval_seconds=float(interval),
+        archive=archive,
     )
+
+
+def _archive(doc: Any, where: str) -> ArchiveConfig | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("bucket"), str) or not doc["bucket"]:
+        raise ConfigError(f"{where}.bucket' is required: the S3 bucket to archive the transfer log to")
+    try:
+        a = ArchiveConfig(**doc)
+    except TypeError as e:
+        raise ConfigError(f"{where}': {e}") from e
+    if not isinstance(a.interval_seconds, int | float) or a.interval_seconds <= 0:
+        raise ConfigError(f"{where}.interval_seconds' must be a number of seconds above 0")
+    if not isinstance(a.retention_days, int) or a.retention_days < 0:
+        raise ConfigError(f"{where}.retention_days' must be a whole number of days, 0 or more")
+    return a

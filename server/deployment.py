@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from server.checkpoint import LogSigner
 from server.crypto import RegionKey
 
 PRIMARY = "cn-north"
@@ -97,7 +98,18 @@ rules:
     legal_basis: contract
     categories: [user.contact.email, user.behavior.purchase_history]
     retention_days: 365
+  - id: ie-marketing             # policy 2c: partner marketing only with the user's prior consent
+    recipient: ie-affiliate
+    purposes: [marketing.communications]
+    legal_basis: consent
+    categories: [user.name, user.contact.phone_number]
+    retention_days: 90
 """
+
+
+def origin(region: str) -> str:
+    """The transfer log's checkpoint origin line (and signing key name) of a region's node."""
+    return f"residency/{region}"
 
 
 def free_ports(n: int) -> list[int]:
@@ -123,6 +135,8 @@ def init_deployment(directory: str | Path, ports: list[int] | None = None) -> di
     (d / "rules.yaml").write_text(EXAMPLE_RULES)
     for region in regions:
         RegionKey.generate(region, d / "keys" / region)
+        # Each node signs its own transfer log's checkpoints with its own key.
+        LogSigner.generate(origin(region), d / "keys" / region)
     addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
     paths = {}
     for region in regions:
@@ -135,6 +149,7 @@ def init_deployment(directory: str | Path, ports: list[int] | None = None) -> di
             "rules": "rules.yaml",
             "keys": {"provider": "local", "dir": f"keys/{region}"},
             "durability": "full",
+            "checkpoint_interval_seconds": 60,
         }
         if region == PRIMARY:
             config["affiliates"] = [

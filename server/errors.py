@@ -26,6 +26,10 @@ class TransferDenied(ResidencyError):
     """No rule allows any of the requested data to go where it was asked for."""
 
 
+class PolicyDenied(ResidencyError):
+    """The privacy policy forbids this (e.g. collecting cookie data without cookie consent)."""
+
+
 class KeyUnavailable(ResidencyError):
     """A key needed to seal or open data cannot be had; nothing was written."""
 
@@ -36,3 +40,7 @@ class FailedPrecondition(ResidencyError):
 
 class ConfigError(ResidencyError):
     """The configuration is invalid. The message names the file and key."""
+
+
+class OutOfRange(ResidencyError):
+    """A leaf index or tree size beyond what the log holds."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     common_pb2,
+    consent_pb2,
+    consent_pb2_grpc,
+    disclosure_pb2,
+    disclosure_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     replica_pb2,
@@ -28,8 +33,9 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-from server import codec
+from server import codec, merkle, translog
 from server.config import Affiliate
+from server.consent import ConsentChange, Disclosure, Policy, refusal_error
 from server.crypto import SealError, hash_credential
 from server.errors import (
     ConfigError,
@@ -37,11 +43,14 @@ from server.errors import (
     InvalidRecord,
     KeyUnavailable,
     NotFound,
+    OutOfRange,
+    PolicyDenied,
     ResidencyError,
     TransferDenied,
 )
 from server.records import Caller, Records, Write
 from server.schema import USER_ID, data_uses
+from server.transferlog import LogEntry, SignedCheckpoint, TransferLog
 from server.writer import StoreThread
 
 log = logging.getLogger("residency.services")
@@ -52,7 +61,9 @@ _CODES = {
     InvalidRecord: code_pb2.INVALID_ARGUMENT,
     ConfigError: code_pb2.INVALID_ARGUMENT,
     NotFound: code_pb2.NOT_FOUND,
+    OutOfRange: code_pb2.OUT_OF_RANGE,
     TransferDenied: code_pb2.PERMISSION_DENIED,
+    PolicyDenied: code_pb2.PERMISSION_DENIED,
     KeyUnavailable: code_pb2.UNAVAILABLE,
     SealError: code_pb2.FAILED_PRECONDITION,
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,
@@ -109,6 +120,7 @@ class Node:
         db: StoreThread,
         replicator: Any = None,
         affiliates: tuple[Affiliate, ...] = (),
+        transfer_log: TransferLog | None = None,
     ):
         self.records = records
         self.db = db
@@ -116,7 +128,16 @@ class Node:
         self.replicator = replicator
         # Replication destinations; their state is in the store, whichever worker ships.
         self.affiliates = {a.region: a for a in affiliates}
+        self.transfer_log = transfer_log
+        self.policy = Policy(records)
         self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
+        # Re-projection after a rules change: (done, total).
+        self.backfill = (0, 0)
+        self.reload_rules: Any = None
+
+    def wake(self) -> None:
+        if self.replicator is not None:
+            self.replicator.wake()
 
     def caller(self, ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext) -> Caller:
         identity = ""
@@ -148,10 +169,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         self.records = node.records
 
     def _primary_only(self) -> None:
-        if not self.records.primary:
-            raise FailedPrecondition(
-                f"{self.records.region} holds copies only; write to the home region's primary"
-            )
+        primary_only(self.node)
 
     async def _writes(self, records: Any, path: str) -> list[Write]:
         """Validates every record (all violations at once) and hashes credentials."""
@@ -258,8 +276,14 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         return records_pb2.DeleteRecordResponse(user_id=request.user_id, version=version)
 
     def _wake(self) -> None:
-        if self.node.replicator is not None:
-            self.node.replicator.wake()
+        self.node.wake()
+
+
+def primary_only(node: Node) -> None:
+    if not node.records.primary:
+        raise FailedPrecondition(
+            f"{node.records.region} holds copies only; send this to the home region's primary"
+        )
 
 
 def _check_user(user_id: str) -> None:
@@ -295,9 +319,17 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
 
 class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
     PAGE = 1000
+    QUERY_PAGE, QUERY_PAGE_MAX = 500, 5000
+    QUERY_SCAN = 20_000  # entries looked at per store-thread turn
 
     def __init__(self, node: Node):
         self.node = node
+
+    @property
+    def log(self) -> TransferLog:
+        if self.node.transfer_log is None:
+            raise FailedPrecondition("this node has no log signing key; checkpoints and proofs are off")
+        return self.node.transfer_log
 
     @rpc
     async def TailEntries(self, request, context):
@@ -309,11 +341,132 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
                 return
             for seq, data, chain in page:
                 yield translog_pb2.TailEntriesResponse(
-                    sequence=seq, entry_json=data.decode(), chain_hash=chain
+                    sequence=seq, entry_json=data.decode(), chain_hash=chain, leaf_hash=merkle.leaf_hash(data)
                 )
             after = page[-1][0]
             if left is not None:
                 left -= len(page)
+
+    @rpc
+    async def Query(self, request, context):
+        f = translog.Filter(
+            subject=request.subject,
+            region=request.region,
+            recipient=request.recipient,
+            kind=request.kind,
+            purpose=request.purpose,
+            legal_basis=request.legal_basis,
+            outcome=request.outcome,
+            since=_secs(request.since) if request.HasField("since") else None,
+            until=_secs(request.until) if request.HasField("until") else None,
+        )
+        page_size = request.page_size or self.QUERY_PAGE
+        if page_size > self.QUERY_PAGE_MAX:
+            raise InvalidRecord([("page_size", f"at most {self.QUERY_PAGE_MAX}")])
+        after = _page_token(request.page_token)
+        left = request.limit or None
+        entries: list[LogEntry] = []
+        while True:
+            room = page_size - len(entries)
+            want = min(room, left) if left is not None else room
+            found, after, more = await self.node.db.call(self.log.query, f, after, want, self.QUERY_SCAN)
+            entries += found
+            if left is not None:
+                left -= len(found)
+            done = not more or left == 0
+            if len(entries) == page_size or done:  # a page is full, or the last one
+                yield translog_pb2.QueryResponse(
+                    entries=[_entry(e) for e in entries], next_page_token=str(after) if more else ""
+                )
+                entries = []
+            if done:
+                return
+
+    @rpc
+    async def GetCheckpoint(self, request, context):
+        cp = await self.node.db.call(self.log.checkpoint, request.refresh)
+        return self._checkpoint(cp)
+
+    def _checkpoint(self, cp: SignedCheckpoint) -> translog_pb2.GetCheckpointResponse:
+        return translog_pb2.GetCheckpointResponse(
+            checkpoint=cp.note, tree_size=cp.size, root_hash=cp.root, verifier_key=self.log.verifier_key
+        )
+
+    @rpc
+    async def ProveInclusion(self, request, context):
+        log_ = self.log
+        size = request.tree_size
+
+        def prove() -> tuple[list[bytes], bytes, bytes]:
+            hashes, leaf = log_.prove_inclusion(request.leaf_index, size)
+            return hashes, leaf, log_.store.log_tree().root(size)
+
+        hashes, leaf, root = await self.node.db.call(prove)
+        return translog_pb2.ProveInclusionResponse(
+            leaf_index=request.leaf_index, tree_size=size, hashes=hashes, leaf_hash=leaf, root_hash=root
+        )
+
+    @rpc
+    async def ProveConsistency(self, request, context):
+        hashes = await self.node.db.call(self.log.prove_consistency, request.from_size, request.tree_size)
+        return translog_pb2.ProveConsistencyResponse(
+            from_size=request.from_size, tree_size=request.tree_size, hashes=hashes
+        )
+
+    @rpc
+    async def SubjectReport(self, request, context):
+        _check_user(request.subject)
+        log_ = self.log
+        # The checkpoint first: the entries are read up to the size it covers, a bounded
+        # stretch per store-thread turn so writes keep flowing meanwhile.
+        cp = await self.node.db.call(log_.checkpoint, True)
+        f = translog.Filter(subject=request.subject)
+        entries: list[LogEntry] = []
+        after, more = 0, cp.size > 0
+        while more and after < cp.size:
+            found, after, more = await self.node.db.call(log_.query, f, after, 1 << 30, self.QUERY_SCAN)
+            entries += [e for e in found if e.sequence <= cp.size]
+        named = {r for e in entries for r in str(json.loads(e.data).get("recipient", "")).split(",") if r}
+        rules = self.node.records.rules
+        return translog_pb2.SubjectReportResponse(
+            subject=request.subject,
+            entries=[_entry(e) for e in entries],
+            recipients=[_recipient(rules.recipients[r]) for r in sorted(named) if r in rules.recipients],
+            checkpoint=self._checkpoint(cp),
+        )
+
+    @rpc
+    async def GetReviewContext(self, request, context):
+        records = self.node.records
+        return translog_pb2.GetReviewContextResponse(
+            region=records.region,
+            home_region=records.rules.home_region,
+            recipients=[_recipient(r) for _, r in sorted(records.rules.recipients.items())],
+            sensitive_fields=sorted(n for n, f in records.schema.fields.items() if f.sensitive),
+            rules_version=records.rules.version,
+        )
+
+
+def _entry(e: LogEntry) -> translog_pb2.LogEntry:
+    return translog_pb2.LogEntry(
+        sequence=e.sequence, leaf_index=e.leaf_index, entry_json=e.data.decode(), leaf_hash=e.leaf_hash
+    )
+
+
+def _recipient(r: Any) -> translog_pb2.Recipient:
+    return translog_pb2.Recipient(id=r.id, region=r.region, company=r.company, contact=r.contact)
+
+
+def _secs(ts: Any) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _page_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit():
+        raise InvalidRecord([("page_token", "not a token this service issued")])
+    return int(token)
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
@@ -329,7 +482,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             live, dead = store.counts()
             fields: dict[str, int] = {}
             after = ""
-            while page := store.live_blobs(after, 2000):
+            # Copies name their fields outside the seal; home records keep even that sealed.
+            while not records.primary and (page := store.live_blobs(after, 2000)):
                 for _user_id, blob in page:
                     for name in replica_pb2.SealedCopy.FromString(blob).sealed_fields:
                         fields[name] = fields.get(name, 0) + 1
@@ -345,6 +499,30 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             log_entries=s["log"],
             rules_version=records.rules.version,
             field_counts=s["fields"],
+            rules_backfill_done=self.node.backfill[0],
+            rules_backfill_total=self.node.backfill[1],
+        )
+
+    @rpc
+    async def ExplainTransfer(self, request, context):
+        _check_user(request.user_id)
+        policy = self.node.policy
+        items = await self.node.db.call(policy.explain, request.user_id, request.to, request.purpose)
+        return admin_pb2.ExplainTransferResponse(
+            user_id=request.user_id,
+            to=request.to,
+            purpose=request.purpose,
+            rules_version=self.node.records.rules.version,
+            fields=[admin_pb2.FieldDecision(**i) for i in items],
+        )
+
+    @rpc
+    async def ApplyRules(self, request, context):
+        primary_only(self.node)
+        identity = dict(context.invocation_metadata() or ()).get(IDENTITY_KEY, "operator")
+        prev, version, total = await self.node.reload_rules(request.rules_yaml.encode(), identity, True)
+        return admin_pb2.ApplyRulesResponse(
+            previous_version=prev, version=version, records_to_reproject=total
         )
 
     def _affiliate(self, region: str) -> str:
@@ -398,3 +576,161 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def _wake(self) -> None:
         if self.node.replicator is not None:
             self.node.replicator.wake()
+
+
+def _consent_changes(consents: Any) -> list[ConsentChange]:
+    return [ConsentChange(c.user_id, c.purpose, c.recipient, c.sensitive, c.evidence) for c in consents]
+
+
+class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
+    """Policy 2a, 2c and 5: consents per user, purpose and recipient."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    async def _set(self, request, context, withdraw: bool) -> int:
+        primary_only(self.node)
+        caller = self.node.caller(request.context, context)
+        changes = _consent_changes(request.consents)
+        policy = self.node.policy
+        policy.check_consents(changes)
+        changed = await self.node.db.write(lambda: policy.set_consents(changes, withdraw, caller.identity))
+        self.node.wake()
+        return changed
+
+    @rpc
+    async def GrantConsents(self, request, context):
+        return consent_pb2.GrantConsentsResponse(changed=await self._set(request, context, False))
+
+    @rpc
+    async def WithdrawConsents(self, request, context):
+        return consent_pb2.WithdrawConsentsResponse(changed=await self._set(request, context, True))
+
+    @rpc
+    async def ListConsents(self, request, context):
+        self.node.caller(request.context, context)
+        _check_user(request.user_id)
+        rows = await self.node.db.call(self.node.db.store.consents, [request.user_id], True)
+        return consent_pb2.ListConsentsResponse(
+            consents=[
+                consent_pb2.Consent(
+                    user_id=u,
+                    purpose=p,
+                    recipient=r,
+                    sensitive=bool(s),
+                    evidence=e,
+                    actor=a,
+                    granted_at=codec.timestamp(g),
+                    withdrawn_at=codec.timestamp(w) if w else None,
+                )
+                for u, p, r, s, g, w, e, a in rows
+            ]
+        )
+
+
+class GrantService(consent_pb2_grpc.GrantServiceServicer):
+    """Policy 2a: a third party's access ends with the service it helps provide."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    @rpc
+    async def CreateGrant(self, request, context):
+        primary_only(self.node)
+        caller = self.node.caller(request.context, context)
+        g = request.grant
+        spec = {
+            "id": g.id,
+            "recipient": g.recipient,
+            "purpose": g.purpose,
+            "legal_basis": g.legal_basis or "contract",
+            "categories": list(g.categories),
+            "ends_at": g.ends_at.seconds + g.ends_at.nanos / 1e9,
+        }
+        users = list(dict.fromkeys(g.user_ids))
+        policy = self.node.policy
+        grant_id = await self.node.db.write(lambda: policy.create_grant(spec, users, caller.identity))
+        self.node.wake()
+        return consent_pb2.CreateGrantResponse(id=grant_id)
+
+    @rpc
+    async def RevokeGrant(self, request, context):
+        primary_only(self.node)
+        caller = self.node.caller(request.context, context)
+        policy = self.node.policy
+        revoked = await self.node.db.write(lambda: policy.revoke_grant(request.id, caller.identity))
+        self.node.wake()
+        return consent_pb2.RevokeGrantResponse(revoked=revoked)
+
+    @rpc
+    async def ListGrants(self, request, context):
+        self.node.caller(request.context, context)
+        rows = await self.node.db.call(self.node.db.store.grants_list)
+        return consent_pb2.ListGrantsResponse(
+            grants=[
+                consent_pb2.Grant(
+                    id=i,
+                    recipient=r,
+                    purpose=p,
+                    legal_basis=b,
+                    categories=json.loads(c),
+                    created_at=codec.timestamp(created),
+                    ends_at=codec.timestamp(ends),
+                    revoked_at=codec.timestamp(revoked) if revoked else None,
+                    user_count=n,
+                )
+                for i, r, p, b, c, created, ends, revoked, _, n in rows
+            ]
+        )
+
+
+_GROUND_NAMES = {
+    disclosure_pb2.DISCLOSURE_GROUND_CONSENT: "consent",
+    disclosure_pb2.DISCLOSURE_GROUND_REQUESTED_SERVICE: "requested_service",
+    disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST: "judicial_or_administrative_request",
+    disclosure_pb2.DISCLOSURE_GROUND_VIOLATION_OF_LAW_OR_AGREEMENT: "violation_of_law_or_agreement",
+    disclosure_pb2.DISCLOSURE_GROUND_IP_COMPLAINT: "ip_complaint",
+    disclosure_pb2.DISCLOSURE_GROUND_TRANSACTION_DISPUTE: "transaction_dispute",
+    disclosure_pb2.DISCLOSURE_GROUND_OTHER_LEGAL_BASIS: "other_legal_basis",
+}
+
+
+class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
+    """Policy 3a-3g: every disclosure names its ground and evidence, given or refused, logged."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    @rpc
+    async def Disclose(self, request, context):
+        primary_only(self.node)
+        caller = self.node.caller(request.context, context)
+        _check_user(request.user_id)
+        ground = _GROUND_NAMES.get(request.ground)
+        if ground is None:
+            raise InvalidRecord([("ground", "name one of the policy's grounds 3a-3g")])
+        d = Disclosure(
+            request.user_id,
+            request.third_party,
+            ground,
+            list(request.fields),
+            {
+                "reference": request.reference,
+                "approver": request.approver,
+                "provision": request.provision,
+                "service": request.service,
+            },
+        )
+        policy = self.node.policy
+        sent, withheld, seq, refusal = await self.node.db.write(lambda: policy.disclose(d, caller))
+        if refusal:
+            raise refusal_error(refusal, seq)
+        schema = self.node.records.schema.fields
+        reply = disclosure_pb2.DiscloseResponse(log_sequence=seq)
+        for name, value in sent.items():
+            reply.fields[name].CopyFrom(value)
+        reply.withheld.extend(
+            common_pb2.WithheldField(field=n, category=schema[n].category, reason=w.reason, detail=w.detail)
+            for n, w in sorted(withheld.items())
+        )
+        return reply

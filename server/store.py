@@ -1,4 +1,5 @@
-"""Durable state of a node: records (or copies), the outbox, cursors and the transfer log.
+"""Durable state of a node: records (or copies), the outbox, cursors, the transfer log and
+its signed checkpoints.
 
 `Store` is the narrow interface the rest of the code uses; `SqliteStore` implements it
 (WAL mode, versioned migrations). Every method runs on the caller's thread: the node calls
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server import translog
+from server import merkle, translog
 
 
 @dataclass(slots=True)
@@ -55,6 +56,11 @@ class Store(Protocol):
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
     def log_after(self, sequence: int, limit: int) -> list[tuple[int, bytes, bytes]]: ...
     def log_count(self) -> int: ...
+    def log_tree(self) -> merkle.Tree: ...
+    def checkpoint_save(self, size: int, note: str) -> None: ...
+    def checkpoint_latest(self) -> tuple[int, str] | None: ...
+    def archived_size(self) -> int: ...
+    def archive_mark(self, size: int) -> None: ...
     def counts(self) -> tuple[int, int]: ...
     def outbox_trim_below(self, destinations: list[str]) -> None: ...
     def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool]: ...
@@ -99,7 +105,56 @@ MIGRATIONS: list[str] = [
         chain    BLOB NOT NULL
     );
     """,
-    # 2: replication control, shared by every worker process on this store: leases (one
+    # 2: consents, third-party grants, retention sweeps (issue 3)
+    """
+    CREATE TABLE consents (
+        user_id     TEXT NOT NULL,
+        purpose     TEXT NOT NULL,
+        recipient   TEXT NOT NULL,
+        sensitive   INTEGER NOT NULL,
+        granted_at  REAL NOT NULL,
+        withdrawn_at REAL,
+        evidence    TEXT NOT NULL,
+        actor       TEXT NOT NULL,
+        PRIMARY KEY (user_id, purpose, recipient, sensitive)
+    ) WITHOUT ROWID;
+    CREATE TABLE grants (
+        id          TEXT PRIMARY KEY,
+        recipient   TEXT NOT NULL,
+        purpose     TEXT NOT NULL,
+        legal_basis TEXT NOT NULL,
+        categories  TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        ends_at     REAL NOT NULL,
+        revoked_at  REAL,
+        ended_logged INTEGER NOT NULL DEFAULT 0,
+        actor       TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE grant_users (
+        grant_id TEXT NOT NULL,
+        user_id  TEXT NOT NULL,
+        PRIMARY KEY (user_id, grant_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE sweeps (
+        name   TEXT PRIMARY KEY,
+        cutoff REAL NOT NULL
+    );
+    CREATE INDEX records_updated ON records (updated_at)
+    """,
+    # 3: signed checkpoints of the transfer log and how far it is archived (the Merkle tree
+    # itself is rebuilt from the entries at start: leaf hashes are a pure function of them)
+    """
+    CREATE TABLE checkpoints (
+        tree_size  INTEGER PRIMARY KEY,
+        note       TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE archived (
+        tree_size   INTEGER PRIMARY KEY,
+        uploaded_at REAL NOT NULL
+    );
+    """,
+    # 4: replication control, shared by every worker process on this store: leases (one
     # worker ships to a destination at a time), per-destination state (paused, last error,
     # copies sent) and dead letters (copies a destination refused for good).
     """
@@ -142,12 +197,18 @@ class SqliteStore:
         self._db.execute("PRAGMA busy_timeout=30000")
         self._pending_log: tuple[int, bytes] | None = None
         self._savepoint_log: tuple[int, bytes] | None = None
+        # Leaf hashes of entries appended in the open transaction; the tree gets them at commit.
+        self._pending_leaves: list[bytes] = []
+        self._savepoint_leaves = 0
         self._log_seq, self._log_head = 0, translog.GENESIS
         self._migrate()
         last = self._db.execute(
             "SELECT sequence, chain FROM translog ORDER BY sequence DESC LIMIT 1"
         ).fetchone()
         self._log_seq, self._log_head = (last[0], last[1]) if last else (0, translog.GENESIS)
+        # Leaf index = sequence - 1: sequences start at 1, RFC 6962 leaf indexes at 0.
+        rows = self._db.execute("SELECT entry FROM translog ORDER BY sequence")
+        self.tree = merkle.Tree(merkle.leaf_hash(data) for (data,) in rows)
 
     def _migrate(self) -> None:
         current = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -166,20 +227,25 @@ class SqliteStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             self._pending_log = None
+            self._pending_leaves = []
             raise
         self._db.execute("COMMIT")
         if self._pending_log is not None:
             self._log_seq, self._log_head = self._pending_log
             self._pending_log = None
+            self.tree.extend(self._pending_leaves)
+            self._pending_leaves = []
 
     def savepoint(self) -> None:
         self._db.execute("SAVEPOINT op")
         self._savepoint_log = self._pending_log
+        self._savepoint_leaves = len(self._pending_leaves)
 
     def rollback_savepoint(self) -> None:
         self._db.execute("ROLLBACK TO op")
         self._db.execute("RELEASE op")
         self._pending_log = self._savepoint_log
+        del self._pending_leaves[self._savepoint_leaves :]
 
     def release_savepoint(self) -> None:
         self._db.execute("RELEASE op")
@@ -252,11 +318,7 @@ class SqliteStore:
         if self._pending_log is None:
             # Another process (a standalone replicator) may have appended since: the write
             # lock is held here, so the head read now is the one to chain onto.
-            last = self._db.execute(
-                "SELECT sequence, chain FROM translog ORDER BY sequence DESC LIMIT 1"
-            ).fetchone()
-            if last is not None:
-                self._log_seq, self._log_head = last[0], last[1]
+            self._catch_up()
         seq, head = self._pending_log or (self._log_seq, self._log_head)
         rows, out = [], []
         for e in entries:
@@ -265,6 +327,7 @@ class SqliteStore:
             head = translog.chain_hash(head, data)
             rows.append((seq, data, head))
             out.append(seq)
+            self._pending_leaves.append(merkle.leaf_hash(data))
         self._db.executemany("INSERT INTO translog (sequence, entry, chain) VALUES (?,?,?)", rows)
         self._pending_log = (seq, head)
         return out
@@ -406,6 +469,49 @@ class SqliteStore:
             }
         return out
 
+    def log_tree(self) -> merkle.Tree:
+        """The Merkle tree of committed entries (leaf index = sequence - 1). Read it on the
+        store thread only: commits extend it there."""
+        if self._pending_log is None:
+            self._catch_up()
+        return self.tree
+
+    def _catch_up(self) -> None:
+        """Takes in entries another process (a standalone replicator) committed: the chain
+        head to append after, and their leaves in the tree."""
+        last = self._db.execute(
+            "SELECT sequence, chain FROM translog ORDER BY sequence DESC LIMIT 1"
+        ).fetchone()
+        if last is None or last[0] == self._log_seq:
+            return
+        self._log_seq, self._log_head = last[0], last[1]
+        if self.tree.size < last[0]:
+            rows = self._db.execute(
+                "SELECT entry FROM translog WHERE sequence > ? ORDER BY sequence", (self.tree.size,)
+            )
+            self.tree.extend(merkle.leaf_hash(data) for (data,) in rows)
+
+    def checkpoint_save(self, size: int, note: str) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO checkpoints (tree_size, note, created_at) VALUES (?,?,?)",
+            (size, note, time.time()),
+        )
+
+    def checkpoint_latest(self) -> tuple[int, str] | None:
+        row = self._db.execute(
+            "SELECT tree_size, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def archived_size(self) -> int:
+        """The tree size up to which sealed segments are in the archive bucket."""
+        return self._db.execute("SELECT coalesce(max(tree_size), 0) FROM archived").fetchone()[0]
+
+    def archive_mark(self, size: int) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO archived (tree_size, uploaded_at) VALUES (?,?)", (size, time.time())
+        )
+
     def counts(self) -> tuple[int, int]:
         """(live records, tombstones)."""
         live, dead = self._db.execute(
@@ -420,6 +526,129 @@ class SqliteStore:
                 (after_user, limit),
             )
         )
+
+    # ---- consents and grants (issue 3) ------------------------------------------------
+
+    def consent_set(
+        self,
+        user_id: str,
+        purpose: str,
+        recipient: str,
+        sensitive: bool,
+        when: float,
+        evidence: str,
+        actor: str,
+        withdraw: bool,
+    ) -> bool:
+        """Grants or withdraws one consent; returns whether the standing state changed."""
+        row = self._db.execute(
+            "SELECT withdrawn_at FROM consents WHERE user_id=? AND purpose=? AND recipient=? AND sensitive=?",
+            (user_id, purpose, recipient, int(sensitive)),
+        ).fetchone()
+        standing = row is not None and row[0] is None
+        if withdraw:
+            if standing:
+                self._db.execute(
+                    "UPDATE consents SET withdrawn_at=?, evidence=?, actor=? WHERE user_id=? AND purpose=? "
+                    "AND recipient=? AND sensitive=?",
+                    (when, evidence, actor, user_id, purpose, recipient, int(sensitive)),
+                )
+            return standing
+        self._db.execute(
+            "INSERT OR REPLACE INTO consents (user_id, purpose, recipient, sensitive, granted_at,"
+            " withdrawn_at, evidence, actor) VALUES (?,?,?,?,?,NULL,?,?)",
+            (user_id, purpose, recipient, int(sensitive), when, evidence, actor),
+        )
+        return not standing
+
+    def consents(self, user_ids: list[str], include_withdrawn: bool = False) -> list[tuple]:
+        """(user_id, purpose, recipient, sensitive, granted_at, withdrawn_at, evidence, actor)."""
+        out: list[tuple] = []
+        for i in range(0, len(user_ids), 500):
+            chunk = user_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            extra = "" if include_withdrawn else " AND withdrawn_at IS NULL"
+            out += self._db.execute(
+                "SELECT user_id, purpose, recipient, sensitive, granted_at, withdrawn_at, evidence, actor "
+                f"FROM consents WHERE user_id IN ({marks}){extra} ORDER BY user_id, purpose, recipient",
+                chunk,
+            ).fetchall()
+        return out
+
+    def grant_put(self, grant: dict[str, Any], users: list[str]) -> None:
+        self._db.execute(
+            "INSERT INTO grants (id, recipient, purpose, legal_basis, categories, created_at, ends_at, actor)"
+            " VALUES (:id, :recipient, :purpose, :legal_basis, :categories, :created_at, :ends_at, :actor)",
+            grant,
+        )
+        self._db.executemany(
+            "INSERT OR IGNORE INTO grant_users (grant_id, user_id) VALUES (?,?)",
+            [(grant["id"], u) for u in users],
+        )
+
+    def grant_revoke(self, grant_id: str, when: float) -> bool:
+        cur = self._db.execute(
+            "UPDATE grants SET revoked_at=? WHERE id=? AND revoked_at IS NULL", (when, grant_id)
+        )
+        return cur.rowcount == 1
+
+    def grants_for(self, user_ids: list[str]) -> list[tuple]:
+        """(user_id, id, recipient, purpose, legal_basis, categories, ends_at, revoked_at) of every grant
+        naming one of `user_ids`, ended or not."""
+        out: list[tuple] = []
+        for i in range(0, len(user_ids), 500):
+            chunk = user_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out += self._db.execute(
+                "SELECT gu.user_id, g.id, g.recipient, g.purpose, g.legal_basis, g.categories, g.ends_at,"
+                " g.revoked_at FROM grant_users gu JOIN grants g ON g.id = gu.grant_id"
+                f" WHERE gu.user_id IN ({marks})",
+                chunk,
+            ).fetchall()
+        return out
+
+    def grants_list(self) -> list[tuple]:
+        return self._db.execute(
+            "SELECT id, recipient, purpose, legal_basis, categories, created_at, ends_at, revoked_at, actor,"
+            " (SELECT count(*) FROM grant_users WHERE grant_id = grants.id) FROM grants ORDER BY created_at"
+        ).fetchall()
+
+    def grants_ended_unlogged(self, now: float) -> list[tuple[str, str, float | None]]:
+        """Grants past their end (or revoked) whose ending is not yet carried out."""
+        return self._db.execute(
+            "SELECT id, recipient, revoked_at FROM grants"
+            " WHERE ended_logged=0 AND (ends_at <= ? OR revoked_at IS NOT NULL)",
+            (now,),
+        ).fetchall()
+
+    def grant_users(self, grant_id: str) -> list[str]:
+        return [
+            r[0] for r in self._db.execute("SELECT user_id FROM grant_users WHERE grant_id=?", (grant_id,))
+        ]
+
+    def grant_mark_ended(self, grant_id: str) -> None:
+        self._db.execute("UPDATE grants SET ended_logged=1 WHERE id=?", (grant_id,))
+
+    def sweep_cutoff(self, name: str) -> float:
+        row = self._db.execute("SELECT cutoff FROM sweeps WHERE name=?", (name,)).fetchone()
+        return row[0] if row else 0.0
+
+    def set_sweep_cutoff(self, name: str, cutoff: float) -> None:
+        self._db.execute(
+            "INSERT INTO sweeps (name, cutoff) VALUES (?,?)"
+            " ON CONFLICT(name) DO UPDATE SET cutoff=excluded.cutoff",
+            (name, cutoff),
+        )
+
+    def live_updated_between(self, after: float, upto: float, limit: int) -> list[str]:
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT user_id FROM records WHERE deleted=0 AND updated_at > ? AND updated_at <= ? "
+                "ORDER BY updated_at LIMIT ?",
+                (after, upto, limit),
+            )
+        ]
 
     def close(self) -> None:
         self._db.close()

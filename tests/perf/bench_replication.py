@@ -36,7 +36,7 @@ from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, rec
 from server.crypto import RegionKey
 from server.demo import Deployment, wait_replicated
 from server.deployment import PRIMARY, init_deployment
-from tests.conftest import S3Server
+from tests.conftest import SeaweedFS
 from tests.perf.bench_put import ten_fields
 
 META = (("x-residency-identity", "bench:replication"),)
@@ -44,7 +44,7 @@ CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
 
 
-def deployment(d: Path, s3: S3Server, standalone: bool) -> None:
+def deployment(d: Path, s3: SeaweedFS, standalone: bool) -> None:
     init_deployment(d)
     RegionKey.generate(S3_REGION, d / "keys" / S3_REGION)
     rules = yaml.safe_load((d / "rules.yaml").read_text())
@@ -156,7 +156,7 @@ async def drain(records, admin, backlog: int) -> dict:
 
 
 async def run(args: argparse.Namespace, d: Path) -> dict:
-    s3 = S3Server(d / "s3")
+    s3 = SeaweedFS(d / "s3")
     s3.start()
     try:
         s3.make_bucket(BUCKET)
