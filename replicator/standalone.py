@@ -19,7 +19,7 @@ from server.crypto import RegionKey
 from server.errors import ConfigError
 from server.records import Records
 from server.rules import load_rules
-from server.schema import load_schema
+from server.schema import Schema, load_schema
 from server.store import SqliteStore
 from server.writer import StoreThread
 
@@ -37,6 +37,7 @@ async def run_worker(c: NodeConfig) -> None:
     db.start()
     replicator = Replicator(records, db, destinations_for(c), c.replicator)
     await replicator.start()
+    follow = asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules")
     log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -44,6 +45,28 @@ async def run_worker(c: NodeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("replicator %s stopping", replicator.owner)
+    follow.cancel()
     await replicator.stop()
     await db.drain()
     store.close()
+
+
+async def _follow_rules(c: NodeConfig, records: Records, schema: Schema, every: float = 1.0) -> None:
+    """The primary swaps rules in its own memory (AdminService.ApplyRules) and, when asked
+    to persist them, rewrites the rules file: this worker projects with the file's rules,
+    reloaded when it changes (a file that does not load keeps the rules in force)."""
+    seen = c.rules.stat().st_mtime_ns
+    while True:
+        await asyncio.sleep(every)
+        try:
+            mtime = c.rules.stat().st_mtime_ns
+            if mtime == seen:
+                continue
+            seen = mtime
+            new = load_rules(c.rules, schema)
+        except Exception as e:
+            log.warning("rules file %s not reloaded: %s", c.rules, e)
+            continue
+        if new.version != records.rules.version:
+            log.info("rules %s -> %s from %s", records.rules.version, new.version, c.rules)
+            records.rules = new
