@@ -10,9 +10,10 @@ bucket on a local SeaweedFS. Two phases:
   of every pending change's commit-to-applied lag) gives p50/p99/max.
 - `--standalone`: the primary's in-process worker off, one `residency replicate` process
   ships instead (replication then runs beside, not inside, the primary's interpreter).
-- drain: every destination paused, `--backlog` records written, all resumed at once; the
-  time each destination takes to apply the backlog gives its sustained records/s (the
-  rate beyond which, under a steady load, its lag would grow without bound).
+- drain: every destination paused, `--backlog` new users written, then each destination
+  resumed alone (the others still paused), and again all at once; the time to apply the
+  backlog gives each destination's sustained records/s (the rate beyond which, under a
+  steady load, its lag would grow without bound).
 
 Prints one JSON line.
 """
@@ -136,23 +137,30 @@ async def steady(records, admin, rate: int, batch: int, seconds: float, users: i
 
 
 async def drain(records, admin, backlog: int) -> dict:
+    """Each destination drains a backlog alone (the others paused), then all together."""
     s = await admin.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
     regions = [d.region for d in s.destinations]
-    for r in regions:
-        await admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=r), timeout=10)
-    for start in range(0, backlog, 1000):
-        await records.PutRecords(request(20_000_000 + start, min(1000, backlog - start)), metadata=META)
-    t0 = time.perf_counter()
-    for r in regions:
-        await admin.ResumeReplication(admin_pb2.ResumeReplicationRequest(region=r), timeout=10)
-    done: dict[str, float] = {}
-    while len(done) < len(regions):
-        s = await admin.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
-        for d in s.destinations:
-            if d.region not in done and d.pending == 0:
-                done[d.region] = time.perf_counter() - t0
-        await asyncio.sleep(0.05)
-    return {r: round(backlog / t) for r, t in sorted(done.items())}
+    out: dict[str, dict[str, int]] = {"alone": {}, "together": {}}
+    for mode in ("alone", "together"):
+        for r in regions:
+            await admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=r), timeout=10)
+        base = 20_000_000 if mode == "alone" else 30_000_000
+        for start in range(0, backlog, 1000):
+            await records.PutRecords(request(base + start, min(1000, backlog - start)), metadata=META)
+        groups = [[r] for r in regions] if mode == "alone" else [regions]
+        for group in groups:
+            t0 = time.perf_counter()
+            for r in group:
+                await admin.ResumeReplication(admin_pb2.ResumeReplicationRequest(region=r), timeout=10)
+            done: dict[str, float] = {}
+            while len(done) < len(group):
+                s = await admin.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+                for d in s.destinations:
+                    if d.region in group and d.region not in done and d.pending == 0:
+                        done[d.region] = time.perf_counter() - t0
+                await asyncio.sleep(0.05)
+            out[mode] |= {r: round(backlog / t) for r, t in done.items()}
+    return out
 
 
 async def run(args: argparse.Namespace, d: Path) -> dict:
