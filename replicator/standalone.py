@@ -3,7 +3,8 @@
 It opens the primary's store (same config file, same host: SQLite in WAL mode is shared
 between processes), and ships to every destination whose lease it can take. Run as many as
 you like beside the primary (set `replicator.enabled: false` there to leave all shipping
-to them); a worker that dies is replaced once its leases expire. SIGTERM/SIGINT hands its
+to them; `--region R` limits a worker to some destinations, e.g. one process for a slow
+S3 bucket); a worker that dies is replaced once its leases expire. SIGTERM/SIGINT hands its
 leases over at once and exits 0.
 """
 
@@ -26,7 +27,7 @@ from server.writer import StoreThread
 log = logging.getLogger("residency.replicator")
 
 
-async def run_worker(c: NodeConfig) -> None:
+async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     if not c.is_primary or not c.affiliates:
         raise ConfigError(f"{c.path}: a replicator needs the primary's config, with 'affiliates'")
     schema = load_schema(c.schema)
@@ -35,7 +36,13 @@ async def run_worker(c: NodeConfig) -> None:
     records = Records(c.region, True, schema, rules, RegionKey.load(c.region, c.keys_dir), store)
     db = StoreThread(store)
     db.start()
-    replicator = Replicator(records, db, destinations_for(c), c.replicator)
+    replicator = Replicator(
+        records,
+        db,
+        destinations_for(c, regions),
+        c.replicator,
+        all_regions=[a.region for a in c.affiliates],
+    )
     await replicator.start()
     follow = asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules")
     log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))

@@ -37,6 +37,7 @@ from residency.v1 import replica_pb2, replica_pb2_grpc
 from server import codec, translog
 from server.config import Affiliate, NodeConfig, ReplicatorConfig
 from server.crypto import DataKey, KeyCache, RecipientKey, field_aad
+from server.errors import ConfigError
 from server.records import Records
 from server.rules import Allowed, Permits
 from server.store import OutboxItem, Row
@@ -150,10 +151,15 @@ def make_sink(config: NodeConfig, a: Affiliate) -> Sink:
     return ReplicaSink(a.address, timeout=r.ship_timeout)
 
 
-def destinations_for(config: NodeConfig) -> list[Destination]:
+def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> list[Destination]:
+    """The config's destinations (only `regions`, if given)."""
+    unknown = sorted(set(regions or ()) - {a.region for a in config.affiliates})
+    if unknown:
+        raise ConfigError(f"{config.path}: no destination {unknown} in 'affiliates'")
     return [
         Destination(a.region, RecipientKey.load(a.region, a.public_key), make_sink(config, a))
         for a in config.affiliates
+        if not regions or a.region in regions
     ]
 
 
@@ -165,10 +171,14 @@ class Replicator:
         destinations: list[Destination],
         config: ReplicatorConfig,
         owner: str = "",
+        all_regions: list[str] | None = None,
     ):
         self.records = records
         self.db = db
         self.destinations = {d.region: d for d in destinations}
+        # Every destination of the outbox, including those other workers ship to: an entry
+        # is trimmed only once all of them have applied it.
+        self.all_regions = all_regions or list(self.destinations)
         self.config = config
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake = {d.region: asyncio.Event() for d in destinations}
@@ -359,7 +369,7 @@ class Replicator:
             )
         if advance:
             store.set_cursor(d.region, batch.last_sequence)
-            store.outbox_trim_below(list(self.destinations))
+            store.outbox_trim_below(self.all_regions)
         store.add_copies_sent(d.region, len(batch.copies) - len(refused))
 
     # ---- runs on the store thread -----------------------------------------------------

@@ -295,7 +295,7 @@ def _replicate(args: argparse.Namespace) -> int:
     from replicator.standalone import run_worker
     from server.config import load_config
 
-    asyncio.run(run_worker(load_config(args.config)))
+    asyncio.run(run_worker(load_config(args.config), args.region or None))
 
 
 def _meta(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
@@ -555,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("replicate", help="run a replication worker for a primary until SIGTERM/SIGINT")
     s.add_argument("--config", required=True, help="the primary's config file")
+    s.add_argument(
+        "--region", action="append", help="ship only to this destination (repeat for more; default: all)"
+    )
     s.set_defaults(run=_replicate)
 
     def client(parser: argparse.ArgumentParser) -> None:

@@ -406,3 +406,37 @@ async def test_a_copy_the_rules_no_longer_allow_is_withdrawn_from_bucket_and_log
     assert (last["kind"], last["outcome"], last["record_version"]) == ("erasure", "allowed", 2)
     assert last["reason"].startswith("withdrawn")
     assert values(await c.get("w-1", region="ap-southeast-1"))["name"] == "W"
+
+
+async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_entries(tmp_path: Path):
+    c = Cluster(tmp_path / "deployment", replicator={"enabled": False})
+    workers: list[subprocess.Popen] = []
+    try:
+        await c.start()
+        for region in ("ap-southeast-1", "eu-west-1"):
+            out = open(c.dir / f"worker-{region}.log", "ab")  # noqa: SIM115 - handed to the child
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "server.cli", "replicate", "--config", str(c.dep.configs[PRIMARY])]
+                    + ["--region", region],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        for i in range(30):
+            await c.put(f"r-{i}", {"email": f"r{i}@example.cn", "language": "zh-CN"})
+        await c.replicated()
+        owners = {r: int(d.lease_owner.split(":")[1]) for r, d in (await c.replication()).items()}
+        assert owners == {"ap-southeast-1": workers[0].pid, "eu-west-1": workers[1].pid}
+        for region in ("ap-southeast-1", "eu-west-1"):
+            got = await c.get("r-29", region=region)
+            assert values(got) == {"email": "r29@example.cn", "language": "zh-CN"}
+        for w in workers:
+            w.terminate()
+            assert w.wait(30) == 0
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        await c.close()
