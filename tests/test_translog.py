@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server import translog
-from server.store import SqliteStore
+from server.store import MIGRATIONS, SqliteStore
 
 
 def entry(i: int) -> dict:
@@ -81,5 +81,5 @@ def test_a_failed_write_in_a_group_rolls_back_alone(store):
 
 
 def test_migrations_are_versioned(store):
-    assert store._db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
