@@ -351,6 +351,8 @@ def hash_credential(secret: str) -> bytes:
 def verify_credential(secret: str, stored: bytes) -> bool:
     import hmac
 
+    if not stored.startswith(b"scrypt$") or len(stored) != 7 + 16 + 32:
+        return False
     salt, digest = stored[7:23], stored[23:]
     candidate = hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
     return hmac.compare_digest(candidate, digest)

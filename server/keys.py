@@ -242,6 +242,10 @@ class AwsKmsProvider:
                 ) from e
             if code in ("InvalidCiphertextException", "IncorrectKeyException"):
                 raise SealError("wrapped key material does not decrypt in this encryption context") from e
+            if code == "AccessDeniedException" and op == "decrypt":
+                raise SealError(
+                    f"KMS key {self.key_id} did not wrap this material, or may not open it"
+                ) from e
             raise KeyUnavailable(f"AWS KMS refused {op} on {self.key_id}: {code}") from e
         except BotoCoreError as e:
             raise KeyUnavailable(f"AWS KMS cannot be reached for {op} on {self.key_id}: {e}") from e
@@ -257,6 +261,11 @@ class AwsKmsProvider:
         return r["CiphertextBlob"]
 
     def unwrap(self, wrapped: bytes, context: Context) -> bytes:
+        # KMS refuses to decrypt under a disabled key; checking first costs one call per cache
+        # miss and holds with emulators that do not enforce it (moto's Decrypt does not).
+        state = self._call("describe_key", KeyId=self.key_id)["KeyMetadata"].get("KeyState", "Enabled")
+        if state != "Enabled":
+            raise KeyDestroyed(f"KMS key {self.key_id} is {state}: it was shredded (residency keys shred)")
         r = self._call("decrypt", KeyId=self.key_id, CiphertextBlob=wrapped, EncryptionContext=dict(context))
         return r["Plaintext"]
 
@@ -271,16 +280,21 @@ class AwsKmsProvider:
         )
         return r["CiphertextBlob"]
 
+    def _arn(self) -> str:
+        return self._call("describe_key", KeyId=self.key_id)["KeyMetadata"]["KeyId"]
+
     def rotate(self) -> str:
-        self._call("rotate_key_on_demand", KeyId=self.key_id)
-        return "on-demand rotation of " + self.key_id
+        # KMS keeps the old material, so everything wrapped before still decrypts.
+        arn = self._arn()
+        self._call("rotate_key_on_demand", KeyId=arn)
+        return f"on-demand rotation of {arn}"
 
     def retire(self) -> None:
         # KMS keeps old key material for as long as the key lives; nothing to retire.
         pass
 
     def destroy(self) -> None:
-        key = self._call("describe_key", KeyId=self.key_id)["KeyMetadata"]["KeyId"]
+        key = self._arn()
         self._call("disable_key", KeyId=key)
         self._call("schedule_key_deletion", KeyId=key, PendingWindowInDays=7)
 
@@ -325,7 +339,7 @@ class OpenBaoProvider:
         if r.status_code < 300:
             return r.json().get("data") or {} if r.content else {}
         errors = "; ".join(r.json().get("errors", [])) if r.content else ""
-        if "not found" in errors or "no existing key" in errors or "min_decryption_version" in errors:
+        if any(s in errors for s in ("not found", "no existing key", "disallowed by policy (too old)")):
             raise KeyDestroyed(f"Transit key {self.key} was destroyed or the version retired: {errors}")
         if r.status_code == 400 and ("authentication failed" in errors or "invalid" in errors):
             raise SealError("wrapped key material does not decrypt in this context")

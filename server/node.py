@@ -114,7 +114,10 @@ class RunningNode:
             )
         provider = open_provider(c.keys)
         keyring = Keyring(c.region, provider, c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
-        if not c.is_primary:
+        shredded = keylife.shredded_reason(c.region, keylife.read_events(c.keys_dir))
+        if shredded:  # the node still serves, and says why nothing opens
+            keyring.shred(shredded)
+        elif not c.is_primary:
             keyring.region_key  # noqa: B018 - a region node fails at start if its key does not open
         store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
         replicate = c.is_primary and bool(c.affiliates) and c.replicator.enabled

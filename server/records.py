@@ -296,6 +296,14 @@ class Records:
         rec.fields = sent
         return ReadResult(rec, withheld, seq, entry["reason"])
 
+    def credential(self, user_id: str, field: str) -> bytes:
+        """The stored hash of a credential field (empty if none); never leaves this node."""
+        row = self.store.rows([user_id]).get(user_id)
+        if row is None or row.deleted:
+            raise NotFound(f"user {user_id} has no record in {self.region}")
+        value = self.open_row(row).fields.get(field)
+        return value.bytes_value if value is not None else b""
+
     def describe(self, decisions: dict[str, Any], names: Any) -> list[dict[str, Any]]:
         out = []
         for n in sorted(names):

@@ -1,0 +1,113 @@
+"""One conformance suite for every key provider, against real servers: local key files,
+AWS KMS (moto's server, over HTTP) and OpenBao Transit (`bao server -dev`)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from server.crypto import RecipientKey, RegionKey
+from server.errors import KeyUnavailable
+from server.keys import AwsKmsProvider, KeyDestroyed, KeyProvider, LocalProvider, OpenBaoProvider, SealError
+from tests.conftest import BAO_TOKEN, enable_transit, moto_kms, openbao
+
+PROVIDERS = ["local", "aws-kms", "openbao"]
+CTX = {"user": "u-1", "region": "ap-southeast-1", "purpose": "wrapping-key"}
+
+
+def make(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> KeyProvider:
+    """A provider with a fresh key of its own."""
+    if name == "local":
+        return LocalProvider.create(tmp_path / "keys", b"conformance passphrase")
+    if name == "aws-kms":
+        url = request.getfixturevalue("kms_endpoint")
+        alias = AwsKmsProvider.create_key(f"alias/t-{uuid.uuid4().hex[:12]}", endpoint_url=url)
+        return AwsKmsProvider(alias, endpoint_url=url)
+    address = request.getfixturevalue("bao_address")
+    p = OpenBaoProvider(address, BAO_TOKEN, f"t-{uuid.uuid4().hex[:12]}")
+    p.ensure_key()
+    return p
+
+
+@pytest.fixture(params=PROVIDERS)
+def provider(request, tmp_path):
+    p = make(request.param, tmp_path, request)
+    yield p
+    p.close()
+
+
+def test_a_data_key_unwraps_in_its_own_context(provider: KeyProvider):
+    raw, wrapped = provider.new_data_key(CTX)
+    assert len(raw) == 32 and raw not in wrapped
+    assert provider.unwrap(wrapped, CTX) == raw
+    assert provider.unwrap(provider.wrap(b"k" * 32, CTX), CTX) == b"k" * 32
+
+
+@pytest.mark.parametrize("moved", ["user", "region", "purpose"])
+def test_wrapped_key_moved_to_another_context_does_not_unwrap(provider: KeyProvider, moved: str):
+    _, wrapped = provider.new_data_key(CTX)
+    with pytest.raises(SealError):
+        provider.unwrap(wrapped, {**CTX, moved: "other"})
+
+
+def test_rotation_keeps_old_versions_until_retired(provider: KeyProvider):
+    raw, old = provider.new_data_key(CTX)
+    provider.rotate()
+    assert provider.unwrap(old, CTX) == raw  # old versions decrypt until retired
+    new = provider.rewrap(old, CTX)
+    assert new != old and provider.unwrap(new, CTX) == raw
+    provider.retire()
+    assert provider.unwrap(new, CTX) == raw
+    if provider.name != "aws-kms":  # KMS keeps old key material for the key's lifetime
+        with pytest.raises(KeyDestroyed):
+            provider.unwrap(old, CTX)
+
+
+def test_a_destroyed_key_unwraps_nothing(provider: KeyProvider):
+    _, wrapped = provider.new_data_key(CTX)
+    provider.destroy()
+    with pytest.raises(KeyDestroyed):
+        provider.unwrap(wrapped, CTX)
+
+
+def test_the_region_private_key_is_kept_only_wrapped_by_the_provider(
+    provider: KeyProvider, tmp_path: Path, request
+):
+    key = RegionKey.generate("ap-southeast-1", tmp_path / "rk", provider, "mlkem768-x25519")
+    stored = (tmp_path / "rk" / "region.key").read_bytes()
+    assert key._raw not in stored
+    assert (tmp_path / "rk" / "region.key").stat().st_mode & 0o777 == 0o600
+    assert RegionKey.load("ap-southeast-1", tmp_path / "rk", provider).key_id == key.key_id
+    # Another region's provider (the primary's, say) cannot open it.
+    other = make(provider.name, tmp_path / "other", request)
+    with pytest.raises(SealError):
+        RegionKey.load("ap-southeast-1", tmp_path / "rk", other)
+    # The public half seals; only the region opens.
+    recipient = RecipientKey.load("ap-southeast-1", tmp_path / "rk" / "region.pub")
+    _, wrapped_dek = recipient.new_data_key("u-1")
+    assert key.open_data_key("u-1", key.key_id, wrapped_dek)
+
+
+@pytest.mark.parametrize("name", ["aws-kms", "openbao"])
+def test_a_key_service_that_is_down_is_unavailable_and_nothing_falls_back(name: str, tmp_path: Path):
+    svc = moto_kms(tmp_path) if name == "aws-kms" else openbao(tmp_path)
+    svc.start()
+    try:
+        if name == "aws-kms":
+            p: KeyProvider = AwsKmsProvider(
+                AwsKmsProvider.create_key("alias/down", endpoint_url=svc.url), endpoint_url=svc.url
+            )
+        else:
+            enable_transit(svc.url)
+            p = OpenBaoProvider(svc.url, BAO_TOKEN, "down")
+            p.ensure_key()
+        raw, wrapped = p.new_data_key(CTX)
+    finally:
+        svc.stop()
+    with pytest.raises(KeyUnavailable):
+        p.new_data_key(CTX)
+    with pytest.raises(KeyUnavailable):
+        p.unwrap(wrapped, CTX)
+    p.close()
