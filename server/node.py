@@ -22,7 +22,7 @@ from residency.v1 import (
 )
 from server import keylife, translog
 from server.config import DURABILITY, NodeConfig
-from server.crypto import Keyring, RecipientKey
+from server.crypto import KeyCache, Keyring, RecipientKey
 from server.errors import ConfigError
 from server.keys import open_provider
 from server.records import Records
@@ -132,7 +132,11 @@ class RunningNode:
 
             destinations = [
                 Destination(
-                    a.region, a.address, RecipientKey.load(a.region, a.public_key), ReplicaSink(a.address)
+                    a.region,
+                    a.address,
+                    RecipientKey.load(a.region, a.public_key),
+                    ReplicaSink(a.address),
+                    keys=KeyCache(c.keys.cache_entries, c.keys.cache_seconds),
                 )
                 for a in c.affiliates
             ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.crypto import RecipientKey, RegionKey
+from server.crypto import DataKey, Keyring, RecipientKey, RegionKey, field_aad
 from server.errors import KeyUnavailable
 from server.keys import AwsKmsProvider, KeyDestroyed, KeyProvider, LocalProvider, OpenBaoProvider, SealError
 from tests.conftest import BAO_TOKEN, enable_transit, moto_kms, openbao
@@ -50,6 +50,31 @@ def test_wrapped_key_moved_to_another_context_does_not_unwrap(provider: KeyProvi
     _, wrapped = provider.new_data_key(CTX)
     with pytest.raises(SealError):
         provider.unwrap(wrapped, {**CTX, moved: "other"})
+
+
+def test_a_sealed_field_moved_to_another_user_field_region_or_version_does_not_open(
+    provider: KeyProvider, tmp_path: Path
+):
+    wk = Keyring("cn-north", provider, tmp_path).active_wrapping_key()
+    raw = b"d" * 32
+    wrapped = wk.wrap("cn-north", "u-1", raw)
+    sealed = DataKey(raw).seal(b"li@example.cn", field_aad("u-1", "email", "cn-north", 3, wk.id))
+    # A fresh keyring (nothing cached) asks the provider for the wrapping key.
+    again = Keyring("cn-north", provider, tmp_path).wrapping_key(wk.id, wk.wrapped)
+    dek = DataKey(again.unwrap("cn-north", "u-1", wrapped))
+    assert dek.open(sealed, field_aad("u-1", "email", "cn-north", 3, wk.id)) == b"li@example.cn"
+    for moved in (
+        ("u-2", "email", "cn-north", 3),
+        ("u-1", "phone", "cn-north", 3),
+        ("u-1", "email", "eu-west-1", 3),
+        ("u-1", "email", "cn-north", 2),
+    ):
+        with pytest.raises(SealError):
+            dek.open(sealed, field_aad(*moved, wk.id))
+    with pytest.raises(SealError):
+        again.unwrap("cn-north", "u-2", wrapped)
+    with pytest.raises(SealError):  # a wrapping key claimed under another id
+        Keyring("cn-north", provider, tmp_path).wrapping_key("other", wk.wrapped)
 
 
 def test_rotation_keeps_old_versions_until_retired(provider: KeyProvider):

@@ -18,12 +18,12 @@ from residency.v1 import records_pb2, replica_pb2
 from server.config import load_config
 from server.crypto import Keyring, RegionKey
 from server.deployment import AFFILIATES, PRIMARY, local_keys
-from server.keys import SealError, open_provider
+from server.keys import AwsKmsProvider, SealError, open_provider
 from server.records import Records
 from server.rules import load_rules
 from server.schema import load_schema
 from server.store import SqliteStore
-from tests.conftest import BAO_TOKEN, IDENTITY, Cluster, ctx, enable_transit, openbao, values
+from tests.conftest import BAO_TOKEN, IDENTITY, Cluster, ctx, enable_transit, moto_kms, openbao, values
 
 SG = "ap-southeast-1"
 
@@ -216,29 +216,35 @@ async def test_verify_credential_answers_match_or_not_and_never_reveals(cluster:
     assert "password" not in (await cluster.get("c-1")).record.fields
 
 
-async def test_a_key_service_down_fails_new_writes_unavailable_with_nothing_written(tmp_path: Path):
-    bao = openbao(tmp_path / "bao")
-    bao.start()
-    enable_transit(bao.url)
-    (tmp_path / "token").write_text(BAO_TOKEN)
+@pytest.mark.parametrize("name", ["openbao", "aws-kms"])
+async def test_a_key_service_down_fails_new_writes_unavailable_with_nothing_written(
+    name: str, tmp_path: Path
+):
+    service = openbao(tmp_path / "svc") if name == "openbao" else moto_kms(tmp_path / "svc")
+    service.start()
+    if name == "openbao":
+        enable_transit(service.url)
+        (tmp_path / "token").write_text(BAO_TOKEN)
+        primary_keys = {
+            "provider": "openbao",
+            "address": service.url,
+            "token_file": str(tmp_path / "token"),
+            "transit_key": "residency-cn-north",
+        }
+    else:
+        alias = AwsKmsProvider.create_key("alias/residency-cn-north", endpoint_url=service.url)
+        primary_keys = {"provider": "aws-kms", "kms_key_id": alias, "endpoint_url": service.url}
 
     def keys(d: Path, region: str) -> dict:
         if region != PRIMARY:
             return local_keys(d, region)
-        return {
-            "provider": "openbao",
-            "dir": f"keys/{region}",
-            "address": bao.url,
-            "token_file": str(tmp_path / "token"),
-            "transit_key": "residency-cn-north",
-            "cache_seconds": 0.5,
-        }
+        return {**primary_keys, "dir": f"keys/{region}", "cache_seconds": 0.5}
 
     cluster = Cluster(tmp_path / "deployment", keys=keys)
     try:
         await cluster.start(PRIMARY)
-        await cluster.put("before", {"name": "sealed through OpenBao"})
-        bao.stop()
+        await cluster.put("before", {"name": f"sealed through {name}"})
+        service.stop()
         n = 0
 
         async def refused():
@@ -251,10 +257,11 @@ async def test_a_key_service_down_fails_new_writes_unavailable_with_nothing_writ
             return None
 
         e = await until(refused)
-        assert e.code() == grpc.StatusCode.UNAVAILABLE and "OpenBao cannot be reached" in e.details()
+        said = {"openbao": "OpenBao cannot be reached", "aws-kms": "AWS KMS cannot be reached"}[name]
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and said in e.details()
         with pytest.raises(grpc.aio.AioRpcError) as nf:
             await cluster.get(f"after-{n}")
         assert nf.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await cluster.close()
-        bao.stop()
+        service.stop()
