@@ -304,7 +304,9 @@ class Keyring:
         return wk
 
     def rotated(self) -> None:
-        """The provider has a new key version: new data keys go under a new wrapping key."""
+        """The provider has a new key version (or retired old ones): new data keys go under a
+        new wrapping key, wrapped by the newest version."""
+        self.provider.refresh()
         self._active = None
 
     def new_wrapping_key(self) -> WrappingKey:

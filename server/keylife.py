@@ -105,9 +105,13 @@ def rewrap_data_keys(config: NodeConfig, provider: KeyProvider, progress: bool) 
 
 
 def retire(config: NodeConfig, actor: str) -> dict[str, Any]:
-    """After a rotation: wrapping keys no data key uses are deleted and old provider key
+    """After a rotation (give the node a second to notice it): every data key is moved under a
+    fresh wrapping key, wrapping keys no data key uses are deleted and old provider key
     versions stop decrypting."""
     provider = open_provider(config.keys)
+    # Data keys the node made between the rotation and noticing it are under a wrapping key
+    # of the old version: move everything under a fresh one first.
+    rewrap_data_keys(config, provider, progress=False)
     store = _store(config)
     try:
         with store.transaction():

@@ -63,6 +63,10 @@ class KeyProvider(Protocol):
         """Old versions stop unwrapping (after everything was rewrapped)."""
         ...
 
+    def refresh(self) -> None:
+        """Picks up versions another process created or retired (a no-op for server-side keys)."""
+        ...
+
     def destroy(self) -> None:
         """Destroys the key, every version: everything it wrapped becomes unreadable."""
         ...
@@ -100,8 +104,14 @@ class LocalProvider:
                 out[int(v)] = p
         return out
 
+    def refresh(self) -> None:
+        self._load()
+
     def _load(self) -> None:
-        for version, path in self._files().items():
+        files = self._files()
+        for gone in set(self._keks) - set(files):
+            del self._keks[gone]
+        for version, path in files.items():
             if version in self._keks:
                 continue
             blob = path.read_bytes()
@@ -248,7 +258,10 @@ class AwsKmsProvider:
                 ) from e
             raise KeyUnavailable(f"AWS KMS refused {op} on {self.key_id}: {code}") from e
         except BotoCoreError as e:
-            raise KeyUnavailable(f"AWS KMS cannot be reached for {op} on {self.key_id}: {e}") from e
+            raise KeyUnavailable(
+                f"AWS KMS cannot be reached for {op} on {self.key_id}: {e}; nothing was written "
+                "or opened with another key: retry once KMS answers"
+            ) from e
 
     def new_data_key(self, context: Context) -> tuple[bytes, bytes]:
         r = self._call(
@@ -293,6 +306,9 @@ class AwsKmsProvider:
         # KMS keeps old key material for as long as the key lives; nothing to retire.
         pass
 
+    def refresh(self) -> None:
+        pass
+
     def destroy(self) -> None:
         key = self._arn()
         self._call("disable_key", KeyId=key)
@@ -335,7 +351,10 @@ class OpenBaoProvider:
         try:
             r = self._http.request(method, f"/v1/{self.mount}/{path}", json=body)
         except httpx.HTTPError as e:
-            raise KeyUnavailable(f"OpenBao cannot be reached for {path}: {e.__class__.__name__}: {e}") from e
+            raise KeyUnavailable(
+                f"OpenBao cannot be reached for {path}: {e.__class__.__name__}: {e}; nothing was "
+                "written or opened with another key: retry once OpenBao answers"
+            ) from e
         if r.status_code < 300:
             return r.json().get("data") or {} if r.content else {}
         errors = "; ".join(r.json().get("errors", [])) if r.content else ""
@@ -398,6 +417,9 @@ class OpenBaoProvider:
     def retire(self) -> None:
         latest = self._req("GET", f"keys/{self.key}")["latest_version"]
         self._req("POST", f"keys/{self.key}/config", {"min_decryption_version": latest})
+
+    def refresh(self) -> None:
+        pass
 
     def destroy(self) -> None:
         self._req("POST", f"keys/{self.key}/config", {"deletion_allowed": True})

@@ -63,7 +63,7 @@ class RunningNode:
         if reason and not records.keyring.shredded:
             records.keyring.shred(reason)
             log.warning("%s", reason)
-        if any(e["event"] == "rotated" for e in events):
+        if not reason and any(e["event"] in ("rotated", "retired") for e in events):
             records.keyring.rotated()
 
         def write() -> None:

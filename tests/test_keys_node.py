@@ -148,8 +148,11 @@ async def test_rotation_rewraps_data_keys_without_touching_fields_or_traffic(clu
 
     writer = asyncio.create_task(traffic())
     out = await asyncio.to_thread(keys_cli, cluster, "rotate", PRIMARY, "--quiet")
+    # Writes go on until the node has logged the rotation (it then wraps under the new version).
+    await until(lambda: key_events(cluster, PRIMARY))
     stop.set()
-    assert await writer > 0  # reads and writes went on during the rewrap
+    live = await writer
+    assert live > 0  # reads and writes went on during the rewrap
     assert out["data_keys_rewrapped"] >= len(users)
     after, wks_after = snapshot()
     assert {u: after[u] for u in users} == {u: before[u] for u in users}  # fields not re-encrypted
@@ -162,6 +165,8 @@ async def test_rotation_rewraps_data_keys_without_touching_fields_or_traffic(clu
     await cluster.start(PRIMARY)
     for u in users[::50]:
         assert values(await cluster.get(u))["name"] == f"name of {u}"
+    for n in range(live):  # written during the rotation, under either version
+        assert values(await cluster.get(f"live-{n}"))["name"] == "during rotation"
     events = await until(lambda: key_events(cluster, PRIMARY))
     assert [e["reason"].split(":")[0] for e in events] == ["rotated", "rewrapped", "retired"]
 
