@@ -22,7 +22,7 @@ from server import codec, translog
 from server.config import ReplicatorConfig
 from server.crypto import DataKey, KeyCache, RecipientKey, field_aad
 from server.records import Records
-from server.rules import Allowed
+from server.rules import Allowed, Permits
 from server.store import OutboxItem, Row
 from server.writer import StoreThread
 
@@ -142,19 +142,21 @@ class Replicator:
     # ---- runs on the store thread -----------------------------------------------------
 
     def _prepare(self, d: Destination, items: list[OutboxItem]) -> Prepared:
-        rows = self.records.store.rows(list({i.user_id for i in items}))
+        users = list({i.user_id for i in items})
+        rows = self.records.store.rows(users)
+        permits = self.records.permits_for(users)
         copies, entries = [], []
         for item in items:
             row = rows.get(item.user_id)
             # A later outbox entry carries a newer version: ship each version once, the newest.
             if row is None or row.version != item.version:
                 continue
-            copy, entry = self._copy_for(d, row)
+            copy, entry = self._copy_for(d, row, permits[row.user_id])
             copies.append(copy)
             entries.append(entry)
         return Prepared(copies, entries, items[-1].sequence)
 
-    def _copy_for(self, d: Destination, row: Row) -> tuple[replica_pb2.SealedCopy, dict]:
+    def _copy_for(self, d: Destination, row: Row, permits: Permits) -> tuple[replica_pb2.SealedCopy, dict]:
         r = self.records
         now = time.time()
         common = dict(
@@ -175,8 +177,8 @@ class Replicator:
                 "erasure", outcome="allowed", reason="the user's record was erased", **common
             )
         opened = r.open_row(row)
-        plan = r.rules.plan(d.region)
-        sent, withheld = plan.project(opened.fields)
+        plan = r.rules.plan(d.region, None, permits)
+        sent, withheld = r.project(plan, opened.fields, opened.updated_at)
         described = r.describe_withheld(withheld)
         if not sent:
             # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
@@ -187,11 +189,12 @@ class Replicator:
                 reason="withdrawn",
                 home_region=r.region,
             )
+            # Logged as an erasure: what consent, grants, retention or rules allowed before goes.
             return tomb, translog.entry(
-                "replication",
-                outcome="denied",
+                "erasure",
+                outcome="allowed",
                 withheld=described,
-                reason=f"no field of this record may go to {d.region}",
+                reason=f"withdrawn: no field of this record may be held in {d.region} now",
                 **common,
             )
         dek = self._data_key(d, row.user_id)

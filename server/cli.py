@@ -135,6 +135,220 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _meta(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    return (("x-residency-identity", args.identity),)
+
+
+def _ctx(args: argparse.Namespace) -> Any:
+    from residency.v1 import common_pb2
+
+    return common_pb2.CallContext(location=args.location, purpose=args.purpose)
+
+
+def _print_message(message: Any) -> None:
+    print(
+        json.dumps(
+            json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False
+        )
+    )
+
+
+async def _consent(args: argparse.Namespace) -> int:
+    from residency.v1 import consent_pb2, consent_pb2_grpc
+
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = consent_pb2_grpc.ConsentServiceStub(channel)
+        if args.action == "list":
+            reply = await stub.ListConsents(
+                consent_pb2.ListConsentsRequest(context=_ctx(args), user_id=args.user_id),
+                metadata=_meta(args),
+                timeout=args.timeout,
+            )
+            _print_message(reply)
+            return 0
+        consents = [
+            consent_pb2.Consent(
+                user_id=args.user_id,
+                purpose=args.consent_purpose,
+                recipient=args.recipient,
+                sensitive=args.sensitive,
+                evidence=args.evidence,
+            )
+        ]
+        if args.action == "grant":
+            reply = await stub.GrantConsents(
+                consent_pb2.GrantConsentsRequest(context=_ctx(args), consents=consents),
+                metadata=_meta(args),
+                timeout=args.timeout,
+            )
+        else:
+            reply = await stub.WithdrawConsents(
+                consent_pb2.WithdrawConsentsRequest(context=_ctx(args), consents=consents),
+                metadata=_meta(args),
+                timeout=args.timeout,
+            )
+        print(json.dumps({"user_id": args.user_id, "changed": reply.changed}))
+    return 0
+
+
+async def _grant(args: argparse.Namespace) -> int:
+    from residency.v1 import consent_pb2, consent_pb2_grpc
+    from server import codec
+
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = consent_pb2_grpc.GrantServiceStub(channel)
+        if args.action == "create":
+            ends = datetime.fromisoformat(args.until.replace("Z", "+00:00")).timestamp()
+            grant = consent_pb2.Grant(
+                id=args.id or "",
+                recipient=args.recipient,
+                purpose=args.grant_purpose,
+                legal_basis=args.legal_basis,
+                categories=args.category,
+                user_ids=args.users,
+                ends_at=codec.timestamp(ends),
+            )
+            reply = await stub.CreateGrant(
+                consent_pb2.CreateGrantRequest(context=_ctx(args), grant=grant),
+                metadata=_meta(args),
+                timeout=args.timeout,
+            )
+            print(json.dumps({"id": reply.id}))
+        elif args.action == "revoke":
+            reply = await stub.RevokeGrant(
+                consent_pb2.RevokeGrantRequest(context=_ctx(args), id=args.id),
+                metadata=_meta(args),
+                timeout=args.timeout,
+            )
+            print(json.dumps({"id": args.id, "revoked": reply.revoked}))
+        else:
+            _print_message(
+                await stub.ListGrants(
+                    consent_pb2.ListGrantsRequest(context=_ctx(args)),
+                    metadata=_meta(args),
+                    timeout=args.timeout,
+                )
+            )
+    return 0
+
+
+async def _disclose(args: argparse.Namespace) -> int:
+    from residency.v1 import disclosure_pb2, disclosure_pb2_grpc
+    from server import codec
+
+    ground = disclosure_pb2.DisclosureGround.Value("DISCLOSURE_GROUND_" + args.ground.upper())
+    req = disclosure_pb2.DiscloseRequest(
+        context=_ctx(args),
+        user_id=args.user_id,
+        third_party=args.to,
+        ground=ground,
+        fields=args.field,
+        reference=args.reference or "",
+        approver=args.approver or "",
+        provision=args.provision or "",
+        service=args.service or "",
+    )
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        reply = await disclosure_pb2_grpc.DisclosureServiceStub(channel).Disclose(
+            req, metadata=_meta(args), timeout=args.timeout
+        )
+    print(
+        json.dumps(
+            {
+                "user_id": args.user_id,
+                "to": args.to,
+                "ground": args.ground,
+                "fields": {n: codec.to_json(codec.from_value(v)) for n, v in sorted(reply.fields.items())},
+                "withheld": [{"field": w.field, "reason": w.reason} for w in reply.withheld],
+                "log_sequence": reply.log_sequence,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
+    return 0
+
+
+def _rules_check(args: argparse.Namespace) -> int:
+    from server.rules import load_rules
+    from server.schema import load_schema
+
+    try:
+        rules = load_rules(args.file, load_schema(args.schema))
+    except ResidencyError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: ok, version {rules.version}, {len(rules.rules)} rules, "
+        f"{len(rules.recipients)} recipients"
+    )
+    return 0
+
+
+async def _rules_explain(args: argparse.Namespace) -> int:
+    from residency.v1 import admin_pb2, admin_pb2_grpc
+
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        reply = await admin_pb2_grpc.AdminServiceStub(channel).ExplainTransfer(
+            admin_pb2.ExplainTransferRequest(user_id=args.user, to=args.to, purpose=args.purpose or ""),
+            timeout=args.timeout,
+        )
+    if args.json:
+        _print_message(reply)
+        return 0
+    print(
+        f"{reply.user_id} -> {reply.to} for {reply.purpose or 'any rule purpose (replication)'}"
+        f" under rules {reply.rules_version}:"
+    )
+    for f in reply.fields:
+        if f.transferred:
+            print(f"  {f.field:<18} goes      rule {f.rule} ({f.legal_basis}) to {f.recipient}")
+        else:
+            print(f"  {f.field:<18} withheld  {f.reason}: {f.detail}")
+    return 0
+
+
+async def _rules_apply(args: argparse.Namespace) -> int:
+    from residency.v1 import admin_pb2, admin_pb2_grpc
+
+    text = Path(args.file).read_text()
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        reply = await stub.ApplyRules(
+            admin_pb2.ApplyRulesRequest(rules_yaml=text),
+            metadata=(("x-residency-identity", args.identity),),
+            timeout=args.timeout,
+        )
+        print(
+            f"rules {reply.previous_version} -> {reply.version}; "
+            f"re-projecting {reply.records_to_reproject} records",
+            file=sys.stderr,
+        )
+        if args.wait:
+            from tqdm import tqdm
+
+            with tqdm(
+                total=reply.records_to_reproject, desc="re-projecting", unit="record", file=sys.stderr
+            ) as bar:
+                while True:
+                    s = await stub.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=args.timeout)
+                    bar.n = s.rules_backfill_done
+                    bar.refresh()
+                    if s.rules_version == reply.version and s.rules_backfill_done >= s.rules_backfill_total:
+                        break
+                    await asyncio.sleep(0.2)
+    print(
+        json.dumps(
+            {
+                "previous_version": reply.previous_version,
+                "version": reply.version,
+                "records_to_reproject": reply.records_to_reproject,
+            }
+        )
+    )
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from server.config import load_config
     from server.node import serve
@@ -258,6 +472,104 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="a node's status and, on the primary, replication status")
     client(s)
     s.set_defaults(run=lambda a: asyncio.run(_status(a)))
+
+    def caller(
+        parser: argparse.ArgumentParser, location: str = "cn-north", purpose: str = "essential.service"
+    ) -> None:
+        client(parser)
+        parser.add_argument("--location", default=location, help=f"the caller's region (default {location})")
+        parser.add_argument("--purpose", default=purpose, help=f"the call's data use (default {purpose})")
+        parser.add_argument("--identity", default=_default_identity(), help="the caller's identity")
+
+    con = sub.add_parser("consent", help="users' consents (policy 2a, 2c, 5)").add_subparsers(
+        dest="action", required=True
+    )
+    for action in ("grant", "withdraw", "list"):
+        s = con.add_parser(action)
+        caller(s)
+        s.add_argument("user_id")
+        if action != "list":
+            s.add_argument(
+                "--for",
+                dest="consent_purpose",
+                required=True,
+                help="the data use consented to, e.g. marketing.communications; "
+                "functional.storage with no --recipient is cookie consent",
+            )
+            s.add_argument(
+                "--recipient", default="", help="recipient id from the rules file (empty: the app)"
+            )
+            s.add_argument("--sensitive", action="store_true", help="separate consent for sensitive data")
+            s.add_argument("--evidence", default="", help="how it was given, e.g. 'signup form v3, box 2'")
+        s.set_defaults(run=lambda a: asyncio.run(_consent(a)))
+
+    gr = sub.add_parser("grants", help="third parties' time-bound access (policy 2a)").add_subparsers(
+        dest="action", required=True
+    )
+    s = gr.add_parser("create")
+    caller(s)
+    s.add_argument("--id", help="grant id (default: generated)")
+    s.add_argument("--recipient", required=True, help="recipient id from the rules file")
+    s.add_argument("--for", dest="grant_purpose", required=True, help="the data use it may read for")
+    s.add_argument("--legal-basis", default="contract")
+    s.add_argument("--category", action="append", required=True, help="a Fides category (repeatable)")
+    s.add_argument("--until", required=True, help="end time, ISO-8601")
+    s.add_argument("users", nargs="+", help="user ids")
+    s.set_defaults(run=lambda a: asyncio.run(_grant(a)))
+    s = gr.add_parser("revoke")
+    caller(s)
+    s.add_argument("id")
+    s.set_defaults(run=lambda a: asyncio.run(_grant(a)))
+    s = gr.add_parser("list")
+    caller(s)
+    s.set_defaults(run=lambda a: asyncio.run(_grant(a)))
+
+    s = sub.add_parser("disclose", help="disclose a user's data to a third party under policy 3a-3g")
+    caller(s, purpose="third_party_sharing.legal_obligation")
+    s.add_argument("user_id")
+    s.add_argument("--to", required=True, help="the third party receiving the data")
+    s.add_argument(
+        "--ground",
+        required=True,
+        choices=[
+            "consent",
+            "requested_service",
+            "judicial_or_administrative_request",
+            "violation_of_law_or_agreement",
+            "ip_complaint",
+            "transaction_dispute",
+            "other_legal_basis",
+        ],
+    )
+    s.add_argument(
+        "--field", action="append", default=[], help="a field to disclose (repeatable; default all)"
+    )
+    s.add_argument("--reference", help="reference number of the request, case, complaint or transaction")
+    s.add_argument("--approver", help="who approved the disclosure (not the caller)")
+    s.add_argument("--provision", help="the legal provision cited (ground other_legal_basis)")
+    s.add_argument("--service", help="the service the user requested (ground requested_service)")
+    s.set_defaults(run=lambda a: asyncio.run(_disclose(a)))
+
+    ru = sub.add_parser("rules", help="transfer rules: check, explain, apply").add_subparsers(
+        dest="action", required=True
+    )
+    s = ru.add_parser("check", help="validate a rules file; print every error")
+    s.add_argument("file")
+    s.add_argument("--schema", required=True, help="the schema file the rules refer to")
+    s.set_defaults(run=_rules_check)
+    s = ru.add_parser("explain", help="why each field of a user's record would or would not go")
+    client(s)
+    s.add_argument("--user", required=True)
+    s.add_argument("--to", required=True, help="destination region")
+    s.add_argument("--purpose", help="a Fides data use (default: what replication sends)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=lambda a: asyncio.run(_rules_explain(a)))
+    s = ru.add_parser("apply", help="swap the primary's rules; copies are withdrawn or backfilled")
+    client(s)
+    s.add_argument("file")
+    s.add_argument("--identity", default=_default_identity())
+    s.add_argument("--wait", action="store_true", help="show progress until every record is re-projected")
+    s.set_defaults(run=lambda a: asyncio.run(_rules_apply(a)))
     return p
 
 

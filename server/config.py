@@ -71,6 +71,8 @@ class NodeConfig:
     rules: Path
     keys: KeysConfig
     durability: str = "full"
+    # How often the primary ends expired grants and withdraws copies past retention.
+    policy_sweep_seconds: float = 30.0
     affiliates: tuple[Affiliate, ...] = ()
     replicator: ReplicatorConfig = field(default_factory=ReplicatorConfig)
 
@@ -90,6 +92,12 @@ def _listen(value: Any, where: str) -> str:
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: must be HOST:PORT with a port from 0 to 65535, got {value!r}")
     return value
+
+
+def _positive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: must be a positive number of seconds")
+    return float(value)
 
 
 def load_config(path: str | Path) -> NodeConfig:
@@ -123,6 +131,7 @@ def load_config(path: str | Path) -> NodeConfig:
         "durability",
         "affiliates",
         "replicator",
+        "policy_sweep_seconds",
     }
     unknown = sorted(set(doc) - known)
     if unknown:
@@ -165,6 +174,9 @@ def load_config(path: str | Path) -> NodeConfig:
         rules=rel(need("rules")),
         keys=keys,
         durability=durability,
+        policy_sweep_seconds=_positive(
+            doc.get("policy_sweep_seconds", 30.0), f"{path}: 'policy_sweep_seconds'"
+        ),
         affiliates=tuple(affiliates),
         replicator=replicator,
     )

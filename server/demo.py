@@ -25,6 +25,8 @@ from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     common_pb2,
+    consent_pb2,
+    consent_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     translog_pb2,
@@ -40,7 +42,8 @@ BATCH = 500
 
 def synthetic_user(i: int, rng: random.Random) -> tuple[str, str, dict[str, Any]]:
     """(user id, source, fields): every field appears across users; passwords on one user in
-    fifty (each costs a 40 ms scrypt hash), violation records on one in twenty."""
+    fifty (each costs a 40 ms scrypt hash), violation records on one in twenty, cookie ids
+    on the nine in ten who accepted cookies."""
     first = rng.choice(["Li", "Wang", "Zhang", "Liu", "Chen", "Yang", "Zhao", "Huang"])
     given = rng.choice(["Wei", "Fang", "Na", "Min", "Jing", "Lei", "Yan", "Tao"])
     visit = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=rng.randrange(86400 * 26))
@@ -56,11 +59,12 @@ def synthetic_user(i: int, rng: random.Random) -> tuple[str, str, dict[str, Any]
         "visit_time": visit,
         "hardware_software": rng.choice(["Android 16; Pixel 10", "iOS 26; iPhone 17", "Windows 11; x64"]),
         "pages_visited": [f"/item/{rng.randrange(10**6)}" for _ in range(rng.randrange(1, 6))],
-        "cookie_id": f"ck-{rng.randrange(16**16):016x}",
         "search_keywords": rng.sample(["phone case", "tea", "bicycle", "lamp", "jacket", "book"], 2),
         "published_content": f"Review #{i}: works as described.",
         "transactions": [f"order-{i}-{n}" for n in range(rng.randrange(1, 4))],
     }
+    if i % 10 != 9:  # one user in ten refused cookies (policy 5): no cookie data is collected
+        fields["cookie_id"] = f"ck-{rng.randrange(16**16):016x}"
     source = "registration"
     if i % 7 == 0:
         source = "partner:acme-travel"
@@ -167,13 +171,45 @@ async def wait_replicated(primary: str, timeout: float = 600.0, progress: bool =
             await asyncio.sleep(0.1)
 
 
+def demo_consents(start: int, stop: int) -> list[consent_pb2.Consent]:
+    """Cookies accepted by nine users in ten (policy 5); partner marketing through the Irish
+    affiliate accepted by one in three (policy 2c)."""
+    out = []
+    for i in range(start, stop):
+        user = f"user-{i:07d}"
+        if i % 10 != 9:
+            out.append(
+                consent_pb2.Consent(
+                    user_id=user, purpose="functional.storage", evidence="cookie banner v2: accept"
+                )
+            )
+        if i % 3 == 0:
+            out.append(
+                consent_pb2.Consent(
+                    user_id=user,
+                    purpose="marketing.communications",
+                    recipient="ie-affiliate",
+                    evidence="signup form v3, box 2",
+                )
+            )
+    return out
+
+
 async def load_users(primary: str, users: int, seed: int = 7) -> None:
     rng = random.Random(seed)
     ctx = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
     async with grpc.aio.insecure_channel(primary) as ch:
         stub = records_pb2_grpc.RecordServiceStub(ch)
+        consents = consent_pb2_grpc.ConsentServiceStub(ch)
         with tqdm(total=users, desc="writing users", unit="user", file=sys.stderr) as bar:
             for start in range(0, users, BATCH):
+                await consents.GrantConsents(
+                    consent_pb2.GrantConsentsRequest(
+                        context=ctx, consents=demo_consents(start, min(users, start + BATCH))
+                    ),
+                    metadata=IDENTITY,
+                    timeout=120,
+                )
                 req = records_pb2.PutRecordsRequest(context=ctx)
                 for i in range(start, min(users, start + BATCH)):
                     user_id, source, fields = synthetic_user(i, rng)
@@ -201,28 +237,29 @@ async def node_status(address: str) -> admin_pb2.GetNodeStatusResponse:
 
 
 async def sample_reads(primary: str) -> list[str]:
-    """Two cross-location reads of one user, one allowed in part and one refused."""
+    """Cross-location reads: one allowed in part, one allowed by consent, one refused."""
     lines = []
     async with grpc.aio.insecure_channel(primary) as ch:
         stub = records_pb2_grpc.RecordServiceStub(ch)
-        for location, purpose in (
-            ("ap-southeast-1", "essential.service"),
-            ("eu-west-1", "marketing.communications"),
+        for user, location, purpose in (
+            ("user-0000001", "ap-southeast-1", "essential.service"),
+            ("user-0000000", "eu-west-1", "marketing.communications"),  # consented (policy 2c)
+            ("user-0000001", "eu-west-1", "marketing.communications"),  # did not consent
         ):
             ctx = common_pb2.CallContext(location=location, purpose=purpose)
             try:
                 r = await stub.GetRecord(
-                    records_pb2.GetRecordRequest(context=ctx, user_id="user-0000001"),
+                    records_pb2.GetRecordRequest(context=ctx, user_id=user),
                     metadata=(("x-residency-identity", "demo:reader"),),
                     timeout=10,
                 )
                 lines.append(
-                    f"  read from {location} for {purpose}: {len(r.record.fields)} fields returned "
+                    f"  {user} read from {location} for {purpose}: {len(r.record.fields)} fields returned "
                     f"({', '.join(sorted(r.record.fields))}); {len(r.withheld)} withheld; "
                     f"log entry {r.log_sequence}"
                 )
             except grpc.aio.AioRpcError as e:
-                lines.append(f"  read from {location} for {purpose}: {e.code().name}: {e.details()}")
+                lines.append(f"  {user} read from {location} for {purpose}: {e.code().name}: {e.details()}")
     return lines
 
 
@@ -231,10 +268,12 @@ def summarize(entries: list[dict], statuses: dict[str, Any], users: int) -> str:
         lambda: {"records": 0, "denied": 0, "sent": Counter(), "withheld": Counter(), "why": {}}
     )
     for e in entries:
+        if e["kind"] == "erasure" and e["reason"].startswith("withdrawn"):
+            per[e["destination_region"]]["denied"] += 1
         if e["kind"] != "replication":
             continue
         p = per[e["destination_region"]]
-        p["records" if e["outcome"] == "allowed" else "denied"] += 1
+        p["records"] += 1
         for f in e["fields"]:
             p["sent"][f["name"]] += 1
         for w in e["withheld"]:

@@ -103,6 +103,12 @@ rules:
     legal_basis: contract
     categories: [user.contact.email, user.behavior.purchase_history]
     retention_days: 365
+  - id: ie-marketing             # policy 2c: partner marketing only with the user's prior consent
+    recipient: ie-affiliate
+    purposes: [marketing.communications]
+    legal_basis: consent
+    categories: [user.name, user.contact.phone_number]
+    retention_days: 90
 """
 
 

@@ -26,6 +26,10 @@ class TransferDenied(ResidencyError):
     """No rule allows any of the requested data to go where it was asked for."""
 
 
+class PolicyDenied(ResidencyError):
+    """The privacy policy forbids this (e.g. collecting cookie data without cookie consent)."""
+
+
 class KeyUnavailable(ResidencyError):
     """A key needed to seal or open data cannot be had; nothing was written."""
 

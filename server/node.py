@@ -13,6 +13,10 @@ from grpc_reflection.v1alpha import reflection
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    consent_pb2,
+    consent_pb2_grpc,
+    disclosure_pb2,
+    disclosure_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     replica_pb2,
@@ -26,9 +30,18 @@ from server.crypto import KeyCache, Keyring, RecipientKey
 from server.errors import ConfigError
 from server.keys import open_provider
 from server.records import Records
-from server.rules import load_rules
+from server.rules import load_rules, rules_from_bytes
 from server.schema import load_schema
-from server.services import AdminService, Node, RecordService, ReplicaService, TransferLogService
+from server.services import (
+    AdminService,
+    ConsentService,
+    DisclosureService,
+    GrantService,
+    Node,
+    RecordService,
+    ReplicaService,
+    TransferLogService,
+)
 from server.store import SqliteStore
 from server.writer import StoreThread
 
@@ -36,6 +49,9 @@ log = logging.getLogger("residency.node")
 GRACE_SECONDS = 10.0
 SERVICES = [
     records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name,
+    consent_pb2.DESCRIPTOR.services_by_name["ConsentService"].full_name,
+    consent_pb2.DESCRIPTOR.services_by_name["GrantService"].full_name,
+    disclosure_pb2.DESCRIPTOR.services_by_name["DisclosureService"].full_name,
     replica_pb2.DESCRIPTOR.services_by_name["ReplicaService"].full_name,
     translog_pb2.DESCRIPTOR.services_by_name["TransferLogService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
@@ -50,6 +66,9 @@ class RunningNode:
         self.replicator = None
         self.db: StoreThread | None = None
         self.health = health.aio.HealthServicer()
+        self.node: Node | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._reproject: asyncio.Task | None = None
         self.records: Records | None = None
         self._watch: asyncio.Task | None = None
         self._seen: tuple[int, int] | None = None
@@ -108,6 +127,16 @@ class RunningNode:
         c = self.config
         schema = load_schema(c.schema)
         rules = load_rules(c.rules, schema)
+        if c.is_primary and c.region != rules.home_region:
+            raise ConfigError(
+                f"{c.path}: this primary's region {c.region!r} is not the rules' home_region "
+                f"{rules.home_region!r} ({c.rules})"
+            )
+        missing = sorted({a.region for a in c.affiliates} - rules.regions)
+        if missing:
+            raise ConfigError(
+                f"{c.path}: 'affiliates' names {missing}, which no recipient in {c.rules} is in"
+            )
         if c.region not in rules.regions:
             raise ConfigError(
                 f"{c.path}: 'region' {c.region!r} is not in {c.rules} (regions: {sorted(rules.regions)})"
@@ -143,8 +172,15 @@ class RunningNode:
             self.replicator = Replicator(records, self.db, destinations, c.replicator)
             await self.replicator.start()
         node = Node(records, self.db, self.replicator)
+        node.reload_rules = self.apply_rules
+        self.node, self.schema = node, schema
+        if c.is_primary:
+            self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         records_pb2_grpc.add_RecordServiceServicer_to_server(RecordService(node), server)
+        consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentService(node), server)
+        consent_pb2_grpc.add_GrantServiceServicer_to_server(GrantService(node), server)
+        disclosure_pb2_grpc.add_DisclosureServiceServicer_to_server(DisclosureService(node), server)
         replica_pb2_grpc.add_ReplicaServiceServicer_to_server(ReplicaService(node), server)
         translog_pb2_grpc.add_TransferLogServiceServicer_to_server(TransferLogService(node), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(node, c.role), server)
@@ -159,8 +195,61 @@ class RunningNode:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s node for %s listening on %s", c.role, c.region, c.listen)
 
+    async def apply_rules(self, text: bytes, actor: str, persist: bool) -> tuple[str, str, int]:
+        """Validates `text` as the new rule set, swaps it in atomically and logs the change,
+        then re-projects every live record in the background (writes are not blocked: each
+        page is its own short transaction). `persist` writes it to the configured file."""
+        assert self.node is not None and self.db is not None
+        path = self.config.rules
+        new = rules_from_bytes(text, self.schema, str(path))
+        if persist:
+            await asyncio.get_running_loop().run_in_executor(None, _write_atomically, path, text)
+        policy = self.node.policy
+        prev = await self.db.write(lambda: policy.swap_rules(new, actor))
+        total = (await self.db.call(self.db.store.counts))[0]
+        if self._reproject is not None:
+            self._reproject.cancel()
+        self._reproject = asyncio.create_task(self._reproject_all(total), name="reproject")
+        log.info("rules %s -> %s by %s; re-projecting %d records", prev, new.version, actor, total)
+        return prev, new.version, total
+
+    async def _reproject_all(self, total: int) -> None:
+        assert self.node is not None and self.db is not None
+        policy, after, done = self.node.policy, "", 0
+        self.node.backfill = (0, total)
+        while True:
+            after, n = await self.db.write(lambda a=after: policy.reproject(a, 500), weight=500)
+            done += n
+            self.node.backfill = (min(done, total), max(total, done))
+            self.node.wake()
+            if n < 500:
+                return
+
+    async def _sweep(self) -> None:
+        """Ends grants past their end and withdraws copies past their retention."""
+        assert self.node is not None and self.db is not None
+        policy = self.node.policy
+        while True:
+            await asyncio.sleep(self.config.policy_sweep_seconds)
+            try:
+                changed = await self.db.write(policy.end_grants) + await self.db.write(policy.sweep_retention)
+            except Exception:
+                log.exception("policy sweep failed; trying again next round")
+                continue
+            if changed:
+                self.node.wake()
+
+    async def reload_from_file(self) -> None:
+        try:
+            text = self.config.rules.read_bytes()
+            await self.apply_rules(text, "sighup", persist=False)
+        except Exception as e:  # a bad file keeps the running rules
+            log.error("rules reload refused: %s", e)
+
     async def stop(self) -> None:
         """Refuses new calls, lets in-flight calls finish, then flushes and closes the store."""
+        for t in [*self._tasks, *([self._reproject] if self._reproject else [])]:
+            t.cancel()
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._watch is not None:
@@ -174,6 +263,12 @@ class RunningNode:
             self.db.store.close()
 
 
+def _write_atomically(path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 async def serve(config: NodeConfig) -> None:
     node = RunningNode(config)
     await node.start()
@@ -181,6 +276,8 @@ async def serve(config: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.is_primary:
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(node.reload_from_file()))
     await stop.wait()
     log.info("stopping: draining in-flight calls")
     await node.stop()

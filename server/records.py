@@ -7,6 +7,8 @@ are sealed before they reach the store; plaintext exists only in memory.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +18,18 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 from server import codec, translog
 from server.crypto import DataKey, Keyring, SealError, field_aad, record_aad
-from server.errors import NotFound
-from server.rules import Allowed, RuleSet, Withheld
+from server.errors import NotFound, PolicyDenied
+from server.rules import (
+    COOKIE_PURPOSE,
+    RETENTION_EXPIRED,
+    Allowed,
+    Grant,
+    Permits,
+    Plan,
+    RuleSet,
+    Withheld,
+    covers,
+)
 from server.schema import Schema
 from server.store import Row, Store
 
@@ -32,6 +44,11 @@ class Write:
     source: str
     # A validated Record holding only `fields` (credentials already replaced by their hash).
     body: Any
+    # Fields to drop from the stored record (a withdrawn cookie consent stops collection).
+    remove: tuple[str, ...] = ()
+    # False for a rewrite that changes what may be sent, not the data: the record keeps its
+    # age, so retention still counts from the last real write.
+    touch: bool = True
 
 
 @dataclass(slots=True)
@@ -89,6 +106,7 @@ class Records:
         """Writes records (fields given replace those stored; others are kept) and queues
         them for replication. Returns the new versions, in order."""
         rows = self.store.rows(list({w.user_id for w in writes}))
+        self._check_cookies(writes)
         now = time.time()
         stamp = codec.timestamp(now)
         changed: dict[str, Row] = {}
@@ -107,7 +125,11 @@ class Records:
                 # Serialized messages concatenate as a merge: a map entry given again replaces
                 # the stored one, the others are kept.
                 body = records_pb2.Record.FromString(old_body + w.body.SerializeToString())
+                for name in w.remove:
+                    body.fields.pop(name, None)
                 stored.created_at.CopyFrom(prior.created_at)
+                if not w.touch:
+                    stored.updated_at.CopyFrom(prior.updated_at)
                 stored.source = w.source or prior.source
                 stored.key_id = prior.key_id
             else:
@@ -126,7 +148,8 @@ class Records:
             stored.sealed_fields = dek.seal(
                 body.SerializeToString(), record_aad(w.user_id, self.region, stored.version, stored.key_id)
             )
-            changed[w.user_id] = Row(w.user_id, stored.version, False, stored.SerializeToString(), now)
+            age = now if w.touch or old is None else old.updated_at
+            changed[w.user_id] = Row(w.user_id, stored.version, False, stored.SerializeToString(), age)
             versions.append(stored.version)
         if new_keys:
             assert wk is not None
@@ -136,6 +159,83 @@ class Records:
         if self.outbox:
             self.store.outbox_append([(r.user_id, r.version) for r in changed.values()])
         return versions
+
+    def bump(self, user_ids: list[str], remove: tuple[str, ...] = ()) -> dict[str, int]:
+        """Gives live records a new version without changing their data (but `remove`), so
+        that the replicator projects them again: after a consent, grant, retention or rules
+        change. Returns the new version of each record that exists."""
+        rows = self.store.rows(list(dict.fromkeys(user_ids)))
+        live = [u for u in dict.fromkeys(user_ids) if u in rows and not rows[u].deleted]
+        if not live:
+            return {}
+        versions = self.put([Write(u, "", records_pb2.Record(), remove, touch=False) for u in live])
+        return dict(zip(live, versions, strict=True))
+
+    def _check_cookies(self, writes: list[Write]) -> None:
+        """Policy 5: cookie data is collected only while the user's cookie consent stands."""
+        cookie_fields = self.schema.cookie_fields
+        if not cookie_fields:
+            return
+        users = [w.user_id for w in writes if cookie_fields.intersection(w.body.fields)]
+        if not users:
+            return
+        permits = self.permits_for(users)
+        refused = sorted({u for u in users if not permits[u].cookies})
+        if refused:
+            raise PolicyDenied(
+                f"policy 5: {len(refused)} user(s) have not accepted cookies (first: {refused[0]}); "
+                f"cookie fields ({', '.join(sorted(cookie_fields))}) are not collected without cookie consent"
+            )
+
+    def permits_for(self, user_ids: list[str], now: float | None = None) -> dict[str, Permits]:
+        """Each user's consents and grants, as the rules engine takes them."""
+        now = time.time() if now is None else now
+        consented: dict[str, set[str]] = {u: set() for u in user_ids}
+        sensitive: dict[str, set[str]] = {u: set() for u in user_ids}
+        cookies: set[str] = set()
+        for user, purpose, recipient, is_sensitive, *_ in self.store.consents(list(consented)):
+            if (
+                recipient == ""
+                and covers(purpose, COOKIE_PURPOSE)
+                or purpose == COOKIE_PURPOSE
+                and not recipient
+            ):
+                cookies.add(user)
+            for rule in self.rules.consent_rules(purpose, recipient):
+                (sensitive if is_sensitive else consented)[user].add(rule.id)
+        active: dict[str, list[Grant]] = {u: [] for u in user_ids}
+        ended: dict[str, list[Grant]] = {u: [] for u in user_ids}
+        for user, gid, recipient, purpose, basis, cats, ends_at, revoked_at in self.store.grants_for(
+            list(consented)
+        ):
+            g = Grant(gid, recipient, purpose, basis, tuple(json.loads(cats)), ends_at, revoked_at)
+            (active if g.active(now) else ended)[user].append(g)
+        return {
+            u: Permits(
+                frozenset(consented[u]),
+                frozenset(sensitive[u]),
+                u in cookies,
+                tuple(sorted(active[u], key=lambda g: g.id)),
+                tuple(sorted(ended[u], key=lambda g: g.id)),
+            )
+            for u in consented
+        }
+
+    def project(
+        self, plan: Plan, fields: dict[str, Any], updated_at: float, now: float | None = None
+    ) -> tuple[dict[str, Any], dict[str, Withheld]]:
+        """`plan.project`, then retention: a field sent under a rule with `retention_days`
+        is withheld once the record is older than that."""
+        sent, withheld = plan.project(fields)
+        now = time.time() if now is None else now
+        age_days = (now - updated_at) / 86400
+        for name in list(sent):
+            d = plan.decisions[name]
+            days = d.rule.retention_days if isinstance(d, Allowed) else None
+            if days is not None and age_days > days:
+                del sent[name]
+                withheld[name] = Withheld(RETENTION_EXPIRED)
+        return sent, withheld
 
     def delete(self, user_id: str) -> int:
         """Erases a record: its data key is destroyed with it (crypto-shredding) and a
@@ -271,8 +371,13 @@ class Records:
                 withheld[name] = Withheld("credential")
         if caller.location == self.region:
             return ReadResult(rec, withheld)
-        plan = self.rules.plan(caller.location, caller.purpose)
-        sent, refused = plan.project(rec.fields)
+        permits = self.permits_for([user_id])[user_id]
+        # A grant lets its own recipient read, nobody else (policy 2a, 2b).
+        mine = tuple(g for g in permits.active_grants if caller.identity == f"recipient:{g.recipient}")
+        ended = tuple(g for g in permits.ended_grants if caller.identity == f"recipient:{g.recipient}")
+        permits = dataclasses.replace(permits, active_grants=mine, ended_grants=ended)
+        plan = self.rules.plan(caller.location, caller.purpose, permits)
+        sent, refused = self.project(plan, rec.fields, rec.updated_at)
         withheld.update(refused)
         entry = translog.entry(
             "remote_read",

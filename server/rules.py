@@ -37,8 +37,12 @@ NEVER_TRANSFER = "never_transfer"
 NO_RULE = "no_rule"
 EXCLUDED = "excluded"
 CONSENT_MISSING = "consent_missing"
+SENSITIVE_CONSENT_MISSING = "sensitive_consent_missing"
+COOKIE_CONSENT_MISSING = "cookie_consent_missing"
 SENSITIVE = "sensitive_without_explicit_rule"
 OUT_OF_SCOPE = "out_of_scope_without_explicit_rule"
+RETENTION_EXPIRED = "retention_expired"
+GRANT_ENDED = "grant_ended"
 
 REASON_TEXT = {
     CREDENTIAL: "credentials are kept only as a hash and never leave the home region",
@@ -46,11 +50,30 @@ REASON_TEXT = {
     NO_RULE: "no rule allows this category to this destination for this purpose",
     EXCLUDED: "the rule that covers its category excludes it",
     CONSENT_MISSING: "the rule requires the user's consent, which is not on record",
+    SENSITIVE_CONSENT_MISSING: "sensitive data under consent needs a separate consent for it (PIPL Art. 29)",
+    COOKIE_CONSENT_MISSING: "cookie data goes only while the user's cookie consent stands (policy 5)",
+    RETENTION_EXPIRED: "the copy is older than the rule's retention period",
+    GRANT_ENDED: "the third-party grant that allowed it has ended or was revoked (policy 2a)",
     SENSITIVE: "sensitive data goes only under a rule that names its category explicitly",
     OUT_OF_SCOPE: "data outside the policy's scope goes only under a rule that names it explicitly",
 }
 # When several rules could have carried a field, the reported reason is the most telling.
-_REASON_RANK = [NO_RULE, EXCLUDED, OUT_OF_SCOPE, SENSITIVE, CONSENT_MISSING]
+_REASON_RANK = [
+    NO_RULE,
+    GRANT_ENDED,
+    EXCLUDED,
+    OUT_OF_SCOPE,
+    SENSITIVE,
+    CONSENT_MISSING,
+    SENSITIVE_CONSENT_MISSING,
+    RETENTION_EXPIRED,
+]
+COOKIE_PURPOSE = "functional.storage"
+
+
+def is_cookie(category: str) -> bool:
+    """Policy 5 covers every `user.device.cookie*` category."""
+    return category.startswith("user.device.cookie")
 
 
 def covers(prefix: str, key: str) -> bool:
@@ -77,6 +100,39 @@ class Rule:
     requires_consent: bool = False
     retention_days: int | None = None
     line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A third party's time-bound access to listed categories of listed users (policy 2a)."""
+
+    id: str
+    recipient: str
+    purpose: str
+    legal_basis: str
+    categories: tuple[str, ...]
+    ends_at: float
+    revoked_at: float | None = None
+
+    def active(self, now: float) -> bool:
+        return self.revoked_at is None and now < self.ends_at
+
+    def as_rule(self) -> Rule:
+        return Rule(f"grant:{self.id}", self.recipient, (self.purpose,), self.legal_basis, self.categories)
+
+
+@dataclass(frozen=True, slots=True)
+class Permits:
+    """What one user has agreed to and been granted: the per-user inputs of a plan."""
+
+    consented_rules: frozenset[str] = frozenset()
+    sensitive_rules: frozenset[str] = frozenset()
+    cookies: bool = False
+    active_grants: tuple[Grant, ...] = ()
+    ended_grants: tuple[Grant, ...] = ()
+
+
+NO_PERMITS = Permits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,28 +193,35 @@ class RuleSet:
         """Affiliate regions that some rule could send data to."""
         return sorted({self.recipients[r.recipient].region for r in self.rules})
 
-    def plan(
-        self, destination: str, purpose: str | None = None, consents: frozenset[str] = frozenset()
-    ) -> Plan:
+    def plan(self, destination: str, purpose: str | None = None, permits: Permits = NO_PERMITS) -> Plan:
         """Decides each field for `destination`; `purpose` None means for any rule's purpose
-        (replication), `consents` names the consent-gated rules the user has agreed to."""
-        key = (destination, purpose, consents)
+        (replication); `permits` are the user's consents and grants."""
+        key = (destination, purpose, permits)
         plan = self._cache.get(key)
         if plan is None:
             plan = Plan(
                 destination,
                 purpose,
                 {
-                    name: self._decide(spec, destination, purpose, consents)
+                    name: self._decide(spec, destination, purpose, permits)
                     for name, spec in self.schema.fields.items()
                 },
             )
+            if len(self._cache) > 10_000:  # per-user grants make many keys possible
+                self._cache.clear()
             self._cache[key] = plan
         return plan
 
-    def _decide(
-        self, spec: FieldSpec, destination: str, purpose: str | None, consents: frozenset[str]
-    ) -> Decision:
+    def consent_rules(self, purpose: str, recipient: str) -> list[Rule]:
+        """The consent-gated rules a consent for (`purpose`, `recipient`) satisfies: same
+        recipient, and the consented purpose covers one of the rule's purposes."""
+        return [
+            r
+            for r in self.rules
+            if r.requires_consent and r.recipient == recipient and any(covers(purpose, p) for p in r.purposes)
+        ]
+
+    def _decide(self, spec: FieldSpec, destination: str, purpose: str | None, permits: Permits) -> Decision:
         if spec.credential:
             return Withheld(CREDENTIAL)
         if any(covers(p, spec.category) for p in self.never_transfer):
@@ -166,24 +229,33 @@ class RuleSet:
         if destination == self.home_region:
             # Data coming home is not a transfer abroad; the home region holds everything.
             return Allowed(_HOME_RULE, _HOME_RECIPIENT)
+        if is_cookie(spec.category) and not permits.cookies:
+            return Withheld(COOKIE_CONSENT_MISSING)
         best = NO_RULE
-        for rule in self.rules:
-            recipient = self.recipients[rule.recipient]
-            if recipient.region != destination:
+        candidates = [(r, False) for r in self.rules]
+        candidates += [(g.as_rule(), True) for g in permits.active_grants]
+        candidates += [(g.as_rule(), None) for g in permits.ended_grants]
+        for rule, granted in candidates:
+            recipient = self.recipients.get(rule.recipient)
+            if recipient is None or recipient.region != destination:
                 continue
             if purpose is not None and not any(covers(p, purpose) for p in rule.purposes):
                 continue
             if not any(covers(c, spec.category) for c in rule.categories):
                 continue
             reason = None
-            if any(covers(x, spec.category) for x in rule.exclude):
+            if granted is None:
+                reason = GRANT_ENDED
+            elif any(covers(x, spec.category) for x in rule.exclude):
                 reason = EXCLUDED
             elif spec.sensitive and spec.category not in rule.categories:
                 reason = SENSITIVE
             elif spec.out_of_scope and spec.category not in rule.categories:
                 reason = OUT_OF_SCOPE
-            elif rule.requires_consent and rule.id not in consents:
+            elif rule.requires_consent and rule.id not in permits.consented_rules:
                 reason = CONSENT_MISSING
+            elif spec.sensitive and rule.legal_basis == "consent" and rule.id not in permits.sensitive_rules:
+                reason = SENSITIVE_CONSENT_MISSING
             if reason is None:
                 return Allowed(rule, recipient)
             if _REASON_RANK.index(reason) > _REASON_RANK.index(best):
@@ -201,11 +273,19 @@ def load_rules(path: str | Path, schema: Schema) -> RuleSet:
     path = Path(path)
     try:
         text = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read rules: {e}") from e
+    return rules_from_bytes(text, schema, str(path))
+
+
+def rules_from_bytes(text: bytes, schema: Schema, where: str) -> RuleSet:
+    """Parses and validates rules; the version is a hash of exactly these bytes."""
+    try:
         doc = yaml.safe_load(text)
         lines = _rule_lines(text)
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read rules: {e}") from e
-    return parse_rules(doc, schema, str(path), hashlib.sha256(text).hexdigest()[:16], lines)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from e
+    return parse_rules(doc, schema, where, hashlib.sha256(text).hexdigest()[:16], lines)
 
 
 def _rule_lines(text: bytes) -> list[int]:

@@ -77,6 +77,11 @@ class Schema:
     version: int = 1
 
     @cached_property
+    def cookie_fields(self) -> frozenset[str]:
+        """Fields policy 5 covers: every `user.device.cookie*` category."""
+        return frozenset(n for n, s in self.fields.items() if s.category.startswith("user.device.cookie"))
+
+    @cached_property
     def credential_fields(self) -> frozenset[str]:
         return frozenset(n for n, s in self.fields.items() if s.credential)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,10 @@ from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     common_pb2,
+    consent_pb2,
+    consent_pb2_grpc,
+    disclosure_pb2,
+    disclosure_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     replica_pb2,
@@ -28,6 +33,7 @@ from residency.v1 import (
     translog_pb2_grpc,
 )
 from server import codec
+from server.consent import ConsentChange, Disclosure, Policy, refusal_error
 from server.crypto import SealError, hash_credential, verify_credential
 from server.errors import (
     ConfigError,
@@ -35,6 +41,7 @@ from server.errors import (
     InvalidRecord,
     KeyUnavailable,
     NotFound,
+    PolicyDenied,
     ResidencyError,
     TransferDenied,
 )
@@ -51,6 +58,7 @@ _CODES = {
     ConfigError: code_pb2.INVALID_ARGUMENT,
     NotFound: code_pb2.NOT_FOUND,
     TransferDenied: code_pb2.PERMISSION_DENIED,
+    PolicyDenied: code_pb2.PERMISSION_DENIED,
     KeyUnavailable: code_pb2.UNAVAILABLE,
     SealError: code_pb2.FAILED_PRECONDITION,
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,
@@ -105,7 +113,15 @@ class Node:
         self.records = records
         self.db = db
         self.replicator = replicator
+        self.policy = Policy(records)
         self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
+        # Re-projection after a rules change: (done, total).
+        self.backfill = (0, 0)
+        self.reload_rules: Any = None
+
+    def wake(self) -> None:
+        if self.replicator is not None:
+            self.replicator.wake()
 
     def caller(self, ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext) -> Caller:
         identity = ""
@@ -137,10 +153,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         self.records = node.records
 
     def _primary_only(self) -> None:
-        if not self.records.primary:
-            raise FailedPrecondition(
-                f"{self.records.region} holds copies only; write to the home region's primary"
-            )
+        primary_only(self.node)
 
     async def _writes(self, records: Any, path: str) -> list[Write]:
         """Validates every record (all violations at once) and hashes credentials."""
@@ -263,8 +276,14 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         return records_pb2.VerifyCredentialResponse(match=match)
 
     def _wake(self) -> None:
-        if self.node.replicator is not None:
-            self.node.replicator.wake()
+        self.node.wake()
+
+
+def primary_only(node: Node) -> None:
+    if not node.records.primary:
+        raise FailedPrecondition(
+            f"{node.records.region} holds copies only; send this to the home region's primary"
+        )
 
 
 def _check_user(user_id: str) -> None:
@@ -334,7 +353,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             live, dead = store.counts()
             fields: dict[str, int] = {}
             after = ""
-            while page := store.live_blobs(after, 2000):
+            # Copies name their fields outside the seal; home records keep even that sealed.
+            while not records.primary and (page := store.live_blobs(after, 2000)):
                 for _user_id, blob in page:
                     for name in replica_pb2.SealedCopy.FromString(blob).sealed_fields:
                         fields[name] = fields.get(name, 0) + 1
@@ -350,6 +370,30 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             log_entries=s["log"],
             rules_version=records.rules.version,
             field_counts=s["fields"],
+            rules_backfill_done=self.node.backfill[0],
+            rules_backfill_total=self.node.backfill[1],
+        )
+
+    @rpc
+    async def ExplainTransfer(self, request, context):
+        _check_user(request.user_id)
+        policy = self.node.policy
+        items = await self.node.db.call(policy.explain, request.user_id, request.to, request.purpose)
+        return admin_pb2.ExplainTransferResponse(
+            user_id=request.user_id,
+            to=request.to,
+            purpose=request.purpose,
+            rules_version=self.node.records.rules.version,
+            fields=[admin_pb2.FieldDecision(**i) for i in items],
+        )
+
+    @rpc
+    async def ApplyRules(self, request, context):
+        primary_only(self.node)
+        identity = dict(context.invocation_metadata() or ()).get(IDENTITY_KEY, "operator")
+        prev, version, total = await self.node.reload_rules(request.rules_yaml.encode(), identity, True)
+        return admin_pb2.ApplyRulesResponse(
+            previous_version=prev, version=version, records_to_reproject=total
         )
 
     @rpc
@@ -362,3 +406,161 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             head_sequence=s["head"],
             destinations=[admin_pb2.DestinationStatus(**d) for d in s["destinations"]],
         )
+
+
+def _consent_changes(consents: Any) -> list[ConsentChange]:
+    return [ConsentChange(c.user_id, c.purpose, c.recipient, c.sensitive, c.evidence) for c in consents]
+
+
+class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
+    """Policy 2a, 2c and 5: consents per user, purpose and recipient."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    async def _set(self, request, context, withdraw: bool) -> int:
+        primary_only(self.node)
+        caller = self.node.caller(request.context, context)
+        changes = _consent_changes(request.consents)
+        policy = self.node.policy
+        policy.check_consents(changes)
+        changed = await self.node.db.write(lambda: policy.set_consents(changes, withdraw, caller.identity))
+        self.node.wake()
+        return changed
+
+    @rpc
+    async def GrantConsents(self, request, context):
+        return consent_pb2.GrantConsentsResponse(changed=await self._set(request, context, False))
+
+    @rpc
+    async def WithdrawConsents(self, request, context):
+        return consent_pb2.WithdrawConsentsResponse(changed=await self._set(request, context, True))
+
+    @rpc
+    async def ListConsents(self, request, context):
+        self.node.caller(request.context, context)
+        _check_user(request.user_id)
+        rows = await self.node.db.call(self.node.db.store.consents, [request.user_id], True)
+        return consent_pb2.ListConsentsResponse(
+            consents=[
+                consent_pb2.Consent(
+                    user_id=u,
+                    purpose=p,
+                    recipient=r,
+                    sensitive=bool(s),
+                    evidence=e,
+                    actor=a,
+                    granted_at=codec.timestamp(g),
+                    withdrawn_at=codec.timestamp(w) if w else None,
+                )
+                for u, p, r, s, g, w, e, a in rows
+            ]
+        )
+
+
+class GrantService(consent_pb2_grpc.GrantServiceServicer):
+    """Policy 2a: a third party's access ends with the service it helps provide."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    @rpc
+    async def CreateGrant(self, request, context):
+        primary_only(self.node)
+        caller = self.node.caller(request.context, context)
+        g = request.grant
+        spec = {
+            "id": g.id,
+            "recipient": g.recipient,
+            "purpose": g.purpose,
+            "legal_basis": g.legal_basis or "contract",
+            "categories": list(g.categories),
+            "ends_at": g.ends_at.seconds + g.ends_at.nanos / 1e9,
+        }
+        users = list(dict.fromkeys(g.user_ids))
+        policy = self.node.policy
+        grant_id = await self.node.db.write(lambda: policy.create_grant(spec, users, caller.identity))
+        self.node.wake()
+        return consent_pb2.CreateGrantResponse(id=grant_id)
+
+    @rpc
+    async def RevokeGrant(self, request, context):
+        primary_only(self.node)
+        caller = self.node.caller(request.context, context)
+        policy = self.node.policy
+        revoked = await self.node.db.write(lambda: policy.revoke_grant(request.id, caller.identity))
+        self.node.wake()
+        return consent_pb2.RevokeGrantResponse(revoked=revoked)
+
+    @rpc
+    async def ListGrants(self, request, context):
+        self.node.caller(request.context, context)
+        rows = await self.node.db.call(self.node.db.store.grants_list)
+        return consent_pb2.ListGrantsResponse(
+            grants=[
+                consent_pb2.Grant(
+                    id=i,
+                    recipient=r,
+                    purpose=p,
+                    legal_basis=b,
+                    categories=json.loads(c),
+                    created_at=codec.timestamp(created),
+                    ends_at=codec.timestamp(ends),
+                    revoked_at=codec.timestamp(revoked) if revoked else None,
+                    user_count=n,
+                )
+                for i, r, p, b, c, created, ends, revoked, _, n in rows
+            ]
+        )
+
+
+_GROUND_NAMES = {
+    disclosure_pb2.DISCLOSURE_GROUND_CONSENT: "consent",
+    disclosure_pb2.DISCLOSURE_GROUND_REQUESTED_SERVICE: "requested_service",
+    disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST: "judicial_or_administrative_request",
+    disclosure_pb2.DISCLOSURE_GROUND_VIOLATION_OF_LAW_OR_AGREEMENT: "violation_of_law_or_agreement",
+    disclosure_pb2.DISCLOSURE_GROUND_IP_COMPLAINT: "ip_complaint",
+    disclosure_pb2.DISCLOSURE_GROUND_TRANSACTION_DISPUTE: "transaction_dispute",
+    disclosure_pb2.DISCLOSURE_GROUND_OTHER_LEGAL_BASIS: "other_legal_basis",
+}
+
+
+class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
+    """Policy 3a-3g: every disclosure names its ground and evidence, given or refused, logged."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    @rpc
+    async def Disclose(self, request, context):
+        primary_only(self.node)
+        caller = self.node.caller(request.context, context)
+        _check_user(request.user_id)
+        ground = _GROUND_NAMES.get(request.ground)
+        if ground is None:
+            raise InvalidRecord([("ground", "name one of the policy's grounds 3a-3g")])
+        d = Disclosure(
+            request.user_id,
+            request.third_party,
+            ground,
+            list(request.fields),
+            {
+                "reference": request.reference,
+                "approver": request.approver,
+                "provision": request.provision,
+                "service": request.service,
+            },
+        )
+        policy = self.node.policy
+        sent, withheld, seq, refusal = await self.node.db.write(lambda: policy.disclose(d, caller))
+        if refusal:
+            raise refusal_error(refusal, seq)
+        schema = self.node.records.schema.fields
+        reply = disclosure_pb2.DiscloseResponse(log_sequence=seq)
+        for name, value in sent.items():
+            reply.fields[name].CopyFrom(value)
+        reply.withheld.extend(
+            common_pb2.WithheldField(field=n, category=schema[n].category, reason=w.reason, detail=w.detail)
+            for n, w in sorted(withheld.items())
+        )
+        return reply

@@ -90,7 +90,43 @@ MIGRATIONS: list[str] = [
         chain    BLOB NOT NULL
     );
     """,
-    # 2: the keyring, a separate file (keys.db) beside node.db: per-user wrapped data keys
+    # 2: consents, third-party grants, retention sweeps (issue 3)
+    """
+    CREATE TABLE consents (
+        user_id     TEXT NOT NULL,
+        purpose     TEXT NOT NULL,
+        recipient   TEXT NOT NULL,
+        sensitive   INTEGER NOT NULL,
+        granted_at  REAL NOT NULL,
+        withdrawn_at REAL,
+        evidence    TEXT NOT NULL,
+        actor       TEXT NOT NULL,
+        PRIMARY KEY (user_id, purpose, recipient, sensitive)
+    ) WITHOUT ROWID;
+    CREATE TABLE grants (
+        id          TEXT PRIMARY KEY,
+        recipient   TEXT NOT NULL,
+        purpose     TEXT NOT NULL,
+        legal_basis TEXT NOT NULL,
+        categories  TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        ends_at     REAL NOT NULL,
+        revoked_at  REAL,
+        ended_logged INTEGER NOT NULL DEFAULT 0,
+        actor       TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE grant_users (
+        grant_id TEXT NOT NULL,
+        user_id  TEXT NOT NULL,
+        PRIMARY KEY (user_id, grant_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE sweeps (
+        name   TEXT PRIMARY KEY,
+        cutoff REAL NOT NULL
+    );
+    CREATE INDEX records_updated ON records (updated_at)
+    """,
+    # 3: the keyring (issue 4), a separate file (keys.db) beside node.db: per-user wrapped data keys
     # and the wrapping keys that wrap them. Kept apart so that erasing a user's data key
     # makes any earlier copy of node.db unreadable for that user.
     """
@@ -330,6 +366,129 @@ class SqliteStore:
             "DELETE FROM keyring.wrapping_keys "
             "WHERE id NOT IN (SELECT DISTINCT wrapping_key FROM keyring.data_keys)"
         ).rowcount
+
+    # ---- consents and grants (issue 3) ------------------------------------------------
+
+    def consent_set(
+        self,
+        user_id: str,
+        purpose: str,
+        recipient: str,
+        sensitive: bool,
+        when: float,
+        evidence: str,
+        actor: str,
+        withdraw: bool,
+    ) -> bool:
+        """Grants or withdraws one consent; returns whether the standing state changed."""
+        row = self._db.execute(
+            "SELECT withdrawn_at FROM consents WHERE user_id=? AND purpose=? AND recipient=? AND sensitive=?",
+            (user_id, purpose, recipient, int(sensitive)),
+        ).fetchone()
+        standing = row is not None and row[0] is None
+        if withdraw:
+            if standing:
+                self._db.execute(
+                    "UPDATE consents SET withdrawn_at=?, evidence=?, actor=? WHERE user_id=? AND purpose=? "
+                    "AND recipient=? AND sensitive=?",
+                    (when, evidence, actor, user_id, purpose, recipient, int(sensitive)),
+                )
+            return standing
+        self._db.execute(
+            "INSERT OR REPLACE INTO consents (user_id, purpose, recipient, sensitive, granted_at,"
+            " withdrawn_at, evidence, actor) VALUES (?,?,?,?,?,NULL,?,?)",
+            (user_id, purpose, recipient, int(sensitive), when, evidence, actor),
+        )
+        return not standing
+
+    def consents(self, user_ids: list[str], include_withdrawn: bool = False) -> list[tuple]:
+        """(user_id, purpose, recipient, sensitive, granted_at, withdrawn_at, evidence, actor)."""
+        out: list[tuple] = []
+        for i in range(0, len(user_ids), 500):
+            chunk = user_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            extra = "" if include_withdrawn else " AND withdrawn_at IS NULL"
+            out += self._db.execute(
+                "SELECT user_id, purpose, recipient, sensitive, granted_at, withdrawn_at, evidence, actor "
+                f"FROM consents WHERE user_id IN ({marks}){extra} ORDER BY user_id, purpose, recipient",
+                chunk,
+            ).fetchall()
+        return out
+
+    def grant_put(self, grant: dict[str, Any], users: list[str]) -> None:
+        self._db.execute(
+            "INSERT INTO grants (id, recipient, purpose, legal_basis, categories, created_at, ends_at, actor)"
+            " VALUES (:id, :recipient, :purpose, :legal_basis, :categories, :created_at, :ends_at, :actor)",
+            grant,
+        )
+        self._db.executemany(
+            "INSERT OR IGNORE INTO grant_users (grant_id, user_id) VALUES (?,?)",
+            [(grant["id"], u) for u in users],
+        )
+
+    def grant_revoke(self, grant_id: str, when: float) -> bool:
+        cur = self._db.execute(
+            "UPDATE grants SET revoked_at=? WHERE id=? AND revoked_at IS NULL", (when, grant_id)
+        )
+        return cur.rowcount == 1
+
+    def grants_for(self, user_ids: list[str]) -> list[tuple]:
+        """(user_id, id, recipient, purpose, legal_basis, categories, ends_at, revoked_at) of every grant
+        naming one of `user_ids`, ended or not."""
+        out: list[tuple] = []
+        for i in range(0, len(user_ids), 500):
+            chunk = user_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out += self._db.execute(
+                "SELECT gu.user_id, g.id, g.recipient, g.purpose, g.legal_basis, g.categories, g.ends_at,"
+                " g.revoked_at FROM grant_users gu JOIN grants g ON g.id = gu.grant_id"
+                f" WHERE gu.user_id IN ({marks})",
+                chunk,
+            ).fetchall()
+        return out
+
+    def grants_list(self) -> list[tuple]:
+        return self._db.execute(
+            "SELECT id, recipient, purpose, legal_basis, categories, created_at, ends_at, revoked_at, actor,"
+            " (SELECT count(*) FROM grant_users WHERE grant_id = grants.id) FROM grants ORDER BY created_at"
+        ).fetchall()
+
+    def grants_ended_unlogged(self, now: float) -> list[tuple[str, str, float | None]]:
+        """Grants past their end (or revoked) whose ending is not yet carried out."""
+        return self._db.execute(
+            "SELECT id, recipient, revoked_at FROM grants"
+            " WHERE ended_logged=0 AND (ends_at <= ? OR revoked_at IS NOT NULL)",
+            (now,),
+        ).fetchall()
+
+    def grant_users(self, grant_id: str) -> list[str]:
+        return [
+            r[0] for r in self._db.execute("SELECT user_id FROM grant_users WHERE grant_id=?", (grant_id,))
+        ]
+
+    def grant_mark_ended(self, grant_id: str) -> None:
+        self._db.execute("UPDATE grants SET ended_logged=1 WHERE id=?", (grant_id,))
+
+    def sweep_cutoff(self, name: str) -> float:
+        row = self._db.execute("SELECT cutoff FROM sweeps WHERE name=?", (name,)).fetchone()
+        return row[0] if row else 0.0
+
+    def set_sweep_cutoff(self, name: str, cutoff: float) -> None:
+        self._db.execute(
+            "INSERT INTO sweeps (name, cutoff) VALUES (?,?)"
+            " ON CONFLICT(name) DO UPDATE SET cutoff=excluded.cutoff",
+            (name, cutoff),
+        )
+
+    def live_updated_between(self, after: float, upto: float, limit: int) -> list[str]:
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT user_id FROM records WHERE deleted=0 AND updated_at > ? AND updated_at <= ? "
+                "ORDER BY updated_at LIMIT ?",
+                (after, upto, limit),
+            )
+        ]
 
     def close(self) -> None:
         self._db.close()

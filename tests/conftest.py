@@ -15,11 +15,14 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import yaml
 
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     common_pb2,
+    consent_pb2,
+    consent_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     replica_pb2_grpc,
@@ -32,13 +35,19 @@ from server.demo import Deployment, wait_replicated
 from server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment, local_keys
 
 IDENTITY = (("x-residency-identity", "test:suite"),)
+COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)
 
 
 class Cluster:
     """A deployment folder and its node processes, with typed clients for the tests."""
 
-    def __init__(self, directory: Path, keys: Any = local_keys):
+    def __init__(self, directory: Path, sweep_seconds: float = 0.3, keys: Any = local_keys):
         init_deployment(directory, keys=keys)
+        # Grants end and retention expires within a test's patience.
+        primary = directory / f"{PRIMARY}.yaml"
+        doc = yaml.safe_load(primary.read_text())
+        doc["policy_sweep_seconds"] = sweep_seconds
+        primary.write_text(yaml.safe_dump(doc, sort_keys=False))
         self.dir = directory
         self.dep = Deployment(directory)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -104,6 +113,40 @@ class Cluster:
             metadata=IDENTITY,
             timeout=30,
         )
+
+    async def consent(
+        self,
+        user_ids: str | list[str],
+        purpose: str,
+        recipient: str = "",
+        *,
+        withdraw: bool = False,
+        sensitive: bool = False,
+    ) -> int:
+        """Grants (or withdraws) one consent for each user; returns how many changed."""
+        users = [user_ids] if isinstance(user_ids, str) else user_ids
+        consents = [
+            consent_pb2.Consent(
+                user_id=u, purpose=purpose, recipient=recipient, sensitive=sensitive, evidence="test suite"
+            )
+            for u in users
+        ]
+        stub = consent_pb2_grpc.ConsentServiceStub(self.channel(PRIMARY))
+        c = ctx(PRIMARY, "essential.service")
+        if withdraw:
+            reply = await stub.WithdrawConsents(
+                consent_pb2.WithdrawConsentsRequest(context=c, consents=consents),
+                metadata=IDENTITY,
+                timeout=30,
+            )
+        else:
+            reply = await stub.GrantConsents(
+                consent_pb2.GrantConsentsRequest(context=c, consents=consents), metadata=IDENTITY, timeout=30
+            )
+        return reply.changed
+
+    async def accept_cookies(self, user_ids: str | list[str]) -> None:
+        await self.consent(user_ids, COOKIES)
 
     async def delete(self, user_id: str) -> int:
         reply = await self.records().DeleteRecord(

@@ -227,6 +227,7 @@ async def test_no_plaintext_field_value_exists_in_any_data_dir(cluster: Cluster)
         "transactions": [sentinel],
         "violation_records": [sentinel],
     }
+    await cluster.accept_cookies([f"s-{i}" for i in range(20)])
     for i in range(20):
         await cluster.put(f"s-{i}", fields)
     await cluster.replicated()

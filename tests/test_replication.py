@@ -13,7 +13,7 @@ import pytest
 
 from residency.v1 import admin_pb2, replica_pb2
 from server.deployment import AFFILIATES, PRIMARY
-from server.rules import Allowed, load_rules
+from server.rules import Allowed, Permits, load_rules
 from server.schema import load_schema
 from tests.conftest import Cluster, values
 
@@ -40,12 +40,14 @@ FULL = {
 
 
 def allowed_fields(cluster: Cluster, region: str) -> set[str]:
+    """What the rules send `region` for a user who accepted cookies and nothing else."""
     rules = load_rules(cluster.dir / "rules.yaml", load_schema(cluster.dir / "schema.yaml"))
-    plan = rules.plan(region)
+    plan = rules.plan(region, None, Permits(cookies=True))
     return {n for n, d in plan.decisions.items() if isinstance(d, Allowed)}
 
 
 async def test_each_region_holds_exactly_the_fields_its_rules_allow(cluster: Cluster):
+    await cluster.accept_cookies("u-1")
     await cluster.put("u-1", FULL)
     await cluster.replicated()
     seen = {}
@@ -63,6 +65,7 @@ async def test_each_region_holds_exactly_the_fields_its_rules_allow(cluster: Clu
 
 
 async def test_replication_is_logged_per_record_and_region_with_rule_and_withheld(cluster: Cluster):
+    await cluster.accept_cookies("u-2")
     await cluster.put("u-2", FULL)
     await cluster.replicated()
     entries = [json.loads(e) for _, e, _ in await cluster.log()]
@@ -110,6 +113,7 @@ async def test_replaying_an_older_copy_never_goes_back_in_time(cluster: Cluster)
 
 
 async def test_erasure_propagates_to_every_region_and_is_logged(cluster: Cluster):
+    await cluster.accept_cookies("u-5")
     await cluster.put("u-5", FULL)
     await cluster.replicated()
     version = await cluster.delete("u-5")

@@ -10,13 +10,20 @@ from hypothesis import strategies as st
 from server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA
 from server.errors import ConfigError
 from server.rules import (
+    CONSENT_MISSING,
+    COOKIE_CONSENT_MISSING,
     CREDENTIAL,
     EXCLUDED,
+    GRANT_ENDED,
     NEVER_TRANSFER,
+    NO_PERMITS,
     NO_RULE,
     OUT_OF_SCOPE,
     SENSITIVE,
+    SENSITIVE_CONSENT_MISSING,
     Allowed,
+    Grant,
+    Permits,
     Withheld,
     covers,
     load_rules,
@@ -38,12 +45,14 @@ def rules_doc(**over) -> dict:
     return doc
 
 
+def sent_to(rules, region: str, permits: Permits = NO_PERMITS, purpose: str | None = None) -> set[str]:
+    return {n for n, d in rules.plan(region, purpose, permits).decisions.items() if isinstance(d, Allowed)}
+
+
 def test_the_example_rules_send_each_affiliate_a_different_subset(schema):
     rules = parse_rules(rules_doc(), schema, "rules.yaml", "v")
-    sent = {
-        r: {n for n, d in rules.plan(r).decisions.items() if isinstance(d, Allowed)}
-        for r in ("ap-southeast-1", "eu-west-1")
-    }
+    cookies = Permits(cookies=True)
+    sent = {r: sent_to(rules, r, cookies) for r in ("ap-southeast-1", "eu-west-1")}
     assert sent["ap-southeast-1"] == {
         "name",
         "phone",
@@ -56,6 +65,7 @@ def test_the_example_rules_send_each_affiliate_a_different_subset(schema):
     }
     assert sent["eu-west-1"] == {"language", "visit_time", "pages_visited", "email", "transactions"}
     d = rules.plan("ap-southeast-1").decisions
+    assert d["cookie_id"] == Withheld(COOKIE_CONSENT_MISSING)  # policy 5: no cookie consent, no cookie data
     assert d["national_id"] == Withheld(NEVER_TRANSFER)
     assert d["password"] == Withheld(CREDENTIAL)
     assert d["address"] == Withheld(EXCLUDED)
@@ -174,3 +184,47 @@ def test_never_transfer_and_exclude_always_win_and_decisions_are_stable(schema, 
             if spec.sensitive or spec.out_of_scope:
                 assert spec.category in rule_cats
     assert all(isinstance(d, Withheld) for d in rules.plan("eu-west-1").decisions.values())
+
+
+def test_consent_gated_rules_send_only_with_the_users_consent(schema):
+    rules = parse_rules(rules_doc(), schema, "rules.yaml", "v")
+    assert rules.plan("eu-west-1").decisions["phone"] == Withheld(CONSENT_MISSING)
+    [rule] = rules.consent_rules("marketing.communications", "ie-affiliate")
+    assert rule.id == "ie-marketing"
+    assert rules.consent_rules("marketing", "ie-affiliate") == [rule]  # a broader consent covers it
+    assert rules.consent_rules("marketing.communications", "sg-affiliate") == []
+    assert {"name", "phone"} <= sent_to(rules, "eu-west-1", Permits(consented_rules=frozenset({rule.id})))
+
+
+def test_sensitive_data_under_consent_needs_a_separate_consent(schema):
+    doc = rules_doc(
+        rules=[
+            {
+                "id": "health",
+                "recipient": "sg-affiliate",
+                "purposes": ["essential.service"],
+                "legal_basis": "consent",
+                "categories": ["user.criminal_history"],
+            }
+        ]
+    )
+    rules = parse_rules(doc, schema, "rules.yaml", "v")
+    general = Permits(consented_rules=frozenset({"health"}))
+    assert rules.plan("ap-southeast-1", None, general).decisions["violation_records"] == Withheld(
+        SENSITIVE_CONSENT_MISSING
+    )
+    both = Permits(consented_rules=frozenset({"health"}), sensitive_rules=frozenset({"health"}))
+    assert "violation_records" in sent_to(rules, "ap-southeast-1", both)
+
+
+def test_grants_allow_until_they_end_and_then_say_so(schema):
+    rules = parse_rules(rules_doc(), schema, "rules.yaml", "v")
+    g = Grant("g1", "sg-affiliate", "essential.service", "contract", ("user.behavior.browsing_history",), 2e9)
+    assert "pages_visited" in sent_to(rules, "ap-southeast-1", Permits(active_grants=(g,)))
+    assert rules.plan("ap-southeast-1", None, Permits(ended_grants=(g,))).decisions[
+        "pages_visited"
+    ] == Withheld(GRANT_ENDED)
+    # A grant never opens what never_transfer or credentials close.
+    wide = Grant("g2", "sg-affiliate", "essential.service", "contract", ("user",), 2e9)
+    sent = sent_to(rules, "ap-southeast-1", Permits(active_grants=(wide,)))
+    assert not sent & {"national_id", "password", "search_keywords"}

@@ -42,7 +42,7 @@ def ten_fields(i: int) -> dict[str, common_pb2.Value]:
         "browser_type": s("Firefox 145"),
         "language": s("zh-CN"),
         "hardware_software": s("Android 16; Pixel 10"),
-        "cookie_id": s(f"ck-{i:016x}"),
+        "published_content": s(f"Review {i}: works as described."),
         "partner_profile": s("frequent traveller; prefers rail"),
     }
 

@@ -6,12 +6,72 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExplainTransferRequest(_message.Message):
+    __slots__ = ("user_id", "to", "purpose")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    to: str
+    purpose: str
+    def __init__(self, user_id: _Optional[str] = ..., to: _Optional[str] = ..., purpose: _Optional[str] = ...) -> None: ...
+
+class FieldDecision(_message.Message):
+    __slots__ = ("field", "category", "transferred", "rule", "legal_basis", "recipient", "reason", "detail")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    LEGAL_BASIS_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    category: str
+    transferred: bool
+    rule: str
+    legal_basis: str
+    recipient: str
+    reason: str
+    detail: str
+    def __init__(self, field: _Optional[str] = ..., category: _Optional[str] = ..., transferred: _Optional[bool] = ..., rule: _Optional[str] = ..., legal_basis: _Optional[str] = ..., recipient: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ExplainTransferResponse(_message.Message):
+    __slots__ = ("user_id", "to", "purpose", "rules_version", "fields")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    to: str
+    purpose: str
+    rules_version: str
+    fields: _containers.RepeatedCompositeFieldContainer[FieldDecision]
+    def __init__(self, user_id: _Optional[str] = ..., to: _Optional[str] = ..., purpose: _Optional[str] = ..., rules_version: _Optional[str] = ..., fields: _Optional[_Iterable[_Union[FieldDecision, _Mapping]]] = ...) -> None: ...
+
+class ApplyRulesRequest(_message.Message):
+    __slots__ = ("rules_yaml",)
+    RULES_YAML_FIELD_NUMBER: _ClassVar[int]
+    rules_yaml: str
+    def __init__(self, rules_yaml: _Optional[str] = ...) -> None: ...
+
+class ApplyRulesResponse(_message.Message):
+    __slots__ = ("previous_version", "version", "records_to_reproject")
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_TO_REPROJECT_FIELD_NUMBER: _ClassVar[int]
+    previous_version: str
+    version: str
+    records_to_reproject: int
+    def __init__(self, previous_version: _Optional[str] = ..., version: _Optional[str] = ..., records_to_reproject: _Optional[int] = ...) -> None: ...
+
 class GetNodeStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetNodeStatusResponse(_message.Message):
-    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts")
+    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total")
     class FieldCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +86,8 @@ class GetNodeStatusResponse(_message.Message):
     LOG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
     FIELD_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    RULES_BACKFILL_DONE_FIELD_NUMBER: _ClassVar[int]
+    RULES_BACKFILL_TOTAL_FIELD_NUMBER: _ClassVar[int]
     region: str
     role: str
     records: int
@@ -33,7 +95,9 @@ class GetNodeStatusResponse(_message.Message):
     log_entries: int
     rules_version: str
     field_counts: _containers.ScalarMap[str, int]
-    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    rules_backfill_done: int
+    rules_backfill_total: int
+    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ...) -> None: ...
 
 class ReplicationStatusRequest(_message.Message):
     __slots__ = ()

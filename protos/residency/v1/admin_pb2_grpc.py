@@ -44,6 +44,16 @@ class AdminServiceStub:
                 request_serializer=residency_dot_v1_dot_admin__pb2.ReplicationStatusRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_admin__pb2.ReplicationStatusResponse.FromString,
                 _registered_method=True)
+        self.ExplainTransfer = channel.unary_unary(
+                '/residency.v1.AdminService/ExplainTransfer',
+                request_serializer=residency_dot_v1_dot_admin__pb2.ExplainTransferRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.ExplainTransferResponse.FromString,
+                _registered_method=True)
+        self.ApplyRules = channel.unary_unary(
+                '/residency.v1.AdminService/ApplyRules',
+                request_serializer=residency_dot_v1_dot_admin__pb2.ApplyRulesRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.ApplyRulesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -63,6 +73,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainTransfer(self, request, context):
+        """For every field of a user's record: would it go to a region for a purpose, under which
+        rule and legal basis, or why not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyRules(self, request, context):
+        """Validates and swaps the rule set atomically; copies are then withdrawn or backfilled
+        in the background (see GetNodeStatus.rules_backfill_*).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +101,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ReplicationStatus,
                     request_deserializer=residency_dot_v1_dot_admin__pb2.ReplicationStatusRequest.FromString,
                     response_serializer=residency_dot_v1_dot_admin__pb2.ReplicationStatusResponse.SerializeToString,
+            ),
+            'ExplainTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainTransfer,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.ExplainTransferRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.ExplainTransferResponse.SerializeToString,
+            ),
+            'ApplyRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyRules,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.ApplyRulesRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.ApplyRulesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +167,60 @@ class AdminService:
             '/residency.v1.AdminService/ReplicationStatus',
             residency_dot_v1_dot_admin__pb2.ReplicationStatusRequest.SerializeToString,
             residency_dot_v1_dot_admin__pb2.ReplicationStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/ExplainTransfer',
+            residency_dot_v1_dot_admin__pb2.ExplainTransferRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.ExplainTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/ApplyRules',
+            residency_dot_v1_dot_admin__pb2.ApplyRulesRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.ApplyRulesResponse.FromString,
             options,
             channel_credentials,
             insecure,

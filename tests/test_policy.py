@@ -1,0 +1,455 @@
+"""The privacy policy as enforced behaviour, over real nodes: consent (2a, 2c, 5),
+third-party grants (2a), disclosures (3a-3g), explanations and rule changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+
+from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, disclosure_pb2_grpc
+from server import codec
+from server.deployment import EXAMPLE_RULES, PRIMARY
+from tests.conftest import COOKIES, IDENTITY, Cluster, ctx, values
+
+SG, EU = "ap-southeast-1", "eu-west-1"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, deadline: float = 30.0) -> None:
+    """Waits until `check()` holds, or fails naming `what`."""
+    end = time.monotonic() + deadline
+    while not await check():
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
+async def copy_fields(cluster: Cluster, user: str, region: str) -> set[str]:
+    try:
+        return set((await cluster.get(user, region=region)).record.fields)
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return set()
+        raise
+
+
+async def log_entries(cluster: Cluster, **match) -> list[dict]:
+    entries = [json.loads(e) for _, e, _ in await cluster.log()]
+    return [e for e in entries if all(e.get(k) == v for k, v in match.items())]
+
+
+# ---- policy 2c: partner marketing only with prior consent; withdrawal withdraws ------------
+
+
+async def test_consent_gated_fields_go_only_after_consent_and_leave_on_withdrawal(cluster: Cluster):
+    await cluster.put("c-1", {"name": "Li Wei", "phone": "+86 1380000", "email": "li@example.cn"})
+    await cluster.replicated()
+    assert await copy_fields(cluster, "c-1", EU) == {"email"}
+    assert await cluster.consent("c-1", "marketing.communications", "ie-affiliate") == 1
+    assert await cluster.consent("c-1", "marketing.communications", "ie-affiliate") == 0  # already standing
+    await cluster.replicated()
+    assert await copy_fields(cluster, "c-1", EU) == {"email", "name", "phone"}
+    assert await cluster.consent("c-1", "marketing.communications", "ie-affiliate", withdraw=True) == 1
+    await cluster.replicated()
+    assert await copy_fields(cluster, "c-1", EU) == {"email"}
+    consents = await log_entries(cluster, kind="consent", subject="c-1")
+    assert [e["reason"] for e in consents] == ["granted", "withdrawn"]
+    assert all(e["recipient"] == "ie-affiliate" and e["destination_region"] == EU for e in consents)
+    sent = await log_entries(cluster, kind="replication", subject="c-1", destination_region=EU)
+    marketing = [f for e in sent for f in e["fields"] if f.get("rule") == "ie-marketing"]
+    assert {f["legal_basis"] for f in marketing} == {"consent"}
+    last = sent[-1]
+    assert {w["name"]: w["reason"] for w in last["withheld"]}["phone"] == "consent_missing"
+
+
+async def test_consent_list_shows_standing_and_withdrawn_consents(cluster: Cluster):
+    await cluster.consent("c-2", "marketing.communications", "ie-affiliate")
+    await cluster.consent("c-2", COOKIES)
+    await cluster.consent("c-2", COOKIES, withdraw=True)
+    stub = consent_pb2_grpc.ConsentServiceStub(cluster.channel(PRIMARY))
+    reply = await stub.ListConsents(
+        consent_pb2.ListConsentsRequest(context=ctx(PRIMARY, "essential.service"), user_id="c-2"),
+        metadata=IDENTITY,
+        timeout=10,
+    )
+    by_purpose = {c.purpose: c for c in reply.consents}
+    assert by_purpose["marketing.communications"].recipient == "ie-affiliate"
+    assert not by_purpose["marketing.communications"].HasField("withdrawn_at")
+    assert by_purpose[COOKIES].HasField("withdrawn_at")
+    assert all(c.evidence == "test suite" and c.actor == "test:suite" for c in reply.consents)
+
+
+async def test_a_consent_for_an_unknown_recipient_or_purpose_is_refused(cluster: Cluster):
+    stub = consent_pb2_grpc.ConsentServiceStub(cluster.channel(PRIMARY))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GrantConsents(
+            consent_pb2.GrantConsentsRequest(
+                context=ctx(PRIMARY, "essential.service"),
+                consents=[
+                    consent_pb2.Consent(user_id="c-3", purpose="marketing.everything", recipient="nobody")
+                ],
+            ),
+            metadata=IDENTITY,
+            timeout=10,
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "consents[0].purpose" in e.value.details() and "consents[0].recipient" in e.value.details()
+
+
+# ---- policy 5: cookies ------------------------------------------------------------------
+
+
+async def test_cookie_data_is_collected_and_sent_only_while_cookie_consent_stands(cluster: Cluster):
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cluster.put("k-1", {"email": "k@example.cn", "cookie_id": "ck-1"})
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "policy 5" in e.value.details()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await cluster.get("k-1")  # nothing was written
+    await cluster.accept_cookies("k-1")
+    await cluster.put("k-1", {"email": "k@example.cn", "cookie_id": "ck-1"})
+    await cluster.replicated()
+    assert "cookie_id" in await copy_fields(cluster, "k-1", SG)
+    await cluster.consent("k-1", COOKIES, withdraw=True)
+    await cluster.replicated()
+    assert "cookie_id" not in values(await cluster.get("k-1"))  # refusal stops collection: erased at home
+    assert await copy_fields(cluster, "k-1", SG) == {"email"}
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cluster.put("k-1", {"cookie_id": "ck-2"})
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ---- policy 2a: third-party grants end with the service ------------------------------------
+
+
+async def create_grant(
+    cluster: Cluster, users: list[str], seconds: float, categories: list[str], grant_id: str = ""
+) -> str:
+    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
+    grant = consent_pb2.Grant(
+        id=grant_id,
+        recipient="sg-affiliate",
+        purpose="essential.service",
+        categories=categories,
+        user_ids=users,
+        ends_at=codec.timestamp(time.time() + seconds),
+    )
+    reply = await stub.CreateGrant(
+        consent_pb2.CreateGrantRequest(context=ctx(PRIMARY, "essential.service"), grant=grant),
+        metadata=IDENTITY,
+        timeout=10,
+    )
+    return reply.id
+
+
+async def third_party_read(cluster: Cluster, user: str, identity: str):
+    return await cluster.records().GetRecord(
+        __import__("residency.v1.records_pb2", fromlist=["_"]).GetRecordRequest(
+            context=ctx(SG, "essential.service"), user_id=user
+        ),
+        metadata=(("x-residency-identity", identity),),
+        timeout=10,
+    )
+
+
+async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdraws(cluster: Cluster):
+    await cluster.put("g-1", {"email": "g@example.cn", "pages_visited": ["/a"]})
+    await cluster.put("g-2", {"email": "h@example.cn", "pages_visited": ["/b"]})
+    await cluster.replicated()
+    assert await copy_fields(cluster, "g-1", SG) == {"email"}
+    await create_grant(cluster, ["g-1"], 4.0, ["user.behavior.browsing_history"], "helpdesk")
+    await cluster.replicated()
+    assert await copy_fields(cluster, "g-1", SG) == {"email", "pages_visited"}
+    assert await copy_fields(cluster, "g-2", SG) == {"email"}  # not a listed user
+    mine = await third_party_read(cluster, "g-1", "recipient:sg-affiliate")
+    assert set(mine.record.fields) == {"email", "pages_visited"}
+    other = await third_party_read(cluster, "g-1", "svc:someone-else")
+    assert set(other.record.fields) == {"email"}  # only the grant's own recipient reads under it
+
+    async def withdrawn() -> bool:
+        return await copy_fields(cluster, "g-1", SG) == {"email"}
+
+    await eventually(withdrawn, "the grant's copies are withdrawn after it ends")
+    after = await third_party_read(cluster, "g-1", "recipient:sg-affiliate")
+    assert set(after.record.fields) == {"email"}
+    assert {w.field: w.reason for w in after.withheld}["pages_visited"] == "grant_ended"
+    reasons = [e["reason"] for e in await log_entries(cluster, kind="grant", subject="g-1")]
+    assert reasons[0].startswith("grant opened") and reasons[-1].startswith("grant ended")
+
+
+async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
+    await cluster.put("g-3", {"email": "g@example.cn", "pages_visited": ["/a"]})
+    grant_id = await create_grant(cluster, ["g-3"], 3600, ["user.behavior.browsing_history"])
+    await cluster.replicated()
+    assert "pages_visited" in await copy_fields(cluster, "g-3", SG)
+    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
+    reply = await stub.RevokeGrant(
+        consent_pb2.RevokeGrantRequest(context=ctx(PRIMARY, "essential.service"), id=grant_id),
+        metadata=IDENTITY,
+        timeout=10,
+    )
+    assert reply.revoked
+    await cluster.replicated()
+    assert "pages_visited" not in await copy_fields(cluster, "g-3", SG)
+    listed = await stub.ListGrants(
+        consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")),
+        metadata=IDENTITY,
+        timeout=10,
+    )
+    assert [g.HasField("revoked_at") for g in listed.grants if g.id == grant_id] == [True]
+
+
+# ---- policy 3: disclosures ---------------------------------------------------------------
+
+
+async def disclose(cluster: Cluster, user: str, ground: int, **kw) -> disclosure_pb2.DiscloseResponse:
+    stub = disclosure_pb2_grpc.DisclosureServiceStub(cluster.channel(PRIMARY))
+    req = disclosure_pb2.DiscloseRequest(
+        context=ctx(PRIMARY, "third_party_sharing.legal_obligation"), user_id=user, ground=ground, **kw
+    )
+    return await stub.Disclose(req, metadata=IDENTITY, timeout=10)
+
+
+async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(cluster: Cluster):
+    await cluster.put(
+        "d-1",
+        {"name": "Li Wei", "email": "li@example.cn", "ip_address": "10.0.0.1", "password": "hunter2-hunter2"},
+    )
+    court = dict(third_party="Haidian District Court")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await disclose(
+            cluster,
+            "d-1",
+            disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+            reference="(2026) Jing 0108 Min Chu 1234",
+            **court,
+        )
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "approver" in e.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # approving one's own disclosure does not count
+        await disclose(
+            cluster,
+            "d-1",
+            disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+            reference="R-1",
+            approver="test:suite",
+            **court,
+        )
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    given = await disclose(
+        cluster,
+        "d-1",
+        disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+        reference="R-1",
+        approver="legal:wang",
+        **court,
+    )
+    assert set(given.fields) == {"name", "email", "ip_address"}
+    assert [(w.field, w.reason) for w in given.withheld] == [("password", "credential")]
+    dispute = await disclose(
+        cluster,
+        "d-1",
+        disclosure_pb2.DISCLOSURE_GROUND_TRANSACTION_DISPUTE,
+        third_party="seller:shop-88",
+        reference="order-77",
+    )
+    assert set(dispute.fields) == {"name", "email"}  # contact details only (3f)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await disclose(cluster, "d-1", disclosure_pb2.DISCLOSURE_GROUND_CONSENT, third_party="Acme Insurance")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "consent" in e.value.details()
+    await cluster.consent("d-1", "third_party_sharing", "Acme Insurance")
+    shared = await disclose(
+        cluster,
+        "d-1",
+        disclosure_pb2.DISCLOSURE_GROUND_CONSENT,
+        third_party="Acme Insurance",
+        fields=["email"],
+    )
+    assert set(shared.fields) == {"email"}
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await disclose(cluster, "d-1", disclosure_pb2.DISCLOSURE_GROUND_UNSPECIFIED, third_party="x")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    entries = await log_entries(cluster, kind="disclosure", subject="d-1")
+    assert [e["outcome"] for e in entries] == ["denied", "denied", "allowed", "allowed", "denied", "allowed"]
+    assert entries[2]["recipient"] == "Haidian District Court" and "R-1" in entries[2]["reason"]
+    assert {f["legal_basis"] for f in entries[2]["fields"]} == {"judicial_or_administrative_request"}
+
+
+# ---- explain and rule changes --------------------------------------------------------------
+
+
+def residency(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+async def test_explain_gives_every_field_its_rule_or_reason(cluster: Cluster):
+    await cluster.put(
+        "e-1",
+        {
+            "name": "Li",
+            "email": "e@example.cn",
+            "national_id": "110105194912310021",
+            "phone": "+86 1380000",
+            "password": "hunter2-hunter2",
+        },
+    )
+    r = residency(
+        "rules", "explain", "--target", cluster.dep.addresses[PRIMARY], "--user", "e-1", "--to", EU, "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    fields = {f["field"]: f for f in json.loads(r.stdout)["fields"]}
+    assert fields["email"]["transferred"] and fields["email"]["rule"] == "ie-support"
+    assert fields["email"]["legal_basis"] == "contract" and fields["email"]["recipient"] == "ie-affiliate"
+    assert fields["phone"]["reason"] == "consent_missing"
+    assert fields["national_id"]["reason"] == "never_transfer"
+    assert fields["password"]["reason"] == "credential"
+    r = residency(
+        "rules",
+        "explain",
+        "--target",
+        cluster.dep.addresses[PRIMARY],
+        "--user",
+        "e-1",
+        "--to",
+        SG,
+        "--purpose",
+        "marketing.communications",
+    )
+    assert r.returncode == 0 and "no_rule" in r.stdout and "email" in r.stdout
+
+
+def test_rules_check_prints_every_error_and_fails(tmp_path):
+    from server.deployment import EXAMPLE_SCHEMA
+
+    (tmp_path / "schema.yaml").write_text(EXAMPLE_SCHEMA)
+    bad = EXAMPLE_RULES.replace("legal_basis: contract", "legal_basis: because", 1).replace(
+        "recipient: ie-affiliate", "recipient: ie-nobody", 1
+    )
+    (tmp_path / "rules.yaml").write_text(bad)
+    r = residency("rules", "check", str(tmp_path / "rules.yaml"), "--schema", str(tmp_path / "schema.yaml"))
+    assert r.returncode == 1
+    assert "rule 'sg-service': legal_basis must be one of" in r.stderr
+    assert "rule 'ie-analytics': unknown recipient 'ie-nobody'" in r.stderr
+    (tmp_path / "good.yaml").write_text(EXAMPLE_RULES)
+    r = residency("rules", "check", str(tmp_path / "good.yaml"), "--schema", str(tmp_path / "schema.yaml"))
+    assert r.returncode == 0 and "ok, version" in r.stdout
+
+
+async def test_applying_new_rules_withdraws_and_backfills_copies_and_is_logged(cluster: Cluster):
+    users = [f"a-{i}" for i in range(30)]
+    for u in users:
+        await cluster.put(u, {"email": f"{u}@example.cn", "transactions": ["o-1"], "pages_visited": ["/p"]})
+    await cluster.replicated()
+    assert await copy_fields(cluster, "a-0", EU) == {"email", "transactions", "pages_visited"}
+    # Support moves from Ireland to Singapore: eu loses email and transactions, sg gains transactions.
+    new = EXAMPLE_RULES.replace(
+        "recipient: ie-affiliate\n    purposes: [essential.service.operations.support]",
+        "recipient: sg-affiliate\n    purposes: [essential.service.operations.support]",
+    )
+    rules_file = cluster.dir / "new-rules.yaml"
+    rules_file.write_text(new)
+    r = residency("rules", "apply", "--target", cluster.dep.addresses[PRIMARY], str(rules_file), "--wait")
+    assert r.returncode == 0, r.stderr
+    applied = json.loads(r.stdout)
+    assert applied["records_to_reproject"] == 30 and applied["version"] != applied["previous_version"]
+    await cluster.replicated()
+    for u in users:
+        assert await copy_fields(cluster, u, EU) == {"pages_visited"}
+        assert await copy_fields(cluster, u, SG) == {"email", "transactions"}
+    changes = await log_entries(cluster, kind="rules_change")
+    assert changes and changes[-1]["rules_version"] == applied["version"]
+    assert (cluster.dir / "rules.yaml").read_text() == new  # persisted for the next start
+    # An invalid rule set is refused whole and changes nothing.
+    rules_file.write_text(new.replace("legal_basis: contract", "legal_basis: whim", 1))
+    r = residency("rules", "apply", "--target", cluster.dep.addresses[PRIMARY], str(rules_file))
+    assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "legal_basis" in r.stderr
+    assert (cluster.dir / "rules.yaml").read_text() == new
+
+
+async def test_sighup_reloads_the_rules_file(cluster: Cluster):
+    await cluster.put("h-1", {"email": "h@example.cn", "transactions": ["o-1"]})
+    await cluster.replicated()
+    before = (await cluster.status(PRIMARY)).rules_version
+    (cluster.dir / "rules.yaml").write_text(
+        EXAMPLE_RULES.replace(
+            "categories: [user.contact.email, user.behavior.purchase_history]",
+            "categories: [user.contact.email]",
+        )
+    )
+    cluster.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
+
+    async def reloaded() -> bool:
+        return (await cluster.status(PRIMARY)).rules_version != before
+
+    await eventually(reloaded, "the primary reloads its rules on SIGHUP")
+    await cluster.replicated()
+
+    async def withdrawn() -> bool:
+        await cluster.replicated()
+        return await copy_fields(cluster, "h-1", EU) == {"email"}
+
+    await eventually(withdrawn, "transactions are withdrawn from eu-west-1")
+
+
+def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
+    """Retention (rules' retention_days), in-process with a clock moved forward a year."""
+    from residency.v1 import records_pb2
+    from server.consent import Policy
+    from server.crypto import Keyring
+    from server.deployment import EXAMPLE_SCHEMA
+    from server.keys import LocalProvider
+    from server.records import Write
+    from server.rules import Permits, parse_rules
+    from server.schema import load_schema
+    from server.store import SqliteStore
+
+    (tmp_path / "schema.yaml").write_text(EXAMPLE_SCHEMA)
+    schema = load_schema(tmp_path / "schema.yaml")
+    import yaml
+
+    rules = parse_rules(yaml.safe_load(EXAMPLE_RULES), schema, "rules.yaml", "v1")
+    store = SqliteStore(tmp_path / "node.db")
+    from server.records import Records
+
+    keyring = Keyring(PRIMARY, LocalProvider.create(tmp_path / "k", b"test passphrase"), tmp_path / "k")
+    records = Records(PRIMARY, True, schema, rules, keyring, store)
+    body = records_pb2.Record()
+    body.fields["email"].CopyFrom(codec.to_value("r@example.cn"))
+    body.fields["pages_visited"].CopyFrom(codec.to_value(["/a"]))
+    with store.transaction():
+        (v1,) = records.put([Write("r-1", "registration", body)])
+    rec = records.open_row(store.rows(["r-1"])["r-1"])
+    now = time.time()
+    sg, eu = rules.plan(SG, None, Permits()), rules.plan(EU, None, Permits())
+    assert set(records.project(sg, rec.fields, rec.updated_at, now)[0]) == {"email"}
+    assert set(records.project(eu, rec.fields, rec.updated_at, now)[0]) == {"email", "pages_visited"}
+    later = now + 200 * 86400  # past ie-analytics' 180 days, not sg-service's 365
+    sent, withheld = records.project(eu, rec.fields, rec.updated_at, later)
+    assert set(sent) == {"email"} and withheld["pages_visited"].reason == "retention_expired"
+    policy = Policy(records)
+    with store.transaction():
+        assert policy.sweep_retention(now=later) == 1  # the record gets a version to re-project
+    with store.transaction():
+        assert policy.sweep_retention(now=later + 60) == 0  # and only once
+    row = store.rows(["r-1"])["r-1"]
+    assert row.version == v1 + 1
+    assert records.open_row(row).updated_at == rec.updated_at  # a re-projection does not reset the age
+    store.close()
+
+
+async def test_a_copy_left_with_nothing_allowed_is_withdrawn_and_logged_as_erasure(cluster: Cluster):
+    await cluster.put("w-1", {"name": "Li Wei", "phone": "+86 1380000"})
+    await cluster.consent("w-1", "marketing.communications", "ie-affiliate")
+    await cluster.replicated()
+    assert await copy_fields(cluster, "w-1", EU) == {"name", "phone"}
+    await cluster.consent("w-1", "marketing.communications", "ie-affiliate", withdraw=True)
+    await cluster.replicated()
+    assert await copy_fields(cluster, "w-1", EU) == set()  # the copy is gone
+    erased = await log_entries(cluster, kind="erasure", subject="w-1", destination_region=EU)
+    assert erased and erased[-1]["reason"].startswith("withdrawn")
