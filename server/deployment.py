@@ -183,9 +183,8 @@ def generate_keys(config_path: Path) -> None:
     c = load_config(config_path).keys
     if (c.dir / "region.key").exists():
         return
-    if c.provider == "local":
-        LocalProvider.create(c.dir, c.passphrase)
-    provider = open_provider(c)
+    # (the local provider just made is reused: opening it again would cost another scrypt)
+    provider = LocalProvider.create(c.dir, c.passphrase) if c.provider == "local" else open_provider(c)
     try:
         if hasattr(provider, "ensure_key"):
             provider.ensure_key()
