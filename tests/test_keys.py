@@ -3,6 +3,7 @@ AWS KMS (moto's server, over HTTP) and OpenBao Transit (`bao server -dev`)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -136,3 +137,27 @@ def test_a_key_service_that_is_down_is_unavailable_and_nothing_falls_back(name: 
     with pytest.raises(KeyUnavailable):
         p.unwrap(wrapped, CTX)
     p.close()
+
+
+def test_key_config_is_validated_at_start_naming_the_key(tmp_path: Path, monkeypatch):
+    from server.config import load_config
+    from server.errors import ConfigError
+
+    base = "region: cn-north\nrole: primary\nlisten: 127.0.0.1:1\ndata_dir: d\nschema: s\nrules: r\n"
+    cases = {
+        "keys: {provider: vault, dir: k}": "'keys.provider' must be one of",
+        "keys: {provider: local, dir: k}": "'keys.passphrase_file' or 'keys.passphrase_env' is required",
+        "keys: {provider: local, dir: k, passphrase_env: RT_UNSET}": "RT_UNSET is not set",
+        "keys: {provider: aws-kms, dir: k}": "'keys.kms_key_id' is required",
+        "keys: {provider: openbao, dir: k, address: 'x', token_env: P}": "'keys.transit_key' is required",
+        "keys: {provider: local, dir: k, passphrase_env: P, kem: rsa}": "'keys.kem' must be one of",
+        "keys: {provider: local, dir: k, passphrase_env: P, mount: x}": "unknown key(s) ['mount']",
+    }
+    monkeypatch.delenv("RT_UNSET", raising=False)
+    monkeypatch.setenv("P", "a passphrase")
+    for keys, expected in cases.items():
+        (tmp_path / "n.yaml").write_text(base + keys + "\n")
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_config(tmp_path / "n.yaml")
+    (tmp_path / "n.yaml").write_text(base + "keys: {provider: local, dir: k, passphrase_env: P}\n")
+    assert load_config(tmp_path / "n.yaml").keys.passphrase == b"a passphrase"  # read once, here
