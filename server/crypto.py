@@ -95,10 +95,12 @@ def record_aad(user_id: str, region: str, version: int, key_id: str) -> bytes:
 class DataKey:
     """An unwrapped data key; seals and opens the field values of one (user, region) copy."""
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "raw")
 
     def __init__(self, raw: bytes):
         self._aead = AESGCM(raw)
+        # Kept for rewrapping during rotation; never leaves the crypto and key modules.
+        self.raw = raw
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(_NONCE)

@@ -59,9 +59,11 @@ def _store(config: NodeConfig) -> SqliteStore:
 
 
 def rotate(config: NodeConfig, actor: str, progress: bool = True) -> dict[str, Any]:
-    """A new provider key version; `region.key` and every data key of the node's own records
-    are rewrapped under it, page by page (one short transaction each, so traffic goes on).
-    Field values are not re-encrypted: only the keys that wrap their data keys change."""
+    """A new provider key version; `region.key` and every data key in the node's keyring are
+    rewrapped under it, page by page (one short transaction each, so traffic goes on): the
+    primary's, and on a region node the copies' keys (HPKE-wrapped as they arrived, then
+    under a wrapping key of the new version). Field values are not re-encrypted: only the
+    keys that wrap their data keys change."""
     provider = open_provider(config.keys)
     try:
         version = provider.rotate()
@@ -90,7 +92,10 @@ def rewrap_data_keys(config: NodeConfig, provider: KeyProvider, progress: bool) 
             while page := store.data_keys_not_under(new.id, after, PAGE):
                 rows = []
                 for user_id, wk_id, wk_wrapped, wrapped in page:
-                    raw = keyring.wrapping_key(wk_id, wk_wrapped).unwrap(config.region, user_id, wrapped)
+                    if wk_id.startswith("hpke:"):  # a copy's key, as the primary sent it
+                        raw = keyring.region_key.open_data_key(user_id, wk_id[5:], wrapped).raw
+                    else:
+                        raw = keyring.wrapping_key(wk_id, wk_wrapped).unwrap(config.region, user_id, wrapped)
                     rows.append((user_id, new.id, new.wrap(config.region, user_id, raw)))
                 with store.transaction():
                     # Only rows still as read: a user erased meanwhile stays erased.

@@ -281,8 +281,12 @@ class Records:
         return self._data_key(user_id, open_)
 
     def _copy_key(self, user_id: str, key_id: str) -> DataKey:
-        def open_(wk_id: str, _: bytes, wrapped: bytes) -> DataKey:
-            return self.keyring.region_key.open_data_key(user_id, key_id, wrapped)
+        def open_(wk_id: str, wk_wrapped: bytes, wrapped: bytes) -> DataKey:
+            if wk_id.startswith("hpke:"):  # as the primary sent it
+                return self.keyring.region_key.open_data_key(user_id, key_id, wrapped)
+            # rewrapped by a rotation under one of this region's wrapping keys
+            wk = self.keyring.wrapping_key(wk_id, wk_wrapped)
+            return DataKey(wk.unwrap(self.region, user_id, wrapped))
 
         return self._data_key(user_id, open_)
 

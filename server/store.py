@@ -344,11 +344,12 @@ class SqliteStore:
     def data_keys_not_under(
         self, wrapping_key: str, after_user: str, limit: int
     ) -> list[tuple[str, str, bytes, bytes]]:
-        """A page of primary data keys wrapped by any wrapping key but `wrapping_key` (rotation)."""
+        """A page of data keys wrapped by anything but `wrapping_key` (rotation): by another
+        wrapping key, or (region nodes) by HPKE to the region key, `hpke:KEYID`."""
         return list(
             self._db.execute(
-                "SELECT d.user_id, d.wrapping_key, k.wrapped, d.wrapped FROM keyring.data_keys d "
-                "JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key "
+                "SELECT d.user_id, d.wrapping_key, coalesce(k.wrapped, x''), d.wrapped "
+                "FROM keyring.data_keys d LEFT JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key "
                 "WHERE d.wrapping_key != ? AND d.user_id > ? ORDER BY d.user_id LIMIT ?",
                 (wrapping_key, after_user, limit),
             )
@@ -356,8 +357,7 @@ class SqliteStore:
 
     def count_data_keys_not_under(self, wrapping_key: str) -> int:
         return self._db.execute(
-            "SELECT count(*) FROM keyring.data_keys d JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key "
-            "WHERE d.wrapping_key != ?",
+            "SELECT count(*) FROM keyring.data_keys WHERE wrapping_key != ?",
             (wrapping_key,),
         ).fetchone()[0]
 

@@ -170,6 +170,22 @@ async def test_rotation_rewraps_data_keys_without_touching_fields_or_traffic(clu
     events = await until(lambda: key_events(cluster, PRIMARY))
     assert [e["reason"].split(":")[0] for e in events] == ["rotated", "rewrapped", "retired"]
 
+    # A region node: the copies' keys (HPKE-wrapped as they arrived) move under a wrapping key
+    # of the region's new key version; the copies themselves stay as they are.
+    await cluster.replicated()
+    sg_db = cluster.data_dir(SG) / "node.db"
+    with sqlite3.connect(sg_db) as d:
+        copies_before = dict(d.execute("SELECT user_id, blob FROM records"))
+    out = keys_cli(cluster, "rotate", SG, "--quiet")
+    assert out["data_keys_rewrapped"] == len(copies_before)
+    keys_cli(cluster, "retire", SG)
+    with sqlite3.connect(sg_db) as d:
+        assert dict(d.execute("SELECT user_id, blob FROM records")) == copies_before
+    cluster.stop(SG)
+    await cluster.start(SG)
+    for u in users[::50]:
+        assert values(await cluster.get(u, region=SG))["name"] == f"name of {u}"
+
 
 async def test_a_shredded_region_key_makes_every_copy_there_unreadable(cluster: Cluster):
     await cluster.put("u-1", {"name": "Li Wei", "language": "zh-CN"})
