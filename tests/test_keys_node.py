@@ -78,9 +78,27 @@ async def key_events(cluster: Cluster, region: str) -> list[dict]:
     return [e for e in (json.loads(j) for _, j, _ in await cluster.log(region)) if e["kind"] == "key_event"]
 
 
+@pytest.fixture
+async def hybrid_cluster(tmp_path: Path):
+    """A running deployment whose ap-southeast-1 key is hybrid ML-KEM-768 + X25519."""
+
+    def keys(d: Path, region: str) -> dict:
+        return {**local_keys(d, region), **({"kem": "mlkem768-x25519"} if region == SG else {})}
+
+    c = Cluster(tmp_path / "deployment", keys=keys)
+    try:
+        await c.start()
+        yield c
+    finally:
+        await c.close()
+
+
 async def test_the_primary_cannot_open_a_regions_copy_and_erasure_shreds_every_backup(
-    cluster: Cluster, tmp_path: Path
+    hybrid_cluster: Cluster, tmp_path: Path
 ):
+    cluster = hybrid_cluster
+    sg_pub = load_config(cluster.dep.configs[SG]).keys_dir / "region.pub"
+    assert len(sg_pub.read_bytes()) == 1184 + 32  # ML-KEM-768 + X25519
     await cluster.put("u-1", {"name": "Li Wei", "email": "li@example.cn"})
     await cluster.replicated()
     sg_db = cluster.data_dir(SG) / "node.db"
