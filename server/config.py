@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from server.archive import ArchiveConfig
 from server.errors import ConfigError
 
 ROLES = ("primary", "region")
@@ -75,6 +76,15 @@ class NodeConfig:
     policy_sweep_seconds: float = 30.0
     affiliates: tuple[Affiliate, ...] = ()
     replicator: ReplicatorConfig = field(default_factory=ReplicatorConfig)
+    # The transfer log signs a checkpoint this often (when it grew), and on demand.
+    checkpoint_interval_seconds: float = 60.0
+    # Where sealed transfer-log segments and checkpoints are uploaded (None: not archived).
+    archive: ArchiveConfig | None = None
+
+    @property
+    def log_key(self) -> Path:
+        """The log signing key `residency init` writes beside the region key."""
+        return self.keys_dir / "log.key"
 
     @property
     def is_primary(self) -> bool:
@@ -131,6 +141,8 @@ def load_config(path: str | Path) -> NodeConfig:
         "durability",
         "affiliates",
         "replicator",
+        "checkpoint_interval_seconds",
+        "archive",
         "policy_sweep_seconds",
     }
     unknown = sorted(set(doc) - known)
@@ -164,6 +176,10 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{path}: 'replicator': {e}") from e
     if not 1 <= replicator.batch_size <= 1000:
         raise ConfigError(f"{path}: 'replicator.batch_size' must be from 1 to 1000")
+    interval = doc.get("checkpoint_interval_seconds", 60.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+        raise ConfigError(f"{path}: 'checkpoint_interval_seconds' must be a number of seconds above 0")
+    archive = _archive(doc.get("archive"), f"{path}: 'archive")
     return NodeConfig(
         path=path,
         region=need("region"),
@@ -179,6 +195,8 @@ def load_config(path: str | Path) -> NodeConfig:
         ),
         affiliates=tuple(affiliates),
         replicator=replicator,
+        checkpoint_interval_seconds=float(interval),
+        archive=archive,
     )
 
 
@@ -248,3 +266,19 @@ def _keys(keys: dict[str, Any], path: Path, rel: Any) -> KeysConfig:
         transit_key=keys["transit_key"],
         mount=str(keys.get("mount", "transit")),
     )
+
+
+def _archive(doc: Any, where: str) -> ArchiveConfig | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("bucket"), str) or not doc["bucket"]:
+        raise ConfigError(f"{where}.bucket' is required: the S3 bucket to archive the transfer log to")
+    try:
+        a = ArchiveConfig(**doc)
+    except TypeError as e:
+        raise ConfigError(f"{where}': {e}") from e
+    if not isinstance(a.interval_seconds, int | float) or a.interval_seconds <= 0:
+        raise ConfigError(f"{where}.interval_seconds' must be a number of seconds above 0")
+    if not isinstance(a.retention_days, int) or a.retention_days < 0:
+        raise ConfigError(f"{where}.retention_days' must be a whole number of days, 0 or more")
+    return a

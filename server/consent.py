@@ -21,7 +21,7 @@ from server.rules import (
     COOKIE_PURPOSE,
     CREDENTIAL,
     LEGAL_BASES,
-    REASON_TEXT,
+    NOT_FOR_GROUND,
     Allowed,
     RuleSet,
     Withheld,
@@ -30,8 +30,6 @@ from server.rules import (
 from server.schema import USER_ID, data_categories, data_uses
 
 THIRD_PARTY_SHARING = "third_party_sharing"
-NOT_FOR_GROUND = "not_allowed_for_ground"
-REASON_TEXT.setdefault(NOT_FOR_GROUND, "the disclosure ground does not reach this field")
 
 # Policy 3a-3g: the legal basis each ground stands on, the evidence it needs, and the
 # categories it may reach (None: any field but credentials).

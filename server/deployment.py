@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from server.checkpoint import LogSigner
 from server.config import load_config
 from server.crypto import RegionKey
 from server.keys import LocalProvider, open_provider
@@ -112,6 +113,11 @@ rules:
 """
 
 
+def origin(region: str) -> str:
+    """The transfer log's checkpoint origin line (and signing key name) of a region's node."""
+    return f"residency/{region}"
+
+
 def free_ports(n: int) -> list[int]:
     socks = []
     try:
@@ -152,6 +158,9 @@ def init_deployment(
     ports = ports or free_ports(len(regions))
     (d / "schema.yaml").write_text(EXAMPLE_SCHEMA)
     (d / "rules.yaml").write_text(EXAMPLE_RULES)
+    for region in regions:
+        # Each node signs its own transfer log's checkpoints with its own key.
+        LogSigner.generate(origin(region), d / "keys" / region)
     addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
     paths = {}
     for region in regions:
@@ -164,6 +173,7 @@ def init_deployment(
             "rules": "rules.yaml",
             "keys": keys(d, region),
             "durability": "full",
+            "checkpoint_interval_seconds": 60,
         }
         if region == PRIMARY:
             config["affiliates"] = [

@@ -40,3 +40,7 @@ class FailedPrecondition(ResidencyError):
 
 class ConfigError(ResidencyError):
     """The configuration is invalid. The message names the file and key."""
+
+
+class OutOfRange(ResidencyError):
+    """A leaf index or tree size beyond what the log holds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from residency.v1 import (
     translog_pb2_grpc,
 )
 from server import keylife, translog
+from server.checkpoint import LogSigner
 from server.config import DURABILITY, NodeConfig
 from server.crypto import KeyCache, Keyring, RecipientKey
 from server.errors import ConfigError
@@ -43,6 +45,7 @@ from server.services import (
     TransferLogService,
 )
 from server.store import SqliteStore
+from server.transferlog import TransferLog
 from server.writer import StoreThread
 
 log = logging.getLogger("residency.node")
@@ -66,6 +69,8 @@ class RunningNode:
         self.replicator = None
         self.db: StoreThread | None = None
         self.health = health.aio.HealthServicer()
+        self.transfer_log: TransferLog | None = None
+        self._archiver: Any = None
         self.node: Node | None = None
         self._tasks: list[asyncio.Task] = []
         self._reproject: asyncio.Task | None = None
@@ -148,6 +153,7 @@ class RunningNode:
             keyring.shred(shredded)
         elif not c.is_primary:
             keyring.region_key  # noqa: B018 - a region node fails at start if its key does not open
+        signer = LogSigner.load(c.log_key)
         store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
         replicate = c.is_primary and bool(c.affiliates) and c.replicator.enabled
         records = Records(c.region, c.is_primary, schema, rules, keyring, store, outbox=replicate)
@@ -156,6 +162,7 @@ class RunningNode:
         self.db.start()
         await self._key_events()
         self._watch = asyncio.create_task(self._watch_keys(), name="watch-keys")
+        self.transfer_log = TransferLog(store, signer, signer.name)
         if replicate:
             from replicator.worker import Destination, ReplicaSink, Replicator
 
@@ -171,7 +178,7 @@ class RunningNode:
             ]
             self.replicator = Replicator(records, self.db, destinations, c.replicator)
             await self.replicator.start()
-        node = Node(records, self.db, self.replicator)
+        node = Node(records, self.db, self.replicator, self.transfer_log)
         node.reload_rules = self.apply_rules
         self.node, self.schema = node, schema
         if c.is_primary:
@@ -193,7 +200,27 @@ class RunningNode:
         self.server = server
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._sign_checkpoints(), name="checkpoints"))
+        if c.archive is not None:
+            from server.archive import Archiver, S3Bucket
+
+            self._archiver = Archiver(self.db, self.transfer_log, S3Bucket(c.archive), c.archive)
+            self._tasks.append(asyncio.create_task(self._archiver.run(), name="archive"))
         log.info("%s node for %s listening on %s", c.role, c.region, c.listen)
+
+    async def _sign_checkpoints(self) -> None:
+        """Signs a checkpoint every interval in which the log grew, so a reviewer always
+        finds one recent enough without asking for it."""
+        assert self.db is not None and self.transfer_log is not None
+        tlog = self.transfer_log
+        while True:
+            try:
+                if await self.db.call(tlog.grew_since_checkpoint):
+                    cp = await self.db.call(tlog.checkpoint, True)
+                    log.info("signed a checkpoint at tree size %d", cp.size)
+            except Exception:
+                log.exception("signing a checkpoint failed; retrying next interval")
+            await asyncio.sleep(self.config.checkpoint_interval_seconds)
 
     async def apply_rules(self, text: bytes, actor: str, persist: bool) -> tuple[str, str, int]:
         """Validates `text` as the new rule set, swaps it in atomically and logs the change,
@@ -258,8 +285,12 @@ class RunningNode:
             await self.server.stop(GRACE_SECONDS)
         if self.replicator is not None:
             await self.replicator.stop()
+        if self._archiver is not None:
+            self._archiver.close()
         if self.db is not None:
             await self.db.drain()
+            if self.transfer_log is not None:  # the last entries get a checkpoint too
+                self.transfer_log.checkpoint(refresh=True)
             self.db.store.close()
 
 

@@ -43,6 +43,7 @@ SENSITIVE = "sensitive_without_explicit_rule"
 OUT_OF_SCOPE = "out_of_scope_without_explicit_rule"
 RETENTION_EXPIRED = "retention_expired"
 GRANT_ENDED = "grant_ended"
+NOT_FOR_GROUND = "not_allowed_for_ground"
 
 REASON_TEXT = {
     CREDENTIAL: "credentials are kept only as a hash and never leave the home region",
@@ -54,6 +55,7 @@ REASON_TEXT = {
     COOKIE_CONSENT_MISSING: "cookie data goes only while the user's cookie consent stands (policy 5)",
     RETENTION_EXPIRED: "the copy is older than the rule's retention period",
     GRANT_ENDED: "the third-party grant that allowed it has ended or was revoked (policy 2a)",
+    NOT_FOR_GROUND: "the disclosure ground does not reach this field (policy 3)",
     SENSITIVE: "sensitive data goes only under a rule that names its category explicitly",
     OUT_OF_SCOPE: "data outside the policy's scope goes only under a rule that names it explicitly",
 }

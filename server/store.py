@@ -1,4 +1,5 @@
-"""Durable state of a node: records (or copies), the outbox, cursors and the transfer log.
+"""Durable state of a node: records (or copies), the outbox, cursors, the transfer log and
+its signed checkpoints.
 
 `Store` is the narrow interface the rest of the code uses; `SqliteStore` implements it
 (WAL mode, versioned migrations). Every method runs on the caller's thread: the node calls
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server import translog
+from server import merkle, translog
 
 
 @dataclass(slots=True)
@@ -55,6 +56,11 @@ class Store(Protocol):
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
     def log_after(self, sequence: int, limit: int) -> list[tuple[int, bytes, bytes]]: ...
     def log_count(self) -> int: ...
+    def log_tree(self) -> merkle.Tree: ...
+    def checkpoint_save(self, size: int, note: str) -> None: ...
+    def checkpoint_latest(self) -> tuple[int, str] | None: ...
+    def archived_size(self) -> int: ...
+    def archive_mark(self, size: int) -> None: ...
     def counts(self) -> tuple[int, int]: ...
     def live_blobs(self, after_user: str, limit: int) -> list[tuple[str, bytes]]: ...
     def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]: ...
@@ -126,7 +132,20 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX records_updated ON records (updated_at)
     """,
-    # 3: the keyring (issue 4), a separate file (keys.db) beside node.db: per-user wrapped data keys
+    # 3: signed checkpoints of the transfer log and how far it is archived (the Merkle tree
+    # itself is rebuilt from the entries at start: leaf hashes are a pure function of them)
+    """
+    CREATE TABLE checkpoints (
+        tree_size  INTEGER PRIMARY KEY,
+        note       TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE archived (
+        tree_size   INTEGER PRIMARY KEY,
+        uploaded_at REAL NOT NULL
+    );
+    """,
+    # 4: the keyring (issue 4), a separate file (keys.db) beside node.db: per-user wrapped data keys
     # and the wrapping keys that wrap them. Kept apart so that erasing a user's data key
     # makes any earlier copy of node.db unreadable for that user.
     """
@@ -164,12 +183,18 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._pending_log: tuple[int, bytes] | None = None
         self._savepoint_log: tuple[int, bytes] | None = None
+        # Leaf hashes of entries appended in the open transaction; the tree gets them at commit.
+        self._pending_leaves: list[bytes] = []
+        self._savepoint_leaves = 0
         self._log_seq, self._log_head = 0, translog.GENESIS
         self._migrate()
         last = self._db.execute(
             "SELECT sequence, chain FROM translog ORDER BY sequence DESC LIMIT 1"
         ).fetchone()
         self._log_seq, self._log_head = (last[0], last[1]) if last else (0, translog.GENESIS)
+        # Leaf index = sequence - 1: sequences start at 1, RFC 6962 leaf indexes at 0.
+        rows = self._db.execute("SELECT entry FROM translog ORDER BY sequence")
+        self.tree = merkle.Tree(merkle.leaf_hash(data) for (data,) in rows)
 
     def _migrate(self) -> None:
         current = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -188,20 +213,25 @@ class SqliteStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             self._pending_log = None
+            self._pending_leaves = []
             raise
         self._db.execute("COMMIT")
         if self._pending_log is not None:
             self._log_seq, self._log_head = self._pending_log
             self._pending_log = None
+            self.tree.extend(self._pending_leaves)
+            self._pending_leaves = []
 
     def savepoint(self) -> None:
         self._db.execute("SAVEPOINT op")
         self._savepoint_log = self._pending_log
+        self._savepoint_leaves = len(self._pending_leaves)
 
     def rollback_savepoint(self) -> None:
         self._db.execute("ROLLBACK TO op")
         self._db.execute("RELEASE op")
         self._pending_log = self._savepoint_log
+        del self._pending_leaves[self._savepoint_leaves :]
 
     def release_savepoint(self) -> None:
         self._db.execute("RELEASE op")
@@ -279,6 +309,7 @@ class SqliteStore:
             head = translog.chain_hash(head, data)
             rows.append((seq, data, head))
             out.append(seq)
+            self._pending_leaves.append(merkle.leaf_hash(data))
         self._db.executemany("INSERT INTO translog (sequence, entry, chain) VALUES (?,?,?)", rows)
         self._pending_log = (seq, head)
         return out
@@ -293,6 +324,32 @@ class SqliteStore:
 
     def log_count(self) -> int:
         return self._log_seq
+
+    def log_tree(self) -> merkle.Tree:
+        """The Merkle tree of committed entries (leaf index = sequence - 1). Read it on the
+        store thread only: commits extend it there."""
+        return self.tree
+
+    def checkpoint_save(self, size: int, note: str) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO checkpoints (tree_size, note, created_at) VALUES (?,?,?)",
+            (size, note, time.time()),
+        )
+
+    def checkpoint_latest(self) -> tuple[int, str] | None:
+        row = self._db.execute(
+            "SELECT tree_size, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def archived_size(self) -> int:
+        """The tree size up to which sealed segments are in the archive bucket."""
+        return self._db.execute("SELECT coalesce(max(tree_size), 0) FROM archived").fetchone()[0]
+
+    def archive_mark(self, size: int) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO archived (tree_size, uploaded_at) VALUES (?,?)", (size, time.time())
+        )
 
     def counts(self) -> tuple[int, int]:
         """(live records, tombstones)."""

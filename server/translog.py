@@ -1,4 +1,5 @@
-"""The transfer log's entries and their hash chain (pure; the store persists them).
+"""The transfer log's entries, their hash chain and query filters (pure; the store persists
+them, `server.merkle` trees them).
 
 An entry is canonical JSON: UTF-8, keys sorted, no insignificant spaces; those are exactly
 the bytes that are hashed and exported. chain[n] = SHA-256(chain[n-1] || entry bytes[n]),
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 GENESIS = bytes(32)
@@ -17,6 +19,11 @@ KINDS = frozenset(
     {"replication", "remote_read", "disclosure", "erasure", "consent", "rules_change", "key_event", "grant"}
 )
 OUTCOMES = frozenset({"allowed", "denied", "failed"})
+
+
+def leaf_index(sequence: int) -> int:
+    """Sequences start at 1 (the store's row ids); RFC 6962 leaf indexes start at 0."""
+    return sequence - 1
 
 
 def canonical(entry: dict[str, Any]) -> bytes:
@@ -75,3 +82,33 @@ def entry(
         "rules_version": rules_version,
         "record_version": version,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """What a reviewer asks the log for; an empty value matches everything. `region` matches
+    either end of a transfer; `legal_basis` matches when any field crossed under it; times
+    are seconds since the epoch, `since` inclusive and `until` exclusive."""
+
+    subject: str = ""
+    region: str = ""
+    recipient: str = ""
+    kind: str = ""
+    purpose: str = ""
+    legal_basis: str = ""
+    outcome: str = ""
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, e: dict[str, Any]) -> bool:
+        return (
+            (not self.subject or e.get("subject") == self.subject)
+            and (not self.region or self.region in (e.get("source_region"), e.get("destination_region")))
+            and (not self.recipient or self.recipient in str(e.get("recipient", "")).split(","))
+            and (not self.kind or e.get("kind") == self.kind)
+            and (not self.purpose or e.get("purpose") == self.purpose)
+            and (not self.outcome or e.get("outcome") == self.outcome)
+            and (not self.legal_basis or any(f.get("legal_basis") == self.legal_basis for f in e["fields"]))
+            and (self.since is None or e.get("time", 0) >= self.since)
+            and (self.until is None or e.get("time", 0) < self.until)
+        )

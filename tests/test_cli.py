@@ -28,8 +28,11 @@ def test_init_writes_a_complete_deployment(tmp_path: Path):
     primary = yaml.safe_load((d / "cn-north.yaml").read_text())
     assert primary["role"] == "primary" and primary["region"] == "cn-north"
     assert {a["region"] for a in primary["affiliates"]} == {"ap-southeast-1", "eu-west-1"}
-    for key in ("listen", "data_dir", "schema", "rules", "keys"):
+    for key in ("listen", "data_dir", "schema", "rules", "keys", "checkpoint_interval_seconds"):
         assert key in primary
+    for r in ("cn-north", "ap-southeast-1", "eu-west-1"):  # each node signs its own log
+        assert (d / "keys" / r / "log.key").stat().st_mode & 0o777 == 0o600
+        assert (d / "keys" / r / "log.pub").read_text().startswith(f"residency/{r}+")
     region = yaml.safe_load((d / "eu-west-1.yaml").read_text())
     assert region["role"] == "region" and "affiliates" not in region
     ports = {
@@ -48,6 +51,8 @@ def test_serve_refuses_an_invalid_config_naming_the_key(tmp_path: Path):
         "listen": ("listen", "nowhere"),
         "durability": ("durability", "sometimes"),
         "unknown key(s) ['colour']": ("colour", "blue"),
+        "'checkpoint_interval_seconds' must be": ("checkpoint_interval_seconds", 0),
+        "'archive.bucket' is required": ("archive", {"endpoint": "http://127.0.0.1:1"}),
     }
     for expected, (key, value) in cases.items():
         cfg.write_text(yaml.safe_dump({**doc, key: value}))

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import pytest
 
-from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, disclosure_pb2_grpc
+from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, disclosure_pb2_grpc, records_pb2
 from server import codec
 from server.deployment import EXAMPLE_RULES, PRIMARY
 from tests.conftest import COOKIES, IDENTITY, Cluster, ctx, values
@@ -149,9 +149,7 @@ async def create_grant(
 
 async def third_party_read(cluster: Cluster, user: str, identity: str):
     return await cluster.records().GetRecord(
-        __import__("residency.v1.records_pb2", fromlist=["_"]).GetRecordRequest(
-            context=ctx(SG, "essential.service"), user_id=user
-        ),
+        records_pb2.GetRecordRequest(context=ctx(SG, "essential.service"), user_id=user),
         metadata=(("x-residency-identity", identity),),
         timeout=10,
     )
@@ -399,7 +397,6 @@ async def test_sighup_reloads_the_rules_file(cluster: Cluster):
 
 def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     """Retention (rules' retention_days), in-process with a clock moved forward a year."""
-    from residency.v1 import records_pb2
     from server.consent import Policy
     from server.crypto import Keyring
     from server.deployment import EXAMPLE_SCHEMA

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server import translog
+from server import merkle, translog
 from server.store import MIGRATIONS, SqliteStore
 
 
@@ -78,8 +78,28 @@ def test_a_failed_write_in_a_group_rolls_back_alone(store):
         store.release_savepoint()
     assert [seq for seq, _, _ in store.log_after(0, 10)] == [1, 2]
     assert translog.verify_chain(chain_of(store)) is None
+    # The Merkle tree holds exactly the committed entries, at leaf index = sequence - 1.
+    committed = [merkle.leaf_hash(data) for _, data, _ in store.log_after(0, 10)]
+    assert store.log_tree().size == 2 and store.log_tree().root() == merkle.root(committed)
 
 
 def test_migrations_are_versioned(store):
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_tree_and_checkpoints_survive_a_reopen_and_rolled_back_entries_never_join(tmp_path):
+    s = SqliteStore(tmp_path / "node.db")
+    with s.transaction():
+        s.log_append([entry(i) for i in range(5)])
+    with pytest.raises(RuntimeError), s.transaction():
+        s.log_append([entry(5)])
+        raise RuntimeError("the event this entry recorded failed")
+    assert s.log_tree().size == 5
+    root = s.log_tree().root()
+    s.checkpoint_save(5, "note")
+    s.close()
+    s = SqliteStore(tmp_path / "node.db")
+    assert s.log_tree().size == 5 and s.log_tree().root() == root
+    assert s.checkpoint_latest() == (5, "note")
+    s.close()

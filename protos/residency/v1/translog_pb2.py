@@ -22,19 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bresidency/v1/translog.proto\x12\x0cresidency.v1\";\n\x12TailEntriesRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"O\n\x13TailEntriesResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nentry_json\x18\x02 \x01(\t\x12\x12\n\nchain_hash\x18\x03 \x01(\x0c\x32j\n\x12TransferLogService\x12T\n\x0bTailEntries\x12 .residency.v1.TailEntriesRequest\x1a!.residency.v1.TailEntriesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bresidency/v1/translog.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x12TailEntriesRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"b\n\x13TailEntriesResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nentry_json\x18\x02 \x01(\t\x12\x12\n\nchain_hash\x18\x03 \x01(\x0c\x12\x11\n\tleaf_hash\x18\x04 \x01(\x0c\"W\n\x08LogEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nleaf_index\x18\x02 \x01(\x04\x12\x12\n\nentry_json\x18\x03 \x01(\t\x12\x11\n\tleaf_hash\x18\x04 \x01(\x0c\"\x93\x02\n\x0cQueryRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x13\n\x0blegal_basis\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\n \x01(\r\x12\r\n\x05limit\x18\x0b \x01(\r\x12\x12\n\npage_token\x18\x0c \x01(\t\"Q\n\rQueryResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.residency.v1.LogEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x14GetCheckpointRequest\x12\x0f\n\x07refresh\x18\x01 \x01(\x08\"g\n\x15GetCheckpointResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x11\n\troot_hash\x18\x03 \x01(\x0c\x12\x14\n\x0cverifier_key\x18\x04 \x01(\t\">\n\x15ProveInclusionRequest\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"u\n\x16ProveInclusionResponse\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x11\n\tleaf_hash\x18\x04 \x01(\x0c\x12\x11\n\troot_hash\x18\x05 \x01(\x0c\"?\n\x17ProveConsistencyRequest\x12\x11\n\tfrom_size\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"P\n\x18ProveConsistencyResponse\x12\x11\n\tfrom_size\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"\'\n\x14SubjectReportRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\"\xb7\x01\n\x15SubjectReportResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\'\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x16.residency.v1.LogEntry\x12+\n\nrecipients\x18\x03 \x03(\x0b\x32\x17.residency.v1.Recipient\x12\x37\n\ncheckpoint\x18\x04 \x01(\x0b\x32#.residency.v1.GetCheckpointResponse\"I\n\tRecipient\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07\x63ompany\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontact\x18\x04 \x01(\t\"\x19\n\x17GetReviewContextRequest\"\x9d\x01\n\x18GetReviewContextResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12+\n\nrecipients\x18\x02 \x03(\x0b\x32\x17.residency.v1.Recipient\x12\x18\n\x10sensitive_fields\x18\x03 \x03(\t\x12\x15\n\rrules_version\x18\x04 \x01(\t\x12\x13\n\x0bhome_region\x18\x05 \x01(\t2\x85\x05\n\x12TransferLogService\x12T\n\x0bTailEntries\x12 .residency.v1.TailEntriesRequest\x1a!.residency.v1.TailEntriesResponse0\x01\x12\x42\n\x05Query\x12\x1a.residency.v1.QueryRequest\x1a\x1b.residency.v1.QueryResponse0\x01\x12X\n\rGetCheckpoint\x12\".residency.v1.GetCheckpointRequest\x1a#.residency.v1.GetCheckpointResponse\x12[\n\x0eProveInclusion\x12#.residency.v1.ProveInclusionRequest\x1a$.residency.v1.ProveInclusionResponse\x12\x61\n\x10ProveConsistency\x12%.residency.v1.ProveConsistencyRequest\x1a&.residency.v1.ProveConsistencyResponse\x12X\n\rSubjectReport\x12\".residency.v1.SubjectReportRequest\x1a#.residency.v1.SubjectReportResponse\x12\x61\n\x10GetReviewContext\x12%.residency.v1.GetReviewContextRequest\x1a&.residency.v1.GetReviewContextResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'residency.v1.translog_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TAILENTRIESREQUEST']._serialized_start=45
-  _globals['_TAILENTRIESREQUEST']._serialized_end=104
-  _globals['_TAILENTRIESRESPONSE']._serialized_start=106
-  _globals['_TAILENTRIESRESPONSE']._serialized_end=185
-  _globals['_TRANSFERLOGSERVICE']._serialized_start=187
-  _globals['_TRANSFERLOGSERVICE']._serialized_end=293
+  _globals['_TAILENTRIESREQUEST']._serialized_start=78
+  _globals['_TAILENTRIESREQUEST']._serialized_end=137
+  _globals['_TAILENTRIESRESPONSE']._serialized_start=139
+  _globals['_TAILENTRIESRESPONSE']._serialized_end=237
+  _globals['_LOGENTRY']._serialized_start=239
+  _globals['_LOGENTRY']._serialized_end=326
+  _globals['_QUERYREQUEST']._serialized_start=329
+  _globals['_QUERYREQUEST']._serialized_end=604
+  _globals['_QUERYRESPONSE']._serialized_start=606
+  _globals['_QUERYRESPONSE']._serialized_end=687
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=689
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=728
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=730
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=833
+  _globals['_PROVEINCLUSIONREQUEST']._serialized_start=835
+  _globals['_PROVEINCLUSIONREQUEST']._serialized_end=897
+  _globals['_PROVEINCLUSIONRESPONSE']._serialized_start=899
+  _globals['_PROVEINCLUSIONRESPONSE']._serialized_end=1016
+  _globals['_PROVECONSISTENCYREQUEST']._serialized_start=1018
+  _globals['_PROVECONSISTENCYREQUEST']._serialized_end=1081
+  _globals['_PROVECONSISTENCYRESPONSE']._serialized_start=1083
+  _globals['_PROVECONSISTENCYRESPONSE']._serialized_end=1163
+  _globals['_SUBJECTREPORTREQUEST']._serialized_start=1165
+  _globals['_SUBJECTREPORTREQUEST']._serialized_end=1204
+  _globals['_SUBJECTREPORTRESPONSE']._serialized_start=1207
+  _globals['_SUBJECTREPORTRESPONSE']._serialized_end=1390
+  _globals['_RECIPIENT']._serialized_start=1392
+  _globals['_RECIPIENT']._serialized_end=1465
+  _globals['_GETREVIEWCONTEXTREQUEST']._serialized_start=1467
+  _globals['_GETREVIEWCONTEXTREQUEST']._serialized_end=1492
+  _globals['_GETREVIEWCONTEXTRESPONSE']._serialized_start=1495
+  _globals['_GETREVIEWCONTEXTRESPONSE']._serialized_end=1652
+  _globals['_TRANSFERLOGSERVICE']._serialized_start=1655
+  _globals['_TRANSFERLOGSERVICE']._serialized_end=2300
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,36 @@ class TransferLogServiceStub:
                 request_serializer=residency_dot_v1_dot_translog__pb2.TailEntriesRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_translog__pb2.TailEntriesResponse.FromString,
                 _registered_method=True)
+        self.Query = channel.unary_stream(
+                '/residency.v1.TransferLogService/Query',
+                request_serializer=residency_dot_v1_dot_translog__pb2.QueryRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_translog__pb2.QueryResponse.FromString,
+                _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/residency.v1.TransferLogService/GetCheckpoint',
+                request_serializer=residency_dot_v1_dot_translog__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_translog__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ProveInclusion = channel.unary_unary(
+                '/residency.v1.TransferLogService/ProveInclusion',
+                request_serializer=residency_dot_v1_dot_translog__pb2.ProveInclusionRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_translog__pb2.ProveInclusionResponse.FromString,
+                _registered_method=True)
+        self.ProveConsistency = channel.unary_unary(
+                '/residency.v1.TransferLogService/ProveConsistency',
+                request_serializer=residency_dot_v1_dot_translog__pb2.ProveConsistencyRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_translog__pb2.ProveConsistencyResponse.FromString,
+                _registered_method=True)
+        self.SubjectReport = channel.unary_unary(
+                '/residency.v1.TransferLogService/SubjectReport',
+                request_serializer=residency_dot_v1_dot_translog__pb2.SubjectReportRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_translog__pb2.SubjectReportResponse.FromString,
+                _registered_method=True)
+        self.GetReviewContext = channel.unary_unary(
+                '/residency.v1.TransferLogService/GetReviewContext',
+                request_serializer=residency_dot_v1_dot_translog__pb2.GetReviewContextRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_translog__pb2.GetReviewContextResponse.FromString,
+                _registered_method=True)
 
 
 class TransferLogServiceServicer:
@@ -51,6 +81,48 @@ class TransferLogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Query(self, request, context):
+        """Streams the entries matching every given filter, in log order, a page per message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """The latest signed checkpoint; `refresh` signs one covering every committed entry first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProveInclusion(self, request, context):
+        """The audit path of one leaf in a tree of a given size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProveConsistency(self, request, context):
+        """The proof that the tree of `tree_size` entries extends the tree of `from_size`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubjectReport(self, request, context):
+        """"Where did my data go": every entry about one data subject, with recipients' identity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReviewContext(self, request, context):
+        """What a reviewer needs to read entries: recipients' identity and the sensitive fields.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransferLogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +130,36 @@ def add_TransferLogServiceServicer_to_server(servicer, server):
                     servicer.TailEntries,
                     request_deserializer=residency_dot_v1_dot_translog__pb2.TailEntriesRequest.FromString,
                     response_serializer=residency_dot_v1_dot_translog__pb2.TailEntriesResponse.SerializeToString,
+            ),
+            'Query': grpc.unary_stream_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=residency_dot_v1_dot_translog__pb2.QueryRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_translog__pb2.QueryResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=residency_dot_v1_dot_translog__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_translog__pb2.GetCheckpointResponse.SerializeToString,
+            ),
+            'ProveInclusion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProveInclusion,
+                    request_deserializer=residency_dot_v1_dot_translog__pb2.ProveInclusionRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_translog__pb2.ProveInclusionResponse.SerializeToString,
+            ),
+            'ProveConsistency': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProveConsistency,
+                    request_deserializer=residency_dot_v1_dot_translog__pb2.ProveConsistencyRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_translog__pb2.ProveConsistencyResponse.SerializeToString,
+            ),
+            'SubjectReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubjectReport,
+                    request_deserializer=residency_dot_v1_dot_translog__pb2.SubjectReportRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_translog__pb2.SubjectReportResponse.SerializeToString,
+            ),
+            'GetReviewContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReviewContext,
+                    request_deserializer=residency_dot_v1_dot_translog__pb2.GetReviewContextRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_translog__pb2.GetReviewContextResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +189,168 @@ class TransferLogService:
             '/residency.v1.TransferLogService/TailEntries',
             residency_dot_v1_dot_translog__pb2.TailEntriesRequest.SerializeToString,
             residency_dot_v1_dot_translog__pb2.TailEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/residency.v1.TransferLogService/Query',
+            residency_dot_v1_dot_translog__pb2.QueryRequest.SerializeToString,
+            residency_dot_v1_dot_translog__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.TransferLogService/GetCheckpoint',
+            residency_dot_v1_dot_translog__pb2.GetCheckpointRequest.SerializeToString,
+            residency_dot_v1_dot_translog__pb2.GetCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProveInclusion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.TransferLogService/ProveInclusion',
+            residency_dot_v1_dot_translog__pb2.ProveInclusionRequest.SerializeToString,
+            residency_dot_v1_dot_translog__pb2.ProveInclusionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProveConsistency(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.TransferLogService/ProveConsistency',
+            residency_dot_v1_dot_translog__pb2.ProveConsistencyRequest.SerializeToString,
+            residency_dot_v1_dot_translog__pb2.ProveConsistencyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubjectReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.TransferLogService/SubjectReport',
+            residency_dot_v1_dot_translog__pb2.SubjectReportRequest.SerializeToString,
+            residency_dot_v1_dot_translog__pb2.SubjectReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReviewContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.TransferLogService/GetReviewContext',
+            residency_dot_v1_dot_translog__pb2.GetReviewContextRequest.SerializeToString,
+            residency_dot_v1_dot_translog__pb2.GetReviewContextResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,229 @@
+"""RFC 6962 / RFC 9162 Merkle tree math for the transfer log (pure: no I/O, no keys).
+
+Each function is one step of RFC 9162 section 2.1 and is named after it: the leaf and node
+hashes (2.1.1), the tree head `root` (MTH), inclusion proofs (`inclusion_proof`, PATH, 2.1.3)
+and consistency proofs (`consistency_proof`, PROOF/SUBPROOF, 2.1.4), and their verification
+algorithms (2.1.3.2, 2.1.4.2). Proofs are plain lists of 32-byte hashes.
+
+`Tree` keeps every complete subtree hash of an append-only log in memory, so a root or a
+proof over a million leaves costs O(log n) hash lookups instead of rehashing the leaves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+_sha256 = hashlib.sha256
+
+
+class ProofError(ValueError):
+    """A proof does not verify: what was proved is not what the root commits to."""
+
+
+def leaf_hash(data: bytes) -> bytes:
+    """MTH({d}) = SHA-256(0x00 || d)."""
+    return _sha256(b"\x00" + data).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """SHA-256(0x01 || left || right)."""
+    return _sha256(b"\x01" + left + right).digest()
+
+
+def _split(n: int) -> int:
+    """The largest power of two smaller than n (n > 1): where MTH splits D[n]."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def root(leaves: Sequence[bytes]) -> bytes:
+    """MTH(D[n]) over leaf hashes, bottom-up (the same tree as the recursive definition:
+    a lone last node is carried up a level unchanged)."""
+    if not leaves:
+        return EMPTY_ROOT
+    level = list(leaves)
+    while len(level) > 1:
+        nxt = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
+    """PATH(m, D[n]) (RFC 6962 2.1.1) over leaf hashes."""
+    return Tree(leaves).inclusion_proof(index, len(leaves))
+
+
+def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
+    """PROOF(m, D[n]) (RFC 6962 2.1.2) over leaf hashes."""
+    return Tree(leaves).consistency_proof(old_size, len(leaves))
+
+
+def root_from_inclusion_proof(index: int, size: int, leaf: bytes, proof: Sequence[bytes]) -> bytes:
+    """RFC 9162 2.1.3.2 steps 1-4: the root that `proof` places `leaf` under."""
+    if index >= size:
+        raise ProofError(f"leaf index {index} is outside a tree of size {size}")
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        if sn == 0:
+            raise ProofError("the inclusion proof is longer than the tree is deep")
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            while not fn & 1 and fn:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            r = node_hash(r, p)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0:
+        raise ProofError("the inclusion proof is shorter than the tree is deep")
+    return r
+
+
+def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root_hash: bytes) -> None:
+    """RFC 9162 2.1.3.2: raises ProofError unless `leaf` is at `index` in the tree `root_hash`."""
+    if root_from_inclusion_proof(index, size, leaf, proof) != root_hash:
+        raise ProofError(f"leaf {index} is not in the tree of size {size} with that root")
+
+
+def verify_consistency(
+    old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
+) -> None:
+    """RFC 9162 2.1.4.2: raises ProofError unless the tree `new_root` extends `old_root`."""
+    if old_size > new_size:
+        raise ProofError(f"a tree cannot shrink from {old_size} to {new_size} entries")
+    if old_size == new_size:
+        if proof or old_root != new_root:
+            raise ProofError("two heads of the same size must have the same root and an empty proof")
+        return
+    if old_size == 0:
+        if proof:
+            raise ProofError("the empty tree is consistent with every tree; its proof is empty")
+        return
+    if not proof:
+        raise ProofError("a consistency proof between different sizes cannot be empty")
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:  # step 2: a power of two is itself a subtree
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            raise ProofError("the consistency proof is longer than the tree is deep")
+        if fn & 1 or fn == sn:
+            fr, sr = node_hash(c, fr), node_hash(c, sr)
+            while not fn & 1 and fn:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = node_hash(sr, c)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0 or fr != old_root or sr != new_root:
+        raise ProofError(f"the tree of size {new_size} does not extend the tree of size {old_size}")
+
+
+class Tree:
+    """An append-only tree: `levels[h]` holds, 32 bytes each, the hashes of the complete
+    subtrees over leaves [i * 2**h, (i + 1) * 2**h). Packed into bytearrays: about 64 bytes
+    per leaf in all, instead of two Python objects per node. Pure in-memory data; the store
+    feeds it from the entries it persists."""
+
+    __slots__ = ("levels",)
+
+    def __init__(self, leaves: Iterable[bytes] = ()):
+        self.levels: list[bytearray] = [bytearray()]
+        self.extend(leaves)
+
+    @property
+    def size(self) -> int:
+        return len(self.levels[0]) // 32
+
+    def _node(self, height: int, i: int) -> bytes:
+        return bytes(self.levels[height][i * 32 : i * 32 + 32])
+
+    def leaf(self, index: int) -> bytes:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return self._node(0, index)
+
+    def extend(self, leaves: Iterable[bytes]) -> None:
+        levels = self.levels
+        for h in leaves:
+            if len(h) != 32:
+                raise ValueError("a leaf hash is 32 bytes")
+            levels[0] += h
+            level = 0
+            # Every time a level gets an even count, its last two nodes complete a parent.
+            while (len(levels[level]) // 32) % 2 == 0:
+                lower = levels[level]
+                if level + 1 == len(levels):
+                    levels.append(bytearray())
+                levels[level + 1] += _sha256(b"\x01" + lower[-64:]).digest()
+                level += 1
+
+    def truncate(self, size: int) -> None:
+        """Forgets leaves from `size` on (an append rolled back before it committed)."""
+        for h, level in enumerate(self.levels):
+            del level[(size >> h) * 32 :]
+
+    def subtree(self, start: int, end: int) -> bytes:
+        """MTH(D[start:end]); `start` is aligned as RFC 6962's recursion always leaves it."""
+        n = end - start
+        if n <= 0:
+            return EMPTY_ROOT
+        if n & (n - 1) == 0 and start % n == 0:
+            h = n.bit_length() - 1
+            return self._node(h, start >> h)
+        k = _split(n)
+        return node_hash(self.subtree(start, start + k), self.subtree(start + k, end))
+
+    def root(self, size: int | None = None) -> bytes:
+        size = self.size if size is None else size
+        self._check(size)
+        return self.subtree(0, size)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """PATH(index, D[size]), listed from the leaf upwards."""
+        self._check(size)
+        if not 0 <= index < size:
+            raise ProofError(f"leaf index {index} is outside a tree of size {size}")
+        out: list[bytes] = []
+        start, end = 0, size
+        while end - start > 1:
+            k = _split(end - start)
+            if index < start + k:
+                out.append(self.subtree(start + k, end))
+                end = start + k
+            else:
+                out.append(self.subtree(start, start + k))
+                start += k
+        out.reverse()
+        return out
+
+    def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
+        """PROOF(old_size, D[size]) = SUBPROOF(old_size, D[size], true)."""
+        self._check(size)
+        if not 0 <= old_size <= size:
+            raise ProofError(f"no consistency proof from size {old_size} to size {size}")
+        if old_size in (0, size):
+            return []
+        out: list[bytes] = []
+        start, end, m, complete = 0, size, old_size, True
+        while m != end - start:
+            k = _split(end - start)
+            if m <= k:
+                out.append(self.subtree(start + k, end))
+                end = start + k
+            else:
+                out.append(self.subtree(start, start + k))
+                start, m, complete = start + k, m - k, False
+        if not complete:
+            out.append(self.subtree(start, end))
+        out.reverse()
+        return out
+
+    def _check(self, size: int) -> None:
+        if not 0 <= size <= self.size:
+            raise ProofError(f"the log has {self.size} entries; there is no tree of size {size}")

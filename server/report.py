@@ -1,0 +1,506 @@
+"""Reviewers' reports over transfer-log entries (pure: entries in, text out).
+
+`render` writes one self-contained HTML page (inline CSS and hand-written SVG charts, no
+scripts, no external assets: it opens offline), CSV (one row per entry) or JSON Lines. The
+page shows integrity first, then transfers by destination, category, legal basis, purpose
+and outcome, a timeline, denied and failed attempts, recipients' identity, the cumulative
+distinct individuals sent abroad per destination country per calendar year against the
+PIPL/CAC thresholds, and optionally one data subject's "where did my data go".
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from server import merkle
+from server.checkpoint import CheckpointError, open_note, parse_verifier_key
+
+# Kinds whose allowed entries move personal data to (or let it be read from) another place.
+TRANSFER_KINDS = frozenset({"replication", "remote_read", "disclosure"})
+# Where each known region's servers are; a region not listed is shown by its own name.
+REGION_COUNTRY = {
+    "cn-north": "China",
+    "ap-southeast-1": "Singapore",
+    "eu-west-1": "Ireland",
+    "us-east-1": "United States",
+}
+# PIPL / CAC (Provisions on Promoting and Regulating Cross-Border Data Flows, 2024):
+# individuals per calendar year, counted per exporter. Sensitive data has its own threshold.
+THRESHOLDS = (100_000, 1_000_000)
+SENSITIVE_THRESHOLD = 10_000
+WARN_AT = 0.8  # warn when a count reaches this share of a threshold
+
+
+@dataclass(frozen=True)
+class Integrity:
+    verified: bool
+    tree_size: int
+    root_hash: str
+    signer: str
+    verifier_key: str
+    problem: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "checkpoint_verified": self.verified,
+            "tree_size": self.tree_size,
+            "root_hash": self.root_hash,
+            "signer": self.signer,
+            **({"problem": self.problem} if self.problem else {}),
+        }
+
+
+def integrity(entries: list[bytes], note: str, key: str) -> Integrity:
+    """Checks the checkpoint's signature and that `entries` hash to its root."""
+    try:
+        signer = parse_verifier_key(key)[0]
+        cp = open_note(note, key)
+    except CheckpointError as e:
+        return Integrity(False, len(entries), "", "", key.strip(), f"checkpoint: {e}")
+    root = merkle.root([merkle.leaf_hash(e) for e in entries])
+    if cp.size != len(entries) or root != cp.root:
+        problem = f"the {len(entries)} entries do not hash to the signed root of tree size {cp.size}"
+        return Integrity(False, cp.size, cp.root.hex(), signer, key.strip(), problem)
+    return Integrity(True, cp.size, cp.root.hex(), signer, key.strip())
+
+
+def render(
+    fmt: str,
+    entries: list[bytes],
+    context: dict[str, Any],
+    check: Integrity,
+    subject: str | None = None,
+    now: float | None = None,
+) -> str:
+    rows = [json.loads(e) for e in entries]
+    if fmt == "jsonl":
+        chosen = [e for e, r in zip(entries, rows, strict=True) if not subject or r["subject"] == subject]
+        return "".join(e.decode() + "\n" for e in chosen)
+    if fmt == "csv":
+        return _csv([r for r in rows if not subject or r["subject"] == subject])
+    return _html(rows, context, check, subject, now)
+
+
+CSV_COLUMNS = (
+    "sequence",
+    "leaf_index",
+    "time",
+    "kind",
+    "subject",
+    "source_region",
+    "destination_region",
+    "recipient",
+    "purpose",
+    "legal_bases",
+    "rules",
+    "fields",
+    "categories",
+    "withheld",
+    "outcome",
+    "reason",
+    "actor",
+    "rules_version",
+    "record_version",
+)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        fields = r.get("fields", [])
+        w.writerow(
+            [
+                r["sequence"],
+                r["sequence"] - 1,
+                _iso(r["time"]),
+                r["kind"],
+                r["subject"],
+                r["source_region"],
+                r["destination_region"],
+                r["recipient"],
+                r["purpose"],
+                ";".join(sorted({f["legal_basis"] for f in fields if f.get("legal_basis")})),
+                ";".join(sorted({f["rule"] for f in fields if f.get("rule")})),
+                ";".join(f["name"] for f in fields),
+                ";".join(sorted({f["category"] for f in fields})),
+                ";".join(f"{w['name']}:{w['reason']}" for w in r.get("withheld", [])),
+                r["outcome"],
+                r["reason"],
+                r["actor"],
+                r["rules_version"],
+                r["record_version"],
+            ]
+        )
+    return out.getvalue()
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _crossed(r: dict[str, Any]) -> bool:
+    """Personal data actually left its region in this entry."""
+    return (
+        r["kind"] in TRANSFER_KINDS
+        and r["outcome"] == "allowed"
+        and bool(r.get("fields"))
+        and r["destination_region"] != r["source_region"]
+    )
+
+
+def country(region: str) -> str:
+    return REGION_COUNTRY.get(region, region)
+
+
+def thresholds(
+    rows: Iterable[dict[str, Any]], sensitive_fields: set[str], home_region: str
+) -> list[dict[str, Any]]:
+    """Distinct individuals whose data went abroad, per destination country and calendar
+    year (and those with sensitive data among them), with the thresholds they approach."""
+    people: dict[tuple[str, int], set[str]] = defaultdict(set)
+    sensitive: dict[tuple[str, int], set[str]] = defaultdict(set)
+    home = country(home_region)
+    for r in rows:
+        dest = country(r["destination_region"])
+        # A disclosure to a third party names no region: no country to count it against.
+        if not _crossed(r) or not r["destination_region"] or dest == home:
+            continue
+        key = (dest, datetime.fromtimestamp(r["time"], UTC).year)
+        people[key].add(r["subject"])
+        if any(f["name"] in sensitive_fields for f in r["fields"]):
+            sensitive[key].add(r["subject"])
+    out = []
+    for key in sorted(people):
+        n, s = len(people[key]), len(sensitive[key])
+        warnings = []
+        for limit in THRESHOLDS:
+            if n >= limit:
+                warnings.append(f"reached {limit:,} individuals")
+            elif n >= WARN_AT * limit:
+                warnings.append(f"{n / limit:.0%} of {limit:,} individuals")
+        if s >= SENSITIVE_THRESHOLD:
+            warnings.append(f"reached {SENSITIVE_THRESHOLD:,} individuals with sensitive data")
+        elif s >= WARN_AT * SENSITIVE_THRESHOLD:
+            warnings.append(f"{s / SENSITIVE_THRESHOLD:.0%} of {SENSITIVE_THRESHOLD:,} with sensitive data")
+        out.append(
+            {"country": key[0], "year": key[1], "individuals": n, "sensitive": s, "warnings": warnings}
+        )
+    return out
+
+
+# ---- HTML -------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2330;
+  background:#f5f6f8}
+main{max-width:1180px;margin:0 auto;padding:24px 32px 48px}
+h1{font-size:24px;margin:0 0 4px}
+h2{font-size:18px;margin:28px 0 10px;border-bottom:1px solid #d5d9e0;padding-bottom:4px}
+.sub{color:#5a6475;margin:0 0 16px}
+.cards{display:flex;gap:12px;flex-wrap:wrap}
+.card{background:#fff;border:1px solid #d5d9e0;border-radius:8px;padding:12px 16px;min-width:150px}
+.card b{display:block;font-size:22px}
+.card span{color:#5a6475;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
+.ok{border-left:6px solid #1a7f37}
+.bad{border-left:6px solid #cf222e}
+.warn{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:2px 6px}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.panel{background:#fff;border:1px solid #d5d9e0;border-radius:8px;padding:12px 16px}
+.panel h3{margin:0 0 8px;font-size:14px}
+table{border-collapse:collapse;width:100%;background:#fff;font-size:13px}
+th,td{border-bottom:1px solid #e3e6eb;padding:5px 8px;text-align:left;vertical-align:top}
+th{background:#eef0f4}
+code{font:12px ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
+.denied{color:#cf222e;font-weight:600}
+.failed{color:#9a6700;font-weight:600}
+.allowed{color:#1a7f37}
+.muted{color:#5a6475}
+"""
+_COLORS = {"allowed": "#2da44e", "denied": "#cf222e", "failed": "#d4a72c"}
+
+
+def _place(region: str) -> str:
+    return f"{region} ({country(region)})" if region else "third party (no region)"
+
+
+def _identity(recipients: dict[str, Any], rid: str) -> str:
+    r = recipients.get(rid, {})
+    return f"{r.get('company', rid)} ({r.get('contact', 'no contact on record')})"
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _bars(title: str, counts: Counter[str], width: int = 520) -> str:
+    """A horizontal bar chart as inline SVG."""
+    items = counts.most_common(12)
+    if not items:
+        return f'<div class="panel"><h3>{_e(title)}</h3><p class="muted">none</p></div>'
+    top = max(v for _, v in items)
+    label_w, bar_w, row = 230, width - 290, 22
+    parts = [
+        f'<svg role="img" aria-label="{_e(title)}" width="{width}" height="{row * len(items) + 4}" '
+        f'viewBox="0 0 {width} {row * len(items) + 4}" xmlns="http://www.w3.org/2000/svg">'
+    ]
+    for i, (name, v) in enumerate(items):
+        y = i * row + 2
+        w = max(2, round(bar_w * v / top))
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" font-size="12" fill="#1d2330">'
+            f"<title>{_e(name)}</title>{_e(name if len(name) <= 34 else name[:33] + chr(0x2026))}</text>"
+            f'<rect x="{label_w}" y="{y + 3}" width="{w}" height="{row - 6}" rx="3" fill="#3b6fd8"/>'
+            f'<text x="{label_w + w + 6}" y="{y + 15}" font-size="12" fill="#1d2330">{v:,}</text>'
+        )
+    parts.append("</svg>")
+    return f'<div class="panel"><h3>{_e(title)}</h3>{"".join(parts)}</div>'
+
+
+_BUCKETS = (
+    (1, "%H:%M:%S"),
+    (10, "%H:%M:%S"),
+    (60, "%H:%M"),
+    (3600, "%d %H:00"),
+    (86400, "%Y-%m-%d"),
+    (86400 * 31, "%Y-%m"),
+)
+
+
+def _timeline(rows: list[dict[str, Any]], width: int = 1100, height: int = 220) -> str:
+    """Entries per time bucket, stacked by outcome, as inline SVG. The bucket (minute, hour,
+    day or month) is the finest that keeps the chart at 60 bars or fewer."""
+    if not rows:
+        return '<p class="muted">no entries</p>'
+    times = [r["time"] for r in rows]
+    lo, hi = min(times), max(times)
+    size, label_format = 86400 * 31, "%Y-%m"
+    for size, label_format in _BUCKETS:  # noqa: B007 (the loop picks the pair it stops at)
+        if (hi - lo) / size < 60:
+            break
+    start = int(lo // size) * size
+    n = int((hi - start) // size) + 1
+    buckets = [Counter() for _ in range(n)]
+    for r in rows:
+        buckets[int((r["time"] - start) // size)][r["outcome"]] += 1
+    top = max(sum(b.values()) for b in buckets)
+    left, plot_h = 50, height - 60
+    bw = min((width - left - 10) / n, 60)
+    parts = [
+        f'<svg role="img" aria-label="timeline" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+        f'<line x1="{left}" y1="{10 + plot_h}" x2="{width - 10}" y2="{10 + plot_h}" stroke="#8c95a5"/>',
+        f'<text x="{left - 6}" y="16" text-anchor="end" font-size="11" fill="#5a6475">{top:,}</text>',
+        f'<text x="{left - 6}" y="{10 + plot_h}" text-anchor="end" font-size="11" fill="#5a6475">0</text>',
+    ]
+    label_every = max(1, n // 10)
+    for i, b in enumerate(buckets):
+        y = 10 + plot_h
+        x = left + i * bw
+        for outcome in ("allowed", "denied", "failed"):
+            v = b.get(outcome, 0)
+            if not v:
+                continue
+            h = plot_h * v / top
+            y -= h
+            parts.append(
+                f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" '
+                f'fill="{_COLORS[outcome]}"><title>{_e(outcome)}: {v}</title></rect>'
+            )
+        if i % label_every == 0:
+            label = datetime.fromtimestamp(start + i * size, UTC).strftime(label_format)
+            parts.append(
+                f'<text x="{x + bw / 2:.1f}" y="{height - 22}" text-anchor="middle" font-size="11" '
+                f'fill="#5a6475">{_e(label)}</text>'
+            )
+    for k, (outcome, color) in enumerate(_COLORS.items()):
+        parts.append(
+            f'<rect x="{left + k * 110}" y="{height - 12}" width="10" height="10" fill="{color}"/>'
+            f'<text x="{left + k * 110 + 14}" y="{height - 3}" font-size="11">{outcome}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(headers: list[str], rows: list[list[str]], empty: str = "none") -> str:
+    if not rows:
+        return f'<p class="muted">{_e(empty)}</p>'
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _entry_row(r: dict[str, Any]) -> list[str]:
+    fields = ", ".join(f["name"] for f in r.get("fields", []))
+    withheld = ", ".join(f"{w['name']} ({w['reason']})" for w in r.get("withheld", []))
+    bases = ", ".join(sorted({f["legal_basis"] for f in r.get("fields", []) if f.get("legal_basis")}))
+    return [
+        _e(r["sequence"] - 1),
+        _e(_iso(r["time"])),
+        _e(r["kind"]),
+        _e(r["subject"]),
+        _e(f"{r['source_region']} \u2192 {r['destination_region']}"),
+        _e(r["recipient"] or "\u2014"),
+        _e(r["purpose"]),
+        _e(bases or "\u2014"),
+        _e(fields or "\u2014"),
+        f'<span class="muted">{_e(withheld)}</span>',
+        f'<span class="{_e(r["outcome"])}">{_e(r["outcome"])}</span>'
+        + (f"<br>{_e(r['reason'])}" if r["reason"] else ""),
+    ]
+
+
+_ENTRY_HEADERS = [
+    "index",
+    "time (UTC)",
+    "kind",
+    "subject",
+    "from \u2192 to",
+    "recipient",
+    "purpose",
+    "legal basis",
+    "fields sent",
+    "withheld",
+    "outcome",
+]
+
+
+def _html(
+    rows: list[dict[str, Any]],
+    context: dict[str, Any],
+    check: Integrity,
+    subject: str | None,
+    now: float | None,
+) -> str:
+    region = context.get("region", "")
+    home = context.get("home_region", region)
+    recipients = {r["id"]: r for r in context.get("recipients", [])}
+    sensitive = set(context.get("sensitive_fields", []))
+    crossed = [r for r in rows if _crossed(r)]
+    outcomes = Counter(r["outcome"] for r in rows)
+    by_dest = Counter(_place(r["destination_region"]) for r in crossed)
+    by_cat, by_basis, by_purpose = Counter(), Counter(), Counter()
+    for r in crossed:
+        # A replication serves the purposes of the rules it went under; a read states one.
+        for purpose in (
+            {r["purpose"]} if r["purpose"] else {p for f in r["fields"] for p in f.get("purposes", [])}
+        ):
+            by_purpose[purpose] += 1
+        for f in r["fields"]:
+            by_cat[f["category"]] += 1
+            by_basis[f.get("legal_basis") or "(home region)"] += 1
+    problems = [r for r in rows if r["outcome"] in ("denied", "failed")]
+    generated = _iso(now if now is not None else datetime.now(UTC).timestamp())
+
+    status_class = "ok" if check.verified else "bad"
+    status = "verified" if check.verified else "NOT VERIFIED"
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>Transfer-log report \u2014 {_e(region)}</title><style>{_CSS}</style></head><body><main>",
+        f"<h1>Transfer-log report: {_e(region)}</h1>",
+        f'<p class="sub">Generated {_e(generated)} \u00b7 rules version '
+        f"<code>{_e(context.get('rules_version', ''))}</code> \u00b7 home region {_e(home)}</p>",
+        "<h2>Integrity</h2>",
+        '<div class="cards">',
+        f'<div class="card {status_class}"><span>checkpoint</span><b>{status}</b></div>',
+        f'<div class="card"><span>tree size</span><b>{check.tree_size:,}</b></div>',
+        f'<div class="card"><span>signer</span><b style="font-size:15px">{_e(check.signer or "?")}</b></div>',
+        f'<div class="card"><span>transfers</span><b>{len(crossed):,}</b></div>',
+        f'<div class="card"><span>denied / failed</span>'
+        f"<b>{outcomes['denied']:,} / {outcomes['failed']:,}</b></div>",
+        "</div>",
+        f"<p>Root hash <code>{_e(check.root_hash)}</code><br>"
+        f"Verifier key <code>{_e(check.verifier_key)}</code></p>",
+    ]
+    if check.problem:
+        out.append(f'<p class="denied">{_e(check.problem)}</p>')
+    out += [
+        "<h2>Transfers</h2>",
+        '<p class="muted">Entries where personal data left its region (allowed replications, '
+        "cross-location reads and disclosures); a field counts once per entry.</p>",
+        '<div class="grid">',
+        _bars("By destination", by_dest),
+        _bars("By data category (fields)", by_cat),
+        _bars("By legal basis (fields)", by_basis),
+        _bars("By purpose", by_purpose),
+        _bars("All entries by outcome", outcomes),
+        _bars("All entries by kind", Counter(r["kind"] for r in rows)),
+        "</div>",
+        "<h2>Timeline</h2>",
+        f'<div class="panel">{_timeline(rows)}</div>',
+        "<h2>Cross-border individuals per year (PIPL / CAC thresholds)</h2>",
+        '<p class="muted">Distinct individuals whose personal data went to each destination country '
+        "in each calendar year, counted from this log. Thresholds: 100,000 and 1,000,000 individuals; "
+        "10,000 for sensitive personal information. A warning shows from 80% of a threshold.</p>",
+    ]
+    th = thresholds(rows, sensitive, home)
+    out.append(
+        _table(
+            ["destination country", "year", "individuals", "with sensitive data", "status"],
+            [
+                [
+                    _e(t["country"]),
+                    _e(t["year"]),
+                    f"{t['individuals']:,}",
+                    f"{t['sensitive']:,}",
+                    " ".join(f'<span class="warn">\u26a0 {_e(w)}</span>' for w in t["warnings"])
+                    or '<span class="allowed">below thresholds</span>',
+                ]
+                for t in th
+            ],
+            "no personal data went abroad",
+        )
+    )
+    named = sorted({x for r in rows for x in r["recipient"].split(",") if x} | set(recipients))
+    out += [
+        "<h2>Recipients</h2>",
+        _table(
+            ["recipient", "region", "company", "contact", "transfers"],
+            [
+                [
+                    _e(rid),
+                    _e(recipients.get(rid, {}).get("region", "?")),
+                    _e(recipients.get(rid, {}).get("company", "not a rules recipient (e.g. a disclosure)")),
+                    _e(recipients.get(rid, {}).get("contact", "")),
+                    f"{sum(1 for r in crossed if rid in r['recipient'].split(',')):,}",
+                ]
+                for rid in named
+            ],
+        ),
+        f"<h2>Denied and failed attempts ({len(problems):,})</h2>",
+        _table(_ENTRY_HEADERS, [_entry_row(r) for r in problems[-200:]], "none"),
+    ]
+    if len(problems) > 200:
+        out.append(f'<p class="muted">the latest 200 of {len(problems):,} shown; the CSV has all</p>')
+    if subject:
+        mine = [r for r in rows if r["subject"] == subject]
+        places = Counter(_place(r["destination_region"]) for r in mine if _crossed(r))
+        fields_out = sorted({f["name"] for r in mine if _crossed(r) for f in r["fields"]})
+        who = sorted({x for r in mine if _crossed(r) for x in r["recipient"].split(",") if x})
+        out += [
+            f"<h2>Where did the data of {_e(subject)} go?</h2>",
+            '<div class="cards">',
+            f'<div class="card"><span>entries</span><b>{len(mine):,}</b></div>',
+            f'<div class="card"><span>destinations</span><b>{len(places)}</b></div>',
+            f'<div class="card"><span>fields sent abroad</span><b>{len(fields_out)}</b></div>',
+            "</div>",
+            f"<p>Places: {_e(', '.join(places) or 'none')}<br>"
+            f"Fields: {_e(', '.join(fields_out) or 'none')}<br>"
+            f"Recipients: {_e('; '.join(_identity(recipients, x) for x in who) or 'none')}</p>",
+            _table(_ENTRY_HEADERS, [_entry_row(r) for r in mine], f"no entries about {subject}"),
+        ]
+    out.append(
+        '<p class="muted" style="margin-top:32px">Check this report\'s figures offline: '
+        "<code>residency log export</code> then <code>residency log verify DIR</code>.</p>"
+    )
+    out.append("</main></body></html>\n")
+    return "\n".join(out)

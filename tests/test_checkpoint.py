@@ -1,0 +1,53 @@
+"""Signed checkpoints: C2SP signed notes with Ed25519, verified with the published key."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import stat
+
+import pytest
+
+from server.checkpoint import Checkpoint, CheckpointError, LogSigner, open_note, parse_verifier_key
+
+ROOT = hashlib.sha256(b"root").digest()
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory) -> LogSigner:
+    return LogSigner.generate("residency/cn-north", tmp_path_factory.mktemp("keys"))
+
+
+def test_a_checkpoint_is_origin_size_and_root_then_one_signature_line(signer: LogSigner):
+    note = signer.sign(Checkpoint("residency/cn-north", 42, ROOT))
+    body, sig = note.split("\n\n")
+    assert body.split("\n") == ["residency/cn-north", "42", base64.b64encode(ROOT).decode()]
+    assert sig.startswith("\u2014 residency/cn-north ") and sig.endswith("\n")
+    raw = base64.b64decode(sig.split()[-1])
+    name, keyhash, _ = parse_verifier_key(signer.verifier_key)
+    assert raw[:4] == keyhash and len(raw) == 4 + 64
+    assert open_note(note, signer.verifier_key) == Checkpoint("residency/cn-north", 42, ROOT)
+
+
+def test_the_verifier_key_is_name_keyhash_and_typed_public_key(signer: LogSigner):
+    name, hexhash, b64 = signer.verifier_key.split("+", 2)
+    pub = base64.b64decode(b64)
+    assert name == "residency/cn-north" and pub[0] == 1 and len(pub) == 33
+    assert hexhash == hashlib.sha256(name.encode() + b"\n" + pub).digest()[:4].hex()
+
+
+def test_the_private_key_file_is_readable_by_its_owner_only(tmp_path):
+    LogSigner.generate("residency/eu-west-1", tmp_path)
+    assert stat.S_IMODE((tmp_path / "log.key").stat().st_mode) == 0o600
+    assert LogSigner.load(tmp_path / "log.key").verifier_key == (tmp_path / "log.pub").read_text().strip()
+
+
+def test_a_forged_or_altered_checkpoint_is_refused(signer: LogSigner, tmp_path):
+    note = signer.sign(Checkpoint("residency/cn-north", 42, ROOT))
+    with pytest.raises(CheckpointError, match="forged or altered"):
+        open_note(note.replace("\n42\n", "\n43\n"), signer.verifier_key)
+    other = LogSigner.generate("residency/cn-north", tmp_path)  # same name, another key
+    with pytest.raises(CheckpointError, match="no signature"):
+        open_note(other.sign(Checkpoint("residency/cn-north", 42, ROOT)), signer.verifier_key)
+    with pytest.raises(CheckpointError):
+        open_note("residency/cn-north\n42\n", signer.verifier_key)
