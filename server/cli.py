@@ -130,7 +130,7 @@ def _time(text: str) -> float:
     return t.timestamp()
 
 
-async def _fetch_log(target: str, timeout: float) -> tuple[Any, list[bytes], list[bytes]]:
+async def fetch_log(target: str, timeout: float) -> tuple[Any, list[bytes], list[bytes]]:
     """A fresh signed checkpoint and exactly the entries (and leaf hashes) it covers."""
     from residency.v1 import translog_pb2, translog_pb2_grpc
 
@@ -168,7 +168,7 @@ def _window(entries: list[bytes], since: float | None, until: float | None) -> d
 async def _log_export(args: argparse.Namespace) -> int:
     from server import bundle
 
-    cp, entries, leaves = await _fetch_log(args.target, args.timeout)
+    cp, entries, leaves = await fetch_log(args.target, args.timeout)
     window = _window(entries, args.since, args.until)
     bundle.write(args.out, entries, leaves, cp.checkpoint, cp.verifier_key, window)
     print(json.dumps({"out": str(args.out), "tree_size": cp.tree_size, "root_hash": cp.root_hash.hex()}))
@@ -237,7 +237,7 @@ async def _log_report(args: argparse.Namespace) -> int:
     from residency.v1 import translog_pb2, translog_pb2_grpc
     from server import report
 
-    cp, entries, leaves = await _fetch_log(args.target, args.timeout)
+    cp, entries, leaves = await fetch_log(args.target, args.timeout)
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = translog_pb2_grpc.TransferLogServiceStub(channel)
         ctx = await stub.GetReviewContext(translog_pb2.GetReviewContextRequest(), timeout=args.timeout)
