@@ -16,8 +16,9 @@ import signal
 
 from replicator.worker import Replicator, destinations_for
 from server.config import DURABILITY, NodeConfig
-from server.crypto import RegionKey
+from server.crypto import Keyring
 from server.errors import ConfigError
+from server.keys import open_provider
 from server.records import Records
 from server.rules import load_rules
 from server.schema import Schema, load_schema
@@ -33,7 +34,8 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     schema = load_schema(c.schema)
     rules = load_rules(c.rules, schema)
     store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
-    records = Records(c.region, True, schema, rules, RegionKey.load(c.region, c.keys_dir), store)
+    keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
+    records = Records(c.region, True, schema, rules, keyring, store)
     db = StoreThread(store)
     db.start()
     replicator = Replicator(

@@ -157,7 +157,12 @@ def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> li
     if unknown:
         raise ConfigError(f"{config.path}: no destination {unknown} in 'affiliates'")
     return [
-        Destination(a.region, RecipientKey.load(a.region, a.public_key), make_sink(config, a))
+        Destination(
+            a.region,
+            RecipientKey.load(a.region, a.public_key),
+            make_sink(config, a),
+            keys=KeyCache(config.keys.cache_entries, config.keys.cache_seconds),
+        )
         for a in config.affiliates
         if not regions or a.region in regions
     ]

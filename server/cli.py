@@ -130,7 +130,7 @@ def _time(text: str) -> float:
     return t.timestamp()
 
 
-async def _fetch_log(target: str, timeout: float) -> tuple[Any, list[bytes], list[bytes]]:
+async def fetch_log(target: str, timeout: float) -> tuple[Any, list[bytes], list[bytes]]:
     """A fresh signed checkpoint and exactly the entries (and leaf hashes) it covers."""
     from residency.v1 import translog_pb2, translog_pb2_grpc
 
@@ -168,7 +168,7 @@ def _window(entries: list[bytes], since: float | None, until: float | None) -> d
 async def _log_export(args: argparse.Namespace) -> int:
     from server import bundle
 
-    cp, entries, leaves = await _fetch_log(args.target, args.timeout)
+    cp, entries, leaves = await fetch_log(args.target, args.timeout)
     window = _window(entries, args.since, args.until)
     bundle.write(args.out, entries, leaves, cp.checkpoint, cp.verifier_key, window)
     print(json.dumps({"out": str(args.out), "tree_size": cp.tree_size, "root_hash": cp.root_hash.hex()}))
@@ -237,7 +237,7 @@ async def _log_report(args: argparse.Namespace) -> int:
     from residency.v1 import translog_pb2, translog_pb2_grpc
     from server import report
 
-    cp, entries, leaves = await _fetch_log(args.target, args.timeout)
+    cp, entries, leaves = await fetch_log(args.target, args.timeout)
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = translog_pb2_grpc.TransferLogServiceStub(channel)
         ctx = await stub.GetReviewContext(translog_pb2.GetReviewContextRequest(), timeout=args.timeout)
@@ -529,6 +529,34 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from server import keylife
+    from server.config import load_config
+    from server.errors import ConfigError
+
+    config = load_config(args.config)
+    if config.region != args.region:
+        raise ConfigError(
+            f"{config.path}: this config is for region {config.region}, not {args.region}; "
+            "--region must name the config's region"
+        )
+    if args.action == "rotate":
+        out = keylife.rotate(config, args.identity, progress=not args.quiet)
+    elif args.action == "retire":
+        out = keylife.retire(config, args.identity)
+    else:
+        if not args.yes:
+            print(
+                f"error: shredding the key of {args.region} makes every copy there unreadable, "
+                "for good; add --yes to confirm",
+                file=sys.stderr,
+            )
+            return 2
+        out = keylife.shred(config, args.identity, args.reason)
+    print(json.dumps(out))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
@@ -559,6 +587,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--region", action="append", help="ship only to this destination (repeat for more; default: all)"
     )
     s.set_defaults(run=_replicate)
+
+    keys = sub.add_parser("keys", help="rotate, retire or shred a region's keys").add_subparsers(
+        dest="action", required=True
+    )
+    for action, text in (
+        ("rotate", "new key version; rewraps region.key and every data key (not the fields), with progress"),
+        ("retire", "after a rotation: old key versions stop decrypting"),
+        ("shred", "destroy a compromised region's key: every copy there becomes unreadable"),
+    ):
+        s = keys.add_parser(action, help=text)
+        s.add_argument("--config", required=True, help="the config of the node that holds the key")
+        s.add_argument("--region", required=True, help="the region whose key it is (must match the config)")
+        s.add_argument("--identity", default=_default_identity(), help="who does it (logged)")
+        if action == "rotate":
+            s.add_argument("--quiet", action="store_true", help="no progress bar")
+        if action == "shred":
+            s.add_argument("--reason", default="key compromised", help="why (logged)")
+            s.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
+        s.set_defaults(run=_keys)
 
     def client(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--target", required=True, help="HOST:PORT of a node")

@@ -6,6 +6,7 @@ with a message naming the file and the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from server.archive import ArchiveConfig
 from server.errors import ConfigError
 
 ROLES = ("primary", "region")
+PROVIDERS = ("local", "aws-kms", "openbao")
+KEMS = ("x25519", "mlkem768-x25519")
 DURABILITY = {"full": "FULL", "normal": "NORMAL"}
 
 
@@ -68,6 +71,29 @@ class ReplicatorConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    """`keys:` of a node config. Secrets (passphrase, token) are read here, once, at start."""
+
+    provider: str
+    dir: Path
+    kem: str = "x25519"
+    # local
+    passphrase: bytes = field(default=b"", repr=False)
+    # aws-kms
+    kms_key_id: str = ""
+    aws_region: str = "us-east-1"
+    endpoint_url: str | None = None
+    # openbao
+    address: str = ""
+    token: str = field(default="", repr=False)
+    transit_key: str = ""
+    mount: str = "transit"
+    # data-key caches: entries and seconds
+    cache_entries: int = 100_000
+    cache_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     path: Path
     region: str
@@ -76,7 +102,7 @@ class NodeConfig:
     data_dir: Path
     schema: Path
     rules: Path
-    keys_dir: Path
+    keys: KeysConfig
     durability: str = "full"
     # How often the primary ends expired grants and withdraws copies past retention.
     policy_sweep_seconds: float = 30.0
@@ -95,6 +121,10 @@ class NodeConfig:
     @property
     def is_primary(self) -> bool:
         return self.role == "primary"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.keys.dir
 
 
 def _listen(value: Any, where: str) -> str:
@@ -189,11 +219,7 @@ def load_config(path: str | Path) -> NodeConfig:
     role = need("role")
     if role not in ROLES:
         raise ConfigError(f"{path}: 'role' must be one of {list(ROLES)}, got {role!r}")
-    keys = need("keys", dict)
-    if keys.get("provider", "local") != "local":
-        raise ConfigError(f"{path}: 'keys.provider': only 'local' is available in this version")
-    if not isinstance(keys.get("dir"), str):
-        raise ConfigError(f"{path}: 'keys.dir' is required: the folder holding region.key")
+    keys = _keys(need("keys", dict), path, rel)
     durability = doc.get("durability", "full")
     if durability not in DURABILITY:
         raise ConfigError(f"{path}: 'durability' must be one of {sorted(DURABILITY)}")
@@ -233,7 +259,7 @@ def load_config(path: str | Path) -> NodeConfig:
         data_dir=rel(need("data_dir")),
         schema=rel(need("schema")),
         rules=rel(need("rules")),
-        keys_dir=rel(keys["dir"]),
+        keys=keys,
         durability=durability,
         policy_sweep_seconds=_positive(
             doc.get("policy_sweep_seconds", 30.0), f"{path}: 'policy_sweep_seconds'"
@@ -242,6 +268,74 @@ def load_config(path: str | Path) -> NodeConfig:
         replicator=replicator,
         checkpoint_interval_seconds=float(interval),
         archive=archive,
+    )
+
+
+_KEYS = {
+    "local": {"passphrase_file", "passphrase_env"},
+    "aws-kms": {"kms_key_id", "aws_region", "endpoint_url"},
+    "openbao": {"address", "token_file", "token_env", "transit_key", "mount"},
+}
+
+
+def _secret(keys: dict[str, Any], name: str, path: Path, rel: Any) -> str:
+    """A secret from `NAME_file` (a file, ideally mode 0600) or `NAME_env` (an environment
+    variable), read now and never again."""
+    if isinstance(keys.get(f"{name}_file"), str):
+        f = rel(keys[f"{name}_file"])
+        try:
+            return f.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{path}: 'keys.{name}_file': cannot read {f}: {e}") from e
+    if isinstance(keys.get(f"{name}_env"), str):
+        value = os.environ.get(keys[f"{name}_env"], "")
+        if not value:
+            raise ConfigError(
+                f"{path}: 'keys.{name}_env': environment variable {keys[f'{name}_env']} is not set"
+            )
+        return value
+    raise ConfigError(f"{path}: 'keys.{name}_file' or 'keys.{name}_env' is required")
+
+
+def _keys(keys: dict[str, Any], path: Path, rel: Any) -> KeysConfig:
+    provider = keys.get("provider", "local")
+    if provider not in PROVIDERS:
+        raise ConfigError(f"{path}: 'keys.provider' must be one of {list(PROVIDERS)}, got {provider!r}")
+    known = {"provider", "dir", "kem", "cache_entries", "cache_seconds"} | _KEYS[provider]
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ConfigError(f"{path}: 'keys': unknown key(s) {unknown} for provider {provider}")
+    if not isinstance(keys.get("dir"), str):
+        raise ConfigError(f"{path}: 'keys.dir' is required: the folder holding region.key and region.pub")
+    kem = keys.get("kem", "x25519")
+    if kem not in KEMS:
+        raise ConfigError(f"{path}: 'keys.kem' must be one of {list(KEMS)}, got {kem!r}")
+    common: dict[str, Any] = {"provider": provider, "dir": rel(keys["dir"]), "kem": kem}
+    for k, kind in (("cache_entries", int), ("cache_seconds", (int, float))):
+        if k in keys:
+            if not isinstance(keys[k], kind) or keys[k] <= 0:
+                raise ConfigError(f"{path}: 'keys.{k}' must be a positive number")
+            common[k] = keys[k]
+    if provider == "local":
+        return KeysConfig(**common, passphrase=_secret(keys, "passphrase", path, rel).encode())
+    if provider == "aws-kms":
+        if not isinstance(keys.get("kms_key_id"), str):
+            raise ConfigError(f"{path}: 'keys.kms_key_id' is required: a KMS key id, ARN or alias")
+        return KeysConfig(
+            **common,
+            kms_key_id=keys["kms_key_id"],
+            aws_region=str(keys.get("aws_region", "us-east-1")),
+            endpoint_url=keys.get("endpoint_url"),
+        )
+    for k in ("address", "transit_key"):
+        if not isinstance(keys.get(k), str):
+            raise ConfigError(f"{path}: 'keys.{k}' is required for provider openbao")
+    return KeysConfig(
+        **common,
+        address=keys["address"],
+        token=_secret(keys, "token", path, rel),
+        transit_key=keys["transit_key"],
+        mount=str(keys.get("mount", "transit")),
     )
 
 

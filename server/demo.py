@@ -263,6 +263,21 @@ async def sample_reads(primary: str) -> list[str]:
     return lines
 
 
+async def export_and_verify(primary: str, out: Path, keep: bool) -> str:
+    """What a reviewer does: export the primary's transfer log and verify it offline."""
+    from server import bundle
+    from server.cli import fetch_log
+
+    cp, log_entries, leaves = await fetch_log(primary, 120)
+    bundle.write(out, log_entries, leaves, cp.checkpoint, cp.verifier_key, None)
+    v = bundle.verify(out)
+    again = f"; check it yourself: residency log verify {out}" if keep else " (keep it with --dir)"
+    return (
+        f"transfer log of {PRIMARY}: {v.checkpoint.size} entries exported and verified offline against "
+        f"its signed checkpoint: root {v.checkpoint.root.hex()[:16]}..., signer {v.signer}{again}"
+    )
+
+
 def summarize(entries: list[dict], statuses: dict[str, Any], users: int) -> str:
     per: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"records": 0, "denied": 0, "sent": Counter(), "withheld": Counter(), "why": {}}
@@ -299,7 +314,7 @@ def summarize(entries: list[dict], statuses: dict[str, Any], users: int) -> str:
     return "\n".join(out)
 
 
-async def _run(directory: Path, users: int) -> int:
+async def _run(directory: Path, users: int, keep: bool = False) -> int:
     dep = Deployment(directory)
     t0 = time.monotonic()
     try:
@@ -318,10 +333,12 @@ async def _run(directory: Path, users: int) -> int:
         t3 = time.monotonic()
         reads = await sample_reads(dep.addresses[PRIMARY])
         entries = await read_log(dep.addresses[PRIMARY])
+        review = await export_and_verify(dep.addresses[PRIMARY], directory / "review" / PRIMARY, keep)
         statuses = {r: await node_status(dep.addresses[r]) for r in AFFILIATES}
         print(summarize(entries, statuses, users))
         print("\ncross-location reads at the primary:")
         print("\n".join(reads))
+        print(f"\n{review}")
         print(
             f"\ntimes: start {t1 - t0:.1f} s, write {t2 - t1:.1f} s "
             f"({users / max(t2 - t1, 1e-9):,.0f} users/s), "
@@ -345,7 +362,7 @@ def run_demo(users: int = 1000, directory: Path | None = None) -> int:
             print(f"using the deployment in {directory}", file=sys.stderr)
         else:
             init_deployment(directory)
-        return asyncio.run(_run(directory.resolve(), users))
+        return asyncio.run(_run(directory.resolve(), users, keep=True))
     with tempfile.TemporaryDirectory(prefix="residency-demo-") as tmp:
         init_deployment(tmp)
         return asyncio.run(_run(Path(tmp), users))

@@ -3,13 +3,19 @@ rules, keys) with the example schema and rules that follow the privacy policy.""
 
 from __future__ import annotations
 
+import base64
+import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from server.checkpoint import LogSigner
+from server.config import load_config
 from server.crypto import RegionKey
+from server.keys import LocalProvider, open_provider
 
 PRIMARY = "cn-north"
 AFFILIATES = ("ap-southeast-1", "eu-west-1")
@@ -125,8 +131,27 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def init_deployment(directory: str | Path, ports: list[int] | None = None) -> dict[str, Path]:
-    """Writes the deployment into `directory`; returns each region's config path."""
+def local_keys(d: Path, region: str) -> dict[str, Any]:
+    """The embedded default: the local provider, its passphrase in a file (mode 0600) beside
+    the keys so that `residency demo` and the tests need no setup. In production, point
+    `passphrase_env` at a secret the platform injects, and keep no passphrase file."""
+    folder = d / "keys" / region
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = folder / "passphrase"
+    if not secret.exists():
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.urlsafe_b64encode(os.urandom(32)).decode() + "\n")
+    return {"provider": "local", "dir": f"keys/{region}", "passphrase_file": f"keys/{region}/passphrase"}
+
+
+def init_deployment(
+    directory: str | Path,
+    ports: list[int] | None = None,
+    keys: Callable[[Path, str], dict[str, Any]] = local_keys,
+) -> dict[str, Path]:
+    """Writes the deployment into `directory`; returns each region's config path. `keys`
+    gives a region's `keys:` config (default: the local provider)."""
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     regions = (PRIMARY, *AFFILIATES)
@@ -134,7 +159,6 @@ def init_deployment(directory: str | Path, ports: list[int] | None = None) -> di
     (d / "schema.yaml").write_text(EXAMPLE_SCHEMA)
     (d / "rules.yaml").write_text(EXAMPLE_RULES)
     for region in regions:
-        RegionKey.generate(region, d / "keys" / region)
         # Each node signs its own transfer log's checkpoints with its own key.
         LogSigner.generate(origin(region), d / "keys" / region)
     addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
@@ -147,7 +171,7 @@ def init_deployment(directory: str | Path, ports: list[int] | None = None) -> di
             "data_dir": f"data/{region}",
             "schema": "schema.yaml",
             "rules": "rules.yaml",
-            "keys": {"provider": "local", "dir": f"keys/{region}"},
+            "keys": keys(d, region),
             "durability": "full",
             "checkpoint_interval_seconds": 60,
         }
@@ -159,4 +183,21 @@ def init_deployment(directory: str | Path, ports: list[int] | None = None) -> di
             config["replicator"] = {"enabled": True, "batch_size": 500}
         paths[region] = d / f"{region}.yaml"
         paths[region].write_text(yaml.safe_dump(config, sort_keys=False))
+    for region in regions:
+        generate_keys(paths[region])
     return paths
+
+
+def generate_keys(config_path: Path) -> None:
+    """Creates a region's key in its provider's care (unless it is there already)."""
+    c = load_config(config_path).keys
+    if (c.dir / "region.key").exists():
+        return
+    # (the local provider just made is reused: opening it again would cost another scrypt)
+    provider = LocalProvider.create(c.dir, c.passphrase) if c.provider == "local" else open_provider(c)
+    try:
+        if hasattr(provider, "ensure_key"):
+            provider.ensure_key()
+        RegionKey.generate(load_config(config_path).region, c.dir, provider, c.kem)
+    finally:
+        provider.close()

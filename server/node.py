@@ -26,10 +26,12 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
+from server import keylife, translog
 from server.checkpoint import LogSigner
 from server.config import DURABILITY, NodeConfig
-from server.crypto import RecipientKey, RegionKey
+from server.crypto import Keyring, RecipientKey
 from server.errors import ConfigError
+from server.keys import open_provider
 from server.records import Records
 from server.rules import load_rules, rules_from_bytes
 from server.schema import load_schema
@@ -73,6 +75,59 @@ class RunningNode:
         self.node: Node | None = None
         self._tasks: list[asyncio.Task] = []
         self._reproject: asyncio.Task | None = None
+        self.records: Records | None = None
+        self._watch: asyncio.Task | None = None
+        self._seen: tuple[int, int] | None = None
+
+    async def _key_events(self) -> None:
+        """Logs key events (rotate, retire, shred) not logged yet, and acts on a shred."""
+        c, records, db = self.config, self.records, self.db
+        assert records is not None and db is not None
+        events = keylife.read_events(c.keys_dir)
+        reason = keylife.shredded_reason(c.region, events)
+        if reason and not records.keyring.shredded:
+            records.keyring.shred(reason)
+            log.warning("%s", reason)
+        if not reason and any(e["event"] in ("rotated", "retired") for e in events):
+            records.keyring.rotated()
+
+        def write() -> None:
+            done = db.store.cursor(f"key_events:{c.region}")
+            entries = [
+                translog.entry(
+                    "key_event",
+                    time=e["time"],
+                    subject=f"region:{c.region}",
+                    source_region=c.region,
+                    destination_region=c.region,
+                    outcome="allowed",
+                    actor=e["actor"],
+                    rules_version=records.rules.version,
+                    reason=f"{e['event']}: {e['detail']}",
+                )
+                for e in events[done:]
+            ]
+            if entries:
+                db.store.log_append(entries)
+                db.store.set_cursor(f"key_events:{c.region}", len(events))
+
+        await db.write(write)
+
+    async def _watch_keys(self) -> None:
+        path = self.config.keys_dir / keylife.STATE
+        while True:
+            try:
+                st = path.stat()
+                seen = (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                seen = None
+            if seen != self._seen:
+                self._seen = seen
+                try:
+                    await self._key_events()
+                except Exception:
+                    log.exception("cannot apply key events")
+            await asyncio.sleep(0.5)
 
     async def start(self) -> None:
         c = self.config
@@ -92,17 +147,26 @@ class RunningNode:
             raise ConfigError(
                 f"{c.path}: 'region' {c.region!r} is not in {c.rules} (regions: {sorted(rules.regions)})"
             )
-        key = RegionKey.load(c.region, c.keys_dir)
+        provider = open_provider(c.keys)
+        keyring = Keyring(c.region, provider, c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
+        shredded = keylife.shredded_reason(c.region, keylife.read_events(c.keys_dir))
+        if shredded:  # the node still serves, and says why nothing opens
+            keyring.shred(shredded)
+        elif not c.is_primary:
+            keyring.region_key  # noqa: B018 - a region node fails at start if its key does not open
         signer = LogSigner.load(c.log_key)
         store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
         # The outbox is written whenever there are destinations, even with the in-process
         # replicator off: a standalone `residency replicate` worker then reads it.
         outbox = c.is_primary and bool(c.affiliates)
-        records = Records(c.region, c.is_primary, schema, rules, key, store, outbox=outbox)
+        records = Records(c.region, c.is_primary, schema, rules, keyring, store, outbox=outbox)
+        self.records = records
         for a in c.affiliates:
             RecipientKey.load(a.region, a.public_key)  # a missing key fails at start
         self.db = StoreThread(store)
         self.db.start()
+        await self._key_events()
+        self._watch = asyncio.create_task(self._watch_keys(), name="watch-keys")
         self.transfer_log = TransferLog(store, signer, signer.name)
         if outbox and c.replicator.enabled:
             from replicator.worker import Replicator, destinations_for
@@ -216,6 +280,8 @@ class RunningNode:
             t.cancel()
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._watch is not None:
+            self._watch.cancel()
         if self.server is not None:
             await self.server.stop(GRACE_SECONDS)
         if self.replicator is not None:

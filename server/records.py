@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 from server import codec, translog
-from server.crypto import DataKey, KeyCache, RegionKey, field_aad, record_aad
+from server.crypto import DataKey, Keyring, SealError, field_aad, record_aad
 from server.errors import NotFound, PolicyDenied
 from server.rules import (
     COOKIE_PURPOSE,
@@ -60,7 +62,6 @@ class Opened:
     created_at: float
     updated_at: float
     fields: dict[str, Value]
-    wrapped_key: bytes = b""
 
 
 @dataclass(slots=True)
@@ -86,7 +87,7 @@ class Records:
         primary: bool,
         schema: Schema,
         rules: RuleSet,
-        key: RegionKey,
+        keyring: Keyring,
         store: Store,
         outbox: bool = True,
     ):
@@ -94,11 +95,10 @@ class Records:
         self.primary = primary
         self.schema = schema
         self.rules = rules
-        self.key = key
+        self.keyring = keyring
         self.store = store
         # Without destinations there is nobody to read an outbox.
         self.outbox = outbox
-        self._keys = KeyCache()
 
     # ---- primary: writes -------------------------------------------------------------
 
@@ -111,14 +111,14 @@ class Records:
         stamp = codec.timestamp(now)
         changed: dict[str, Row] = {}
         versions = []
+        new_keys: list[tuple[str, str, bytes]] = []
+        wk = None
         for w in writes:
             old = changed.get(w.user_id) or rows.get(w.user_id)
-            stored = StoredRecord(
-                user_id=w.user_id, home_region=self.region, key_id=self.key.key_id, updated_at=stamp
-            )
+            stored = StoredRecord(user_id=w.user_id, home_region=self.region, updated_at=stamp)
             if old is not None and not old.deleted:
                 prior = StoredRecord.FromString(old.blob)
-                dek = self._local_key(w.user_id, prior.wrapped_data_key)
+                dek = self._local_key(w.user_id)
                 old_body = dek.open(
                     prior.sealed_fields, record_aad(w.user_id, self.region, prior.version, prior.key_id)
                 )
@@ -131,20 +131,30 @@ class Records:
                 if not w.touch:
                     stored.updated_at.CopyFrom(prior.updated_at)
                 stored.source = w.source or prior.source
-                stored.wrapped_data_key = prior.wrapped_data_key
+                stored.key_id = prior.key_id
             else:
                 body = w.body
-                dek, stored.wrapped_data_key = self.key.new_local_data_key(w.user_id)
-                self._keys.put(w.user_id, dek)
+                # A new DEK needs the provider only when the cached wrapping key is too old:
+                # if the provider is down then, this raises KeyUnavailable and nothing is written.
+                wk = wk or self.keyring.active_wrapping_key()
+                raw = AESGCM.generate_key(bit_length=256)
+                dek = DataKey(raw)
+                new_keys.append((w.user_id, wk.id, wk.wrap(self.region, w.user_id, raw)))
+                self.keyring.data_keys.put(w.user_id, dek)
+                stored.key_id = wk.id
                 stored.created_at.CopyFrom(stamp)
                 stored.source = w.source or "registration"
             stored.version = (old.version if old else 0) + 1
             stored.sealed_fields = dek.seal(
-                body.SerializeToString(), record_aad(w.user_id, self.region, stored.version, self.key.key_id)
+                body.SerializeToString(), record_aad(w.user_id, self.region, stored.version, stored.key_id)
             )
             age = now if w.touch or old is None else old.updated_at
             changed[w.user_id] = Row(w.user_id, stored.version, False, stored.SerializeToString(), age)
             versions.append(stored.version)
+        if new_keys:
+            assert wk is not None
+            self.store.put_wrapping_key(wk.id, wk.wrapped)
+            self.store.put_data_keys(new_keys)
         self.store.upsert(list(changed.values()))
         if self.outbox:
             self.store.outbox_append([(r.user_id, r.version) for r in changed.values()])
@@ -243,17 +253,42 @@ class Records:
             updated_at=codec.timestamp(now),
         )
         self.store.upsert([Row(user_id, version, True, tomb.SerializeToString(), now)])
+        # Crypto-shredding: the user's data key leaves the keyring (overwritten in the file).
+        self.store.delete_data_keys([user_id])
         if self.outbox:
             self.store.outbox_append([(user_id, version)])
-        self._keys.drop(user_id)
+        self.keyring.data_keys.drop(user_id)
         return version
 
-    def _local_key(self, user_id: str, wrapped: bytes) -> DataKey:
-        dek = self._keys.get(user_id)
+    def _data_key(self, user_id: str, open_: Any) -> DataKey:
+        dek = self.keyring.data_keys.get(user_id)
         if dek is None:
-            dek = self.key.open_local_data_key(user_id, wrapped)
-            self._keys.put(user_id, dek)
+            found = self.store.data_keys([user_id]).get(user_id)
+            if found is None:
+                raise SealError(
+                    f"the data key of user {user_id} is not in the keyring of {self.region}: "
+                    "the record was erased (its key crypto-shredded) or the keyring is not this data's"
+                )
+            dek = open_(*found)
+            self.keyring.data_keys.put(user_id, dek)
         return dek
+
+    def _local_key(self, user_id: str) -> DataKey:
+        def open_(wk_id: str, wk_wrapped: bytes, wrapped: bytes) -> DataKey:
+            wk = self.keyring.wrapping_key(wk_id, wk_wrapped)
+            return DataKey(wk.unwrap(self.region, user_id, wrapped))
+
+        return self._data_key(user_id, open_)
+
+    def _copy_key(self, user_id: str, key_id: str) -> DataKey:
+        def open_(wk_id: str, wk_wrapped: bytes, wrapped: bytes) -> DataKey:
+            if wk_id.startswith("hpke:"):  # as the primary sent it
+                return self.keyring.region_key.open_data_key(user_id, key_id, wrapped)
+            # rewrapped by a rotation under one of this region's wrapping keys
+            wk = self.keyring.wrapping_key(wk_id, wk_wrapped)
+            return DataKey(wk.unwrap(self.region, user_id, wrapped))
+
+        return self._data_key(user_id, open_)
 
     # ---- region node: copies ----------------------------------------------------------
 
@@ -270,19 +305,31 @@ class Records:
                 continue
             newest[c.user_id] = c
         now = time.time()
+        keys, gone = [], []
+        for c in newest.values():
+            if c.deleted:
+                gone.append(c.user_id)
+            else:
+                # The wrapped DEK goes to the keyring, not with the copy: erasing it later makes
+                # any earlier copy of node.db unreadable for this user.
+                keys.append((c.user_id, f"hpke:{c.key_id}", c.wrapped_data_key))
+                c.ClearField("wrapped_data_key")
+        self.store.put_data_keys(keys)
+        self.store.delete_data_keys(gone)
         self.store.upsert(
             [Row(c.user_id, c.version, c.deleted, c.SerializeToString(), now) for c in newest.values()]
         )
         for user_id in newest:
-            self._keys.drop(user_id)
+            self.keyring.data_keys.drop(user_id)
         return len(newest), skipped
 
     # ---- reads ------------------------------------------------------------------------
 
     def open_row(self, row: Row) -> Opened:
         if self.primary:
+            self.keyring.check()
             st = StoredRecord.FromString(row.blob)
-            dek = self._local_key(row.user_id, st.wrapped_data_key)
+            dek = self._local_key(row.user_id)
             body = records_pb2.Record.FromString(
                 dek.open(st.sealed_fields, record_aad(row.user_id, self.region, st.version, st.key_id))
             )
@@ -294,13 +341,10 @@ class Records:
                 _secs(st.created_at),
                 _secs(st.updated_at),
                 dict(body.fields),
-                st.wrapped_data_key,
             )
+        self.keyring.check()
         copy = SealedCopy.FromString(row.blob)
-        dek = self._keys.get(row.user_id)
-        if dek is None:
-            dek = self.key.open_data_key(row.user_id, copy.key_id, copy.wrapped_data_key)
-            self._keys.put(row.user_id, dek)
+        dek = self._copy_key(row.user_id, copy.key_id)
         kid, version = copy.key_id, copy.version
         fields = {
             n: Value.FromString(dek.open(s, field_aad(row.user_id, n, self.region, version, kid)))
@@ -314,7 +358,6 @@ class Records:
             _secs(copy.created_at),
             _secs(copy.updated_at),
             fields,
-            copy.wrapped_data_key,
         )
 
     def read(self, user_id: str, caller: Caller) -> ReadResult:
@@ -361,6 +404,14 @@ class Records:
         (seq,) = self.store.log_append([entry])
         rec.fields = sent
         return ReadResult(rec, withheld, seq, entry["reason"])
+
+    def credential(self, user_id: str, field: str) -> bytes:
+        """The stored hash of a credential field (empty if none); never leaves this node."""
+        row = self.store.rows([user_id]).get(user_id)
+        if row is None or row.deleted:
+            raise NotFound(f"user {user_id} has no record in {self.region}")
+        value = self.open_row(row).fields.get(field)
+        return value.bytes_value if value is not None else b""
 
     def describe(self, decisions: dict[str, Any], names: Any) -> list[dict[str, Any]]:
         out = []

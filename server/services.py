@@ -36,7 +36,7 @@ from residency.v1 import (
 from server import codec, merkle, translog
 from server.config import Affiliate
 from server.consent import ConsentChange, Disclosure, Policy, refusal_error
-from server.crypto import SealError, hash_credential
+from server.crypto import SealError, hash_credential, verify_credential
 from server.errors import (
     ConfigError,
     FailedPrecondition,
@@ -274,6 +274,22 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         version = await self.node.db.write(lambda: self.records.delete(request.user_id))
         self._wake()
         return records_pb2.DeleteRecordResponse(user_id=request.user_id, version=version)
+
+    @rpc
+    async def VerifyCredential(self, request, context):
+        self._primary_only()
+        caller = self.node.caller(request.context, context)
+        _check_user(request.user_id)
+        spec = self.records.schema.fields.get(request.field)
+        if spec is None or not spec.credential:
+            raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
+        if caller.location != self.records.region:
+            raise TransferDenied(f"credentials are verified in {self.records.region} only")
+        stored = await self.node.db.call(self.records.credential, request.user_id, request.field)
+        match = bool(stored) and await asyncio.get_running_loop().run_in_executor(
+            self.node.hashing, verify_credential, request.secret, stored
+        )
+        return records_pb2.VerifyCredentialResponse(match=match)
 
     def _wake(self) -> None:
         self.node.wake()

@@ -76,6 +76,10 @@ class Store(Protocol):
     def request_retry(self, destination: str | None) -> int: ...
     def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]: ...
     def live_blobs(self, after_user: str, limit: int) -> list[tuple[str, bytes]]: ...
+    def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]: ...
+    def put_data_keys(self, rows: list[tuple[str, str, bytes]]) -> None: ...
+    def delete_data_keys(self, user_ids: list[str]) -> None: ...
+    def put_wrapping_key(self, id: str, wrapped: bytes) -> None: ...
     def close(self) -> None: ...
 
 
@@ -154,7 +158,23 @@ MIGRATIONS: list[str] = [
         uploaded_at REAL NOT NULL
     );
     """,
-    # 4: replication control, shared by every worker process on this store: leases (one
+    # 4: the keyring (issue 4), a separate file (keys.db) beside node.db: per-user wrapped data keys
+    # and the wrapping keys that wrap them. Kept apart so that erasing a user's data key
+    # makes any earlier copy of node.db unreadable for that user.
+    """
+    CREATE TABLE IF NOT EXISTS keyring.wrapping_keys (
+        id         TEXT PRIMARY KEY,
+        wrapped    BLOB NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS keyring.data_keys (
+        user_id      TEXT PRIMARY KEY,
+        wrapping_key TEXT NOT NULL,
+        wrapped      BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS keyring.data_keys_by_wrapping_key ON data_keys (wrapping_key);
+    """,
+    # 5: replication control, shared by every worker process on this store: leases (one
     # worker ships to a destination at a time), per-destination state (paused, last error,
     # copies sent) and dead letters (copies a destination refused for good).
     """
@@ -186,12 +206,18 @@ class SqliteStore:
     """SQLite in WAL mode. `synchronous=FULL` by default: an acknowledged write survives a
     power cut, not only a crash; writes are grouped into batches so the fsync is shared."""
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL"):
+    def __init__(self, path: str | Path, synchronous: str = "FULL", keyring: str | Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.keyring_path = Path(keyring) if keyring else self.path.with_name("keys.db")
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("ATTACH DATABASE ? AS keyring", (str(self.keyring_path),))
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA keyring.journal_mode=WAL")
+        # A destroyed data key is overwritten in the file, not only unlinked from the b-tree.
+        self._db.execute("PRAGMA keyring.secure_delete=ON")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute(f"PRAGMA keyring.synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
         # A standalone replicator may share this database from another process.
         self._db.execute("PRAGMA busy_timeout=30000")
@@ -526,6 +552,64 @@ class SqliteStore:
                 (after_user, limit),
             )
         )
+
+    # ---- keyring ------------------------------------------------------------------------
+
+    def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]:
+        """user id -> (wrapping key id, wrapping key as the provider wrapped it, wrapped DEK).
+        For a region node's copies the wrapping key id is `hpke:KEYID` and its blob empty."""
+        out: dict[str, tuple[str, bytes, bytes]] = {}
+        for i in range(0, len(user_ids), 500):
+            chunk = user_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for u, wk, w, dek in self._db.execute(
+                "SELECT d.user_id, d.wrapping_key, coalesce(k.wrapped, x''), d.wrapped "
+                "FROM keyring.data_keys d LEFT JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key "
+                f"WHERE d.user_id IN ({marks})",
+                chunk,
+            ):
+                out[u] = (wk, w, dek)
+        return out
+
+    def put_data_keys(self, rows: list[tuple[str, str, bytes]]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO keyring.data_keys (user_id, wrapping_key, wrapped) VALUES (?,?,?)", rows
+        )
+
+    def delete_data_keys(self, user_ids: list[str]) -> None:
+        self._db.executemany("DELETE FROM keyring.data_keys WHERE user_id=?", [(u,) for u in user_ids])
+
+    def put_wrapping_key(self, id: str, wrapped: bytes) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO keyring.wrapping_keys (id, wrapped, created_at) VALUES (?,?,?)",
+            (id, wrapped, time.time()),
+        )
+
+    def data_keys_not_under(
+        self, wrapping_key: str, after_user: str, limit: int
+    ) -> list[tuple[str, str, bytes, bytes]]:
+        """A page of data keys wrapped by anything but `wrapping_key` (rotation): by another
+        wrapping key, or (region nodes) by HPKE to the region key, `hpke:KEYID`."""
+        return list(
+            self._db.execute(
+                "SELECT d.user_id, d.wrapping_key, coalesce(k.wrapped, x''), d.wrapped "
+                "FROM keyring.data_keys d LEFT JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key "
+                "WHERE d.wrapping_key != ? AND d.user_id > ? ORDER BY d.user_id LIMIT ?",
+                (wrapping_key, after_user, limit),
+            )
+        )
+
+    def count_data_keys_not_under(self, wrapping_key: str) -> int:
+        return self._db.execute(
+            "SELECT count(*) FROM keyring.data_keys WHERE wrapping_key != ?",
+            (wrapping_key,),
+        ).fetchone()[0]
+
+    def delete_unused_wrapping_keys(self) -> int:
+        return self._db.execute(
+            "DELETE FROM keyring.wrapping_keys "
+            "WHERE id NOT IN (SELECT DISTINCT wrapping_key FROM keyring.data_keys)"
+        ).rowcount
 
     # ---- consents and grants (issue 3) ------------------------------------------------
 

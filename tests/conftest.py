@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 import yaml
 
@@ -34,7 +36,7 @@ from residency.v1 import (
 from server import codec
 from server.config import load_config
 from server.demo import Deployment, wait_replicated
-from server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment
+from server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment, local_keys
 
 IDENTITY = (("x-residency-identity", "test:suite"),)
 COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)
@@ -139,10 +141,11 @@ class Cluster:
         self,
         directory: Path,
         sweep_seconds: float = 0.3,
+        keys: Any = local_keys,
         s3: SeaweedFS | None = None,
         replicator: dict | None = None,
     ):
-        init_deployment(directory)
+        init_deployment(directory, keys=keys)
         # Grants end and retention expires within a test's patience.
         primary = directory / f"{PRIMARY}.yaml"
         config = yaml.safe_load(primary.read_text())
@@ -337,6 +340,99 @@ async def idle_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
     finally:
         await c.close()
+
+
+# ---- key services: real servers in their own processes, on ephemeral loopback ports -------
+
+
+class Service:
+    """A server process (moto's KMS, OpenBao) the tests talk to over HTTP."""
+
+    def __init__(self, argv: list[str], url: str, ready: str, log: Path):
+        self.argv, self.url, self.ready, self.log = argv, url, ready, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, deadline: float = 30.0) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "ab")  # noqa: SIM115 - handed to the child process
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        end = time.monotonic() + deadline
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv[0]} exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + self.ready, timeout=1.0).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError(f"{self.argv} did not answer within {deadline} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def moto_kms(directory: Path) -> Service:
+    (port,) = free_ports(1)
+    # moto needs credentials of some kind; these are its documented test values.
+    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return Service(argv, f"http://127.0.0.1:{port}", "/moto-api/", directory / "moto.log")
+
+
+BAO_TOKEN = "residency-test-root"
+
+
+def openbao(directory: Path) -> Service:
+    (port,) = free_ports(1)
+    bao = shutil.which("bao") or str(Path(sys.executable).parent / "bao")
+    argv = [
+        bao,
+        "server",
+        "-dev",
+        f"-dev-listen-address=127.0.0.1:{port}",
+        f"-dev-root-token-id={BAO_TOKEN}",
+        "-dev-no-store-token",
+    ]
+    svc = Service(argv, f"http://127.0.0.1:{port}", "/v1/sys/health", directory / "bao.log")
+    return svc
+
+
+def enable_transit(address: str) -> None:
+    r = httpx.post(
+        f"{address}/v1/sys/mounts/transit", json={"type": "transit"}, headers={"X-Vault-Token": BAO_TOKEN}
+    )
+    assert r.status_code < 300 or "path is already in use" in r.text, r.text
+
+
+@pytest.fixture(scope="session")
+def kms_endpoint(tmp_path_factory) -> Iterator[str]:
+    svc = moto_kms(tmp_path_factory.mktemp("moto"))
+    svc.start()
+    try:
+        yield svc.url
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def bao_address(tmp_path_factory) -> Iterator[str]:
+    svc = openbao(tmp_path_factory.mktemp("bao"))
+    svc.start()
+    enable_transit(svc.url)
+    try:
+        yield svc.url
+    finally:
+        svc.stop()
 
 
 @dataclass(frozen=True)

@@ -159,3 +159,6 @@ def test_demo_runs_end_to_end_and_reports_per_region(tmp_path: Path):
     assert "PERMISSION_DENIED" in out  # the refused sample read
     assert "writing users" in r.stderr and "replicating" in r.stderr  # progress shown
     assert (tmp_path / "demo" / "cn-north.yaml").is_file()  # --dir keeps the deployment
+    assert "exported and verified offline against its signed checkpoint" in out
+    r = residency("log", "verify", str(tmp_path / "demo" / "review" / "cn-north"))
+    assert r.returncode == 0 and json.loads(r.stdout)["verified"] is True

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from server.crypto import RegionKey, SealError, field_aad, hash_credential, verify_credential
+from server.crypto import Keyring, RegionKey, SealError, field_aad, hash_credential, verify_credential
+from server.keys import LocalProvider
 
 
-@pytest.fixture
-def keys(tmp_path):
-    return {r: RegionKey.generate(r, tmp_path / r) for r in ("cn-north", "ap-southeast-1")}
+def provider(path):
+    return LocalProvider.create(path, b"test passphrase")
+
+
+@pytest.fixture(params=["x25519", "mlkem768-x25519"])
+def keys(tmp_path, request):
+    return {
+        r: RegionKey.generate(r, tmp_path / r, provider(tmp_path / r), request.param)
+        for r in ("cn-north", "ap-southeast-1")
+    }
 
 
 def test_a_sealed_value_opens_in_its_own_context_only(keys):
@@ -44,25 +52,38 @@ def test_the_primary_cannot_open_what_it_sealed_for_a_region(keys, tmp_path):
     # The primary holds its own key and the region's public key, nothing else.
     with pytest.raises(SealError):
         primary.open_data_key("u-1", sg.key_id, wrapped)
-    impostor = RegionKey("ap-southeast-1", primary._private)
+    impostor = RegionKey(
+        "ap-southeast-1", RegionKey.load("cn-north", primary_dir(keys), provider(primary_dir(keys)))._raw
+    )
     with pytest.raises(SealError):
         impostor.open_data_key("u-1", sg.key_id, wrapped)
 
 
-def test_local_data_keys_are_bound_to_their_user(keys):
-    cn = keys["cn-north"]
-    dek, wrapped = cn.new_local_data_key("u-1")
-    aad = field_aad("u-1", "name", "cn-north", 1, cn.key_id)
-    assert cn.open_local_data_key("u-1", wrapped).open(dek.seal(b"x", aad), aad) == b"x"
+def primary_dir(keys):
+    return keys["cn-north"].dir
+
+
+def test_local_data_keys_are_bound_to_their_user(tmp_path):
+    ring = Keyring("cn-north", provider(tmp_path), tmp_path)
+    wk = ring.active_wrapping_key()
+    wrapped = wk.wrap("cn-north", "u-1", b"k" * 32)
+    assert ring.wrapping_key(wk.id, wk.wrapped).unwrap("cn-north", "u-1", wrapped) == b"k" * 32
     with pytest.raises(SealError):
-        cn.open_local_data_key("u-2", wrapped)
+        wk.unwrap("cn-north", "u-2", wrapped)
+    with pytest.raises(SealError):
+        wk.unwrap("eu-west-1", "u-1", wrapped)
 
 
-def test_region_key_file_is_private(tmp_path):
-    RegionKey.generate("cn-north", tmp_path / "k")
+def test_region_key_file_is_private_and_needs_the_passphrase(tmp_path):
+    RegionKey.generate("cn-north", tmp_path / "k", provider(tmp_path / "k"))
     assert (tmp_path / "k" / "region.key").stat().st_mode & 0o777 == 0o600
-    loaded = RegionKey.load("cn-north", tmp_path / "k")
-    assert loaded.key_id == RegionKey.load("cn-north", tmp_path / "k").key_id
+    assert (tmp_path / "k" / "kek-v1.key").stat().st_mode & 0o777 == 0o600
+    loaded = RegionKey.load("cn-north", tmp_path / "k", provider(tmp_path / "k"))
+    assert loaded.key_id == RegionKey.load("cn-north", tmp_path / "k", provider(tmp_path / "k")).key_id
+    from server.errors import KeyUnavailable
+
+    with pytest.raises(KeyUnavailable, match="passphrase"):
+        LocalProvider(tmp_path / "k", b"wrong passphrase")
 
 
 def test_credentials_hash_and_verify():

@@ -398,8 +398,9 @@ async def test_sighup_reloads_the_rules_file(cluster: Cluster):
 def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     """Retention (rules' retention_days), in-process with a clock moved forward a year."""
     from server.consent import Policy
-    from server.crypto import RegionKey
+    from server.crypto import Keyring
     from server.deployment import EXAMPLE_SCHEMA
+    from server.keys import LocalProvider
     from server.records import Write
     from server.rules import Permits, parse_rules
     from server.schema import load_schema
@@ -413,7 +414,8 @@ def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     store = SqliteStore(tmp_path / "node.db")
     from server.records import Records
 
-    records = Records(PRIMARY, True, schema, rules, RegionKey.generate(PRIMARY, tmp_path / "k"), store)
+    keyring = Keyring(PRIMARY, LocalProvider.create(tmp_path / "k", b"test passphrase"), tmp_path / "k")
+    records = Records(PRIMARY, True, schema, rules, keyring, store)
     body = records_pb2.Record()
     body.fields["email"].CopyFrom(codec.to_value("r@example.cn"))
     body.fields["pages_visited"].CopyFrom(codec.to_value(["/a"]))

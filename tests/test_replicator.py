@@ -13,12 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from residency.v1 import common_pb2, replica_pb2
 from server import codec
+from server.crypto import RegionKey
 from server.deployment import PRIMARY
 from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, values
 from tests.test_replication import FULL, allowed_fields
@@ -28,22 +25,27 @@ from tests.test_replication import FULL, allowed_fields
 OUTAGE_SECONDS = float(os.environ.get("RESIDENCY_OUTAGE_SECONDS", "8"))
 
 
-def open_with_region_key_alone(body: bytes, manifest: dict, key_file: Path) -> tuple[int, dict]:
+def region_key(c: Cluster, region: str) -> RegionKey:
+    """The region's own key, unwrapped by the region's own key provider."""
+    from server.config import load_config
+    from server.keys import open_provider
+
+    config = load_config(c.dep.configs[region])
+    return RegionKey.load(region, config.keys_dir, open_provider(config.keys))
+
+
+def open_with_region_key_alone(body: bytes, manifest: dict, key: RegionKey) -> tuple[int, dict]:
     """Opens a bucket object as an affiliate would, from the manifest's recipe, with the
-    `cryptography` package and the region's private key: no residency code."""
+    region's key: the HPKE unwrap of the data key (RFC 9180) is the region key's, the rest
+    is AES-256-GCM from the `cryptography` package under the manifest's associated data."""
     copy = replica_pb2.SealedCopy.FromString(body)
     region, kid = manifest["region"], manifest["key_id"]
-    assert copy.key_id == kid
-    private = X25519PrivateKey.from_private_bytes(key_file.read_bytes())
-    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    info = b"residency/dek/v1\x00" + "\x00".join((copy.user_id, region, kid)).encode()
-    dek = AESGCM(suite.decrypt(copy.wrapped_data_key, private, info=info))
+    assert copy.key_id == kid and key.key_id == kid
+    dek = key.open_data_key(copy.user_id, kid, copy.wrapped_data_key)
     fields = {}
     for name, sealed in copy.sealed_fields.items():
         aad = "\x00".join(("field", copy.user_id, name, region, str(copy.version), kid)).encode()
-        fields[name] = codec.from_value(
-            common_pb2.Value.FromString(dek.decrypt(sealed[:12], sealed[12:], aad))
-        )
+        fields[name] = codec.from_value(common_pb2.Value.FromString(dek.open(sealed, aad)))
     return copy.version, fields
 
 
@@ -76,7 +78,7 @@ async def test_s3_bucket_holds_sealed_copies_that_the_region_key_alone_opens(s3_
     assert body is not None
     for value in FULL.values():  # sealed: no value in clear in the object
         assert str(value).encode() not in body
-    version, fields = open_with_region_key_alone(body, m, c.dir / "keys" / S3_REGION / "region.key")
+    version, fields = open_with_region_key_alone(body, m, region_key(c, S3_REGION))
     assert version == 1
     assert fields == {n: FULL[n] for n in allowed_fields(c, S3_REGION)}
     assert await asyncio.to_thread(bucket_object, c, "s3-2") is None
@@ -139,6 +141,7 @@ async def assert_everything_arrived(c: Cluster, acked: dict[str, tuple[int, dict
     destination holds a field the rules do not allow."""
     allowed = {r: allowed_fields(c, r) for r in ("ap-southeast-1", S3_REGION)}
     m = manifest(c) if c.s3 else None
+    key = region_key(c, S3_REGION) if c.s3 else None
     nodes = ["ap-southeast-1"] if c.s3 else ["ap-southeast-1", "eu-west-1"]
     for user, (version, fields) in acked.items():
         for region in nodes:
@@ -147,7 +150,7 @@ async def assert_everything_arrived(c: Cluster, acked: dict[str, tuple[int, dict
             assert values(copy) == {n: v for n, v in fields.items() if n in allowed[region]}
         if m is not None:
             body = await asyncio.to_thread(bucket_object, c, user)
-            got_version, got = open_with_region_key_alone(body, m, c.dir / "keys" / S3_REGION / "region.key")
+            got_version, got = open_with_region_key_alone(body, m, key)
             assert got_version == version, user
             assert got == {n: v for n, v in fields.items() if n in allowed[S3_REGION]}
 

@@ -98,3 +98,21 @@ class DeleteRecordResponse(_message.Message):
     user_id: str
     version: int
     def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class VerifyCredentialRequest(_message.Message):
+    __slots__ = ("context", "user_id", "field", "secret")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.CallContext
+    user_id: str
+    field: str
+    secret: str
+    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., user_id: _Optional[str] = ..., field: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class VerifyCredentialResponse(_message.Message):
+    __slots__ = ("match",)
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    match: bool
+    def __init__(self, match: _Optional[bool] = ...) -> None: ...

@@ -54,6 +54,11 @@ class RecordServiceStub:
                 request_serializer=residency_dot_v1_dot_records__pb2.DeleteRecordRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_records__pb2.DeleteRecordResponse.FromString,
                 _registered_method=True)
+        self.VerifyCredential = channel.unary_unary(
+                '/residency.v1.RecordService/VerifyCredential',
+                request_serializer=residency_dot_v1_dot_records__pb2.VerifyCredentialRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_records__pb2.VerifyCredentialResponse.FromString,
+                _registered_method=True)
 
 
 class RecordServiceServicer:
@@ -87,6 +92,15 @@ class RecordServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyCredential(self, request, context):
+        """Answers whether a secret matches a user's stored credential (a user.authorization.*
+        field, kept only as a scrypt hash). The credential itself is never readable. Home
+        region only: credentials never leave it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecordServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +123,11 @@ def add_RecordServiceServicer_to_server(servicer, server):
                     servicer.DeleteRecord,
                     request_deserializer=residency_dot_v1_dot_records__pb2.DeleteRecordRequest.FromString,
                     response_serializer=residency_dot_v1_dot_records__pb2.DeleteRecordResponse.SerializeToString,
+            ),
+            'VerifyCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyCredential,
+                    request_deserializer=residency_dot_v1_dot_records__pb2.VerifyCredentialRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_records__pb2.VerifyCredentialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +238,33 @@ class RecordService:
             '/residency.v1.RecordService/DeleteRecord',
             residency_dot_v1_dot_records__pb2.DeleteRecordRequest.SerializeToString,
             residency_dot_v1_dot_records__pb2.DeleteRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.RecordService/VerifyCredential',
+            residency_dot_v1_dot_records__pb2.VerifyCredentialRequest.SerializeToString,
+            residency_dot_v1_dot_records__pb2.VerifyCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,163 @@
+"""One conformance suite for every key provider, against real servers: local key files,
+AWS KMS (moto's server, over HTTP) and OpenBao Transit (`bao server -dev`)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from server.crypto import DataKey, Keyring, RecipientKey, RegionKey, field_aad
+from server.errors import KeyUnavailable
+from server.keys import AwsKmsProvider, KeyDestroyed, KeyProvider, LocalProvider, OpenBaoProvider, SealError
+from tests.conftest import BAO_TOKEN, enable_transit, moto_kms, openbao
+
+PROVIDERS = ["local", "aws-kms", "openbao"]
+CTX = {"user": "u-1", "region": "ap-southeast-1", "purpose": "wrapping-key"}
+
+
+def make(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> KeyProvider:
+    """A provider with a fresh key of its own."""
+    if name == "local":
+        return LocalProvider.create(tmp_path / "keys", b"conformance passphrase")
+    if name == "aws-kms":
+        url = request.getfixturevalue("kms_endpoint")
+        alias = AwsKmsProvider.create_key(f"alias/t-{uuid.uuid4().hex[:12]}", endpoint_url=url)
+        return AwsKmsProvider(alias, endpoint_url=url)
+    address = request.getfixturevalue("bao_address")
+    p = OpenBaoProvider(address, BAO_TOKEN, f"t-{uuid.uuid4().hex[:12]}")
+    p.ensure_key()
+    return p
+
+
+@pytest.fixture(params=PROVIDERS)
+def provider(request, tmp_path):
+    p = make(request.param, tmp_path, request)
+    yield p
+    p.close()
+
+
+def test_a_data_key_unwraps_in_its_own_context(provider: KeyProvider):
+    raw, wrapped = provider.new_data_key(CTX)
+    assert len(raw) == 32 and raw not in wrapped
+    assert provider.unwrap(wrapped, CTX) == raw
+    assert provider.unwrap(provider.wrap(b"k" * 32, CTX), CTX) == b"k" * 32
+
+
+@pytest.mark.parametrize("moved", ["user", "region", "purpose"])
+def test_wrapped_key_moved_to_another_context_does_not_unwrap(provider: KeyProvider, moved: str):
+    _, wrapped = provider.new_data_key(CTX)
+    with pytest.raises(SealError):
+        provider.unwrap(wrapped, {**CTX, moved: "other"})
+
+
+def test_a_sealed_field_moved_to_another_user_field_region_or_version_does_not_open(
+    provider: KeyProvider, tmp_path: Path
+):
+    wk = Keyring("cn-north", provider, tmp_path).active_wrapping_key()
+    raw = b"d" * 32
+    wrapped = wk.wrap("cn-north", "u-1", raw)
+    sealed = DataKey(raw).seal(b"li@example.cn", field_aad("u-1", "email", "cn-north", 3, wk.id))
+    # A fresh keyring (nothing cached) asks the provider for the wrapping key.
+    again = Keyring("cn-north", provider, tmp_path).wrapping_key(wk.id, wk.wrapped)
+    dek = DataKey(again.unwrap("cn-north", "u-1", wrapped))
+    assert dek.open(sealed, field_aad("u-1", "email", "cn-north", 3, wk.id)) == b"li@example.cn"
+    for moved in (
+        ("u-2", "email", "cn-north", 3),
+        ("u-1", "phone", "cn-north", 3),
+        ("u-1", "email", "eu-west-1", 3),
+        ("u-1", "email", "cn-north", 2),
+    ):
+        with pytest.raises(SealError):
+            dek.open(sealed, field_aad(*moved, wk.id))
+    with pytest.raises(SealError):
+        again.unwrap("cn-north", "u-2", wrapped)
+    with pytest.raises(SealError):  # a wrapping key claimed under another id
+        Keyring("cn-north", provider, tmp_path).wrapping_key("other", wk.wrapped)
+
+
+def test_rotation_keeps_old_versions_until_retired(provider: KeyProvider):
+    raw, old = provider.new_data_key(CTX)
+    provider.rotate()
+    assert provider.unwrap(old, CTX) == raw  # old versions decrypt until retired
+    new = provider.rewrap(old, CTX)
+    assert new != old and provider.unwrap(new, CTX) == raw
+    provider.retire()
+    assert provider.unwrap(new, CTX) == raw
+    if provider.name != "aws-kms":  # KMS keeps old key material for the key's lifetime
+        with pytest.raises(KeyDestroyed):
+            provider.unwrap(old, CTX)
+
+
+def test_a_destroyed_key_unwraps_nothing(provider: KeyProvider):
+    _, wrapped = provider.new_data_key(CTX)
+    provider.destroy()
+    with pytest.raises(KeyDestroyed):
+        provider.unwrap(wrapped, CTX)
+
+
+def test_the_region_private_key_is_kept_only_wrapped_by_the_provider(
+    provider: KeyProvider, tmp_path: Path, request
+):
+    key = RegionKey.generate("ap-southeast-1", tmp_path / "rk", provider, "mlkem768-x25519")
+    stored = (tmp_path / "rk" / "region.key").read_bytes()
+    assert key._raw not in stored
+    assert (tmp_path / "rk" / "region.key").stat().st_mode & 0o777 == 0o600
+    assert RegionKey.load("ap-southeast-1", tmp_path / "rk", provider).key_id == key.key_id
+    # Another region's provider (the primary's, say) cannot open it.
+    other = make(provider.name, tmp_path / "other", request)
+    with pytest.raises(SealError):
+        RegionKey.load("ap-southeast-1", tmp_path / "rk", other)
+    # The public half seals; only the region opens.
+    recipient = RecipientKey.load("ap-southeast-1", tmp_path / "rk" / "region.pub")
+    _, wrapped_dek = recipient.new_data_key("u-1")
+    assert key.open_data_key("u-1", key.key_id, wrapped_dek)
+
+
+@pytest.mark.parametrize("name", ["aws-kms", "openbao"])
+def test_a_key_service_that_is_down_is_unavailable_and_nothing_falls_back(name: str, tmp_path: Path):
+    svc = moto_kms(tmp_path) if name == "aws-kms" else openbao(tmp_path)
+    svc.start()
+    try:
+        if name == "aws-kms":
+            p: KeyProvider = AwsKmsProvider(
+                AwsKmsProvider.create_key("alias/down", endpoint_url=svc.url), endpoint_url=svc.url
+            )
+        else:
+            enable_transit(svc.url)
+            p = OpenBaoProvider(svc.url, BAO_TOKEN, "down")
+            p.ensure_key()
+        raw, wrapped = p.new_data_key(CTX)
+    finally:
+        svc.stop()
+    with pytest.raises(KeyUnavailable):
+        p.new_data_key(CTX)
+    with pytest.raises(KeyUnavailable):
+        p.unwrap(wrapped, CTX)
+    p.close()
+
+
+def test_key_config_is_validated_at_start_naming_the_key(tmp_path: Path, monkeypatch):
+    from server.config import load_config
+    from server.errors import ConfigError
+
+    base = "region: cn-north\nrole: primary\nlisten: 127.0.0.1:1\ndata_dir: d\nschema: s\nrules: r\n"
+    cases = {
+        "keys: {provider: vault, dir: k}": "'keys.provider' must be one of",
+        "keys: {provider: local, dir: k}": "'keys.passphrase_file' or 'keys.passphrase_env' is required",
+        "keys: {provider: local, dir: k, passphrase_env: RT_UNSET}": "RT_UNSET is not set",
+        "keys: {provider: aws-kms, dir: k}": "'keys.kms_key_id' is required",
+        "keys: {provider: openbao, dir: k, address: 'x', token_env: P}": "'keys.transit_key' is required",
+        "keys: {provider: local, dir: k, passphrase_env: P, kem: rsa}": "'keys.kem' must be one of",
+        "keys: {provider: local, dir: k, passphrase_env: P, mount: x}": "unknown key(s) ['mount']",
+    }
+    monkeypatch.delenv("RT_UNSET", raising=False)
+    monkeypatch.setenv("P", "a passphrase")
+    for keys, expected in cases.items():
+        (tmp_path / "n.yaml").write_text(base + keys + "\n")
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_config(tmp_path / "n.yaml")
+    (tmp_path / "n.yaml").write_text(base + "keys: {provider: local, dir: k, passphrase_env: P}\n")
+    assert load_config(tmp_path / "n.yaml").keys.passphrase == b"a passphrase"  # read once, here

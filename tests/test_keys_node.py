@@ -1,0 +1,306 @@
+"""Keys on real nodes: who can open what, crypto-shredding, rotation, shredding a region's
+key, credentials, and a key service that goes down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from residency.v1 import records_pb2, replica_pb2
+from server.config import load_config
+from server.crypto import Keyring, RegionKey
+from server.deployment import AFFILIATES, PRIMARY, local_keys
+from server.keys import AwsKmsProvider, SealError, open_provider
+from server.records import Records
+from server.rules import load_rules
+from server.schema import load_schema
+from server.store import SqliteStore
+from tests.conftest import BAO_TOKEN, IDENTITY, Cluster, ctx, enable_transit, moto_kms, openbao, values
+
+SG = "ap-southeast-1"
+
+
+def backup(db: Path, to: Path) -> Path:
+    """An online copy of a node's database, as a backup job would take it."""
+    src, dst = sqlite3.connect(db), sqlite3.connect(to)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    return to
+
+
+def open_offline(cluster: Cluster, region: str, db: Path, user_id: str) -> dict:
+    """Opens `user_id` from a database file with the region's own keys and live keyring."""
+    c = load_config(cluster.dep.configs[region])
+    schema = load_schema(c.schema)
+    keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir)
+    store = SqliteStore(db, keyring=c.data_dir / "keys.db")
+    try:
+        records = Records(c.region, c.is_primary, schema, load_rules(c.rules, schema), keyring, store, False)
+        return records.open_row(store.rows([user_id])[user_id]).fields
+    finally:
+        store.close()
+
+
+async def until(check, deadline: float = 20.0):
+    """Polls `check()` until it returns a truthy value or the deadline passes."""
+    end = time.monotonic() + deadline
+    while True:
+        got = await check()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met before the deadline")
+        await asyncio.sleep(0.1)
+
+
+def keys_cli(cluster: Cluster, action: str, region: str, *extra: str) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "keys", action, "--config", str(cluster.dep.configs[region])]
+        + ["--region", region, *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+async def key_events(cluster: Cluster, region: str) -> list[dict]:
+    return [e for e in (json.loads(j) for _, j, _ in await cluster.log(region)) if e["kind"] == "key_event"]
+
+
+@pytest.fixture
+async def hybrid_cluster(tmp_path: Path):
+    """A running deployment whose ap-southeast-1 key is hybrid ML-KEM-768 + X25519."""
+
+    def keys(d: Path, region: str) -> dict:
+        return {**local_keys(d, region), **({"kem": "mlkem768-x25519"} if region == SG else {})}
+
+    c = Cluster(tmp_path / "deployment", keys=keys)
+    try:
+        await c.start()
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_the_primary_cannot_open_a_regions_copy_and_erasure_shreds_every_backup(
+    hybrid_cluster: Cluster, tmp_path: Path
+):
+    cluster = hybrid_cluster
+    sg_pub = load_config(cluster.dep.configs[SG]).keys_dir / "region.pub"
+    assert len(sg_pub.read_bytes()) == 1184 + 32  # ML-KEM-768 + X25519
+    await cluster.put("u-1", {"name": "Li Wei", "email": "li@example.cn"})
+    await cluster.replicated()
+    sg_db = cluster.data_dir(SG) / "node.db"
+    # The region's stored copy, read straight from its node.db and keys.db.
+    with sqlite3.connect(sg_db) as db:
+        copy = replica_pb2.SealedCopy.FromString(
+            db.execute("SELECT blob FROM records WHERE user_id='u-1'").fetchone()[0]
+        )
+    assert copy.sealed_fields and not copy.wrapped_data_key  # the key lives in the keyring
+    with sqlite3.connect(cluster.data_dir(SG) / "keys.db") as kdb:
+        (wrapped,) = kdb.execute("SELECT wrapped FROM data_keys WHERE user_id='u-1'").fetchone()
+    # The primary, with every key it holds, cannot unwrap the region's data key.
+    cn = load_config(cluster.dep.configs[PRIMARY])
+    primary_key = RegionKey.load(PRIMARY, cn.keys_dir, open_provider(cn.keys))
+    with pytest.raises(SealError):
+        primary_key.open_data_key("u-1", copy.key_id, wrapped)
+    impostor = RegionKey(SG, primary_key._raw)
+    with pytest.raises(SealError):
+        impostor.open_data_key("u-1", copy.key_id, wrapped)
+    # ... nor open the region's private key file with its own provider.
+    sg = load_config(cluster.dep.configs[SG])
+    with pytest.raises(SealError):
+        RegionKey.load(SG, sg.keys_dir, open_provider(cn.keys))
+    # The region can.
+    assert open_offline(cluster, SG, sg_db, "u-1")["name"].string_value == "Li Wei"
+
+    # Backups taken before erasure open now ...
+    copies = {r: backup(cluster.data_dir(r) / "node.db", tmp_path / f"{r}.db") for r in (PRIMARY, SG)}
+    for region, db in copies.items():
+        assert open_offline(cluster, region, db, "u-1")["name"].string_value == "Li Wei"
+    await cluster.delete("u-1")
+    await cluster.replicated()
+    # ... and not after: the user's data keys are gone from every keyring.
+    for region, db in copies.items():
+        with pytest.raises(SealError, match="erased"):
+            open_offline(cluster, region, db, "u-1")
+
+
+async def test_rotation_rewraps_data_keys_without_touching_fields_or_traffic(cluster: Cluster):
+    users = [f"r-{i}" for i in range(300)]
+    req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
+    for u in users:
+        req.records.add(user_id=u).fields["name"].string_value = f"name of {u}"
+    await cluster.records().PutRecords(req, metadata=IDENTITY, timeout=30)
+    db = cluster.data_dir(PRIMARY) / "node.db"
+
+    def snapshot() -> tuple[dict, set]:
+        with sqlite3.connect(db) as d, sqlite3.connect(db.with_name("keys.db")) as k:
+            blobs = dict(d.execute("SELECT user_id, blob FROM records"))
+            wks = {r[0] for r in k.execute("SELECT DISTINCT wrapping_key FROM data_keys")}
+        return blobs, wks
+
+    before, wks_before = snapshot()
+    stop = asyncio.Event()
+
+    async def traffic() -> int:
+        n = 0
+        while not stop.is_set():
+            await cluster.put(f"live-{n}", {"name": "during rotation"})
+            assert (
+                values(await cluster.get(users[n % len(users)]))["name"] == f"name of {users[n % len(users)]}"
+            )
+            n += 1
+        return n
+
+    writer = asyncio.create_task(traffic())
+    out = await asyncio.to_thread(keys_cli, cluster, "rotate", PRIMARY, "--quiet")
+    # Writes go on until the node has logged the rotation (it then wraps under the new version).
+    await until(lambda: key_events(cluster, PRIMARY))
+    stop.set()
+    live = await writer
+    assert live > 0  # reads and writes went on during the rewrap
+    assert out["data_keys_rewrapped"] >= len(users)
+    after, wks_after = snapshot()
+    assert {u: after[u] for u in users} == {u: before[u] for u in users}  # fields not re-encrypted
+    assert not wks_after & wks_before or len(wks_after) > 1
+    keys_cli(cluster, "retire", PRIMARY)
+    keys = load_config(cluster.dep.configs[PRIMARY]).keys_dir
+    assert sorted(p.name for p in keys.glob("kek-v*.key")) == ["kek-v2.key"]
+    # A restarted primary (no cached keys) opens everything with the new version only.
+    cluster.stop(PRIMARY)
+    await cluster.start(PRIMARY)
+    for u in users[::50]:
+        assert values(await cluster.get(u))["name"] == f"name of {u}"
+    for n in range(live):  # written during the rotation, under either version
+        assert values(await cluster.get(f"live-{n}"))["name"] == "during rotation"
+    events = await until(lambda: key_events(cluster, PRIMARY))
+    assert [e["reason"].split(":")[0] for e in events] == ["rotated", "rewrapped", "retired"]
+
+    # A region node: the copies' keys (HPKE-wrapped as they arrived) move under a wrapping key
+    # of the region's new key version; the copies themselves stay as they are.
+    await cluster.replicated()
+    sg_db = cluster.data_dir(SG) / "node.db"
+    with sqlite3.connect(sg_db) as d:
+        copies_before = dict(d.execute("SELECT user_id, blob FROM records"))
+    out = keys_cli(cluster, "rotate", SG, "--quiet")
+    assert out["data_keys_rewrapped"] == len(copies_before)
+    keys_cli(cluster, "retire", SG)
+    with sqlite3.connect(sg_db) as d:
+        assert dict(d.execute("SELECT user_id, blob FROM records")) == copies_before
+    cluster.stop(SG)
+    await cluster.start(SG)
+    for u in users[::50]:
+        assert values(await cluster.get(u, region=SG))["name"] == f"name of {u}"
+
+
+async def test_a_shredded_region_key_makes_every_copy_there_unreadable(cluster: Cluster):
+    await cluster.put("u-1", {"name": "Li Wei", "language": "zh-CN"})
+    await cluster.replicated()
+    assert values(await cluster.get("u-1", region=SG))["name"] == "Li Wei"
+    keys_cli(cluster, "shred", SG, "--yes", "--reason", "test: key leaked")
+
+    async def refused():
+        try:
+            await cluster.get("u-1", region=SG)
+        except grpc.aio.AioRpcError as e:
+            return e
+        return None
+
+    e = await until(refused)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "shredded" in e.details() and "test: key leaked" in e.details()
+    sg = load_config(cluster.dep.configs[SG])
+    assert not (sg.keys_dir / "region.key").exists() and not list(sg.keys_dir.glob("kek-v*"))
+    (event,) = await until(lambda: key_events(cluster, SG))
+    assert event["reason"].startswith("shredded") and event["actor"].startswith("operator")
+    # Other regions are untouched.
+    assert values(await cluster.get("u-1", region=AFFILIATES[1]))["language"] == "zh-CN"
+
+
+async def test_verify_credential_answers_match_or_not_and_never_reveals(cluster: Cluster):
+    await cluster.put("c-1", {"email": "c@example.cn", "password": "correct horse"})
+    stub = cluster.records()
+
+    async def verify(secret: str, field: str = "password", location: str = PRIMARY) -> bool:
+        r = await stub.VerifyCredential(
+            records_pb2.VerifyCredentialRequest(
+                context=ctx(location, "essential.service"), user_id="c-1", field=field, secret=secret
+            ),
+            metadata=IDENTITY,
+            timeout=30,
+        )
+        return r.match
+
+    assert await verify("correct horse") is True
+    assert await verify("wrong horse") is False
+    for field, location, code in (
+        ("email", PRIMARY, grpc.StatusCode.INVALID_ARGUMENT),
+        ("password", SG, grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await verify("correct horse", field, location)
+        assert e.value.code() == code
+    assert "password" not in (await cluster.get("c-1")).record.fields
+
+
+@pytest.mark.parametrize("name", ["openbao", "aws-kms"])
+async def test_a_key_service_down_fails_new_writes_unavailable_with_nothing_written(
+    name: str, tmp_path: Path
+):
+    service = openbao(tmp_path / "svc") if name == "openbao" else moto_kms(tmp_path / "svc")
+    service.start()
+    if name == "openbao":
+        enable_transit(service.url)
+        (tmp_path / "token").write_text(BAO_TOKEN)
+        primary_keys = {
+            "provider": "openbao",
+            "address": service.url,
+            "token_file": str(tmp_path / "token"),
+            "transit_key": "residency-cn-north",
+        }
+    else:
+        alias = AwsKmsProvider.create_key("alias/residency-cn-north", endpoint_url=service.url)
+        primary_keys = {"provider": "aws-kms", "kms_key_id": alias, "endpoint_url": service.url}
+
+    def keys(d: Path, region: str) -> dict:
+        if region != PRIMARY:
+            return local_keys(d, region)
+        return {**primary_keys, "dir": f"keys/{region}", "cache_seconds": 0.5}
+
+    cluster = Cluster(tmp_path / "deployment", keys=keys)
+    try:
+        await cluster.start(PRIMARY)
+        await cluster.put("before", {"name": f"sealed through {name}"})
+        service.stop()
+        n = 0
+
+        async def refused():
+            nonlocal n
+            n += 1
+            try:
+                await cluster.put(f"after-{n}", {"name": "must not be written"})
+            except grpc.aio.AioRpcError as e:
+                return e
+            return None
+
+        e = await until(refused)
+        said = {"openbao": "OpenBao cannot be reached", "aws-kms": "AWS KMS cannot be reached"}[name]
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and said in e.details()
+        with pytest.raises(grpc.aio.AioRpcError) as nf:
+            await cluster.get(f"after-{n}")
+        assert nf.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await cluster.close()
+        service.stop()
