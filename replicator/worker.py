@@ -2,7 +2,20 @@
 cursor, projects each record to the fields the rules allow there, seals them for that
 region, ships the batch, then logs the transfers and advances the cursor in one
 transaction. Each destination has its own loop and cursor, so a slow or down region never
-holds back the others; a batch that fails is retried with backoff until it lands.
+holds back the others.
+
+Failures: a transient one (unavailable, timeout, throttling, 5xx) is retried with
+exponential backoff and jitter until it lands; a permanent one (the destination refuses
+the copy) sends that user's copy to the dead-letter table with the reason, logs the
+transfer as failed, and the batch goes on, so one refused copy never blocks other users.
+A later version of the same user supersedes its dead letter once it lands (a copy carries
+the user's whole projected state, so the newest version is all a destination needs);
+`residency replication retry` re-drives the current version of each dead-lettered user.
+
+Several workers (processes) may share one store: a worker ships to a destination only
+while it holds that destination's lease (renewed every third of its life), and commits a
+batch only if it still holds it, so a worker that dies or stalls is replaced once its
+lease expires and can never move a cursor after that.
 """
 
 from __future__ import annotations
@@ -10,6 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,8 +35,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from residency.v1 import replica_pb2, replica_pb2_grpc
 from server import codec, translog
-from server.config import ReplicatorConfig
+from server.config import Affiliate, NodeConfig, ReplicatorConfig
 from server.crypto import DataKey, KeyCache, RecipientKey, field_aad
+from server.errors import ConfigError
 from server.records import Records
 from server.rules import Allowed, Permits
 from server.store import OutboxItem, Row
@@ -30,17 +47,38 @@ log = logging.getLogger("residency.replicator")
 
 
 class Sink(Protocol):
+    kind: str
+    target: str
+
     async def apply(self, source_region: str, copies: list[replica_pb2.SealedCopy]) -> None: ...
+
+    def permanent(self, e: BaseException) -> str | None:
+        """Why `e` (raised by `apply`) will not go away on a retry, or None if it may."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class ReplicaSink:
     """A region node, over gRPC `ReplicaService`."""
 
-    def __init__(self, address: str, timeout: float = 10.0):
-        self.address = address
+    kind = "replica"
+    TRANSIENT = frozenset(
+        {
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.ABORTED,
+            grpc.StatusCode.CANCELLED,
+        }
+    )
+
+    def __init__(self, address: str, timeout: float = 5.0):
+        self.target = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        )
         self._stub = replica_pb2_grpc.ReplicaServiceStub(self._channel)
 
     async def apply(self, source_region: str, copies: list[replica_pb2.SealedCopy]) -> None:
@@ -49,20 +87,42 @@ class ReplicaSink:
             timeout=self.timeout,
         )
 
+    def permanent(self, e: BaseException) -> str | None:
+        if isinstance(e, grpc.aio.AioRpcError) and e.code() not in self.TRANSIENT:
+            return f"{e.code().name}: {e.details()}"
+        return None
+
     async def close(self) -> None:
         await self._channel.close()
+
+
+class Refused(Exception):
+    """The destination refused a copy for good."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StandDown(Exception):
+    """This worker may not ship to the destination now: its lease is lost or expiring, or
+    the destination is paused."""
 
 
 @dataclass
 class Destination:
     region: str
-    address: str
     key: RecipientKey
     sink: Sink
     cursor: int = 0
     copies_sent: int = 0
     last_error: str = ""
     keys: KeyCache = field(default_factory=KeyCache)
+    held: bool = False
+    paused: bool = False
+    # monotonic time until which this worker's lease is surely valid
+    lease_until: float = 0.0
+    reread_cursor: bool = True
 
 
 @dataclass(slots=True)
@@ -72,20 +132,69 @@ class Prepared:
     last_sequence: int
 
 
+def make_sink(config: NodeConfig, a: Affiliate) -> Sink:
+    r = config.replicator
+    if a.sink == "s3":
+        from replicator.s3 import S3Sink
+
+        return S3Sink(
+            home_region=config.region,
+            region=a.region,
+            key_id=RecipientKey.load(a.region, a.public_key).key_id,
+            bucket=a.bucket,
+            prefix=a.prefix,
+            endpoint_url=a.endpoint_url,
+            s3_region=a.s3_region,
+            timeout=r.ship_timeout,
+            concurrency=r.s3_concurrency,
+        )
+    return ReplicaSink(a.address, timeout=r.ship_timeout)
+
+
+def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> list[Destination]:
+    """The config's destinations (only `regions`, if given)."""
+    unknown = sorted(set(regions or ()) - {a.region for a in config.affiliates})
+    if unknown:
+        raise ConfigError(f"{config.path}: no destination {unknown} in 'affiliates'")
+    return [
+        Destination(
+            a.region,
+            RecipientKey.load(a.region, a.public_key),
+            make_sink(config, a),
+            keys=KeyCache(config.keys.cache_entries, config.keys.cache_seconds),
+        )
+        for a in config.affiliates
+        if not regions or a.region in regions
+    ]
+
+
 class Replicator:
     def __init__(
-        self, records: Records, db: StoreThread, destinations: list[Destination], config: ReplicatorConfig
+        self,
+        records: Records,
+        db: StoreThread,
+        destinations: list[Destination],
+        config: ReplicatorConfig,
+        owner: str = "",
+        all_regions: list[str] | None = None,
     ):
         self.records = records
         self.db = db
         self.destinations = {d.region: d for d in destinations}
+        # Every destination of the outbox, including those other workers ship to: an entry
+        # is trimmed only once all of them have applied it.
+        self.all_regions = all_regions or list(self.destinations)
         self.config = config
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake = {d.region: asyncio.Event() for d in destinations}
         self._tasks: list[asyncio.Task] = []
+        # Records opened for one destination's batch, kept for the others' batches of the same
+        # changes (they run close together on the same store thread): one open per change.
+        self._opened: dict[tuple[str, int], Any] = {}
 
     async def start(self) -> None:
         for d in self.destinations.values():
-            d.cursor = await self.db.call(self.db.store.cursor, d.region)
+            self._tasks.append(asyncio.create_task(self._keep_lease(d), name=f"lease-{d.region}"))
             self._tasks.append(asyncio.create_task(self._run(d), name=f"replicate-{d.region}"))
 
     def wake(self) -> None:
@@ -96,48 +205,177 @@ class Replicator:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        store = self.db.store
         for d in self.destinations.values():
+            if d.held:  # hand over at once rather than after expiry
+                with contextlib.suppress(Exception):
+                    await self.db.write(lambda r=d.region: store.lease_release(r, self.owner))
             await d.sink.close()
+
+    # ---- leases -----------------------------------------------------------------------
+
+    async def _keep_lease(self, d: Destination) -> None:
+        ttl = self.config.lease_seconds
+        store = self.db.store
+        while True:
+            began = time.monotonic()
+            try:
+                held, paused = await self.db.write(
+                    lambda: store.lease_take(d.region, self.owner, time.time(), ttl)
+                )
+            except Exception as e:  # the store is busy or failing: not holding is the safe view
+                log.warning("lease on %s not renewed: %r", d.region, e)
+                held, paused = False, d.paused
+            if held and not d.held:
+                log.info("%s took the lease on %s", self.owner, d.region)
+                d.reread_cursor = True
+            d.held, d.paused = held, paused
+            d.lease_until = began + ttl if held else 0.0
+            if held and not paused:
+                self._wake[d.region].set()
+            await asyncio.sleep(ttl / 3)
+
+    def _check(self, d: Destination) -> None:
+        """Ship only with at least half a lease left: a shipping call (at most
+        `ship_timeout`, half a lease) then ends before anyone else may take over."""
+        if d.paused or not d.held or time.monotonic() > d.lease_until - self.config.lease_seconds / 2:
+            raise StandDown(d.region)
+
+    # ---- the loop ---------------------------------------------------------------------
 
     async def _run(self, d: Destination) -> None:
         wake = self._wake[d.region]
         while True:
-            wake.clear()
-            items = await self.db.call(self.db.store.outbox_after, d.cursor, self.config.batch_size)
-            if not items:
+            try:
+                if not await self._step(d, wake):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout=self.config.poll_interval)
+            except StandDown:
+                d.reread_cursor = True
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=1.0)
-                continue
-            batch = await self.db.call(self._prepare, d, items)
-            if batch.copies:
-                await self._ship(d, batch)
-            await self.db.write(lambda b=batch: self._commit(d, b))
-            d.cursor = batch.last_sequence
-            d.copies_sent += len(batch.copies)
+                    await asyncio.wait_for(wake.wait(), timeout=self.config.lease_seconds / 3)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug or a failing store: say so, and try again later
+                log.exception("replication to %s failed", d.region)
+                await self._note_error(d, _describe(e))
+                await asyncio.sleep(self.config.retry_max)
 
-    async def _ship(self, d: Destination, batch: Prepared) -> None:
+    async def _step(self, d: Destination, wake: asyncio.Event) -> bool:
+        """One batch (or a round of re-driven dead letters); False when there was nothing."""
+        self._check(d)
+        store = self.db.store
+        if d.reread_cursor:
+            d.cursor = await self.db.call(store.cursor, d.region)
+            d.reread_cursor = False
+        wake.clear()
+        paused, redrive, items = await self.db.call(self._poll, d)
+        if paused:  # an operator paused it since the lease was last renewed
+            d.paused = True
+            raise StandDown(d.region)
+        if redrive:
+            batch = await self.db.call(self._prepare_users, d, [u for u, *_ in redrive])
+            await self._deliver_and_commit(d, batch, advance=False)
+            return True
+        if not items:
+            return False
+        batch = await self.db.call(self._prepare, d, items)
+        await self._deliver_and_commit(d, batch, advance=True)
+        return True
+
+    def _poll(self, d: Destination) -> tuple[bool, list[tuple], list[OutboxItem]]:
+        """On the store thread: paused?, dead letters to re-drive, the next outbox entries."""
+        store = self.db.store
+        if store.is_paused(d.region):
+            return True, [], []
+        redrive = store.dead_letters(d.region, True, self.config.batch_size)
+        if redrive:
+            return False, redrive, []
+        return False, [], store.outbox_after(d.cursor, self.config.batch_size)
+
+    async def _deliver_and_commit(self, d: Destination, batch: Prepared, advance: bool) -> None:
+        refused = await self._deliver(d, batch.copies) if batch.copies else {}
+        await self.db.write(lambda: self._commit(d, batch, refused, advance))
+        if advance:
+            d.cursor = batch.last_sequence
+        d.copies_sent += len(batch.copies) - len(refused)
+        if d.last_error:
+            await self._note_error(d, "")
+
+    async def _deliver(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> dict[int, str]:
+        """Ships `copies`; returns the refused ones (index to reason)."""
+        try:
+            await self._ship(d, copies)
+            return {}
+        except Refused as e:
+            if len(copies) == 1:
+                return {0: e.reason}
+        # Somebody in the batch is refused: find who, one copy at a time.
+        refused = {}
+        for i, c in enumerate(copies):
+            try:
+                await self._ship(d, [c])
+            except Refused as e:
+                refused[i] = e.reason
+        return refused
+
+    async def _ship(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> None:
         def note(state: RetryCallState) -> None:
             e = state.outcome.exception() if state.outcome else None
-            d.last_error = _describe(e)
-            log.warning("replication to %s failed (%s); retrying", d.region, d.last_error)
+            error = _describe(e)
+            log.warning("replication to %s failed (%s); retrying", d.region, error)
+            if error != d.last_error:
+                d.last_error = error
+                asyncio.get_running_loop().create_task(self._note_error(d, error))
 
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(lambda e: not isinstance(e, asyncio.CancelledError)),
+            retry=retry_if_exception(
+                lambda e: isinstance(e, Exception) and not isinstance(e, Refused | StandDown)
+            ),
             wait=wait_exponential_jitter(initial=self.config.retry_initial, max=self.config.retry_max),
             before_sleep=note,
             reraise=True,
         ):
             with attempt:
-                await d.sink.apply(self.records.region, batch.copies)
-        d.last_error = ""
+                self._check(d)
+                try:
+                    await d.sink.apply(self.records.region, copies)
+                except Exception as e:
+                    reason = d.sink.permanent(e)
+                    if reason is not None:
+                        raise Refused(reason) from e
+                    raise
 
-    def _commit(self, d: Destination, batch: Prepared) -> None:
+    async def _note_error(self, d: Destination, error: str) -> None:
+        d.last_error = error
+        with contextlib.suppress(Exception):
+            await self.db.write(lambda: self.db.store.set_last_error(d.region, error))
+
+    def _commit(self, d: Destination, batch: Prepared, refused: dict[int, str], advance: bool) -> None:
         store = self.db.store
-        if batch.entries:
-            store.log_append(batch.entries)
-        store.set_cursor(d.region, batch.last_sequence)
-        others = [o.cursor for o in self.destinations.values() if o is not d]
-        store.outbox_trim(min([batch.last_sequence, *others]))
+        now = time.time()
+        if not store.lease_held(d.region, self.owner, now):
+            raise StandDown(d.region)  # another worker owns the cursor now; it ships again
+        entries = batch.entries
+        if refused:
+            entries = list(entries)
+            for i, reason in refused.items():
+                entries[i] = {**entries[i], "outcome": "failed", "reason": f"{d.region} refused: {reason}"}
+            store.dead_letter(
+                d.region,
+                [(batch.copies[i].user_id, batch.copies[i].version, r) for i, r in refused.items()],
+                now,
+            )
+        if entries:
+            store.log_append(entries)
+        if store.dead_letters(d.region, limit=1):
+            store.dead_letters_superseded(
+                d.region, [(c.user_id, c.version) for i, c in enumerate(batch.copies) if i not in refused]
+            )
+        if advance:
+            store.set_cursor(d.region, batch.last_sequence)
+            store.outbox_trim_below(self.all_regions)
+        store.add_copies_sent(d.region, len(batch.copies) - len(refused))
 
     # ---- runs on the store thread -----------------------------------------------------
 
@@ -155,6 +393,24 @@ class Replicator:
             copies.append(copy)
             entries.append(entry)
         return Prepared(copies, entries, items[-1].sequence)
+
+    def _prepare_users(self, d: Destination, user_ids: list[str]) -> Prepared:
+        """Copies of the current version of each user (re-driving dead letters)."""
+        rows = self.records.store.rows(user_ids)
+        permits = self.records.permits_for(user_ids)
+        copies, entries = [], []
+        gone = []
+        for u in user_ids:
+            row = rows.get(u)
+            if row is None:
+                gone.append((u, 2**62))
+                continue
+            copy, entry = self._copy_for(d, row, permits[u])
+            copies.append(copy)
+            entries.append(entry)
+        if gone:  # nothing left to send: the dead letter has nothing to re-drive
+            self.records.store.dead_letters_superseded(d.region, gone)
+        return Prepared(copies, entries, 0)
 
     def _copy_for(self, d: Destination, row: Row, permits: Permits) -> tuple[replica_pb2.SealedCopy, dict]:
         r = self.records
@@ -176,7 +432,7 @@ class Replicator:
             return tomb, translog.entry(
                 "erasure", outcome="allowed", reason="the user's record was erased", **common
             )
-        opened = r.open_row(row)
+        opened = self._open(row)
         plan = r.rules.plan(d.region, None, permits)
         sent, withheld = r.project(plan, opened.fields, opened.updated_at)
         described = r.describe_withheld(withheld)
@@ -227,34 +483,22 @@ class Replicator:
             **common,
         )
 
+    def _open(self, row: Row) -> Any:
+        key = (row.user_id, row.version)
+        opened = self._opened.get(key)
+        if opened is None:
+            opened = self.records.open_row(row)
+            if len(self._opened) >= 4 * self.config.batch_size * max(1, len(self.destinations)):
+                del self._opened[next(iter(self._opened))]  # the oldest
+            self._opened[key] = opened
+        return opened
+
     def _data_key(self, d: Destination, user_id: str) -> tuple[DataKey, bytes]:
         hit = d.keys.get(user_id)
         if hit is None:
             hit = d.key.new_data_key(user_id)
             d.keys.put(user_id, hit)
         return hit
-
-    # ---- status -----------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        """Runs on the store thread: per destination, cursor, pending entries and lag."""
-        store = self.records.store
-        now = time.time()
-        out = {"head": store.outbox_head(), "destinations": []}
-        for d in self.destinations.values():
-            oldest = store.outbox_oldest_after(d.cursor)
-            out["destinations"].append(
-                {
-                    "region": d.region,
-                    "address": d.address,
-                    "applied_sequence": d.cursor,
-                    "pending": store.outbox_count_after(d.cursor),
-                    "lag_seconds": max(0.0, now - oldest) if oldest else 0.0,
-                    "last_error": d.last_error,
-                    "copies_sent": d.copies_sent,
-                }
-            )
-        return out
 
 
 def _describe(e: BaseException | None) -> str:

@@ -266,6 +266,38 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _replication(args: argparse.Namespace) -> int:
+    from residency.v1 import admin_pb2, admin_pb2_grpc
+
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        if args.action == "status":
+            reply: Any = await stub.ReplicationStatus(
+                admin_pb2.ReplicationStatusRequest(), timeout=args.timeout
+            )
+        elif args.action == "pause":
+            reply = await stub.PauseReplication(
+                admin_pb2.PauseReplicationRequest(region=args.region), timeout=args.timeout
+            )
+        elif args.action == "resume":
+            reply = await stub.ResumeReplication(
+                admin_pb2.ResumeReplicationRequest(region=args.region), timeout=args.timeout
+            )
+        else:
+            reply = await stub.RetryDeadLetters(
+                admin_pb2.RetryDeadLettersRequest(region=args.region or ""), timeout=args.timeout
+            )
+    print(json.dumps(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+def _replicate(args: argparse.Namespace) -> int:
+    from replicator.standalone import run_worker
+    from server.config import load_config
+
+    asyncio.run(run_worker(load_config(args.config), args.region or None))
+
+
 def _meta(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return (("x-residency-identity", args.identity),)
 
@@ -549,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.set_defaults(run=_serve)
 
+    s = sub.add_parser("replicate", help="run a replication worker for a primary until SIGTERM/SIGINT")
+    s.add_argument("--config", required=True, help="the primary's config file")
+    s.add_argument(
+        "--region", action="append", help="ship only to this destination (repeat for more; default: all)"
+    )
+    s.set_defaults(run=_replicate)
+
     keys = sub.add_parser("keys", help="rotate, retire or shred a region's keys").add_subparsers(
         dest="action", required=True
     )
@@ -626,6 +665,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("html", "csv", "jsonl"), default="html")
     s.add_argument("--key", type=Path, help="a log.pub to verify with (default: the key the node states)")
     s.set_defaults(run=lambda a: asyncio.run(_log_report(a)))
+
+    rp = sub.add_parser(
+        "replication", help="replication status, pause and resume, dead-letter retry (on the primary)"
+    ).add_subparsers(dest="action", required=True)
+    s = rp.add_parser("status", help="per destination: lag, pending, dead letters, last error, paused")
+    client(s)
+    s.set_defaults(run=lambda a: asyncio.run(_replication(a)))
+    for action, what in (("pause", "stop shipping to"), ("resume", "resume shipping to")):
+        s = rp.add_parser(action, help=f"{what} a destination region (every worker obeys)")
+        client(s)
+        s.add_argument("--region", required=True, help="the destination region")
+        s.set_defaults(run=lambda a: asyncio.run(_replication(a)))
+    s = rp.add_parser("retry", help="re-drive dead letters (their users' current versions)")
+    client(s)
+    s.add_argument("--region", help="only this destination (default: all)")
+    s.set_defaults(run=lambda a: asyncio.run(_replication(a)))
 
     s = sub.add_parser("status", help="a node's status and, on the primary, replication status")
     client(s)
@@ -734,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+        level=logging.INFO if args.verbose or args.command in ("serve", "replicate") else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )

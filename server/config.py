@@ -22,11 +22,33 @@ KEMS = ("x25519", "mlkem768-x25519")
 DURABILITY = {"full": "FULL", "normal": "NORMAL"}
 
 
+SINKS = ("replica", "s3")
+
+
 @dataclass(frozen=True)
 class Affiliate:
+    """A destination of replication: a region node (`sink: replica`, the default, at
+    `address`) or an affiliate's S3 bucket (`sink: s3`)."""
+
     region: str
     address: str
     public_key: Path
+    sink: str = "replica"
+    bucket: str = ""
+    # Empty: the standard AWS endpoint of `s3_region`. Credentials come from boto3's
+    # standard chain (environment, shared files, instance role), never from this file.
+    endpoint_url: str = ""
+    prefix: str = ""
+    s3_region: str = ""
+
+    @property
+    def target(self) -> str:
+        """Where copies go, for status and logs."""
+        if self.sink == "s3":
+            return f"s3://{self.bucket}/{self.prefix}" + (
+                f" at {self.endpoint_url}" if self.endpoint_url else ""
+            )
+        return self.address
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,16 @@ class ReplicatorConfig:
     # Seconds between retries grow from `retry_initial` up to `retry_max`, with jitter.
     retry_initial: float = 0.2
     retry_max: float = 10.0
+    # A worker ships to a destination only while it holds that destination's lease, renewed
+    # every third of `lease_seconds`; a dead worker's lease is taken over once it expires.
+    lease_seconds: float = 15.0
+    # How often an idle worker looks at the outbox (the in-process worker is also woken
+    # by each write).
+    poll_interval: float = 0.1
+    # Seconds one shipping call may take; must stay below half of `lease_seconds`.
+    ship_timeout: float = 5.0
+    # Objects written to an S3 bucket at once.
+    s3_concurrency: int = 32
 
 
 @dataclass(frozen=True)
@@ -104,6 +136,42 @@ def _listen(value: Any, where: str) -> str:
     return value
 
 
+def _affiliate(a: Any, where: str, rel: Any) -> Affiliate:
+    if not isinstance(a, dict):
+        raise ConfigError(f"{where}' must be a mapping")
+    sink = a.get("sink", "replica")
+    if sink not in SINKS:
+        raise ConfigError(f"{where}.sink' must be one of {list(SINKS)}, got {sink!r}")
+    known = {"region", "sink", "public_key"} | (
+        {"address"} if sink == "replica" else {"bucket", "endpoint_url", "prefix", "s3_region"}
+    )
+    unknown = sorted(set(a) - known)
+    if unknown:
+        raise ConfigError(f"{where}': unknown key(s) {unknown} for sink {sink}; known: {sorted(known)}")
+    need = ("region", "public_key", "address") if sink == "replica" else ("region", "public_key", "bucket")
+    for k in need:
+        if not isinstance(a.get(k), str) or not a[k]:
+            raise ConfigError(f"{where}.{k}' is required for sink {sink}")
+    for k in ("endpoint_url", "prefix", "s3_region"):
+        if not isinstance(a.get(k, ""), str):
+            raise ConfigError(f"{where}.{k}' must be a string")
+    if sink == "replica":
+        return Affiliate(a["region"], _listen(a["address"], f"{where}.address'"), rel(a["public_key"]))
+    prefix = a.get("prefix", "")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return Affiliate(
+        a["region"],
+        "",
+        rel(a["public_key"]),
+        sink="s3",
+        bucket=a["bucket"],
+        endpoint_url=a.get("endpoint_url", ""),
+        prefix=prefix,
+        s3_region=a.get("s3_region", ""),
+    )
+
+
 def _positive(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(f"{where}: must be a positive number of seconds")
@@ -157,14 +225,10 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{path}: 'durability' must be one of {sorted(DURABILITY)}")
     affiliates = []
     for i, a in enumerate(doc.get("affiliates") or []):
-        where = f"{path}: 'affiliates[{i}]"
-        if not isinstance(a, dict) or not all(
-            isinstance(a.get(k), str) for k in ("region", "address", "public_key")
-        ):
-            raise ConfigError(f"{where}' needs region, address and public_key")
-        affiliates.append(
-            Affiliate(a["region"], _listen(a["address"], f"{where}.address'"), rel(a["public_key"]))
-        )
+        affiliates.append(_affiliate(a, f"{path}: 'affiliates[{i}]", rel))
+    regions = [a.region for a in affiliates]
+    if len(set(regions)) != len(regions):
+        raise ConfigError(f"{path}: 'affiliates': each region may appear once, got {regions}")
     if affiliates and role != "primary":
         raise ConfigError(f"{path}: 'affiliates' is for the primary only")
     rep = doc.get("replicator") or {}
@@ -176,6 +240,13 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{path}: 'replicator': {e}") from e
     if not 1 <= replicator.batch_size <= 1000:
         raise ConfigError(f"{path}: 'replicator.batch_size' must be from 1 to 1000")
+    if not 0 < replicator.ship_timeout <= replicator.lease_seconds / 2:
+        raise ConfigError(
+            f"{path}: 'replicator.ship_timeout' must be above 0 and at most half of "
+            f"'replicator.lease_seconds' ({replicator.lease_seconds})"
+        )
+    if not 1 <= replicator.s3_concurrency <= 256:
+        raise ConfigError(f"{path}: 'replicator.s3_concurrency' must be from 1 to 256")
     interval = doc.get("checkpoint_interval_seconds", 60.0)
     if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
         raise ConfigError(f"{path}: 'checkpoint_interval_seconds' must be a number of seconds above 0")

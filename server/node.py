@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from typing import Any
 
 import grpc
@@ -28,7 +29,7 @@ from residency.v1 import (
 from server import keylife, translog
 from server.checkpoint import LogSigner
 from server.config import DURABILITY, NodeConfig
-from server.crypto import KeyCache, Keyring, RecipientKey
+from server.crypto import Keyring, RecipientKey
 from server.errors import ConfigError
 from server.keys import open_provider
 from server.records import Records
@@ -155,30 +156,30 @@ class RunningNode:
             keyring.region_key  # noqa: B018 - a region node fails at start if its key does not open
         signer = LogSigner.load(c.log_key)
         store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
-        replicate = c.is_primary and bool(c.affiliates) and c.replicator.enabled
-        records = Records(c.region, c.is_primary, schema, rules, keyring, store, outbox=replicate)
+        # The outbox is written whenever there are destinations, even with the in-process
+        # replicator off: a standalone `residency replicate` worker then reads it.
+        outbox = c.is_primary and bool(c.affiliates)
+        records = Records(c.region, c.is_primary, schema, rules, keyring, store, outbox=outbox)
         self.records = records
+        for a in c.affiliates:
+            RecipientKey.load(a.region, a.public_key)  # a missing key fails at start
         self.db = StoreThread(store)
         self.db.start()
         await self._key_events()
         self._watch = asyncio.create_task(self._watch_keys(), name="watch-keys")
         self.transfer_log = TransferLog(store, signer, signer.name)
-        if replicate:
-            from replicator.worker import Destination, ReplicaSink, Replicator
+        if outbox and c.replicator.enabled:
+            from replicator.worker import Replicator, destinations_for
 
-            destinations = [
-                Destination(
-                    a.region,
-                    a.address,
-                    RecipientKey.load(a.region, a.public_key),
-                    ReplicaSink(a.address),
-                    keys=KeyCache(c.keys.cache_entries, c.keys.cache_seconds),
-                )
-                for a in c.affiliates
-            ]
-            self.replicator = Replicator(records, self.db, destinations, c.replicator)
+            # A stable owner: a node restarted after a crash takes its own leases back at once
+            # instead of waiting for them to expire (two nodes on one config cannot both run:
+            # they would share a listen address).
+            owner = f"{socket.gethostname()}:serve:{c.region}"
+            self.replicator = Replicator(records, self.db, destinations_for(c), c.replicator, owner=owner)
             await self.replicator.start()
-        node = Node(records, self.db, self.replicator, self.transfer_log)
+        node = Node(
+            records, self.db, self.replicator, affiliates=c.affiliates, transfer_log=self.transfer_log
+        )
         node.reload_rules = self.apply_rules
         self.node, self.schema = node, schema
         if c.is_primary:

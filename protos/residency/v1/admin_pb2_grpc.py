@@ -44,6 +44,21 @@ class AdminServiceStub:
                 request_serializer=residency_dot_v1_dot_admin__pb2.ReplicationStatusRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_admin__pb2.ReplicationStatusResponse.FromString,
                 _registered_method=True)
+        self.PauseReplication = channel.unary_unary(
+                '/residency.v1.AdminService/PauseReplication',
+                request_serializer=residency_dot_v1_dot_admin__pb2.PauseReplicationRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.PauseReplicationResponse.FromString,
+                _registered_method=True)
+        self.ResumeReplication = channel.unary_unary(
+                '/residency.v1.AdminService/ResumeReplication',
+                request_serializer=residency_dot_v1_dot_admin__pb2.ResumeReplicationRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.ResumeReplicationResponse.FromString,
+                _registered_method=True)
+        self.RetryDeadLetters = channel.unary_unary(
+                '/residency.v1.AdminService/RetryDeadLetters',
+                request_serializer=residency_dot_v1_dot_admin__pb2.RetryDeadLettersRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.RetryDeadLettersResponse.FromString,
+                _registered_method=True)
         self.ExplainTransfer = channel.unary_unary(
                 '/residency.v1.AdminService/ExplainTransfer',
                 request_serializer=residency_dot_v1_dot_admin__pb2.ExplainTransferRequest.SerializeToString,
@@ -68,6 +83,27 @@ class AdminServiceServicer:
 
     def ReplicationStatus(self, request, context):
         """Per destination: how far replication has come.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseReplication(self, request, context):
+        """Stops shipping to a destination (the outbox keeps its changes) until resumed. The
+        flag is in the primary's store, so every replicator worker obeys it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeReplication(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryDeadLetters(self, request, context):
+        """Re-drives dead letters: each dead-lettered user's current version is shipped again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +137,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ReplicationStatus,
                     request_deserializer=residency_dot_v1_dot_admin__pb2.ReplicationStatusRequest.FromString,
                     response_serializer=residency_dot_v1_dot_admin__pb2.ReplicationStatusResponse.SerializeToString,
+            ),
+            'PauseReplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseReplication,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.PauseReplicationRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.PauseReplicationResponse.SerializeToString,
+            ),
+            'ResumeReplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeReplication,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.ResumeReplicationRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.ResumeReplicationResponse.SerializeToString,
+            ),
+            'RetryDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryDeadLetters,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.RetryDeadLettersRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.RetryDeadLettersResponse.SerializeToString,
             ),
             'ExplainTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainTransfer,
@@ -167,6 +218,87 @@ class AdminService:
             '/residency.v1.AdminService/ReplicationStatus',
             residency_dot_v1_dot_admin__pb2.ReplicationStatusRequest.SerializeToString,
             residency_dot_v1_dot_admin__pb2.ReplicationStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseReplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/PauseReplication',
+            residency_dot_v1_dot_admin__pb2.PauseReplicationRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.PauseReplicationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeReplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/ResumeReplication',
+            residency_dot_v1_dot_admin__pb2.ResumeReplicationRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.ResumeReplicationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/RetryDeadLetters',
+            residency_dot_v1_dot_admin__pb2.RetryDeadLettersRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.RetryDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,81 @@
+"""`residency replicate --config FILE`: a replication worker in its own process.
+
+It opens the primary's store (same config file, same host: SQLite in WAL mode is shared
+between processes), and ships to every destination whose lease it can take. Run as many as
+you like beside the primary (set `replicator.enabled: false` there to leave all shipping
+to them; `--region R` limits a worker to some destinations, e.g. one process for a slow
+S3 bucket); a worker that dies is replaced once its leases expire. SIGTERM/SIGINT hands its
+leases over at once and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from replicator.worker import Replicator, destinations_for
+from server.config import DURABILITY, NodeConfig
+from server.crypto import Keyring
+from server.errors import ConfigError
+from server.keys import open_provider
+from server.records import Records
+from server.rules import load_rules
+from server.schema import Schema, load_schema
+from server.store import SqliteStore
+from server.writer import StoreThread
+
+log = logging.getLogger("residency.replicator")
+
+
+async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
+    if not c.is_primary or not c.affiliates:
+        raise ConfigError(f"{c.path}: a replicator needs the primary's config, with 'affiliates'")
+    schema = load_schema(c.schema)
+    rules = load_rules(c.rules, schema)
+    store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
+    keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
+    records = Records(c.region, True, schema, rules, keyring, store)
+    db = StoreThread(store)
+    db.start()
+    replicator = Replicator(
+        records,
+        db,
+        destinations_for(c, regions),
+        c.replicator,
+        all_regions=[a.region for a in c.affiliates],
+    )
+    await replicator.start()
+    follow = asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules")
+    log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("replicator %s stopping", replicator.owner)
+    follow.cancel()
+    await replicator.stop()
+    await db.drain()
+    store.close()
+
+
+async def _follow_rules(c: NodeConfig, records: Records, schema: Schema, every: float = 1.0) -> None:
+    """The primary swaps rules in its own memory (AdminService.ApplyRules) and, when asked
+    to persist them, rewrites the rules file: this worker projects with the file's rules,
+    reloaded when it changes (a file that does not load keeps the rules in force)."""
+    seen = c.rules.stat().st_mtime_ns
+    while True:
+        await asyncio.sleep(every)
+        try:
+            mtime = c.rules.stat().st_mtime_ns
+            if mtime == seen:
+                continue
+            seen = mtime
+            new = load_rules(c.rules, schema)
+        except Exception as e:
+            log.warning("rules file %s not reloaded: %s", c.rules, e)
+            continue
+        if new.version != records.rules.version:
+            log.info("rules %s -> %s from %s", records.rules.version, new.version, c.rules)
+            records.rules = new

@@ -1,0 +1,232 @@
+"""Benchmark: replication lag and throughput to two region nodes and one S3 bucket.
+
+The deployment is `residency init`'s (SQLite WAL, synchronous=FULL, in-process replicator)
+plus a fourth region, `us-east-1`, whose affiliate receives name and e-mail in an S3
+bucket on a local SeaweedFS. Two phases:
+
+- steady: `--rate` writes/s (PutRecords of `--batch` 10-field records, paced) for
+  `--seconds`; every 50 ms the primary's ReplicationStatus is sampled, and each
+  destination's `lag_seconds` (age of its oldest change not yet applied: an upper bound
+  of every pending change's commit-to-applied lag) gives p50/p99/max.
+- `--standalone`: the primary's in-process worker off, one `residency replicate` process
+  ships instead (replication then runs beside, not inside, the primary's interpreter).
+- drain: every destination paused, `--backlog` new users written, then each destination
+  resumed alone (the others still paused), and again all at once; the time to apply the
+  backlog gives each destination's sustained records/s (the rate beyond which, under a
+  steady load, its lag would grow without bound).
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+
+from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc
+from server.crypto import RegionKey
+from server.demo import Deployment, wait_replicated
+from server.deployment import PRIMARY, init_deployment
+from tests.conftest import SeaweedFS
+from tests.perf.bench_put import ten_fields
+
+META = (("x-residency-identity", "bench:replication"),)
+CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
+S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
+
+
+def deployment(d: Path, s3: SeaweedFS, standalone: bool) -> None:
+    init_deployment(d)
+    RegionKey.generate(S3_REGION, d / "keys" / S3_REGION)
+    rules = yaml.safe_load((d / "rules.yaml").read_text())
+    rules["recipients"].append(
+        {
+            "id": "us-affiliate",
+            "region": S3_REGION,
+            "company": "Example US Inc.",
+            "contact": "dpo@example.com",
+        }
+    )
+    rules["rules"].append(
+        {
+            "id": "us-service",
+            "recipient": "us-affiliate",
+            "purposes": ["essential.service"],
+            "legal_basis": "contract",
+            "categories": ["user.name", "user.contact.email"],
+            "retention_days": 365,
+        }
+    )
+    (d / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    primary = yaml.safe_load((d / f"{PRIMARY}.yaml").read_text())
+    primary["affiliates"].append(
+        {
+            "region": S3_REGION,
+            "sink": "s3",
+            "bucket": BUCKET,
+            "endpoint_url": s3.endpoint,
+            "prefix": "residency/",
+            "public_key": f"keys/{S3_REGION}/region.pub",
+        }
+    )
+    if standalone:
+        primary["replicator"]["enabled"] = False
+    (d / f"{PRIMARY}.yaml").write_text(yaml.safe_dump(primary, sort_keys=False))
+
+
+def request(start: int, n: int, users: int = 0) -> records_pb2.PutRecordsRequest:
+    """`n` 10-field records; with `users`, user ids cycle through that many users (updates
+    after the first round), else every record is a new user."""
+    req = records_pb2.PutRecordsRequest(context=CTX)
+    for i in range(start, start + n):
+        uid = f"u-{i % users:08d}" if users else f"u-{i:08d}"
+        rec = req.records.add(user_id=uid, source="registration")
+        for name, value in ten_fields(i).items():
+            rec.fields[name].CopyFrom(value)
+    return req
+
+
+def pct(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile, in milliseconds."""
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] * 1000, 1) if s else 0.0
+
+
+async def steady(records, admin, rate: int, batch: int, seconds: float, users: int) -> dict:
+    samples: dict[str, list[float]] = {}
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            s = await admin.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+            for d in s.destinations:
+                samples.setdefault(d.region, []).append(d.lag_seconds)
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample())
+    start = time.perf_counter()
+    sent, calls = 0, []
+    while time.perf_counter() - start < seconds:
+        calls.append(
+            asyncio.ensure_future(records.PutRecords(request(10_000_000 + sent, batch, users), metadata=META))
+        )
+        sent += batch
+        await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
+    await asyncio.gather(*calls)
+    achieved = sent / (time.perf_counter() - start)
+    await asyncio.sleep(1.0)
+    stop.set()
+    await sampler
+    return {
+        "writes_per_s": round(achieved),
+        "lag_ms": {
+            r: {"p50": pct(xs, 50), "p99": pct(xs, 99), "max": round(max(xs) * 1000, 1)}
+            for r, xs in sorted(samples.items())
+        },
+    }
+
+
+async def drain(records, admin, backlog: int) -> dict:
+    """Each destination drains a backlog alone (the others paused), then all together."""
+    s = await admin.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+    regions = [d.region for d in s.destinations]
+    out: dict[str, dict[str, int]] = {"alone": {}, "together": {}}
+    for mode in ("alone", "together"):
+        for r in regions:
+            await admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=r), timeout=10)
+        base = 20_000_000 if mode == "alone" else 30_000_000
+        for start in range(0, backlog, 1000):
+            await records.PutRecords(request(base + start, min(1000, backlog - start)), metadata=META)
+        groups = [[r] for r in regions] if mode == "alone" else [regions]
+        for group in groups:
+            t0 = time.perf_counter()
+            for r in group:
+                await admin.ResumeReplication(admin_pb2.ResumeReplicationRequest(region=r), timeout=10)
+            done: dict[str, float] = {}
+            while len(done) < len(group):
+                s = await admin.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+                for d in s.destinations:
+                    if d.region in group and d.region not in done and d.pending == 0:
+                        done[d.region] = time.perf_counter() - t0
+                await asyncio.sleep(0.05)
+            out[mode] |= {r: round(backlog / t) for r, t in done.items()}
+    return out
+
+
+async def run(args: argparse.Namespace, d: Path) -> dict:
+    s3 = SeaweedFS(d / "s3")
+    s3.start()
+    try:
+        s3.make_bucket(BUCKET)
+        deployment(d / "deployment", s3, args.standalone)
+        dep = Deployment(d / "deployment")
+        for r in dep.configs:
+            dep.start(r)
+        worker = None
+        if args.standalone:  # the replicator in its own process, off the primary's GIL
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "replicate", "--config", str(dep.configs[PRIMARY])],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        try:
+            await dep.wait_serving()
+            primary = dep.addresses[PRIMARY]
+            async with grpc.aio.insecure_channel(primary) as ch:
+                records = records_pb2_grpc.RecordServiceStub(ch)
+                admin = admin_pb2_grpc.AdminServiceStub(ch)
+                out = {
+                    "steady": await steady(records, admin, args.rate, args.batch, args.seconds, args.users)
+                }
+                await wait_replicated(primary, timeout=300, progress=False)
+                out["drain_records_per_s"] = await drain(records, admin, args.backlog)
+            return out
+        finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(30)
+            dep.stop_all()
+    finally:
+        s3.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=int, default=2000, help="steady writes/s (default 2000)")
+    p.add_argument("--batch", type=int, default=20, help="records per PutRecords call (default 20)")
+    p.add_argument("--seconds", type=float, default=20.0, help="steady phase length (default 20)")
+    p.add_argument("--backlog", type=int, default=20_000, help="records in the drain phase (default 20000)")
+    p.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        help="steady phase: cycle through this many users (0: every write a new user, the costliest)",
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help="replicate with one `residency replicate` process instead of the primary's in-process worker",
+    )
+    args = p.parse_args()
+    # The local S3 server takes any credentials; boto3 (here and in the primary) finds them
+    # the standard way.
+    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench-secret")):
+        os.environ.setdefault(k, v)
+    with tempfile.TemporaryDirectory(prefix="bench-replication-") as tmp:
+        result = asyncio.run(run(args, Path(tmp)))
+    result["config"] = vars(args)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

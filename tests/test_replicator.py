@@ -1,0 +1,445 @@
+"""The replicator's delivery guarantees over real processes: the S3 sink and its manifest,
+dead letters, pause and resume, outages, crashes, and workers sharing one outbox by leases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from residency.v1 import common_pb2, replica_pb2
+from server import codec
+from server.crypto import RegionKey
+from server.deployment import PRIMARY
+from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, values
+from tests.test_replication import FULL, allowed_fields
+
+# How long a destination stays down under load in the outage test. The issue's scenario is
+# 30 s: RESIDENCY_OUTAGE_SECONDS=30 pytest tests/test_replicator.py -k outage
+OUTAGE_SECONDS = float(os.environ.get("RESIDENCY_OUTAGE_SECONDS", "8"))
+
+
+def region_key(c: Cluster, region: str) -> RegionKey:
+    """The region's own key, unwrapped by the region's own key provider."""
+    from server.config import load_config
+    from server.keys import open_provider
+
+    config = load_config(c.dep.configs[region])
+    return RegionKey.load(region, config.keys_dir, open_provider(config.keys))
+
+
+def open_with_region_key_alone(body: bytes, manifest: dict, key: RegionKey) -> tuple[int, dict]:
+    """Opens a bucket object as an affiliate would, from the manifest's recipe, with the
+    region's key: the HPKE unwrap of the data key (RFC 9180) is the region key's, the rest
+    is AES-256-GCM from the `cryptography` package under the manifest's associated data."""
+    copy = replica_pb2.SealedCopy.FromString(body)
+    region, kid = manifest["region"], manifest["key_id"]
+    assert copy.key_id == kid and key.key_id == kid
+    dek = key.open_data_key(copy.user_id, kid, copy.wrapped_data_key)
+    fields = {}
+    for name, sealed in copy.sealed_fields.items():
+        aad = "\x00".join(("field", copy.user_id, name, region, str(copy.version), kid)).encode()
+        fields[name] = codec.from_value(common_pb2.Value.FromString(dek.open(sealed, aad)))
+    return copy.version, fields
+
+
+def bucket_object(cluster: Cluster, user_id: str) -> bytes | None:
+    client = cluster.s3.client()
+    try:
+        return client.get_object(Bucket=S3_BUCKET, Key=f"{S3_PREFIX}copies/{user_id}.sealedcopy")[
+            "Body"
+        ].read()
+    except client.exceptions.NoSuchKey:
+        return None
+
+
+def manifest(cluster: Cluster) -> dict:
+    body = cluster.s3.client().get_object(Bucket=S3_BUCKET, Key=f"{S3_PREFIX}manifest.json")["Body"].read()
+    return json.loads(body)
+
+
+async def test_s3_bucket_holds_sealed_copies_that_the_region_key_alone_opens(s3_cluster: Cluster):
+    c = s3_cluster
+    await c.accept_cookies("s3-1")
+    await c.put("s3-1", FULL)
+    await c.put("s3-2", {"name": "Only A Name"})  # nothing of it may go to eu-west-1
+    await c.replicated()
+    m = manifest(c)
+    assert m["region"] == S3_REGION and m["home_region"] == PRIMARY
+    assert m["objects"] == f"{S3_PREFIX}copies/{{user_id}}.sealedcopy"
+    assert "message SealedCopy" in m["protos"]["replica.proto"]
+    body = await asyncio.to_thread(bucket_object, c, "s3-1")
+    assert body is not None
+    for value in FULL.values():  # sealed: no value in clear in the object
+        assert str(value).encode() not in body
+    version, fields = open_with_region_key_alone(body, m, region_key(c, S3_REGION))
+    assert version == 1
+    assert fields == {n: FULL[n] for n in allowed_fields(c, S3_REGION)}
+    assert await asyncio.to_thread(bucket_object, c, "s3-2") is None
+    # The region node destination is served as before.
+    assert set(values(await c.get("s3-1", region="ap-southeast-1"))) == allowed_fields(c, "ap-southeast-1")
+    # Erasure deletes the object, and is logged for the bucket's region.
+    await c.delete("s3-1")
+    await c.replicated()
+    assert await asyncio.to_thread(bucket_object, c, "s3-1") is None
+    entries = [json.loads(e) for _, e, _ in await c.log()]
+    erased = {e["destination_region"] for e in entries if e["kind"] == "erasure" and e["subject"] == "s3-1"}
+    assert erased == {"ap-southeast-1", S3_REGION}
+    status = await c.replication()
+    assert status[S3_REGION].sink == "s3" and status[S3_REGION].address.startswith(f"s3://{S3_BUCKET}/")
+
+
+class Load:
+    """Writes to a pool of users at about `rate` writes/s until stopped; remembers the
+    last acknowledged version and fields of each user."""
+
+    def __init__(self, cluster: Cluster, users: int = 100, rate: float = 100.0, prefix: str = "load"):
+        self.cluster, self.users, self.rate, self.prefix = cluster, users, rate, prefix
+        self.acked: dict[str, tuple[int, dict]] = {}
+        self.errors = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._n = 0
+
+    def start(self, workers: int = 4) -> None:
+        self._tasks = [asyncio.create_task(self._run(w, workers)) for w in range(workers)]
+
+    async def _run(self, w: int, workers: int) -> None:
+        while not self._stop.is_set():
+            self._n += 1
+            i = self._n
+            user = f"{self.prefix}-{i % self.users}"
+            fields = {
+                "email": f"{user}.{i}@example.cn",
+                "name": f"N {i}",
+                "language": "zh-CN",
+                "national_id": f"{i:018d}",
+            }
+            try:
+                version = await self.cluster.put(user, fields)
+            except Exception:  # the primary was killed under us: not acknowledged
+                self.errors += 1
+                await asyncio.sleep(0.05)
+                continue
+            if version > self.acked.get(user, (0, {}))[0]:
+                self.acked[user] = (version, fields)
+            await asyncio.sleep(workers / self.rate)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
+async def assert_everything_arrived(c: Cluster, acked: dict[str, tuple[int, dict]]) -> None:
+    """Every acknowledged write is at every destination at its newest version, and no
+    destination holds a field the rules do not allow."""
+    allowed = {r: allowed_fields(c, r) for r in ("ap-southeast-1", S3_REGION)}
+    m = manifest(c) if c.s3 else None
+    key = region_key(c, S3_REGION) if c.s3 else None
+    nodes = ["ap-southeast-1"] if c.s3 else ["ap-southeast-1", "eu-west-1"]
+    for user, (version, fields) in acked.items():
+        for region in nodes:
+            copy = await c.get(user, region=region)
+            assert copy.record.version == version, (user, region)
+            assert values(copy) == {n: v for n, v in fields.items() if n in allowed[region]}
+        if m is not None:
+            body = await asyncio.to_thread(bucket_object, c, user)
+            got_version, got = open_with_region_key_alone(body, m, key)
+            assert got_version == version, user
+            assert got == {n: v for n, v in fields.items() if n in allowed[S3_REGION]}
+
+
+async def test_a_refused_copy_is_dead_lettered_without_blocking_others_and_retry_redrives_it(
+    s3_cluster: Cluster,
+):
+    c = s3_cluster
+    await asyncio.to_thread(c.s3.client().delete_bucket, Bucket=S3_BUCKET)  # NoSuchBucket: permanent
+    for i in range(5):
+        await c.put(f"dl-{i}", {"email": f"dl{i}@example.cn", "language": "zh-CN"})
+    deadline = time.monotonic() + 30
+    while (s := await c.replication())[S3_REGION].dead_lettered < 5 or s[S3_REGION].pending:
+        assert time.monotonic() < deadline, s
+        await asyncio.sleep(0.1)
+    assert "NoSuchBucket" in s[S3_REGION].last_error or s[S3_REGION].last_error == ""
+    assert s["ap-southeast-1"].pending == 0  # the other destination went on
+    entries = [json.loads(e) for _, e, _ in await c.log()]
+    failed = [e for e in entries if e["destination_region"] == S3_REGION and e["outcome"] == "failed"]
+    assert {e["subject"] for e in failed} == {f"dl-{i}" for i in range(5)}
+    assert all("NoSuchBucket" in e["reason"] for e in failed)
+    # The bucket is back. A later version of dl-0 lands and supersedes its dead letter ...
+    await asyncio.to_thread(c.s3.make_bucket, S3_BUCKET)
+    await c.put("dl-0", {"language": "en-SG"})
+    await c.replicated()
+    assert (await c.replication())[S3_REGION].dead_lettered == 4
+    # ... and `residency replication retry` re-drives the rest, at their current versions.
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "replication", "retry", "--target", c.dep.addresses[PRIMARY]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["marked"] == "4"
+    deadline = time.monotonic() + 30
+    while (await c.replication())[S3_REGION].dead_lettered:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    await assert_everything_arrived(
+        c,
+        {f"dl-{i}": (1, {"email": f"dl{i}@example.cn", "language": "zh-CN"}) for i in range(1, 5)}
+        | {"dl-0": (2, {"email": "dl0@example.cn", "language": "en-SG"})},
+    )
+
+
+def cli(c: Cluster, *args: str) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", *args, "--target", c.dep.addresses[PRIMARY]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+async def test_pause_holds_a_destination_and_resume_catches_up(cluster: Cluster):
+    cli(cluster, "replication", "pause", "--region", "eu-west-1")
+    for i in range(10):
+        await cluster.put(f"p-{i}", {"email": f"p{i}@example.cn", "language": "zh-CN"})
+    await asyncio.sleep(1.0)
+    status = {d["region"]: d for d in cli(cluster, "replication", "status")["destinations"]}
+    assert status["eu-west-1"]["paused"] is True and int(status["eu-west-1"]["pending"]) >= 10
+    assert status["ap-southeast-1"]["paused"] is False and int(status["ap-southeast-1"]["pending"]) == 0
+    cli(cluster, "replication", "resume", "--region", "eu-west-1")
+    await cluster.replicated()
+    got = await cluster.get("p-9", region="eu-west-1")
+    assert values(got) == {"email": "p9@example.cn", "language": "zh-CN"}
+
+
+async def test_outage_of_a_region_node_then_of_the_s3_server_under_load_loses_nothing(s3_cluster: Cluster):
+    """Each destination down for OUTAGE_SECONDS under steady writes: the other one keeps
+    its lag low meanwhile, and the one that was down catches up with nothing lost."""
+    c = s3_cluster
+    load = Load(c, users=200, rate=100)
+    load.start()
+    # Warm up under load first: SeaweedFS grows a bucket's volumes during its first seconds
+    # of writes, a stall of its own that is not what this test measures.
+    await asyncio.sleep(4.0)
+    try:
+        for down, up in (("ap-southeast-1", S3_REGION), (S3_REGION, "ap-southeast-1")):
+            await caught_up(c)
+            if down == S3_REGION:
+                c.s3.stop()
+            else:
+                c.stop(down)
+            worst = 0.0
+            end = time.monotonic() + OUTAGE_SECONDS
+            while time.monotonic() < end:
+                s = await c.replication()
+                worst = max(worst, s[up].lag_seconds)
+                await asyncio.sleep(0.2)
+            assert s[down].pending > 0 and s[down].last_error
+            assert worst < 2.0, f"{up} lagged {worst:.1f} s while {down} was down"
+            t = time.monotonic()
+            if down == S3_REGION:
+                await asyncio.to_thread(c.s3.start)
+            else:
+                await c.start(down)
+            print(f"{down} back in {time.monotonic() - t:.1f} s")
+            await caught_up(c)
+            print(f"{down} caught up in {time.monotonic() - t:.1f} s")
+    finally:
+        await load.stop()
+    await c.replicated(timeout=120)
+    assert len(load.acked) == 200
+    await assert_everything_arrived(c, load.acked)
+
+
+async def test_sigkill_of_the_primary_under_load_loses_no_acknowledged_write(s3_cluster: Cluster):
+    c = s3_cluster
+    load = Load(c, users=100, rate=200, prefix="kill")
+    load.start()
+    await asyncio.sleep(2.0)
+    assert c.stop(PRIMARY, signal.SIGKILL) == -signal.SIGKILL
+    await load.stop()
+    await c.start(PRIMARY)
+    await c.replicated(timeout=120)
+    assert load.acked
+    for user, (version, _) in load.acked.items():
+        assert (await c.get(user)).record.version >= version
+    # What the primary holds now is what must be everywhere (a write in flight at the kill
+    # may have committed without its acknowledgement).
+    current = {u: (((r := await c.get(u)).record.version), values(r)) for u in load.acked}
+    await assert_everything_arrived(c, current)
+    assert_versions_only_increase([json.loads(e) for _, e, _ in await c.log()])
+
+
+async def caught_up(c: Cluster, within: float = 60.0) -> None:
+    """Waits (under load) until every destination's lag is below half a second."""
+    end = time.monotonic() + within
+    while any(d.lag_seconds > 0.5 for d in (await c.replication()).values()):
+        assert time.monotonic() < end, "replication did not catch up"
+        await asyncio.sleep(0.1)
+
+
+def assert_versions_only_increase(entries: list[dict]) -> None:
+    """Per destination and user, each version is shipped (logged) once, in increasing order."""
+    last: dict[tuple[str, str], int] = {}
+    for e in entries:
+        if e["kind"] in ("replication", "erasure") and e["outcome"] != "failed":
+            k = (e["destination_region"], e["subject"])
+            assert e["record_version"] > last.get(k, 0), (k, e["record_version"], last.get(k))
+            last[k] = e["record_version"]
+
+
+def start_worker(c: Cluster, n: int) -> subprocess.Popen:
+    out = open(c.dir / f"worker-{n}.log", "ab")  # noqa: SIM115 - handed to the child process
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "replicate", "--config", str(c.dep.configs[PRIMARY])],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def test_workers_share_one_outbox_by_leases_and_a_killed_holder_is_replaced(tmp_path: Path):
+    c = Cluster(
+        tmp_path / "deployment", replicator={"enabled": False, "lease_seconds": 3.0, "ship_timeout": 1.0}
+    )
+    workers: dict[int, subprocess.Popen] = {}
+    try:
+        await c.start()
+        for n in range(2):
+            w = start_worker(c, n)
+            workers[w.pid] = w
+        load = Load(c, users=50, rate=100, prefix="lease")
+        load.start()
+        deadline = time.monotonic() + 30
+        while True:
+            s = await c.replication()
+            if all(d.lease_owner for d in s.values()):
+                break
+            assert time.monotonic() < deadline, s
+            await asyncio.sleep(0.1)
+        holder = int(s["ap-southeast-1"].lease_owner.split(":")[1])
+        await asyncio.sleep(1.0)
+        workers[holder].send_signal(signal.SIGKILL)  # mid-load, holding at least one lease
+        workers[holder].wait()
+        await asyncio.sleep(5.0)  # more than a lease: the other worker takes over
+        await load.stop()
+        await c.replicated(timeout=60)
+        (survivor,) = set(workers) - {holder}
+        for d in (await c.replication()).values():
+            assert int(d.lease_owner.split(":")[1]) == survivor
+        await assert_everything_arrived(c, load.acked)
+        assert_versions_only_increase([json.loads(e) for _, e, _ in await c.log()])
+        assert workers[survivor].poll() is None
+        workers[survivor].terminate()  # hands its leases over and exits 0
+        assert workers[survivor].wait(30) == 0
+    finally:
+        for w in workers.values():
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        await c.close()
+
+
+def test_an_s3_destination_config_is_checked_naming_the_key(tmp_path: Path):
+    import pytest
+    import yaml
+
+    from server.config import load_config
+    from server.deployment import init_deployment
+    from server.errors import ConfigError
+
+    path = init_deployment(tmp_path)[PRIMARY]
+    doc = yaml.safe_load(path.read_text())
+    good = {
+        "region": S3_REGION,
+        "sink": "s3",
+        "bucket": "b-1",
+        "prefix": "r",
+        "public_key": "keys/eu-west-1/region.pub",
+    }
+    doc["affiliates"][1] = good
+    path.write_text(yaml.safe_dump(doc))
+    a = load_config(path).affiliates[1]
+    assert (a.sink, a.bucket, a.prefix, a.address) == ("s3", "b-1", "r/", "")
+    for broken, message in (
+        ({**good, "bucket": ""}, "'affiliates[1].bucket' is required for sink s3"),
+        ({**good, "sink": "ftp"}, "'affiliates[1].sink' must be one of"),
+        ({**good, "address": "127.0.0.1:1"}, "unknown key(s) ['address'] for sink s3"),
+    ):
+        doc["affiliates"][1] = broken
+        path.write_text(yaml.safe_dump(doc))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(path)
+    doc["affiliates"][1] = good
+    doc["replicator"] = {"lease_seconds": 4, "ship_timeout": 3}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="'replicator.ship_timeout' must be above 0 and at most half"):
+        load_config(path)
+
+
+async def test_a_copy_the_rules_no_longer_allow_is_withdrawn_from_bucket_and_logged(s3_cluster: Cluster):
+    """Withdrawal is the general tombstone path: here the rules stop sending anything to
+    eu-west-1; the user's next change withdraws the bucket's object (rule changes, consent
+    withdrawal, grant end and retention expiry all come down to this)."""
+    import yaml
+
+    c = s3_cluster
+    await c.put("w-1", {"email": "w@example.cn", "language": "zh-CN"})
+    await c.replicated()
+    assert await asyncio.to_thread(bucket_object, c, "w-1") is not None
+    c.stop(PRIMARY)
+    rules = yaml.safe_load((c.dir / "rules.yaml").read_text())
+    rules["rules"] = [r for r in rules["rules"] if r["recipient"] != "ie-affiliate"]
+    (c.dir / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    await c.start(PRIMARY)
+    await c.put("w-1", {"name": "W"})
+    await c.replicated()
+    assert await asyncio.to_thread(bucket_object, c, "w-1") is None
+    entries = [json.loads(e) for _, e, _ in await c.log()]
+    last = [e for e in entries if e["subject"] == "w-1" and e["destination_region"] == S3_REGION][-1]
+    assert (last["kind"], last["outcome"], last["record_version"]) == ("erasure", "allowed", 2)
+    assert last["reason"].startswith("withdrawn")
+    assert values(await c.get("w-1", region="ap-southeast-1"))["name"] == "W"
+
+
+async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_entries(tmp_path: Path):
+    c = Cluster(tmp_path / "deployment", replicator={"enabled": False})
+    workers: list[subprocess.Popen] = []
+    try:
+        await c.start()
+        for region in ("ap-southeast-1", "eu-west-1"):
+            out = open(c.dir / f"worker-{region}.log", "ab")  # noqa: SIM115 - handed to the child
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "server.cli", "replicate", "--config", str(c.dep.configs[PRIMARY])]
+                    + ["--region", region],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        for i in range(30):
+            await c.put(f"r-{i}", {"email": f"r{i}@example.cn", "language": "zh-CN"})
+        await c.replicated()
+        owners = {r: int(d.lease_owner.split(":")[1]) for r, d in (await c.replication()).items()}
+        assert owners == {"ap-southeast-1": workers[0].pid, "eu-west-1": workers[1].pid}
+        for region in ("ap-southeast-1", "eu-west-1"):
+            got = await c.get("r-29", region=region)
+            assert values(got) == {"email": "r29@example.cn", "language": "zh-CN"}
+        for w in workers:
+            w.terminate()
+            assert w.wait(30) == 0
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        await c.close()
