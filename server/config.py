@@ -68,6 +68,10 @@ class ReplicatorConfig:
     ship_timeout: float = 5.0
     # Objects written to an S3 bucket at once.
     s3_concurrency: int = 32
+    # Destinations the node's in-process worker ships to (empty: all). Others are left to
+    # standalone workers (`residency replicate --region R`), e.g. a bucket whose boto3
+    # calls would otherwise take the primary's interpreter from its region nodes.
+    regions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -234,10 +238,15 @@ def load_config(path: str | Path) -> NodeConfig:
     rep = doc.get("replicator") or {}
     if not isinstance(rep, dict):
         raise ConfigError(f"{path}: 'replicator' must be a mapping")
+    if not isinstance(rep.get("regions", []), list):
+        raise ConfigError(f"{path}: 'replicator.regions' must be a list of affiliate regions")
     try:
-        replicator = ReplicatorConfig(**rep)
+        replicator = ReplicatorConfig(**{**rep, "regions": tuple(rep.get("regions", ()))})
     except TypeError as e:
         raise ConfigError(f"{path}: 'replicator': {e}") from e
+    stray = sorted(set(replicator.regions) - {a.region for a in affiliates})
+    if stray:
+        raise ConfigError(f"{path}: 'replicator.regions' names {stray}, which are not in 'affiliates'")
     if not 1 <= replicator.batch_size <= 1000:
         raise ConfigError(f"{path}: 'replicator.batch_size' must be from 1 to 1000")
     if not 0 < replicator.ship_timeout <= replicator.lease_seconds / 2:

@@ -175,7 +175,14 @@ class RunningNode:
             # instead of waiting for them to expire (two nodes on one config cannot both run:
             # they would share a listen address).
             owner = f"{socket.gethostname()}:serve:{c.region}"
-            self.replicator = Replicator(records, self.db, destinations_for(c), c.replicator, owner=owner)
+            self.replicator = Replicator(
+                records,
+                self.db,
+                destinations_for(c, list(c.replicator.regions) or None),
+                c.replicator,
+                owner=owner,
+                all_regions=[a.region for a in c.affiliates],
+            )
             await self.replicator.start()
         node = Node(
             records, self.db, self.replicator, affiliates=c.affiliates, transfer_log=self.transfer_log

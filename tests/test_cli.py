@@ -51,6 +51,7 @@ def test_serve_refuses_an_invalid_config_naming_the_key(tmp_path: Path):
         "listen": ("listen", "nowhere"),
         "durability": ("durability", "sometimes"),
         "unknown key(s) ['colour']": ("colour", "blue"),
+        "'replicator.regions' names ['mars-1']": ("replicator", {"regions": ["mars-1"]}),
         "'checkpoint_interval_seconds' must be": ("checkpoint_interval_seconds", 0),
         "'archive.bucket' is required": ("archive", {"endpoint": "http://127.0.0.1:1"}),
     }

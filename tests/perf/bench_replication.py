@@ -45,7 +45,7 @@ CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
 
 
-def deployment(d: Path, s3: SeaweedFS, standalone: bool) -> None:
+def deployment(d: Path, s3: SeaweedFS, standalone: bool, s3_worker: bool = False) -> None:
     init_deployment(d)
     RegionKey.generate(S3_REGION, d / "keys" / S3_REGION)
     rules = yaml.safe_load((d / "rules.yaml").read_text())
@@ -81,6 +81,10 @@ def deployment(d: Path, s3: SeaweedFS, standalone: bool) -> None:
     )
     if standalone:
         primary["replicator"]["enabled"] = False
+    elif s3_worker:  # region nodes in-process, the bucket in a worker process of its own
+        primary["replicator"]["regions"] = [
+            a["region"] for a in primary["affiliates"] if a.get("sink") != "s3"
+        ]
     (d / f"{PRIMARY}.yaml").write_text(yaml.safe_dump(primary, sort_keys=False))
 
 
@@ -168,14 +172,23 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
     s3.start()
     try:
         s3.make_bucket(BUCKET)
-        deployment(d / "deployment", s3, args.standalone)
+        deployment(d / "deployment", s3, args.standalone, args.s3_worker)
         dep = Deployment(d / "deployment")
         for r in dep.configs:
             dep.start(r)
         worker = None
-        if args.standalone:  # the replicator in its own process, off the primary's GIL
+        if args.standalone or args.s3_worker:  # replication in its own process, off the primary's GIL
+            only = ["--region", S3_REGION] if args.s3_worker else []
             worker = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "replicate", "--config", str(dep.configs[PRIMARY])],
+                [
+                    sys.executable,
+                    "-m",
+                    "server.cli",
+                    "replicate",
+                    "--config",
+                    str(dep.configs[PRIMARY]),
+                    *only,
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -216,6 +229,12 @@ def main() -> None:
         "--standalone",
         action="store_true",
         help="replicate with one `residency replicate` process instead of the primary's in-process worker",
+    )
+    p.add_argument(
+        "--s3-worker",
+        action="store_true",
+        help="region nodes from the primary's in-process worker, the bucket from `residency replicate "
+        "--region us-east-1` (replicator.regions)",
     )
     args = p.parse_args()
     # The local S3 server takes any credentials; boto3 (here and in the primary) finds them
