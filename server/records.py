@@ -176,7 +176,8 @@ class Records:
         cookie_fields = self.schema.cookie_fields
         if not cookie_fields:
             return
-        users = [w.user_id for w in writes if cookie_fields.intersection(w.body.fields)]
+        # `name in map` is a lookup; building a set of the map's keys costs a write ~2 µs.
+        users = [w.user_id for w in writes if any(name in w.body.fields for name in cookie_fields)]
         if not users:
             return
         permits = self.permits_for(users)
