@@ -35,6 +35,7 @@ import yaml
 
 from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc
 from server.crypto import RegionKey
+from server.keys import LocalProvider
 from server.demo import Deployment, wait_replicated
 from server.deployment import PRIMARY, init_deployment
 from tests.conftest import SeaweedFS
@@ -47,7 +48,11 @@ S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
 
 def deployment(d: Path, s3: SeaweedFS, standalone: bool, s3_worker: bool = False) -> None:
     init_deployment(d)
-    RegionKey.generate(S3_REGION, d / "keys" / S3_REGION)
+    # The bucket's affiliate holds its own key; the primary needs only its public half.
+    folder = d / "keys" / S3_REGION
+    provider = LocalProvider.create(folder, b"bench passphrase")
+    RegionKey.generate(S3_REGION, folder, provider)
+    provider.close()
     rules = yaml.safe_load((d / "rules.yaml").read_text())
     rules["recipients"].append(
         {
