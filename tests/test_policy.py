@@ -450,3 +450,77 @@ async def test_a_copy_left_with_nothing_allowed_is_withdrawn_and_logged_as_erasu
     assert await copy_fields(cluster, "w-1", EU) == set()  # the copy is gone
     erased = await log_entries(cluster, kind="erasure", subject="w-1", destination_region=EU)
     assert erased and erased[-1]["reason"].startswith("withdrawn")
+
+
+async def test_operators_drive_consent_grants_and_disclosures_from_the_command_line(cluster: Cluster):
+    target = ["--target", cluster.dep.addresses[PRIMARY]]
+    await cluster.put(
+        "cli-p",
+        {"name": "Li Wei", "email": "li@example.cn", "pages_visited": ["/a"]},
+        source="partner:acme-travel",
+    )
+    assert (
+        await cluster.get("cli-p")
+    ).record.source == "partner:acme-travel"  # policy 1c: where it came from
+    r = residency(
+        "consent",
+        "grant",
+        *target,
+        "cli-p",
+        "--for",
+        "marketing.communications",
+        "--recipient",
+        "ie-affiliate",
+        "--evidence",
+        "signup form v3, box 2",
+    )
+    assert r.returncode == 0 and json.loads(r.stdout) == {"user_id": "cli-p", "changed": 1}, r.stderr
+    r = residency("consent", "list", *target, "cli-p")
+    assert r.returncode == 0 and json.loads(r.stdout)["consents"][0]["evidence"] == "signup form v3, box 2"
+    r = residency(
+        "consent",
+        "withdraw",
+        *target,
+        "cli-p",
+        "--for",
+        "marketing.communications",
+        "--recipient",
+        "ie-affiliate",
+    )
+    assert r.returncode == 0 and json.loads(r.stdout)["changed"] == 1
+    r = residency(
+        "grants",
+        "create",
+        *target,
+        "--recipient",
+        "sg-affiliate",
+        "--for",
+        "essential.service",
+        "--category",
+        "user.behavior.browsing_history",
+        "--until",
+        "2099-01-01T00:00:00Z",
+        "cli-p",
+    )
+    assert r.returncode == 0, r.stderr
+    grant_id = json.loads(r.stdout)["id"]
+    r = residency("grants", "list", *target)
+    assert r.returncode == 0 and [g["id"] for g in json.loads(r.stdout)["grants"]] == [grant_id]
+    r = residency("grants", "revoke", *target, grant_id)
+    assert r.returncode == 0 and json.loads(r.stdout)["revoked"] is True
+    r = residency("disclose", *target, "cli-p", "--to", "seller:shop-88", "--ground", "transaction_dispute")
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "reference" in r.stderr
+    r = residency(
+        "disclose",
+        *target,
+        "cli-p",
+        "--to",
+        "seller:shop-88",
+        "--ground",
+        "transaction_dispute",
+        "--reference",
+        "order-77",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["fields"]) == {"name", "email"} and out["log_sequence"] > 0

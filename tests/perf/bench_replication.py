@@ -35,9 +35,9 @@ import yaml
 
 from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc
 from server.crypto import RegionKey
-from server.keys import LocalProvider
 from server.demo import Deployment, wait_replicated
 from server.deployment import PRIMARY, init_deployment
+from server.keys import LocalProvider
 from tests.conftest import SeaweedFS
 from tests.perf.bench_put import ten_fields
 
