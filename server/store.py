@@ -276,17 +276,23 @@ class SqliteStore:
     def release_savepoint(self) -> None:
         self._db.execute("RELEASE op")
 
-    def rows(self, user_ids: list[str]) -> dict[str, Row]:
-        out: dict[str, Row] = {}
-        for i in range(0, len(user_ids), 500):
-            chunk = user_ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for r in self._db.execute(
-                f"SELECT user_id, version, deleted, blob, updated_at FROM records WHERE user_id IN ({marks})",
-                chunk,
-            ):
-                out[r[0]] = Row(r[0], r[1], bool(r[2]), r[3], r[4])
+    def _where_in(self, sql: str, keys: list[str]) -> list[tuple]:
+        """Runs `sql`, whose `{marks}` stands for an IN list, over `keys` in chunks of 500
+        (SQLite bounds the number of parameters of one statement)."""
+        out: list[tuple] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            out += self._db.execute(sql.format(marks=",".join("?" * len(chunk))), chunk).fetchall()
         return out
+
+    def rows(self, user_ids: list[str]) -> dict[str, Row]:
+        return {
+            r[0]: Row(r[0], r[1], bool(r[2]), r[3], r[4])
+            for r in self._where_in(
+                "SELECT user_id, version, deleted, blob, updated_at FROM records WHERE user_id IN ({marks})",
+                user_ids,
+            )
+        }
 
     def upsert(self, rows: list[Row]) -> None:
         self._db.executemany(
@@ -558,18 +564,15 @@ class SqliteStore:
     def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]:
         """user id -> (wrapping key id, wrapping key as the provider wrapped it, wrapped DEK).
         For a region node's copies the wrapping key id is `hpke:KEYID` and its blob empty."""
-        out: dict[str, tuple[str, bytes, bytes]] = {}
-        for i in range(0, len(user_ids), 500):
-            chunk = user_ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for u, wk, w, dek in self._db.execute(
+        return {
+            u: (wk, w, dek)
+            for u, wk, w, dek in self._where_in(
                 "SELECT d.user_id, d.wrapping_key, coalesce(k.wrapped, x''), d.wrapped "
                 "FROM keyring.data_keys d LEFT JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key "
-                f"WHERE d.user_id IN ({marks})",
-                chunk,
-            ):
-                out[u] = (wk, w, dek)
-        return out
+                "WHERE d.user_id IN ({marks})",
+                user_ids,
+            )
+        }
 
     def put_data_keys(self, rows: list[tuple[str, str, bytes]]) -> None:
         self._db.executemany(
@@ -647,17 +650,12 @@ class SqliteStore:
 
     def consents(self, user_ids: list[str], include_withdrawn: bool = False) -> list[tuple]:
         """(user_id, purpose, recipient, sensitive, granted_at, withdrawn_at, evidence, actor)."""
-        out: list[tuple] = []
-        for i in range(0, len(user_ids), 500):
-            chunk = user_ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            extra = "" if include_withdrawn else " AND withdrawn_at IS NULL"
-            out += self._db.execute(
-                "SELECT user_id, purpose, recipient, sensitive, granted_at, withdrawn_at, evidence, actor "
-                f"FROM consents WHERE user_id IN ({marks}){extra} ORDER BY user_id, purpose, recipient",
-                chunk,
-            ).fetchall()
-        return out
+        extra = "" if include_withdrawn else " AND withdrawn_at IS NULL"
+        return self._where_in(
+            "SELECT user_id, purpose, recipient, sensitive, granted_at, withdrawn_at, evidence, actor "
+            "FROM consents WHERE user_id IN ({marks})" + extra + " ORDER BY user_id, purpose, recipient",
+            user_ids,
+        )
 
     def grant_put(self, grant: dict[str, Any], users: list[str]) -> None:
         self._db.execute(
@@ -679,17 +677,12 @@ class SqliteStore:
     def grants_for(self, user_ids: list[str]) -> list[tuple]:
         """(user_id, id, recipient, purpose, legal_basis, categories, ends_at, revoked_at) of every grant
         naming one of `user_ids`, ended or not."""
-        out: list[tuple] = []
-        for i in range(0, len(user_ids), 500):
-            chunk = user_ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            out += self._db.execute(
-                "SELECT gu.user_id, g.id, g.recipient, g.purpose, g.legal_basis, g.categories, g.ends_at,"
-                " g.revoked_at FROM grant_users gu JOIN grants g ON g.id = gu.grant_id"
-                f" WHERE gu.user_id IN ({marks})",
-                chunk,
-            ).fetchall()
-        return out
+        return self._where_in(
+            "SELECT gu.user_id, g.id, g.recipient, g.purpose, g.legal_basis, g.categories, g.ends_at,"
+            " g.revoked_at FROM grant_users gu JOIN grants g ON g.id = gu.grant_id"
+            " WHERE gu.user_id IN ({marks})",
+            user_ids,
+        )
 
     def grants_list(self) -> list[tuple]:
         return self._db.execute(

@@ -33,7 +33,7 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-from server import codec
+from server import codec, translog
 from server.config import load_config
 from server.demo import Deployment, wait_replicated
 from server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment, local_keys
@@ -299,6 +299,20 @@ class Cluster:
         self.dep.stop_all()
         for ch in [*self._channels.values(), *self._closing]:
             await ch.close()
+
+
+def replication_entry(i: int, destination: str = "ap-southeast-1", t0: float = 1000.0) -> dict:
+    """A minimal allowed replication entry for user `u-i`, for tests of the log itself."""
+    return translog.entry(
+        "replication",
+        time=t0 + i,
+        subject=f"u-{i}",
+        source_region="cn-north",
+        destination_region=destination,
+        outcome="allowed",
+        actor="replicator",
+        rules_version="v1",
+    )
 
 
 def ctx(location: str, purpose: str) -> common_pb2.CallContext:

@@ -7,28 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from server import bundle, translog
+from server import bundle
 from server.archive import ArchiveConfig, Archiver, S3Bucket
 from server.checkpoint import LogSigner
 from server.store import SqliteStore
 from server.transferlog import TransferLog
 from server.writer import StoreThread
-from tests.conftest import S3Server
+from tests.conftest import S3Server, replication_entry
 
 ORIGIN = "residency/cn-north"
 
 
 def entry(i: int) -> dict:
-    return translog.entry(
-        "replication",
-        time=1_764_000_000.0 + i,
-        subject=f"u-{i}",
-        source_region="cn-north",
-        destination_region="eu-west-1",
-        outcome="allowed",
-        actor="replicator",
-        rules_version="v1",
-    )
+    return replication_entry(i, "eu-west-1", t0=1_764_000_000.0)
 
 
 @pytest.fixture

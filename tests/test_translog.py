@@ -6,19 +6,11 @@ import pytest
 
 from server import merkle, translog
 from server.store import MIGRATIONS, SqliteStore
+from tests.conftest import replication_entry
 
 
 def entry(i: int) -> dict:
-    return translog.entry(
-        "replication",
-        time=1000.0 + i,
-        subject=f"u-{i}",
-        source_region="cn-north",
-        destination_region="ap-southeast-1",
-        outcome="allowed",
-        actor="replicator",
-        rules_version="v1",
-    )
+    return replication_entry(i)
 
 
 @pytest.fixture
