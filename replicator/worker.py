@@ -235,10 +235,12 @@ class Replicator:
                 self._wake[d.region].set()
             await asyncio.sleep(ttl / 3)
 
-    def _check(self, d: Destination) -> None:
+    def _check(self, d: Destination, paused_too: bool = True) -> None:
         """Ship only with at least half a lease left: a shipping call (at most
         `ship_timeout`, half a lease) then ends before anyone else may take over."""
-        if d.paused or not d.held or time.monotonic() > d.lease_until - self.config.lease_seconds / 2:
+        if (paused_too and d.paused) or not d.held:
+            raise StandDown(d.region)
+        if time.monotonic() > d.lease_until - self.config.lease_seconds / 2:
             raise StandDown(d.region)
 
     # ---- the loop ---------------------------------------------------------------------
@@ -262,16 +264,21 @@ class Replicator:
                 await asyncio.sleep(self.config.retry_max)
 
     async def _step(self, d: Destination, wake: asyncio.Event) -> bool:
-        """One batch (or a round of re-driven dead letters); False when there was nothing."""
-        self._check(d)
+        """One batch (or a round of re-driven dead letters); False when there was nothing.
+
+        The wake-up is cleared first, so a StandDown raised here waits for news (a write, a
+        resume, a lease taken) instead of spinning on wake-ups that came before it."""
+        wake.clear()
+        # Paused or not is read from the store below: a resume takes effect at once, not at
+        # the next lease renewal.
+        self._check(d, paused_too=False)
         store = self.db.store
         if d.reread_cursor:
             d.cursor = await self.db.call(store.cursor, d.region)
             d.reread_cursor = False
-        wake.clear()
         paused, redrive, items = await self.db.call(self._poll, d)
-        if paused:  # an operator paused it since the lease was last renewed
-            d.paused = True
+        d.paused = paused
+        if paused:  # an operator paused it
             raise StandDown(d.region)
         if redrive:
             batch = await self.db.call(self._prepare_users, d, [u for u, *_ in redrive])

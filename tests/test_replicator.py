@@ -208,11 +208,26 @@ def cli(c: Cluster, *args: str) -> dict:
     return json.loads(r.stdout)
 
 
+def cpu_seconds(pid: int, over: float) -> float:
+    """CPU time (user + system) process `pid` uses in the next `over` seconds (Linux /proc)."""
+
+    def used() -> float:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        utime, stime = stat.rpartition(")")[2].split()[11:13]
+        return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+    before = used()
+    time.sleep(over)
+    return used() - before
+
+
 async def test_pause_holds_a_destination_and_resume_catches_up(cluster: Cluster):
     cli(cluster, "replication", "pause", "--region", "eu-west-1")
     for i in range(10):
         await cluster.put(f"p-{i}", {"email": f"p{i}@example.cn", "language": "zh-CN"})
-    await asyncio.sleep(1.0)
+    # A paused destination waits for news; it does not spin on the writes' wake-ups.
+    busy = cpu_seconds(cluster.dep.procs[PRIMARY].pid, over=1.5)
+    assert busy < 0.5, f"the primary used {busy:.2f} s of CPU in 1.5 s with nothing to do"
     status = {d["region"]: d for d in cli(cluster, "replication", "status")["destinations"]}
     assert status["eu-west-1"]["paused"] is True and int(status["eu-west-1"]["pending"]) >= 10
     assert status["ap-southeast-1"]["paused"] is False and int(status["ap-southeast-1"]["pending"]) == 0
