@@ -53,13 +53,23 @@ def manifest(home_region: str, region: str, key_id: str, prefix: str) -> dict[st
         "objects": f"{prefix}copies/{{user_id}}{OBJECT_SUFFIX}",
         "object_encoding": "protobuf message residency.v1.SealedCopy (replica.proto below)",
         "deleted": "an erased or withdrawn copy's object is deleted; a missing object holds nothing",
-        "data_key": {
-            "field": "wrapped_data_key",
+        "transit_key": {
+            "fields": "transit_key_id, wrapped_transit_key (one transit key serves many objects)",
             "scheme": "HPKE (RFC 9180) base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM",
             "layout": "enc (32 bytes) || ciphertext",
             "recipient": f"the X25519 region key of {region} whose key id is key_id",
-            "info": "b'residency/dek/v1' 0x00, then user_id 0x00 region 0x00 key_id (UTF-8)",
+            "info": "b'residency/transit-key/v1' 0x00, then region 0x00 key_id 0x00 transit_key_id (UTF-8)",
             "key_id": "first 16 hex digits of SHA-256 of the raw 32-byte X25519 public key",
+        },
+        "data_key": {
+            "field": "wrapped_data_key",
+            "cipher": "AES-256-GCM under the unwrapped transit key",
+            "layout": "nonce (12 bytes) || ciphertext || tag (16 bytes)",
+            "aad": "b'residency/dek/v1' 0x00, then user_id 0x00 region 0x00 key_id 0x00 "
+            "transit_key_id (UTF-8)",
+            "without_transit_key": "objects written before transit keys (transit_key_id empty): the data "
+            "key is HPKE-wrapped directly as under transit_key, with info b'residency/dek/v1' 0x00, then "
+            "user_id 0x00 region 0x00 key_id",
         },
         "fields": {
             "field": "sealed_fields: field name to sealed value",
@@ -75,7 +85,9 @@ def manifest(home_region: str, region: str, key_id: str, prefix: str) -> dict[st
 def open_object(body: bytes, key: RegionKey) -> tuple[replica_pb2.SealedCopy, dict[str, common_pb2.Value]]:
     """Opens an object fetched from the bucket with the region's private key alone."""
     copy = replica_pb2.SealedCopy.FromString(body)
-    dek = key.open_data_key(copy.user_id, copy.key_id, copy.wrapped_data_key)
+    dek = key.open_data_key(
+        copy.user_id, copy.key_id, copy.wrapped_data_key, copy.transit_key_id, copy.wrapped_transit_key
+    )
     fields = {
         name: common_pb2.Value.FromString(
             dek.open(sealed, field_aad(copy.user_id, name, key.region, copy.version, copy.key_id))

@@ -36,7 +36,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 from residency.v1 import replica_pb2, replica_pb2_grpc
 from server import codec, translog
 from server.config import Affiliate, NodeConfig, ReplicatorConfig
-from server.crypto import DataKey, KeyCache, RecipientKey, field_aad
+from server.crypto import DataKey, KeyCache, RecipientKey, TransitKey, field_aad
 from server.errors import ConfigError
 from server.records import Records
 from server.rules import Allowed, Permits
@@ -117,7 +117,10 @@ class Destination:
     cursor: int = 0
     copies_sent: int = 0
     last_error: str = ""
+    # user id -> (DEK, DEK wrapped by `transit`, transit): one DEK per user while cached
     keys: KeyCache = field(default_factory=KeyCache)
+    # the transit key for new DEKs, renewed when older than the cache's age
+    transit: TransitKey | None = None
     held: bool = False
     paused: bool = False
     # monotonic time until which this worker's lease is surely valid
@@ -467,6 +470,8 @@ class Replicator:
             version=version,
             key_id=kid,
             wrapped_data_key=dek[1],
+            transit_key_id=dek[2].id,
+            wrapped_transit_key=dek[2].wrapped,
             sealed_fields={
                 n: dek[0].seal(v.SerializeToString(), field_aad(row.user_id, n, d.region, version, kid))
                 for n, v in sent.items()
@@ -500,10 +505,13 @@ class Replicator:
             self._opened[key] = opened
         return opened
 
-    def _data_key(self, d: Destination, user_id: str) -> tuple[DataKey, bytes]:
+    def _data_key(self, d: Destination, user_id: str) -> tuple[DataKey, bytes, TransitKey]:
         hit = d.keys.get(user_id)
         if hit is None:
-            hit = d.key.new_data_key(user_id)
+            tk = d.transit
+            if tk is None or time.monotonic() - tk.born > d.keys.max_age:
+                tk = d.transit = d.key.new_transit_key()  # the one HPKE operation
+            hit = (*tk.new_data_key(user_id), tk)
             d.keys.put(user_id, hit)
         return hit
 

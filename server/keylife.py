@@ -92,10 +92,7 @@ def rewrap_data_keys(config: NodeConfig, provider: KeyProvider, progress: bool) 
             while page := store.data_keys_not_under(new.id, after, PAGE):
                 rows = []
                 for user_id, wk_id, wk_wrapped, wrapped in page:
-                    if wk_id.startswith("hpke:"):  # a copy's key, as the primary sent it
-                        raw = keyring.region_key.open_data_key(user_id, wk_id[5:], wrapped).raw
-                    else:
-                        raw = keyring.wrapping_key(wk_id, wk_wrapped).unwrap(config.region, user_id, wrapped)
+                    raw = keyring.open_stored_key(user_id, wk_id, wk_wrapped, wrapped).raw
                     rows.append((user_id, new.id, new.wrap(config.region, user_id, raw)))
                 with store.transaction():
                     # Only rows still as read: a user erased meanwhile stays erased.

@@ -281,15 +281,9 @@ class Records:
 
         return self._data_key(user_id, open_)
 
-    def _copy_key(self, user_id: str, key_id: str) -> DataKey:
-        def open_(wk_id: str, wk_wrapped: bytes, wrapped: bytes) -> DataKey:
-            if wk_id.startswith("hpke:"):  # as the primary sent it
-                return self.keyring.region_key.open_data_key(user_id, key_id, wrapped)
-            # rewrapped by a rotation under one of this region's wrapping keys
-            wk = self.keyring.wrapping_key(wk_id, wk_wrapped)
-            return DataKey(wk.unwrap(self.region, user_id, wrapped))
-
-        return self._data_key(user_id, open_)
+    def _copy_key(self, user_id: str) -> DataKey:
+        # as the primary sent it, or rewrapped by a rotation under one of this region's keys
+        return self._data_key(user_id, lambda *found: self.keyring.open_stored_key(user_id, *found))
 
     # ---- region node: copies ----------------------------------------------------------
 
@@ -306,15 +300,24 @@ class Records:
                 continue
             newest[c.user_id] = c
         now = time.time()
-        keys, gone = [], []
+        keys, gone, transit = [], [], {}
         for c in newest.values():
             if c.deleted:
                 gone.append(c.user_id)
+                continue
+            # The wrapped DEK goes to the keyring, not with the copy: erasing it later makes
+            # any earlier copy of node.db unreadable for this user.
+            if c.transit_key_id:
+                wk_id = f"transit:{c.key_id}:{c.transit_key_id}"
+                transit[wk_id] = c.wrapped_transit_key
+                c.ClearField("transit_key_id")
+                c.ClearField("wrapped_transit_key")
             else:
-                # The wrapped DEK goes to the keyring, not with the copy: erasing it later makes
-                # any earlier copy of node.db unreadable for this user.
-                keys.append((c.user_id, f"hpke:{c.key_id}", c.wrapped_data_key))
-                c.ClearField("wrapped_data_key")
+                wk_id = f"hpke:{c.key_id}"
+            keys.append((c.user_id, wk_id, c.wrapped_data_key))
+            c.ClearField("wrapped_data_key")
+        for wk_id, wrapped in transit.items():
+            self.store.put_wrapping_key(wk_id, wrapped)
         self.store.put_data_keys(keys)
         self.store.delete_data_keys(gone)
         self.store.upsert(
@@ -345,7 +348,7 @@ class Records:
             )
         self.keyring.check()
         copy = SealedCopy.FromString(row.blob)
-        dek = self._copy_key(row.user_id, copy.key_id)
+        dek = self._copy_key(row.user_id)
         kid, version = copy.key_id, copy.version
         fields = {
             n: Value.FromString(dek.open(s, field_aad(row.user_id, n, self.region, version, kid)))

@@ -59,6 +59,28 @@ def test_the_primary_cannot_open_what_it_sealed_for_a_region(keys, tmp_path):
         impostor.open_data_key("u-1", sg.key_id, wrapped)
 
 
+def test_a_transit_key_wraps_many_users_data_keys_each_bound_to_its_user(keys):
+    primary, sg = keys["cn-north"], keys["ap-southeast-1"]
+    tk = sg.recipient.new_transit_key()
+    wrapped = {u: tk.new_data_key(u) for u in ("u-1", "u-2")}
+    aad = field_aad("u-1", "email", "ap-southeast-1", 1, sg.key_id)
+    sealed = wrapped["u-1"][0].seal(b"li@example.cn", aad)
+    opened = sg.open_data_key("u-1", sg.key_id, wrapped["u-1"][1], tk.id, tk.wrapped)
+    assert opened.open(sealed, aad) == b"li@example.cn"
+    # another user's DEK under the same transit key, or this DEK claimed for another user
+    with pytest.raises(SealError):
+        sg.open_data_key("u-2", sg.key_id, wrapped["u-1"][1], tk.id, tk.wrapped)
+    # the transit key claimed under another id, or opened by a region it was not sent to
+    with pytest.raises(SealError):
+        sg.open_data_key("u-1", sg.key_id, wrapped["u-1"][1], "0" * 16, tk.wrapped)
+    with pytest.raises(SealError):
+        primary.open_transit_key(primary.key_id, tk.id, tk.wrapped)
+    # one HPKE operation per transit key: the second user's DEK reuses the opened key
+    assert sg.open_transit_key(sg.key_id, tk.id, tk.wrapped) is sg.open_transit_key(
+        sg.key_id, tk.id, tk.wrapped
+    )
+
+
 def primary_dir(keys):
     return keys["cn-north"].dir
 

@@ -109,15 +109,23 @@ async def test_the_primary_cannot_open_a_regions_copy_and_erasure_shreds_every_b
         )
     assert copy.sealed_fields and not copy.wrapped_data_key  # the key lives in the keyring
     with sqlite3.connect(cluster.data_dir(SG) / "keys.db") as kdb:
-        (wrapped,) = kdb.execute("SELECT wrapped FROM data_keys WHERE user_id='u-1'").fetchone()
-    # The primary, with every key it holds, cannot unwrap the region's data key.
+        wk_id, wrapped, transit = kdb.execute(
+            "SELECT d.wrapping_key, d.wrapped, k.wrapped FROM data_keys d "
+            "JOIN wrapping_keys k ON k.id = d.wrapping_key WHERE d.user_id='u-1'"
+        ).fetchone()
+    kind, key_id, transit_id = wk_id.split(":")
+    assert (kind, key_id) == ("transit", copy.key_id)  # under the transit key the primary sent
+    # The primary, with every key it holds, cannot unwrap the region's transit or data key.
     cn = load_config(cluster.dep.configs[PRIMARY])
     primary_key = RegionKey.load(PRIMARY, cn.keys_dir, open_provider(cn.keys))
-    with pytest.raises(SealError):
-        primary_key.open_data_key("u-1", copy.key_id, wrapped)
     impostor = RegionKey(SG, primary_key._raw)
-    with pytest.raises(SealError):
-        impostor.open_data_key("u-1", copy.key_id, wrapped)
+    for key in (primary_key, impostor):
+        # claimed under the region's key id, or under its own (so the HPKE unwrap runs, and fails)
+        for kid in (copy.key_id, key.key_id):
+            with pytest.raises(SealError):
+                key.open_transit_key(kid, transit_id, transit)
+            with pytest.raises(SealError):
+                key.open_data_key("u-1", kid, wrapped, transit_id, transit)
     # ... nor open the region's private key file with its own provider.
     sg = load_config(cluster.dep.configs[SG])
     with pytest.raises(SealError):

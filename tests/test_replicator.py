@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from residency.v1 import common_pb2, replica_pb2
 from server import codec
 from server.crypto import RegionKey
@@ -36,16 +38,21 @@ def region_key(c: Cluster, region: str) -> RegionKey:
 
 def open_with_region_key_alone(body: bytes, manifest: dict, key: RegionKey) -> tuple[int, dict]:
     """Opens a bucket object as an affiliate would, from the manifest's recipe, with the
-    region's key: the HPKE unwrap of the data key (RFC 9180) is the region key's, the rest
+    region's key: the HPKE unwrap of the transit key (RFC 9180) is the region key's, the rest
     is AES-256-GCM from the `cryptography` package under the manifest's associated data."""
     copy = replica_pb2.SealedCopy.FromString(body)
     region, kid = manifest["region"], manifest["key_id"]
     assert copy.key_id == kid and key.key_id == kid
-    dek = key.open_data_key(copy.user_id, kid, copy.wrapped_data_key)
+    assert copy.transit_key_id and copy.wrapped_transit_key  # every copy sent now has one
+    transit = key.open_transit_key(kid, copy.transit_key_id, copy.wrapped_transit_key)
+    dek_aad = b"residency/dek/v1\x00" + "\x00".join((copy.user_id, region, kid, copy.transit_key_id)).encode()
+    nonce, wrapped = copy.wrapped_data_key[:12], copy.wrapped_data_key[12:]
+    dek = AESGCM(transit._aead.decrypt(nonce, wrapped, dek_aad))
     fields = {}
     for name, sealed in copy.sealed_fields.items():
         aad = "\x00".join(("field", copy.user_id, name, region, str(copy.version), kid)).encode()
-        fields[name] = codec.from_value(common_pb2.Value.FromString(dek.open(sealed, aad)))
+        plain = dek.decrypt(sealed[:12], sealed[12:], aad)
+        fields[name] = codec.from_value(common_pb2.Value.FromString(plain))
     return copy.version, fields
 
 

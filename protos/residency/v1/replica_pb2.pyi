@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SealedCopy(_message.Message):
-    __slots__ = ("user_id", "version", "deleted", "key_id", "wrapped_data_key", "sealed_fields", "source", "home_region", "categories", "created_at", "updated_at", "rules_version", "reason")
+    __slots__ = ("user_id", "version", "deleted", "key_id", "wrapped_data_key", "sealed_fields", "source", "home_region", "categories", "created_at", "updated_at", "rules_version", "reason", "transit_key_id", "wrapped_transit_key")
     class SealedFieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class SealedCopy(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TRANSIT_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    WRAPPED_TRANSIT_KEY_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     version: int
     deleted: bool
@@ -51,7 +53,9 @@ class SealedCopy(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     rules_version: str
     reason: str
-    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., deleted: _Optional[bool] = ..., key_id: _Optional[str] = ..., wrapped_data_key: _Optional[bytes] = ..., sealed_fields: _Optional[_Mapping[str, bytes]] = ..., source: _Optional[str] = ..., home_region: _Optional[str] = ..., categories: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_version: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    transit_key_id: str
+    wrapped_transit_key: bytes
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., deleted: _Optional[bool] = ..., key_id: _Optional[str] = ..., wrapped_data_key: _Optional[bytes] = ..., sealed_fields: _Optional[_Mapping[str, bytes]] = ..., source: _Optional[str] = ..., home_region: _Optional[str] = ..., categories: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_version: _Optional[str] = ..., reason: _Optional[str] = ..., transit_key_id: _Optional[str] = ..., wrapped_transit_key: _Optional[bytes] = ...) -> None: ...
 
 class ApplyCopiesRequest(_message.Message):
     __slots__ = ("source_region", "copies")
