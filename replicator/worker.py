@@ -39,7 +39,7 @@ from server.config import Affiliate, NodeConfig, ReplicatorConfig
 from server.crypto import DataKey, KeyCache, RecipientKey, TransitKey, field_aad
 from server.errors import ConfigError
 from server.records import Records
-from server.rules import Allowed, Permits
+from server.rules import Allowed, Permits, Plan, Withheld
 from server.store import OutboxItem, Row
 from server.writer import StoreThread
 
@@ -126,6 +126,14 @@ class Destination:
     # monotonic time until which this worker's lease is surely valid
     lease_until: float = 0.0
     reread_cursor: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    fields: list[dict[str, Any]]
+    withheld: list[dict[str, Any]]
+    recipients: str
+    categories: dict[str, str]
 
 
 @dataclass(slots=True)
@@ -445,7 +453,7 @@ class Replicator:
         opened = self._open(row)
         plan = r.rules.plan(d.region, None, permits)
         sent, withheld = r.project(plan, opened.fields, opened.updated_at)
-        described = r.describe_withheld(withheld)
+        what = self._described(plan, sent, withheld)
         if not sent:
             # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
             tomb = replica_pb2.SealedCopy(
@@ -459,7 +467,7 @@ class Replicator:
             return tomb, translog.entry(
                 "erasure",
                 outcome="allowed",
-                withheld=described,
+                withheld=what.withheld,
                 reason=f"withdrawn: no field of this record may be held in {d.region} now",
                 **common,
             )
@@ -476,24 +484,40 @@ class Replicator:
                 n: dek[0].seal(v.SerializeToString(), field_aad(row.user_id, n, d.region, version, kid))
                 for n, v in sent.items()
             },
-            categories={n: r.schema.fields[n].category for n in sent},
+            categories=what.categories,
             source=opened.source,
             home_region=r.region,
             created_at=codec.timestamp(opened.created_at),
             updated_at=codec.timestamp(opened.updated_at),
             rules_version=r.rules.version,
         )
-        recipients = sorted(
-            {plan.decisions[n].recipient.id for n in sent if isinstance(plan.decisions[n], Allowed)}
-        )
         return copy, translog.entry(
             "replication",
             outcome="allowed",
-            recipient=",".join(recipients),
-            fields=r.describe(plan.decisions, sent),
-            withheld=described,
+            recipient=what.recipients,
+            fields=what.fields,
+            withheld=what.withheld,
             **common,
         )
+
+    def _described(self, plan: Plan, sent: dict[str, Any], withheld: dict[str, Withheld]) -> Described:
+        """What a copy holds and withholds, as the log and the copy state it: the same for
+        every record with the same fields under one plan, so worked out once per such set
+        (the lists are shared between entries and never changed)."""
+        key = (frozenset(sent), frozenset(withheld.items()))
+        memo = plan.memo.get(key)
+        if memo is None:
+            r, ds = self.records, plan.decisions
+            memo = Described(
+                fields=r.describe(ds, sent),
+                withheld=r.describe_withheld(withheld),
+                recipients=",".join(sorted({ds[n].recipient.id for n in sent if isinstance(ds[n], Allowed)})),
+                categories={n: r.schema.fields[n].category for n in sent},
+            )
+            if len(plan.memo) >= 1000:  # field sets vary little; bound it anyway
+                plan.memo.clear()
+            plan.memo[key] = memo
+        return memo
 
     def _open(self, row: Row) -> Any:
         key = (row.user_id, row.version)

@@ -162,6 +162,8 @@ class Plan:
     destination: str
     purpose: str | None
     decisions: dict[str, Decision]
+    # Derived facts callers work out once per plan (e.g. a copy's log description per field set).
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def project(self, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Withheld]]:
         """Splits a record's fields into those that may go and those withheld (with why)."""
