@@ -237,13 +237,18 @@ class SqliteStore:
         self.tree = merkle.Tree(merkle.leaf_hash(data) for (data,) in rows)
 
     def _migrate(self) -> None:
-        current = self._db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+        """Each migration reads the schema version under the write lock: processes opening one
+        new store at once (the primary and its standalone workers) take turns, and each
+        migration runs once."""
+        while True:
             with self.transaction():
-                for statement in script.split(";"):
+                current = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if current >= len(MIGRATIONS):
+                    return
+                for statement in MIGRATIONS[current].split(";"):
                     if statement.strip():
                         self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={number}")
+                self._db.execute(f"PRAGMA user_version={current + 1}")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -465,3 +465,28 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
                 w.kill()
                 w.wait()
         await c.close()
+
+
+def _open_store(path: str, start: float) -> int:
+    from server.store import SqliteStore
+
+    time.sleep(max(0.0, start - time.time()))  # every process opens at the same moment
+    store = SqliteStore(path)
+    version = store._db.execute("PRAGMA user_version").fetchone()[0]
+    store.close()
+    return version
+
+
+def test_workers_opening_a_new_store_at_once_each_find_it_migrated(tmp_path: Path):
+    """The primary and its standalone workers may start together on a fresh data_dir: each
+    migration runs once, under the write lock, instead of failing with 'table exists'."""
+    import multiprocessing
+
+    from server.store import MIGRATIONS
+
+    for attempt in range(3):
+        path = str(tmp_path / f"node-{attempt}.db")
+        start = time.time() + 2.0
+        with multiprocessing.get_context("spawn").Pool(4) as pool:
+            versions = pool.starmap(_open_store, [(path, start)] * 4)
+        assert versions == [len(MIGRATIONS)] * 4

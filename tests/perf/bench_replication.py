@@ -10,6 +10,9 @@ bucket on a local SeaweedFS. Two phases:
   of every pending change's commit-to-applied lag) gives p50/p99/max.
 - `--standalone`: the primary's in-process worker off, one `residency replicate` process
   ships instead (replication then runs beside, not inside, the primary's interpreter).
+- `--per-destination`: the primary's in-process worker off, one `residency replicate
+  --region R` process per destination (each its own interpreter, so the OS spreads them
+  over the cores).
 - drain: every destination paused, `--backlog` new users written, then each destination
   resumed alone (the others still paused), and again all at once; the time to apply the
   backlog gives each destination's sustained records/s (the rate beyond which, under a
@@ -36,7 +39,7 @@ import yaml
 from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc
 from server.crypto import RegionKey
 from server.demo import Deployment, wait_replicated
-from server.deployment import PRIMARY, init_deployment
+from server.deployment import AFFILIATES, PRIMARY, init_deployment
 from server.keys import LocalProvider
 from tests.conftest import SeaweedFS
 from tests.perf.bench_put import ten_fields
@@ -47,6 +50,8 @@ S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
 
 
 def deployment(d: Path, s3: SeaweedFS, standalone: bool, s3_worker: bool = False) -> None:
+    """`standalone`: the primary's in-process worker off; `s3_worker`: it ships to the
+    region nodes only."""
     init_deployment(d)
     # The bucket's affiliate holds its own key; the primary needs only its public half.
     folder = d / "keys" / S3_REGION
@@ -177,26 +182,26 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
     s3.start()
     try:
         s3.make_bucket(BUCKET)
-        deployment(d / "deployment", s3, args.standalone, args.s3_worker)
+        deployment(d / "deployment", s3, args.standalone or args.per_destination, args.s3_worker)
         dep = Deployment(d / "deployment")
         for r in dep.configs:
             dep.start(r)
-        worker = None
-        if args.standalone or args.s3_worker:  # replication in its own process, off the primary's GIL
-            only = ["--region", S3_REGION] if args.s3_worker else []
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "server.cli",
-                    "replicate",
-                    "--config",
-                    str(dep.configs[PRIMARY]),
-                    *only,
-                ],
+        # Replication in processes of its own, off the primary's GIL: one for everything, one
+        # for the bucket, or one per destination.
+        if args.per_destination:
+            only = [["--region", r] for r in (*AFFILIATES, S3_REGION)]
+        elif args.standalone or args.s3_worker:
+            only = [["--region", S3_REGION] if args.s3_worker else []]
+        else:
+            only = []
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "replicate", "--config", str(dep.configs[PRIMARY]), *o],
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=open(d / f"worker-{i}.log", "wb"),  # noqa: SIM115 - the child's
             )
+            for i, o in enumerate(only)
+        ]
         try:
             await dep.wait_serving()
             primary = dep.addresses[PRIMARY]
@@ -210,9 +215,10 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
                 out["drain_records_per_s"] = await drain(records, admin, args.backlog)
             return out
         finally:
-            if worker is not None:
-                worker.terminate()
-                worker.wait(30)
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                w.wait(30)
             dep.stop_all()
     finally:
         s3.stop()
@@ -240,6 +246,11 @@ def main() -> None:
         action="store_true",
         help="region nodes from the primary's in-process worker, the bucket from `residency replicate "
         "--region us-east-1` (replicator.regions)",
+    )
+    p.add_argument(
+        "--per-destination",
+        action="store_true",
+        help="replicate with one `residency replicate --region R` process per destination",
     )
     args = p.parse_args()
     # The local S3 server takes any credentials; boto3 (here and in the primary) finds them
