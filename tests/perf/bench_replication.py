@@ -7,12 +7,15 @@ bucket on a local SeaweedFS. Two phases:
 - steady: `--rate` writes/s (PutRecords of `--batch` 10-field records, paced) for
   `--seconds`; every 50 ms the primary's ReplicationStatus is sampled, and each
   destination's `lag_seconds` (age of its oldest change not yet applied: an upper bound
-  of every pending change's commit-to-applied lag) gives p50/p99/max.
+  of every pending change's commit-to-applied lag) gives p50/p99/max (`lag_ms`). Then the
+  exact lag of each change on each region node (`applied_lag_ms`): the copy's
+  `updated_at`, stamped by the primary in the write's transaction, against the region's own
+  `updated_at` column, stamped in the transaction that applied it (one host, one clock).
 - `--standalone`: the primary's in-process worker off, one `residency replicate` process
   ships instead (replication then runs beside, not inside, the primary's interpreter).
 - `--per-destination`: the primary's in-process worker off, one `residency replicate
-  --region R` process per destination (each its own interpreter, so the OS spreads them
-  over the cores).
+  --region R` process per destination (each its own interpreter; they contend for
+  SQLite's write lock with the primary).
 - drain: every destination paused, `--backlog` new users written, then each destination
   resumed alone (the others still paused), and again all at once; the time to apply the
   backlog gives each destination's sustained records/s (the rate beyond which, under a
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -36,7 +41,8 @@ from pathlib import Path
 import grpc
 import yaml
 
-from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc
+from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc, replica_pb2
+from server.config import load_config
 from server.crypto import RegionKey
 from server.demo import Deployment, wait_replicated
 from server.deployment import AFFILIATES, PRIMARY, init_deployment
@@ -49,9 +55,11 @@ CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
 
 
-def deployment(d: Path, s3: SeaweedFS, standalone: bool, s3_worker: bool = False) -> None:
+def deployment(
+    d: Path, s3: SeaweedFS, standalone: bool, s3_worker: bool = False, bucket: bool = True
+) -> None:
     """`standalone`: the primary's in-process worker off; `s3_worker`: it ships to the
-    region nodes only."""
+    region nodes only; `bucket` False: no S3 destination at all."""
     init_deployment(d)
     # The bucket's affiliate holds its own key; the primary needs only its public half.
     folder = d / "keys" / S3_REGION
@@ -89,6 +97,8 @@ def deployment(d: Path, s3: SeaweedFS, standalone: bool, s3_worker: bool = False
             "public_key": f"keys/{S3_REGION}/region.pub",
         }
     )
+    if not bucket:
+        primary["affiliates"] = [a for a in primary["affiliates"] if a.get("sink") != "s3"]
     if standalone:
         primary["replicator"]["enabled"] = False
     elif s3_worker:  # region nodes in-process, the bucket in a worker process of its own
@@ -108,6 +118,25 @@ def request(start: int, n: int, users: int = 0) -> records_pb2.PutRecordsRequest
         for name, value in ten_fields(i).items():
             rec.fields[name].CopyFrom(value)
     return req
+
+
+def applied_lag(dep: Deployment, lo: str, hi: str) -> dict:
+    """Commit-to-applied lag of the newest change of each user in [lo, hi) on each region
+    node, read from its node.db."""
+    out = {}
+    for region in AFFILIATES:
+        db = load_config(dep.configs[region]).data_dir / "node.db"
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
+            lags = []
+            rows = c.execute(
+                "SELECT blob, updated_at FROM records WHERE user_id >= ? AND user_id < ?", (lo, hi)
+            )
+            for blob, applied in rows:
+                at = replica_pb2.SealedCopy.FromString(blob).updated_at
+                lags.append(applied - (at.seconds + at.nanos / 1e9))
+        out[region] = {"changes": len(lags), "p50": pct(lags, 50), "p99": pct(lags, 99)}
+        out[region]["max"] = pct(lags, 100)
+    return out
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -182,14 +211,16 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
     s3.start()
     try:
         s3.make_bucket(BUCKET)
-        deployment(d / "deployment", s3, args.standalone or args.per_destination, args.s3_worker)
+        deployment(
+            d / "deployment", s3, args.standalone or args.per_destination, args.s3_worker, not args.no_bucket
+        )
         dep = Deployment(d / "deployment")
         for r in dep.configs:
             dep.start(r)
         # Replication in processes of its own, off the primary's GIL: one for everything, one
         # for the bucket, or one per destination.
         if args.per_destination:
-            only = [["--region", r] for r in (*AFFILIATES, S3_REGION)]
+            only = [["--region", r] for r in (*AFFILIATES, *([] if args.no_bucket else [S3_REGION]))]
         elif args.standalone or args.s3_worker:
             only = [["--region", S3_REGION] if args.s3_worker else []]
         else:
@@ -212,6 +243,8 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
                     "steady": await steady(records, admin, args.rate, args.batch, args.seconds, args.users)
                 }
                 await wait_replicated(primary, timeout=300, progress=False)
+                lo, hi = ("u-00000000", f"u-{args.users:08d}") if args.users else ("u-10000000", "u-20000000")
+                out["steady"]["applied_lag_ms"] = applied_lag(dep, lo, hi)
                 out["drain_records_per_s"] = await drain(records, admin, args.backlog)
             return out
         finally:
@@ -251,6 +284,11 @@ def main() -> None:
         "--per-destination",
         action="store_true",
         help="replicate with one `residency replicate --region R` process per destination",
+    )
+    p.add_argument(
+        "--no-bucket",
+        action="store_true",
+        help="region nodes only, without the S3 destination (what the region nodes alone cost)",
     )
     args = p.parse_args()
     # The local S3 server takes any credentials; boto3 (here and in the primary) finds them
