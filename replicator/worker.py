@@ -509,8 +509,8 @@ class Replicator:
         if memo is None:
             r, ds = self.records, plan.decisions
             memo = Described(
-                fields=r.describe(ds, sent),
-                withheld=r.describe_withheld(withheld),
+                fields=translog.Shared(r.describe(ds, sent)),
+                withheld=translog.Shared(r.describe_withheld(withheld)),
                 recipients=",".join(sorted({ds[n].recipient.id for n in sent if isinstance(ds[n], Allowed)})),
                 categories={n: r.schema.fields[n].category for n in sent},
             )

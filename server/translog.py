@@ -26,8 +26,28 @@ def leaf_index(sequence: int) -> int:
     return sequence - 1
 
 
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+class Shared(list):
+    """A list that many entries hold alike (a copy's field descriptions, the same for every
+    record with the same fields under one plan): its canonical JSON is worked out once.
+    Never changed once made."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, items: Any = ()):
+        super().__init__(items)
+        self.json = _ENCODE(list(self))
+
+
 def canonical(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The entry's canonical JSON: exactly `json.dumps(entry, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)`, with `Shared` lists' text reused."""
+    members = (
+        f"{_ENCODE(k)}:{v.json if isinstance(v, Shared) else _ENCODE(v)}" for k, v in sorted(entry.items())
+    )
+    return ("{" + ",".join(members) + "}").encode()
 
 
 def chain_hash(previous: bytes, entry_bytes: bytes) -> bytes:

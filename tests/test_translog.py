@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from server import merkle, translog
 from server.store import MIGRATIONS, SqliteStore
@@ -95,3 +99,20 @@ def test_the_tree_and_checkpoints_survive_a_reopen_and_rolled_back_entries_never
     assert s.log_tree().size == 5 and s.log_tree().root() == root
     assert s.checkpoint_latest() == (5, "note")
     s.close()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+_described = st.lists(st.dictionaries(st.text(), _json, max_size=4), max_size=4)
+
+
+@given(st.dictionaries(st.text(), _json, max_size=8), st.dictionaries(st.text(), _described, max_size=3))
+def test_canonical_bytes_are_sorted_compact_json_whether_or_not_lists_are_shared(plain, lists):
+    entry = {**plain, **{k: translog.Shared(v) for k, v in lists.items()}}
+    expected = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert translog.canonical(entry) == expected
