@@ -401,6 +401,7 @@ class Replicator:
         users = list({i.user_id for i in items})
         rows = self.records.store.rows(users)
         permits = self.records.permits_for(users)
+        self.records.warm_keys([u for u, row in rows.items() if (u, row.version) not in self._opened])
         copies, entries = [], []
         for item in items:
             row = rows.get(item.user_id)

@@ -118,7 +118,7 @@ class Records:
             stored = StoredRecord(user_id=w.user_id, home_region=self.region, updated_at=stamp)
             if old is not None and not old.deleted:
                 prior = StoredRecord.FromString(old.blob)
-                dek = self._local_key(w.user_id)
+                dek = self._data_key(w.user_id)
                 old_body = dek.open(
                     prior.sealed_fields, record_aad(w.user_id, self.region, prior.version, prior.key_id)
                 )
@@ -261,7 +261,9 @@ class Records:
         self.keyring.data_keys.drop(user_id)
         return version
 
-    def _data_key(self, user_id: str, open_: Any) -> DataKey:
+    def _data_key(self, user_id: str) -> DataKey:
+        """The user's DEK, from the cache or the keyring: the primary's under one of its
+        wrapping keys; a region's as the primary sent it, or rewrapped by a rotation."""
         dek = self.keyring.data_keys.get(user_id)
         if dek is None:
             found = self.store.data_keys([user_id]).get(user_id)
@@ -270,20 +272,18 @@ class Records:
                     f"the data key of user {user_id} is not in the keyring of {self.region}: "
                     "the record was erased (its key crypto-shredded) or the keyring is not this data's"
                 )
-            dek = open_(*found)
+            dek = self.keyring.open_stored_key(user_id, *found)
             self.keyring.data_keys.put(user_id, dek)
         return dek
 
-    def _local_key(self, user_id: str) -> DataKey:
-        def open_(wk_id: str, wk_wrapped: bytes, wrapped: bytes) -> DataKey:
-            wk = self.keyring.wrapping_key(wk_id, wk_wrapped)
-            return DataKey(wk.unwrap(self.region, user_id, wrapped))
-
-        return self._data_key(user_id, open_)
-
-    def _copy_key(self, user_id: str) -> DataKey:
-        # as the primary sent it, or rewrapped by a rotation under one of this region's keys
-        return self._data_key(user_id, lambda *found: self.keyring.open_stored_key(user_id, *found))
+    def warm_keys(self, user_ids: list[str]) -> None:
+        """Loads the DEKs of `user_ids` that are not cached with one query, so that opening
+        a batch of records (a worker after a restart, a standalone worker) does not query the
+        keyring once per record. A missing key is left for `_data_key` to report."""
+        missing = [u for u in user_ids if self.keyring.data_keys.get(u) is None]
+        if missing:
+            for user_id, found in self.store.data_keys(missing).items():
+                self.keyring.data_keys.put(user_id, self.keyring.open_stored_key(user_id, *found))
 
     # ---- region node: copies ----------------------------------------------------------
 
@@ -333,7 +333,7 @@ class Records:
         if self.primary:
             self.keyring.check()
             st = StoredRecord.FromString(row.blob)
-            dek = self._local_key(row.user_id)
+            dek = self._data_key(row.user_id)
             body = records_pb2.Record.FromString(
                 dek.open(st.sealed_fields, record_aad(row.user_id, self.region, st.version, st.key_id))
             )
@@ -348,7 +348,7 @@ class Records:
             )
         self.keyring.check()
         copy = SealedCopy.FromString(row.blob)
-        dek = self._copy_key(row.user_id)
+        dek = self._data_key(row.user_id)
         kid, version = copy.key_id, copy.version
         fields = {
             n: Value.FromString(dek.open(s, field_aad(row.user_id, n, self.region, version, kid)))
