@@ -138,3 +138,25 @@ async def test_a_wrong_secret_is_refused_by_the_server(seaweed: SeaweedFS, monke
         assert s.permanent(e.value) is not None and "SignatureDoesNotMatch" in str(e.value)
     finally:
         await s.close()
+
+
+async def test_each_batch_is_signed_with_the_chains_current_credentials(seaweed: SeaweedFS):
+    """Temporary credentials expire: the sink freezes the chain's credentials per batch (a
+    refreshable chain hands out new ones), never once for good."""
+
+    class Rotating:  # what botocore's refreshable credentials do when keys are rotated
+        def __init__(self, *secrets: str):
+            self.secrets = list(secrets)
+
+        def get_frozen_credentials(self) -> ReadOnlyCredentials:
+            return ReadOnlyCredentials("residency-test", self.secrets.pop(0), None)
+
+    await asyncio.to_thread(seaweed.make_bucket, "bkt")
+    s = sink(seaweed.endpoint)
+    s._credentials = Rotating("residency-test-secret", "rotated-elsewhere")
+    try:
+        await s.apply("cn-north", [replica_pb2.SealedCopy(user_id="u-1", version=1)])
+        with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+            await s.apply("cn-north", [replica_pb2.SealedCopy(user_id="u-1", version=2)])
+    finally:
+        await s.close()
