@@ -93,12 +93,20 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
             async def noop(w: int, n: int) -> None:
                 await health.Check(ping, timeout=30)
 
-            async def put(w: int, n: int) -> None:
-                i = w * 10_000_000 + n
-                rec = records_pb2.Record(user_id=f"u{i}", fields=ten_fields(i))
-                await records.PutRecord(
-                    records_pb2.PutRecordRequest(context=CTX, record=rec), metadata=META, timeout=30
+            # Requests are built before timing, as the no-op's is, so that the ratio compares
+            # the server's work and not the client's; the pool cycles (new users first).
+            pool = [
+                records_pb2.PutRecordRequest(
+                    context=CTX, record=records_pb2.Record(user_id=f"u{i}", fields=ten_fields(i))
                 )
+                for i in range(args.unary_pool)
+            ]
+            turn = 0
+
+            async def put(w: int, n: int) -> None:
+                nonlocal turn
+                turn += 1
+                await records.PutRecord(pool[turn % len(pool)], metadata=META, timeout=30)
 
             batches = []
             for b in range(args.batches):
