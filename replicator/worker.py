@@ -126,6 +126,10 @@ class Destination:
     # monotonic time until which this worker's lease is surely valid
     lease_until: float = 0.0
     reread_cursor: bool = True
+    # records/s at most (0: no limit), and the monotonic time before which the next batch
+    # may not ship under that limit
+    max_rate: float = 0.0
+    not_before: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +177,7 @@ def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> li
             RecipientKey.load(a.region, a.public_key),
             make_sink(config, a),
             keys=KeyCache(config.keys.cache_entries, config.keys.cache_seconds),
+            max_rate=a.max_rate,
         )
         for a in config.affiliates
         if not regions or a.region in regions
@@ -312,6 +317,13 @@ class Replicator:
         return False, [], store.outbox_after(d.cursor, self.config.batch_size)
 
     async def _deliver_and_commit(self, d: Destination, batch: Prepared, advance: bool) -> None:
+        if d.max_rate and batch.copies:
+            # Paced: each batch waits until the rate allows it, and books its own share.
+            now = time.monotonic()
+            if d.not_before > now:
+                await asyncio.sleep(d.not_before - now)
+                self._check(d)
+            d.not_before = max(d.not_before, now) + len(batch.copies) / d.max_rate
         refused = await self._deliver(d, batch.copies) if batch.copies else {}
         await self.db.write(lambda: self._commit(d, batch, refused, advance))
         if advance:

@@ -40,6 +40,10 @@ class Affiliate:
     endpoint_url: str = ""
     prefix: str = ""
     s3_region: str = ""
+    # Records/s at most shipped to this destination (0: no limit): a partner's ingestion
+    # limit, S3's request rate per prefix, or CPU left to the other destinations by a sink
+    # that cannot keep up anyway.
+    max_rate: float = 0.0
 
     @property
     def target(self) -> str:
@@ -146,7 +150,7 @@ def _affiliate(a: Any, where: str, rel: Any) -> Affiliate:
     sink = a.get("sink", "replica")
     if sink not in SINKS:
         raise ConfigError(f"{where}.sink' must be one of {list(SINKS)}, got {sink!r}")
-    known = {"region", "sink", "public_key"} | (
+    known = {"region", "sink", "public_key", "max_rate"} | (
         {"address"} if sink == "replica" else {"bucket", "endpoint_url", "prefix", "s3_region"}
     )
     unknown = sorted(set(a) - known)
@@ -159,8 +163,13 @@ def _affiliate(a: Any, where: str, rel: Any) -> Affiliate:
     for k in ("endpoint_url", "prefix", "s3_region"):
         if not isinstance(a.get(k, ""), str):
             raise ConfigError(f"{where}.{k}' must be a string")
+    max_rate = a.get("max_rate", 0)
+    if isinstance(max_rate, bool) or not isinstance(max_rate, int | float) or max_rate < 0:
+        raise ConfigError(f"{where}.max_rate' must be a number of records per second (0: no limit)")
     if sink == "replica":
-        return Affiliate(a["region"], _listen(a["address"], f"{where}.address'"), rel(a["public_key"]))
+        return Affiliate(
+            a["region"], _listen(a["address"], f"{where}.address'"), rel(a["public_key"]), max_rate=max_rate
+        )
     prefix = a.get("prefix", "")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
@@ -173,6 +182,7 @@ def _affiliate(a: Any, where: str, rel: Any) -> Affiliate:
         endpoint_url=a.get("endpoint_url", ""),
         prefix=prefix,
         s3_region=a.get("s3_region", ""),
+        max_rate=max_rate,
     )
 
 

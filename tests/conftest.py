@@ -144,6 +144,7 @@ class Cluster:
         keys: Any = local_keys,
         s3: SeaweedFS | None = None,
         replicator: dict | None = None,
+        affiliates: dict[str, dict] | None = None,
     ):
         init_deployment(directory, keys=keys)
         # Grants end and retention expires within a test's patience.
@@ -164,6 +165,8 @@ class Cluster:
                 }
                 for a in config["affiliates"]
             ]
+        extra = affiliates or {}
+        config["affiliates"] = [{**a, **extra.get(a["region"], {})} for a in config["affiliates"]]
         config["replicator"] = {**config["replicator"], "retry_max": 1.0, **(replicator or {})}
         primary.write_text(yaml.safe_dump(config, sort_keys=False))
         self.s3 = s3

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from residency.v1 import common_pb2, replica_pb2
+from residency.v1 import common_pb2, records_pb2, replica_pb2
 from server import codec
 from server.crypto import RegionKey
 from server.deployment import PRIMARY
-from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, values
+from tests.conftest import IDENTITY, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.test_replication import FULL, allowed_fields
 
 # How long a destination stays down under load in the outage test. The scenario is
@@ -396,6 +396,8 @@ def test_an_s3_destination_config_is_checked_naming_the_key(tmp_path: Path):
         ({**good, "bucket": ""}, "'affiliates[1].bucket' is required for sink s3"),
         ({**good, "sink": "ftp"}, "'affiliates[1].sink' must be one of"),
         ({**good, "address": "127.0.0.1:1"}, "unknown key(s) ['address'] for sink s3"),
+        ({**good, "max_rate": -5}, "'affiliates[1].max_rate' must be a number of records per second"),
+        ({**good, "max_rate": "fast"}, "'affiliates[1].max_rate' must be a number of records per second"),
     ):
         doc["affiliates"][1] = broken
         path.write_text(yaml.safe_dump(doc))
@@ -490,3 +492,30 @@ def test_workers_opening_a_new_store_at_once_each_find_it_migrated(tmp_path: Pat
         with multiprocessing.get_context("spawn").Pool(4) as pool:
             versions = pool.starmap(_open_store, [(path, start)] * 4)
         assert versions == [len(MIGRATIONS)] * 4
+
+
+async def test_a_destination_with_max_rate_is_paced_and_the_others_are_not(tmp_path: Path):
+    c = Cluster(
+        tmp_path / "deployment", affiliates={"eu-west-1": {"max_rate": 40}}, replicator={"batch_size": 10}
+    )
+    try:
+        await c.start()
+        req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
+        for i in range(120):
+            req.records.add(user_id=f"m-{i}").fields["email"].string_value = f"m{i}@example.cn"
+        began = time.monotonic()
+        await c.records().PutRecords(req, metadata=IDENTITY, timeout=30)
+        done: dict[str, float] = {}
+        while len(done) < 2:
+            assert time.monotonic() - began < 60, f"not caught up: {done}"
+            for region, d in (await c.replication()).items():
+                if region not in done and d.pending == 0:
+                    done[region] = time.monotonic() - began
+            await asyncio.sleep(0.05)
+        # 120 copies at 40/s in batches of 10: the last batch may not leave before 2.75 s.
+        assert done["eu-west-1"] >= 2.7, done
+        assert done["ap-southeast-1"] < done["eu-west-1"] - 1.0, done
+        got = await c.get("m-119", region="eu-west-1")
+        assert values(got) == {"email": "m119@example.cn"}
+    finally:
+        await c.close()
