@@ -13,6 +13,8 @@ bucket on a local SeaweedFS. Two phases:
   `updated_at` column, stamped in the transaction that applied it (one host, one clock).
 - `--standalone`: the primary's in-process worker off, one `residency replicate` process
   ships instead (replication then runs beside, not inside, the primary's interpreter).
+- `--bucket-rate R`: the bucket's `max_rate` (paced to R records/s; the drain phase then
+  shows R for it).
 - `--per-destination`: the primary's in-process worker off, one `residency replicate
   --region R` process per destination (each its own interpreter; they contend for
   SQLite's write lock with the primary).
@@ -56,10 +58,16 @@ S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
 
 
 def deployment(
-    d: Path, s3: SeaweedFS, standalone: bool, s3_worker: bool = False, bucket: bool = True
+    d: Path,
+    s3: SeaweedFS,
+    standalone: bool,
+    s3_worker: bool = False,
+    bucket: bool = True,
+    bucket_rate: float = 0,
 ) -> None:
     """`standalone`: the primary's in-process worker off; `s3_worker`: it ships to the
-    region nodes only; `bucket` False: no S3 destination at all."""
+    region nodes only; `bucket` False: no S3 destination at all; `bucket_rate`: the bucket's
+    `max_rate`."""
     init_deployment(d)
     # The bucket's affiliate holds its own key; the primary needs only its public half.
     folder = d / "keys" / S3_REGION
@@ -95,6 +103,7 @@ def deployment(
             "endpoint_url": s3.endpoint,
             "prefix": "residency/",
             "public_key": f"keys/{S3_REGION}/region.pub",
+            "max_rate": bucket_rate,
         }
     )
     if not bucket:
@@ -212,7 +221,12 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
     try:
         s3.make_bucket(BUCKET)
         deployment(
-            d / "deployment", s3, args.standalone or args.per_destination, args.s3_worker, not args.no_bucket
+            d / "deployment",
+            s3,
+            args.standalone or args.per_destination,
+            args.s3_worker,
+            not args.no_bucket,
+            args.bucket_rate,
         )
         dep = Deployment(d / "deployment")
         for r in dep.configs:
@@ -284,6 +298,13 @@ def main() -> None:
         "--per-destination",
         action="store_true",
         help="replicate with one `residency replicate --region R` process per destination",
+    )
+    p.add_argument(
+        "--bucket-rate",
+        type=float,
+        default=0,
+        help="the bucket's max_rate in records/s (0: unpaced); on 2 cores the bucket cannot take "
+        "2,000/s, and unpaced it takes the CPU the region nodes need",
     )
     p.add_argument(
         "--no-bucket",
