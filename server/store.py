@@ -215,8 +215,14 @@ class SqliteStore:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._writers = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._db.execute("ATTACH DATABASE ? AS keyring", (str(self.keyring_path),))
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA keyring.journal_mode=WAL")
+        # Switching a new file to WAL answers "database is locked" at once, without waiting,
+        # while another process switches it too: processes opening one store take turns.
+        fcntl.flock(self._writers, fcntl.LOCK_EX)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA keyring.journal_mode=WAL")
+        finally:
+            fcntl.flock(self._writers, fcntl.LOCK_UN)
         # A destroyed data key is overwritten in the file, not only unlinked from the b-tree.
         self._db.execute("PRAGMA keyring.secure_delete=ON")
         self._db.execute(f"PRAGMA synchronous={synchronous}")

@@ -481,17 +481,18 @@ def _open_store(path: str, start: float) -> int:
 
 def test_workers_opening_a_new_store_at_once_each_find_it_migrated(tmp_path: Path):
     """The primary and its standalone workers may start together on a fresh data_dir: each
-    migration runs once, under the write lock, instead of failing with 'table exists'."""
+    migration (and the switch to WAL) runs once, under the write lock, instead of failing
+    with 'table exists' or 'database is locked'."""
     import multiprocessing
 
     from server.store import MIGRATIONS
 
-    for attempt in range(3):
-        path = str(tmp_path / f"node-{attempt}.db")
-        start = time.time() + 2.0
-        with multiprocessing.get_context("spawn").Pool(4) as pool:
-            versions = pool.starmap(_open_store, [(path, start)] * 4)
-        assert versions == [len(MIGRATIONS)] * 4
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        pool.starmap(time.sleep, [(0,)] * 6)  # every process up before the first race
+        for attempt in range(10):
+            path = str(tmp_path / f"node-{attempt}.db")
+            versions = pool.starmap(_open_store, [(path, time.time() + 0.3)] * 6)
+            assert versions == [len(MIGRATIONS)] * 6, attempt
 
 
 async def test_a_destination_with_max_rate_is_paced_and_the_others_are_not(tmp_path: Path):
