@@ -561,7 +561,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             head_sequence=s["head"],
             destinations=[
                 admin_pb2.DestinationStatus(
-                    region=region, address=a.target, sink=a.sink, **s["destinations"][region]
+                    region=region,
+                    address=a.target,
+                    sink=a.sink,
+                    max_rate=a.max_rate,
+                    **s["destinations"][region],
                 )
                 for region, a in affiliates.items()
             ],

@@ -504,6 +504,8 @@ async def test_a_destination_with_max_rate_is_paced_and_the_others_are_not(tmp_p
         req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
         for i in range(120):
             req.records.add(user_id=f"m-{i}").fields["email"].string_value = f"m{i}@example.cn"
+        status = await c.replication()
+        assert (status["eu-west-1"].max_rate, status["ap-southeast-1"].max_rate) == (40, 0)
         began = time.monotonic()
         await c.records().PutRecords(req, metadata=IDENTITY, timeout=30)
         done: dict[str, float] = {}
