@@ -19,6 +19,8 @@ Value = common_pb2.Value
 
 def from_value(v: Value) -> FieldValue | None:
     kind = v.WhichOneof("kind")
+    if kind == "string_value":  # most fields: checked first, it is on every write's path
+        return v.string_value
     if kind is None:
         return None
     if kind == "timestamp_value":

@@ -179,7 +179,8 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         from_value = codec.from_value
         for i, r in enumerate(records):
             fields = r.fields
-            problems = schema.validate(r.user_id, r.source, [(n, from_value(v)) for n, v in fields.items()])
+            # Keys then lookups: a message map's items() iterates in Python, about 1 µs a record more.
+            problems = schema.validate(r.user_id, r.source, [(n, from_value(fields[n])) for n in fields])
             if r.home_region and r.home_region != region:
                 problems.append(("home_region", f"this primary is the home of {region} records"))
             if problems:
