@@ -80,6 +80,69 @@ class Caller:
     purpose: str
 
 
+# One write as _seal_writes takes it: (user_id, serialized Record holding only fields,
+# fields to remove, touch, source).
+_Item = tuple[str, bytes, tuple[str, ...], bool, str]
+# A stored row: (version, deleted, sealed StoredRecord, updated_at).
+_Prior = tuple[int, bool, bytes, float]
+
+
+def _seal_writes(
+    region: str,
+    now: float,
+    items: list[_Item],
+    priors: dict[str, _Prior],
+    keys: dict[str, DataKey],
+    new_key_ids: dict[str, str],
+) -> tuple[list[int], list[tuple[str, int, bytes, float]]]:
+    """Merges each write into its user's stored record and seals the result, in order; a
+    user written twice in one batch gets two versions. A user without a live prior row
+    starts a new record under `new_key_ids[user]`; `keys` holds every user's data key.
+    Returns the version of each item and the final row of each user. Pure work on bytes:
+    no store, no keyring."""
+    stamp = codec.timestamp(now)
+    rows: dict[str, tuple[str, int, bytes, float]] = {}
+    versions = []
+    for user_id, body, remove, touch, source in items:
+        dek = keys[user_id]
+        stored = StoredRecord(user_id=user_id, home_region=region, updated_at=stamp)
+        done = rows.get(user_id)
+        old_age: float | None
+        if done is not None:
+            version, deleted, blob, old_age = done[1], False, done[2], done[3]
+        elif user_id in priors:
+            version, deleted, blob, old_age = priors[user_id]
+        else:
+            version, deleted, blob, old_age = 0, True, b"", None
+        if not deleted:
+            prior = StoredRecord.FromString(blob)
+            old_body = dek.open(prior.sealed_fields, record_aad(user_id, region, prior.version, prior.key_id))
+            # Serialized messages concatenate as a merge: a map entry given again replaces
+            # the stored one, the others are kept.
+            merged = records_pb2.Record.FromString(old_body + body)
+            for name in remove:
+                merged.fields.pop(name, None)
+            body = merged.SerializeToString()
+            stored.created_at.CopyFrom(prior.created_at)
+            if not touch:
+                stored.updated_at.CopyFrom(prior.updated_at)
+            stored.source = source or prior.source
+            stored.key_id = prior.key_id
+        else:
+            stored.key_id = new_key_ids[user_id]
+            stored.created_at.CopyFrom(stamp)
+            stored.source = source or "registration"
+        version += 1
+        stored.version = version
+        stored.sealed_fields = dek.seal(body, record_aad(user_id, region, version, stored.key_id))
+        # Retention counts from the last real write: a rewrite that only changes what may be
+        # sent keeps the record's age.
+        age = now if touch or old_age is None else old_age
+        rows[user_id] = (user_id, version, stored.SerializeToString(), age)
+        versions.append(version)
+    return versions, list(rows.values())
+
+
 class Records:
     def __init__(
         self,
@@ -105,59 +168,45 @@ class Records:
     def put(self, writes: list[Write]) -> list[int]:
         """Writes records (fields given replace those stored; others are kept) and queues
         them for replication. Returns the new versions, in order."""
-        rows = self.store.rows(list({w.user_id for w in writes}))
+        users = list(dict.fromkeys(w.user_id for w in writes))
+        rows = self.store.rows(users)
         self._check_cookies(writes)
-        now = time.time()
-        stamp = codec.timestamp(now)
-        changed: dict[str, Row] = {}
-        versions = []
+        # Data keys first: existing users' from the cache or the keyring (one query), a new
+        # key for a user without a live record. A new key needs the provider only when the
+        # cached wrapping key is too old: if the provider is down then, this raises
+        # KeyUnavailable and nothing is written.
+        live = {u: r for u, r in rows.items() if not r.deleted}
+        self.warm_keys(list(live))
+        keys: dict[str, DataKey] = {}
+        new_key_ids: dict[str, str] = {}
         new_keys: list[tuple[str, str, bytes]] = []
         wk = None
-        for w in writes:
-            old = changed.get(w.user_id) or rows.get(w.user_id)
-            stored = StoredRecord(user_id=w.user_id, home_region=self.region, updated_at=stamp)
-            if old is not None and not old.deleted:
-                prior = StoredRecord.FromString(old.blob)
-                dek = self._data_key(w.user_id)
-                old_body = dek.open(
-                    prior.sealed_fields, record_aad(w.user_id, self.region, prior.version, prior.key_id)
-                )
-                # Serialized messages concatenate as a merge: a map entry given again replaces
-                # the stored one, the others are kept.
-                body = records_pb2.Record.FromString(old_body + w.body.SerializeToString())
-                for name in w.remove:
-                    body.fields.pop(name, None)
-                stored.created_at.CopyFrom(prior.created_at)
-                if not w.touch:
-                    stored.updated_at.CopyFrom(prior.updated_at)
-                stored.source = w.source or prior.source
-                stored.key_id = prior.key_id
-            else:
-                body = w.body
-                # A new DEK needs the provider only when the cached wrapping key is too old:
-                # if the provider is down then, this raises KeyUnavailable and nothing is written.
-                wk = wk or self.keyring.active_wrapping_key()
-                raw = AESGCM.generate_key(bit_length=256)
-                dek = DataKey(raw)
-                new_keys.append((w.user_id, wk.id, wk.wrap(self.region, w.user_id, raw)))
-                self.keyring.data_keys.put(w.user_id, dek)
-                stored.key_id = wk.id
-                stored.created_at.CopyFrom(stamp)
-                stored.source = w.source or "registration"
-            stored.version = (old.version if old else 0) + 1
-            stored.sealed_fields = dek.seal(
-                body.SerializeToString(), record_aad(w.user_id, self.region, stored.version, stored.key_id)
-            )
-            age = now if w.touch or old is None else old.updated_at
-            changed[w.user_id] = Row(w.user_id, stored.version, False, stored.SerializeToString(), age)
-            versions.append(stored.version)
+        for u in users:
+            if u in live:
+                keys[u] = self._data_key(u)
+                continue
+            wk = wk or self.keyring.active_wrapping_key()
+            raw = AESGCM.generate_key(bit_length=256)
+            keys[u] = DataKey(raw)
+            new_key_ids[u] = wk.id
+            new_keys.append((u, wk.id, wk.wrap(self.region, u, raw)))
+        versions, sealed = _seal_writes(
+            self.region,
+            time.time(),
+            [(w.user_id, w.body.SerializeToString(), w.remove, w.touch, w.source) for w in writes],
+            {u: (r.version, r.deleted, r.blob, r.updated_at) for u, r in rows.items()},
+            keys,
+            new_key_ids,
+        )
         if new_keys:
             assert wk is not None
             self.store.put_wrapping_key(wk.id, wk.wrapped)
             self.store.put_data_keys(new_keys)
-        self.store.upsert(list(changed.values()))
+            for u in new_key_ids:
+                self.keyring.data_keys.put(u, keys[u])
+        self.store.upsert([Row(u, v, False, blob, age) for u, v, blob, age in sealed])
         if self.outbox:
-            self.store.outbox_append([(r.user_id, r.version) for r in changed.values()])
+            self.store.outbox_append([(u, v) for u, v, _, _ in sealed])
         return versions
 
     def bump(self, user_ids: list[str], remove: tuple[str, ...] = ()) -> dict[str, int]:

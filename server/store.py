@@ -228,6 +228,9 @@ class SqliteStore:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute(f"PRAGMA keyring.synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # 64 MiB of page cache (SQLite's default is 2 MiB): a write batch reads its users'
+        # current rows, and a primary's hot records then stay in memory.
+        self._db.execute("PRAGMA cache_size=-65536")
         # A standalone replicator may share this database from another process.
         self._db.execute("PRAGMA busy_timeout=30000")
         self._pending_log: tuple[int, bytes] | None = None
