@@ -120,6 +120,9 @@ class NodeConfig:
     checkpoint_interval_seconds: float = 60.0
     # Where sealed transfer-log segments and checkpoints are uploaded (None: not archived).
     archive: ArchiveConfig | None = None
+    # Helper processes that read and check large PutRecords requests (None: one per core
+    # beyond the first, at most 4; 0: in-process).
+    check_workers: int | None = None
 
     @property
     def log_key(self) -> Path:
@@ -226,6 +229,7 @@ def load_config(path: str | Path) -> NodeConfig:
         "checkpoint_interval_seconds",
         "archive",
         "policy_sweep_seconds",
+        "check_workers",
     }
     unknown = sorted(set(doc) - known)
     if unknown:
@@ -270,6 +274,11 @@ def load_config(path: str | Path) -> NodeConfig:
     if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
         raise ConfigError(f"{path}: 'checkpoint_interval_seconds' must be a number of seconds above 0")
     archive = _archive(doc.get("archive"), f"{path}: 'archive")
+    check_workers = doc.get("check_workers")
+    if check_workers is not None and (
+        isinstance(check_workers, bool) or not isinstance(check_workers, int) or not 0 <= check_workers <= 64
+    ):
+        raise ConfigError(f"{path}: 'check_workers' must be a whole number from 0 to 64 (0: in-process)")
     return NodeConfig(
         path=path,
         region=need("region"),
@@ -287,6 +296,7 @@ def load_config(path: str | Path) -> NodeConfig:
         replicator=replicator,
         checkpoint_interval_seconds=float(interval),
         archive=archive,
+        check_workers=check_workers,
     )
 
 

@@ -20,7 +20,6 @@ from residency.v1 import (
     disclosure_pb2,
     disclosure_pb2_grpc,
     records_pb2,
-    records_pb2_grpc,
     replica_pb2,
     replica_pb2_grpc,
     translog_pb2,
@@ -31,6 +30,7 @@ from server.checkpoint import LogSigner
 from server.config import DURABILITY, NodeConfig
 from server.crypto import Keyring, RecipientKey
 from server.errors import ConfigError
+from server.intake import Intake
 from server.keys import open_provider
 from server.records import Records
 from server.rules import load_rules, rules_from_bytes
@@ -44,6 +44,7 @@ from server.services import (
     RecordService,
     ReplicaService,
     TransferLogService,
+    add_record_service,
 )
 from server.store import SqliteStore
 from server.transferlog import TransferLog
@@ -185,14 +186,19 @@ class RunningNode:
             )
             await self.replicator.start()
         node = Node(
-            records, self.db, self.replicator, affiliates=c.affiliates, transfer_log=self.transfer_log
+            records,
+            self.db,
+            self.replicator,
+            affiliates=c.affiliates,
+            transfer_log=self.transfer_log,
+            intake=Intake(schema, c.region, c.check_workers if c.is_primary else 0),
         )
         node.reload_rules = self.apply_rules
         self.node, self.schema = node, schema
         if c.is_primary:
             self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-        records_pb2_grpc.add_RecordServiceServicer_to_server(RecordService(node), server)
+        add_record_service(RecordService(node), server)
         consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentService(node), server)
         consent_pb2_grpc.add_GrantServiceServicer_to_server(GrantService(node), server)
         disclosure_pb2_grpc.add_DisclosureServiceServicer_to_server(DisclosureService(node), server)
@@ -300,6 +306,8 @@ class RunningNode:
             if self.transfer_log is not None:  # the last entries get a checkpoint too
                 self.transfer_log.checkpoint(refresh=True)
             self.db.store.close()
+        if self.node is not None:
+            self.node.intake.close()
 
 
 def _write_atomically(path, data: bytes) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -48,6 +49,7 @@ from server.errors import (
     ResidencyError,
     TransferDenied,
 )
+from server.intake import Checked, Intake, check_records
 from server.records import Caller, Records, Write
 from server.schema import USER_ID, data_uses
 from server.transferlog import LogEntry, SignedCheckpoint, TransferLog
@@ -121,9 +123,12 @@ class Node:
         replicator: Any = None,
         affiliates: tuple[Affiliate, ...] = (),
         transfer_log: TransferLog | None = None,
+        intake: Intake | None = None,
     ):
         self.records = records
         self.db = db
+        # Reads and checks PutRecords requests (large ones in helper processes).
+        self.intake = intake or Intake(records.schema, records.region, workers=0)
         # The in-process replication worker, if this node runs one (it is woken on writes).
         self.replicator = replicator
         # Replication destinations; their state is in the store, whichever worker ships.
@@ -171,63 +176,49 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
     def _primary_only(self) -> None:
         primary_only(self.node)
 
-    async def _writes(self, records: Any, path: str) -> list[Write]:
-        """Validates every record (all violations at once) and hashes credentials."""
-        schema, region = self.records.schema, self.records.region
-        secret_fields = schema.credential_fields
-        writes, bad, secrets = [], [], []
-        from_value = codec.from_value
-        for i, r in enumerate(records):
-            fields = r.fields
-            # Keys then lookups: a message map's items() iterates in Python, about 1 µs a record more.
-            problems = schema.validate(r.user_id, r.source, [(n, from_value(fields[n])) for n in fields])
-            if r.home_region and r.home_region != region:
-                problems.append(("home_region", f"this primary is the home of {region} records"))
-            if problems:
-                where = path.format(i=i)
-                bad += [(f"{where}.{f}", d) for f, d in problems]
-                continue
-            if secret_fields:
-                secrets += [(fields, n) for n in secret_fields.intersection(fields)]
-            user_id, source = r.user_id, r.source
-            for meta in ("user_id", "version", "source", "home_region", "created_at", "updated_at"):
-                r.ClearField(meta)  # what is sealed is the fields alone
-            writes.append(Write(user_id, source, r))
-        if bad:
-            raise InvalidRecord(bad)
-        await self._hash_credentials(secrets)
+    async def _writes(self, checked: Checked) -> list[Write]:
+        """The writes of checked records (InvalidRecord with every violation if there is
+        one), with credentials replaced by their scrypt hash before they go anywhere."""
+        if checked.bad:
+            raise InvalidRecord(checked.bad)
+        writes = [Write(u, source, body, names) for u, source, body, names in checked.writes]
+        if checked.secrets:
+            loop, credential = asyncio.get_running_loop(), self.records.schema.credential_fields
+            run = functools.partial(loop.run_in_executor, self.node.hashing, hash_credential)
+            jobs = []
+            for i in checked.secrets:
+                body = records_pb2.Record.FromString(writes[i].body)
+                hashes = {n: run(body.fields[n].string_value) for n in credential.intersection(body.fields)}
+                jobs.append((i, body, hashes))
+            for i, body, hashes in jobs:
+                for name, job in hashes.items():
+                    body.fields[name].CopyFrom(common_pb2.Value(bytes_value=await job))
+                writes[i].body = body.SerializeToString()
         return writes
-
-    async def _hash_credentials(self, secrets: list[tuple[Any, str]]) -> None:
-        """Credentials are replaced by their scrypt hash before they go anywhere."""
-        loop = asyncio.get_running_loop()
-        jobs = [
-            (
-                fields,
-                name,
-                loop.run_in_executor(self.node.hashing, hash_credential, fields[name].string_value),
-            )
-            for fields, name in secrets
-        ]
-        for fields, name, job in jobs:
-            fields[name].CopyFrom(common_pb2.Value(bytes_value=await job))
 
     @rpc
     async def PutRecord(self, request, context):
         self._primary_only()
         self.node.caller(request.context, context)
-        (w,) = await self._writes([request.record], "record")
-        (version,) = await self.node.db.write_many(self.records.put, [w])
+        records = self.records
+        (w,) = await self._writes(check_records(records.schema, records.region, [request.record], "record"))
+        (version,) = await self.node.db.write_many(records.put, [w])
         self._wake()
         return records_pb2.PutRecordResponse(user_id=w.user_id, version=version)
 
     @rpc
     async def PutRecords(self, request, context):
+        """`request` is the request's bytes (see `add_record_service`): a large one is read
+        and checked by a helper process."""
         self._primary_only()
-        self.node.caller(request.context, context)
-        if not 1 <= len(request.records) <= MAX_BATCH:
-            raise InvalidRecord([("records", f"{len(request.records)} records; send 1 to {MAX_BATCH}")])
-        writes = await self._writes(request.records, "records[{i}]")
+        try:
+            got = await self.node.intake.check(request)
+        except DecodeError as e:
+            raise InvalidRecord([("request", f"not a serialized residency.v1.PutRecordsRequest: {e}")]) from e
+        self.node.caller(got.context, context)
+        if not 1 <= got.count <= MAX_BATCH:
+            raise InvalidRecord([("records", f"{got.count} records; send 1 to {MAX_BATCH}")])
+        writes = await self._writes(got.checked)
         versions = await self.node.db.write_many(self.records.put, writes)
         self._wake()
         return records_pb2.PutRecordsResponse(
@@ -294,6 +285,33 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
 
     def _wake(self) -> None:
         self.node.wake()
+
+
+def add_record_service(servicer: RecordService, server: Any) -> None:
+    """Registers RecordService as the generated `add_RecordServiceServicer_to_server` does,
+    except that `PutRecords` takes its request as bytes: the servicer reads it, in a helper
+    process when it is large. The wire format is unchanged."""
+
+    class Capture:
+        handlers: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
+            self.handlers = handlers
+
+    capture = Capture()
+    records_pb2_grpc.add_RecordServiceServicer_to_server(servicer, capture)
+    handlers = dict(capture.handlers)
+    handlers["PutRecords"] = grpc.unary_unary_rpc_method_handler(
+        servicer.PutRecords,
+        request_deserializer=None,
+        response_serializer=records_pb2.PutRecordsResponse.SerializeToString,
+    )
+    name = records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 def primary_only(node: Node) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -116,6 +118,73 @@ async def test_put_records_writes_a_batch_atomically_with_versions_in_order(clus
     assert [r.version for r in reply.results[:2]] == [1, 1]
     assert reply.results[-1].user_id == "m-0" and reply.results[-1].version == 2
     assert values(await cluster.get("m-0")) == {"email": "m0@example.cn", "language": "zh-CN"}
+
+
+def large_batch(bad_at: int | None = None) -> records_pb2.PutRecordsRequest:
+    """400 records of 10 fields: large enough to be checked in the node's helper process."""
+    req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
+    for i in range(400):
+        req.records.append(
+            record(
+                f"l-{i}",
+                name=f"Li Wei {i}",
+                phone=f"+86 138{i:08d}",
+                email=f"l{i}@example.cn" if i != bad_at else 7,
+                address=f"{i} Changan Avenue, Beijing",
+                ip_address="10.0.0.1",
+                browser_type="Firefox 145",
+                language="zh-CN",
+                hardware_software="Android 16",
+                published_content=f"Review {i}: works as described.",
+                password=f"secret-{i}-secret",
+            )
+        )
+    return req
+
+
+async def test_a_large_batch_is_checked_whole_in_a_helper_and_written_whole(cluster: Cluster):
+    async def refused() -> dict[str, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cluster.records().PutRecords(large_batch(bad_at=321), metadata=IDENTITY, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return violations(e.value)
+
+    # The first large request starts the node's helper (it is checked in-process meanwhile).
+    assert await refused() == {"records[321].fields[email]": "expected a string value, got int"}
+    log = cluster.data_dir(PRIMARY) / "node.log"
+    deadline = time.monotonic() + 60
+    while "request-checking helper process(es) ready" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the node's request-checking helper did not start"
+        await asyncio.sleep(0.05)
+    assert await refused() == {"records[321].fields[email]": "expected a string value, got int"}
+    with pytest.raises(grpc.aio.AioRpcError) as nf:
+        await cluster.get("l-0")
+    assert nf.value.code() == grpc.StatusCode.NOT_FOUND
+    reply = await cluster.records().PutRecords(large_batch(), metadata=IDENTITY, timeout=30)
+    assert [(r.user_id, r.version) for r in reply.results] == [(f"l-{i}", 1) for i in range(400)]
+    got = await cluster.get("l-399")
+    assert values(got)["email"] == "l399@example.cn" and "password" not in got.record.fields
+    ask = records_pb2.VerifyCredentialRequest(context=ctx(PRIMARY, "essential.service"), user_id="l-7")
+    ask.field, ask.secret = "password", "secret-7-secret"
+    check = await cluster.records().VerifyCredential(
+        ask,
+        metadata=IDENTITY,
+        timeout=30,
+    )
+    assert check.match  # the password went through the helper and was hashed by the node
+
+
+async def test_put_records_bytes_that_are_no_request_are_invalid_argument(cluster: Cluster):
+    call = cluster.channel(PRIMARY).unary_unary(
+        "/residency.v1.RecordService/PutRecords",
+        request_serializer=None,
+        response_deserializer=records_pb2.PutRecordsResponse.FromString,
+    )
+    for size in (10, 100_000):  # checked in-process, and by a helper
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call(b"\xff" * size, metadata=IDENTITY, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a serialized residency.v1.PutRecordsRequest" in violations(e.value)["request"]
 
 
 async def test_cross_location_read_returns_allowed_fields_and_lists_withheld(cluster: Cluster):
