@@ -38,7 +38,7 @@ _META = ("user_id", "version", "source", "home_region", "created_at", "updated_a
 class Checked:
     """A request's records, checked: the writes, or the violations."""
 
-    # (user_id, source, serialized Record holding only the fields, the fields' names).
+    # (user_id, source, serialized Record holding only the fields, the cookie fields it gives).
     writes: list[tuple[str, str, bytes, tuple[str, ...]]] = field(default_factory=list)
     # (field path, description), one per offending field.
     bad: list[tuple[str, str]] = field(default_factory=list)
@@ -60,7 +60,7 @@ def check_records(schema: Schema, region: str, records: Any, path: str) -> Check
     """Validates `records` (Record messages; their metadata fields are cleared on the way).
     `path` names a record in a violation, with `{i}` for its index."""
     out = Checked()
-    credential = schema.credential_fields
+    credential, cookie = schema.credential_fields, schema.cookie_fields
     from_value = codec.from_value
     for i, r in enumerate(records):
         fields = r.fields
@@ -78,7 +78,8 @@ def check_records(schema: Schema, region: str, records: Any, path: str) -> Check
         user_id, source = r.user_id, r.source
         for meta in _META:
             r.ClearField(meta)  # what is sealed is the fields alone
-        out.writes.append((user_id, source, r.SerializeToString(), names))
+        cookies = tuple(cookie.intersection(names)) if cookie else ()
+        out.writes.append((user_id, source, r.SerializeToString(), cookies))
     return out
 
 

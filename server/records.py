@@ -45,8 +45,8 @@ class Write:
     # A validated, serialized Record holding only `fields` (credentials already replaced by
     # their hash).
     body: bytes
-    # The names of the fields it gives.
-    names: tuple[str, ...] = ()
+    # The cookie fields it gives (policy 5 needs the user's cookie consent for them).
+    cookies: tuple[str, ...] = ()
     # Fields to drop from the stored record (a withdrawn cookie consent stops collection).
     remove: tuple[str, ...] = ()
     # False for a rewrite that changes what may be sent, not the data: the record keeps its
@@ -226,9 +226,7 @@ class Records:
     def _check_cookies(self, writes: list[Write]) -> None:
         """Policy 5: cookie data is collected only while the user's cookie consent stands."""
         cookie_fields = self.schema.cookie_fields
-        if not cookie_fields:
-            return
-        users = [w.user_id for w in writes if not cookie_fields.isdisjoint(w.names)]
+        users = [w.user_id for w in writes if w.cookies]
         if not users:
             return
         permits = self.permits_for(users)

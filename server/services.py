@@ -181,7 +181,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         one), with credentials replaced by their scrypt hash before they go anywhere."""
         if checked.bad:
             raise InvalidRecord(checked.bad)
-        writes = [Write(u, source, body, names) for u, source, body, names in checked.writes]
+        writes = [Write(u, source, body, cookies) for u, source, body, cookies in checked.writes]
         if checked.secrets:
             loop, credential = asyncio.get_running_loop(), self.records.schema.credential_fields
             run = functools.partial(loop.run_in_executor, self.node.hashing, hash_credential)

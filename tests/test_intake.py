@@ -27,7 +27,8 @@ def schema(tmp_path_factory: pytest.TempPathFactory) -> Schema:
 
 
 def large_request(bad: dict[int, dict] | None = None) -> bytes:
-    """600 records of 10 fields, every 50th with a password; `bad` replaces some records' fields."""
+    """600 records of 10 fields, every 50th with a password, every 100th a cookie id; `bad`
+    replaces some records' fields."""
     req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
     for i in range(600):
         fields = {
@@ -44,6 +45,8 @@ def large_request(bad: dict[int, dict] | None = None) -> bytes:
         }
         if i % 50 == 0:
             fields["password"] = f"secret-{i}-secret"
+        if i % 100 == 5:
+            fields["cookie_id"] = f"ck-{i}"
         fields |= (bad or {}).get(i, {})
         r = req.records.add(user_id=f"i-{i}", source="registration" if i % 2 else "")
         for name, value in fields.items():
@@ -55,7 +58,7 @@ def large_request(bad: dict[int, dict] | None = None) -> bytes:
 
 def same(checked: Checked) -> tuple:
     """What a check came to, up to the order of map entries (a map's order is per process)."""
-    writes = [(u, src, records_pb2.Record.FromString(b), set(names)) for u, src, b, names in checked.writes]
+    writes = [(u, src, records_pb2.Record.FromString(b), set(c)) for u, src, b, c in checked.writes]
     return writes, sorted(checked.bad), checked.secrets
 
 
@@ -75,6 +78,8 @@ async def test_a_helper_checks_a_large_request_exactly_as_the_node_does(schema: 
         good = (await intake.check(large_request())).checked
         assert len(good.writes) == 600 and not good.bad
         assert [good.writes[i][0] for i in good.secrets] == [f"i-{i}" for i in range(0, 600, 50)]
+        cookies = [(u, c) for u, _, _, c in good.writes if c]
+        assert cookies == [(f"i-{i}", ("cookie_id",)) for i in range(5, 600, 100)]
         body = records_pb2.Record.FromString(good.writes[7][2])
         assert not body.user_id and not body.source  # what is sealed is the fields alone
         assert codec.from_value(body.fields["email"]) == "user7@example.cn"

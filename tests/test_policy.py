@@ -420,7 +420,7 @@ def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     body.fields["email"].CopyFrom(codec.to_value("r@example.cn"))
     body.fields["pages_visited"].CopyFrom(codec.to_value(["/a"]))
     with store.transaction():
-        (v1,) = records.put([Write("r-1", "registration", body.SerializeToString(), tuple(body.fields))])
+        (v1,) = records.put([Write("r-1", "registration", body.SerializeToString())])
     rec = records.open_row(store.rows(["r-1"])["r-1"])
     now = time.time()
     sg, eu = rules.plan(SG, None, Permits()), rules.plan(EU, None, Permits())
