@@ -119,8 +119,10 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
             async def bulk(w: int, n: int) -> None:
                 await records.PutRecords(batches[(w * 7919 + n) % len(batches)], metadata=META, timeout=60)
 
-            await closed_loop(noop, args.concurrency, 1.0)  # warm up both paths
+            # Warm up every path (the first large PutRecords also starts the node's helper).
+            await closed_loop(noop, args.concurrency, 1.0)
             await closed_loop(put, args.concurrency, 1.0)
+            await closed_loop(bulk, args.bulk_concurrency, 1.0)
             # Alternate the two in short rounds, in turn first, so that a noisy neighbour
             # hurts both alike; each round gives one ratio, and the median ratio is reported.
             noop_rates, put_rates, bulk_rates = [], [], []
