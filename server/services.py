@@ -176,33 +176,37 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
     def _primary_only(self) -> None:
         primary_only(self.node)
 
-    async def _writes(self, checked: Checked) -> list[Write]:
-        """The writes of checked records (InvalidRecord with every violation if there is
-        one), with credentials replaced by their scrypt hash before they go anywhere."""
+    def _writes(self, checked: Checked) -> list[Write]:
+        """The writes of checked records, or InvalidRecord with every violation."""
         if checked.bad:
             raise InvalidRecord(checked.bad)
-        writes = [Write(u, source, body, cookies) for u, source, body, cookies in checked.writes]
-        if checked.secrets:
-            loop, credential = asyncio.get_running_loop(), self.records.schema.credential_fields
-            run = functools.partial(loop.run_in_executor, self.node.hashing, hash_credential)
-            jobs = []
-            for i in checked.secrets:
-                body = records_pb2.Record.FromString(writes[i].body)
-                hashes = {n: run(body.fields[n].string_value) for n in credential.intersection(body.fields)}
-                jobs.append((i, body, hashes))
-            for i, body, hashes in jobs:
-                for name, job in hashes.items():
-                    body.fields[name].CopyFrom(common_pb2.Value(bytes_value=await job))
-                writes[i].body = body.SerializeToString()
-        return writes
+        return [Write(u, source, body, cookies) for u, source, body, cookies in checked.writes]
+
+    async def _hash_credentials(self, writes: list[Write], secrets: list[int]) -> None:
+        """Credentials are replaced by their scrypt hash before they go anywhere."""
+        loop, credential = asyncio.get_running_loop(), self.records.schema.credential_fields
+        run = functools.partial(loop.run_in_executor, self.node.hashing, hash_credential)
+        jobs = []
+        for i in secrets:
+            body = records_pb2.Record.FromString(writes[i].body)
+            hashes = {n: run(body.fields[n].string_value) for n in credential.intersection(body.fields)}
+            jobs.append((i, body, hashes))
+        for i, body, hashes in jobs:
+            for name, job in hashes.items():
+                body.fields[name].CopyFrom(common_pb2.Value(bytes_value=await job))
+            writes[i].body = body.SerializeToString()
 
     @rpc
     async def PutRecord(self, request, context):
         self._primary_only()
         self.node.caller(request.context, context)
         records = self.records
-        (w,) = await self._writes(check_records(records.schema, records.region, [request.record], "record"))
-        (version,) = await self.node.db.write_many(records.put, [w])
+        checked = check_records(records.schema, records.region, [request.record], "record")
+        writes = self._writes(checked)
+        if checked.secrets:
+            await self._hash_credentials(writes, checked.secrets)
+        (version,) = await self.node.db.write_many(records.put, writes)
+        w = writes[0]
         self._wake()
         return records_pb2.PutRecordResponse(user_id=w.user_id, version=version)
 
@@ -218,7 +222,9 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         self.node.caller(got.context, context)
         if not 1 <= got.count <= MAX_BATCH:
             raise InvalidRecord([("records", f"{got.count} records; send 1 to {MAX_BATCH}")])
-        writes = await self._writes(got.checked)
+        writes = self._writes(got.checked)
+        if got.checked.secrets:
+            await self._hash_credentials(writes, got.checked.secrets)
         versions = await self.node.db.write_many(self.records.put, writes)
         self._wake()
         return records_pb2.PutRecordsResponse(
