@@ -97,6 +97,16 @@ _helper: tuple[Schema, str] | None = None
 def _start_helper(schema: Schema, region: str) -> None:
     global _helper
     _helper = (schema, region)
+    # A helper waits on a pipe the node also holds open: if the node is killed, nothing
+    # would ever end the helper. It watches the node instead, and ends with it.
+    node = multiprocessing.parent_process()
+    if node is not None:
+        threading.Thread(target=_end_with, args=(node,), name="watch-node", daemon=True).start()
+
+
+def _end_with(node: Any) -> None:
+    node.join()
+    os._exit(0)
 
 
 def _check_in_helper(raw: bytes) -> tuple[bytes, int, Checked]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,56 @@ def test_check_workers_must_be_a_small_whole_number(tmp_path: Path):
             load_config(cfg)
     cfg.write_text(text + "check_workers: 0\n")
     assert load_config(cfg).check_workers == 0
+
+
+def test_helpers_end_when_the_node_is_killed(tmp_path: Path):
+    """A helper blocks on a pipe the node also holds; killed, the node cannot close it."""
+    script = tmp_path / "node.py"
+    script.write_text(
+        "import sys\n"
+        "from server.config import load_config\n"
+        "from server.intake import Intake\n"
+        "from server.schema import load_schema\n"
+        "if __name__ == '__main__':\n"
+        "    schema = load_schema(load_config(sys.argv[1]).schema)\n"
+        "    intake = Intake(schema, 'cn-north', workers=2)\n"
+        "    print(*intake.wait_ready(), flush=True)\n"
+        "    sys.stdin.read()\n"
+        "    intake.close()\n"
+    )
+    init_deployment(tmp_path / "d")
+    node = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "d" / f"{PRIMARY}.yaml")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert node.stdout is not None
+    node.stdout.readline()  # the helpers have answered
+    helpers = children(node.pid)  # the helpers, and multiprocessing's resource tracker
+    assert len(helpers) >= 2 and all(alive(p) for p in helpers)
+    node.kill()
+    node.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in helpers):
+        assert time.monotonic() < deadline, "a helper outlived the node"
+        time.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to reap it."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
