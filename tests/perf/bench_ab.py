@@ -7,6 +7,9 @@ phase on A and on B back to back, in turn first, for `--rounds` rounds, and prin
 line: per phase the median rate of each, B/A, and the rounds in which B was faster.
 
     python tests/perf/bench_ab.py /tmp/base . --phases bulk,put,noop
+
+`--python-a`/`--python-b` run the same way one checkout under two interpreters (each
+interpreter's environment needs the node's dependencies: `pip install -e .` there).
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from server.deployment import PRIMARY, init_deployment
 PHASES = {"put": 64, "noop": 64, "bulk": 2}  # calls in flight, as bench_put
 
 
-def start(root: Path, directory: Path) -> tuple[subprocess.Popen, str]:
-    """A primary without a replicator, running the code under `root`."""
+def start(root: Path, directory: Path, python: str) -> tuple[subprocess.Popen, str]:
+    """A primary without a replicator, running the code under `root` with `python`."""
     init_deployment(directory)
     cfg = directory / f"{PRIMARY}.yaml"
     doc = yaml.safe_load(cfg.read_text())
@@ -43,7 +46,7 @@ def start(root: Path, directory: Path) -> tuple[subprocess.Popen, str]:
     cfg.write_text(yaml.safe_dump(doc))
     log = open(directory / "node.log", "wb")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--config", str(cfg)],
+        [python, "-m", "server.cli", "serve", "--config", str(cfg)],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         stdout=log,
@@ -82,7 +85,10 @@ def calls(channel: grpc.aio.Channel) -> dict:
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict:
     phases = args.phases.split(",")
-    started = [start(Path(root).resolve(), tmp / name) for name, root in (("a", args.a), ("b", args.b))]
+    started = [
+        start(Path(root).resolve(), tmp / name, python)
+        for name, root, python in (("a", args.a, args.python_a), ("b", args.b, args.python_b))
+    ]
     try:
         for _, address in started:
             await wait_serving(address)
@@ -104,6 +110,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
             proc.terminate()
             proc.wait()
     out: dict = {"benchmark": "ab", "a": args.a, "b": args.b, "rounds": args.rounds, "cpus": os.cpu_count()}
+    if args.python_a != args.python_b:
+        out["python_a"], out["python_b"] = args.python_a, args.python_b
     for p in phases:
         a, b = rates[(0, p)], rates[(1, p)]
         out[p] = {
@@ -124,6 +132,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="checkout A (the baseline)")
     p.add_argument("b", help="checkout B (the change)")
+    p.add_argument("--python-a", default=sys.executable, help="interpreter for A (default: this one)")
+    p.add_argument("--python-b", default=sys.executable, help="interpreter for B")
     p.add_argument("--phases", default="bulk,put,noop", help=f"comma-separated, from {sorted(PHASES)}")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seconds", type=float, default=1.5, help="measuring time per phase, checkout and round")
