@@ -14,16 +14,16 @@ import asyncio
 import logging
 import signal
 
-from replicator.worker import Replicator, destinations_for
-from server.config import DURABILITY, NodeConfig
-from server.crypto import Keyring
-from server.errors import ConfigError
-from server.keys import open_provider
-from server.records import Records
-from server.rules import load_rules
-from server.schema import Schema, load_schema
-from server.store import SqliteStore
-from server.writer import StoreThread
+from residency.replicator.worker import Replicator, destinations_for
+from residency.server.config.node import DURABILITY, NodeConfig
+from residency.server.core.errors import ConfigError
+from residency.server.core.rules import load_rules
+from residency.server.core.schema import Schema, load_schema
+from residency.server.keys.crypto import Keyring
+from residency.server.keys.providers import open_provider
+from residency.server.storage.sqlite import SqliteStore
+from residency.server.storage.thread import StoreThread
+from residency.server.vault.records import Records
 
 log = logging.getLogger("residency.replicator")
 

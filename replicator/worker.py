@@ -33,15 +33,15 @@ from typing import Any, Protocol
 import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
+from residency.server.config.node import Affiliate, NodeConfig, ReplicatorConfig
+from residency.server.core import codec, translog
+from residency.server.core.errors import ConfigError
+from residency.server.core.rules import Allowed, Permits, Plan, Withheld
+from residency.server.keys.crypto import DataKey, KeyCache, RecipientKey, TransitKey, field_aad
+from residency.server.storage.sqlite import OutboxItem, Row
+from residency.server.storage.thread import StoreThread
+from residency.server.vault.records import Records
 from residency.v1 import replica_pb2, replica_pb2_grpc
-from server import codec, translog
-from server.config import Affiliate, NodeConfig, ReplicatorConfig
-from server.crypto import DataKey, KeyCache, RecipientKey, TransitKey, field_aad
-from server.errors import ConfigError
-from server.records import Records
-from server.rules import Allowed, Permits, Plan, Withheld
-from server.store import OutboxItem, Row
-from server.writer import StoreThread
 
 log = logging.getLogger("residency.replicator")
 
@@ -150,7 +150,7 @@ class Prepared:
 def make_sink(config: NodeConfig, a: Affiliate) -> Sink:
     r = config.replicator
     if a.sink == "s3":
-        from replicator.s3 import S3Sink
+        from residency.replicator.sinks.s3 import S3Sink
 
         return S3Sink(
             home_region=config.region,

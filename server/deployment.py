@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
-from server.checkpoint import LogSigner
-from server.config import load_config
-from server.crypto import RegionKey
-from server.keys import LocalProvider, open_provider
+from residency.server.config.node import load_config
+from residency.server.core.checkpoint import LogSigner
+from residency.server.keys.crypto import RegionKey
+from residency.server.keys.providers import LocalProvider, open_provider
 
 PRIMARY = "cn-north"
 AFFILIATES = ("ap-southeast-1", "eu-west-1")

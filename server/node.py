@@ -12,6 +12,31 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from residency.server.api.intake import Intake
+from residency.server.api.services import (
+    AdminService,
+    ConsentService,
+    DisclosureService,
+    GrantService,
+    Node,
+    RecordService,
+    ReplicaService,
+    TransferLogService,
+    add_record_service,
+)
+from residency.server.config.node import DURABILITY, NodeConfig
+from residency.server.core import translog
+from residency.server.core.checkpoint import LogSigner
+from residency.server.core.errors import ConfigError
+from residency.server.core.rules import load_rules, rules_from_bytes
+from residency.server.core.schema import load_schema
+from residency.server.keys import lifecycle
+from residency.server.keys.crypto import Keyring, RecipientKey
+from residency.server.keys.providers import open_provider
+from residency.server.storage.sqlite import SqliteStore
+from residency.server.storage.thread import StoreThread
+from residency.server.vault.records import Records
+from residency.server.vault.transferlog import TransferLog
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -25,30 +50,6 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-from server import keylife, translog
-from server.checkpoint import LogSigner
-from server.config import DURABILITY, NodeConfig
-from server.crypto import Keyring, RecipientKey
-from server.errors import ConfigError
-from server.intake import Intake
-from server.keys import open_provider
-from server.records import Records
-from server.rules import load_rules, rules_from_bytes
-from server.schema import load_schema
-from server.services import (
-    AdminService,
-    ConsentService,
-    DisclosureService,
-    GrantService,
-    Node,
-    RecordService,
-    ReplicaService,
-    TransferLogService,
-    add_record_service,
-)
-from server.store import SqliteStore
-from server.transferlog import TransferLog
-from server.writer import StoreThread
 
 log = logging.getLogger("residency.node")
 GRACE_SECONDS = 10.0
@@ -84,8 +85,8 @@ class RunningNode:
         """Logs key events (rotate, retire, shred) not logged yet, and acts on a shred."""
         c, records, db = self.config, self.records, self.db
         assert records is not None and db is not None
-        events = keylife.read_events(c.keys_dir)
-        reason = keylife.shredded_reason(c.region, events)
+        events = lifecycle.read_events(c.keys_dir)
+        reason = lifecycle.shredded_reason(c.region, events)
         if reason and not records.keyring.shredded:
             records.keyring.shred(reason)
             log.warning("%s", reason)
@@ -115,7 +116,7 @@ class RunningNode:
         await db.write(write)
 
     async def _watch_keys(self) -> None:
-        path = self.config.keys_dir / keylife.STATE
+        path = self.config.keys_dir / lifecycle.STATE
         while True:
             try:
                 st = path.stat()
@@ -150,7 +151,7 @@ class RunningNode:
             )
         provider = open_provider(c.keys)
         keyring = Keyring(c.region, provider, c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
-        shredded = keylife.shredded_reason(c.region, keylife.read_events(c.keys_dir))
+        shredded = lifecycle.shredded_reason(c.region, lifecycle.read_events(c.keys_dir))
         if shredded:  # the node still serves, and says why nothing opens
             keyring.shred(shredded)
         elif not c.is_primary:
@@ -170,7 +171,7 @@ class RunningNode:
         self._watch = asyncio.create_task(self._watch_keys(), name="watch-keys")
         self.transfer_log = TransferLog(store, signer, signer.name)
         if outbox and c.replicator.enabled:
-            from replicator.worker import Replicator, destinations_for
+            from residency.replicator.worker import Replicator, destinations_for
 
             # A stable owner: a node restarted after a crash takes its own leases back at once
             # instead of waiting for them to expire (two nodes on one config cannot both run:
@@ -216,7 +217,7 @@ class RunningNode:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._sign_checkpoints(), name="checkpoints"))
         if c.archive is not None:
-            from server.archive import Archiver, S3Bucket
+            from residency.server.vault.archive import Archiver, S3Bucket
 
             self._archiver = Archiver(self.db, self.transfer_log, S3Bucket(c.archive), c.archive)
             self._tasks.append(asyncio.create_task(self._archiver.run(), name="archive"))

@@ -21,6 +21,10 @@ import httpx
 import pytest
 import yaml
 
+from residency.cli.demo import Deployment, wait_replicated
+from residency.server.config.node import load_config
+from residency.server.core import codec, translog
+from residency.server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment, local_keys
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -33,10 +37,6 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-from server import codec, translog
-from server.config import load_config
-from server.demo import Deployment, wait_replicated
-from server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment, local_keys
 
 IDENTITY = (("x-residency-identity", "test:suite"),)
 COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from server import bundle
-from server.archive import ArchiveConfig, Archiver, S3Bucket
-from server.checkpoint import LogSigner
-from server.store import SqliteStore
-from server.transferlog import TransferLog
-from server.writer import StoreThread
+from residency.server.core.checkpoint import LogSigner
+from residency.server.storage.sqlite import SqliteStore
+from residency.server.storage.thread import StoreThread
+from residency.server.vault import bundle
+from residency.server.vault.archive import ArchiveConfig, Archiver, S3Bucket
+from residency.server.vault.transferlog import TransferLog
 from tests.conftest import S3Server, replication_entry
 
 ORIGIN = "residency/cn-north"

@@ -8,7 +8,13 @@ import stat
 
 import pytest
 
-from server.checkpoint import Checkpoint, CheckpointError, LogSigner, open_note, parse_verifier_key
+from residency.server.core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    LogSigner,
+    open_note,
+    parse_verifier_key,
+)
 
 ROOT = hashlib.sha256(b"root").digest()
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import yaml
 
-from server.deployment import PRIMARY
+from residency.server.deployment import PRIMARY
 from tests.conftest import Cluster
 
 
 def residency(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "residency.cli.main", *args], capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from server.crypto import Keyring, RegionKey, SealError, field_aad, hash_credential, verify_credential
-from server.keys import LocalProvider
+from residency.server.keys.crypto import (
+    Keyring,
+    RegionKey,
+    SealError,
+    field_aad,
+    hash_credential,
+    verify_credential,
+)
+from residency.server.keys.providers import LocalProvider
 
 
 def provider(path):
@@ -102,7 +109,7 @@ def test_region_key_file_is_private_and_needs_the_passphrase(tmp_path):
     assert (tmp_path / "k" / "kek-v1.key").stat().st_mode & 0o777 == 0o600
     loaded = RegionKey.load("cn-north", tmp_path / "k", provider(tmp_path / "k"))
     assert loaded.key_id == RegionKey.load("cn-north", tmp_path / "k", provider(tmp_path / "k")).key_id
-    from server.errors import KeyUnavailable
+    from residency.server.core.errors import KeyUnavailable
 
     with pytest.raises(KeyUnavailable, match="passphrase"):
         LocalProvider(tmp_path / "k", b"wrong passphrase")

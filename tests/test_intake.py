@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from google.protobuf.message import DecodeError
 
+from residency.server.api.intake import MIN_OFFLOAD_BYTES, Checked, Intake, check_request
+from residency.server.config.node import load_config
+from residency.server.core import codec
+from residency.server.core.schema import Schema, load_schema
+from residency.server.deployment import PRIMARY, init_deployment
 from residency.v1 import records_pb2
-from server import codec
-from server.config import load_config
-from server.deployment import PRIMARY, init_deployment
-from server.intake import MIN_OFFLOAD_BYTES, Checked, Intake, check_request
-from server.schema import Schema, load_schema
 from tests.conftest import ctx
 
 
@@ -128,7 +128,7 @@ def test_one_core_gets_no_helper(schema: Schema, monkeypatch: pytest.MonkeyPatch
 
 
 def test_check_workers_must_be_a_small_whole_number(tmp_path: Path):
-    from server.errors import ConfigError
+    from residency.server.core.errors import ConfigError
 
     init_deployment(tmp_path)
     cfg = tmp_path / f"{PRIMARY}.yaml"
@@ -146,9 +146,9 @@ def test_helpers_end_when_the_node_is_killed(tmp_path: Path):
     script = tmp_path / "node.py"
     script.write_text(
         "import sys\n"
-        "from server.config import load_config\n"
-        "from server.intake import Intake\n"
-        "from server.schema import load_schema\n"
+        "from residency.server.config.node import load_config\n"
+        "from residency.server.api.intake import Intake\n"
+        "from residency.server.core.schema import load_schema\n"
         "if __name__ == '__main__':\n"
         "    schema = load_schema(load_config(sys.argv[1]).schema)\n"
         "    intake = Intake(schema, 'cn-north', workers=2)\n"

@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from server.crypto import DataKey, Keyring, RecipientKey, RegionKey, field_aad
-from server.errors import KeyUnavailable
-from server.keys import AwsKmsProvider, KeyDestroyed, KeyProvider, LocalProvider, OpenBaoProvider, SealError
+from residency.server.core.errors import KeyUnavailable
+from residency.server.keys.crypto import DataKey, Keyring, RecipientKey, RegionKey, field_aad
+from residency.server.keys.providers import (
+    AwsKmsProvider,
+    KeyDestroyed,
+    KeyProvider,
+    LocalProvider,
+    OpenBaoProvider,
+    SealError,
+)
 from tests.conftest import BAO_TOKEN, enable_transit, moto_kms, openbao
 
 PROVIDERS = ["local", "aws-kms", "openbao"]
@@ -140,8 +147,8 @@ def test_a_key_service_that_is_down_is_unavailable_and_nothing_falls_back(name: 
 
 
 def test_key_config_is_validated_at_start_naming_the_key(tmp_path: Path, monkeypatch):
-    from server.config import load_config
-    from server.errors import ConfigError
+    from residency.server.config.node import load_config
+    from residency.server.core.errors import ConfigError
 
     base = "region: cn-north\nrole: primary\nlisten: 127.0.0.1:1\ndata_dir: d\nschema: s\nrules: r\n"
     cases = {

@@ -14,15 +14,15 @@ from pathlib import Path
 import grpc
 import pytest
 
+from residency.server.config.node import load_config
+from residency.server.core.rules import load_rules
+from residency.server.core.schema import load_schema
+from residency.server.deployment import AFFILIATES, PRIMARY, local_keys
+from residency.server.keys.crypto import Keyring, RegionKey
+from residency.server.keys.providers import AwsKmsProvider, SealError, open_provider
+from residency.server.storage.sqlite import SqliteStore
+from residency.server.vault.records import Records
 from residency.v1 import records_pb2, replica_pb2
-from server.config import load_config
-from server.crypto import Keyring, RegionKey
-from server.deployment import AFFILIATES, PRIMARY, local_keys
-from server.keys import AwsKmsProvider, SealError, open_provider
-from server.records import Records
-from server.rules import load_rules
-from server.schema import load_schema
-from server.store import SqliteStore
 from tests.conftest import BAO_TOKEN, IDENTITY, Cluster, ctx, enable_transit, moto_kms, openbao, values
 
 SG = "ap-southeast-1"
@@ -64,7 +64,15 @@ async def until(check, deadline: float = 20.0):
 
 def keys_cli(cluster: Cluster, action: str, region: str, *extra: str) -> dict:
     r = subprocess.run(
-        [sys.executable, "-m", "server.cli", "keys", action, "--config", str(cluster.dep.configs[region])]
+        [
+            sys.executable,
+            "-m",
+            "residency.cli.main",
+            "keys",
+            action,
+            "--config",
+            str(cluster.dep.configs[region]),
+        ]
         + ["--region", region, *extra],
         capture_output=True,
         text=True,

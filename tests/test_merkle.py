@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server import merkle
+from residency.server.core import merkle
 
 V = json.loads((Path(__file__).parent / "vectors" / "rfc6962.json").read_text())
 LEAVES = [merkle.leaf_hash(bytes.fromhex(d)) for d in V["leaf_inputs"]]

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 import pytest
 
+from residency.server.core import codec
+from residency.server.deployment import EXAMPLE_RULES, PRIMARY
 from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, disclosure_pb2_grpc, records_pb2
-from server import codec
-from server.deployment import EXAMPLE_RULES, PRIMARY
 from tests.conftest import COOKIES, IDENTITY, Cluster, ctx, values
 
 SG, EU = "ap-southeast-1", "eu-west-1"
@@ -282,7 +282,7 @@ async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(c
 
 def residency(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "residency.cli.main", *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -323,7 +323,7 @@ async def test_explain_gives_every_field_its_rule_or_reason(cluster: Cluster):
 
 
 def test_rules_check_prints_every_error_and_fails(tmp_path):
-    from server.deployment import EXAMPLE_SCHEMA
+    from residency.server.deployment import EXAMPLE_SCHEMA
 
     (tmp_path / "schema.yaml").write_text(EXAMPLE_SCHEMA)
     bad = EXAMPLE_RULES.replace("legal_basis: contract", "legal_basis: because", 1).replace(
@@ -397,14 +397,14 @@ async def test_sighup_reloads_the_rules_file(cluster: Cluster):
 
 def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     """Retention (rules' retention_days), in-process with a clock moved forward a year."""
-    from server.consent import Policy
-    from server.crypto import Keyring
-    from server.deployment import EXAMPLE_SCHEMA
-    from server.keys import LocalProvider
-    from server.records import Write
-    from server.rules import Permits, parse_rules
-    from server.schema import load_schema
-    from server.store import SqliteStore
+    from residency.server.core.rules import Permits, parse_rules
+    from residency.server.core.schema import load_schema
+    from residency.server.deployment import EXAMPLE_SCHEMA
+    from residency.server.keys.crypto import Keyring
+    from residency.server.keys.providers import LocalProvider
+    from residency.server.storage.sqlite import SqliteStore
+    from residency.server.vault.policy import Policy
+    from residency.server.vault.records import Write
 
     (tmp_path / "schema.yaml").write_text(EXAMPLE_SCHEMA)
     schema = load_schema(tmp_path / "schema.yaml")
@@ -412,7 +412,7 @@ def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
 
     rules = parse_rules(yaml.safe_load(EXAMPLE_RULES), schema, "rules.yaml", "v1")
     store = SqliteStore(tmp_path / "node.db")
-    from server.records import Records
+    from residency.server.vault.records import Records
 
     keyring = Keyring(PRIMARY, LocalProvider.create(tmp_path / "k", b"test passphrase"), tmp_path / "k")
     records = Records(PRIMARY, True, schema, rules, keyring, store)

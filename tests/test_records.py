@@ -12,9 +12,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from residency.server.core import codec
+from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.v1 import admin_pb2, common_pb2, records_pb2
-from server import codec
-from server.deployment import AFFILIATES, PRIMARY
 from tests.conftest import IDENTITY, Cluster, ctx, values
 
 

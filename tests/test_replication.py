@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 import grpc
 import pytest
 
+from residency.server.core.rules import Allowed, Permits, load_rules
+from residency.server.core.schema import load_schema
+from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.v1 import admin_pb2, replica_pb2
-from server.deployment import AFFILIATES, PRIMARY
-from server.rules import Allowed, Permits, load_rules
-from server.schema import load_schema
 from tests.conftest import Cluster, values
 
 FULL = {

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from residency.server.core import codec
+from residency.server.deployment import PRIMARY
+from residency.server.keys.crypto import RegionKey
 from residency.v1 import common_pb2, records_pb2, replica_pb2
-from server import codec
-from server.crypto import RegionKey
-from server.deployment import PRIMARY
 from tests.conftest import IDENTITY, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.test_replication import FULL, allowed_fields
 
@@ -29,8 +29,8 @@ OUTAGE_SECONDS = float(os.environ.get("RESIDENCY_OUTAGE_SECONDS", "8"))
 
 def region_key(c: Cluster, region: str) -> RegionKey:
     """The region's own key, unwrapped by the region's own key provider."""
-    from server.config import load_config
-    from server.keys import open_provider
+    from residency.server.config.node import load_config
+    from residency.server.keys.providers import open_provider
 
     config = load_config(c.dep.configs[region])
     return RegionKey.load(region, config.keys_dir, open_provider(config.keys))
@@ -186,7 +186,15 @@ async def test_a_refused_copy_is_dead_lettered_without_blocking_others_and_retry
     assert (await c.replication())[S3_REGION].dead_lettered == 4
     # ... and `residency replication retry` re-drives the rest, at their current versions.
     r = subprocess.run(
-        [sys.executable, "-m", "server.cli", "replication", "retry", "--target", c.dep.addresses[PRIMARY]],
+        [
+            sys.executable,
+            "-m",
+            "residency.cli.main",
+            "replication",
+            "retry",
+            "--target",
+            c.dep.addresses[PRIMARY],
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -206,7 +214,7 @@ async def test_a_refused_copy_is_dead_lettered_without_blocking_others_and_retry
 
 def cli(c: Cluster, *args: str) -> dict:
     r = subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--target", c.dep.addresses[PRIMARY]],
+        [sys.executable, "-m", "residency.cli.main", *args, "--target", c.dep.addresses[PRIMARY]],
         capture_output=True,
         text=True,
         timeout=60,
@@ -323,7 +331,7 @@ def assert_versions_only_increase(entries: list[dict]) -> None:
 def start_worker(c: Cluster, n: int) -> subprocess.Popen:
     out = open(c.dir / f"worker-{n}.log", "ab")  # noqa: SIM115 - handed to the child process
     return subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "replicate", "--config", str(c.dep.configs[PRIMARY])],
+        [sys.executable, "-m", "residency.cli.main", "replicate", "--config", str(c.dep.configs[PRIMARY])],
         stdout=out,
         stderr=subprocess.STDOUT,
     )
@@ -375,9 +383,9 @@ def test_an_s3_destination_config_is_checked_naming_the_key(tmp_path: Path):
     import pytest
     import yaml
 
-    from server.config import load_config
-    from server.deployment import init_deployment
-    from server.errors import ConfigError
+    from residency.server.config.node import load_config
+    from residency.server.core.errors import ConfigError
+    from residency.server.deployment import init_deployment
 
     path = init_deployment(tmp_path)[PRIMARY]
     doc = yaml.safe_load(path.read_text())
@@ -444,7 +452,14 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
             out = open(c.dir / f"worker-{region}.log", "ab")  # noqa: SIM115 - handed to the child
             workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "server.cli", "replicate", "--config", str(c.dep.configs[PRIMARY])]
+                    [
+                        sys.executable,
+                        "-m",
+                        "residency.cli.main",
+                        "replicate",
+                        "--config",
+                        str(c.dep.configs[PRIMARY]),
+                    ]
                     + ["--region", region],
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -470,7 +485,7 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
 
 
 def _open_store(path: str, start: float) -> int:
-    from server.store import SqliteStore
+    from residency.server.storage.sqlite import SqliteStore
 
     time.sleep(max(0.0, start - time.time()))  # every process opens at the same moment
     store = SqliteStore(path)
@@ -485,7 +500,7 @@ def test_workers_opening_a_new_store_at_once_each_find_it_migrated(tmp_path: Pat
     with 'table exists' or 'database is locked'."""
     import multiprocessing
 
-    from server.store import MIGRATIONS
+    from residency.server.storage.sqlite import MIGRATIONS
 
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         pool.starmap(time.sleep, [(0,)] * 6)  # every process up before the first race

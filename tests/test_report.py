@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from server import report
+from residency.server.core import report
 
 JAN_2026 = datetime(2026, 1, 15, tzinfo=UTC).timestamp()
 DEC_2025 = datetime(2025, 12, 31, 23, 0, tzinfo=UTC).timestamp()

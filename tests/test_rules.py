@@ -7,9 +7,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA
-from server.errors import ConfigError
-from server.rules import (
+from residency.server.core.errors import ConfigError
+from residency.server.core.rules import (
     CONSENT_MISSING,
     COOKIE_CONSENT_MISSING,
     CREDENTIAL,
@@ -29,7 +28,8 @@ from server.rules import (
     load_rules,
     parse_rules,
 )
-from server.schema import Schema, data_categories, load_schema
+from residency.server.core.schema import Schema, data_categories, load_schema
+from residency.server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA
 
 
 @pytest.fixture(scope="module")

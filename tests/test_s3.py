@@ -13,7 +13,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
 
-from replicator.s3 import EMPTY_SHA256, S3Error, S3Sink, object_key, sigv4_headers
+from residency.replicator.sinks.s3 import EMPTY_SHA256, S3Error, S3Sink, object_key, sigv4_headers
 from residency.v1 import replica_pb2
 from tests.conftest import SeaweedFS
 

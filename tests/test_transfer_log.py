@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from residency.cli.main import main
+from residency.server.core import merkle
+from residency.server.core.checkpoint import Checkpoint, LogSigner, open_note
+from residency.server.deployment import PRIMARY
 from residency.v1 import translog_pb2
-from server import merkle
-from server.checkpoint import Checkpoint, LogSigner, open_note
-from server.cli import main
-from server.deployment import PRIMARY
 from tests.conftest import Cluster
 
 USERS = [f"t-{i}" for i in range(12)]
@@ -344,7 +344,7 @@ async def test_a_node_signs_checkpoints_at_its_interval_and_archives_them(
     import yaml
     from botocore.exceptions import ClientError
 
-    from server.archive import ArchiveConfig, S3Bucket
+    from residency.server.vault.archive import ArchiveConfig, S3Bucket
 
     config = idle_cluster.dep.configs[PRIMARY]
     doc = yaml.safe_load(config.read_text())

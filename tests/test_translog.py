@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server import merkle, translog
-from server.store import MIGRATIONS, SqliteStore
+from residency.server.core import merkle, translog
+from residency.server.storage.sqlite import MIGRATIONS, SqliteStore
 from tests.conftest import replication_entry
 
 

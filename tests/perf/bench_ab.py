@@ -29,10 +29,10 @@ import yaml
 from bench_put import CTX, META, closed_loop, ten_fields  # this folder is on sys.path when run as a script
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from residency.cli.demo import wait_serving
+from residency.server.config.node import load_config
+from residency.server.deployment import PRIMARY, init_deployment
 from residency.v1 import records_pb2, records_pb2_grpc
-from server.config import load_config
-from server.demo import wait_serving
-from server.deployment import PRIMARY, init_deployment
 
 PHASES = {"put": 64, "noop": 64, "bulk": 2}  # calls in flight, as bench_put
 
@@ -46,7 +46,7 @@ def start(root: Path, directory: Path, python: str) -> tuple[subprocess.Popen, s
     cfg.write_text(yaml.safe_dump(doc))
     log = open(directory / "node.log", "wb")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(
-        [python, "-m", "server.cli", "serve", "--config", str(cfg)],
+        [python, "-m", "residency.cli.main", "serve", "--config", str(cfg)],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         stdout=log,

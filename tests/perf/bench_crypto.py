@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from server.crypto import DataKey, Keyring, field_aad  # noqa: E402
-from server.keys import AwsKmsProvider, LocalProvider, OpenBaoProvider  # noqa: E402
+from residency.server.keys.crypto import DataKey, Keyring, field_aad  # noqa: E402
+from residency.server.keys.providers import AwsKmsProvider, LocalProvider, OpenBaoProvider  # noqa: E402
 from tests.conftest import BAO_TOKEN, enable_transit, moto_kms, openbao  # noqa: E402
 
 FIELDS = [f"field_{i}" for i in range(10)]

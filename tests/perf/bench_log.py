@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from server import bundle, merkle, translog  # noqa: E402
-from server.checkpoint import Checkpoint, LogSigner  # noqa: E402
-from server.store import SqliteStore  # noqa: E402
+from residency.server.core import merkle, translog  # noqa: E402
+from residency.server.core.checkpoint import Checkpoint, LogSigner  # noqa: E402
+from residency.server.storage.sqlite import SqliteStore  # noqa: E402
+from residency.server.vault import bundle  # noqa: E402
 
 FIELDS = [
     {

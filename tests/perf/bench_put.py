@@ -23,9 +23,9 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from residency.cli.demo import Deployment, wait_replicated
+from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
-from server.demo import Deployment, wait_replicated
-from server.deployment import AFFILIATES, PRIMARY, init_deployment
 
 META = (("x-residency-identity", "bench:put"),)
 CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")

@@ -43,12 +43,12 @@ from pathlib import Path
 import grpc
 import yaml
 
+from residency.cli.demo import Deployment, wait_replicated
+from residency.server.config.node import load_config
+from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
+from residency.server.keys.crypto import RegionKey
+from residency.server.keys.providers import LocalProvider
 from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc, replica_pb2
-from server.config import load_config
-from server.crypto import RegionKey
-from server.demo import Deployment, wait_replicated
-from server.deployment import AFFILIATES, PRIMARY, init_deployment
-from server.keys import LocalProvider
 from tests.conftest import SeaweedFS
 from tests.perf.bench_put import ten_fields
 
@@ -241,7 +241,15 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
             only = []
         workers = [
             subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "replicate", "--config", str(dep.configs[PRIMARY]), *o],
+                [
+                    sys.executable,
+                    "-m",
+                    "residency.cli.main",
+                    "replicate",
+                    "--config",
+                    str(dep.configs[PRIMARY]),
+                    *o,
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=open(d / f"worker-{i}.log", "wb"),  # noqa: SIM115 - the child's
             )

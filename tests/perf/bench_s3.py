@@ -36,7 +36,7 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "residency-bench")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "residency-bench-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from replicator.s3 import S3Sink, object_key  # noqa: E402
+from residency.replicator.sinks.s3 import S3Sink, object_key  # noqa: E402
 from residency.v1 import replica_pb2  # noqa: E402
 from tests.conftest import SeaweedFS  # noqa: E402
 

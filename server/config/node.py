@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from server.archive import ArchiveConfig
-from server.errors import ConfigError
+from residency.server.core.errors import ConfigError
+from residency.server.vault.archive import ArchiveConfig
 
 ROLES = ("primary", "region")
 PROVIDERS = ("local", "aws-kms", "openbao")

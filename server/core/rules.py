@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from server.errors import ConfigError
-from server.schema import FieldSpec, Schema, data_categories, data_uses
+from residency.server.core.errors import ConfigError
+from residency.server.core.schema import FieldSpec, Schema, data_categories, data_uses
 
 LEGAL_BASES = frozenset(
     {

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server import merkle, translog
+from residency.server.core import merkle, translog
 
 
 @dataclass(slots=True)

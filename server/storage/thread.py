@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from server.store import Store
+from residency.server.storage.sqlite import Store
 
 T = TypeVar("T")
 

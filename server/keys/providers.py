@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from server.errors import FailedPrecondition, KeyUnavailable
+from residency.server.core.errors import FailedPrecondition, KeyUnavailable
 
 Context = Mapping[str, str]
 _NONCE = 12
@@ -430,7 +430,7 @@ class OpenBaoProvider:
 
 
 def open_provider(config: Any) -> KeyProvider:
-    """The provider a node's `keys:` config names (`server.config.KeysConfig`)."""
+    """The provider a node's `keys:` config names (`residency.server.config.node.KeysConfig`)."""
     if config.provider == "local":
         return LocalProvider(config.dir, config.passphrase)
     if config.provider == "aws-kms":

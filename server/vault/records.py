@@ -15,11 +15,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
-from server import codec, translog
-from server.crypto import DataKey, Keyring, SealError, field_aad, record_aad
-from server.errors import NotFound, PolicyDenied
-from server.rules import (
+from residency.server.core import codec, translog
+from residency.server.core.errors import NotFound, PolicyDenied
+from residency.server.core.rules import (
     COOKIE_PURPOSE,
     RETENTION_EXPIRED,
     Allowed,
@@ -30,8 +28,10 @@ from server.rules import (
     Withheld,
     covers,
 )
-from server.schema import Schema
-from server.store import Row, Store
+from residency.server.core.schema import Schema
+from residency.server.keys.crypto import DataKey, Keyring, SealError, field_aad, record_aad
+from residency.server.storage.sqlite import Row, Store
+from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 
 SealedCopy = replica_pb2.SealedCopy
 StoredRecord = storage_pb2.StoredRecord

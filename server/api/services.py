@@ -19,6 +19,26 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from residency.server.api.intake import Checked, Intake, check_records
+from residency.server.config.node import Affiliate
+from residency.server.core import codec, merkle, translog
+from residency.server.core.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidRecord,
+    KeyUnavailable,
+    NotFound,
+    OutOfRange,
+    PolicyDenied,
+    ResidencyError,
+    TransferDenied,
+)
+from residency.server.core.schema import USER_ID, data_uses
+from residency.server.keys.crypto import SealError, hash_credential, verify_credential
+from residency.server.storage.thread import StoreThread
+from residency.server.vault.policy import ConsentChange, Disclosure, Policy, refusal_error
+from residency.server.vault.records import Caller, Records, Write
+from residency.server.vault.transferlog import LogEntry, SignedCheckpoint, TransferLog
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -34,26 +54,6 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-from server import codec, merkle, translog
-from server.config import Affiliate
-from server.consent import ConsentChange, Disclosure, Policy, refusal_error
-from server.crypto import SealError, hash_credential, verify_credential
-from server.errors import (
-    ConfigError,
-    FailedPrecondition,
-    InvalidRecord,
-    KeyUnavailable,
-    NotFound,
-    OutOfRange,
-    PolicyDenied,
-    ResidencyError,
-    TransferDenied,
-)
-from server.intake import Checked, Intake, check_records
-from server.records import Caller, Records, Write
-from server.schema import USER_ID, data_uses
-from server.transferlog import LogEntry, SignedCheckpoint, TransferLog
-from server.writer import StoreThread
 
 log = logging.getLogger("residency.services")
 IDENTITY_KEY = "x-residency-identity"

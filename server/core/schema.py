@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from server.errors import ConfigError
+from residency.server.core.errors import ConfigError
 
 FieldValue = str | int | bool | bytes | datetime | list[str]
 

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from server.errors import KeyUnavailable, ResidencyError
+from residency.server.core.errors import KeyUnavailable, ResidencyError
 
 _ED25519 = b"\x01"  # the signed-note signature type of Ed25519
 _DASH = "\u2014 "

@@ -8,7 +8,7 @@ under a *transit key*: an AES-256 key the primary makes per destination every fe
 and wraps once with HPKE (RFC 9180) to the region's public key, so the primary can seal for
 a region but cannot open what it sent there once it forgets the transit key, and one HPKE
 operation (about 85 µs) serves every copy of those minutes instead of one per user. The
-region key's private half is stored wrapped by the region's key provider (`server.keys`:
+region key's private half is stored wrapped by the region's key provider (`residency.server.keys.providers`:
 local passphrase-protected keys, AWS KMS or OpenBao Transit), so it is useless without that
 region's provider.
 
@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from server.errors import KeyUnavailable
-from server.keys import KeyDestroyed, KeyProvider, SealError
+from residency.server.core.errors import KeyUnavailable
+from residency.server.keys.providers import KeyDestroyed, KeyProvider, SealError
 
 __all__ = ["SealError", "KeyDestroyed"]
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from server.config import NodeConfig
-from server.crypto import Keyring, RegionKey
-from server.keys import KeyProvider, _shred_file, open_provider
-from server.store import SqliteStore
+from residency.server.config.node import NodeConfig
+from residency.server.keys.crypto import Keyring, RegionKey
+from residency.server.keys.providers import KeyProvider, _shred_file, open_provider
+from residency.server.storage.sqlite import SqliteStore
 
 STATE = "keyring.json"
 PAGE = 500

@@ -22,9 +22,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
+from residency.server.core import codec
+from residency.server.core.schema import Schema
 from residency.v1 import common_pb2, records_pb2
-from server import codec
-from server.schema import Schema
 
 log = logging.getLogger("residency.intake")
 

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from server.errors import ResidencyError
+from residency.server.core.errors import ResidencyError
 
 log = logging.getLogger("residency")
 
@@ -62,8 +62,8 @@ def _print_rpc_error(e: grpc.aio.AioRpcError | grpc.RpcError) -> int:
 
 
 async def _records(args: argparse.Namespace) -> int:
+    from residency.server.core import codec
     from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
-    from server import codec
 
     ctx = common_pb2.CallContext(location=args.location, purpose=args.purpose)
     meta = (("x-residency-identity", args.identity),)
@@ -166,7 +166,7 @@ def _window(entries: list[bytes], since: float | None, until: float | None) -> d
 
 
 async def _log_export(args: argparse.Namespace) -> int:
-    from server import bundle
+    from residency.server.vault import bundle
 
     cp, entries, leaves = await fetch_log(args.target, args.timeout)
     window = _window(entries, args.since, args.until)
@@ -176,8 +176,8 @@ async def _log_export(args: argparse.Namespace) -> int:
 
 
 def _log_verify(args: argparse.Namespace) -> int:
-    from server import bundle
-    from server.checkpoint import CheckpointError
+    from residency.server.core.checkpoint import CheckpointError
+    from residency.server.vault import bundle
 
     previous = Path(args.previous).read_text() if args.previous else None
     try:
@@ -234,8 +234,8 @@ async def _log_prove(args: argparse.Namespace) -> int:
 async def _log_report(args: argparse.Namespace) -> int:
     from google.protobuf import json_format as jf
 
+    from residency.server.core import report
     from residency.v1 import translog_pb2, translog_pb2_grpc
-    from server import report
 
     cp, entries, leaves = await fetch_log(args.target, args.timeout)
     async with grpc.aio.insecure_channel(args.target) as channel:
@@ -292,8 +292,8 @@ async def _replication(args: argparse.Namespace) -> int:
 
 
 def _replicate(args: argparse.Namespace) -> int:
-    from replicator.standalone import run_worker
-    from server.config import load_config
+    from residency.replicator.standalone import run_worker
+    from residency.server.config.node import load_config
 
     asyncio.run(run_worker(load_config(args.config), args.region or None))
 
@@ -355,8 +355,8 @@ async def _consent(args: argparse.Namespace) -> int:
 
 
 async def _grant(args: argparse.Namespace) -> int:
+    from residency.server.core import codec
     from residency.v1 import consent_pb2, consent_pb2_grpc
-    from server import codec
 
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = consent_pb2_grpc.GrantServiceStub(channel)
@@ -396,8 +396,8 @@ async def _grant(args: argparse.Namespace) -> int:
 
 
 async def _disclose(args: argparse.Namespace) -> int:
+    from residency.server.core import codec
     from residency.v1 import disclosure_pb2, disclosure_pb2_grpc
-    from server import codec
 
     ground = disclosure_pb2.DisclosureGround.Value("DISCLOSURE_GROUND_" + args.ground.upper())
     req = disclosure_pb2.DiscloseRequest(
@@ -433,8 +433,8 @@ async def _disclose(args: argparse.Namespace) -> int:
 
 
 def _rules_check(args: argparse.Namespace) -> int:
-    from server.rules import load_rules
-    from server.schema import load_schema
+    from residency.server.core.rules import load_rules
+    from residency.server.core.schema import load_schema
 
     try:
         rules = load_rules(args.file, load_schema(args.schema))
@@ -513,15 +513,15 @@ async def _rules_apply(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.config import load_config
-    from server.node import serve
+    from residency.server.config.node import load_config
+    from residency.server.node import serve
 
     asyncio.run(serve(load_config(args.config)))
     return 0
 
 
 def _init(args: argparse.Namespace) -> int:
-    from server.deployment import init_deployment
+    from residency.server.deployment import init_deployment
 
     paths = init_deployment(args.dir)
     for region, path in paths.items():
@@ -530,9 +530,9 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from server import keylife
-    from server.config import load_config
-    from server.errors import ConfigError
+    from residency.server.config.node import load_config
+    from residency.server.core.errors import ConfigError
+    from residency.server.keys import lifecycle
 
     config = load_config(args.config)
     if config.region != args.region:
@@ -541,9 +541,9 @@ def _keys(args: argparse.Namespace) -> int:
             "--region must name the config's region"
         )
     if args.action == "rotate":
-        out = keylife.rotate(config, args.identity, progress=not args.quiet)
+        out = lifecycle.rotate(config, args.identity, progress=not args.quiet)
     elif args.action == "retire":
-        out = keylife.retire(config, args.identity)
+        out = lifecycle.retire(config, args.identity)
     else:
         if not args.yes:
             print(
@@ -552,13 +552,13 @@ def _keys(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        out = keylife.shred(config, args.identity, args.reason)
+        out = lifecycle.shred(config, args.identity, args.reason)
     print(json.dumps(out))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from server.demo import run_demo
+    from residency.cli.demo import run_demo
 
     return run_demo(users=args.users, directory=Path(args.dir) if args.dir else None)
 

@@ -1,7 +1,7 @@
 """Consents, third-party grants, disclosures, explanations and rule changes: the privacy
 policy's sections 2, 3 and 5 as operations on a node's records.
 
-Every method runs on the store thread inside a transaction (see `server.writer`), so a
+Every method runs on the store thread inside a transaction (see `residency.server.storage.thread`), so a
 consent, its transfer-log entry and the record version that makes the replicator project
 the user's copies again commit together.
 """
@@ -14,10 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from server import translog
-from server.errors import FailedPrecondition, InvalidRecord, NotFound
-from server.records import Caller, Records
-from server.rules import (
+from residency.server.core import translog
+from residency.server.core.errors import FailedPrecondition, InvalidRecord, NotFound
+from residency.server.core.rules import (
     COOKIE_PURPOSE,
     CREDENTIAL,
     LEGAL_BASES,
@@ -27,7 +26,8 @@ from server.rules import (
     Withheld,
     covers,
 )
-from server.schema import USER_ID, data_categories, data_uses
+from residency.server.core.schema import USER_ID, data_categories, data_uses
+from residency.server.vault.records import Caller, Records
 
 THIRD_PARTY_SHARING = "third_party_sharing"
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from residency.server.core.schema import FieldValue
 from residency.v1 import common_pb2
-from server.schema import FieldValue
 
 Value = common_pb2.Value
 

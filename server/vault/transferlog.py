@@ -11,10 +11,10 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from server import merkle, translog
-from server.checkpoint import Checkpoint, LogSigner
-from server.errors import OutOfRange
-from server.store import Store
+from residency.server.core import merkle, translog
+from residency.server.core.checkpoint import Checkpoint, LogSigner
+from residency.server.core.errors import OutOfRange
+from residency.server.storage.sqlite import Store
 
 
 @dataclass(frozen=True, slots=True)

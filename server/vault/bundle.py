@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server import merkle
-from server.checkpoint import Checkpoint, CheckpointError, open_note, parse_verifier_key
-from server.errors import ResidencyError
+from residency.server.core import merkle
+from residency.server.core.checkpoint import Checkpoint, CheckpointError, open_note, parse_verifier_key
+from residency.server.core.errors import ResidencyError
 
 ENTRIES, CHECKPOINT, KEY = "entries.jsonl", "checkpoint", "log.pub"
 LEAVES, WINDOW = "leaf-hashes", "window.json"

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
+from residency.server.keys.crypto import RegionKey, field_aad
 from residency.v1 import common_pb2, replica_pb2
-from server.crypto import RegionKey, field_aad
 
 if TYPE_CHECKING:  # imported when first used: reading a bucket (open_object) needs neither
     import aiohttp

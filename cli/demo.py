@@ -21,6 +21,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
+from residency.server.config.node import load_config
+from residency.server.core import codec
+from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -32,9 +35,6 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
-from server import codec
-from server.config import load_config
-from server.deployment import AFFILIATES, PRIMARY, init_deployment
 
 IDENTITY = (("x-residency-identity", "demo:loader"),)
 BATCH = 500
@@ -90,7 +90,7 @@ class Deployment:
         data.mkdir(parents=True, exist_ok=True)
         out = open(data / "node.log", "ab")  # noqa: SIM115 - handed to the child process
         self.procs[region] = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--config", str(self.configs[region])],
+            [sys.executable, "-m", "residency.cli.main", "serve", "--config", str(self.configs[region])],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -265,8 +265,8 @@ async def sample_reads(primary: str) -> list[str]:
 
 async def export_and_verify(primary: str, out: Path, keep: bool) -> str:
     """What a reviewer does: export the primary's transfer log and verify it offline."""
-    from server import bundle
-    from server.cli import fetch_log
+    from residency.cli.main import fetch_log
+    from residency.server.vault import bundle
 
     cp, log_entries, leaves = await fetch_log(primary, 120)
     bundle.write(out, log_entries, leaves, cp.checkpoint, cp.verifier_key, None)

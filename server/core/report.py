@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from server import merkle
-from server.checkpoint import CheckpointError, open_note, parse_verifier_key
+from residency.server.core import merkle
+from residency.server.core.checkpoint import CheckpointError, open_note, parse_verifier_key
 
 # Kinds whose allowed entries move personal data to (or let it be read from) another place.
 TRANSFER_KINDS = frozenset({"replication", "remote_read", "disclosure"})

@@ -1,5 +1,5 @@
 """The transfer log's entries, their hash chain and query filters (pure; the store persists
-them, `server.merkle` trees them).
+them, `residency.server.core.merkle` trees them).
 
 An entry is canonical JSON: UTF-8, keys sorted, no insignificant spaces; those are exactly
 the bytes that are hashed and exported. chain[n] = SHA-256(chain[n-1] || entry bytes[n]),

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from server.transferlog import TransferLog
+from residency.server.vault.transferlog import TransferLog
 
 log = logging.getLogger("residency.archive")
 

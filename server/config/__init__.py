@@ -1,0 +1,1 @@
+"""Typed configuration files: node config, schema and transfer rules."""
