@@ -1,1 +1,2 @@
-"""The residency node: domain core (schema, rules, crypto, store, translog) and gRPC services."""
+"""The residency node: the layers below the command line (core, config, storage, keys, vault, api) and
+the composition root (`node`, `deployment`)."""

@@ -1,1 +1,3 @@
-"""The pure domain: schema, transfer rules and projection, sealing inputs, Merkle math, checkpoints, entries, reports. No I/O, no gRPC."""
+"""The pure domain: schema, transfer rules and projection, sealing inputs, Merkle math,
+checkpoints, entries, reports. No I/O, no gRPC.
+"""

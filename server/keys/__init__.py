@@ -1,1 +1,3 @@
-"""Region keys, the keyring of data keys, key providers (local, AWS KMS, OpenBao) and key lifecycle. Raw key bytes never leave this package."""
+"""Region keys, the keyring of data keys, key providers (local, AWS KMS, OpenBao) and key
+lifecycle. Raw key bytes never leave this package.
+"""

@@ -1,1 +1,3 @@
-"""The node's durable state: one Database (connection, lock, migrations, unit of work) and its repositories."""
+"""The node's durable state: one Database (connection, lock, migrations, unit of work) and its
+repositories.
+"""

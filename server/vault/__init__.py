@@ -1,1 +1,3 @@
-"""What a node does with records, consents, grants, disclosures and its transfer log, each inside one unit of work."""
+"""What a node does with records, consents, grants, disclosures and its transfer log, each
+inside one unit of work.
+"""
