@@ -256,6 +256,26 @@ def test_every_config_key_in_the_docs_exists_in_the_node_config() -> None:
     assert not problems, f"config keys the docs name that are not in {source}:\n" + "\n".join(problems)
 
 
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's anchors for a page's headings."""
+    headings = re.findall(r"^#+ (.+)$", doc.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    problems = []
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text().split("\n"), 1):
+            for target in re.findall(r"\]\(([^)\s]+)\)", line):
+                if re.match(r"\w+://", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                linked = (doc.parent / path).resolve() if path else doc
+                if not linked.exists() or (anchor and anchor not in _anchors(linked)):
+                    problems.append(f"{_name(doc)}:{number}: no such page or heading: {target}")
+    assert not problems, "\n".join(problems)
+
+
 BROKEN = """\
 ```sh
 residency serve --config a.yaml --port 1
