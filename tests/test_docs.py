@@ -76,21 +76,23 @@ def config_rows(text: str) -> Iterator[tuple[int, Key, str]]:
     A table under a line that starts with `NAME:` lists the keys of NAME. The row's first
     column names its keys (dotted for nested ones); `{a, b: value, ...}` in the row names the
     keys inside the row's key."""
-    lines = text.split("\n")
     section: Key = ()
-    in_table = False
-    for number, line in enumerate(lines, 1):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not line.startswith("|"):
-            in_table = False
-            if line.strip():
+    in_block = False
+    config_table: bool | None = None  # None: not in a table
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+        if in_block or not line.startswith("|"):
+            config_table = None
+            if line.strip() and not in_block:
                 intro = re.match(r"`([\w.]+):`", line.strip())
                 section = tuple(intro.group(1).split(".")) if intro else ()
             continue
-        if not in_table:
-            in_table = cells[0] == "key"
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if config_table is None:
+            config_table = cells[0] == "key"
             continue
-        if set(cells[0]) <= set("-: "):
+        if not config_table or set(cells[0]) <= set("-: "):
             continue
         keys = [section + tuple(k.split(".")) for k in re.findall(r"`([^`]+)`", cells[0])]
         for key in keys:
