@@ -19,7 +19,7 @@ from residency.server.config.node import DURABILITY, NodeConfig
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import load_rules
 from residency.server.core.schema import Schema, load_schema
-from residency.server.keys.crypto import Keyring
+from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread

@@ -37,7 +37,9 @@ from residency.server.config.node import Affiliate, NodeConfig, ReplicatorConfig
 from residency.server.core import codec, translog
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import Allowed, Permits, Plan, Withheld
-from residency.server.keys.crypto import DataKey, KeyCache, RecipientKey, TransitKey, field_aad
+from residency.server.core.sealing import DataKey, field_aad
+from residency.server.keys.cache import KeyCache
+from residency.server.keys.region import RecipientKey, TransitKey
 from residency.server.storage.sqlite import OutboxItem, Row
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records

@@ -31,8 +31,9 @@ from residency.server.core.errors import ConfigError
 from residency.server.core.rules import load_rules, rules_from_bytes
 from residency.server.core.schema import load_schema
 from residency.server.keys import lifecycle
-from residency.server.keys.crypto import Keyring, RecipientKey
+from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
+from residency.server.keys.region import RecipientKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
