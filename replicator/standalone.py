@@ -14,7 +14,8 @@ import asyncio
 import logging
 import signal
 
-from residency.replicator.worker import Replicator, destinations_for
+from residency.replicator.destinations import destinations_for
+from residency.replicator.loop import Replicator
 from residency.server.config.node import DURABILITY, NodeConfig
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import load_rules

@@ -172,7 +172,8 @@ class RunningNode:
         self._watch = asyncio.create_task(self._watch_keys(), name="watch-keys")
         self.transfer_log = TransferLog(store, signer, signer.name)
         if outbox and c.replicator.enabled:
-            from residency.replicator.worker import Replicator, destinations_for
+            from residency.replicator.destinations import destinations_for
+            from residency.replicator.loop import Replicator
 
             # A stable owner: a node restarted after a crash takes its own leases back at once
             # instead of waiting for them to expire (two nodes on one config cannot both run:
