@@ -530,9 +530,13 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from residency.server.config.node import load_config
     from residency.server.core.errors import ConfigError
     from residency.server.keys import lifecycle
+    from residency.server.keys.providers import open_provider
+    from residency.server.storage.sqlite import SqliteStore
 
     config = load_config(args.config)
     if config.region != args.region:
@@ -540,19 +544,37 @@ def _keys(args: argparse.Namespace) -> int:
             f"{config.path}: this config is for region {config.region}, not {args.region}; "
             "--region must name the config's region"
         )
-    if args.action == "rotate":
-        out = lifecycle.rotate(config, args.identity, progress=not args.quiet)
-    elif args.action == "retire":
-        out = lifecycle.retire(config, args.identity)
-    else:
-        if not args.yes:
-            print(
-                f"error: shredding the key of {args.region} makes every copy there unreadable, "
-                "for good; add --yes to confirm",
-                file=sys.stderr,
-            )
-            return 2
-        out = lifecycle.shred(config, args.identity, args.reason)
+    if args.action == "shred" and not args.yes:
+        print(
+            f"error: shredding the key of {args.region} makes every copy there unreadable, "
+            "for good; add --yes to confirm",
+            file=sys.stderr,
+        )
+        return 2
+    region, keys_dir = config.region, config.keys_dir
+    provider = open_provider(config.keys)
+    try:
+        if args.action == "shred":
+            out = lifecycle.shred(region, provider, keys_dir, args.identity, args.reason)
+        else:
+            store = SqliteStore(config.data_dir / "node.db")
+            try:
+                if args.action == "retire":
+                    out = lifecycle.retire(region, provider, keys_dir, store, args.identity)
+                else:
+                    with tqdm(
+                        desc=f"rewrapping {region}", unit="key", file=sys.stderr, disable=args.quiet
+                    ) as bar:
+
+                        def progress(done: int, total: int) -> None:
+                            bar.total = total
+                            bar.update(done - bar.n)
+
+                        out = lifecycle.rotate(region, provider, keys_dir, store, args.identity, progress)
+            finally:
+                store.close()
+    finally:
+        provider.close()
     print(json.dumps(out))
     return 0
 

@@ -31,8 +31,9 @@ from residency.server.core.errors import ConfigError
 from residency.server.core.rules import load_rules, rules_from_bytes
 from residency.server.core.schema import load_schema
 from residency.server.keys import lifecycle
-from residency.server.keys.crypto import Keyring, RecipientKey
+from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
+from residency.server.keys.region import RecipientKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
@@ -171,7 +172,8 @@ class RunningNode:
         self._watch = asyncio.create_task(self._watch_keys(), name="watch-keys")
         self.transfer_log = TransferLog(store, signer, signer.name)
         if outbox and c.replicator.enabled:
-            from residency.replicator.worker import Replicator, destinations_for
+            from residency.replicator.destinations import destinations_for
+            from residency.replicator.loop import Replicator
 
             # A stable owner: a node restarted after a crash takes its own leases back at once
             # instead of waiting for them to expire (two nodes on one config cannot both run:

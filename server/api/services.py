@@ -33,8 +33,9 @@ from residency.server.core.errors import (
     ResidencyError,
     TransferDenied,
 )
+from residency.server.core.policy.credentials import hash_credential, verify_credential
 from residency.server.core.schema import USER_ID, data_uses
-from residency.server.keys.crypto import SealError, hash_credential, verify_credential
+from residency.server.core.sealing import SealError
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.policy import ConsentChange, Disclosure, Policy, refusal_error
 from residency.server.vault.records import Caller, Records, Write

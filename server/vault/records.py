@@ -29,7 +29,8 @@ from residency.server.core.rules import (
     covers,
 )
 from residency.server.core.schema import Schema
-from residency.server.keys.crypto import DataKey, Keyring, SealError, field_aad, record_aad
+from residency.server.core.sealing import DataKey, SealError, field_aad, record_aad
+from residency.server.keys.keyring import Keyring
 from residency.server.storage.sqlite import Row, Store
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 

@@ -46,8 +46,8 @@ import yaml
 from residency.cli.demo import Deployment, wait_replicated
 from residency.server.config.node import load_config
 from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
-from residency.server.keys.crypto import RegionKey
-from residency.server.keys.providers import LocalProvider
+from residency.server.keys.providers.local import LocalProvider
+from residency.server.keys.region import RegionKey
 from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc, replica_pb2
 from tests.conftest import SeaweedFS
 from tests.perf.bench_put import ten_fields
