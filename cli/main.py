@@ -235,6 +235,7 @@ async def _log_report(args: argparse.Namespace) -> int:
     from google.protobuf import json_format as jf
 
     from residency.server.core import report
+    from residency.server.core.report import figures
     from residency.v1 import translog_pb2, translog_pb2_grpc
 
     cp, entries, leaves = await fetch_log(args.target, args.timeout)
@@ -243,7 +244,7 @@ async def _log_report(args: argparse.Namespace) -> int:
         ctx = await stub.GetReviewContext(translog_pb2.GetReviewContextRequest(), timeout=args.timeout)
     context = jf.MessageToDict(ctx, preserving_proto_field_name=True)
     key = args.key.read_text() if args.key else cp.verifier_key
-    integrity = report.integrity(entries, cp.checkpoint, key)
+    integrity = figures.integrity(entries, cp.checkpoint, key)
     text = report.render(args.format, entries, context, integrity, subject=args.subject)
     Path(args.out).write_text(text, encoding="utf-8")
     print(json.dumps({"out": str(args.out), "format": args.format, **integrity.summary()}))

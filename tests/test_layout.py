@@ -60,9 +60,15 @@ def test_wheel_installs_exactly_one_top_level_package(tmp_path: Path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"residency", next(t for t in tops if t.endswith(".dist-info"))}, tops
-    # Every layer is in it, not only the generated API.
-    for module in ("residency/server/node.py", "residency/replicator/__init__.py", "residency/cli/main.py"):
-        assert module in names
+    # Every module of every source folder is in it, at its place in the package (a subpackage
+    # missing from pyproject's list would install a node that cannot start).
+    expected = {
+        f"residency/{name}/{path.relative_to(ROOT / folder).as_posix()}"
+        for name, folder in SOURCES.items()
+        for path in (ROOT / folder).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert not expected - set(names), sorted(expected - set(names))
     assert "residency/v1/records.proto" in names
 
 
