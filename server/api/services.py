@@ -33,11 +33,14 @@ from residency.server.core.errors import (
     ResidencyError,
     TransferDenied,
 )
+from residency.server.core.policy.consent import ConsentChange
 from residency.server.core.policy.credentials import hash_credential, verify_credential
+from residency.server.core.policy.disclosure import Disclosure, refusal_error
 from residency.server.core.schema import USER_ID, data_uses
 from residency.server.core.sealing import SealError
 from residency.server.storage.thread import StoreThread
-from residency.server.vault.policy import ConsentChange, Disclosure, Policy, refusal_error
+from residency.server.vault.copies import IncomingCopy, apply_copies
+from residency.server.vault.policy import Policy
 from residency.server.vault.records import Caller, Records, Write
 from residency.server.vault.transferlog import LogEntry, SignedCheckpoint, TransferLog
 from residency.v1 import (
@@ -354,8 +357,15 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         ]
         if bad:
             raise InvalidRecord(bad)
-        copies = list(request.copies)
-        applied, skipped = await self.node.db.write(lambda: records.apply(copies), weight=len(copies))
+        copies = []
+        for c in request.copies:
+            keys = (c.key_id, c.wrapped_data_key, c.transit_key_id, c.wrapped_transit_key)
+            if not c.deleted:
+                # The region stores the copy without its key material, which goes to its keyring.
+                for name in ("wrapped_data_key", "transit_key_id", "wrapped_transit_key"):
+                    c.ClearField(name)
+            copies.append(IncomingCopy(c.user_id, c.version, c.deleted, *keys, stored=c.SerializeToString()))
+        applied, skipped = await self.node.db.write(lambda: apply_copies(records, copies), weight=len(copies))
         return replica_pb2.ApplyCopiesResponse(applied=applied, skipped=skipped)
 
 
