@@ -4,7 +4,7 @@ a batch is sealed in one pass before anything reaches the store."""
 from __future__ import annotations
 
 from residency.server.core import codec
-from residency.server.keys.crypto import DataKey, record_aad
+from residency.server.core.sealing import DataKey, record_aad
 from residency.v1 import records_pb2, storage_pb2
 
 StoredRecord = storage_pb2.StoredRecord
