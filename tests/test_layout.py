@@ -117,25 +117,20 @@ print(out)
     assert r.stdout.strip() == "[]", f"import cycles: {r.stdout}"
 
 
+def _mypy(tree: Path, package: str) -> subprocess.CompletedProcess[str]:
+    mypy = [_tool("mypy"), "--config-file", str(ROOT / "pyproject.toml"), "-p", package]
+    return subprocess.run(mypy, cwd=tree, capture_output=True, text=True, timeout=600)
+
+
 def test_core_type_checks_strictly(installed_tree: Path):
-    r = subprocess.run(
-        [_tool("mypy"), "--config-file", str(ROOT / "pyproject.toml"), "-p", "residency.server.core"],
-        cwd=installed_tree,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """pyproject [tool.mypy]: the core under the per-module flags that `--strict` sets."""
+    r = _mypy(installed_tree, "residency.server.core")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_whole_package_type_checks(installed_tree: Path):
-    r = subprocess.run(
-        [_tool("mypy"), "--config-file", str(ROOT / "pyproject.toml"), "-p", "residency"],
-        cwd=installed_tree,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """Every caller is checked against the Protocols it is given (e.g. the store's)."""
+    r = _mypy(installed_tree, "residency")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
