@@ -12,18 +12,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from residency.server.api.admin import AdminService
+from residency.server.api.consent import ConsentService
+from residency.server.api.context import Node
+from residency.server.api.disclosure import DisclosureService
+from residency.server.api.grants import GrantService
 from residency.server.api.intake import Intake
-from residency.server.api.services import (
-    AdminService,
-    ConsentService,
-    DisclosureService,
-    GrantService,
-    Node,
-    RecordService,
-    ReplicaService,
-    TransferLogService,
-    add_record_service,
-)
+from residency.server.api.records import RecordService, add_record_service
+from residency.server.api.replica import ReplicaService
+from residency.server.api.translog import TransferLogService
 from residency.server.config.node import DURABILITY, NodeConfig
 from residency.server.core import translog
 from residency.server.core.checkpoint import LogSigner
