@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,6 +49,9 @@ from residency.v1 import (
     translog_pb2_grpc,
 )
 
+if TYPE_CHECKING:
+    from residency.replicator.worker import Replicator
+
 log = logging.getLogger("residency.node")
 GRACE_SECONDS = 10.0
 SERVICES = [
@@ -66,7 +70,7 @@ class RunningNode:
         self.config = config
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        self.replicator = None
+        self.replicator: Replicator | None = None
         self.db: StoreThread | None = None
         self.health = health.aio.HealthServicer()
         self.transfer_log: TransferLog | None = None
@@ -257,7 +261,7 @@ class RunningNode:
         policy, after, done = self.node.policy, "", 0
         self.node.backfill = (0, total)
         while True:
-            after, n = await self.db.write(lambda a=after: policy.reproject(a, 500), weight=500)
+            after, n = await self.db.write(functools.partial(policy.reproject, after, 500), weight=500)
             done += n
             self.node.backfill = (min(done, total), max(total, done))
             self.node.wake()

@@ -4,7 +4,6 @@ holds them."""
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Any
 
 import grpc
@@ -37,7 +36,10 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
     async def _hash_credentials(self, writes: list[Write], secrets: list[int]) -> None:
         """Credentials are replaced by their scrypt hash before they go anywhere."""
         loop, credential = asyncio.get_running_loop(), self.records.schema.credential_fields
-        run = functools.partial(loop.run_in_executor, self.node.hashing, hash_credential)
+
+        def run(secret: str) -> asyncio.Future[bytes]:
+            return loop.run_in_executor(self.node.hashing, hash_credential, secret)
+
         jobs = []
         for i in secrets:
             body = records_pb2.Record.FromString(writes[i].body)
