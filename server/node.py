@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from residency.server.api.admin import AdminService
+from residency.server.api.consent import ConsentService
+from residency.server.api.context import Node
+from residency.server.api.disclosure import DisclosureService
+from residency.server.api.grants import GrantService
 from residency.server.api.intake import Intake
-from residency.server.api.services import (
-    AdminService,
-    ConsentService,
-    DisclosureService,
-    GrantService,
-    Node,
-    RecordService,
-    ReplicaService,
-    TransferLogService,
-    add_record_service,
-)
+from residency.server.api.records import RecordService, add_record_service
+from residency.server.api.replica import ReplicaService
+from residency.server.api.translog import TransferLogService
 from residency.server.config.node import DURABILITY, NodeConfig
 from residency.server.core import translog
 from residency.server.core.checkpoint import LogSigner
@@ -52,6 +50,9 @@ from residency.v1 import (
     translog_pb2_grpc,
 )
 
+if TYPE_CHECKING:
+    from residency.replicator.loop import Replicator
+
 log = logging.getLogger("residency.node")
 GRACE_SECONDS = 10.0
 SERVICES = [
@@ -70,7 +71,7 @@ class RunningNode:
         self.config = config
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        self.replicator = None
+        self.replicator: Replicator | None = None
         self.db: StoreThread | None = None
         self.health = health.aio.HealthServicer()
         self.transfer_log: TransferLog | None = None
@@ -262,7 +263,7 @@ class RunningNode:
         policy, after, done = self.node.policy, "", 0
         self.node.backfill = (0, total)
         while True:
-            after, n = await self.db.write(lambda a=after: policy.reproject(a, 500), weight=500)
+            after, n = await self.db.write(functools.partial(policy.reproject, after, 500), weight=500)
             done += n
             self.node.backfill = (min(done, total), max(total, done))
             self.node.wake()
