@@ -48,8 +48,12 @@ def start(root: Path, directory: Path, python: str) -> tuple[subprocess.Popen, s
     doc["replicator"]["enabled"] = False
     cfg.write_text(yaml.safe_dump(doc))
     log = open(directory / "node.log", "wb")  # noqa: SIM115 - handed to the child process
+    # A checkout from before the one-package layout runs as `server.cli` from its own folder
+    # (PYTHONPATH); a later one runs as the `residency` package that `python`'s environment
+    # installed (`pip install -e CHECKOUT` there, then `--python-a`/`--python-b`).
+    module = "server.cli" if (root / "server" / "cli.py").exists() else "residency.cli"
     proc = subprocess.Popen(
-        [python, "-m", "residency.cli.main", "serve", "--config", str(cfg)],
+        [python, "-m", module, "serve", "--config", str(cfg)],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         stdout=log,
