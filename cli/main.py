@@ -433,8 +433,8 @@ async def _disclose(args: argparse.Namespace) -> int:
 
 
 def _rules_check(args: argparse.Namespace) -> int:
-    from residency.server.core.rules import load_rules
-    from residency.server.core.schema import load_schema
+    from residency.server.config.rules import load_rules
+    from residency.server.config.schema import load_schema
 
     try:
         rules = load_rules(args.file, load_schema(args.schema))

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from residency.server.config.node import load_config
-from residency.server.core.rules import load_rules
-from residency.server.core.schema import load_schema
+from residency.server.config.rules import load_rules
+from residency.server.config.schema import load_schema
 from residency.server.deployment import AFFILIATES, PRIMARY, local_keys
 from residency.server.keys.crypto import Keyring, RegionKey
 from residency.server.keys.providers import AwsKmsProvider, SealError, open_provider

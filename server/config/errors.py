@@ -53,8 +53,12 @@ def tagged_by(key: str, default: str) -> Discriminator:
     )
 
 
-def config_error(error: ValidationError, model: type[BaseModel], where: str | Where) -> ConfigError:
-    """Every problem `error` found in a `model` document, one line each."""
+def config_error(
+    error: ValidationError, model: type[BaseModel], where: str | Where, quote: bool = True
+) -> ConfigError:
+    """Every problem `error` found in a `model` document, one line each. Keys are quoted
+    (`'keys.kem' must be ...`) unless `quote` is false (the rules file's style)."""
+    q = "'" if quote else ""
     locate: Where = (lambda loc: (where, 0)) if isinstance(where, str) else where
     lines: list[str] = []
     unknown: dict[Loc, list[str]] = {}
@@ -70,21 +74,17 @@ def config_error(error: ValidationError, model: type[BaseModel], where: str | Wh
             # A list item's own check names the item; its index would say less.
             lines.append(f"{prefix}: {text}")
         else:
-            lines.append(_line(prefix, place.key(named, key), text, e["type"] == "value_error"))
+            key = place.key(named, key)
+            sep = ":" if e["type"] == "value_error" else ""  # a check's own message is a sentence
+            lines.append(f"{prefix}: {q}{key}{q}{sep} {text}" if key else f"{prefix}: {text}")
     for loc, names in unknown.items():
         prefix, named = locate(loc)
         place = _Place(model, loc)
         known = sorted(_fields(place.type)) if _is_model(place.type) else []
         text = f"unknown key(s) {sorted(names)}{place.tag}; known keys are {known}"
         key = place.key(named)
-        lines.append(f"{prefix}: '{key}' has {text}" if key else f"{prefix}: {text}")
+        lines.append(f"{prefix}: {q}{key}{q} has {text}" if key else f"{prefix}: {text}")
     return ConfigError("\n".join(lines))
-
-
-def _line(prefix: str, key: str, text: str, sentence: bool) -> str:
-    if not key:
-        return f"{prefix}: {text}"
-    return f"{prefix}: '{key}'{':' if sentence else ''} {text}"
 
 
 def _explain(e: Any, place: _Place) -> tuple[str, str]:
