@@ -171,7 +171,7 @@ def init_deployment(
     addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
     paths = {}
     for region in regions:
-        config = {
+        config: dict[str, Any] = {
             "region": region,
             "role": "primary" if region == PRIMARY else "region",
             "listen": addresses[region],

@@ -39,29 +39,38 @@ RelativePath = Annotated[str, Field(min_length=1)]
 class ReplicatorConfig(FileModel):
     """`replicator:` of a primary's config: its in-process worker and every worker's pacing."""
 
-    enabled: bool = Field(True, description="true or false: whether the node runs a replication worker")
-    batch_size: int = Field(500, ge=1, le=1000, description="a whole number of outbox entries from 1 to 1000")
+    enabled: bool = Field(
+        default=True, description="true or false: whether the node runs a replication worker"
+    )
+    batch_size: int = Field(
+        default=500, ge=1, le=1000, description="a whole number of outbox entries from 1 to 1000"
+    )
     # Seconds between retries grow from `retry_initial` up to `retry_max`, with jitter.
-    retry_initial: float = Field(0.2, gt=0, description="a number of seconds above 0")
-    retry_max: float = Field(10.0, gt=0, description="a number of seconds above 0")
+    retry_initial: float = Field(default=0.2, gt=0, description="a number of seconds above 0")
+    retry_max: float = Field(default=10.0, gt=0, description="a number of seconds above 0")
     # A worker ships to a destination only while it holds that destination's lease, renewed
     # every third of `lease_seconds`; a dead worker's lease is taken over once it expires.
-    lease_seconds: float = Field(15.0, gt=0, description="a number of seconds above 0")
+    lease_seconds: float = Field(default=15.0, gt=0, description="a number of seconds above 0")
     # How often an idle worker looks at the outbox (the in-process worker is also woken
     # by each write).
-    poll_interval: float = Field(0.1, gt=0, description="a number of seconds above 0")
+    poll_interval: float = Field(default=0.1, gt=0, description="a number of seconds above 0")
     # Seconds one shipping call may take; must stay below half of `lease_seconds`.
     ship_timeout: float = Field(
-        5.0, gt=0, description="a number of seconds above 0, at most half of lease_seconds"
+        default=5.0, gt=0, description="a number of seconds above 0, at most half of lease_seconds"
     )
     s3_concurrency: int = Field(
-        32, ge=1, le=256, description="a whole number from 1 to 256: objects written to a bucket at once"
+        default=32,
+        ge=1,
+        le=256,
+        description="a whole number from 1 to 256: objects written to a bucket at once",
     )
     # Destinations the node's in-process worker ships to (empty: all). Others are left to
     # standalone workers (`residency replicate --region R`), e.g. a bucket whose boto3
     # calls would otherwise take the primary's interpreter from its region nodes.
     regions: tuple[str, ...] = Field(
-        (), strict=False, description="a list of affiliate regions this node's worker ships to (empty: all)"
+        default=(),
+        strict=False,
+        description="a list of affiliate regions this node's worker ships to (empty: all)",
     )
 
 
@@ -69,15 +78,17 @@ class ArchiveConfig(FileModel):
     """`archive:`: the S3 bucket the transfer log's sealed segments and checkpoints go to."""
 
     bucket: str = Field(min_length=1, description="the S3 bucket to archive the transfer log to")
-    endpoint: str | None = Field(None, description="the S3 endpoint URL (none: AWS's)")
-    region: str = Field("us-east-1", description="the bucket's AWS region")
-    prefix: str = Field("translog", description="the key prefix of the archive's objects")
-    interval_seconds: float = Field(300.0, gt=0, description="a number of seconds above 0")
+    endpoint: str | None = Field(default=None, description="the S3 endpoint URL (none: AWS's)")
+    region: str = Field(default="us-east-1", description="the bucket's AWS region")
+    prefix: str = Field(default="translog", description="the key prefix of the archive's objects")
+    interval_seconds: float = Field(default=300.0, gt=0, description="a number of seconds above 0")
     retention_days: int = Field(
-        0, ge=0, description="a whole number of days, 0 or more (0: no Object Lock retention)"
+        default=0, ge=0, description="a whole number of days, 0 or more (0: no Object Lock retention)"
     )
-    access_key_id: str | None = Field(None, description="an access key id (none: boto3's standard chain)")
-    secret_access_key: str | None = Field(None, description="a secret access key")
+    access_key_id: str | None = Field(
+        default=None, description="an access key id (none: boto3's standard chain)"
+    )
+    secret_access_key: str | None = Field(default=None, description="a secret access key")
 
 
 class _Destination(FileModel):
@@ -85,7 +96,7 @@ class _Destination(FileModel):
     public_key: RelativePath = Field(description="the path of the destination region's region.pub")
     # A partner's ingestion limit, S3's request rate per prefix, or CPU left to the other
     # destinations by a sink that cannot keep up anyway.
-    max_rate: float = Field(0.0, ge=0, description="a number of records per second (0: no limit)")
+    max_rate: float = Field(default=0.0, ge=0, description="a number of records per second (0: no limit)")
 
 
 class ReplicaFile(_Destination):
@@ -101,9 +112,9 @@ class S3File(_Destination):
 
     sink: Literal["s3"]
     bucket: str = Field(min_length=1, description="the S3 bucket copies go to")
-    endpoint_url: str = Field("", description="the S3 endpoint URL (empty: AWS's for s3_region)")
-    prefix: str = Field("", description="the key prefix of the copies")
-    s3_region: str = Field("", description="the bucket's AWS region")
+    endpoint_url: str = Field(default="", description="the S3 endpoint URL (empty: AWS's for s3_region)")
+    prefix: str = Field(default="", description="the key prefix of the copies")
+    s3_region: str = Field(default="", description="the bucket's AWS region")
 
 
 AffiliateFile = Annotated[
@@ -114,8 +125,10 @@ AffiliateFile = Annotated[
 class _Keys(FileModel):
     dir: RelativePath = Field(description="the folder holding region.key and region.pub")
     kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
-    cache_entries: int = Field(100_000, gt=0, description="a positive number of data keys cached")
-    cache_seconds: float = Field(300.0, gt=0, description="a positive number of seconds a data key is cached")
+    cache_entries: int = Field(default=100_000, gt=0, description="a positive number of data keys cached")
+    cache_seconds: float = Field(
+        default=300.0, gt=0, description="a positive number of seconds a data key is cached"
+    )
 
 
 class LocalKeysFile(_Keys):
@@ -126,8 +139,10 @@ class LocalKeysFile(_Keys):
         json_schema_extra={"anyOf": [{"required": ["passphrase_file"]}, {"required": ["passphrase_env"]}]}
     )
     provider: Literal["local"] = "local"
-    passphrase_file: str | None = Field(None, description="a file holding the passphrase (mode 0600)")
-    passphrase_env: str | None = Field(None, description="an environment variable holding the passphrase")
+    passphrase_file: str | None = Field(default=None, description="a file holding the passphrase (mode 0600)")
+    passphrase_env: str | None = Field(
+        default=None, description="an environment variable holding the passphrase"
+    )
 
 
 class KmsKeysFile(_Keys):
@@ -135,8 +150,8 @@ class KmsKeysFile(_Keys):
 
     provider: Literal["aws-kms"]
     kms_key_id: str = Field(description="a KMS key id, ARN or alias")
-    aws_region: str = Field("us-east-1", description="the KMS key's AWS region")
-    endpoint_url: str | None = Field(None, description="the KMS endpoint URL (none: AWS's)")
+    aws_region: str = Field(default="us-east-1", description="the KMS key's AWS region")
+    endpoint_url: str | None = Field(default=None, description="the KMS endpoint URL (none: AWS's)")
 
 
 class OpenbaoKeysFile(_Keys):
@@ -148,9 +163,9 @@ class OpenbaoKeysFile(_Keys):
     provider: Literal["openbao"]
     address: str = Field(description="the OpenBao server's URL")
     transit_key: str = Field(description="the name of the Transit key")
-    mount: str = Field("transit", description="the Transit engine's mount path")
-    token_file: str | None = Field(None, description="a file holding the token (mode 0600)")
-    token_env: str | None = Field(None, description="an environment variable holding the token")
+    mount: str = Field(default="transit", description="the Transit engine's mount path")
+    token_file: str | None = Field(default=None, description="a file holding the token (mode 0600)")
+    token_env: str | None = Field(default=None, description="an environment variable holding the token")
 
 
 KeysFile = Annotated[
@@ -173,13 +188,13 @@ class NodeFile(FileModel):
     rules: RelativePath = Field(description="the path of the transfer rules file")
     keys: KeysFile
     durability: Literal["full", "normal"] = "full"
-    policy_sweep_seconds: float = Field(30.0, gt=0, description="a positive number of seconds")
-    affiliates: list[AffiliateFile] = Field([], description="the primary's replication destinations")
+    policy_sweep_seconds: float = Field(default=30.0, gt=0, description="a positive number of seconds")
+    affiliates: list[AffiliateFile] = Field(default=[], description="the primary's replication destinations")
     replicator: ReplicatorConfig = ReplicatorConfig()
-    checkpoint_interval_seconds: float = Field(60.0, gt=0, description="a number of seconds above 0")
+    checkpoint_interval_seconds: float = Field(default=60.0, gt=0, description="a number of seconds above 0")
     archive: ArchiveConfig | None = None
     check_workers: int | None = Field(
-        None, ge=0, le=64, description="a whole number from 0 to 64 (0: in-process)"
+        default=None, ge=0, le=64, description="a whole number from 0 to 64 (0: in-process)"
     )
 
     @model_validator(mode="after")

@@ -39,28 +39,29 @@ class RuleFile(FileModel):
     categories: list[DataCategory] = Field(
         min_length=1, description="a list of at least one Fides data category"
     )
-    exclude: list[DataCategory] = Field([], description="a list of Fides data categories kept back")
+    exclude: list[DataCategory] = Field(default=[], description="a list of Fides data categories kept back")
     requires_consent: bool = Field(
-        False, description="true or false: whether the user's consent is required (always, for consent)"
+        default=False,
+        description="true or false: whether the user's consent is required (always, for consent)",
     )
     retention_days: int | None = Field(
-        None, gt=0, description="a positive whole number of days the destination may keep a copy"
+        default=None, gt=0, description="a positive whole number of days the destination may keep a copy"
     )
 
 
 class _Top(FileModel):
     """The keys of a rules file other than its recipients and rules."""
 
-    version: int | str = Field(1, description="a label for people (the rule set's version is a hash)")
+    version: int | str = Field(default=1, description="a label for people (the rule set's version is a hash)")
     home_region: str = Field(min_length=1, description="the region the records live in, e.g. cn-north")
-    never_transfer: list[DataCategory] = Field([], description="a list of Fides data categories")
+    never_transfer: list[DataCategory] = Field(default=[], description="a list of Fides data categories")
 
 
 class RulesFile(_Top):
     """What may leave the home region. Default deny: a field goes only where a rule sends it."""
 
-    recipients: list[RecipientFile] = []
-    rules: list[RuleFile] = []
+    recipients: list[RecipientFile] = Field(default=[], description="the companies data may go to")
+    rules: list[RuleFile] = Field(default=[], description="what may go to each recipient")
 
 
 class _Outline(_Top):

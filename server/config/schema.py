@@ -40,22 +40,24 @@ class FieldFile(FileModel):
 
     category: DataCategory
     type: FieldType
-    description: str = Field("", description="what the field holds, for people")
-    sensitive: bool = Field(False, description="true or false: sensitive personal information (PIPL Art. 28)")
+    description: str = Field(default="", description="what the field holds, for people")
+    sensitive: bool = Field(
+        default=False, description="true or false: sensitive personal information (PIPL Art. 28)"
+    )
     out_of_scope: bool = Field(
-        False,
+        default=False,
         description="true or false: outside the policy's scope (1c), transferred only under a rule "
         "naming its category",
     )
     source: FieldSource = "registration"
-    max_bytes: int = Field(4096, gt=0, description="a positive whole number of bytes")
-    max_items: int = Field(256, gt=0, description="a positive whole number of list items")
+    max_bytes: int = Field(default=4096, gt=0, description="a positive whole number of bytes")
+    max_items: int = Field(default=256, gt=0, description="a positive whole number of list items")
 
 
 class SchemaFile(FileModel):
     """The fields a record may hold; any other field is refused, not stored."""
 
-    version: int = Field(1, description="a whole number: the schema's version")
+    version: int = Field(default=1, description="a whole number: the schema's version")
     fields: dict[str, FieldFile] = Field(min_length=1, description="a non-empty mapping of field names")
 
 

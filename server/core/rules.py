@@ -157,7 +157,7 @@ class Plan:
     purpose: str | None
     decisions: dict[str, Decision]
     # Derived facts callers work out once per plan (e.g. a copy's log description per field set).
-    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def project(self, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Withheld]]:
         """Splits a record's fields into those that may go and those withheld (with why)."""
@@ -181,7 +181,9 @@ class RuleSet:
     version: str
     schema: Schema
     source: str = ""
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict[tuple[str, str | None, Permits], Plan] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @cached_property
     def regions(self) -> frozenset[str]:
@@ -230,7 +232,8 @@ class RuleSet:
         if is_cookie(spec.category) and not permits.cookies:
             return Withheld(COOKIE_CONSENT_MISSING)
         best = NO_RULE
-        candidates = [(r, False) for r in self.rules]
+        # (rule, granted): False for a rule, True for an active grant, None for an ended one.
+        candidates: list[tuple[Rule, bool | None]] = [(r, False) for r in self.rules]
         candidates += [(g.as_rule(), True) for g in permits.active_grants]
         candidates += [(g.as_rule(), None) for g in permits.ended_grants]
         for rule, granted in candidates:
