@@ -284,3 +284,18 @@ SCHEMA_TELLS = [(c, m) for c, m in NODE_CASES if not any(w in m for w in ("names
 def test_the_node_json_schema_refuses_what_the_loader_refuses(deployment: Path, change: dict, message: str):
     doc = {**yaml.safe_load((deployment / f"{PRIMARY}.yaml").read_text()), **change}
     assert list(_validator("node").iter_errors(doc)), message
+
+
+def test_an_empty_yaml_value_still_means_empty(deployment: Path, schema: Schema):
+    doc = yaml.safe_load((deployment / f"{AFFILIATES[0]}.yaml").read_text())
+    doc.update(affiliates=None, replicator=None)
+    path = deployment / "empty.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    config = load_config(path)
+    assert config.affiliates == () and config.replicator.enabled
+    assert not list(_validator("node").iter_errors(doc))
+    rules = yaml.safe_load(EXAMPLE_RULES)
+    rules.update(never_transfer=None)
+    rules["rules"][0]["exclude"] = None
+    assert parse_rules(rules, schema, "rules.yaml", "v").never_transfer == ()
+    assert not list(_validator("rules").iter_errors(rules))

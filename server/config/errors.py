@@ -11,7 +11,7 @@ import types
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Tag, ValidationError
 from pydantic.fields import FieldInfo
 
 from residency.server.core.errors import ConfigError
@@ -51,6 +51,12 @@ def tagged_by(key: str, default: str) -> Discriminator:
         custom_error_message=f"unknown {key}",
         custom_error_context={"key": key},
     )
+
+
+def empty_if_null(empty: Callable[[], Any], shown_as: Any) -> BeforeValidator:
+    """YAML's empty value (`rules:` with nothing after it) stands for an empty list or mapping,
+    as it did before the files had models; the JSON Schema (`shown_as`) allows it too."""
+    return BeforeValidator(lambda v: empty() if v is None else v, json_schema_input_type=shown_as)
 
 
 def config_error(

@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Self
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, Tag, ValidationError, model_validator
 
-from residency.server.config.errors import FileModel, config_error, tagged_by
+from residency.server.config.errors import FileModel, config_error, empty_if_null, tagged_by
 from residency.server.core.errors import ConfigError
 
 DURABILITY = {"full": "FULL", "normal": "NORMAL"}
@@ -189,8 +189,10 @@ class NodeFile(FileModel):
     keys: KeysFile
     durability: Literal["full", "normal"] = "full"
     policy_sweep_seconds: float = Field(default=30.0, gt=0, description="a positive number of seconds")
-    affiliates: list[AffiliateFile] = Field(default=[], description="the primary's replication destinations")
-    replicator: ReplicatorConfig = ReplicatorConfig()
+    affiliates: Annotated[list[AffiliateFile], empty_if_null(list, list[AffiliateFile] | None)] = Field(
+        default=[], description="the primary's replication destinations"
+    )
+    replicator: Annotated[ReplicatorConfig, empty_if_null(dict, ReplicatorConfig | None)] = ReplicatorConfig()
     checkpoint_interval_seconds: float = Field(default=60.0, gt=0, description="a number of seconds above 0")
     archive: ArchiveConfig | None = None
     check_workers: int | None = Field(

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import Field, ValidationError
 
-from residency.server.config.errors import FileModel, config_error
+from residency.server.config.errors import FileModel, config_error, empty_if_null
 from residency.server.config.schema import DataCategory, DataUse
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import LegalBasis, Recipient, Rule, RuleSet, covers
@@ -39,7 +39,9 @@ class RuleFile(FileModel):
     categories: list[DataCategory] = Field(
         min_length=1, description="a list of at least one Fides data category"
     )
-    exclude: list[DataCategory] = Field(default=[], description="a list of Fides data categories kept back")
+    exclude: Annotated[list[DataCategory], empty_if_null(list, list[DataCategory] | None)] = Field(
+        default=[], description="a list of Fides data categories kept back"
+    )
     requires_consent: bool = Field(
         default=False,
         description="true or false: whether the user's consent is required (always, for consent)",
@@ -54,22 +56,28 @@ class _Top(FileModel):
 
     version: int | str = Field(default=1, description="a label for people (the rule set's version is a hash)")
     home_region: str = Field(min_length=1, description="the region the records live in, e.g. cn-north")
-    never_transfer: list[DataCategory] = Field(default=[], description="a list of Fides data categories")
+    never_transfer: Annotated[list[DataCategory], empty_if_null(list, list[DataCategory] | None)] = Field(
+        default=[], description="a list of Fides data categories"
+    )
 
 
 class RulesFile(_Top):
     """What may leave the home region. Default deny: a field goes only where a rule sends it."""
 
-    recipients: list[RecipientFile] = Field(default=[], description="the companies data may go to")
-    rules: list[RuleFile] = Field(default=[], description="what may go to each recipient")
+    recipients: Annotated[list[RecipientFile], empty_if_null(list, list[RecipientFile] | None)] = Field(
+        default=[], description="the companies data may go to"
+    )
+    rules: Annotated[list[RuleFile], empty_if_null(list, list[RuleFile] | None)] = Field(
+        default=[], description="what may go to each recipient"
+    )
 
 
 class _Outline(_Top):
     """The file with its recipients and rules left to be checked one by one, so that one
     broken rule hides no other rule's problems."""
 
-    recipients: list[Any] = []
-    rules: list[Any] = []
+    recipients: Annotated[list[Any], empty_if_null(list, list[Any] | None)] = []
+    rules: Annotated[list[Any], empty_if_null(list, list[Any] | None)] = []
 
 
 def load_rules(path: str | Path, schema: Schema) -> RuleSet:
