@@ -123,6 +123,8 @@ AffiliateFile = Annotated[
 
 
 class _Keys(FileModel):
+    """What `keys:` holds whatever the provider."""
+
     dir: RelativePath = Field(description="the folder holding region.key and region.pub")
     kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
     cache_entries: int = Field(default=100_000, gt=0, description="a positive number of data keys cached")
@@ -134,7 +136,7 @@ class _Keys(FileModel):
 class LocalKeysFile(_Keys):
     """Keys on disk, protected at rest by a passphrase read from a file or the environment."""
 
-    # One of the two is required; which, the loader says (it reads the secret).
+    # One of the two is required: the loader reads the secret from it, and says so when neither is given.
     model_config = ConfigDict(
         json_schema_extra={"anyOf": [{"required": ["passphrase_file"]}, {"required": ["passphrase_env"]}]}
     )
@@ -190,7 +192,7 @@ class NodeFile(FileModel):
     durability: Literal["full", "normal"] = "full"
     policy_sweep_seconds: float = Field(default=30.0, gt=0, description="a positive number of seconds")
     affiliates: Annotated[list[AffiliateFile], empty_if_null(list, list[AffiliateFile] | None)] = Field(
-        default=[], description="the primary's replication destinations"
+        default=[], description="a list of the primary's replication destinations"
     )
     replicator: Annotated[ReplicatorConfig, empty_if_null(dict, ReplicatorConfig | None)] = ReplicatorConfig()
     checkpoint_interval_seconds: float = Field(default=60.0, gt=0, description="a number of seconds above 0")
@@ -270,6 +272,8 @@ class KeysConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
+    """The node's configuration as the node uses it: paths resolved, secrets read."""
+
     path: Path
     region: str
     role: str
@@ -306,6 +310,7 @@ class NodeConfig:
 
 
 def load_config(path: str | Path) -> NodeConfig:
+    """Reads, validates and resolves a node config file; any problem is a ConfigError."""
     path = Path(path).resolve()
     try:
         doc = yaml.safe_load(path.read_text())
