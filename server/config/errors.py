@@ -27,8 +27,6 @@ _PLAIN = {
     "float_type": "a number",
     "bool_type": "true or false",
     "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
 }
 
 
