@@ -15,8 +15,8 @@ from residency.v1 import admin_pb2, admin_pb2_grpc
 
 
 def _rules_check(args: argparse.Namespace) -> int:
-    from residency.server.core.rules import load_rules
-    from residency.server.core.schema import load_schema
+    from residency.server.config.rules import load_rules
+    from residency.server.config.schema import load_schema
 
     try:
         rules = load_rules(args.file, load_schema(args.schema))

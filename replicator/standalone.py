@@ -17,9 +17,10 @@ import signal
 from residency.replicator.destinations import destinations_for
 from residency.replicator.loop import Replicator
 from residency.server.config.node import DURABILITY, NodeConfig
+from residency.server.config.rules import load_rules
+from residency.server.config.schema import load_schema
 from residency.server.core.errors import ConfigError
-from residency.server.core.rules import load_rules
-from residency.server.core.schema import Schema, load_schema
+from residency.server.core.schema import Schema
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.sqlite import SqliteStore

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from residency.server.config import JSONSCHEMA
 from residency.server.config.node import load_config
 from residency.server.core.checkpoint import LogSigner
 from residency.server.keys.providers import open_provider
@@ -119,6 +120,12 @@ def origin(region: str) -> str:
     return f"residency/{region}"
 
 
+def editor_schema(kind: str) -> str:
+    """The first line of a written file: it points editors that use yaml-language-server
+    (VS Code's YAML extension, Neovim, Helix, ...) at the installed JSON Schema of `kind`."""
+    return f"# yaml-language-server: $schema={(JSONSCHEMA / f'{kind}.json').as_uri()}\n"
+
+
 def free_ports(n: int) -> list[int]:
     socks = []
     try:
@@ -157,15 +164,15 @@ def init_deployment(
     d.mkdir(parents=True, exist_ok=True)
     regions = (PRIMARY, *AFFILIATES)
     ports = ports or free_ports(len(regions))
-    (d / "schema.yaml").write_text(EXAMPLE_SCHEMA)
-    (d / "rules.yaml").write_text(EXAMPLE_RULES)
+    (d / "schema.yaml").write_text(editor_schema("schema") + EXAMPLE_SCHEMA)
+    (d / "rules.yaml").write_text(editor_schema("rules") + EXAMPLE_RULES)
     for region in regions:
         # Each node signs its own transfer log's checkpoints with its own key.
         LogSigner.generate(origin(region), d / "keys" / region)
     addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
     paths = {}
     for region in regions:
-        config = {
+        config: dict[str, Any] = {
             "region": region,
             "role": "primary" if region == PRIMARY else "region",
             "listen": addresses[region],
@@ -183,7 +190,7 @@ def init_deployment(
             ]
             config["replicator"] = {"enabled": True, "batch_size": 500}
         paths[region] = d / f"{region}.yaml"
-        paths[region].write_text(yaml.safe_dump(config, sort_keys=False))
+        paths[region].write_text(editor_schema("node") + yaml.safe_dump(config, sort_keys=False))
     for region in regions:
         generate_keys(paths[region])
     return paths

@@ -23,11 +23,11 @@ from residency.server.api.records import RecordService, add_record_service
 from residency.server.api.replica import ReplicaService
 from residency.server.api.translog import TransferLogService
 from residency.server.config.node import DURABILITY, NodeConfig
+from residency.server.config.rules import load_rules, rules_from_bytes
+from residency.server.config.schema import load_schema
 from residency.server.core import translog
 from residency.server.core.checkpoint import LogSigner
 from residency.server.core.errors import ConfigError
-from residency.server.core.rules import load_rules, rules_from_bytes
-from residency.server.core.schema import load_schema
 from residency.server.keys import lifecycle
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from residency.server.config.node import ArchiveConfig
 from residency.server.core.checkpoint import LogSigner
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault import bundle
-from residency.server.vault.archive import ArchiveConfig, Archiver, S3Bucket
+from residency.server.vault.archive import Archiver, S3Bucket
 from residency.server.vault.transferlog import TransferLog
 from tests.conftest import S3Server, replication_entry
 

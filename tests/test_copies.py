@@ -11,9 +11,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from residency.replicator.copies import CopyKeys, build_copy, erased_copy
+from residency.server.config.rules import load_rules
+from residency.server.config.schema import load_schema
 from residency.server.core import codec
-from residency.server.core.rules import NO_PERMITS, Permits, RuleSet, load_rules
-from residency.server.core.schema import load_schema
+from residency.server.core.rules import NO_PERMITS, Permits, RuleSet
 from residency.server.core.sealing import SealError, field_aad
 from residency.server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY
 from residency.server.keys.cache import KeyCache

@@ -15,8 +15,9 @@ from google.protobuf.message import DecodeError
 
 from residency.server.api.intake import MIN_OFFLOAD_BYTES, Checked, Intake, check_request
 from residency.server.config.node import load_config
+from residency.server.config.schema import load_schema
 from residency.server.core import codec
-from residency.server.core.schema import Schema, load_schema
+from residency.server.core.schema import Schema
 from residency.server.deployment import PRIMARY, init_deployment
 from residency.v1 import records_pb2
 from tests.conftest import ctx
@@ -148,7 +149,7 @@ def test_helpers_end_when_the_node_is_killed(tmp_path: Path):
         "import sys\n"
         "from residency.server.config.node import load_config\n"
         "from residency.server.api.intake import Intake\n"
-        "from residency.server.core.schema import load_schema\n"
+        "from residency.server.config.schema import load_schema\n"
         "if __name__ == '__main__':\n"
         "    schema = load_schema(load_config(sys.argv[1]).schema)\n"
         "    intake = Intake(schema, 'cn-north', workers=2)\n"

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from residency.server.config.node import load_config
-from residency.server.core.rules import load_rules
-from residency.server.core.schema import load_schema
+from residency.server.config.rules import load_rules
+from residency.server.config.schema import load_schema
 from residency.server.core.sealing import SealError
 from residency.server.deployment import AFFILIATES, PRIMARY, local_keys
 from residency.server.keys.keyring import Keyring

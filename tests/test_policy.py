@@ -397,8 +397,9 @@ async def test_sighup_reloads_the_rules_file(cluster: Cluster):
 
 def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     """Retention (rules' retention_days), in-process with a clock moved forward a year."""
-    from residency.server.core.rules import Permits, parse_rules
-    from residency.server.core.schema import load_schema
+    from residency.server.config.rules import parse_rules
+    from residency.server.config.schema import load_schema
+    from residency.server.core.rules import Permits
     from residency.server.deployment import EXAMPLE_SCHEMA
     from residency.server.keys.keyring import Keyring
     from residency.server.keys.providers.local import LocalProvider

@@ -12,6 +12,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from residency.server.config.rules import parse_rules
+from residency.server.config.schema import load_schema
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, PolicyDenied
 from residency.server.core.policy import consent, cookies, disclosure, erasure, grants
 from residency.server.core.policy.consent import ConsentChange, StandingConsent
@@ -24,9 +26,8 @@ from residency.server.core.rules import (
     NOT_FOR_GROUND,
     Grant,
     RuleSet,
-    parse_rules,
 )
-from residency.server.core.schema import Schema, load_schema
+from residency.server.core.schema import Schema
 from residency.server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA
 
 NOW = 1_800_000_000.0

@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 import grpc
 import pytest
 
-from residency.server.core.rules import Allowed, Permits, load_rules
-from residency.server.core.schema import load_schema
+from residency.server.config.rules import load_rules
+from residency.server.config.schema import load_schema
+from residency.server.core.rules import Allowed, Permits
 from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.v1 import admin_pb2, replica_pb2
 from tests.conftest import Cluster, values

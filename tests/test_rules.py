@@ -7,6 +7,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from residency.server.config.rules import load_rules, parse_rules
+from residency.server.config.schema import load_schema
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import (
     CONSENT_MISSING,
@@ -25,10 +27,8 @@ from residency.server.core.rules import (
     Permits,
     Withheld,
     covers,
-    load_rules,
-    parse_rules,
 )
-from residency.server.core.schema import Schema, data_categories, load_schema
+from residency.server.core.schema import Schema, data_categories
 from residency.server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA
 
 

@@ -344,7 +344,8 @@ async def test_a_node_signs_checkpoints_at_its_interval_and_archives_them(
     import yaml
     from botocore.exceptions import ClientError
 
-    from residency.server.vault.archive import ArchiveConfig, S3Bucket
+    from residency.server.config.node import ArchiveConfig
+    from residency.server.vault.archive import S3Bucket
 
     config = idle_cluster.dep.configs[PRIMARY]
     doc = yaml.safe_load(config.read_text())

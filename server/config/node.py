@@ -1,28 +1,223 @@
-"""A node's configuration: one typed object, loaded and validated once at start.
+"""A node's configuration: the node config file's model, and the one typed object built from
+it once at start (relative paths resolved against the file's folder, secrets read).
 
-Relative paths are resolved against the config file's folder. A bad value fails at start
-with a message naming the file and the key.
+A bad value fails at start with a message naming the file and the key.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal, Self
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, Tag, ValidationError, model_validator
 
+from residency.server.config.errors import FileModel, config_error, empty_if_null, tagged_by
 from residency.server.core.errors import ConfigError
-from residency.server.vault.archive import ArchiveConfig
 
-ROLES = ("primary", "region")
-PROVIDERS = ("local", "aws-kms", "openbao")
-KEMS = ("x25519", "mlkem768-x25519")
 DURABILITY = {"full": "FULL", "normal": "NORMAL"}
 
 
-SINKS = ("replica", "s3")
+def _host_port(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT with a port from 0 to 65535, got {value!r}")
+    return value
+
+
+HostPort = Annotated[
+    str,
+    Field(pattern=r"^.+:[0-9]+$", description="HOST:PORT, e.g. 127.0.0.1:50051"),
+    AfterValidator(_host_port),
+]
+RelativePath = Annotated[str, Field(min_length=1)]
+
+
+class ReplicatorConfig(FileModel):
+    """`replicator:` of a primary's config: its in-process worker and every worker's pacing."""
+
+    enabled: bool = Field(
+        default=True, description="true or false: whether the node runs a replication worker"
+    )
+    batch_size: int = Field(
+        default=500, ge=1, le=1000, description="a whole number of outbox entries from 1 to 1000"
+    )
+    # Seconds between retries grow from `retry_initial` up to `retry_max`, with jitter.
+    retry_initial: float = Field(default=0.2, gt=0, description="a number of seconds above 0")
+    retry_max: float = Field(default=10.0, gt=0, description="a number of seconds above 0")
+    # A worker ships to a destination only while it holds that destination's lease, renewed
+    # every third of `lease_seconds`; a dead worker's lease is taken over once it expires.
+    lease_seconds: float = Field(default=15.0, gt=0, description="a number of seconds above 0")
+    # How often an idle worker looks at the outbox (the in-process worker is also woken
+    # by each write).
+    poll_interval: float = Field(default=0.1, gt=0, description="a number of seconds above 0")
+    # Seconds one shipping call may take; must stay below half of `lease_seconds`.
+    ship_timeout: float = Field(
+        default=5.0, gt=0, description="a number of seconds above 0, at most half of lease_seconds"
+    )
+    s3_concurrency: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="a whole number from 1 to 256: objects written to a bucket at once",
+    )
+    # Destinations the node's in-process worker ships to (empty: all). Others are left to
+    # standalone workers (`residency replicate --region R`), e.g. a bucket whose boto3
+    # calls would otherwise take the primary's interpreter from its region nodes.
+    regions: tuple[str, ...] = Field(
+        default=(),
+        strict=False,
+        description="a list of affiliate regions this node's worker ships to (empty: all)",
+    )
+
+
+class ArchiveConfig(FileModel):
+    """`archive:`: the S3 bucket the transfer log's sealed segments and checkpoints go to."""
+
+    bucket: str = Field(min_length=1, description="the S3 bucket to archive the transfer log to")
+    endpoint: str | None = Field(default=None, description="the S3 endpoint URL (none: AWS's)")
+    region: str = Field(default="us-east-1", description="the bucket's AWS region")
+    prefix: str = Field(default="translog", description="the key prefix of the archive's objects")
+    interval_seconds: float = Field(default=300.0, gt=0, description="a number of seconds above 0")
+    retention_days: int = Field(
+        default=0, ge=0, description="a whole number of days, 0 or more (0: no Object Lock retention)"
+    )
+    access_key_id: str | None = Field(
+        default=None, description="an access key id (none: boto3's standard chain)"
+    )
+    secret_access_key: str | None = Field(default=None, description="a secret access key")
+
+
+class _Destination(FileModel):
+    region: str = Field(min_length=1, description="the affiliate region copies go to")
+    public_key: RelativePath = Field(description="the path of the destination region's region.pub")
+    # A partner's ingestion limit, S3's request rate per prefix, or CPU left to the other
+    # destinations by a sink that cannot keep up anyway.
+    max_rate: float = Field(default=0.0, ge=0, description="a number of records per second (0: no limit)")
+
+
+class ReplicaFile(_Destination):
+    """A region node, reached over gRPC."""
+
+    sink: Literal["replica"] = "replica"
+    address: HostPort
+
+
+class S3File(_Destination):
+    """An affiliate's S3 bucket. Credentials come from boto3's standard chain (environment,
+    shared files, instance role), never from this file."""
+
+    sink: Literal["s3"]
+    bucket: str = Field(min_length=1, description="the S3 bucket copies go to")
+    endpoint_url: str = Field(default="", description="the S3 endpoint URL (empty: AWS's for s3_region)")
+    prefix: str = Field(default="", description="the key prefix of the copies")
+    s3_region: str = Field(default="", description="the bucket's AWS region")
+
+
+AffiliateFile = Annotated[
+    Annotated[ReplicaFile, Tag("replica")] | Annotated[S3File, Tag("s3")], tagged_by("sink", "replica")
+]
+
+
+class _Keys(FileModel):
+    """What `keys:` holds whatever the provider."""
+
+    dir: RelativePath = Field(description="the folder holding region.key and region.pub")
+    kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
+    cache_entries: int = Field(default=100_000, gt=0, description="a positive number of data keys cached")
+    cache_seconds: float = Field(
+        default=300.0, gt=0, description="a positive number of seconds a data key is cached"
+    )
+
+
+class LocalKeysFile(_Keys):
+    """Keys on disk, protected at rest by a passphrase read from a file or the environment."""
+
+    # One of the two is required: the loader reads the secret from it, and says so when neither is given.
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["passphrase_file"]}, {"required": ["passphrase_env"]}]}
+    )
+    provider: Literal["local"] = "local"
+    passphrase_file: str | None = Field(default=None, description="a file holding the passphrase (mode 0600)")
+    passphrase_env: str | None = Field(
+        default=None, description="an environment variable holding the passphrase"
+    )
+
+
+class KmsKeysFile(_Keys):
+    """Keys wrapped by AWS KMS."""
+
+    provider: Literal["aws-kms"]
+    kms_key_id: str = Field(description="a KMS key id, ARN or alias")
+    aws_region: str = Field(default="us-east-1", description="the KMS key's AWS region")
+    endpoint_url: str | None = Field(default=None, description="the KMS endpoint URL (none: AWS's)")
+
+
+class OpenbaoKeysFile(_Keys):
+    """Keys wrapped by OpenBao (or Vault) Transit."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["token_file"]}, {"required": ["token_env"]}]}
+    )
+    provider: Literal["openbao"]
+    address: str = Field(description="the OpenBao server's URL")
+    transit_key: str = Field(description="the name of the Transit key")
+    mount: str = Field(default="transit", description="the Transit engine's mount path")
+    token_file: str | None = Field(default=None, description="a file holding the token (mode 0600)")
+    token_env: str | None = Field(default=None, description="an environment variable holding the token")
+
+
+KeysFile = Annotated[
+    Annotated[LocalKeysFile, Tag("local")]
+    | Annotated[KmsKeysFile, Tag("aws-kms")]
+    | Annotated[OpenbaoKeysFile, Tag("openbao")],
+    tagged_by("provider", "local"),
+]
+
+
+class NodeFile(FileModel):
+    """A residency node's config file (`residency serve --config FILE`). Relative paths are
+    relative to the file's folder."""
+
+    region: str = Field(min_length=1, description="the region this node serves, e.g. cn-north")
+    role: Literal["primary", "region"]
+    listen: HostPort
+    data_dir: RelativePath = Field(description="the folder of the node's database")
+    schema_: RelativePath = Field(alias="schema", description="the path of the schema file")
+    rules: RelativePath = Field(description="the path of the transfer rules file")
+    keys: KeysFile
+    durability: Literal["full", "normal"] = "full"
+    policy_sweep_seconds: float = Field(default=30.0, gt=0, description="a positive number of seconds")
+    affiliates: Annotated[list[AffiliateFile], empty_if_null(list, list[AffiliateFile] | None)] = Field(
+        default=[], description="a list of the primary's replication destinations"
+    )
+    replicator: Annotated[ReplicatorConfig, empty_if_null(dict, ReplicatorConfig | None)] = ReplicatorConfig()
+    checkpoint_interval_seconds: float = Field(default=60.0, gt=0, description="a number of seconds above 0")
+    archive: ArchiveConfig | None = None
+    check_workers: int | None = Field(
+        default=None, ge=0, le=64, description="a whole number from 0 to 64 (0: in-process)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        regions = [a.region for a in self.affiliates]
+        if len(set(regions)) != len(regions):
+            raise ValueError(f"'affiliates': each region may appear once, got {regions}")
+        if self.affiliates and self.role != "primary":
+            raise ValueError("'affiliates' is for the primary only")
+        stray = sorted(set(self.replicator.regions) - set(regions))
+        if stray:
+            raise ValueError(f"'replicator.regions' names {stray}, which are not in 'affiliates'")
+        rep = self.replicator
+        if rep.ship_timeout > rep.lease_seconds / 2:
+            raise ValueError(
+                "'replicator.ship_timeout' must be above 0 and at most half of "
+                f"'replicator.lease_seconds' ({rep.lease_seconds})"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -35,14 +230,11 @@ class Affiliate:
     public_key: Path
     sink: str = "replica"
     bucket: str = ""
-    # Empty: the standard AWS endpoint of `s3_region`. Credentials come from boto3's
-    # standard chain (environment, shared files, instance role), never from this file.
+    # Empty: the standard AWS endpoint of `s3_region`.
     endpoint_url: str = ""
     prefix: str = ""
     s3_region: str = ""
-    # Records/s at most shipped to this destination (0: no limit): a partner's ingestion
-    # limit, S3's request rate per prefix, or CPU left to the other destinations by a sink
-    # that cannot keep up anyway.
+    # Records/s at most shipped to this destination (0: no limit).
     max_rate: float = 0.0
 
     @property
@@ -53,29 +245,6 @@ class Affiliate:
                 f" at {self.endpoint_url}" if self.endpoint_url else ""
             )
         return self.address
-
-
-@dataclass(frozen=True)
-class ReplicatorConfig:
-    enabled: bool = True
-    batch_size: int = 500
-    # Seconds between retries grow from `retry_initial` up to `retry_max`, with jitter.
-    retry_initial: float = 0.2
-    retry_max: float = 10.0
-    # A worker ships to a destination only while it holds that destination's lease, renewed
-    # every third of `lease_seconds`; a dead worker's lease is taken over once it expires.
-    lease_seconds: float = 15.0
-    # How often an idle worker looks at the outbox (the in-process worker is also woken
-    # by each write).
-    poll_interval: float = 0.1
-    # Seconds one shipping call may take; must stay below half of `lease_seconds`.
-    ship_timeout: float = 5.0
-    # Objects written to an S3 bucket at once.
-    s3_concurrency: int = 32
-    # Destinations the node's in-process worker ships to (empty: all). Others are left to
-    # standalone workers (`residency replicate --region R`), e.g. a bucket whose boto3
-    # calls would otherwise take the primary's interpreter from its region nodes.
-    regions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +272,8 @@ class KeysConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
+    """The node's configuration as the node uses it: paths resolved, secrets read."""
+
     path: Path
     region: str
     role: str
@@ -138,247 +309,83 @@ class NodeConfig:
         return self.keys.dir
 
 
-def _listen(value: Any, where: str) -> str:
-    if not isinstance(value, str) or value.count(":") < 1:
-        raise ConfigError(f"{where}: must be HOST:PORT, e.g. 127.0.0.1:50051")
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: must be HOST:PORT with a port from 0 to 65535, got {value!r}")
-    return value
-
-
-def _affiliate(a: Any, where: str, rel: Any) -> Affiliate:
-    if not isinstance(a, dict):
-        raise ConfigError(f"{where}' must be a mapping")
-    sink = a.get("sink", "replica")
-    if sink not in SINKS:
-        raise ConfigError(f"{where}.sink' must be one of {list(SINKS)}, got {sink!r}")
-    known = {"region", "sink", "public_key", "max_rate"} | (
-        {"address"} if sink == "replica" else {"bucket", "endpoint_url", "prefix", "s3_region"}
-    )
-    unknown = sorted(set(a) - known)
-    if unknown:
-        raise ConfigError(f"{where}': unknown key(s) {unknown} for sink {sink}; known: {sorted(known)}")
-    need = ("region", "public_key", "address") if sink == "replica" else ("region", "public_key", "bucket")
-    for k in need:
-        if not isinstance(a.get(k), str) or not a[k]:
-            raise ConfigError(f"{where}.{k}' is required for sink {sink}")
-    for k in ("endpoint_url", "prefix", "s3_region"):
-        if not isinstance(a.get(k, ""), str):
-            raise ConfigError(f"{where}.{k}' must be a string")
-    max_rate = a.get("max_rate", 0)
-    if isinstance(max_rate, bool) or not isinstance(max_rate, int | float) or max_rate < 0:
-        raise ConfigError(f"{where}.max_rate' must be a number of records per second (0: no limit)")
-    if sink == "replica":
-        return Affiliate(
-            a["region"], _listen(a["address"], f"{where}.address'"), rel(a["public_key"]), max_rate=max_rate
-        )
-    prefix = a.get("prefix", "")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return Affiliate(
-        a["region"],
-        "",
-        rel(a["public_key"]),
-        sink="s3",
-        bucket=a["bucket"],
-        endpoint_url=a.get("endpoint_url", ""),
-        prefix=prefix,
-        s3_region=a.get("s3_region", ""),
-        max_rate=max_rate,
-    )
-
-
-def _positive(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{where}: must be a positive number of seconds")
-    return float(value)
-
-
 def load_config(path: str | Path) -> NodeConfig:
+    """Reads, validates and resolves a node config file; any problem is a ConfigError."""
     path = Path(path).resolve()
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from e
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: a node config is a mapping")
-    base = path.parent
-
-    def need(key: str, kind: type = str) -> Any:
-        if key not in doc:
-            raise ConfigError(f"{path}: '{key}' is required")
-        if not isinstance(doc[key], kind):
-            raise ConfigError(f"{path}: '{key}' must be a {kind.__name__}")
-        return doc[key]
+    try:
+        f = NodeFile.model_validate(doc)
+    except ValidationError as e:
+        raise config_error(e, NodeFile, str(path)) from None
 
     def rel(value: str) -> Path:
-        return (base / value).resolve()
+        return (path.parent / value).resolve()
 
-    known = {
-        "region",
-        "role",
-        "listen",
-        "data_dir",
-        "schema",
-        "rules",
-        "keys",
-        "durability",
-        "affiliates",
-        "replicator",
-        "checkpoint_interval_seconds",
-        "archive",
-        "policy_sweep_seconds",
-        "check_workers",
-    }
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-    role = need("role")
-    if role not in ROLES:
-        raise ConfigError(f"{path}: 'role' must be one of {list(ROLES)}, got {role!r}")
-    keys = _keys(need("keys", dict), path, rel)
-    durability = doc.get("durability", "full")
-    if durability not in DURABILITY:
-        raise ConfigError(f"{path}: 'durability' must be one of {sorted(DURABILITY)}")
-    affiliates = []
-    for i, a in enumerate(doc.get("affiliates") or []):
-        affiliates.append(_affiliate(a, f"{path}: 'affiliates[{i}]", rel))
-    regions = [a.region for a in affiliates]
-    if len(set(regions)) != len(regions):
-        raise ConfigError(f"{path}: 'affiliates': each region may appear once, got {regions}")
-    if affiliates and role != "primary":
-        raise ConfigError(f"{path}: 'affiliates' is for the primary only")
-    rep = doc.get("replicator") or {}
-    if not isinstance(rep, dict):
-        raise ConfigError(f"{path}: 'replicator' must be a mapping")
-    if not isinstance(rep.get("regions", []), list):
-        raise ConfigError(f"{path}: 'replicator.regions' must be a list of affiliate regions")
-    try:
-        replicator = ReplicatorConfig(**{**rep, "regions": tuple(rep.get("regions", ()))})
-    except TypeError as e:
-        raise ConfigError(f"{path}: 'replicator': {e}") from e
-    stray = sorted(set(replicator.regions) - {a.region for a in affiliates})
-    if stray:
-        raise ConfigError(f"{path}: 'replicator.regions' names {stray}, which are not in 'affiliates'")
-    if not 1 <= replicator.batch_size <= 1000:
-        raise ConfigError(f"{path}: 'replicator.batch_size' must be from 1 to 1000")
-    if not 0 < replicator.ship_timeout <= replicator.lease_seconds / 2:
-        raise ConfigError(
-            f"{path}: 'replicator.ship_timeout' must be above 0 and at most half of "
-            f"'replicator.lease_seconds' ({replicator.lease_seconds})"
-        )
-    if not 1 <= replicator.s3_concurrency <= 256:
-        raise ConfigError(f"{path}: 'replicator.s3_concurrency' must be from 1 to 256")
-    interval = doc.get("checkpoint_interval_seconds", 60.0)
-    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
-        raise ConfigError(f"{path}: 'checkpoint_interval_seconds' must be a number of seconds above 0")
-    archive = _archive(doc.get("archive"), f"{path}: 'archive")
-    check_workers = doc.get("check_workers")
-    if check_workers is not None and (
-        isinstance(check_workers, bool) or not isinstance(check_workers, int) or not 0 <= check_workers <= 64
-    ):
-        raise ConfigError(f"{path}: 'check_workers' must be a whole number from 0 to 64 (0: in-process)")
     return NodeConfig(
         path=path,
-        region=need("region"),
-        role=role,
-        listen=_listen(need("listen"), f"{path}: 'listen'"),
-        data_dir=rel(need("data_dir")),
-        schema=rel(need("schema")),
-        rules=rel(need("rules")),
-        keys=keys,
-        durability=durability,
-        policy_sweep_seconds=_positive(
-            doc.get("policy_sweep_seconds", 30.0), f"{path}: 'policy_sweep_seconds'"
-        ),
-        affiliates=tuple(affiliates),
-        replicator=replicator,
-        checkpoint_interval_seconds=float(interval),
-        archive=archive,
-        check_workers=check_workers,
+        region=f.region,
+        role=f.role,
+        listen=f.listen,
+        data_dir=rel(f.data_dir),
+        schema=rel(f.schema_),
+        rules=rel(f.rules),
+        keys=_keys(f.keys, path, rel),
+        durability=f.durability,
+        policy_sweep_seconds=f.policy_sweep_seconds,
+        affiliates=tuple(_affiliate(a, rel) for a in f.affiliates),
+        replicator=f.replicator,
+        checkpoint_interval_seconds=f.checkpoint_interval_seconds,
+        archive=f.archive,
+        check_workers=f.check_workers,
     )
 
 
-_KEYS = {
-    "local": {"passphrase_file", "passphrase_env"},
-    "aws-kms": {"kms_key_id", "aws_region", "endpoint_url"},
-    "openbao": {"address", "token_file", "token_env", "transit_key", "mount"},
-}
+def _affiliate(a: ReplicaFile | S3File, rel: Callable[[str], Path]) -> Affiliate:
+    if isinstance(a, ReplicaFile):
+        return Affiliate(a.region, a.address, rel(a.public_key), max_rate=a.max_rate)
+    return Affiliate(
+        a.region,
+        "",
+        rel(a.public_key),
+        sink="s3",
+        bucket=a.bucket,
+        endpoint_url=a.endpoint_url,
+        prefix=a.prefix if not a.prefix or a.prefix.endswith("/") else a.prefix + "/",
+        s3_region=a.s3_region,
+        max_rate=a.max_rate,
+    )
 
 
-def _secret(keys: dict[str, Any], name: str, path: Path, rel: Any) -> str:
+def _keys(
+    k: LocalKeysFile | KmsKeysFile | OpenbaoKeysFile, path: Path, rel: Callable[[str], Path]
+) -> KeysConfig:
+    common = KeysConfig(
+        k.provider, rel(k.dir), k.kem, cache_entries=k.cache_entries, cache_seconds=k.cache_seconds
+    )
+    if isinstance(k, LocalKeysFile):
+        secret = _secret("passphrase", k.passphrase_file, k.passphrase_env, path, rel)
+        return replace(common, passphrase=secret.encode())
+    if isinstance(k, KmsKeysFile):
+        return replace(common, kms_key_id=k.kms_key_id, aws_region=k.aws_region, endpoint_url=k.endpoint_url)
+    token = _secret("token", k.token_file, k.token_env, path, rel)
+    return replace(common, address=k.address, token=token, transit_key=k.transit_key, mount=k.mount)
+
+
+def _secret(name: str, file: str | None, env: str | None, path: Path, rel: Callable[[str], Path]) -> str:
     """A secret from `NAME_file` (a file, ideally mode 0600) or `NAME_env` (an environment
     variable), read now and never again."""
-    if isinstance(keys.get(f"{name}_file"), str):
-        f = rel(keys[f"{name}_file"])
+    if file is not None:
+        f = rel(file)
         try:
             return f.read_text().strip()
         except OSError as e:
             raise ConfigError(f"{path}: 'keys.{name}_file': cannot read {f}: {e}") from e
-    if isinstance(keys.get(f"{name}_env"), str):
-        value = os.environ.get(keys[f"{name}_env"], "")
+    if env is not None:
+        value = os.environ.get(env, "")
         if not value:
-            raise ConfigError(
-                f"{path}: 'keys.{name}_env': environment variable {keys[f'{name}_env']} is not set"
-            )
+            raise ConfigError(f"{path}: 'keys.{name}_env': environment variable {env} is not set")
         return value
     raise ConfigError(f"{path}: 'keys.{name}_file' or 'keys.{name}_env' is required")
-
-
-def _keys(keys: dict[str, Any], path: Path, rel: Any) -> KeysConfig:
-    provider = keys.get("provider", "local")
-    if provider not in PROVIDERS:
-        raise ConfigError(f"{path}: 'keys.provider' must be one of {list(PROVIDERS)}, got {provider!r}")
-    known = {"provider", "dir", "kem", "cache_entries", "cache_seconds"} | _KEYS[provider]
-    unknown = sorted(set(keys) - known)
-    if unknown:
-        raise ConfigError(f"{path}: 'keys': unknown key(s) {unknown} for provider {provider}")
-    if not isinstance(keys.get("dir"), str):
-        raise ConfigError(f"{path}: 'keys.dir' is required: the folder holding region.key and region.pub")
-    kem = keys.get("kem", "x25519")
-    if kem not in KEMS:
-        raise ConfigError(f"{path}: 'keys.kem' must be one of {list(KEMS)}, got {kem!r}")
-    common: dict[str, Any] = {"provider": provider, "dir": rel(keys["dir"]), "kem": kem}
-    for k, kind in (("cache_entries", int), ("cache_seconds", (int, float))):
-        if k in keys:
-            if not isinstance(keys[k], kind) or keys[k] <= 0:
-                raise ConfigError(f"{path}: 'keys.{k}' must be a positive number")
-            common[k] = keys[k]
-    if provider == "local":
-        return KeysConfig(**common, passphrase=_secret(keys, "passphrase", path, rel).encode())
-    if provider == "aws-kms":
-        if not isinstance(keys.get("kms_key_id"), str):
-            raise ConfigError(f"{path}: 'keys.kms_key_id' is required: a KMS key id, ARN or alias")
-        return KeysConfig(
-            **common,
-            kms_key_id=keys["kms_key_id"],
-            aws_region=str(keys.get("aws_region", "us-east-1")),
-            endpoint_url=keys.get("endpoint_url"),
-        )
-    for k in ("address", "transit_key"):
-        if not isinstance(keys.get(k), str):
-            raise ConfigError(f"{path}: 'keys.{k}' is required for provider openbao")
-    return KeysConfig(
-        **common,
-        address=keys["address"],
-        token=_secret(keys, "token", path, rel),
-        transit_key=keys["transit_key"],
-        mount=str(keys.get("mount", "transit")),
-    )
-
-
-def _archive(doc: Any, where: str) -> ArchiveConfig | None:
-    if doc is None:
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("bucket"), str) or not doc["bucket"]:
-        raise ConfigError(f"{where}.bucket' is required: the S3 bucket to archive the transfer log to")
-    try:
-        a = ArchiveConfig(**doc)
-    except TypeError as e:
-        raise ConfigError(f"{where}': {e}") from e
-    if not isinstance(a.interval_seconds, int | float) or a.interval_seconds <= 0:
-        raise ConfigError(f"{where}.interval_seconds' must be a number of seconds above 0")
-    if not isinstance(a.retention_days, int) or a.retention_days < 0:
-        raise ConfigError(f"{where}.retention_days' must be a whole number of days, 0 or more")
-    return a

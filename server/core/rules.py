@@ -6,30 +6,24 @@ decides every schema field once (cached); projecting a record is then a dictiona
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-import yaml
+from residency.server.core.schema import FieldSpec, Schema
 
-from residency.server.core.errors import ConfigError
-from residency.server.core.schema import FieldSpec, Schema, data_categories, data_uses
-
-LEGAL_BASES = frozenset(
-    {
-        "consent",
-        "contract",
-        "legal_obligation",
-        "judicial_or_administrative_request",
-        "violation_of_law_or_agreement",
-        "ip_complaint",
-        "transaction_dispute",
-        "vital_interest",
-        "public_interest",
-    }
-)
+LegalBasis = Literal[
+    "consent",
+    "contract",
+    "legal_obligation",
+    "judicial_or_administrative_request",
+    "violation_of_law_or_agreement",
+    "ip_complaint",
+    "transaction_dispute",
+    "vital_interest",
+    "public_interest",
+]
+LEGAL_BASES = frozenset(get_args(LegalBasis))
 
 # Reasons a field is withheld, in the words the API, the log and the CLI use.
 CREDENTIAL = "credential"
@@ -162,7 +156,7 @@ class Plan:
     purpose: str | None
     decisions: dict[str, Decision]
     # Derived facts callers work out once per plan (e.g. a copy's log description per field set).
-    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def project(self, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Withheld]]:
         """Splits a record's fields into those that may go and those withheld (with why)."""
@@ -186,7 +180,9 @@ class RuleSet:
     version: str
     schema: Schema
     source: str = ""
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict[tuple[str, str | None, Permits], Plan] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @cached_property
     def regions(self) -> frozenset[str]:
@@ -235,7 +231,8 @@ class RuleSet:
         if is_cookie(spec.category) and not permits.cookies:
             return Withheld(COOKIE_CONSENT_MISSING)
         best = NO_RULE
-        candidates = [(r, False) for r in self.rules]
+        # (rule, granted): False for a rule, True for an active grant, None for an ended one.
+        candidates: list[tuple[Rule, bool | None]] = [(r, False) for r in self.rules]
         candidates += [(g.as_rule(), True) for g in permits.active_grants]
         candidates += [(g.as_rule(), None) for g in permits.ended_grants]
         for rule, granted in candidates:
@@ -268,129 +265,3 @@ class RuleSet:
 
 _HOME_RULE = Rule("home", "home", (), "contract", ())
 _HOME_RECIPIENT = Recipient("home", "", "", "")
-
-
-def load_rules(path: str | Path, schema: Schema) -> RuleSet:
-    """Loads and validates a rules file. Every problem is reported at once, naming the
-    file, line and rule."""
-    path = Path(path)
-    try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read rules: {e}") from e
-    return rules_from_bytes(text, schema, str(path))
-
-
-def rules_from_bytes(text: bytes, schema: Schema, where: str) -> RuleSet:
-    """Parses and validates rules; the version is a hash of exactly these bytes."""
-    try:
-        doc = yaml.safe_load(text)
-        lines = _rule_lines(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from e
-    return parse_rules(doc, schema, where, hashlib.sha256(text).hexdigest()[:16], lines)
-
-
-def _rule_lines(text: bytes) -> list[int]:
-    node = yaml.compose(text)
-    if not isinstance(node, yaml.MappingNode):
-        return []
-    for k, v in node.value:
-        if k.value == "rules" and isinstance(v, yaml.SequenceNode):
-            return [item.start_mark.line + 1 for item in v.value]
-    return []
-
-
-def parse_rules(
-    doc: Any, schema: Schema, where: str, version: str, lines: list[int] | None = None
-) -> RuleSet:
-    errors: list[str] = []
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: a rules file is a mapping")
-    home = doc.get("home_region")
-    if not isinstance(home, str) or not home:
-        errors.append(f"{where}: home_region is required")
-    cats, uses = data_categories(), data_uses()
-    recipients: dict[str, Recipient] = {}
-    for i, raw in enumerate(doc.get("recipients") or []):
-        try:
-            r = Recipient(str(raw["id"]), str(raw["region"]), str(raw["company"]), str(raw["contact"]))
-        except (KeyError, TypeError):
-            errors.append(f"{where}: recipients[{i}] needs id, region, company and contact")
-            continue
-        if r.id in recipients:
-            errors.append(f"{where}: recipients[{i}]: duplicate recipient id {r.id!r}")
-        if r.region == home:
-            errors.append(f"{where}: recipient {r.id!r} is in the home region; it is not a transfer")
-        recipients[r.id] = r
-    never = tuple(doc.get("never_transfer") or ())
-    for c in never:
-        if c not in cats:
-            errors.append(f"{where}: never_transfer: {c!r} is not a Fides data category")
-    rules: list[Rule] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(doc.get("rules") or []):
-        line = lines[i] if lines and i < len(lines) else 0
-        rid = raw.get("id") if isinstance(raw, dict) else None
-        at = f"{where}:{line}: rule {rid or i!r}"
-        if not isinstance(raw, dict) or not rid:
-            errors.append(f"{at}: a rule needs an id")
-            continue
-        if rid in seen:
-            errors.append(f"{at}: duplicate rule id")
-        seen.add(rid)
-        extra = set(raw) - {
-            "id",
-            "recipient",
-            "purposes",
-            "legal_basis",
-            "categories",
-            "exclude",
-            "requires_consent",
-            "retention_days",
-        }
-        if extra:
-            errors.append(f"{at}: unknown key(s) {sorted(extra)}")
-        if raw.get("recipient") not in recipients:
-            errors.append(f"{at}: unknown recipient {raw.get('recipient')!r}")
-        purposes = tuple(raw.get("purposes") or ())
-        if not purposes:
-            errors.append(f"{at}: purposes must list at least one Fides data use")
-        errors += [f"{at}: {p!r} is not a Fides data use" for p in purposes if p not in uses]
-        categories = tuple(raw.get("categories") or ())
-        if not categories:
-            errors.append(f"{at}: categories must list at least one Fides data category")
-        exclude = tuple(raw.get("exclude") or ())
-        errors += [f"{at}: {c!r} is not a Fides data category" for c in categories + exclude if c not in cats]
-        basis = raw.get("legal_basis")
-        if basis not in LEGAL_BASES:
-            errors.append(f"{at}: legal_basis must be one of {sorted(LEGAL_BASES)}")
-        matchable = [
-            s.name
-            for s in schema.fields.values()
-            if any(covers(c, s.category) for c in categories)
-            and not any(covers(x, s.category) for x in exclude)
-            and not any(covers(n, s.category) for n in never)
-            and not s.credential
-        ]
-        if categories and not matchable:
-            errors.append(f"{at}: can never match: no schema field falls under its categories")
-        retention = raw.get("retention_days")
-        if retention is not None and (not isinstance(retention, int) or retention <= 0):
-            errors.append(f"{at}: retention_days must be a positive whole number")
-        rules.append(
-            Rule(
-                id=str(rid),
-                recipient=str(raw.get("recipient")),
-                purposes=purposes,
-                legal_basis=str(basis),
-                categories=categories,
-                exclude=exclude,
-                requires_consent=bool(raw.get("requires_consent", False)) or basis == "consent",
-                retention_days=retention,
-                line=line,
-            )
-        )
-    if errors:
-        raise ConfigError("\n".join(errors))
-    return RuleSet(str(home), recipients, tuple(rules), never, version, schema, where)

@@ -10,15 +10,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache, cached_property
-from pathlib import Path
-from typing import Any
-
-import yaml
-
-from residency.server.core.errors import ConfigError
+from typing import Any, Literal
 
 FieldValue = str | int | bool | bytes | datetime | list[str]
 
+# The value types a field may declare, and the Python types each accepts.
+FieldType = Literal["string", "int", "bool", "bytes", "timestamp", "list"]
 TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "int": (int,),
@@ -27,6 +24,8 @@ TYPES: dict[str, tuple[type, ...]] = {
     "timestamp": (datetime,),
     "list": (list,),
 }
+# Where a field's value comes from (policy 1a, 1b, 1c).
+FieldSource = Literal["registration", "automatic", "partner"]
 USER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 SOURCE = re.compile(r"registration|automatic|partner:[A-Za-z0-9._-]{1,64}")
 MAX_FIELDS_BYTES = 64 * 1024
@@ -150,35 +149,3 @@ def _kind(value: Any) -> str:
         if isinstance(value, types) and not (name == "int" and isinstance(value, bool)):
             return name
     return "nothing" if value is None else type(value).__name__
-
-
-def load_schema(path: str | Path) -> Schema:
-    """Loads and validates a schema file; a bad entry fails naming the file and the field."""
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read schema: {e}") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("fields"), dict) or not doc["fields"]:
-        raise ConfigError(f"{path}: a schema needs a non-empty 'fields' mapping")
-    known = data_categories()
-    fields: dict[str, FieldSpec] = {}
-    for name, raw in doc["fields"].items():
-        where = f"{path}: fields.{name}"
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: must be a mapping")
-        allowed = set(FieldSpec.__dataclass_fields__) - {"name", "credential"}
-        extra = set(raw) - allowed
-        if extra:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}")
-        if raw.get("category") not in known:
-            raise ConfigError(f"{where}.category: {raw.get('category')!r} is not a Fides data category")
-        if raw.get("type") not in TYPES:
-            raise ConfigError(f"{where}.type: must be one of {sorted(TYPES)}")
-        if raw.get("source", "registration") not in ("registration", "automatic", "partner"):
-            raise ConfigError(f"{where}.source: must be registration, automatic or partner")
-        try:
-            fields[name] = FieldSpec(name=name, **raw)
-        except TypeError as e:
-            raise ConfigError(f"{where}: {e}") from e
-    return Schema(fields=fields, version=int(doc.get("version", 1)))

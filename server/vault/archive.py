@@ -21,21 +21,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from residency.server.config.node import ArchiveConfig
 from residency.server.vault.transferlog import TransferLog
 
 log = logging.getLogger("residency.archive")
-
-
-@dataclass(frozen=True)
-class ArchiveConfig:
-    bucket: str
-    endpoint: str | None = None
-    region: str = "us-east-1"
-    prefix: str = "translog"
-    interval_seconds: float = 300.0
-    retention_days: int = 0  # 0: no Object Lock retention
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
 
 
 @dataclass(frozen=True)
