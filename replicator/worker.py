@@ -38,7 +38,9 @@ from residency.server.core import codec, translog
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import Allowed, Permits, Plan, Withheld
 from residency.server.keys.crypto import DataKey, KeyCache, RecipientKey, TransitKey, field_aad
-from residency.server.storage.sqlite import OutboxItem, Row
+from residency.server.storage.records import Row
+from residency.server.storage.replication import OutboxItem
+from residency.server.storage.roles import WorkerStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
 from residency.v1 import replica_pb2, replica_pb2_grpc
@@ -188,7 +190,7 @@ class Replicator:
     def __init__(
         self,
         records: Records,
-        db: StoreThread,
+        db: StoreThread[WorkerStore],
         destinations: list[Destination],
         config: ReplicatorConfig,
         owner: str = "",
@@ -440,7 +442,7 @@ class Replicator:
             copies.append(copy)
             entries.append(entry)
         if gone:  # nothing left to send: the dead letter has nothing to re-drive
-            self.records.store.dead_letters_superseded(d.region, gone)
+            self.db.store.dead_letters_superseded(d.region, gone)
         return Prepared(copies, entries, 0)
 
     def _copy_for(self, d: Destination, row: Row, permits: Permits) -> tuple[replica_pb2.SealedCopy, dict]:

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from residency.server.core import merkle, translog
-from residency.server.storage.sqlite import MIGRATIONS, SqliteStore
+from residency.server.storage.database import MIGRATIONS
+from residency.server.storage.sqlite import SqliteStore
 from tests.conftest import replication_entry
 
 

@@ -35,6 +35,7 @@ from residency.server.core.errors import (
 )
 from residency.server.core.schema import USER_ID, data_uses
 from residency.server.keys.crypto import SealError, hash_credential, verify_credential
+from residency.server.storage.roles import ServiceStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.policy import ConsentChange, Disclosure, Policy, refusal_error
 from residency.server.vault.records import Caller, Records, Write
@@ -119,7 +120,7 @@ class Node:
     def __init__(
         self,
         records: Records,
-        db: StoreThread,
+        db: StoreThread[ServiceStore],
         replicator: Any = None,
         affiliates: tuple[Affiliate, ...] = (),
         transfer_log: TransferLog | None = None,

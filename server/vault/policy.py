@@ -27,6 +27,7 @@ from residency.server.core.rules import (
     covers,
 )
 from residency.server.core.schema import USER_ID, data_categories, data_uses
+from residency.server.storage.roles import PolicyStore
 from residency.server.vault.records import Caller, Records
 
 THIRD_PARTY_SHARING = "third_party_sharing"
@@ -69,7 +70,7 @@ class Disclosure:
 class Policy:
     def __init__(self, records: Records):
         self.records = records
-        self.store = records.store
+        self.store: PolicyStore = records.store
 
     @property
     def rules(self) -> RuleSet:

@@ -30,7 +30,8 @@ from residency.server.core.rules import (
 )
 from residency.server.core.schema import Schema
 from residency.server.keys.crypto import DataKey, Keyring, SealError, field_aad, record_aad
-from residency.server.storage.sqlite import Row, Store
+from residency.server.storage.records import Row
+from residency.server.storage.roles import VaultStore
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 
 SealedCopy = replica_pb2.SealedCopy
@@ -154,7 +155,7 @@ class Records:
         schema: Schema,
         rules: RuleSet,
         keyring: Keyring,
-        store: Store,
+        store: VaultStore,
         outbox: bool = True,
     ):
         self.region = region
