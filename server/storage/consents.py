@@ -41,6 +41,8 @@ class ConsentStore(Protocol):
 
 
 class ConsentRows(Database):
+    """The `consents`, `grants`, `grant_users` and `sweeps` tables."""
+
     def consent_set(
         self,
         user_id: str,

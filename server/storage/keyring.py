@@ -19,6 +19,8 @@ class KeyStore(Protocol):
 
 
 class KeyringRows(Database):
+    """The `keyring.data_keys` and `keyring.wrapping_keys` tables."""
+
     def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]:
         """user id -> (wrapping key id, wrapping key as the provider wrapped it, wrapped DEK).
         For a region node's copies the wrapping key id is `hpke:KEYID` and its blob empty."""

@@ -20,6 +20,8 @@ class Row:
 
 
 class RecordStore(Protocol):
+    """Records read and written by user, counted, paged, and found by age (retention)."""
+
     def rows(self, user_ids: list[str]) -> dict[str, Row]: ...
     def upsert(self, rows: list[Row]) -> None: ...
     def counts(self) -> tuple[int, int]: ...
@@ -28,6 +30,8 @@ class RecordStore(Protocol):
 
 
 class RecordRows(Database):
+    """The `records` table."""
+
     def rows(self, user_ids: list[str]) -> dict[str, Row]:
         return {
             r[0]: Row(r[0], r[1], bool(r[2]), r[3], r[4])

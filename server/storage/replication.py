@@ -54,6 +54,8 @@ class ReplicationControlStore(Protocol):
 
 
 class ReplicationRows(Database):
+    """The `outbox`, `cursors`, `leases`, `destination_state` and `dead_letters` tables."""
+
     # ---- the outbox and cursors --------------------------------------------------------
 
     def outbox_append(self, items: list[tuple[str, int]]) -> None:

@@ -32,13 +32,14 @@ class _Op:
 
 
 class StoreThread(Generic[S_co]):
+    """Owns the store: every call on it runs on this one thread."""
+
     def __init__(self, store: S_co, max_batch: int = 2000):
         self._store = store
         self.max_batch = max_batch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._queue: asyncio.Queue[_Op] | None = None
         self._task: asyncio.Task[None] | None = None
-        self.committed = asyncio.Event()
 
     @property
     def store(self) -> S_co:
@@ -95,7 +96,6 @@ class StoreThread(Generic[S_co]):
                     op.future.set_result(value)
                 else:
                     op.future.set_exception(value)
-            self.committed.set()
 
     def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         out: list[tuple[bool, Any]] = []

@@ -32,6 +32,8 @@ class LogStore(Protocol):
 
 
 class TransferLogRows(Database):
+    """The `translog`, `checkpoints` and `archived` tables, and the tree over `translog`."""
+
     def __init__(self, path: str | Path, synchronous: str = "FULL", keyring: str | Path | None = None):
         # The chain head and sequence of the last committed entry, and what the open
         # transaction has appended since (None: nothing yet).
