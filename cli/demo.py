@@ -4,7 +4,7 @@ covering every field of the example schema, replication awaited, a per-region re
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import random
 import signal
@@ -18,25 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
+from residency.cli.client import Client
 from residency.server.config.node import load_config
 from residency.server.core import codec
 from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
-from residency.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    common_pb2,
-    consent_pb2,
-    consent_pb2_grpc,
-    records_pb2,
-    records_pb2_grpc,
-    translog_pb2,
-    translog_pb2_grpc,
-)
+from residency.v1 import common_pb2, consent_pb2, records_pb2
 
-IDENTITY = (("x-residency-identity", "demo:loader"),)
 BATCH = 500
 
 
@@ -76,27 +65,27 @@ def synthetic_user(i: int, rng: random.Random) -> tuple[str, str, dict[str, Any]
     return f"user-{i:07d}", source, fields
 
 
-class Deployment:
-    """The three node processes of a deployment folder."""
+class Nodes:
+    """The deployment's three `residency serve` processes, started for the demo's run."""
 
     def __init__(self, directory: Path):
-        self.directory = directory
         self.configs = {r: directory / f"{r}.yaml" for r in (PRIMARY, *AFFILIATES)}
         self.addresses = {r: load_config(p).listen for r, p in self.configs.items()}
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, region: str) -> None:
-        data = load_config(self.configs[region]).data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        out = open(data / "node.log", "ab")  # noqa: SIM115 - handed to the child process
-        self.procs[region] = subprocess.Popen(
-            [sys.executable, "-m", "residency.cli.main", "serve", "--config", str(self.configs[region])],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    def start(self) -> None:
+        for region, config in self.configs.items():
+            data = load_config(config).data_dir
+            data.mkdir(parents=True, exist_ok=True)
+            out = open(data / "node.log", "ab")  # noqa: SIM115 - handed to the child process
+            self.procs[region] = subprocess.Popen(
+                [sys.executable, "-m", "residency.cli.main", "serve", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
-    def check_running(self) -> None:
+    def _check_running(self) -> None:
         """Raises with the tail of its log if a node process has exited."""
         for region, proc in self.procs.items():
             if proc.poll() is not None:
@@ -105,67 +94,48 @@ class Deployment:
                 raise RuntimeError(f"node {region} exited with status {proc.returncode}:\n" + "\n".join(tail))
 
     async def wait_serving(self, deadline: float = 30.0) -> None:
-        """Waits until every started node reports SERVING; a node that died is reported."""
-        waits = [asyncio.create_task(wait_serving(self.addresses[r], deadline)) for r in self.procs]
-        try:
-            while not all(w.done() for w in waits):
-                self.check_running()
-                await asyncio.wait(waits, timeout=0.1)
-            for w in waits:
-                w.result()
-        finally:
-            for w in waits:
-                w.cancel()
+        """Waits until every node reports SERVING; a node that died is reported."""
+        end = time.monotonic() + deadline
+        for address in self.addresses.values():
+            async with Client(address, timeout=1.0) as node:
+                while True:
+                    self._check_running()
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        if await node.serving():
+                            break
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"node at {address} did not start within {deadline:.0f} s")
+                    await asyncio.sleep(0.05)
 
-    def stop(self, region: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        proc = self.procs.pop(region)
-        proc.send_signal(sig)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
-
-    def stop_all(self) -> dict[str, int]:
-        return {r: self.stop(r) for r in list(self.procs)}
-
-
-async def wait_serving(address: str, deadline: float = 30.0) -> None:
-    """Waits until the node at `address` reports SERVING, or raises TimeoutError."""
-    end = time.monotonic() + deadline
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
+    def stop(self) -> dict[str, int]:
+        """Stops every node as an operator would (SIGTERM, then a grace period); their exit codes."""
+        codes = {}
+        for region, proc in self.procs.items():
+            proc.send_signal(signal.SIGTERM)
             try:
-                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > end:
-                raise TimeoutError(f"node at {address} did not start within {deadline:.0f} s")
-            await asyncio.sleep(0.05)
+                codes[region] = proc.wait(30.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[region] = proc.wait()
+        return codes
 
 
-async def wait_replicated(primary: str, timeout: float = 600.0, progress: bool = True) -> dict:
-    """Waits until every destination has applied the whole outbox; returns the last status."""
+async def wait_replicated(primary: str, timeout: float = 600.0) -> None:
+    """Waits, showing progress, until every destination has applied the whole outbox."""
     end = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(primary) as ch:
-        stub = admin_pb2_grpc.AdminServiceStub(ch)
+    async with Client(primary, timeout=10) as node:
         bar = None
         while True:
-            s = await stub.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+            s = await node.replication_status()
             done = min((d.applied_sequence for d in s.destinations), default=s.head_sequence)
-            if progress:
-                if bar is None:
-                    bar = tqdm(total=s.head_sequence, desc="replicating", unit="change", file=sys.stderr)
-                bar.total = s.head_sequence
-                bar.n = done
-                bar.refresh()
+            if bar is None:
+                bar = tqdm(total=s.head_sequence, desc="replicating", unit="change", file=sys.stderr)
+            bar.total = s.head_sequence
+            bar.n = done
+            bar.refresh()
             if all(d.pending == 0 and d.applied_sequence >= s.head_sequence for d in s.destinations):
-                if bar:
-                    bar.close()
-                return {d.region: d for d in s.destinations}
+                bar.close()
+                return
             if time.monotonic() > end:
                 raise TimeoutError(f"replication did not catch up within {timeout:.0f} s")
             await asyncio.sleep(0.1)
@@ -198,49 +168,25 @@ def demo_consents(start: int, stop: int) -> list[consent_pb2.Consent]:
 async def load_users(primary: str, users: int, seed: int = 7) -> None:
     rng = random.Random(seed)
     ctx = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
-    async with grpc.aio.insecure_channel(primary) as ch:
-        stub = records_pb2_grpc.RecordServiceStub(ch)
-        consents = consent_pb2_grpc.ConsentServiceStub(ch)
+    async with Client(primary, identity="demo:loader", timeout=120) as node:
         with tqdm(total=users, desc="writing users", unit="user", file=sys.stderr) as bar:
             for start in range(0, users, BATCH):
-                await consents.GrantConsents(
-                    consent_pb2.GrantConsentsRequest(
-                        context=ctx, consents=demo_consents(start, min(users, start + BATCH))
-                    ),
-                    metadata=IDENTITY,
-                    timeout=120,
-                )
-                req = records_pb2.PutRecordsRequest(context=ctx)
+                await node.grant_consents(ctx, demo_consents(start, min(users, start + BATCH)))
+                records = []
                 for i in range(start, min(users, start + BATCH)):
                     user_id, source, fields = synthetic_user(i, rng)
-                    rec = req.records.add(user_id=user_id, source=source)
+                    rec = records_pb2.Record(user_id=user_id, source=source)
                     for name, value in fields.items():
                         rec.fields[name].CopyFrom(codec.to_value(value))
-                await stub.PutRecords(req, metadata=IDENTITY, timeout=120)
-                bar.update(len(req.records))
-
-
-async def read_log(address: str) -> list[dict]:
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = translog_pb2_grpc.TransferLogServiceStub(ch)
-        return [
-            json.loads(e.entry_json)
-            async for e in stub.TailEntries(translog_pb2.TailEntriesRequest(), timeout=120)
-        ]
-
-
-async def node_status(address: str) -> admin_pb2.GetNodeStatusResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
-        return await admin_pb2_grpc.AdminServiceStub(ch).GetNodeStatus(
-            admin_pb2.GetNodeStatusRequest(), timeout=60
-        )
+                    records.append(rec)
+                await node.put_records(ctx, records)
+                bar.update(len(records))
 
 
 async def sample_reads(primary: str) -> list[str]:
     """Cross-location reads: one allowed in part, one allowed by consent, one refused."""
     lines = []
-    async with grpc.aio.insecure_channel(primary) as ch:
-        stub = records_pb2_grpc.RecordServiceStub(ch)
+    async with Client(primary, identity="demo:reader", timeout=10) as node:
         for user, location, purpose in (
             ("user-0000001", "ap-southeast-1", "essential.service"),
             ("user-0000000", "eu-west-1", "marketing.communications"),  # consented (policy 2c)
@@ -248,11 +194,7 @@ async def sample_reads(primary: str) -> list[str]:
         ):
             ctx = common_pb2.CallContext(location=location, purpose=purpose)
             try:
-                r = await stub.GetRecord(
-                    records_pb2.GetRecordRequest(context=ctx, user_id=user),
-                    metadata=(("x-residency-identity", "demo:reader"),),
-                    timeout=10,
-                )
+                r = await node.get_record(ctx, user)
                 lines.append(
                     f"  {user} read from {location} for {purpose}: {len(r.record.fields)} fields returned "
                     f"({', '.join(sorted(r.record.fields))}); {len(r.withheld)} withheld; "
@@ -265,10 +207,10 @@ async def sample_reads(primary: str) -> list[str]:
 
 async def export_and_verify(primary: str, out: Path, keep: bool) -> str:
     """What a reviewer does: export the primary's transfer log and verify it offline."""
-    from residency.cli.main import fetch_log
     from residency.server.vault import bundle
 
-    cp, log_entries, leaves = await fetch_log(primary, 120)
+    async with Client(primary, timeout=120) as node:
+        cp, log_entries, leaves = await node.fetch_log()
     bundle.write(out, log_entries, leaves, cp.checkpoint, cp.verifier_key, None)
     v = bundle.verify(out)
     again = f"; check it yourself: residency log verify {out}" if keep else " (keep it with --dir)"
@@ -315,26 +257,30 @@ def summarize(entries: list[dict], statuses: dict[str, Any], users: int) -> str:
 
 
 async def _run(directory: Path, users: int, keep: bool = False) -> int:
-    dep = Deployment(directory)
+    nodes = Nodes(directory)
+    primary = nodes.addresses[PRIMARY]
     t0 = time.monotonic()
     try:
-        for region in dep.configs:
-            dep.start(region)
-        await dep.wait_serving()
+        nodes.start()
+        await nodes.wait_serving()
         print(
-            f"started {PRIMARY} (primary) at {dep.addresses[PRIMARY]}, "
-            + ", ".join(f"{r} at {dep.addresses[r]}" for r in AFFILIATES),
+            f"started {PRIMARY} (primary) at {primary}, "
+            + ", ".join(f"{r} at {nodes.addresses[r]}" for r in AFFILIATES),
             file=sys.stderr,
         )
         t1 = time.monotonic()
-        await load_users(dep.addresses[PRIMARY], users)
+        await load_users(primary, users)
         t2 = time.monotonic()
-        await wait_replicated(dep.addresses[PRIMARY])
+        await wait_replicated(primary)
         t3 = time.monotonic()
-        reads = await sample_reads(dep.addresses[PRIMARY])
-        entries = await read_log(dep.addresses[PRIMARY])
-        review = await export_and_verify(dep.addresses[PRIMARY], directory / "review" / PRIMARY, keep)
-        statuses = {r: await node_status(dep.addresses[r]) for r in AFFILIATES}
+        reads = await sample_reads(primary)
+        async with Client(primary, timeout=120) as node:
+            entries = await node.read_log()
+        review = await export_and_verify(primary, directory / "review" / PRIMARY, keep)
+        statuses = {}
+        for r in AFFILIATES:
+            async with Client(nodes.addresses[r], timeout=60) as node:
+                statuses[r] = await node.node_status()
         print(summarize(entries, statuses, users))
         print("\ncross-location reads at the primary:")
         print("\n".join(reads))
@@ -345,7 +291,7 @@ async def _run(directory: Path, users: int, keep: bool = False) -> int:
             f"replication caught up {t3 - t2:.1f} s later"
         )
     finally:
-        codes = dep.stop_all()
+        codes = nodes.stop()
     bad = {r: c for r, c in codes.items() if c != 0}
     if bad:
         print(f"nodes exited with errors: {bad}; see node.log under each data folder", file=sys.stderr)

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import signal
 
-from residency.replicator.worker import Replicator, destinations_for
+from residency.replicator.destinations import destinations_for
+from residency.replicator.loop import Replicator
 from residency.server.config.node import DURABILITY, NodeConfig
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import load_rules
 from residency.server.core.schema import Schema, load_schema
-from residency.server.keys.crypto import Keyring
+from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread

@@ -14,8 +14,9 @@ import yaml
 
 from residency.server.config.node import load_config
 from residency.server.core.checkpoint import LogSigner
-from residency.server.keys.crypto import RegionKey
-from residency.server.keys.providers import LocalProvider, open_provider
+from residency.server.keys.providers import open_provider
+from residency.server.keys.providers.local import LocalProvider
+from residency.server.keys.region import RegionKey
 
 PRIMARY = "cn-north"
 AFFILIATES = ("ap-southeast-1", "eu-west-1")

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from residency.server.api.admin import AdminService
+from residency.server.api.consent import ConsentService
+from residency.server.api.context import Node
+from residency.server.api.disclosure import DisclosureService
+from residency.server.api.grants import GrantService
 from residency.server.api.intake import Intake
-from residency.server.api.services import (
-    AdminService,
-    ConsentService,
-    DisclosureService,
-    GrantService,
-    Node,
-    RecordService,
-    ReplicaService,
-    TransferLogService,
-    add_record_service,
-)
+from residency.server.api.records import RecordService, add_record_service
+from residency.server.api.replica import ReplicaService
+from residency.server.api.translog import TransferLogService
 from residency.server.config.node import DURABILITY, NodeConfig
 from residency.server.core import translog
 from residency.server.core.checkpoint import LogSigner
@@ -31,8 +29,9 @@ from residency.server.core.errors import ConfigError
 from residency.server.core.rules import load_rules, rules_from_bytes
 from residency.server.core.schema import load_schema
 from residency.server.keys import lifecycle
-from residency.server.keys.crypto import Keyring, RecipientKey
+from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
+from residency.server.keys.region import RecipientKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
@@ -50,6 +49,9 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from residency.replicator.loop import Replicator
 
 log = logging.getLogger("residency.node")
 GRACE_SECONDS = 10.0
@@ -69,7 +71,7 @@ class RunningNode:
         self.config = config
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        self.replicator = None
+        self.replicator: Replicator | None = None
         self.db: StoreThread[SqliteStore] | None = None
         self.health = health.aio.HealthServicer()
         self.transfer_log: TransferLog | None = None
@@ -171,7 +173,8 @@ class RunningNode:
         self._watch = asyncio.create_task(self._watch_keys(), name="watch-keys")
         self.transfer_log = TransferLog(store, signer, signer.name)
         if outbox and c.replicator.enabled:
-            from residency.replicator.worker import Replicator, destinations_for
+            from residency.replicator.destinations import destinations_for
+            from residency.replicator.loop import Replicator
 
             # A stable owner: a node restarted after a crash takes its own leases back at once
             # instead of waiting for them to expire (two nodes on one config cannot both run:
@@ -260,7 +263,7 @@ class RunningNode:
         policy, after, done = self.node.policy, "", 0
         self.node.backfill = (0, total)
         while True:
-            after, n = await self.db.write(lambda a=after: policy.reproject(a, 500), weight=500)
+            after, n = await self.db.write(functools.partial(policy.reproject, after, 500), weight=500)
             done += n
             self.node.backfill = (min(done, total), max(total, done))
             self.node.wake()

@@ -21,7 +21,6 @@ import httpx
 import pytest
 import yaml
 
-from residency.cli.demo import Deployment, wait_replicated
 from residency.server.config.node import load_config
 from residency.server.core import codec, translog
 from residency.server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment, local_keys
@@ -37,6 +36,7 @@ from residency.v1 import (
     translog_pb2,
     translog_pb2_grpc,
 )
+from tests.harness import Deployment, wait_replicated
 
 IDENTITY = (("x-residency-identity", "test:suite"),)
 COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)
@@ -283,7 +283,7 @@ class Cluster:
         return {d.region: d for d in reply.destinations}
 
     async def replicated(self, timeout: float = 60.0) -> dict:
-        return await wait_replicated(self.dep.addresses[PRIMARY], timeout=timeout, progress=False)
+        return await wait_replicated(self.dep.addresses[PRIMARY], timeout=timeout)
 
     async def log(self, region: str = PRIMARY) -> list[tuple[int, str, bytes]]:
         stub = translog_pb2_grpc.TransferLogServiceStub(self.channel(region))

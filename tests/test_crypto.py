@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from residency.server.keys.crypto import (
-    Keyring,
-    RegionKey,
-    SealError,
-    field_aad,
-    hash_credential,
-    verify_credential,
-)
-from residency.server.keys.providers import LocalProvider
+from residency.server.core.policy.credentials import hash_credential, verify_credential
+from residency.server.core.sealing import SealError, field_aad
+from residency.server.keys.keyring import Keyring
+from residency.server.keys.providers.local import LocalProvider
+from residency.server.keys.region import RegionKey
 
 
 def provider(path):

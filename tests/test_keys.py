@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 
 from residency.server.core.errors import KeyUnavailable
-from residency.server.keys.crypto import DataKey, Keyring, RecipientKey, RegionKey, field_aad
-from residency.server.keys.providers import (
-    AwsKmsProvider,
-    KeyDestroyed,
-    KeyProvider,
-    LocalProvider,
-    OpenBaoProvider,
-    SealError,
-)
+from residency.server.core.sealing import DataKey, KeyDestroyed, SealError, field_aad
+from residency.server.keys.keyring import Keyring
+from residency.server.keys.providers import KeyProvider
+from residency.server.keys.providers.kms import AwsKmsProvider
+from residency.server.keys.providers.local import LocalProvider
+from residency.server.keys.providers.openbao import OpenBaoProvider
+from residency.server.keys.region import RecipientKey, RegionKey
 from tests.conftest import BAO_TOKEN, enable_transit, moto_kms, openbao
 
 PROVIDERS = ["local", "aws-kms", "openbao"]

@@ -17,9 +17,12 @@ import pytest
 from residency.server.config.node import load_config
 from residency.server.core.rules import load_rules
 from residency.server.core.schema import load_schema
+from residency.server.core.sealing import SealError
 from residency.server.deployment import AFFILIATES, PRIMARY, local_keys
-from residency.server.keys.crypto import Keyring, RegionKey
-from residency.server.keys.providers import AwsKmsProvider, SealError, open_provider
+from residency.server.keys.keyring import Keyring
+from residency.server.keys.providers import open_provider
+from residency.server.keys.providers.kms import AwsKmsProvider
+from residency.server.keys.region import RegionKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.vault.records import Records
 from residency.v1 import records_pb2, replica_pb2

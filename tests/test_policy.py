@@ -400,8 +400,8 @@ def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     from residency.server.core.rules import Permits, parse_rules
     from residency.server.core.schema import load_schema
     from residency.server.deployment import EXAMPLE_SCHEMA
-    from residency.server.keys.crypto import Keyring
-    from residency.server.keys.providers import LocalProvider
+    from residency.server.keys.keyring import Keyring
+    from residency.server.keys.providers.local import LocalProvider
     from residency.server.storage.sqlite import SqliteStore
     from residency.server.vault.policy import Policy
     from residency.server.vault.records import Write

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from residency.server.core import codec
 from residency.server.deployment import PRIMARY
-from residency.server.keys.crypto import RegionKey
+from residency.server.keys.region import RegionKey
 from residency.v1 import common_pb2, records_pb2, replica_pb2
 from tests.conftest import IDENTITY, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.test_replication import FULL, allowed_fields

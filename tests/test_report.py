@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from residency.server.core import report
+from residency.server.core.report import figures
 
 JAN_2026 = datetime(2026, 1, 15, tzinfo=UTC).timestamp()
 DEC_2025 = datetime(2025, 12, 31, 23, 0, tzinfo=UTC).timestamp()
@@ -35,17 +35,17 @@ def test_individuals_abroad_are_counted_once_per_country_and_calendar_year():
     ]
     got = {
         (t["country"], t["year"]): (t["individuals"], t["sensitive"])
-        for t in report.thresholds(rows, {"national_id"}, "cn-north")
+        for t in figures.thresholds(rows, {"national_id"}, "cn-north")
     }
     assert got == {("Singapore", 2026): (2, 1), ("Singapore", 2025): (1, 0), ("Ireland", 2026): (1, 0)}
 
 
 def test_a_warning_shows_as_a_threshold_nears_and_when_it_is_reached():
     rows = [sent(f"u-{i}", "eu-west-1", ["national_id"] if i < 8_500 else ["email"]) for i in range(85_000)]
-    (t,) = report.thresholds(rows, {"national_id"}, "cn-north")
+    (t,) = figures.thresholds(rows, {"national_id"}, "cn-north")
     assert t["individuals"] == 85_000 and t["sensitive"] == 8_500
     assert t["warnings"] == ["85% of 100,000 individuals", "85% of 10,000 with sensitive data"]
     rows += [sent(f"v-{i}", "eu-west-1", ["national_id"]) for i in range(20_000)]
-    (t,) = report.thresholds(rows, {"national_id"}, "cn-north")
+    (t,) = figures.thresholds(rows, {"national_id"}, "cn-north")
     assert "reached 100,000 individuals" in t["warnings"]
     assert "reached 10,000 individuals with sensitive data" in t["warnings"]

@@ -1,1 +1,45 @@
-"""Sinks: where a destination's sealed copies go (a region node over gRPC, an S3 bucket)."""
+"""Sinks: where a destination's sealed copies go (a region node over gRPC, an S3 bucket), and
+the one `Sink` interface the replication loop ships through."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from residency.server.config.node import Affiliate, NodeConfig
+from residency.server.keys.region import RecipientKey
+from residency.v1 import replica_pb2
+
+
+class Sink(Protocol):
+    kind: str
+    target: str
+
+    async def apply(self, source_region: str, copies: list[replica_pb2.SealedCopy]) -> None: ...
+
+    def permanent(self, e: BaseException) -> str | None:
+        """Why `e` (raised by `apply`) will not go away on a retry, or None if it may."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def make_sink(config: NodeConfig, a: Affiliate) -> Sink:
+    """The sink an affiliate's config names; each imports its client library when first used."""
+    r = config.replicator
+    if a.sink == "s3":
+        from residency.replicator.sinks.s3 import S3Sink
+
+        return S3Sink(
+            home_region=config.region,
+            region=a.region,
+            key_id=RecipientKey.load(a.region, a.public_key).key_id,
+            bucket=a.bucket,
+            prefix=a.prefix,
+            endpoint_url=a.endpoint_url,
+            s3_region=a.s3_region,
+            timeout=r.ship_timeout,
+            concurrency=r.s3_concurrency,
+        )
+    from residency.replicator.sinks.replica import ReplicaSink
+
+    return ReplicaSink(a.address, timeout=r.ship_timeout)

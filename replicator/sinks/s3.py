@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
-from residency.server.keys.crypto import RegionKey, field_aad
+from residency.server.core.sealing import field_aad
+from residency.server.keys.region import RegionKey
 from residency.v1 import common_pb2, replica_pb2
 
 if TYPE_CHECKING:  # imported when first used: reading a bucket (open_object) needs neither

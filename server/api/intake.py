@@ -117,7 +117,8 @@ def _check_in_helper(raw: bytes) -> tuple[bytes, int, Checked]:
 
 def _log_when_ready(starting: list[Future]) -> None:
     """Logs once, when every helper of a new pool has answered."""
-    lock, logged = threading.Lock(), []
+    lock = threading.Lock()
+    logged: list[bool] = []
 
     def done(_: Future) -> None:
         with lock:

@@ -24,10 +24,12 @@ def from_value(v: Value) -> FieldValue | None:
     if kind is None:
         return None
     if kind == "timestamp_value":
-        return v.timestamp_value.ToDatetime(tzinfo=UTC)
+        when: datetime = v.timestamp_value.ToDatetime(tzinfo=UTC)
+        return when
     if kind == "list_value":
         return list(v.list_value.values)
-    return getattr(v, kind)
+    value: FieldValue = getattr(v, kind)
+    return value
 
 
 def to_value(x: FieldValue) -> Value:
@@ -49,7 +51,8 @@ def to_value(x: FieldValue) -> Value:
 
 
 def encode(x: FieldValue) -> bytes:
-    return to_value(x).SerializeToString()
+    data: bytes = to_value(x).SerializeToString()
+    return data
 
 
 def to_json(x: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Domain exceptions. `residency.server.api.services` maps each to one gRPC status, in one place."""
+"""Domain exceptions. `residency.server.api.errors` maps each to one gRPC status, in one place."""
 
 from __future__ import annotations
 

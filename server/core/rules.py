@@ -70,7 +70,6 @@ _REASON_RANK = [
     SENSITIVE_CONSENT_MISSING,
     RETENTION_EXPIRED,
 ]
-COOKIE_PURPOSE = "functional.storage"
 
 
 def is_cookie(category: str) -> bool:

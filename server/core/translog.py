@@ -29,7 +29,7 @@ def leaf_index(sequence: int) -> int:
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
-class Shared(list):
+class Shared(list[Any]):
     """A list that many entries hold alike (a copy's field descriptions, the same for every
     record with the same fields under one plan): its canonical JSON is worked out once.
     Never changed once made."""

@@ -1,3 +1,4 @@
-"""Region keys, the keyring of data keys, key providers (local, AWS KMS, OpenBao) and key
-lifecycle. Raw key bytes never leave this package.
+"""Region keys (`region`), the keyring of data keys (`keyring`), key providers (`providers`:
+local, AWS KMS, OpenBao) and key lifecycle (`lifecycle`). Raw key bytes never leave this
+package; the sealing values they bind (associated data, `DataKey`) are in `core.sealing`.
 """

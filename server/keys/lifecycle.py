@@ -1,29 +1,45 @@
 """Key lifecycle: rotate, retire and shred a region's keys, and the key events a node logs.
 
 Operators run these through `residency keys ...` while the node keeps serving. They act on
-the key provider, the key folder and the node's keyring database (`keys.db`), and append an
-event to `keyring.json` in the key folder; the node watches that file, writes each new event
-to its transfer log (kind `key_event`) and, after a shred, forgets every key it holds.
+what they are given: the key provider, the key folder and the node's data keys (`DataKeys`,
+the keyring database `keys.db`), and append an event to `keyring.json` in the key folder;
+the node watches that file, writes each new event to its transfer log (kind `key_event`)
+and, after a shred, forgets every key it holds. The caller opens and closes all of them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from tqdm import tqdm
-
-from residency.server.config.node import NodeConfig
-from residency.server.keys.crypto import Keyring, RegionKey
-from residency.server.keys.providers import KeyProvider, _shred_file, open_provider
-from residency.server.storage.sqlite import SqliteStore
+from residency.server.keys.files import shred_file
+from residency.server.keys.keyring import Keyring
+from residency.server.keys.providers import KeyProvider
+from residency.server.keys.region import RegionKey
 
 STATE = "keyring.json"
 PAGE = 500
+# Called with (data keys done, data keys in all) as a rewrap goes on.
+Progress = Callable[[int, int], None]
+
+
+class DataKeys(Protocol):
+    """What rotation needs of the node's keyring database."""
+
+    def transaction(self) -> AbstractContextManager[Any]: ...
+    def put_wrapping_key(self, id: str, wrapped: bytes) -> None: ...
+    def count_data_keys_not_under(self, wrapping_key: str) -> int: ...
+    def data_keys_not_under(
+        self, wrapping_key: str, after_user: str, limit: int
+    ) -> list[tuple[str, str, bytes, bytes]]: ...
+    def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]: ...
+    def put_data_keys(self, rows: list[tuple[str, str, bytes]]) -> None: ...
+    def delete_unused_wrapping_keys(self) -> int: ...
 
 
 def read_events(directory: Path) -> list[dict[str, Any]]:
@@ -54,88 +70,73 @@ def shredded_reason(region: str, events: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _store(config: NodeConfig) -> SqliteStore:
-    return SqliteStore(config.data_dir / "node.db")
-
-
-def rotate(config: NodeConfig, actor: str, progress: bool = True) -> dict[str, Any]:
+def rotate(
+    region: str,
+    provider: KeyProvider,
+    keys_dir: Path,
+    store: DataKeys,
+    actor: str,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """A new provider key version; `region.key` and every data key in the node's keyring are
     rewrapped under it, page by page (one short transaction each, so traffic goes on): the
     primary's, and on a region node the copies' keys (HPKE-wrapped as they arrived, then
     under a wrapping key of the new version). Field values are not re-encrypted: only the
     keys that wrap their data keys change."""
-    provider = open_provider(config.keys)
-    try:
-        version = provider.rotate()
-        if (config.keys_dir / "region.key").exists():
-            RegionKey.rewrap(config.region, config.keys_dir, provider)
-        append_event(config.keys_dir, "rotated", actor, f"new key version {version}")
-        rewrapped = rewrap_data_keys(config, provider, progress)
-    finally:
-        provider.close()
-    append_event(config.keys_dir, "rewrapped", actor, f"{rewrapped} data keys rewrapped under {version}")
-    return {"region": config.region, "version": version, "data_keys_rewrapped": rewrapped}
+    version = provider.rotate()
+    if (keys_dir / "region.key").exists():
+        RegionKey.rewrap(region, keys_dir, provider)
+    append_event(keys_dir, "rotated", actor, f"new key version {version}")
+    rewrapped = rewrap_data_keys(region, provider, keys_dir, store, progress)
+    append_event(keys_dir, "rewrapped", actor, f"{rewrapped} data keys rewrapped under {version}")
+    return {"region": region, "version": version, "data_keys_rewrapped": rewrapped}
 
 
-def rewrap_data_keys(config: NodeConfig, provider: KeyProvider, progress: bool) -> int:
-    keyring = Keyring(config.region, provider, config.keys_dir)
-    store = _store(config)
-    try:
-        new = keyring.new_wrapping_key()
+def rewrap_data_keys(
+    region: str, provider: KeyProvider, keys_dir: Path, store: DataKeys, progress: Progress | None = None
+) -> int:
+    keyring = Keyring(region, provider, keys_dir)
+    new = keyring.new_wrapping_key()
+    with store.transaction():
+        store.put_wrapping_key(new.id, new.wrapped)
+    total = store.count_data_keys_not_under(new.id)
+    done, after = 0, ""
+    if progress:
+        progress(done, total)
+    while page := store.data_keys_not_under(new.id, after, PAGE):
+        rows = []
+        for user_id, wk_id, wk_wrapped, wrapped in page:
+            raw = keyring.open_stored_key(user_id, wk_id, wk_wrapped, wrapped).raw
+            rows.append((user_id, new.id, new.wrap(region, user_id, raw)))
         with store.transaction():
-            store.put_wrapping_key(new.id, new.wrapped)
-        total = store.count_data_keys_not_under(new.id)
-        done, after = 0, ""
-        with tqdm(
-            total=total, desc=f"rewrapping {config.region}", unit="key", file=sys.stderr, disable=not progress
-        ) as bar:
-            while page := store.data_keys_not_under(new.id, after, PAGE):
-                rows = []
-                for user_id, wk_id, wk_wrapped, wrapped in page:
-                    raw = keyring.open_stored_key(user_id, wk_id, wk_wrapped, wrapped).raw
-                    rows.append((user_id, new.id, new.wrap(config.region, user_id, raw)))
-                with store.transaction():
-                    # Only rows still as read: a user erased meanwhile stays erased.
-                    current = store.data_keys([r[0] for r in rows])
-                    store.put_data_keys([r for r in rows if r[0] in current])
-                done += len(rows)
-                after = page[-1][0]
-                bar.update(len(rows))
-        return done
-    finally:
-        store.close()
+            # Only rows still as read: a user erased meanwhile stays erased.
+            current = store.data_keys([r[0] for r in rows])
+            store.put_data_keys([r for r in rows if r[0] in current])
+        done += len(rows)
+        after = page[-1][0]
+        if progress:
+            progress(done, total)
+    return done
 
 
-def retire(config: NodeConfig, actor: str) -> dict[str, Any]:
+def retire(region: str, provider: KeyProvider, keys_dir: Path, store: DataKeys, actor: str) -> dict[str, Any]:
     """After a rotation (give the node a second to notice it): every data key is moved under a
     fresh wrapping key, wrapping keys no data key uses are deleted and old provider key
     versions stop decrypting."""
-    provider = open_provider(config.keys)
     # Data keys the node made between the rotation and noticing it are under a wrapping key
     # of the old version: move everything under a fresh one first.
-    rewrap_data_keys(config, provider, progress=False)
-    store = _store(config)
-    try:
-        with store.transaction():
-            dropped = store.delete_unused_wrapping_keys()
-        provider.retire()
-    finally:
-        store.close()
-        provider.close()
-    append_event(
-        config.keys_dir, "retired", actor, f"old key versions retired; {dropped} wrapping keys deleted"
-    )
-    return {"region": config.region, "wrapping_keys_deleted": dropped}
+    rewrap_data_keys(region, provider, keys_dir, store)
+    with store.transaction():
+        dropped = store.delete_unused_wrapping_keys()
+    provider.retire()
+    append_event(keys_dir, "retired", actor, f"old key versions retired; {dropped} wrapping keys deleted")
+    return {"region": region, "wrapping_keys_deleted": dropped}
 
 
-def shred(config: NodeConfig, actor: str, reason: str) -> dict[str, Any]:
+def shred(region: str, provider: KeyProvider, keys_dir: Path, actor: str, reason: str) -> dict[str, Any]:
     """Destroys the region's key in its provider and its private key file: every copy and
     record sealed for this region becomes unreadable, backups included. Irreversible."""
-    provider = open_provider(config.keys)
-    try:
-        provider.destroy()
-    finally:
-        provider.close()
-    _shred_file(config.keys_dir / "region.key")
-    append_event(config.keys_dir, "shredded", actor, reason or "key compromised")
-    return {"region": config.region, "shredded": True}
+    provider.destroy()
+    shred_file(keys_dir / "region.key")
+    append_event(keys_dir, "shredded", actor, reason or "key compromised")
+    return {"region": region, "shredded": True}

@@ -18,13 +18,8 @@ from residency.server.storage.transferlog import LogStore, LogWriter
 
 
 class VaultStore(RecordStore, KeyStore, OutboxStore, ConsentStore, LogWriter, Protocol):
-    """`Records` (writes, reads, erasure, copies applied): records, data keys, the outbox,
-    the consents and grants a copy depends on, and log entries. Its consent and grant
-    operations share it."""
-
-
-class PolicyStore(RecordStore, ConsentStore, LogWriter, Protocol):
-    """Consents, grants, disclosures, retention sweeps and rule changes."""
+    """`Records.store`, which every vault operation uses: writes, reads and erasure, copies
+    applied, consents, grants, disclosures, retention sweeps and rule changes."""
 
 
 class WorkerStore(UnitOfWork, ReplicationStore, LogWriter, Protocol):

@@ -1,4 +1,4 @@
-"""What a node does with records: write, read, erase (primary) and apply copies (region).
+"""What a node does with records: write, erase (primary), and read (primary and region).
 
 Every method here runs on the store's thread, inside a transaction the caller opens, so a
 write, its outbox entry and its transfer-log entries commit together or not at all. Values
@@ -16,24 +16,22 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from residency.server.core import codec, translog
-from residency.server.core.errors import NotFound, PolicyDenied
-from residency.server.core.rules import (
-    COOKIE_PURPOSE,
-    RETENTION_EXPIRED,
-    Allowed,
-    Grant,
-    Permits,
-    Plan,
-    RuleSet,
-    Withheld,
-    covers,
-)
+from residency.server.core.errors import NotFound
+from residency.server.core.policy.consent import StandingConsent, consented_rules
+from residency.server.core.policy.cookies import refused_cookie_writes
+from residency.server.core.policy.erasure import expired_fields
+from residency.server.core.policy.grants import split_grants
+from residency.server.core.rules import RETENTION_EXPIRED, Allowed, Grant, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
-from residency.server.keys.crypto import DataKey, Keyring, SealError, field_aad, record_aad
+from residency.server.core.sealing import DataKey, SealError, field_aad, record_aad
+from residency.server.keys.keyring import Keyring
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
+from residency.server.vault.sealing import seal_writes
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 
+# The encodings of a stored row (a primary's record; a region's copy, as its home sealed it):
+# storage formats on disk, not the domain types the methods below take and return.
 SealedCopy = replica_pb2.SealedCopy
 StoredRecord = storage_pb2.StoredRecord
 Value = common_pb2.Value
@@ -84,69 +82,6 @@ class Caller:
     purpose: str
 
 
-# One write as _seal_writes takes it: (user_id, serialized Record holding only fields,
-# fields to remove, touch, source).
-_Item = tuple[str, bytes, tuple[str, ...], bool, str]
-# A stored row: (version, deleted, sealed StoredRecord, updated_at).
-_Prior = tuple[int, bool, bytes, float]
-
-
-def _seal_writes(
-    region: str,
-    now: float,
-    items: list[_Item],
-    priors: dict[str, _Prior],
-    keys: dict[str, DataKey],
-    new_key_ids: dict[str, str],
-) -> tuple[list[int], list[tuple[str, int, bytes, float]]]:
-    """Merges each write into its user's stored record and seals the result, in order; a
-    user written twice in one batch gets two versions. A user without a live prior row
-    starts a new record under `new_key_ids[user]`; `keys` holds every user's data key.
-    Returns the version of each item and the final row of each user. Pure work on bytes:
-    no store, no keyring."""
-    stamp = codec.timestamp(now)
-    rows: dict[str, tuple[str, int, bytes, float]] = {}
-    versions = []
-    for user_id, body, remove, touch, source in items:
-        dek = keys[user_id]
-        stored = StoredRecord(user_id=user_id, home_region=region, updated_at=stamp)
-        done = rows.get(user_id)
-        old_age: float | None
-        if done is not None:
-            version, deleted, blob, old_age = done[1], False, done[2], done[3]
-        elif user_id in priors:
-            version, deleted, blob, old_age = priors[user_id]
-        else:
-            version, deleted, blob, old_age = 0, True, b"", None
-        if not deleted:
-            prior = StoredRecord.FromString(blob)
-            old_body = dek.open(prior.sealed_fields, record_aad(user_id, region, prior.version, prior.key_id))
-            # Serialized messages concatenate as a merge: a map entry given again replaces
-            # the stored one, the others are kept.
-            merged = records_pb2.Record.FromString(old_body + body)
-            for name in remove:
-                merged.fields.pop(name, None)
-            body = merged.SerializeToString()
-            stored.created_at.CopyFrom(prior.created_at)
-            if not touch:
-                stored.updated_at.CopyFrom(prior.updated_at)
-            stored.source = source or prior.source
-            stored.key_id = prior.key_id
-        else:
-            stored.key_id = new_key_ids[user_id]
-            stored.created_at.CopyFrom(stamp)
-            stored.source = source or "registration"
-        version += 1
-        stored.version = version
-        stored.sealed_fields = dek.seal(body, record_aad(user_id, region, version, stored.key_id))
-        # Retention counts from the last real write: a rewrite that only changes what may be
-        # sent keeps the record's age.
-        age = now if touch or old_age is None else old_age
-        rows[user_id] = (user_id, version, stored.SerializeToString(), age)
-        versions.append(version)
-    return versions, list(rows.values())
-
-
 class Records:
     def __init__(
         self,
@@ -194,7 +129,7 @@ class Records:
             keys[u] = DataKey(raw)
             new_key_ids[u] = wk.id
             new_keys.append((u, wk.id, wk.wrap(self.region, u, raw)))
-        versions, sealed = _seal_writes(
+        versions, sealed = seal_writes(
             self.region,
             time.time(),
             [(w.user_id, w.body, w.remove, w.touch, w.source) for w in writes],
@@ -226,51 +161,33 @@ class Records:
 
     def _check_cookies(self, writes: list[Write]) -> None:
         """Policy 5: cookie data is collected only while the user's cookie consent stands."""
-        cookie_fields = self.schema.cookie_fields
         users = [w.user_id for w in writes if w.cookies]
-        if not users:
-            return
-        permits = self.permits_for(users)
-        refused = sorted({u for u in users if not permits[u].cookies})
-        if refused:
-            raise PolicyDenied(
-                f"policy 5: {len(refused)} user(s) have not accepted cookies (first: {refused[0]}); "
-                f"cookie fields ({', '.join(sorted(cookie_fields))}) are not collected without cookie consent"
-            )
+        if users:
+            permits = self.permits_for(users)
+            consenting = {u for u in users if permits[u].cookies}
+            refusal = refused_cookie_writes(users, consenting, self.schema.cookie_fields)
+            if refusal is not None:
+                raise refusal
+
+    def standing_consents(self, user_ids: list[str]) -> list[StandingConsent]:
+        return [StandingConsent(u, p, r, bool(s)) for u, p, r, s, *_ in self.store.consents(user_ids)]
 
     def permits_for(self, user_ids: list[str], now: float | None = None) -> dict[str, Permits]:
         """Each user's consents and grants, as the rules engine takes them."""
         now = time.time() if now is None else now
-        consented: dict[str, set[str]] = {u: set() for u in user_ids}
-        sensitive: dict[str, set[str]] = {u: set() for u in user_ids}
-        cookies: set[str] = set()
-        for user, purpose, recipient, is_sensitive, *_ in self.store.consents(list(consented)):
-            if (
-                recipient == ""
-                and covers(purpose, COOKIE_PURPOSE)
-                or purpose == COOKIE_PURPOSE
-                and not recipient
-            ):
-                cookies.add(user)
-            for rule in self.rules.consent_rules(purpose, recipient):
-                (sensitive if is_sensitive else consented)[user].add(rule.id)
-        active: dict[str, list[Grant]] = {u: [] for u in user_ids}
-        ended: dict[str, list[Grant]] = {u: [] for u in user_ids}
-        for user, gid, recipient, purpose, basis, cats, ends_at, revoked_at in self.store.grants_for(
-            list(consented)
-        ):
-            g = Grant(gid, recipient, purpose, basis, tuple(json.loads(cats)), ends_at, revoked_at)
-            (active if g.active(now) else ended)[user].append(g)
-        return {
-            u: Permits(
-                frozenset(consented[u]),
-                frozenset(sensitive[u]),
-                u in cookies,
-                tuple(sorted(active[u], key=lambda g: g.id)),
-                tuple(sorted(ended[u], key=lambda g: g.id)),
+        users = list(dict.fromkeys(user_ids))
+        consented = consented_rules(self.rules, users, self.standing_consents(users))
+        grants: dict[str, list[Grant]] = {u: [] for u in users}
+        for user, gid, recipient, purpose, basis, cats, ends_at, revoked_at in self.store.grants_for(users):
+            grants[user].append(
+                Grant(gid, recipient, purpose, basis, tuple(json.loads(cats)), ends_at, revoked_at)
             )
-            for u in consented
-        }
+        out = {}
+        for u in users:
+            c = consented[u]
+            active, ended = split_grants(grants[u], now)
+            out[u] = Permits(frozenset(c.rules), frozenset(c.sensitive_rules), c.cookies, active, ended)
+        return out
 
     def project(
         self, plan: Plan, fields: dict[str, Any], updated_at: float, now: float | None = None
@@ -279,13 +196,9 @@ class Records:
         is withheld once the record is older than that."""
         sent, withheld = plan.project(fields)
         now = time.time() if now is None else now
-        age_days = (now - updated_at) / 86400
-        for name in list(sent):
-            d = plan.decisions[name]
-            days = d.rule.retention_days if isinstance(d, Allowed) else None
-            if days is not None and age_days > days:
-                del sent[name]
-                withheld[name] = Withheld(RETENTION_EXPIRED)
+        for name in expired_fields(plan.decisions, list(sent), updated_at, now):
+            del sent[name]
+            withheld[name] = Withheld(RETENTION_EXPIRED)
         return sent, withheld
 
     def delete(self, user_id: str) -> int:
@@ -334,48 +247,6 @@ class Records:
         if missing:
             for user_id, found in self.store.data_keys(missing).items():
                 self.keyring.data_keys.put(user_id, self.keyring.open_stored_key(user_id, *found))
-
-    # ---- region node: copies ----------------------------------------------------------
-
-    def apply(self, copies: list[Any]) -> tuple[int, int]:
-        """Applies sealed copies idempotently: a version not newer than the one held is
-        skipped, so a replay never duplicates or goes back in time."""
-        held = self.store.rows(list({c.user_id for c in copies}))
-        newest: dict[str, Any] = {}
-        skipped = 0
-        for c in copies:
-            have = newest.get(c.user_id) or held.get(c.user_id)
-            if have is not None and have.version >= c.version:
-                skipped += 1
-                continue
-            newest[c.user_id] = c
-        now = time.time()
-        keys, gone, transit = [], [], {}
-        for c in newest.values():
-            if c.deleted:
-                gone.append(c.user_id)
-                continue
-            # The wrapped DEK goes to the keyring, not with the copy: erasing it later makes
-            # any earlier copy of node.db unreadable for this user.
-            if c.transit_key_id:
-                wk_id = f"transit:{c.key_id}:{c.transit_key_id}"
-                transit[wk_id] = c.wrapped_transit_key
-                c.ClearField("transit_key_id")
-                c.ClearField("wrapped_transit_key")
-            else:
-                wk_id = f"hpke:{c.key_id}"
-            keys.append((c.user_id, wk_id, c.wrapped_data_key))
-            c.ClearField("wrapped_data_key")
-        for wk_id, wrapped in transit.items():
-            self.store.put_wrapping_key(wk_id, wrapped)
-        self.store.put_data_keys(keys)
-        self.store.delete_data_keys(gone)
-        self.store.upsert(
-            [Row(c.user_id, c.version, c.deleted, c.SerializeToString(), now) for c in newest.values()]
-        )
-        for user_id in newest:
-            self.keyring.data_keys.drop(user_id)
-        return len(newest), skipped
 
     # ---- reads ------------------------------------------------------------------------
 

@@ -29,10 +29,13 @@ import yaml
 from bench_put import CTX, META, closed_loop, ten_fields  # this folder is on sys.path when run as a script
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from residency.cli.demo import wait_serving
 from residency.server.config.node import load_config
 from residency.server.deployment import PRIMARY, init_deployment
 from residency.v1 import records_pb2, records_pb2_grpc
+
+# Run as a script, this folder is on sys.path and the checkout is not: tests.harness needs it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.harness import wait_serving
 
 PHASES = {"put": 64, "noop": 64, "bulk": 2}  # calls in flight, as bench_put
 

@@ -28,8 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from residency.server.keys.crypto import DataKey, Keyring, field_aad  # noqa: E402
-from residency.server.keys.providers import AwsKmsProvider, LocalProvider, OpenBaoProvider  # noqa: E402
+from residency.server.core.sealing import DataKey, field_aad  # noqa: E402
+from residency.server.keys.keyring import Keyring  # noqa: E402
+from residency.server.keys.providers.kms import AwsKmsProvider  # noqa: E402
+from residency.server.keys.providers.local import LocalProvider  # noqa: E402
+from residency.server.keys.providers.openbao import OpenBaoProvider  # noqa: E402
 from tests.conftest import BAO_TOKEN, enable_transit, moto_kms, openbao  # noqa: E402
 
 FIELDS = [f"field_{i}" for i in range(10)]

@@ -23,9 +23,12 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from residency.cli.demo import Deployment, wait_replicated
 from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
+
+# Run as a script, this folder is on sys.path and the checkout is not: tests.harness needs it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.harness import Deployment, wait_replicated
 
 META = (("x-residency-identity", "bench:put"),)
 CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
@@ -142,7 +145,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
             caught_up = None
             if args.replication:
                 t = time.perf_counter()
-                await wait_replicated(address, timeout=600, progress=False)
+                await wait_replicated(address, timeout=600)
                 caught_up = round(time.perf_counter() - t, 2)
         return {
             "benchmark": "put",

@@ -43,13 +43,13 @@ from pathlib import Path
 import grpc
 import yaml
 
-from residency.cli.demo import Deployment, wait_replicated
 from residency.server.config.node import load_config
 from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
-from residency.server.keys.crypto import RegionKey
-from residency.server.keys.providers import LocalProvider
+from residency.server.keys.providers.local import LocalProvider
+from residency.server.keys.region import RegionKey
 from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc, replica_pb2
 from tests.conftest import SeaweedFS
+from tests.harness import Deployment, wait_replicated
 from tests.perf.bench_put import ten_fields
 
 META = (("x-residency-identity", "bench:replication"),)
@@ -264,7 +264,7 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
                 out = {
                     "steady": await steady(records, admin, args.rate, args.batch, args.seconds, args.users)
                 }
-                await wait_replicated(primary, timeout=300, progress=False)
+                await wait_replicated(primary, timeout=300)
                 lo, hi = ("u-00000000", f"u-{args.users:08d}") if args.users else ("u-10000000", "u-20000000")
                 out["steady"]["applied_lag_ms"] = applied_lag(dep, lo, hi)
                 out["drain_records_per_s"] = await drain(records, admin, args.backlog)

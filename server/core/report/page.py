@@ -1,204 +1,13 @@
-"""Reviewers' reports over transfer-log entries (pure: entries in, text out).
-
-`render` writes one self-contained HTML page (inline CSS and hand-written SVG charts, no
-scripts, no external assets: it opens offline), CSV (one row per entry) or JSON Lines. The
-page shows integrity first, then transfers by destination, category, legal basis, purpose
-and outcome, a timeline, denied and failed attempts, recipients' identity, the cumulative
-distinct individuals sent abroad per destination country per calendar year against the
-PIPL/CAC thresholds, and optionally one data subject's "where did my data go".
-"""
+"""The HTML form of a report: one self-contained page with inline CSS and SVG charts."""
 
 from __future__ import annotations
 
-import csv
 import html
-import io
-import json
-from collections import Counter, defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from residency.server.core import merkle
-from residency.server.core.checkpoint import CheckpointError, open_note, parse_verifier_key
-
-# Kinds whose allowed entries move personal data to (or let it be read from) another place.
-TRANSFER_KINDS = frozenset({"replication", "remote_read", "disclosure"})
-# Where each known region's servers are; a region not listed is shown by its own name.
-REGION_COUNTRY = {
-    "cn-north": "China",
-    "ap-southeast-1": "Singapore",
-    "eu-west-1": "Ireland",
-    "us-east-1": "United States",
-}
-# PIPL / CAC (Provisions on Promoting and Regulating Cross-Border Data Flows, 2024):
-# individuals per calendar year, counted per exporter. Sensitive data has its own threshold.
-THRESHOLDS = (100_000, 1_000_000)
-SENSITIVE_THRESHOLD = 10_000
-WARN_AT = 0.8  # warn when a count reaches this share of a threshold
-
-
-@dataclass(frozen=True)
-class Integrity:
-    verified: bool
-    tree_size: int
-    root_hash: str
-    signer: str
-    verifier_key: str
-    problem: str = ""
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "checkpoint_verified": self.verified,
-            "tree_size": self.tree_size,
-            "root_hash": self.root_hash,
-            "signer": self.signer,
-            **({"problem": self.problem} if self.problem else {}),
-        }
-
-
-def integrity(entries: list[bytes], note: str, key: str) -> Integrity:
-    """Checks the checkpoint's signature and that `entries` hash to its root."""
-    try:
-        signer = parse_verifier_key(key)[0]
-        cp = open_note(note, key)
-    except CheckpointError as e:
-        return Integrity(False, len(entries), "", "", key.strip(), f"checkpoint: {e}")
-    root = merkle.root([merkle.leaf_hash(e) for e in entries])
-    if cp.size != len(entries) or root != cp.root:
-        problem = f"the {len(entries)} entries do not hash to the signed root of tree size {cp.size}"
-        return Integrity(False, cp.size, cp.root.hex(), signer, key.strip(), problem)
-    return Integrity(True, cp.size, cp.root.hex(), signer, key.strip())
-
-
-def render(
-    fmt: str,
-    entries: list[bytes],
-    context: dict[str, Any],
-    check: Integrity,
-    subject: str | None = None,
-    now: float | None = None,
-) -> str:
-    rows = [json.loads(e) for e in entries]
-    if fmt == "jsonl":
-        chosen = [e for e, r in zip(entries, rows, strict=True) if not subject or r["subject"] == subject]
-        return "".join(e.decode() + "\n" for e in chosen)
-    if fmt == "csv":
-        return _csv([r for r in rows if not subject or r["subject"] == subject])
-    return _html(rows, context, check, subject, now)
-
-
-CSV_COLUMNS = (
-    "sequence",
-    "leaf_index",
-    "time",
-    "kind",
-    "subject",
-    "source_region",
-    "destination_region",
-    "recipient",
-    "purpose",
-    "legal_bases",
-    "rules",
-    "fields",
-    "categories",
-    "withheld",
-    "outcome",
-    "reason",
-    "actor",
-    "rules_version",
-    "record_version",
-)
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for r in rows:
-        fields = r.get("fields", [])
-        w.writerow(
-            [
-                r["sequence"],
-                r["sequence"] - 1,
-                _iso(r["time"]),
-                r["kind"],
-                r["subject"],
-                r["source_region"],
-                r["destination_region"],
-                r["recipient"],
-                r["purpose"],
-                ";".join(sorted({f["legal_basis"] for f in fields if f.get("legal_basis")})),
-                ";".join(sorted({f["rule"] for f in fields if f.get("rule")})),
-                ";".join(f["name"] for f in fields),
-                ";".join(sorted({f["category"] for f in fields})),
-                ";".join(f"{w['name']}:{w['reason']}" for w in r.get("withheld", [])),
-                r["outcome"],
-                r["reason"],
-                r["actor"],
-                r["rules_version"],
-                r["record_version"],
-            ]
-        )
-    return out.getvalue()
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _crossed(r: dict[str, Any]) -> bool:
-    """Personal data actually left its region in this entry."""
-    return (
-        r["kind"] in TRANSFER_KINDS
-        and r["outcome"] == "allowed"
-        and bool(r.get("fields"))
-        and r["destination_region"] != r["source_region"]
-    )
-
-
-def country(region: str) -> str:
-    return REGION_COUNTRY.get(region, region)
-
-
-def thresholds(
-    rows: Iterable[dict[str, Any]], sensitive_fields: set[str], home_region: str
-) -> list[dict[str, Any]]:
-    """Distinct individuals whose data went abroad, per destination country and calendar
-    year (and those with sensitive data among them), with the thresholds they approach."""
-    people: dict[tuple[str, int], set[str]] = defaultdict(set)
-    sensitive: dict[tuple[str, int], set[str]] = defaultdict(set)
-    home = country(home_region)
-    for r in rows:
-        dest = country(r["destination_region"])
-        # A disclosure to a third party names no region: no country to count it against.
-        if not _crossed(r) or not r["destination_region"] or dest == home:
-            continue
-        key = (dest, datetime.fromtimestamp(r["time"], UTC).year)
-        people[key].add(r["subject"])
-        if any(f["name"] in sensitive_fields for f in r["fields"]):
-            sensitive[key].add(r["subject"])
-    out = []
-    for key in sorted(people):
-        n, s = len(people[key]), len(sensitive[key])
-        warnings = []
-        for limit in THRESHOLDS:
-            if n >= limit:
-                warnings.append(f"reached {limit:,} individuals")
-            elif n >= WARN_AT * limit:
-                warnings.append(f"{n / limit:.0%} of {limit:,} individuals")
-        if s >= SENSITIVE_THRESHOLD:
-            warnings.append(f"reached {SENSITIVE_THRESHOLD:,} individuals with sensitive data")
-        elif s >= WARN_AT * SENSITIVE_THRESHOLD:
-            warnings.append(f"{s / SENSITIVE_THRESHOLD:.0%} of {SENSITIVE_THRESHOLD:,} with sensitive data")
-        out.append(
-            {"country": key[0], "year": key[1], "individuals": n, "sensitive": s, "warnings": warnings}
-        )
-    return out
-
-
-# ---- HTML -------------------------------------------------------------------------------
+from residency.server.core.report.figures import Integrity, country, crossed_border, iso, thresholds
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2330;
@@ -289,7 +98,7 @@ def _timeline(rows: list[dict[str, Any]], width: int = 1100, height: int = 220) 
             break
     start = int(lo // size) * size
     n = int((hi - start) // size) + 1
-    buckets = [Counter() for _ in range(n)]
+    buckets: list[Counter[str]] = [Counter() for _ in range(n)]
     for r in rows:
         buckets[int((r["time"] - start) // size)][r["outcome"]] += 1
     top = max(sum(b.values()) for b in buckets)
@@ -304,7 +113,7 @@ def _timeline(rows: list[dict[str, Any]], width: int = 1100, height: int = 220) 
     ]
     label_every = max(1, n // 10)
     for i, b in enumerate(buckets):
-        y = 10 + plot_h
+        y = float(10 + plot_h)
         x = left + i * bw
         for outcome in ("allowed", "denied", "failed"):
             v = b.get(outcome, 0)
@@ -345,7 +154,7 @@ def _entry_row(r: dict[str, Any]) -> list[str]:
     bases = ", ".join(sorted({f["legal_basis"] for f in r.get("fields", []) if f.get("legal_basis")}))
     return [
         _e(r["sequence"] - 1),
-        _e(_iso(r["time"])),
+        _e(iso(r["time"])),
         _e(r["kind"]),
         _e(r["subject"]),
         _e(f"{r['source_region']} \u2192 {r['destination_region']}"),
@@ -374,7 +183,7 @@ _ENTRY_HEADERS = [
 ]
 
 
-def _html(
+def render_page(
     rows: list[dict[str, Any]],
     context: dict[str, Any],
     check: Integrity,
@@ -385,10 +194,12 @@ def _html(
     home = context.get("home_region", region)
     recipients = {r["id"]: r for r in context.get("recipients", [])}
     sensitive = set(context.get("sensitive_fields", []))
-    crossed = [r for r in rows if _crossed(r)]
+    crossed = [r for r in rows if crossed_border(r)]
     outcomes = Counter(r["outcome"] for r in rows)
     by_dest = Counter(_place(r["destination_region"]) for r in crossed)
-    by_cat, by_basis, by_purpose = Counter(), Counter(), Counter()
+    by_cat: Counter[str] = Counter()
+    by_basis: Counter[str] = Counter()
+    by_purpose: Counter[str] = Counter()
     for r in crossed:
         # A replication serves the purposes of the rules it went under; a read states one.
         for purpose in (
@@ -399,7 +210,7 @@ def _html(
             by_cat[f["category"]] += 1
             by_basis[f.get("legal_basis") or "(home region)"] += 1
     problems = [r for r in rows if r["outcome"] in ("denied", "failed")]
-    generated = _iso(now if now is not None else datetime.now(UTC).timestamp())
+    generated = iso(now if now is not None else datetime.now(UTC).timestamp())
 
     status_class = "ok" if check.verified else "bad"
     status = "verified" if check.verified else "NOT VERIFIED"
@@ -483,9 +294,9 @@ def _html(
         out.append(f'<p class="muted">the latest 200 of {len(problems):,} shown; the CSV has all</p>')
     if subject:
         mine = [r for r in rows if r["subject"] == subject]
-        places = Counter(_place(r["destination_region"]) for r in mine if _crossed(r))
-        fields_out = sorted({f["name"] for r in mine if _crossed(r) for f in r["fields"]})
-        who = sorted({x for r in mine if _crossed(r) for x in r["recipient"].split(",") if x})
+        places = Counter(_place(r["destination_region"]) for r in mine if crossed_border(r))
+        fields_out = sorted({f["name"] for r in mine if crossed_border(r) for f in r["fields"]})
+        who = sorted({x for r in mine if crossed_border(r) for x in r["recipient"].split(",") if x})
         out += [
             f"<h2>Where did the data of {_e(subject)} go?</h2>",
             '<div class="cards">',

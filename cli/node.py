@@ -1,0 +1,77 @@
+"""`residency serve`, `init`, `status` and `demo`: run a node, write a deployment, ask a node
+how it is, and run the three-region demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from residency.cli.channel import add_target, open_channel
+from residency.v1 import admin_pb2, admin_pb2_grpc
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from residency.server.config.node import load_config
+    from residency.server.node import serve
+
+    asyncio.run(serve(load_config(args.config)))
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from residency.server.deployment import init_deployment
+
+    paths = init_deployment(args.dir)
+    for region, path in paths.items():
+        print(f"{region}: {path}")
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with open_channel(args.target) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        node = await stub.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=args.timeout)
+        out: dict[str, Any] = {
+            "node": json_format.MessageToDict(node, always_print_fields_with_no_presence=True)
+        }
+        if node.role == "primary":
+            rep = await stub.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=args.timeout)
+            out["replication"] = json_format.MessageToDict(rep, always_print_fields_with_no_presence=True)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from residency.cli.demo import run_demo
+
+    return run_demo(users=args.users, directory=Path(args.dir) if args.dir else None)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("demo", help="run a three-region deployment on loopback, load users, report")
+    s.add_argument("--users", type=int, default=1000, help="synthetic users to write (default 1000)")
+    s.add_argument("--dir", help="keep the deployment in DIR (default: a temporary folder)")
+    s.set_defaults(run=_demo)
+
+
+def add_init(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("init", help="write a local three-region deployment into DIR")
+    s.add_argument("dir")
+    s.set_defaults(run=_init)
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="run a node until SIGTERM/SIGINT")
+    s.add_argument("--config", required=True)
+    s.set_defaults(run=_serve)
+
+
+def add_status(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("status", help="a node's status and, on the primary, replication status")
+    add_target(s)
+    s.set_defaults(run=lambda a: asyncio.run(_status(a)))

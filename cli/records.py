@@ -1,0 +1,100 @@
+"""`residency records put|get|delete`: one user's record, as a caller in a region."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+
+from residency.cli.channel import add_target, call_context, default_identity, metadata, open_channel
+from residency.v1 import records_pb2, records_pb2_grpc
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """FIELD=text (a string), FIELD:=JSON (number, true/false, list of strings),
+    FIELD@=ISO-8601 (a timestamp)."""
+    for sep in ("@=", ":=", "="):
+        name, found, raw = text.partition(sep)
+        if found and name and "=" not in name and ":" not in name and "@" not in name:
+            if sep == "=":
+                return name, raw
+            if sep == ":=":
+                try:
+                    return name, json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise argparse.ArgumentTypeError(f"{name}: not JSON: {e}") from e
+            try:
+                return name, datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"{name}: not an ISO-8601 time: {raw}") from e
+    raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, FIELD:=JSON or FIELD@=TIME, got {text!r}")
+
+
+async def _records(args: argparse.Namespace) -> int:
+    from residency.server.core import codec
+
+    ctx, meta = call_context(args), metadata(args.identity)
+    async with open_channel(args.target) as channel:
+        stub = records_pb2_grpc.RecordServiceStub(channel)
+        if args.action == "put":
+            record = records_pb2.Record(user_id=args.user_id, source=args.source or "")
+            for name, value in args.fields:
+                record.fields[name].CopyFrom(codec.to_value(value))
+            reply = await stub.PutRecord(
+                records_pb2.PutRecordRequest(context=ctx, record=record), metadata=meta, timeout=args.timeout
+            )
+            print(json.dumps({"user_id": reply.user_id, "version": reply.version}))
+        elif args.action == "get":
+            reply = await stub.GetRecord(
+                records_pb2.GetRecordRequest(context=ctx, user_id=args.user_id),
+                metadata=meta,
+                timeout=args.timeout,
+            )
+            r = reply.record
+            out = {
+                "user_id": r.user_id,
+                "version": r.version,
+                "source": r.source,
+                "home_region": r.home_region,
+                "fields": {n: codec.to_json(codec.from_value(v)) for n, v in sorted(r.fields.items())},
+                "withheld": [
+                    {"field": w.field, "category": w.category, "reason": w.reason, "detail": w.detail}
+                    for w in reply.withheld
+                ],
+            }
+            if reply.log_sequence:
+                out["log_sequence"] = reply.log_sequence
+            print(json.dumps(out, indent=2, ensure_ascii=False))
+        else:
+            reply = await stub.DeleteRecord(
+                records_pb2.DeleteRecordRequest(context=ctx, user_id=args.user_id),
+                metadata=meta,
+                timeout=args.timeout,
+            )
+            print(json.dumps({"user_id": reply.user_id, "version": reply.version, "deleted": True}))
+    return 0
+
+
+def add_records(sub: argparse._SubParsersAction) -> None:
+    rec = sub.add_parser("records", help="put, get or delete a record").add_subparsers(
+        dest="action", required=True
+    )
+    for action in ("put", "get", "delete"):
+        s = rec.add_parser(action)
+        add_target(s)
+        s.add_argument("--location", required=True, help="the caller's region")
+        s.add_argument("--purpose", required=True, help="a Fides data use, e.g. essential.service")
+        s.add_argument("--identity", default=default_identity(), help="the caller's identity")
+        s.add_argument("user_id")
+        if action == "put":
+            s.add_argument("--source", help="registration, automatic or partner:NAME")
+            s.add_argument(
+                "fields",
+                nargs="*",
+                type=parse_assignment,
+                metavar="FIELD=VALUE",
+                help="FIELD=text, FIELD:=JSON (numbers, true/false, lists), FIELD@=ISO-8601 time",
+            )
+        s.set_defaults(run=lambda a: asyncio.run(_records(a)))

@@ -1,0 +1,176 @@
+"""Building one sealed copy for a destination: a pure function of the opened record, the
+user's permits, the destination's keys and the moment. It decides which fields may go (the
+rules' plan, then retention), seals them for the destination's region, and writes the
+transfer-log entry that says so. No store, no network: the loop fetches, this decides.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from residency.server.core import codec, translog
+from residency.server.core.rules import Allowed, Permits, Plan, RuleSet, Withheld
+from residency.server.core.schema import Schema
+from residency.server.core.sealing import DataKey, field_aad
+from residency.server.keys.cache import KeyCache
+from residency.server.keys.region import RecipientKey, TransitKey
+from residency.server.vault.records import Opened
+from residency.v1 import replica_pb2
+
+
+class Sender(Protocol):
+    """What a copy takes from the home node (`residency.server.vault.records.Records` is
+    one): its region, rules and schema, and how it projects and describes fields."""
+
+    region: str
+    rules: RuleSet
+    schema: Schema
+
+    def project(
+        self, plan: Plan, fields: dict[str, Any], updated_at: float, now: float | None = None
+    ) -> tuple[dict[str, Any], dict[str, Withheld]]: ...
+    def describe(self, decisions: dict[str, Any], names: Any) -> list[dict[str, Any]]: ...
+    def describe_withheld(self, withheld: dict[str, Withheld]) -> list[dict[str, Any]]: ...
+
+
+class CopyKeys:
+    """A destination's sealing keys: its region's public key, the transit key for new DEKs
+    (renewed when older than the cache's age: the one HPKE operation of those minutes), and
+    each user's DEK while cached (one DEK per user, not per copy)."""
+
+    def __init__(self, recipient: RecipientKey, cache: KeyCache):
+        self.recipient = recipient
+        self.region = recipient.region
+        # user id -> (DEK, DEK wrapped by the transit key, transit key)
+        self.cache = cache
+        self.transit: TransitKey | None = None
+
+    def for_user(self, user_id: str) -> tuple[DataKey, bytes, TransitKey]:
+        hit: tuple[DataKey, bytes, TransitKey] | None = self.cache.get(user_id)
+        if hit is None:
+            tk = self.transit
+            if tk is None or time.monotonic() - tk.born > self.cache.max_age:
+                tk = self.transit = self.recipient.new_transit_key()  # the one HPKE operation
+            hit = (*tk.new_data_key(user_id), tk)
+            self.cache.put(user_id, hit)
+        return hit
+
+    def forget(self, user_id: str) -> None:
+        self.cache.drop(user_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    fields: list[dict[str, Any]]
+    withheld: list[dict[str, Any]]
+    recipients: str
+    categories: dict[str, str]
+
+
+def _entry(
+    kind: str, home: Sender, destination: str, user_id: str, version: int, now: float, **rest: Any
+) -> dict[str, Any]:
+    return translog.entry(
+        kind,
+        time=now,
+        subject=user_id,
+        source_region=home.region,
+        destination_region=destination,
+        actor="replicator",
+        rules_version=home.rules.version,
+        version=version,
+        outcome="allowed",
+        **rest,
+    )
+
+
+def erased_copy(
+    home: Sender, keys: CopyKeys, user_id: str, version: int, now: float
+) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
+    """The tombstone of an erased record, and its log entry. The user's DEK is forgotten."""
+    keys.forget(user_id)
+    tomb = replica_pb2.SealedCopy(
+        user_id=user_id, version=version, deleted=True, reason="erasure", home_region=home.region
+    )
+    entry = _entry("erasure", home, keys.region, user_id, version, now, reason="the user's record was erased")
+    return tomb, entry
+
+
+def build_copy(
+    home: Sender, keys: CopyKeys, opened: Opened, permits: Permits, now: float
+) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
+    """The copy of `opened` its destination may hold now, sealed for that region, and its log
+    entry; a withdrawal (a tombstone) when no field may be there."""
+    region, user_id, version = keys.region, opened.user_id, opened.version
+    plan = home.rules.plan(region, None, permits)
+    sent, withheld = home.project(plan, opened.fields, opened.updated_at, now)
+    what = _described(home, plan, sent, withheld)
+    if not sent:
+        # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
+        tomb = replica_pb2.SealedCopy(
+            user_id=user_id, version=version, deleted=True, reason="withdrawn", home_region=home.region
+        )
+        # Logged as an erasure: what consent, grants, retention or rules allowed before goes.
+        return tomb, _entry(
+            "erasure",
+            home,
+            region,
+            user_id,
+            version,
+            now,
+            withheld=what.withheld,
+            reason=f"withdrawn: no field of this record may be held in {region} now",
+        )
+    dek, wrapped, transit = keys.for_user(user_id)
+    kid = keys.recipient.key_id
+    copy = replica_pb2.SealedCopy(
+        user_id=user_id,
+        version=version,
+        key_id=kid,
+        wrapped_data_key=wrapped,
+        transit_key_id=transit.id,
+        wrapped_transit_key=transit.wrapped,
+        sealed_fields={
+            n: dek.seal(v.SerializeToString(), field_aad(user_id, n, region, version, kid))
+            for n, v in sent.items()
+        },
+        categories=what.categories,
+        source=opened.source,
+        home_region=home.region,
+        created_at=codec.timestamp(opened.created_at),
+        updated_at=codec.timestamp(opened.updated_at),
+        rules_version=home.rules.version,
+    )
+    return copy, _entry(
+        "replication",
+        home,
+        region,
+        user_id,
+        version,
+        now,
+        recipient=what.recipients,
+        fields=what.fields,
+        withheld=what.withheld,
+    )
+
+
+def _described(home: Sender, plan: Plan, sent: dict[str, Any], withheld: dict[str, Withheld]) -> Described:
+    """What a copy holds and withholds, as the log and the copy state it: the same for
+    every record with the same fields under one plan, so worked out once per such set
+    (the lists are shared between entries and never changed)."""
+    key = (frozenset(sent), frozenset(withheld.items()))
+    memo: Described | None = plan.memo.get(key)
+    if memo is None:
+        ds = plan.decisions
+        memo = Described(
+            fields=translog.Shared(home.describe(ds, sent)),
+            withheld=translog.Shared(home.describe_withheld(withheld)),
+            recipients=",".join(sorted({d.recipient.id for n in sent if isinstance(d := ds[n], Allowed)})),
+            categories={n: home.schema.fields[n].category for n in sent},
+        )
+        if len(plan.memo) >= 1000:  # field sets vary little; bound it anyway
+            plan.memo.clear()
+        plan.memo[key] = memo
+    return memo

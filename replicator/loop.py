@@ -1,0 +1,310 @@
+"""The replication loop: per destination region, reads the outbox after that region's
+cursor, builds each record's sealed copy for that region (`copies`), ships the batch
+through the destination's sink, then logs the transfers and advances the cursor in one
+transaction. Each destination has its own loop and cursor, so a slow or down region never
+holds back the others; each ships only while this worker holds its lease (`lease`).
+
+Failures: a transient one (unavailable, timeout, throttling, 5xx) is retried with
+exponential backoff and jitter until it lands; a permanent one (the destination refuses
+the copy) sends that user's copy to the dead-letter table with the reason, logs the
+transfer as failed, and the batch goes on, so one refused copy never blocks other users.
+A later version of the same user supersedes its dead letter once it lands (a copy carries
+the user's whole projected state, so the newest version is all a destination needs);
+`residency replication retry` re-drives the current version of each dead-lettered user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+
+from residency.replicator.copies import build_copy, erased_copy
+from residency.replicator.destinations import Destination
+from residency.replicator.lease import Lease, StandDown
+from residency.server.config.node import ReplicatorConfig
+from residency.server.core.rules import Permits
+from residency.server.storage.records import Row
+from residency.server.storage.replication import OutboxItem
+from residency.server.storage.roles import WorkerStore
+from residency.server.storage.thread import StoreThread
+from residency.server.vault.records import Opened, Records
+from residency.v1 import replica_pb2
+
+log = logging.getLogger("residency.replicator")
+
+
+class Refused(Exception):
+    """The destination refused a copy for good."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Prepared:
+    copies: list[replica_pb2.SealedCopy]
+    entries: list[dict[str, Any]]
+    last_sequence: int
+
+
+class Replicator:
+    """Ships the outbox to each destination whose lease this worker holds."""
+
+    def __init__(
+        self,
+        records: Records,
+        db: StoreThread[WorkerStore],
+        destinations: list[Destination],
+        config: ReplicatorConfig,
+        owner: str = "",
+        all_regions: list[str] | None = None,
+    ):
+        self.records = records
+        self.db = db
+        self.destinations = {d.region: d for d in destinations}
+        # Every destination of the outbox, including those other workers ship to: an entry
+        # is trimmed only once all of them have applied it.
+        self.all_regions = all_regions or list(self.destinations)
+        self.config = config
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._wake = {d.region: asyncio.Event() for d in destinations}
+        self.leases = {d.region: Lease(d.region, self.owner, config.lease_seconds) for d in destinations}
+        self._tasks: list[asyncio.Task] = []
+        # Records opened for one destination's batch, kept for the others' batches of the same
+        # changes (they run close together on the same store thread): one open per change.
+        self._opened: dict[tuple[str, int], Opened] = {}
+
+    async def start(self) -> None:
+        for d in self.destinations.values():
+            keep = self.leases[d.region].keep(self.db, self._wake[d.region])
+            self._tasks.append(asyncio.create_task(keep, name=f"lease-{d.region}"))
+            self._tasks.append(asyncio.create_task(self._run(d), name=f"replicate-{d.region}"))
+
+    def wake(self) -> None:
+        for e in self._wake.values():
+            e.set()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for d in self.destinations.values():
+            await self.leases[d.region].hand_over(self.db)
+            await d.sink.close()
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    async def _run(self, d: Destination) -> None:
+        wake = self._wake[d.region]
+        while True:
+            try:
+                if not await self._step(d, wake):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout=self.config.poll_interval)
+            except StandDown:
+                self.leases[d.region].reread_cursor = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=self.config.lease_seconds / 3)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug or a failing store: say so, and try again later
+                log.exception("replication to %s failed", d.region)
+                await self._note_error(d, _describe(e))
+                await asyncio.sleep(self.config.retry_max)
+
+    async def _step(self, d: Destination, wake: asyncio.Event) -> bool:
+        """One batch (or a round of re-driven dead letters); False when there was nothing.
+
+        The wake-up is cleared first, so a StandDown raised here waits for news (a write, a
+        resume, a lease taken) instead of spinning on wake-ups that came before it."""
+        wake.clear()
+        lease = self.leases[d.region]
+        # Paused or not is read from the store below: a resume takes effect at once, not at
+        # the next lease renewal.
+        lease.check(paused_too=False)
+        if lease.reread_cursor:
+            d.cursor = await self.db.call(self.db.store.cursor, d.region)
+            lease.reread_cursor = False
+        paused, redrive, items = await self.db.call(self._poll, d)
+        lease.paused = paused
+        if paused:  # an operator paused it
+            raise StandDown(d.region)
+        if redrive:
+            batch = await self.db.call(self._prepare_users, d, [u for u, *_ in redrive])
+            await self._deliver_and_commit(d, batch, advance=False)
+            return True
+        if not items:
+            return False
+        batch = await self.db.call(self._prepare, d, items)
+        await self._deliver_and_commit(d, batch, advance=True)
+        return True
+
+    def _poll(self, d: Destination) -> tuple[bool, list[tuple], list[OutboxItem]]:
+        """On the store thread: paused?, dead letters to re-drive, the next outbox entries."""
+        store = self.db.store
+        if store.is_paused(d.region):
+            return True, [], []
+        redrive = store.dead_letters(d.region, True, self.config.batch_size)
+        if redrive:
+            return False, redrive, []
+        return False, [], store.outbox_after(d.cursor, self.config.batch_size)
+
+    async def _deliver_and_commit(self, d: Destination, batch: Prepared, advance: bool) -> None:
+        if d.max_rate and batch.copies:
+            # Paced: each batch waits until the rate allows it, and books its own share.
+            now = time.monotonic()
+            if d.not_before > now:
+                await asyncio.sleep(d.not_before - now)
+                self.leases[d.region].check()
+            d.not_before = max(d.not_before, now) + len(batch.copies) / d.max_rate
+        refused = await self._deliver(d, batch.copies) if batch.copies else {}
+        await self.db.write(lambda: self._commit(d, batch, refused, advance))
+        if advance:
+            d.cursor = batch.last_sequence
+        if d.last_error:
+            await self._note_error(d, "")
+
+    async def _deliver(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> dict[int, str]:
+        """Ships `copies`; returns the refused ones (index to reason)."""
+        try:
+            await self._ship(d, copies)
+            return {}
+        except Refused as e:
+            if len(copies) == 1:
+                return {0: e.reason}
+        # Somebody in the batch is refused: find who, one copy at a time.
+        refused = {}
+        for i, c in enumerate(copies):
+            try:
+                await self._ship(d, [c])
+            except Refused as e:
+                refused[i] = e.reason
+        return refused
+
+    async def _ship(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> None:
+        def note(state: RetryCallState) -> None:
+            e = state.outcome.exception() if state.outcome else None
+            error = _describe(e)
+            log.warning("replication to %s failed (%s); retrying", d.region, error)
+            if error != d.last_error:
+                d.last_error = error
+                asyncio.get_running_loop().create_task(self._note_error(d, error))
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(
+                lambda e: isinstance(e, Exception) and not isinstance(e, Refused | StandDown)
+            ),
+            wait=wait_exponential_jitter(initial=self.config.retry_initial, max=self.config.retry_max),
+            before_sleep=note,
+            reraise=True,
+        ):
+            with attempt:
+                self.leases[d.region].check()
+                try:
+                    await d.sink.apply(self.records.region, copies)
+                except Exception as e:
+                    reason = d.sink.permanent(e)
+                    if reason is not None:
+                        raise Refused(reason) from e
+                    raise
+
+    async def _note_error(self, d: Destination, error: str) -> None:
+        d.last_error = error
+        with contextlib.suppress(Exception):
+            await self.db.write(lambda: self.db.store.set_last_error(d.region, error))
+
+    def _commit(self, d: Destination, batch: Prepared, refused: dict[int, str], advance: bool) -> None:
+        store = self.db.store
+        now = time.time()
+        self.leases[d.region].confirm(store, now)
+        entries = batch.entries
+        if refused:
+            entries = list(entries)
+            for i, reason in refused.items():
+                entries[i] = {**entries[i], "outcome": "failed", "reason": f"{d.region} refused: {reason}"}
+            store.dead_letter(
+                d.region,
+                [(batch.copies[i].user_id, batch.copies[i].version, r) for i, r in refused.items()],
+                now,
+            )
+        if entries:
+            store.log_append(entries)
+        if store.dead_letters(d.region, limit=1):
+            store.dead_letters_superseded(
+                d.region, [(c.user_id, c.version) for i, c in enumerate(batch.copies) if i not in refused]
+            )
+        if advance:
+            store.set_cursor(d.region, batch.last_sequence)
+            store.outbox_trim_below(self.all_regions)
+        store.add_copies_sent(d.region, len(batch.copies) - len(refused))
+
+    # ---- runs on the store thread -----------------------------------------------------
+
+    def _prepare(self, d: Destination, items: list[OutboxItem]) -> Prepared:
+        users = list({i.user_id for i in items})
+        rows = self.records.store.rows(users)
+        permits = self.records.permits_for(users)
+        self.records.warm_keys([u for u, row in rows.items() if (u, row.version) not in self._opened])
+        copies, entries = [], []
+        for item in items:
+            row = rows.get(item.user_id)
+            # A later outbox entry carries a newer version: ship each version once, the newest.
+            if row is None or row.version != item.version:
+                continue
+            copy, entry = self._copy_for(d, row, permits[row.user_id])
+            copies.append(copy)
+            entries.append(entry)
+        return Prepared(copies, entries, items[-1].sequence)
+
+    def _prepare_users(self, d: Destination, user_ids: list[str]) -> Prepared:
+        """Copies of the current version of each user (re-driving dead letters)."""
+        rows = self.records.store.rows(user_ids)
+        permits = self.records.permits_for(user_ids)
+        copies, entries = [], []
+        gone = []
+        for u in user_ids:
+            row = rows.get(u)
+            if row is None:
+                gone.append((u, 2**62))
+                continue
+            copy, entry = self._copy_for(d, row, permits[u])
+            copies.append(copy)
+            entries.append(entry)
+        if gone:  # nothing left to send: the dead letter has nothing to re-drive
+            self.db.store.dead_letters_superseded(d.region, gone)
+        return Prepared(copies, entries, 0)
+
+    def _copy_for(
+        self, d: Destination, row: Row, permits: Permits
+    ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
+        now = time.time()
+        if row.deleted:
+            return erased_copy(self.records, d.keys, row.user_id, row.version, now)
+        return build_copy(self.records, d.keys, self._open(row), permits, now)
+
+    def _open(self, row: Row) -> Opened:
+        key = (row.user_id, row.version)
+        opened = self._opened.get(key)
+        if opened is None:
+            opened = self.records.open_row(row)
+            if len(self._opened) >= 4 * self.config.batch_size * max(1, len(self.destinations)):
+                del self._opened[next(iter(self._opened))]  # the oldest
+            self._opened[key] = opened
+        return opened
+
+
+def _describe(e: BaseException | None) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return repr(e) if e else ""

@@ -1,0 +1,44 @@
+"""The replica sink: a region node, over gRPC `ReplicaService.ApplyCopies`."""
+
+from __future__ import annotations
+
+import grpc
+
+from residency.v1 import replica_pb2, replica_pb2_grpc
+
+
+class ReplicaSink:
+    """A region node, over gRPC `ReplicaService`."""
+
+    kind = "replica"
+    TRANSIENT = frozenset(
+        {
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.ABORTED,
+            grpc.StatusCode.CANCELLED,
+        }
+    )
+
+    def __init__(self, address: str, timeout: float = 5.0):
+        self.target = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        )
+        self._stub = replica_pb2_grpc.ReplicaServiceStub(self._channel)
+
+    async def apply(self, source_region: str, copies: list[replica_pb2.SealedCopy]) -> None:
+        await self._stub.ApplyCopies(
+            replica_pb2.ApplyCopiesRequest(source_region=source_region, copies=copies),
+            timeout=self.timeout,
+        )
+
+    def permanent(self, e: BaseException) -> str | None:
+        if isinstance(e, grpc.aio.AioRpcError) and e.code() not in self.TRANSIENT:
+            return f"{e.code().name}: {e.details()}"
+        return None
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,125 @@
+"""AdminService: node status, explaining a transfer, applying rules, and controlling
+replication (status, pause, resume, dead-letter retry)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from residency.server.api.context import Node, check_user
+from residency.server.api.errors import rpc
+from residency.server.api.identity import identity_of
+from residency.server.core.errors import FailedPrecondition, NotFound
+from residency.v1 import admin_pb2, admin_pb2_grpc, replica_pb2
+
+log = logging.getLogger("residency.services")
+
+
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, node: Node, role: str):
+        self.node = node
+        self.role = role
+
+    @rpc
+    async def GetNodeStatus(self, request, context):
+        records, store = self.node.records, self.node.db.store
+
+        def gather() -> dict[str, Any]:
+            live, dead = store.counts()
+            fields: dict[str, int] = {}
+            after = ""
+            # Copies name their fields outside the seal; home records keep even that sealed.
+            while not records.primary and (page := store.live_blobs(after, 2000)):
+                for _user_id, blob in page:
+                    for name in replica_pb2.SealedCopy.FromString(blob).sealed_fields:
+                        fields[name] = fields.get(name, 0) + 1
+                after = page[-1][0]
+            return {"live": live, "dead": dead, "log": store.log_count(), "fields": fields}
+
+        s = await self.node.db.call(gather)
+        return admin_pb2.GetNodeStatusResponse(
+            region=records.region,
+            role=self.role,
+            records=s["live"],
+            tombstones=s["dead"],
+            log_entries=s["log"],
+            rules_version=records.rules.version,
+            field_counts=s["fields"],
+            rules_backfill_done=self.node.backfill[0],
+            rules_backfill_total=self.node.backfill[1],
+        )
+
+    @rpc
+    async def ExplainTransfer(self, request, context):
+        check_user(request.user_id)
+        policy = self.node.policy
+        items = await self.node.db.call(policy.explain, request.user_id, request.to, request.purpose)
+        return admin_pb2.ExplainTransferResponse(
+            user_id=request.user_id,
+            to=request.to,
+            purpose=request.purpose,
+            rules_version=self.node.records.rules.version,
+            fields=[admin_pb2.FieldDecision(**i) for i in items],
+        )
+
+    @rpc
+    async def ApplyRules(self, request, context):
+        self.node.primary_only()
+        identity = identity_of(context, default="operator")
+        prev, version, total = await self.node.reload_rules(request.rules_yaml.encode(), identity, True)
+        return admin_pb2.ApplyRulesResponse(
+            previous_version=prev, version=version, records_to_reproject=total
+        )
+
+    def _affiliate(self, region: str) -> str:
+        if not self.node.affiliates:
+            raise FailedPrecondition("this node replicates to no destination")
+        if region not in self.node.affiliates:
+            raise NotFound(
+                f"no replication destination {region!r}; destinations: {sorted(self.node.affiliates)}"
+            )
+        return region
+
+    @rpc
+    async def ReplicationStatus(self, request, context):
+        affiliates = self.node.affiliates
+        if not affiliates:
+            raise FailedPrecondition("this node replicates to no destination")
+        store = self.node.db.store
+        s = await self.node.db.call(lambda: store.replication_status(list(affiliates), time.time()))
+        return admin_pb2.ReplicationStatusResponse(
+            head_sequence=s["head"],
+            destinations=[
+                admin_pb2.DestinationStatus(
+                    region=region,
+                    address=a.target,
+                    sink=a.sink,
+                    max_rate=a.max_rate,
+                    **s["destinations"][region],
+                )
+                for region, a in affiliates.items()
+            ],
+        )
+
+    @rpc
+    async def PauseReplication(self, request, context):
+        region = self._affiliate(request.region)
+        await self.node.db.write(lambda: self.node.db.store.set_paused(region, True))
+        log.info("replication to %s paused", region)
+        return admin_pb2.PauseReplicationResponse()
+
+    @rpc
+    async def ResumeReplication(self, request, context):
+        region = self._affiliate(request.region)
+        await self.node.db.write(lambda: self.node.db.store.set_paused(region, False))
+        log.info("replication to %s resumed", region)
+        self.node.wake()
+        return admin_pb2.ResumeReplicationResponse()
+
+    @rpc
+    async def RetryDeadLetters(self, request, context):
+        region = self._affiliate(request.region) if request.region else None
+        marked = await self.node.db.write(lambda: self.node.db.store.request_retry(region))
+        self.node.wake()
+        return admin_pb2.RetryDeadLettersResponse(marked=marked)

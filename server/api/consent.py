@@ -1,0 +1,62 @@
+"""ConsentService: users' consents per purpose and recipient (policy 2a, 2c and 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from residency.server.api.context import Node, check_user
+from residency.server.api.errors import rpc
+from residency.server.api.identity import caller_of
+from residency.server.core import codec
+from residency.server.core.policy.consent import ConsentChange
+from residency.v1 import consent_pb2, consent_pb2_grpc
+
+
+def _consent_changes(consents: Any) -> list[ConsentChange]:
+    return [ConsentChange(c.user_id, c.purpose, c.recipient, c.sensitive, c.evidence) for c in consents]
+
+
+class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
+    """Policy 2a, 2c and 5: consents per user, purpose and recipient."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    async def _set(self, request, context, withdraw: bool) -> int:
+        self.node.primary_only()
+        caller = caller_of(request.context, context, self.node.records.rules.regions)
+        changes = _consent_changes(request.consents)
+        policy = self.node.policy
+        policy.check_consents(changes)
+        changed = await self.node.db.write(lambda: policy.set_consents(changes, withdraw, caller.identity))
+        self.node.wake()
+        return changed
+
+    @rpc
+    async def GrantConsents(self, request, context):
+        return consent_pb2.GrantConsentsResponse(changed=await self._set(request, context, False))
+
+    @rpc
+    async def WithdrawConsents(self, request, context):
+        return consent_pb2.WithdrawConsentsResponse(changed=await self._set(request, context, True))
+
+    @rpc
+    async def ListConsents(self, request, context):
+        caller_of(request.context, context, self.node.records.rules.regions)
+        check_user(request.user_id)
+        rows = await self.node.db.call(self.node.db.store.consents, [request.user_id], True)
+        return consent_pb2.ListConsentsResponse(
+            consents=[
+                consent_pb2.Consent(
+                    user_id=u,
+                    purpose=p,
+                    recipient=r,
+                    sensitive=bool(s),
+                    evidence=e,
+                    actor=a,
+                    granted_at=codec.timestamp(g),
+                    withdrawn_at=codec.timestamp(w) if w else None,
+                )
+                for u, p, r, s, g, w, e, a in rows
+            ]
+        )

@@ -1,0 +1,61 @@
+"""`Node`, what every servicer holds: the records engine, the store thread, the replicator
+and the policy operations; and the request checks the servicers share."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from residency.server.api.intake import Intake
+from residency.server.config.node import Affiliate
+from residency.server.core.errors import FailedPrecondition, InvalidRecord
+from residency.server.core.schema import USER_ID
+from residency.server.storage.roles import ServiceStore
+from residency.server.storage.thread import StoreThread
+from residency.server.vault.policy import Policy
+from residency.server.vault.records import Records
+from residency.server.vault.transferlog import TransferLog
+
+
+class Node:
+    """What the servicers share: the records engine, the store thread, the replicator."""
+
+    def __init__(
+        self,
+        records: Records,
+        db: StoreThread[ServiceStore],
+        replicator: Any = None,
+        affiliates: tuple[Affiliate, ...] = (),
+        transfer_log: TransferLog | None = None,
+        intake: Intake | None = None,
+    ):
+        self.records = records
+        self.db = db
+        # Reads and checks PutRecords requests (large ones in helper processes).
+        self.intake = intake or Intake(records.schema, records.region, workers=0)
+        # The in-process replication worker, if this node runs one (it is woken on writes).
+        self.replicator = replicator
+        # Replication destinations; their state is in the store, whichever worker ships.
+        self.affiliates = {a.region: a for a in affiliates}
+        self.transfer_log = transfer_log
+        self.policy = Policy(records)
+        self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
+        # Re-projection after a rules change: (done, total).
+        self.backfill = (0, 0)
+        self.reload_rules: Any = None
+
+    def wake(self) -> None:
+        if self.replicator is not None:
+            self.replicator.wake()
+
+    def primary_only(self) -> None:
+        """Refuses a call that changes master copies on a node that holds copies only."""
+        if not self.records.primary:
+            raise FailedPrecondition(
+                f"{self.records.region} holds copies only; send this to the home region's primary"
+            )
+
+
+def check_user(user_id: str) -> None:
+    if not USER_ID.fullmatch(user_id):
+        raise InvalidRecord([("user_id", "must be 1-128 characters from [A-Za-z0-9._:@-]")])

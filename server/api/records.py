@@ -1,0 +1,171 @@
+"""RecordService: put, get and delete records, and verify a credential, on the node that
+holds them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from residency.server.api.context import Node, check_user
+from residency.server.api.errors import rpc
+from residency.server.api.identity import caller_of
+from residency.server.api.intake import Checked, check_records
+from residency.server.core import codec
+from residency.server.core.errors import InvalidRecord, TransferDenied
+from residency.server.core.policy.credentials import hash_credential, verify_credential
+from residency.server.vault.records import Write
+from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
+
+MAX_BATCH = 1000
+
+
+class RecordService(records_pb2_grpc.RecordServiceServicer):
+    def __init__(self, node: Node):
+        self.node = node
+        self.records = node.records
+
+    def _writes(self, checked: Checked) -> list[Write]:
+        """The writes of checked records, or InvalidRecord with every violation."""
+        if checked.bad:
+            raise InvalidRecord(checked.bad)
+        return [Write(u, source, body, cookies) for u, source, body, cookies in checked.writes]
+
+    async def _hash_credentials(self, writes: list[Write], secrets: list[int]) -> None:
+        """Credentials are replaced by their scrypt hash before they go anywhere."""
+        loop, credential = asyncio.get_running_loop(), self.records.schema.credential_fields
+
+        def run(secret: str) -> asyncio.Future[bytes]:
+            return loop.run_in_executor(self.node.hashing, hash_credential, secret)
+
+        jobs = []
+        for i in secrets:
+            body = records_pb2.Record.FromString(writes[i].body)
+            hashes = {n: run(body.fields[n].string_value) for n in credential.intersection(body.fields)}
+            jobs.append((i, body, hashes))
+        for i, body, hashes in jobs:
+            for name, job in hashes.items():
+                body.fields[name].CopyFrom(common_pb2.Value(bytes_value=await job))
+            writes[i].body = body.SerializeToString()
+
+    @rpc
+    async def PutRecord(self, request, context):
+        self.node.primary_only()
+        caller_of(request.context, context, self.records.rules.regions)
+        records = self.records
+        checked = check_records(records.schema, records.region, [request.record], "record")
+        writes = self._writes(checked)
+        if checked.secrets:
+            await self._hash_credentials(writes, checked.secrets)
+        (version,) = await self.node.db.write_many(records.put, writes)
+        w = writes[0]
+        self.node.wake()
+        return records_pb2.PutRecordResponse(user_id=w.user_id, version=version)
+
+    @rpc
+    async def PutRecords(self, request, context):
+        """`request` is the request's bytes (see `add_record_service`): a large one is read
+        and checked by a helper process."""
+        self.node.primary_only()
+        try:
+            got = await self.node.intake.check(request)
+        except DecodeError as e:
+            raise InvalidRecord([("request", f"not a serialized residency.v1.PutRecordsRequest: {e}")]) from e
+        caller_of(got.context, context, self.records.rules.regions)
+        if not 1 <= got.count <= MAX_BATCH:
+            raise InvalidRecord([("records", f"{got.count} records; send 1 to {MAX_BATCH}")])
+        writes = self._writes(got.checked)
+        if got.checked.secrets:
+            await self._hash_credentials(writes, got.checked.secrets)
+        versions = await self.node.db.write_many(self.records.put, writes)
+        self.node.wake()
+        return records_pb2.PutRecordsResponse(
+            results=[
+                records_pb2.PutRecordResponse(user_id=w.user_id, version=v)
+                for w, v in zip(writes, versions, strict=True)
+            ]
+        )
+
+    @rpc
+    async def GetRecord(self, request, context):
+        caller = caller_of(request.context, context, self.records.rules.regions)
+        check_user(request.user_id)
+        if caller.location == self.records.region:
+            result = await self.node.db.call(self.records.read, request.user_id, caller)
+        else:  # a cross-location read writes its transfer-log entry before it answers
+            result = await self.node.db.write(lambda: self.records.read(request.user_id, caller))
+        if result.denied:
+            raise TransferDenied(f"{result.denied} (transfer-log entry {result.log_sequence})")
+        rec = result.record
+        reply = records_pb2.GetRecordResponse(log_sequence=result.log_sequence)
+        out = reply.record
+        out.user_id, out.version, out.source, out.home_region = (
+            rec.user_id,
+            rec.version,
+            rec.source,
+            rec.home_region,
+        )
+        out.created_at.CopyFrom(codec.timestamp(rec.created_at))
+        out.updated_at.CopyFrom(codec.timestamp(rec.updated_at))
+        for name, value in rec.fields.items():
+            out.fields[name].CopyFrom(value)
+        schema = self.records.schema.fields
+        reply.withheld.extend(
+            common_pb2.WithheldField(field=n, category=schema[n].category, reason=w.reason, detail=w.detail)
+            for n, w in sorted(result.withheld.items())
+        )
+        return reply
+
+    @rpc
+    async def DeleteRecord(self, request, context):
+        self.node.primary_only()
+        caller_of(request.context, context, self.records.rules.regions)
+        check_user(request.user_id)
+        version = await self.node.db.write(lambda: self.records.delete(request.user_id))
+        self.node.wake()
+        return records_pb2.DeleteRecordResponse(user_id=request.user_id, version=version)
+
+    @rpc
+    async def VerifyCredential(self, request, context):
+        self.node.primary_only()
+        caller = caller_of(request.context, context, self.records.rules.regions)
+        check_user(request.user_id)
+        spec = self.records.schema.fields.get(request.field)
+        if spec is None or not spec.credential:
+            raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
+        if caller.location != self.records.region:
+            raise TransferDenied(f"credentials are verified in {self.records.region} only")
+        stored = await self.node.db.call(self.records.credential, request.user_id, request.field)
+        match = bool(stored) and await asyncio.get_running_loop().run_in_executor(
+            self.node.hashing, verify_credential, request.secret, stored
+        )
+        return records_pb2.VerifyCredentialResponse(match=match)
+
+
+def add_record_service(servicer: RecordService, server: Any) -> None:
+    """Registers RecordService as the generated `add_RecordServiceServicer_to_server` does,
+    except that `PutRecords` takes its request as bytes: the servicer reads it, in a helper
+    process when it is large. The wire format is unchanged."""
+
+    class Capture:
+        handlers: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
+            self.handlers = handlers
+
+    capture = Capture()
+    records_pb2_grpc.add_RecordServiceServicer_to_server(servicer, capture)
+    handlers = dict(capture.handlers)
+    handlers["PutRecords"] = grpc.unary_unary_rpc_method_handler(
+        servicer.PutRecords,
+        request_deserializer=None,
+        response_serializer=records_pb2.PutRecordsResponse.SerializeToString,
+    )
+    name = records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

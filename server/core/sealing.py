@@ -1,0 +1,77 @@
+"""Sealing values: the associated data and contexts every sealed value and wrapped key is
+bound to, and the data key (DEK) that seals field values with AES-256-GCM.
+
+The associated data binds user, field, region, record version and key id, so a sealed value
+moved to another record, field, region or version fails to open. Keys themselves (region
+keys, wrapping keys, providers) live in `residency.server.keys`; this module is computation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from residency.server.core.errors import FailedPrecondition
+
+NONCE = 12
+# An encryption context, bound into every key a provider wraps (user, region, purpose...).
+Context = Mapping[str, str]
+
+
+class SealError(FailedPrecondition):
+    """A sealed value or wrapped key did not open: wrong key, or moved to another context."""
+
+
+class KeyDestroyed(SealError):
+    """The key that wrapped this material was destroyed (crypto-shredded) or retired."""
+
+
+def canonical_context(context: Context) -> bytes:
+    """The bytes a provider binds for `context`: the same for any order of its keys."""
+    return json.dumps(dict(context), sort_keys=True, separators=(",", ":")).encode()
+
+
+def dek_context(user_id: str, region: str, key_id: str) -> bytes:
+    """What a wrapped DEK of `user_id`'s copy in `region` is bound to (with its wrapping key)."""
+    return b"residency/dek/v1\x00" + "\x00".join((user_id, region, key_id)).encode()
+
+
+def transit_context(region: str, key_id: str, transit_id: str) -> bytes:
+    """What a transit key sent to `region` is bound to (HPKE `info`)."""
+    return b"residency/transit-key/v1\x00" + "\x00".join((region, key_id, transit_id)).encode()
+
+
+def field_aad(user_id: str, field: str, region: str, version: int, key_id: str) -> bytes:
+    """Associated data of one sealed field of a replicated copy."""
+    return "\x00".join(("field", user_id, field, region, str(version), key_id)).encode()
+
+
+def record_aad(user_id: str, region: str, version: int, key_id: str) -> bytes:
+    """Associated data of a home record sealed at rest as one unit (its field names are
+    inside the authenticated plaintext)."""
+    return "\x00".join(("record", user_id, region, str(version), key_id)).encode()
+
+
+class DataKey:
+    """An unwrapped data key; seals and opens the field values of one (user, region) copy."""
+
+    __slots__ = ("_aead", "raw")
+
+    def __init__(self, raw: bytes):
+        self._aead = AESGCM(raw)
+        # Kept for rewrapping during rotation (`residency.server.keys.lifecycle`) only.
+        self.raw = raw
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(NONCE)
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(sealed[:NONCE], sealed[NONCE:], aad)
+        except InvalidTag as e:
+            raise SealError("a sealed value does not open under its record's data key and context") from e

@@ -1,0 +1,135 @@
+"""A node's keyring: its provider, its region key, and the wrapping keys of its own records'
+data keys.
+
+A node's own records are sealed under per-user DEKs wrapped by a *wrapping key*: an AES key
+the provider generates and wraps (one provider call per wrapping key, not per record), kept
+in the node's keyring database beside, not inside, its data. Erasing a user deletes the
+user's wrapped DEK from the keyring, so a copy of the data taken earlier no longer opens.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from residency.server.core.sealing import NONCE, DataKey, KeyDestroyed, SealError, dek_context
+from residency.server.keys.cache import KeyCache
+from residency.server.keys.providers import KeyProvider
+from residency.server.keys.region import RegionKey
+
+
+class WrappingKey:
+    """An AES-256 key, generated and wrapped by the provider, that wraps many users' DEKs
+    locally: the provider is called once per wrapping key, never per record or field."""
+
+    __slots__ = ("id", "wrapped", "born", "_aead")
+
+    def __init__(self, id: str, raw: bytes, wrapped: bytes, born: float):
+        self.id, self.wrapped, self.born = id, wrapped, born
+        self._aead = AESGCM(raw)
+
+    @staticmethod
+    def context(region: str, id: str) -> dict[str, str]:
+        return {"region": region, "purpose": "wrapping-key", "wrapping_key": id}
+
+    def wrap(self, region: str, user_id: str, raw: bytes) -> bytes:
+        nonce = os.urandom(NONCE)
+        return nonce + self._aead.encrypt(nonce, raw, dek_context(user_id, region, self.id))
+
+    def unwrap(self, region: str, user_id: str, wrapped: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(wrapped[:NONCE], wrapped[NONCE:], dek_context(user_id, region, self.id))
+        except InvalidTag as e:
+            raise SealError("a stored data key does not unwrap for this user and region") from e
+
+
+class Keyring:
+    """A node's keys: its provider, its region key (opened lazily: a primary that never
+    opens copies never unwraps it), and the wrapping keys of its own records' DEKs."""
+
+    def __init__(
+        self,
+        region: str,
+        provider: KeyProvider,
+        directory: str | Path,
+        cache_entries: int = 100_000,
+        cache_seconds: float = 300.0,
+    ):
+        self.region = region
+        self.provider = provider
+        self.dir = Path(directory)
+        self.cache_seconds = cache_seconds
+        self.data_keys = KeyCache(cache_entries, cache_seconds)
+        self._wrapping = KeyCache(1000, cache_seconds)
+        self._active: WrappingKey | None = None
+        self._region_key: RegionKey | None = None
+        # Set when the region's key was shredded: why every open fails.
+        self.shredded = ""
+
+    @property
+    def region_key(self) -> RegionKey:
+        self.check()
+        if self._region_key is None:
+            self._region_key = RegionKey.load(self.region, self.dir, self.provider)
+        return self._region_key
+
+    def check(self) -> None:
+        if self.shredded:
+            raise KeyDestroyed(self.shredded)
+
+    def shred(self, reason: str) -> None:
+        """Forgets every key held in memory; from now on every open fails with `reason`."""
+        self.shredded = reason
+        self._region_key = None
+        self._active = None
+        self.data_keys = KeyCache(1, self.cache_seconds)
+        self._wrapping = KeyCache(1, self.cache_seconds)
+
+    def active_wrapping_key(self) -> WrappingKey:
+        """The wrapping key for new DEKs. A new one is asked of the provider when the last is
+        older than the cache age, so a provider that is down is noticed within that age."""
+        self.check()
+        now = time.monotonic()
+        wk = self._active
+        if wk is None or now - wk.born > self.cache_seconds:
+            id = os.urandom(8).hex()
+            raw, wrapped = self.provider.new_data_key(WrappingKey.context(self.region, id))
+            wk = self._active = WrappingKey(id, raw, wrapped, now)
+            self._wrapping.put(id, wk)
+        return wk
+
+    def wrapping_key(self, id: str, wrapped: bytes) -> WrappingKey:
+        self.check()
+        wk: WrappingKey | None = self._wrapping.get(id)
+        if wk is None:
+            raw = self.provider.unwrap(wrapped, WrappingKey.context(self.region, id))
+            wk = WrappingKey(id, raw, wrapped, time.monotonic())
+            self._wrapping.put(id, wk)
+        return wk
+
+    def open_stored_key(self, user_id: str, wk_id: str, wk_wrapped: bytes, wrapped: bytes) -> DataKey:
+        """Opens a DEK as the keyring stores it: under one of this node's wrapping keys, or
+        (a region's copies, as the primary sent them) under a transit key `transit:KEYID:ID`
+        whose HPKE-wrapped blob is `wk_wrapped`, or with HPKE alone, `hpke:KEYID`."""
+        kind, _, rest = wk_id.partition(":")
+        if kind == "transit":
+            key_id, _, transit_id = rest.partition(":")
+            return self.region_key.open_data_key(user_id, key_id, wrapped, transit_id, wk_wrapped)
+        if kind == "hpke":
+            return self.region_key.open_data_key(user_id, rest, wrapped)
+        return DataKey(self.wrapping_key(wk_id, wk_wrapped).unwrap(self.region, user_id, wrapped))
+
+    def rotated(self) -> None:
+        """The provider has a new key version (or retired old ones): new data keys go under a
+        new wrapping key, wrapped by the newest version."""
+        self.provider.refresh()
+        self._active = None
+
+    def new_wrapping_key(self) -> WrappingKey:
+        """A fresh wrapping key under the provider's newest version (rotation)."""
+        self._active = None
+        return self.active_wrapping_key()

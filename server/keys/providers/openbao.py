@@ -1,0 +1,107 @@
+"""The OpenBao / Vault Transit key provider, over HTTP (httpx)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from residency.server.core.errors import KeyUnavailable
+from residency.server.core.sealing import Context, KeyDestroyed, SealError, canonical_context
+
+
+class OpenBaoProvider:
+    """A Transit key (`derived`, so the context is bound into every ciphertext). `datakey`,
+    `encrypt`, `decrypt` and `rewrap` with the context; `rotate` adds a key version; `retire`
+    raises `min_decryption_version` to the newest; `destroy` deletes the key."""
+
+    name = "openbao"
+
+    def __init__(self, address: str, token: str, key: str, mount: str = "transit", timeout: float = 5.0):
+        import httpx
+
+        self.key = key
+        self.mount = mount
+        self._http = httpx.Client(base_url=address, headers={"X-Vault-Token": token}, timeout=timeout)
+
+    def _req(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        import httpx
+
+        try:
+            r = self._http.request(method, f"/v1/{self.mount}/{path}", json=body)
+        except httpx.HTTPError as e:
+            raise KeyUnavailable(
+                f"OpenBao cannot be reached for {path}: {e.__class__.__name__}: {e}; nothing was "
+                "written or opened with another key: retry once OpenBao answers"
+            ) from e
+        if r.status_code < 300:
+            return r.json().get("data") or {} if r.content else {}
+        errors = "; ".join(r.json().get("errors", [])) if r.content else ""
+        if any(s in errors for s in ("not found", "no existing key", "disallowed by policy (too old)")):
+            raise KeyDestroyed(f"Transit key {self.key} was destroyed or the version retired: {errors}")
+        if r.status_code == 400 and ("authentication failed" in errors or "invalid" in errors):
+            raise SealError("wrapped key material does not decrypt in this context")
+        if r.status_code >= 500 or r.status_code in (429, 503):
+            raise KeyUnavailable(f"OpenBao answered {r.status_code} for {path}: {errors}")
+        raise KeyUnavailable(f"OpenBao refused {path} ({r.status_code}): {errors}")
+
+    @staticmethod
+    def _ctx(context: Context) -> str:
+        return base64.b64encode(canonical_context(context)).decode()
+
+    def ensure_key(self) -> None:
+        self._req("POST", f"keys/{self.key}", {"type": "aes256-gcm96", "derived": True})
+
+    def new_data_key(self, context: Context) -> tuple[bytes, bytes]:
+        d = self._req("POST", f"datakey/plaintext/{self.key}", {"context": self._ctx(context), "bits": 256})
+        return base64.b64decode(d["plaintext"]), d["ciphertext"].encode()
+
+    def wrap(self, plaintext: bytes, context: Context) -> bytes:
+        d = self._req(
+            "POST",
+            f"encrypt/{self.key}",
+            {"plaintext": base64.b64encode(plaintext).decode(), "context": self._ctx(context)},
+        )
+        return d["ciphertext"].encode()
+
+    def unwrap(self, wrapped: bytes, context: Context) -> bytes:
+        d = self._req(
+            "POST", f"decrypt/{self.key}", {"ciphertext": wrapped.decode(), "context": self._ctx(context)}
+        )
+        return base64.b64decode(d["plaintext"])
+
+    def rewrap(self, wrapped: bytes, context: Context) -> bytes:
+        d = self._req(
+            "POST", f"rewrap/{self.key}", {"ciphertext": wrapped.decode(), "context": self._ctx(context)}
+        )
+        return d["ciphertext"].encode()
+
+    def encrypt_many(self, items: list[tuple[bytes, Context]]) -> list[bytes]:
+        """One call for many values (Transit `batch_input`)."""
+        d = self._req(
+            "POST",
+            f"encrypt/{self.key}",
+            {
+                "batch_input": [
+                    {"plaintext": base64.b64encode(p).decode(), "context": self._ctx(c)} for p, c in items
+                ]
+            },
+        )
+        return [r["ciphertext"].encode() for r in d["batch_results"]]
+
+    def rotate(self) -> str:
+        d = self._req("POST", f"keys/{self.key}/rotate")
+        return f"v{d.get('latest_version', '?')}"
+
+    def retire(self) -> None:
+        latest = self._req("GET", f"keys/{self.key}")["latest_version"]
+        self._req("POST", f"keys/{self.key}/config", {"min_decryption_version": latest})
+
+    def refresh(self) -> None:
+        pass
+
+    def destroy(self) -> None:
+        self._req("POST", f"keys/{self.key}/config", {"deletion_allowed": True})
+        self._req("DELETE", f"keys/{self.key}")
+
+    def close(self) -> None:
+        self._http.close()

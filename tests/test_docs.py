@@ -1,0 +1,359 @@
+"""The docs name only what exists: every `residency ...` command line quoted in README.md and
+docs/*.md is a command of the CLI's parser with flags it takes, and every key the config tables
+name is a key of the node config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shlex
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+
+from residency.cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Published by the typed config; until it exists the keys come from the config's dataclasses.
+NODE_SCHEMA = ROOT / "server" / "config" / "jsonschema" / "node.json"
+
+Key = tuple[str, ...]
+
+
+# ---- reading the docs -------------------------------------------------------------------------
+
+
+def quotes(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every code-block line, with `\\` continuations joined, and of
+    every inline code span, which may wrap across the lines of a paragraph."""
+    lines = text.split("\n")
+    in_block = False
+    paragraph: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+
+    def spans() -> Iterator[tuple[int, str]]:
+        joined, starts = "", []
+        for number, line in paragraph:
+            starts.append((len(joined), number))
+            joined += line + " "
+        for m in re.finditer(r"`([^`]+)`", joined):
+            yield max(n for offset, n in starts if offset <= m.start()), m.group(1)
+
+    for number, line in enumerate(lines, 1):
+        if line.lstrip().startswith("```"):
+            yield from spans()
+            paragraph = []
+            in_block = not in_block
+            continue
+        if in_block:
+            start, sofar = pending or (number, "")
+            if line.rstrip().endswith("\\"):
+                pending = (start, sofar + line.rstrip()[:-1] + " ")
+            else:
+                pending = None
+                yield start, sofar + line
+        elif line.strip():
+            paragraph.append((number, line))
+        else:
+            yield from spans()
+            paragraph = []
+    yield from spans()
+
+
+def command_lines(text: str) -> Iterator[tuple[int, str]]:
+    """Quoted text that is a `residency` command line (or one step of a `&&` chain)."""
+    for number, quote in quotes(text):
+        for step in re.split(r"\s(?:&&|\|\||;|\|)\s", quote):
+            if re.match(r"residency\s", step.strip()):
+                yield number, step.strip()
+
+
+def config_rows(text: str) -> Iterator[tuple[int, Key, str]]:
+    """(line, key, row) for every key of a config table: a table whose first header is `key`.
+    A table under a line that starts with `NAME:` lists the keys of NAME. The row's first
+    column names its keys (dotted for nested ones); `{a, b: value, ...}` in the row names the
+    keys inside the row's key."""
+    section: Key = ()
+    in_block = False
+    config_table: bool | None = None  # None: not in a table
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+        if in_block or not line.startswith("|"):
+            config_table = None
+            if line.strip() and not in_block:
+                intro = re.match(r"`([\w.]+):`", line.strip())
+                section = tuple(intro.group(1).split(".")) if intro else ()
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if config_table is None:
+            config_table = cells[0] == "key"
+            continue
+        if not config_table or set(cells[0]) <= set("-: "):
+            continue
+        keys = [section + tuple(k.split(".")) for k in re.findall(r"`([^`]+)`", cells[0])]
+        for key in keys:
+            yield number, key, line
+        for braces in re.findall(r"\{([^{}]*)\}", line):
+            inner = [item.split(":")[0].strip() for item in braces.split(",")]
+            for name in (n for n in inner if n and n != "..."):
+                if len(keys) != 1:
+                    yield number, ("{" + name + "}",), "braces in a row that names more than one key"
+                else:
+                    yield number, keys[0] + (name,), line
+
+
+# ---- what exists ------------------------------------------------------------------------------
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser] | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return None
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def _words(line: str) -> list[str]:
+    try:
+        return shlex.split(line, comments=True)
+    except ValueError:  # an unbalanced quote in prose: words are enough to find commands
+        return line.split()
+
+
+def command_problems(line: str, parser: argparse.ArgumentParser, name: str = "residency") -> list[str]:
+    """What in a command line (without its leading program name) the parser does not know."""
+    return _walk(_words(line)[1:], parser, name)
+
+
+def _walk(words: list[str], parser: argparse.ArgumentParser, name: str) -> list[str]:
+    subcommands = _subcommands(parser)
+    problems = []
+    for i, word in enumerate(words):
+        token = word.strip("[]")
+        if token.startswith("-"):
+            for flag in re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", token):
+                if flag not in _flags(parser):
+                    problems.append(f"`{name}` has no flag {flag}")
+            continue
+        if subcommands is None:
+            continue  # an argument or a placeholder
+        if token in ("...", "…"):
+            return problems
+        for choice in token.split("|"):
+            if choice in subcommands:
+                problems += _walk(words[i + 1 :], subcommands[choice], f"{name} {choice}")
+            else:
+                problems.append(f"`{name} {choice}` is not a command (`{name}` has {sorted(subcommands)})")
+        return problems
+    return problems
+
+
+def _schema_keys(schema: dict[str, typing.Any]) -> set[Key]:
+    """Every key path of a JSON Schema: `properties`, through `$ref`, `anyOf`/`oneOf`/`allOf`
+    and array `items`."""
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    keys: set[Key] = set()
+
+    def walk(node: typing.Any, path: Key, seen: frozenset[str]) -> None:
+        if not isinstance(node, dict):
+            return
+        ref = node.get("$ref", "")
+        name = ref.rsplit("/", 1)[-1]
+        if ref and name not in seen:
+            walk(defs.get(name), path, seen | {name})
+        for combined in ("anyOf", "oneOf", "allOf"):
+            for sub in node.get(combined, []):
+                walk(sub, path, seen)
+        walk(node.get("items"), path, seen)
+        for prop, sub in node.get("properties", {}).items():
+            keys.add(path + (prop,))
+            walk(sub, path + (prop,), seen)
+
+    walk(schema, (), frozenset())
+    return keys
+
+
+def _model_keys(cls: type, path: Key = ()) -> set[Key]:
+    """Every key path of a config model: dataclass fields, or a pydantic model's (by alias),
+    nested through the models its fields hold (optional, in a tuple or list)."""
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        fields = [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+    else:
+        model_fields = getattr(cls, "model_fields", {})
+        fields = [(f.alias or n, f.annotation) for n, f in model_fields.items()]
+    keys: set[Key] = set()
+    for name, hint in fields:
+        keys.add(path + (name,))
+        for inner in _models_in(hint):
+            keys |= _model_keys(inner, path + (name,))
+    return keys
+
+
+def _models_in(hint: typing.Any) -> Iterator[type]:
+    if isinstance(hint, type) and (dataclasses.is_dataclass(hint) or hasattr(hint, "model_fields")):
+        yield hint
+        return
+    for arg in typing.get_args(hint):
+        yield from _models_in(arg)
+
+
+def known_config_keys() -> tuple[str, set[Key]]:
+    """The node config's key paths, and where they were read from: the published JSON Schema
+    once it exists, else the config's dataclasses."""
+    if NODE_SCHEMA.exists():
+        return str(NODE_SCHEMA.relative_to(ROOT)), _schema_keys(json.loads(NODE_SCHEMA.read_text()))
+    from residency.server.config import node
+
+    keys = _model_keys(node.NodeConfig)
+    # The loader reads these secrets from `NAME_file` or `NAME_env`; the dataclass holds the value.
+    for secret in ("passphrase", "token"):
+        keys |= {("keys", f"{secret}_file"), ("keys", f"{secret}_env")}
+    return "the dataclasses of residency.server.config.node", keys
+
+
+# ---- the checks ---------------------------------------------------------------------------------
+
+
+def doc_command_problems(where: str, text: str, parser: argparse.ArgumentParser) -> list[str]:
+    return [
+        f"{where}:{number}: {problem}  <- {line}"
+        for number, line in command_lines(text)
+        for problem in command_problems(line, parser)
+    ]
+
+
+def doc_key_problems(where: str, text: str, known: set[Key]) -> list[str]:
+    return [
+        f"{where}:{number}: `{'.'.join(key)}` is not a node config key  <- {row.strip()}"
+        for number, key, row in config_rows(text)
+        if key not in known
+    ]
+
+
+def _name(doc: Path) -> str:
+    return str(doc.relative_to(ROOT))
+
+
+def test_every_command_line_in_the_docs_exists_in_the_parser() -> None:
+    parser = build_parser()
+    checked = [line for doc in DOCS for _, line in command_lines(doc.read_text())]
+    problems = [p for doc in DOCS for p in doc_command_problems(_name(doc), doc.read_text(), parser)]
+    assert len(checked) > 40, f"only {len(checked)} command lines found: is the parsing broken?"
+    assert not problems, "commands or flags the docs name that the parser lacks:\n" + "\n".join(problems)
+
+
+def test_every_config_key_in_the_docs_exists_in_the_node_config() -> None:
+    source, known = known_config_keys()
+    named = [key for doc in DOCS for _, key, _ in config_rows(doc.read_text())]
+    problems = [p for doc in DOCS for p in doc_key_problems(_name(doc), doc.read_text(), known)]
+    assert {("replicator", "batch_size"), ("replicator", "regions"), ("keys", "provider")} <= set(named)
+    assert not problems, f"config keys the docs name that are not in {source}:\n" + "\n".join(problems)
+
+
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's anchors for a page's headings."""
+    headings = re.findall(r"^#+ (.+)$", doc.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    problems = []
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text().split("\n"), 1):
+            for target in re.findall(r"\]\(([^)\s]+)\)", line):
+                if re.match(r"\w+://", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                linked = (doc.parent / path).resolve() if path else doc
+                if not linked.exists() or (anchor and anchor not in _anchors(linked)):
+                    problems.append(f"{_name(doc)}:{number}: no such page or heading: {target}")
+    assert not problems, "\n".join(problems)
+
+
+BROKEN = """\
+```sh
+residency serve --config a.yaml --port 1
+residency records put --target H u-1 \\
+    --frobnicate x
+pip install -e . && residency demos
+residency replication pause|halt --target H --region R
+```
+
+Run `residency log verify DIR
+--previous OLD --strict` offline.
+
+| key | meaning |
+| --- | --- |
+| `region` | fine |
+| `listen`, `colour` | one good, one missing |
+| `replicator` | `{enabled, batch_size, turbo}` |
+| `keys.kem`, `keys.colour` | dotted: one good, one missing |
+
+`keys:` (secrets):
+
+| key | meaning |
+| --- | --- |
+| `provider` | fine |
+| `passphrase_file` or `password_file` | one missing |
+"""
+
+
+def test_the_checks_name_the_line_of_a_missing_command_flag_or_key() -> None:
+    commands = doc_command_problems("x.md", BROKEN, build_parser())
+    assert [p.split("  <- ")[0] for p in commands] == [
+        "x.md:2: `residency serve` has no flag --port",
+        "x.md:3: `residency records put` has no flag --frobnicate",
+        "x.md:5: `residency demos` is not a command (`residency` has "
+        + str(sorted(_subcommands(build_parser()) or {}))
+        + ")",
+        "x.md:6: `residency replication halt` is not a command (`residency replication` has "
+        "['pause', 'resume', 'retry', 'status'])",
+        "x.md:9: `residency log verify` has no flag --strict",
+    ]
+    _, known = known_config_keys()
+    keys = doc_key_problems("x.md", BROKEN, known)
+    assert [p.split("  <- ")[0] for p in keys] == [
+        "x.md:15: `colour` is not a node config key",
+        "x.md:16: `replicator.turbo` is not a node config key",
+        "x.md:17: `keys.colour` is not a node config key",
+        "x.md:24: `keys.password_file` is not a node config key",
+    ]
+
+
+def test_the_json_schema_walk_follows_refs_unions_and_arrays() -> None:
+    schema = {
+        "properties": {
+            "region": {"type": "string"},
+            "keys": {"$ref": "#/$defs/Keys"},
+            "archive": {"anyOf": [{"$ref": "#/$defs/Archive"}, {"type": "null"}]},
+            "affiliates": {
+                "type": "array",
+                "items": {"oneOf": [{"$ref": "#/$defs/Replica"}, {"$ref": "#/$defs/S3"}]},
+            },
+        },
+        "$defs": {
+            "Keys": {"properties": {"provider": {}, "passphrase_file": {}}},
+            "Archive": {"properties": {"bucket": {}}},
+            "Replica": {"properties": {"address": {}}},
+            "S3": {"allOf": [{"properties": {"bucket": {}}}]},
+        },
+    }
+    assert _schema_keys(schema) == {
+        ("region",),
+        ("keys",),
+        ("keys", "provider"),
+        ("keys", "passphrase_file"),
+        ("archive",),
+        ("archive", "bucket"),
+        ("affiliates",),
+        ("affiliates", "address"),
+        ("affiliates", "bucket"),
+    }
