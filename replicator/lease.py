@@ -10,7 +10,8 @@ import contextlib
 import logging
 import time
 
-from residency.server.storage.sqlite import Store
+from residency.server.storage.replication import LeaseStore
+from residency.server.storage.roles import WorkerStore
 from residency.server.storage.thread import StoreThread
 
 log = logging.getLogger("residency.replicator")
@@ -34,7 +35,7 @@ class Lease:
         # is read again after taking the lease or standing down.
         self.reread_cursor = True
 
-    async def keep(self, db: StoreThread, wake: asyncio.Event) -> None:
+    async def keep(self, db: StoreThread[WorkerStore], wake: asyncio.Event) -> None:
         """Takes or renews the lease every third of its life, for as long as it runs; sets
         `wake` whenever the destination may be shipped to."""
         store = db.store
@@ -64,12 +65,12 @@ class Lease:
         if time.monotonic() > self.until - self.seconds / 2:
             raise StandDown(self.region)
 
-    def confirm(self, store: Store, now: float) -> None:
+    def confirm(self, store: LeaseStore, now: float) -> None:
         """In the transaction that commits a batch: the lease is still this worker's."""
         if not store.lease_held(self.region, self.owner, now):
             raise StandDown(self.region)  # another worker owns the cursor now; it ships again
 
-    async def hand_over(self, db: StoreThread) -> None:
+    async def hand_over(self, db: StoreThread[WorkerStore]) -> None:
         """Releases a held lease at once rather than after expiry."""
         if self.held:
             with contextlib.suppress(Exception):

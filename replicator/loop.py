@@ -33,7 +33,9 @@ from residency.replicator.destinations import Destination
 from residency.replicator.lease import Lease, StandDown
 from residency.server.config.node import ReplicatorConfig
 from residency.server.core.rules import Permits
-from residency.server.storage.sqlite import OutboxItem, Row
+from residency.server.storage.records import Row
+from residency.server.storage.replication import OutboxItem
+from residency.server.storage.roles import WorkerStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Opened, Records
 from residency.v1 import replica_pb2
@@ -62,7 +64,7 @@ class Replicator:
     def __init__(
         self,
         records: Records,
-        db: StoreThread,
+        db: StoreThread[WorkerStore],
         destinations: list[Destination],
         config: ReplicatorConfig,
         owner: str = "",
@@ -280,7 +282,7 @@ class Replicator:
             copies.append(copy)
             entries.append(entry)
         if gone:  # nothing left to send: the dead letter has nothing to re-drive
-            self.records.store.dead_letters_superseded(d.region, gone)
+            self.db.store.dead_letters_superseded(d.region, gone)
         return Prepared(copies, entries, 0)
 
     def _copy_for(

@@ -72,7 +72,7 @@ class RunningNode:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.replicator: Replicator | None = None
-        self.db: StoreThread | None = None
+        self.db: StoreThread[SqliteStore] | None = None
         self.health = health.aio.HealthServicer()
         self.transfer_log: TransferLog | None = None
         self._archiver: Any = None

@@ -82,12 +82,3 @@ def test_every_proof_verifies_for_every_size(n, data):
     assert len(proof) <= (n - 1).bit_length()
     merkle.verify_inclusion(i, n, leaves[i], proof, tree.root())
     merkle.verify_consistency(m, n, tree.root(m), tree.root(n), tree.consistency_proof(m, n))
-
-
-def test_truncate_forgets_uncommitted_leaves():
-    tree = merkle.Tree(LEAVES[:5])
-    tree.extend(LEAVES[5:])
-    tree.truncate(5)
-    assert tree.size == 5 and tree.root() == ROOTS[5]
-    tree.extend(LEAVES[5:7])
-    assert tree.root() == ROOTS[7]

@@ -500,7 +500,7 @@ def test_workers_opening_a_new_store_at_once_each_find_it_migrated(tmp_path: Pat
     with 'table exists' or 'database is locked'."""
     import multiprocessing
 
-    from residency.server.storage.sqlite import MIGRATIONS
+    from residency.server.storage.database import MIGRATIONS
 
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         pool.starmap(time.sleep, [(0,)] * 6)  # every process up before the first race

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from residency.server.core import merkle, translog
-from residency.server.storage.sqlite import MIGRATIONS, SqliteStore
+from residency.server.storage.database import MIGRATIONS
+from residency.server.storage.sqlite import SqliteStore
 from tests.conftest import replication_entry
 
 
@@ -82,6 +84,45 @@ def test_a_failed_write_in_a_group_rolls_back_alone(store):
 def test_migrations_are_versioned(store):
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _schema(path) -> list[tuple]:
+    db = sqlite3.connect(path)
+    db.execute("ATTACH DATABASE ? AS keyring", (str(path.with_name("keys.db")),))
+    found = [
+        (schema, *row)
+        for schema in ("main", "keyring")
+        for row in db.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master ORDER BY name")
+    ]
+    db.close()
+    return found
+
+
+@pytest.mark.parametrize("applied", range(len(MIGRATIONS)))
+def test_a_database_left_at_an_earlier_version_migrates_to_the_same_schema(tmp_path, applied):
+    """`user_version` counts the migrations applied: a store opened on a database an older
+    release made applies only the files after it, and ends as a new one does."""
+    old = tmp_path / "old" / "node.db"
+    old.parent.mkdir()
+    db = sqlite3.connect(old, isolation_level=None)
+    db.execute("ATTACH DATABASE ? AS keyring", (str(old.with_name("keys.db")),))
+    for migration in MIGRATIONS[:applied]:
+        for statement in migration.statements():
+            db.execute(statement)
+    db.execute(f"PRAGMA user_version={applied}")
+    db.close()
+    SqliteStore(old).close()
+    SqliteStore(tmp_path / "new" / "node.db").close()
+    assert _schema(old) == _schema(tmp_path / "new" / "node.db")
+    # Released migrations keep their numbers: a database's version says which of them it has.
+    released = [
+        "records_outbox_cursors_translog",
+        "consents_grants_sweeps",
+        "checkpoints_archive",
+        "keyring",
+        "replication_control",
+    ]
+    assert [(m.version, m.name) for m in MIGRATIONS[:5]] == list(enumerate(released, 1))
 
 
 def test_the_tree_and_checkpoints_survive_a_reopen_and_rolled_back_entries_never_join(tmp_path):

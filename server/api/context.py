@@ -10,6 +10,7 @@ from residency.server.api.intake import Intake
 from residency.server.config.node import Affiliate
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
 from residency.server.core.schema import USER_ID
+from residency.server.storage.roles import ServiceStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Records
@@ -22,7 +23,7 @@ class Node:
     def __init__(
         self,
         records: Records,
-        db: StoreThread,
+        db: StoreThread[ServiceStore],
         replicator: Any = None,
         affiliates: tuple[Affiliate, ...] = (),
         transfer_log: TransferLog | None = None,

@@ -163,11 +163,6 @@ class Tree:
                 levels[level + 1] += _sha256(b"\x01" + lower[-64:]).digest()
                 level += 1
 
-    def truncate(self, size: int) -> None:
-        """Forgets leaves from `size` on (an append rolled back before it committed)."""
-        for h, level in enumerate(self.levels):
-            del level[(size >> h) * 32 :]
-
     def subtree(self, start: int, end: int) -> bytes:
         """MTH(D[start:end]); `start` is aligned as RFC 6962's recursion always leaves it."""
         n = end - start

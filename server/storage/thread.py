@@ -12,11 +12,14 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
-from residency.server.storage.sqlite import Store
+from residency.server.storage.database import UnitOfWork
 
 T = TypeVar("T")
+# The store as the thread's holder sees it (a Protocol of `roles`); covariant, so the node's
+# StoreThread[SqliteStore] is accepted where a StoreThread[WorkerStore] is expected.
+S_co = TypeVar("S_co", bound=UnitOfWork, covariant=True)
 
 
 @dataclass(slots=True)
@@ -25,17 +28,23 @@ class _Op:
     # With `many`: fn takes a list of items and returns one result per item.
     items: list[Any] | None
     weight: int
-    future: asyncio.Future
+    future: asyncio.Future[Any]
 
 
-class StoreThread:
-    def __init__(self, store: Store, max_batch: int = 2000):
-        self.store = store
+class StoreThread(Generic[S_co]):
+    """Owns the store: every call on it runs on this one thread."""
+
+    def __init__(self, store: S_co, max_batch: int = 2000):
+        self._store = store
         self.max_batch = max_batch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._queue: asyncio.Queue[_Op] | None = None
-        self._task: asyncio.Task | None = None
-        self.committed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> S_co:
+        """The store, to call on the store thread (in `call` or `write`) only."""
+        return self._store
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -48,14 +57,14 @@ class StoreThread:
 
     async def write(self, fn: Callable[[], T], weight: int = 1) -> T:
         """Runs `fn()` inside the next group transaction; resolves once it has committed."""
-        return await self._enqueue(_Op(fn, None, weight, self._future()))
+        return cast(T, await self._enqueue(_Op(fn, None, weight, self._future())))
 
     async def write_many(self, fn: Callable[[list[Any]], list[T]], items: list[Any]) -> list[T]:
         """Runs `fn(items)` inside the next group transaction, merged with other callers'
         items for the same `fn`; resolves to this caller's results once committed."""
-        return await self._enqueue(_Op(fn, items, len(items), self._future()))
+        return cast(list[T], await self._enqueue(_Op(fn, items, len(items), self._future())))
 
-    def _future(self) -> asyncio.Future:
+    def _future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
 
     async def _enqueue(self, op: _Op) -> Any:
@@ -87,11 +96,10 @@ class StoreThread:
                     op.future.set_result(value)
                 else:
                     op.future.set_exception(value)
-            self.committed.set()
 
     def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         out: list[tuple[bool, Any]] = []
-        with self.store.transaction():
+        with self._store.transaction():
             i = 0
             while i < len(batch):
                 j = i + 1
@@ -118,7 +126,7 @@ class StoreThread:
         return self._attempt(op.fn if op.items is None else lambda: op.fn(op.items))
 
     def _attempt(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
-        db = self.store
+        db = self._store
         db.savepoint()
         try:
             value = fn()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from residency.server.config.node import ArchiveConfig
+from residency.server.storage.database import UnitOfWork
+from residency.server.storage.thread import StoreThread
 from residency.server.vault.transferlog import TransferLog
 
 log = logging.getLogger("residency.archive")
@@ -134,8 +136,10 @@ def upload(bucket: Bucket, config: ArchiveConfig, origin: str, verifier_key: str
 class Archiver:
     """Uploads a sealed segment every `interval_seconds` when the log grew."""
 
-    def __init__(self, db: Any, tlog: TransferLog, bucket: S3Bucket, config: ArchiveConfig):
-        self.db = db  # a StoreThread
+    def __init__(
+        self, db: StoreThread[UnitOfWork], tlog: TransferLog, bucket: S3Bucket, config: ArchiveConfig
+    ):
+        self.db = db
         self.tlog = tlog
         self.bucket = bucket
         self.config = config

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from residency.server.storage.sqlite import Row
+from residency.server.storage.records import Row
 from residency.server.vault.records import Records
 
 

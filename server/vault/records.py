@@ -25,7 +25,8 @@ from residency.server.core.rules import RETENTION_EXPIRED, Allowed, Grant, Permi
 from residency.server.core.schema import Schema
 from residency.server.core.sealing import DataKey, SealError, field_aad, record_aad
 from residency.server.keys.keyring import Keyring
-from residency.server.storage.sqlite import Row, Store
+from residency.server.storage.records import Row
+from residency.server.storage.roles import VaultStore
 from residency.server.vault.sealing import seal_writes
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 
@@ -89,7 +90,7 @@ class Records:
         schema: Schema,
         rules: RuleSet,
         keyring: Keyring,
-        store: Store,
+        store: VaultStore,
         outbox: bool = True,
     ):
         self.region = region

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from residency.server.core import merkle, translog
 from residency.server.core.checkpoint import Checkpoint, LogSigner
 from residency.server.core.errors import OutOfRange
-from residency.server.storage.sqlite import Store
+from residency.server.storage.transferlog import LogStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class LogEntry:
 class TransferLog:
     PAGE = 2000
 
-    def __init__(self, store: Store, signer: LogSigner, origin: str):
+    def __init__(self, store: LogStore, signer: LogSigner, origin: str):
         self.store = store
         self.signer = signer
         self.origin = origin

@@ -1,0 +1,167 @@
+"""The node's SQLite database: connection, pragmas, the writers' lock, migrations and the unit
+of work (a transaction, and a savepoint per write inside it). Repositories build on it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One `migrations/NNNN_name.sql` file; `version` is the `user_version` it brings a
+    database to."""
+
+    version: int
+    name: str
+    sql: str
+
+    def statements(self) -> list[str]:
+        # Comments go first: a `;` inside one must not split a statement.
+        code = "\n".join(line for line in self.sql.splitlines() if not line.lstrip().startswith("--"))
+        return [s for s in code.split(";") if s.strip()]
+
+
+def load_migrations() -> tuple[Migration, ...]:
+    """The package's migrations in order. Their numbers must run 1, 2, 3, ... without a gap:
+    a database's `user_version` is the number of migrations applied to it."""
+    found = []
+    for f in resources.files("residency.server.storage").joinpath("migrations").iterdir():
+        if m := re.fullmatch(r"(\d{4})_(\w+)\.sql", f.name):
+            found.append(Migration(int(m[1]), m[2], f.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(
+            f"storage migrations must be numbered 1..{len(found)} without gaps, got {versions}"
+        )
+    return tuple(found)
+
+
+MIGRATIONS = load_migrations()
+
+
+class UnitOfWork(Protocol):
+    """A transaction, and savepoints inside it so that one failing write rolls back alone."""
+
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def savepoint(self) -> None: ...
+    def rollback_savepoint(self) -> None: ...
+    def release_savepoint(self) -> None: ...
+
+
+class Database:
+    """SQLite in WAL mode. `synchronous=FULL` by default: an acknowledged write survives a
+    power cut, not only a crash; writes are grouped into batches so the fsync is shared.
+
+    Every method runs on the caller's thread: the node calls them from one dedicated executor
+    thread, so a database needs no locking of its own. The keyring (`keys.db`, beside the
+    database unless given) is attached as schema `keyring`."""
+
+    def __init__(self, path: str | Path, synchronous: str = "FULL", keyring: str | Path | None = None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keyring_path = Path(keyring) if keyring else path.with_name("keys.db")
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._writers = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self._db.execute("ATTACH DATABASE ? AS keyring", (str(keyring_path),))
+        # Switching a new file to WAL answers "database is locked" at once, without waiting,
+        # while another process switches it too: processes opening one store take turns.
+        fcntl.flock(self._writers, fcntl.LOCK_EX)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA keyring.journal_mode=WAL")
+        finally:
+            fcntl.flock(self._writers, fcntl.LOCK_UN)
+        # A destroyed data key is overwritten in the file, not only unlinked from the b-tree.
+        self._db.execute("PRAGMA keyring.secure_delete=ON")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute(f"PRAGMA keyring.synchronous={synchronous}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        # 64 MiB of page cache (SQLite's default is 2 MiB): a write batch reads its users'
+        # current rows, and a primary's hot records then stay in memory.
+        self._db.execute("PRAGMA cache_size=-65536")
+        # A standalone replicator may share this database from another process.
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Each migration reads the schema version under the write lock: processes opening one
+        new store at once (the primary and its standalone workers) take turns, and each
+        migration runs once."""
+        while True:
+            with self.transaction():
+                current = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if current >= len(MIGRATIONS):
+                    return
+                for statement in MIGRATIONS[current].statements():
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={current + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        # Writers of one database (the node and its standalone workers) queue on an advisory
+        # lock first: a waiter wakes the moment the holder commits. SQLite's own busy handler
+        # polls with sleeps of up to 100 ms, which made a second writing process slow both.
+        fcntl.flock(self._writers, fcntl.LOCK_EX)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._rolled_back()
+                raise
+            self._db.execute("COMMIT")
+        finally:
+            fcntl.flock(self._writers, fcntl.LOCK_UN)
+        self._committed()
+
+    def savepoint(self) -> None:
+        self._db.execute("SAVEPOINT op")
+        self._savepoint_taken()
+
+    def rollback_savepoint(self) -> None:
+        self._db.execute("ROLLBACK TO op")
+        self._db.execute("RELEASE op")
+        self._savepoint_rolled_back()
+
+    def release_savepoint(self) -> None:
+        self._db.execute("RELEASE op")
+
+    # A repository that keeps state in memory beside its tables (the transfer log's chain head
+    # and Merkle tree) follows the unit of work through these; each override calls super().
+
+    def _committed(self) -> None:
+        """After COMMIT, with the writers' lock released."""
+
+    def _rolled_back(self) -> None:
+        """After ROLLBACK of the whole transaction."""
+
+    def _savepoint_taken(self) -> None:
+        """After SAVEPOINT."""
+
+    def _savepoint_rolled_back(self) -> None:
+        """After ROLLBACK TO the savepoint."""
+
+    def _where_in(self, sql: str, keys: Sequence[str]) -> list[Any]:
+        """Runs `sql`, whose `{marks}` stands for an IN list, over `keys` in chunks of 500
+        (SQLite bounds the number of parameters of one statement)."""
+        out: list[Any] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            out += self._db.execute(sql.format(marks=",".join("?" * len(chunk))), chunk).fetchall()
+        return out
+
+    def close(self) -> None:
+        self._db.close()
+        os.close(self._writers)

@@ -1,0 +1,75 @@
+"""The records table: each user's sealed record (primary) or copy (region node), by user."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from residency.server.storage.database import Database
+
+
+@dataclass(slots=True)
+class Row:
+    """One user's record (primary) or copy (region node). `blob` is a sealed SealedCopy."""
+
+    user_id: str
+    version: int
+    deleted: bool
+    blob: bytes
+    updated_at: float
+
+
+class RecordStore(Protocol):
+    """Records read and written by user, counted, paged, and found by age (retention)."""
+
+    def rows(self, user_ids: list[str]) -> dict[str, Row]: ...
+    def upsert(self, rows: list[Row]) -> None: ...
+    def counts(self) -> tuple[int, int]: ...
+    def live_blobs(self, after_user: str, limit: int) -> list[tuple[str, bytes]]: ...
+    def live_updated_between(self, after: float, upto: float, limit: int) -> list[str]: ...
+
+
+class RecordRows(Database):
+    """The `records` table."""
+
+    def rows(self, user_ids: list[str]) -> dict[str, Row]:
+        return {
+            r[0]: Row(r[0], r[1], bool(r[2]), r[3], r[4])
+            for r in self._where_in(
+                "SELECT user_id, version, deleted, blob, updated_at FROM records WHERE user_id IN ({marks})",
+                user_ids,
+            )
+        }
+
+    def upsert(self, rows: list[Row]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO records (user_id, version, deleted, blob, updated_at) VALUES (?,?,?,?,?)",
+            [(r.user_id, r.version, int(r.deleted), r.blob, r.updated_at) for r in rows],
+        )
+
+    def counts(self) -> tuple[int, int]:
+        """(live records, tombstones)."""
+        live, dead = self._db.execute(
+            "SELECT coalesce(sum(deleted=0),0), coalesce(sum(deleted=1),0) FROM records"
+        ).fetchone()
+        return live, dead
+
+    def live_blobs(self, after_user: str, limit: int) -> list[tuple[str, bytes]]:
+        """A page of (user, sealed blob) of live records, in user order after `after_user`."""
+        return list(
+            self._db.execute(
+                "SELECT user_id, blob FROM records WHERE deleted=0 AND user_id > ? ORDER BY user_id LIMIT ?",
+                (after_user, limit),
+            )
+        )
+
+    def live_updated_between(self, after: float, upto: float, limit: int) -> list[str]:
+        """Live users last written in (after, upto], oldest first (retention sweeps)."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT user_id FROM records WHERE deleted=0 AND updated_at > ? AND updated_at <= ? "
+                "ORDER BY updated_at LIMIT ?",
+                (after, upto, limit),
+            )
+        ]

@@ -1,0 +1,232 @@
+"""The outbox and replication control: queued versions, per-destination cursors, leases,
+pause and last error, copies sent, dead letters, and the status that sums them up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from residency.server.storage.database import Database
+
+
+@dataclass(slots=True)
+class OutboxItem:
+    sequence: int
+    user_id: str
+    version: int
+    created_at: float
+
+
+class OutboxStore(Protocol):
+    """What a write uses: it queues the versions it made, in its own transaction."""
+
+    def outbox_append(self, items: list[tuple[str, int]]) -> None: ...
+
+
+class LeaseStore(Protocol):
+    """What a worker's lease uses: one worker ships to a destination at a time."""
+
+    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool]: ...
+    def lease_held(self, destination: str, owner: str, now: float) -> bool: ...
+    def lease_release(self, destination: str, owner: str) -> None: ...
+
+
+class ReplicationStore(LeaseStore, Protocol):
+    """What a replication worker uses: the outbox from its cursor, its lease, dead letters."""
+
+    def outbox_after(self, sequence: int, limit: int) -> list[OutboxItem]: ...
+    def outbox_trim_below(self, destinations: list[str]) -> None: ...
+    def cursor(self, destination: str) -> int: ...
+    def set_cursor(self, destination: str, sequence: int) -> None: ...
+    def is_paused(self, destination: str) -> bool: ...
+    def set_last_error(self, destination: str, error: str) -> None: ...
+    def add_copies_sent(self, destination: str, n: int) -> None: ...
+    def dead_letter(self, destination: str, items: list[tuple[str, int, str]], now: float) -> None: ...
+    def dead_letters_superseded(self, destination: str, delivered: list[tuple[str, int]]) -> None: ...
+    def dead_letters(
+        self, destination: str, retry_only: bool = False, limit: int = 1000
+    ) -> list[tuple[str, int, str, float, int]]: ...
+
+
+class ReplicationControlStore(Protocol):
+    """What an operator uses: status, pause and resume, re-driving dead letters."""
+
+    def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]: ...
+    def set_paused(self, destination: str, paused: bool) -> None: ...
+    def request_retry(self, destination: str | None) -> int: ...
+
+
+class ReplicationRows(Database):
+    """The `outbox`, `cursors`, `leases`, `destination_state` and `dead_letters` tables."""
+
+    # ---- the outbox and cursors --------------------------------------------------------
+
+    def outbox_append(self, items: list[tuple[str, int]]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT INTO outbox (user_id, version, created_at) VALUES (?,?,?)",
+            [(u, v, now) for u, v in items],
+        )
+
+    def outbox_after(self, sequence: int, limit: int) -> list[OutboxItem]:
+        return [
+            OutboxItem(*r)
+            for r in self._db.execute(
+                "SELECT sequence, user_id, version, created_at FROM outbox WHERE sequence > ? "
+                "ORDER BY sequence LIMIT ?",
+                (sequence, limit),
+            )
+        ]
+
+    def _outbox_head(self) -> int:
+        # AUTOINCREMENT keeps the high-water mark even after the outbox is trimmed.
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        return row[0] if row else 0
+
+    def _outbox_count_after(self, sequence: int) -> int:
+        (n,) = self._db.execute("SELECT count(*) FROM outbox WHERE sequence > ?", (sequence,)).fetchone()
+        return int(n)
+
+    def _outbox_oldest_after(self, sequence: int) -> float | None:
+        row = self._db.execute(
+            "SELECT created_at FROM outbox WHERE sequence > ? ORDER BY sequence LIMIT 1", (sequence,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def outbox_trim_below(self, destinations: list[str]) -> None:
+        """Drops outbox entries every destination has applied."""
+        if not destinations:
+            return
+        marks = ",".join("?" * len(destinations))
+        applied, known = self._db.execute(
+            f"SELECT min(sequence), count(*) FROM cursors WHERE destination IN ({marks})", destinations
+        ).fetchone()
+        if known == len(destinations) and applied:
+            self._db.execute("DELETE FROM outbox WHERE sequence <= ?", (applied,))
+
+    def cursor(self, destination: str) -> int:
+        row = self._db.execute("SELECT sequence FROM cursors WHERE destination=?", (destination,)).fetchone()
+        return row[0] if row else 0
+
+    def set_cursor(self, destination: str, sequence: int) -> None:
+        self._db.execute(
+            "INSERT INTO cursors (destination, sequence) VALUES (?,?) "
+            "ON CONFLICT(destination) DO UPDATE SET sequence=excluded.sequence",
+            (destination, sequence),
+        )
+
+    # ---- leases, pause, last error, copies sent -----------------------------------------
+
+    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool]:
+        """Takes or renews the lease on `destination` for `owner` if it is free, expired or
+        already `owner`'s. Returns (held, paused)."""
+        self._db.execute(
+            "INSERT INTO leases (destination, owner, expires_at) VALUES (?,?,?) "
+            "ON CONFLICT(destination) DO UPDATE SET owner=excluded.owner, expires_at=excluded.expires_at "
+            "WHERE leases.owner=excluded.owner OR leases.expires_at < ?",
+            (destination, owner, now + ttl, now),
+        )
+        return self.lease_held(destination, owner, now), self.is_paused(destination)
+
+    def lease_held(self, destination: str, owner: str, now: float) -> bool:
+        row = self._db.execute(
+            "SELECT owner, expires_at FROM leases WHERE destination=?", (destination,)
+        ).fetchone()
+        return row is not None and row[0] == owner and row[1] > now
+
+    def lease_release(self, destination: str, owner: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE destination=? AND owner=?", (destination, owner))
+
+    def _state(self, destination: str, column: str, value: Any) -> None:
+        self._db.execute(
+            f"INSERT INTO destination_state (destination, {column}) VALUES (?,?) "
+            f"ON CONFLICT(destination) DO UPDATE SET {column}=excluded.{column}",
+            (destination, value),
+        )
+
+    def is_paused(self, destination: str) -> bool:
+        row = self._db.execute(
+            "SELECT paused FROM destination_state WHERE destination=?", (destination,)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def set_paused(self, destination: str, paused: bool) -> None:
+        self._state(destination, "paused", int(paused))
+
+    def set_last_error(self, destination: str, error: str) -> None:
+        self._state(destination, "last_error", error)
+
+    def add_copies_sent(self, destination: str, n: int) -> None:
+        self._db.execute(
+            "INSERT INTO destination_state (destination, copies_sent) VALUES (?,?) "
+            "ON CONFLICT(destination) DO UPDATE SET copies_sent=copies_sent+excluded.copies_sent",
+            (destination, n),
+        )
+
+    # ---- dead letters --------------------------------------------------------------------
+
+    def dead_letter(self, destination: str, items: list[tuple[str, int, str]], now: float) -> None:
+        """Records copies (user, version, reason) a destination refused for good. One per
+        user: a later refused version replaces an earlier one."""
+        self._db.executemany(
+            "INSERT OR REPLACE INTO dead_letters (destination, user_id, version, reason, failed_at, retry) "
+            "VALUES (?,?,?,?,?,0)",
+            [(destination, u, v, r, now) for u, v, r in items],
+        )
+
+    def dead_letters_superseded(self, destination: str, delivered: list[tuple[str, int]]) -> None:
+        """A delivered version supersedes any dead letter of the same user at or below it."""
+        self._db.executemany(
+            "DELETE FROM dead_letters WHERE destination=? AND user_id=? AND version<=?",
+            [(destination, u, v) for u, v in delivered],
+        )
+
+    def dead_letters(
+        self, destination: str, retry_only: bool = False, limit: int = 1000
+    ) -> list[tuple[str, int, str, float, int]]:
+        """(user, version, reason, failed_at, retry) of a destination's dead letters."""
+        where = " AND retry=1" if retry_only else ""
+        return list(
+            self._db.execute(
+                "SELECT user_id, version, reason, failed_at, retry FROM dead_letters "
+                f"WHERE destination=?{where} ORDER BY failed_at LIMIT ?",
+                (destination, limit),
+            )
+        )
+
+    def request_retry(self, destination: str | None) -> int:
+        """Marks dead letters (of one destination, or all) to be re-driven; returns how many."""
+        if destination is None:
+            cur = self._db.execute("UPDATE dead_letters SET retry=1")
+        else:
+            cur = self._db.execute("UPDATE dead_letters SET retry=1 WHERE destination=?", (destination,))
+        return cur.rowcount
+
+    def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]:
+        """Per destination: cursor, pending entries, lag, dead letters, pause, lease."""
+        out: dict[str, Any] = {"head": self._outbox_head(), "destinations": {}}
+        for d in destinations:
+            cursor = self.cursor(d)
+            oldest = self._outbox_oldest_after(cursor)
+            state = self._db.execute(
+                "SELECT paused, last_error, copies_sent FROM destination_state WHERE destination=?", (d,)
+            ).fetchone() or (0, "", 0)
+            lease = self._db.execute(
+                "SELECT owner, expires_at FROM leases WHERE destination=?", (d,)
+            ).fetchone()
+            (dead,) = self._db.execute(
+                "SELECT count(*) FROM dead_letters WHERE destination=?", (d,)
+            ).fetchone()
+            out["destinations"][d] = {
+                "applied_sequence": cursor,
+                "pending": self._outbox_count_after(cursor),
+                "lag_seconds": max(0.0, now - oldest) if oldest else 0.0,
+                "paused": bool(state[0]),
+                "last_error": state[1],
+                "copies_sent": state[2],
+                "dead_lettered": dead,
+                "lease_owner": lease[0] if lease and lease[1] > now else "",
+            }
+        return out

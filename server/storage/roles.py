@@ -1,0 +1,31 @@
+"""The store as each of its callers sees it: one Protocol per caller, combined from the
+repositories' narrow Protocols, so that mypy flags a call outside a caller's role.
+
+`SqliteStore` satisfies every one of them; callers never name it (the composition root
+opens it and hands it down).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from residency.server.storage.consents import ConsentStore
+from residency.server.storage.database import UnitOfWork
+from residency.server.storage.keyring import KeyStore
+from residency.server.storage.records import RecordStore
+from residency.server.storage.replication import OutboxStore, ReplicationControlStore, ReplicationStore
+from residency.server.storage.transferlog import LogStore, LogWriter
+
+
+class VaultStore(RecordStore, KeyStore, OutboxStore, ConsentStore, LogWriter, Protocol):
+    """`Records.store`, which every vault operation uses: writes, reads and erasure, copies
+    applied, consents, grants, disclosures, retention sweeps and rule changes."""
+
+
+class WorkerStore(UnitOfWork, ReplicationStore, LogWriter, Protocol):
+    """A replication worker's store thread: the outbox, leases, dead letters, log entries."""
+
+
+class ServiceStore(UnitOfWork, RecordStore, ConsentStore, ReplicationControlStore, LogStore, Protocol):
+    """The gRPC servicers' store thread: status counts, consents and grants listed, replication
+    control, and the transfer log read."""
