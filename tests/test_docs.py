@@ -5,8 +5,6 @@ name is a key of the node config."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import re
 import shlex
 import typing
@@ -17,8 +15,6 @@ from residency.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Published by the typed config; until it exists the keys come from the config's dataclasses.
-NODE_SCHEMA = ROOT / "server" / "config" / "jsonschema" / "node.json"
 
 Key = tuple[str, ...]
 
@@ -180,43 +176,12 @@ def _schema_keys(schema: dict[str, typing.Any]) -> set[Key]:
     return keys
 
 
-def _model_keys(cls: type, path: Key = ()) -> set[Key]:
-    """Every key path of a config model: dataclass fields, or a pydantic model's (by alias),
-    nested through the models its fields hold (optional, in a tuple or list)."""
-    if dataclasses.is_dataclass(cls):
-        hints = typing.get_type_hints(cls)
-        fields = [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
-    else:
-        model_fields = getattr(cls, "model_fields", {})
-        fields = [(f.alias or n, f.annotation) for n, f in model_fields.items()]
-    keys: set[Key] = set()
-    for name, hint in fields:
-        keys.add(path + (name,))
-        for inner in _models_in(hint):
-            keys |= _model_keys(inner, path + (name,))
-    return keys
-
-
-def _models_in(hint: typing.Any) -> Iterator[type]:
-    if isinstance(hint, type) and (dataclasses.is_dataclass(hint) or hasattr(hint, "model_fields")):
-        yield hint
-        return
-    for arg in typing.get_args(hint):
-        yield from _models_in(arg)
-
-
 def known_config_keys() -> tuple[str, set[Key]]:
-    """The node config's key paths, and where they were read from: the published JSON Schema
-    once it exists, else the config's dataclasses."""
-    if NODE_SCHEMA.exists():
-        return str(NODE_SCHEMA.relative_to(ROOT)), _schema_keys(json.loads(NODE_SCHEMA.read_text()))
-    from residency.server.config import node
+    """The node config's key paths, from the model that parses node config files (the same
+    JSON Schema that `scripts/gen_jsonschema.py` publishes)."""
+    from residency.server.config.node import NodeFile
 
-    keys = _model_keys(node.NodeConfig)
-    # The loader reads these secrets from `NAME_file` or `NAME_env`; the dataclass holds the value.
-    for secret in ("passphrase", "token"):
-        keys |= {("keys", f"{secret}_file"), ("keys", f"{secret}_env")}
-    return "the dataclasses of residency.server.config.node", keys
+    return "residency.server.config.node.NodeFile", _schema_keys(NodeFile.model_json_schema())
 
 
 # ---- the checks ---------------------------------------------------------------------------------
@@ -357,3 +322,15 @@ def test_the_json_schema_walk_follows_refs_unions_and_arrays() -> None:
         ("affiliates", "address"),
         ("affiliates", "bucket"),
     }
+
+
+def test_every_test_the_docs_cite_exists() -> None:
+    """docs/policy.md names the tests that hold each clause: a renamed or deleted test must not
+    leave the table pointing at nothing."""
+    defined = {
+        m for f in (ROOT / "tests").rglob("test_*.py") for m in re.findall(r"def (test_\w+)", f.read_text())
+    }
+    cited = {(_name(doc), t) for doc in DOCS for t in re.findall(r"`(test_\w+)`", doc.read_text())}
+    missing = sorted(f"{where}: {t}" for where, t in cited if t not in defined)
+    assert len(cited) > 20, "no tests cited: is the parsing broken?"
+    assert not missing, "tests the docs cite that do not exist:\n" + "\n".join(missing)
