@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from residency.cli.client import Client
 from residency.server.config.node import load_config
 from residency.server.core import codec
-from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
+from residency.server.deployment import AFFILIATES, PRIMARY, check_running, init_deployment, start_node
 from residency.v1 import common_pb2, consent_pb2, records_pb2
 
 BATCH = 500
@@ -75,23 +74,10 @@ class Nodes:
 
     def start(self) -> None:
         for region, config in self.configs.items():
-            data = load_config(config).data_dir
-            data.mkdir(parents=True, exist_ok=True)
-            out = open(data / "node.log", "ab")  # noqa: SIM115 - handed to the child process
-            self.procs[region] = subprocess.Popen(
-                [sys.executable, "-m", "residency.cli.main", "serve", "--config", str(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+            self.procs[region] = start_node(config)
 
     def _check_running(self) -> None:
-        """Raises with the tail of its log if a node process has exited."""
-        for region, proc in self.procs.items():
-            if proc.poll() is not None:
-                log = load_config(self.configs[region]).data_dir / "node.log"
-                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-                raise RuntimeError(f"node {region} exited with status {proc.returncode}:\n" + "\n".join(tail))
+        check_running(self.procs, self.configs)
 
     async def wait_serving(self, deadline: float = 30.0) -> None:
         """Waits until every node reports SERVING; a node that died is reported."""

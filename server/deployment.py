@@ -1,11 +1,14 @@
 """`residency init`: writes a complete local three-region deployment (configs, schema,
-rules, keys) with the example schema and rules that follow the privacy policy."""
+rules, keys) with the example schema and rules that follow the privacy policy; and the one
+way to run one of its nodes as a process (the demo and the test harness both do)."""
 
 from __future__ import annotations
 
 import base64
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,3 +212,26 @@ def generate_keys(config_path: Path) -> None:
         RegionKey.generate(load_config(config_path).region, c.dir, provider, c.kem)
     finally:
         provider.close()
+
+
+def start_node(config: Path) -> subprocess.Popen[bytes]:
+    """`residency serve --config CONFIG` as a child process, its output appended to
+    `node.log` in the node's data_dir."""
+    data = load_config(config).data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / "node.log", "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "residency.cli", "serve", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def check_running(procs: dict[str, subprocess.Popen[bytes]], configs: dict[str, Path]) -> None:
+    """Raises, with the tail of its log, if one of the node processes has exited."""
+    for region, proc in procs.items():
+        if proc.poll() is not None:
+            log = load_config(configs[region]).data_dir / "node.log"
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+            raise RuntimeError(f"node {region} exited with status {proc.returncode}:\n" + "\n".join(tail))

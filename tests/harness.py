@@ -4,10 +4,8 @@ stopped, and the waits for them to serve and to finish replicating."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.server.config.node import load_config
-from residency.server.deployment import AFFILIATES, PRIMARY
+from residency.server.deployment import AFFILIATES, PRIMARY, check_running, start_node
 from residency.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -29,23 +27,11 @@ class Deployment:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, region: str) -> None:
-        data = load_config(self.configs[region]).data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        out = open(data / "node.log", "ab")  # noqa: SIM115 - handed to the child process
-        self.procs[region] = subprocess.Popen(
-            [sys.executable, "-m", "residency.cli.main", "serve", "--config", str(self.configs[region])],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        self.procs[region] = start_node(self.configs[region])
 
     def check_running(self) -> None:
         """Raises with the tail of its log if a node process has exited."""
-        for region, proc in self.procs.items():
-            if proc.poll() is not None:
-                log = load_config(self.configs[region]).data_dir / "node.log"
-                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-                raise RuntimeError(f"node {region} exited with status {proc.returncode}:\n" + "\n".join(tail))
+        check_running(self.procs, self.configs)
 
     async def wait_serving(self, deadline: float = 30.0) -> None:
         """Waits until every started node reports SERVING; a node that died is reported."""
