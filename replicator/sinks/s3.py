@@ -1,6 +1,6 @@
 """The S3 sink: an affiliate's bucket, over asyncio HTTP (aiohttp), against any S3 endpoint.
 
-Layout under the configured prefix (documented for the affiliate in README.md and in the
+Layout under the configured prefix (documented for the affiliate in docs/operators.md and in the
 manifest itself):
 
     {prefix}manifest.json                 what the objects are and how to open them
