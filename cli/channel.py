@@ -23,9 +23,9 @@ def default_identity() -> str:
         return "operator"
 
 
-def add_target(parser: argparse.ArgumentParser) -> None:
+def add_target(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags of every command that calls a node."""
-    parser.add_argument("--target", required=True, help="HOST:PORT of a node")
+    parser.add_argument("--target", required=required, help="HOST:PORT of a node")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
 
 

@@ -191,15 +191,18 @@ async def sample_reads(primary: str) -> list[str]:
     return lines
 
 
-async def export_and_verify(primary: str, out: Path, keep: bool) -> str:
-    """What a reviewer does: export the primary's transfer log and verify it offline."""
+async def export_and_verify(primary: str, out: Path, pinned: Path, keep: bool) -> str:
+    """What a reviewer does: export the primary's transfer log and verify it offline against
+    the verifier key they were given (`pinned`), not the one the export carries."""
     from residency.server.vault import bundle
 
     async with Client(primary, timeout=120) as node:
         cp, log_entries, leaves = await node.fetch_log()
     bundle.write(out, log_entries, leaves, cp.checkpoint, cp.verifier_key, None)
-    v = bundle.verify(out)
-    again = f"; check it yourself: residency log verify {out}" if keep else " (keep it with --dir)"
+    v = bundle.verify(out, key=pinned.read_text())
+    again = (
+        f"; check it yourself: residency log verify {out} --key {pinned}" if keep else " (keep it with --dir)"
+    )
     return (
         f"transfer log of {PRIMARY}: {v.checkpoint.size} entries exported and verified offline against "
         f"its signed checkpoint: root {v.checkpoint.root.hex()[:16]}..., signer {v.signer}{again}"
@@ -262,7 +265,8 @@ async def _run(directory: Path, users: int, keep: bool = False) -> int:
         reads = await sample_reads(primary)
         async with Client(primary, timeout=120) as node:
             entries = await node.read_log()
-        review = await export_and_verify(primary, directory / "review" / PRIMARY, keep)
+        pinned = directory / "keys" / PRIMARY / "log.pub"
+        review = await export_and_verify(primary, directory / "review" / PRIMARY, pinned, keep)
         statuses = {}
         for r in AFFILIATES:
             async with Client(nodes.addresses[r], timeout=60) as node:

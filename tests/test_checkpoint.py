@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +14,10 @@ from residency.server.core.checkpoint import (
     Checkpoint,
     CheckpointError,
     LogSigner,
+    fingerprint,
     open_note,
     parse_verifier_key,
+    verify_note,
 )
 
 ROOT = hashlib.sha256(b"root").digest()
@@ -57,3 +61,41 @@ def test_a_forged_or_altered_checkpoint_is_refused(signer: LogSigner, tmp_path):
         open_note(other.sign(Checkpoint("residency/cn-north", 42, ROOT)), signer.verifier_key)
     with pytest.raises(CheckpointError):
         open_note("residency/cn-north\n42\n", signer.verifier_key)
+
+
+# ---- interoperability: the published vectors of Go's sumdb/note and of C2SP signed-note ----
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "signed_note.json").read_text())
+
+
+def test_signing_the_go_vector_reproduces_its_published_note_byte_for_byte():
+    go = VECTORS["go"]
+    signer = LogSigner.from_signer_key(go["signer_key"])  # Ed25519 signatures are deterministic
+    assert signer.verifier_key == go["verifier_key"]
+    assert signer.sign_text(go["text"]) == go["text"] + "\n" + go["signature_line"]
+
+
+def test_go_and_c2sp_notes_verify_with_their_keys_and_cosignatures_are_passed_over():
+    go, c2sp = VECTORS["go"], VECTORS["c2sp"]
+    both = go["text"] + "\n" + go["signature_line"] + go["cosigner_signature_line"]
+    assert verify_note(both, go["verifier_key"]) == go["text"]
+    assert verify_note(both, go["cosigner_verifier_key"]) == go["text"]
+    assert verify_note(c2sp["note"], c2sp["verifier_key"]) == "This is an example message.\n"
+    with pytest.raises(CheckpointError, match="forged or altered"):
+        verify_note(both.replace("cryptography", "cryptographY"), go["verifier_key"])
+    with pytest.raises(CheckpointError, match="no signature"):
+        verify_note(c2sp["note"], go["verifier_key"])
+
+
+def test_a_signer_key_that_lies_about_its_hash_is_refused():
+    go = VECTORS["go"]
+    with pytest.raises(CheckpointError, match="hash does not match"):
+        LogSigner.from_signer_key(go["signer_key"].replace("c74f20a3", "c74f20a4"))
+    with pytest.raises(CheckpointError, match="hash does not match"):
+        parse_verifier_key(go["verifier_key"].replace("c74f20a3", "c74f20a4"))
+
+
+def test_a_fingerprint_names_the_key_not_its_name(signer: LogSigner, tmp_path):
+    same_name = LogSigner.generate("residency/cn-north", tmp_path)
+    assert fingerprint(signer.verifier_key) != fingerprint(same_name.verifier_key)
+    assert fingerprint(signer.verifier_key).startswith("sha256:")

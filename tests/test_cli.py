@@ -161,5 +161,8 @@ def test_demo_runs_end_to_end_and_reports_per_region(tmp_path: Path):
     assert "writing users" in r.stderr and "replicating" in r.stderr  # progress shown
     assert (tmp_path / "demo" / "cn-north.yaml").is_file()  # --dir keeps the deployment
     assert "exported and verified offline against its signed checkpoint" in out
-    r = residency("log", "verify", str(tmp_path / "demo" / "review" / "cn-north"))
+    pinned = tmp_path / "demo" / "keys" / "cn-north" / "log.pub"
+    assert f"residency log verify {tmp_path / 'demo' / 'review' / 'cn-north'} --key {pinned}" in r.stdout
+    r = residency("log", "verify", str(tmp_path / "demo" / "review" / "cn-north"), "--key", str(pinned))
     assert r.returncode == 0 and json.loads(r.stdout)["verified"] is True
+    assert json.loads(r.stdout)["key"] == "pinned"

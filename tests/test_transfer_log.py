@@ -13,7 +13,7 @@ import pytest
 
 from residency.cli.main import main
 from residency.server.core import merkle
-from residency.server.core.checkpoint import Checkpoint, LogSigner, open_note
+from residency.server.core.checkpoint import Checkpoint, LogSigner, fingerprint, open_note
 from residency.server.deployment import PRIMARY
 from residency.v1 import translog_pb2
 from tests.conftest import Cluster
@@ -76,6 +76,22 @@ def test_an_export_verifies_offline_from_index_0(bundle_dir: Path, capsys):
     assert result["verified"] and result["tree_size"] == len(lines)
     assert result["signer"] == "residency/cn-north"
     assert (bundle_dir / "log.pub").read_text().startswith("residency/cn-north+")
+    # Without a pinned key the first thing said is where the key came from, and whose it is.
+    assert out.startswith('{"key": "taken from the bundle') and "WARNING" in err
+    assert result["key_fingerprint"] == fingerprint((bundle_dir / "log.pub").read_text())
+
+
+def test_a_pinned_key_verifies_given_as_text_or_as_a_file(logged: Cluster, bundle_dir: Path, capsys):
+    pinned = logged.dep.directory / "keys" / PRIMARY / "log.pub"
+    for key in (str(pinned), pinned.read_text().strip()):
+        code, out, err = verify(capsys, str(bundle_dir), "--key", key)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["key"] == "pinned" and result["key_fingerprint"] == fingerprint(pinned.read_text())
+        assert "WARNING" not in err
+    # The right key, but the reviewer expects another log: refused.
+    code, _, err = verify(capsys, str(bundle_dir), "--key", str(pinned), "--origin", "residency/eu-west-1")
+    assert code == 1 and "not 'residency/eu-west-1'" in err, err
 
 
 def test_verify_names_a_modified_entry(bundle_dir: Path, tmp_path: Path, capsys):
@@ -130,6 +146,23 @@ def test_verify_refuses_a_forged_checkpoint(bundle_dir: Path, tmp_path: Path, ca
     (d / "checkpoint").write_text(forger.sign(Checkpoint(origin, int(size), forged_root)))
     code, _, err = verify(capsys, str(d))
     assert code == 1 and "checkpoint" in err and "no signature" in err, err
+    # A careful forger: drops the last two entries, re-signs the shorter tree with a key of the
+    # same name and ships that key as log.pub. The bundle is consistent with itself, so without
+    # a pinned key it verifies, but says the key was the bundle's and shows the forger's
+    # fingerprint; against the key the reviewer pinned it fails.
+    kept = lines[:-2]
+    (d / "entries.jsonl").write_bytes(b"".join(x + b"\n" for x in kept))
+    (d / "leaf-hashes").write_text("".join(merkle.leaf_hash(x).hex() + "\n" for x in kept))
+    kept_root = merkle.root([merkle.leaf_hash(x) for x in kept])
+    (d / "checkpoint").write_text(forger.sign(Checkpoint(origin, len(kept), kept_root)))
+    (d / "log.pub").write_text(forger.verifier_key + "\n")
+    code, out, err = verify(capsys, str(d))
+    assert code == 0 and json.loads(out)["key_fingerprint"] == fingerprint(forger.verifier_key), err
+    assert json.loads(out)["key_fingerprint"] != fingerprint((bundle_dir / "log.pub").read_text())
+    code, _, err = verify(capsys, str(d), "--key", str(bundle_dir / "log.pub"))
+    assert code == 1 and "no signature" in err, err
+    shutil.rmtree(d)
+    shutil.copytree(bundle_dir, d)
     # The log's own signature line kept, but over an altered body: the signature fails.
     original = (bundle_dir / "checkpoint").read_text()
     (d / "checkpoint").write_text(original.replace(f"\n{size}\n", f"\n{int(size) - 1}\n", 1))
@@ -191,6 +224,51 @@ async def test_prove_prints_an_inclusion_proof_that_verifies(logged: Cluster, ca
             translog_pb2.ProveInclusionRequest(leaf_index=size, tree_size=size), timeout=30
         )
     assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+async def test_verify_proof_checks_what_prove_prints_against_the_pinned_key(
+    logged: Cluster, tmp_path: Path, capsys
+):
+    target, key = logged.dep.addresses[PRIMARY], str(logged.dep.directory / "keys" / PRIMARY / "log.pub")
+    stub = logged.transfer_log()
+    old = await stub.GetCheckpoint(translog_pb2.GetCheckpointRequest(refresh=True), timeout=30)
+    (tmp_path / "old").write_text(old.checkpoint)
+    await logged.get(USERS[1], location="ap-southeast-1", purpose="essential.service")
+    await stub.GetCheckpoint(translog_pb2.GetCheckpointRequest(refresh=True), timeout=30)
+
+    async def prove(name: str, *args: str) -> Path:
+        capsys.readouterr()
+        assert await cli("log", "prove", "--target", target, *args) == 0
+        (tmp_path / name).write_text(capsys.readouterr().out)
+        return tmp_path / name
+
+    def check(proof: Path, *args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["log", "verify-proof", str(proof), "--key", key, *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    inclusion = await prove("inclusion.json", "--index", "4")
+    code, out, err = check(inclusion)
+    assert code == 0, err
+    assert json.loads(out)["entry"]["sequence"] == 5 and json.loads(out)["key"] == "pinned"
+    consistency = await prove("consistency.json", "--from", str(old.tree_size))
+    code, out, err = check(consistency, "--from-checkpoint", str(tmp_path / "old"))
+    assert code == 0 and json.loads(out)["from_size"] == old.tree_size, err
+    # A liar: another entry put in the proof, a hash changed, a forger's key, no older checkpoint.
+    doc = json.loads(inclusion.read_text())
+    lie = tmp_path / "lie.json"
+    lie.write_text(json.dumps({**doc, "entry": doc["entry"].replace('"kind":"', '"kind":"x')}))
+    assert check(lie)[0] == 1
+    lie.write_text(json.dumps({**doc, "hashes": ["00" * 32, *doc["hashes"][1:]]}))
+    code, _, err = check(lie)
+    assert code == 1 and "FAILED" in err, err
+    forger = LogSigner.generate("residency/cn-north", tmp_path / "forger")
+    capsys.readouterr()
+    assert main(["log", "verify-proof", str(inclusion), "--key", forger.verifier_key]) == 1
+    assert "no signature" in capsys.readouterr().err
+    code, _, err = check(consistency)
+    assert code == 1 and "--from-checkpoint" in err, err
 
 
 async def test_query_filters_and_pages(logged: Cluster):
@@ -321,6 +399,32 @@ async def test_the_report_also_comes_as_csv_and_json_lines(logged: Cluster, tmp_
     assert any(",denied," in r for r in rows)
     lines = [json.loads(x) for x in jsonl_out.read_text().splitlines()]
     assert lines and {x["subject"] for x in lines} == {USERS[1]}
+
+
+def test_the_report_builds_offline_from_a_bundle_checked_with_the_pinned_key(
+    logged: Cluster, bundle_dir: Path, tmp_path: Path, capsys
+):
+    pinned = str(logged.dep.directory / "keys" / PRIMARY / "log.pub")
+    out = tmp_path / "offline.html"
+    capsys.readouterr()
+    assert main(["log", "report", "--bundle", str(bundle_dir), "--key", pinned, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["checkpoint_verified"] is True
+    page = out.read_text()
+    assert "Example Holdings Pte. Ltd." in page and "Singapore" in page  # the bundle's context.json
+    # A bundle whose entries were rewritten (and re-signed by a forger) reports it unverified.
+    d = tampered(bundle_dir, tmp_path, lambda ls: ls[:-1])
+    forger = LogSigner.generate("residency/cn-north", tmp_path / "forger")
+    root = merkle.root([merkle.leaf_hash(x) for x in (d / "entries.jsonl").read_bytes().split(b"\n")[:-1]])
+    (d / "checkpoint").write_text(
+        forger.sign(Checkpoint("residency/cn-north", summary["tree_size"] - 1, root))
+    )
+    (d / "log.pub").write_text(forger.verifier_key + "\n")
+    assert main(["log", "report", "--bundle", str(d), "--key", pinned, "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint_verified"] is False
+    # Offline needs the key the reviewer trusts; and either a node or a bundle.
+    assert main(["log", "report", "--bundle", str(bundle_dir), "--out", str(out)]) == 2
+    assert main(["log", "report", "--out", str(out)]) == 2
 
 
 async def test_an_export_window_keeps_every_entry_and_records_the_window(

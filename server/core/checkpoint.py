@@ -84,15 +84,36 @@ class LogSigner:
                 "`residency init` writes one (log.key beside region.key)"
             ) from e
 
+    @classmethod
+    def from_signer_key(cls, text: str) -> LogSigner:
+        """A signer from a signed-note signer key, `PRIVATE+KEY+NAME+HEXKEYHASH+BASE64(0x01 ||
+        seed)`, the form Go's `sumdb/note` writes (so keys move between the two)."""
+        try:
+            prefix, key, name, hexhash, b64 = text.strip().split("+", 4)
+            raw = base64.b64decode(b64, validate=True)
+        except (ValueError, binascii.Error) as e:
+            raise CheckpointError("a signer key is PRIVATE+KEY+NAME+HEXKEYHASH+BASE64KEY") from e
+        if (prefix, key) != ("PRIVATE", "KEY") or raw[:1] != _ED25519 or len(raw) != 33:
+            raise CheckpointError("the signer key is not an Ed25519 note signer key")
+        signer = cls(name, Ed25519PrivateKey.from_private_bytes(raw[1:]))
+        if _key_hash(name, signer._public).hex() != hexhash:
+            raise CheckpointError("the signer key's hash does not match its name and key")
+        return signer
+
     @property
     def verifier_key(self) -> str:
         return verifier_key(self.name, self._public)
 
+    def sign_text(self, text: str) -> str:
+        """A signed note of any text that ends in a newline: text, blank line, signature."""
+        if not text.endswith("\n") or "\n\n" in text:
+            raise CheckpointError("a note's text ends in one newline and has no blank line")
+        sig = _key_hash(self.name, self._public) + self._private.sign(text.encode())
+        return f"{text}\n{_DASH}{self.name} {base64.b64encode(sig).decode()}\n"
+
     def sign(self, checkpoint: Checkpoint) -> str:
-        """The signed note: body, blank line, signature line."""
-        body = checkpoint.body()
-        sig = _key_hash(self.name, self._public) + self._private.sign(body)
-        return f"{body.decode()}\n{_DASH}{self.name} {base64.b64encode(sig).decode()}\n"
+        """The signed checkpoint: body, blank line, signature line."""
+        return self.sign_text(checkpoint.body().decode())
 
 
 def verifier_key(name: str, public: bytes) -> str:
@@ -116,11 +137,20 @@ def parse_verifier_key(text: str) -> tuple[str, bytes, Ed25519PublicKey]:
     return name, keyhash, Ed25519PublicKey.from_public_bytes(raw[1:])
 
 
-def open_note(note: str, key: str) -> Checkpoint:
-    """Verifies a signed checkpoint with a verifier key and returns what it commits to.
+def fingerprint(key: str) -> str:
+    """What a reviewer compares out of band to know a verifier key is the log's: SHA-256 of
+    the typed public key, as `sha256:HEX`."""
+    _, _, public = parse_verifier_key(key)
+    raw = _ED25519 + public.public_bytes(_RAW, serialization.PublicFormat.Raw)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def verify_note(note: str, key: str) -> str:
+    """Verifies a signed note (C2SP signed-note, Go's `sumdb/note`) with a verifier key and
+    returns its text. Signatures by other keys (cosignatures) are passed over.
 
     Raises CheckpointError when the note is malformed, carries no signature by that key, or
-    a signature by that key does not verify (a forged or altered checkpoint)."""
+    a signature by that key does not verify (a forged or altered note)."""
     name, keyhash, public = parse_verifier_key(key)
     body, sep, sigs = note.partition("\n\n")
     if not sep or not body:
@@ -146,6 +176,12 @@ def open_note(note: str, key: str) -> Checkpoint:
         signed = True
     if not signed:
         raise CheckpointError(f"the checkpoint carries no signature by {name}")
+    return body + "\n"
+
+
+def open_note(note: str, key: str) -> Checkpoint:
+    """Verifies a signed checkpoint with a verifier key and returns what it commits to."""
+    body = verify_note(note, key).rstrip("\n")
     lines = body.split("\n")
     try:
         origin, size, root = lines[0], int(lines[1]), base64.b64decode(lines[2], validate=True)

@@ -6,13 +6,18 @@ A bundle is a folder:
   canonical JSON line each, exactly the bytes hashed into the leaf (leaf index = line number
   - 1 = sequence - 1);
 - `checkpoint`: the signed checkpoint (C2SP signed note) covering exactly those entries;
-- `log.pub`: the verifier key;
+- `log.pub`: the verifier key the node stated. A reviewer pins the key they trust
+  (`--key`) instead: anyone who can rewrite a bundle can also re-sign it with a new key of
+  the same name and replace this file;
 - `leaf-hashes`: the server's leaf hash per entry (hex, one a line). It is only a locator:
   verify first checks that it hashes to the signed root, and only then uses it to name the
   first entry that differs. Without it (or if it was altered too) verify still fails, but
   can name the index only from the entries' own sequence numbers;
 - `window.json` (optional): the `--since/--until` window the export was asked for. The
-  entries still start at index 0, because a root can be recomputed only from the whole tree.
+  entries still start at index 0, because a root can be recomputed only from the whole tree;
+- `context.json`: what reports need beside the entries (home region, recipients, sensitive
+  fields), so that `residency log report --bundle` works offline. It is not covered by the
+  signed root: reports say so.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from residency.server.core.checkpoint import Checkpoint, CheckpointError, open_n
 from residency.server.core.errors import ResidencyError
 
 ENTRIES, CHECKPOINT, KEY = "entries.jsonl", "checkpoint", "log.pub"
-LEAVES, WINDOW = "leaf-hashes", "window.json"
+LEAVES, WINDOW, CONTEXT = "leaf-hashes", "window.json", "context.json"
 
 
 class BundleError(ResidencyError):
@@ -45,6 +50,9 @@ class Verified:
     entries: list[bytes]
     window: dict[str, Any] | None
     previous: Checkpoint | None = None
+    key: str = ""  # the verifier key the checkpoint was checked with
+    pinned: bool = False  # the reviewer gave that key; else it was the bundle's own log.pub
+    context: dict[str, Any] | None = None
 
 
 def write(
@@ -54,6 +62,7 @@ def write(
     note: str,
     verifier_key: str,
     window: dict[str, Any] | None = None,
+    context: dict[str, Any] | None = None,
 ) -> None:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -65,6 +74,8 @@ def write(
     (d / KEY).write_text(verifier_key.strip() + "\n")
     if window is not None:
         (d / WINDOW).write_text(json.dumps(window, indent=2) + "\n")
+    if context is not None:
+        (d / CONTEXT).write_text(json.dumps(context, indent=2, sort_keys=True) + "\n")
 
 
 def read_entries(path: Path) -> list[bytes]:
@@ -94,19 +105,27 @@ def _first_misnumbered(entries: list[bytes]) -> int | None:
     return None
 
 
-def verify(directory: str | Path, previous: str | None = None, key: str | None = None) -> Verified:
+def verify(
+    directory: str | Path, previous: str | None = None, key: str | None = None, origin: str | None = None
+) -> Verified:
     """Checks a bundle: checkpoint signature, every entry against the signed root, and, with
-    `previous` (an earlier checkpoint's note), that the log only grew since. Raises
-    BundleError naming the first bad index, or CheckpointError for a bad checkpoint."""
+    `previous` (an earlier checkpoint's note), that the log only grew since. With `key` (the
+    verifier key the reviewer trusts) the checkpoint must be signed by it and be of its log
+    (`origin`, by default the key's name); without, the bundle's own log.pub is used and the
+    result says so. Raises BundleError naming the first bad index, or CheckpointError for a
+    bad checkpoint."""
     d = Path(directory)
+    pinned = key is not None
     try:
-        key = key or (d / KEY).read_text()
+        key = key if key is not None else (d / KEY).read_text()
         note = (d / CHECKPOINT).read_text()
         entries = read_entries(d / ENTRIES)
     except OSError as e:
         raise BundleError(f"{d} is not a complete bundle: {e.strerror}: {e.filename}") from e
     signer = parse_verifier_key(key)[0]
     cp = open_note(note, key)
+    if pinned and cp.origin != (origin or signer):
+        raise CheckpointError(f"the checkpoint is of log {cp.origin!r}, not {(origin or signer)!r}")
     leaves = [merkle.leaf_hash(e) for e in entries]
     locator = _locator(d / LEAVES, cp)
     if locator is not None and leaves != locator:
@@ -138,7 +157,8 @@ def verify(directory: str | Path, previous: str | None = None, key: str | None =
         except merkle.ProofError as e:
             raise BundleError(f"not append-only since the previous checkpoint: {e}") from e
     window = json.loads((d / WINDOW).read_text()) if (d / WINDOW).is_file() else None
-    return Verified(cp, signer, entries, window, prev)
+    context = json.loads((d / CONTEXT).read_text()) if (d / CONTEXT).is_file() else None
+    return Verified(cp, signer, entries, window, prev, key.strip(), pinned, context)
 
 
 def _locator(path: Path, cp: Checkpoint) -> list[bytes] | None:
