@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import grpc
@@ -49,6 +50,9 @@ def _print_rpc_error(e: grpc.aio.AioRpcError | grpc.RpcError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What the command writes (configs, keys, stores, exports) is private to its user:
+    # folders 0700, files 0600.
+    os.umask(0o077)
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command in ("serve", "replicate") else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

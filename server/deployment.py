@@ -196,7 +196,18 @@ def init_deployment(
         paths[region].write_text(editor_schema("node") + yaml.safe_dump(config, sort_keys=False))
     for region in regions:
         generate_keys(paths[region])
+    make_private(d / "keys")
     return paths
+
+
+def make_private(folder: Path) -> None:
+    """Key folders are their owner's alone, whatever the umask was: folders 0700, files 0600
+    (public keys, `*.pub`, stay readable)."""
+    for path in (folder, *folder.rglob("*")):
+        if path.is_dir():
+            path.chmod(0o700)
+        elif path.suffix != ".pub":
+            path.chmod(0o600)
 
 
 def generate_keys(config_path: Path) -> None:
@@ -218,8 +229,9 @@ def start_node(config: Path) -> subprocess.Popen[bytes]:
     """`residency serve --config CONFIG` as a child process, its output appended to
     `node.log` in the node's data_dir."""
     data = load_config(config).data_dir
-    data.mkdir(parents=True, exist_ok=True)
-    with open(data / "node.log", "ab") as out:  # the child keeps its own descriptor
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(data / "node.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "residency.cli", "serve", "--config", str(config)],
             stdout=out,

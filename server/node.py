@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import socket
 from typing import TYPE_CHECKING, Any
@@ -320,7 +321,28 @@ def _write_atomically(path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def loose_permissions(config: NodeConfig) -> list[str]:
+    """What under the data and key folders others than the node's user could read: folders
+    should be 0700, files 0600 (the store, its WAL, the keyring, the keys; public keys,
+    `*.pub`, may be read by anyone)."""
+    problems = []
+    for folder in dict.fromkeys((config.data_dir, config.keys_dir)):
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".pub")
+        for path in (folder, *files):
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                want = "700" if path.is_dir() else "600"
+                problems.append(f"{path} is {mode:o}, readable beyond its owner: chmod {want} {path}")
+    return problems
+
+
 async def serve(config: NodeConfig) -> None:
+    # Everything the node creates (store, WAL, keyring, keys) is its user's alone.
+    os.umask(0o077)
+    for problem in loose_permissions(config):
+        log.warning("loose permissions: %s", problem)
     node = RunningNode(config)
     await node.start()
     stop = asyncio.Event()

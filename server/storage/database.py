@@ -69,7 +69,7 @@ class Database:
 
     def __init__(self, path: str | Path, synchronous: str = "FULL", keyring: str | Path | None = None):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         keyring_path = Path(keyring) if keyring else path.with_name("keys.db")
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._writers = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -82,8 +82,13 @@ class Database:
             self._db.execute("PRAGMA keyring.journal_mode=WAL")
         finally:
             fcntl.flock(self._writers, fcntl.LOCK_UN)
-        # A destroyed data key is overwritten in the file, not only unlinked from the b-tree.
+        # Erasure is final on disk: deleted content (an erased record, a copy withdrawn, a
+        # destroyed data key) is overwritten with zeros in the page, not only unlinked from the
+        # b-tree, and `_scrub` clears the WAL frames that still hold the page as it was.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA keyring.secure_delete=ON")
+        self._erasing = False  # this transaction deleted personal data
+        self._scrub_owed = False  # a committed erasure whose WAL frames are not yet cleared
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute(f"PRAGMA keyring.synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -119,9 +124,14 @@ class Database:
                 yield
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._erasing = False
                 self._rolled_back()
                 raise
             self._db.execute("COMMIT")
+            self._scrub_owed |= self._erasing
+            self._erasing = False
+            if self._scrub_owed:
+                self._scrub()
         finally:
             fcntl.flock(self._writers, fcntl.LOCK_UN)
         self._committed()
@@ -137,6 +147,26 @@ class Database:
 
     def release_savepoint(self) -> None:
         self._db.execute("RELEASE op")
+
+    def _erased(self) -> None:
+        """A repository deleted personal data in the current transaction: once it commits,
+        before the caller hears of it, no file may keep what was deleted."""
+        self._erasing = True
+
+    def _scrub(self) -> None:
+        """Copies both WAL files into their databases and truncates them to nothing, so that
+        no frame of a page as it was before an erasure survives in any file (with
+        `secure_delete` the pages themselves hold zeros where the data was). A reader in
+        another process (a standalone worker) can hold the WAL for a moment: then the scrub
+        stays owed and the next commit tries again, without waiting here for long."""
+        self._db.execute("PRAGMA busy_timeout=200")
+        try:
+            busy = 0
+            for schema in ("main", "keyring"):
+                busy |= self._db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            self._db.execute("PRAGMA busy_timeout=30000")
+        self._scrub_owed = bool(busy)
 
     # A repository that keeps state in memory beside its tables (the transfer log's chain head
     # and Merkle tree) follows the unit of work through these; each override calls super().

@@ -41,6 +41,7 @@ class KeyringRows(Database):
 
     def delete_data_keys(self, user_ids: list[str]) -> None:
         self._db.executemany("DELETE FROM keyring.data_keys WHERE user_id=?", [(u,) for u in user_ids])
+        self._erased()
 
     def put_wrapping_key(self, id: str, wrapped: bytes) -> None:
         self._db.execute(

@@ -46,6 +46,8 @@ class RecordRows(Database):
             "INSERT OR REPLACE INTO records (user_id, version, deleted, blob, updated_at) VALUES (?,?,?,?,?)",
             [(r.user_id, r.version, int(r.deleted), r.blob, r.updated_at) for r in rows],
         )
+        if any(r.deleted for r in rows):
+            self._erased()
 
     def counts(self) -> tuple[int, int]:
         """(live records, tombstones)."""
