@@ -125,8 +125,18 @@ def origin(region: str) -> str:
 
 def editor_schema(kind: str) -> str:
     """The first line of a written file: it points editors that use yaml-language-server
-    (VS Code's YAML extension, Neovim, Helix, ...) at the installed JSON Schema of `kind`."""
-    return f"# yaml-language-server: $schema={(JSONSCHEMA / f'{kind}.json').as_uri()}\n"
+    (VS Code's YAML extension, Neovim, Helix, ...) at the JSON Schema of `kind`, which `init`
+    copies into the deployment's `schemas/` folder. A path relative to the file, so the
+    bytes of the file (and the rules version hashed from them) are the same on every
+    machine, wherever the package is installed."""
+    return f"# yaml-language-server: $schema=schemas/{kind}.json\n"
+
+
+def copy_json_schemas(directory: Path) -> None:
+    """The JSON Schemas the files' first lines point at, beside them."""
+    (directory / "schemas").mkdir(exist_ok=True)
+    for kind in ("node", "schema", "rules"):
+        (directory / "schemas" / f"{kind}.json").write_bytes((JSONSCHEMA / f"{kind}.json").read_bytes())
 
 
 def free_ports(n: int) -> list[int]:
@@ -167,6 +177,7 @@ def init_deployment(
     d.mkdir(parents=True, exist_ok=True)
     regions = (PRIMARY, *AFFILIATES)
     ports = ports or free_ports(len(regions))
+    copy_json_schemas(d)
     (d / "schema.yaml").write_text(editor_schema("schema") + EXAMPLE_SCHEMA)
     (d / "rules.yaml").write_text(editor_schema("rules") + EXAMPLE_RULES)
     for region in regions:

@@ -271,7 +271,13 @@ def test_init_writes_files_the_json_schemas_accept_and_points_editors_at_them(de
     for name, kind in files.items():
         text = (deployment / name).read_text()
         first = text.splitlines()[0]
-        assert first == f"# yaml-language-server: $schema={(JSONSCHEMA / f'{kind}.json').as_uri()}"
+        assert first == f"# yaml-language-server: $schema=schemas/{kind}.json"
+        # The copy beside the files is the published schema, and nothing in the files names
+        # this machine (the rules version is a hash of the rules file's bytes).
+        assert (deployment / "schemas" / f"{kind}.json").read_bytes() == (
+            JSONSCHEMA / f"{kind}.json"
+        ).read_bytes()
+        assert str(JSONSCHEMA) not in text
         errors = list(_validator(kind).iter_errors(yaml.safe_load(text)))
         assert not errors, (name, [e.message for e in errors])
 
