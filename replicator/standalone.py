@@ -16,7 +16,7 @@ import signal
 
 from residency.replicator.destinations import destinations_for
 from residency.replicator.loop import Replicator
-from residency.server.config.node import DURABILITY, NodeConfig
+from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
 from residency.server.core.errors import ConfigError
@@ -35,7 +35,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
         raise ConfigError(f"{c.path}: a replicator needs the primary's config, with 'affiliates'")
     schema = load_schema(c.schema)
     rules = load_rules(c.rules, schema)
-    store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
+    store = SqliteStore(c.data_dir / "node.db", durability=c.durability)
     keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
     records = Records(c.region, True, schema, rules, keyring, store)
     db = StoreThread(store)

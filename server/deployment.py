@@ -17,7 +17,7 @@ import yaml
 
 from residency.server.config import JSONSCHEMA
 from residency.server.config.node import load_config
-from residency.server.core.checkpoint import LogSigner
+from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers import open_provider
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RegionKey
@@ -182,7 +182,7 @@ def init_deployment(
     (d / "rules.yaml").write_text(editor_schema("rules") + EXAMPLE_RULES)
     for region in regions:
         # Each node signs its own transfer log's checkpoints with its own key.
-        LogSigner.generate(origin(region), d / "keys" / region)
+        create_log_key(origin(region), d / "keys" / region)
     addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
     paths = {}
     for region in regions:

@@ -23,14 +23,14 @@ from residency.server.api.intake import Intake
 from residency.server.api.records import RecordService, add_record_service
 from residency.server.api.replica import ReplicaService
 from residency.server.api.translog import TransferLogService
-from residency.server.config.node import DURABILITY, NodeConfig
+from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules, rules_from_bytes
 from residency.server.config.schema import load_schema
 from residency.server.core import translog
-from residency.server.core.checkpoint import LogSigner
 from residency.server.core.errors import ConfigError
 from residency.server.keys import lifecycle
 from residency.server.keys.keyring import Keyring
+from residency.server.keys.logkey import load_log_key
 from residency.server.keys.providers import open_provider
 from residency.server.keys.region import RecipientKey
 from residency.server.storage.sqlite import SqliteStore
@@ -159,8 +159,8 @@ class RunningNode:
             keyring.shred(shredded)
         elif not c.is_primary:
             keyring.region_key  # noqa: B018 - a region node fails at start if its key does not open
-        signer = LogSigner.load(c.log_key)
-        store = SqliteStore(c.data_dir / "node.db", synchronous=DURABILITY[c.durability])
+        signer = load_log_key(c.log_key)
+        store = SqliteStore(c.data_dir / "node.db", durability=c.durability)
         # The outbox is written whenever there are destinations, even with the in-process
         # replicator off: a standalone `residency replicate` worker then reads it.
         outbox = c.is_primary and bool(c.affiliates)

@@ -19,13 +19,14 @@ from residency.server.core.checkpoint import (
     parse_verifier_key,
     verify_note,
 )
+from residency.server.keys.logkey import create_log_key, load_log_key
 
 ROOT = hashlib.sha256(b"root").digest()
 
 
 @pytest.fixture(scope="module")
 def signer(tmp_path_factory) -> LogSigner:
-    return LogSigner.generate("residency/cn-north", tmp_path_factory.mktemp("keys"))
+    return create_log_key("residency/cn-north", tmp_path_factory.mktemp("keys"))
 
 
 def test_a_checkpoint_is_origin_size_and_root_then_one_signature_line(signer: LogSigner):
@@ -47,16 +48,16 @@ def test_the_verifier_key_is_name_keyhash_and_typed_public_key(signer: LogSigner
 
 
 def test_the_private_key_file_is_readable_by_its_owner_only(tmp_path):
-    LogSigner.generate("residency/eu-west-1", tmp_path)
+    create_log_key("residency/eu-west-1", tmp_path)
     assert stat.S_IMODE((tmp_path / "log.key").stat().st_mode) == 0o600
-    assert LogSigner.load(tmp_path / "log.key").verifier_key == (tmp_path / "log.pub").read_text().strip()
+    assert load_log_key(tmp_path / "log.key").verifier_key == (tmp_path / "log.pub").read_text().strip()
 
 
 def test_a_forged_or_altered_checkpoint_is_refused(signer: LogSigner, tmp_path):
     note = signer.sign(Checkpoint("residency/cn-north", 42, ROOT))
     with pytest.raises(CheckpointError, match="forged or altered"):
         open_note(note.replace("\n42\n", "\n43\n"), signer.verifier_key)
-    other = LogSigner.generate("residency/cn-north", tmp_path)  # same name, another key
+    other = LogSigner.new("residency/cn-north")  # same name, another key
     with pytest.raises(CheckpointError, match="no signature"):
         open_note(other.sign(Checkpoint("residency/cn-north", 42, ROOT)), signer.verifier_key)
     with pytest.raises(CheckpointError):
@@ -96,6 +97,6 @@ def test_a_signer_key_that_lies_about_its_hash_is_refused():
 
 
 def test_a_fingerprint_names_the_key_not_its_name(signer: LogSigner, tmp_path):
-    same_name = LogSigner.generate("residency/cn-north", tmp_path)
+    same_name = LogSigner.new("residency/cn-north")
     assert fingerprint(signer.verifier_key) != fingerprint(same_name.verifier_key)
     assert fingerprint(signer.verifier_key).startswith("sha256:")

@@ -200,6 +200,10 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
         timeout=10,
     )
     assert [g.HasField("revoked_at") for g in listed.grants if g.id == grant_id] == [True]
+    # The revocation is logged under the caller who revoked, as the grant was under its creator.
+    grant_entries = [json.loads(e) for _, e, _ in await cluster.log() if grant_id in e]
+    opened, closed = grant_entries[0], grant_entries[-1]
+    assert closed["actor"] == opened["actor"] != "policy", (opened["actor"], closed["actor"])
 
 
 # ---- policy 3: disclosures ---------------------------------------------------------------

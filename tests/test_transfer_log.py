@@ -140,7 +140,7 @@ def test_verify_refuses_a_forged_checkpoint(bundle_dir: Path, tmp_path: Path, ca
     # A checkpoint over the same entries, signed by a key that is not the log's.
     body = (d / "checkpoint").read_text().split("\n\n")[0]
     origin, size, _root = body.split("\n")
-    forger = LogSigner.generate(origin, tmp_path / "forger")
+    forger = LogSigner.new(origin)
     lines = (d / "entries.jsonl").read_bytes().split(b"\n")[:-1]
     forged_root = merkle.root([merkle.leaf_hash(x) for x in lines[:-1]])
     (d / "checkpoint").write_text(forger.sign(Checkpoint(origin, int(size), forged_root)))
@@ -263,7 +263,7 @@ async def test_verify_proof_checks_what_prove_prints_against_the_pinned_key(
     lie.write_text(json.dumps({**doc, "hashes": ["00" * 32, *doc["hashes"][1:]]}))
     code, _, err = check(lie)
     assert code == 1 and "FAILED" in err, err
-    forger = LogSigner.generate("residency/cn-north", tmp_path / "forger")
+    forger = LogSigner.new("residency/cn-north")
     capsys.readouterr()
     assert main(["log", "verify-proof", str(inclusion), "--key", forger.verifier_key]) == 1
     assert "no signature" in capsys.readouterr().err
@@ -414,7 +414,7 @@ def test_the_report_builds_offline_from_a_bundle_checked_with_the_pinned_key(
     assert "Example Holdings Pte. Ltd." in page and "Singapore" in page  # the bundle's context.json
     # A bundle whose entries were rewritten (and re-signed by a forger) reports it unverified.
     d = tampered(bundle_dir, tmp_path, lambda ls: ls[:-1])
-    forger = LogSigner.generate("residency/cn-north", tmp_path / "forger")
+    forger = LogSigner.new("residency/cn-north")
     root = merkle.root([merkle.leaf_hash(x) for x in (d / "entries.jsonl").read_bytes().split(b"\n")[:-1]])
     (d / "checkpoint").write_text(
         forger.sign(Checkpoint("residency/cn-north", summary["tree_size"] - 1, root))

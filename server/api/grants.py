@@ -28,7 +28,7 @@ class GrantService(consent_pb2_grpc.GrantServiceServicer):
             "purpose": g.purpose,
             "legal_basis": g.legal_basis or "contract",
             "categories": list(g.categories),
-            "ends_at": g.ends_at.seconds + g.ends_at.nanos / 1e9,
+            "ends_at": codec.seconds(g.ends_at),
         }
         users = list(dict.fromkeys(g.user_ids))
         policy = self.node.policy

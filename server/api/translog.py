@@ -8,7 +8,7 @@ from typing import Any
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.core import merkle, translog
+from residency.server.core import codec, merkle, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
 from residency.server.vault.transferlog import LogEntry, SignedCheckpoint, TransferLog
 from residency.v1 import translog_pb2, translog_pb2_grpc
@@ -54,8 +54,8 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
             purpose=request.purpose,
             legal_basis=request.legal_basis,
             outcome=request.outcome,
-            since=_secs(request.since) if request.HasField("since") else None,
-            until=_secs(request.until) if request.HasField("until") else None,
+            since=codec.seconds(request.since) if request.HasField("since") else None,
+            until=codec.seconds(request.until) if request.HasField("until") else None,
         )
         page_size = request.page_size or self.QUERY_PAGE
         if page_size > self.QUERY_PAGE_MAX:
@@ -152,10 +152,6 @@ def _entry(e: LogEntry) -> translog_pb2.LogEntry:
 
 def _recipient(r: Any) -> translog_pb2.Recipient:
     return translog_pb2.Recipient(id=r.id, region=r.region, company=r.company, contact=r.contact)
-
-
-def _secs(ts: Any) -> float:
-    return ts.seconds + ts.nanos / 1e9
 
 
 def _page_token(token: str) -> int:

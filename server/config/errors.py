@@ -88,7 +88,8 @@ def config_error(
         text = f"unknown key(s) {sorted(names)}{place.tag}; known keys are {known}"
         key = place.key(named)
         lines.append(f"{prefix}: {q}{key}{q} has {text}" if key else f"{prefix}: {text}")
-    return ConfigError("\n".join(lines))
+    # A union (e.g. `int | str`) reports each of its arms alike: say each problem once.
+    return ConfigError("\n".join(dict.fromkeys(lines)))
 
 
 def _explain(e: Any, place: _Place) -> tuple[str, str]:

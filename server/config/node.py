@@ -18,8 +18,6 @@ from pydantic import AfterValidator, ConfigDict, Field, Tag, ValidationError, mo
 from residency.server.config.errors import FileModel, config_error, empty_if_null, tagged_by
 from residency.server.core.errors import ConfigError
 
-DURABILITY = {"full": "FULL", "normal": "NORMAL"}
-
 
 def _host_port(value: str) -> str:
     host, _, port = value.rpartition(":")

@@ -7,6 +7,7 @@ schema (duplicate ids, unknown recipients, rules that can never match)."""
 from __future__ import annotations
 
 import hashlib
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -54,7 +55,10 @@ class RuleFile(FileModel):
 class _Top(FileModel):
     """The keys of a rules file other than its recipients and rules."""
 
-    version: int | str = Field(default=1, description="a label for people (the rule set's version is a hash)")
+    # Any scalar YAML reads (1, 1.1, "v3", 2026-01-01): it only labels the file for people.
+    version: int | float | str | date = Field(
+        default=1, description="a label for people (the rule set's version is a hash)"
+    )
     home_region: str = Field(min_length=1, description="the region the records live in, e.g. cn-north")
     never_transfer: Annotated[list[DataCategory], empty_if_null(list, list[DataCategory] | None)] = Field(
         default=[], description="a list of Fides data categories"

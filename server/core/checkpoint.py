@@ -4,7 +4,8 @@ A checkpoint body is three lines: the origin (e.g. `residency/cn-north`), the tr
 decimal and the base64 root hash. The note appends a blank line and one signature line,
 `\u2014 NAME BASE64(key hash[4] || Ed25519 signature)`, where the key hash is the first four
 bytes of SHA-256(NAME || "\\n" || 0x01 || public key). The verifier key is published as
-`NAME+HEXKEYHASH+BASE64(0x01 || public key)`. Key bytes stay inside this module.
+`NAME+HEXKEYHASH+BASE64(0x01 || public key)`. Pure: where a node keeps its signing key is
+`residency.server.keys.logkey`'s business.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from residency.server.core.errors import KeyUnavailable, ResidencyError
+from residency.server.core.errors import ResidencyError
 
 _ED25519 = b"\x01"  # the signed-note signature type of Ed25519
 _DASH = "\u2014 "
@@ -60,29 +59,9 @@ class LogSigner:
         self._public = private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
     @classmethod
-    def generate(cls, name: str, directory: str | Path) -> LogSigner:
-        """Writes `log.key` (mode 0600) and `log.pub` (the verifier key) into `directory`."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        private = Ed25519PrivateKey.generate()
-        raw = private.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-        fd = os.open(d / "log.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{name}\n{base64.b64encode(raw).decode()}\n")
-        signer = cls(name, private)
-        (d / "log.pub").write_text(signer.verifier_key + "\n")
-        return signer
-
-    @classmethod
-    def load(cls, path: str | Path) -> LogSigner:
-        try:
-            name, b64 = Path(path).read_text().split()
-            return cls(name, Ed25519PrivateKey.from_private_bytes(base64.b64decode(b64, validate=True)))
-        except (OSError, ValueError, binascii.Error) as e:
-            raise KeyUnavailable(
-                f"cannot load the log signing key {path}: {type(e).__name__}; "
-                "`residency init` writes one (log.key beside region.key)"
-            ) from e
+    def new(cls, name: str) -> LogSigner:
+        """A fresh signing key (`residency.server.keys.logkey` keeps a node's on disk)."""
+        return cls(name, Ed25519PrivateKey.generate())
 
     @classmethod
     def from_signer_key(cls, text: str) -> LogSigner:

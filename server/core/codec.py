@@ -64,6 +64,11 @@ def to_json(x: Any) -> Any:
     return x
 
 
+def seconds(ts: Timestamp) -> float:
+    """A protobuf Timestamp as seconds since the epoch."""
+    return float(ts.seconds + ts.nanos / 1e9)
+
+
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))

@@ -63,7 +63,8 @@ class DataKey:
 
     def __init__(self, raw: bytes):
         self._aead = AESGCM(raw)
-        # Kept for rewrapping during rotation (`residency.server.keys.lifecycle`) only.
+        # Read by `residency.server.keys` alone: to wrap a new key and to rewrap one on
+        # rotation. Nothing else handles a data key's bytes.
         self.raw = raw
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:

@@ -111,6 +111,19 @@ class Keyring:
             self._wrapping.put(id, wk)
         return wk
 
+    def new_data_key(self, user_id: str) -> tuple[DataKey, WrappingKey, bytes]:
+        """A fresh data key for a user's record, the wrapping key it goes under, and the key
+        wrapped by it (what the store keeps). Its raw bytes stay inside this package."""
+        wk = self.active_wrapping_key()
+        raw = AESGCM.generate_key(bit_length=256)
+        return DataKey(raw), wk, wk.wrap(self.region, user_id, raw)
+
+    def rewrap_stored_key(
+        self, user_id: str, wk_id: str, wk_wrapped: bytes, wrapped: bytes, new: WrappingKey
+    ) -> bytes:
+        """A stored data key, opened and wrapped again under `new` (key rotation)."""
+        return new.wrap(self.region, user_id, self.open_stored_key(user_id, wk_id, wk_wrapped, wrapped).raw)
+
     def open_stored_key(self, user_id: str, wk_id: str, wk_wrapped: bytes, wrapped: bytes) -> DataKey:
         """Opens a DEK as the keyring stores it: under one of this node's wrapping keys, or
         (a region's copies, as the primary sent them) under a transit key `transit:KEYID:ID`

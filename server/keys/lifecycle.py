@@ -106,8 +106,9 @@ def rewrap_data_keys(
     while page := store.data_keys_not_under(new.id, after, PAGE):
         rows = []
         for user_id, wk_id, wk_wrapped, wrapped in page:
-            raw = keyring.open_stored_key(user_id, wk_id, wk_wrapped, wrapped).raw
-            rows.append((user_id, new.id, new.wrap(region, user_id, raw)))
+            rows.append(
+                (user_id, new.id, keyring.rewrap_stored_key(user_id, wk_id, wk_wrapped, wrapped, new))
+            )
         with store.transaction():
             # Only rows still as read: a user erased meanwhile stays erased.
             current = store.data_keys([r[0] for r in rows])

@@ -49,6 +49,10 @@ def load_migrations() -> tuple[Migration, ...]:
 
 MIGRATIONS = load_migrations()
 
+# A node config's `durability` as SQLite's `synchronous`: `full` fsyncs every commit (an
+# acknowledged write survives a power cut), `normal` only at checkpoints (survives a crash).
+SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+
 
 class UnitOfWork(Protocol):
     """A transaction, and savepoints inside it so that one failing write rolls back alone."""
@@ -67,7 +71,8 @@ class Database:
     thread, so a database needs no locking of its own. The keyring (`keys.db`, beside the
     database unless given) is attached as schema `keyring`."""
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL", keyring: str | Path | None = None):
+    def __init__(self, path: str | Path, durability: str = "full", keyring: str | Path | None = None):
+        synchronous = SYNCHRONOUS[durability]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         keyring_path = Path(keyring) if keyring else path.with_name("keys.db")

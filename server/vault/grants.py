@@ -41,18 +41,20 @@ class Grants:
             if not any(r[0] == grant_id for r in store.grants_list()):
                 raise NotFound(f"no grant {grant_id}")
             return False
-        self.end_grants()
+        self.end_grants(revoked_by={grant_id: actor})
         return True
 
-    def end_grants(self, now: float | None = None) -> int:
-        """Carries out every grant that ended or was revoked: logs it and withdraws the
-        copies it allowed (policy 2a: after the service, no access to anything)."""
+    def end_grants(self, now: float | None = None, revoked_by: dict[str, str] | None = None) -> int:
+        """Carries out every grant that ended or was revoked: logs it (naming who revoked it,
+        when that is known; else the policy sweep) and withdraws the copies it allowed
+        (policy 2a: after the service, no access to anything)."""
         store = self.records.store
         now = time.time() if now is None else now
         ended = store.grants_ended_unlogged(now)
         for grant_id, recipient, revoked_at in ended:
             users = store.grant_users(grant_id)
-            self._log_grant(grant_id, recipient, users, "policy", closed_reason(bool(revoked_at)))
+            actor = (revoked_by or {}).get(grant_id, "policy")
+            self._log_grant(grant_id, recipient, users, actor, closed_reason(bool(revoked_at)))
             self.records.bump(users)
             store.grant_mark_ended(grant_id)
         return len(ended)

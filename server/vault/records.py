@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from residency.server.core import codec, translog
 from residency.server.core.errors import NotFound
 from residency.server.core.policy.consent import StandingConsent, consented_rules
@@ -119,16 +117,15 @@ class Records:
         keys: dict[str, DataKey] = {}
         new_key_ids: dict[str, str] = {}
         new_keys: list[tuple[str, str, bytes]] = []
-        wk = None
+        wrapping: dict[str, bytes] = {}  # the wrapping keys the new data keys went under
         for u in users:
             if u in live:
                 keys[u] = self._data_key(u)
                 continue
-            wk = wk or self.keyring.active_wrapping_key()
-            raw = AESGCM.generate_key(bit_length=256)
-            keys[u] = DataKey(raw)
+            keys[u], wk, wrapped = self.keyring.new_data_key(u)
+            wrapping[wk.id] = wk.wrapped
             new_key_ids[u] = wk.id
-            new_keys.append((u, wk.id, wk.wrap(self.region, u, raw)))
+            new_keys.append((u, wk.id, wrapped))
         versions, sealed = seal_writes(
             self.region,
             time.time(),
@@ -138,8 +135,8 @@ class Records:
             new_key_ids,
         )
         if new_keys:
-            assert wk is not None
-            self.store.put_wrapping_key(wk.id, wk.wrapped)
+            for wk_id, wk_wrapped in wrapping.items():
+                self.store.put_wrapping_key(wk_id, wk_wrapped)
             self.store.put_data_keys(new_keys)
             for u in new_key_ids:
                 self.keyring.data_keys.put(u, keys[u])
@@ -263,8 +260,8 @@ class Records:
                 st.version,
                 st.source,
                 st.home_region,
-                _secs(st.created_at),
-                _secs(st.updated_at),
+                codec.seconds(st.created_at),
+                codec.seconds(st.updated_at),
                 dict(body.fields),
             )
         self.keyring.check()
@@ -280,8 +277,8 @@ class Records:
             version,
             copy.source,
             copy.home_region,
-            _secs(copy.created_at),
-            _secs(copy.updated_at),
+            codec.seconds(copy.created_at),
+            codec.seconds(copy.updated_at),
             fields,
         )
 
@@ -362,7 +359,3 @@ class Records:
 def _recipients(decisions: dict[str, Any], names: Any) -> str:
     found = {decisions[n].recipient.id for n in names if isinstance(decisions[n], Allowed)}
     return ",".join(sorted(found - {"home"}))
-
-
-def _secs(ts: Any) -> float:
-    return ts.seconds + ts.nanos / 1e9

@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from residency.server.core import merkle, translog  # noqa: E402
-from residency.server.core.checkpoint import Checkpoint, LogSigner  # noqa: E402
+from residency.server.core.checkpoint import Checkpoint  # noqa: E402
+from residency.server.keys.logkey import create_log_key  # noqa: E402
 from residency.server.storage.sqlite import SqliteStore  # noqa: E402
 from residency.server.vault import bundle  # noqa: E402
 
@@ -63,7 +64,7 @@ def entry(i: int) -> dict:
 def appends(directory: Path, total: int, batch: int) -> tuple[float, float]:
     """(entries/s by the wall clock, CPU µs per entry): on a shared machine the CPU figure
     is the steadier one; the wall clock also pays the fsync per transaction."""
-    store = SqliteStore(directory / f"append-{batch}.db", synchronous="FULL")
+    store = SqliteStore(directory / f"append-{batch}.db", durability="full")
     entries = [entry(i) for i in range(batch)]
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(total // batch):
@@ -89,7 +90,7 @@ def main() -> None:
         data = [translog.canonical({**entry(i), "sequence": i + 1}) for i in range(args.entries)]
         leaves = [merkle.leaf_hash(x) for x in data]
         tree = merkle.Tree(leaves)
-        signer = LogSigner.generate("residency/cn-north", d / "keys")
+        signer = create_log_key("residency/cn-north", d / "keys")
         note = signer.sign(Checkpoint("residency/cn-north", tree.size, tree.root()))
         bundle.write(d / "bundle", data, leaves, note, signer.verifier_key)
         del data, leaves

@@ -75,19 +75,6 @@ class OpenBaoProvider:
         )
         return d["ciphertext"].encode()
 
-    def encrypt_many(self, items: list[tuple[bytes, Context]]) -> list[bytes]:
-        """One call for many values (Transit `batch_input`)."""
-        d = self._req(
-            "POST",
-            f"encrypt/{self.key}",
-            {
-                "batch_input": [
-                    {"plaintext": base64.b64encode(p).decode(), "context": self._ctx(c)} for p, c in items
-                ]
-            },
-        )
-        return [r["ciphertext"].encode() for r in d["batch_results"]]
-
     def rotate(self) -> str:
         d = self._req("POST", f"keys/{self.key}/rotate")
         return f"v{d.get('latest_version', '?')}"
