@@ -1,7 +1,9 @@
-"""Building one sealed copy for a destination: a pure function of the opened record, the
-user's permits, the destination's keys and the moment. It decides which fields may go (the
-rules' plan, then retention), seals them for the destination's region, and writes the
-transfer-log entry that says so. No store, no network: the loop fetches, this decides.
+"""Building one sealed copy for a destination from the opened record, the user's permits, the
+destination's keys and the moment. It decides which fields may go (the rules' plan, then
+retention, through the home node's `Sender` view of the rules), seals them for the
+destination's region, and writes the transfer-log entry that says so. No store and no
+network: the loop fetches, this decides (a destination's data keys are drawn here, from
+its `CopyKeys`).
 """
 
 from __future__ import annotations

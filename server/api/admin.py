@@ -13,7 +13,7 @@ from residency.server.api.identity import identity_of
 from residency.server.core.errors import FailedPrecondition, NotFound
 from residency.v1 import admin_pb2, admin_pb2_grpc, replica_pb2
 
-log = logging.getLogger("residency.services")
+log = logging.getLogger("residency.admin")
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):

@@ -1,5 +1,5 @@
-"""A node's transfer log as reviewers see it: signed checkpoints, proofs, queries and the
-per-subject report, over the store's entries and Merkle tree.
+"""A node's transfer log as reviewers see it: signed checkpoints, proofs and queries over the
+store's entries and Merkle tree.
 
 Every method runs on the store thread (`StoreThread.call`), which is what makes reading the
 tree safe: only commits on that thread extend it.

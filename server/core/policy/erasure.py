@@ -1,11 +1,12 @@
 """Policy 6b (a user whose data leaked is helped with "proper measures") and 2a (no access
 after the service ends): what erasure, retention and withdrawal take away.
 
-Erasing a record crypto-shreds its data key and sends a tombstone to every region. A field
-sent under a rule with `retention_days` is withheld once the record has not been written for
-longer than that (`expired_fields`); the periodic sweep finds the records that crossed a
-period (`retention_cutoffs`) so their copies are projected again and the field withdrawn.
-Withdrawing the cookie consent erases the stored cookie fields (`removed_on_withdrawal`).
+The decisions here: a field sent under a rule with `retention_days` is withheld once the
+record has not been written for longer than that (`expired_fields`); the periodic sweep
+finds the records that crossed a period (`retention_cutoffs`) so their copies are projected
+again and the field withdrawn; withdrawing the cookie consent erases the stored cookie
+fields (`removed_on_withdrawal`). Carrying them out (crypto-shredding a record's data key, a
+tombstone to every region, nothing left on disk) is the vault's and storage's work.
 """
 
 from __future__ import annotations
