@@ -34,7 +34,7 @@ class LogStore(Protocol):
 class TransferLogRows(Database):
     """The `translog`, `checkpoints` and `archived` tables, and the tree over `translog`."""
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL", keyring: str | Path | None = None):
+    def __init__(self, path: str | Path, durability: str = "full", keyring: str | Path | None = None):
         # The chain head and sequence of the last committed entry, and what the open
         # transaction has appended since (None: nothing yet).
         self._log_seq, self._log_head = 0, translog.GENESIS
@@ -44,7 +44,7 @@ class TransferLogRows(Database):
         self._pending_leaves: list[bytes] = []
         self._savepoint_leaves = 0
         self._tree = merkle.Tree()
-        super().__init__(path, synchronous, keyring)
+        super().__init__(path, durability, keyring)
         # Leaf index = sequence - 1: sequences start at 1, RFC 6962 leaf indexes at 0.
         self._catch_up()
 
