@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from residency.server.core import merkle, translog
+from residency.server.core.errors import StorageFull
 from residency.server.storage.database import MIGRATIONS
 from residency.server.storage.sqlite import SqliteStore
 from tests.conftest import replication_entry
@@ -139,6 +140,49 @@ def test_the_tree_and_checkpoints_survive_a_reopen_and_rolled_back_entries_never
     s = SqliteStore(tmp_path / "node.db")
     assert s.log_tree().size == 5 and s.log_tree().root() == root
     assert s.checkpoint_latest() == (5, "note")
+    s.close()
+
+
+def _consistent(s: SqliteStore) -> None:
+    """What is stored, what the tree holds and what a new append chains onto agree: an export
+    of the log verifies against a root signed from this tree."""
+    stored = [data for _, data, _ in s.log_after(0, 10_000)]
+    assert [json.loads(d)["sequence"] for d in stored] == list(range(1, len(stored) + 1))
+    assert translog.verify_chain(chain_of(s)) is None
+    assert s.log_tree().size == len(stored)
+    assert s.log_tree().root() == merkle.root([merkle.leaf_hash(d) for d in stored])
+
+
+def test_a_commit_that_fails_leaves_no_trace_in_the_logs_memory(tmp_path):
+    """COMMIT itself can fail (disk full, an I/O error, a deferred constraint): the entries it
+    would have added must not linger in the sequence, the chain head or the tree."""
+    s = SqliteStore(tmp_path / "node.db")
+    s._db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    s._db.execute("CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    with s.transaction():
+        s.log_append([entry(i) for i in range(3)])
+    with pytest.raises(sqlite3.IntegrityError), s.transaction():
+        s.log_append([entry(3), entry(4)])
+        s._db.execute("INSERT INTO child VALUES (42)")  # checked only at COMMIT, which fails
+    with s.transaction():
+        assert s.log_append([entry(5)]) == [4]
+    _consistent(s)
+    s.close()
+
+
+def test_a_full_disk_fails_the_write_cleanly_and_the_log_goes_on_when_space_returns(tmp_path):
+    s = SqliteStore(tmp_path / "node.db")
+    with s.transaction():
+        s.log_append([entry(i) for i in range(3)])
+    used = s._db.execute("PRAGMA page_count").fetchone()[0]
+    s._db.execute(f"PRAGMA max_page_count={used}")  # the database file cannot grow any more
+    with pytest.raises(StorageFull, match="disk is full.*nothing was written"), s.transaction():
+        s.log_append([replication_entry(i, t0=float(i)) | {"reason": "x" * 50_000} for i in range(3, 8)])
+    _consistent(s)
+    s._db.execute("PRAGMA max_page_count=1073741823")  # space returns
+    with s.transaction():
+        assert s.log_append([entry(9)]) == [4]
+    _consistent(s)
     s.close()
 
 

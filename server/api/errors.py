@@ -22,6 +22,7 @@ from residency.server.core.errors import (
     OutOfRange,
     PolicyDenied,
     ResidencyError,
+    StorageFull,
     TransferDenied,
 )
 from residency.server.core.sealing import SealError
@@ -34,6 +35,7 @@ _CODES = {
     TransferDenied: code_pb2.PERMISSION_DENIED,
     PolicyDenied: code_pb2.PERMISSION_DENIED,
     KeyUnavailable: code_pb2.UNAVAILABLE,
+    StorageFull: code_pb2.RESOURCE_EXHAUSTED,
     SealError: code_pb2.FAILED_PRECONDITION,
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,
 }

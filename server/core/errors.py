@@ -44,3 +44,8 @@ class ConfigError(ResidencyError):
 
 class OutOfRange(ResidencyError):
     """A leaf index or tree size beyond what the log holds."""
+
+
+class StorageFull(ResidencyError):
+    """The node's disk is full: nothing of the request was written, and it can be sent again
+    once space returns."""

@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+from residency.server.core.errors import StorageFull
+
 
 @dataclass(frozen=True, slots=True)
 class Migration:
@@ -58,6 +60,7 @@ class UnitOfWork(Protocol):
     """A transaction, and savepoints inside it so that one failing write rolls back alone."""
 
     def transaction(self) -> AbstractContextManager[None]: ...
+    def in_transaction(self) -> bool: ...
     def savepoint(self) -> None: ...
     def rollback_savepoint(self) -> None: ...
     def release_savepoint(self) -> None: ...
@@ -76,6 +79,7 @@ class Database:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         keyring_path = Path(keyring) if keyring else path.with_name("keys.db")
+        self._path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._writers = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._db.execute("ATTACH DATABASE ? AS keyring", (str(keyring_path),))
@@ -127,12 +131,22 @@ class Database:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                # A write failed, or COMMIT itself did (disk full, an I/O error, a deferred
+                # constraint). SQLite may have rolled the transaction back on its own already.
+                # What it wrote is gone, and so must be every piece of state kept beside it
+                # (the transfer log's sequence, chain head and tree leaves).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 self._erasing = False
                 self._rolled_back()
+                if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+                    raise StorageFull(
+                        f"the node's disk is full ({self._path.parent}): nothing was written; "
+                        "send it again once space is freed"
+                    ) from e
                 raise
-            self._db.execute("COMMIT")
             self._scrub_owed |= self._erasing
             self._erasing = False
             if self._scrub_owed:
@@ -140,6 +154,11 @@ class Database:
         finally:
             fcntl.flock(self._writers, fcntl.LOCK_UN)
         self._committed()
+
+    def in_transaction(self) -> bool:
+        """False once SQLite rolled the whole transaction back by itself (disk full, I/O
+        error): no savepoint is left to roll back to."""
+        return self._db.in_transaction
 
     def savepoint(self) -> None:
         self._db.execute("SAVEPOINT op")

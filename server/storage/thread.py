@@ -131,6 +131,8 @@ class StoreThread(Generic[S_co]):
         try:
             value = fn()
         except Exception as e:
+            if not db.in_transaction():  # SQLite gave up the whole transaction: so does the group
+                raise
             db.rollback_savepoint()
             return False, e
         db.release_savepoint()
