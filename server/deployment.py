@@ -17,6 +17,7 @@ import yaml
 
 from residency.server.config import JSONSCHEMA
 from residency.server.config.node import load_config
+from residency.server.keys.files import KeyExists
 from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers import open_provider
 from residency.server.keys.providers.local import LocalProvider
@@ -174,6 +175,8 @@ def init_deployment(
     """Writes the deployment into `directory`; returns each region's config path. `keys`
     gives a region's `keys:` config (default: the local provider)."""
     d = Path(directory).resolve()
+    if (d / "keys").is_dir() and any(p.is_file() for p in (d / "keys").rglob("*")):
+        raise KeyExists(f"{d / 'keys'} already holds keys: init never overwrites a deployment's keys")
     d.mkdir(parents=True, exist_ok=True)
     regions = (PRIMARY, *AFFILIATES)
     ports = ports or free_ports(len(regions))

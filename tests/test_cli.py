@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,13 @@ def test_demo_runs_end_to_end_and_reports_per_region(tmp_path: Path):
     r = residency("log", "verify", str(tmp_path / "demo" / "review" / "cn-north"), "--key", str(pinned))
     assert r.returncode == 0 and json.loads(r.stdout)["verified"] is True
     assert json.loads(r.stdout)["key"] == "pinned"
+
+
+def test_init_never_overwrites_a_deployments_keys(tmp_path: Path):
+    d = tmp_path / "d"
+    assert residency("init", str(d)).returncode == 0
+    before = {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    assert stat.S_IMODE((d / "keys").stat().st_mode) == 0o700
+    r = residency("init", str(d))
+    assert r.returncode == 2 and "init never overwrites" in r.stderr, r.stderr
+    assert {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} == before

@@ -4,6 +4,7 @@ AWS KMS (moto's server, over HTTP) and OpenBao Transit (`bao server -dev`)."""
 from __future__ import annotations
 
 import re
+import stat
 import uuid
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from residency.server.core.errors import KeyUnavailable
 from residency.server.core.sealing import DataKey, KeyDestroyed, SealError, field_aad
+from residency.server.keys.files import KeyExists
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import KeyProvider
 from residency.server.keys.providers.kms import AwsKmsProvider
@@ -166,3 +168,20 @@ def test_key_config_is_validated_at_start_naming_the_key(tmp_path: Path, monkeyp
             load_config(tmp_path / "n.yaml")
     (tmp_path / "n.yaml").write_text(base + "keys: {provider: local, dir: k, passphrase_env: P}\n")
     assert load_config(tmp_path / "n.yaml").keys.passphrase == b"a passphrase"  # read once, here
+
+
+def test_a_key_version_is_created_once_even_by_two_rotations_at_once(tmp_path: Path):
+    """Two processes rotating the same local provider both try to write kek-v2.key: one
+    creates it, the other is refused and keeps nothing it could have wrapped under it."""
+    a = LocalProvider.create(tmp_path / "keys", b"passphrase")
+    b = LocalProvider(tmp_path / "keys", b"passphrase")
+    assert b.version == 1
+    # b read the folder (v1 only), then a rotated before b wrote: b's write comes second.
+    b._load = lambda: None  # type: ignore[method-assign]
+    a.rotate()
+    written = (tmp_path / "keys" / "kek-v2.key").read_bytes()
+    with pytest.raises(KeyExists, match="never overwritten"):
+        b.rotate()
+    assert (tmp_path / "keys" / "kek-v2.key").read_bytes() == written
+    assert stat.S_IMODE((tmp_path / "keys" / "kek-v2.key").stat().st_mode) == 0o600
+    assert not list((tmp_path / "keys").glob(".*.tmp"))  # nothing half-written is left behind

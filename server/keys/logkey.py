@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -13,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from residency.server.core.checkpoint import LogSigner
 from residency.server.core.errors import KeyUnavailable
+from residency.server.keys.files import write_private
 
 KEY, PUB = "log.key", "log.pub"
 
@@ -25,9 +25,7 @@ def create_log_key(name: str, directory: str | Path) -> LogSigner:
     raw = private.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
-    fd = os.open(d / KEY, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{name}\n{base64.b64encode(raw).decode()}\n")
+    write_private(d / KEY, f"{name}\n{base64.b64encode(raw).decode()}\n".encode(), exclusive=True)
     signer = LogSigner(name, private)
     (d / PUB).write_text(signer.verifier_key + "\n")
     return signer

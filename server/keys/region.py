@@ -150,7 +150,7 @@ class RegionKey:
         x = X25519PrivateKey.generate().private_bytes_raw()
         raw = x if kem == "x25519" else MLKEM768PrivateKey.generate().private_bytes_raw() + x
         key = cls(region, raw, d)
-        write_private(d / "region.key", provider.wrap(raw, _private_context(region)))
+        write_private(d / "region.key", provider.wrap(raw, _private_context(region)), exclusive=True)
         (d / "region.pub").write_bytes(key.recipient.public_raw)
         return key
 

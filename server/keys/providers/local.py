@@ -75,7 +75,7 @@ class LocalProvider:
         salt, nonce, raw = os.urandom(16), os.urandom(NONCE), AESGCM.generate_key(bit_length=256)
         sealed = AESGCM(_scrypt(self._passphrase, salt)).encrypt(nonce, raw, f"kek-v{version}".encode())
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_private(self.dir / f"kek-v{version}.key", salt + nonce + sealed)
+        write_private(self.dir / f"kek-v{version}.key", salt + nonce + sealed, exclusive=True)
         self._keks[version] = AESGCM(raw)
 
     @classmethod
