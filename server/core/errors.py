@@ -49,3 +49,8 @@ class OutOfRange(ResidencyError):
 class StorageFull(ResidencyError):
     """The node's disk is full: nothing of the request was written, and it can be sent again
     once space returns."""
+
+
+class KeyServiceDenied(ResidencyError):
+    """A key service refused this node the use of its key (KMS AccessDenied, OpenBao permission
+    denied): the node's credentials or the key's policy must change; retrying will not help."""

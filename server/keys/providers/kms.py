@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from residency.server.core.errors import KeyUnavailable
+from residency.server.core.errors import KeyServiceDenied, KeyUnavailable
 from residency.server.core.sealing import Context, KeyDestroyed, SealError
 
 
@@ -41,9 +41,10 @@ class AwsKmsProvider:
                 ) from e
             if code in ("InvalidCiphertextException", "IncorrectKeyException"):
                 raise SealError("wrapped key material does not decrypt in this encryption context") from e
-            if code == "AccessDeniedException" and op == "decrypt":
-                raise SealError(
-                    f"KMS key {self.key_id} did not wrap this material, or may not open it"
+            if code in ("AccessDeniedException", "AccessDenied", "UnrecognizedClientException"):
+                raise KeyServiceDenied(
+                    f"AWS KMS denied {op} on {self.key_id} ({code}): the node's credentials or the "
+                    "key's policy do not allow it; nothing was written or opened"
                 ) from e
             raise KeyUnavailable(f"AWS KMS refused {op} on {self.key_id}: {code}") from e
         except BotoCoreError as e:
@@ -63,11 +64,8 @@ class AwsKmsProvider:
         return r["CiphertextBlob"]
 
     def unwrap(self, wrapped: bytes, context: Context) -> bytes:
-        # KMS refuses to decrypt under a disabled key; checking first costs one call per cache
-        # miss and holds with emulators that do not enforce it (moto's Decrypt does not).
-        state = self._call("describe_key", KeyId=self.key_id)["KeyMetadata"].get("KeyState", "Enabled")
-        if state != "Enabled":
-            raise KeyDestroyed(f"KMS key {self.key_id} is {state}: it was shredded (residency keys shred)")
+        # KMS itself refuses to decrypt under a disabled or deleted key (DisabledException,
+        # KMSInvalidStateException: KeyDestroyed above); one call per cache miss, no more.
         r = self._call("decrypt", KeyId=self.key_id, CiphertextBlob=wrapped, EncryptionContext=dict(context))
         return r["Plaintext"]
 

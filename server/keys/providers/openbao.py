@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from residency.server.core.errors import KeyUnavailable
+from residency.server.core.errors import KeyServiceDenied, KeyUnavailable
 from residency.server.core.sealing import Context, KeyDestroyed, SealError, canonical_context
 
 
@@ -33,9 +33,21 @@ class OpenBaoProvider:
                 f"OpenBao cannot be reached for {path}: {e.__class__.__name__}: {e}; nothing was "
                 "written or opened with another key: retry once OpenBao answers"
             ) from e
+        try:
+            doc = r.json() if r.content else {}
+        except ValueError:  # an error page (a proxy's, a load balancer's), not OpenBao's JSON
+            raise KeyUnavailable(
+                f"OpenBao (or a proxy before it) answered {r.status_code} for {path} with a page "
+                "that is not OpenBao's JSON; nothing was written or opened with another key"
+            ) from None
         if r.status_code < 300:
-            return r.json().get("data") or {} if r.content else {}
-        errors = "; ".join(r.json().get("errors", [])) if r.content else ""
+            return doc.get("data") or {}
+        errors = "; ".join(doc.get("errors", []))
+        if r.status_code == 403:
+            raise KeyServiceDenied(
+                f"OpenBao denied {path} on Transit key {self.key} ({errors or 'permission denied'}): "
+                "the node's token or its policy do not allow it"
+            )
         if any(s in errors for s in ("not found", "no existing key", "disallowed by policy (too old)")):
             raise KeyDestroyed(f"Transit key {self.key} was destroyed or the version retired: {errors}")
         if r.status_code == 400 and ("authentication failed" in errors or "invalid" in errors):
