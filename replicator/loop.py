@@ -81,6 +81,9 @@ class Replicator:
         self._wake = {d.region: asyncio.Event() for d in destinations}
         self.leases = {d.region: Lease(d.region, self.owner, config.lease_seconds) for d in destinations}
         self._tasks: list[asyncio.Task] = []
+        # Short tasks started from callbacks (a retry's error note): kept until done, so none
+        # is collected half-way, and awaited at stop.
+        self._background: set[asyncio.Task] = set()
         # Records opened for one destination's batch, kept for the others' batches of the same
         # changes (they run close together on the same store thread): one open per change.
         self._opened: dict[tuple[str, int], Opened] = {}
@@ -98,7 +101,8 @@ class Replicator:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        self._opened.clear()
         for d in self.destinations.values():
             await self.leases[d.region].hand_over(self.db)
             await d.sink.close()
@@ -199,7 +203,9 @@ class Replicator:
             log.warning("replication to %s failed (%s); retrying", d.region, error)
             if error != d.last_error:
                 d.last_error = error
-                asyncio.get_running_loop().create_task(self._note_error(d, error))
+                task = asyncio.get_running_loop().create_task(self._note_error(d, error))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(
@@ -290,8 +296,18 @@ class Replicator:
     ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
         now = time.time()
         if row.deleted:
+            self.forget(row.user_id)  # an erased user's plaintext leaves memory too
             return erased_copy(self.records, d.keys, row.user_id, row.version, now)
         return build_copy(self.records, d.keys, self._open(row), permits, now)
+
+    def forget(self, user_id: str | None = None) -> None:
+        """Drops opened (plaintext) records: one user's, on erasure, or every one (a key
+        shredded, the worker stopping)."""
+        if user_id is None:
+            self._opened.clear()
+            return
+        for key in [k for k in self._opened if k[0] == user_id]:
+            del self._opened[key]
 
     def _open(self, row: Row) -> Opened:
         key = (row.user_id, row.version)

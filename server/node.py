@@ -92,6 +92,8 @@ class RunningNode:
         reason = lifecycle.shredded_reason(c.region, events)
         if reason and not records.keyring.shredded:
             records.keyring.shred(reason)
+            if self.replicator is not None:
+                self.replicator.forget()  # nothing opened under the shredded keys stays in memory
             log.warning("%s", reason)
         if not reason and any(e["event"] in ("rotated", "retired") for e in events):
             records.keyring.rotated()
@@ -350,7 +352,14 @@ async def serve(config: NodeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if config.is_primary:
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(node.reload_from_file()))
+        reloads: set[asyncio.Task[Any]] = set()  # kept until done, so none is collected half-way
+
+        def reload() -> None:
+            task = asyncio.ensure_future(node.reload_from_file())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("stopping: draining in-flight calls")
     await node.stop()

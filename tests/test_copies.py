@@ -11,6 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from residency.replicator.copies import CopyKeys, build_copy, erased_copy
+from residency.replicator.destinations import Destination
+from residency.replicator.loop import Replicator
+from residency.server.config.node import ReplicatorConfig
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
 from residency.server.core import codec
@@ -19,6 +22,7 @@ from residency.server.core.sealing import SealError, field_aad
 from residency.server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.region import RegionKey
+from residency.server.storage.records import Row
 from residency.server.vault.records import Opened, Records
 from residency.v1 import common_pb2, replica_pb2
 
@@ -157,3 +161,17 @@ def test_one_data_key_per_user_and_one_transit_key_for_many_users(home: Records)
     time.sleep(0.001)
     second, _ = build_copy(home, stale, opened("u-b"), NO_PERMITS, NOW)
     assert first.transit_key_id != second.transit_key_id
+
+
+def test_an_erasure_drops_the_users_plaintext_from_the_workers_memory(home: Records):
+    """The worker keeps opened records for the other destinations' batches; an erased user's
+    fields leave that memory when the tombstone is built, a shred empties it."""
+    key = region_key(SG)
+    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=None)  # type: ignore[arg-type]
+    worker = Replicator(home, db=None, destinations=[dest], config=ReplicatorConfig())  # type: ignore[arg-type]
+    for user in ("gone", "kept"):
+        worker._opened[(user, 3)] = opened(user_id=user)
+    copy, _ = worker._copy_for(dest, Row("gone", 4, True, b"", NOW), NO_PERMITS)
+    assert copy.deleted and set(worker._opened) == {("kept", 3)}
+    worker.forget()
+    assert not worker._opened
