@@ -72,7 +72,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         try:
             got = await self.node.intake.check(request)
         except DecodeError as e:
-            raise InvalidRecord([("request", f"not a serialized residency.v1.PutRecordsRequest: {e}")]) from e
+            raise InvalidRecord([("request", "not a serialized residency.v1.PutRecordsRequest")]) from e
         caller_of(got.context, context, self.records.rules.regions)
         if not 1 <= got.count <= MAX_BATCH:
             raise InvalidRecord([("records", f"{got.count} records; send 1 to {MAX_BATCH}")])

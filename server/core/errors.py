@@ -44,3 +44,12 @@ class ConfigError(ResidencyError):
 
 class OutOfRange(ResidencyError):
     """A leaf index or tree size beyond what the log holds."""
+
+
+class RateLimited(ResidencyError):
+    """Too many calls of one kind, by one caller or about one user; `retry_after` seconds
+    until the next is allowed."""
+
+    def __init__(self, message: str, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(message)
