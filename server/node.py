@@ -197,6 +197,7 @@ class RunningNode:
             affiliates=c.affiliates,
             transfer_log=self.transfer_log,
             intake=Intake(schema, c.region, c.check_workers if c.is_primary else 0),
+            credentials=c.credentials,
         )
         node.reload_rules = self.apply_rules
         self.node, self.schema = node, schema
