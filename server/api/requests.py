@@ -61,7 +61,7 @@ def out_of_range(message: Message, path: str = "") -> list[tuple[str, str]]:
     """(field path, description) for every number in `message` that is out of range."""
     d = message.DESCRIPTOR
     if d.full_name == _TIMESTAMP:
-        seconds, nanos = message.seconds, message.nanos  # type: ignore[attr-defined]
+        seconds, nanos = message.seconds, message.nanos
         if _SECONDS[0] <= seconds <= _SECONDS[1] and 0 <= nanos <= 999_999_999:
             return []
         return [(path, "must be a time from 0001-01-01 to 9999-12-31 UTC")]
@@ -175,7 +175,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self._handlers: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        method: str = details.method  # type: ignore[attr-defined]
+        method: str = details.method
         handler = self._handlers.get(method)
         if handler is None:
             handler = guarded(method, await continuation(details))
