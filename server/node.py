@@ -22,6 +22,7 @@ from residency.server.api.grants import GrantService
 from residency.server.api.intake import Intake
 from residency.server.api.records import RecordService, add_record_service
 from residency.server.api.replica import ReplicaService
+from residency.server.api.requests import RequestGuard
 from residency.server.api.translog import TransferLogService
 from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules, rules_from_bytes
@@ -199,12 +200,15 @@ class RunningNode:
             affiliates=c.affiliates,
             transfer_log=self.transfer_log,
             intake=Intake(schema, c.region, c.check_workers if c.is_primary else 0),
+            credentials=c.credentials,
         )
         node.reload_rules = self.apply_rules
         self.node, self.schema = node, schema
         if c.is_primary:
             self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        server = grpc.aio.server(
+            interceptors=[RequestGuard()], options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )
         add_record_service(RecordService(node), server)
         consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentService(node), server)
         consent_pb2_grpc.add_GrantServiceServicer_to_server(GrantService(node), server)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import hashlib
 
-from residency.server.core.policy.credentials import hash_credential, verify_credential
+import pytest
+from argon2 import PasswordHasher
+
+from residency.server.core.policy.credentials import Verdict, VerifyLimits, hash_credential, verify_credential
 from residency.server.core.sealing import SealError, field_aad
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers.local import LocalProvider
@@ -113,7 +116,36 @@ def test_region_key_file_is_private_and_needs_the_passphrase(tmp_path):
 
 def test_credentials_hash_and_verify():
     stored = hash_credential("hunter2")
-    assert b"hunter2" not in stored and stored.startswith(b"scrypt$")
-    assert verify_credential("hunter2", stored)
-    assert not verify_credential("hunter3", stored)
+    assert b"hunter2" not in stored and stored.startswith(b"$argon2id$v=19$m=19456,t=2,p=1$")
+    assert verify_credential("hunter2", stored) == Verdict(True)
+    assert verify_credential("hunter3", stored) == Verdict(False)
     assert hash_credential("hunter2") != stored  # salted
+    for nothing in (b"", b"$argon2id$garbage", b"plaintext"):  # no hash: verified, never a match
+        assert verify_credential("", nothing) == Verdict(False)
+
+
+def legacy_scrypt(secret: str, salt: bytes = b"0123456789abcdef") -> bytes:
+    """The format before PHC strings, as the previous version wrote it."""
+    return b"scrypt$" + salt + hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+
+
+def test_a_legacy_scrypt_hash_verifies_and_asks_to_be_rehashed_only_on_a_match():
+    assert verify_credential("hunter2", legacy_scrypt("hunter2")) == Verdict(True, rehash=True)
+    assert verify_credential("hunter3", legacy_scrypt("hunter2")) == Verdict(False)
+
+
+def test_a_hash_made_with_weaker_parameters_asks_to_be_rehashed():
+    weaker = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("hunter2").encode()
+    assert verify_credential("hunter2", weaker) == Verdict(True, rehash=True)
+    assert verify_credential("hunter3", weaker) == Verdict(False)
+
+
+def test_token_buckets_refill_at_their_rate_and_a_refusal_takes_nothing():
+    limits = VerifyLimits.per_minute(user=2, caller=3)
+    assert limits.admit("u-1", "svc:a", 0.0) is None
+    assert limits.admit("u-1", "svc:b", 0.0) is None  # another caller: the same user's bucket
+    assert limits.admit("u-1", "svc:c", 0.0) == ("user", 30.0)
+    assert limits.admit("u-2", "svc:a", 0.0) is None
+    assert limits.admit("u-3", "svc:a", 0.0) is None
+    assert limits.admit("u-4", "svc:a", 0.0) == ("caller", 20.0)  # another user: the same caller
+    assert limits.admit("u-1", "svc:c", 30.0) is None  # one token back after 30 s

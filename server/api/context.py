@@ -7,8 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from residency.server.api.intake import Intake
+from residency.server.config.credentials import CredentialsConfig
 from residency.server.config.node import Affiliate
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
+from residency.server.core.policy.credentials import VerifyLimits
 from residency.server.core.schema import USER_ID
 from residency.server.storage.roles import ServiceStore
 from residency.server.storage.thread import StoreThread
@@ -28,6 +30,7 @@ class Node:
         affiliates: tuple[Affiliate, ...] = (),
         transfer_log: TransferLog | None = None,
         intake: Intake | None = None,
+        credentials: CredentialsConfig | None = None,
     ):
         self.records = records
         self.db = db
@@ -39,7 +42,9 @@ class Node:
         self.affiliates = {a.region: a for a in affiliates}
         self.transfer_log = transfer_log
         self.policy = Policy(records)
-        self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrypt")
+        self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="credentials")
+        limits = credentials or CredentialsConfig()
+        self.verify_limits = VerifyLimits.per_minute(limits.per_user_per_minute, limits.per_caller_per_minute)
         # Re-projection after a rules change: (done, total).
         self.backfill = (0, 0)
         self.reload_rules: Any = None

@@ -4,6 +4,9 @@ holds them."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import time
 from typing import Any
 
 import grpc
@@ -14,11 +17,12 @@ from residency.server.api.errors import rpc
 from residency.server.api.identity import caller_of
 from residency.server.api.intake import Checked, check_records
 from residency.server.core import codec
-from residency.server.core.errors import InvalidRecord, TransferDenied
+from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
 from residency.server.core.policy.credentials import hash_credential, verify_credential
 from residency.server.vault.records import Write
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 
+log = logging.getLogger("residency.records")
 MAX_BATCH = 1000
 
 
@@ -34,7 +38,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         return [Write(u, source, body, cookies) for u, source, body, cookies in checked.writes]
 
     async def _hash_credentials(self, writes: list[Write], secrets: list[int]) -> None:
-        """Credentials are replaced by their scrypt hash before they go anywhere."""
+        """Credentials are replaced by their hash before they go anywhere."""
         loop, credential = asyncio.get_running_loop(), self.records.schema.credential_fields
 
         def run(secret: str) -> asyncio.Future[bytes]:
@@ -72,7 +76,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         try:
             got = await self.node.intake.check(request)
         except DecodeError as e:
-            raise InvalidRecord([("request", f"not a serialized residency.v1.PutRecordsRequest: {e}")]) from e
+            raise InvalidRecord([("request", "not a serialized residency.v1.PutRecordsRequest")]) from e
         caller_of(got.context, context, self.records.rules.regions)
         if not 1 <= got.count <= MAX_BATCH:
             raise InvalidRecord([("records", f"{got.count} records; send 1 to {MAX_BATCH}")])
@@ -137,11 +141,28 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
             raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
         if caller.location != self.records.region:
             raise TransferDenied(f"credentials are verified in {self.records.region} only")
+        refused = self.node.verify_limits.admit(request.user_id, caller.identity, time.monotonic())
+        if refused is not None:
+            limit, wait = refused
+            about = "about this user" if limit == "user" else "by this caller"
+            raise RateLimited(f"too many credential checks {about}; retry in {math.ceil(wait)} s", wait)
         stored = await self.node.db.call(self.records.credential, request.user_id, request.field)
-        match = bool(stored) and await asyncio.get_running_loop().run_in_executor(
-            self.node.hashing, verify_credential, request.secret, stored
-        )
-        return records_pb2.VerifyCredentialResponse(match=match)
+        # Unknown users and users without this credential cost the same verify as the others.
+        loop = asyncio.get_running_loop()
+        verdict = await loop.run_in_executor(self.node.hashing, verify_credential, request.secret, stored)
+        if verdict.rehash:
+            await self._rehash(request.user_id, request.field, stored, request.secret)
+        return records_pb2.VerifyCredentialResponse(match=verdict.match)
+
+    async def _rehash(self, user_id: str, field: str, stored: bytes, secret: str) -> None:
+        """Stores the secret that just matched under today's hash, in its own transaction;
+        if that fails the old hash stays, and still verifies."""
+        new = await asyncio.get_running_loop().run_in_executor(self.node.hashing, hash_credential, secret)
+        try:
+            if await self.node.db.write(lambda: self.records.rehash_credential(user_id, field, stored, new)):
+                self.node.wake()
+        except ResidencyError as e:  # its text may name the user: the log gets only its kind
+            log.warning("a verified credential was not rehashed (%s); its old hash stays", type(e).__name__)
 
 
 def add_record_service(servicer: RecordService, server: Any) -> None:

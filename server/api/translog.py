@@ -8,6 +8,7 @@ from typing import Any
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
+from residency.server.api.requests import INT64_MAX
 from residency.server.core import codec, merkle, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
 from residency.server.vault.transferlog import LogEntry, SignedCheckpoint, TransferLog
@@ -157,6 +158,6 @@ def _recipient(r: Any) -> translog_pb2.Recipient:
 def _page_token(token: str) -> int:
     if not token:
         return 0
-    if not token.isdigit():
+    if not (token.isascii() and token.isdigit() and len(token) <= 19) or int(token) > INT64_MAX:
         raise InvalidRecord([("page_token", "not a token this service issued")])
     return int(token)

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Self
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, Tag, ValidationError, model_validator
 
+from residency.server.config.credentials import CredentialsConfig
 from residency.server.config.errors import FileModel, config_error, empty_if_null, tagged_by
 from residency.server.core.errors import ConfigError
 
@@ -198,6 +199,9 @@ class NodeFile(FileModel):
     check_workers: int | None = Field(
         default=None, ge=0, le=64, description="a whole number from 0 to 64 (0: in-process)"
     )
+    credentials: Annotated[CredentialsConfig, empty_if_null(dict, CredentialsConfig | None)] = (
+        CredentialsConfig()
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -292,6 +296,7 @@ class NodeConfig:
     # Helper processes that read and check large PutRecords requests (None: one per core
     # beyond the first, at most 4; 0: in-process).
     check_workers: int | None = None
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
 
     @property
     def log_key(self) -> Path:
@@ -338,6 +343,7 @@ def load_config(path: str | Path) -> NodeConfig:
         checkpoint_interval_seconds=f.checkpoint_interval_seconds,
         archive=f.archive,
         check_workers=f.check_workers,
+        credentials=f.credentials,
     )
 
 

@@ -54,3 +54,12 @@ class StorageFull(ResidencyError):
 class KeyServiceDenied(ResidencyError):
     """A key service refused this node the use of its key (KMS AccessDenied, OpenBao permission
     denied): the node's credentials or the key's policy must change; retrying will not help."""
+
+
+class RateLimited(ResidencyError):
+    """Too many calls of one kind, by one caller or about one user; `retry_after` seconds
+    until the next is allowed."""
+
+    def __init__(self, message: str, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(message)

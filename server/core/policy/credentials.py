@@ -1,31 +1,105 @@
 """Policy 6a ("password encryption, safety measures"): credentials (`user.authorization.*`
-fields) are kept only as a salted slow hash (scrypt) and are never readable or transferable;
-a verify call answers yes or no.
+fields) are kept only as a salted slow hash, a PHC string that carries its parameters
+(Argon2id), and are never readable or transferable; a verify call answers yes or no, costs
+the same whether or not there is a hash to check, and is rate-limited per user and caller.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
-import os
+from dataclasses import dataclass, field
 
-_PREFIX = b"scrypt$"
-_SALT, _DIGEST = 16, 32
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 
-
-def _scrypt(secret: str, salt: bytes) -> bytes:
-    return hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=_DIGEST)
+# OWASP's first Argon2id configuration (Password Storage Cheat Sheet): 19 MiB, 2 passes,
+# 1 lane, about as slow here as the scrypt it replaces. Raising these makes every stored
+# hash rehash on its user's next successful verify.
+_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+_PHC = b"$argon2id$"
+# The format before PHC strings: b"scrypt$" + 16-byte salt + scrypt(N=2^14, r=8, p=1) digest.
+_SCRYPT, _SALT, _DIGEST = b"scrypt$", 16, 32
 
 
 def hash_credential(secret: str) -> bytes:
-    """scrypt (N=2^14, r=8, p=1, 16-byte salt): `b"scrypt$" + salt + hash`."""
-    salt = os.urandom(_SALT)
-    return _PREFIX + salt + _scrypt(secret, salt)
+    """The PHC string of `secret` (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`), as bytes."""
+    return _HASHER.hash(secret).encode()
 
 
-def verify_credential(secret: str, stored: bytes) -> bool:
-    """Whether `secret` is the one `stored` was hashed from (in constant time)."""
-    if not stored.startswith(_PREFIX) or len(stored) != len(_PREFIX) + _SALT + _DIGEST:
-        return False
-    salt, digest = stored[len(_PREFIX) : len(_PREFIX) + _SALT], stored[len(_PREFIX) + _SALT :]
-    return hmac.compare_digest(_scrypt(secret, salt), digest)
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    match: bool
+    # The secret matched a hash made with older parameters or format: store a new one.
+    rehash: bool = False
+
+
+@functools.cache
+def _dummy() -> str:
+    """A fixed hash of nothing, made with today's parameters, that unknown users and users
+    without a credential are verified against, so that their answer takes as long."""
+    return _HASHER.hash("")
+
+
+def verify_credential(secret: str, stored: bytes) -> Verdict:
+    """Whether `secret` is the one `stored` was hashed from (compared in constant time); an
+    empty or unreadable `stored` costs a verify all the same, and never matches."""
+    if stored.startswith(_SCRYPT) and len(stored) == len(_SCRYPT) + _SALT + _DIGEST:
+        salt, digest = stored[len(_SCRYPT) : len(_SCRYPT) + _SALT], stored[len(_SCRYPT) + _SALT :]
+        computed = hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=_DIGEST)
+        match = hmac.compare_digest(computed, digest)
+        return Verdict(match, rehash=match)
+    phc = stored.decode("ascii", "replace") if stored.startswith(_PHC) else None
+    try:
+        _HASHER.verify(phc or _dummy(), secret)
+    except (VerificationError, InvalidHashError):
+        return Verdict(False)
+    return Verdict(phc is not None, rehash=phc is not None and _HASHER.check_needs_rehash(phc))
+
+
+@dataclass(slots=True)
+class TokenBuckets:
+    """One token bucket per key: `per_minute` tokens a minute, at most `per_minute` saved."""
+
+    per_minute: float
+    # key -> (tokens, when counted)
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def wait(self, key: str, now: float) -> float:
+        """Seconds until `key` has a token (0: it has one now)."""
+        tokens = self._tokens(key, now)
+        return 0.0 if tokens >= 1 else (1 - tokens) * 60 / self.per_minute
+
+    def take(self, key: str, now: float) -> None:
+        self._buckets[key] = (self._tokens(key, now) - 1, now)
+        if len(self._buckets) > 10_000:  # a full bucket is as good as none: forget those
+            self._buckets = {k: v for k, v in self._buckets.items() if self._tokens(k, now) < self.per_minute}
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, then = self._buckets.get(key, (self.per_minute, now))
+        return min(self.per_minute, tokens + (now - then) * self.per_minute / 60)
+
+
+@dataclass(slots=True)
+class VerifyLimits:
+    """How often credentials may be verified: per user (whoever asks) and per caller
+    (whichever users it asks about). A refused call takes no token."""
+
+    per_user: TokenBuckets
+    per_caller: TokenBuckets
+
+    @classmethod
+    def per_minute(cls, user: float, caller: float) -> VerifyLimits:
+        return cls(TokenBuckets(user), TokenBuckets(caller))
+
+    def admit(self, user_id: str, caller: str, now: float) -> tuple[str, float] | None:
+        """None if the call may go ahead (a token is taken from both buckets), else which
+        limit it hit ("user" or "caller") and the seconds until it would not."""
+        waits = [("user", self.per_user.wait(user_id, now)), ("caller", self.per_caller.wait(caller, now))]
+        over = max(waits, key=lambda w: w[1])
+        if over[1] > 0:
+            return over
+        self.per_user.take(user_id, now)
+        self.per_caller.take(caller, now)
+        return None

@@ -1,0 +1,184 @@
+"""Reading a request before any servicer sees it: bytes that are not the method's request
+message, and numbers the store or the domain cannot hold, are refused `INVALID_ARGUMENT`
+naming the field (`request` for unreadable bytes), for every method the node serves."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from residency.server.api.errors import refuse, status_for
+from residency.server.core.errors import InvalidRecord
+from residency.v1 import common_pb2
+
+# SQLite's integers are signed 64-bit: a larger uint64 (a version, a sequence, a tree size)
+# cannot be stored or compared with what is.
+INT64_MAX = 2**63 - 1
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_SECONDS = (-62_135_596_800, 253_402_300_799)
+_TIMESTAMP = "google.protobuf.Timestamp"
+# Record field values are the schema's to check (`intake.check_records` names them the same
+# way for PutRecord and PutRecords).
+_VALUES = common_pb2.Value.DESCRIPTOR.full_name
+_U64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """What the deserializer hands on instead of a request it cannot accept."""
+
+    error: InvalidRecord
+
+
+def _checks(d: Descriptor, seen: dict[str, list[FieldDescriptor]]) -> list[FieldDescriptor]:
+    """The fields of `d` that can hold a number out of range, directly or inside."""
+    if d.full_name not in seen:
+        seen[d.full_name] = []  # a message that contains itself adds nothing more
+        seen[d.full_name] = [
+            f
+            for f in d.fields
+            if f.type in _U64
+            or (
+                f.message_type is not None
+                and f.message_type.full_name != _VALUES
+                and (f.message_type.full_name == _TIMESTAMP or _checks(f.message_type, seen))
+            )
+        ]
+    return seen[d.full_name]
+
+
+_FIELDS: dict[str, list[FieldDescriptor]] = {}
+
+
+def out_of_range(message: Message, path: str = "") -> list[tuple[str, str]]:
+    """(field path, description) for every number in `message` that is out of range."""
+    d = message.DESCRIPTOR
+    if d.full_name == _TIMESTAMP:
+        seconds, nanos = message.seconds, message.nanos
+        if _SECONDS[0] <= seconds <= _SECONDS[1] and 0 <= nanos <= 999_999_999:
+            return []
+        return [(path, "must be a time from 0001-01-01 to 9999-12-31 UTC")]
+    bad: list[tuple[str, str]] = []
+    for f in _checks(d, _FIELDS):
+        value, where = getattr(message, f.name), f"{path}.{f.name}" if path else f.name
+        if f.type in _U64:
+            values = enumerate(value) if f.is_repeated else [(None, value)]
+            bad += [
+                (where if i is None else f"{where}[{i}]", f"must be at most {INT64_MAX} (2^63-1)")
+                for i, v in values
+                if v > INT64_MAX
+            ]
+        elif f.message_type.GetOptions().map_entry:
+            bad += [x for k, v in value.items() for x in out_of_range(v, f"{where}[{k}]")]
+        elif f.is_repeated:
+            bad += [x for i, v in enumerate(value) for x in out_of_range(v, f"{where}[{i}]")]
+        elif message.HasField(f.name):
+            bad += out_of_range(value, where)
+    return bad
+
+
+def _request_type(method: str) -> str:
+    """The request message's name, from a method path `/package.Service/Method`."""
+    service, _, name = method.strip("/").rpartition("/")
+    try:
+        found = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name)
+    except KeyError:
+        return f"request of {method}"
+    return found.input_type.full_name if found is not None else f"request of {method}"
+
+
+def _reader(method: str, read: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    unreadable = Refused(InvalidRecord([("request", f"not a serialized {_request_type(method)}")]))
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            message = read(data)
+        except Exception:  # whatever the parser says, these bytes are not this request
+            return unreadable
+        bad = out_of_range(message)
+        return Refused(InvalidRecord(bad)) if bad else message
+
+    return deserialize
+
+
+def _refusing(behavior: Callable) -> Callable:
+    """`behavior`, refusing a request the deserializer could not accept."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Refused):
+                await refuse(context, status_for(request.error))
+            async for item in behavior(request, context):
+                yield item
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Refused):
+            await refuse(context, status_for(request.error))
+        return await behavior(request, context)
+
+    return unary
+
+
+def _refusing_streams(behavior: Callable) -> Callable:
+    """`behavior` for a streamed request, refusing at the first message it cannot accept."""
+
+    async def accepted(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Refused):
+                await refuse(context, status_for(request.error))
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            async for item in behavior(accepted(requests, context), context):
+                yield item
+
+        return stream
+
+    async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(accepted(requests, context), context)
+
+    return unary
+
+
+def guarded(method: str, handler: Any) -> Any:
+    """`handler` with a deserializer that refuses instead of raising, and behaviors that
+    answer a refusal with its status. A handler that takes raw bytes reads them itself."""
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    kind = next(
+        k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k)
+    )
+    wrap = _refusing_streams if handler.request_streaming else _refusing
+    return handler._replace(
+        request_deserializer=_reader(method, handler.request_deserializer),
+        **{kind: wrap(getattr(handler, kind))},
+    )
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Applies `guarded` to every method handler of a server (health and reflection too)."""
+
+    def __init__(self) -> None:
+        # Per method served: handlers are fixed once the server starts (unknown methods
+        # find no handler and are not kept).
+        self._handlers: dict[str, Any] = {}
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        method: str = details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = guarded(method, await continuation(details))
+            if handler is not None:
+                self._handlers[method] = handler
+        return handler

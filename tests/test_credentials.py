@@ -1,0 +1,148 @@
+"""Credentials on a real primary (policy 6a): stored as Argon2id PHC strings, old scrypt
+hashes verified and rehashed, VerifyCredential rate-limited per user and per caller, and as
+slow for users who have no credential as for those who do."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from residency.server.config.node import load_config
+from residency.server.config.rules import load_rules
+from residency.server.config.schema import load_schema
+from residency.server.deployment import PRIMARY
+from residency.server.keys.keyring import Keyring
+from residency.server.keys.providers import open_provider
+from residency.server.storage.sqlite import SqliteStore
+from residency.server.vault.records import Records, Write
+from residency.v1 import common_pb2, records_pb2
+from tests.conftest import Cluster, ctx
+from tests.test_crypto import legacy_scrypt
+from tests.test_keys_node import backup, open_offline
+
+
+def limits(cluster: Cluster, per_user: float, per_caller: float) -> None:
+    path = cluster.dep.configs[PRIMARY]
+    config = yaml.safe_load(path.read_text())
+    config["credentials"] = {"per_user_per_minute": per_user, "per_caller_per_minute": per_caller}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+async def verify(cluster: Cluster, user_id: str, secret: str, caller: str = "test:suite") -> bool:
+    request = records_pb2.VerifyCredentialRequest(
+        context=ctx(PRIMARY, "essential.service"), user_id=user_id, field="password", secret=secret
+    )
+    reply = await cluster.records().VerifyCredential(
+        request, metadata=(("x-residency-identity", caller),), timeout=30
+    )
+    return reply.match
+
+
+def stored_password(cluster: Cluster, tmp_path: Path, user_id: str) -> bytes:
+    """The primary's stored hash, read from an online backup with the region's own keys."""
+    db = backup(cluster.data_dir(PRIMARY) / "node.db", tmp_path / f"backup-{time.monotonic_ns()}.db")
+    return open_offline(cluster, PRIMARY, db, user_id)["password"].bytes_value
+
+
+async def test_a_credential_is_stored_as_an_argon2id_phc_string(module_cluster: Cluster, tmp_path: Path):
+    await module_cluster.put("ph-1", {"email": "ph@example.cn", "password": "correct horse"})
+    stored = stored_password(module_cluster, tmp_path, "ph-1")
+    assert stored.startswith(b"$argon2id$v=19$m=19456,t=2,p=1$") and b"correct horse" not in stored
+    assert await verify(module_cluster, "ph-1", "correct horse") is True
+    assert await verify(module_cluster, "ph-1", "battery staple") is False
+    # Nobody learns from the answer whether a user exists or has a credential.
+    await module_cluster.put("ph-2", {"email": "ph2@example.cn"})
+    assert await verify(module_cluster, "ph-2", "") is False
+    assert await verify(module_cluster, "no-such-user", "") is False
+
+
+async def test_an_old_scrypt_hash_still_verifies_and_is_rehashed_to_argon2id(
+    idle_cluster: Cluster, tmp_path: Path
+):
+    # A record the previous version wrote, through the vault with the primary's own keys.
+    c = load_config(idle_cluster.dep.configs[PRIMARY])
+    c.data_dir.mkdir(parents=True, exist_ok=True)
+    schema = load_schema(c.schema)
+    store = SqliteStore(c.data_dir / "node.db", keyring=c.data_dir / "keys.db")
+    try:
+        keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir)
+        records = Records(c.region, True, schema, load_rules(c.rules, schema), keyring, store, False)
+        body = records_pb2.Record(fields={"password": common_pb2.Value(bytes_value=legacy_scrypt("hunter2"))})
+        with store.transaction():
+            records.put([Write("lg-1", "registration", body.SerializeToString())])
+    finally:
+        store.close()
+    await idle_cluster.start(PRIMARY)
+
+    assert await verify(idle_cluster, "lg-1", "hunter3") is False
+    assert stored_password(idle_cluster, tmp_path, "lg-1") == legacy_scrypt(
+        "hunter2"
+    )  # a miss changes nothing
+    assert await verify(idle_cluster, "lg-1", "hunter2") is True
+    assert stored_password(idle_cluster, tmp_path, "lg-1").startswith(b"$argon2id$")
+    assert (await idle_cluster.get("lg-1")).record.version == 2
+    assert await verify(idle_cluster, "lg-1", "hunter2") is True
+    assert await verify(idle_cluster, "lg-1", "hunter3") is False
+    assert (await idle_cluster.get("lg-1")).record.version == 2  # rehashed once
+
+
+def exhausted(e: grpc.aio.AioRpcError) -> float:
+    """The retry delay a RESOURCE_EXHAUSTED refusal carries, in seconds."""
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+    status = rpc_status.from_call(e)
+    assert status is not None
+    (detail,) = status.details
+    info = error_details_pb2.RetryInfo()
+    assert detail.Unpack(info)
+    return info.retry_delay.ToTimedelta().total_seconds()
+
+
+async def test_verify_is_rate_limited_per_user_and_per_caller(idle_cluster: Cluster):
+    limits(idle_cluster, per_user=3, per_caller=5)
+    await idle_cluster.start(PRIMARY)
+    for u in ("rl-1", "rl-2"):
+        await idle_cluster.put(u, {"email": f"{u}@example.cn", "password": "secret"})
+
+    # A guesser that changes who it claims to be still hits the user's limit.
+    for caller in ("svc:a", "svc:b", "svc:c"):
+        assert await verify(idle_cluster, "rl-1", "guess", caller) is False
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await verify(idle_cluster, "rl-1", "secret", "svc:d")
+    assert 0 < exhausted(e.value) <= 20 and "about this user" in e.value.details()
+    assert await verify(idle_cluster, "rl-2", "secret", "svc:d") is True  # other users are not held up
+
+    # A guesser that changes which user it asks about still hits its own limit.
+    for user in ("rl-2", "nobody-1", "nobody-2", "nobody-3", "nobody-5"):
+        assert await verify(idle_cluster, user, "guess", "svc:e") is False
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await verify(idle_cluster, "nobody-4", "guess", "svc:e")
+    assert 0 < exhausted(e.value) <= 12 and "by this caller" in e.value.details()
+    assert await verify(idle_cluster, "nobody-4", "guess", "svc:f") is False  # other callers are not
+
+
+async def test_users_without_a_credential_take_as_long_to_verify_as_users_with_one(idle_cluster: Cluster):
+    limits(idle_cluster, per_user=10_000, per_caller=10_000)
+    await idle_cluster.start(PRIMARY)
+    await idle_cluster.put("tm-1", {"email": "tm1@example.cn", "password": "correct horse"})
+    await idle_cluster.put("tm-2", {"email": "tm2@example.cn"})
+    asks = {"known, wrong secret": "tm-1", "no credential": "tm-2", "unknown user": "tm-404"}
+    times: dict[str, list[float]] = {k: [] for k in asks}
+    for _ in range(3):  # warm up: connections, caches, the dummy hash
+        for user in asks.values():
+            await verify(idle_cluster, user, "battery staple")
+    for _ in range(20):  # interleaved, so that the machine's load falls on all alike
+        for kind, user in asks.items():
+            start = time.perf_counter()
+            assert await verify(idle_cluster, user, "battery staple") is False
+            times[kind].append(time.perf_counter() - start)
+    known = statistics.median(times["known, wrong secret"])
+    for kind in ("no credential", "unknown user"):
+        ratio = statistics.median(times[kind]) / known
+        assert 0.5 <= ratio <= 2.0, (kind, ratio, {k: statistics.median(v) for k, v in times.items()})
