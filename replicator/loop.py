@@ -288,10 +288,9 @@ class Replicator:
     def _copy_for(
         self, d: Destination, row: Row, permits: Permits
     ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
-        now = time.time()
         if row.deleted:
-            return erased_copy(self.records, d.keys, row.user_id, row.version, now)
-        return build_copy(self.records, d.keys, self._open(row), permits, now)
+            return erased_copy(self.records, d.keys, row.user_id, row.version)
+        return build_copy(self.records, d.keys, self._open(row), permits, time.time())
 
     def _open(self, row: Row) -> Opened:
         key = (row.user_id, row.version)

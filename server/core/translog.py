@@ -63,10 +63,16 @@ def verify_chain(entries: list[tuple[bytes, bytes]], previous: bytes = GENESIS) 
     return None
 
 
+def append_time(previous: float, clock: float) -> float:
+    """The time of an entry appended after one of time `previous`: the clock's, but never
+    earlier (a clock stepped back must not make a later entry look older), so times never
+    go backwards along the sequence."""
+    return max(round(clock, 6), previous)
+
+
 def entry(
     kind: str,
     *,
-    time: float,
     subject: str,
     source_region: str,
     destination_region: str,
@@ -80,7 +86,8 @@ def entry(
     reason: str = "",
     version: int = 0,
 ) -> dict[str, Any]:
-    """One transfer-log entry (without its sequence, which the store assigns).
+    """One transfer-log entry, without its sequence and time: the store stamps both when it
+    appends the entry, inside the transaction that commits it (`append_time`).
 
     `fields` lists what crossed: name, category, and the rule, legal basis and purposes it
     crossed under. `withheld` lists what did not, with the reason. No field values, ever.
@@ -88,7 +95,6 @@ def entry(
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
     return {
         "kind": kind,
-        "time": round(time, 6),
         "subject": subject,
         "source_region": source_region,
         "destination_region": destination_region,

@@ -39,7 +39,6 @@ class Consents:
             entries.append(
                 translog.entry(
                     "consent",
-                    time=now,
                     subject=c.user_id,
                     source_region=rules.home_region,
                     destination_region=recipient.region if recipient else "",

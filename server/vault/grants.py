@@ -64,7 +64,6 @@ class Grants:
             [
                 translog.entry(
                     "grant",
-                    time=time.time(),
                     subject=u,
                     source_region=rules.home_region,
                     destination_region=region,
