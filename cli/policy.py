@@ -103,6 +103,7 @@ async def _disclose(args: argparse.Namespace) -> int:
         context=call_context(args),
         user_id=args.user_id,
         third_party=args.to,
+        destination_country=args.country,
         ground=ground,
         fields=args.field,
         reference=args.reference or "",
@@ -119,6 +120,7 @@ async def _disclose(args: argparse.Namespace) -> int:
             {
                 "user_id": args.user_id,
                 "to": args.to,
+                "country": args.country,
                 "ground": args.ground,
                 "fields": {n: codec.to_json(codec.from_value(v)) for n, v in sorted(reply.fields.items())},
                 "withheld": [{"field": w.field, "reason": w.reason} for w in reply.withheld],
@@ -183,6 +185,11 @@ def add_disclose(sub: argparse._SubParsersAction) -> None:
     add_caller(s, purpose="third_party_sharing.legal_obligation")
     s.add_argument("user_id")
     s.add_argument("--to", required=True, help="the third party receiving the data")
+    s.add_argument(
+        "--country",
+        required=True,
+        help="the country the third party receives it in: ISO 3166-1 alpha-2 code, e.g. CN, SG, US",
+    )
     s.add_argument("--ground", required=True, choices=GROUNDS)
     s.add_argument(
         "--field", action="append", default=[], help="a field to disclose (repeatable; default all)"

@@ -207,6 +207,7 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
 
 async def disclose(cluster: Cluster, user: str, ground: int, **kw) -> disclosure_pb2.DiscloseResponse:
     stub = disclosure_pb2_grpc.DisclosureServiceStub(cluster.channel(PRIMARY))
+    kw = {"destination_country": "CN", **kw}
     req = disclosure_pb2.DiscloseRequest(
         context=ctx(PRIMARY, "third_party_sharing.legal_obligation"), user_id=user, ground=ground, **kw
     )
@@ -275,6 +276,32 @@ async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(c
     assert [e["outcome"] for e in entries] == ["denied", "denied", "allowed", "allowed", "denied", "allowed"]
     assert entries[2]["recipient"] == "Haidian District Court" and "R-1" in entries[2]["reason"]
     assert {f["legal_basis"] for f in entries[2]["fields"]} == {"judicial_or_administrative_request"}
+
+
+async def test_a_disclosure_names_its_country_and_reviewers_count_it_abroad(cluster: Cluster, tmp_path):
+    await cluster.put("d-2", {"name": "Li Wei", "email": "li@example.cn"})
+    dispute = dict(third_party="seller:shop-88", reference="order-77")
+    ground = disclosure_pb2.DISCLOSURE_GROUND_TRANSACTION_DISPUTE
+    for country, says in (("", "name the country"), ("Japan", "did you mean JP?"), ("XX", "alpha-2")):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await disclose(cluster, "d-2", ground, destination_country=country, **dispute)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "destination_country" in e.value.details() and says in e.value.details()
+    assert await log_entries(cluster, subject="d-2", kind="disclosure") == []  # refused before logging
+    given = await disclose(cluster, "d-2", ground, destination_country="JP", **dispute)
+    assert set(given.fields) == {"name", "email"}
+    (entry,) = await log_entries(cluster, kind="disclosure", subject="d-2")
+    assert entry["destination_country"] == "JP" and entry["destination_region"] == ""
+    # The report counts it: no region is in Japan, only this disclosure went there.
+    page, table = tmp_path / "report.html", tmp_path / "report.csv"
+    target = ["--target", cluster.dep.addresses[PRIMARY]]
+    r = residency("log", "report", *target, "--out", str(page), "--subject", "d-2")
+    assert r.returncode == 0, r.stderr
+    html = page.read_text()
+    assert "<td>Japan</td><td>" in html and "third party in Japan" in html
+    r = residency("log", "report", *target, "--out", str(table), "--format", "csv", "--subject", "d-2")
+    assert r.returncode == 0, r.stderr
+    assert ",disclosure,d-2,cn-north,,Japan,seller:shop-88," in table.read_text()
 
 
 # ---- explain and rule changes --------------------------------------------------------------
@@ -510,6 +537,18 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
     r = residency("grants", "revoke", *target, grant_id)
     assert r.returncode == 0 and json.loads(r.stdout)["revoked"] is True
     r = residency("disclose", *target, "cli-p", "--to", "seller:shop-88", "--ground", "transaction_dispute")
+    assert r.returncode == 2 and "--country" in r.stderr  # the country is required
+    r = residency(
+        "disclose",
+        *target,
+        "cli-p",
+        "--to",
+        "seller:shop-88",
+        "--country",
+        "SG",
+        "--ground",
+        "transaction_dispute",
+    )
     assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "reference" in r.stderr
     r = residency(
         "disclose",
@@ -517,6 +556,8 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
         "cli-p",
         "--to",
         "seller:shop-88",
+        "--country",
+        "SG",
         "--ground",
         "transaction_dispute",
         "--reference",
@@ -524,4 +565,7 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["country"] == "SG"
+    (entry,) = await log_entries(cluster, kind="disclosure", subject="cli-p", outcome="allowed")
+    assert entry["destination_country"] == "SG"
     assert set(out["fields"]) == {"name", "email"} and out["log_sequence"] > 0

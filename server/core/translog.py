@@ -85,14 +85,18 @@ def entry(
     withheld: list[dict[str, Any]] | None = None,
     reason: str = "",
     version: int = 0,
+    destination_country: str = "",
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
 
     `fields` lists what crossed: name, category, and the rule, legal basis and purposes it
     crossed under. `withheld` lists what did not, with the reason. No field values, ever.
+    `destination_country` (a disclosure's: its third party names no region) is the ISO 3166-1
+    alpha-2 code of the country the data went to; entries of other kinds have no such key.
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
+    where = {"destination_country": destination_country} if destination_country else {}
     return {
         "kind": kind,
         "subject": subject,
@@ -107,6 +111,7 @@ def entry(
         "actor": actor,
         "rules_version": rules_version,
         "record_version": version,
+        **where,
     }
 
 

@@ -38,6 +38,7 @@ class Disclosures:
             subject=d.user_id,
             source_region=rules.home_region,
             destination_region="",
+            destination_country=d.destination_country,
             recipient=d.third_party,
             purpose=caller.purpose,
             outcome="denied" if refusal or not sent else "allowed",
