@@ -147,6 +147,16 @@ async def create_grant(
     return reply.id
 
 
+async def grant_states(cluster: Cluster) -> dict[str, int]:
+    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
+    listed = await stub.ListGrants(
+        consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")),
+        metadata=IDENTITY,
+        timeout=10,
+    )
+    return {g.id: g.state for g in listed.grants}
+
+
 async def third_party_read(cluster: Cluster, user: str, identity: str):
     return await cluster.records().GetRecord(
         records_pb2.GetRecordRequest(context=ctx(SG, "essential.service"), user_id=user),
@@ -161,6 +171,7 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
     await cluster.replicated()
     assert await copy_fields(cluster, "g-1", SG) == {"email"}
     await create_grant(cluster, ["g-1"], 4.0, ["user.behavior.browsing_history"], "helpdesk")
+    assert (await grant_states(cluster))["helpdesk"] == consent_pb2.GRANT_STATE_ACTIVE
     await cluster.replicated()
     assert await copy_fields(cluster, "g-1", SG) == {"email", "pages_visited"}
     assert await copy_fields(cluster, "g-2", SG) == {"email"}  # not a listed user
@@ -173,6 +184,7 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
         return await copy_fields(cluster, "g-1", SG) == {"email"}
 
     await eventually(withdrawn, "the grant's copies are withdrawn after it ends")
+    assert (await grant_states(cluster))["helpdesk"] == consent_pb2.GRANT_STATE_ENDED
     after = await third_party_read(cluster, "g-1", "recipient:sg-affiliate")
     assert set(after.record.fields) == {"email"}
     assert {w.field: w.reason for w in after.withheld}["pages_visited"] == "grant_ended"
@@ -200,6 +212,7 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
         timeout=10,
     )
     assert [g.HasField("revoked_at") for g in listed.grants if g.id == grant_id] == [True]
+    assert [g.state for g in listed.grants if g.id == grant_id] == [consent_pb2.GRANT_STATE_REVOKED]
 
 
 # ---- policy 3: disclosures ---------------------------------------------------------------
@@ -534,8 +547,11 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
     grant_id = json.loads(r.stdout)["id"]
     r = residency("grants", "list", *target)
     assert r.returncode == 0 and [g["id"] for g in json.loads(r.stdout)["grants"]] == [grant_id]
+    assert json.loads(r.stdout)["grants"][0]["state"] == "GRANT_STATE_ACTIVE"
     r = residency("grants", "revoke", *target, grant_id)
     assert r.returncode == 0 and json.loads(r.stdout)["revoked"] is True
+    r = residency("grants", "list", *target)
+    assert r.returncode == 0 and json.loads(r.stdout)["grants"][0]["state"] == "GRANT_STATE_REVOKED"
     r = residency("disclose", *target, "cli-p", "--to", "seller:shop-88", "--ground", "transaction_dispute")
     assert r.returncode == 2 and "--country" in r.stderr  # the country is required
     r = residency(

@@ -189,6 +189,13 @@ def test_a_grant_stands_until_its_end_and_never_after_revocation():
     assert [g.id for g in ended] == ["c", "d"]
 
 
+def test_a_grant_is_listed_as_active_ended_or_revoked_against_now():
+    assert grants.state(NOW + 1, None, NOW) == "active"
+    assert grants.state(NOW, None, NOW) == "ended"  # the end time is the first instant it is over
+    assert grants.state(NOW + DAY, NOW - 1, NOW) == "revoked"
+    assert grants.state(NOW - DAY, NOW - 1, NOW) == "ended"  # revoked after it had already ended
+
+
 def test_a_grant_is_logged_with_its_end_and_how_it_closed():
     assert (
         grants.opened_reason("essential.service", 0)

@@ -69,6 +69,14 @@ def closed_reason(revoked: bool) -> str:
     return f"grant {'revoked' if revoked else 'ended'}: reads denied, copies withdrawn"
 
 
+def state(ends_at: float, revoked_at: float | None, now: float) -> str:
+    """Whether a grant stands at `now` ("active", as `Grant.active` decides), or is over:
+    "revoked" if revoked before its end time, else "ended"."""
+    if revoked_at is None:
+        return "active" if now < ends_at else "ended"
+    return "revoked" if revoked_at < ends_at else "ended"
+
+
 def split_grants(grants: Iterable[Grant], now: float) -> tuple[tuple[Grant, ...], tuple[Grant, ...]]:
     """(standing, ended or revoked) grants at `now`, each ordered by id."""
     active: list[Grant] = []
