@@ -153,7 +153,11 @@ def add_consent(sub: argparse._SubParsersAction) -> None:
                 "--recipient", default="", help="recipient id from the rules file (empty: the app)"
             )
             s.add_argument("--sensitive", action="store_true", help="separate consent for sensitive data")
-            s.add_argument("--evidence", default="", help="how it was given, e.g. 'signup form v3, box 2'")
+            s.add_argument(
+                "--evidence",
+                default="",
+                help="how it was given, e.g. 'signup form v3, box 2' (needed to grant; not to withdraw)",
+            )
         s.set_defaults(run=lambda a: asyncio.run(_consent(a)))
 
 

@@ -102,6 +102,27 @@ async def test_a_consent_for_an_unknown_recipient_or_purpose_is_refused(cluster:
     assert "consents[0].purpose" in e.value.details() and "consents[0].recipient" in e.value.details()
 
 
+async def test_a_consent_without_evidence_is_refused_and_changes_nothing(cluster: Cluster):
+    stub = consent_pb2_grpc.ConsentServiceStub(cluster.channel(PRIMARY))
+    c = ctx(PRIMARY, "essential.service")
+    given = consent_pb2.Consent(user_id="c-4", purpose="marketing.communications", recipient="ie-affiliate")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GrantConsents(
+            consent_pb2.GrantConsentsRequest(context=c, consents=[given]), metadata=IDENTITY, timeout=10
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "consents[0].evidence" in e.value.details()
+    listed = await stub.ListConsents(
+        consent_pb2.ListConsentsRequest(context=c, user_id="c-4"), metadata=IDENTITY, timeout=10
+    )
+    assert list(listed.consents) == [] and await log_entries(cluster, subject="c-4") == []
+    # A withdrawal needs no evidence: nothing may stand in its way.
+    assert await cluster.consent("c-4", "marketing.communications", "ie-affiliate") == 1
+    reply = await stub.WithdrawConsents(
+        consent_pb2.WithdrawConsentsRequest(context=c, consents=[given]), metadata=IDENTITY, timeout=10
+    )
+    assert reply.changed == 1
+
+
 # ---- policy 5: cookies ------------------------------------------------------------------
 
 

@@ -80,11 +80,12 @@ def test_a_consent_batch_names_every_bad_field_at_once(rules: RuleSet):
 
 def test_an_undeclared_recipient_is_accepted_only_for_third_party_sharing(rules: RuleSet):
     consent.check_consents(
-        [ConsentChange("u-1", "third_party_sharing", "Acme Law LLP", False, "")], rules.recipients
+        [ConsentChange("u-1", "third_party_sharing", "Acme Law LLP", False, "signed form")], rules.recipients
     )
     with pytest.raises(InvalidRecord) as e:
         consent.check_consents(
-            [ConsentChange("u-1", "marketing.communications", "Acme Law LLP", False, "")], rules.recipients
+            [ConsentChange("u-1", "marketing.communications", "Acme Law LLP", False, "signed form")],
+            rules.recipients,
         )
     assert _paths(e) == ["consents[0].recipient"]
 
@@ -93,9 +94,22 @@ def test_an_undeclared_recipient_is_accepted_only_for_third_party_sharing(rules:
 def test_an_empty_or_oversized_consent_batch_is_refused(rules: RuleSet, count: int):
     with pytest.raises(InvalidRecord) as e:
         consent.check_consents(
-            [ConsentChange("u-1", "essential.service", "", False, "")] * count, rules.recipients
+            [ConsentChange("u-1", "essential.service", "", False, "signed form")] * count, rules.recipients
         )
     assert _paths(e) == ["consents"]
+
+
+def test_a_consent_without_evidence_is_refused_but_a_withdrawal_needs_none(rules: RuleSet):
+    changes = [
+        ConsentChange("u-1", "marketing.communications", "ie-affiliate", False, "signup form v3, box 2"),
+        ConsentChange("u-2", "marketing.communications", "ie-affiliate", False, ""),
+        ConsentChange("u-3", "marketing.communications", "ie-affiliate", False, " \t"),
+    ]
+    with pytest.raises(InvalidRecord) as e:
+        consent.check_consents(changes, rules.recipients)
+    assert _paths(e) == ["consents[1].evidence", "consents[2].evidence"]
+    assert "say how the user gave this consent" in str(e.value)
+    consent.check_consents(changes, rules.recipients, withdraw=True)
 
 
 def test_a_marketing_consent_enables_only_its_recipients_consent_rules(rules: RuleSet):
