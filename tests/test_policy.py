@@ -213,6 +213,16 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
     assert reasons[0].startswith("grant opened") and reasons[-1].startswith("grant ended")
 
 
+async def test_a_grant_for_a_never_transfer_category_is_refused_and_changes_nothing(cluster: Cluster):
+    await cluster.put("g-4", {"email": "g@example.cn", "national_id": "110101199003070000"})
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create_grant(cluster, ["g-4"], 3600, ["user.contact", "user.government_id"], "ids")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grant.categories" in e.value.details() and "user.government_id never leaves" in e.value.details()
+    assert "ids" not in await grant_states(cluster)
+    assert await log_entries(cluster, kind="grant") == []
+
+
 async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
     await cluster.put("g-3", {"email": "g@example.cn", "pages_visited": ["/a"]})
     grant_id = await create_grant(cluster, ["g-3"], 3600, ["user.behavior.browsing_history"])

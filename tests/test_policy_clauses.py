@@ -173,7 +173,7 @@ def _grant(**kw: object) -> GrantRequest:
 
 
 def test_a_well_formed_grant_to_a_declared_recipient_is_accepted(rules: RuleSet):
-    grants.check_grant(_grant(), rules.recipients, NOW)
+    grants.check_grant(_grant(), rules.recipients, rules.never_transfer, NOW)
 
 
 def test_a_grant_to_an_undeclared_third_party_is_refused_naming_every_problem(rules: RuleSet):
@@ -181,7 +181,7 @@ def test_a_grant_to_an_undeclared_third_party_is_refused_naming_every_problem(ru
         recipient="Acme", purpose="x", legal_basis="whim", categories=(), ends_at=NOW, user_ids=("bad id!",)
     )
     with pytest.raises(InvalidRecord) as e:
-        grants.check_grant(bad, rules.recipients, NOW)
+        grants.check_grant(bad, rules.recipients, rules.never_transfer, NOW)
     assert _paths(e) == [
         "grant.recipient",
         "grant.purpose",
@@ -191,6 +191,24 @@ def test_a_grant_to_an_undeclared_third_party_is_refused_naming_every_problem(ru
         "grant.ends_at",
     ]
     assert "declared in the rules file with its company and contact" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("category", "kept"),
+    [("user.government_id", "user.government_id"), ("user.authorization.password", "user.authorization")],
+)
+def test_a_grant_for_a_never_transfer_category_is_refused_at_creation(
+    rules: RuleSet, category: str, kept: str
+):
+    assert kept in rules.never_transfer
+    with pytest.raises(InvalidRecord) as e:
+        grants.check_grant(
+            _grant(categories=("user.contact", category)), rules.recipients, rules.never_transfer, NOW
+        )
+    assert _paths(e) == ["grant.categories"]
+    assert f"{category} never leaves the home region (never_transfer: {kept})" in str(e.value)
+    # A broader category is no claim on what never leaves: its never-transfer fields are withheld.
+    grants.check_grant(_grant(categories=("user",)), rules.recipients, rules.never_transfer, NOW)
 
 
 def test_a_grant_stands_until_its_end_and_never_after_revocation():
