@@ -103,6 +103,7 @@ async def _disclose(args: argparse.Namespace) -> int:
         context=call_context(args),
         user_id=args.user_id,
         third_party=args.to,
+        destination_country=args.country,
         ground=ground,
         fields=args.field,
         reference=args.reference or "",
@@ -119,6 +120,7 @@ async def _disclose(args: argparse.Namespace) -> int:
             {
                 "user_id": args.user_id,
                 "to": args.to,
+                "country": args.country,
                 "ground": args.ground,
                 "fields": {n: codec.to_json(codec.from_value(v)) for n, v in sorted(reply.fields.items())},
                 "withheld": [{"field": w.field, "reason": w.reason} for w in reply.withheld],
@@ -151,7 +153,11 @@ def add_consent(sub: argparse._SubParsersAction) -> None:
                 "--recipient", default="", help="recipient id from the rules file (empty: the app)"
             )
             s.add_argument("--sensitive", action="store_true", help="separate consent for sensitive data")
-            s.add_argument("--evidence", default="", help="how it was given, e.g. 'signup form v3, box 2'")
+            s.add_argument(
+                "--evidence",
+                default="",
+                help="how it was given, e.g. 'signup form v3, box 2' (needed to grant; not to withdraw)",
+            )
         s.set_defaults(run=lambda a: asyncio.run(_consent(a)))
 
 
@@ -183,6 +189,11 @@ def add_disclose(sub: argparse._SubParsersAction) -> None:
     add_caller(s, purpose="third_party_sharing.legal_obligation")
     s.add_argument("user_id")
     s.add_argument("--to", required=True, help="the third party receiving the data")
+    s.add_argument(
+        "--country",
+        required=True,
+        help="the country the third party receives it in: ISO 3166-1 alpha-2 code, e.g. CN, SG, US",
+    )
     s.add_argument("--ground", required=True, choices=GROUNDS)
     s.add_argument(
         "--field", action="append", default=[], help="a field to disclose (repeatable; default all)"

@@ -72,11 +72,11 @@ class Described:
 
 
 def _entry(
-    kind: str, home: Sender, destination: str, user_id: str, version: int, now: float, **rest: Any
+    kind: str, home: Sender, destination: str, user_id: str, version: int, **rest: Any
 ) -> dict[str, Any]:
+    """A copy's log entry; the store dates it when the replicator commits what was shipped."""
     return translog.entry(
         kind,
-        time=now,
         subject=user_id,
         source_region=home.region,
         destination_region=destination,
@@ -89,14 +89,14 @@ def _entry(
 
 
 def erased_copy(
-    home: Sender, keys: CopyKeys, user_id: str, version: int, now: float
+    home: Sender, keys: CopyKeys, user_id: str, version: int
 ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
     """The tombstone of an erased record, and its log entry. The user's DEK is forgotten."""
     keys.forget(user_id)
     tomb = replica_pb2.SealedCopy(
         user_id=user_id, version=version, deleted=True, reason="erasure", home_region=home.region
     )
-    entry = _entry("erasure", home, keys.region, user_id, version, now, reason="the user's record was erased")
+    entry = _entry("erasure", home, keys.region, user_id, version, reason="the user's record was erased")
     return tomb, entry
 
 
@@ -121,7 +121,6 @@ def build_copy(
             region,
             user_id,
             version,
-            now,
             withheld=what.withheld,
             reason=f"withdrawn: no field of this record may be held in {region} now",
         )
@@ -151,7 +150,6 @@ def build_copy(
         region,
         user_id,
         version,
-        now,
         recipient=what.recipients,
         fields=what.fields,
         withheld=what.withheld,

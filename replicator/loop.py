@@ -294,11 +294,10 @@ class Replicator:
     def _copy_for(
         self, d: Destination, row: Row, permits: Permits
     ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
-        now = time.time()
         if row.deleted:
             self.forget(row.user_id)  # an erased user's plaintext leaves memory too
-            return erased_copy(self.records, d.keys, row.user_id, row.version, now)
-        return build_copy(self.records, d.keys, self._open(row), permits, now)
+            return erased_copy(self.records, d.keys, row.user_id, row.version)
+        return build_copy(self.records, d.keys, self._open(row), permits, time.time())
 
     def forget(self, user_id: str | None = None) -> None:
         """Drops opened (plaintext) records: one user's, on erasure, or every one (a key

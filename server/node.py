@@ -104,7 +104,6 @@ class RunningNode:
             entries = [
                 translog.entry(
                     "key_event",
-                    time=e["time"],
                     subject=f"region:{c.region}",
                     source_region=c.region,
                     destination_region=c.region,

@@ -304,11 +304,10 @@ class Cluster:
             await ch.close()
 
 
-def replication_entry(i: int, destination: str = "ap-southeast-1", t0: float = 1000.0) -> dict:
+def replication_entry(i: int, destination: str = "ap-southeast-1") -> dict:
     """A minimal allowed replication entry for user `u-i`, for tests of the log itself."""
     return translog.entry(
         "replication",
-        time=t0 + i,
         subject=f"u-{i}",
         source_region="cn-north",
         destination_region=destination,

@@ -20,7 +20,7 @@ ORIGIN = "residency/cn-north"
 
 
 def entry(i: int) -> dict:
-    return replication_entry(i, "eu-west-1", t0=1_764_000_000.0)
+    return replication_entry(i, "eu-west-1")
 
 
 @pytest.fixture

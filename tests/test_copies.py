@@ -141,7 +141,7 @@ def test_fields_past_their_retention_are_withheld_and_none_left_withdraws_the_co
 def test_an_erased_record_becomes_a_tombstone_and_its_data_key_is_forgotten(home: Records):
     keys = CopyKeys(region_key(SG).recipient, KeyCache())
     before, _ = build_copy(home, keys, opened(), NO_PERMITS, NOW)
-    tomb, entry = erased_copy(home, keys, "u-1", 4, NOW)
+    tomb, entry = erased_copy(home, keys, "u-1", 4)
     assert (tomb.user_id, tomb.version, tomb.deleted, tomb.reason) == ("u-1", 4, True, "erasure")
     assert entry["kind"] == "erasure" and entry["reason"] == "the user's record was erased"
     again, _ = build_copy(home, keys, opened(version=5), NO_PERMITS, NOW)

@@ -102,6 +102,27 @@ async def test_a_consent_for_an_unknown_recipient_or_purpose_is_refused(cluster:
     assert "consents[0].purpose" in e.value.details() and "consents[0].recipient" in e.value.details()
 
 
+async def test_a_consent_without_evidence_is_refused_and_changes_nothing(cluster: Cluster):
+    stub = consent_pb2_grpc.ConsentServiceStub(cluster.channel(PRIMARY))
+    c = ctx(PRIMARY, "essential.service")
+    given = consent_pb2.Consent(user_id="c-4", purpose="marketing.communications", recipient="ie-affiliate")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GrantConsents(
+            consent_pb2.GrantConsentsRequest(context=c, consents=[given]), metadata=IDENTITY, timeout=10
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "consents[0].evidence" in e.value.details()
+    listed = await stub.ListConsents(
+        consent_pb2.ListConsentsRequest(context=c, user_id="c-4"), metadata=IDENTITY, timeout=10
+    )
+    assert list(listed.consents) == [] and await log_entries(cluster, subject="c-4") == []
+    # A withdrawal needs no evidence: nothing may stand in its way.
+    assert await cluster.consent("c-4", "marketing.communications", "ie-affiliate") == 1
+    reply = await stub.WithdrawConsents(
+        consent_pb2.WithdrawConsentsRequest(context=c, consents=[given]), metadata=IDENTITY, timeout=10
+    )
+    assert reply.changed == 1
+
+
 # ---- policy 5: cookies ------------------------------------------------------------------
 
 
@@ -147,6 +168,16 @@ async def create_grant(
     return reply.id
 
 
+async def grant_states(cluster: Cluster) -> dict[str, int]:
+    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
+    listed = await stub.ListGrants(
+        consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")),
+        metadata=IDENTITY,
+        timeout=10,
+    )
+    return {g.id: g.state for g in listed.grants}
+
+
 async def third_party_read(cluster: Cluster, user: str, identity: str):
     return await cluster.records().GetRecord(
         records_pb2.GetRecordRequest(context=ctx(SG, "essential.service"), user_id=user),
@@ -161,6 +192,7 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
     await cluster.replicated()
     assert await copy_fields(cluster, "g-1", SG) == {"email"}
     await create_grant(cluster, ["g-1"], 4.0, ["user.behavior.browsing_history"], "helpdesk")
+    assert (await grant_states(cluster))["helpdesk"] == consent_pb2.GRANT_STATE_ACTIVE
     await cluster.replicated()
     assert await copy_fields(cluster, "g-1", SG) == {"email", "pages_visited"}
     assert await copy_fields(cluster, "g-2", SG) == {"email"}  # not a listed user
@@ -173,11 +205,22 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
         return await copy_fields(cluster, "g-1", SG) == {"email"}
 
     await eventually(withdrawn, "the grant's copies are withdrawn after it ends")
+    assert (await grant_states(cluster))["helpdesk"] == consent_pb2.GRANT_STATE_ENDED
     after = await third_party_read(cluster, "g-1", "recipient:sg-affiliate")
     assert set(after.record.fields) == {"email"}
     assert {w.field: w.reason for w in after.withheld}["pages_visited"] == "grant_ended"
     reasons = [e["reason"] for e in await log_entries(cluster, kind="grant", subject="g-1")]
     assert reasons[0].startswith("grant opened") and reasons[-1].startswith("grant ended")
+
+
+async def test_a_grant_for_a_never_transfer_category_is_refused_and_changes_nothing(cluster: Cluster):
+    await cluster.put("g-4", {"email": "g@example.cn", "national_id": "110101199003070000"})
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create_grant(cluster, ["g-4"], 3600, ["user.contact", "user.government_id"], "ids")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grant.categories" in e.value.details() and "user.government_id never leaves" in e.value.details()
+    assert "ids" not in await grant_states(cluster)
+    assert await log_entries(cluster, kind="grant") == []
 
 
 async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
@@ -200,6 +243,7 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
         timeout=10,
     )
     assert [g.HasField("revoked_at") for g in listed.grants if g.id == grant_id] == [True]
+    assert [g.state for g in listed.grants if g.id == grant_id] == [consent_pb2.GRANT_STATE_REVOKED]
     # The revocation is logged under the caller who revoked, as the grant was under its creator.
     grant_entries = [json.loads(e) for _, e, _ in await cluster.log() if grant_id in e]
     opened, closed = grant_entries[0], grant_entries[-1]
@@ -211,6 +255,7 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
 
 async def disclose(cluster: Cluster, user: str, ground: int, **kw) -> disclosure_pb2.DiscloseResponse:
     stub = disclosure_pb2_grpc.DisclosureServiceStub(cluster.channel(PRIMARY))
+    kw = {"destination_country": "CN", **kw}
     req = disclosure_pb2.DiscloseRequest(
         context=ctx(PRIMARY, "third_party_sharing.legal_obligation"), user_id=user, ground=ground, **kw
     )
@@ -279,6 +324,32 @@ async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(c
     assert [e["outcome"] for e in entries] == ["denied", "denied", "allowed", "allowed", "denied", "allowed"]
     assert entries[2]["recipient"] == "Haidian District Court" and "R-1" in entries[2]["reason"]
     assert {f["legal_basis"] for f in entries[2]["fields"]} == {"judicial_or_administrative_request"}
+
+
+async def test_a_disclosure_names_its_country_and_reviewers_count_it_abroad(cluster: Cluster, tmp_path):
+    await cluster.put("d-2", {"name": "Li Wei", "email": "li@example.cn"})
+    dispute = dict(third_party="seller:shop-88", reference="order-77")
+    ground = disclosure_pb2.DISCLOSURE_GROUND_TRANSACTION_DISPUTE
+    for country, says in (("", "name the country"), ("Japan", "did you mean JP?"), ("XX", "alpha-2")):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await disclose(cluster, "d-2", ground, destination_country=country, **dispute)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "destination_country" in e.value.details() and says in e.value.details()
+    assert await log_entries(cluster, subject="d-2", kind="disclosure") == []  # refused before logging
+    given = await disclose(cluster, "d-2", ground, destination_country="JP", **dispute)
+    assert set(given.fields) == {"name", "email"}
+    (entry,) = await log_entries(cluster, kind="disclosure", subject="d-2")
+    assert entry["destination_country"] == "JP" and entry["destination_region"] == ""
+    # The report counts it: no region is in Japan, only this disclosure went there.
+    page, table = tmp_path / "report.html", tmp_path / "report.csv"
+    target = ["--target", cluster.dep.addresses[PRIMARY]]
+    r = residency("log", "report", *target, "--out", str(page), "--subject", "d-2")
+    assert r.returncode == 0, r.stderr
+    html = page.read_text()
+    assert "<td>Japan</td><td>" in html and "third party in Japan" in html
+    r = residency("log", "report", *target, "--out", str(table), "--format", "csv", "--subject", "d-2")
+    assert r.returncode == 0, r.stderr
+    assert ",disclosure,d-2,cn-north,,Japan,seller:shop-88," in table.read_text()
 
 
 # ---- explain and rule changes --------------------------------------------------------------
@@ -511,9 +582,24 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
     grant_id = json.loads(r.stdout)["id"]
     r = residency("grants", "list", *target)
     assert r.returncode == 0 and [g["id"] for g in json.loads(r.stdout)["grants"]] == [grant_id]
+    assert json.loads(r.stdout)["grants"][0]["state"] == "GRANT_STATE_ACTIVE"
     r = residency("grants", "revoke", *target, grant_id)
     assert r.returncode == 0 and json.loads(r.stdout)["revoked"] is True
+    r = residency("grants", "list", *target)
+    assert r.returncode == 0 and json.loads(r.stdout)["grants"][0]["state"] == "GRANT_STATE_REVOKED"
     r = residency("disclose", *target, "cli-p", "--to", "seller:shop-88", "--ground", "transaction_dispute")
+    assert r.returncode == 2 and "--country" in r.stderr  # the country is required
+    r = residency(
+        "disclose",
+        *target,
+        "cli-p",
+        "--to",
+        "seller:shop-88",
+        "--country",
+        "SG",
+        "--ground",
+        "transaction_dispute",
+    )
     assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "reference" in r.stderr
     r = residency(
         "disclose",
@@ -521,6 +607,8 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
         "cli-p",
         "--to",
         "seller:shop-88",
+        "--country",
+        "SG",
         "--ground",
         "transaction_dispute",
         "--reference",
@@ -528,4 +616,7 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["country"] == "SG"
+    (entry,) = await log_entries(cluster, kind="disclosure", subject="cli-p", outcome="allowed")
+    assert entry["destination_country"] == "SG"
     assert set(out["fields"]) == {"name", "email"} and out["log_sequence"] > 0

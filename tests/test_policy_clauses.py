@@ -80,11 +80,12 @@ def test_a_consent_batch_names_every_bad_field_at_once(rules: RuleSet):
 
 def test_an_undeclared_recipient_is_accepted_only_for_third_party_sharing(rules: RuleSet):
     consent.check_consents(
-        [ConsentChange("u-1", "third_party_sharing", "Acme Law LLP", False, "")], rules.recipients
+        [ConsentChange("u-1", "third_party_sharing", "Acme Law LLP", False, "signed form")], rules.recipients
     )
     with pytest.raises(InvalidRecord) as e:
         consent.check_consents(
-            [ConsentChange("u-1", "marketing.communications", "Acme Law LLP", False, "")], rules.recipients
+            [ConsentChange("u-1", "marketing.communications", "Acme Law LLP", False, "signed form")],
+            rules.recipients,
         )
     assert _paths(e) == ["consents[0].recipient"]
 
@@ -93,9 +94,22 @@ def test_an_undeclared_recipient_is_accepted_only_for_third_party_sharing(rules:
 def test_an_empty_or_oversized_consent_batch_is_refused(rules: RuleSet, count: int):
     with pytest.raises(InvalidRecord) as e:
         consent.check_consents(
-            [ConsentChange("u-1", "essential.service", "", False, "")] * count, rules.recipients
+            [ConsentChange("u-1", "essential.service", "", False, "signed form")] * count, rules.recipients
         )
     assert _paths(e) == ["consents"]
+
+
+def test_a_consent_without_evidence_is_refused_but_a_withdrawal_needs_none(rules: RuleSet):
+    changes = [
+        ConsentChange("u-1", "marketing.communications", "ie-affiliate", False, "signup form v3, box 2"),
+        ConsentChange("u-2", "marketing.communications", "ie-affiliate", False, ""),
+        ConsentChange("u-3", "marketing.communications", "ie-affiliate", False, " \t"),
+    ]
+    with pytest.raises(InvalidRecord) as e:
+        consent.check_consents(changes, rules.recipients)
+    assert _paths(e) == ["consents[1].evidence", "consents[2].evidence"]
+    assert "say how the user gave this consent" in str(e.value)
+    consent.check_consents(changes, rules.recipients, withdraw=True)
 
 
 def test_a_marketing_consent_enables_only_its_recipients_consent_rules(rules: RuleSet):
@@ -159,7 +173,7 @@ def _grant(**kw: object) -> GrantRequest:
 
 
 def test_a_well_formed_grant_to_a_declared_recipient_is_accepted(rules: RuleSet):
-    grants.check_grant(_grant(), rules.recipients, NOW)
+    grants.check_grant(_grant(), rules.recipients, rules.never_transfer, NOW)
 
 
 def test_a_grant_to_an_undeclared_third_party_is_refused_naming_every_problem(rules: RuleSet):
@@ -167,7 +181,7 @@ def test_a_grant_to_an_undeclared_third_party_is_refused_naming_every_problem(ru
         recipient="Acme", purpose="x", legal_basis="whim", categories=(), ends_at=NOW, user_ids=("bad id!",)
     )
     with pytest.raises(InvalidRecord) as e:
-        grants.check_grant(bad, rules.recipients, NOW)
+        grants.check_grant(bad, rules.recipients, rules.never_transfer, NOW)
     assert _paths(e) == [
         "grant.recipient",
         "grant.purpose",
@@ -179,6 +193,24 @@ def test_a_grant_to_an_undeclared_third_party_is_refused_naming_every_problem(ru
     assert "declared in the rules file with its company and contact" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("category", "kept"),
+    [("user.government_id", "user.government_id"), ("user.authorization.password", "user.authorization")],
+)
+def test_a_grant_for_a_never_transfer_category_is_refused_at_creation(
+    rules: RuleSet, category: str, kept: str
+):
+    assert kept in rules.never_transfer
+    with pytest.raises(InvalidRecord) as e:
+        grants.check_grant(
+            _grant(categories=("user.contact", category)), rules.recipients, rules.never_transfer, NOW
+        )
+    assert _paths(e) == ["grant.categories"]
+    assert f"{category} never leaves the home region (never_transfer: {kept})" in str(e.value)
+    # A broader category is no claim on what never leaves: its never-transfer fields are withheld.
+    grants.check_grant(_grant(categories=("user",)), rules.recipients, rules.never_transfer, NOW)
+
+
 def test_a_grant_stands_until_its_end_and_never_after_revocation():
     standing = Grant("b", "sg-affiliate", "essential.service", "contract", ("user.name",), NOW + 1)
     other = Grant("a", "sg-affiliate", "essential.service", "contract", ("user.name",), NOW + 1)
@@ -187,6 +219,13 @@ def test_a_grant_stands_until_its_end_and_never_after_revocation():
     active, ended = grants.split_grants([standing, over, revoked, other], NOW)
     assert [g.id for g in active] == ["a", "b"]
     assert [g.id for g in ended] == ["c", "d"]
+
+
+def test_a_grant_is_listed_as_active_ended_or_revoked_against_now():
+    assert grants.state(NOW + 1, None, NOW) == "active"
+    assert grants.state(NOW, None, NOW) == "ended"  # the end time is the first instant it is over
+    assert grants.state(NOW + DAY, NOW - 1, NOW) == "revoked"
+    assert grants.state(NOW - DAY, NOW - 1, NOW) == "ended"  # revoked after it had already ended
 
 
 def test_a_grant_is_logged_with_its_end_and_how_it_closed():
@@ -226,20 +265,22 @@ def test_no_ground_ever_reaches_a_credential(schema: Schema, ground: str):
 
 
 def test_a_ground_without_its_evidence_is_refused_naming_what_is_missing():
-    d = Disclosure("u-1", "Court", "judicial_or_administrative_request", [], {"reference": " "})
+    d = Disclosure("u-1", "Court", "SG", "judicial_or_administrative_request", [], {"reference": " "})
     assert disclosure.refusal(d, "service:a", False) == (
         "ground judicial_or_administrative_request needs evidence: reference, approver"
     )
 
 
 def test_the_approver_of_a_disclosure_must_not_be_its_caller():
-    d = Disclosure("u-1", "Court", "other_legal_basis", [], {"provision": "Art. 1", "approver": "service:a"})
+    d = Disclosure(
+        "u-1", "Court", "SG", "other_legal_basis", [], {"provision": "Art. 1", "approver": "service:a"}
+    )
     assert disclosure.refusal(d, "service:a", False) == "the approver must be someone other than the caller"
     assert disclosure.refusal(d, "service:b", False) == ""
 
 
 def test_disclosure_under_consent_needs_the_users_standing_sharing_consent():
-    d = Disclosure("u-1", "Acme", "consent", [])
+    d = Disclosure("u-1", "Acme", "SG", "consent", [])
     assert disclosure.refusal(d, "service:a", False) == (
         "the user has no standing consent to share with Acme (third_party_sharing)"
     )
@@ -248,7 +289,7 @@ def test_disclosure_under_consent_needs_the_users_standing_sharing_consent():
 
 def test_a_disclosure_hands_over_what_its_ground_reaches_and_says_why_not_the_rest(schema: Schema):
     values = {"name": "n", "email": "e", "password": "p", "ip_address": "i"}
-    d = Disclosure("u-1", "Rights Holder", "ip_complaint", ["name", "password", "ip_address", "phone"])
+    d = Disclosure("u-1", "Rights Holder", "SG", "ip_complaint", ["name", "password", "ip_address", "phone"])
     sent, withheld = disclosure.select(d, values, schema.fields, "")
     assert sent == {"name": "n"}  # phone was asked for but the record has none
     assert {n: w.reason for n, w in withheld.items()} == {
@@ -260,7 +301,7 @@ def test_a_disclosure_hands_over_what_its_ground_reaches_and_says_why_not_the_re
 def test_a_disclosure_naming_no_fields_considers_every_field_held(schema: Schema):
     values = {"name": "n", "ip_address": "i"}
     sent, _ = disclosure.select(
-        Disclosure("u-1", "Buyer", "requested_service", []), values, schema.fields, ""
+        Disclosure("u-1", "Buyer", "SG", "requested_service", []), values, schema.fields, ""
     )
     assert sent == values
 
@@ -268,7 +309,7 @@ def test_a_disclosure_naming_no_fields_considers_every_field_held(schema: Schema
 def test_a_refused_disclosure_hands_over_nothing(schema: Schema):
     values = {"name": "n", "password": "p"}
     sent, withheld = disclosure.select(
-        Disclosure("u-1", "Acme", "consent", []), values, schema.fields, "refused"
+        Disclosure("u-1", "Acme", "SG", "consent", []), values, schema.fields, "refused"
     )
     assert sent == {}
     assert {n: w.reason for n, w in withheld.items()} == {"name": NOT_FOR_GROUND, "password": CREDENTIAL}
@@ -277,9 +318,9 @@ def test_a_refused_disclosure_hands_over_nothing(schema: Schema):
 @pytest.mark.parametrize(
     ("d", "path"),
     [
-        (Disclosure("u-1", "Acme", "whim", []), "ground"),
-        (Disclosure("u-1", "  ", "consent", []), "third_party"),
-        (Disclosure("u-1", "Acme", "consent", ["shoe_size"]), "fields[shoe_size]"),
+        (Disclosure("u-1", "Acme", "SG", "whim", []), "ground"),
+        (Disclosure("u-1", "  ", "SG", "consent", []), "third_party"),
+        (Disclosure("u-1", "Acme", "SG", "consent", ["shoe_size"]), "fields[shoe_size]"),
     ],
 )
 def test_a_disclosure_with_an_unknown_ground_field_or_no_third_party_is_invalid(
@@ -290,8 +331,26 @@ def test_a_disclosure_with_an_unknown_ground_field_or_no_third_party_is_invalid(
     assert _paths(e) == [path]
 
 
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ("", "name the country the third party receives the data in"),
+        ("  ", "name the country the third party receives the data in"),
+        ("sg", "did you mean SG?"),
+        ("Singapore", "did you mean SG?"),
+        ("SGP", "did you mean SG?"),
+        ("XX", "(two upper-case letters, e.g. SG)"),
+    ],
+)
+def test_a_disclosure_names_its_country_as_an_iso_3166_alpha_2_code(schema: Schema, given: str, says: str):
+    disclosure.check_request(Disclosure("u-1", "Acme", "US", "consent", []), schema.fields)
+    with pytest.raises(InvalidRecord) as e:
+        disclosure.check_request(Disclosure("u-1", "Acme", given, "consent", []), schema.fields)
+    assert _paths(e) == ["destination_country"] and says in str(e.value)
+
+
 def test_a_disclosure_is_logged_with_its_ground_and_evidence_or_its_refusal():
-    d = Disclosure("u-1", "Court", "ip_complaint", [], {"reference": "case 7", "approver": ""})
+    d = Disclosure("u-1", "Court", "SG", "ip_complaint", [], {"reference": "case 7", "approver": ""})
     assert disclosure.log_reason(d, "") == "policy 3, ground ip_complaint; reference case 7"
     assert disclosure.log_reason(d, "no") == "no"
     err = disclosure.refusal_error("no", 42)
@@ -364,7 +423,7 @@ def test_a_disclosure_sends_only_what_its_ground_reaches_and_accounts_for_every_
     ground: str, held: set[str], asked: list[str], refused: str
 ):
     fields = _SCHEMA.fields
-    d = Disclosure("u-1", "Acme", ground, asked)
+    d = Disclosure("u-1", "Acme", "SG", ground, asked)
     sent, withheld = disclosure.select(d, {n: n for n in held}, fields, refused)
     assert set(sent) | set(withheld) == (set(asked) if asked else held) & held
     assert not set(sent) & set(withheld)

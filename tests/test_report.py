@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import UTC, datetime
 
-from residency.server.core.report import figures
+from residency.server.core import translog
+from residency.server.core.report import figures, tables
 
 JAN_2026 = datetime(2026, 1, 15, tzinfo=UTC).timestamp()
 DEC_2025 = datetime(2025, 12, 31, 23, 0, tzinfo=UTC).timestamp()
@@ -49,3 +52,53 @@ def test_a_warning_shows_as_a_threshold_nears_and_when_it_is_reached():
     (t,) = figures.thresholds(rows, {"national_id"}, "cn-north")
     assert "reached 100,000 individuals" in t["warnings"]
     assert "reached 10,000 individuals with sensitive data" in t["warnings"]
+
+
+def test_disclosures_and_reads_from_abroad_count_like_replications():
+    """Under PIPL, data a foreign party can query counts as exported: a disclosure counts
+    against the country it names, a read against the country of the reader's region."""
+
+    def disclosed(subject: str, code: str, fields: list[str], outcome: str = "allowed") -> dict:
+        return {
+            **sent(subject, "", fields, outcome=outcome),
+            "kind": "disclosure",
+            "destination_country": code,
+        }
+
+    rows = [
+        sent("u-1", "ap-southeast-1", ["email"]),
+        disclosed("u-1", "SG", ["email"]),  # the same person and country: counted once
+        disclosed("u-2", "SG", ["national_id"]),
+        disclosed("u-3", "JP", ["email"]),  # a country no region is in
+        disclosed("u-4", "CN", ["email"]),  # at home: not abroad
+        disclosed("u-5", "JP", ["email"], outcome="denied"),  # nothing went
+        {**sent("u-6", "", ["email"]), "kind": "disclosure"},  # logged before countries were named
+        {**sent("u-7", "eu-west-1", ["national_id"]), "kind": "remote_read"},
+        {**sent("u-8", "cn-north", ["email"]), "kind": "remote_read"},  # read at home
+    ]
+    got = {
+        (t["country"], t["year"]): (t["individuals"], t["sensitive"])
+        for t in figures.thresholds(rows, {"national_id"}, "cn-north")
+    }
+    assert got == {("Singapore", 2026): (2, 1), ("Japan", 2026): (1, 0), ("Ireland", 2026): (1, 1)}
+
+
+def test_every_report_row_names_the_country_its_data_went_to():
+    base = translog.entry(
+        "disclosure",
+        subject="u-1",
+        source_region="cn-north",
+        destination_region="",
+        outcome="allowed",
+        actor="svc:a",
+        rules_version="v1",
+        destination_country="US",
+    )
+    rows = [
+        {**base, "sequence": 1, "time": JAN_2026},
+        {**base, "sequence": 2, "time": JAN_2026, "kind": "replication", "destination_region": "eu-west-1"},
+    ]
+    header, *lines = csv.reader(io.StringIO(tables.csv_text(rows)))
+    at = header.index("destination_country")
+    assert header[at - 1] == "destination_region"
+    assert [line[at] for line in lines] == ["United States", "Ireland"]

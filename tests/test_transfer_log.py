@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import grpc
@@ -479,3 +480,40 @@ async def test_a_node_signs_checkpoints_at_its_interval_and_archives_them(
         assert asyncio.get_running_loop().time() < deadline, (cp.tree_size, keys)
         await asyncio.sleep(0.1)
     assert open_note(cp.checkpoint, cp.verifier_key).size == cp.tree_size
+
+
+async def test_entry_times_never_go_backwards_along_the_sequence(cluster: Cluster, tmp_path: Path):
+    """The replicator (copies prepared, shipped, then committed) and the servicers (reads,
+    consents) append at once; every entry's time is stamped when it is appended, so a
+    reviewer filtering an export by time misses nothing."""
+    users = [f"o-{i}" for i in range(30)]
+    fields = {"name": "Li Wei", "email": "o@example.cn", "language": "zh"}
+    for u in users:
+        await cluster.put(u, fields)
+    await cluster.replicated()
+    writing = asyncio.Event()
+
+    async def write() -> None:
+        try:
+            for n in range(6):
+                for u in users:
+                    await cluster.put(u, {**fields, "language": f"zh-{n}"})
+        finally:
+            writing.set()
+
+    async def read(i: int) -> None:
+        while not writing.is_set():
+            await cluster.get(users[i], location="ap-southeast-1", purpose="essential.service")
+            await cluster.consent(users[i], "analytics.reporting", "ie-affiliate", withdraw=i % 2 == 0)
+
+    await asyncio.gather(write(), *(read(i) for i in range(3)))
+    await cluster.replicated()
+    out = tmp_path / "export"
+    assert await cli("log", "export", "--target", cluster.dep.addresses[PRIMARY], "--out", str(out)) == 0
+    entries = [json.loads(x) for x in (out / "entries.jsonl").read_bytes().splitlines()]
+    kinds = [e["kind"] for e in entries]
+    # The appends did interleave: servicers' entries sit between the replicator's.
+    between = kinds[kinds.index("replication") : len(kinds) - kinds[::-1].index("replication")]
+    assert {"remote_read", "consent"} <= set(between)
+    backwards = [(a["sequence"], a["time"], b["time"]) for a, b in pairwise(entries) if a["time"] > b["time"]]
+    assert not backwards, f"{len(backwards)} entries are older than the one before them: {backwards[:5]}"

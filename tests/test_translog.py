@@ -82,6 +82,27 @@ def test_a_failed_write_in_a_group_rolls_back_alone(store):
     assert store.log_tree().size == 2 and store.log_tree().root() == merkle.root(committed)
 
 
+def test_entries_are_dated_at_append_and_never_earlier_than_the_one_before(tmp_path, monkeypatch):
+    """The store stamps each entry's time when it appends it, whoever prepared it and when;
+    a clock stepped back, or another process appending to the same log (a standalone
+    replicator), never makes a later entry look older."""
+    from residency.server.storage import transferlog
+
+    clock = iter([100.0, 90.0, 95.0, 200.0, 150.0])
+    monkeypatch.setattr(transferlog.time, "time", lambda: next(clock))
+    node, replicator = SqliteStore(tmp_path / "node.db"), SqliteStore(tmp_path / "node.db")
+    prepared = entry(0)
+    assert "time" not in prepared  # nothing dates an entry before the store appends it
+    for s in (node, replicator, node, replicator, node):
+        with s.transaction():
+            s.log_append([prepared, entry(1)])
+    times = [json.loads(data)["time"] for _, data, _ in node.log_after(0, 100)]
+    assert times == [100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 200.0, 200.0, 200.0, 200.0]
+    assert translog.verify_chain(chain_of(node)) is None
+    node.close()
+    replicator.close()
+
+
 def test_migrations_are_versioned(store):
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -177,7 +198,7 @@ def test_a_full_disk_fails_the_write_cleanly_and_the_log_goes_on_when_space_retu
     used = s._db.execute("PRAGMA page_count").fetchone()[0]
     s._db.execute(f"PRAGMA max_page_count={used}")  # the database file cannot grow any more
     with pytest.raises(StorageFull, match="disk is full.*nothing was written"), s.transaction():
-        s.log_append([replication_entry(i, t0=float(i)) | {"reason": "x" * 50_000} for i in range(3, 8)])
+        s.log_append([replication_entry(i) | {"reason": "x" * 50_000} for i in range(3, 8)])
     _consistent(s)
     s._db.execute("PRAGMA max_page_count=1073741823")  # space returns
     with s.transaction():

@@ -27,7 +27,7 @@ class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
         caller = caller_of(request.context, context, self.node.records.rules.regions)
         changes = _consent_changes(request.consents)
         policy = self.node.policy
-        policy.check_consents(changes)
+        policy.check_consents(changes, withdraw)
         changed = await self.node.db.write(lambda: policy.set_consents(changes, withdraw, caller.identity))
         self.node.wake()
         return changed

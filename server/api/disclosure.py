@@ -38,6 +38,7 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
         d = Disclosure(
             request.user_id,
             request.third_party,
+            request.destination_country,
             ground,
             list(request.fields),
             {

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 
 from residency.server.api.context import Node
 from residency.server.api.errors import rpc
 from residency.server.api.identity import caller_of
 from residency.server.core import codec
+from residency.server.core.policy.grants import state
 from residency.v1 import consent_pb2, consent_pb2_grpc
+
+_STATES = {
+    "active": consent_pb2.GRANT_STATE_ACTIVE,
+    "ended": consent_pb2.GRANT_STATE_ENDED,
+    "revoked": consent_pb2.GRANT_STATE_REVOKED,
+}
 
 
 class GrantService(consent_pb2_grpc.GrantServiceServicer):
@@ -49,6 +57,7 @@ class GrantService(consent_pb2_grpc.GrantServiceServicer):
     async def ListGrants(self, request, context):
         caller_of(request.context, context, self.node.records.rules.regions)
         rows = await self.node.db.call(self.node.db.store.grants_list)
+        now = time.time()
         return consent_pb2.ListGrantsResponse(
             grants=[
                 consent_pb2.Grant(
@@ -61,6 +70,7 @@ class GrantService(consent_pb2_grpc.GrantServiceServicer):
                     ends_at=codec.timestamp(ends),
                     revoked_at=codec.timestamp(revoked) if revoked else None,
                     user_count=n,
+                    state=_STATES[state(ends, revoked, now)],
                 )
                 for i, r, p, b, c, created, ends, revoked, _, n in rows
             ]

@@ -63,10 +63,16 @@ def verify_chain(entries: list[tuple[bytes, bytes]], previous: bytes = GENESIS) 
     return None
 
 
+def append_time(previous: float, clock: float) -> float:
+    """The time of an entry appended after one of time `previous`: the clock's, but never
+    earlier (a clock stepped back must not make a later entry look older), so times never
+    go backwards along the sequence."""
+    return max(round(clock, 6), previous)
+
+
 def entry(
     kind: str,
     *,
-    time: float,
     subject: str,
     source_region: str,
     destination_region: str,
@@ -79,16 +85,20 @@ def entry(
     withheld: list[dict[str, Any]] | None = None,
     reason: str = "",
     version: int = 0,
+    destination_country: str = "",
 ) -> dict[str, Any]:
-    """One transfer-log entry (without its sequence, which the store assigns).
+    """One transfer-log entry, without its sequence and time: the store stamps both when it
+    appends the entry, inside the transaction that commits it (`append_time`).
 
     `fields` lists what crossed: name, category, and the rule, legal basis and purposes it
     crossed under. `withheld` lists what did not, with the reason. No field values, ever.
+    `destination_country` (a disclosure's: its third party names no region) is the ISO 3166-1
+    alpha-2 code of the country the data went to; entries of other kinds have no such key.
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
+    where = {"destination_country": destination_country} if destination_country else {}
     return {
         "kind": kind,
-        "time": round(time, 6),
         "subject": subject,
         "source_region": source_region,
         "destination_region": destination_region,
@@ -101,6 +111,7 @@ def entry(
         "actor": actor,
         "rules_version": rules_version,
         "record_version": version,
+        **where,
     }
 
 

@@ -1,10 +1,11 @@
 """The transfer log's rows: hash-chained entries and their Merkle tree, signed checkpoints and
-how far the log is archived. Appends join the caller's transaction; the tree and the chain
-head follow its commit or rollback.
+how far the log is archived. Appends join the caller's transaction and stamp each entry's
+sequence and time there; the tree and the chain head follow its commit or rollback.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,11 +36,11 @@ class TransferLogRows(Database):
     """The `translog`, `checkpoints` and `archived` tables, and the tree over `translog`."""
 
     def __init__(self, path: str | Path, durability: str = "full", keyring: str | Path | None = None):
-        # The chain head and sequence of the last committed entry, and what the open
-        # transaction has appended since (None: nothing yet).
-        self._log_seq, self._log_head = 0, translog.GENESIS
-        self._pending_log: tuple[int, bytes] | None = None
-        self._savepoint_log: tuple[int, bytes] | None = None
+        # The sequence, chain head and time of the last committed entry, and of the last one
+        # the open transaction appended (None: nothing yet).
+        self._log_seq, self._log_head, self._log_time = 0, translog.GENESIS, 0.0
+        self._pending_log: tuple[int, bytes, float] | None = None
+        self._savepoint_log: tuple[int, bytes, float] | None = None
         # Leaf hashes of entries appended in the open transaction; the tree gets them at commit.
         self._pending_leaves: list[bytes] = []
         self._savepoint_leaves = 0
@@ -51,7 +52,7 @@ class TransferLogRows(Database):
     def _committed(self) -> None:
         super()._committed()
         if self._pending_log is not None:
-            self._log_seq, self._log_head = self._pending_log
+            self._log_seq, self._log_head, self._log_time = self._pending_log
             self._pending_log = None
             self._tree.extend(self._pending_leaves)
             self._pending_leaves = []
@@ -72,22 +73,25 @@ class TransferLogRows(Database):
         del self._pending_leaves[self._savepoint_leaves :]
 
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]:
-        """Appends entries (inside the caller's transaction) and returns their sequences."""
+        """Appends entries (inside the caller's transaction) and returns their sequences.
+        Each is stamped with its sequence and the time now: an entry prepared earlier (a copy
+        shipped before its entry commits) is not dated before entries committed meanwhile."""
         if self._pending_log is None:
             # Another process (a standalone replicator) may have appended since: the write
             # lock is held here, so the head read now is the one to chain onto.
             self._catch_up()
-        seq, head = self._pending_log or (self._log_seq, self._log_head)
+        seq, head, last = self._pending_log or (self._log_seq, self._log_head, self._log_time)
+        now = translog.append_time(last, time.time())
         rows, out = [], []
         for e in entries:
             seq += 1
-            data = translog.canonical({**e, "sequence": seq})
+            data = translog.canonical({**e, "time": now, "sequence": seq})
             head = translog.chain_hash(head, data)
             rows.append((seq, data, head))
             out.append(seq)
             self._pending_leaves.append(merkle.leaf_hash(data))
         self._db.executemany("INSERT INTO translog (sequence, entry, chain) VALUES (?,?,?)", rows)
-        self._pending_log = (seq, head)
+        self._pending_log = (seq, head, now)
         return out
 
     def log_after(self, sequence: int, limit: int) -> list[tuple[int, bytes, bytes]]:
@@ -111,14 +115,15 @@ class TransferLogRows(Database):
 
     def _catch_up(self) -> None:
         """Takes in entries committed since this store last looked (at open, or by another
-        process: a standalone replicator): the chain head to append after, and their leaves
-        in the tree."""
+        process: a standalone replicator): the chain head and time to append after, and their
+        leaves in the tree."""
         last = self._db.execute(
-            "SELECT sequence, chain FROM translog ORDER BY sequence DESC LIMIT 1"
+            "SELECT sequence, chain, entry FROM translog ORDER BY sequence DESC LIMIT 1"
         ).fetchone()
         if last is None or last[0] == self._log_seq:
             return
         self._log_seq, self._log_head = last[0], last[1]
+        self._log_time = float(json.loads(last[2]).get("time", 0.0))
         if self._tree.size < last[0]:
             rows = self._db.execute(
                 "SELECT entry FROM translog WHERE sequence > ? ORDER BY sequence", (self._tree.size,)

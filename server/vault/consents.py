@@ -14,8 +14,8 @@ from residency.server.vault.records import Records
 class Consents:
     records: Records
 
-    def check_consents(self, changes: list[ConsentChange]) -> None:
-        check_consents(changes, self.records.rules.recipients)
+    def check_consents(self, changes: list[ConsentChange], withdraw: bool) -> None:
+        check_consents(changes, self.records.rules.recipients, withdraw)
 
     def set_consents(self, changes: list[ConsentChange], withdraw: bool, actor: str) -> int:
         """Grants or withdraws consents. Users whose standing consents changed get a new
@@ -39,7 +39,6 @@ class Consents:
             entries.append(
                 translog.entry(
                     "consent",
-                    time=now,
                     subject=c.user_id,
                     source_region=rules.home_region,
                     destination_region=recipient.region if recipient else "",

@@ -3,7 +3,6 @@ and log the disclosure, given or refused, in the same transaction."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from residency.server.core import translog
@@ -36,10 +35,10 @@ class Disclosures:
         basis = GROUNDS[d.ground].legal_basis
         entry = translog.entry(
             "disclosure",
-            time=time.time(),
             subject=d.user_id,
             source_region=rules.home_region,
             destination_region="",
+            destination_country=d.destination_country,
             recipient=d.third_party,
             purpose=caller.purpose,
             outcome="denied" if refusal or not sent else "allowed",

@@ -21,7 +21,8 @@ class Grants:
         request = GrantRequest(
             g["recipient"], g["purpose"], g["legal_basis"], tuple(g["categories"]), g["ends_at"], tuple(users)
         )
-        check_grant(request, self.records.rules.recipients, time.time())
+        rules = self.records.rules
+        check_grant(request, rules.recipients, rules.never_transfer, time.time())
         g = {
             **g,
             "id": g.get("id") or uuid.uuid4().hex[:12],
@@ -66,7 +67,6 @@ class Grants:
             [
                 translog.entry(
                     "grant",
-                    time=time.time(),
                     subject=u,
                     source_region=rules.home_region,
                     destination_region=region,

@@ -307,7 +307,6 @@ class Records:
         withheld.update(refused)
         entry = translog.entry(
             "remote_read",
-            time=time.time(),
             subject=user_id,
             source_region=self.region,
             destination_region=caller.location,

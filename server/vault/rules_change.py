@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from residency.server.core import translog
@@ -51,7 +50,6 @@ class RulesChange:
             [
                 translog.entry(
                     "rules_change",
-                    time=time.time(),
                     subject="",
                     source_region=new.home_region,
                     destination_region="",

@@ -47,7 +47,6 @@ def entry(i: int) -> dict:
     """A replication entry of typical size (790 bytes of canonical JSON)."""
     return translog.entry(
         "replication",
-        time=1_764_000_000.0 + i / 1000,
         subject=f"user-{i:08d}",
         source_region="cn-north",
         destination_region="ap-southeast-1",

@@ -26,13 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from residency.v1 import common_pb2 as residency_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/consent.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19residency/v1/common.proto\"\xd4\x01\n\x07\x43onsent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x11\n\tsensitive\x18\x04 \x01(\x08\x12\x10\n\x08\x65vidence\x18\x05 \x01(\t\x12.\n\ngranted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cwithdrawn_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\"k\n\x14GrantConsentsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\'\n\x08\x63onsents\x18\x02 \x03(\x0b\x32\x15.residency.v1.Consent\"(\n\x15GrantConsentsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\"n\n\x17WithdrawConsentsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\'\n\x08\x63onsents\x18\x02 \x03(\x0b\x32\x15.residency.v1.Consent\"+\n\x18WithdrawConsentsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\"R\n\x13ListConsentsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"?\n\x14ListConsentsResponse\x12\'\n\x08\x63onsents\x18\x01 \x03(\x0b\x32\x15.residency.v1.Consent\"\x93\x02\n\x05Grant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x13\n\x0blegal_basis\x18\x04 \x01(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x10\n\x08user_ids\x18\x06 \x03(\t\x12+\n\x07\x65nds_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nuser_count\x18\n \x01(\r\"d\n\x12\x43reateGrantRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\"\n\x05grant\x18\x02 \x01(\x0b\x32\x13.residency.v1.Grant\"!\n\x13\x43reateGrantResponse\x12\n\n\x02id\x18\x01 \x01(\t\"L\n\x12RevokeGrantRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\n\n\x02id\x18\x02 \x01(\t\"&\n\x13RevokeGrantResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"?\n\x11ListGrantsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\"9\n\x12ListGrantsResponse\x12#\n\x06grants\x18\x01 \x03(\x0b\x32\x13.residency.v1.Grant2\xa4\x02\n\x0e\x43onsentService\x12X\n\rGrantConsents\x12\".residency.v1.GrantConsentsRequest\x1a#.residency.v1.GrantConsentsResponse\x12\x61\n\x10WithdrawConsents\x12%.residency.v1.WithdrawConsentsRequest\x1a&.residency.v1.WithdrawConsentsResponse\x12U\n\x0cListConsents\x12!.residency.v1.ListConsentsRequest\x1a\".residency.v1.ListConsentsResponse2\x87\x02\n\x0cGrantService\x12R\n\x0b\x43reateGrant\x12 .residency.v1.CreateGrantRequest\x1a!.residency.v1.CreateGrantResponse\x12R\n\x0bRevokeGrant\x12 .residency.v1.RevokeGrantRequest\x1a!.residency.v1.RevokeGrantResponse\x12O\n\nListGrants\x12\x1f.residency.v1.ListGrantsRequest\x1a .residency.v1.ListGrantsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/consent.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19residency/v1/common.proto\"\xd4\x01\n\x07\x43onsent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x11\n\tsensitive\x18\x04 \x01(\x08\x12\x10\n\x08\x65vidence\x18\x05 \x01(\t\x12.\n\ngranted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cwithdrawn_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\"k\n\x14GrantConsentsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\'\n\x08\x63onsents\x18\x02 \x03(\x0b\x32\x15.residency.v1.Consent\"(\n\x15GrantConsentsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\"n\n\x17WithdrawConsentsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\'\n\x08\x63onsents\x18\x02 \x03(\x0b\x32\x15.residency.v1.Consent\"+\n\x18WithdrawConsentsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\"R\n\x13ListConsentsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"?\n\x14ListConsentsResponse\x12\'\n\x08\x63onsents\x18\x01 \x03(\x0b\x32\x15.residency.v1.Consent\"\xbc\x02\n\x05Grant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x13\n\x0blegal_basis\x18\x04 \x01(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x10\n\x08user_ids\x18\x06 \x03(\t\x12+\n\x07\x65nds_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nuser_count\x18\n \x01(\r\x12\'\n\x05state\x18\x0b \x01(\x0e\x32\x18.residency.v1.GrantState\"d\n\x12\x43reateGrantRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\"\n\x05grant\x18\x02 \x01(\x0b\x32\x13.residency.v1.Grant\"!\n\x13\x43reateGrantResponse\x12\n\n\x02id\x18\x01 \x01(\t\"L\n\x12RevokeGrantRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\n\n\x02id\x18\x02 \x01(\t\"&\n\x13RevokeGrantResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"?\n\x11ListGrantsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\"9\n\x12ListGrantsResponse\x12#\n\x06grants\x18\x01 \x03(\x0b\x32\x13.residency.v1.Grant*q\n\nGrantState\x12\x1b\n\x17GRANT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANT_STATE_ACTIVE\x10\x01\x12\x15\n\x11GRANT_STATE_ENDED\x10\x02\x12\x17\n\x13GRANT_STATE_REVOKED\x10\x03\x32\xa4\x02\n\x0e\x43onsentService\x12X\n\rGrantConsents\x12\".residency.v1.GrantConsentsRequest\x1a#.residency.v1.GrantConsentsResponse\x12\x61\n\x10WithdrawConsents\x12%.residency.v1.WithdrawConsentsRequest\x1a&.residency.v1.WithdrawConsentsResponse\x12U\n\x0cListConsents\x12!.residency.v1.ListConsentsRequest\x1a\".residency.v1.ListConsentsResponse2\x87\x02\n\x0cGrantService\x12R\n\x0b\x43reateGrant\x12 .residency.v1.CreateGrantRequest\x1a!.residency.v1.CreateGrantResponse\x12R\n\x0bRevokeGrant\x12 .residency.v1.RevokeGrantRequest\x1a!.residency.v1.RevokeGrantResponse\x12O\n\nListGrants\x12\x1f.residency.v1.ListGrantsRequest\x1a .residency.v1.ListGrantsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'residency.v1.consent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GRANTSTATE']._serialized_start=1474
+  _globals['_GRANTSTATE']._serialized_end=1587
   _globals['_CONSENT']._serialized_start=105
   _globals['_CONSENT']._serialized_end=317
   _globals['_GRANTCONSENTSREQUEST']._serialized_start=319
@@ -48,21 +50,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCONSENTSRESPONSE']._serialized_start=711
   _globals['_LISTCONSENTSRESPONSE']._serialized_end=774
   _globals['_GRANT']._serialized_start=777
-  _globals['_GRANT']._serialized_end=1052
-  _globals['_CREATEGRANTREQUEST']._serialized_start=1054
-  _globals['_CREATEGRANTREQUEST']._serialized_end=1154
-  _globals['_CREATEGRANTRESPONSE']._serialized_start=1156
-  _globals['_CREATEGRANTRESPONSE']._serialized_end=1189
-  _globals['_REVOKEGRANTREQUEST']._serialized_start=1191
-  _globals['_REVOKEGRANTREQUEST']._serialized_end=1267
-  _globals['_REVOKEGRANTRESPONSE']._serialized_start=1269
-  _globals['_REVOKEGRANTRESPONSE']._serialized_end=1307
-  _globals['_LISTGRANTSREQUEST']._serialized_start=1309
-  _globals['_LISTGRANTSREQUEST']._serialized_end=1372
-  _globals['_LISTGRANTSRESPONSE']._serialized_start=1374
-  _globals['_LISTGRANTSRESPONSE']._serialized_end=1431
-  _globals['_CONSENTSERVICE']._serialized_start=1434
-  _globals['_CONSENTSERVICE']._serialized_end=1726
-  _globals['_GRANTSERVICE']._serialized_start=1729
-  _globals['_GRANTSERVICE']._serialized_end=1992
+  _globals['_GRANT']._serialized_end=1093
+  _globals['_CREATEGRANTREQUEST']._serialized_start=1095
+  _globals['_CREATEGRANTREQUEST']._serialized_end=1195
+  _globals['_CREATEGRANTRESPONSE']._serialized_start=1197
+  _globals['_CREATEGRANTRESPONSE']._serialized_end=1230
+  _globals['_REVOKEGRANTREQUEST']._serialized_start=1232
+  _globals['_REVOKEGRANTREQUEST']._serialized_end=1308
+  _globals['_REVOKEGRANTRESPONSE']._serialized_start=1310
+  _globals['_REVOKEGRANTRESPONSE']._serialized_end=1348
+  _globals['_LISTGRANTSREQUEST']._serialized_start=1350
+  _globals['_LISTGRANTSREQUEST']._serialized_end=1413
+  _globals['_LISTGRANTSRESPONSE']._serialized_start=1415
+  _globals['_LISTGRANTSRESPONSE']._serialized_end=1472
+  _globals['_CONSENTSERVICE']._serialized_start=1590
+  _globals['_CONSENTSERVICE']._serialized_end=1882
+  _globals['_GRANTSERVICE']._serialized_start=1885
+  _globals['_GRANTSERVICE']._serialized_end=2148
 # @@protoc_insertion_point(module_scope)

@@ -3,12 +3,24 @@ import datetime
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from residency.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class GrantState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRANT_STATE_UNSPECIFIED: _ClassVar[GrantState]
+    GRANT_STATE_ACTIVE: _ClassVar[GrantState]
+    GRANT_STATE_ENDED: _ClassVar[GrantState]
+    GRANT_STATE_REVOKED: _ClassVar[GrantState]
+GRANT_STATE_UNSPECIFIED: GrantState
+GRANT_STATE_ACTIVE: GrantState
+GRANT_STATE_ENDED: GrantState
+GRANT_STATE_REVOKED: GrantState
 
 class Consent(_message.Message):
     __slots__ = ("user_id", "purpose", "recipient", "sensitive", "evidence", "granted_at", "withdrawn_at", "actor")
@@ -73,7 +85,7 @@ class ListConsentsResponse(_message.Message):
     def __init__(self, consents: _Optional[_Iterable[_Union[Consent, _Mapping]]] = ...) -> None: ...
 
 class Grant(_message.Message):
-    __slots__ = ("id", "recipient", "purpose", "legal_basis", "categories", "user_ids", "ends_at", "created_at", "revoked_at", "user_count")
+    __slots__ = ("id", "recipient", "purpose", "legal_basis", "categories", "user_ids", "ends_at", "created_at", "revoked_at", "user_count", "state")
     ID_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +96,7 @@ class Grant(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
     USER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     recipient: str
     purpose: str
@@ -94,7 +107,8 @@ class Grant(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     revoked_at: _timestamp_pb2.Timestamp
     user_count: int
-    def __init__(self, id: _Optional[str] = ..., recipient: _Optional[str] = ..., purpose: _Optional[str] = ..., legal_basis: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., user_ids: _Optional[_Iterable[str]] = ..., ends_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_count: _Optional[int] = ...) -> None: ...
+    state: GrantState
+    def __init__(self, id: _Optional[str] = ..., recipient: _Optional[str] = ..., purpose: _Optional[str] = ..., legal_basis: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., user_ids: _Optional[_Iterable[str]] = ..., ends_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_count: _Optional[int] = ..., state: _Optional[_Union[GrantState, str]] = ...) -> None: ...
 
 class CreateGrantRequest(_message.Message):
     __slots__ = ("context", "grant")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from residency.v1 import common_pb2 as residency_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dresidency/v1/disclosure.proto\x12\x0cresidency.v1\x1a\x19residency/v1/common.proto\"\xec\x01\n\x0f\x44iscloseRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bthird_party\x18\x03 \x01(\t\x12.\n\x06ground\x18\x04 \x01(\x0e\x32\x1e.residency.v1.DisclosureGround\x12\x0e\n\x06\x66ields\x18\x05 \x03(\t\x12\x11\n\treference\x18\x06 \x01(\t\x12\x10\n\x08\x61pprover\x18\x07 \x01(\t\x12\x11\n\tprovision\x18\x08 \x01(\t\x12\x0f\n\x07service\x18\t \x01(\t\"\xd7\x01\n\x10\x44iscloseResponse\x12:\n\x06\x66ields\x18\x01 \x03(\x0b\x32*.residency.v1.DiscloseResponse.FieldsEntry\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01*\xe4\x02\n\x10\x44isclosureGround\x12!\n\x1d\x44ISCLOSURE_GROUND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44ISCLOSURE_GROUND_CONSENT\x10\x01\x12\'\n#DISCLOSURE_GROUND_REQUESTED_SERVICE\x10\x02\x12\x38\n4DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST\x10\x03\x12\x33\n/DISCLOSURE_GROUND_VIOLATION_OF_LAW_OR_AGREEMENT\x10\x04\x12\"\n\x1e\x44ISCLOSURE_GROUND_IP_COMPLAINT\x10\x05\x12)\n%DISCLOSURE_GROUND_TRANSACTION_DISPUTE\x10\x06\x12\'\n#DISCLOSURE_GROUND_OTHER_LEGAL_BASIS\x10\x07\x32^\n\x11\x44isclosureService\x12I\n\x08\x44isclose\x12\x1d.residency.v1.DiscloseRequest\x1a\x1e.residency.v1.DiscloseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dresidency/v1/disclosure.proto\x12\x0cresidency.v1\x1a\x19residency/v1/common.proto\"\x89\x02\n\x0f\x44iscloseRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bthird_party\x18\x03 \x01(\t\x12.\n\x06ground\x18\x04 \x01(\x0e\x32\x1e.residency.v1.DisclosureGround\x12\x0e\n\x06\x66ields\x18\x05 \x03(\t\x12\x11\n\treference\x18\x06 \x01(\t\x12\x10\n\x08\x61pprover\x18\x07 \x01(\t\x12\x11\n\tprovision\x18\x08 \x01(\t\x12\x0f\n\x07service\x18\t \x01(\t\x12\x1b\n\x13\x64\x65stination_country\x18\n \x01(\t\"\xd7\x01\n\x10\x44iscloseResponse\x12:\n\x06\x66ields\x18\x01 \x03(\x0b\x32*.residency.v1.DiscloseResponse.FieldsEntry\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01*\xe4\x02\n\x10\x44isclosureGround\x12!\n\x1d\x44ISCLOSURE_GROUND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44ISCLOSURE_GROUND_CONSENT\x10\x01\x12\'\n#DISCLOSURE_GROUND_REQUESTED_SERVICE\x10\x02\x12\x38\n4DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST\x10\x03\x12\x33\n/DISCLOSURE_GROUND_VIOLATION_OF_LAW_OR_AGREEMENT\x10\x04\x12\"\n\x1e\x44ISCLOSURE_GROUND_IP_COMPLAINT\x10\x05\x12)\n%DISCLOSURE_GROUND_TRANSACTION_DISPUTE\x10\x06\x12\'\n#DISCLOSURE_GROUND_OTHER_LEGAL_BASIS\x10\x07\x32^\n\x11\x44isclosureService\x12I\n\x08\x44isclose\x12\x1d.residency.v1.DiscloseRequest\x1a\x1e.residency.v1.DiscloseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DISCLOSERESPONSE_FIELDSENTRY']._loaded_options = None
   _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_DISCLOSUREGROUND']._serialized_start=532
-  _globals['_DISCLOSUREGROUND']._serialized_end=888
+  _globals['_DISCLOSUREGROUND']._serialized_start=561
+  _globals['_DISCLOSUREGROUND']._serialized_end=917
   _globals['_DISCLOSEREQUEST']._serialized_start=75
-  _globals['_DISCLOSEREQUEST']._serialized_end=311
-  _globals['_DISCLOSERESPONSE']._serialized_start=314
-  _globals['_DISCLOSERESPONSE']._serialized_end=529
-  _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_start=463
-  _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_end=529
-  _globals['_DISCLOSURESERVICE']._serialized_start=890
-  _globals['_DISCLOSURESERVICE']._serialized_end=984
+  _globals['_DISCLOSEREQUEST']._serialized_end=340
+  _globals['_DISCLOSERESPONSE']._serialized_start=343
+  _globals['_DISCLOSERESPONSE']._serialized_end=558
+  _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_start=492
+  _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_end=558
+  _globals['_DISCLOSURESERVICE']._serialized_start=919
+  _globals['_DISCLOSURESERVICE']._serialized_end=1013
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ DISCLOSURE_GROUND_TRANSACTION_DISPUTE: DisclosureGround
 DISCLOSURE_GROUND_OTHER_LEGAL_BASIS: DisclosureGround
 
 class DiscloseRequest(_message.Message):
-    __slots__ = ("context", "user_id", "third_party", "ground", "fields", "reference", "approver", "provision", "service")
+    __slots__ = ("context", "user_id", "third_party", "ground", "fields", "reference", "approver", "provision", "service", "destination_country")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     THIRD_PARTY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class DiscloseRequest(_message.Message):
     APPROVER_FIELD_NUMBER: _ClassVar[int]
     PROVISION_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_COUNTRY_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.CallContext
     user_id: str
     third_party: str
@@ -47,7 +48,8 @@ class DiscloseRequest(_message.Message):
     approver: str
     provision: str
     service: str
-    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., user_id: _Optional[str] = ..., third_party: _Optional[str] = ..., ground: _Optional[_Union[DisclosureGround, str]] = ..., fields: _Optional[_Iterable[str]] = ..., reference: _Optional[str] = ..., approver: _Optional[str] = ..., provision: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
+    destination_country: str
+    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., user_id: _Optional[str] = ..., third_party: _Optional[str] = ..., ground: _Optional[_Union[DisclosureGround, str]] = ..., fields: _Optional[_Iterable[str]] = ..., reference: _Optional[str] = ..., approver: _Optional[str] = ..., provision: _Optional[str] = ..., service: _Optional[str] = ..., destination_country: _Optional[str] = ...) -> None: ...
 
 class DiscloseResponse(_message.Message):
     __slots__ = ("fields", "withheld", "log_sequence")

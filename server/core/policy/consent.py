@@ -4,8 +4,10 @@ approval in advance"): consents per user, purpose and recipient.
 
 A consent-gated rule sends a field only to a recipient the user consented to, for a purpose
 the consent covers (`consented_rules`); sensitive data needs its own, separate consent (PIPL
-Art. 29). A consent may name a recipient the rules file does not declare only for
-`third_party_sharing`, where it backs a disclosure under ground 3a (`shares_with`).
+Art. 29). A consent is recorded only with evidence of how it was given (a reviewer must be
+able to ask for it); a withdrawal needs none, so that nothing stands in its way. A consent
+may name a recipient the rules file does not declare only for `third_party_sharing`, where
+it backs a disclosure under ground 3a (`shares_with`).
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ class Consented:
     cookies: bool = False
 
 
-def check_consents(changes: list[ConsentChange], recipients: Collection[str]) -> None:
+def check_consents(changes: list[ConsentChange], recipients: Collection[str], withdraw: bool = False) -> None:
     """Refuses, naming every offending field at once, a batch that is empty or too large, or
     that holds a malformed user id, an unknown purpose, a recipient the rules do not declare
-    (but for `third_party_sharing`) or evidence too long. `recipients`: the declared ids."""
+    (but for `third_party_sharing`), evidence too long or, for consents given (not
+    `withdraw`), no evidence. `recipients`: the declared ids."""
     bad: list[tuple[str, str]] = []
     for i, c in enumerate(changes):
         at = f"consents[{i}]"
@@ -68,6 +71,8 @@ def check_consents(changes: list[ConsentChange], recipients: Collection[str]) ->
             bad.append((f"{at}.recipient", f"unknown recipient {c.recipient!r}; known: {sorted(recipients)}"))
         if len(c.evidence) > 2000:
             bad.append((f"{at}.evidence", "at most 2,000 characters"))
+        elif not withdraw and not c.evidence.strip():
+            bad.append((f"{at}.evidence", "say how the user gave this consent, e.g. 'signup form v3, box 2'"))
     if not 1 <= len(changes) <= 1000:
         bad.append(("consents", f"{len(changes)} consents; send 1 to 1,000"))
     if bad:

@@ -1,10 +1,12 @@
 """Policy 3a-3g ("our APP will disclose all or part of your personal information based on your
 personal will or related legal provisions" in seven circumstances): disclosure grounds.
 
-Every disclosure names one ground of `GROUNDS`, which fixes its legal basis, the evidence it
-needs (a court order's reference, a second person's approval, ...) and the categories it may
-reach: a complaint over intellectual property (3e) or a transaction (3f) reaches only the
-other party's name and contact. A ground without its evidence, a self-approved request, or a
+Every disclosure names the country its third party receives the data in (an ISO 3166-1
+alpha-2 code: under PIPL, data handed to a party abroad is exported, and counts as such) and
+one ground of `GROUNDS`, which fixes its legal basis, the evidence it needs (a court order's
+reference, a second person's approval, ...) and the categories it may reach: a complaint over
+intellectual property (3e) or a transaction (3f) reaches only the other party's name and
+contact. A ground without its evidence, a self-approved request, or a
 3a disclosure without the user's standing consent is refused (`refusal`); credentials never go.
 """
 
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from residency.server.core import countries
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
 from residency.server.core.policy.consent import THIRD_PARTY_SHARING
 from residency.server.core.rules import CREDENTIAL, NOT_FOR_GROUND, Withheld, covers
@@ -45,24 +48,38 @@ GROUNDS: dict[str, Ground] = {
 
 @dataclass(slots=True)
 class Disclosure:
-    """A request to hand a user's fields to a third party; no `fields` means every field."""
+    """A request to hand a user's fields to a third party in a country (an ISO 3166-1 alpha-2
+    code); no `fields` means every field."""
 
     user_id: str
     third_party: str
+    destination_country: str
     ground: str
     fields: list[str]
     evidence: dict[str, str] = field(default_factory=dict)
 
 
 def check_request(d: Disclosure, schema: Mapping[str, FieldSpec]) -> None:
-    """Refuses a request that names no known ground, no third party or an unknown field."""
+    """Refuses a request that names no known ground, no third party, no known country or an
+    unknown field."""
     if d.ground not in GROUNDS:
         raise InvalidRecord([("ground", f"must be one of {sorted(GROUNDS)}")])
     if not d.third_party.strip():
         raise InvalidRecord([("third_party", "name who receives the data")])
+    if not countries.is_alpha_2(d.destination_country):
+        raise InvalidRecord([("destination_country", _country_problem(d.destination_country))])
     unknown = [f for f in d.fields if f not in schema]
     if unknown:
         raise InvalidRecord([(f"fields[{f}]", "unknown field") for f in unknown])
+
+
+def _country_problem(given: str) -> str:
+    if not given.strip():
+        return "name the country the third party receives the data in: an ISO 3166-1 alpha-2 code, e.g. SG"
+    hint = countries.suggest(given)
+    return f"{given[:60]!r} is not an ISO 3166-1 alpha-2 country code" + (
+        f"; did you mean {hint}?" if hint else " (two upper-case letters, e.g. SG)"
+    )
 
 
 def refusal(d: Disclosure, caller: str, consents_to_sharing: bool) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from residency.server.core.errors import InvalidRecord
-from residency.server.core.rules import LEGAL_BASES, Grant
+from residency.server.core.rules import LEGAL_BASES, Grant, covers
 from residency.server.core.schema import USER_ID, data_categories, data_uses
 
 
@@ -31,10 +31,15 @@ class GrantRequest:
     user_ids: tuple[str, ...]
 
 
-def check_grant(g: GrantRequest, recipients: Collection[str], now: float) -> None:
+def check_grant(
+    g: GrantRequest, recipients: Collection[str], never_transfer: Collection[str], now: float
+) -> None:
     """Refuses, naming every offending field at once, a grant to a recipient the rules file
     does not declare (the user must be able to learn its company and contact), for an
-    unknown purpose, legal basis or category, for no or malformed users, or already over."""
+    unknown purpose, legal basis or category, for a category that never leaves the home
+    region (`never_transfer`: such a grant could only ever be withheld, and would claim an
+    access that cannot be), for no or malformed users, or already over. A broader category
+    is allowed: the never-transfer fields under it are withheld as everywhere."""
     bad = []
     if g.recipient not in recipients:
         bad.append(
@@ -51,6 +56,10 @@ def check_grant(g: GrantRequest, recipients: Collection[str], now: float) -> Non
     cats = data_categories()
     if not g.categories or any(c not in cats for c in g.categories):
         bad.append(("grant.categories", "must list Fides data categories"))
+    for c in g.categories:
+        kept = next((n for n in never_transfer if covers(n, c)), None)
+        if kept is not None:
+            bad.append(("grant.categories", f"{c} never leaves the home region (never_transfer: {kept})"))
     if not g.user_ids or any(not USER_ID.fullmatch(u) for u in g.user_ids):
         bad.append(("grant.user_ids", "must list 1 or more well-formed user ids"))
     if g.ends_at <= now:
@@ -67,6 +76,14 @@ def opened_reason(purpose: str, ends_at: float) -> str:
 def closed_reason(revoked: bool) -> str:
     """The transfer-log reason of a grant that ended or was revoked."""
     return f"grant {'revoked' if revoked else 'ended'}: reads denied, copies withdrawn"
+
+
+def state(ends_at: float, revoked_at: float | None, now: float) -> str:
+    """Whether a grant stands at `now` ("active", as `Grant.active` decides), or is over:
+    "revoked" if revoked before its end time, else "ended"."""
+    if revoked_at is None:
+        return "active" if now < ends_at else "ended"
+    return "revoked" if revoked_at < ends_at else "ended"
 
 
 def split_grants(grants: Iterable[Grant], now: float) -> tuple[tuple[Grant, ...], tuple[Grant, ...]]:

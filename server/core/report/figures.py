@@ -1,5 +1,7 @@
 """What reviewers' reports count: the integrity of the entries against their signed checkpoint,
-where each region's servers are, and the PIPL/CAC cross-border thresholds per country and year."""
+where each region's servers are, and the PIPL/CAC cross-border thresholds per country and year:
+replications, reads from abroad and disclosures alike (data a foreign party can query counts
+as exported)."""
 
 from __future__ import annotations
 
@@ -9,18 +11,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from residency.server.core import merkle
+from residency.server.core import countries, merkle
 from residency.server.core.checkpoint import CheckpointError, open_note, parse_verifier_key
 
 # Kinds whose allowed entries move personal data to (or let it be read from) another place.
 TRANSFER_KINDS = frozenset({"replication", "remote_read", "disclosure"})
-# Where each known region's servers are; a region not listed is shown by its own name.
-REGION_COUNTRY = {
-    "cn-north": "China",
-    "ap-southeast-1": "Singapore",
-    "eu-west-1": "Ireland",
-    "us-east-1": "United States",
-}
+# Where each known region's servers are (ISO 3166-1 alpha-2); a region not listed is shown,
+# and counted, by its own name.
+REGION_COUNTRY = {"cn-north": "CN", "ap-southeast-1": "SG", "eu-west-1": "IE", "us-east-1": "US"}
 # PIPL / CAC (Provisions on Promoting and Regulating Cross-Border Data Flows, 2024):
 # individuals per calendar year, counted per exporter. Sensitive data has its own threshold.
 THRESHOLDS = (100_000, 1_000_000)
@@ -76,21 +74,34 @@ def crossed_border(r: dict[str, Any]) -> bool:
 
 
 def country(region: str) -> str:
-    return REGION_COUNTRY.get(region, region)
+    """The name of the country a region's servers are in."""
+    code = REGION_COUNTRY.get(region)
+    return countries.name(code) if code else region
+
+
+def destination(r: dict[str, Any]) -> str:
+    """The country an entry's data went to, by name: the one a disclosure names, or that of the
+    destination region (a replication's, or a reader's location); "" when there is none (a
+    disclosure logged before disclosures named their country)."""
+    if r["kind"] == "disclosure":
+        code = r.get("destination_country", "")
+        return countries.name(code) if code else ""
+    return country(r["destination_region"]) if r["destination_region"] else ""
 
 
 def thresholds(
     rows: Iterable[dict[str, Any]], sensitive_fields: set[str], home_region: str
 ) -> list[dict[str, Any]]:
     """Distinct individuals whose data went abroad, per destination country and calendar
-    year (and those with sensitive data among them), with the thresholds they approach."""
+    year (and those with sensitive data among them), with the thresholds they approach. A
+    replication counts against its region's country, a read against the reader's region's,
+    a disclosure against the country it names."""
     people: dict[tuple[str, int], set[str]] = defaultdict(set)
     sensitive: dict[tuple[str, int], set[str]] = defaultdict(set)
     home = country(home_region)
     for r in rows:
-        dest = country(r["destination_region"])
-        # A disclosure to a third party names no region: no country to count it against.
-        if not crossed_border(r) or not r["destination_region"] or dest == home:
+        dest = destination(r)
+        if not crossed_border(r) or not dest or dest == home:
             continue
         key = (dest, datetime.fromtimestamp(r["time"], UTC).year)
         people[key].add(r["subject"])

@@ -7,7 +7,14 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from residency.server.core.report.figures import Integrity, country, crossed_border, iso, thresholds
+from residency.server.core.report.figures import (
+    Integrity,
+    country,
+    crossed_border,
+    destination,
+    iso,
+    thresholds,
+)
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2330;
@@ -38,8 +45,11 @@ code{font:12px ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
 _COLORS = {"allowed": "#2da44e", "denied": "#cf222e", "failed": "#d4a72c"}
 
 
-def _place(region: str) -> str:
-    return f"{region} ({country(region)})" if region else "third party (no region)"
+def _place(r: dict[str, Any]) -> str:
+    region = r["destination_region"]
+    if region:
+        return f"{region} ({country(region)})"
+    return f"third party in {destination(r)}" if destination(r) else "third party (no country named)"
 
 
 def _identity(recipients: dict[str, Any], rid: str) -> str:
@@ -196,7 +206,7 @@ def render_page(
     sensitive = set(context.get("sensitive_fields", []))
     crossed = [r for r in rows if crossed_border(r)]
     outcomes = Counter(r["outcome"] for r in rows)
-    by_dest = Counter(_place(r["destination_region"]) for r in crossed)
+    by_dest = Counter(_place(r) for r in crossed)
     by_cat: Counter[str] = Counter()
     by_basis: Counter[str] = Counter()
     by_purpose: Counter[str] = Counter()
@@ -294,7 +304,7 @@ def render_page(
         out.append(f'<p class="muted">the latest 200 of {len(problems):,} shown; the CSV has all</p>')
     if subject:
         mine = [r for r in rows if r["subject"] == subject]
-        places = Counter(_place(r["destination_region"]) for r in mine if crossed_border(r))
+        places = Counter(_place(r) for r in mine if crossed_border(r))
         fields_out = sorted({f["name"] for r in mine if crossed_border(r) for f in r["fields"]})
         who = sorted({x for r in mine if crossed_border(r) for x in r["recipient"].split(",") if x})
         out += [

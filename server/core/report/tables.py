@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Any
 
-from residency.server.core.report.figures import iso
+from residency.server.core.report.figures import destination, iso
 
 CSV_COLUMNS = (
     "sequence",
@@ -16,6 +16,7 @@ CSV_COLUMNS = (
     "subject",
     "source_region",
     "destination_region",
+    "destination_country",
     "recipient",
     "purpose",
     "legal_bases",
@@ -46,6 +47,7 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
                 r["subject"],
                 r["source_region"],
                 r["destination_region"],
+                destination(r),
                 r["recipient"],
                 r["purpose"],
                 ";".join(sorted({f["legal_basis"] for f in fields if f.get("legal_basis")})),
