@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from residency.cli.channel import add_target, open_channel
+from residency.cli.channel import Credentials, add_target, open_channel
 from residency.cli.client import Client
 from residency.v1 import translog_pb2, translog_pb2_grpc
 
 
 async def _log_tail(args: argparse.Namespace) -> int:
-    async with open_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         stub = translog_pb2_grpc.TransferLogServiceStub(channel)
         req = translog_pb2.TailEntriesRequest(after_sequence=args.after, limit=args.limit)
         async for e in stub.TailEntries(req, timeout=args.timeout):
@@ -58,7 +58,7 @@ def _window(entries: list[bytes], since: float | None, until: float | None) -> d
 async def _log_export(args: argparse.Namespace) -> int:
     from residency.server.vault import bundle
 
-    async with Client(args.target, timeout=args.timeout) as node:
+    async with Client(args.target, Credentials.of(args), timeout=args.timeout) as node:
         cp, entries, leaves = await node.fetch_log()
     window = _window(entries, args.since, args.until)
     bundle.write(args.out, entries, leaves, cp.checkpoint, cp.verifier_key, window)
@@ -98,7 +98,7 @@ async def _log_prove(args: argparse.Namespace) -> int:
     if (args.index is None) == (args.from_size is None):
         print("error: give --index I (inclusion) or --from M (consistency)", file=sys.stderr)
         return 2
-    async with open_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         stub = translog_pb2_grpc.TransferLogServiceStub(channel)
         if args.from_size is not None:
             c = await stub.ProveConsistency(
@@ -126,11 +126,11 @@ async def _log_report(args: argparse.Namespace) -> int:
     from residency.server.core import report
     from residency.server.core.report import figures
 
-    async with Client(args.target, timeout=args.timeout) as node:
+    async with Client(args.target, Credentials.of(args), timeout=args.timeout) as node:
         cp, entries, leaves = await node.fetch_log()
         ctx = await node.review_context()
     context = json_format.MessageToDict(ctx, preserving_proto_field_name=True)
-    key = args.key.read_text() if args.key else cp.verifier_key
+    key = args.log_key.read_text() if args.log_key else cp.verifier_key
     integrity = figures.integrity(entries, cp.checkpoint, key)
     text = report.render(args.format, entries, context, integrity, subject=args.subject)
     Path(args.out).write_text(text, encoding="utf-8")
@@ -170,5 +170,5 @@ def add_log(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--subject", help="add a 'where did my data go' section for this user")
     s.add_argument("--format", choices=("html", "csv", "jsonl"), default="html")
-    s.add_argument("--key", type=Path, help="a log.pub to verify with (default: the key the node states)")
+    s.add_argument("--log-key", type=Path, help="a log.pub to verify with (default: the key the node states)")
     s.set_defaults(run=lambda a: asyncio.run(_log_report(a)))

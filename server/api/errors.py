@@ -14,6 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from residency.server.core.errors import (
+    CallerDenied,
     ConfigError,
     FailedPrecondition,
     InvalidRecord,
@@ -33,6 +34,7 @@ _CODES = {
     OutOfRange: code_pb2.OUT_OF_RANGE,
     TransferDenied: code_pb2.PERMISSION_DENIED,
     PolicyDenied: code_pb2.PERMISSION_DENIED,
+    CallerDenied: code_pb2.PERMISSION_DENIED,
     KeyUnavailable: code_pb2.UNAVAILABLE,
     SealError: code_pb2.FAILED_PRECONDITION,
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,

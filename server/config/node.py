@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, ConfigDict, Field, Tag, ValidationError, model_validator
 
 from residency.server.config.errors import FileModel, config_error, empty_if_null, tagged_by
+from residency.server.config.tls import TlsConfig, TlsFile, tls_config
 from residency.server.core.errors import ConfigError
 
 DURABILITY = {"full": "FULL", "normal": "NORMAL"}
@@ -185,6 +186,7 @@ class NodeFile(FileModel):
     region: str = Field(min_length=1, description="the region this node serves, e.g. cn-north")
     role: Literal["primary", "region"]
     listen: HostPort
+    tls: TlsFile
     data_dir: RelativePath = Field(description="the folder of the node's database")
     schema_: RelativePath = Field(alias="schema", description="the path of the schema file")
     rules: RelativePath = Field(description="the path of the transfer rules file")
@@ -282,6 +284,7 @@ class NodeConfig:
     schema: Path
     rules: Path
     keys: KeysConfig
+    tls: TlsConfig
     durability: str = "full"
     # How often the primary ends expired grants and withdraws copies past retention.
     policy_sweep_seconds: float = 30.0
@@ -333,6 +336,7 @@ def load_config(path: str | Path) -> NodeConfig:
         schema=rel(f.schema_),
         rules=rel(f.rules),
         keys=_keys(f.keys, path, rel),
+        tls=tls_config(f.tls, rel),
         durability=f.durability,
         policy_sweep_seconds=f.policy_sweep_seconds,
         affiliates=tuple(_affiliate(a, rel) for a in f.affiliates),
