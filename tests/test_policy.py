@@ -88,7 +88,10 @@ async def test_consent_list_shows_standing_and_withdrawn_consents(cluster: Clust
     assert by_purpose["marketing.communications"].recipient == "ie-affiliate"
     assert not by_purpose["marketing.communications"].HasField("withdrawn_at")
     assert by_purpose[COOKIES].HasField("withdrawn_at")
-    assert all(c.evidence == "test suite" and c.actor == "test:suite" for c in reply.consents)
+    assert all(
+        c.evidence == "test suite" and c.actor == "spiffe://residency/service/cn-north/test-suite"
+        for c in reply.consents
+    )
 
 
 async def test_a_consent_for_an_unknown_recipient_or_purpose_is_refused(cluster: Cluster):
@@ -236,7 +239,7 @@ async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(c
             "d-1",
             disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
             reference="R-1",
-            approver="test:suite",
+            approver="spiffe://residency/service/cn-north/test-suite",  # the caller itself
             **court,
         )
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

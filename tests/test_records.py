@@ -199,7 +199,10 @@ async def test_cross_location_read_returns_allowed_fields_and_lists_withheld(clu
     log = {seq: json.loads(e) for seq, e, _ in await cluster.log()}
     entry = log[reply.log_sequence]
     assert entry["kind"] == "remote_read" and entry["outcome"] == "allowed"
-    assert entry["destination_region"] == "ap-southeast-1" and entry["actor"] == "test:suite"
+    assert (
+        entry["destination_region"] == "ap-southeast-1"
+        and entry["actor"] == "spiffe://residency/service/ap-southeast-1/test-suite"
+    )
     assert entry["purpose"] == "essential.service"
     assert {f["name"] for f in entry["fields"]} == {"name", "email"}
     assert {w["name"] for w in entry["withheld"]} == {"national_id", "address", "search_keywords"}
