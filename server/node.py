@@ -83,7 +83,10 @@ class RunningNode:
         self.records: Records | None = None
         self._watch: asyncio.Task | None = None
         self._seen: tuple[int, int] | None = None
-        self.tls = ServerTls(config.tls)  # unreadable certificates fail at start, naming the key
+        try:  # unreadable certificates fail at start, naming the file and the key
+            self.tls = ServerTls(config.tls)
+        except ConfigError as e:
+            raise ConfigError(f"{config.path}: {e}") from None
 
     async def _key_events(self) -> None:
         """Logs key events (rotate, retire, shred) not logged yet, and acts on a shred."""

@@ -10,6 +10,8 @@ import json
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.cli.channel import Credentials
-from residency.server.deployment import PRIMARY
+from residency.server.deployment import PRIMARY, init_deployment
 from residency.server.keys import pki
 from residency.v1 import records_pb2, records_pb2_grpc
 from tests.conftest import Cluster, ctx, values
@@ -74,6 +76,30 @@ async def refused(creds: Credentials, address: str) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await serving(creds, address)
     return e.value.code()
+
+
+def test_a_node_without_tls_or_with_certificates_it_cannot_use_does_not_start(tmp_path: Path):
+    init_deployment(tmp_path / "d")
+    config = tmp_path / "d" / f"{PRIMARY}.yaml"
+    doc = yaml.safe_load(config.read_text())
+    cases = {
+        "'tls' is required": {k: v for k, v in doc.items() if k != "tls"},
+        "'tls.cert': cannot read": {**doc, "tls": {**doc["tls"], "cert": "pki/missing.crt"}},
+        "'tls.key': ": {**doc, "tls": {**doc["tls"], "key": "pki/operator.key"}},  # not the cert's key
+        "'tls' has unknown key(s) ['plaintext']": {
+            **doc,
+            "tls": {**doc["tls"], "plaintext": True},
+        },  # no way to turn it off
+    }
+    for expected, bad in cases.items():
+        config.write_text(yaml.safe_dump(bad))
+        r = subprocess.run(
+            [sys.executable, "-m", "residency.cli.main", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode != 0 and expected in r.stderr and str(config) in r.stderr, r.stderr
 
 
 async def test_a_plaintext_client_and_a_client_without_certificate_are_refused(module_cluster: Cluster):
