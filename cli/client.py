@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from residency.cli.channel import metadata, open_channel
+from residency.cli.channel import Credentials
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -25,17 +25,20 @@ from residency.v1 import (
 
 
 class Client:
-    """`async with Client(target, identity) as node:` one channel, the caller named on every
-    call (when `identity` is given), `timeout` seconds per call unless a call says otherwise."""
+    """`async with Client(target, credentials) as node:` one mutual TLS channel, the caller
+    being the identity of `credentials`' certificate, `timeout` seconds per call unless a call
+    says otherwise."""
 
-    def __init__(self, target: str, identity: str = "", timeout: float = 30.0):
+    def __init__(self, target: str, credentials: Credentials, timeout: float = 30.0):
         self.target = target
         self.timeout = timeout
-        self._meta = metadata(identity) if identity else None
+        self.credentials = credentials
         self._channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> Client:
-        self._channel = open_channel(self.target)  # made here: a channel belongs to the running loop
+        self._channel = self.credentials.channel(
+            self.target
+        )  # made here: a channel belongs to the running loop
         return self
 
     async def __aexit__(
@@ -50,7 +53,7 @@ class Client:
         return self._channel
 
     def _call(self, timeout: float | None) -> dict[str, Any]:
-        return {"metadata": self._meta, "timeout": self.timeout if timeout is None else timeout}
+        return {"timeout": self.timeout if timeout is None else timeout}
 
     async def serving(self, timeout: float | None = None) -> bool:
         """Whether the node reports SERVING (waits for the channel to be ready)."""

@@ -19,10 +19,18 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
+from residency.cli.channel import Credentials
 from residency.cli.client import Client
 from residency.server.config.node import load_config
 from residency.server.core import codec
-from residency.server.deployment import AFFILIATES, PRIMARY, check_running, init_deployment, start_node
+from residency.server.deployment import (
+    AFFILIATES,
+    PRIMARY,
+    check_running,
+    init_deployment,
+    issue_once,
+    start_node,
+)
 from residency.v1 import common_pb2, consent_pb2, records_pb2
 
 BATCH = 500
@@ -64,10 +72,20 @@ def synthetic_user(i: int, rng: random.Random) -> tuple[str, str, dict[str, Any]
     return f"user-{i:07d}", source, fields
 
 
+def credentials(directory: Path, role: str, region: str = PRIMARY) -> Credentials:
+    """The demo's client certificate for `role` in `region` (issued once into the deployment's
+    pki/: the operator's and the reviewer's are `residency init`'s)."""
+    pki = directory / "pki"
+    name = role if role in ("operator", "reviewer") else f"{role}-{region}"
+    issue_once(pki, role, region, "demo" if role == "service" else role, name)
+    return Credentials.files(pki / name, pki / "ca.crt")
+
+
 class Nodes:
     """The deployment's three `residency serve` processes, started for the demo's run."""
 
     def __init__(self, directory: Path):
+        self.operator = credentials(directory, "operator")
         self.configs = {r: directory / f"{r}.yaml" for r in (PRIMARY, *AFFILIATES)}
         self.addresses = {r: load_config(p).listen for r, p in self.configs.items()}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -83,7 +101,7 @@ class Nodes:
         """Waits until every node reports SERVING; a node that died is reported."""
         end = time.monotonic() + deadline
         for address in self.addresses.values():
-            async with Client(address, timeout=1.0) as node:
+            async with Client(address, self.operator, timeout=1.0) as node:
                 while True:
                     self._check_running()
                     with contextlib.suppress(grpc.aio.AioRpcError):
@@ -106,10 +124,10 @@ class Nodes:
         return codes
 
 
-async def wait_replicated(primary: str, timeout: float = 600.0) -> None:
+async def wait_replicated(primary: str, operator: Credentials, timeout: float = 600.0) -> None:
     """Waits, showing progress, until every destination has applied the whole outbox."""
     end = time.monotonic() + timeout
-    async with Client(primary, timeout=10) as node:
+    async with Client(primary, operator, timeout=10) as node:
         bar = None
         while True:
             s = await node.replication_status()
@@ -151,10 +169,10 @@ def demo_consents(start: int, stop: int) -> list[consent_pb2.Consent]:
     return out
 
 
-async def load_users(primary: str, users: int, seed: int = 7) -> None:
+async def load_users(primary: str, directory: Path, users: int, seed: int = 7) -> None:
     rng = random.Random(seed)
     ctx = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
-    async with Client(primary, identity="demo:loader", timeout=120) as node:
+    async with Client(primary, credentials(directory, "service"), timeout=120) as node:
         with tqdm(total=users, desc="writing users", unit="user", file=sys.stderr) as bar:
             for start in range(0, users, BATCH):
                 await node.grant_consents(ctx, demo_consents(start, min(users, start + BATCH)))
@@ -169,16 +187,17 @@ async def load_users(primary: str, users: int, seed: int = 7) -> None:
                 bar.update(len(records))
 
 
-async def sample_reads(primary: str) -> list[str]:
-    """Cross-location reads: one allowed in part, one allowed by consent, one refused."""
+async def sample_reads(primary: str, directory: Path) -> list[str]:
+    """Cross-location reads: one allowed in part, one allowed by consent, one refused; each by
+    a service whose certificate is of the region it reads from."""
     lines = []
-    async with Client(primary, identity="demo:reader", timeout=10) as node:
-        for user, location, purpose in (
-            ("user-0000001", "ap-southeast-1", "essential.service"),
-            ("user-0000000", "eu-west-1", "marketing.communications"),  # consented (policy 2c)
-            ("user-0000001", "eu-west-1", "marketing.communications"),  # did not consent
-        ):
-            ctx = common_pb2.CallContext(location=location, purpose=purpose)
+    for user, location, purpose in (
+        ("user-0000001", "ap-southeast-1", "essential.service"),
+        ("user-0000000", "eu-west-1", "marketing.communications"),  # consented (policy 2c)
+        ("user-0000001", "eu-west-1", "marketing.communications"),  # did not consent
+    ):
+        ctx = common_pb2.CallContext(location=location, purpose=purpose)
+        async with Client(primary, credentials(directory, "service", location), timeout=10) as node:
             try:
                 r = await node.get_record(ctx, user)
                 lines.append(
@@ -191,12 +210,12 @@ async def sample_reads(primary: str) -> list[str]:
     return lines
 
 
-async def export_and_verify(primary: str, out: Path, pinned: Path, keep: bool) -> str:
+async def export_and_verify(primary: str, reviewer: Credentials, out: Path, pinned: Path, keep: bool) -> str:
     """What a reviewer does: export the primary's transfer log and verify it offline against
     the verifier key they were given (`pinned`), not the one the export carries."""
     from residency.server.vault import bundle
 
-    async with Client(primary, timeout=120) as node:
+    async with Client(primary, reviewer, timeout=120) as node:
         cp, log_entries, leaves = await node.fetch_log()
     bundle.write(out, log_entries, leaves, cp.checkpoint, cp.verifier_key, None)
     v = bundle.verify(out, key=pinned.read_text())
@@ -258,18 +277,19 @@ async def _run(directory: Path, users: int, keep: bool = False) -> int:
             file=sys.stderr,
         )
         t1 = time.monotonic()
-        await load_users(primary, users)
+        await load_users(primary, directory, users)
         t2 = time.monotonic()
-        await wait_replicated(primary)
+        await wait_replicated(primary, nodes.operator)
         t3 = time.monotonic()
-        reads = await sample_reads(primary)
-        async with Client(primary, timeout=120) as node:
+        reads = await sample_reads(primary, directory)
+        reviewer = credentials(directory, "reviewer")
+        async with Client(primary, reviewer, timeout=120) as node:
             entries = await node.read_log()
         pinned = directory / "keys" / PRIMARY / "log.pub"
-        review = await export_and_verify(primary, directory / "review" / PRIMARY, pinned, keep)
+        review = await export_and_verify(primary, reviewer, directory / "review" / PRIMARY, pinned, keep)
         statuses = {}
         for r in AFFILIATES:
-            async with Client(nodes.addresses[r], timeout=60) as node:
+            async with Client(nodes.addresses[r], nodes.operator, timeout=60) as node:
                 statuses[r] = await node.node_status()
         print(summarize(entries, statuses, users))
         print("\ncross-location reads at the primary:")

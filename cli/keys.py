@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 
-from residency.cli.channel import default_identity
+
+def default_identity() -> str:
+    """Who changes a key, as the node's transfer log names them (key commands run on the node)."""
+    try:
+        return f"operator:{getpass.getuser()}"
+    except Exception:
+        return "operator"
 
 
 def _keys(args: argparse.Namespace) -> int:

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from residency.cli.channel import add_target, open_channel
+from residency.cli.channel import Credentials, add_target, open_channel
 from residency.cli.client import Client
 from residency.v1 import translog_pb2, translog_pb2_grpc
 
 
 async def _log_tail(args: argparse.Namespace) -> int:
-    async with open_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         stub = translog_pb2_grpc.TransferLogServiceStub(channel)
         req = translog_pb2.TailEntriesRequest(after_sequence=args.after, limit=args.limit)
         async for e in stub.TailEntries(req, timeout=args.timeout):
@@ -79,7 +79,7 @@ async def _log_export(args: argparse.Namespace) -> int:
 
     from residency.server.vault import bundle
 
-    async with Client(args.target, timeout=args.timeout) as node:
+    async with Client(args.target, Credentials.of(args), timeout=args.timeout) as node:
         cp, entries, leaves = await node.fetch_log()
         ctx = await node.review_context()
     window = _window(entries, args.since, args.until)
@@ -133,7 +133,7 @@ async def _log_prove(args: argparse.Namespace) -> int:
     if (args.index is None) == (args.from_size is None):
         print("error: give --index I (inclusion) or --from M (consistency)", file=sys.stderr)
         return 2
-    async with open_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         stub = translog_pb2_grpc.TransferLogServiceStub(channel)
         cp = await stub.GetCheckpoint(translog_pb2.GetCheckpointRequest(), timeout=args.timeout)
         size = args.size if args.size is not None else cp.tree_size
@@ -211,10 +211,10 @@ async def _log_report(args: argparse.Namespace) -> int:
         print("error: give --target HOST:PORT (a live node) or --bundle DIR (offline)", file=sys.stderr)
         return 2
     if args.bundle is not None:
-        if not args.key:
+        if not args.verifier_key:
             print("error: --bundle needs --key: the verifier key you trust", file=sys.stderr)
             return 2
-        key = _key(args.key)
+        key = _key(args.verifier_key)
         entries = bundle.read_entries(args.bundle / bundle.ENTRIES)
         note = (args.bundle / bundle.CHECKPOINT).read_text()
         context_file = args.bundle / bundle.CONTEXT
@@ -223,11 +223,11 @@ async def _log_report(args: argparse.Namespace) -> int:
             return 1
         context = json.loads(context_file.read_text())
     else:
-        async with Client(args.target, timeout=args.timeout) as node:
+        async with Client(args.target, Credentials.of(args), timeout=args.timeout) as node:
             cp, entries, leaves = await node.fetch_log()
             ctx = await node.review_context()
         context = json_format.MessageToDict(ctx, preserving_proto_field_name=True)
-        note, key = cp.checkpoint, _key(args.key) if args.key else cp.verifier_key
+        note, key = cp.checkpoint, _key(args.verifier_key) if args.verifier_key else cp.verifier_key
     integrity = figures.integrity(entries, note, key)
     text = report.render(args.format, entries, context, integrity, subject=args.subject)
     Path(args.out).write_text(text, encoding="utf-8")
@@ -280,10 +280,14 @@ def add_log(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(run=_log_verify_proof)
 
     s = lg.add_parser("report", help="a reviewer's report: HTML (self-contained), CSV or JSON Lines")
-    add_target(s, required=False)
+    # `--key` is the log's verifier key here (offline, a reviewer's trust root); the caller's
+    # own TLS key for --target is `--client-key` (or RESIDENCY_KEY).
+    add_target(s, required=False, key_flag="--client-key")
     s.add_argument("--bundle", type=Path, help="build it offline from an exported bundle (with --key)")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--subject", help="add a 'where did my data go' section for this user")
     s.add_argument("--format", choices=("html", "csv", "jsonl"), default="html")
-    s.add_argument("--key", help=KEY_HELP + " (default with --target: the key the node states)")
+    s.add_argument(
+        "--key", dest="verifier_key", help=KEY_HELP + " (default with --target: the key the node states)"
+    )
     s.set_defaults(run=lambda a: asyncio.run(_log_report(a)))

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_demo(sub)
     node.add_init(sub)
     node.add_serve(sub)
+    node.add_certs(sub)
     replication.add_replicate(sub)
     keys.add_keys(sub)
     records.add_records(sub)

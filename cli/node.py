@@ -1,11 +1,12 @@
-"""`residency serve`, `init`, `status` and `demo`: run a node, write a deployment, ask a node
-how it is, and run the three-region demo."""
+"""`residency serve`, `init`, `certs issue`, `status` and `demo`: run a node, write a
+deployment, issue a client or node certificate, ask a node how it is, and run the demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,24 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs_issue(args: argparse.Namespace) -> int:
+    from residency.server.core.errors import ConfigError
+    from residency.server.keys import pki
+
+    hosts = pki.NODE_HOSTS if args.role == "node" else ()
+    try:
+        ident = pki.issue(
+            Path(args.deployment) / "pki", args.role, args.region, args.name, Path(args.out), args.days, hosts
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}.crt, {args.out}.key: {ident.uri}")
+    return 0
+
+
 async def _status(args: argparse.Namespace) -> int:
-    async with open_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         node = await stub.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=args.timeout)
         out: dict[str, Any] = {
@@ -69,6 +86,24 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run a node until SIGTERM/SIGINT")
     s.add_argument("--config", required=True)
     s.set_defaults(run=_serve)
+
+
+def add_certs(sub: argparse._SubParsersAction) -> None:
+    from residency.server.keys.pki import ROLES
+
+    certs = sub.add_parser("certs", help="issue certificates from a deployment's CA").add_subparsers(
+        dest="action", required=True
+    )
+    s = certs.add_parser(
+        "issue", help="write PREFIX.crt and PREFIX.key (0600) for spiffe://TD/ROLE/REGION/NAME"
+    )
+    s.add_argument("--deployment", required=True, help="the deployment folder (its CA is in DIR/pki)")
+    s.add_argument("--role", required=True, choices=ROLES)
+    s.add_argument("--region", required=True, help="the holder's region: its location on every call")
+    s.add_argument("--name", required=True, help="the holder's name (a recipient's id for a recipient)")
+    s.add_argument("--out", required=True, help="PREFIX of the files written")
+    s.add_argument("--days", type=int, default=365, help="days of validity (default 365)")
+    s.set_defaults(run=_certs_issue)
 
 
 def add_status(sub: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import json
 from datetime import datetime
 
-from residency.cli.channel import add_caller, call_context, metadata, open_channel, print_message
+from residency.cli.channel import add_caller, call_context, open_channel, print_message
 from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, disclosure_pb2_grpc
 
 # The grounds of policy 3a-3g, as DisclosureGround names them (without its prefix).
@@ -24,13 +24,12 @@ GROUNDS = [
 
 
 async def _consent(args: argparse.Namespace) -> int:
-    ctx, meta = call_context(args), metadata(args.identity)
-    async with open_channel(args.target) as channel:
+    ctx = call_context(args)
+    async with open_channel(args) as channel:
         stub = consent_pb2_grpc.ConsentServiceStub(channel)
         if args.action == "list":
             reply = await stub.ListConsents(
                 consent_pb2.ListConsentsRequest(context=ctx, user_id=args.user_id),
-                metadata=meta,
                 timeout=args.timeout,
             )
             print_message(reply)
@@ -47,13 +46,11 @@ async def _consent(args: argparse.Namespace) -> int:
         if args.action == "grant":
             reply = await stub.GrantConsents(
                 consent_pb2.GrantConsentsRequest(context=ctx, consents=consents),
-                metadata=meta,
                 timeout=args.timeout,
             )
         else:
             reply = await stub.WithdrawConsents(
                 consent_pb2.WithdrawConsentsRequest(context=ctx, consents=consents),
-                metadata=meta,
                 timeout=args.timeout,
             )
         print(json.dumps({"user_id": args.user_id, "changed": reply.changed}))
@@ -63,8 +60,8 @@ async def _consent(args: argparse.Namespace) -> int:
 async def _grant(args: argparse.Namespace) -> int:
     from residency.server.core import codec
 
-    ctx, meta = call_context(args), metadata(args.identity)
-    async with open_channel(args.target) as channel:
+    ctx = call_context(args)
+    async with open_channel(args) as channel:
         stub = consent_pb2_grpc.GrantServiceStub(channel)
         if args.action == "create":
             ends = datetime.fromisoformat(args.until.replace("Z", "+00:00")).timestamp()
@@ -78,19 +75,17 @@ async def _grant(args: argparse.Namespace) -> int:
                 ends_at=codec.timestamp(ends),
             )
             reply = await stub.CreateGrant(
-                consent_pb2.CreateGrantRequest(context=ctx, grant=grant), metadata=meta, timeout=args.timeout
+                consent_pb2.CreateGrantRequest(context=ctx, grant=grant), timeout=args.timeout
             )
             print(json.dumps({"id": reply.id}))
         elif args.action == "revoke":
             reply = await stub.RevokeGrant(
-                consent_pb2.RevokeGrantRequest(context=ctx, id=args.id), metadata=meta, timeout=args.timeout
+                consent_pb2.RevokeGrantRequest(context=ctx, id=args.id), timeout=args.timeout
             )
             print(json.dumps({"id": args.id, "revoked": reply.revoked}))
         else:
             print_message(
-                await stub.ListGrants(
-                    consent_pb2.ListGrantsRequest(context=ctx), metadata=meta, timeout=args.timeout
-                )
+                await stub.ListGrants(consent_pb2.ListGrantsRequest(context=ctx), timeout=args.timeout)
             )
     return 0
 
@@ -111,10 +106,8 @@ async def _disclose(args: argparse.Namespace) -> int:
         provision=args.provision or "",
         service=args.service or "",
     )
-    async with open_channel(args.target) as channel:
-        reply = await disclosure_pb2_grpc.DisclosureServiceStub(channel).Disclose(
-            req, metadata=metadata(args.identity), timeout=args.timeout
-        )
+    async with open_channel(args) as channel:
+        reply = await disclosure_pb2_grpc.DisclosureServiceStub(channel).Disclose(req, timeout=args.timeout)
     print(
         json.dumps(
             {

@@ -8,7 +8,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from residency.cli.channel import add_target, call_context, default_identity, metadata, open_channel
+from residency.cli.channel import add_target, call_context, open_channel
 from residency.v1 import records_pb2, records_pb2_grpc
 
 
@@ -35,21 +35,20 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 async def _records(args: argparse.Namespace) -> int:
     from residency.server.core import codec
 
-    ctx, meta = call_context(args), metadata(args.identity)
-    async with open_channel(args.target) as channel:
+    ctx = call_context(args)
+    async with open_channel(args) as channel:
         stub = records_pb2_grpc.RecordServiceStub(channel)
         if args.action == "put":
             record = records_pb2.Record(user_id=args.user_id, source=args.source or "")
             for name, value in args.fields:
                 record.fields[name].CopyFrom(codec.to_value(value))
             reply = await stub.PutRecord(
-                records_pb2.PutRecordRequest(context=ctx, record=record), metadata=meta, timeout=args.timeout
+                records_pb2.PutRecordRequest(context=ctx, record=record), timeout=args.timeout
             )
             print(json.dumps({"user_id": reply.user_id, "version": reply.version}))
         elif args.action == "get":
             reply = await stub.GetRecord(
                 records_pb2.GetRecordRequest(context=ctx, user_id=args.user_id),
-                metadata=meta,
                 timeout=args.timeout,
             )
             r = reply.record
@@ -70,7 +69,6 @@ async def _records(args: argparse.Namespace) -> int:
         else:
             reply = await stub.DeleteRecord(
                 records_pb2.DeleteRecordRequest(context=ctx, user_id=args.user_id),
-                metadata=meta,
                 timeout=args.timeout,
             )
             print(json.dumps({"user_id": reply.user_id, "version": reply.version, "deleted": True}))
@@ -84,9 +82,8 @@ def add_records(sub: argparse._SubParsersAction) -> None:
     for action in ("put", "get", "delete"):
         s = rec.add_parser(action)
         add_target(s)
-        s.add_argument("--location", required=True, help="the caller's region")
+        s.add_argument("--location", default="", help="the caller's region (default: its certificate's)")
         s.add_argument("--purpose", required=True, help="a Fides data use, e.g. essential.service")
-        s.add_argument("--identity", default=default_identity(), help="the caller's identity")
         s.add_argument("user_id")
         if action == "put":
             s.add_argument("--source", help="registration, automatic or partner:NAME")

@@ -15,7 +15,7 @@ from residency.v1 import admin_pb2, admin_pb2_grpc
 
 
 async def _replication(args: argparse.Namespace) -> int:
-    async with open_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         if args.action == "status":
             reply: Any = await stub.ReplicationStatus(

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from residency.cli.channel import add_target, default_identity, metadata, open_channel, print_message
+from residency.cli.channel import add_target, open_channel, print_message
 from residency.server.core.errors import ResidencyError
 from residency.v1 import admin_pb2, admin_pb2_grpc
 
@@ -31,7 +31,7 @@ def _rules_check(args: argparse.Namespace) -> int:
 
 
 async def _rules_explain(args: argparse.Namespace) -> int:
-    async with open_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         reply = await admin_pb2_grpc.AdminServiceStub(channel).ExplainTransfer(
             admin_pb2.ExplainTransferRequest(user_id=args.user, to=args.to, purpose=args.purpose or ""),
             timeout=args.timeout,
@@ -53,11 +53,10 @@ async def _rules_explain(args: argparse.Namespace) -> int:
 
 async def _rules_apply(args: argparse.Namespace) -> int:
     text = Path(args.file).read_text()
-    async with open_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         reply = await stub.ApplyRules(
             admin_pb2.ApplyRulesRequest(rules_yaml=text),
-            metadata=metadata(args.identity),
             timeout=args.timeout,
         )
         print(
@@ -108,6 +107,5 @@ def add_rules(sub: argparse._SubParsersAction) -> None:
     s = ru.add_parser("apply", help="swap the primary's rules; copies are withdrawn or backfilled")
     add_target(s)
     s.add_argument("file")
-    s.add_argument("--identity", default=default_identity())
     s.add_argument("--wait", action="store_true", help="show progress until every record is re-projected")
     s.set_defaults(run=lambda a: asyncio.run(_rules_apply(a)))

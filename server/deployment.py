@@ -17,6 +17,7 @@ import yaml
 
 from residency.server.config import JSONSCHEMA
 from residency.server.config.node import load_config
+from residency.server.keys import pki
 from residency.server.keys.files import KeyExists
 from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers import open_provider
@@ -167,6 +168,30 @@ def local_keys(d: Path, region: str) -> dict[str, Any]:
     return {"provider": "local", "dir": f"keys/{region}", "passphrase_file": f"keys/{region}/passphrase"}
 
 
+def node_name(region: str) -> str:
+    """The NAME of a node's identity, spiffe://TD/node/REGION/NAME."""
+    return "primary" if region == PRIMARY else "region"
+
+
+def issue_once(
+    pki_dir: Path, role: str, region: str, name: str, out: str, hosts: tuple[str, ...] = ()
+) -> None:
+    """Issues `pki/OUT.crt|.key` unless they exist (a deployment written again keeps them)."""
+    if not (pki_dir / f"{out}.crt").exists():
+        pki.issue(pki_dir, role, region, name, pki_dir / out, hosts=hosts)
+
+
+def init_pki(d: Path, regions: tuple[str, ...], trust_domain: str = pki.TRUST_DOMAIN) -> None:
+    """The deployment's CA (kept if there), a certificate per node, and the operator's and
+    the reviewer's client certificates, under `d/pki`."""
+    folder = d / "pki"
+    pki.create_ca(folder, trust_domain)
+    for region in regions:
+        issue_once(folder, "node", region, node_name(region), region, pki.NODE_HOSTS)
+    for role in ("operator", "reviewer"):
+        issue_once(folder, role, PRIMARY, role, role)
+
+
 def init_deployment(
     directory: str | Path,
     ports: list[int] | None = None,
@@ -183,6 +208,7 @@ def init_deployment(
     copy_json_schemas(d)
     (d / "schema.yaml").write_text(editor_schema("schema") + EXAMPLE_SCHEMA)
     (d / "rules.yaml").write_text(editor_schema("rules") + EXAMPLE_RULES)
+    init_pki(d, regions)
     for region in regions:
         # Each node signs its own transfer log's checkpoints with its own key.
         create_log_key(origin(region), d / "keys" / region)
@@ -193,6 +219,7 @@ def init_deployment(
             "region": region,
             "role": "primary" if region == PRIMARY else "region",
             "listen": addresses[region],
+            "tls": {"cert": f"pki/{region}.crt", "key": f"pki/{region}.key", "ca": "pki/ca.crt"},
             "data_dir": f"data/{region}",
             "schema": "schema.yaml",
             "rules": "rules.yaml",

@@ -23,6 +23,7 @@ from residency.server.api.intake import Intake
 from residency.server.api.records import RecordService, add_record_service
 from residency.server.api.replica import ReplicaService
 from residency.server.api.requests import RequestGuard
+from residency.server.api.tls import Authenticate, ServerTls
 from residency.server.api.translog import TransferLogService
 from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules, rules_from_bytes
@@ -84,6 +85,10 @@ class RunningNode:
         self.records: Records | None = None
         self._watch: asyncio.Task | None = None
         self._seen: tuple[int, int] | None = None
+        try:  # unreadable certificates fail at start, naming the file and the key
+            self.tls = ServerTls(config.tls)
+        except ConfigError as e:
+            raise ConfigError(f"{config.path}: {e}") from None
 
     async def _key_events(self) -> None:
         """Logs key events (rotate, retire, shred) not logged yet, and acts on a shred."""
@@ -202,11 +207,13 @@ class RunningNode:
             credentials=c.credentials,
         )
         node.reload_rules = self.apply_rules
+        node.tls = self.tls
         self.node, self.schema = node, schema
         if c.is_primary:
             self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         server = grpc.aio.server(
-            interceptors=[RequestGuard()], options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+            interceptors=[Authenticate(self.tls), RequestGuard()],
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
         )
         add_record_service(RecordService(node), server)
         consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentService(node), server)
@@ -217,7 +224,8 @@ class RunningNode:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(node, c.role), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        self.port = server.add_insecure_port(c.listen)
+        # Mutual TLS only: there is no plaintext listener.
+        self.port = server.add_secure_port(c.listen, self.tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {c.listen}")
         await server.start()
@@ -290,6 +298,13 @@ class RunningNode:
             if changed:
                 self.node.wake()
 
+    async def reload(self) -> None:
+        """SIGHUP: rereads the TLS certificate, key, CA and revocation list, and on a primary
+        the rules file."""
+        self.tls.reload()
+        if self.config.is_primary:
+            await self.reload_from_file()
+
     async def reload_from_file(self) -> None:
         try:
             text = self.config.rules.read_bytes()
@@ -354,15 +369,14 @@ async def serve(config: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if config.is_primary:
-        reloads: set[asyncio.Task[Any]] = set()  # kept until done, so none is collected half-way
+    reloads: set[asyncio.Task[Any]] = set()  # kept until done, so none is collected half-way
 
-        def reload() -> None:
-            task = asyncio.ensure_future(node.reload_from_file())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+    def reload() -> None:
+        task = asyncio.ensure_future(node.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
-        loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("stopping: draining in-flight calls")
     await node.stop()

@@ -38,7 +38,6 @@ from residency.v1 import (
 )
 from tests.harness import Deployment, wait_replicated
 
-IDENTITY = (("x-residency-identity", "test:suite"),)
 COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)
 
 
@@ -172,7 +171,7 @@ class Cluster:
         self.s3 = s3
         self.dir = directory
         self.dep = Deployment(directory)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, ...], grpc.aio.Channel] = {}
         self._closing: list[grpc.aio.Channel] = []
 
     async def start(self, *regions: str) -> None:
@@ -181,24 +180,51 @@ class Cluster:
         await self.dep.wait_serving()
 
     def stop(self, region: str, sig: int = signal.SIGTERM) -> int:
-        ch = self._channels.pop(region, None)
-        if ch is not None:
-            self._closing.append(ch)
+        for key in [k for k in self._channels if k[0] == region]:
+            self._closing.append(self._channels.pop(key))
         return self.dep.stop(region, sig)
 
-    def channel(self, region: str) -> grpc.aio.Channel:
-        if region not in self._channels:
-            self._channels[region] = grpc.aio.insecure_channel(self.dep.addresses[region])
-        return self._channels[region]
+    def channel(
+        self, region: str, role: str = "service", location: str | None = None, name: str | None = None
+    ) -> grpc.aio.Channel:
+        """A mutual TLS channel to `region`'s node as spiffe://residency/ROLE/LOCATION/NAME
+        (default: a service in the node's own region)."""
+        key = (region, role, location or region, name or "")
+        if key not in self._channels:
+            creds = self.dep.credentials(role, location or region, name)
+            self._channels[key] = creds.channel(self.dep.addresses[region])
+        return self._channels[key]
 
-    def records(self, region: str = PRIMARY) -> records_pb2_grpc.RecordServiceStub:
-        return records_pb2_grpc.RecordServiceStub(self.channel(region))
+    def target(
+        self, role: str = "operator", region: str = PRIMARY, location: str = PRIMARY, key_flag: str = "--key"
+    ) -> list[str]:
+        """`--target` and the certificate flags of a command that calls `region`'s node as
+        ROLE located in `location` (`key_flag`: `log report` takes the TLS key as --client-key)."""
+        c = self.dep.credentials(role, location)
+        return [
+            "--target",
+            self.dep.addresses[region],
+            "--cert",
+            str(c.cert),
+            key_flag,
+            str(c.key),
+            "--ca",
+            str(c.ca),
+        ]
+
+    def records(
+        self, region: str = PRIMARY, location: str | None = None
+    ) -> records_pb2_grpc.RecordServiceStub:
+        """RecordService of `region`'s node, called by a service located in `location`
+        (default: the node's region)."""
+        return records_pb2_grpc.RecordServiceStub(self.channel(region, location=location))
 
     def replica(self, region: str) -> replica_pb2_grpc.ReplicaServiceStub:
-        return replica_pb2_grpc.ReplicaServiceStub(self.channel(region))
+        """ReplicaService of a region node, called as the primary's node."""
+        return replica_pb2_grpc.ReplicaServiceStub(self.channel(region, "node", PRIMARY))
 
     def admin(self, region: str = PRIMARY) -> admin_pb2_grpc.AdminServiceStub:
-        return admin_pb2_grpc.AdminServiceStub(self.channel(region))
+        return admin_pb2_grpc.AdminServiceStub(self.channel(region, "operator", PRIMARY))
 
     def data_dir(self, region: str) -> Path:
         return load_config(self.dep.configs[region]).data_dir
@@ -215,9 +241,8 @@ class Cluster:
         rec = records_pb2.Record(user_id=user_id, source=source)
         for name, value in fields.items():
             rec.fields[name].CopyFrom(codec.to_value(value))
-        reply = await self.records().PutRecord(
+        reply = await self.records(location=location).PutRecord(
             records_pb2.PutRecordRequest(context=ctx(location, purpose), record=rec),
-            metadata=IDENTITY,
             timeout=30,
         )
         return reply.version
@@ -230,9 +255,8 @@ class Cluster:
         location: str | None = None,
         purpose: str = "essential.service",
     ) -> records_pb2.GetRecordResponse:
-        return await self.records(region).GetRecord(
+        return await self.records(region, location).GetRecord(
             records_pb2.GetRecordRequest(context=ctx(location or region, purpose), user_id=user_id),
-            metadata=IDENTITY,
             timeout=30,
         )
 
@@ -258,12 +282,11 @@ class Cluster:
         if withdraw:
             reply = await stub.WithdrawConsents(
                 consent_pb2.WithdrawConsentsRequest(context=c, consents=consents),
-                metadata=IDENTITY,
                 timeout=30,
             )
         else:
             reply = await stub.GrantConsents(
-                consent_pb2.GrantConsentsRequest(context=c, consents=consents), metadata=IDENTITY, timeout=30
+                consent_pb2.GrantConsentsRequest(context=c, consents=consents), timeout=30
             )
         return reply.changed
 
@@ -273,7 +296,6 @@ class Cluster:
     async def delete(self, user_id: str) -> int:
         reply = await self.records().DeleteRecord(
             records_pb2.DeleteRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id=user_id),
-            metadata=IDENTITY,
             timeout=30,
         )
         return reply.version
@@ -283,17 +305,17 @@ class Cluster:
         return {d.region: d for d in reply.destinations}
 
     async def replicated(self, timeout: float = 60.0) -> dict:
-        return await wait_replicated(self.dep.addresses[PRIMARY], timeout=timeout)
+        return await wait_replicated(self.dep.addresses[PRIMARY], self.dep.operator, timeout=timeout)
 
     async def log(self, region: str = PRIMARY) -> list[tuple[int, str, bytes]]:
-        stub = translog_pb2_grpc.TransferLogServiceStub(self.channel(region))
+        stub = self.transfer_log(region)
         return [
             (e.sequence, e.entry_json, e.chain_hash)
             async for e in stub.TailEntries(translog_pb2.TailEntriesRequest(), timeout=30)
         ]
 
     def transfer_log(self, region: str = PRIMARY) -> translog_pb2_grpc.TransferLogServiceStub:
-        return translog_pb2_grpc.TransferLogServiceStub(self.channel(region))
+        return translog_pb2_grpc.TransferLogServiceStub(self.channel(region, "reviewer", PRIMARY))
 
     async def status(self, region: str) -> admin_pb2.GetNodeStatusResponse:
         return await self.admin(region).GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)

@@ -1,5 +1,6 @@
 """The test harness: a deployment folder's node processes (`residency serve`), started and
-stopped, and the waits for them to serve and to finish replicating."""
+stopped, the client certificates tests call them with, and the waits for them to serve and to
+finish replicating (over mutual TLS, as every caller)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from residency.cli.channel import Credentials
 from residency.server.config.node import load_config
-from residency.server.deployment import AFFILIATES, PRIMARY, check_running, start_node
+from residency.server.deployment import AFFILIATES, PRIMARY, check_running, issue_once, start_node
 from residency.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -25,6 +27,25 @@ class Deployment:
         self.configs = {r: directory / f"{r}.yaml" for r in (PRIMARY, *AFFILIATES)}
         self.addresses = {r: load_config(p).listen for r, p in self.configs.items()}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.pki = directory / "pki"
+
+    def credentials(self, role: str, region: str = PRIMARY, name: str | None = None) -> Credentials:
+        """A client certificate of this deployment's CA for spiffe://residency/ROLE/REGION/NAME.
+        Without a name: `residency init`'s (the operator's, the reviewer's, a node's own), or
+        NAME `test-suite`; others are issued on first use."""
+        if role in ("operator", "reviewer") and region == PRIMARY and name is None:
+            prefix = role
+        elif role == "node" and name is None:
+            prefix = region
+        else:
+            name = name or "test-suite"
+            prefix = f"{role}-{region}-{name}"
+            issue_once(self.pki, role, region, name, prefix)
+        return Credentials.files(self.pki / prefix, self.pki / "ca.crt")
+
+    @property
+    def operator(self) -> Credentials:
+        return self.credentials("operator")
 
     def start(self, region: str) -> None:
         self.procs[region] = start_node(self.configs[region])
@@ -35,7 +56,9 @@ class Deployment:
 
     async def wait_serving(self, deadline: float = 30.0) -> None:
         """Waits until every started node reports SERVING; a node that died is reported."""
-        waits = [asyncio.create_task(wait_serving(self.addresses[r], deadline)) for r in self.procs]
+        waits = [
+            asyncio.create_task(wait_serving(self.addresses[r], self.operator, deadline)) for r in self.procs
+        ]
         try:
             while not all(w.done() for w in waits):
                 self.check_running()
@@ -59,10 +82,11 @@ class Deployment:
         return {r: self.stop(r) for r in list(self.procs)}
 
 
-async def wait_serving(address: str, deadline: float = 30.0) -> None:
-    """Waits until the node at `address` reports SERVING, or raises TimeoutError."""
+async def wait_serving(address: str, creds: Credentials | None, deadline: float = 30.0) -> None:
+    """Waits until the node at `address` reports SERVING, or raises TimeoutError. `creds`:
+    the caller's certificate (None only for a checkout from before mutual TLS, in bench_ab)."""
     end = time.monotonic() + deadline
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with creds.channel(address) if creds else grpc.aio.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:
@@ -76,10 +100,10 @@ async def wait_serving(address: str, deadline: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
-async def wait_replicated(primary: str, timeout: float = 600.0) -> dict:
+async def wait_replicated(primary: str, creds: Credentials, timeout: float = 600.0) -> dict:
     """Waits until every destination has applied the whole outbox; returns the last status."""
     end = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(primary) as ch:
+    async with creds.channel(primary) as ch:
         stub = admin_pb2_grpc.AdminServiceStub(ch)
         while True:
             s = await stub.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)

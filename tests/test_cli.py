@@ -68,8 +68,7 @@ def test_serve_refuses_an_invalid_config_naming_the_key(tmp_path: Path):
 
 
 async def test_records_put_get_delete_and_log_tail(cluster: Cluster):
-    target = cluster.dep.addresses[PRIMARY]
-    common = ["--target", target, "--location", PRIMARY, "--purpose", "essential.service"]
+    common = [*cluster.target("service"), "--location", PRIMARY, "--purpose", "essential.service"]
     r = residency(
         "records",
         "put",
@@ -85,8 +84,7 @@ async def test_records_put_get_delete_and_log_tail(cluster: Cluster):
     r = residency(
         "records",
         "get",
-        "--target",
-        target,
+        *cluster.target("service", location="ap-southeast-1"),
         "--location",
         "ap-southeast-1",
         "--purpose",
@@ -104,8 +102,7 @@ async def test_records_put_get_delete_and_log_tail(cluster: Cluster):
     r = residency(
         "records",
         "get",
-        "--target",
-        target,
+        *cluster.target("service", location="eu-west-1"),
         "--location",
         "eu-west-1",
         "--purpose",
@@ -121,12 +118,12 @@ async def test_records_put_get_delete_and_log_tail(cluster: Cluster):
     r = residency("records", "get", *common, "cli-1")
     assert r.returncode != 0 and "NOT_FOUND" in r.stderr
     await cluster.replicated()
-    r = residency("log", "tail", "--target", target)
+    r = residency("log", "tail", *cluster.target("reviewer"))
     assert r.returncode == 0, r.stderr
     entries = [json.loads(line) for line in r.stdout.splitlines()]
     assert [e["sequence"] for e in entries] == list(range(1, len(entries) + 1))
     assert {e["kind"] for e in entries} == {"remote_read", "replication", "erasure"}
-    r = residency("status", "--target", target)
+    r = residency("status", *cluster.target())
     assert r.returncode == 0, r.stderr
     status = json.loads(r.stdout)
     assert status["node"]["role"] == "primary"

@@ -22,7 +22,7 @@ from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.vault.records import Records, Write
-from residency.v1 import common_pb2, records_pb2
+from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 from tests.conftest import Cluster, ctx
 from tests.test_crypto import legacy_scrypt
 from tests.test_keys_node import backup, open_offline
@@ -35,13 +35,13 @@ def limits(cluster: Cluster, per_user: float, per_caller: float) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-async def verify(cluster: Cluster, user_id: str, secret: str, caller: str = "test:suite") -> bool:
+async def verify(cluster: Cluster, user_id: str, secret: str, caller: str = "test-suite") -> bool:
+    """VerifyCredential as the service whose certificate names `caller`."""
     request = records_pb2.VerifyCredentialRequest(
         context=ctx(PRIMARY, "essential.service"), user_id=user_id, field="password", secret=secret
     )
-    reply = await cluster.records().VerifyCredential(
-        request, metadata=(("x-residency-identity", caller),), timeout=30
-    )
+    stub = records_pb2_grpc.RecordServiceStub(cluster.channel(PRIMARY, "service", PRIMARY, caller))
+    reply = await stub.VerifyCredential(request, timeout=30)
     return reply.match
 
 
@@ -110,21 +110,21 @@ async def test_verify_is_rate_limited_per_user_and_per_caller(idle_cluster: Clus
     for u in ("rl-1", "rl-2"):
         await idle_cluster.put(u, {"email": f"{u}@example.cn", "password": "secret"})
 
-    # A guesser that changes who it claims to be still hits the user's limit.
-    for caller in ("svc:a", "svc:b", "svc:c"):
+    # A guesser that holds several service certificates still hits the user's limit.
+    for caller in ("svc-a", "svc-b", "svc-c"):
         assert await verify(idle_cluster, "rl-1", "guess", caller) is False
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await verify(idle_cluster, "rl-1", "secret", "svc:d")
+        await verify(idle_cluster, "rl-1", "secret", "svc-d")
     assert 0 < exhausted(e.value) <= 20 and "about this user" in e.value.details()
-    assert await verify(idle_cluster, "rl-2", "secret", "svc:d") is True  # other users are not held up
+    assert await verify(idle_cluster, "rl-2", "secret", "svc-d") is True  # other users are not held up
 
     # A guesser that changes which user it asks about still hits its own limit.
     for user in ("rl-2", "nobody-1", "nobody-2", "nobody-3", "nobody-5"):
-        assert await verify(idle_cluster, user, "guess", "svc:e") is False
+        assert await verify(idle_cluster, user, "guess", "svc-e") is False
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await verify(idle_cluster, "nobody-4", "guess", "svc:e")
+        await verify(idle_cluster, "nobody-4", "guess", "svc-e")
     assert 0 < exhausted(e.value) <= 12 and "by this caller" in e.value.details()
-    assert await verify(idle_cluster, "nobody-4", "guess", "svc:f") is False  # other callers are not
+    assert await verify(idle_cluster, "nobody-4", "guess", "svc-f") is False  # other callers are not
 
 
 async def test_users_without_a_credential_take_as_long_to_verify_as_users_with_one(idle_cluster: Cluster):

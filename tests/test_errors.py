@@ -31,7 +31,7 @@ from residency.v1 import (  # noqa: F401 - admin and disclosure: their services 
     replica_pb2,
     translog_pb2,
 )
-from tests.conftest import IDENTITY, Cluster, ctx
+from tests.conftest import Cluster, ctx
 from tests.test_records import record, violations
 
 SG = AFFILIATES[0]
@@ -71,10 +71,10 @@ async def call_raw(ch: grpc.aio.Channel, method, data: bytes) -> grpc.aio.AioRpc
     request = iter([data]) if method.client_streaming else data
     with pytest.raises(grpc.aio.AioRpcError) as e:
         if method.server_streaming:
-            async for _ in call(request, metadata=IDENTITY, timeout=30):
+            async for _ in call(request, timeout=30):
                 pass
         else:
-            await call(request, metadata=IDENTITY, timeout=30)
+            await call(request, timeout=30)
     return e.value
 
 
@@ -121,7 +121,7 @@ async def test_a_copy_version_the_store_cannot_hold_is_refused_and_nothing_appli
     ]
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await module_cluster.replica(SG).ApplyCopies(
-            replica_pb2.ApplyCopiesRequest(copies=copies), metadata=IDENTITY, timeout=30
+            replica_pb2.ApplyCopiesRequest(copies=copies), timeout=30
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(e.value) == {"copies[1].version": f"must be at most {INT64_MAX} (2^63-1)"}
@@ -171,9 +171,7 @@ async def test_log_positions_beyond_the_store_are_invalid_argument_naming_the_fi
 
 async def test_times_out_of_range_are_refused_and_nothing_written(module_cluster: Cluster):
     grants = consent_pb2_grpc.GrantServiceStub(module_cluster.channel(PRIMARY))
-    listed = await grants.ListGrants(
-        consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")), metadata=IDENTITY
-    )
+    listed = await grants.ListGrants(consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")))
     grant = consent_pb2.Grant(
         recipient="sg-affiliate",
         purpose="essential.service",
@@ -183,14 +181,11 @@ async def test_times_out_of_range_are_refused_and_nothing_written(module_cluster
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await grants.CreateGrant(
             consent_pb2.CreateGrantRequest(context=ctx(PRIMARY, "essential.service"), grant=grant),
-            metadata=IDENTITY,
             timeout=30,
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(e.value) == {"grant.ends_at": "must be a time from 0001-01-01 to 9999-12-31 UTC"}
-    again = await grants.ListGrants(
-        consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")), metadata=IDENTITY
-    )
+    again = await grants.ListGrants(consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")))
     assert again == listed
     # A field value is the schema's to check, the same in PutRecord and PutRecords.
     rec = record("tr-1", email="tr@example.cn")
@@ -201,7 +196,7 @@ async def test_times_out_of_range_are_refused_and_nothing_written(module_cluster
     ):
         request.context.CopyFrom(ctx(PRIMARY, "essential.service"))
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await call(request, metadata=IDENTITY, timeout=30)
+            await call(request, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert violations(e.value) == {
             f"{where}.fields[visit_time]": "must be a time from 0001-01-01 to 9999-12-31 UTC"
@@ -218,7 +213,6 @@ async def test_ten_thousand_unknown_fields_give_the_first_hundred_then_how_many_
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await module_cluster.records().PutRecord(
             records_pb2.PutRecordRequest(context=ctx(PRIMARY, "essential.service"), record=rec),
-            metadata=IDENTITY,
             timeout=30,
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

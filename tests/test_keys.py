@@ -164,7 +164,10 @@ def test_key_config_is_validated_at_start_naming_the_key(tmp_path: Path, monkeyp
     from residency.server.config.node import load_config
     from residency.server.core.errors import ConfigError
 
-    base = "region: cn-north\nrole: primary\nlisten: 127.0.0.1:1\ndata_dir: d\nschema: s\nrules: r\n"
+    base = (
+        "region: cn-north\nrole: primary\nlisten: 127.0.0.1:1\ntls: {cert: c, key: k, ca: a}\n"
+        "data_dir: d\nschema: s\nrules: r\n"
+    )
     cases = {
         "keys: {provider: vault, dir: k}": "'keys.provider' must be one of",
         "keys: {provider: local, dir: k}": "'keys.passphrase_file' or 'keys.passphrase_env' is required",

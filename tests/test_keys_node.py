@@ -26,7 +26,7 @@ from residency.server.keys.region import RegionKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.vault.records import Records
 from residency.v1 import records_pb2, replica_pb2
-from tests.conftest import BAO_TOKEN, IDENTITY, Cluster, ctx, enable_transit, moto_kms, openbao, values
+from tests.conftest import BAO_TOKEN, Cluster, ctx, enable_transit, moto_kms, openbao, values
 
 SG = "ap-southeast-1"
 
@@ -161,7 +161,7 @@ async def test_rotation_rewraps_data_keys_without_touching_fields_or_traffic(clu
     req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
     for u in users:
         req.records.add(user_id=u).fields["name"].string_value = f"name of {u}"
-    await cluster.records().PutRecords(req, metadata=IDENTITY, timeout=30)
+    await cluster.records().PutRecords(req, timeout=30)
     db = cluster.data_dir(PRIMARY) / "node.db"
 
     def snapshot() -> tuple[dict, set]:
@@ -257,7 +257,6 @@ async def test_verify_credential_answers_match_or_not_and_never_reveals(cluster:
             records_pb2.VerifyCredentialRequest(
                 context=ctx(location, "essential.service"), user_id="c-1", field=field, secret=secret
             ),
-            metadata=IDENTITY,
             timeout=30,
         )
         return r.match

@@ -16,8 +16,15 @@ import pytest
 
 from residency.server.core import codec
 from residency.server.deployment import EXAMPLE_RULES, PRIMARY
-from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, disclosure_pb2_grpc, records_pb2
-from tests.conftest import COOKIES, IDENTITY, Cluster, ctx, values
+from residency.v1 import (
+    consent_pb2,
+    consent_pb2_grpc,
+    disclosure_pb2,
+    disclosure_pb2_grpc,
+    records_pb2,
+    records_pb2_grpc,
+)
+from tests.conftest import COOKIES, Cluster, ctx, values
 
 SG, EU = "ap-southeast-1", "eu-west-1"
 
@@ -75,14 +82,16 @@ async def test_consent_list_shows_standing_and_withdrawn_consents(cluster: Clust
     stub = consent_pb2_grpc.ConsentServiceStub(cluster.channel(PRIMARY))
     reply = await stub.ListConsents(
         consent_pb2.ListConsentsRequest(context=ctx(PRIMARY, "essential.service"), user_id="c-2"),
-        metadata=IDENTITY,
         timeout=10,
     )
     by_purpose = {c.purpose: c for c in reply.consents}
     assert by_purpose["marketing.communications"].recipient == "ie-affiliate"
     assert not by_purpose["marketing.communications"].HasField("withdrawn_at")
     assert by_purpose[COOKIES].HasField("withdrawn_at")
-    assert all(c.evidence == "test suite" and c.actor == "test:suite" for c in reply.consents)
+    assert all(
+        c.evidence == "test suite" and c.actor == "spiffe://residency/service/cn-north/test-suite"
+        for c in reply.consents
+    )
 
 
 async def test_a_consent_for_an_unknown_recipient_or_purpose_is_refused(cluster: Cluster):
@@ -95,7 +104,6 @@ async def test_a_consent_for_an_unknown_recipient_or_purpose_is_refused(cluster:
                     consent_pb2.Consent(user_id="c-3", purpose="marketing.everything", recipient="nobody")
                 ],
             ),
-            metadata=IDENTITY,
             timeout=10,
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -107,18 +115,14 @@ async def test_a_consent_without_evidence_is_refused_and_changes_nothing(cluster
     c = ctx(PRIMARY, "essential.service")
     given = consent_pb2.Consent(user_id="c-4", purpose="marketing.communications", recipient="ie-affiliate")
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.GrantConsents(
-            consent_pb2.GrantConsentsRequest(context=c, consents=[given]), metadata=IDENTITY, timeout=10
-        )
+        await stub.GrantConsents(consent_pb2.GrantConsentsRequest(context=c, consents=[given]), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "consents[0].evidence" in e.value.details()
-    listed = await stub.ListConsents(
-        consent_pb2.ListConsentsRequest(context=c, user_id="c-4"), metadata=IDENTITY, timeout=10
-    )
+    listed = await stub.ListConsents(consent_pb2.ListConsentsRequest(context=c, user_id="c-4"), timeout=10)
     assert list(listed.consents) == [] and await log_entries(cluster, subject="c-4") == []
     # A withdrawal needs no evidence: nothing may stand in its way.
     assert await cluster.consent("c-4", "marketing.communications", "ie-affiliate") == 1
     reply = await stub.WithdrawConsents(
-        consent_pb2.WithdrawConsentsRequest(context=c, consents=[given]), metadata=IDENTITY, timeout=10
+        consent_pb2.WithdrawConsentsRequest(context=c, consents=[given]), timeout=10
     )
     assert reply.changed == 1
 
@@ -162,7 +166,6 @@ async def create_grant(
     )
     reply = await stub.CreateGrant(
         consent_pb2.CreateGrantRequest(context=ctx(PRIMARY, "essential.service"), grant=grant),
-        metadata=IDENTITY,
         timeout=10,
     )
     return reply.id
@@ -172,17 +175,16 @@ async def grant_states(cluster: Cluster) -> dict[str, int]:
     stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
     listed = await stub.ListGrants(
         consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")),
-        metadata=IDENTITY,
         timeout=10,
     )
     return {g.id: g.state for g in listed.grants}
 
 
-async def third_party_read(cluster: Cluster, user: str, identity: str):
-    return await cluster.records().GetRecord(
-        records_pb2.GetRecordRequest(context=ctx(SG, "essential.service"), user_id=user),
-        metadata=(("x-residency-identity", identity),),
-        timeout=10,
+async def third_party_read(cluster: Cluster, user: str, role: str, name: str):
+    """A read from SG by the holder of spiffe://residency/ROLE/ap-southeast-1/NAME."""
+    stub = records_pb2_grpc.RecordServiceStub(cluster.channel(PRIMARY, role, SG, name))
+    return await stub.GetRecord(
+        records_pb2.GetRecordRequest(context=ctx(SG, "essential.service"), user_id=user), timeout=10
     )
 
 
@@ -196,9 +198,9 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
     await cluster.replicated()
     assert await copy_fields(cluster, "g-1", SG) == {"email", "pages_visited"}
     assert await copy_fields(cluster, "g-2", SG) == {"email"}  # not a listed user
-    mine = await third_party_read(cluster, "g-1", "recipient:sg-affiliate")
+    mine = await third_party_read(cluster, "g-1", "recipient", "sg-affiliate")
     assert set(mine.record.fields) == {"email", "pages_visited"}
-    other = await third_party_read(cluster, "g-1", "svc:someone-else")
+    other = await third_party_read(cluster, "g-1", "service", "someone-else")
     assert set(other.record.fields) == {"email"}  # only the grant's own recipient reads under it
 
     async def withdrawn() -> bool:
@@ -206,7 +208,7 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
 
     await eventually(withdrawn, "the grant's copies are withdrawn after it ends")
     assert (await grant_states(cluster))["helpdesk"] == consent_pb2.GRANT_STATE_ENDED
-    after = await third_party_read(cluster, "g-1", "recipient:sg-affiliate")
+    after = await third_party_read(cluster, "g-1", "recipient", "sg-affiliate")
     assert set(after.record.fields) == {"email"}
     assert {w.field: w.reason for w in after.withheld}["pages_visited"] == "grant_ended"
     reasons = [e["reason"] for e in await log_entries(cluster, kind="grant", subject="g-1")]
@@ -231,7 +233,6 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
     stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
     reply = await stub.RevokeGrant(
         consent_pb2.RevokeGrantRequest(context=ctx(PRIMARY, "essential.service"), id=grant_id),
-        metadata=IDENTITY,
         timeout=10,
     )
     assert reply.revoked
@@ -239,7 +240,6 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
     assert "pages_visited" not in await copy_fields(cluster, "g-3", SG)
     listed = await stub.ListGrants(
         consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")),
-        metadata=IDENTITY,
         timeout=10,
     )
     assert [g.HasField("revoked_at") for g in listed.grants if g.id == grant_id] == [True]
@@ -259,7 +259,7 @@ async def disclose(cluster: Cluster, user: str, ground: int, **kw) -> disclosure
     req = disclosure_pb2.DiscloseRequest(
         context=ctx(PRIMARY, "third_party_sharing.legal_obligation"), user_id=user, ground=ground, **kw
     )
-    return await stub.Disclose(req, metadata=IDENTITY, timeout=10)
+    return await stub.Disclose(req, timeout=10)
 
 
 async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(cluster: Cluster):
@@ -283,7 +283,7 @@ async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(c
             "d-1",
             disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
             reference="R-1",
-            approver="test:suite",
+            approver="spiffe://residency/service/cn-north/test-suite",  # the caller itself
             **court,
         )
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -372,9 +372,7 @@ async def test_explain_gives_every_field_its_rule_or_reason(cluster: Cluster):
             "password": "hunter2-hunter2",
         },
     )
-    r = residency(
-        "rules", "explain", "--target", cluster.dep.addresses[PRIMARY], "--user", "e-1", "--to", EU, "--json"
-    )
+    r = residency("rules", "explain", *cluster.target(), "--user", "e-1", "--to", EU, "--json")
     assert r.returncode == 0, r.stderr
     fields = {f["field"]: f for f in json.loads(r.stdout)["fields"]}
     assert fields["email"]["transferred"] and fields["email"]["rule"] == "ie-support"
@@ -385,8 +383,7 @@ async def test_explain_gives_every_field_its_rule_or_reason(cluster: Cluster):
     r = residency(
         "rules",
         "explain",
-        "--target",
-        cluster.dep.addresses[PRIMARY],
+        *cluster.target(),
         "--user",
         "e-1",
         "--to",
@@ -427,7 +424,7 @@ async def test_applying_new_rules_withdraws_and_backfills_copies_and_is_logged(c
     )
     rules_file = cluster.dir / "new-rules.yaml"
     rules_file.write_text(new)
-    r = residency("rules", "apply", "--target", cluster.dep.addresses[PRIMARY], str(rules_file), "--wait")
+    r = residency("rules", "apply", *cluster.target(), str(rules_file), "--wait")
     assert r.returncode == 0, r.stderr
     applied = json.loads(r.stdout)
     assert applied["records_to_reproject"] == 30 and applied["version"] != applied["previous_version"]
@@ -440,7 +437,7 @@ async def test_applying_new_rules_withdraws_and_backfills_copies_and_is_logged(c
     assert (cluster.dir / "rules.yaml").read_text() == new  # persisted for the next start
     # An invalid rule set is refused whole and changes nothing.
     rules_file.write_text(new.replace("legal_basis: contract", "legal_basis: whim", 1))
-    r = residency("rules", "apply", "--target", cluster.dep.addresses[PRIMARY], str(rules_file))
+    r = residency("rules", "apply", *cluster.target(), str(rules_file))
     assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "legal_basis" in r.stderr
     assert (cluster.dir / "rules.yaml").read_text() == new
 
@@ -529,7 +526,7 @@ async def test_a_copy_left_with_nothing_allowed_is_withdrawn_and_logged_as_erasu
 
 
 async def test_operators_drive_consent_grants_and_disclosures_from_the_command_line(cluster: Cluster):
-    target = ["--target", cluster.dep.addresses[PRIMARY]]
+    target = [*cluster.target()]
     await cluster.put(
         "cli-p",
         {"name": "Li Wei", "email": "li@example.cn", "pages_visited": ["/a"]},

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from residency.server.core import codec
 from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.v1 import admin_pb2, common_pb2, records_pb2
-from tests.conftest import IDENTITY, Cluster, ctx, values
+from tests.conftest import Cluster, ctx, values
 
 
 def violations(e: grpc.aio.AioRpcError) -> dict[str, str]:
@@ -34,11 +34,9 @@ async def put_raw(
     record: records_pb2.Record,
     location=PRIMARY,
     purpose="essential.service",
-    metadata=IDENTITY,
 ):
     return await cluster.records().PutRecord(
         records_pb2.PutRecordRequest(context=ctx(location, purpose), record=record),
-        metadata=metadata,
         timeout=30,
     )
 
@@ -75,20 +73,13 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_writes_nothing
     assert replication.head_sequence == 0
 
 
-async def test_missing_identity_is_refused(cluster: Cluster):
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await put_raw(cluster, record("v-2", email="a@b.c"), metadata=())
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "metadata.x-residency-identity" in violations(e.value)
-
-
 async def test_a_batch_with_one_bad_record_writes_none_of_it(cluster: Cluster):
     req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
     req.records.append(record("b-1", email="ok@example.cn"))
     req.records.append(record("b-2", email=7))
     req.records.append(record("b-3", email="ok3@example.cn"))
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await cluster.records().PutRecords(req, metadata=IDENTITY, timeout=30)
+        await cluster.records().PutRecords(req, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(violations(e.value)) == {"records[1].fields[email]"}
     for user in ("b-1", "b-3"):
@@ -102,7 +93,7 @@ async def test_a_batch_of_more_than_1000_records_is_refused(cluster: Cluster):
     for i in range(1001):
         req.records.append(record(f"n-{i}", email="x@example.cn"))
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await cluster.records().PutRecords(req, metadata=IDENTITY, timeout=30)
+        await cluster.records().PutRecords(req, timeout=30)
     assert "records" in violations(e.value)
 
 
@@ -112,9 +103,9 @@ async def test_put_records_writes_a_batch_atomically_with_versions_in_order(clus
         req.records.append(record(f"m-{i}", email=f"m{i}@example.cn"))
     req.records.append(record("m-0", language="zh-CN"))  # the same user twice: two versions
     with pytest.raises(grpc.aio.AioRpcError):  # 1001 records: refused
-        await cluster.records().PutRecords(req, metadata=IDENTITY, timeout=30)
+        await cluster.records().PutRecords(req, timeout=30)
     del req.records[999]
-    reply = await cluster.records().PutRecords(req, metadata=IDENTITY, timeout=30)
+    reply = await cluster.records().PutRecords(req, timeout=30)
     assert [r.version for r in reply.results[:2]] == [1, 1]
     assert reply.results[-1].user_id == "m-0" and reply.results[-1].version == 2
     assert values(await cluster.get("m-0")) == {"email": "m0@example.cn", "language": "zh-CN"}
@@ -145,7 +136,7 @@ def large_batch(bad_at: int | None = None) -> records_pb2.PutRecordsRequest:
 async def test_a_large_batch_is_checked_whole_in_a_helper_and_written_whole(cluster: Cluster):
     async def refused() -> dict[str, str]:
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await cluster.records().PutRecords(large_batch(bad_at=321), metadata=IDENTITY, timeout=30)
+            await cluster.records().PutRecords(large_batch(bad_at=321), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         return violations(e.value)
 
@@ -160,7 +151,7 @@ async def test_a_large_batch_is_checked_whole_in_a_helper_and_written_whole(clus
     with pytest.raises(grpc.aio.AioRpcError) as nf:
         await cluster.get("l-0")
     assert nf.value.code() == grpc.StatusCode.NOT_FOUND
-    reply = await cluster.records().PutRecords(large_batch(), metadata=IDENTITY, timeout=30)
+    reply = await cluster.records().PutRecords(large_batch(), timeout=30)
     assert [(r.user_id, r.version) for r in reply.results] == [(f"l-{i}", 1) for i in range(400)]
     got = await cluster.get("l-399")
     assert values(got)["email"] == "l399@example.cn" and "password" not in got.record.fields
@@ -168,7 +159,6 @@ async def test_a_large_batch_is_checked_whole_in_a_helper_and_written_whole(clus
     ask.field, ask.secret = "password", "secret-7-secret"
     check = await cluster.records().VerifyCredential(
         ask,
-        metadata=IDENTITY,
         timeout=30,
     )
     assert check.match  # the password went through the helper and was hashed by the node
@@ -182,7 +172,7 @@ async def test_put_records_bytes_that_are_no_request_are_invalid_argument(cluste
     )
     for size in (10, 100_000):  # checked in-process, and by a helper
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await call(b"\xff" * size, metadata=IDENTITY, timeout=30)
+            await call(b"\xff" * size, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a serialized residency.v1.PutRecordsRequest" in violations(e.value)["request"]
 
@@ -209,7 +199,10 @@ async def test_cross_location_read_returns_allowed_fields_and_lists_withheld(clu
     log = {seq: json.loads(e) for seq, e, _ in await cluster.log()}
     entry = log[reply.log_sequence]
     assert entry["kind"] == "remote_read" and entry["outcome"] == "allowed"
-    assert entry["destination_region"] == "ap-southeast-1" and entry["actor"] == "test:suite"
+    assert (
+        entry["destination_region"] == "ap-southeast-1"
+        and entry["actor"] == "spiffe://residency/service/ap-southeast-1/test-suite"
+    )
     assert entry["purpose"] == "essential.service"
     assert {f["name"] for f in entry["fields"]} == {"name", "email"}
     assert {w["name"] for w in entry["withheld"]} == {"national_id", "address", "search_keywords"}
@@ -255,7 +248,6 @@ async def test_region_nodes_refuse_writes(cluster: Cluster):
             records_pb2.PutRecordRequest(
                 context=ctx("ap-southeast-1", "essential.service"), record=record("w-1", email="a@b.c")
             ),
-            metadata=IDENTITY,
             timeout=10,
         )
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -19,7 +19,7 @@ from residency.server.core import codec
 from residency.server.deployment import PRIMARY
 from residency.server.keys.region import RegionKey
 from residency.v1 import common_pb2, records_pb2, replica_pb2
-from tests.conftest import IDENTITY, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
+from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.test_replication import FULL, allowed_fields
 
 # How long a destination stays down under load in the outage test. The scenario is
@@ -192,8 +192,7 @@ async def test_a_refused_copy_is_dead_lettered_without_blocking_others_and_retry
             "residency.cli.main",
             "replication",
             "retry",
-            "--target",
-            c.dep.addresses[PRIMARY],
+            *c.target(),
         ],
         capture_output=True,
         text=True,
@@ -214,7 +213,7 @@ async def test_a_refused_copy_is_dead_lettered_without_blocking_others_and_retry
 
 def cli(c: Cluster, *args: str) -> dict:
     r = subprocess.run(
-        [sys.executable, "-m", "residency.cli.main", *args, "--target", c.dep.addresses[PRIMARY]],
+        [sys.executable, "-m", "residency.cli.main", *args, *c.target()],
         capture_output=True,
         text=True,
         timeout=60,
@@ -522,7 +521,7 @@ async def test_a_destination_with_max_rate_is_paced_and_the_others_are_not(tmp_p
         status = await c.replication()
         assert (status["eu-west-1"].max_rate, status["ap-southeast-1"].max_rate) == (40, 0)
         began = time.monotonic()
-        await c.records().PutRecords(req, metadata=IDENTITY, timeout=30)
+        await c.records().PutRecords(req, timeout=30)
         done: dict[str, float] = {}
         while len(done) < 2:
             assert time.monotonic() - began < 60, f"not caught up: {done}"

@@ -42,7 +42,7 @@ async def logged(module_cluster: Cluster) -> Cluster:
 @pytest.fixture(scope="module")
 def bundle_dir(logged: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "export"
-    assert main(["log", "export", "--target", logged.dep.addresses[PRIMARY], "--out", str(out)]) == 0
+    assert main(["log", "export", *logged.target("reviewer"), "--out", str(out)]) == 0
     return out
 
 
@@ -187,7 +187,7 @@ async def test_two_checkpoints_are_consistent_and_the_log_only_grows(
         first.tree_size, second.tree_size, first.root_hash, second.root_hash, list(proof.hashes)
     )
     later = tmp_path / "later"
-    assert await cli("log", "export", "--target", logged.dep.addresses[PRIMARY], "--out", str(later)) == 0
+    assert await cli("log", "export", *logged.target("reviewer"), "--out", str(later)) == 0
     previous = tmp_path / "previous.checkpoint"
     previous.write_text(first.checkpoint)
     code, out, err = verify(capsys, str(later), "--previous", str(previous))
@@ -204,14 +204,14 @@ async def test_prove_prints_an_inclusion_proof_that_verifies(logged: Cluster, ca
     cp = await stub.GetCheckpoint(translog_pb2.GetCheckpointRequest(), timeout=30)
     size, index = cp.tree_size, cp.tree_size // 2
     capsys.readouterr()
-    target = logged.dep.addresses[PRIMARY]
-    assert await cli("log", "prove", "--target", target, "--index", str(index), "--size", str(size)) == 0
+    target = logged.target("reviewer")
+    assert await cli("log", "prove", *target, "--index", str(index), "--size", str(size)) == 0
     proof = json.loads(capsys.readouterr().out)
     assert proof["leaf_index"] == index and proof["tree_size"] == size
     entries = [e async for e in stub.TailEntries(translog_pb2.TailEntriesRequest(), timeout=30)]
     leaf = merkle.leaf_hash(entries[index].entry_json.encode())
     merkle.verify_inclusion(index, size, leaf, [bytes.fromhex(h) for h in proof["hashes"]], cp.root_hash)
-    assert await cli("log", "prove", "--target", target, "--from", "3", "--size", str(size)) == 0
+    assert await cli("log", "prove", *target, "--from", "3", "--size", str(size)) == 0
     c = json.loads(capsys.readouterr().out)
     merkle.verify_consistency(
         3,
@@ -230,7 +230,7 @@ async def test_prove_prints_an_inclusion_proof_that_verifies(logged: Cluster, ca
 async def test_verify_proof_checks_what_prove_prints_against_the_pinned_key(
     logged: Cluster, tmp_path: Path, capsys
 ):
-    target, key = logged.dep.addresses[PRIMARY], str(logged.dep.directory / "keys" / PRIMARY / "log.pub")
+    key = str(logged.dep.directory / "keys" / PRIMARY / "log.pub")
     stub = logged.transfer_log()
     old = await stub.GetCheckpoint(translog_pb2.GetCheckpointRequest(refresh=True), timeout=30)
     (tmp_path / "old").write_text(old.checkpoint)
@@ -239,7 +239,7 @@ async def test_verify_proof_checks_what_prove_prints_against_the_pinned_key(
 
     async def prove(name: str, *args: str) -> Path:
         capsys.readouterr()
-        assert await cli("log", "prove", "--target", target, *args) == 0
+        assert await cli("log", "prove", *logged.target("reviewer"), *args) == 0
         (tmp_path / name).write_text(capsys.readouterr().out)
         return tmp_path / name
 
@@ -329,8 +329,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 async def test_the_html_report_is_self_contained_and_renders_in_chromium(logged: Cluster, tmp_path: Path):
     out = tmp_path / "report.html"
-    target = logged.dep.addresses[PRIMARY]
-    assert await cli("log", "report", "--target", target, "--out", str(out), "--subject", USERS[0]) == 0
+    target = logged.target("reviewer", key_flag="--client-key")
+    assert await cli("log", "report", *target, "--out", str(out), "--subject", USERS[0]) == 0
     page = out.read_text()
     for needle in (
         "verified",
@@ -377,15 +377,14 @@ async def test_the_html_report_is_self_contained_and_renders_in_chromium(logged:
 
 
 async def test_the_report_also_comes_as_csv_and_json_lines(logged: Cluster, tmp_path: Path):
-    target = logged.dep.addresses[PRIMARY]
+    target = logged.target("reviewer", key_flag="--client-key")
     csv_out, jsonl_out = tmp_path / "r.csv", tmp_path / "r.jsonl"
-    assert await cli("log", "report", "--target", target, "--out", str(csv_out), "--format", "csv") == 0
+    assert await cli("log", "report", *target, "--out", str(csv_out), "--format", "csv") == 0
     assert (
         await cli(
             "log",
             "report",
-            "--target",
-            target,
+            *target,
             "--out",
             str(jsonl_out),
             "--format",
@@ -432,8 +431,8 @@ async def test_an_export_window_keeps_every_entry_and_records_the_window(
     logged: Cluster, tmp_path: Path, capsys
 ):
     out = tmp_path / "window"
-    target = logged.dep.addresses[PRIMARY]
-    assert await cli("log", "export", "--target", target, "--out", str(out), "--since", "2999-01-01") == 0
+    target = logged.target("reviewer")
+    assert await cli("log", "export", *target, "--out", str(out), "--since", "2999-01-01") == 0
     window = json.loads((out / "window.json").read_text())
     assert window["entries"] == 0 and window["first_index"] is None
     code, printed, err = verify(capsys, str(out))
@@ -509,7 +508,7 @@ async def test_entry_times_never_go_backwards_along_the_sequence(cluster: Cluste
     await asyncio.gather(write(), *(read(i) for i in range(3)))
     await cluster.replicated()
     out = tmp_path / "export"
-    assert await cli("log", "export", "--target", cluster.dep.addresses[PRIMARY], "--out", str(out)) == 0
+    assert await cli("log", "export", *cluster.target("reviewer"), "--out", str(out)) == 0
     entries = [json.loads(x) for x in (out / "entries.jsonl").read_bytes().splitlines()]
     kinds = [e["kind"] for e in entries]
     # The appends did interleave: servicers' entries sit between the replicator's.

@@ -42,4 +42,4 @@ def make_sink(config: NodeConfig, a: Affiliate) -> Sink:
         )
     from residency.replicator.sinks.replica import ReplicaSink
 
-    return ReplicaSink(a.address, timeout=r.ship_timeout)
+    return ReplicaSink(a.address, config.tls, timeout=r.ship_timeout)

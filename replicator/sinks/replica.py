@@ -1,9 +1,11 @@
-"""The replica sink: a region node, over gRPC `ReplicaService.ApplyCopies`."""
+"""The replica sink: a region node, over gRPC `ReplicaService.ApplyCopies` with mutual TLS
+(the primary presents its node certificate)."""
 
 from __future__ import annotations
 
 import grpc
 
+from residency.server.config.tls import TlsConfig
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -21,11 +23,16 @@ class ReplicaSink:
         }
     )
 
-    def __init__(self, address: str, timeout: float = 5.0):
+    def __init__(self, address: str, tls: TlsConfig, timeout: float = 5.0):
         self.target = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca.read_bytes(),
+            private_key=tls.key.read_bytes(),
+            certificate_chain=tls.cert.read_bytes(),
+        )
+        self._channel = grpc.aio.secure_channel(
+            address, creds, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
         )
         self._stub = replica_pb2_grpc.ReplicaServiceStub(self._channel)
 

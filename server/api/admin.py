@@ -9,7 +9,8 @@ from typing import Any
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.api.identity import identity_of
+from residency.server.api.identity import peer_of
+from residency.server.core import codec
 from residency.server.core.errors import FailedPrecondition, NotFound
 from residency.v1 import admin_pb2, admin_pb2_grpc, replica_pb2
 
@@ -48,6 +49,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             field_counts=s["fields"],
             rules_backfill_done=self.node.backfill[0],
             rules_backfill_total=self.node.backfill[1],
+            certificate_expires=codec.timestamp(self.node.tls.expires.timestamp()) if self.node.tls else None,
         )
 
     @rpc
@@ -66,7 +68,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     @rpc
     async def ApplyRules(self, request, context):
         self.node.primary_only()
-        identity = identity_of(context, default="operator")
+        identity = peer_of(context).uri
         prev, version, total = await self.node.reload_rules(request.rules_yaml.encode(), identity, True)
         return admin_pb2.ApplyRulesResponse(
             previous_version=prev, version=version, records_to_reproject=total

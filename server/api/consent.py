@@ -24,7 +24,7 @@ class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
 
     async def _set(self, request, context, withdraw: bool) -> int:
         self.node.primary_only()
-        caller = caller_of(request.context, context, self.node.records.rules.regions)
+        caller = await caller_of(self.node, request.context, context)
         changes = _consent_changes(request.consents)
         policy = self.node.policy
         policy.check_consents(changes, withdraw)
@@ -42,7 +42,7 @@ class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
 
     @rpc
     async def ListConsents(self, request, context):
-        caller_of(request.context, context, self.node.records.rules.regions)
+        await caller_of(self.node, request.context, context)
         check_user(request.user_id)
         rows = await self.node.db.call(self.node.db.store.consents, [request.user_id], True)
         return consent_pb2.ListConsentsResponse(

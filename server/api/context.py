@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from residency.server.api.intake import Intake
+from residency.server.api.tls import ServerTls
 from residency.server.config.credentials import CredentialsConfig
 from residency.server.config.node import Affiliate
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
@@ -48,6 +49,8 @@ class Node:
         # Re-projection after a rules change: (done, total).
         self.backfill = (0, 0)
         self.reload_rules: Any = None
+        # The node's TLS credentials (its certificate's expiry is in the node's status).
+        self.tls: ServerTls | None = None
 
     def wake(self) -> None:
         if self.replicator is not None:

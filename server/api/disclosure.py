@@ -30,7 +30,7 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
     @rpc
     async def Disclose(self, request, context):
         self.node.primary_only()
-        caller = caller_of(request.context, context, self.node.records.rules.regions)
+        caller = await caller_of(self.node, request.context, context)
         check_user(request.user_id)
         ground = _GROUND_NAMES.get(request.ground)
         if ground is None:

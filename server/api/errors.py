@@ -17,6 +17,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from residency.server.core.errors import (
+    CallerDenied,
     ConfigError,
     FailedPrecondition,
     InvalidRecord,
@@ -41,6 +42,7 @@ _CODES = {
     OutOfRange: code_pb2.OUT_OF_RANGE,
     TransferDenied: code_pb2.PERMISSION_DENIED,
     PolicyDenied: code_pb2.PERMISSION_DENIED,
+    CallerDenied: code_pb2.PERMISSION_DENIED,
     KeyUnavailable: code_pb2.UNAVAILABLE,
     KeyServiceDenied: code_pb2.PERMISSION_DENIED,
     StorageFull: code_pb2.RESOURCE_EXHAUSTED,

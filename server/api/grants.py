@@ -28,7 +28,7 @@ class GrantService(consent_pb2_grpc.GrantServiceServicer):
     @rpc
     async def CreateGrant(self, request, context):
         self.node.primary_only()
-        caller = caller_of(request.context, context, self.node.records.rules.regions)
+        caller = await caller_of(self.node, request.context, context)
         g = request.grant
         spec = {
             "id": g.id,
@@ -47,7 +47,7 @@ class GrantService(consent_pb2_grpc.GrantServiceServicer):
     @rpc
     async def RevokeGrant(self, request, context):
         self.node.primary_only()
-        caller = caller_of(request.context, context, self.node.records.rules.regions)
+        caller = await caller_of(self.node, request.context, context)
         policy = self.node.policy
         revoked = await self.node.db.write(lambda: policy.revoke_grant(request.id, caller.identity))
         self.node.wake()
@@ -55,7 +55,7 @@ class GrantService(consent_pb2_grpc.GrantServiceServicer):
 
     @rpc
     async def ListGrants(self, request, context):
-        caller_of(request.context, context, self.node.records.rules.regions)
+        await caller_of(self.node, request.context, context)
         rows = await self.node.db.call(self.node.db.store.grants_list)
         now = time.time()
         return consent_pb2.ListGrantsResponse(

@@ -1,43 +1,62 @@
-"""Where a call's caller is established: who they are and where they are. Today the identity
-is the `x-residency-identity` metadata and the location the request's `CallContext`; peer
-certificates (mTLS) will replace them here, and nowhere else."""
+"""Where a call's caller is established: the identity its verified client certificate names
+(`spiffe://TRUST_DOMAIN/ROLE/REGION/NAME`) and its location, that certificate's region. No
+request field or header can claim either: a stated location may only agree."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import grpc
 
-from residency.server.core.errors import InvalidRecord
-from residency.server.core.schema import data_uses
+from residency.server.api.context import Node
+from residency.server.api.tls import peer_certificate
+from residency.server.core import translog
+from residency.server.core.errors import CallerDenied, InvalidRecord
+from residency.server.core.schema import USER_ID, data_uses
+from residency.server.keys.pki import Identity
 from residency.server.vault.records import Caller
 from residency.v1 import common_pb2
 
-IDENTITY_KEY = "x-residency-identity"
+
+def peer_of(context: grpc.aio.ServicerContext) -> Identity:
+    """The identity of the call's verified client certificate (every call has one: the
+    node's `Authenticate` interceptor refuses calls without)."""
+    peer = peer_certificate(context)
+    if peer is None or peer[1] is None:
+        raise CallerDenied("a client certificate naming spiffe://TRUST_DOMAIN/ROLE/REGION/NAME is required")
+    return peer[1]
 
 
-def identity_of(context: grpc.aio.ServicerContext, default: str = "") -> str:
-    """The caller's identity, or `default` when the call states none."""
-    identity = default
-    for key, value in context.invocation_metadata() or ():
-        if key == IDENTITY_KEY:
-            identity = value
-    return identity
-
-
-def caller_of(
-    ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext, regions: Collection[str]
+async def caller_of(
+    node: Node, ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext, subject: str = ""
 ) -> Caller:
-    """The caller of a call that states a context: identity, a known region, a Fides data
-    use; or InvalidRecord naming everything missing."""
-    identity = identity_of(context)
-    if identity and ctx.location in regions and ctx.purpose in data_uses():
-        return Caller(identity, ctx.location, ctx.purpose)
+    """The caller of a call that states a context: its certificate's identity and region (an
+    empty `ctx.location` means that region), and a Fides data use. A known location other than
+    the certificate's is refused PERMISSION_DENIED and logged against `subject` (a user id)."""
+    ident = peer_of(context)
+    regions = node.records.rules.regions
     bad = []
-    if ctx.location not in regions:
+    if ctx.location and ctx.location not in regions:
         bad.append(("context.location", f"unknown region {ctx.location!r}; known: {sorted(regions)}"))
     if ctx.purpose not in data_uses():
         bad.append(("context.purpose", f"{ctx.purpose!r} is not a Fides data use"))
-    if not identity:
-        bad.append((f"metadata.{IDENTITY_KEY}", "the caller's identity is required"))
-    raise InvalidRecord(bad)
+    if bad:
+        raise InvalidRecord(bad)
+    if ctx.location and ctx.location != ident.region:
+        reason = f"the call states location {ctx.location}; the caller's certificate names {ident.region}"
+        entry = translog.entry(
+            "remote_read",
+            subject=subject if USER_ID.fullmatch(subject) else "",
+            source_region=node.records.region,
+            destination_region=ident.region,
+            outcome="denied",
+            actor=ident.uri,
+            rules_version=node.records.rules.version,
+            purpose=ctx.purpose,
+            reason=reason,
+        )
+        await node.db.write(lambda: node.db.store.log_append([entry]))
+        raise CallerDenied(reason)
+    if ident.region not in regions:
+        raise CallerDenied(
+            f"the caller's certificate names region {ident.region!r}, not one of {sorted(regions)}"
+        )
+    return Caller(ident.uri, ident.region, ctx.purpose, role=ident.role, name=ident.name)

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, ConfigDict, Field, Tag, ValidationError, mo
 
 from residency.server.config.credentials import CredentialsConfig
 from residency.server.config.errors import FileModel, config_error, empty_if_null, tagged_by
+from residency.server.config.tls import TlsConfig, TlsFile, tls_config
 from residency.server.core.errors import ConfigError
 
 
@@ -184,6 +185,7 @@ class NodeFile(FileModel):
     region: str = Field(min_length=1, description="the region this node serves, e.g. cn-north")
     role: Literal["primary", "region"]
     listen: HostPort
+    tls: TlsFile
     data_dir: RelativePath = Field(description="the folder of the node's database")
     schema_: RelativePath = Field(alias="schema", description="the path of the schema file")
     rules: RelativePath = Field(description="the path of the transfer rules file")
@@ -284,6 +286,7 @@ class NodeConfig:
     schema: Path
     rules: Path
     keys: KeysConfig
+    tls: TlsConfig
     durability: str = "full"
     # How often the primary ends expired grants and withdraws copies past retention.
     policy_sweep_seconds: float = 30.0
@@ -336,6 +339,7 @@ def load_config(path: str | Path) -> NodeConfig:
         schema=rel(f.schema_),
         rules=rel(f.rules),
         keys=_keys(f.keys, path, rel),
+        tls=tls_config(f.tls, rel),
         durability=f.durability,
         policy_sweep_seconds=f.policy_sweep_seconds,
         affiliates=tuple(_affiliate(a, rel) for a in f.affiliates),

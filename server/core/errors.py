@@ -30,6 +30,11 @@ class PolicyDenied(ResidencyError):
     """The privacy policy forbids this (e.g. collecting cookie data without cookie consent)."""
 
 
+class CallerDenied(ResidencyError):
+    """The authenticated caller may not make this call (e.g. it claims a location its
+    certificate does not name)."""
+
+
 class KeyUnavailable(ResidencyError):
     """A key needed to seal or open data cannot be had; nothing was written."""
 

@@ -26,6 +26,8 @@ class WorkerStore(UnitOfWork, ReplicationStore, LogWriter, Protocol):
     """A replication worker's store thread: the outbox, leases, dead letters, log entries."""
 
 
-class ServiceStore(UnitOfWork, RecordStore, ConsentStore, ReplicationControlStore, LogStore, Protocol):
+class ServiceStore(
+    UnitOfWork, RecordStore, ConsentStore, ReplicationControlStore, LogStore, LogWriter, Protocol
+):
     """The gRPC servicers' store thread: status counts, consents and grants listed, replication
-    control, and the transfer log read."""
+    control, the transfer log read, and refused callers logged."""

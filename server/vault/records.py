@@ -78,6 +78,9 @@ class Caller:
     identity: str
     location: str
     purpose: str
+    # What the identity's certificate names: its role and name (a recipient's id).
+    role: str = ""
+    name: str = ""
 
 
 class Records:
@@ -299,8 +302,12 @@ class Records:
             return ReadResult(rec, withheld)
         permits = self.permits_for([user_id])[user_id]
         # A grant lets its own recipient read, nobody else (policy 2a, 2b).
-        mine = tuple(g for g in permits.active_grants if caller.identity == f"recipient:{g.recipient}")
-        ended = tuple(g for g in permits.ended_grants if caller.identity == f"recipient:{g.recipient}")
+        mine = tuple(
+            g for g in permits.active_grants if caller.role == "recipient" and caller.name == g.recipient
+        )
+        ended = tuple(
+            g for g in permits.ended_grants if caller.role == "recipient" and caller.name == g.recipient
+        )
         permits = dataclasses.replace(permits, active_grants=mine, ended_grants=ended)
         plan = self.rules.plan(caller.location, caller.purpose, permits)
         sent, refused = self.project(plan, rec.fields, rec.updated_at)

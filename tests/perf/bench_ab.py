@@ -10,6 +10,9 @@ line: per phase the median rate of each, B/A, and the rounds in which B was fast
 
 `--python-a`/`--python-b` run the same way one checkout under two interpreters (each
 interpreter's environment needs the node's dependencies: `pip install -e .` there).
+
+A checkout with mutual TLS (`server/api/tls.py`) is called over it, with a service
+certificate of its deployment; an older one in plaintext, naming the caller in metadata.
 """
 
 from __future__ import annotations
@@ -26,26 +29,35 @@ from pathlib import Path
 
 import grpc
 import yaml
-from bench_put import CTX, META, closed_loop, ten_fields  # this folder is on sys.path when run as a script
+from bench_put import CTX, closed_loop, ten_fields  # this folder is on sys.path when run as a script
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from residency.cli.channel import Credentials
 from residency.server.config.node import load_config
 from residency.server.deployment import PRIMARY, init_deployment
 from residency.v1 import records_pb2, records_pb2_grpc
 
 # Run as a script, this folder is on sys.path and the checkout is not: tests.harness needs it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.harness import wait_serving
+from tests.harness import Deployment, wait_serving
+
+# What a checkout from before mutual TLS needs to name its caller; one with it ignores this.
+META = (("x-residency-identity", "bench:ab"),)
 
 PHASES = {"put": 64, "noop": 64, "bulk": 2}  # calls in flight, as bench_put
 
 
-def start(root: Path, directory: Path, python: str) -> tuple[subprocess.Popen, str]:
-    """A primary without a replicator, running the code under `root` with `python`."""
+def start(root: Path, directory: Path, python: str) -> tuple[subprocess.Popen, str, Credentials | None]:
+    """A primary without a replicator, running the code under `root` with `python`, and the
+    credentials to call it with (None: it serves plaintext)."""
     init_deployment(directory)
     cfg = directory / f"{PRIMARY}.yaml"
     doc = yaml.safe_load(cfg.read_text())
     doc["replicator"]["enabled"] = False
+    creds = Deployment(directory).credentials("service", PRIMARY, "bench")
+    if not (root / "server" / "api" / "tls.py").exists():
+        del doc["tls"]
+        creds = None
     cfg.write_text(yaml.safe_dump(doc))
     log = open(directory / "node.log", "wb")  # noqa: SIM115 - handed to the child process
     # A checkout from before the one-package layout runs as `server.cli` from its own folder
@@ -59,7 +71,7 @@ def start(root: Path, directory: Path, python: str) -> tuple[subprocess.Popen, s
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    return proc, load_config(cfg).listen
+    return proc, load_config(cfg).listen, creds
 
 
 def calls(channel: grpc.aio.Channel) -> dict:
@@ -97,9 +109,12 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         for name, root, python in (("a", args.a, args.python_a), ("b", args.b, args.python_b))
     ]
     try:
-        for _, address in started:
-            await wait_serving(address)
-        channels = [grpc.aio.insecure_channel(address) for _, address in started]
+        for _, address, creds in started:
+            await wait_serving(address, creds)
+        channels = [
+            creds.channel(address) if creds else grpc.aio.insecure_channel(address)
+            for _, address, creds in started
+        ]
         fns = [calls(ch) for ch in channels]
         for f in fns:  # warm up (the first large PutRecords starts the node's helper)
             for p in phases:
@@ -113,7 +128,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         for ch in channels:
             await ch.close()
     finally:
-        for proc, _ in started:
+        for proc, _, _ in started:
             proc.terminate()
             proc.wait()
     out: dict = {"benchmark": "ab", "a": args.a, "b": args.b, "rounds": args.rounds, "cpus": os.cpu_count()}

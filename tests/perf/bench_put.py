@@ -3,7 +3,8 @@ the same server, same client and concurrency, and PutRecords records/s for 10-fi
 
 The primary runs as its own `residency serve` process, configured as `residency init` writes
 it (SQLite WAL, synchronous=FULL, local keyring). With --replication the two affiliate nodes
-run too and the in-process replicator ships every write while the benchmark runs.
+run too and the in-process replicator ships every write while the benchmark runs. Every
+call is mutual TLS, as a service in cn-north (its certificate issued into the deployment).
 Prints one JSON line.
 """
 
@@ -19,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -30,7 +30,6 @@ from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.harness import Deployment, wait_replicated
 
-META = (("x-residency-identity", "bench:put"),)
 CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 
 
@@ -88,7 +87,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
     try:
         await dep.wait_serving()
         address = dep.addresses[PRIMARY]
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with dep.credentials("service", PRIMARY, "bench").channel(address) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             records = records_pb2_grpc.RecordServiceStub(ch)
             ping = health_pb2.HealthCheckRequest()
@@ -109,7 +108,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
             async def put(w: int, n: int) -> None:
                 nonlocal turn
                 turn += 1
-                await records.PutRecord(pool[turn % len(pool)], metadata=META, timeout=30)
+                await records.PutRecord(pool[turn % len(pool)], timeout=30)
 
             batches = []
             for b in range(args.batches):
@@ -120,7 +119,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
                 batches.append(req)
 
             async def bulk(w: int, n: int) -> None:
-                await records.PutRecords(batches[(w * 7919 + n) % len(batches)], metadata=META, timeout=60)
+                await records.PutRecords(batches[(w * 7919 + n) % len(batches)], timeout=60)
 
             # Warm up every path (the first large PutRecords also starts the node's helper).
             await closed_loop(noop, args.concurrency, 1.0)
@@ -145,7 +144,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
             caught_up = None
             if args.replication:
                 t = time.perf_counter()
-                await wait_replicated(address, timeout=600)
+                await wait_replicated(address, dep.operator, timeout=600)
                 caught_up = round(time.perf_counter() - t, 2)
         return {
             "benchmark": "put",

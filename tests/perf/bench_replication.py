@@ -40,7 +40,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import yaml
 
 from residency.server.config.node import load_config
@@ -52,7 +51,6 @@ from tests.conftest import SeaweedFS
 from tests.harness import Deployment, wait_replicated
 from tests.perf.bench_put import ten_fields
 
-META = (("x-residency-identity", "bench:replication"),)
 CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
 
@@ -169,9 +167,7 @@ async def steady(records, admin, rate: int, batch: int, seconds: float, users: i
     start = time.perf_counter()
     sent, calls = 0, []
     while time.perf_counter() - start < seconds:
-        calls.append(
-            asyncio.ensure_future(records.PutRecords(request(10_000_000 + sent, batch, users), metadata=META))
-        )
+        calls.append(asyncio.ensure_future(records.PutRecords(request(10_000_000 + sent, batch, users))))
         sent += batch
         await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
     await asyncio.gather(*calls)
@@ -198,7 +194,7 @@ async def drain(records, admin, backlog: int) -> dict:
             await admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=r), timeout=10)
         base = 20_000_000 if mode == "alone" else 30_000_000
         for start in range(0, backlog, 1000):
-            await records.PutRecords(request(base + start, min(1000, backlog - start)), metadata=META)
+            await records.PutRecords(request(base + start, min(1000, backlog - start)))
         groups = [[r] for r in regions] if mode == "alone" else [regions]
         for group in groups:
             t0 = time.perf_counter()
@@ -258,13 +254,14 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
         try:
             await dep.wait_serving()
             primary = dep.addresses[PRIMARY]
-            async with grpc.aio.insecure_channel(primary) as ch:
+            service = dep.credentials("service", PRIMARY, "bench").channel(primary)
+            async with service as ch, dep.operator.channel(primary) as op:
                 records = records_pb2_grpc.RecordServiceStub(ch)
-                admin = admin_pb2_grpc.AdminServiceStub(ch)
+                admin = admin_pb2_grpc.AdminServiceStub(op)
                 out = {
                     "steady": await steady(records, admin, args.rate, args.batch, args.seconds, args.users)
                 }
-                await wait_replicated(primary, timeout=300)
+                await wait_replicated(primary, dep.operator, timeout=300)
                 lo, hi = ("u-00000000", f"u-{args.users:08d}") if args.users else ("u-10000000", "u-20000000")
                 out["steady"]["applied_lag_ms"] = applied_lag(dep, lo, hi)
                 out["drain_records_per_s"] = await drain(records, admin, args.backlog)

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -71,7 +74,7 @@ class GetNodeStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetNodeStatusResponse(_message.Message):
-    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total")
+    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total", "certificate_expires")
     class FieldCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +91,7 @@ class GetNodeStatusResponse(_message.Message):
     FIELD_COUNTS_FIELD_NUMBER: _ClassVar[int]
     RULES_BACKFILL_DONE_FIELD_NUMBER: _ClassVar[int]
     RULES_BACKFILL_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
     region: str
     role: str
     records: int
@@ -97,7 +101,8 @@ class GetNodeStatusResponse(_message.Message):
     field_counts: _containers.ScalarMap[str, int]
     rules_backfill_done: int
     rules_backfill_total: int
-    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ...) -> None: ...
+    certificate_expires: _timestamp_pb2.Timestamp
+    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ..., certificate_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReplicationStatusRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,188 @@
+"""The deployment's PKI: a CA, the certificates it issues (the URI SAN
+`spiffe://TRUST_DOMAIN/ROLE/REGION/NAME` is the holder's identity), and reading that identity back."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from residency.server.core.errors import ConfigError
+
+TRUST_DOMAIN = "residency"
+ROLES = ("service", "operator", "reviewer", "approver", "recipient", "node")
+# A node's certificate also names its listen address: nodes listen on loopback by default.
+NODE_HOSTS = ("localhost", "127.0.0.1")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a certificate names: its role, its region (the holder's location) and its name."""
+
+    trust_domain: str
+    role: str
+    region: str
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return f"spiffe://{self.trust_domain}/{self.role}/{self.region}/{self.name}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def parse_uri(uri: str) -> Identity | None:
+    """The identity of a `spiffe://TD/ROLE/REGION/NAME` URI, or None if it is not one."""
+    if not uri.startswith("spiffe://"):
+        return None
+    parts = uri[len("spiffe://") :].split("/")
+    if len(parts) != 4 or parts[1] not in ROLES or not all(_valid(p) for p in parts):
+        return None
+    return Identity(*parts)
+
+
+def _valid(part: str) -> bool:
+    return bool(part) and all(c.isalnum() or c in "._-" for c in part) and part.isascii()
+
+
+def identity_of(cert: x509.Certificate) -> Identity | None:
+    """The identity a certificate's URI SAN names, or None if it names none (or several)."""
+    try:
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    found = {i for u in uris.get_values_for_type(x509.UniformResourceIdentifier) if (i := parse_uri(u))}
+    return found.pop() if len(found) == 1 else None
+
+
+def read_serials(path: Path) -> frozenset[int]:
+    """A revocation list: one hexadecimal serial number a line (colons allowed, `#` comments)."""
+    serials = set()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip().replace(":", "").lower().removeprefix("0x")
+        if not text:
+            continue
+        try:
+            serials.add(int(text, 16))
+        except ValueError:
+            raise ConfigError(f"{path}:{n}: {line.strip()!r} is not a hexadecimal serial number") from None
+    return frozenset(serials)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def create_ca(pki: Path, trust_domain: str = TRUST_DOMAIN, days: int = 3650) -> None:
+    """Writes `pki/ca.crt` and `pki/ca.key` (0600), unless a CA key is there already: an
+    existing CA key is never overwritten (every certificate it issued would stop working)."""
+    pki.mkdir(parents=True, exist_ok=True)
+    if (pki / "ca.key").exists():
+        return
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} deployment CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        # The CA names its trust domain, so that `certs issue` needs no other setting.
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(pki / "ca.key", _key_pem(key))
+    (pki / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def trust_domain_of(ca: x509.Certificate) -> str:
+    """The trust domain a CA made by `create_ca` names (default `residency`)."""
+    try:
+        san = ca.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return TRUST_DOMAIN
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith("spiffe://") and "/" not in uri[len("spiffe://") :]:
+            return uri[len("spiffe://") :]
+    return TRUST_DOMAIN
+
+
+def issue(
+    pki: Path,
+    role: str,
+    region: str,
+    name: str,
+    out: Path,
+    days: int = 365,
+    hosts: Iterable[str] = (),
+    not_before: datetime.datetime | None = None,
+) -> Identity:
+    """Issues `OUT.crt` and `OUT.key` (0600) from the CA in `pki` for `spiffe://TD/ROLE/REGION/NAME`.
+    `hosts`: DNS names and IP addresses the holder serves on (a node's)."""
+    if role not in ROLES:
+        raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if days < 1:
+        raise ConfigError(f"days must be 1 or more, got {days}")
+    if not (_valid(region) and _valid(name)):
+        raise ConfigError(f"region and name must be non-empty, from [A-Za-z0-9._-]; got {region!r}, {name!r}")
+    try:
+        ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the CA in {pki} (ca.crt, ca.key): {e}") from e
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ident = Identity(trust_domain_of(ca), role, region, name)
+    start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ident.uri)]
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    usage = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if role == "node" else [])
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}/{region}/{name}")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(out.with_name(out.name + ".key"), _key_pem(key))
+    out.with_name(out.name + ".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ident
