@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ class Credentials:
     @classmethod
     def of(cls, args: argparse.Namespace) -> Credentials:
         """From `--cert --key --ca`, else the environment; a missing one is a usage error."""
+        if getattr(args, "identity", None):
+            print(
+                "residency: --identity no longer names the caller; the client certificate does",
+                file=sys.stderr,
+            )
         found = {k: getattr(args, k, None) or os.environ.get(env, "") for k, env in ENVIRONMENT.items()}
         missing = [f"--{k} (or {ENVIRONMENT[k]})" for k, v in found.items() if not v]
         if missing:
@@ -72,9 +78,16 @@ def add_target(parser: argparse.ArgumentParser, required: bool = True, key_flag:
         parser.add_argument(flag, dest=key, help=f"the caller's {key} file, PEM (default: ${env})")
 
 
+def add_identity(parser: argparse.ArgumentParser) -> None:
+    """`--identity` named the caller before mutual TLS; scripts that pass it keep working, but
+    the caller is whoever the certificate names (`Credentials.of` says so on stderr)."""
+    parser.add_argument("--identity", help="no longer used: the caller is its certificate's identity")
+
+
 def add_caller(parser: argparse.ArgumentParser, purpose: str = "essential.service") -> None:
     """The target flags, and from where (default: the certificate's region) for what."""
     add_target(parser)
+    add_identity(parser)
     parser.add_argument("--location", default="", help="the caller's region (default: its certificate's)")
     parser.add_argument("--purpose", default=purpose, help=f"the call's data use (default {purpose})")
 

@@ -8,7 +8,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from residency.cli.channel import add_target, call_context, open_channel
+from residency.cli.channel import add_identity, add_target, call_context, open_channel
 from residency.v1 import records_pb2, records_pb2_grpc
 
 
@@ -82,6 +82,7 @@ def add_records(sub: argparse._SubParsersAction) -> None:
     for action in ("put", "get", "delete"):
         s = rec.add_parser(action)
         add_target(s)
+        add_identity(s)
         s.add_argument("--location", default="", help="the caller's region (default: its certificate's)")
         s.add_argument("--purpose", required=True, help="a Fides data use, e.g. essential.service")
         s.add_argument("user_id")

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from residency.cli.channel import add_target, open_channel, print_message
+from residency.cli.channel import add_identity, add_target, open_channel, print_message
 from residency.server.core.errors import ResidencyError
 from residency.v1 import admin_pb2, admin_pb2_grpc
 
@@ -106,6 +106,7 @@ def add_rules(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(run=lambda a: asyncio.run(_rules_explain(a)))
     s = ru.add_parser("apply", help="swap the primary's rules; copies are withdrawn or backfilled")
     add_target(s)
+    add_identity(s)
     s.add_argument("file")
     s.add_argument("--wait", action="store_true", help="show progress until every record is re-projected")
     s.set_defaults(run=lambda a: asyncio.run(_rules_apply(a)))

@@ -546,8 +546,13 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
         "ie-affiliate",
         "--evidence",
         "signup form v3, box 2",
+        "--identity",  # today's scripts still pass it: accepted, said to be unused, ignored
+        "operator:root",
     )
     assert r.returncode == 0 and json.loads(r.stdout) == {"user_id": "cli-p", "changed": 1}, r.stderr
+    assert "--identity no longer names the caller" in r.stderr
+    granted = await log_entries(cluster, kind="consent", subject="cli-p")
+    assert granted and granted[-1]["actor"].startswith("spiffe://residency/operator/"), granted[-1]["actor"]
     r = residency("consent", "list", *target, "cli-p")
     assert r.returncode == 0 and json.loads(r.stdout)["consents"][0]["evidence"] == "signup form v3, box 2"
     r = residency(
