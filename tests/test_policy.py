@@ -342,7 +342,7 @@ async def test_a_disclosure_names_its_country_and_reviewers_count_it_abroad(clus
     assert entry["destination_country"] == "JP" and entry["destination_region"] == ""
     # The report counts it: no region is in Japan, only this disclosure went there.
     page, table = tmp_path / "report.html", tmp_path / "report.csv"
-    target = ["--target", cluster.dep.addresses[PRIMARY]]
+    target = cluster.target("reviewer", key_flag="--client-key")
     r = residency("log", "report", *target, "--out", str(page), "--subject", "d-2")
     assert r.returncode == 0, r.stderr
     html = page.read_text()
