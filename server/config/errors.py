@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
+import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Tag, ValidationError
 from pydantic.fields import FieldInfo
 
 from residency.server.core.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
 
 Loc = tuple[int | str, ...]
 # Maps an error's location to the text that starts its line (a file, or a file, line and rule)
@@ -55,6 +59,19 @@ def empty_if_null(empty: Callable[[], Any], shown_as: Any) -> BeforeValidator:
     """YAML's empty value (`rules:` with nothing after it) stands for an empty list or mapping,
     as it did before the files had models; the JSON Schema (`shown_as`) allows it too."""
     return BeforeValidator(lambda v: empty() if v is None else v, json_schema_input_type=shown_as)
+
+
+def read_model(path: Path, model: type[M], what: str) -> M:
+    """A YAML file read and validated by `model`: a file that cannot be read or parsed, and
+    every problem the model finds, is a ConfigError naming the file."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e}") from e
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        raise config_error(e, model, str(path)) from None
 
 
 def config_error(

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-import yaml
-from pydantic import AfterValidator, ConfigDict, Field, Tag, ValidationError, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, Tag, model_validator
 
 from residency.server.config.credentials import CredentialsConfig
-from residency.server.config.errors import FileModel, config_error, empty_if_null, tagged_by
+from residency.server.config.errors import FileModel, empty_if_null, read_model, tagged_by
 from residency.server.config.tls import TlsConfig, TlsFile, tls_config
 from residency.server.core.errors import ConfigError
 
@@ -318,14 +317,7 @@ class NodeConfig:
 def load_config(path: str | Path) -> NodeConfig:
     """Reads, validates and resolves a node config file; any problem is a ConfigError."""
     path = Path(path).resolve()
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from e
-    try:
-        f = NodeFile.model_validate(doc)
-    except ValidationError as e:
-        raise config_error(e, NodeFile, str(path)) from None
+    f = read_model(path, NodeFile, "config")
 
     def rel(value: str) -> Path:
         return (path.parent / value).resolve()

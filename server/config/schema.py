@@ -9,11 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import yaml
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field
 
-from residency.server.config.errors import FileModel, config_error
-from residency.server.core.errors import ConfigError
+from residency.server.config.errors import FileModel, read_model
 from residency.server.core.schema import FieldSource, FieldSpec, FieldType, Schema, data_categories, data_uses
 
 
@@ -63,13 +61,5 @@ class SchemaFile(FileModel):
 
 def load_schema(path: str | Path) -> Schema:
     """Loads and validates a schema file; a bad entry fails naming the file and the field."""
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read schema: {e}") from e
-    try:
-        f = SchemaFile.model_validate(doc)
-    except ValidationError as e:
-        raise config_error(e, SchemaFile, str(path)) from None
+    f = read_model(Path(path), SchemaFile, "schema")
     return Schema({name: FieldSpec(name, **spec.model_dump()) for name, spec in f.fields.items()}, f.version)
