@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from residency.server.config import JSONSCHEMA
+from residency.server.config.access import AccessFile
 from residency.server.config.node import NodeFile
 from residency.server.config.rules import RulesFile
 from residency.server.config.schema import SchemaFile
@@ -23,6 +24,7 @@ MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "node": (NodeFile, "residency node config"),
     "schema": (SchemaFile, "residency schema"),
     "rules": (RulesFile, "residency transfer rules"),
+    "access": (AccessFile, "residency access policy"),
 }
 
 

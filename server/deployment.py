@@ -119,6 +119,24 @@ rules:
     retention_days: 90
 """
 
+EXAMPLE_ACCESS = """\
+# Which purposes each service may state in its calls (a service is the holder of a certificate
+# spiffe://residency/service/REGION/NAME). The first entry whose identity matches decides; a
+# service no entry matches may state no purpose. '*' in an identity matches within one part;
+# a purpose allows its narrower ones ('marketing' allows 'marketing.communications').
+# Reread on SIGHUP. Other roles are not listed here: what a role may call is fixed (README).
+services:
+  # Narrowing examples: put them above the catch-all, which lets every service state every purpose.
+  # - identity: spiffe://residency/service/cn-north/billing
+  #   purposes: [essential.service.payment_processing]
+  # - identity: spiffe://residency/service/*/newsletter
+  #   purposes: [marketing.communications]
+  # - identity: spiffe://residency/service/eu-west-1/*
+  #   purposes: [essential.service.operations.support, analytics.reporting]
+  - identity: spiffe://residency/service/*/*
+    purposes: ["*"]
+"""
+
 
 def origin(region: str) -> str:
     """The transfer log's checkpoint origin line (and signing key name) of a region's node."""
@@ -137,7 +155,7 @@ def editor_schema(kind: str) -> str:
 def copy_json_schemas(directory: Path) -> None:
     """The JSON Schemas the files' first lines point at, beside them."""
     (directory / "schemas").mkdir(exist_ok=True)
-    for kind in ("node", "schema", "rules"):
+    for kind in ("node", "schema", "rules", "access"):
         (directory / "schemas" / f"{kind}.json").write_bytes((JSONSCHEMA / f"{kind}.json").read_bytes())
 
 
@@ -208,6 +226,7 @@ def init_deployment(
     copy_json_schemas(d)
     (d / "schema.yaml").write_text(editor_schema("schema") + EXAMPLE_SCHEMA)
     (d / "rules.yaml").write_text(editor_schema("rules") + EXAMPLE_RULES)
+    (d / "access.yaml").write_text(editor_schema("access") + EXAMPLE_ACCESS)
     init_pki(d, regions)
     for region in regions:
         # Each node signs its own transfer log's checkpoints with its own key.
@@ -223,6 +242,7 @@ def init_deployment(
             "data_dir": f"data/{region}",
             "schema": "schema.yaml",
             "rules": "rules.yaml",
+            "access": "access.yaml",
             "keys": keys(d, region),
             "durability": "full",
             "checkpoint_interval_seconds": 60,

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from residency.server.api.access import Gate
 from residency.server.api.admin import AdminService
 from residency.server.api.consent import ConsentService
 from residency.server.api.context import Node
@@ -23,8 +24,9 @@ from residency.server.api.intake import Intake
 from residency.server.api.records import RecordService, add_record_service
 from residency.server.api.replica import ReplicaService
 from residency.server.api.requests import RequestGuard
-from residency.server.api.tls import Authenticate, ServerTls
+from residency.server.api.tls import ServerTls
 from residency.server.api.translog import TransferLogService
+from residency.server.config.access import load_access
 from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules, rules_from_bytes
 from residency.server.config.schema import load_schema
@@ -145,6 +147,7 @@ class RunningNode:
         c = self.config
         schema = load_schema(c.schema)
         rules = load_rules(c.rules, schema)
+        access = load_access(c.access)
         if c.is_primary and c.region != rules.home_region:
             raise ConfigError(
                 f"{c.path}: this primary's region {c.region!r} is not the rules' home_region "
@@ -200,6 +203,7 @@ class RunningNode:
         node = Node(
             records,
             self.db,
+            access,
             self.replicator,
             affiliates=c.affiliates,
             transfer_log=self.transfer_log,
@@ -212,7 +216,7 @@ class RunningNode:
         if c.is_primary:
             self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         server = grpc.aio.server(
-            interceptors=[Authenticate(self.tls), RequestGuard()],
+            interceptors=[Gate(self.tls, node), RequestGuard()],
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
         )
         add_record_service(RecordService(node), server)
@@ -299,9 +303,14 @@ class RunningNode:
                 self.node.wake()
 
     async def reload(self) -> None:
-        """SIGHUP: rereads the TLS certificate, key, CA and revocation list, and on a primary
-        the rules file."""
+        """SIGHUP: rereads the TLS certificate, key, CA and revocation list, the access policy,
+        and on a primary the rules file."""
         self.tls.reload()
+        try:
+            assert self.node is not None
+            self.node.access = load_access(self.config.access)
+        except ConfigError as e:  # a bad file keeps the running policy
+            log.error("access policy reload refused, the node keeps its policy: %s", e)
         if self.config.is_primary:
             await self.reload_from_file()
 

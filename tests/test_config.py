@@ -121,7 +121,7 @@ def test_unknown_keys_are_named_with_the_keys_known_there(deployment: Path):
         f"{path}: 'affiliates[1]' has unknown key(s) ['address'] for sink s3; known keys are ["
     )
     assert lines[2].startswith(
-        f"{path}: unknown key(s) ['colour']; known keys are ['affiliates', 'archive', "
+        f"{path}: unknown key(s) ['colour']; known keys are ['access', 'affiliates', 'archive', "
     )
     assert len(lines) == 3  # every problem at once
 

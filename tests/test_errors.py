@@ -170,7 +170,7 @@ async def test_log_positions_beyond_the_store_are_invalid_argument_naming_the_fi
 
 
 async def test_times_out_of_range_are_refused_and_nothing_written(module_cluster: Cluster):
-    grants = consent_pb2_grpc.GrantServiceStub(module_cluster.channel(PRIMARY))
+    grants = consent_pb2_grpc.GrantServiceStub(module_cluster.channel(PRIMARY, "operator"))
     listed = await grants.ListGrants(consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")))
     grant = consent_pb2.Grant(
         recipient="sg-affiliate",

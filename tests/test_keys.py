@@ -166,7 +166,7 @@ def test_key_config_is_validated_at_start_naming_the_key(tmp_path: Path, monkeyp
 
     base = (
         "region: cn-north\nrole: primary\nlisten: 127.0.0.1:1\ntls: {cert: c, key: k, ca: a}\n"
-        "data_dir: d\nschema: s\nrules: r\n"
+        "data_dir: d\nschema: s\nrules: r\naccess: a\n"
     )
     cases = {
         "keys: {provider: vault, dir: k}": "'keys.provider' must be one of",

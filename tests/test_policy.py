@@ -155,7 +155,7 @@ async def test_cookie_data_is_collected_and_sent_only_while_cookie_consent_stand
 async def create_grant(
     cluster: Cluster, users: list[str], seconds: float, categories: list[str], grant_id: str = ""
 ) -> str:
-    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
+    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY, "operator"))
     grant = consent_pb2.Grant(
         id=grant_id,
         recipient="sg-affiliate",
@@ -172,7 +172,7 @@ async def create_grant(
 
 
 async def grant_states(cluster: Cluster) -> dict[str, int]:
-    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
+    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY, "operator"))
     listed = await stub.ListGrants(
         consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")),
         timeout=10,
@@ -198,19 +198,23 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
     await cluster.replicated()
     assert await copy_fields(cluster, "g-1", SG) == {"email", "pages_visited"}
     assert await copy_fields(cluster, "g-2", SG) == {"email"}  # not a listed user
+    # The grant's own recipient reads under it, and under nothing else (not the rule sending
+    # email to a service there); a service there reads what the rule sends, not the grant's.
     mine = await third_party_read(cluster, "g-1", "recipient", "sg-affiliate")
-    assert set(mine.record.fields) == {"email", "pages_visited"}
+    assert set(mine.record.fields) == {"pages_visited"}
     other = await third_party_read(cluster, "g-1", "service", "someone-else")
-    assert set(other.record.fields) == {"email"}  # only the grant's own recipient reads under it
+    assert set(other.record.fields) == {"email"}
 
     async def withdrawn() -> bool:
         return await copy_fields(cluster, "g-1", SG) == {"email"}
 
     await eventually(withdrawn, "the grant's copies are withdrawn after it ends")
     assert (await grant_states(cluster))["helpdesk"] == consent_pb2.GRANT_STATE_ENDED
-    after = await third_party_read(cluster, "g-1", "recipient", "sg-affiliate")
-    assert set(after.record.fields) == {"email"}
-    assert {w.field: w.reason for w in after.withheld}["pages_visited"] == "grant_ended"
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # its grant over, the recipient reads nothing
+        await third_party_read(cluster, "g-1", "recipient", "sg-affiliate")
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    refused = (await log_entries(cluster, kind="remote_read", subject="g-1", outcome="denied"))[-1]
+    assert {w["name"]: w["reason"] for w in refused["withheld"]}["pages_visited"] == "grant_ended"
     reasons = [e["reason"] for e in await log_entries(cluster, kind="grant", subject="g-1")]
     assert reasons[0].startswith("grant opened") and reasons[-1].startswith("grant ended")
 
@@ -230,7 +234,7 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
     grant_id = await create_grant(cluster, ["g-3"], 3600, ["user.behavior.browsing_history"])
     await cluster.replicated()
     assert "pages_visited" in await copy_fields(cluster, "g-3", SG)
-    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY))
+    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY, "operator"))
     reply = await stub.RevokeGrant(
         consent_pb2.RevokeGrantRequest(context=ctx(PRIMARY, "essential.service"), id=grant_id),
         timeout=10,
@@ -527,6 +531,7 @@ async def test_a_copy_left_with_nothing_allowed_is_withdrawn_and_logged_as_erasu
 
 async def test_operators_drive_consent_grants_and_disclosures_from_the_command_line(cluster: Cluster):
     target = [*cluster.target()]
+    service = [*cluster.target("service")]  # consents are a service's to record, grants an operator's
     await cluster.put(
         "cli-p",
         {"name": "Li Wei", "email": "li@example.cn", "pages_visited": ["/a"]},
@@ -538,7 +543,7 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
     r = residency(
         "consent",
         "grant",
-        *target,
+        *service,
         "cli-p",
         "--for",
         "marketing.communications",
@@ -552,13 +557,13 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
     assert r.returncode == 0 and json.loads(r.stdout) == {"user_id": "cli-p", "changed": 1}, r.stderr
     assert "--identity no longer names the caller" in r.stderr
     granted = await log_entries(cluster, kind="consent", subject="cli-p")
-    assert granted and granted[-1]["actor"].startswith("spiffe://residency/operator/"), granted[-1]["actor"]
-    r = residency("consent", "list", *target, "cli-p")
+    assert granted and granted[-1]["actor"].startswith("spiffe://residency/service/"), granted[-1]["actor"]
+    r = residency("consent", "list", *service, "cli-p")
     assert r.returncode == 0 and json.loads(r.stdout)["consents"][0]["evidence"] == "signup form v3, box 2"
     r = residency(
         "consent",
         "withdraw",
-        *target,
+        *service,
         "cli-p",
         "--for",
         "marketing.communications",

@@ -8,6 +8,7 @@ from typing import Any
 
 from residency.server.api.intake import Intake
 from residency.server.api.tls import ServerTls
+from residency.server.config.access import AccessPolicy
 from residency.server.config.credentials import CredentialsConfig
 from residency.server.config.node import Affiliate
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
@@ -27,6 +28,7 @@ class Node:
         self,
         records: Records,
         db: StoreThread[ServiceStore],
+        access: AccessPolicy,
         replicator: Any = None,
         affiliates: tuple[Affiliate, ...] = (),
         transfer_log: TransferLog | None = None,
@@ -49,6 +51,8 @@ class Node:
         # Re-projection after a rules change: (done, total).
         self.backfill = (0, 0)
         self.reload_rules: Any = None
+        # The purposes each service may state (reread on SIGHUP).
+        self.access = access
         # The node's TLS credentials (its certificate's expiry is in the node's status).
         self.tls: ServerTls | None = None
 

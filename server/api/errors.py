@@ -104,6 +104,14 @@ def status_for(e: ResidencyError) -> status_pb2.Status:
             )
         )
         status.details.append(detail)
+    elif isinstance(e, CallerDenied) and e.permission:
+        # Machine-readable for the calling service: which permission its identity lacks.
+        detail.Pack(
+            error_details_pb2.ErrorInfo(
+                reason="PERMISSION_MISSING", domain="residency", metadata={"permission": e.permission}
+            )
+        )
+        status.details.append(detail)
     elif isinstance(e, RateLimited):
         wait = duration_pb2.Duration()
         wait.FromMilliseconds(max(1, round(e.retry_after * 1000)))

@@ -30,7 +30,8 @@ async def caller_of(
 ) -> Caller:
     """The caller of a call that states a context: its certificate's identity and region (an
     empty `ctx.location` means that region), and a Fides data use. A known location other than
-    the certificate's is refused PERMISSION_DENIED and logged against `subject` (a user id)."""
+    the certificate's is refused PERMISSION_DENIED and logged against `subject` (a user id), and
+    so is a service stating a purpose that the access policy does not let it state."""
     ident = peer_of(context)
     regions = node.records.rules.regions
     bad = []
@@ -40,10 +41,18 @@ async def caller_of(
         bad.append(("context.purpose", f"{ctx.purpose!r} is not a Fides data use"))
     if bad:
         raise InvalidRecord(bad)
+    refused = kind = permission = ""
     if ctx.location and ctx.location != ident.region:
-        reason = f"the call states location {ctx.location}; the caller's certificate names {ident.region}"
+        kind, permission = "remote_read", ""
+        refused = f"the call states location {ctx.location}; the caller's certificate names {ident.region}"
+    elif ident.role == "service" and not node.access.allows(ident.uri, ctx.purpose):
+        kind, permission = "access", f"purpose {ctx.purpose}"
+        refused = (
+            f"{ident.uri} lacks permission purpose {ctx.purpose} (access policy {node.access.path.name})"
+        )
+    if refused:
         entry = translog.entry(
-            "remote_read",
+            kind,
             subject=subject if USER_ID.fullmatch(subject) else "",
             source_region=node.records.region,
             destination_region=ident.region,
@@ -51,10 +60,10 @@ async def caller_of(
             actor=ident.uri,
             rules_version=node.records.rules.version,
             purpose=ctx.purpose,
-            reason=reason,
+            reason=refused,
         )
         await node.db.write(lambda: node.db.store.log_append([entry]))
-        raise CallerDenied(reason)
+        raise CallerDenied(refused, permission=permission)
     if ident.region not in regions:
         raise CallerDenied(
             f"the caller's certificate names region {ident.region!r}, not one of {sorted(regions)}"

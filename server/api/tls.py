@@ -1,14 +1,12 @@
 """The node's side of mutual TLS: its server credentials (reread on SIGHUP without a restart)
-and the check every call passes first: a certificate from the deployment's CA that names an
-identity of this trust domain and is not on the revocation list."""
+and the check every call passes first (`access.Gate` asks it): a certificate from the
+deployment's CA that names an identity of this trust domain and is not on the revocation list."""
 
 from __future__ import annotations
 
 import datetime
 import functools
-import inspect
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -107,49 +105,3 @@ class ServerTls:
                 f"spiffe://{self.config.trust_domain}/ROLE/REGION/NAME in its URI SAN"
             )
         return None
-
-
-class Authenticate(grpc.aio.ServerInterceptor):
-    """Refuses (UNAUTHENTICATED) every call, health and reflection included, from a peer
-    `ServerTls.refusal` names a reason for, before the method runs."""
-
-    def __init__(self, tls: ServerTls):
-        self.tls = tls
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        kind = next(
-            k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k)
-        )
-        make = getattr(grpc, f"{kind}_rpc_method_handler")
-        return make(
-            self._guard(getattr(handler, kind)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _guard(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        tls = self.tls
-        if inspect.isasyncgenfunction(method):
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if (why := tls.refusal(context)) is not None:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-                async for item in method(request, context):
-                    yield item
-
-            return stream
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if (why := tls.refusal(context)) is not None:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-            result = method(request, context)
-            return await result if inspect.isawaitable(result) else result
-
-        return unary

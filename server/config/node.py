@@ -188,6 +188,9 @@ class NodeFile(FileModel):
     data_dir: RelativePath = Field(description="the folder of the node's database")
     schema_: RelativePath = Field(alias="schema", description="the path of the schema file")
     rules: RelativePath = Field(description="the path of the transfer rules file")
+    access: RelativePath = Field(
+        description="the path of the access policy file: the purposes each service may state"
+    )
     keys: KeysFile
     durability: Literal["full", "normal"] = "full"
     policy_sweep_seconds: float = Field(default=30.0, gt=0, description="a positive number of seconds")
@@ -284,6 +287,7 @@ class NodeConfig:
     data_dir: Path
     schema: Path
     rules: Path
+    access: Path
     keys: KeysConfig
     tls: TlsConfig
     durability: str = "full"
@@ -330,6 +334,7 @@ def load_config(path: str | Path) -> NodeConfig:
         data_dir=rel(f.data_dir),
         schema=rel(f.schema_),
         rules=rel(f.rules),
+        access=rel(f.access),
         keys=_keys(f.keys, path, rel),
         tls=tls_config(f.tls, rel),
         durability=f.durability,

@@ -32,7 +32,11 @@ class PolicyDenied(ResidencyError):
 
 class CallerDenied(ResidencyError):
     """The authenticated caller may not make this call (e.g. it claims a location its
-    certificate does not name)."""
+    certificate does not name); `permission` names what it lacks, where one does."""
+
+    def __init__(self, message: str, permission: str = ""):
+        super().__init__(message)
+        self.permission = permission
 
 
 class KeyUnavailable(ResidencyError):

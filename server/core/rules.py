@@ -180,7 +180,7 @@ class RuleSet:
     version: str
     schema: Schema
     source: str = ""
-    _cache: dict[tuple[str, str | None, Permits], Plan] = field(
+    _cache: dict[tuple[str, str | None, Permits, bool], Plan] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -192,17 +192,24 @@ class RuleSet:
         """Affiliate regions that some rule could send data to."""
         return sorted({self.recipients[r.recipient].region for r in self.rules})
 
-    def plan(self, destination: str, purpose: str | None = None, permits: Permits = NO_PERMITS) -> Plan:
+    def plan(
+        self,
+        destination: str,
+        purpose: str | None = None,
+        permits: Permits = NO_PERMITS,
+        grants_only: bool = False,
+    ) -> Plan:
         """Decides each field for `destination`; `purpose` None means for any rule's purpose
-        (replication); `permits` are the user's consents and grants."""
-        key = (destination, purpose, permits)
+        (replication); `permits` are the user's consents and grants. `grants_only`: for a
+        recipient's own read, which its grants alone decide (wherever it is, home included)."""
+        key = (destination, purpose, permits, grants_only)
         plan = self._cache.get(key)
         if plan is None:
             plan = Plan(
                 destination,
                 purpose,
                 {
-                    name: self._decide(spec, destination, purpose, permits)
+                    name: self._decide(spec, destination, purpose, permits, grants_only)
                     for name, spec in self.schema.fields.items()
                 },
             )
@@ -220,19 +227,21 @@ class RuleSet:
             if r.requires_consent and r.recipient == recipient and any(covers(purpose, p) for p in r.purposes)
         ]
 
-    def _decide(self, spec: FieldSpec, destination: str, purpose: str | None, permits: Permits) -> Decision:
+    def _decide(
+        self, spec: FieldSpec, destination: str, purpose: str | None, permits: Permits, grants_only: bool
+    ) -> Decision:
         if spec.credential:
             return Withheld(CREDENTIAL)
         if any(covers(p, spec.category) for p in self.never_transfer):
             return Withheld(NEVER_TRANSFER)
-        if destination == self.home_region:
+        if destination == self.home_region and not grants_only:
             # Data coming home is not a transfer abroad; the home region holds everything.
             return Allowed(_HOME_RULE, _HOME_RECIPIENT)
         if is_cookie(spec.category) and not permits.cookies:
             return Withheld(COOKIE_CONSENT_MISSING)
         best = NO_RULE
         # (rule, granted): False for a rule, True for an active grant, None for an ended one.
-        candidates: list[tuple[Rule, bool | None]] = [(r, False) for r in self.rules]
+        candidates: list[tuple[Rule, bool | None]] = [] if grants_only else [(r, False) for r in self.rules]
         candidates += [(g.as_rule(), True) for g in permits.active_grants]
         candidates += [(g.as_rule(), None) for g in permits.ended_grants]
         for rule, granted in candidates:

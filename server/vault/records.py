@@ -298,18 +298,16 @@ class Records:
             if spec is not None and spec.credential:
                 del rec.fields[name]
                 withheld[name] = Withheld("credential")
-        if caller.location == self.region:
+        recipient = caller.role == "recipient"
+        if caller.location == self.region and not recipient:
             return ReadResult(rec, withheld)
         permits = self.permits_for([user_id])[user_id]
         # A grant lets its own recipient read, nobody else (policy 2a, 2b).
-        mine = tuple(
-            g for g in permits.active_grants if caller.role == "recipient" and caller.name == g.recipient
-        )
-        ended = tuple(
-            g for g in permits.ended_grants if caller.role == "recipient" and caller.name == g.recipient
-        )
+        mine = tuple(g for g in permits.active_grants if recipient and caller.name == g.recipient)
+        ended = tuple(g for g in permits.ended_grants if recipient and caller.name == g.recipient)
         permits = dataclasses.replace(permits, active_grants=mine, ended_grants=ended)
-        plan = self.rules.plan(caller.location, caller.purpose, permits)
+        # A recipient reads under its own grants only: no rule, and no home-region shortcut.
+        plan = self.rules.plan(caller.location, caller.purpose, permits, grants_only=recipient)
         sent, refused = self.project(plan, rec.fields, rec.updated_at)
         withheld.update(refused)
         entry = translog.entry(

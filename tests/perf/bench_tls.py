@@ -1,7 +1,7 @@
 """Benchmark: what mutual TLS costs against plaintext, in the same run on the same server.
 
 A child process serves grpc.health.v1 twice: on a plaintext port, and on a port with a node's
-TLS credentials and its `Authenticate` interceptor (exactly what `residency serve` uses),
+TLS credentials and its `Gate` interceptor (what `residency serve` uses, without a node),
 certificates from a fresh `residency init`. Measured from this process, alternating the two:
 the handshake cost (time to a first call on a new channel, median of `--handshakes`), one
 caller's call latency on an open channel, and calls/s at `--concurrency` callers. Prints one
@@ -25,7 +25,8 @@ import grpc
 from bench_put import closed_loop  # this folder is on sys.path when run as a script
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from residency.server.api.tls import Authenticate, ServerTls
+from residency.server.api.access import Gate
+from residency.server.api.tls import ServerTls
 from residency.server.config.node import load_config
 from residency.server.deployment import PRIMARY, free_ports, init_deployment
 
@@ -40,7 +41,7 @@ async def serve(config: Path, plain: int, secure: int) -> None:
     tls = ServerTls(load_config(config).tls)
     # Two servers in one process, one event loop: the mTLS one checks every call's certificate
     # as a node does; the plaintext one has nothing to check.
-    servers = [grpc.aio.server(interceptors=[Authenticate(tls)]), grpc.aio.server()]
+    servers = [grpc.aio.server(interceptors=[Gate(tls)]), grpc.aio.server()]
     servers[0].add_secure_port(f"127.0.0.1:{secure}", tls.credentials())
     servers[1].add_insecure_port(f"127.0.0.1:{plain}")
     for server in servers:

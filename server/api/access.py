@@ -1,0 +1,243 @@
+"""Who may call what, decided in one place: the permission each method needs, the roles that
+hold each permission, and `Gate`, the interceptor that checks both (after the certificate) on
+every call before any servicer runs. A refusal that concerns users' data is logged.
+
+A `service` is further held to the purposes the access policy file lets it state
+(`residency.server.config.access`; `identity.caller_of` asks it)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+
+from residency.server.api.context import Node
+from residency.server.api.errors import refuse, status_for
+from residency.server.api.requests import Refused
+from residency.server.api.tls import ServerTls, peer_certificate
+from residency.server.core import translog
+from residency.server.core.errors import CallerDenied
+from residency.server.core.schema import USER_ID
+from residency.server.keys.pki import Identity
+
+# What each method needs. A method missing here is refused: a new RPC is closed until it is
+# given a permission.
+METHODS: dict[str, str] = {
+    "/residency.v1.RecordService/PutRecord": "records.write",
+    "/residency.v1.RecordService/PutRecords": "records.write",
+    "/residency.v1.RecordService/DeleteRecord": "records.write",
+    "/residency.v1.RecordService/GetRecord": "records.read",
+    "/residency.v1.RecordService/VerifyCredential": "credentials.verify",
+    "/residency.v1.ConsentService/GrantConsents": "consents.write",
+    "/residency.v1.ConsentService/WithdrawConsents": "consents.write",
+    "/residency.v1.ConsentService/ListConsents": "consents.read",
+    "/residency.v1.GrantService/CreateGrant": "grants.write",
+    "/residency.v1.GrantService/RevokeGrant": "grants.write",
+    "/residency.v1.GrantService/ListGrants": "grants.read",
+    "/residency.v1.DisclosureService/Disclose": "disclosures.request",
+    "/residency.v1.AdminService/GetNodeStatus": "admin.status",
+    "/residency.v1.AdminService/ReplicationStatus": "admin.status",
+    "/residency.v1.AdminService/ExplainTransfer": "admin.status",
+    "/residency.v1.AdminService/PauseReplication": "admin.replication",
+    "/residency.v1.AdminService/ResumeReplication": "admin.replication",
+    "/residency.v1.AdminService/RetryDeadLetters": "admin.replication",
+    "/residency.v1.AdminService/ApplyRules": "admin.rules",
+    "/residency.v1.ReplicaService/ApplyCopies": "replica.apply",
+    **{
+        f"/residency.v1.TransferLogService/{m}": "translog.read"
+        for m in (
+            "TailEntries",
+            "Query",
+            "GetCheckpoint",
+            "ProveInclusion",
+            "ProveConsistency",
+            "SubjectReport",
+            "GetReviewContext",
+        )
+    },
+}
+# Open to every authenticated caller, whatever their methods: health checks and reflection.
+OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# The roles of spiffe://TRUST_DOMAIN/ROLE/REGION/NAME and what each holds (README, "Security
+# model"). Key commands (`residency keys`) run on the node's machine and ask for `operator`.
+ROLES: dict[str, frozenset[str]] = {
+    # Records and consents, for the purposes the access policy lets it state.
+    "service": frozenset(
+        {
+            "records.write",
+            "records.read",
+            "credentials.verify",
+            "consents.write",
+            "consents.read",
+            "disclosures.request",
+        }
+    ),
+    "operator": frozenset(
+        {
+            "admin.status",
+            "admin.replication",
+            "admin.rules",
+            "grants.write",
+            "grants.read",
+            "disclosures.request",
+        }
+    ),
+    "reviewer": frozenset({"translog.read"}),
+    "approver": frozenset({"disclosures.approve"}),
+    # Reads under its own grants only (`Records.read` looks at nothing else for it).
+    "recipient": frozenset({"records.read"}),
+    # A region node takes copies from its home region's node only (`refusal` checks where).
+    "node": frozenset({"replica.apply"}),
+}
+
+
+def holders(permission: str) -> list[str]:
+    return [role for role, held in ROLES.items() if permission in held]
+
+
+def refusal(ident: Identity, method: str, home_region: str) -> tuple[str, str] | None:
+    """(the missing permission, why) if `ident` may not call `method`, else None."""
+    needed = METHODS.get(method)
+    if needed is None:
+        if method.startswith(OPEN):
+            return None
+        return "unknown", f"{method} is not a method this node serves"
+    if needed not in ROLES.get(ident.role, frozenset()):
+        return (
+            needed,
+            f"{ident.uri} lacks permission {needed} (roles holding it: {', '.join(holders(needed))})",
+        )
+    if needed == "replica.apply" and ident.region != home_region:
+        return needed, f"{ident.uri} lacks permission {needed}: copies come only from {home_region}'s node"
+    return None
+
+
+def subjects(message: Message, limit: int = 100) -> list[str]:
+    """The distinct user ids a request names (`user_id` and `user_ids` fields, nested
+    ones too), at most `limit`: a refusal is logged against each."""
+    found: dict[str, None] = {}
+    for uid in _user_ids(message):
+        if USER_ID.fullmatch(uid):
+            found[uid] = None
+            if len(found) == limit:
+                break
+    return list(found)
+
+
+def _user_ids(message: Message) -> Iterator[str]:
+    for field, value in message.ListFields():
+        if field.name == "user_id" and isinstance(value, str):
+            yield value
+        elif field.name == "user_ids" and field.is_repeated:
+            yield from (v for v in value if isinstance(v, str))
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for item in value if field.is_repeated else [value]:
+                yield from _user_ids(item)
+
+
+def _parsed(method: str, request: Any) -> Message | None:
+    """The request as a message: bytes for methods that read their own (PutRecords) are
+    parsed here, on the refusal path only."""
+    if isinstance(request, Message):
+        return request
+    if isinstance(request, bytes):
+        service, _, name = method.strip("/").rpartition("/")
+        try:
+            found = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name)
+            return GetMessageClass(found.input_type).FromString(request)
+        except Exception:  # unreadable bytes name nobody
+            return None
+    return None
+
+
+class Gate(grpc.aio.ServerInterceptor):
+    """Refuses every call, before the method runs, from a peer without an acceptable
+    certificate (UNAUTHENTICATED, `ServerTls.refusal`) or whose role lacks the method's
+    permission (PERMISSION_DENIED naming it). With a `node`, a refusal of a request that names
+    users is a transfer-log entry for each (without one, as in benchmarks, nothing is logged)."""
+
+    def __init__(self, tls: ServerTls, node: Node | None = None):
+        self.tls, self.node = tls, node
+        # Wrapped handlers per method: they are fixed once the server starts.
+        self._handlers: dict[str, Any] = {}
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        method: str = details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            kind = next(
+                k
+                for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                if getattr(handler, k)
+            )
+            handler = handler._replace(**{kind: self._guard(method, getattr(handler, kind))})
+            self._handlers[method] = handler
+        return handler
+
+    async def _check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        if (why := self.tls.refusal(context)) is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        peer = peer_certificate(context)
+        assert peer is not None and peer[1] is not None  # `refusal` said so
+        if isinstance(request, Refused):
+            return  # unreadable: `RequestGuard` refuses it INVALID_ARGUMENT, whoever sent it
+        ident = peer[1]
+        node = self.node
+        denied = refusal(ident, method, node.records.rules.home_region if node else "")
+        if denied is None:
+            return
+        permission, why = denied
+        message = _parsed(method, request) if node is not None else None
+        if node is not None and message is not None and (users := subjects(message)):
+            purpose = getattr(getattr(message, "context", None), "purpose", "")
+            rules = node.records.rules
+            entries = denial_entries(ident, why, users, purpose, node.records.region, rules.version)
+            await node.db.write(lambda: node.db.store.log_append(entries))
+        await refuse(context, status_for(CallerDenied(why, permission=permission)))
+
+    def _guard(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        check = self._check
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(method, request, context)
+                async for item in behavior(request, context):
+                    yield item
+
+            return stream
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(method, request, context)
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return unary
+
+
+def denial_entries(
+    ident: Identity, why: str, users: list[str], purpose: str, region: str, rules_version: str
+) -> list[dict[str, Any]]:
+    """The transfer-log entries of a refused call that names `users`, one each."""
+    return [
+        translog.entry(
+            "access",
+            subject=u,
+            source_region=region,
+            destination_region=ident.region,
+            outcome="denied",
+            actor=ident.uri,
+            rules_version=rules_version,
+            purpose=purpose,
+            reason=why,
+        )
+        for u in users
+    ]
