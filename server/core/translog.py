@@ -16,7 +16,17 @@ from typing import Any
 
 GENESIS = bytes(32)
 KINDS = frozenset(
-    {"replication", "remote_read", "disclosure", "erasure", "consent", "rules_change", "key_event", "grant"}
+    {
+        "replication",
+        "remote_read",
+        "disclosure",
+        "erasure",
+        "consent",
+        "rules_change",
+        "key_event",
+        "grant",
+        "admin",  # an operator's act on replication: pause, resume, dead-letter retry
+    }
 )
 OUTCOMES = frozenset({"allowed", "denied", "failed"})
 
