@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from residency.cli.channel import Credentials
+from residency.cli.channel import ENVIRONMENT, Credentials
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
@@ -69,11 +70,11 @@ async def until(check, deadline: float = 20.0):
 
 
 def keys_run(
-    cluster: Cluster, action: str, region: str, *extra: str, creds: Credentials | None = None
+    cluster: Cluster, action: str, region: str, *extra: str, creds: Credentials | None
 ) -> subprocess.CompletedProcess:
-    """`residency keys ACTION` on `region`'s node, as the operator of `residency init` unless
-    `creds` names other certificate files."""
-    c = creds or cluster.dep.operator
+    """`residency keys ACTION` on `region`'s node with the certificate files of `creds` (None:
+    none, neither flags nor RESIDENCY_* variables)."""
+    flags = ["--cert", str(creds.cert), "--key", str(creds.key), "--ca", str(creds.ca)] if creds else []
     return subprocess.run(
         [
             sys.executable,
@@ -84,15 +85,16 @@ def keys_run(
             "--config",
             str(cluster.dep.configs[region]),
         ]
-        + ["--region", region, "--cert", str(c.cert), "--key", str(c.key), "--ca", str(c.ca), *extra],
+        + ["--region", region, *flags, *extra],
         capture_output=True,
         text=True,
         timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ENVIRONMENT.values()},
     )
 
 
 def keys_cli(cluster: Cluster, action: str, region: str, *extra: str) -> dict:
-    r = keys_run(cluster, action, region, *extra)
+    r = keys_run(cluster, action, region, *extra, creds=cluster.dep.operator)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -269,9 +271,14 @@ async def test_a_shredded_region_key_makes_every_copy_there_unreadable(cluster: 
             r = keys_run(cluster, action, SG, *extra[action], "--identity", operator, creds=creds)
             assert r.returncode != 0 and said in r.stderr and "nothing was changed" in r.stderr, r.stderr
             assert len(r.stderr.strip().splitlines()) == 1 and not r.stdout, r.stderr
+    r = keys_run(cluster, "shred", SG, "--yes", creds=None)
+    assert r.returncode != 0 and "need an operator certificate: --cert (or RESIDENCY_CERT)" in r.stderr
     assert {p.name: p.read_bytes() for p in sg.keys_dir.iterdir()} == files_before  # no event either
     assert values(await cluster.get("u-1", region=SG))["name"] == "Li Wei"
-    r = keys_run(cluster, "shred", SG, "--yes", "--reason", "test: key leaked", "--identity", "operator:root")
+    r = keys_run(
+        cluster, "shred", SG, "--yes", "--reason", "test: key leaked", "--identity", "operator:root",
+        creds=cluster.dep.operator,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert f"--identity no longer names the caller; the client certificate does ({operator})" in r.stderr
 
