@@ -38,7 +38,7 @@ class Credentials:
                 "residency: --identity no longer names the caller; the client certificate does",
                 file=sys.stderr,
             )
-        found = {k: getattr(args, k, None) or os.environ.get(env, "") for k, env in ENVIRONMENT.items()}
+        found = certificate_paths(args)
         missing = [f"--{k} (or {ENVIRONMENT[k]})" for k, v in found.items() if not v]
         if missing:
             raise SystemExit(f"residency: a client certificate is required: {', '.join(missing)}")
@@ -68,14 +68,24 @@ class Credentials:
         return grpc.aio.secure_channel(target, creds, options=options)
 
 
-def add_target(parser: argparse.ArgumentParser, required: bool = True, key_flag: str = "--key") -> None:
-    """The flags of every command that calls a node. `key_flag` renames `--key` where a command
-    already uses it for something else (`log report`: the log's verifier key)."""
-    parser.add_argument("--target", required=required, help="HOST:PORT of a node")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+def certificate_paths(args: argparse.Namespace) -> dict[str, str]:
+    """`cert`, `key` and `ca`: from `--cert --key --ca`, else the environment ("" if neither)."""
+    return {k: getattr(args, k, None) or os.environ.get(env, "") for k, env in ENVIRONMENT.items()}
+
+
+def add_certificate(parser: argparse.ArgumentParser, key_flag: str = "--key") -> None:
+    """`--cert --key --ca`. `key_flag` renames `--key` where a command already uses it for
+    something else (`log report`: the log's verifier key)."""
     for key, env in ENVIRONMENT.items():
         flag = key_flag if key == "key" else f"--{key}"
         parser.add_argument(flag, dest=key, help=f"the caller's {key} file, PEM (default: ${env})")
+
+
+def add_target(parser: argparse.ArgumentParser, required: bool = True, key_flag: str = "--key") -> None:
+    """The flags of every command that calls a node."""
+    parser.add_argument("--target", required=required, help="HOST:PORT of a node")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    add_certificate(parser, key_flag)
 
 
 def add_identity(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,9 @@ key, credentials, and a key service that goes down."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -14,11 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from residency.cli.channel import ENVIRONMENT, Credentials
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
 from residency.server.core.sealing import SealError
 from residency.server.deployment import AFFILIATES, PRIMARY, local_keys
+from residency.server.keys import pki
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.keys.providers.kms import AwsKmsProvider
@@ -65,8 +69,13 @@ async def until(check, deadline: float = 20.0):
         await asyncio.sleep(0.1)
 
 
-def keys_cli(cluster: Cluster, action: str, region: str, *extra: str) -> dict:
-    r = subprocess.run(
+def keys_run(
+    cluster: Cluster, action: str, region: str, *extra: str, creds: Credentials | None
+) -> subprocess.CompletedProcess:
+    """`residency keys ACTION` on `region`'s node with the certificate files of `creds` (None:
+    none, neither flags nor RESIDENCY_* variables)."""
+    flags = ["--cert", str(creds.cert), "--key", str(creds.key), "--ca", str(creds.ca)] if creds else []
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -76,11 +85,16 @@ def keys_cli(cluster: Cluster, action: str, region: str, *extra: str) -> dict:
             "--config",
             str(cluster.dep.configs[region]),
         ]
-        + ["--region", region, *extra],
+        + ["--region", region, *flags, *extra],
         capture_output=True,
         text=True,
         timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ENVIRONMENT.values()},
     )
+
+
+def keys_cli(cluster: Cluster, action: str, region: str, *extra: str) -> dict:
+    r = keys_run(cluster, action, region, *extra, creds=cluster.dep.operator)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -206,6 +220,7 @@ async def test_rotation_rewraps_data_keys_without_touching_fields_or_traffic(clu
         assert values(await cluster.get(f"live-{n}"))["name"] == "during rotation"
     events = await until(lambda: key_events(cluster, PRIMARY))
     assert [e["reason"].split(":")[0] for e in events] == ["rotated", "rewrapped", "retired"]
+    assert {e["actor"] for e in events} == {cluster.dep.operator.identity().uri}  # the certificate's
 
     # A region node: the copies' keys (HPKE-wrapped as they arrived) move under a wrapping key
     # of the region's new key version; the copies themselves stay as they are.
@@ -224,11 +239,48 @@ async def test_rotation_rewraps_data_keys_without_touching_fields_or_traffic(clu
         assert values(await cluster.get(u, region=SG))["name"] == f"name of {u}"
 
 
-async def test_a_shredded_region_key_makes_every_copy_there_unreadable(cluster: Cluster):
+def impostors(cluster: Cluster, tmp_path: Path) -> dict[str, Credentials]:
+    """Certificates that must not run a key command (each with the deployment's CA as `--ca`),
+    by what the refusal says."""
+    folder, ca = cluster.dir / "pki", cluster.dir / "pki" / "ca.crt"
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    pki.issue(folder, "operator", PRIMARY, "expired", tmp_path / "expired", days=1, not_before=past)
+    pki.create_ca(tmp_path / "foreign")  # the same trust domain and names, another CA
+    pki.issue(tmp_path / "foreign", "operator", PRIMARY, "operator", tmp_path / "foreign-op")
+    reviewer = cluster.dep.credentials("reviewer")
+    return {
+        "of role reviewer; this needs role operator": reviewer,
+        "does not chain to the deployment's CA": Credentials.files(tmp_path / "foreign-op", ca),
+        "the certificate expired at": Credentials.files(tmp_path / "expired", ca),
+        "does not hold the certificate's key": Credentials(cluster.dep.operator.cert, reviewer.key, ca),
+    }
+
+
+async def test_a_shredded_region_key_makes_every_copy_there_unreadable(cluster: Cluster, tmp_path: Path):
     await cluster.put("u-1", {"name": "Li Wei", "language": "zh-CN"})
     await cluster.replicated()
     assert values(await cluster.get("u-1", region=SG))["name"] == "Li Wei"
-    keys_cli(cluster, "shred", SG, "--yes", "--reason", "test: key leaked")
+    # Only an operator of the node's CA may: every other certificate is refused, whatever
+    # --identity it states, and nothing changes.
+    sg = load_config(cluster.dep.configs[SG])
+    files_before = {p.name: p.read_bytes() for p in sg.keys_dir.iterdir()}
+    operator = cluster.dep.operator.identity().uri
+    extra = {"rotate": ["--quiet"], "retire": [], "shred": ["--yes"]}
+    for said, creds in impostors(cluster, tmp_path).items():
+        for action in extra if said.startswith("of role") else ["shred"]:
+            r = keys_run(cluster, action, SG, *extra[action], "--identity", operator, creds=creds)
+            assert r.returncode != 0 and said in r.stderr and "nothing was changed" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and not r.stdout, r.stderr
+    r = keys_run(cluster, "shred", SG, "--yes", creds=None)
+    assert r.returncode != 0 and "need an operator certificate: --cert (or RESIDENCY_CERT)" in r.stderr
+    assert {p.name: p.read_bytes() for p in sg.keys_dir.iterdir()} == files_before  # no event either
+    assert values(await cluster.get("u-1", region=SG))["name"] == "Li Wei"
+    r = keys_run(
+        cluster, "shred", SG, "--yes", "--reason", "test: key leaked", "--identity", "operator:root",
+        creds=cluster.dep.operator,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"--identity no longer names the caller; the client certificate does ({operator})" in r.stderr
 
     async def refused():
         try:
@@ -243,7 +295,7 @@ async def test_a_shredded_region_key_makes_every_copy_there_unreadable(cluster: 
     sg = load_config(cluster.dep.configs[SG])
     assert not (sg.keys_dir / "region.key").exists() and not list(sg.keys_dir.glob("kek-v*"))
     (event,) = await until(lambda: key_events(cluster, SG))
-    assert event["reason"].startswith("shredded") and event["actor"].startswith("operator")
+    assert event["reason"].startswith("shredded") and event["actor"] == operator
     # Other regions are untouched.
     assert values(await cluster.get("u-1", region=AFFILIATES[1]))["language"] == "zh-CN"
 

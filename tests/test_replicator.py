@@ -200,6 +200,12 @@ async def test_a_refused_copy_is_dead_lettered_without_blocking_others_and_retry
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["marked"] == "4"
+    # The act is in the log, per destination, under the operator's certificate (issue 13.5).
+    logged = [json.loads(e) for _, e, _ in await c.log()]
+    acts = {e["destination_region"]: e for e in logged if e["kind"] == "admin"}
+    assert acts[S3_REGION]["reason"] == "retried: 4 dead letters marked to be sent again"
+    assert acts["ap-southeast-1"]["reason"] == "retried: 0 dead letters marked to be sent again"
+    assert {e["actor"] for e in acts.values()} == {c.dep.operator.identity().uri}
     deadline = time.monotonic() + 30
     while (await c.replication())[S3_REGION].dead_lettered:
         assert time.monotonic() < deadline

@@ -7,11 +7,14 @@ import logging
 import time
 from typing import Any
 
+import grpc
+
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
 from residency.server.api.identity import peer_of
 from residency.server.core import codec
 from residency.server.core.errors import FailedPrecondition, NotFound
+from residency.server.vault import replication_control as control
 from residency.v1 import admin_pb2, admin_pb2_grpc, replica_pb2
 
 log = logging.getLogger("residency.admin")
@@ -104,24 +107,32 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             ],
         )
 
+    def _operator(self, context: grpc.aio.ServicerContext) -> control.Operator:
+        records = self.node.records
+        return control.Operator(peer_of(context).uri, records.region, records.rules.version)
+
+    async def _set_paused(self, request_region: str, paused: bool, context: grpc.aio.ServicerContext) -> None:
+        region = self._affiliate(request_region)
+        by, store = self._operator(context), self.node.db.store
+        await self.node.db.write(lambda: control.set_paused(store, by, region, paused))
+        log.info("replication to %s %s", region, "paused" if paused else "resumed")
+
     @rpc
     async def PauseReplication(self, request, context):
-        region = self._affiliate(request.region)
-        await self.node.db.write(lambda: self.node.db.store.set_paused(region, True))
-        log.info("replication to %s paused", region)
+        await self._set_paused(request.region, True, context)
         return admin_pb2.PauseReplicationResponse()
 
     @rpc
     async def ResumeReplication(self, request, context):
-        region = self._affiliate(request.region)
-        await self.node.db.write(lambda: self.node.db.store.set_paused(region, False))
-        log.info("replication to %s resumed", region)
+        await self._set_paused(request.region, False, context)
         self.node.wake()
         return admin_pb2.ResumeReplicationResponse()
 
     @rpc
     async def RetryDeadLetters(self, request, context):
-        region = self._affiliate(request.region) if request.region else None
-        marked = await self.node.db.write(lambda: self.node.db.store.request_retry(region))
+        """Every destination of this node unless the request names one."""
+        regions = [self._affiliate(request.region)] if request.region else list(self.node.affiliates)
+        by, store = self._operator(context), self.node.db.store
+        marked = await self.node.db.write(lambda: control.retry(store, by, regions))
         self.node.wake()
         return admin_pb2.RetryDeadLettersResponse(marked=marked)

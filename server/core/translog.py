@@ -25,7 +25,8 @@ KINDS = frozenset(
         "rules_change",
         "key_event",
         "grant",
-        "access",
+        "admin",  # an operator's act on replication: pause, resume, dead-letter retry
+        "access",  # a call refused for its caller's role or stated purpose, per user it names
     }
 )
 OUTCOMES = frozenset({"allowed", "denied", "failed"})

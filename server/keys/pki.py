@@ -1,5 +1,6 @@
 """The deployment's PKI: a CA, the certificates it issues (the URI SAN
-`spiffe://TRUST_DOMAIN/ROLE/REGION/NAME` is the holder's identity), and reading that identity back."""
+`spiffe://TRUST_DOMAIN/ROLE/REGION/NAME` is the holder's identity), reading that identity back,
+and checking a client certificate presented outside a TLS handshake (`authenticate`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
-from residency.server.core.errors import ConfigError
+from residency.server.core.errors import CallerDenied, ConfigError
 
 TRUST_DOMAIN = "residency"
 ROLES = ("service", "operator", "reviewer", "approver", "recipient", "node")
@@ -186,3 +194,73 @@ def issue(
     _write_private(out.with_name(out.name + ".key"), _key_pem(key))
     out.with_name(out.name + ".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return ident
+
+
+def _when(t: datetime.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def authenticate(
+    cert_pem: bytes,
+    key_pem: bytes,
+    ca_pem: bytes,
+    *,
+    role: str,
+    trust_domain: str = TRUST_DOMAIN,
+    revoked: frozenset[int] = frozenset(),
+    now: datetime.datetime | None = None,
+) -> Identity:
+    """The identity of a client certificate that is checked as a node checks its callers, but
+    outside a handshake (a command run on the node's machine, `residency keys`): its key is
+    the one given, it is valid at `now`, chains to a CA of `ca_pem` (the node's `tls.ca`),
+    is not revoked and names one identity of `trust_domain` with role `role`. Raises
+    `CallerDenied` naming the first check that fails."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise CallerDenied("the certificate file holds no PEM certificate") from None
+    cert = chain[0]
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError):  # TypeError: a key protected by a passphrase
+        raise CallerDenied("the key file holds no unencrypted PEM private key") from None
+    if key.public_key() != cert.public_key():
+        raise CallerDenied("the key file does not hold the certificate's key")
+    if now < cert.not_valid_before_utc:
+        raise CallerDenied(f"the certificate is not valid before {_when(cert.not_valid_before_utc)}")
+    if now > cert.not_valid_after_utc:
+        raise CallerDenied(f"the certificate expired at {_when(cert.not_valid_after_utc)}")
+    try:
+        roots = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise ConfigError("the deployment's CA file holds no PEM certificate") from None
+    try:
+        _verifier(roots, now).verify(cert, chain[1:])
+    except VerificationError as e:
+        raise CallerDenied(f"the certificate does not chain to the deployment's CA ({e})") from None
+    if cert.serial_number in revoked:
+        raise CallerDenied(f"the certificate with serial {cert.serial_number:x} is revoked")
+    ident = identity_of(cert)
+    if ident is None or ident.trust_domain != trust_domain:
+        raise CallerDenied(f"the certificate names no identity spiffe://{trust_domain}/ROLE/REGION/NAME")
+    if ident.role != role:
+        raise CallerDenied(f"the certificate names {ident.uri}, of role {ident.role}; this needs role {role}")
+    return ident
+
+
+def _verifier(roots: list[x509.Certificate], now: datetime.datetime) -> x509.verification.ClientVerifier:
+    """RFC 5280 path validation under the Web PKI profile, except that an Authority Key
+    Identifier may be missing: `create_ca` and `issue` (so every `residency init` deployment)
+    write none, and a TLS handshake does not ask for one either."""
+    aki = (x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+    return (
+        PolicyBuilder()
+        .store(Store(roots))
+        .time(now)
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca().may_be_present(*aki),
+            ee_policy=ExtensionPolicy.webpki_defaults_ee().may_be_present(*aki),
+        )
+        .build_client_verifier()
+    )

@@ -55,7 +55,7 @@ class ReplicationControlStore(Protocol):
 
     def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]: ...
     def set_paused(self, destination: str, paused: bool) -> None: ...
-    def request_retry(self, destination: str | None) -> int: ...
+    def request_retry(self, destination: str) -> int: ...
 
 
 class ReplicationRows(Database):
@@ -196,12 +196,9 @@ class ReplicationRows(Database):
             )
         )
 
-    def request_retry(self, destination: str | None) -> int:
-        """Marks dead letters (of one destination, or all) to be re-driven; returns how many."""
-        if destination is None:
-            cur = self._db.execute("UPDATE dead_letters SET retry=1")
-        else:
-            cur = self._db.execute("UPDATE dead_letters SET retry=1 WHERE destination=?", (destination,))
+    def request_retry(self, destination: str) -> int:
+        """Marks a destination's dead letters to be re-driven; returns how many."""
+        cur = self._db.execute("UPDATE dead_letters SET retry=1 WHERE destination=?", (destination,))
         return cur.rowcount
 
     def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]:
