@@ -85,7 +85,7 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
     @rpc
     async def ApproveDisclosure(self, request, context):
         self.node.primary_only()
-        approver = _approver(context)
+        approver = _peer_caller(context)
         ops = self.node.policy
         seq = _taken(await self.node.db.write(lambda: ops.decide_disclosure(request.id, approver)))
         return disclosure_pb2.ApproveDisclosureResponse(log_sequence=seq)
@@ -93,7 +93,7 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
     @rpc
     async def DenyDisclosure(self, request, context):
         self.node.primary_only()
-        approver = _approver(context)
+        approver = _peer_caller(context)
         reason = request.reason.strip()
         if not reason or len(reason) > MAX_REASON:
             raise InvalidRecord(
@@ -106,7 +106,7 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
     @rpc
     async def ReleaseDisclosure(self, request, context):
         self.node.primary_only()
-        caller = _approver(context)
+        caller = _peer_caller(context)
         ops = self.node.policy
         sent, withheld, seq, r = _taken(
             await self.node.db.write(lambda: ops.release_disclosure(request.id, caller))
@@ -143,7 +143,7 @@ def _taken(result: T | ResidencyError) -> T:
     return result
 
 
-def _approver(context: grpc.aio.ServicerContext) -> Caller:
+def _peer_caller(context: grpc.aio.ServicerContext) -> Caller:
     """The caller of a step that states no context: its certificate's identity alone."""
     ident = peer_of(context)
     return Caller(ident.uri, ident.region, "", role=ident.role, name=ident.name)
