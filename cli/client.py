@@ -17,6 +17,8 @@ from residency.v1 import (
     common_pb2,
     consent_pb2,
     consent_pb2_grpc,
+    disclosure_pb2,
+    disclosure_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     translog_pb2,
@@ -85,6 +87,27 @@ class Client:
             consent_pb2.GrantConsentsRequest(context=ctx, consents=consents), **self._call(timeout)
         )
         return reply.changed
+
+    async def request_disclosure(
+        self, request: disclosure_pb2.RequestDisclosureRequest, timeout: float | None = None
+    ) -> disclosure_pb2.RequestDisclosureResponse:
+        return await disclosure_pb2_grpc.DisclosureServiceStub(self._ch).RequestDisclosure(
+            request, **self._call(timeout)
+        )
+
+    async def approve_disclosure(self, request_id: str, timeout: float | None = None) -> int:
+        """Approves a disclosure request (as an approver); the approval's log entry."""
+        reply = await disclosure_pb2_grpc.DisclosureServiceStub(self._ch).ApproveDisclosure(
+            disclosure_pb2.ApproveDisclosureRequest(id=request_id), **self._call(timeout)
+        )
+        return reply.log_sequence
+
+    async def release_disclosure(
+        self, request_id: str, timeout: float | None = None
+    ) -> disclosure_pb2.ReleaseDisclosureResponse:
+        return await disclosure_pb2_grpc.DisclosureServiceStub(self._ch).ReleaseDisclosure(
+            disclosure_pb2.ReleaseDisclosureRequest(id=request_id), **self._call(timeout)
+        )
 
     async def node_status(self, timeout: float | None = None) -> admin_pb2.GetNodeStatusResponse:
         return await admin_pb2_grpc.AdminServiceStub(self._ch).GetNodeStatus(

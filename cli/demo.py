@@ -31,7 +31,7 @@ from residency.server.deployment import (
     issue_once,
     start_node,
 )
-from residency.v1 import common_pb2, consent_pb2, records_pb2
+from residency.v1 import common_pb2, consent_pb2, disclosure_pb2, records_pb2
 
 BATCH = 500
 
@@ -210,6 +210,39 @@ async def sample_reads(primary: str, directory: Path) -> list[str]:
     return lines
 
 
+async def sample_disclosure(primary: str, directory: Path) -> list[str]:
+    """A disclosure under the two-person rule: the demo's service asks, is refused the fields
+    before approval, a second person (the demo's approver certificate) approves, and the
+    service receives them."""
+    user = "user-0000001"
+    ask = disclosure_pb2.RequestDisclosureRequest(
+        context=common_pb2.CallContext(purpose="third_party_sharing.legal_obligation"),
+        user_id=user,
+        third_party="Haidian District Court",
+        destination_country="CN",
+        ground=disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+        reference="(2026) Jing 0108 Min Chu 1234",
+    )
+    async with Client(primary, credentials(directory, "service"), timeout=10) as service:
+        asked = await service.request_disclosure(ask)
+        lines = [f"  {user} to Haidian District Court: requested by the service (request {asked.id})"]
+        try:
+            await service.release_disclosure(asked.id)
+        except grpc.aio.AioRpcError as e:
+            lines.append(f"  release before approval: {e.code().name}")
+        else:
+            raise RuntimeError("the primary released a disclosure nobody approved")
+        async with Client(primary, credentials(directory, "approver"), timeout=10) as approver:
+            seq = await approver.approve_disclosure(asked.id)
+        lines.append(f"  approved by a second person, the approver (log entry {seq})")
+        given = await service.release_disclosure(asked.id)
+    lines.append(
+        f"  released to the service: {len(given.fields)} fields, {len(given.withheld)} withheld; "
+        f"log entry {given.log_sequence}"
+    )
+    return lines
+
+
 async def export_and_verify(primary: str, reviewer: Credentials, out: Path, pinned: Path, keep: bool) -> str:
     """What a reviewer does: export the primary's transfer log and verify it offline against
     the verifier key they were given (`pinned`), not the one the export carries."""
@@ -282,6 +315,7 @@ async def _run(directory: Path, users: int, keep: bool = False) -> int:
         await wait_replicated(primary, nodes.operator)
         t3 = time.monotonic()
         reads = await sample_reads(primary, directory)
+        disclosed = await sample_disclosure(primary, directory)
         reviewer = credentials(directory, "reviewer")
         async with Client(primary, reviewer, timeout=120) as node:
             entries = await node.read_log()
@@ -294,6 +328,8 @@ async def _run(directory: Path, users: int, keep: bool = False) -> int:
         print(summarize(entries, statuses, users))
         print("\ncross-location reads at the primary:")
         print("\n".join(reads))
+        print("\na disclosure (policy 3c) under the two-person rule:")
+        print("\n".join(disclosed))
         print(f"\n{review}")
         print(
             f"\ntimes: start {t1 - t0:.1f} s, write {t2 - t1:.1f} s "

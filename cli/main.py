@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_consent(sub)
     policy.add_grants(sub)
     policy.add_disclose(sub)
+    policy.add_disclosures(sub)
     rules.add_rules(sub)
     return p
 

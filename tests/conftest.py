@@ -30,6 +30,8 @@ from residency.v1 import (
     common_pb2,
     consent_pb2,
     consent_pb2_grpc,
+    disclosure_pb2,
+    disclosure_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     replica_pb2_grpc,
@@ -39,6 +41,9 @@ from residency.v1 import (
 from tests.harness import Deployment, wait_replicated
 
 COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)
+# The name on the tests' approver certificate: not the requesting service's ("test-suite"), as
+# the two-person rule requires.
+APPROVER = "legal-wang"
 
 
 S3_REGION = "eu-west-1"
@@ -218,6 +223,34 @@ class Cluster:
         """RecordService of `region`'s node, called by a service located in `location`
         (default: the node's region)."""
         return records_pb2_grpc.RecordServiceStub(self.channel(region, location=location))
+
+    def disclosures(
+        self, role: str = "service", name: str | None = None, location: str = PRIMARY
+    ) -> disclosure_pb2_grpc.DisclosureServiceStub:
+        """The primary's DisclosureService, called as spiffe://residency/ROLE/LOCATION/NAME."""
+        return disclosure_pb2_grpc.DisclosureServiceStub(self.channel(PRIMARY, role, location, name))
+
+    async def disclose(
+        self, user_id: str, ground: int, **request: Any
+    ) -> disclosure_pb2.ReleaseDisclosureResponse:
+        """A whole disclosure under the two-person rule: the test suite's service asks, an
+        approver (`APPROVER`) approves, the service releases. `request`: RequestDisclosureRequest's
+        fields (destination_country defaults to CN)."""
+        asked = await self.disclosures().RequestDisclosure(
+            disclosure_pb2.RequestDisclosureRequest(
+                context=ctx(PRIMARY, "third_party_sharing.legal_obligation"),
+                user_id=user_id,
+                ground=ground,
+                **{"destination_country": "CN", **request},
+            ),
+            timeout=10,
+        )
+        await self.disclosures("approver", APPROVER).ApproveDisclosure(
+            disclosure_pb2.ApproveDisclosureRequest(id=asked.id), timeout=10
+        )
+        return await self.disclosures().ReleaseDisclosure(
+            disclosure_pb2.ReleaseDisclosureRequest(id=asked.id), timeout=10
+        )
 
     def replica(self, region: str) -> replica_pb2_grpc.ReplicaServiceStub:
         """ReplicaService of a region node, called as the primary's node."""

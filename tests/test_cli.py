@@ -156,6 +156,8 @@ def test_demo_runs_end_to_end_and_reports_per_region(tmp_path: Path):
     assert out.count("check: fields held there = fields sent: yes") == 2
     assert "national_id (60, never_transfer)" in out
     assert "PERMISSION_DENIED" in out  # the refused sample read
+    assert "release before approval: FAILED_PRECONDITION" in out  # the two-person rule
+    assert "approved by a second person" in out and "released to the service:" in out
     assert "writing users" in r.stderr and "replicating" in r.stderr  # progress shown
     assert (tmp_path / "demo" / "cn-north.yaml").is_file()  # --dir keeps the deployment
     assert "exported and verified offline against its signed checkpoint" in out

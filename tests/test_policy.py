@@ -20,7 +20,6 @@ from residency.v1 import (
     consent_pb2,
     consent_pb2_grpc,
     disclosure_pb2,
-    disclosure_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
 )
@@ -257,13 +256,13 @@ async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
 # ---- policy 3: disclosures ---------------------------------------------------------------
 
 
-async def disclose(cluster: Cluster, user: str, ground: int, **kw) -> disclosure_pb2.DiscloseResponse:
-    stub = disclosure_pb2_grpc.DisclosureServiceStub(cluster.channel(PRIMARY))
+async def ask(cluster: Cluster, user: str, ground: int, **kw) -> disclosure_pb2.RequestDisclosureResponse:
+    """The first step alone: the test suite's service asks for a disclosure."""
     kw = {"destination_country": "CN", **kw}
-    req = disclosure_pb2.DiscloseRequest(
+    req = disclosure_pb2.RequestDisclosureRequest(
         context=ctx(PRIMARY, "third_party_sharing.legal_obligation"), user_id=user, ground=ground, **kw
     )
-    return await stub.Disclose(req, timeout=10)
+    return await cluster.disclosures().RequestDisclosure(req, timeout=10)
 
 
 async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(cluster: Cluster):
@@ -272,37 +271,14 @@ async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(c
         {"name": "Li Wei", "email": "li@example.cn", "ip_address": "10.0.0.1", "password": "hunter2-hunter2"},
     )
     court = dict(third_party="Haidian District Court")
+    judicial = disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await disclose(
-            cluster,
-            "d-1",
-            disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
-            reference="(2026) Jing 0108 Min Chu 1234",
-            **court,
-        )
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "approver" in e.value.details()
-    with pytest.raises(grpc.aio.AioRpcError) as e:  # approving one's own disclosure does not count
-        await disclose(
-            cluster,
-            "d-1",
-            disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
-            reference="R-1",
-            approver="spiffe://residency/service/cn-north/test-suite",  # the caller itself
-            **court,
-        )
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    given = await disclose(
-        cluster,
-        "d-1",
-        disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
-        reference="R-1",
-        approver="legal:wang",
-        **court,
-    )
+        await ask(cluster, "d-1", judicial, **court)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "reference" in e.value.details()
+    given = await cluster.disclose("d-1", judicial, reference="R-1", **court)
     assert set(given.fields) == {"name", "email", "ip_address"}
     assert [(w.field, w.reason) for w in given.withheld] == [("password", "credential")]
-    dispute = await disclose(
-        cluster,
+    dispute = await cluster.disclose(
         "d-1",
         disclosure_pb2.DISCLOSURE_GROUND_TRANSACTION_DISPUTE,
         third_party="seller:shop-88",
@@ -310,24 +286,24 @@ async def test_disclosures_need_their_grounds_evidence_and_every_one_is_logged(c
     )
     assert set(dispute.fields) == {"name", "email"}  # contact details only (3f)
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await disclose(cluster, "d-1", disclosure_pb2.DISCLOSURE_GROUND_CONSENT, third_party="Acme Insurance")
+        await ask(cluster, "d-1", disclosure_pb2.DISCLOSURE_GROUND_CONSENT, third_party="Acme Insurance")
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "consent" in e.value.details()
     await cluster.consent("d-1", "third_party_sharing", "Acme Insurance")
-    shared = await disclose(
-        cluster,
-        "d-1",
-        disclosure_pb2.DISCLOSURE_GROUND_CONSENT,
-        third_party="Acme Insurance",
-        fields=["email"],
+    shared = await cluster.disclose(
+        "d-1", disclosure_pb2.DISCLOSURE_GROUND_CONSENT, third_party="Acme Insurance", fields=["email"]
     )
     assert set(shared.fields) == {"email"}
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await disclose(cluster, "d-1", disclosure_pb2.DISCLOSURE_GROUND_UNSPECIFIED, third_party="x")
+        await ask(cluster, "d-1", disclosure_pb2.DISCLOSURE_GROUND_UNSPECIFIED, third_party="x")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     entries = await log_entries(cluster, kind="disclosure", subject="d-1")
-    assert [e["outcome"] for e in entries] == ["denied", "denied", "allowed", "allowed", "denied", "allowed"]
-    assert entries[2]["recipient"] == "Haidian District Court" and "R-1" in entries[2]["reason"]
-    assert {f["legal_basis"] for f in entries[2]["fields"]} == {"judicial_or_administrative_request"}
+    steps = [(e["disclosure"]["step"], e["outcome"]) for e in entries]
+    flow = [("request", "allowed"), ("approve", "allowed"), ("release", "allowed")]
+    assert steps == [("request", "denied"), *flow, *flow, ("request", "denied"), *flow]
+    released = [e for e in entries if e["disclosure"]["step"] == "release"]
+    assert released[0]["recipient"] == "Haidian District Court" and "R-1" in released[0]["reason"]
+    assert released[0]["disclosure"]["reference"] == "R-1"
+    assert {f["legal_basis"] for f in released[0]["fields"]} == {"judicial_or_administrative_request"}
 
 
 async def test_a_disclosure_names_its_country_and_reviewers_count_it_abroad(cluster: Cluster, tmp_path):
@@ -336,13 +312,15 @@ async def test_a_disclosure_names_its_country_and_reviewers_count_it_abroad(clus
     ground = disclosure_pb2.DISCLOSURE_GROUND_TRANSACTION_DISPUTE
     for country, says in (("", "name the country"), ("Japan", "did you mean JP?"), ("XX", "alpha-2")):
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await disclose(cluster, "d-2", ground, destination_country=country, **dispute)
+            await ask(cluster, "d-2", ground, destination_country=country, **dispute)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "destination_country" in e.value.details() and says in e.value.details()
     assert await log_entries(cluster, subject="d-2", kind="disclosure") == []  # refused before logging
-    given = await disclose(cluster, "d-2", ground, destination_country="JP", **dispute)
+    given = await cluster.disclose("d-2", ground, destination_country="JP", **dispute)
     assert set(given.fields) == {"name", "email"}
-    (entry,) = await log_entries(cluster, kind="disclosure", subject="d-2")
+    steps = await log_entries(cluster, kind="disclosure", subject="d-2")
+    assert all(e["destination_country"] == "JP" for e in steps)
+    (entry,) = [e for e in steps if e["fields"]]  # only the release hands anything over
     assert entry["destination_country"] == "JP" and entry["destination_region"] == ""
     # The report counts it: no region is in Japan, only this disclosure went there.
     page, table = tmp_path / "report.html", tmp_path / "report.csv"
@@ -622,8 +600,19 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
         "order-77",
     )
     assert r.returncode == 0, r.stderr
+    asked = json.loads(r.stdout)  # a request: nothing is disclosed before an approver approves
+    assert asked["country"] == "SG" and asked["state"] == "requested" and "fields" not in asked
+    r = residency("disclosures", "release", *target, asked["id"])
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "ApproveDisclosure" in r.stderr
+    r = residency("disclosures", "list", *cluster.target("approver"), "--state", "requested")
+    assert r.returncode == 0, r.stderr
+    assert [d["id"] for d in json.loads(r.stdout)["disclosures"]] == [asked["id"]]
+    r = residency("disclosures", "approve", *cluster.target("approver"), asked["id"])
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "approved", r.stderr
+    r = residency("disclosures", "release", *target, asked["id"])
+    assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["country"] == "SG"
-    (entry,) = await log_entries(cluster, kind="disclosure", subject="cli-p", outcome="allowed")
+    assert out["country"] == "SG" and out["ground"] == "transaction_dispute"
+    (entry,) = [e for e in await log_entries(cluster, kind="disclosure", subject="cli-p") if e["fields"]]
     assert entry["destination_country"] == "SG"
-    assert set(out["fields"]) == {"name", "email"} and out["log_sequence"] > 0
+    assert set(out["fields"]) == {"name", "email"} and out["log_sequence"] == entry["sequence"]

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from residency.server.config.rules import parse_rules
 from residency.server.config.schema import load_schema
-from residency.server.core.errors import FailedPrecondition, InvalidRecord, PolicyDenied
+from residency.server.core.errors import CallerDenied, FailedPrecondition, InvalidRecord, PolicyDenied
 from residency.server.core.policy import consent, cookies, disclosure, erasure, grants
 from residency.server.core.policy.consent import ConsentChange, StandingConsent
-from residency.server.core.policy.disclosure import GROUNDS, Disclosure
+from residency.server.core.policy.disclosure import GROUNDS, REQUEST_LIFETIME, Disclosure, Request
 from residency.server.core.policy.grants import GrantRequest
 from residency.server.core.rules import (
     CREDENTIAL,
@@ -266,25 +266,87 @@ def test_no_ground_ever_reaches_a_credential(schema: Schema, ground: str):
 
 def test_a_ground_without_its_evidence_is_refused_naming_what_is_missing():
     d = Disclosure("u-1", "Court", "SG", "judicial_or_administrative_request", [], {"reference": " "})
-    assert disclosure.refusal(d, "service:a", False) == (
-        "ground judicial_or_administrative_request needs evidence: reference, approver"
+    assert (
+        disclosure.refusal(d, False) == "ground judicial_or_administrative_request needs evidence: reference"
     )
-
-
-def test_the_approver_of_a_disclosure_must_not_be_its_caller():
-    d = Disclosure(
-        "u-1", "Court", "SG", "other_legal_basis", [], {"provision": "Art. 1", "approver": "service:a"}
-    )
-    assert disclosure.refusal(d, "service:a", False) == "the approver must be someone other than the caller"
-    assert disclosure.refusal(d, "service:b", False) == ""
 
 
 def test_disclosure_under_consent_needs_the_users_standing_sharing_consent():
     d = Disclosure("u-1", "Acme", "SG", "consent", [])
-    assert disclosure.refusal(d, "service:a", False) == (
+    assert disclosure.refusal(d, False) == (
         "the user has no standing consent to share with Acme (third_party_sharing)"
     )
-    assert disclosure.refusal(d, "service:a", True) == ""
+    assert disclosure.refusal(d, True) == ""
+
+
+REQUESTER = "spiffe://residency/service/cn-north/billing"
+
+
+def _request(state: str = disclosure.REQUESTED) -> Request:
+    d = Disclosure("u-1", "Court", "CN", "judicial_or_administrative_request", [], {"reference": "R-1"})
+    return Request(
+        "0" * 32, d, "third_party_sharing.legal_obligation", REQUESTER, NOW, NOW + REQUEST_LIFETIME, state
+    )
+
+
+@pytest.mark.parametrize(
+    ("approver", "name"),
+    [
+        (REQUESTER, "billing"),  # the requester itself
+        ("spiffe://residency/approver/cn-north/billing", "billing"),  # its holder under another role
+        ("spiffe://residency/approver/ap-southeast-1/billing", "billing"),
+    ],
+)
+def test_the_requester_never_approves_its_own_disclosure(approver: str, name: str):
+    refused = disclosure.decision_refusal(_request(), approver, name, "billing", NOW)
+    assert isinstance(refused, CallerDenied) and "two-person rule" in str(refused)
+
+
+def test_another_person_approves_a_waiting_request_and_only_a_waiting_one():
+    wang = "spiffe://residency/approver/cn-north/wang"
+    assert disclosure.decision_refusal(_request(), wang, "wang", "billing", NOW) is None
+    for state in (disclosure.APPROVED, disclosure.DENIED, disclosure.RELEASED):
+        refused = disclosure.decision_refusal(_request(state), wang, "wang", "billing", NOW)
+        assert isinstance(refused, FailedPrecondition), state
+    late = disclosure.decision_refusal(_request(), wang, "wang", "billing", NOW + REQUEST_LIFETIME)
+    assert isinstance(late, FailedPrecondition) and "expired" in str(late)
+
+
+def test_only_the_requester_receives_an_approved_disclosure_before_it_expires():
+    approved = _request(disclosure.APPROVED)
+    assert disclosure.release_refusal(approved, REQUESTER, NOW) is None
+    other = disclosure.release_refusal(approved, "spiffe://residency/service/cn-north/other", NOW)
+    assert isinstance(other, CallerDenied)
+    waiting = disclosure.release_refusal(_request(), REQUESTER, NOW)
+    assert isinstance(waiting, FailedPrecondition) and "ApproveDisclosure" in str(waiting)
+    for state in (disclosure.DENIED, disclosure.RELEASED):
+        assert isinstance(disclosure.release_refusal(_request(state), REQUESTER, NOW), FailedPrecondition)
+    assert disclosure.state_at(approved, NOW + REQUEST_LIFETIME - 1) == disclosure.APPROVED
+    assert disclosure.state_at(approved, NOW + REQUEST_LIFETIME) == disclosure.EXPIRED
+    assert isinstance(
+        disclosure.release_refusal(approved, REQUESTER, NOW + REQUEST_LIFETIME), FailedPrecondition
+    )
+
+
+@pytest.mark.parametrize("given", ["", "0" * 31, "0" * 33, "A" * 32, "../" + "0" * 29, "g" * 32])
+def test_a_disclosure_request_id_that_was_never_issued_is_invalid(given: str):
+    with pytest.raises(InvalidRecord) as e:
+        disclosure.check_id(given)
+    assert _paths(e) == ["id"]
+
+
+def test_each_step_logs_the_request_its_ground_evidence_and_actors_but_no_value():
+    r = _request()
+    r.decided_by = "spiffe://residency/approver/cn-north/wang"
+    assert disclosure.evidence_of(r, "approve") == {
+        "request": "0" * 32,
+        "step": "approve",
+        "ground": "judicial_or_administrative_request",
+        "reference": "R-1",
+        "fields_asked": [],
+        "requester": REQUESTER,
+        "approver": "spiffe://residency/approver/cn-north/wang",
+    }
 
 
 def test_a_disclosure_hands_over_what_its_ground_reaches_and_says_why_not_the_rest(schema: Schema):

@@ -97,6 +97,7 @@ def entry(
     reason: str = "",
     version: int = 0,
     destination_country: str = "",
+    disclosure: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
@@ -105,9 +106,13 @@ def entry(
     crossed under. `withheld` lists what did not, with the reason. No field values, ever.
     `destination_country` (a disclosure's: its third party names no region) is the ISO 3166-1
     alpha-2 code of the country the data went to; entries of other kinds have no such key.
+    `disclosure` (a disclosure step's) names the request, the step, the ground, its evidence and
+    who asked and approved (`policy.disclosure.evidence_of`).
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
-    where = {"destination_country": destination_country} if destination_country else {}
+    extra: dict[str, Any] = {"destination_country": destination_country} if destination_country else {}
+    if disclosure is not None:
+        extra["disclosure"] = disclosure
     return {
         "kind": kind,
         "subject": subject,
@@ -122,7 +127,7 @@ def entry(
         "actor": actor,
         "rules_version": rules_version,
         "record_version": version,
-        **where,
+        **extra,
     }
 
 

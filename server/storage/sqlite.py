@@ -8,12 +8,14 @@ A write and its outbox and log entries commit in one transaction.
 from __future__ import annotations
 
 from residency.server.storage.consents import ConsentRows
+from residency.server.storage.disclosures import DisclosureRows
 from residency.server.storage.keyring import KeyringRows
 from residency.server.storage.records import RecordRows
 from residency.server.storage.replication import ReplicationRows
 from residency.server.storage.transferlog import TransferLogRows
 
 
-class SqliteStore(TransferLogRows, RecordRows, ReplicationRows, KeyringRows, ConsentRows):
+class SqliteStore(TransferLogRows, RecordRows, ReplicationRows, KeyringRows, ConsentRows, DisclosureRows):
     """The node's store: `Database` (connection, lock, migrations, unit of work) with the
-    records, outbox and replication control, transfer log, keyring and consent repositories."""
+    records, outbox and replication control, transfer log, keyring, consent and disclosure
+    repositories."""

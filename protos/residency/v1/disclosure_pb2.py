@@ -22,26 +22,59 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from residency.v1 import common_pb2 as residency_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dresidency/v1/disclosure.proto\x12\x0cresidency.v1\x1a\x19residency/v1/common.proto\"\x89\x02\n\x0f\x44iscloseRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bthird_party\x18\x03 \x01(\t\x12.\n\x06ground\x18\x04 \x01(\x0e\x32\x1e.residency.v1.DisclosureGround\x12\x0e\n\x06\x66ields\x18\x05 \x03(\t\x12\x11\n\treference\x18\x06 \x01(\t\x12\x10\n\x08\x61pprover\x18\x07 \x01(\t\x12\x11\n\tprovision\x18\x08 \x01(\t\x12\x0f\n\x07service\x18\t \x01(\t\x12\x1b\n\x13\x64\x65stination_country\x18\n \x01(\t\"\xd7\x01\n\x10\x44iscloseResponse\x12:\n\x06\x66ields\x18\x01 \x03(\x0b\x32*.residency.v1.DiscloseResponse.FieldsEntry\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01*\xe4\x02\n\x10\x44isclosureGround\x12!\n\x1d\x44ISCLOSURE_GROUND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44ISCLOSURE_GROUND_CONSENT\x10\x01\x12\'\n#DISCLOSURE_GROUND_REQUESTED_SERVICE\x10\x02\x12\x38\n4DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST\x10\x03\x12\x33\n/DISCLOSURE_GROUND_VIOLATION_OF_LAW_OR_AGREEMENT\x10\x04\x12\"\n\x1e\x44ISCLOSURE_GROUND_IP_COMPLAINT\x10\x05\x12)\n%DISCLOSURE_GROUND_TRANSACTION_DISPUTE\x10\x06\x12\'\n#DISCLOSURE_GROUND_OTHER_LEGAL_BASIS\x10\x07\x32^\n\x11\x44isclosureService\x12I\n\x08\x44isclose\x12\x1d.residency.v1.DiscloseRequest\x1a\x1e.residency.v1.DiscloseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dresidency/v1/disclosure.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19residency/v1/common.proto\"\x8d\x02\n\x0f\x44iscloseRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bthird_party\x18\x03 \x01(\t\x12.\n\x06ground\x18\x04 \x01(\x0e\x32\x1e.residency.v1.DisclosureGround\x12\x0e\n\x06\x66ields\x18\x05 \x03(\t\x12\x11\n\treference\x18\x06 \x01(\t\x12\x14\n\x08\x61pprover\x18\x07 \x01(\tB\x02\x18\x01\x12\x11\n\tprovision\x18\x08 \x01(\t\x12\x0f\n\x07service\x18\t \x01(\t\x12\x1b\n\x13\x64\x65stination_country\x18\n \x01(\t\"\xd7\x01\n\x10\x44iscloseResponse\x12:\n\x06\x66ields\x18\x01 \x03(\x0b\x32*.residency.v1.DiscloseResponse.FieldsEntry\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01\"\x80\x02\n\x18RequestDisclosureRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bthird_party\x18\x03 \x01(\t\x12.\n\x06ground\x18\x04 \x01(\x0e\x32\x1e.residency.v1.DisclosureGround\x12\x0e\n\x06\x66ields\x18\x05 \x03(\t\x12\x11\n\treference\x18\x06 \x01(\t\x12\x11\n\tprovision\x18\x07 \x01(\t\x12\x0f\n\x07service\x18\x08 \x01(\t\x12\x1b\n\x13\x64\x65stination_country\x18\t \x01(\t\"m\n\x19RequestDisclosureResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\"&\n\x18\x41pproveDisclosureRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x19\x41pproveDisclosureResponse\x12\x14\n\x0clog_sequence\x18\x01 \x01(\x04\"3\n\x15\x44\x65nyDisclosureRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x16\x44\x65nyDisclosureResponse\x12\x14\n\x0clog_sequence\x18\x01 \x01(\x04\"&\n\x18ReleaseDisclosureRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x97\x02\n\x19ReleaseDisclosureResponse\x12\x43\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x33.residency.v1.ReleaseDisclosureResponse.FieldsEntry\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\x12,\n\ndisclosure\x18\x04 \x01(\x0b\x32\x18.residency.v1.Disclosure\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01\"F\n\x16ListDisclosuresRequest\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.residency.v1.DisclosureState\"H\n\x17ListDisclosuresResponse\x12-\n\x0b\x64isclosures\x18\x01 \x03(\x0b\x32\x18.residency.v1.Disclosure\"\x94\x04\n\nDisclosure\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bthird_party\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65stination_country\x18\x04 \x01(\t\x12.\n\x06ground\x18\x05 \x01(\x0e\x32\x1e.residency.v1.DisclosureGround\x12\x0e\n\x06\x66ields\x18\x06 \x03(\t\x12\x11\n\treference\x18\x07 \x01(\t\x12\x11\n\tprovision\x18\x08 \x01(\t\x12\x0f\n\x07service\x18\t \x01(\t\x12\x0f\n\x07purpose\x18\n \x01(\t\x12,\n\x05state\x18\x0b \x01(\x0e\x32\x1d.residency.v1.DisclosureState\x12\x11\n\trequester\x18\x0c \x01(\t\x12\x12\n\ndecided_by\x18\r \x01(\t\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\x0e \x01(\t\x12\x30\n\x0crequested_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndecided_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breleased_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xe4\x02\n\x10\x44isclosureGround\x12!\n\x1d\x44ISCLOSURE_GROUND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44ISCLOSURE_GROUND_CONSENT\x10\x01\x12\'\n#DISCLOSURE_GROUND_REQUESTED_SERVICE\x10\x02\x12\x38\n4DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST\x10\x03\x12\x33\n/DISCLOSURE_GROUND_VIOLATION_OF_LAW_OR_AGREEMENT\x10\x04\x12\"\n\x1e\x44ISCLOSURE_GROUND_IP_COMPLAINT\x10\x05\x12)\n%DISCLOSURE_GROUND_TRANSACTION_DISPUTE\x10\x06\x12\'\n#DISCLOSURE_GROUND_OTHER_LEGAL_BASIS\x10\x07*\xcc\x01\n\x0f\x44isclosureState\x12 \n\x1c\x44ISCLOSURE_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44ISCLOSURE_STATE_REQUESTED\x10\x01\x12\x1d\n\x19\x44ISCLOSURE_STATE_APPROVED\x10\x02\x12\x1b\n\x17\x44ISCLOSURE_STATE_DENIED\x10\x03\x12\x1d\n\x19\x44ISCLOSURE_STATE_RELEASED\x10\x04\x12\x1c\n\x18\x44ISCLOSURE_STATE_EXPIRED\x10\x05\x32\xd2\x04\n\x11\x44isclosureService\x12N\n\x08\x44isclose\x12\x1d.residency.v1.DiscloseRequest\x1a\x1e.residency.v1.DiscloseResponse\"\x03\x88\x02\x01\x12\x64\n\x11RequestDisclosure\x12&.residency.v1.RequestDisclosureRequest\x1a\'.residency.v1.RequestDisclosureResponse\x12\x64\n\x11\x41pproveDisclosure\x12&.residency.v1.ApproveDisclosureRequest\x1a\'.residency.v1.ApproveDisclosureResponse\x12[\n\x0e\x44\x65nyDisclosure\x12#.residency.v1.DenyDisclosureRequest\x1a$.residency.v1.DenyDisclosureResponse\x12\x64\n\x11ReleaseDisclosure\x12&.residency.v1.ReleaseDisclosureRequest\x1a\'.residency.v1.ReleaseDisclosureResponse\x12^\n\x0fListDisclosures\x12$.residency.v1.ListDisclosuresRequest\x1a%.residency.v1.ListDisclosuresResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'residency.v1.disclosure_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DISCLOSEREQUEST'].fields_by_name['approver']._loaded_options = None
+  _globals['_DISCLOSEREQUEST'].fields_by_name['approver']._serialized_options = b'\030\001'
   _globals['_DISCLOSERESPONSE_FIELDSENTRY']._loaded_options = None
   _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_DISCLOSUREGROUND']._serialized_start=561
-  _globals['_DISCLOSUREGROUND']._serialized_end=917
-  _globals['_DISCLOSEREQUEST']._serialized_start=75
-  _globals['_DISCLOSEREQUEST']._serialized_end=340
-  _globals['_DISCLOSERESPONSE']._serialized_start=343
-  _globals['_DISCLOSERESPONSE']._serialized_end=558
-  _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_start=492
-  _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_end=558
-  _globals['_DISCLOSURESERVICE']._serialized_start=919
-  _globals['_DISCLOSURESERVICE']._serialized_end=1013
+  _globals['_RELEASEDISCLOSURERESPONSE_FIELDSENTRY']._loaded_options = None
+  _globals['_RELEASEDISCLOSURERESPONSE_FIELDSENTRY']._serialized_options = b'8\001'
+  _globals['_DISCLOSURESERVICE'].methods_by_name['Disclose']._loaded_options = None
+  _globals['_DISCLOSURESERVICE'].methods_by_name['Disclose']._serialized_options = b'\210\002\001'
+  _globals['_DISCLOSUREGROUND']._serialized_start=2163
+  _globals['_DISCLOSUREGROUND']._serialized_end=2519
+  _globals['_DISCLOSURESTATE']._serialized_start=2522
+  _globals['_DISCLOSURESTATE']._serialized_end=2726
+  _globals['_DISCLOSEREQUEST']._serialized_start=108
+  _globals['_DISCLOSEREQUEST']._serialized_end=377
+  _globals['_DISCLOSERESPONSE']._serialized_start=380
+  _globals['_DISCLOSERESPONSE']._serialized_end=595
+  _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_start=529
+  _globals['_DISCLOSERESPONSE_FIELDSENTRY']._serialized_end=595
+  _globals['_REQUESTDISCLOSUREREQUEST']._serialized_start=598
+  _globals['_REQUESTDISCLOSUREREQUEST']._serialized_end=854
+  _globals['_REQUESTDISCLOSURERESPONSE']._serialized_start=856
+  _globals['_REQUESTDISCLOSURERESPONSE']._serialized_end=965
+  _globals['_APPROVEDISCLOSUREREQUEST']._serialized_start=967
+  _globals['_APPROVEDISCLOSUREREQUEST']._serialized_end=1005
+  _globals['_APPROVEDISCLOSURERESPONSE']._serialized_start=1007
+  _globals['_APPROVEDISCLOSURERESPONSE']._serialized_end=1056
+  _globals['_DENYDISCLOSUREREQUEST']._serialized_start=1058
+  _globals['_DENYDISCLOSUREREQUEST']._serialized_end=1109
+  _globals['_DENYDISCLOSURERESPONSE']._serialized_start=1111
+  _globals['_DENYDISCLOSURERESPONSE']._serialized_end=1157
+  _globals['_RELEASEDISCLOSUREREQUEST']._serialized_start=1159
+  _globals['_RELEASEDISCLOSUREREQUEST']._serialized_end=1197
+  _globals['_RELEASEDISCLOSURERESPONSE']._serialized_start=1200
+  _globals['_RELEASEDISCLOSURERESPONSE']._serialized_end=1479
+  _globals['_RELEASEDISCLOSURERESPONSE_FIELDSENTRY']._serialized_start=529
+  _globals['_RELEASEDISCLOSURERESPONSE_FIELDSENTRY']._serialized_end=595
+  _globals['_LISTDISCLOSURESREQUEST']._serialized_start=1481
+  _globals['_LISTDISCLOSURESREQUEST']._serialized_end=1551
+  _globals['_LISTDISCLOSURESRESPONSE']._serialized_start=1553
+  _globals['_LISTDISCLOSURESRESPONSE']._serialized_end=1625
+  _globals['_DISCLOSURE']._serialized_start=1628
+  _globals['_DISCLOSURE']._serialized_end=2160
+  _globals['_DISCLOSURESERVICE']._serialized_start=2729
+  _globals['_DISCLOSURESERVICE']._serialized_end=3323
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class DisclosureServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every ground needs the approval of a second person (policy 3 is applied by two people):
+    RequestDisclosure, then ApproveDisclosure (or DenyDisclosure) by an `approver`, then
+    ReleaseDisclosure by the requester. A request not released within 7 days expires.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -39,13 +42,82 @@ class DisclosureServiceStub:
                 request_serializer=residency_dot_v1_dot_disclosure__pb2.DiscloseRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_disclosure__pb2.DiscloseResponse.FromString,
                 _registered_method=True)
+        self.RequestDisclosure = channel.unary_unary(
+                '/residency.v1.DisclosureService/RequestDisclosure',
+                request_serializer=residency_dot_v1_dot_disclosure__pb2.RequestDisclosureRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_disclosure__pb2.RequestDisclosureResponse.FromString,
+                _registered_method=True)
+        self.ApproveDisclosure = channel.unary_unary(
+                '/residency.v1.DisclosureService/ApproveDisclosure',
+                request_serializer=residency_dot_v1_dot_disclosure__pb2.ApproveDisclosureRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_disclosure__pb2.ApproveDisclosureResponse.FromString,
+                _registered_method=True)
+        self.DenyDisclosure = channel.unary_unary(
+                '/residency.v1.DisclosureService/DenyDisclosure',
+                request_serializer=residency_dot_v1_dot_disclosure__pb2.DenyDisclosureRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_disclosure__pb2.DenyDisclosureResponse.FromString,
+                _registered_method=True)
+        self.ReleaseDisclosure = channel.unary_unary(
+                '/residency.v1.DisclosureService/ReleaseDisclosure',
+                request_serializer=residency_dot_v1_dot_disclosure__pb2.ReleaseDisclosureRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_disclosure__pb2.ReleaseDisclosureResponse.FromString,
+                _registered_method=True)
+        self.ListDisclosures = channel.unary_unary(
+                '/residency.v1.DisclosureService/ListDisclosures',
+                request_serializer=residency_dot_v1_dot_disclosure__pb2.ListDisclosuresRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_disclosure__pb2.ListDisclosuresResponse.FromString,
+                _registered_method=True)
 
 
 class DisclosureServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every ground needs the approval of a second person (policy 3 is applied by two people):
+    RequestDisclosure, then ApproveDisclosure (or DenyDisclosure) by an `approver`, then
+    ReleaseDisclosure by the requester. A request not released within 7 days expires.
+    """
 
     def Disclose(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deprecated: it released the fields in one call, on an approver named by the caller. It
+        now answers FAILED_PRECONDITION naming RequestDisclosure, ApproveDisclosure and
+        ReleaseDisclosure, and changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestDisclosure(self, request, context):
+        """Asks for a disclosure: checks the ground, its evidence and the record at once, logs the
+        request (or its refusal) and returns the request's id. Nothing is disclosed yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveDisclosure(self, request, context):
+        """The second person's approval: the caller (an `approver`) must not be the requester, nor
+        hold a certificate of the requester's name. Logged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DenyDisclosure(self, request, context):
+        """The second person's refusal, with its reason: the request never releases. Logged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseDisclosure(self, request, context):
+        """Hands the fields to the requester (and nobody else), once, after approval; the record is
+        read now, so a record erased since the request discloses nothing (NOT_FOUND). Logged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDisclosures(self, request, context):
+        """The requests and their states, for approvers: ids, grounds and evidence, no field values.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -58,6 +130,31 @@ def add_DisclosureServiceServicer_to_server(servicer, server):
                     request_deserializer=residency_dot_v1_dot_disclosure__pb2.DiscloseRequest.FromString,
                     response_serializer=residency_dot_v1_dot_disclosure__pb2.DiscloseResponse.SerializeToString,
             ),
+            'RequestDisclosure': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestDisclosure,
+                    request_deserializer=residency_dot_v1_dot_disclosure__pb2.RequestDisclosureRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_disclosure__pb2.RequestDisclosureResponse.SerializeToString,
+            ),
+            'ApproveDisclosure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveDisclosure,
+                    request_deserializer=residency_dot_v1_dot_disclosure__pb2.ApproveDisclosureRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_disclosure__pb2.ApproveDisclosureResponse.SerializeToString,
+            ),
+            'DenyDisclosure': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenyDisclosure,
+                    request_deserializer=residency_dot_v1_dot_disclosure__pb2.DenyDisclosureRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_disclosure__pb2.DenyDisclosureResponse.SerializeToString,
+            ),
+            'ReleaseDisclosure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseDisclosure,
+                    request_deserializer=residency_dot_v1_dot_disclosure__pb2.ReleaseDisclosureRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_disclosure__pb2.ReleaseDisclosureResponse.SerializeToString,
+            ),
+            'ListDisclosures': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDisclosures,
+                    request_deserializer=residency_dot_v1_dot_disclosure__pb2.ListDisclosuresRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_disclosure__pb2.ListDisclosuresResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'residency.v1.DisclosureService', rpc_method_handlers)
@@ -67,7 +164,10 @@ def add_DisclosureServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DisclosureService:
-    """Missing associated documentation comment in .proto file."""
+    """Every ground needs the approval of a second person (policy 3 is applied by two people):
+    RequestDisclosure, then ApproveDisclosure (or DenyDisclosure) by an `approver`, then
+    ReleaseDisclosure by the requester. A request not released within 7 days expires.
+    """
 
     @staticmethod
     def Disclose(request,
@@ -86,6 +186,141 @@ class DisclosureService:
             '/residency.v1.DisclosureService/Disclose',
             residency_dot_v1_dot_disclosure__pb2.DiscloseRequest.SerializeToString,
             residency_dot_v1_dot_disclosure__pb2.DiscloseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestDisclosure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.DisclosureService/RequestDisclosure',
+            residency_dot_v1_dot_disclosure__pb2.RequestDisclosureRequest.SerializeToString,
+            residency_dot_v1_dot_disclosure__pb2.RequestDisclosureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveDisclosure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.DisclosureService/ApproveDisclosure',
+            residency_dot_v1_dot_disclosure__pb2.ApproveDisclosureRequest.SerializeToString,
+            residency_dot_v1_dot_disclosure__pb2.ApproveDisclosureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenyDisclosure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.DisclosureService/DenyDisclosure',
+            residency_dot_v1_dot_disclosure__pb2.DenyDisclosureRequest.SerializeToString,
+            residency_dot_v1_dot_disclosure__pb2.DenyDisclosureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseDisclosure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.DisclosureService/ReleaseDisclosure',
+            residency_dot_v1_dot_disclosure__pb2.ReleaseDisclosureRequest.SerializeToString,
+            residency_dot_v1_dot_disclosure__pb2.ReleaseDisclosureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDisclosures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.DisclosureService/ListDisclosures',
+            residency_dot_v1_dot_disclosure__pb2.ListDisclosuresRequest.SerializeToString,
+            residency_dot_v1_dot_disclosure__pb2.ListDisclosuresResponse.FromString,
             options,
             channel_credentials,
             insecure,
