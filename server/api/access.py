@@ -1,6 +1,6 @@
 """Who may call what, decided in one place: the permission each method needs, the roles that
 hold each permission, and `Gate`, the interceptor that checks both (after the certificate) on
-every call before any servicer runs. A refusal that concerns users' data is logged.
+every call before any servicer runs. Every refusal is logged, against each user it names.
 
 A `service` is further held to the purposes the access policy file lets it state
 (`residency.server.config.access`; `identity.caller_of` asks it)."""
@@ -8,6 +8,7 @@ A `service` is further held to the purposes the access policy file lets it state
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +26,8 @@ from residency.server.core.errors import CallerDenied
 from residency.server.core.schema import USER_ID
 from residency.server.keys.pki import Identity
 
+log = logging.getLogger("residency.access")
+
 # What each method needs. A method missing here is refused: a new RPC is closed until it is
 # given a permission.
 METHODS: dict[str, str] = {
@@ -39,7 +42,13 @@ METHODS: dict[str, str] = {
     "/residency.v1.GrantService/CreateGrant": "grants.write",
     "/residency.v1.GrantService/RevokeGrant": "grants.write",
     "/residency.v1.GrantService/ListGrants": "grants.read",
+    # Two people: one identity requests and receives, a different approver approves.
     "/residency.v1.DisclosureService/Disclose": "disclosures.request",
+    "/residency.v1.DisclosureService/RequestDisclosure": "disclosures.request",
+    "/residency.v1.DisclosureService/ReleaseDisclosure": "disclosures.request",
+    "/residency.v1.DisclosureService/ApproveDisclosure": "disclosures.approve",
+    "/residency.v1.DisclosureService/DenyDisclosure": "disclosures.approve",
+    "/residency.v1.DisclosureService/ListDisclosures": "disclosures.approve",
     "/residency.v1.AdminService/GetNodeStatus": "admin.status",
     "/residency.v1.AdminService/ReplicationStatus": "admin.status",
     "/residency.v1.AdminService/ExplainTransfer": "admin.status",
@@ -159,8 +168,9 @@ def _parsed(method: str, request: Any) -> Message | None:
 class Gate(grpc.aio.ServerInterceptor):
     """Refuses every call, before the method runs, from a peer without an acceptable
     certificate (UNAUTHENTICATED, `ServerTls.refusal`) or whose role lacks the method's
-    permission (PERMISSION_DENIED naming it). With a `node`, a refusal of a request that names
-    users is a transfer-log entry for each (without one, as in benchmarks, nothing is logged)."""
+    permission (PERMISSION_DENIED naming it). With a `node`, every such refusal is a
+    transfer-log entry: one per user the request names, or one without a subject (without a
+    node, as in benchmarks, nothing is logged)."""
 
     def __init__(self, tls: ServerTls, node: Node | None = None):
         self.tls, self.node = tls, node
@@ -196,12 +206,16 @@ class Gate(grpc.aio.ServerInterceptor):
         if denied is None:
             return
         permission, why = denied
-        message = _parsed(method, request) if node is not None else None
-        if node is not None and message is not None and (users := subjects(message)):
+        if node is not None:
+            message = _parsed(method, request)
+            users = subjects(message) if message is not None else []
             purpose = getattr(getattr(message, "context", None), "purpose", "")
             rules = node.records.rules
-            entries = denial_entries(ident, why, users, purpose, node.records.region, rules.version)
-            await node.db.write(lambda: node.db.store.log_append(entries))
+            entries = denial_entries(ident, why, users or [""], purpose, node.records.region, rules.version)
+            try:
+                await node.db.write(lambda: node.db.store.log_append(entries))
+            except Exception:  # the caller is refused all the same
+                log.exception("cannot log a refused call of %s", method)
         await refuse(context, status_for(CallerDenied(why, permission=permission)))
 
     def _guard(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -226,7 +240,7 @@ class Gate(grpc.aio.ServerInterceptor):
 def denial_entries(
     ident: Identity, why: str, users: list[str], purpose: str, region: str, rules_version: str
 ) -> list[dict[str, Any]]:
-    """The transfer-log entries of a refused call that names `users`, one each."""
+    """The transfer-log entries of a refused call, one per user it names ("": none)."""
     return [
         translog.entry(
             "access",
