@@ -65,7 +65,8 @@ def _keys(args: argparse.Namespace) -> int:
 
     from residency.server.config.node import load_config
     from residency.server.keys import lifecycle
-    from residency.server.keys.providers import open_provider
+    from residency.server.keys.providers import KeyProvider, open_provider
+    from residency.server.keys.providers.local import LocalProvider
     from residency.server.storage.sqlite import SqliteStore
 
     config = load_config(args.config)
@@ -83,10 +84,21 @@ def _keys(args: argparse.Namespace) -> int:
         )
         return 2
     region, keys_dir = config.region, config.keys_dir
-    provider = open_provider(config.keys)
+    if args.action == "rekey" and config.keys.provider == "local":
+        # After a shred the local provider has no key-encryption key: it makes a new one.
+        provider: KeyProvider = LocalProvider.create(config.keys.dir, config.keys.passphrase)
+    else:
+        provider = open_provider(config.keys)
     try:
         if args.action == "shred":
             out = lifecycle.shred(region, provider, keys_dir, actor, args.reason)
+        elif args.action == "rekey":
+            if config.is_primary:
+                raise ConfigError(
+                    f"{config.path}: rekey is for a region node's key (copies are sealed to it); "
+                    "this is the primary's config"
+                )
+            out = lifecycle.rekey(region, provider, keys_dir, config.keys.kem, actor)
         else:
             store = SqliteStore(config.data_dir / "node.db")
             try:
@@ -118,6 +130,7 @@ def add_keys(sub: argparse._SubParsersAction) -> None:
         ("rotate", "new key version; rewraps region.key and every data key (not the fields), with progress"),
         ("retire", "after a rotation: old key versions stop decrypting"),
         ("shred", "destroy a compromised region's key: every copy there becomes unreadable"),
+        ("rekey", "after a shred: a new region key pair; the primary learns it and sends every copy again"),
     ):
         s = keys.add_parser(action, help=text)
         s.add_argument("--config", required=True, help="the config of the node that holds the key")

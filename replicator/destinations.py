@@ -4,13 +4,27 @@ and the worker's place in the outbox."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from residency.replicator.copies import CopyKeys
 from residency.replicator.sinks import Sink, make_sink
 from residency.server.config.node import NodeConfig
-from residency.server.core.errors import ConfigError
+from residency.server.config.tls import TlsConfig
+from residency.server.core import translog
+from residency.server.core.errors import CallerDenied, ConfigError
+from residency.server.keys import pki
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.region import RecipientKey
+from residency.v1 import replica_pb2
+
+
+class KeyHold(Exception):
+    """The destination no longer holds the key copies are sealed to: nothing more goes
+    there until its new key is learned."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -27,6 +41,44 @@ class Destination:
     # may not ship under that limit
     max_rate: float = 0.0
     not_before: float = 0.0
+
+    def use_key(self, key: RecipientKey) -> None:
+        """Seals to `key` from now on (a region's new key, learned after a rekey)."""
+        self.keys = CopyKeys(key, KeyCache(self.keys.cache.max_entries, self.keys.cache.max_age))
+
+
+def statement_key(region: str, evidence: bytes) -> RecipientKey:
+    """The key a stored GetRegionKeyResponse states (checked with `verified_key` when learned)."""
+    reply = replica_pb2.GetRegionKeyResponse.FromString(evidence)
+    s = replica_pb2.RegionKeyStatement.FromString(reply.statement)
+    return RecipientKey(region, s.public_key)
+
+
+def verified_key(region: str, evidence: bytes, tls: TlsConfig) -> tuple[RecipientKey | None, str]:
+    """(the region's current key, or None while it has none; the node identity that signed)
+    of a region node's GetRegionKeyResponse: signed with the key of a certificate of the
+    deployment's CA naming spiffe://TD/node/REGION/..., for this region, and stating a key whose
+    id is that of its public key. Raises CallerDenied naming what fails."""
+    reply = replica_pb2.GetRegionKeyResponse.FromString(evidence)
+    revoked = pki.read_serials(tls.revoked) if tls.revoked else frozenset()
+    signer = pki.verify_signed(
+        reply.statement,
+        reply.signature,
+        reply.certificate,
+        tls.ca.read_bytes(),
+        role="node",
+        trust_domain=tls.trust_domain,
+        revoked=revoked,
+    )
+    s = replica_pb2.RegionKeyStatement.FromString(reply.statement)
+    if signer.region != region or s.region != region:
+        raise CallerDenied(f"{signer.uri} stated a key of region {s.region!r}; the destination is {region}")
+    if not s.key_id:
+        return None, signer.uri
+    key = RecipientKey(region, s.public_key)
+    if key.key_id != s.key_id:
+        raise CallerDenied(f"{signer.uri} stated key id {s.key_id}, but its public key's id is {key.key_id}")
+    return key, signer.uri
 
 
 def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> list[Destination]:
@@ -47,3 +99,28 @@ def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> li
         for a in config.affiliates
         if not regions or a.region in regions
     ]
+
+
+async def learn_key(
+    d: Destination, tls: TlsConfig | None, home_region: str, rules_version: str
+) -> tuple[RecipientKey, bytes, dict[str, Any]] | None:
+    """A held destination's new key, the region node's signed statement of it, and the
+    transfer-log entry that says it was learned; None while the region has no new key (or
+    the sink cannot be asked: a bucket's new key comes with its config)."""
+    evidence = await d.sink.region_key() if tls is not None else None
+    if evidence is None or tls is None:
+        return None
+    key, signer = verified_key(d.region, evidence, tls)
+    if key is None or key.key_id == d.keys.recipient.key_id:
+        return None
+    entry = translog.entry(
+        "key_event",
+        subject=f"region:{d.region}",
+        source_region=home_region,
+        destination_region=d.region,
+        outcome="allowed",
+        actor=signer,
+        rules_version=rules_version,
+        reason=f"learned: the new key {key.key_id} of {d.region}; every copy is sent there again",
+    )
+    return key, evidence, entry

@@ -29,9 +29,11 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from residency.replicator.copies import build_copy, erased_copy
-from residency.replicator.destinations import Destination
+from residency.replicator.destinations import Destination, KeyHold, learn_key, statement_key
 from residency.replicator.lease import Lease, StandDown
 from residency.server.config.node import ReplicatorConfig
+from residency.server.config.tls import TlsConfig
+from residency.server.core.errors import CallerDenied
 from residency.server.core.rules import Permits
 from residency.server.storage.records import Row
 from residency.server.storage.replication import OutboxItem
@@ -41,6 +43,8 @@ from residency.server.vault.records import Opened, Records
 from residency.v1 import replica_pb2
 
 log = logging.getLogger("residency.replicator")
+# (why the region's key is shredded or "", its learned key statement, where re-sending is at)
+KeyState = tuple[str, bytes | None, str | None]
 
 
 class Refused(Exception):
@@ -69,8 +73,12 @@ class Replicator:
         config: ReplicatorConfig,
         owner: str = "",
         all_regions: list[str] | None = None,
+        tls: TlsConfig | None = None,
     ):
         self.records = records
+        # The deployment's CA and trust domain: a region's new key must be signed by its node
+        # (without them, as in unit tests, no new key is ever learned).
+        self.tls = tls
         self.db = db
         self.destinations = {d.region: d for d in destinations}
         # Every destination of the outbox, including those other workers ship to: an entry
@@ -116,6 +124,8 @@ class Replicator:
                 if not await self._step(d, wake):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), timeout=self.config.poll_interval)
+            except KeyHold as e:
+                await self._hold(d, e.reason)
             except StandDown:
                 self.leases[d.region].reread_cursor = True
                 with contextlib.suppress(TimeoutError):
@@ -140,10 +150,19 @@ class Replicator:
         if lease.reread_cursor:
             d.cursor = await self.db.call(self.db.store.cursor, d.region)
             lease.reread_cursor = False
-        paused, redrive, items = await self.db.call(self._poll, d)
+        paused, (held, evidence, resend), redrive, items = await self.db.call(self._poll, d)
         lease.paused = paused
         if paused:  # an operator paused it
             raise StandDown(d.region)
+        if (
+            evidence is not None
+            and d.keys.recipient.key_id != (key := statement_key(d.region, evidence)).key_id
+        ):
+            d.use_key(key)  # learned by a worker before (this one, before a restart, or another)
+        if held:
+            return await self._learn_key(d)
+        if resend is not None:
+            return await self._resend(d, resend)
         if redrive:
             batch = await self.db.call(self._prepare_users, d, [u for u, *_ in redrive])
             await self._deliver_and_commit(d, batch, advance=False)
@@ -154,15 +173,63 @@ class Replicator:
         await self._deliver_and_commit(d, batch, advance=True)
         return True
 
-    def _poll(self, d: Destination) -> tuple[bool, list[tuple], list[OutboxItem]]:
-        """On the store thread: paused?, dead letters to re-drive, the next outbox entries."""
+    def _poll(self, d: Destination) -> tuple[bool, KeyState, list[tuple], list[OutboxItem]]:
+        """On the store thread: paused?, the region key's state, dead letters to re-drive,
+        the next outbox entries."""
         store = self.db.store
+        keys = store.key_state(d.region)
         if store.is_paused(d.region):
-            return True, [], []
+            return True, keys, [], []
+        if keys[0] or keys[2] is not None:
+            return False, keys, [], []
         redrive = store.dead_letters(d.region, True, self.config.batch_size)
         if redrive:
-            return False, redrive, []
-        return False, [], store.outbox_after(d.cursor, self.config.batch_size)
+            return False, keys, redrive, []
+        return False, keys, [], store.outbox_after(d.cursor, self.config.batch_size)
+
+    # ---- a region key shredded: hold, learn the new key, send everything again ----------
+
+    async def _hold(self, d: Destination, reason: str) -> None:
+        log.warning("replication to %s held: %s", d.region, reason)
+        await self.db.write(lambda: self.db.store.set_key_shredded(d.region, reason))
+        await self._note_error(d, f"key shredded: {reason}")
+
+    async def _learn_key(self, d: Destination) -> bool:
+        """Asks the region for its key; a new one, signed by the region's node, ends the hold
+        and starts sending every copy again. False while there is none (or no way to ask)."""
+        try:
+            learned = await learn_key(d, self.tls, self.records.region, self.records.rules.version)
+        except (grpc.aio.AioRpcError, CallerDenied) as e:
+            await self._note_error(
+                d, f"key shredded; asking {d.region} for its new key failed: {_describe(e)}"
+            )
+            return False
+        if learned is None:
+            return False
+        key, evidence, entry = learned
+        d.use_key(key)
+
+        def store_it() -> None:
+            self.db.store.set_region_key(d.region, evidence)
+            self.db.store.log_append([entry])
+
+        await self.db.write(store_it)
+        await self._note_error(d, "")
+        log.warning("replication to %s: new region key %s; re-sending every copy", d.region, key.key_id)
+        return True
+
+    async def _resend(self, d: Destination, after: str) -> bool:
+        """One page of every live record's copy, under the region's new key."""
+        store = self.db.store
+        records = self.records.store
+        page = [u for u, _ in await self.db.call(records.live_blobs, after, self.config.batch_size)]
+        if not page:
+            await self.db.write(lambda: store.set_resend_after(d.region, None))
+            return True
+        batch = await self.db.call(self._prepare_users, d, page)
+        await self._deliver_and_commit(d, batch, advance=False)
+        await self.db.write(lambda: store.set_resend_after(d.region, page[-1]))
+        return True
 
     async def _deliver_and_commit(self, d: Destination, batch: Prepared, advance: bool) -> None:
         if d.max_rate and batch.copies:
@@ -209,7 +276,7 @@ class Replicator:
 
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(
-                lambda e: isinstance(e, Exception) and not isinstance(e, Refused | StandDown)
+                lambda e: isinstance(e, Exception) and not isinstance(e, Refused | StandDown | KeyHold)
             ),
             wait=wait_exponential_jitter(initial=self.config.retry_initial, max=self.config.retry_max),
             before_sleep=note,
@@ -220,6 +287,9 @@ class Replicator:
                 try:
                     await d.sink.apply(self.records.region, copies)
                 except Exception as e:
+                    held = d.sink.key_shredded(e)
+                    if held is not None:
+                        raise KeyHold(held) from e
                     reason = d.sink.permanent(e)
                     if reason is not None:
                         raise Refused(reason) from e

@@ -46,6 +46,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
         destinations_for(c, regions),
         c.replicator,
         all_regions=[a.region for a in c.affiliates],
+        tls=c.tls,
     )
     await replicator.start()
     follow = asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules")

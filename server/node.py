@@ -30,7 +30,6 @@ from residency.server.config.access import load_access
 from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules, rules_from_bytes
 from residency.server.config.schema import load_schema
-from residency.server.core import translog
 from residency.server.core.errors import ConfigError
 from residency.server.keys import lifecycle
 from residency.server.keys.keyring import Keyring
@@ -39,6 +38,7 @@ from residency.server.keys.providers import open_provider
 from residency.server.keys.region import RecipientKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
+from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.records import Records
 from residency.server.vault.transferlog import TransferLog
 from residency.v1 import (
@@ -86,62 +86,14 @@ class RunningNode:
         self._reproject: asyncio.Task | None = None
         self.records: Records | None = None
         self._watch: asyncio.Task | None = None
-        self._seen: tuple[int, int] | None = None
         try:  # unreadable certificates fail at start, naming the file and the key
             self.tls = ServerTls(config.tls)
         except ConfigError as e:
             raise ConfigError(f"{config.path}: {e}") from None
 
-    async def _key_events(self) -> None:
-        """Logs key events (rotate, retire, shred) not logged yet, and acts on a shred."""
-        c, records, db = self.config, self.records, self.db
-        assert records is not None and db is not None
-        events = lifecycle.read_events(c.keys_dir)
-        reason = lifecycle.shredded_reason(c.region, events)
-        if reason and not records.keyring.shredded:
-            records.keyring.shred(reason)
-            if self.replicator is not None:
-                self.replicator.forget()  # nothing opened under the shredded keys stays in memory
-            log.warning("%s", reason)
-        if not reason and any(e["event"] in ("rotated", "retired") for e in events):
-            records.keyring.rotated()
-
-        def write() -> None:
-            done = db.store.cursor(f"key_events:{c.region}")
-            entries = [
-                translog.entry(
-                    "key_event",
-                    subject=f"region:{c.region}",
-                    source_region=c.region,
-                    destination_region=c.region,
-                    outcome="allowed",
-                    actor=e["actor"],
-                    rules_version=records.rules.version,
-                    reason=f"{e['event']}: {e['detail']}",
-                )
-                for e in events[done:]
-            ]
-            if entries:
-                db.store.log_append(entries)
-                db.store.set_cursor(f"key_events:{c.region}", len(events))
-
-        await db.write(write)
-
-    async def _watch_keys(self) -> None:
-        path = self.config.keys_dir / lifecycle.STATE
-        while True:
-            try:
-                st = path.stat()
-                seen = (st.st_mtime_ns, st.st_size)
-            except FileNotFoundError:
-                seen = None
-            if seen != self._seen:
-                self._seen = seen
-                try:
-                    await self._key_events()
-                except Exception:
-                    log.exception("cannot apply key events")
-            await asyncio.sleep(0.5)
+    def _forget(self) -> None:
+        if self.replicator is not None:
+            self.replicator.forget()
 
     async def start(self) -> None:
         c = self.config
@@ -180,8 +132,9 @@ class RunningNode:
             RecipientKey.load(a.region, a.public_key)  # a missing key fails at start
         self.db = StoreThread(store)
         self.db.start()
-        await self._key_events()
-        self._watch = asyncio.create_task(self._watch_keys(), name="watch-keys")
+        self.key_events = KeyEvents(c.region, c.is_primary, c.keys_dir, records, self.db, self._forget)
+        await self.key_events.apply()
+        self._watch = asyncio.create_task(self.key_events.watch(), name="watch-keys")
         self.transfer_log = TransferLog(store, signer, signer.name)
         if outbox and c.replicator.enabled:
             from residency.replicator.destinations import destinations_for
@@ -198,6 +151,7 @@ class RunningNode:
                 c.replicator,
                 owner=owner,
                 all_regions=[a.region for a in c.affiliates],
+                tls=c.tls,
             )
             await self.replicator.start()
         node = Node(

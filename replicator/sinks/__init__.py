@@ -20,6 +20,16 @@ class Sink(Protocol):
         """Why `e` (raised by `apply`) will not go away on a retry, or None if it may."""
         ...
 
+    def key_shredded(self, e: BaseException) -> str | None:
+        """Why `e` says the region no longer holds the key the copies were sealed to (nothing
+        more may go there until its new key is known), or None."""
+        ...
+
+    async def region_key(self) -> bytes | None:
+        """The region's signed statement of its current key (a serialized
+        GetRegionKeyResponse), or None where the sink cannot ask (a bucket)."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from residency.server.config.tls import TlsConfig
+from residency.server.core.errors import KeyShredded
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -41,6 +44,20 @@ class ReplicaSink:
             replica_pb2.ApplyCopiesRequest(source_region=source_region, copies=copies),
             timeout=self.timeout,
         )
+
+    def key_shredded(self, e: BaseException) -> str | None:
+        if not isinstance(e, grpc.aio.AioRpcError) or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            return None
+        status = rpc_status.from_call(e)
+        for detail in status.details if status else ():
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info) and info.reason == KeyShredded.REASON:
+                return e.details()
+        return None
+
+    async def region_key(self) -> bytes | None:
+        reply = await self._stub.GetRegionKey(replica_pb2.GetRegionKeyRequest(), timeout=self.timeout)
+        return reply.SerializeToString()
 
     def permanent(self, e: BaseException) -> str | None:
         if isinstance(e, grpc.aio.AioRpcError) and e.code() not in self.TRANSIENT:

@@ -337,6 +337,12 @@ class S3Sink:
             transient = [e for e in errors if self.permanent(e) is None]
             raise (transient or errors)[0]
 
+    def key_shredded(self, e: BaseException) -> str | None:
+        return None  # a bucket cannot tell: the affiliate tells the operator (docs/operators.md)
+
+    async def region_key(self) -> bytes | None:
+        return None
+
     def permanent(self, e: BaseException) -> str | None:
         if isinstance(e, S3Error):
             if e.status >= 500 or e.status in (408, 429) or e.code in THROTTLING:

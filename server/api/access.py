@@ -57,6 +57,7 @@ METHODS: dict[str, str] = {
     "/residency.v1.AdminService/RetryDeadLetters": "admin.replication",
     "/residency.v1.AdminService/ApplyRules": "admin.rules",
     "/residency.v1.ReplicaService/ApplyCopies": "replica.apply",
+    "/residency.v1.ReplicaService/GetRegionKey": "replica.apply",
     **{
         f"/residency.v1.TransferLogService/{m}": "translog.read"
         for m in (

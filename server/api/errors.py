@@ -22,6 +22,7 @@ from residency.server.core.errors import (
     FailedPrecondition,
     InvalidRecord,
     KeyServiceDenied,
+    KeyShredded,
     KeyUnavailable,
     NotFound,
     OutOfRange,
@@ -109,6 +110,14 @@ def status_for(e: ResidencyError) -> status_pb2.Status:
         detail.Pack(
             error_details_pb2.ErrorInfo(
                 reason="PERMISSION_MISSING", domain="residency", metadata={"permission": e.permission}
+            )
+        )
+        status.details.append(detail)
+    elif isinstance(e, KeyShredded):
+        # The primary's replicator tells this refusal from others by its reason.
+        detail.Pack(
+            error_details_pb2.ErrorInfo(
+                reason=KeyShredded.REASON, domain="residency", metadata={"key_id": e.key_id}
             )
         )
         status.details.append(detail)

@@ -1,10 +1,16 @@
-"""ReplicaService: a region node takes the sealed copies its primary ships."""
+"""ReplicaService: a region node takes the sealed copies its primary ships (none sealed to a key
+it no longer holds), and tells its primary its current public key, signed."""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from residency.server.api.context import Node
 from residency.server.api.errors import rpc
-from residency.server.core.errors import FailedPrecondition, InvalidRecord
+from residency.server.api.identity import peer_of
+from residency.server.core import codec, translog
+from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyShredded
 from residency.server.core.schema import USER_ID
 from residency.server.vault.copies import IncomingCopy, apply_copies
 from residency.v1 import replica_pb2, replica_pb2_grpc
@@ -31,6 +37,7 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         ]
         if bad:
             raise InvalidRecord(bad)
+        await self._refuse_stale_keys(request.copies, peer_of(context).uri)
         copies = []
         for c in request.copies:
             keys = (c.key_id, c.wrapped_data_key, c.transit_key_id, c.wrapped_transit_key)
@@ -41,3 +48,60 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
             copies.append(IncomingCopy(c.user_id, c.version, c.deleted, *keys, stored=c.SerializeToString()))
         applied, skipped = await self.node.db.write(lambda: apply_copies(records, copies), weight=len(copies))
         return replica_pb2.ApplyCopiesResponse(applied=applied, skipped=skipped)
+
+    async def _refuse_stale_keys(self, copies: Any, actor: str) -> None:
+        """A copy sealed to a key this region no longer holds (shredded, or replaced by a
+        rekey) is refused and logged, and the batch with it: the primary must stop sealing to
+        a leaked key. Tombstones carry no key and are always taken."""
+        records = self.node.records
+        keyring = records.keyring
+        current = "" if keyring.shredded else keyring.region_key.key_id
+        stale = [c for c in copies if not c.deleted and c.key_id != current]
+        if not stale:
+            return
+        held = f"its key was shredded: {keyring.shredded}" if keyring.shredded else f"it now holds {current}"
+        why = (
+            f"{len(stale)} copies are sealed to key {stale[0].key_id}, which {records.region} "
+            f"no longer holds ({held})"
+        )
+        entries = [
+            translog.entry(
+                "replication",
+                subject=c.user_id,
+                source_region=records.rules.home_region,
+                destination_region=records.region,
+                outcome="denied",
+                actor=actor,
+                rules_version=records.rules.version,
+                version=c.version,
+                reason=why,
+            )
+            for c in stale
+        ]
+        await self.node.db.write(lambda: records.store.log_append(entries))
+        raise KeyShredded(why, key_id=stale[0].key_id)
+
+    @rpc
+    async def GetRegionKey(self, request, context):
+        """The region's current public key, as a statement signed with this node's
+        certificate key, so that the primary can trust a key it has not seen."""
+        keyring = self.node.records.keyring
+        statement = replica_pb2.RegionKeyStatement(
+            region=self.node.records.region, issued_at=codec.timestamp(time.time())
+        )
+        if keyring.shredded:
+            statement.shredded = keyring.shredded
+        else:
+            recipient = keyring.region_key.recipient
+            statement.key_id, statement.kem, statement.public_key = (
+                recipient.key_id,
+                recipient.kem,
+                recipient.public_raw,
+            )
+        tls = self.node.tls
+        if tls is None:
+            raise FailedPrecondition("this node has no certificate to sign its key with")
+        data = statement.SerializeToString()
+        return replica_pb2.GetRegionKeyResponse(
+            statement=data, signature=tls.sign(data), certificate=tls.cert_pem
+        )

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from residency.server.config.tls import TlsConfig
 from residency.server.core.errors import ConfigError
+from residency.server.keys import pki
 from residency.server.keys.pki import Identity, identity_of, read_serials
 
 log = logging.getLogger("residency.tls")
@@ -67,7 +68,13 @@ class ServerTls:
         revoked = read_serials(c.revoked) if c.revoked else frozenset()
         conf = grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=ca_pem)
         self.revoked, self.expires = revoked, cert.not_valid_after_utc
+        self._key, self.cert_pem = key, cert_pem
         return conf
+
+    def sign(self, data: bytes) -> bytes:
+        """`data` signed with the node certificate's key (statements the node makes about
+        itself, checked with `pki.verify_signed` against `cert_pem`)."""
+        return pki.sign(self._key, data)
 
     def credentials(self) -> grpc.ServerCredentials:
         """TLS that requires a client certificate from the CA; each new connection first asks

@@ -72,3 +72,15 @@ class RateLimited(ResidencyError):
     def __init__(self, message: str, retry_after: float):
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class KeyShredded(FailedPrecondition):
+    """Copies sealed to a region key the region no longer holds (shredded or replaced):
+    the primary must hold that destination until it has the region's new key."""
+
+    # The google.rpc.ErrorInfo reason the primary tells this refusal from others by.
+    REASON = "REGION_KEY_SHREDDED"
+
+    def __init__(self, message: str, key_id: str = ""):
+        super().__init__(message)
+        self.key_id = key_id

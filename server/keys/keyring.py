@@ -63,6 +63,7 @@ class Keyring:
         self.provider = provider
         self.dir = Path(directory)
         self.cache_seconds = cache_seconds
+        self.cache_entries = cache_entries
         self.data_keys = KeyCache(cache_entries, cache_seconds)
         self._wrapping = KeyCache(1000, cache_seconds)
         self._active: WrappingKey | None = None
@@ -88,6 +89,16 @@ class Keyring:
         self._active = None
         self.data_keys = KeyCache(1, self.cache_seconds)
         self._wrapping = KeyCache(1, self.cache_seconds)
+
+    def rekeyed(self) -> None:
+        """After `residency keys rekey`: the provider's and the region's new keys are read at
+        the next open, and opens work again."""
+        self.provider.refresh()
+        self.shredded = ""
+        self._region_key = None
+        self._active = None
+        self.data_keys = KeyCache(self.cache_entries, self.cache_seconds)
+        self._wrapping = KeyCache(1000, self.cache_seconds)
 
     def active_wrapping_key(self) -> WrappingKey:
         """The wrapping key for new DEKs. A new one is asked of the provider when the last is

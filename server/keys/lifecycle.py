@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from residency.server.keys.files import shred_file
+from residency.server.keys.files import KeyExists, shred_file
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import KeyProvider
 from residency.server.keys.region import RegionKey
@@ -60,7 +60,10 @@ def append_event(directory: Path, event: str, actor: str, detail: str) -> dict[s
 
 
 def shredded_reason(region: str, events: list[dict[str, Any]]) -> str:
-    for e in events:
+    """Why the region's key is gone, or "" if it is not (never shredded, or rekeyed since)."""
+    for e in reversed(events):
+        if e["event"] == "rekeyed":
+            return ""
         if e["event"] == "shredded":
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["time"]))
             return (
@@ -141,3 +144,20 @@ def shred(region: str, provider: KeyProvider, keys_dir: Path, actor: str, reason
     shred_file(keys_dir / "region.key")
     append_event(keys_dir, "shredded", actor, reason or "key compromised")
     return {"region": region, "shredded": True}
+
+
+def rekey(region: str, provider: KeyProvider, keys_dir: Path, kem: str, actor: str) -> dict[str, Any]:
+    """After a shred: a new region key pair (a new key id), wrapped by the provider's key (a
+    local provider makes a new key-encryption key: `residency keys rekey` opens it with
+    `LocalProvider.create`; a KMS or OpenBao key must be a new one, named in the config).
+    Copies sealed to the shredded key stay unreadable: the node drops them, and the primary,
+    once it has the new public key from the node, sends every copy again."""
+    if not shredded_reason(region, read_events(keys_dir)):
+        raise KeyExists(
+            f"the key of {region} was not shredded: rekey replaces a shredded key "
+            "(to change a key that is not compromised, rotate it)"
+        )
+    (keys_dir / "region.pub").unlink(missing_ok=True)
+    key = RegionKey.generate(region, keys_dir, provider, kem)
+    append_event(keys_dir, "rekeyed", actor, f"new region key {key.key_id} ({kem})")
+    return {"region": region, "key_id": key.key_id, "kem": kem}

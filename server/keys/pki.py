@@ -10,10 +10,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import (
     Criticality,
@@ -227,6 +229,20 @@ def authenticate(
         raise CallerDenied("the key file holds no unencrypted PEM private key") from None
     if key.public_key() != cert.public_key():
         raise CallerDenied("the key file does not hold the certificate's key")
+    return _check(cert, chain[1:], ca_pem, role, trust_domain, revoked, now)
+
+
+def _check(
+    cert: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    ca_pem: bytes,
+    role: str,
+    trust_domain: str,
+    revoked: frozenset[int],
+    now: datetime.datetime,
+) -> Identity:
+    """The identity of a certificate valid at `now`, chaining to `ca_pem`, not revoked, and
+    naming one identity of `trust_domain` with role `role`; CallerDenied otherwise."""
     if now < cert.not_valid_before_utc:
         raise CallerDenied(f"the certificate is not valid before {_when(cert.not_valid_before_utc)}")
     if now > cert.not_valid_after_utc:
@@ -236,7 +252,7 @@ def authenticate(
     except ValueError:
         raise ConfigError("the deployment's CA file holds no PEM certificate") from None
     try:
-        _verifier(roots, now).verify(cert, chain[1:])
+        _verifier(roots, now).verify(cert, intermediates)
     except VerificationError as e:
         raise CallerDenied(f"the certificate does not chain to the deployment's CA ({e})") from None
     if cert.serial_number in revoked:
@@ -247,6 +263,52 @@ def authenticate(
     if ident.role != role:
         raise CallerDenied(f"the certificate names {ident.uri}, of role {ident.role}; this needs role {role}")
     return ident
+
+
+def verify_signed(
+    data: bytes,
+    signature: bytes,
+    cert_pem: bytes,
+    ca_pem: bytes,
+    *,
+    role: str,
+    trust_domain: str = TRUST_DOMAIN,
+    revoked: frozenset[int] = frozenset(),
+    now: datetime.datetime | None = None,
+) -> Identity:
+    """The identity that signed `data` with the key of the certificate `cert_pem` (a statement
+    a node makes, e.g. its region's new public key), checked as `authenticate` checks a
+    certificate. Raises CallerDenied naming what fails."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise CallerDenied("the statement's certificate is not PEM") from None
+    ident = _check(chain[0], chain[1:], ca_pem, role, trust_domain, revoked, now)
+    key = chain[0].public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, data)
+        else:
+            raise CallerDenied(f"a {type(key).__name__} certificate key cannot sign statements here")
+    except InvalidSignature:
+        raise CallerDenied(f"the statement is not signed by the key of {ident.uri}'s certificate") from None
+    return ident
+
+
+def sign(key: Any, data: bytes) -> bytes:
+    """`data` signed with a certificate's private key, as `verify_signed` checks it."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    raise ConfigError(f"a {type(key).__name__} certificate key cannot sign statements")
 
 
 def _verifier(roots: list[x509.Certificate], now: datetime.datetime) -> x509.verification.ClientVerifier:

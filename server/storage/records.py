@@ -49,6 +49,15 @@ class RecordRows(Database):
         if any(r.deleted for r in rows):
             self._erased()
 
+    def drop_copies(self) -> int:
+        """Deletes every copy a region node holds, and their data keys (after a rekey, all of
+        them were sealed to the shredded key: unreadable, and replaced by the primary)."""
+        n = self._db.execute("DELETE FROM records").rowcount
+        self._db.execute("DELETE FROM keyring.data_keys")
+        self._db.execute("DELETE FROM keyring.wrapping_keys")
+        self._erased()
+        return n
+
     def counts(self) -> tuple[int, int]:
         """(live records, tombstones)."""
         live, dead = self._db.execute(

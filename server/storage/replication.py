@@ -42,6 +42,10 @@ class ReplicationStore(LeaseStore, Protocol):
     def set_cursor(self, destination: str, sequence: int) -> None: ...
     def is_paused(self, destination: str) -> bool: ...
     def set_last_error(self, destination: str, error: str) -> None: ...
+    def key_state(self, destination: str) -> tuple[str, bytes | None, str | None]: ...
+    def set_key_shredded(self, destination: str, reason: str) -> None: ...
+    def set_region_key(self, destination: str, statement: bytes) -> None: ...
+    def set_resend_after(self, destination: str, user_id: str | None) -> None: ...
     def add_copies_sent(self, destination: str, n: int) -> None: ...
     def dead_letter(self, destination: str, items: list[tuple[str, int, str]], now: float) -> None: ...
     def dead_letters_superseded(self, destination: str, delivered: list[tuple[str, int]]) -> None: ...
@@ -158,6 +162,29 @@ class ReplicationRows(Database):
     def set_last_error(self, destination: str, error: str) -> None:
         self._state(destination, "last_error", error)
 
+    # ---- a destination's region key (shredded, rekeyed, re-sent) -------------------------
+
+    def key_state(self, destination: str) -> tuple[str, bytes | None, str | None]:
+        """(why its key is shredded or "", the learned region key or None, where
+        re-sending under it has got to or None)."""
+        row = self._db.execute(
+            "SELECT key_shredded, region_key, resend_after FROM destination_state WHERE destination=?",
+            (destination,),
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else ("", None, None)
+
+    def set_key_shredded(self, destination: str, reason: str) -> None:
+        self._state(destination, "key_shredded", reason)
+
+    def set_region_key(self, destination: str, statement: bytes) -> None:
+        """A new region key learned: the hold ends and every copy is sent again under it."""
+        self._state(destination, "region_key", statement)
+        self._state(destination, "key_shredded", "")
+        self._state(destination, "resend_after", "")
+
+    def set_resend_after(self, destination: str, user_id: str | None) -> None:
+        self._state(destination, "resend_after", user_id)
+
     def add_copies_sent(self, destination: str, n: int) -> None:
         self._db.execute(
             "INSERT INTO destination_state (destination, copies_sent) VALUES (?,?) "
@@ -208,8 +235,10 @@ class ReplicationRows(Database):
             cursor = self.cursor(d)
             oldest = self._outbox_oldest_after(cursor)
             state = self._db.execute(
-                "SELECT paused, last_error, copies_sent FROM destination_state WHERE destination=?", (d,)
-            ).fetchone() or (0, "", 0)
+                "SELECT paused, last_error, copies_sent, key_shredded, resend_after "
+                "FROM destination_state WHERE destination=?",
+                (d,),
+            ).fetchone() or (0, "", 0, "", None)
             lease = self._db.execute(
                 "SELECT owner, expires_at FROM leases WHERE destination=?", (d,)
             ).fetchone()
@@ -225,5 +254,8 @@ class ReplicationRows(Database):
                 "copies_sent": state[2],
                 "dead_lettered": dead,
                 "lease_owner": lease[0] if lease and lease[1] > now else "",
+                "key_state": f"key shredded: {state[3]}"
+                if state[3]
+                else ("re-sending every copy under the region's new key" if state[4] is not None else ""),
             }
         return out

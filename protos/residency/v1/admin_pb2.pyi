@@ -109,7 +109,7 @@ class ReplicationStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DestinationStatus(_message.Message):
-    __slots__ = ("region", "address", "applied_sequence", "pending", "lag_seconds", "last_error", "copies_sent", "paused", "dead_lettered", "lease_owner", "sink", "max_rate")
+    __slots__ = ("region", "address", "applied_sequence", "pending", "lag_seconds", "last_error", "copies_sent", "paused", "dead_lettered", "lease_owner", "sink", "max_rate", "key_state")
     REGION_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class DestinationStatus(_message.Message):
     LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
     SINK_FIELD_NUMBER: _ClassVar[int]
     MAX_RATE_FIELD_NUMBER: _ClassVar[int]
+    KEY_STATE_FIELD_NUMBER: _ClassVar[int]
     region: str
     address: str
     applied_sequence: int
@@ -134,7 +135,8 @@ class DestinationStatus(_message.Message):
     lease_owner: str
     sink: str
     max_rate: float
-    def __init__(self, region: _Optional[str] = ..., address: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., pending: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., copies_sent: _Optional[int] = ..., paused: _Optional[bool] = ..., dead_lettered: _Optional[int] = ..., lease_owner: _Optional[str] = ..., sink: _Optional[str] = ..., max_rate: _Optional[float] = ...) -> None: ...
+    key_state: str
+    def __init__(self, region: _Optional[str] = ..., address: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., pending: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., copies_sent: _Optional[int] = ..., paused: _Optional[bool] = ..., dead_lettered: _Optional[int] = ..., lease_owner: _Optional[str] = ..., sink: _Optional[str] = ..., max_rate: _Optional[float] = ..., key_state: _Optional[str] = ...) -> None: ...
 
 class ReplicationStatusResponse(_message.Message):
     __slots__ = ("head_sequence", "destinations")

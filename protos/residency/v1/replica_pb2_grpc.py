@@ -39,6 +39,11 @@ class ReplicaServiceStub:
                 request_serializer=residency_dot_v1_dot_replica__pb2.ApplyCopiesRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_replica__pb2.ApplyCopiesResponse.FromString,
                 _registered_method=True)
+        self.GetRegionKey = channel.unary_unary(
+                '/residency.v1.ReplicaService/GetRegionKey',
+                request_serializer=residency_dot_v1_dot_replica__pb2.GetRegionKeyRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_replica__pb2.GetRegionKeyResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicaServiceServicer:
@@ -51,6 +56,14 @@ class ReplicaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRegionKey(self, request, context):
+        """The region's current public key, signed by the region node's certificate key: how the
+        primary learns a new key after `residency keys rekey`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_ReplicaServiceServicer_to_server(servicer, server):
                     servicer.ApplyCopies,
                     request_deserializer=residency_dot_v1_dot_replica__pb2.ApplyCopiesRequest.FromString,
                     response_serializer=residency_dot_v1_dot_replica__pb2.ApplyCopiesResponse.SerializeToString,
+            ),
+            'GetRegionKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRegionKey,
+                    request_deserializer=residency_dot_v1_dot_replica__pb2.GetRegionKeyRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_replica__pb2.GetRegionKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class ReplicaService:
             '/residency.v1.ReplicaService/ApplyCopies',
             residency_dot_v1_dot_replica__pb2.ApplyCopiesRequest.SerializeToString,
             residency_dot_v1_dot_replica__pb2.ApplyCopiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRegionKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.ReplicaService/GetRegionKey',
+            residency_dot_v1_dot_replica__pb2.GetRegionKeyRequest.SerializeToString,
+            residency_dot_v1_dot_replica__pb2.GetRegionKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,6 +33,7 @@ class LocalProvider:
         self.dir = Path(directory)
         self._passphrase = passphrase
         self._keks: dict[int, AESGCM] = {}
+        self._seen: dict[int, tuple[int, int]] = {}
         self._load()
 
     def _files(self) -> dict[int, Path]:
@@ -51,8 +52,11 @@ class LocalProvider:
         for gone in set(self._keks) - set(files):
             del self._keks[gone]
         for version, path in files.items():
-            if version in self._keks:
+            # A version made again after a shred (`residency keys rekey`) is another file.
+            seen = (path.stat().st_ino, path.stat().st_mtime_ns)
+            if version in self._keks and self._seen.get(version) == seen:
                 continue
+            self._seen[version] = seen
             blob = path.read_bytes()
             salt, nonce, ct = blob[:16], blob[16 : 16 + NONCE], blob[16 + NONCE :]
             try:

@@ -1,0 +1,109 @@
+"""Key events on a running node: the events `residency keys rotate|retire|shred|rekey` append
+to `keyring.json`, each written to the node's transfer log once (kind `key_event`), and acted
+on: a shred forgets every key held, a rekey after it opens with the new key and, on a region
+node, drops the copies sealed to the shredded one (the primary sends them again)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from residency.server.core import translog
+from residency.server.keys import lifecycle
+from residency.server.storage.database import UnitOfWork
+from residency.server.storage.thread import StoreThread
+from residency.server.vault.records import Records
+
+log = logging.getLogger("residency.keys")
+
+
+class KeyEventStore(UnitOfWork, Protocol):
+    def cursor(self, destination: str) -> int: ...
+    def set_cursor(self, destination: str, sequence: int) -> None: ...
+    def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
+    def drop_copies(self) -> int: ...
+
+
+class KeyEvents:
+    """Applies and logs a node's key events; `watch` notices new ones within half a second."""
+
+    def __init__(
+        self,
+        region: str,
+        primary: bool,
+        keys_dir: Path,
+        records: Records,
+        db: StoreThread[KeyEventStore],
+        forget: Callable[[], None],
+    ):
+        self.region, self.primary, self.dir = region, primary, keys_dir
+        self.records, self.db = records, db
+        # Drops every opened (plaintext) record a replicator holds.
+        self.forget = forget
+        self._seen: tuple[int, int] | None = None
+
+    def _entry(self, actor: str, reason: str) -> dict[str, Any]:
+        return translog.entry(
+            "key_event",
+            subject=f"region:{self.region}",
+            source_region=self.region,
+            destination_region=self.region,
+            outcome="allowed",
+            actor=actor,
+            rules_version=self.records.rules.version,
+            reason=reason,
+        )
+
+    async def apply(self) -> None:
+        """Logs the events not logged yet, and acts on them: a shred, a rekey (even both at
+        once, if the node was not watching in between), a rotation."""
+        keyring, region, store = self.records.keyring, self.region, self.db.store
+        cursor = f"key_events:{region}"
+        events = lifecycle.read_events(self.dir)
+        done = await self.db.call(store.cursor, cursor)
+        new = [e["event"] for e in events[done:]]
+        reason = lifecycle.shredded_reason(region, events)
+        if (reason or "shredded" in new) and not keyring.shredded:
+            keyring.shred(reason or "the region key was shredded")
+            self.forget()  # nothing opened under the shredded keys stays in memory
+            log.warning("%s", reason or f"the key of {region} was shredded")
+        rekeyed = not reason and "rekeyed" in new
+        if rekeyed:
+            keyring.rekeyed()
+            log.warning("%s has a new region key; copies sealed to the shredded one are dropped", region)
+        if not reason and any(e["event"] in ("rotated", "retired") for e in events):
+            keyring.rotated()
+
+        def write() -> None:
+            entries = [self._entry(e["actor"], f"{e['event']}: {e['detail']}") for e in events[done:]]
+            if rekeyed and not self.primary:
+                dropped = store.drop_copies()
+                entries.append(
+                    self._entry(
+                        "node", f"dropped: {dropped} copies sealed to the shredded key, to be sent again"
+                    )
+                )
+            if entries:
+                store.log_append(entries)
+                store.set_cursor(cursor, len(events))
+
+        await self.db.write(write)
+
+    async def watch(self) -> None:
+        path = self.dir / lifecycle.STATE
+        while True:
+            try:
+                st = path.stat()
+                seen: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                seen = None
+            if seen != self._seen:
+                self._seen = seen
+                try:
+                    await self.apply()
+                except Exception:
+                    log.exception("cannot apply key events")
+            await asyncio.sleep(0.5)

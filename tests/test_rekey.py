@@ -1,0 +1,160 @@
+"""Shredding stops the flow, and a rekey restarts it: a region whose key was shredded refuses
+copies sealed to it, the primary holds that destination (`key shredded` in its status) and
+sends nothing more; `residency keys rekey` makes a new key pair, the primary learns it from
+the region node's signed statement (and from nobody else) and sends every copy again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from residency.replicator.destinations import verified_key
+from residency.server.config.node import load_config
+from residency.server.core.errors import CallerDenied
+from residency.server.deployment import AFFILIATES, PRIMARY
+from residency.server.keys import pki
+from residency.server.keys.region import RecipientKey
+from residency.v1 import replica_pb2
+from tests.conftest import Cluster, values
+from tests.test_keys_node import keys_run, until
+
+SG, IE = AFFILIATES
+
+
+async def log_of(c: Cluster, region: str) -> list[dict]:
+    return [json.loads(e) for _, e, _ in await c.log(region)]
+
+
+async def test_a_shredded_region_gets_nothing_until_it_rekeys_then_every_copy_again(cluster: Cluster):
+    c = cluster
+    for i in range(3):
+        await c.put(f"k-{i}", {"name": "Li Wei", "language": "zh-CN"})
+    await c.replicated()
+    sg = load_config(c.dep.configs[SG])
+    leaked = RecipientKey.load(SG, sg.keys_dir / "region.pub").key_id
+    r = keys_run(c, "shred", SG, "--yes", "--reason", "test: key leaked", creds=c.dep.operator)
+    assert r.returncode == 0, r.stderr
+
+    async def unreadable() -> bool:
+        try:
+            await c.get("k-0", region=SG)
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.FAILED_PRECONDITION
+        return False
+
+    await until(unreadable)
+    # A rekey is for a shredded key only, and for a region node's.
+    r = keys_run(c, "rekey", PRIMARY, creds=c.dep.operator)
+    assert r.returncode != 0 and "rekey is for a region node's key" in r.stderr
+    r = keys_run(c, "rekey", IE, creds=c.dep.operator)
+    assert r.returncode != 0 and "was not shredded" in r.stderr
+    # A new write: the primary seals it to the leaked key, the region refuses it, and the
+    # primary holds the destination instead of sending more.
+    await c.put("k-new", {"name": "Wang Fang", "language": "zh-CN"})
+
+    async def held():
+        s = (await c.replication())[SG]
+        return s if s.key_state.startswith("key shredded") else None
+
+    status = await until(held)
+    assert leaked in status.key_state and status.pending >= 1
+    sent = status.copies_sent
+    refused = [e for e in await log_of(c, SG) if e["kind"] == "replication" and e["outcome"] == "denied"]
+    assert refused and refused[-1]["subject"] == "k-new" and leaked in refused[-1]["reason"]
+    assert refused[-1]["actor"] == "spiffe://residency/node/cn-north/primary"
+    # Other regions go on.
+    await until(lambda: held_in(c, "k-new", IE))
+    await c.put("k-new2", {"name": "Zhao Lei", "language": "en-GB"})
+    await until(lambda: held_in(c, "k-new2", IE))
+    assert (await c.replication())[SG].copies_sent == sent
+    # The region makes a new key; the primary learns it from the region node and sends
+    # every copy again: all four users open there under the new key.
+    r = keys_run(c, "rekey", SG, creds=c.dep.operator)
+    assert r.returncode == 0, r.stderr
+    new = json.loads(r.stdout)["key_id"]
+    assert new != leaked
+
+    async def all_back() -> bool:
+        try:
+            got = [values(await c.get(u, region=SG)) for u in ("k-0", "k-1", "k-2", "k-new")]
+        except grpc.aio.AioRpcError:
+            return False
+        return all(g["name"] for g in got)
+
+    try:
+        await until(all_back, deadline=30)
+    except TimeoutError:
+        raise AssertionError(str((await c.replication())[SG])) from None
+
+    async def settled():
+        s = (await c.replication())[SG]
+        return s if s.key_state == "" and s.pending == 0 else None
+
+    await until(settled, deadline=60)
+    learned = [e for e in await log_of(c, PRIMARY) if e["reason"].startswith("learned:")]
+    assert len(learned) == 1 and new in learned[0]["reason"]
+    assert learned[0]["actor"] == "spiffe://residency/node/ap-southeast-1/region"
+    events = [e["reason"] for e in await log_of(c, SG) if e["kind"] == "key_event"]
+    assert [x.split(":")[0] for x in events] == ["shredded", "rekeyed", "dropped"]
+
+
+async def held_in(c: Cluster, user: str, region: str) -> bool:
+    try:
+        return bool(values(await c.get(user, region=region)))
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+
+
+def statement(region: str, key: RecipientKey | None, signer: Path) -> bytes:
+    """A GetRegionKeyResponse signed with the key of certificate `signer`.crt."""
+    s = replica_pb2.RegionKeyStatement(region=region)
+    if key is not None:
+        s.key_id, s.kem, s.public_key = key.key_id, key.kem, key.public_raw
+    return statement_from(s, signer)
+
+
+def test_a_new_region_key_is_taken_only_from_that_regions_node(idle_cluster: Cluster, tmp_path: Path):
+    c = idle_cluster
+    tls = load_config(c.dep.configs[PRIMARY]).tls
+    folder = c.dir / "pki"
+    key = RecipientKey.load(SG, load_config(c.dep.configs[SG]).keys_dir / "region.pub")
+    got, signer = verified_key(SG, statement(SG, key, folder / SG), tls)
+    assert got == key and signer == "spiffe://residency/node/ap-southeast-1/region"
+    # Liars: another region's node, a service of the region, a node stating another region's
+    # key, a statement whose key id is not its key's, a signature by another certificate.
+    pki.issue(folder, "service", SG, "svc", tmp_path / "svc")
+    liars = {
+        "stated a key of region": statement(SG, key, folder / IE),
+        "of role service": statement(SG, key, tmp_path / "svc"),
+    }
+    other = replica_pb2.GetRegionKeyResponse.FromString(statement(SG, key, folder / SG))
+    s = replica_pb2.RegionKeyStatement.FromString(other.statement)
+    s.key_id = "x25519-0000"
+    liars["but its public key's id is"] = statement_from(s, folder / SG)
+    swapped = replica_pb2.GetRegionKeyResponse.FromString(statement(SG, key, folder / SG))
+    swapped.certificate = (folder / IE).with_suffix(".crt").read_bytes()
+    liars["not signed by the key of"] = swapped.SerializeToString()
+    for why, evidence in liars.items():
+        with pytest.raises(CallerDenied) as e:
+            verified_key(SG, evidence, tls)
+        assert why in str(e.value), (why, str(e.value))
+    # A statement from another deployment's CA is refused too.
+    foreign = tmp_path / "foreign"
+    pki.create_ca(foreign, "residency")
+    pki.issue(foreign, "node", SG, "region", foreign / "sg")
+    with pytest.raises(CallerDenied, match="does not chain to the deployment's CA"):
+        verified_key(SG, statement(SG, key, foreign / "sg"), tls)
+
+
+def statement_from(s: replica_pb2.RegionKeyStatement, signer: Path) -> bytes:
+    data = s.SerializeToString()
+    private = serialization.load_pem_private_key(signer.with_suffix(".key").read_bytes(), None)
+    return replica_pb2.GetRegionKeyResponse(
+        statement=data, signature=pki.sign(private, data), certificate=signer.with_suffix(".crt").read_bytes()
+    ).SerializeToString()
