@@ -1,0 +1,119 @@
+"""Issue 13's authorization as a hostile caller tries it, over real nodes and mutual TLS: each
+test takes a way around a protection (another field of the request, another call, a policy
+narrowed meanwhile, a certificate the deployment does not expect) and checks that it is
+refused cleanly, changes nothing, and is a transfer-log entry against the users it names."""
+
+from __future__ import annotations
+
+from residency.server.core import codec
+from residency.server.deployment import PRIMARY
+from residency.v1 import consent_pb2, consent_pb2_grpc, records_pb2, records_pb2_grpc
+from tests.conftest import COOKIES, Cluster, ctx
+from tests.test_access import denied, entries, permission_of
+
+SG = "ap-southeast-1"
+BILLING = f"spiffe://residency/service/{PRIMARY}/billing"
+PAYMENTS = "essential.service.payment_processing"
+# billing may state payments only; every other service every purpose.
+NARROWED = f"""
+services:
+  - identity: {BILLING}
+    purposes: [{PAYMENTS}]
+  - identity: spiffe://residency/service/*/*
+    purposes: ["*"]
+"""
+
+
+def consents_stub(c: Cluster, name: str | None = None, location: str = PRIMARY):
+    return consent_pb2_grpc.ConsentServiceStub(c.channel(PRIMARY, "service", location, name))
+
+
+def consent(user: str, purpose: str, recipient: str = "") -> consent_pb2.Consent:
+    return consent_pb2.Consent(user_id=user, purpose=purpose, recipient=recipient, evidence="web form")
+
+
+async def standing(c: Cluster, user: str) -> set[tuple[str, str]]:
+    """(purpose, recipient) of the user's standing consents, as the test suite's service lists them."""
+    reply = await consents_stub(c).ListConsents(
+        consent_pb2.ListConsentsRequest(context=ctx(PRIMARY, "essential.service"), user_id=user), timeout=10
+    )
+    return {(x.purpose, x.recipient) for x in reply.consents if not x.HasField("withdrawn_at")}
+
+
+async def test_a_service_records_no_consent_for_a_purpose_its_policy_does_not_allow(idle_cluster: Cluster):
+    c = idle_cluster
+    (c.dir / "access.yaml").write_text(NARROWED)
+    await c.start(PRIMARY)
+    await c.put("k-1", {"email": "k@example.cn"})
+    await c.accept_cookies("k-1")
+    billing = consents_stub(c, "billing")
+    # The lie: a purpose billing may state in the context, another in the consent it records.
+    grant = billing.GrantConsents(
+        consent_pb2.GrantConsentsRequest(
+            context=ctx(PRIMARY, PAYMENTS),
+            consents=[consent("k-1", "marketing.communications", "ie-affiliate")],
+        ),
+        timeout=10,
+    )
+    assert permission_of(await denied(grant)) == "purpose marketing.communications"
+    # ... nor withdraws one (a withdrawn cookie consent would erase the user's cookie fields).
+    withdraw = billing.WithdrawConsents(
+        consent_pb2.WithdrawConsentsRequest(
+            context=ctx(PRIMARY, PAYMENTS), consents=[consent("k-1", COOKIES)]
+        ),
+        timeout=10,
+    )
+    assert permission_of(await denied(withdraw)) == f"purpose {COOKIES}"
+    assert await standing(c, "k-1") == {(COOKIES, "")}
+    refusals = await entries(c, kind="access", subject="k-1", outcome="denied")
+    assert [(r["actor"], r["purpose"]) for r in refusals] == [
+        (BILLING, "marketing.communications"),
+        (BILLING, COOKIES),
+    ]
+
+
+async def test_a_lied_location_is_logged_against_every_user_the_call_names(module_cluster: Cluster):
+    c = module_cluster
+    liar = f"spiffe://residency/service/{SG}/test-suite"
+    users = ["l-1", "l-2"]
+    records = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", SG))
+    put = records.PutRecords(
+        records_pb2.PutRecordsRequest(
+            context=ctx(PRIMARY, "essential.service"),
+            records=[
+                records_pb2.Record(user_id=u, fields={"email": codec.to_value(f"{u}@example.cn")})
+                for u in users
+            ],
+        ),
+        timeout=10,
+    )
+    await denied(put)
+    grant = consents_stub(c, location=SG).GrantConsents(
+        consent_pb2.GrantConsentsRequest(
+            context=ctx(PRIMARY, "essential.service"), consents=[consent(u, COOKIES) for u in users]
+        ),
+        timeout=10,
+    )
+    await denied(grant)
+    listed = consents_stub(c, location=SG).ListConsents(
+        consent_pb2.ListConsentsRequest(context=ctx(PRIMARY, "essential.service"), user_id="l-1"), timeout=10
+    )
+    await denied(listed)
+    lies = [(x["subject"], x["outcome"]) for x in await entries(c, kind="remote_read", actor=liar)]
+    assert lies == [("l-1", "denied"), ("l-2", "denied")] * 2 + [("l-1", "denied")]
+
+
+async def test_a_certificate_of_a_region_the_deployment_does_not_have_is_refused_and_logged(
+    module_cluster: Cluster,
+):
+    c = module_cluster
+    await c.put("m-1", {"email": "m@example.cn"})
+    mars = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", "mars"))
+    e = await denied(
+        mars.GetRecord(
+            records_pb2.GetRecordRequest(context=ctx("", "essential.service"), user_id="m-1"), timeout=10
+        )
+    )
+    assert "m@example.cn" not in e.details()
+    (refusal,) = await entries(c, subject="m-1", actor="spiffe://residency/service/mars/test-suite")
+    assert refusal["outcome"] == "denied" and refusal["destination_region"] == "mars"
