@@ -5,11 +5,16 @@ refused cleanly, changes nothing, and is a transfer-log entry against the users 
 
 from __future__ import annotations
 
+import json
+import signal
+
+import grpc
+
 from residency.server.core import codec
 from residency.server.deployment import PRIMARY
-from residency.v1 import consent_pb2, consent_pb2_grpc, records_pb2, records_pb2_grpc
-from tests.conftest import COOKIES, Cluster, ctx
-from tests.test_access import denied, entries, permission_of
+from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, records_pb2, records_pb2_grpc
+from tests.conftest import APPROVER, COOKIES, Cluster, ctx
+from tests.test_access import denied, entries, permission_of, until
 
 SG = "ap-southeast-1"
 BILLING = f"spiffe://residency/service/{PRIMARY}/billing"
@@ -70,6 +75,54 @@ async def test_a_service_records_no_consent_for_a_purpose_its_policy_does_not_al
         (BILLING, "marketing.communications"),
         (BILLING, COOKIES),
     ]
+
+
+async def test_an_approved_disclosure_is_not_released_once_the_policy_no_longer_allows_its_purpose(
+    idle_cluster: Cluster,
+):
+    c = idle_cluster
+    (c.dir / "access.yaml").write_text(NARROWED)
+    await c.start(PRIMARY)
+    await c.put("d-1", {"name": "Li Wei", "email": "li@example.cn"})
+    billing = c.disclosures("service", "billing")
+    asked = await billing.RequestDisclosure(
+        disclosure_pb2.RequestDisclosureRequest(
+            context=ctx(PRIMARY, PAYMENTS),
+            user_id="d-1",
+            ground=disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+            third_party="Haidian District Court",
+            destination_country="CN",
+            reference="R-9",
+        ),
+        timeout=10,
+    )
+    await c.disclosures("approver", APPROVER).ApproveDisclosure(
+        disclosure_pb2.ApproveDisclosureRequest(id=asked.id), timeout=10
+    )
+    # The operator narrows billing to nothing (say it was compromised) and the node rereads it.
+    (c.dir / "access.yaml").write_text("services: []\n")
+    c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
+    reads = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", PRIMARY, "billing"))
+
+    async def narrowed() -> bool:
+        try:
+            await reads.GetRecord(
+                records_pb2.GetRecordRequest(context=ctx("", PAYMENTS), user_id="d-1"), timeout=10
+            )
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.PERMISSION_DENIED
+        return False
+
+    await until(narrowed, "the reread policy refuses billing")
+    e = await denied(
+        billing.ReleaseDisclosure(disclosure_pb2.ReleaseDisclosureRequest(id=asked.id), timeout=10)
+    )
+    assert permission_of(e) == f"purpose {PAYMENTS}" and "Li Wei" not in e.details()
+    release = [
+        x for x in await entries(c, kind="disclosure", subject="d-1") if x["disclosure"]["step"] == "release"
+    ]
+    assert [(x["actor"], x["outcome"]) for x in release] == [(BILLING, "denied")]
+    assert "Li Wei" not in json.dumps(release)
 
 
 async def test_a_lied_location_is_logged_against_every_user_the_call_names(module_cluster: Cluster):
