@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import grpc
+import pytest
 
 from residency.server.core import codec
 from residency.server.deployment import PRIMARY
@@ -170,3 +172,66 @@ async def test_a_certificate_of_a_region_the_deployment_does_not_have_is_refused
     assert "m@example.cn" not in e.details()
     (refusal,) = await entries(c, subject="m-1", actor="spiffe://residency/service/mars/test-suite")
     assert refusal["outcome"] == "denied" and refusal["destination_region"] == "mars"
+
+
+def grants_stub(c: Cluster) -> consent_pb2_grpc.GrantServiceStub:
+    return consent_pb2_grpc.GrantServiceStub(c.channel(PRIMARY, "operator"))
+
+
+def grant_of(user: str, ends_in: float, grant_id: str = "") -> consent_pb2.CreateGrantRequest:
+    return consent_pb2.CreateGrantRequest(
+        context=ctx(PRIMARY, "essential.service"),
+        grant=consent_pb2.Grant(
+            id=grant_id,
+            recipient="sg-affiliate",
+            purpose="essential.service",
+            categories=["user.behavior.browsing_history"],
+            user_ids=[user],
+            ends_at=codec.timestamp(time.time() + ends_in),
+        ),
+    )
+
+
+async def test_a_grant_id_in_use_is_refused_as_invalid_not_internal(module_cluster: Cluster):
+    c = module_cluster
+    first = await grants_stub(c).CreateGrant(grant_of("g-1", 3600, "shared-id"), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await grants_stub(c).CreateGrant(grant_of("g-2", 60, "shared-id"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert "grant.id" in e.value.details()
+    (kept,) = [
+        g
+        for g in (
+            await grants_stub(c).ListGrants(
+                consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")), timeout=10
+            )
+        ).grants
+        if g.id == first.id
+    ]
+    assert kept.user_count == 1 and kept.ends_at.seconds > time.time() + 3000
+    assert not await entries(c, kind="grant", subject="g-2")
+
+
+async def test_revoking_a_grant_that_already_ended_is_no_act_and_says_so(module_cluster: Cluster):
+    c = module_cluster
+    made = await grants_stub(c).CreateGrant(grant_of("h-1", 1.0), timeout=10)
+
+    async def ended() -> bool:
+        return any("ended" in x["reason"] for x in await entries(c, kind="grant", subject="h-1"))
+
+    await until(ended, "the policy sweep ends the grant")
+    reply = await grants_stub(c).RevokeGrant(
+        consent_pb2.RevokeGrantRequest(context=ctx(PRIMARY, "essential.service"), id=made.id), timeout=10
+    )
+    # Nothing was revoked (the grant had ended): the reply says so, as ListGrants does.
+    assert not reply.revoked
+    (listed,) = [
+        g
+        for g in (
+            await grants_stub(c).ListGrants(
+                consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")), timeout=10
+            )
+        ).grants
+        if g.id == made.id
+    ]
+    assert listed.state == consent_pb2.GRANT_STATE_ENDED
