@@ -11,6 +11,7 @@ import time
 
 import grpc
 import pytest
+import yaml
 
 from residency.server.core import codec
 from residency.server.deployment import PRIMARY
@@ -235,3 +236,54 @@ async def test_revoking_a_grant_that_already_ended_is_no_act_and_says_so(module_
         if g.id == made.id
     ]
     assert listed.state == consent_pb2.GRANT_STATE_ENDED
+
+
+async def test_a_credential_check_from_abroad_is_refused_and_logged_against_the_user(module_cluster: Cluster):
+    c = module_cluster
+    await c.put("v-1", {"email": "v@example.cn", "password": "correct horse battery"})
+    abroad = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", SG))
+    check = abroad.VerifyCredential(
+        records_pb2.VerifyCredentialRequest(
+            context=ctx("", "essential.service"),
+            user_id="v-1",
+            field="password",
+            secret="correct horse battery",
+        ),
+        timeout=10,
+    )
+    e = await denied(check)
+    assert "horse" not in e.details()
+    (refusal,) = await entries(c, subject="v-1", actor=f"spiffe://residency/service/{SG}/test-suite")
+    assert refusal["outcome"] == "denied" and "horse" not in json.dumps(refusal)
+
+
+async def test_a_revocation_list_missing_at_sighup_keeps_its_serials_and_the_access_policy_is_still_reread(
+    idle_cluster: Cluster,
+):
+    c = idle_cluster
+    (c.dir / "access.yaml").write_text(NARROWED)
+    revoked = c.dir / "pki" / "revoked.txt"
+    revoked.write_text("# revoked client certificates\n")
+    config = c.dep.configs[PRIMARY]
+    doc = yaml.safe_load(config.read_text())
+    doc["tls"]["revoked"] = "pki/revoked.txt"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    await c.start(PRIMARY)
+    await c.put("s-1", {"email": "s@example.cn"})
+    billing = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", PRIMARY, "billing"))
+    read = records_pb2.GetRecordRequest(context=ctx("", PAYMENTS), user_id="s-1")
+    await billing.GetRecord(read, timeout=10)
+    # The operator narrows billing while the revocation list is being replaced (moved away).
+    revoked.rename(revoked.with_name("revoked.txt.old"))
+    (c.dir / "access.yaml").write_text("services: []\n")
+    c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
+
+    async def narrowed() -> bool:
+        try:
+            await billing.GetRecord(read, timeout=10)
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.PERMISSION_DENIED
+        return False
+
+    await until(narrowed, "the access policy is reread though the revocation list is missing")
+    assert c.dep.procs[PRIMARY].poll() is None

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.api.identity import caller_of
+from residency.server.api.identity import caller_of, refuse_caller
 from residency.server.api.intake import Checked, check_records
 from residency.server.core import codec
 from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
@@ -140,7 +140,16 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         if spec is None or not spec.credential:
             raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
         if caller.location != self.records.region:
-            raise TransferDenied(f"credentials are verified in {self.records.region} only")
+            why = f"credentials are verified in {self.records.region} only"
+            await refuse_caller(
+                self.node,
+                caller.identity,
+                caller.location,
+                "remote_read",
+                caller.purpose,
+                why,
+                [request.user_id],
+            )
         refused = self.node.verify_limits.admit(request.user_id, caller.identity, time.monotonic())
         if refused is not None:
             limit, wait = refused
