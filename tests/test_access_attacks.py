@@ -287,3 +287,31 @@ async def test_a_revocation_list_missing_at_sighup_keeps_its_serials_and_the_acc
 
     await until(narrowed, "the access policy is reread though the revocation list is missing")
     assert c.dep.procs[PRIMARY].poll() is None
+
+
+async def test_the_approver_cannot_approve_what_it_asked_for_under_its_name_in_other_letters(
+    module_cluster: Cluster,
+):
+    c = module_cluster
+    await c.put("w-1", {"name": "Wang Fang", "email": "w@example.cn"})
+    asked = await c.disclosures("service", APPROVER.upper()).RequestDisclosure(
+        disclosure_pb2.RequestDisclosureRequest(
+            context=ctx(PRIMARY, "third_party_sharing.legal_obligation"),
+            user_id="w-1",
+            ground=disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+            third_party="Haidian District Court",
+            destination_country="CN",
+            reference="R-11",
+        ),
+        timeout=10,
+    )
+    approve = c.disclosures("approver", APPROVER).ApproveDisclosure(
+        disclosure_pb2.ApproveDisclosureRequest(id=asked.id), timeout=10
+    )
+    assert "two-person rule" in (await denied(approve)).details()
+    steps = [x["disclosure"]["step"] for x in await entries(c, kind="disclosure", subject="w-1")]
+    assert steps == ["request", "approve"]
+    (approval,) = [
+        x for x in await entries(c, kind="disclosure", subject="w-1") if x["disclosure"]["step"] == "approve"
+    ]
+    assert approval["outcome"] == "denied"
