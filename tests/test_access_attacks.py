@@ -8,16 +8,17 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
-import yaml
 
 from residency.server.core import codec
 from residency.server.deployment import PRIMARY
 from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, records_pb2, records_pb2_grpc
 from tests.conftest import APPROVER, COOKIES, Cluster, ctx
 from tests.test_access import denied, entries, permission_of, until
+from tests.test_tls import revocation_list
 
 SG = "ap-southeast-1"
 BILLING = f"spiffe://residency/service/{PRIMARY}/billing"
@@ -30,6 +31,33 @@ services:
   - identity: spiffe://residency/service/*/*
     purposes: ["*"]
 """
+
+
+def court_order(user: str, purpose: str) -> disclosure_pb2.RequestDisclosureRequest:
+    return disclosure_pb2.RequestDisclosureRequest(
+        context=ctx(PRIMARY, purpose),
+        user_id=user,
+        ground=disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+        third_party="Haidian District Court",
+        destination_country="CN",
+        reference="R-9",
+    )
+
+
+def refuses_billing(c: Cluster, user: str) -> Callable[[], Awaitable[bool]]:
+    """A check that billing's read of `user` for payments is refused (once a policy reread narrows it)."""
+    stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", PRIMARY, "billing"))
+
+    async def refused() -> bool:
+        try:
+            await stub.GetRecord(
+                records_pb2.GetRecordRequest(context=ctx("", PAYMENTS), user_id=user), timeout=10
+            )
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.PERMISSION_DENIED
+        return False
+
+    return refused
 
 
 def consents_stub(c: Cluster, name: str | None = None, location: str = PRIMARY):
@@ -88,35 +116,14 @@ async def test_an_approved_disclosure_is_not_released_once_the_policy_no_longer_
     await c.start(PRIMARY)
     await c.put("d-1", {"name": "Li Wei", "email": "li@example.cn"})
     billing = c.disclosures("service", "billing")
-    asked = await billing.RequestDisclosure(
-        disclosure_pb2.RequestDisclosureRequest(
-            context=ctx(PRIMARY, PAYMENTS),
-            user_id="d-1",
-            ground=disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
-            third_party="Haidian District Court",
-            destination_country="CN",
-            reference="R-9",
-        ),
-        timeout=10,
-    )
+    asked = await billing.RequestDisclosure(court_order("d-1", PAYMENTS), timeout=10)
     await c.disclosures("approver", APPROVER).ApproveDisclosure(
         disclosure_pb2.ApproveDisclosureRequest(id=asked.id), timeout=10
     )
     # The operator narrows billing to nothing (say it was compromised) and the node rereads it.
     (c.dir / "access.yaml").write_text("services: []\n")
     c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
-    reads = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", PRIMARY, "billing"))
-
-    async def narrowed() -> bool:
-        try:
-            await reads.GetRecord(
-                records_pb2.GetRecordRequest(context=ctx("", PAYMENTS), user_id="d-1"), timeout=10
-            )
-        except grpc.aio.AioRpcError as e:
-            return e.code() == grpc.StatusCode.PERMISSION_DENIED
-        return False
-
-    await until(narrowed, "the reread policy refuses billing")
+    await until(refuses_billing(c, "d-1"), "the reread policy refuses billing")
     e = await denied(
         billing.ReleaseDisclosure(disclosure_pb2.ReleaseDisclosureRequest(id=asked.id), timeout=10)
     )
@@ -193,6 +200,14 @@ def grant_of(user: str, ends_in: float, grant_id: str = "") -> consent_pb2.Creat
     )
 
 
+async def listed_grant(c: Cluster, grant_id: str) -> consent_pb2.Grant:
+    reply = await grants_stub(c).ListGrants(
+        consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")), timeout=10
+    )
+    (found,) = [g for g in reply.grants if g.id == grant_id]
+    return found
+
+
 async def test_a_grant_id_in_use_is_refused_as_invalid_not_internal(module_cluster: Cluster):
     c = module_cluster
     first = await grants_stub(c).CreateGrant(grant_of("g-1", 3600, "shared-id"), timeout=10)
@@ -200,15 +215,7 @@ async def test_a_grant_id_in_use_is_refused_as_invalid_not_internal(module_clust
         await grants_stub(c).CreateGrant(grant_of("g-2", 60, "shared-id"), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     assert "grant.id" in e.value.details()
-    (kept,) = [
-        g
-        for g in (
-            await grants_stub(c).ListGrants(
-                consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")), timeout=10
-            )
-        ).grants
-        if g.id == first.id
-    ]
+    kept = await listed_grant(c, first.id)
     assert kept.user_count == 1 and kept.ends_at.seconds > time.time() + 3000
     assert not await entries(c, kind="grant", subject="g-2")
 
@@ -226,16 +233,7 @@ async def test_revoking_a_grant_that_already_ended_is_no_act_and_says_so(module_
     )
     # Nothing was revoked (the grant had ended): the reply says so, as ListGrants does.
     assert not reply.revoked
-    (listed,) = [
-        g
-        for g in (
-            await grants_stub(c).ListGrants(
-                consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")), timeout=10
-            )
-        ).grants
-        if g.id == made.id
-    ]
-    assert listed.state == consent_pb2.GRANT_STATE_ENDED
+    assert (await listed_grant(c, made.id)).state == consent_pb2.GRANT_STATE_ENDED
 
 
 async def test_a_credential_check_from_abroad_is_refused_and_logged_against_the_user(module_cluster: Cluster):
@@ -262,30 +260,19 @@ async def test_a_revocation_list_missing_at_sighup_keeps_its_serials_and_the_acc
 ):
     c = idle_cluster
     (c.dir / "access.yaml").write_text(NARROWED)
-    revoked = c.dir / "pki" / "revoked.txt"
-    revoked.write_text("# revoked client certificates\n")
-    config = c.dep.configs[PRIMARY]
-    doc = yaml.safe_load(config.read_text())
-    doc["tls"]["revoked"] = "pki/revoked.txt"
-    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    revoked = revocation_list(c)
     await c.start(PRIMARY)
     await c.put("s-1", {"email": "s@example.cn"})
-    billing = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", PRIMARY, "billing"))
-    read = records_pb2.GetRecordRequest(context=ctx("", PAYMENTS), user_id="s-1")
-    await billing.GetRecord(read, timeout=10)
+    await records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", PRIMARY, "billing")).GetRecord(
+        records_pb2.GetRecordRequest(context=ctx("", PAYMENTS), user_id="s-1"), timeout=10
+    )
     # The operator narrows billing while the revocation list is being replaced (moved away).
     revoked.rename(revoked.with_name("revoked.txt.old"))
     (c.dir / "access.yaml").write_text("services: []\n")
     c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
-
-    async def narrowed() -> bool:
-        try:
-            await billing.GetRecord(read, timeout=10)
-        except grpc.aio.AioRpcError as e:
-            return e.code() == grpc.StatusCode.PERMISSION_DENIED
-        return False
-
-    await until(narrowed, "the access policy is reread though the revocation list is missing")
+    await until(
+        refuses_billing(c, "s-1"), "the access policy is reread though the revocation list is missing"
+    )
     assert c.dep.procs[PRIMARY].poll() is None
 
 
@@ -294,16 +281,9 @@ async def test_the_approver_cannot_approve_what_it_asked_for_under_its_name_in_o
 ):
     c = module_cluster
     await c.put("w-1", {"name": "Wang Fang", "email": "w@example.cn"})
-    asked = await c.disclosures("service", APPROVER.upper()).RequestDisclosure(
-        disclosure_pb2.RequestDisclosureRequest(
-            context=ctx(PRIMARY, "third_party_sharing.legal_obligation"),
-            user_id="w-1",
-            ground=disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
-            third_party="Haidian District Court",
-            destination_country="CN",
-            reference="R-11",
-        ),
-        timeout=10,
+    asking = c.disclosures("service", APPROVER.upper())
+    asked = await asking.RequestDisclosure(
+        court_order("w-1", "third_party_sharing.legal_obligation"), timeout=10
     )
     approve = c.disclosures("approver", APPROVER).ApproveDisclosure(
         disclosure_pb2.ApproveDisclosureRequest(id=asked.id), timeout=10
