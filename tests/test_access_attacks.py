@@ -68,15 +68,20 @@ def consent(user: str, purpose: str, recipient: str = "") -> consent_pb2.Consent
     return consent_pb2.Consent(user_id=user, purpose=purpose, recipient=recipient, evidence="web form")
 
 
-async def standing(c: Cluster, user: str) -> set[tuple[str, str]]:
-    """(purpose, recipient) of the user's standing consents, as the test suite's service lists them."""
-    reply = await consents_stub(c).ListConsents(
-        consent_pb2.ListConsentsRequest(context=ctx(PRIMARY, "essential.service"), user_id=user), timeout=10
+async def standing(
+    c: Cluster, user: str, name: str | None = None, purpose: str = "essential.service"
+) -> set[tuple[str, str]]:
+    """(purpose, recipient) of the user's standing consents, as a service lists them (default:
+    the test suite's, which may state every purpose)."""
+    reply = await consents_stub(c, name).ListConsents(
+        consent_pb2.ListConsentsRequest(context=ctx(PRIMARY, purpose), user_id=user), timeout=10
     )
     return {(x.purpose, x.recipient) for x in reply.consents if not x.HasField("withdrawn_at")}
 
 
-async def test_a_service_records_no_consent_for_a_purpose_its_policy_does_not_allow(idle_cluster: Cluster):
+async def test_a_service_records_withdraws_or_lists_no_consent_for_a_purpose_its_policy_does_not_allow(
+    idle_cluster: Cluster,
+):
     c = idle_cluster
     (c.dir / "access.yaml").write_text(NARROWED)
     await c.start(PRIMARY)
@@ -106,6 +111,8 @@ async def test_a_service_records_no_consent_for_a_purpose_its_policy_does_not_al
         (BILLING, "marketing.communications"),
         (BILLING, COOKIES),
     ]
+    # ... nor reads those it may not state: the cookie consent is not billing's to see.
+    assert await standing(c, "k-1", "billing", PAYMENTS) == set()
 
 
 async def test_an_approved_disclosure_is_not_released_once_the_policy_no_longer_allows_its_purpose(
