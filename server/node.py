@@ -303,12 +303,14 @@ class RunningNode:
                 self.node.wake()
 
     async def reload(self) -> None:
-        """SIGHUP: rereads the TLS certificate, key, CA and revocation list, the access policy,
-        and on a primary the rules file."""
+        """SIGHUP: rereads the TLS certificate, key, CA and revocation list, the access policy
+        (logged), and on a primary the rules file."""
         self.tls.reload()
         try:
-            assert self.node is not None
-            self.node.access = load_access(self.config.access)
+            assert self.node is not None and self.db is not None
+            access = self.node.access = load_access(self.config.access)
+            db, entry = self.db, access.reread_entry(self.config.region, self.node.records.rules.version)
+            await db.write(lambda: db.store.log_append([entry]))
         except ConfigError as e:  # a bad file keeps the running policy
             log.error("access policy reload refused, the node keeps its policy: %s", e)
         if self.config.is_primary:

@@ -302,3 +302,17 @@ async def test_the_approver_cannot_approve_what_it_asked_for_under_its_name_in_o
         x for x in await entries(c, kind="disclosure", subject="w-1") if x["disclosure"]["step"] == "approve"
     ]
     assert approval["outcome"] == "denied"
+
+
+async def test_an_access_policy_reread_on_sighup_is_a_transfer_log_entry(idle_cluster: Cluster):
+    c = idle_cluster
+    (c.dir / "access.yaml").write_text(NARROWED)
+    await c.start(PRIMARY)
+    await c.put("t-1", {"email": "t@example.cn"})
+    # Whoever widens or narrows what services may do leaves a trace, as a rules change does.
+    (c.dir / "access.yaml").write_text("services: []\n")
+    c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
+    await until(refuses_billing(c, "t-1"), "the reread policy refuses billing")
+    (reread,) = [x for x in await entries(c, kind="admin") if "access.yaml" in x["reason"]]
+    assert reread["actor"] == "sighup" and reread["outcome"] == "allowed"
+    assert "0 entries" in reread["reason"]
