@@ -15,8 +15,16 @@ import pytest
 
 from residency.server.core import codec
 from residency.server.deployment import PRIMARY
-from residency.v1 import consent_pb2, consent_pb2_grpc, disclosure_pb2, records_pb2, records_pb2_grpc
-from tests.conftest import APPROVER, COOKIES, Cluster, ctx
+from residency.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    consent_pb2,
+    consent_pb2_grpc,
+    disclosure_pb2,
+    records_pb2,
+    records_pb2_grpc,
+)
+from tests.conftest import APPROVER, COOKIES, Cluster, ctx, values
 from tests.test_access import denied, entries, permission_of, until
 from tests.test_tls import revocation_list
 
@@ -316,3 +324,25 @@ async def test_an_access_policy_reread_on_sighup_is_a_transfer_log_entry(idle_cl
     (reread,) = [x for x in await entries(c, kind="admin") if "access.yaml" in x["reason"]]
     assert reread["actor"] == "sighup" and reread["outcome"] == "allowed"
     assert "0 entries" in reread["reason"]
+
+
+async def test_rules_naming_another_home_region_or_dropping_a_destination_are_refused_and_change_nothing(
+    module_cluster: Cluster,
+):
+    c = module_cluster
+    await c.put("x-1", {"email": "x@example.cn", "national_id": "110105194912310021"})
+    text = (c.dir / "rules.yaml").read_text()
+    before = (await c.status(PRIMARY)).rules_version
+    operator = admin_pb2_grpc.AdminServiceStub(c.channel(PRIMARY, "operator"))
+    # A node refuses to start on either: the first would make ap-southeast-1 "home", where
+    # every field goes; the second leaves a replication destination without any recipient.
+    for lie in (
+        text.replace(f"home_region: {PRIMARY}", f"home_region: {SG}"),
+        "home_region: 1e999\n",
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await operator.ApplyRules(admin_pb2.ApplyRulesRequest(rules_yaml=lie), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert (await c.status(PRIMARY)).rules_version == before
+    assert (c.dir / "rules.yaml").read_text() == text
+    assert set(values(await c.get("x-1", region=PRIMARY, location=SG))) <= {"email"}
