@@ -31,6 +31,7 @@ from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules, rules_from_bytes
 from residency.server.config.schema import load_schema
 from residency.server.core.errors import ConfigError
+from residency.server.core.rules import RuleSet
 from residency.server.keys import lifecycle
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import load_log_key
@@ -100,20 +101,8 @@ class RunningNode:
         schema = load_schema(c.schema)
         rules = load_rules(c.rules, schema)
         access = load_access(c.access)
-        if c.is_primary and c.region != rules.home_region:
-            raise ConfigError(
-                f"{c.path}: this primary's region {c.region!r} is not the rules' home_region "
-                f"{rules.home_region!r} ({c.rules})"
-            )
-        missing = sorted({a.region for a in c.affiliates} - rules.regions)
-        if missing:
-            raise ConfigError(
-                f"{c.path}: 'affiliates' names {missing}, which no recipient in {c.rules} is in"
-            )
-        if c.region not in rules.regions:
-            raise ConfigError(
-                f"{c.path}: 'region' {c.region!r} is not in {c.rules} (regions: {sorted(rules.regions)})"
-            )
+        if why := rules_refusal(c, rules):
+            raise ConfigError(f"{c.path}: {why} ({c.rules})")
         provider = open_provider(c.keys)
         keyring = Keyring(c.region, provider, c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
         shredded = lifecycle.shredded_reason(c.region, lifecycle.read_events(c.keys_dir))
@@ -219,6 +208,8 @@ class RunningNode:
         assert self.node is not None and self.db is not None
         path = self.config.rules
         new = rules_from_bytes(text, self.schema, str(path))
+        if why := rules_refusal(self.config, new):  # what the node would not start on
+            raise ConfigError(f"{self.config.path}: {why}")
         if persist:
             await asyncio.get_running_loop().run_in_executor(None, _write_atomically, path, text)
         policy = self.node.policy
@@ -257,12 +248,14 @@ class RunningNode:
                 self.node.wake()
 
     async def reload(self) -> None:
-        """SIGHUP: rereads the TLS certificate, key, CA and revocation list, the access policy,
-        and on a primary the rules file."""
+        """SIGHUP: rereads the TLS certificate, key, CA and revocation list, the access policy
+        (logged), and on a primary the rules file."""
         self.tls.reload()
         try:
-            assert self.node is not None
-            self.node.access = load_access(self.config.access)
+            assert self.node is not None and self.db is not None
+            access = self.node.access = load_access(self.config.access)
+            db, entry = self.db, access.reread_entry(self.config.region, self.node.records.rules.version)
+            await db.write(lambda: db.store.log_append([entry]))
         except ConfigError as e:  # a bad file keeps the running policy
             log.error("access policy reload refused, the node keeps its policy: %s", e)
         if self.config.is_primary:
@@ -296,6 +289,17 @@ class RunningNode:
             self.db.store.close()
         if self.node is not None:
             self.node.intake.close()
+
+
+def rules_refusal(c: NodeConfig, rules: RuleSet) -> str:
+    """Why this node cannot serve under `rules` (at start, and applied while it runs), or ""."""
+    if c.is_primary and c.region != rules.home_region:
+        return f"this primary's region {c.region!r} is not the rules' home_region {rules.home_region!r}"
+    if missing := sorted({a.region for a in c.affiliates} - rules.regions):
+        return f"'affiliates' names {missing}, which no recipient of the rules is in"
+    if c.region not in rules.regions:
+        return f"'region' {c.region!r} is not in the rules (regions: {sorted(rules.regions)})"
+    return ""
 
 
 def _write_atomically(path, data: bytes) -> None:

@@ -233,12 +233,7 @@ async def test_sighup_rereads_the_revocation_list_and_the_node_certificate_witho
 ):
     c = idle_cluster
     folder = c.dir / "pki"
-    revoked = folder / "revoked.txt"
-    revoked.write_text("# revoked client certificates\n")
-    config = c.dep.configs[PRIMARY]
-    doc = yaml.safe_load(config.read_text())
-    doc["tls"]["revoked"] = "pki/revoked.txt"
-    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    revoked = revocation_list(c)
     await c.start(PRIMARY)
     address, proc = c.dep.addresses[PRIMARY], c.dep.procs[PRIMARY]
     stolen = c.dep.credentials("service", PRIMARY, "checkout")
@@ -279,6 +274,17 @@ async def test_sighup_rereads_the_revocation_list_and_the_node_certificate_witho
     status = await c.status(PRIMARY)
     assert status.certificate_expires.ToDatetime(datetime.UTC) == fresh.not_valid_after_utc
     assert proc.poll() is None and c.dep.procs[PRIMARY] is proc  # never restarted
+
+
+def revocation_list(c: Cluster) -> Path:
+    """An empty revocation list, `pki/revoked.txt`, named in the primary's config (`tls.revoked`)."""
+    revoked = c.dir / "pki" / "revoked.txt"
+    revoked.write_text("# revoked client certificates\n")
+    config = c.dep.configs[PRIMARY]
+    doc = yaml.safe_load(config.read_text())
+    doc["tls"]["revoked"] = "pki/revoked.txt"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return revoked
 
 
 def record_request(user: str) -> records_pb2.PutRecordRequest:

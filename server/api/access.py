@@ -211,8 +211,7 @@ class Gate(grpc.aio.ServerInterceptor):
             message = _parsed(method, request)
             users = subjects(message) if message is not None else []
             purpose = getattr(getattr(message, "context", None), "purpose", "")
-            rules = node.records.rules
-            entries = denial_entries(ident, why, users or [""], purpose, node.records.region, rules.version)
+            entries = denial_entries(ident.uri, ident.region, why, users or [""], purpose, node)
             try:
                 await node.db.write(lambda: node.db.store.log_append(entries))
             except Exception:  # the caller is refused all the same
@@ -239,18 +238,19 @@ class Gate(grpc.aio.ServerInterceptor):
 
 
 def denial_entries(
-    ident: Identity, why: str, users: list[str], purpose: str, region: str, rules_version: str
+    actor: str, location: str, why: str, users: list[str], purpose: str, node: Node, kind: str = "access"
 ) -> list[dict[str, Any]]:
-    """The transfer-log entries of a refused call, one per user it names ("": none)."""
+    """The transfer-log entries of a refused call by `actor` (located in `location`), one per
+    user it names ("": none)."""
     return [
         translog.entry(
-            "access",
+            kind,
             subject=u,
-            source_region=region,
-            destination_region=ident.region,
+            source_region=node.records.region,
+            destination_region=location,
             outcome="denied",
-            actor=ident.uri,
-            rules_version=rules_version,
+            actor=actor,
+            rules_version=node.records.rules.version,
             purpose=purpose,
             reason=why,
         )

@@ -6,7 +6,7 @@ from typing import Any
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.api.identity import caller_of
+from residency.server.api.identity import caller_of, hold_to_policy, purpose_refusal
 from residency.server.core import codec
 from residency.server.core.policy.consent import ConsentChange
 from residency.v1 import consent_pb2, consent_pb2_grpc
@@ -24,10 +24,12 @@ class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
 
     async def _set(self, request, context, withdraw: bool) -> int:
         self.node.primary_only()
-        caller = await caller_of(self.node, request.context, context)
         changes = _consent_changes(request.consents)
+        caller = await caller_of(self.node, request.context, context, [c.user_id for c in changes])
         policy = self.node.policy
         policy.check_consents(changes, withdraw)
+        # What it records is held to its policy too: a consent's purpose, not only the context's.
+        await hold_to_policy(self.node, caller, [(c.user_id, c.purpose) for c in changes])
         changed = await self.node.db.write(lambda: policy.set_consents(changes, withdraw, caller.identity))
         self.node.wake()
         return changed
@@ -42,9 +44,11 @@ class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
 
     @rpc
     async def ListConsents(self, request, context):
-        await caller_of(self.node, request.context, context)
+        caller = await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
         rows = await self.node.db.call(self.node.db.store.consents, [request.user_id], True)
+        # A service sees the consents for purposes it may state, no others.
+        rows = [r for r in rows if not purpose_refusal(self.node, caller, r[1])]
         return consent_pb2.ListConsentsResponse(
             consents=[
                 consent_pb2.Consent(

@@ -11,7 +11,7 @@ import grpc
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.api.identity import caller_of, peer_of
+from residency.server.api.identity import caller_of, peer_of, purpose_refusal
 from residency.server.core import codec
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, ResidencyError
 from residency.server.core.policy import disclosure as policy
@@ -58,7 +58,7 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
     @rpc
     async def RequestDisclosure(self, request, context):
         self.node.primary_only()
-        caller = await caller_of(self.node, request.context, context, request.user_id)
+        caller = await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
         ground = _GROUND_NAMES.get(request.ground)
         if ground is None:
@@ -107,9 +107,13 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
     async def ReleaseDisclosure(self, request, context):
         self.node.primary_only()
         caller = _peer_caller(context)
-        ops = self.node.policy
+        ops, node = self.node.policy, self.node
+
+        def refusal(purpose: str) -> str:  # the access policy as it stands now, not when asked
+            return purpose_refusal(node, caller, purpose)
+
         sent, withheld, seq, r = _taken(
-            await self.node.db.write(lambda: ops.release_disclosure(request.id, caller))
+            await self.node.db.write(lambda: ops.release_disclosure(request.id, caller, refusal))
         )
         schema = self.node.records.schema.fields
         reply = disclosure_pb2.ReleaseDisclosureResponse(log_sequence=seq, disclosure=_summary(r))

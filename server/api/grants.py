@@ -28,8 +28,8 @@ class GrantService(consent_pb2_grpc.GrantServiceServicer):
     @rpc
     async def CreateGrant(self, request, context):
         self.node.primary_only()
-        caller = await caller_of(self.node, request.context, context)
         g = request.grant
+        caller = await caller_of(self.node, request.context, context, g.user_ids)
         spec = {
             "id": g.id,
             "recipient": g.recipient,

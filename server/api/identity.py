@@ -4,16 +4,22 @@ request field or header can claim either: a stated location may only agree."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import NoReturn
+
 import grpc
 
+from residency.server.api.access import denial_entries
 from residency.server.api.context import Node
 from residency.server.api.tls import peer_certificate
-from residency.server.core import translog
 from residency.server.core.errors import CallerDenied, InvalidRecord
 from residency.server.core.schema import USER_ID, data_uses
 from residency.server.keys.pki import Identity
 from residency.server.vault.records import Caller
 from residency.v1 import common_pb2
+
+# A refusal is logged against at most this many of the users a call names (as `access.subjects`).
+MAX_SUBJECTS = 100
 
 
 def peer_of(context: grpc.aio.ServicerContext) -> Identity:
@@ -26,12 +32,16 @@ def peer_of(context: grpc.aio.ServicerContext) -> Identity:
 
 
 async def caller_of(
-    node: Node, ctx: common_pb2.CallContext, context: grpc.aio.ServicerContext, subject: str = ""
+    node: Node,
+    ctx: common_pb2.CallContext,
+    context: grpc.aio.ServicerContext,
+    subjects: Sequence[str] = (),
 ) -> Caller:
     """The caller of a call that states a context: its certificate's identity and region (an
     empty `ctx.location` means that region), and a Fides data use. A known location other than
-    the certificate's is refused PERMISSION_DENIED and logged against `subject` (a user id), and
-    so is a service stating a purpose that the access policy does not let it state."""
+    the certificate's, a certificate of a region the rules do not have, and a service stating a
+    purpose that the access policy does not let it state are refused PERMISSION_DENIED and
+    logged against each user of `subjects` (the users the request names)."""
     ident = peer_of(context)
     regions = node.records.rules.regions
     bad = []
@@ -41,31 +51,49 @@ async def caller_of(
         bad.append(("context.purpose", f"{ctx.purpose!r} is not a Fides data use"))
     if bad:
         raise InvalidRecord(bad)
-    refused = kind = permission = ""
     if ctx.location and ctx.location != ident.region:
-        kind, permission = "remote_read", ""
-        refused = f"the call states location {ctx.location}; the caller's certificate names {ident.region}"
-    elif ident.role == "service" and not node.access.allows(ident.uri, ctx.purpose):
-        kind, permission = "access", f"purpose {ctx.purpose}"
-        refused = (
-            f"{ident.uri} lacks permission purpose {ctx.purpose} (access policy {node.access.path.name})"
-        )
-    if refused:
-        entry = translog.entry(
-            kind,
-            subject=subject if USER_ID.fullmatch(subject) else "",
-            source_region=node.records.region,
-            destination_region=ident.region,
-            outcome="denied",
-            actor=ident.uri,
-            rules_version=node.records.rules.version,
-            purpose=ctx.purpose,
-            reason=refused,
-        )
-        await node.db.write(lambda: node.db.store.log_append([entry]))
-        raise CallerDenied(refused, permission=permission)
+        why = f"the call states location {ctx.location}; the caller's certificate names {ident.region}"
+        await refuse_caller(node, ident.uri, ident.region, "remote_read", ctx.purpose, why, subjects)
     if ident.region not in regions:
-        raise CallerDenied(
-            f"the caller's certificate names region {ident.region!r}, not one of {sorted(regions)}"
-        )
-    return Caller(ident.uri, ident.region, ctx.purpose, role=ident.role, name=ident.name)
+        why = f"the caller's certificate names region {ident.region!r}, not one of {sorted(regions)}"
+        await refuse_caller(node, ident.uri, ident.region, "access", ctx.purpose, why, subjects)
+    caller = Caller(ident.uri, ident.region, ctx.purpose, role=ident.role, name=ident.name)
+    await hold_to_policy(node, caller, [(u, ctx.purpose) for u in subjects] or [("", ctx.purpose)])
+    return caller
+
+
+def purpose_refusal(node: Node, caller: Caller, purpose: str) -> str:
+    """Why `caller` may not state `purpose` (a service its access policy does not let), or ""."""
+    if caller.role != "service" or node.access.allows(caller.identity, purpose):
+        return ""
+    return f"{caller.identity} lacks permission purpose {purpose} (access policy {node.access.path.name})"
+
+
+async def hold_to_policy(node: Node, caller: Caller, asked: list[tuple[str, str]]) -> None:
+    """Refuses, logged against each user, a call in which a service states a purpose its access
+    policy does not let it state: in its context, or in what it records (a consent's purpose).
+    `asked`: (user id or "", purpose) pairs."""
+    for purpose in dict.fromkeys(p for _, p in asked):
+        if why := purpose_refusal(node, caller, purpose):
+            users = [u for u, p in asked if p == purpose]
+            await refuse_caller(
+                node, caller.identity, caller.location, "access", purpose, why, users, f"purpose {purpose}"
+            )
+
+
+async def refuse_caller(
+    node: Node,
+    actor: str,
+    location: str,
+    kind: str,
+    purpose: str,
+    why: str,
+    subjects: Iterable[str],
+    permission: str = "",
+) -> NoReturn:
+    """Logs a refused caller against each user it named (at most 100; one entry without a
+    subject if none), then raises CallerDenied."""
+    users = list(dict.fromkeys(u for u in subjects if USER_ID.fullmatch(u)))[:MAX_SUBJECTS] or [""]
+    entries = denial_entries(actor, location, why, users, purpose, node, kind)
+    await node.db.write(lambda: node.db.store.log_append(entries))
+    raise CallerDenied(why, permission=permission)

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.api.identity import caller_of
+from residency.server.api.identity import caller_of, refuse_caller
 from residency.server.api.intake import Checked, check_records
 from residency.server.core import codec
 from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
@@ -57,7 +57,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
     @rpc
     async def PutRecord(self, request, context):
         self.node.primary_only()
-        await caller_of(self.node, request.context, context, request.record.user_id)
+        await caller_of(self.node, request.context, context, [request.record.user_id])
         records = self.records
         checked = check_records(records.schema, records.region, [request.record], "record")
         writes = self._writes(checked)
@@ -77,7 +77,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
             got = await self.node.intake.check(request)
         except DecodeError as e:
             raise InvalidRecord([("request", "not a serialized residency.v1.PutRecordsRequest")]) from e
-        await caller_of(self.node, got.context, context)
+        await caller_of(self.node, got.context, context, [w[0] for w in got.checked.writes])
         if not 1 <= got.count <= MAX_BATCH:
             raise InvalidRecord([("records", f"{got.count} records; send 1 to {MAX_BATCH}")])
         writes = self._writes(got.checked)
@@ -94,7 +94,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
 
     @rpc
     async def GetRecord(self, request, context):
-        caller = await caller_of(self.node, request.context, context, request.user_id)
+        caller = await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
         if caller.location == self.records.region and caller.role != "recipient":
             result = await self.node.db.call(self.records.read, request.user_id, caller)
@@ -125,7 +125,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
     @rpc
     async def DeleteRecord(self, request, context):
         self.node.primary_only()
-        await caller_of(self.node, request.context, context, request.user_id)
+        await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
         version = await self.node.db.write(lambda: self.records.delete(request.user_id))
         self.node.wake()
@@ -134,13 +134,22 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
     @rpc
     async def VerifyCredential(self, request, context):
         self.node.primary_only()
-        caller = await caller_of(self.node, request.context, context, request.user_id)
+        caller = await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
         spec = self.records.schema.fields.get(request.field)
         if spec is None or not spec.credential:
             raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
         if caller.location != self.records.region:
-            raise TransferDenied(f"credentials are verified in {self.records.region} only")
+            why = f"credentials are verified in {self.records.region} only"
+            await refuse_caller(
+                self.node,
+                caller.identity,
+                caller.location,
+                "remote_read",
+                caller.purpose,
+                why,
+                [request.user_id],
+            )
         refused = self.node.verify_limits.admit(request.user_id, caller.identity, time.monotonic())
         if refused is not None:
             limit, wait = refused

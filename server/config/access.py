@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 
 from residency.server.config.errors import FileModel, empty_if_null, read_model
+from residency.server.core import translog
 from residency.server.core.rules import covers
 from residency.server.core.schema import data_uses
 
@@ -66,6 +67,22 @@ class AccessPolicy:
     def allows(self, identity: str, purpose: str) -> bool:
         found = self.purposes(identity)
         return found is not None and any(p == ANY_PURPOSE or covers(p, purpose) for p in found[1])
+
+    def reread_entry(self, region: str, rules_version: str) -> dict[str, Any]:
+        """The transfer-log entry of this policy taking effect on SIGHUP (an administrative
+        act: it widens or narrows what services may do), naming each entry it holds."""
+        held = "; ".join(f"{text}: {', '.join(purposes)}" for _, text, purposes in self.entries)
+        return translog.entry(
+            "admin",
+            subject="",
+            source_region=region,
+            destination_region="",
+            outcome="allowed",
+            actor="sighup",
+            rules_version=rules_version,
+            reason=f"access policy {self.path.name} reread: {len(self.entries)} entries"
+            + (f" ({held[:1000]})" if held else ""),
+        )
 
 
 def _pattern(text: str) -> re.Pattern[str]:

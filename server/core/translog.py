@@ -25,7 +25,7 @@ KINDS = frozenset(
         "rules_change",
         "key_event",
         "grant",
-        "admin",  # an operator's act on replication: pause, resume, dead-letter retry
+        "admin",  # an operator's act on replication (pause, resume, retry); an access policy reread
         "access",  # a call refused for its caller's role or stated purpose, per user it names
     }
 )

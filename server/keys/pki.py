@@ -76,8 +76,12 @@ def identity_of(cert: x509.Certificate) -> Identity | None:
 
 def read_serials(path: Path) -> frozenset[int]:
     """A revocation list: one hexadecimal serial number a line (colons allowed, `#` comments)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:  # a node keeps the list it has (`ServerTls.reload`)
+        raise ConfigError(f"cannot read the revocation list {path}: {e}") from None
     serials = set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         text = line.split("#", 1)[0].strip().replace(":", "").lower().removeprefix("0x")
         if not text:
             continue

@@ -97,7 +97,9 @@ class ConsentRows(Database):
 
     def grant_revoke(self, grant_id: str, when: float) -> bool:
         cur = self._db.execute(
-            "UPDATE grants SET revoked_at=? WHERE id=? AND revoked_at IS NULL", (when, grant_id)
+            # A grant that has ended already is not revoked: nothing would change.
+            "UPDATE grants SET revoked_at=? WHERE id=? AND revoked_at IS NULL AND ends_at > ?",
+            (when, grant_id, when),
         )
         return cur.rowcount == 1
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from residency.server.core import translog
-from residency.server.core.errors import FailedPrecondition, NotFound, ResidencyError
+from residency.server.core.errors import CallerDenied, FailedPrecondition, NotFound, ResidencyError
 from residency.server.core.policy import disclosure
 from residency.server.core.policy.consent import shares_with
 from residency.server.core.policy.disclosure import (
@@ -88,13 +89,19 @@ class Disclosures:
             return self._log(r, step, approver.identity, "denied", f"denied by the approver: {deny_reason}")
         return self._log(r, step, approver.identity, "allowed", "approved: the requester may release it")
 
-    def release_disclosure(self, request_id: str, caller: Caller) -> Released | ResidencyError:
+    def release_disclosure(
+        self, request_id: str, caller: Caller, purpose_refusal: Callable[[str], str]
+    ) -> Released | ResidencyError:
         """Hands the approved request's fields to its requester, once, reading the record now:
-        a record erased since, or a 3a consent withdrawn since, discloses nothing."""
+        a record erased since, a 3a consent withdrawn since, or a purpose the requester may no
+        longer state (`purpose_refusal`: why not, or "") discloses nothing."""
         r = self.disclosure_request(request_id)
         refused = disclosure.release_refusal(r, caller.identity, time.time())
         if refused:
             return self._refuse(r, "release", caller.identity, refused)
+        if why := purpose_refusal(r.purpose):
+            denied = CallerDenied(why, permission=f"purpose {r.purpose}")
+            return self._refuse(r, "release", caller.identity, denied)
         records, d = self.records, r.disclosure
         row = records.store.rows([d.user_id]).get(d.user_id)
         if row is None or row.deleted:
@@ -152,7 +159,10 @@ class Disclosures:
     ) -> ResidencyError:
         """Logs a refused step; returns the error to raise, naming the entry."""
         seq = self._log(r, step, actor, "denied", f"refused: {error}", request_id=request_id)
-        return type(error)(f"{error} (transfer-log entry {seq})")
+        said = f"{error} (transfer-log entry {seq})"
+        if isinstance(error, CallerDenied):  # the permission it names goes along
+            return CallerDenied(said, permission=error.permission)
+        return type(error)(said)
 
     def _log(
         self,

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from residency.server.core import translog
-from residency.server.core.errors import NotFound
+from residency.server.core.errors import InvalidRecord, NotFound
 from residency.server.core.policy.grants import GrantRequest, check_grant, closed_reason, opened_reason
 from residency.server.vault.records import Records
 
@@ -23,6 +23,8 @@ class Grants:
         )
         rules = self.records.rules
         check_grant(request, rules.recipients, rules.never_transfer, time.time())
+        if g.get("id") and any(r[0] == g["id"] for r in self.records.store.grants_list()):
+            raise InvalidRecord([("grant.id", f"grant {g['id']} exists already: give another id, or none")])
         g = {
             **g,
             "id": g.get("id") or uuid.uuid4().hex[:12],
@@ -36,7 +38,8 @@ class Grants:
         return g["id"]
 
     def revoke_grant(self, grant_id: str, actor: str) -> bool:
-        """Ends a grant now; its copies are withdrawn in the same transaction."""
+        """Ends a grant now; its copies are withdrawn in the same transaction. False for a grant
+        that was over already (revoked or ended): nothing is done, nothing logged."""
         store = self.records.store
         if not store.grant_revoke(grant_id, time.time()):
             if not any(r[0] == grant_id for r in store.grants_list()):

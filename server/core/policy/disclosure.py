@@ -195,8 +195,10 @@ def decision_refusal(
 ) -> ResidencyError | None:
     """Why `approver` (an identity URI, and the NAME its certificate names) may not approve
     or deny the request at `now`, or None: it is the requester, or holds a certificate of the
-    requester's name (the same holder under another role), or the request is not waiting."""
-    if approver == r.requester or approver_name == requester_name:
+    requester's name, in any case (the same holder under another role), or the request is not
+    waiting."""
+    # Names are compared without case: LEGAL-WANG and legal-wang are one holder.
+    if approver == r.requester or approver_name.casefold() == requester_name.casefold():
         return CallerDenied(
             f"disclosure request {r.id}: the approver must be someone other than the requester"
             " (two-person rule)"

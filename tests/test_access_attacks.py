@@ -1,0 +1,348 @@
+"""Issue 13's authorization as a hostile caller tries it, over real nodes and mutual TLS: each
+test takes a way around a protection (another field of the request, another call, a policy
+narrowed meanwhile, a certificate the deployment does not expect) and checks that it is
+refused cleanly, changes nothing, and is a transfer-log entry against the users it names."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+
+from residency.server.core import codec
+from residency.server.deployment import PRIMARY
+from residency.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    consent_pb2,
+    consent_pb2_grpc,
+    disclosure_pb2,
+    records_pb2,
+    records_pb2_grpc,
+)
+from tests.conftest import APPROVER, COOKIES, Cluster, ctx, values
+from tests.test_access import denied, entries, permission_of, until
+from tests.test_tls import revocation_list
+
+SG = "ap-southeast-1"
+BILLING = f"spiffe://residency/service/{PRIMARY}/billing"
+PAYMENTS = "essential.service.payment_processing"
+# billing may state payments only; every other service every purpose.
+NARROWED = f"""
+services:
+  - identity: {BILLING}
+    purposes: [{PAYMENTS}]
+  - identity: spiffe://residency/service/*/*
+    purposes: ["*"]
+"""
+
+
+def court_order(user: str, purpose: str) -> disclosure_pb2.RequestDisclosureRequest:
+    return disclosure_pb2.RequestDisclosureRequest(
+        context=ctx(PRIMARY, purpose),
+        user_id=user,
+        ground=disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+        third_party="Haidian District Court",
+        destination_country="CN",
+        reference="R-9",
+    )
+
+
+def refuses_billing(c: Cluster, user: str) -> Callable[[], Awaitable[bool]]:
+    """A check that billing's read of `user` for payments is refused (once a policy reread narrows it)."""
+    stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", PRIMARY, "billing"))
+
+    async def refused() -> bool:
+        try:
+            await stub.GetRecord(
+                records_pb2.GetRecordRequest(context=ctx("", PAYMENTS), user_id=user), timeout=10
+            )
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.PERMISSION_DENIED
+        return False
+
+    return refused
+
+
+def consents_stub(c: Cluster, name: str | None = None, location: str = PRIMARY):
+    return consent_pb2_grpc.ConsentServiceStub(c.channel(PRIMARY, "service", location, name))
+
+
+def consent(user: str, purpose: str, recipient: str = "") -> consent_pb2.Consent:
+    return consent_pb2.Consent(user_id=user, purpose=purpose, recipient=recipient, evidence="web form")
+
+
+async def standing(
+    c: Cluster, user: str, name: str | None = None, purpose: str = "essential.service"
+) -> set[tuple[str, str]]:
+    """(purpose, recipient) of the user's standing consents, as a service lists them (default:
+    the test suite's, which may state every purpose)."""
+    reply = await consents_stub(c, name).ListConsents(
+        consent_pb2.ListConsentsRequest(context=ctx(PRIMARY, purpose), user_id=user), timeout=10
+    )
+    return {(x.purpose, x.recipient) for x in reply.consents if not x.HasField("withdrawn_at")}
+
+
+async def test_a_service_records_withdraws_or_lists_no_consent_for_a_purpose_its_policy_does_not_allow(
+    idle_cluster: Cluster,
+):
+    c = idle_cluster
+    (c.dir / "access.yaml").write_text(NARROWED)
+    await c.start(PRIMARY)
+    await c.put("k-1", {"email": "k@example.cn"})
+    await c.accept_cookies("k-1")
+    billing = consents_stub(c, "billing")
+    # The lie: a purpose billing may state in the context, another in the consent it records.
+    grant = billing.GrantConsents(
+        consent_pb2.GrantConsentsRequest(
+            context=ctx(PRIMARY, PAYMENTS),
+            consents=[consent("k-1", "marketing.communications", "ie-affiliate")],
+        ),
+        timeout=10,
+    )
+    assert permission_of(await denied(grant)) == "purpose marketing.communications"
+    # ... nor withdraws one (a withdrawn cookie consent would erase the user's cookie fields).
+    withdraw = billing.WithdrawConsents(
+        consent_pb2.WithdrawConsentsRequest(
+            context=ctx(PRIMARY, PAYMENTS), consents=[consent("k-1", COOKIES)]
+        ),
+        timeout=10,
+    )
+    assert permission_of(await denied(withdraw)) == f"purpose {COOKIES}"
+    assert await standing(c, "k-1") == {(COOKIES, "")}
+    refusals = await entries(c, kind="access", subject="k-1", outcome="denied")
+    assert [(r["actor"], r["purpose"]) for r in refusals] == [
+        (BILLING, "marketing.communications"),
+        (BILLING, COOKIES),
+    ]
+    # ... nor reads those it may not state: the cookie consent is not billing's to see.
+    assert await standing(c, "k-1", "billing", PAYMENTS) == set()
+
+
+async def test_an_approved_disclosure_is_not_released_once_the_policy_no_longer_allows_its_purpose(
+    idle_cluster: Cluster,
+):
+    c = idle_cluster
+    (c.dir / "access.yaml").write_text(NARROWED)
+    await c.start(PRIMARY)
+    await c.put("d-1", {"name": "Li Wei", "email": "li@example.cn"})
+    billing = c.disclosures("service", "billing")
+    asked = await billing.RequestDisclosure(court_order("d-1", PAYMENTS), timeout=10)
+    await c.disclosures("approver", APPROVER).ApproveDisclosure(
+        disclosure_pb2.ApproveDisclosureRequest(id=asked.id), timeout=10
+    )
+    # The operator narrows billing to nothing (say it was compromised) and the node rereads it.
+    (c.dir / "access.yaml").write_text("services: []\n")
+    c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
+    await until(refuses_billing(c, "d-1"), "the reread policy refuses billing")
+    e = await denied(
+        billing.ReleaseDisclosure(disclosure_pb2.ReleaseDisclosureRequest(id=asked.id), timeout=10)
+    )
+    assert permission_of(e) == f"purpose {PAYMENTS}" and "Li Wei" not in e.details()
+    release = [
+        x for x in await entries(c, kind="disclosure", subject="d-1") if x["disclosure"]["step"] == "release"
+    ]
+    assert [(x["actor"], x["outcome"]) for x in release] == [(BILLING, "denied")]
+    assert "Li Wei" not in json.dumps(release)
+
+
+async def test_a_lied_location_is_logged_against_every_user_the_call_names(module_cluster: Cluster):
+    c = module_cluster
+    liar = f"spiffe://residency/service/{SG}/test-suite"
+    users = ["l-1", "l-2"]
+    records = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", SG))
+    put = records.PutRecords(
+        records_pb2.PutRecordsRequest(
+            context=ctx(PRIMARY, "essential.service"),
+            records=[
+                records_pb2.Record(user_id=u, fields={"email": codec.to_value(f"{u}@example.cn")})
+                for u in users
+            ],
+        ),
+        timeout=10,
+    )
+    await denied(put)
+    grant = consents_stub(c, location=SG).GrantConsents(
+        consent_pb2.GrantConsentsRequest(
+            context=ctx(PRIMARY, "essential.service"), consents=[consent(u, COOKIES) for u in users]
+        ),
+        timeout=10,
+    )
+    await denied(grant)
+    listed = consents_stub(c, location=SG).ListConsents(
+        consent_pb2.ListConsentsRequest(context=ctx(PRIMARY, "essential.service"), user_id="l-1"), timeout=10
+    )
+    await denied(listed)
+    lies = [(x["subject"], x["outcome"]) for x in await entries(c, kind="remote_read", actor=liar)]
+    assert lies == [("l-1", "denied"), ("l-2", "denied")] * 2 + [("l-1", "denied")]
+
+
+async def test_a_certificate_of_a_region_the_deployment_does_not_have_is_refused_and_logged(
+    module_cluster: Cluster,
+):
+    c = module_cluster
+    await c.put("m-1", {"email": "m@example.cn"})
+    mars = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", "mars"))
+    e = await denied(
+        mars.GetRecord(
+            records_pb2.GetRecordRequest(context=ctx("", "essential.service"), user_id="m-1"), timeout=10
+        )
+    )
+    assert "m@example.cn" not in e.details()
+    (refusal,) = await entries(c, subject="m-1", actor="spiffe://residency/service/mars/test-suite")
+    assert refusal["outcome"] == "denied" and refusal["destination_region"] == "mars"
+
+
+def grants_stub(c: Cluster) -> consent_pb2_grpc.GrantServiceStub:
+    return consent_pb2_grpc.GrantServiceStub(c.channel(PRIMARY, "operator"))
+
+
+def grant_of(user: str, ends_in: float, grant_id: str = "") -> consent_pb2.CreateGrantRequest:
+    return consent_pb2.CreateGrantRequest(
+        context=ctx(PRIMARY, "essential.service"),
+        grant=consent_pb2.Grant(
+            id=grant_id,
+            recipient="sg-affiliate",
+            purpose="essential.service",
+            categories=["user.behavior.browsing_history"],
+            user_ids=[user],
+            ends_at=codec.timestamp(time.time() + ends_in),
+        ),
+    )
+
+
+async def listed_grant(c: Cluster, grant_id: str) -> consent_pb2.Grant:
+    reply = await grants_stub(c).ListGrants(
+        consent_pb2.ListGrantsRequest(context=ctx(PRIMARY, "essential.service")), timeout=10
+    )
+    (found,) = [g for g in reply.grants if g.id == grant_id]
+    return found
+
+
+async def test_a_grant_id_in_use_is_refused_as_invalid_not_internal(module_cluster: Cluster):
+    c = module_cluster
+    first = await grants_stub(c).CreateGrant(grant_of("g-1", 3600, "shared-id"), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await grants_stub(c).CreateGrant(grant_of("g-2", 60, "shared-id"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert "grant.id" in e.value.details()
+    kept = await listed_grant(c, first.id)
+    assert kept.user_count == 1 and kept.ends_at.seconds > time.time() + 3000
+    assert not await entries(c, kind="grant", subject="g-2")
+
+
+async def test_revoking_a_grant_that_already_ended_is_no_act_and_says_so(module_cluster: Cluster):
+    c = module_cluster
+    made = await grants_stub(c).CreateGrant(grant_of("h-1", 1.0), timeout=10)
+
+    async def ended() -> bool:
+        return any("ended" in x["reason"] for x in await entries(c, kind="grant", subject="h-1"))
+
+    await until(ended, "the policy sweep ends the grant")
+    reply = await grants_stub(c).RevokeGrant(
+        consent_pb2.RevokeGrantRequest(context=ctx(PRIMARY, "essential.service"), id=made.id), timeout=10
+    )
+    # Nothing was revoked (the grant had ended): the reply says so, as ListGrants does.
+    assert not reply.revoked
+    assert (await listed_grant(c, made.id)).state == consent_pb2.GRANT_STATE_ENDED
+
+
+async def test_a_credential_check_from_abroad_is_refused_and_logged_against_the_user(module_cluster: Cluster):
+    c = module_cluster
+    await c.put("v-1", {"email": "v@example.cn", "password": "correct horse battery"})
+    abroad = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", SG))
+    check = abroad.VerifyCredential(
+        records_pb2.VerifyCredentialRequest(
+            context=ctx("", "essential.service"),
+            user_id="v-1",
+            field="password",
+            secret="correct horse battery",
+        ),
+        timeout=10,
+    )
+    e = await denied(check)
+    assert "horse" not in e.details()
+    (refusal,) = await entries(c, subject="v-1", actor=f"spiffe://residency/service/{SG}/test-suite")
+    assert refusal["outcome"] == "denied" and "horse" not in json.dumps(refusal)
+
+
+async def test_a_revocation_list_missing_at_sighup_keeps_its_serials_and_the_access_policy_is_still_reread(
+    idle_cluster: Cluster,
+):
+    c = idle_cluster
+    (c.dir / "access.yaml").write_text(NARROWED)
+    revoked = revocation_list(c)
+    await c.start(PRIMARY)
+    await c.put("s-1", {"email": "s@example.cn"})
+    await records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", PRIMARY, "billing")).GetRecord(
+        records_pb2.GetRecordRequest(context=ctx("", PAYMENTS), user_id="s-1"), timeout=10
+    )
+    # The operator narrows billing while the revocation list is being replaced (moved away).
+    revoked.rename(revoked.with_name("revoked.txt.old"))
+    (c.dir / "access.yaml").write_text("services: []\n")
+    c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
+    await until(
+        refuses_billing(c, "s-1"), "the access policy is reread though the revocation list is missing"
+    )
+    assert c.dep.procs[PRIMARY].poll() is None
+
+
+async def test_the_approver_cannot_approve_what_it_asked_for_under_its_name_in_other_letters(
+    module_cluster: Cluster,
+):
+    c = module_cluster
+    await c.put("w-1", {"name": "Wang Fang", "email": "w@example.cn"})
+    asking = c.disclosures("service", APPROVER.upper())
+    asked = await asking.RequestDisclosure(
+        court_order("w-1", "third_party_sharing.legal_obligation"), timeout=10
+    )
+    approve = c.disclosures("approver", APPROVER).ApproveDisclosure(
+        disclosure_pb2.ApproveDisclosureRequest(id=asked.id), timeout=10
+    )
+    assert "two-person rule" in (await denied(approve)).details()
+    steps = [x["disclosure"]["step"] for x in await entries(c, kind="disclosure", subject="w-1")]
+    assert steps == ["request", "approve"]
+    (approval,) = [
+        x for x in await entries(c, kind="disclosure", subject="w-1") if x["disclosure"]["step"] == "approve"
+    ]
+    assert approval["outcome"] == "denied"
+
+
+async def test_an_access_policy_reread_on_sighup_is_a_transfer_log_entry(idle_cluster: Cluster):
+    c = idle_cluster
+    (c.dir / "access.yaml").write_text(NARROWED)
+    await c.start(PRIMARY)
+    await c.put("t-1", {"email": "t@example.cn"})
+    # Whoever widens or narrows what services may do leaves a trace, as a rules change does.
+    (c.dir / "access.yaml").write_text("services: []\n")
+    c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
+    await until(refuses_billing(c, "t-1"), "the reread policy refuses billing")
+    (reread,) = [x for x in await entries(c, kind="admin") if "access.yaml" in x["reason"]]
+    assert reread["actor"] == "sighup" and reread["outcome"] == "allowed"
+    assert "0 entries" in reread["reason"]
+
+
+async def test_rules_naming_another_home_region_or_dropping_a_destination_are_refused_and_change_nothing(
+    module_cluster: Cluster,
+):
+    c = module_cluster
+    await c.put("x-1", {"email": "x@example.cn", "national_id": "110105194912310021"})
+    text = (c.dir / "rules.yaml").read_text()
+    before = (await c.status(PRIMARY)).rules_version
+    operator = admin_pb2_grpc.AdminServiceStub(c.channel(PRIMARY, "operator"))
+    # A node refuses to start on either: the first would make ap-southeast-1 "home", where
+    # every field goes; the second leaves a replication destination without any recipient.
+    for lie in (
+        text.replace(f"home_region: {PRIMARY}", f"home_region: {SG}"),
+        "home_region: 1e999\n",
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await operator.ApplyRules(admin_pb2.ApplyRulesRequest(rules_yaml=lie), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert (await c.status(PRIMARY)).rules_version == before
+    assert (c.dir / "rules.yaml").read_text() == text
+    assert set(values(await c.get("x-1", region=PRIMARY, location=SG))) <= {"email"}
