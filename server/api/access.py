@@ -151,12 +151,17 @@ def _user_ids(message: Message) -> Iterator[str]:
                 yield from _user_ids(item)
 
 
+# A refused request read as bytes (PutRecords) is parsed for the users it names only up to
+# this size, on the event loop: a larger one is logged without them.
+_PARSE_LIMIT = 1024 * 1024
+
+
 def _parsed(method: str, request: Any) -> Message | None:
     """The request as a message: bytes for methods that read their own (PutRecords) are
     parsed here, on the refusal path only."""
     if isinstance(request, Message):
         return request
-    if isinstance(request, bytes):
+    if isinstance(request, bytes) and len(request) <= _PARSE_LIMIT:
         service, _, name = method.strip("/").rpartition("/")
         try:
             found = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name)

@@ -22,10 +22,14 @@ log = logging.getLogger("residency.tls")
 
 
 @functools.lru_cache(maxsize=1024)
-def _read_peer(pem: bytes) -> tuple[int, Identity | None]:
-    """A peer certificate's serial and identity (parsed once per certificate, not per call)."""
-    cert = x509.load_pem_x509_certificate(pem)
-    return cert.serial_number, identity_of(cert)
+def _read_peer(pem: bytes) -> tuple[int, Identity | None] | None:
+    """A peer certificate's serial and identity (parsed once per certificate, not per call);
+    None for one the TLS stack took but `cryptography` cannot read (the call is refused)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        return cert.serial_number, identity_of(cert)
+    except ValueError:
+        return None
 
 
 def peer_certificate(context: grpc.aio.ServicerContext) -> tuple[int, Identity | None] | None:
