@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from residency.server.core import codec, translog
 from residency.server.core.rules import Allowed, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
-from residency.server.core.sealing import DataKey, field_aad
+from residency.server.core.sealing import COPY_FORMAT, DataKey, field_aad
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.region import RecipientKey, TransitKey
 from residency.server.vault.records import Opened
@@ -94,7 +94,12 @@ def erased_copy(
     """The tombstone of an erased record, and its log entry. The user's DEK is forgotten."""
     keys.forget(user_id)
     tomb = replica_pb2.SealedCopy(
-        user_id=user_id, version=version, deleted=True, reason="erasure", home_region=home.region
+        user_id=user_id,
+        version=version,
+        deleted=True,
+        reason="erasure",
+        home_region=home.region,
+        format=COPY_FORMAT,
     )
     entry = _entry("erasure", home, keys.region, user_id, version, reason="the user's record was erased")
     return tomb, entry
@@ -112,7 +117,12 @@ def build_copy(
     if not sent:
         # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
         tomb = replica_pb2.SealedCopy(
-            user_id=user_id, version=version, deleted=True, reason="withdrawn", home_region=home.region
+            user_id=user_id,
+            version=version,
+            deleted=True,
+            reason="withdrawn",
+            home_region=home.region,
+            format=COPY_FORMAT,
         )
         # Logged as an erasure: what consent, grants, retention or rules allowed before goes.
         return tomb, _entry(
@@ -130,11 +140,14 @@ def build_copy(
         user_id=user_id,
         version=version,
         key_id=kid,
+        format=COPY_FORMAT,
         wrapped_data_key=wrapped,
         transit_key_id=transit.id,
         wrapped_transit_key=transit.wrapped,
         sealed_fields={
-            n: dek.seal(v.SerializeToString(), field_aad(user_id, n, region, version, kid))
+            n: dek.seal(
+                v.SerializeToString(), field_aad(user_id, n, region, version, kid, format=COPY_FORMAT)
+            )
             for n, v in sent.items()
         },
         categories=what.categories,

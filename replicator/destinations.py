@@ -10,6 +10,7 @@ from residency.replicator.sinks import Sink, make_sink
 from residency.server.config.node import NodeConfig
 from residency.server.core.errors import ConfigError
 from residency.server.keys.cache import KeyCache
+from residency.server.keys.copykey import CopySigner, load_copy_key
 from residency.server.keys.region import RecipientKey
 
 
@@ -20,6 +21,8 @@ class Destination:
     region: str
     keys: CopyKeys
     sink: Sink
+    # The home's copy-signing key: every copy and high-water mark sent here is signed with it.
+    signer: CopySigner
     # the last outbox sequence this destination has applied, as this worker last read it
     cursor: int = 0
     last_error: str = ""
@@ -34,6 +37,7 @@ def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> li
     unknown = sorted(set(regions or ()) - {a.region for a in config.affiliates})
     if unknown:
         raise ConfigError(f"{config.path}: no destination {unknown} in 'affiliates'")
+    signer = load_copy_key(config.region, config.copy_key)
     return [
         Destination(
             a.region,
@@ -42,6 +46,7 @@ def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> li
                 KeyCache(config.keys.cache_entries, config.keys.cache_seconds),
             ),
             make_sink(config, a),
+            signer,
             max_rate=a.max_rate,
         )
         for a in config.affiliates

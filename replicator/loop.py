@@ -56,6 +56,8 @@ class Prepared:
     copies: list[replica_pb2.SealedCopy]
     entries: list[dict[str, Any]]
     last_sequence: int
+    # The home's signed statement that no version above the batch's was issued.
+    high_water: replica_pb2.HighWater | None = None
 
 
 class Replicator:
@@ -87,6 +89,9 @@ class Replicator:
         # Records opened for one destination's batch, kept for the others' batches of the same
         # changes (they run close together on the same store thread): one open per change.
         self._opened: dict[tuple[str, int], Opened] = {}
+        # The highest record version in the store when last read: read again only when a
+        # batch holds a version above it (one scan of the records now and then, not per batch).
+        self._high_water = 0
 
     async def start(self) -> None:
         for d in self.destinations.values():
@@ -172,17 +177,18 @@ class Replicator:
                 await asyncio.sleep(d.not_before - now)
                 self.leases[d.region].check()
             d.not_before = max(d.not_before, now) + len(batch.copies) / d.max_rate
-        refused = await self._deliver(d, batch.copies) if batch.copies else {}
+        refused = await self._deliver(d, batch) if batch.copies else {}
         await self.db.write(lambda: self._commit(d, batch, refused, advance))
         if advance:
             d.cursor = batch.last_sequence
         if d.last_error:
             await self._note_error(d, "")
 
-    async def _deliver(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> dict[int, str]:
-        """Ships `copies`; returns the refused ones (index to reason)."""
+    async def _deliver(self, d: Destination, batch: Prepared) -> dict[int, str]:
+        """Ships the batch's copies; returns the refused ones (index to reason)."""
+        copies, mark = batch.copies, batch.high_water
         try:
-            await self._ship(d, copies)
+            await self._ship(d, copies, mark)
             return {}
         except Refused as e:
             if len(copies) == 1:
@@ -191,12 +197,14 @@ class Replicator:
         refused = {}
         for i, c in enumerate(copies):
             try:
-                await self._ship(d, [c])
+                await self._ship(d, [c], mark)
             except Refused as e:
                 refused[i] = e.reason
         return refused
 
-    async def _ship(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> None:
+    async def _ship(
+        self, d: Destination, copies: list[replica_pb2.SealedCopy], mark: replica_pb2.HighWater | None
+    ) -> None:
         def note(state: RetryCallState) -> None:
             e = state.outcome.exception() if state.outcome else None
             error = _describe(e)
@@ -218,7 +226,7 @@ class Replicator:
             with attempt:
                 self.leases[d.region].check()
                 try:
-                    await d.sink.apply(self.records.region, copies)
+                    await d.sink.apply(self.records.region, copies, mark)
                 except Exception as e:
                     reason = d.sink.permanent(e)
                     if reason is not None:
@@ -271,7 +279,7 @@ class Replicator:
             copy, entry = self._copy_for(d, row, permits[row.user_id])
             copies.append(copy)
             entries.append(entry)
-        return Prepared(copies, entries, items[-1].sequence)
+        return Prepared(copies, entries, items[-1].sequence, self._mark(d, copies))
 
     def _prepare_users(self, d: Destination, user_ids: list[str]) -> Prepared:
         """Copies of the current version of each user (re-driving dead letters)."""
@@ -289,15 +297,25 @@ class Replicator:
             entries.append(entry)
         if gone:  # nothing left to send: the dead letter has nothing to re-drive
             self.db.store.dead_letters_superseded(d.region, gone)
-        return Prepared(copies, entries, 0)
+        return Prepared(copies, entries, 0, self._mark(d, copies))
+
+    def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
+        """The batch's signed high-water mark: the highest version the store holds, read
+        from the store (not from the batch), so it vouches for the copies independently."""
+        if max((c.version for c in copies), default=0) > self._high_water:
+            self._high_water = self.records.store.max_version()
+        return d.signer.high_water(d.region, self._high_water)
 
     def _copy_for(
         self, d: Destination, row: Row, permits: Permits
     ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
         if row.deleted:
             self.forget(row.user_id)  # an erased user's plaintext leaves memory too
-            return erased_copy(self.records, d.keys, row.user_id, row.version)
-        return build_copy(self.records, d.keys, self._open(row), permits, time.time())
+            copy, entry = erased_copy(self.records, d.keys, row.user_id, row.version)
+        else:
+            copy, entry = build_copy(self.records, d.keys, self._open(row), permits, time.time())
+        # Signed last, once every field is set: the signature covers the copy as sent.
+        return d.signer.sign_copy(copy, d.region), entry
 
     def forget(self, user_id: str | None = None) -> None:
         """Drops opened (plaintext) records: one user's, on erasure, or every one (a key

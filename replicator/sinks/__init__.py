@@ -14,7 +14,15 @@ class Sink(Protocol):
     kind: str
     target: str
 
-    async def apply(self, source_region: str, copies: list[replica_pb2.SealedCopy]) -> None: ...
+    async def apply(
+        self,
+        source_region: str,
+        copies: list[replica_pb2.SealedCopy],
+        high_water: replica_pb2.HighWater | None = None,
+    ) -> None:
+        """Ships signed copies with the batch's signed high-water mark (a region node
+        requires one; a bucket has no reader at the time of writing to check it)."""
+        ...
 
     def permanent(self, e: BaseException) -> str | None:
         """Why `e` (raised by `apply`) will not go away on a retry, or None if it may."""

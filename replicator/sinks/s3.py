@@ -104,7 +104,10 @@ def open_object(body: bytes, key: RegionKey) -> tuple[replica_pb2.SealedCopy, di
     )
     fields = {
         name: common_pb2.Value.FromString(
-            dek.open(sealed, field_aad(copy.user_id, name, key.region, copy.version, copy.key_id))
+            dek.open(
+                sealed,
+                field_aad(copy.user_id, name, key.region, copy.version, copy.key_id, format=copy.format),
+            )
         )
         for name, sealed in copy.sealed_fields.items()
     }
