@@ -181,8 +181,11 @@ class Replicator:
         await self.db.write(lambda: self._commit(d, batch, refused, advance))
         if advance:
             d.cursor = batch.last_sequence
-        if d.last_error:
-            await self._note_error(d, "")
+        # A refusal (say, copies the region cannot verify) stays in status as the reason until
+        # a batch lands whole: the dead letters say who, this says why.
+        error = f"refused: {next(iter(refused.values()))}" if refused else ""
+        if error != d.last_error:
+            await self._note_error(d, error)
 
     async def _deliver(self, d: Destination, batch: Prepared) -> dict[int, str]:
         """Ships the batch's copies; returns the refused ones (index to reason)."""
