@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from google.protobuf.descriptor import FieldDescriptor
 
-from residency.replicator.sinks.s3 import open_object
+from residency.replicator.sinks.manifest import open_object
 from residency.server.core import codec
 from residency.server.core.sealing import SealError, field_aad
 from residency.server.core.signed import signed_bytes, verifies
@@ -144,12 +144,14 @@ def test_a_copy_of_the_old_format_still_opens():
         wrapped_transit_key=tk.wrapped,
         sealed_fields={"email": dek.seal(value.SerializeToString(), old_aad)},
     )
-    copy, fields = open_object(old.SerializeToString(), key)
+    with pytest.raises(SealError, match="not a copy the home signed"):  # unless told it predates signing
+        open_object(old.SerializeToString(), key, signer().public_raw)
+    copy, fields = open_object(old.SerializeToString(), key, signer().public_raw, unsigned_ok=True)
     assert copy.format == 0 and codec.from_value(fields["email"]) == "li@example.cn"
-    # The same bytes claimed as format 2 do not open: the format is bound in, not advisory.
+    # The same bytes claimed as format 2 do not open: a format-2 object must be signed.
     old.format = 2
     with pytest.raises(SealError):
-        open_object(old.SerializeToString(), key)
+        open_object(old.SerializeToString(), key, signer().public_raw, unsigned_ok=True)
 
 
 # ---- real region nodes ----------------------------------------------------------------

@@ -117,7 +117,7 @@ def apply_copies(
     refused = refused + [
         (f"copies[{i}].version", "is older than the version this node holds (a replay)")
         for i, c in enumerate(copies)
-        if (have := held.get(c.user_id)) is not None and c.version < have.version
+        if (row := held.get(c.user_id)) is not None and c.version < row.version
     ]
     if refused:
         _log_refused(records, copies, sender, refused)
