@@ -56,8 +56,8 @@ class Prepared:
     copies: list[replica_pb2.SealedCopy]
     entries: list[dict[str, Any]]
     last_sequence: int
-    # The home's signed statement that no version above the batch's was issued.
-    high_water: replica_pb2.HighWater | None = None
+    # The home's signed statement of the highest version it had issued (none in the batch is above).
+    high_water: replica_pb2.HighWater
 
 
 class Replicator:
@@ -206,7 +206,7 @@ class Replicator:
         return refused
 
     async def _ship(
-        self, d: Destination, copies: list[replica_pb2.SealedCopy], mark: replica_pb2.HighWater | None
+        self, d: Destination, copies: list[replica_pb2.SealedCopy], mark: replica_pb2.HighWater
     ) -> None:
         def note(state: RetryCallState) -> None:
             e = state.outcome.exception() if state.outcome else None

@@ -22,7 +22,7 @@ class Sink(Protocol):
         high_water: replica_pb2.HighWater | None = None,
     ) -> None:
         """Ships signed copies with the batch's signed high-water mark (a region node
-        requires one; a bucket has no reader at the time of writing to check it)."""
+        requires one; a bucket gets none, since no node there checks it)."""
         ...
 
     def permanent(self, e: BaseException) -> str | None:

@@ -35,7 +35,7 @@ def refusals(
     unsigned, signed by another key or changed since, made for another region, or above the
     batch's signed high-water mark (which must itself be the home's, for this region)."""
     if not copies:
-        return []  # nothing to vouch for (the home's node checking it is let in, say)
+        return []  # an empty batch: nothing to vouch for, nothing to apply
     out = [(f"high_water{p}", why) for p, why in _signed(home, region, mark, "high-water mark")]
     # Versions are checked against a mark the home signed only (else that is the refusal).
     top = mark.version if mark is not None and not out else None
