@@ -43,6 +43,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
                 # The region stores the copy without its key material, which goes to its keyring.
                 for name in ("wrapped_data_key", "transit_key_id", "wrapped_transit_key"):
                     c.ClearField(name)
+            # Checked above, and not checkable again once the key material is gone: not kept.
+            c.ClearField("signature")
             copies.append(IncomingCopy(c.user_id, c.version, c.deleted, *keys, stored=c.SerializeToString()))
         sender = Sender(peer_of(context).uri, home.region)
         applied, skipped, refused = await self.node.db.write(
