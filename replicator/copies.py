@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from residency.server.core import codec, translog
 from residency.server.core.rules import Allowed, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
-from residency.server.core.sealing import DataKey, field_aad
+from residency.server.core.sealing import COPY_FORMAT, DataKey, field_aad
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.region import RecipientKey, TransitKey
 from residency.server.vault.records import Opened
@@ -88,14 +88,24 @@ def _entry(
     )
 
 
+def _tombstone(home: Sender, user_id: str, version: int, reason: str) -> replica_pb2.SealedCopy:
+    """A copy that deletes the destination's copy of the user ("erasure", "withdrawn")."""
+    return replica_pb2.SealedCopy(
+        user_id=user_id,
+        version=version,
+        deleted=True,
+        reason=reason,
+        home_region=home.region,
+        format=COPY_FORMAT,
+    )
+
+
 def erased_copy(
     home: Sender, keys: CopyKeys, user_id: str, version: int
 ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
     """The tombstone of an erased record, and its log entry. The user's DEK is forgotten."""
     keys.forget(user_id)
-    tomb = replica_pb2.SealedCopy(
-        user_id=user_id, version=version, deleted=True, reason="erasure", home_region=home.region
-    )
+    tomb = _tombstone(home, user_id, version, "erasure")
     entry = _entry("erasure", home, keys.region, user_id, version, reason="the user's record was erased")
     return tomb, entry
 
@@ -111,9 +121,7 @@ def build_copy(
     what = _described(home, plan, sent, withheld)
     if not sent:
         # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
-        tomb = replica_pb2.SealedCopy(
-            user_id=user_id, version=version, deleted=True, reason="withdrawn", home_region=home.region
-        )
+        tomb = _tombstone(home, user_id, version, "withdrawn")
         # Logged as an erasure: what consent, grants, retention or rules allowed before goes.
         return tomb, _entry(
             "erasure",
@@ -130,11 +138,14 @@ def build_copy(
         user_id=user_id,
         version=version,
         key_id=kid,
+        format=COPY_FORMAT,
         wrapped_data_key=wrapped,
         transit_key_id=transit.id,
         wrapped_transit_key=transit.wrapped,
         sealed_fields={
-            n: dek.seal(v.SerializeToString(), field_aad(user_id, n, region, version, kid))
+            n: dek.seal(
+                v.SerializeToString(), field_aad(user_id, n, region, version, kid, format=COPY_FORMAT)
+            )
             for n, v in sent.items()
         },
         categories=what.categories,

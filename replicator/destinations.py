@@ -3,8 +3,11 @@ and the worker's place in the outbox."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+import grpc
 
 from residency.replicator.copies import CopyKeys
 from residency.replicator.sinks import Sink, make_sink
@@ -14,8 +17,14 @@ from residency.server.core import translog
 from residency.server.core.errors import CallerDenied, ConfigError
 from residency.server.keys import pki
 from residency.server.keys.cache import KeyCache
+from residency.server.keys.copykey import CopySigner, load_copy_key
 from residency.server.keys.region import RecipientKey
+from residency.server.storage.database import UnitOfWork
+from residency.server.storage.thread import StoreThread
+from residency.server.vault.records import Records
 from residency.v1 import replica_pb2
+
+log = logging.getLogger("residency.replicator")
 
 
 class KeyHold(Exception):
@@ -34,6 +43,8 @@ class Destination:
     region: str
     keys: CopyKeys
     sink: Sink
+    # The home's copy-signing key: every copy and high-water mark sent here is signed with it.
+    signer: CopySigner
     # the last outbox sequence this destination has applied, as this worker last read it
     cursor: int = 0
     last_error: str = ""
@@ -86,6 +97,7 @@ def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> li
     unknown = sorted(set(regions or ()) - {a.region for a in config.affiliates})
     if unknown:
         raise ConfigError(f"{config.path}: no destination {unknown} in 'affiliates'")
+    signer = load_copy_key(config.region, config.copy_key)
     return [
         Destination(
             a.region,
@@ -94,6 +106,7 @@ def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> li
                 KeyCache(config.keys.cache_entries, config.keys.cache_seconds),
             ),
             make_sink(config, a),
+            signer,
             max_rate=a.max_rate,
         )
         for a in config.affiliates
@@ -101,26 +114,45 @@ def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> li
     ]
 
 
-async def learn_key(
-    d: Destination, tls: TlsConfig | None, home_region: str, rules_version: str
-) -> tuple[RecipientKey, bytes, dict[str, Any]] | None:
-    """A held destination's new key, the region node's signed statement of it, and the
-    transfer-log entry that says it was learned; None while the region has no new key (or
-    the sink cannot be asked: a bucket's new key comes with its config)."""
+async def learn_key(d: Destination, tls: TlsConfig | None, home: Records, db: StoreThread[KeyStore]) -> bool:
+    """Asks a held destination's region for its key; a new one, signed by that region's
+    node, ends the hold: sealed to from now on, kept with its statement in the store, logged,
+    and every copy is sent again. False while there is none (or the sink cannot be asked: a
+    bucket's new key comes with its config)."""
     evidence = await d.sink.region_key() if tls is not None else None
     if evidence is None or tls is None:
-        return None
+        return False
     key, signer = verified_key(d.region, evidence, tls)
     if key is None or key.key_id == d.keys.recipient.key_id:
-        return None
+        return False
+    d.use_key(key)
     entry = translog.entry(
         "key_event",
         subject=f"region:{d.region}",
-        source_region=home_region,
+        source_region=home.region,
         destination_region=d.region,
         outcome="allowed",
         actor=signer,
-        rules_version=rules_version,
+        rules_version=home.rules.version,
         reason=f"learned: the new key {key.key_id} of {d.region}; every copy is sent there again",
     )
-    return key, evidence, entry
+
+    def store_it() -> None:
+        db.store.set_region_key(d.region, evidence)
+        db.store.log_append([entry])
+
+    await db.write(store_it)
+    log.warning("replication to %s: new region key %s; re-sending every copy", d.region, key.key_id)
+    return True
+
+
+class KeyStore(UnitOfWork, Protocol):
+    def set_region_key(self, destination: str, statement: bytes) -> None: ...
+    def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
+
+
+def describe_error(e: BaseException | None) -> str:
+    """A failure as status and replication logs say it."""
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return repr(e) if e else ""

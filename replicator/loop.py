@@ -29,7 +29,7 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from residency.replicator.copies import build_copy, erased_copy
-from residency.replicator.destinations import Destination, KeyHold, learn_key, statement_key
+from residency.replicator.destinations import Destination, KeyHold, describe_error, learn_key, statement_key
 from residency.replicator.lease import Lease, StandDown
 from residency.server.config.node import ReplicatorConfig
 from residency.server.config.tls import TlsConfig
@@ -60,6 +60,8 @@ class Prepared:
     copies: list[replica_pb2.SealedCopy]
     entries: list[dict[str, Any]]
     last_sequence: int
+    # The home's signed statement of the highest version it had issued (none in the batch is above).
+    high_water: replica_pb2.HighWater
 
 
 class Replicator:
@@ -95,6 +97,9 @@ class Replicator:
         # Records opened for one destination's batch, kept for the others' batches of the same
         # changes (they run close together on the same store thread): one open per change.
         self._opened: dict[tuple[str, int], Opened] = {}
+        # The highest record version in the store when last read: read again only when a
+        # batch holds a version above it (one scan of the records now and then, not per batch).
+        self._high_water = 0
 
     async def start(self) -> None:
         for d in self.destinations.values():
@@ -134,7 +139,7 @@ class Replicator:
                 raise
             except Exception as e:  # a bug or a failing store: say so, and try again later
                 log.exception("replication to %s failed", d.region)
-                await self._note_error(d, _describe(e))
+                await self._note_error(d, describe_error(e))
                 await asyncio.sleep(self.config.retry_max)
 
     async def _step(self, d: Destination, wake: asyncio.Event) -> bool:
@@ -187,36 +192,22 @@ class Replicator:
             return False, keys, redrive, []
         return False, keys, [], store.outbox_after(d.cursor, self.config.batch_size)
 
-    # ---- a region key shredded: hold, learn the new key, send everything again ----------
-
     async def _hold(self, d: Destination, reason: str) -> None:
         log.warning("replication to %s held: %s", d.region, reason)
         await self.db.write(lambda: self.db.store.set_key_shredded(d.region, reason))
         await self._note_error(d, f"key shredded: {reason}")
 
     async def _learn_key(self, d: Destination) -> bool:
-        """Asks the region for its key; a new one, signed by the region's node, ends the hold
-        and starts sending every copy again. False while there is none (or no way to ask)."""
         try:
-            learned = await learn_key(d, self.tls, self.records.region, self.records.rules.version)
+            learned = await learn_key(d, self.tls, self.records, self.db)
         except (grpc.aio.AioRpcError, CallerDenied) as e:
             await self._note_error(
-                d, f"key shredded; asking {d.region} for its new key failed: {_describe(e)}"
+                d, f"key shredded; asking {d.region} for its new key failed: {describe_error(e)}"
             )
             return False
-        if learned is None:
-            return False
-        key, evidence, entry = learned
-        d.use_key(key)
-
-        def store_it() -> None:
-            self.db.store.set_region_key(d.region, evidence)
-            self.db.store.log_append([entry])
-
-        await self.db.write(store_it)
-        await self._note_error(d, "")
-        log.warning("replication to %s: new region key %s; re-sending every copy", d.region, key.key_id)
-        return True
+        if learned:
+            await self._note_error(d, "")
+        return learned
 
     async def _resend(self, d: Destination, after: str) -> bool:
         """One page of every live record's copy, under the region's new key."""
@@ -239,17 +230,21 @@ class Replicator:
                 await asyncio.sleep(d.not_before - now)
                 self.leases[d.region].check()
             d.not_before = max(d.not_before, now) + len(batch.copies) / d.max_rate
-        refused = await self._deliver(d, batch.copies) if batch.copies else {}
+        refused = await self._deliver(d, batch) if batch.copies else {}
         await self.db.write(lambda: self._commit(d, batch, refused, advance))
         if advance:
             d.cursor = batch.last_sequence
-        if d.last_error:
-            await self._note_error(d, "")
+        # A refusal (say, copies the region cannot verify) stays in status as the reason until
+        # a batch lands whole: the dead letters say who, this says why.
+        error = f"refused: {next(iter(refused.values()))}" if refused else ""
+        if error != d.last_error:
+            await self._note_error(d, error)
 
-    async def _deliver(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> dict[int, str]:
-        """Ships `copies`; returns the refused ones (index to reason)."""
+    async def _deliver(self, d: Destination, batch: Prepared) -> dict[int, str]:
+        """Ships the batch's copies; returns the refused ones (index to reason)."""
+        copies, mark = batch.copies, batch.high_water
         try:
-            await self._ship(d, copies)
+            await self._ship(d, copies, mark)
             return {}
         except Refused as e:
             if len(copies) == 1:
@@ -258,15 +253,17 @@ class Replicator:
         refused = {}
         for i, c in enumerate(copies):
             try:
-                await self._ship(d, [c])
+                await self._ship(d, [c], mark)
             except Refused as e:
                 refused[i] = e.reason
         return refused
 
-    async def _ship(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> None:
+    async def _ship(
+        self, d: Destination, copies: list[replica_pb2.SealedCopy], mark: replica_pb2.HighWater
+    ) -> None:
         def note(state: RetryCallState) -> None:
             e = state.outcome.exception() if state.outcome else None
-            error = _describe(e)
+            error = describe_error(e)
             log.warning("replication to %s failed (%s); retrying", d.region, error)
             if error != d.last_error:
                 d.last_error = error
@@ -285,7 +282,7 @@ class Replicator:
             with attempt:
                 self.leases[d.region].check()
                 try:
-                    await d.sink.apply(self.records.region, copies)
+                    await d.sink.apply(self.records.region, copies, mark)
                 except Exception as e:
                     held = d.sink.key_shredded(e)
                     if held is not None:
@@ -341,7 +338,7 @@ class Replicator:
             copy, entry = self._copy_for(d, row, permits[row.user_id])
             copies.append(copy)
             entries.append(entry)
-        return Prepared(copies, entries, items[-1].sequence)
+        return Prepared(copies, entries, items[-1].sequence, self._mark(d, copies))
 
     def _prepare_users(self, d: Destination, user_ids: list[str]) -> Prepared:
         """Copies of the current version of each user (re-driving dead letters)."""
@@ -359,15 +356,25 @@ class Replicator:
             entries.append(entry)
         if gone:  # nothing left to send: the dead letter has nothing to re-drive
             self.db.store.dead_letters_superseded(d.region, gone)
-        return Prepared(copies, entries, 0)
+        return Prepared(copies, entries, 0, self._mark(d, copies))
+
+    def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
+        """The batch's signed high-water mark: the highest version the store holds, read
+        from the store (not from the batch), so it vouches for the copies independently."""
+        if max((c.version for c in copies), default=0) > self._high_water:
+            self._high_water = self.records.store.max_version()
+        return d.signer.high_water(d.region, self._high_water)
 
     def _copy_for(
         self, d: Destination, row: Row, permits: Permits
     ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
         if row.deleted:
             self.forget(row.user_id)  # an erased user's plaintext leaves memory too
-            return erased_copy(self.records, d.keys, row.user_id, row.version)
-        return build_copy(self.records, d.keys, self._open(row), permits, time.time())
+            copy, entry = erased_copy(self.records, d.keys, row.user_id, row.version)
+        else:
+            copy, entry = build_copy(self.records, d.keys, self._open(row), permits, time.time())
+        # Signed last, once every field is set: the signature covers the copy as sent.
+        return d.signer.sign_copy(copy, d.region), entry
 
     def forget(self, user_id: str | None = None) -> None:
         """Drops opened (plaintext) records: one user's, on erasure, or every one (a key
@@ -387,9 +394,3 @@ class Replicator:
                 del self._opened[next(iter(self._opened))]  # the oldest
             self._opened[key] = opened
         return opened
-
-
-def _describe(e: BaseException | None) -> str:
-    if isinstance(e, grpc.aio.AioRpcError):
-        return f"{e.code().name}: {e.details()}"
-    return repr(e) if e else ""

@@ -18,6 +18,7 @@ import yaml
 from residency.server.config import JSONSCHEMA
 from residency.server.config.node import load_config
 from residency.server.keys import pki
+from residency.server.keys.copykey import create_copy_key
 from residency.server.keys.files import KeyExists
 from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers import open_provider
@@ -231,6 +232,9 @@ def init_deployment(
     for region in regions:
         # Each node signs its own transfer log's checkpoints with its own key.
         create_log_key(origin(region), d / "keys" / region)
+        # The primary signs the copies it sends with its region's; a region node checks them
+        # against the home's copy.pub (each region has one, should it become the primary).
+        create_copy_key(region, d / "keys" / region)
     addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
     paths = {}
     for region in regions:
@@ -253,6 +257,8 @@ def init_deployment(
                 for a in AFFILIATES
             ]
             config["replicator"] = {"enabled": True, "batch_size": 500}
+        else:
+            config["home"] = {"region": PRIMARY, "signing_key": f"keys/{PRIMARY}/copy.pub"}
         paths[region] = d / f"{region}.yaml"
         paths[region].write_text(editor_schema("node") + yaml.safe_dump(config, sort_keys=False))
     for region in regions:

@@ -33,12 +33,14 @@ from residency.server.config.schema import load_schema
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import RuleSet
 from residency.server.keys import lifecycle
+from residency.server.keys.copykey import load_home_key
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import load_log_key
 from residency.server.keys.providers import open_provider
 from residency.server.keys.region import RecipientKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
+from residency.server.vault.copies import Home
 from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.records import Records
 from residency.server.vault.transferlog import TransferLog
@@ -111,6 +113,9 @@ class RunningNode:
         elif not c.is_primary:
             keyring.region_key  # noqa: B018 - a region node fails at start if its key does not open
         signer = load_log_key(c.log_key)
+        home = None if c.is_primary else Home(rules.home_region, load_home_key(c.home_signing_key or ""))
+        if home is not None and c.home_region != rules.home_region:
+            raise ConfigError(f"{c.path}: 'home.region' {c.home_region!r} is not the rules' home_region")
         store = SqliteStore(c.data_dir / "node.db", durability=c.durability)
         # The outbox is written whenever there are destinations, even with the in-process
         # replicator off: a standalone `residency replicate` worker then reads it.
@@ -152,6 +157,7 @@ class RunningNode:
             transfer_log=self.transfer_log,
             intake=Intake(schema, c.region, c.check_workers if c.is_primary else 0),
             credentials=c.credentials,
+            home=home,
         )
         node.reload_rules = self.apply_rules
         node.tls = self.tls

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from residency.replicator.copies import CopyKeys, build_copy, erased_copy
@@ -21,6 +22,7 @@ from residency.server.core.rules import NO_PERMITS, Permits, RuleSet
 from residency.server.core.sealing import SealError, field_aad
 from residency.server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY
 from residency.server.keys.cache import KeyCache
+from residency.server.keys.copykey import CopySigner
 from residency.server.keys.region import RegionKey
 from residency.server.storage.records import Row
 from residency.server.vault.records import Opened, Records
@@ -67,7 +69,10 @@ def open_copy(copy: replica_pb2.SealedCopy, key: RegionKey) -> dict[str, object]
     dek = key.open_data_key(
         copy.user_id, copy.key_id, copy.wrapped_data_key, copy.transit_key_id, copy.wrapped_transit_key
     )
-    aad = {n: field_aad(copy.user_id, n, key.region, copy.version, copy.key_id) for n in copy.sealed_fields}
+    aad = {
+        n: field_aad(copy.user_id, n, key.region, copy.version, copy.key_id, format=copy.format)
+        for n in copy.sealed_fields
+    }
     return {
         n: codec.from_value(common_pb2.Value.FromString(dek.open(s, aad[n])))
         for n, s in copy.sealed_fields.items()
@@ -113,7 +118,7 @@ def test_a_copy_opens_in_no_other_region_and_for_no_other_field_or_version(home:
     sealed = copy.sealed_fields["email"]
     for moved in (("u-2", "email", SG, 3), ("u-1", "name", SG, 3), ("u-1", "email", SG, 2)):
         with pytest.raises(SealError):
-            dek.open(sealed, field_aad(*moved, copy.key_id))
+            dek.open(sealed, field_aad(*moved, copy.key_id, format=copy.format))
 
 
 def test_consent_and_cookies_widen_a_copy_only_as_far_as_the_rules_say(home: Records):
@@ -167,7 +172,8 @@ def test_an_erasure_drops_the_users_plaintext_from_the_workers_memory(home: Reco
     """The worker keeps opened records for the other destinations' batches; an erased user's
     fields leave that memory when the tombstone is built, a shred empties it."""
     key = region_key(SG)
-    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=None)  # type: ignore[arg-type]
+    signer = CopySigner(PRIMARY, Ed25519PrivateKey.generate())
+    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=None, signer=signer)  # type: ignore[arg-type]
     worker = Replicator(home, db=None, destinations=[dest], config=ReplicatorConfig())  # type: ignore[arg-type]
     for user in ("gone", "kept"):
         worker._opened[(user, 3)] = opened(user_id=user)

@@ -29,15 +29,15 @@ def keys(tmp_path, request):
 def test_a_sealed_value_opens_in_its_own_context_only(keys):
     sg = keys["ap-southeast-1"]
     dek, wrapped = sg.recipient.new_data_key("u-1")
-    aad = field_aad("u-1", "email", "ap-southeast-1", 3, sg.key_id)
+    aad = field_aad("u-1", "email", "ap-southeast-1", 3, sg.key_id, format=2)
     sealed = dek.seal(b"li@example.cn", aad)
     opened = sg.open_data_key("u-1", sg.key_id, wrapped)
     assert opened.open(sealed, aad) == b"li@example.cn"
     moved = {
-        "user": field_aad("u-2", "email", "ap-southeast-1", 3, sg.key_id),
-        "field": field_aad("u-1", "phone", "ap-southeast-1", 3, sg.key_id),
-        "region": field_aad("u-1", "email", "eu-west-1", 3, sg.key_id),
-        "version": field_aad("u-1", "email", "ap-southeast-1", 2, sg.key_id),
+        "user": field_aad("u-2", "email", "ap-southeast-1", 3, sg.key_id, format=2),
+        "field": field_aad("u-1", "phone", "ap-southeast-1", 3, sg.key_id, format=2),
+        "region": field_aad("u-1", "email", "eu-west-1", 3, sg.key_id, format=2),
+        "version": field_aad("u-1", "email", "ap-southeast-1", 2, sg.key_id, format=2),
     }
     for what, other in moved.items():
         with pytest.raises(SealError):
@@ -69,7 +69,7 @@ def test_a_transit_key_wraps_many_users_data_keys_each_bound_to_its_user(keys):
     primary, sg = keys["cn-north"], keys["ap-southeast-1"]
     tk = sg.recipient.new_transit_key()
     wrapped = {u: tk.new_data_key(u) for u in ("u-1", "u-2")}
-    aad = field_aad("u-1", "email", "ap-southeast-1", 1, sg.key_id)
+    aad = field_aad("u-1", "email", "ap-southeast-1", 1, sg.key_id, format=2)
     sealed = wrapped["u-1"][0].seal(b"li@example.cn", aad)
     opened = sg.open_data_key("u-1", sg.key_id, wrapped["u-1"][1], tk.id, tk.wrapped)
     assert opened.open(sealed, aad) == b"li@example.cn"

@@ -79,11 +79,11 @@ def test_a_sealed_field_moved_to_another_user_field_region_or_version_does_not_o
     wk = Keyring("cn-north", provider, tmp_path).active_wrapping_key()
     raw = b"d" * 32
     wrapped = wk.wrap("cn-north", "u-1", raw)
-    sealed = DataKey(raw).seal(b"li@example.cn", field_aad("u-1", "email", "cn-north", 3, wk.id))
+    sealed = DataKey(raw).seal(b"li@example.cn", field_aad("u-1", "email", "cn-north", 3, wk.id, format=2))
     # A fresh keyring (nothing cached) asks the provider for the wrapping key.
     again = Keyring("cn-north", provider, tmp_path).wrapping_key(wk.id, wk.wrapped)
     dek = DataKey(again.unwrap("cn-north", "u-1", wrapped))
-    assert dek.open(sealed, field_aad("u-1", "email", "cn-north", 3, wk.id)) == b"li@example.cn"
+    assert dek.open(sealed, field_aad("u-1", "email", "cn-north", 3, wk.id, format=2)) == b"li@example.cn"
     for moved in (
         ("u-2", "email", "cn-north", 3),
         ("u-1", "phone", "cn-north", 3),
@@ -91,7 +91,7 @@ def test_a_sealed_field_moved_to_another_user_field_region_or_version_does_not_o
         ("u-1", "email", "cn-north", 2),
     ):
         with pytest.raises(SealError):
-            dek.open(sealed, field_aad(*moved, wk.id))
+            dek.open(sealed, field_aad(*moved, wk.id, format=2))
     with pytest.raises(SealError):
         again.unwrap("cn-north", "u-2", wrapped)
     with pytest.raises(SealError):  # a wrapping key claimed under another id

@@ -105,10 +105,13 @@ async def test_replaying_an_older_copy_never_goes_back_in_time(cluster: Cluster)
     await cluster.put("u-4", {"email": "newer@example.cn"})
     await cluster.replicated()
     stale = replica_pb2.SealedCopy(user_id="u-4", version=1, deleted=True, reason="erasure")
-    reply = await cluster.replica("ap-southeast-1").ApplyCopies(
-        replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=[stale]), timeout=10
-    )
-    assert (reply.applied, reply.skipped) == (0, 1)
+    # Issue 14.3: a replay is refused, not skipped (tests/test_signed_copies.py replays signed ones).
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cluster.replica("ap-southeast-1").ApplyCopies(
+            replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=[stale]), timeout=10
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "copies[0].version: is older than the version this node holds" in (e.value.details() or "")
     got = await cluster.get("u-4", region="ap-southeast-1")
     assert values(got)["email"] == "newer@example.cn" and got.record.version == 2
 

@@ -13,14 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from residency.server.core import codec
 from residency.server.deployment import PRIMARY
 from residency.server.keys.region import RegionKey
-from residency.v1 import common_pb2, records_pb2, replica_pb2
+from residency.v1 import records_pb2, replica_pb2
 from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.test_replication import FULL, allowed_fields
+from tests.test_s3_manifest import open_by_manifest
 
 # How long a destination stays down under load in the outage test. The issue's scenario is
 # 30 s: RESIDENCY_OUTAGE_SECONDS=30 pytest tests/test_replicator.py -k outage
@@ -38,22 +36,12 @@ def region_key(c: Cluster, region: str) -> RegionKey:
 
 def open_with_region_key_alone(body: bytes, manifest: dict, key: RegionKey) -> tuple[int, dict]:
     """Opens a bucket object as an affiliate would, from the manifest's recipe, with the
-    region's key: the HPKE unwrap of the transit key (RFC 9180) is the region key's, the rest
-    is AES-256-GCM from the `cryptography` package under the manifest's associated data."""
+    region's key: `tests/test_s3_manifest.py` follows it with the `cryptography` package alone,
+    the home's signature checked first."""
     copy = replica_pb2.SealedCopy.FromString(body)
-    region, kid = manifest["region"], manifest["key_id"]
-    assert copy.key_id == kid and key.key_id == kid
+    assert copy.key_id == manifest["key_id"] == key.key_id
     assert copy.transit_key_id and copy.wrapped_transit_key  # every copy sent now has one
-    transit = key.open_transit_key(kid, copy.transit_key_id, copy.wrapped_transit_key)
-    dek_aad = b"residency/dek/v1\x00" + "\x00".join((copy.user_id, region, kid, copy.transit_key_id)).encode()
-    nonce, wrapped = copy.wrapped_data_key[:12], copy.wrapped_data_key[12:]
-    dek = AESGCM(transit._aead.decrypt(nonce, wrapped, dek_aad))
-    fields = {}
-    for name, sealed in copy.sealed_fields.items():
-        aad = "\x00".join(("field", copy.user_id, name, region, str(copy.version), kid)).encode()
-        plain = dek.decrypt(sealed[:12], sealed[12:], aad)
-        fields[name] = codec.from_value(common_pb2.Value.FromString(plain))
-    return copy.version, fields
+    return open_by_manifest(body, manifest, key._raw)
 
 
 def bucket_object(cluster: Cluster, user_id: str) -> bytes | None:

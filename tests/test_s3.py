@@ -14,6 +14,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
 
 from residency.replicator.sinks.s3 import EMPTY_SHA256, S3Error, S3Sink, object_key, sigv4_headers
+from residency.server.keys.region import RecipientKey
 from residency.v1 import replica_pb2
 from tests.conftest import SeaweedFS
 
@@ -24,8 +25,8 @@ ODD_USER_IDS = ["plain-1", "with space", "ünïcødé", "a+b=c&d", "slash/in/id"
 def sink(endpoint_url: str = "", bucket: str = "bkt", **kw) -> S3Sink:
     return S3Sink(
         home_region="cn-north",
-        region="eu-west-1",
-        key_id="k1",
+        recipient=RecipientKey("eu-west-1", b"\x01" * 32),
+        home_key=b"\x02" * 32,
         bucket=bucket,
         prefix="residency/",
         endpoint_url=endpoint_url,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from residency.server.config.node import Affiliate, NodeConfig
+from residency.server.keys.copykey import load_home_key
 from residency.server.keys.region import RecipientKey
 from residency.v1 import replica_pb2
 
@@ -14,7 +15,15 @@ class Sink(Protocol):
     kind: str
     target: str
 
-    async def apply(self, source_region: str, copies: list[replica_pb2.SealedCopy]) -> None: ...
+    async def apply(
+        self,
+        source_region: str,
+        copies: list[replica_pb2.SealedCopy],
+        high_water: replica_pb2.HighWater | None = None,
+    ) -> None:
+        """Ships signed copies with the batch's signed high-water mark (a region node
+        requires one; a bucket gets none, since no node there checks it)."""
+        ...
 
     def permanent(self, e: BaseException) -> str | None:
         """Why `e` (raised by `apply`) will not go away on a retry, or None if it may."""
@@ -41,8 +50,9 @@ def make_sink(config: NodeConfig, a: Affiliate) -> Sink:
 
         return S3Sink(
             home_region=config.region,
-            region=a.region,
-            key_id=RecipientKey.load(a.region, a.public_key).key_id,
+            recipient=RecipientKey.load(a.region, a.public_key),
+            # The manifest names the key objects are signed with (init writes it beside copy.key).
+            home_key=load_home_key(config.copy_key.with_suffix(".pub")),
             bucket=a.bucket,
             prefix=a.prefix,
             endpoint_url=a.endpoint_url,

@@ -39,9 +39,14 @@ class ReplicaSink:
         )
         self._stub = replica_pb2_grpc.ReplicaServiceStub(self._channel)
 
-    async def apply(self, source_region: str, copies: list[replica_pb2.SealedCopy]) -> None:
+    async def apply(
+        self,
+        source_region: str,
+        copies: list[replica_pb2.SealedCopy],
+        high_water: replica_pb2.HighWater | None = None,
+    ) -> None:
         await self._stub.ApplyCopies(
-            replica_pb2.ApplyCopiesRequest(source_region=source_region, copies=copies),
+            replica_pb2.ApplyCopiesRequest(source_region=source_region, copies=copies, high_water=high_water),
             timeout=self.timeout,
         )
 

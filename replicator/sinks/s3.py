@@ -6,12 +6,13 @@ manifest itself):
     {prefix}manifest.json                 what the objects are and how to open them
     {prefix}copies/{user_id}.sealedcopy   one user's copy: a serialized residency.v1.SealedCopy
 
-An object holds only fields sealed for the bucket's region: the affiliate opens it with its
-region's private key alone (`open_object` below is the whole recipe). An erased or withdrawn
-copy's object is deleted. A batch's PUTs and DELETEs run concurrently on one connection pool;
-credentials still come from boto3's standard chain, but requests are signed here (SigV4) and
-sent with aiohttp, since boto3 spends about 2 ms of CPU per request. Tenacity in the worker
-does the retrying, so nothing here retries.
+An object holds only fields sealed for the bucket's region, signed by the home: the affiliate
+checks and opens it with the home's public key and its region's private key alone (the
+manifest says how; `residency.replicator.sinks.manifest.open_object` is the same recipe).
+An erased or withdrawn copy's object is deleted. A batch's PUTs and DELETEs run concurrently
+on one connection pool; credentials still come from boto3's standard chain, but requests are
+signed here (SigV4) and sent with aiohttp, since boto3 spends about 2 ms of CPU per request.
+Tenacity in the worker does the retrying, so nothing here retries.
 """
 
 from __future__ import annotations
@@ -24,21 +25,18 @@ import hmac
 import json
 import time
 import urllib.request
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
-from residency.server.core.sealing import field_aad
-from residency.server.keys.region import RegionKey
-from residency.v1 import common_pb2, replica_pb2
+from residency.replicator.sinks.manifest import OBJECT_SUFFIX, manifest
+from residency.server.keys.region import RecipientKey
+from residency.v1 import replica_pb2
 
-if TYPE_CHECKING:  # imported when first used: reading a bucket (open_object) needs neither
+if TYPE_CHECKING:  # imported when first used
     import aiohttp
     from botocore.credentials import ReadOnlyCredentials
 
-FORMAT = "residency/sealed-copies/v1"
-OBJECT_SUFFIX = ".sealedcopy"
 # S3 error codes that mean "later", whatever their HTTP status.
 THROTTLING = frozenset(
     {
@@ -54,61 +52,6 @@ THROTTLING = frozenset(
 
 def object_key(prefix: str, user_id: str) -> str:
     return f"{prefix}copies/{user_id}{OBJECT_SUFFIX}"
-
-
-def manifest(home_region: str, region: str, key_id: str, prefix: str) -> dict[str, Any]:
-    """What an affiliate needs to read the bucket without our server."""
-    protos = resources.files("residency.v1")
-    return {
-        "format": FORMAT,
-        "home_region": home_region,
-        "region": region,
-        "key_id": key_id,
-        "objects": f"{prefix}copies/{{user_id}}{OBJECT_SUFFIX}",
-        "object_encoding": "protobuf message residency.v1.SealedCopy (replica.proto below)",
-        "deleted": "an erased or withdrawn copy's object is deleted; a missing object holds nothing",
-        "transit_key": {
-            "fields": "transit_key_id, wrapped_transit_key (one transit key serves many objects)",
-            "scheme": "HPKE (RFC 9180) base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM",
-            "layout": "enc (32 bytes) || ciphertext",
-            "recipient": f"the X25519 region key of {region} whose key id is key_id",
-            "info": "b'residency/transit-key/v1' 0x00, then region 0x00 key_id 0x00 transit_key_id (UTF-8)",
-            "key_id": "first 16 hex digits of SHA-256 of the raw 32-byte X25519 public key",
-        },
-        "data_key": {
-            "field": "wrapped_data_key",
-            "cipher": "AES-256-GCM under the unwrapped transit key",
-            "layout": "nonce (12 bytes) || ciphertext || tag (16 bytes)",
-            "aad": "b'residency/dek/v1' 0x00, then user_id 0x00 region 0x00 key_id 0x00 "
-            "transit_key_id (UTF-8)",
-            "without_transit_key": "objects written before transit keys (transit_key_id empty): the data "
-            "key is HPKE-wrapped directly as under transit_key, with info b'residency/dek/v1' 0x00, then "
-            "user_id 0x00 region 0x00 key_id",
-        },
-        "fields": {
-            "field": "sealed_fields: field name to sealed value",
-            "cipher": "AES-256-GCM under the unwrapped data key",
-            "layout": "nonce (12 bytes) || ciphertext || tag (16 bytes)",
-            "aad": "'field' 0x00 user_id 0x00 field name 0x00 region 0x00 version 0x00 key_id (UTF-8)",
-            "plaintext": "protobuf message residency.v1.Value (common.proto below)",
-        },
-        "protos": {name: (protos / name).read_text() for name in ("replica.proto", "common.proto")},
-    }
-
-
-def open_object(body: bytes, key: RegionKey) -> tuple[replica_pb2.SealedCopy, dict[str, common_pb2.Value]]:
-    """Opens an object fetched from the bucket with the region's private key alone."""
-    copy = replica_pb2.SealedCopy.FromString(body)
-    dek = key.open_data_key(
-        copy.user_id, copy.key_id, copy.wrapped_data_key, copy.transit_key_id, copy.wrapped_transit_key
-    )
-    fields = {
-        name: common_pb2.Value.FromString(
-            dek.open(sealed, field_aad(copy.user_id, name, key.region, copy.version, copy.key_id))
-        )
-        for name, sealed in copy.sealed_fields.items()
-    }
-    return copy, fields
 
 
 class S3Error(Exception):
@@ -196,8 +139,8 @@ class S3Sink:
         self,
         *,
         home_region: str,
-        region: str,
-        key_id: str,
+        recipient: RecipientKey,
+        home_key: bytes,
         bucket: str,
         prefix: str = "",
         endpoint_url: str = "",
@@ -210,7 +153,7 @@ class S3Sink:
         self.bucket = bucket
         self.prefix = prefix
         self.target = f"s3://{bucket}/{prefix}"
-        self._manifest = json.dumps(manifest(home_region, region, key_id, prefix), indent=2).encode()
+        self._manifest = json.dumps(manifest(home_region, recipient, prefix, home_key), indent=2).encode()
         self._manifest_written = False
         self._session = boto3.session.Session()
         self._credentials: Any = None
@@ -313,7 +256,14 @@ class S3Sink:
                 {"Content-Type": "application/x-protobuf", "x-amz-meta-residency-version": str(copy.version)},
             )
 
-    async def apply(self, source_region: str, copies: list[replica_pb2.SealedCopy]) -> None:
+    async def apply(
+        self,
+        source_region: str,
+        copies: list[replica_pb2.SealedCopy],
+        high_water: replica_pb2.HighWater | None = None,
+    ) -> None:
+        # No mark goes to a bucket: no node there checks one; each object carries its own
+        # signature, which the manifest tells the affiliate how to check.
         # In a thread: a refresh of temporary credentials may call STS or the instance metadata.
         credentials = await asyncio.to_thread(self._frozen_credentials)
         http = self._client()

@@ -16,6 +16,7 @@ from residency.server.core.policy.credentials import VerifyLimits
 from residency.server.core.schema import USER_ID
 from residency.server.storage.roles import ServiceStore
 from residency.server.storage.thread import StoreThread
+from residency.server.vault.copies import Home
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Records
 from residency.server.vault.transferlog import TransferLog
@@ -34,9 +35,12 @@ class Node:
         transfer_log: TransferLog | None = None,
         intake: Intake | None = None,
         credentials: CredentialsConfig | None = None,
+        home: Home | None = None,
     ):
         self.records = records
         self.db = db
+        # A region node's home and the key its copies must be signed with (None: the primary).
+        self.home = home
         # Reads and checks PutRecords requests (large ones in helper processes).
         self.intake = intake or Intake(records.schema, records.region, workers=0)
         # The in-process replication worker, if this node runs one (it is woken on writes).

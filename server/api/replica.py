@@ -1,5 +1,6 @@
-"""ReplicaService: a region node takes the sealed copies its primary ships (none sealed to a key
-it no longer holds), and tells its primary its current public key, signed."""
+"""ReplicaService: a region node takes the sealed copies its primary ships, once it has
+checked that its home signed each of them (`residency.server.vault.copies`) and that none is
+sealed to a key it no longer holds; and it tells its primary its current public key, signed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from residency.server.api.identity import peer_of
 from residency.server.core import codec, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyShredded
 from residency.server.core.schema import USER_ID
-from residency.server.vault.copies import IncomingCopy, apply_copies
+from residency.server.vault.copies import IncomingCopy, Sender, apply_copies, refusals
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -22,8 +23,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
 
     @rpc
     async def ApplyCopies(self, request, context):
-        records = self.node.records
-        if records.primary:
+        records, home = self.node.records, self.node.home
+        if records.primary or home is None:
             raise FailedPrecondition(f"{records.region} is the primary; it does not take copies")
         bad = [
             (f"copies[{i}].user_id", "malformed user id")
@@ -37,7 +38,11 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         ]
         if bad:
             raise InvalidRecord(bad)
-        await self._refuse_stale_keys(request.copies, peer_of(context).uri)
+        mark = request.high_water if request.HasField("high_water") else None
+        # Checked as sent: the signature covers the key material cleared below.
+        refused = refusals(home, records.region, mark, request.copies)
+        if not refused:  # signed by the home, but perhaps sealed to a shredded key
+            await self._refuse_stale_keys(request.copies, peer_of(context).uri)
         copies = []
         for c in request.copies:
             keys = (c.key_id, c.wrapped_data_key, c.transit_key_id, c.wrapped_transit_key)
@@ -45,8 +50,15 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
                 # The region stores the copy without its key material, which goes to its keyring.
                 for name in ("wrapped_data_key", "transit_key_id", "wrapped_transit_key"):
                     c.ClearField(name)
+            # Checked above, and not checkable again once the key material is gone: not kept.
+            c.ClearField("signature")
             copies.append(IncomingCopy(c.user_id, c.version, c.deleted, *keys, stored=c.SerializeToString()))
-        applied, skipped = await self.node.db.write(lambda: apply_copies(records, copies), weight=len(copies))
+        sender = Sender(peer_of(context).uri, home.region)
+        applied, skipped, refused = await self.node.db.write(
+            lambda: apply_copies(records, copies, sender, refused), weight=len(copies)
+        )
+        if refused:
+            raise InvalidRecord(refused)
         return replica_pb2.ApplyCopiesResponse(applied=applied, skipped=skipped)
 
     async def _refuse_stale_keys(self, copies: Any, actor: str) -> None:

@@ -6,18 +6,17 @@ A bad value fails at start with a message naming the file and the key.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, ConfigDict, Field, Tag, model_validator
+from pydantic import AfterValidator, Field, Tag, model_validator
 
 from residency.server.config.credentials import CredentialsConfig
 from residency.server.config.errors import FileModel, empty_if_null, read_model, tagged_by
+from residency.server.config.keys import KeysConfig, KeysFile, keys_config
 from residency.server.config.tls import TlsConfig, TlsFile, tls_config
-from residency.server.core.errors import ConfigError
 
 
 def _host_port(value: str) -> str:
@@ -121,60 +120,13 @@ AffiliateFile = Annotated[
 ]
 
 
-class _Keys(FileModel):
-    """What `keys:` holds whatever the provider."""
+class HomeFile(FileModel):
+    """`home:` of a region node's config: its home region and the key that signs its copies."""
 
-    dir: RelativePath = Field(description="the folder holding region.key and region.pub")
-    kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
-    cache_entries: int = Field(default=100_000, gt=0, description="a positive number of data keys cached")
-    cache_seconds: float = Field(
-        default=300.0, gt=0, description="a positive number of seconds a data key is cached"
+    region: str = Field(min_length=1, description="the home region whose primary sends the copies")
+    signing_key: RelativePath = Field(
+        description="the path of the home region's copy-signing public key (its copy.pub)"
     )
-
-
-class LocalKeysFile(_Keys):
-    """Keys on disk, protected at rest by a passphrase read from a file or the environment."""
-
-    # One of the two is required: the loader reads the secret from it, and says so when neither is given.
-    model_config = ConfigDict(
-        json_schema_extra={"anyOf": [{"required": ["passphrase_file"]}, {"required": ["passphrase_env"]}]}
-    )
-    provider: Literal["local"] = "local"
-    passphrase_file: str | None = Field(default=None, description="a file holding the passphrase (mode 0600)")
-    passphrase_env: str | None = Field(
-        default=None, description="an environment variable holding the passphrase"
-    )
-
-
-class KmsKeysFile(_Keys):
-    """Keys wrapped by AWS KMS."""
-
-    provider: Literal["aws-kms"]
-    kms_key_id: str = Field(description="a KMS key id, ARN or alias")
-    aws_region: str = Field(default="us-east-1", description="the KMS key's AWS region")
-    endpoint_url: str | None = Field(default=None, description="the KMS endpoint URL (none: AWS's)")
-
-
-class OpenbaoKeysFile(_Keys):
-    """Keys wrapped by OpenBao (or Vault) Transit."""
-
-    model_config = ConfigDict(
-        json_schema_extra={"anyOf": [{"required": ["token_file"]}, {"required": ["token_env"]}]}
-    )
-    provider: Literal["openbao"]
-    address: str = Field(description="the OpenBao server's URL")
-    transit_key: str = Field(description="the name of the Transit key")
-    mount: str = Field(default="transit", description="the Transit engine's mount path")
-    token_file: str | None = Field(default=None, description="a file holding the token (mode 0600)")
-    token_env: str | None = Field(default=None, description="an environment variable holding the token")
-
-
-KeysFile = Annotated[
-    Annotated[LocalKeysFile, Tag("local")]
-    | Annotated[KmsKeysFile, Tag("aws-kms")]
-    | Annotated[OpenbaoKeysFile, Tag("openbao")],
-    tagged_by("provider", "local"),
-]
 
 
 class NodeFile(FileModel):
@@ -198,6 +150,7 @@ class NodeFile(FileModel):
         default=[], description="a list of the primary's replication destinations"
     )
     replicator: Annotated[ReplicatorConfig, empty_if_null(dict, ReplicatorConfig | None)] = ReplicatorConfig()
+    home: HomeFile | None = None
     checkpoint_interval_seconds: float = Field(default=60.0, gt=0, description="a number of seconds above 0")
     archive: ArchiveConfig | None = None
     check_workers: int | None = Field(
@@ -214,6 +167,11 @@ class NodeFile(FileModel):
             raise ValueError(f"'affiliates': each region may appear once, got {regions}")
         if self.affiliates and self.role != "primary":
             raise ValueError("'affiliates' is for the primary only")
+        if self.role == "region" and self.home is None:
+            raise ValueError(
+                "'home' is required for a region node: its home region and the path of that "
+                "region's copy.pub, e.g. {region: cn-north, signing_key: keys/cn-north/copy.pub}"
+            )
         stray = sorted(set(self.replicator.regions) - set(regions))
         if stray:
             raise ValueError(f"'replicator.regions' names {stray}, which are not in 'affiliates'")
@@ -254,29 +212,6 @@ class Affiliate:
 
 
 @dataclass(frozen=True)
-class KeysConfig:
-    """`keys:` of a node config. Secrets (passphrase, token) are read here, once, at start."""
-
-    provider: str
-    dir: Path
-    kem: str = "x25519"
-    # local
-    passphrase: bytes = field(default=b"", repr=False)
-    # aws-kms
-    kms_key_id: str = ""
-    aws_region: str = "us-east-1"
-    endpoint_url: str | None = None
-    # openbao
-    address: str = ""
-    token: str = field(default="", repr=False)
-    transit_key: str = ""
-    mount: str = "transit"
-    # data-key caches: entries and seconds
-    cache_entries: int = 100_000
-    cache_seconds: float = 300.0
-
-
-@dataclass(frozen=True)
 class NodeConfig:
     """The node's configuration as the node uses it: paths resolved, secrets read."""
 
@@ -303,11 +238,20 @@ class NodeConfig:
     # beyond the first, at most 4; 0: in-process).
     check_workers: int | None = None
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    # A region node's home region and the public key its copies must be signed with.
+    home_region: str = ""
+    home_signing_key: Path | None = None
 
     @property
     def log_key(self) -> Path:
         """The log signing key `residency init` writes beside the region key."""
         return self.keys_dir / "log.key"
+
+    @property
+    def copy_key(self) -> Path:
+        """The copy-signing key `residency init` writes beside the region key (a primary's
+        replicator signs with it)."""
+        return self.keys_dir / "copy.key"
 
     @property
     def is_primary(self) -> bool:
@@ -335,7 +279,7 @@ def load_config(path: str | Path) -> NodeConfig:
         schema=rel(f.schema_),
         rules=rel(f.rules),
         access=rel(f.access),
-        keys=_keys(f.keys, path, rel),
+        keys=keys_config(f.keys, path, rel),
         tls=tls_config(f.tls, rel),
         durability=f.durability,
         policy_sweep_seconds=f.policy_sweep_seconds,
@@ -345,6 +289,8 @@ def load_config(path: str | Path) -> NodeConfig:
         archive=f.archive,
         check_workers=f.check_workers,
         credentials=f.credentials,
+        home_region=f.home.region if f.home else "",
+        home_signing_key=rel(f.home.signing_key) if f.home else None,
     )
 
 
@@ -362,35 +308,3 @@ def _affiliate(a: ReplicaFile | S3File, rel: Callable[[str], Path]) -> Affiliate
         s3_region=a.s3_region,
         max_rate=a.max_rate,
     )
-
-
-def _keys(
-    k: LocalKeysFile | KmsKeysFile | OpenbaoKeysFile, path: Path, rel: Callable[[str], Path]
-) -> KeysConfig:
-    common = KeysConfig(
-        k.provider, rel(k.dir), k.kem, cache_entries=k.cache_entries, cache_seconds=k.cache_seconds
-    )
-    if isinstance(k, LocalKeysFile):
-        secret = _secret("passphrase", k.passphrase_file, k.passphrase_env, path, rel)
-        return replace(common, passphrase=secret.encode())
-    if isinstance(k, KmsKeysFile):
-        return replace(common, kms_key_id=k.kms_key_id, aws_region=k.aws_region, endpoint_url=k.endpoint_url)
-    token = _secret("token", k.token_file, k.token_env, path, rel)
-    return replace(common, address=k.address, token=token, transit_key=k.transit_key, mount=k.mount)
-
-
-def _secret(name: str, file: str | None, env: str | None, path: Path, rel: Callable[[str], Path]) -> str:
-    """A secret from `NAME_file` (a file, ideally mode 0600) or `NAME_env` (an environment
-    variable), read now and never again."""
-    if file is not None:
-        f = rel(file)
-        try:
-            return f.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"{path}: 'keys.{name}_file': cannot read {f}: {e}") from e
-    if env is not None:
-        value = os.environ.get(env, "")
-        if not value:
-            raise ConfigError(f"{path}: 'keys.{name}_env': environment variable {env} is not set")
-        return value
-    raise ConfigError(f"{path}: 'keys.{name}_file' or 'keys.{name}_env' is required")

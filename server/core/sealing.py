@@ -2,7 +2,9 @@
 bound to, and the data key (DEK) that seals field values with AES-256-GCM.
 
 The associated data binds user, field, region, record version and key id, so a sealed value
-moved to another record, field, region or version fails to open. Keys themselves (region
+moved to another record, field, region or version fails to open. Copy format 2 writes it as
+length-prefixed components, which no choice of ids can make two tuples share; format 1 (NUL-
+joined) is kept to open copies written before it. Keys themselves (region
 keys, wrapping keys, providers) live in `residency.server.keys`; this module is computation.
 """
 
@@ -18,6 +20,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from residency.server.core.errors import FailedPrecondition
 
 NONCE = 12
+# The format of the copies this version writes (`SealedCopy.format`); 0 and 1 are the NUL-joined
+# associated data of copies written before it.
+COPY_FORMAT = 2
 # An encryption context, bound into every key a provider wraps (user, region, purpose...).
 Context = Mapping[str, str]
 
@@ -45,9 +50,21 @@ def transit_context(region: str, key_id: str, transit_id: str) -> bytes:
     return b"residency/transit-key/v1\x00" + "\x00".join((region, key_id, transit_id)).encode()
 
 
-def field_aad(user_id: str, field: str, region: str, version: int, key_id: str) -> bytes:
-    """Associated data of one sealed field of a replicated copy."""
-    return "\x00".join(("field", user_id, field, region, str(version), key_id)).encode()
+def length_prefixed(*parts: bytes) -> bytes:
+    """Each part preceded by its length (4 bytes, big-endian): one way only to split it again."""
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def field_aad(user_id: str, field: str, region: str, version: int, key_id: str, *, format: int) -> bytes:
+    """Associated data of one sealed field of a replicated copy of `format` (`SealedCopy.format`):
+    format 2, "residency/field/v2" and the components, each length-prefixed (UTF-8, the version
+    in decimal); before it (0 or 1), "field" and the components joined by NUL bytes."""
+    parts = (user_id, field, region, str(version), key_id)
+    if format == 2:
+        return length_prefixed(b"residency/field/v2", *(p.encode() for p in parts))
+    if format in (0, 1):
+        return "\x00".join(("field", *parts)).encode()
+    raise SealError(f"copy format {format} is unknown to this node (it knows 0 to {COPY_FORMAT})")
 
 
 def record_aad(user_id: str, region: str, version: int, key_id: str) -> bytes:

@@ -1,13 +1,83 @@
-"""A region node's copies: applying the sealed copies its home primary sends, idempotently
-by version, with each copy's wrapped data key kept in the keyring rather than in the copy."""
+"""A region node's copies: checking that its home signed each copy it is sent (`refusals`),
+and applying them idempotently by version, with each copy's wrapped data key kept in the
+keyring rather than in the copy. A batch with one refused copy is applied not at all."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from residency.server.core import translog
+from residency.server.core.sealing import COPY_FORMAT
+from residency.server.core.signed import key_id, verifies
 from residency.server.storage.records import Row
 from residency.server.vault.records import Records
+from residency.v1 import replica_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    """What a region node trusts: its home region and that region's copy-signing public key."""
+
+    region: str
+    public_raw: bytes
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_raw)
+
+
+def refusals(
+    home: Home, region: str, mark: replica_pb2.HighWater | None, copies: Sequence[replica_pb2.SealedCopy]
+) -> list[tuple[str, str]]:
+    """Why copies of a batch sent to `region` are not its home's, as (field path, reason):
+    unsigned, signed by another key or changed since, made for another region, or above the
+    batch's signed high-water mark (which must itself be the home's, for this region)."""
+    if not copies:
+        return []  # an empty batch: nothing to vouch for, nothing to apply
+    out = [(f"high_water{p}", why) for p, why in _signed(home, region, mark, "high-water mark")]
+    # Versions are checked against a mark the home signed only (else that is the refusal).
+    top = mark.version if mark is not None and not out else None
+    for i, c in enumerate(copies):
+        if c.format != COPY_FORMAT:
+            out.append(
+                (f"copies[{i}].format", f"is {c.format}; this node takes copies of format {COPY_FORMAT} only")
+            )
+            continue
+        bad = _signed(home, region, c, "copy")
+        out += [(f"copies[{i}]{p}", why) for p, why in bad]
+        if not bad and top is not None and c.version > top:
+            out.append((f"copies[{i}].version", "is above the home's signed high-water mark for this batch"))
+    return out
+
+
+def _signed(
+    home: Home, region: str, m: replica_pb2.SealedCopy | replica_pb2.HighWater | None, what: str
+) -> list[tuple[str, str]]:
+    if m is None:
+        return [("", f"is required: the home's signed {what}")]
+    if not m.signature:
+        return [(".signature", f"is missing: the {what} is unsigned")]
+    if m.signing_key_id != home.key_id:
+        return [
+            (
+                ".signing_key_id",
+                f"names key {m.signing_key_id or '(none)'}; this node trusts {home.region}'s "
+                f"copy-signing key {home.key_id} (its config's home.signing_key)",
+            )
+        ]
+    if not verifies(home.public_raw, m):
+        return [
+            (
+                ".signature",
+                f"does not verify with {home.region}'s copy-signing key: the {what} was "
+                "changed after signing, or forged",
+            )
+        ]
+    if m.region != region:
+        return [(".region", f"the {what} was made for region {m.region or '(none)'}, not {region}")]
+    return []
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +97,31 @@ class IncomingCopy:
     stored: bytes
 
 
-def apply_copies(records: Records, copies: list[IncomingCopy]) -> tuple[int, int]:
-    """Applies sealed copies idempotently: a version not newer than the one held is
-    skipped, so a replay never duplicates or goes back in time. Returns (applied, skipped)."""
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who sent a batch (its certificate's identity) and from where, for the log's entries."""
+
+    actor: str
+    home_region: str
+
+
+def apply_copies(
+    records: Records, copies: list[IncomingCopy], sender: Sender, refused: list[tuple[str, str]]
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """Applies signed copies idempotently: a version equal to the one held is skipped (a
+    retry), an older one refused (a replay never goes back in time). With any refusal (those
+    `refusals` found, or an older version), nothing is applied and each refused copy is a
+    denied entry in this node's transfer log. Returns (applied, skipped, refusals)."""
     store = records.store
     held = store.rows(list({c.user_id for c in copies}))
+    refused = refused + [
+        (f"copies[{i}].version", "is older than the version this node holds (a replay)")
+        for i, c in enumerate(copies)
+        if (row := held.get(c.user_id)) is not None and c.version < row.version
+    ]
+    if refused:
+        _log_refused(records, copies, sender, refused)
+        return 0, 0, refused
     newest: dict[str, IncomingCopy] = {}
     skipped = 0
     for c in copies:
@@ -61,4 +151,30 @@ def apply_copies(records: Records, copies: list[IncomingCopy]) -> tuple[int, int
     store.upsert([Row(c.user_id, c.version, c.deleted, c.stored, now) for c in newest.values()])
     for user_id in newest:
         records.keyring.data_keys.drop(user_id)
-    return len(newest), skipped
+    return len(newest), skipped, []
+
+
+def _log_refused(
+    records: Records, copies: list[IncomingCopy], sender: Sender, refused: list[tuple[str, str]]
+) -> None:
+    """One denied entry per refused copy (one for the batch when its high-water mark is)."""
+    reasons: dict[int, list[str]] = {}
+    for path, why in refused:
+        i = int(path[len("copies[") : path.index("]")]) if path.startswith("copies[") else -1
+        reasons.setdefault(i, []).append(f"{path} {why}")
+    records.store.log_append(
+        [
+            translog.entry(
+                "replication",
+                subject=copies[i].user_id if i >= 0 else "",
+                source_region=sender.home_region,
+                destination_region=records.region,
+                outcome="denied",
+                actor=sender.actor,
+                rules_version=records.rules.version,
+                version=copies[i].version if i >= 0 else 0,
+                reason="copy refused: " + "; ".join(why),
+            )
+            for i, why in sorted(reasons.items())
+        ]
+    )

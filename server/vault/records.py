@@ -272,7 +272,9 @@ class Records:
         dek = self._data_key(row.user_id)
         kid, version = copy.key_id, copy.version
         fields = {
-            n: Value.FromString(dek.open(s, field_aad(row.user_id, n, self.region, version, kid)))
+            n: Value.FromString(
+                dek.open(s, field_aad(row.user_id, n, self.region, version, kid, format=copy.format))
+            )
             for n, s in copy.sealed_fields.items()
         }
         return Opened(

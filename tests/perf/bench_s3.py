@@ -37,6 +37,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "residency-bench-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from residency.replicator.sinks.s3 import S3Sink, object_key  # noqa: E402
+from residency.server.keys.region import RecipientKey  # noqa: E402
 from residency.v1 import replica_pb2  # noqa: E402
 from tests.conftest import SeaweedFS  # noqa: E402
 
@@ -138,8 +139,8 @@ async def bench(s3: SeaweedFS, args: argparse.Namespace) -> dict:
     for r in range(args.rounds):
         sink = S3Sink(
             home_region="cn-north",
-            region="eu-west-1",
-            key_id="3f9a0c1b2d4e5f60",
+            recipient=RecipientKey("eu-west-1", b"\x01" * 32),
+            home_key=b"\x02" * 32,
             bucket=BUCKET,
             prefix=PREFIX,
             endpoint_url=s3.endpoint,

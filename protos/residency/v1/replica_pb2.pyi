@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SealedCopy(_message.Message):
-    __slots__ = ("user_id", "version", "deleted", "key_id", "wrapped_data_key", "sealed_fields", "source", "home_region", "categories", "created_at", "updated_at", "rules_version", "reason", "transit_key_id", "wrapped_transit_key")
+    __slots__ = ("user_id", "version", "deleted", "key_id", "wrapped_data_key", "sealed_fields", "source", "home_region", "categories", "created_at", "updated_at", "rules_version", "reason", "transit_key_id", "wrapped_transit_key", "signature", "format", "region", "signing_key_id")
     class SealedFieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,10 @@ class SealedCopy(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     TRANSIT_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     WRAPPED_TRANSIT_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     version: int
     deleted: bool
@@ -55,15 +59,37 @@ class SealedCopy(_message.Message):
     reason: str
     transit_key_id: str
     wrapped_transit_key: bytes
-    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., deleted: _Optional[bool] = ..., key_id: _Optional[str] = ..., wrapped_data_key: _Optional[bytes] = ..., sealed_fields: _Optional[_Mapping[str, bytes]] = ..., source: _Optional[str] = ..., home_region: _Optional[str] = ..., categories: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_version: _Optional[str] = ..., reason: _Optional[str] = ..., transit_key_id: _Optional[str] = ..., wrapped_transit_key: _Optional[bytes] = ...) -> None: ...
+    signature: bytes
+    format: int
+    region: str
+    signing_key_id: str
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., deleted: _Optional[bool] = ..., key_id: _Optional[str] = ..., wrapped_data_key: _Optional[bytes] = ..., sealed_fields: _Optional[_Mapping[str, bytes]] = ..., source: _Optional[str] = ..., home_region: _Optional[str] = ..., categories: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_version: _Optional[str] = ..., reason: _Optional[str] = ..., transit_key_id: _Optional[str] = ..., wrapped_transit_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., format: _Optional[int] = ..., region: _Optional[str] = ..., signing_key_id: _Optional[str] = ...) -> None: ...
+
+class HighWater(_message.Message):
+    __slots__ = ("home_region", "region", "version", "issued_at", "signing_key_id", "signature")
+    HOME_REGION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    home_region: str
+    region: str
+    version: int
+    issued_at: _timestamp_pb2.Timestamp
+    signing_key_id: str
+    signature: bytes
+    def __init__(self, home_region: _Optional[str] = ..., region: _Optional[str] = ..., version: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signing_key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ApplyCopiesRequest(_message.Message):
-    __slots__ = ("source_region", "copies")
+    __slots__ = ("source_region", "copies", "high_water")
     SOURCE_REGION_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     source_region: str
     copies: _containers.RepeatedCompositeFieldContainer[SealedCopy]
-    def __init__(self, source_region: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[SealedCopy, _Mapping]]] = ...) -> None: ...
+    high_water: HighWater
+    def __init__(self, source_region: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[SealedCopy, _Mapping]]] = ..., high_water: _Optional[_Union[HighWater, _Mapping]] = ...) -> None: ...
 
 class ApplyCopiesResponse(_message.Message):
     __slots__ = ("applied", "skipped")

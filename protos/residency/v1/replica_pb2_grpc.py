@@ -50,7 +50,10 @@ class ReplicaServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ApplyCopies(self, request, context):
-        """Applies copies idempotently by version: an older or equal version is skipped.
+        """Applies copies idempotently by version: an equal version is skipped. The whole batch is
+        refused (INVALID_ARGUMENT naming copies[i], nothing applied) if any copy is unsigned,
+        forged, signed by another key, made for another region, older than the copy held, or
+        above the batch's signed high-water mark.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

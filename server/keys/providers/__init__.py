@@ -51,7 +51,7 @@ class KeyProvider(Protocol):
 
 
 def open_provider(config: Any) -> KeyProvider:
-    """The provider a node's `keys:` config names (`residency.server.config.node.KeysConfig`)."""
+    """The provider a node's `keys:` config names (`residency.server.config.keys.KeysConfig`)."""
     # Each provider's client library is imported only by the nodes that use it.
     if config.provider == "local":
         from residency.server.keys.providers.local import LocalProvider

@@ -1,0 +1,117 @@
+"""What the home region signs: the canonical bytes of a replicated copy and of a batch's
+high-water mark, and the check of an Ed25519 signature over them. Pure: no keys on disk.
+
+The bytes are not protobuf's wire encoding, which no implementation promises to reproduce
+(field order, map order and unknown fields vary): they are defined over field numbers and
+values, so a region node or an affiliate in any language recomputes them from the message
+it parsed. Every field the message's schema has is covered, including fields added later;
+a message holding fields the reader's schema lacks is refused, since they could not be
+checked. The encoding (docs/services.md, "The copy format"):
+
+    message  = for each set field, by field number: number (4 bytes) || value
+    value    = bytes, string (UTF-8): length (4 bytes) || bytes
+               bool: 1 byte; unsigned integers: 8 bytes; signed integers, enums: 8 bytes
+               two's complement; double, float: 8 bytes IEEE 754 (all big-endian)
+               message: length (4 bytes) || its encoding
+               repeated: count (4 bytes) || each value, in order
+               map: count (4 bytes) || key value || value value, by the key's value bytes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from residency.server.core.sealing import length_prefixed
+
+COPY_CONTEXT = b"residency/copy/v2"
+HIGH_WATER_CONTEXT = b"residency/high-water/v1"
+# The field of each signed message that holds the signature (left out of its signed bytes).
+SIGNATURE_FIELD = {"residency.v1.SealedCopy": 16, "residency.v1.HighWater": 6}
+
+_T = FieldDescriptor
+_UNSIGNED = {_T.TYPE_UINT32, _T.TYPE_UINT64, _T.TYPE_FIXED32, _T.TYPE_FIXED64}
+_SIGNED = {
+    _T.TYPE_INT32,
+    _T.TYPE_INT64,
+    _T.TYPE_SINT32,
+    _T.TYPE_SINT64,
+    _T.TYPE_SFIXED32,
+    _T.TYPE_SFIXED64,
+    _T.TYPE_ENUM,
+}
+
+
+class UnknownFields(ValueError):
+    """The message holds fields this reader's schema does not define: it cannot be checked."""
+
+
+def key_id(public_raw: bytes) -> str:
+    """A signing key's id: the first 16 hex digits of SHA-256 of its raw 32-byte public key."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+def canonical(message: Message, leave_out: int = 0) -> bytes:
+    """The canonical encoding of `message` (the module's docstring), without field `leave_out`."""
+    if len(UnknownFieldSet(message)):
+        raise UnknownFields(f"{message.DESCRIPTOR.full_name} holds fields this node does not know")
+    return b"".join(
+        fd.number.to_bytes(4, "big") + _field(fd, value)
+        for fd, value in message.ListFields()
+        if fd.number != leave_out
+    )
+
+
+def _field(fd: FieldDescriptor, value: Any) -> bytes:
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        key_fd, value_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+        entries = sorted((_one(key_fd, k), _one(value_fd, v)) for k, v in value.items())
+        return len(entries).to_bytes(4, "big") + b"".join(k + v for k, v in entries)
+    if fd.is_repeated:
+        return len(value).to_bytes(4, "big") + b"".join(_one(fd, v) for v in value)
+    return _one(fd, value)
+
+
+def _one(fd: FieldDescriptor, v: Any) -> bytes:
+    t = fd.type
+    if t == _T.TYPE_MESSAGE or t == _T.TYPE_GROUP:
+        return length_prefixed(canonical(v))
+    if t == _T.TYPE_STRING:
+        return length_prefixed(v.encode())
+    if t == _T.TYPE_BYTES:
+        return length_prefixed(bytes(v))
+    if t == _T.TYPE_BOOL:
+        return b"\x01" if v else b"\x00"
+    if t in _UNSIGNED:
+        return int(v).to_bytes(8, "big")
+    if t in _SIGNED:
+        return int(v).to_bytes(8, "big", signed=True)
+    return struct.pack(">d", float(v))  # double, float
+
+
+def signed_bytes(message: Message) -> bytes:
+    """The bytes the home signs for a SealedCopy or a HighWater: its context, length-prefixed,
+    then its canonical encoding without the signature."""
+    name = message.DESCRIPTOR.full_name
+    context = COPY_CONTEXT if name == "residency.v1.SealedCopy" else HIGH_WATER_CONTEXT
+    return length_prefixed(context) + canonical(message, SIGNATURE_FIELD[name])
+
+
+def verifies(public_raw: bytes, message: Message) -> bool:
+    """Whether `message`'s signature is the key's over its signed bytes (False when it holds
+    fields this node does not know, or no signature)."""
+    signature = getattr(message, "signature", b"")
+    if not signature:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, signed_bytes(message))
+    except (InvalidSignature, UnknownFields, ValueError):
+        return False
+    return True

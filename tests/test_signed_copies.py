@@ -1,0 +1,276 @@
+"""Copies signed by the home region (issue 14.3): what the signature covers and how any
+language recomputes it (vectors), the length-prefixed associated data of format 2 beside the
+old one, and real region nodes over mutual TLS refusing every copy their home did not sign
+for them, even from the primary's own node identity, with nothing applied and the refusal
+logged there and shown in the primary's replication status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from google.protobuf.descriptor import FieldDescriptor
+
+from residency.replicator.sinks.manifest import open_object
+from residency.server.core import codec
+from residency.server.core.sealing import SealError, field_aad
+from residency.server.core.signed import signed_bytes, verifies
+from residency.server.deployment import PRIMARY
+from residency.server.keys.copykey import CopySigner, load_copy_key
+from residency.server.keys.region import RegionKey
+from residency.v1 import replica_pb2
+from tests.conftest import Cluster, values
+from tests.test_records import violations
+
+SG, IE = "ap-southeast-1", "eu-west-1"
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "copy_format_v2.json").read_text())
+PRIMARY_NODE = "spiffe://residency/node/cn-north/primary"
+
+
+def signer() -> CopySigner:
+    return CopySigner(PRIMARY, Ed25519PrivateKey.generate())
+
+
+def a_copy(**fields: Any) -> replica_pb2.SealedCopy:
+    base: dict[str, Any] = {
+        "user_id": "u-1",
+        "version": 3,
+        "key_id": "0123456789abcdef",
+        "sealed_fields": {"email": b"\x01" * 28},
+        "categories": {"email": "user.contact.email"},
+        "home_region": PRIMARY,
+        "format": 2,
+    }
+    return replica_pb2.SealedCopy(**{**base, **fields})
+
+
+# ---- what is signed ------------------------------------------------------------------
+
+
+def _changed(copy: replica_pb2.SealedCopy, fd: FieldDescriptor) -> replica_pb2.SealedCopy:
+    """`copy` with field `fd` given another value, whatever its type."""
+    out = clone(copy)
+    value = getattr(out, fd.name)
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        value["zz-added"] = b"x" if fd.message_type.fields_by_name["value"].type == fd.TYPE_BYTES else "x"
+    elif fd.type == fd.TYPE_MESSAGE:
+        value.seconds += 1
+    elif fd.type == fd.TYPE_STRING:
+        setattr(out, fd.name, value + "x")
+    elif fd.type == fd.TYPE_BYTES:
+        setattr(out, fd.name, value + b"x")
+    elif fd.type == fd.TYPE_BOOL:
+        setattr(out, fd.name, not value)
+    else:
+        setattr(out, fd.name, value + 1)
+    return out
+
+
+def test_the_signature_covers_every_field_of_the_copy_including_fields_added_later():
+    """Walks the message's own schema: a field added to SealedCopy later is covered the day it
+    is added, with no change to the signing code."""
+    s = signer()
+    copy = s.sign_copy(a_copy(created_at=codec.timestamp(1_790_000_000.0)), SG)
+    assert verifies(s.public_raw, copy)
+    fields = [fd for fd in replica_pb2.SealedCopy.DESCRIPTOR.fields if fd.name != "signature"]
+    assert len(fields) >= 18
+    for fd in fields:
+        assert not verifies(s.public_raw, _changed(copy, fd)), fd.name
+    assert not verifies(signer().public_raw, copy)  # another key
+
+
+def test_signed_bytes_do_not_depend_on_map_order_and_unknown_fields_are_refused():
+    one = a_copy(sealed_fields={"a": b"1", "b": b"2"}, categories={"a": "x", "b": "y"})
+    two = a_copy()
+    two.sealed_fields.clear()
+    two.categories.clear()
+    two.sealed_fields["b"], two.sealed_fields["a"] = b"2", b"1"
+    two.categories["b"], two.categories["a"] = "y", "x"
+    assert signed_bytes(one) == signed_bytes(two)
+    s = signer()
+    copy = s.sign_copy(a_copy(), SG)
+    # A field this node's schema lacks (number 1000, varint 1) cannot be checked: refused.
+    grown = replica_pb2.SealedCopy.FromString(copy.SerializeToString() + b"\xc0\x3e\x01")
+    assert grown.signature == copy.signature and not verifies(s.public_raw, grown)
+
+
+def test_vectors_any_implementation_can_check_against():
+    v = VECTORS
+    public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(v["public_key"]))
+    for name, message in (("copy", replica_pb2.SealedCopy), ("high_water", replica_pb2.HighWater)):
+        parsed = message.FromString(bytes.fromhex(v[name]["message"]))
+        assert signed_bytes(parsed).hex() == v[name]["signed_bytes"], name
+        public.verify(bytes.fromhex(v[name]["signature"]), bytes.fromhex(v[name]["signed_bytes"]))
+        assert verifies(bytes.fromhex(v["public_key"]), parsed)
+
+
+# ---- the associated data of format 2 -------------------------------------------------
+
+
+def test_length_prefixed_associated_data_cannot_be_confused_across_component_boundaries():
+    """User "a\\0b" field "c" and user "a" field "b\\0c" were one associated data when joined
+    with NUL bytes (ids cannot hold NUL today; the format should not depend on it)."""
+    one, two = VECTORS["field_aad"]
+    for n in (1, 2):
+        for vec in (one, two):
+            parts = (vec["user_id"], vec["field"], vec["region"], vec["version"], vec["key_id"])
+            assert field_aad(*parts, format=n).hex() == vec[f"format_{n}"]
+    assert one["format_1"] == two["format_1"]
+    assert one["format_2"] != two["format_2"]
+    with pytest.raises(SealError, match="format 3 is unknown"):
+        field_aad("u-1", "email", SG, 3, "k1", format=3)
+
+
+def test_a_copy_of_the_old_format_still_opens():
+    key = RegionKey(SG, X25519PrivateKey.generate().private_bytes_raw())
+    tk = key.recipient.new_transit_key()
+    dek, wrapped = tk.new_data_key("u-1")
+    value = codec.to_value("li@example.cn")
+    old_aad = b"\0".join((b"field", b"u-1", b"email", SG.encode(), b"3", key.key_id.encode()))
+    old = replica_pb2.SealedCopy(  # format 0: written before signing, NUL-joined AD
+        user_id="u-1",
+        version=3,
+        key_id=key.key_id,
+        wrapped_data_key=wrapped,
+        transit_key_id=tk.id,
+        wrapped_transit_key=tk.wrapped,
+        sealed_fields={"email": dek.seal(value.SerializeToString(), old_aad)},
+    )
+    with pytest.raises(SealError, match="not a copy the home signed"):  # unless told it predates signing
+        open_object(old.SerializeToString(), key, signer().public_raw)
+    copy, fields = open_object(old.SerializeToString(), key, signer().public_raw, unsigned_ok=True)
+    assert copy.format == 0 and codec.from_value(fields["email"]) == "li@example.cn"
+    # The same bytes claimed as format 2 do not open: a format-2 object must be signed.
+    old.format = 2
+    with pytest.raises(SealError):
+        open_object(old.SerializeToString(), key, signer().public_raw, unsigned_ok=True)
+
+
+# ---- real region nodes ----------------------------------------------------------------
+
+
+async def refused(cluster: Cluster, request: replica_pb2.ApplyCopiesRequest) -> dict[str, str]:
+    """Sends `request` to ap-southeast-1 as the primary's own node; returns the violations."""
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cluster.replica(SG).ApplyCopies(request, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    return violations(e.value)
+
+
+async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_primarys_own_node(
+    cluster: Cluster,
+):
+    c = cluster
+    await c.put("u-1", {"email": "first@example.cn", "name": "Li"})
+    await c.put("u-1", {"email": "second@example.cn"})
+    await c.replicated()
+    before = (await c.get("u-1", region=SG)).record
+    assert before.version == 2
+    counts = await c.status(SG)
+    # The home's real key, as a captured genuine copy would carry its signature.
+    home = load_copy_key(PRIMARY, c.dir / "keys" / PRIMARY / "copy.key")
+    mark = home.high_water(SG, 2)
+    liar = signer()
+
+    def honest(copy: replica_pb2.SealedCopy, region: str = SG) -> replica_pb2.SealedCopy:
+        return home.sign_copy(clone(copy), region)
+
+    forged = honest(a_copy(version=2))
+    forged.sealed_fields["national_id"] = b"\x00" * 40  # a never-transfer field, added after signing
+    forged.categories["national_id"] = "user.government_id.national_identification_number"
+    tomb = replica_pb2.SealedCopy(user_id="u-1", version=2**62, deleted=True, reason="erasure", format=2)
+    cases = {
+        "forged": ([forged], mark, "copies[0].signature", "does not verify"),
+        "unsigned 2^62": ([tomb], mark, "copies[0].signature", "is missing"),
+        "signed 2^62 above the mark": ([honest(tomb)], mark, "copies[0].version", "above the home's signed"),
+        "2^62 under the liar's own mark": (
+            [liar.sign_copy(clone(tomb), SG)],
+            liar.high_water(SG, 2**62),
+            "high_water.signing_key_id",
+            "this node trusts cn-north's",
+        ),
+        "liar claiming the home's key id": (
+            [_claiming(liar.sign_copy(a_copy(version=3), SG), home)],
+            mark,
+            "copies[0].signature",
+            "does not verify",
+        ),
+        "replayed older version": ([honest(a_copy(version=1))], mark, "copies[0].version", "older than"),
+        "made for eu-west-1": ([honest(a_copy(version=2), IE)], mark, "copies[0].region", f"not {SG}"),
+        "no mark": ([honest(a_copy(version=2))], None, "high_water", "is required"),
+        "old format": ([a_copy(version=2, format=0)], mark, "copies[0].format", "format 2"),
+        # One good copy (a new user's tombstone) beside a forged one: nothing of the batch applies.
+        "good beside forged": (
+            [honest(replica_pb2.SealedCopy(user_id="t-9", version=1, deleted=True, format=2)), forged],
+            mark,
+            "copies[1].signature",
+            "does not verify",
+        ),
+    }
+    for case, (copies, hw, path, why) in cases.items():
+        request = replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=copies, high_water=hw)
+        got = await refused(c, request)
+        assert why in got.get(path, ""), (case, got)
+        assert not any("second@example.cn" in d or "u-1" in d for d in got.values()), case
+    # Nothing changed in ap-southeast-1 ...
+    after = (await c.get("u-1", region=SG)).record
+    assert (after.version, values_of(after)) == (2, values_of(before))
+    now = await c.status(SG)
+    assert (now.records, now.tombstones) == (counts.records, counts.tombstones)
+    # ... every refusal is a denied entry of its own log, naming the primary's node as actor.
+    entries = [json.loads(e) for _, e, _ in await c.log(SG)]
+    denied = [e for e in entries if e["kind"] == "replication" and e["outcome"] == "denied"]
+    assert len(denied) >= len(cases) and {e["actor"] for e in denied} == {PRIMARY_NODE}
+    assert any("does not verify" in e["reason"] and e["subject"] == "u-1" for e in denied)
+    # The honest sender with the home's key is let through: the refusals were for the lies.
+    good = honest(replica_pb2.SealedCopy(user_id="t-9", version=1, deleted=True, format=2))
+    reply = await c.replica(SG).ApplyCopies(
+        replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=[good], high_water=mark), timeout=10
+    )
+    assert (reply.applied, reply.skipped) == (1, 0)
+
+
+def clone(m: replica_pb2.SealedCopy) -> replica_pb2.SealedCopy:
+    out = replica_pb2.SealedCopy()
+    out.CopyFrom(m)
+    return out
+
+
+def _claiming(copy: replica_pb2.SealedCopy, home: CopySigner) -> replica_pb2.SealedCopy:
+    copy.signing_key_id = home.key_id
+    return copy
+
+
+def values_of(record: Any) -> dict[str, Any]:
+    return {n: codec.from_value(v) for n, v in record.fields.items()}
+
+
+async def test_copies_a_region_cannot_verify_show_in_the_primarys_replication_status(idle_cluster: Cluster):
+    """ap-southeast-1 is told to trust another key than its home's: every copy is refused,
+    dead-lettered at the primary with the reason in status, and logged at the region."""
+    c = idle_cluster
+    path = c.dep.configs[SG]
+    config = yaml.safe_load(path.read_text())
+    config["home"]["signing_key"] = f"keys/{IE}/copy.pub"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    await c.start()
+    await c.put("s-1", {"email": "s@example.cn", "language": "zh-CN"})
+    deadline = time.monotonic() + 60
+    while (s := await c.replication())[SG].dead_lettered < 1 or s[SG].pending or s[IE].pending:
+        assert time.monotonic() < deadline, s
+        await asyncio.sleep(0.1)
+    assert "refused: INVALID_ARGUMENT" in s[SG].last_error and "signing_key_id" in s[SG].last_error
+    assert s[IE].dead_lettered == 0 and not s[IE].last_error
+    failed = [json.loads(e) for _, e, _ in await c.log() if json.loads(e)["outcome"] == "failed"]
+    assert [e["subject"] for e in failed if e["destination_region"] == SG] == ["s-1"]
+    denied = [json.loads(e) for _, e, _ in await c.log(SG) if json.loads(e)["outcome"] == "denied"]
+    assert denied and denied[-1]["subject"] == "s-1" and denied[-1]["actor"] == PRIMARY_NODE
+    assert "language" in values(await c.get("s-1", region=IE))  # the other region went on
