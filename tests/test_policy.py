@@ -228,6 +228,19 @@ async def test_a_grant_for_a_never_transfer_category_is_refused_and_changes_noth
     assert await log_entries(cluster, kind="grant") == []
 
 
+async def test_a_grant_under_an_id_already_taken_is_already_exists_and_changes_nothing(cluster: Cluster):
+    # Found by the fuzz suite: the store's unique constraint surfaced as INTERNAL.
+    await cluster.put("g-5", {"email": "g@example.cn"})
+    await cluster.put("g-6", {"email": "h@example.cn"})
+    await create_grant(cluster, ["g-5"], 3600, ["user.contact.email"], "desk")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create_grant(cluster, ["g-6"], 60, ["user.behavior.browsing_history"], "desk")
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert e.value.details() == "a grant desk exists; name another id, or none for a new one"
+    assert (await grant_states(cluster))["desk"] == consent_pb2.GRANT_STATE_ACTIVE
+    assert [e["subject"] for e in await log_entries(cluster, kind="grant")] == ["g-5"]
+
+
 async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
     await cluster.put("g-3", {"email": "g@example.cn", "pages_visited": ["/a"]})
     grant_id = await create_grant(cluster, ["g-3"], 3600, ["user.behavior.browsing_history"])
