@@ -60,18 +60,20 @@ pytestmark = pytest.mark.faults
 
 SG, IE = AFFILIATES
 REQUESTS = 20_000
-WARM_UP = 1_000
+WARM_UP = 5_000
 BATCHES = 20
 IN_FLIGHT = 48
 # Growth of a node's resident memory allowed between the warm-up and the end. What may grow
 # with the number of requests: the transfer log's Merkle leaves held in memory (a 32-byte
-# hash and its list slot per entry; at most one entry per refused request here, so under
-# 3 MiB for 20,000), SQLite's page cache (bounded), and the allocator's arenas for the
-# largest requests in flight (IN_FLIGHT x a few MB at worst, returned to the allocator but
-# not always to the system). Measured: about 40 MiB for the primary after 20,000 requests
-# and again after 60,000 (it levels off), 27 and 47 MiB for the region node; a leak of a few
-# KiB per request would pass the bound within one run.
-RSS_GROWTH_KIB = 80 * 1024
+# hash and its list slot per entry; at most one entry per refused request here, so a few
+# MiB), SQLite's page cache (bounded), and the allocator's arenas (one per thread that
+# allocates) filling to the high-water mark of the largest requests in flight, then kept.
+# Measured batch by batch over 40,000 requests, the primary climbed from about 130 to
+# 175 MiB by 20,000 requests and then stayed between 160 and 184 MiB (samples vary by
+# +-15 MiB); after this warm-up it grew by 30 to 60 MiB, the region node by 20 to 30 MiB.
+# The bound is half as much again as the most seen; what it catches is growth that does not
+# level off: a leak of 4 KiB per request, for one.
+RSS_GROWTH_KIB = 96 * 1024
 
 PACKAGE = "residency.v1"
 # A request stays far below the node's 64 MiB receive limit and the test's own memory.
@@ -433,6 +435,7 @@ ALLOWED = frozenset(
 )
 # A caller whose role lacks the method's permission: refused, or its bytes refused first.
 ROLE_REFUSED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT})
+FAILURES_SHOWN = 60
 
 
 @dataclass(frozen=True)
@@ -469,7 +472,7 @@ def plan(gen: Generator, label: str, methods: Sequence[MethodDescriptor], region
     else:
         role = rng.choice(allowed)
     location, name = rng.choice(IDENTITIES[role])
-    if role == "node" and node != PRIMARY and rng.random() < 0.3:
+    if role == "node" and not lie and node != PRIMARY and rng.random() < 0.3:
         location, lie = node, "a node of another region ships copies"
     if rng.random() < 0.25:
         data = gen.raw(method, methods)
@@ -494,7 +497,8 @@ class Tally:
     codes: Counter[str] = field(default_factory=Counter)
     methods: Counter[str] = field(default_factory=Counter)
     lies: int = 0
-    failures: list[str] = field(default_factory=list)
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)  # the first FAILURES_SHOWN, described
 
     def add(self, call: Call, code: grpc.StatusCode, details: str) -> None:
         self.sent += 1
@@ -508,14 +512,13 @@ class Tally:
             wrong = "not refused"
         elif call.lie and code == grpc.StatusCode.OK:
             wrong = "a lying caller was answered"
-        if wrong and len(self.failures) < 60:
+        self.failed += bool(wrong)
+        if wrong and len(self.failures) < FAILURES_SHOWN:
             self.failures.append(
                 f"{wrong}: {call.label} {path(call.method)} on {call.node} as {call.role}/{call.location}/"
                 f"{call.name} ({call.lie or 'honest'}): {code.name} {details[:200]!r};"
                 f" request {len(call.data)} bytes {call.data[:64].hex()}"
             )
-        elif wrong:
-            self.failures.append("...")
 
 
 class Sender:
@@ -700,8 +703,8 @@ async def test_fuzzed_requests_to_every_rpc_get_only_documented_statuses_and_the
     logs = {r: cluster.data_dir(r) / "node.log" for r in pids}
     log_start = {r: p.stat().st_size for r, p in logs.items()}
 
-    # A first batch warms the nodes up (lazy imports, caches, connection buffers) before the
-    # memory they hold is measured.
+    # A first batch warms the nodes up (lazy imports, caches, connection buffers, allocator
+    # arenas; see RSS_GROWTH_KIB) before the memory they hold is measured.
     started = time.monotonic()
     await fuzz(sender, tally, vocab, seeds[0], WARM_UP, regions)
     rss_before = {r: rss_kib(p) for r, p in pids.items()}
@@ -722,7 +725,7 @@ async def test_fuzzed_requests_to_every_rpc_get_only_documented_statuses_and_the
     }
     record_property("fuzz", json.dumps(figures))
     print("fuzz figures:", json.dumps(figures), "\nper method:", dict(sorted(tally.methods.items())))
-    assert not tally.failures, "\n".join(tally.failures)
+    assert not tally.failed, f"{tally.failed} calls failed; the first:\n" + "\n".join(tally.failures)
     assert tally.sent >= REQUESTS
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
     # Every method was reached as a role the table allows.
