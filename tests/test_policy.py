@@ -17,6 +17,7 @@ import pytest
 from residency.server.core import codec
 from residency.server.deployment import EXAMPLE_RULES, PRIMARY
 from residency.v1 import (
+    admin_pb2,
     consent_pb2,
     consent_pb2_grpc,
     disclosure_pb2,
@@ -435,6 +436,25 @@ async def test_applying_new_rules_withdraws_and_backfills_copies_and_is_logged(c
     r = residency("rules", "apply", *cluster.target(), str(rules_file))
     assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "legal_basis" in r.stderr
     assert (cluster.dir / "rules.yaml").read_text() == new
+
+
+async def test_rules_sent_that_do_not_parse_are_refused_naming_the_request_field_not_the_nodes_file(
+    cluster: Cluster,
+):
+    # Found by the fuzz suite: the refusal named the rules file's path on the node's disk.
+    before = (await cluster.status(PRIMARY)).rules_version
+    broken = EXAMPLE_RULES.replace("legal_basis: contract", "legal_basis: whim", 1)
+    for text, says in (
+        ("- a list", "must be a mapping"),
+        ("a: [", "not valid YAML"),
+        (broken, "legal_basis"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cluster.admin().ApplyRules(admin_pb2.ApplyRulesRequest(rules_yaml=text), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("rules_yaml") and says in e.value.details(), e.value.details()
+        assert str(cluster.dir) not in e.value.details()
+    assert (await cluster.status(PRIMARY)).rules_version == before
 
 
 async def test_sighup_reloads_the_rules_file(cluster: Cluster):
