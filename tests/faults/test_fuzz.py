@@ -495,6 +495,7 @@ class Tally:
     codes: Counter[str] = field(default_factory=Counter)
     methods: Counter[str] = field(default_factory=Counter)
     lies: int = 0
+    honest: set[str] = field(default_factory=set)  # methods called by a caller who does not lie
     failed: int = 0
     failures: list[str] = field(default_factory=list)  # the first FAILURES_SHOWN, described
 
@@ -503,6 +504,8 @@ class Tally:
         self.codes[code.name] += 1
         self.methods[f"{call.method.name}:{code.name}"] += 1
         self.lies += bool(call.lie)
+        if not call.lie:
+            self.honest.add(call.method.name)
         wrong = ""
         if code not in ALLOWED:
             wrong = "an undocumented status"
@@ -725,11 +728,15 @@ async def test_fuzzed_requests_to_every_rpc_get_only_documented_statuses_and_the
     }
     record_property("fuzz", json.dumps(figures))
     print("fuzz figures:", json.dumps(figures), "\nper method:", dict(sorted(tally.methods.items())))
-    assert not tally.failed, f"{tally.failed} calls failed; the first:\n" + "\n".join(tally.failures)
+    where = ", ".join(str(p) for p in logs.values())
+    assert not tally.failed, (
+        f"{tally.failed} calls failed (an INTERNAL's error id is in a node's log: {where}); the first:\n"
+        + "\n".join(tally.failures)
+    )
     assert tally.sent >= REQUESTS
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
-    # Every method was reached as a role the table allows.
-    assert {k.split(":")[0] for k in tally.methods} == {m.name for m in methods}
+    # Every method was called as a role the table allows, and answered.
+    assert tally.honest == {m.name for m in methods}
 
     # Still up and working.
     for region in pids:
