@@ -207,15 +207,18 @@ class RunningNode:
                 log.exception("signing a checkpoint failed; retrying next interval")
             await asyncio.sleep(self.config.checkpoint_interval_seconds)
 
-    async def apply_rules(self, text: bytes, actor: str, persist: bool) -> tuple[str, str, int]:
+    async def apply_rules(
+        self, text: bytes, actor: str, persist: bool, source: str = ""
+    ) -> tuple[str, str, int]:
         """Validates `text` as the new rule set, swaps it in atomically and logs the change,
         then re-projects every live record in the background (writes are not blocked: each
-        page is its own short transaction). `persist` writes it to the configured file."""
+        page is its own short transaction). `persist` writes it to the configured file.
+        `source`: where the text came from, as its errors name it (default: that file)."""
         assert self.node is not None and self.db is not None
         path = self.config.rules
-        new = rules_from_bytes(text, self.schema, str(path))
+        new = rules_from_bytes(text, self.schema, source or str(path))
         if why := rules_refusal(self.config, new):  # what the node would not start on
-            raise ConfigError(f"{self.config.path}: {why}")
+            raise ConfigError(f"{source or self.config.path}: {why}")
         if persist:
             await asyncio.get_running_loop().run_in_executor(None, _write_atomically, path, text)
         policy = self.node.policy

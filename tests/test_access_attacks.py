@@ -223,18 +223,6 @@ async def listed_grant(c: Cluster, grant_id: str) -> consent_pb2.Grant:
     return found
 
 
-async def test_a_grant_id_in_use_is_refused_as_invalid_not_internal(module_cluster: Cluster):
-    c = module_cluster
-    first = await grants_stub(c).CreateGrant(grant_of("g-1", 3600, "shared-id"), timeout=10)
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await grants_stub(c).CreateGrant(grant_of("g-2", 60, "shared-id"), timeout=10)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    assert "grant.id" in e.value.details()
-    kept = await listed_grant(c, first.id)
-    assert kept.user_count == 1 and kept.ends_at.seconds > time.time() + 3000
-    assert not await entries(c, kind="grant", subject="g-2")
-
-
 async def test_revoking_a_grant_that_already_ended_is_no_act_and_says_so(module_cluster: Cluster):
     c = module_cluster
     made = await grants_stub(c).CreateGrant(grant_of("h-1", 1.0), timeout=10)

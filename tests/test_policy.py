@@ -17,6 +17,7 @@ import pytest
 from residency.server.core import codec
 from residency.server.deployment import EXAMPLE_RULES, PRIMARY
 from residency.v1 import (
+    admin_pb2,
     consent_pb2,
     consent_pb2_grpc,
     disclosure_pb2,
@@ -228,6 +229,19 @@ async def test_a_grant_for_a_never_transfer_category_is_refused_and_changes_noth
     assert await log_entries(cluster, kind="grant") == []
 
 
+async def test_a_grant_under_an_id_already_taken_is_already_exists_and_changes_nothing(cluster: Cluster):
+    # Found by the fuzz suite: the store's unique constraint surfaced as INTERNAL.
+    await cluster.put("g-5", {"email": "g@example.cn"})
+    await cluster.put("g-6", {"email": "h@example.cn"})
+    await create_grant(cluster, ["g-5"], 3600, ["user.contact.email"], "desk")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create_grant(cluster, ["g-6"], 60, ["user.behavior.browsing_history"], "desk")
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert e.value.details() == "a grant desk exists; name another id, or none for a new one"
+    assert (await grant_states(cluster))["desk"] == consent_pb2.GRANT_STATE_ACTIVE
+    assert [e["subject"] for e in await log_entries(cluster, kind="grant")] == ["g-5"]
+
+
 async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
     await cluster.put("g-3", {"email": "g@example.cn", "pages_visited": ["/a"]})
     grant_id = await create_grant(cluster, ["g-3"], 3600, ["user.behavior.browsing_history"])
@@ -422,6 +436,25 @@ async def test_applying_new_rules_withdraws_and_backfills_copies_and_is_logged(c
     r = residency("rules", "apply", *cluster.target(), str(rules_file))
     assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "legal_basis" in r.stderr
     assert (cluster.dir / "rules.yaml").read_text() == new
+
+
+async def test_rules_sent_that_do_not_parse_are_refused_naming_the_request_field_not_the_nodes_file(
+    cluster: Cluster,
+):
+    # Found by the fuzz suite: the refusal named the rules file's path on the node's disk.
+    before = (await cluster.status(PRIMARY)).rules_version
+    broken = EXAMPLE_RULES.replace("legal_basis: contract", "legal_basis: whim", 1)
+    for text, says in (
+        ("- a list", "must be a mapping"),
+        ("a: [", "not valid YAML"),
+        (broken, "legal_basis"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cluster.admin().ApplyRules(admin_pb2.ApplyRulesRequest(rules_yaml=text), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("rules_yaml") and says in e.value.details(), e.value.details()
+        assert str(cluster.dir) not in e.value.details()
+    assert (await cluster.status(PRIMARY)).rules_version == before
 
 
 async def test_sighup_reloads_the_rules_file(cluster: Cluster):

@@ -72,7 +72,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def ApplyRules(self, request, context):
         self.node.primary_only()
         identity = peer_of(context).uri
-        prev, version, total = await self.node.reload_rules(request.rules_yaml.encode(), identity, True)
+        # Errors name the request's field: the node's own file path means nothing to the caller.
+        rules = request.rules_yaml.encode()
+        prev, version, total = await self.node.reload_rules(rules, identity, True, "rules_yaml")
         return admin_pb2.ApplyRulesResponse(
             previous_version=prev, version=version, records_to_reproject=total
         )

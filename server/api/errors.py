@@ -17,6 +17,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from residency.server.core.errors import (
+    AlreadyExists,
     CallerDenied,
     ConfigError,
     FailedPrecondition,
@@ -40,6 +41,7 @@ _CODES = {
     InvalidRecord: code_pb2.INVALID_ARGUMENT,
     ConfigError: code_pb2.INVALID_ARGUMENT,
     NotFound: code_pb2.NOT_FOUND,
+    AlreadyExists: code_pb2.ALREADY_EXISTS,
     OutOfRange: code_pb2.OUT_OF_RANGE,
     TransferDenied: code_pb2.PERMISSION_DENIED,
     PolicyDenied: code_pb2.PERMISSION_DENIED,

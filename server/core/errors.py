@@ -22,6 +22,10 @@ class NotFound(ResidencyError):
     pass
 
 
+class AlreadyExists(ResidencyError):
+    """What a call would create under a caller-chosen id exists already; nothing was written."""
+
+
 class TransferDenied(ResidencyError):
     """No rule allows any of the requested data to go where it was asked for."""
 

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from residency.server.core import translog
-from residency.server.core.errors import InvalidRecord, NotFound
+from residency.server.core.errors import AlreadyExists, NotFound
 from residency.server.core.policy.grants import GrantRequest, check_grant, closed_reason, opened_reason
 from residency.server.vault.records import Records
 
@@ -23,8 +23,9 @@ class Grants:
         )
         rules = self.records.rules
         check_grant(request, rules.recipients, rules.never_transfer, time.time())
-        if g.get("id") and any(r[0] == g["id"] for r in self.records.store.grants_list()):
-            raise InvalidRecord([("grant.id", f"grant {g['id']} exists already: give another id, or none")])
+        store = self.records.store
+        if g.get("id") and any(r[0] == g["id"] for r in store.grants_list()):
+            raise AlreadyExists(f"a grant {g['id']} exists; name another id, or none for a new one")
         g = {
             **g,
             "id": g.get("id") or uuid.uuid4().hex[:12],
@@ -32,7 +33,7 @@ class Grants:
             "actor": actor,
             "categories": json.dumps(sorted(g["categories"])),
         }
-        self.records.store.grant_put(g, users)
+        store.grant_put(g, users)
         self._log_grant(g["id"], g["recipient"], users, actor, opened_reason(g["purpose"], g["ends_at"]))
         self.records.bump(users)
         return g["id"]
