@@ -25,7 +25,7 @@ from residency.server.core.sealing import SealError, field_aad
 from residency.server.core.signed import signed_bytes, verifies
 from residency.server.deployment import PRIMARY
 from residency.server.keys.copykey import CopySigner, load_copy_key
-from residency.server.keys.region import RegionKey
+from residency.server.keys.region import RecipientKey, RegionKey
 from residency.v1 import replica_pb2
 from tests.conftest import Cluster, values
 from tests.test_records import violations
@@ -179,6 +179,7 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
     home = load_copy_key(PRIMARY, c.dir / "keys" / PRIMARY / "copy.key")
     mark = home.high_water(SG, 2)
     liar = signer()
+    region_key = RecipientKey.load(SG, c.dir / "keys" / SG / "region.pub").key_id
 
     def honest(copy: replica_pb2.SealedCopy, region: str = SG) -> replica_pb2.SealedCopy:
         return home.sign_copy(clone(copy), region)
@@ -203,7 +204,13 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
             "copies[0].signature",
             "does not verify",
         ),
-        "replayed older version": ([honest(a_copy(version=1))], mark, "copies[0].version", "older than"),
+        # (sealed to the region's real key: a copy to a key it does not hold is refused first)
+        "replayed older version": (
+            [honest(a_copy(version=1, key_id=region_key))],
+            mark,
+            "copies[0].version",
+            "older than",
+        ),
         "made for eu-west-1": ([honest(a_copy(version=2), IE)], mark, "copies[0].region", f"not {SG}"),
         "no mark": ([honest(a_copy(version=2))], None, "high_water", "is required"),
         "old format": ([a_copy(version=2, format=0)], mark, "copies[0].format", "format 2"),
