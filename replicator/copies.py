@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from residency.server.core import codec, translog
+from residency.server.core.policy.sticky import sent_under
 from residency.server.core.rules import Allowed, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
 from residency.server.core.sealing import DataKey, field_aad
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.region import RecipientKey, TransitKey
+from residency.server.vault.copy_policy import to_message
 from residency.server.vault.records import Opened
 from residency.v1 import replica_pb2
 
@@ -143,6 +145,7 @@ def build_copy(
         created_at=codec.timestamp(opened.created_at),
         updated_at=codec.timestamp(opened.updated_at),
         rules_version=home.rules.version,
+        policies=_policies(plan, sent, opened.updated_at, permits),
     )
     return copy, _entry(
         "replication",
@@ -154,6 +157,20 @@ def build_copy(
         fields=what.fields,
         withheld=what.withheld,
     )
+
+
+def _policies(
+    plan: Plan, sent: dict[str, Any], updated_at: float, permits: Permits
+) -> dict[str, replica_pb2.FieldPolicy]:
+    """The policy each sent field travels with (the region enforces it): the decision that
+    sends it, its rule's retention counted from the record's last write, a grant's end."""
+    ends = {f"grant:{g.id}": g.ends_at for g in permits.active_grants}
+    out = {}
+    for name in sent:
+        d = plan.decisions[name]
+        if isinstance(d, Allowed):  # every sent field's decision is
+            out[name] = to_message(sent_under(d, updated_at, ends.get(d.rule.id)))
+    return out
 
 
 def _described(home: Sender, plan: Plan, sent: dict[str, Any], withheld: dict[str, Withheld]) -> Described:

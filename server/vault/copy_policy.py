@@ -1,0 +1,83 @@
+"""The policies a copy travels with, as stored (`SealedCopy.policies`) and as the core decides
+over them (`FieldPolicy`); and how the transfer log describes a copy's fields by them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from residency.server.core import codec, translog
+from residency.server.core.policy.sticky import FieldPolicy
+from residency.v1 import replica_pb2
+
+
+def to_message(p: FieldPolicy) -> replica_pb2.FieldPolicy:
+    m = replica_pb2.FieldPolicy(
+        rule=p.rule, purposes=p.purposes, legal_basis=p.legal_basis, recipient=p.recipient, grant=p.grant
+    )
+    if p.expires_at is not None:
+        m.expires_at.CopyFrom(codec.timestamp(p.expires_at))
+    return m
+
+
+def policies_of(copy: replica_pb2.SealedCopy) -> dict[str, FieldPolicy | None]:
+    """Each sealed field's policy; None for a field sent without one (a copy older than
+    travelling policies)."""
+    out: dict[str, FieldPolicy | None] = {}
+    for name in copy.sealed_fields:
+        if name not in copy.policies:  # indexing a missing key would add it
+            out[name] = None
+            continue
+        m = copy.policies[name]
+        out[name] = FieldPolicy(
+            m.rule,
+            tuple(m.purposes),
+            m.legal_basis,
+            m.recipient,
+            m.grant,
+            codec.seconds(m.expires_at) if m.HasField("expires_at") else None,
+        )
+    return out
+
+
+def describe(
+    names: Any, policies: Mapping[str, FieldPolicy | None], categories: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """Fields as log entries name them: category, and the rule, legal basis and purposes they
+    were sent under (as the primary's entries do)."""
+    out = []
+    for n in sorted(names):
+        item: dict[str, Any] = {"name": n, "category": categories.get(n, "")}
+        p = policies.get(n)
+        if p is not None:
+            item |= {"rule": p.rule, "legal_basis": p.legal_basis, "purposes": list(p.purposes)}
+        out.append(item)
+    return out
+
+
+_described: dict[tuple[Any, ...], tuple[translog.Shared, str]] = {}
+
+
+def describe_applied(copy: replica_pb2.SealedCopy) -> tuple[translog.Shared, str]:
+    """`describe` of every field of an arriving copy, and the recipients its fields were
+    sent for, for its log entry. Applying is the replication hot path and copies repeat a
+    few field sets, so each set's description (and its canonical JSON) is made once."""
+    key = tuple(sorted((n, copy.categories.get(n, ""), *_policy_key(copy, n)) for n in copy.sealed_fields))
+    found = _described.get(key)
+    if found is None:
+        policies = policies_of(copy)
+        found = (
+            translog.Shared(describe(copy.sealed_fields, policies, copy.categories)),
+            ",".join(sorted({p.recipient for p in policies.values() if p is not None})),
+        )
+        if len(_described) >= 1000:  # field sets vary little; bound it anyway
+            _described.clear()
+        _described[key] = found
+    return found
+
+
+def _policy_key(copy: replica_pb2.SealedCopy, name: str) -> tuple[Any, ...]:
+    if name not in copy.policies:
+        return ()
+    m = copy.policies[name]
+    return (m.rule, m.legal_basis, tuple(m.purposes), m.recipient)
