@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from residency.server.api.context import Node
 from residency.server.api.errors import rpc
+from residency.server.api.identity import peer_of
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
 from residency.server.core.schema import USER_ID
-from residency.server.vault.copies import IncomingCopy, apply_copies
+from residency.server.vault.copies import apply_copies, incoming
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -31,13 +32,10 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         ]
         if bad:
             raise InvalidRecord(bad)
-        copies = []
-        for c in request.copies:
-            keys = (c.key_id, c.wrapped_data_key, c.transit_key_id, c.wrapped_transit_key)
-            if not c.deleted:
-                # The region stores the copy without its key material, which goes to its keyring.
-                for name in ("wrapped_data_key", "transit_key_id", "wrapped_transit_key"):
-                    c.ClearField(name)
-            copies.append(IncomingCopy(c.user_id, c.version, c.deleted, *keys, stored=c.SerializeToString()))
-        applied, skipped = await self.node.db.write(lambda: apply_copies(records, copies), weight=len(copies))
+        # The region stores each copy without its key material, which goes to its keyring.
+        copies = [incoming(c) for c in request.copies]
+        actor = peer_of(context).uri
+        applied, skipped = await self.node.db.write(
+            lambda: apply_copies(records, copies, actor), weight=len(copies)
+        )
         return replica_pb2.ApplyCopiesResponse(applied=applied, skipped=skipped)
