@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from residency.server.core import codec, translog
-from residency.server.core.policy.sticky import sent_under
 from residency.server.core.rules import Allowed, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
 from residency.server.core.sealing import DataKey, field_aad
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.region import RecipientKey, TransitKey
-from residency.server.vault.copy_policy import to_message
+from residency.server.vault.copy_policy import policies_message
 from residency.server.vault.records import Opened
 from residency.v1 import replica_pb2
 
@@ -71,6 +70,8 @@ class Described:
     withheld: list[dict[str, Any]]
     recipients: str
     categories: dict[str, str]
+    # The copy's `policies`, encoded (see `copy_policy.policies_message`).
+    policies: bytes
 
 
 def _entry(
@@ -110,7 +111,7 @@ def build_copy(
     region, user_id, version = keys.region, opened.user_id, opened.version
     plan = home.rules.plan(region, None, permits)
     sent, withheld = home.project(plan, opened.fields, opened.updated_at, now)
-    what = _described(home, plan, sent, withheld)
+    what = _described(home, plan, sent, withheld, permits)
     if not sent:
         # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
         tomb = replica_pb2.SealedCopy(
@@ -145,8 +146,8 @@ def build_copy(
         created_at=codec.timestamp(opened.created_at),
         updated_at=codec.timestamp(opened.updated_at),
         rules_version=home.rules.version,
-        policies=_policies(plan, sent, opened.updated_at, permits),
     )
+    copy.MergeFromString(what.policies)  # each field's policy: the region enforces it
     return copy, _entry(
         "replication",
         home,
@@ -159,21 +160,9 @@ def build_copy(
     )
 
 
-def _policies(
-    plan: Plan, sent: dict[str, Any], updated_at: float, permits: Permits
-) -> dict[str, replica_pb2.FieldPolicy]:
-    """The policy each sent field travels with (the region enforces it): the decision that
-    sends it, its rule's retention counted from the record's last write, a grant's end."""
-    ends = {f"grant:{g.id}": g.ends_at for g in permits.active_grants}
-    out = {}
-    for name in sent:
-        d = plan.decisions[name]
-        if isinstance(d, Allowed):  # every sent field's decision is
-            out[name] = to_message(sent_under(d, updated_at, ends.get(d.rule.id)))
-    return out
-
-
-def _described(home: Sender, plan: Plan, sent: dict[str, Any], withheld: dict[str, Withheld]) -> Described:
+def _described(
+    home: Sender, plan: Plan, sent: dict[str, Any], withheld: dict[str, Withheld], permits: Permits
+) -> Described:
     """What a copy holds and withholds, as the log and the copy state it: the same for
     every record with the same fields under one plan, so worked out once per such set
     (the lists are shared between entries and never changed)."""
@@ -186,6 +175,7 @@ def _described(home: Sender, plan: Plan, sent: dict[str, Any], withheld: dict[st
             withheld=translog.Shared(home.describe_withheld(withheld)),
             recipients=",".join(sorted({d.recipient.id for n in sent if isinstance(d := ds[n], Allowed)})),
             categories={n: home.schema.fields[n].category for n in sent},
+            policies=policies_message(ds, sent, {f"grant:{g.id}": g.ends_at for g in permits.active_grants}),
         )
         if len(plan.memo) >= 1000:  # field sets vary little; bound it anyway
             plan.memo.clear()

@@ -22,8 +22,8 @@ from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
 from residency.server.core import codec
 from residency.server.core.policy.erasure import DAY
-from residency.server.core.policy.sticky import ANY_READER, FieldPolicy, lapsed, readable, sent_under
-from residency.server.core.rules import NO_PERMITS, Allowed, Grant, Permits, Recipient, Rule
+from residency.server.core.policy.sticky import ANY_READER, FieldPolicy, deadline, lapsed, readable
+from residency.server.core.rules import NO_PERMITS, Grant, Permits
 from residency.server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.keyring import Keyring
@@ -31,9 +31,10 @@ from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RegionKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.vault.copies import apply_copies, incoming
+from residency.server.vault.copy_policy import policies_of
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Caller, Opened, Records
-from residency.v1 import admin_pb2, consent_pb2, consent_pb2_grpc, records_pb2, records_pb2_grpc
+from residency.v1 import admin_pb2, consent_pb2, consent_pb2_grpc, records_pb2, records_pb2_grpc, replica_pb2
 from tests.conftest import Cluster, ctx, values
 
 SG, EU = "ap-southeast-1", "eu-west-1"
@@ -93,16 +94,11 @@ def test_a_copy_sent_before_policies_travelled_is_read_for_nothing():
 
 
 def test_the_deadline_is_the_rules_retention_from_the_last_write_or_the_grants_end_if_earlier():
-    rule = Rule(
-        "ie-analytics", "ie-affiliate", ("analytics.reporting",), "contract", ("user",), (), False, 180
-    )
-    ie = Recipient("ie-affiliate", EU, "", "")
-    assert sent_under(Allowed(rule, ie), NOW).expires_at == NOW + 180 * DAY
-    grant = Grant("g", "ie-affiliate", "analytics.reporting", "contract", ("user",), NOW + 5)
-    p = sent_under(Allowed(grant.as_rule(), ie), NOW, grant.ends_at)
-    assert (p.rule, p.grant, p.expires_at, p.recipient) == ("grant:g", True, NOW + 5, "ie-affiliate")
-    forever = Rule("r", "ie-affiliate", ("analytics",), "consent", ("user",))
-    assert sent_under(Allowed(forever, ie), NOW).expires_at is None
+    assert deadline(NOW, 180, None) == NOW + 180 * DAY
+    assert deadline(NOW, 180, NOW + 5) == NOW + 5
+    assert deadline(NOW, 1, NOW + 2 * DAY) == NOW + DAY
+    assert deadline(NOW, 0, NOW + 5) == NOW + 5
+    assert deadline(NOW, None, None) is None and deadline(NOW, 0, None) is None
 
 
 purposes = st.sampled_from(
@@ -184,8 +180,28 @@ def test_a_copy_carries_each_fields_rule_purposes_basis_recipient_and_deadline(r
         "ie-affiliate",
         False,
     )
-    assert codec.seconds(p.expires_at) == NOW + 180 * DAY  # counted from the record's last write
-    assert codec.seconds(copy.policies["email"].expires_at) == NOW + 365 * DAY
+    assert (p.retention_days, p.HasField("ends_at")) == (180, False)  # from the copy's updated_at
+    assert codec.seconds(copy.updated_at) == NOW and copy.policies["email"].retention_days == 365
+    policies = policies_of(copy)
+    assert policies["pages_visited"] == FieldPolicy(
+        "ie-analytics", ("analytics.reporting",), "contract", "ie-affiliate", False, NOW + 180 * DAY
+    )
+
+
+def test_a_field_sent_under_a_grant_carries_the_grants_recipient_and_end(region):
+    home, keys, eu = region
+    grant = Grant(
+        "helpdesk", "ie-affiliate", "essential.service", "contract", ("user.contact.address",), NOW + 60
+    )
+    copy = built(home, keys, "u-3", {"address": "1 Changan Avenue"}, Permits(active_grants=(grant,)))
+    p = copy.policies["address"]
+    assert (p.rule, p.grant, p.recipient, codec.seconds(p.ends_at)) == (
+        "grant:helpdesk",
+        True,
+        "ie-affiliate",
+        NOW + 60,
+    )
+    assert policies_of(copy)["address"].expires_at == NOW + 60
 
 
 def test_a_region_withholds_what_retention_ended_and_its_sweep_deletes_it_and_logs_it(region):
@@ -240,6 +256,18 @@ def test_every_copy_applied_is_one_entry_in_the_regions_own_log_naming_its_field
         "pages_visited": "ie-analytics",
     }
     assert entry["recipient"] == "ie-affiliate" and "li@example.cn" not in json.dumps(entry)
+    # Tombstones: one for the copy held here is its withdrawal; one for a copy never held is no event.
+    tombs = [
+        replica_pb2.SealedCopy(user_id=u, version=4, deleted=True, reason="withdrawn", home_region=PRIMARY)
+        for u in ("u-1", "u-9")
+    ]
+    with eu.store.transaction():
+        assert apply_copies(eu, [incoming(t) for t in tombs], "spiffe://residency/node/cn-north/primary") == (
+            2,
+            0,
+        )
+    (gone,) = [e for e in log(eu) if e["kind"] == "erasure"]
+    assert (gone["subject"], gone["record_version"]) == ("u-1", 4) and gone["reason"].startswith("withdrawn")
 
 
 def test_a_copy_sent_without_policies_is_held_but_read_for_nothing(region):

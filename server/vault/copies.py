@@ -94,7 +94,15 @@ def apply_copies(records: Records, copies: list[IncomingCopy], actor: str) -> tu
     store.put_data_keys(keys)
     store.delete_data_keys(gone)
     store.upsert([Row(c.user_id, c.version, c.deleted, c.stored, now) for c in newest.values()])
-    store.log_append([_applied(records.region, c, actor) for c in newest.values()])
+    # A tombstone for a copy this region never held (nothing was there to withdraw) is no event.
+    held_live = {u for u, r in held.items() if not r.deleted}
+    store.log_append(
+        [
+            _applied(records.region, c, actor)
+            for c in newest.values()
+            if not c.deleted or c.user_id in held_live
+        ]
+    )
     for user_id in newest:
         records.keyring.data_keys.drop(user_id)
     return len(newest), skipped

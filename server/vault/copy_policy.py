@@ -7,17 +7,28 @@ from collections.abc import Mapping
 from typing import Any
 
 from residency.server.core import codec, translog
-from residency.server.core.policy.sticky import FieldPolicy
+from residency.server.core.policy.sticky import FieldPolicy, deadline
+from residency.server.core.rules import Allowed, Decision
 from residency.v1 import replica_pb2
 
 
-def to_message(p: FieldPolicy) -> replica_pb2.FieldPolicy:
-    m = replica_pb2.FieldPolicy(
-        rule=p.rule, purposes=p.purposes, legal_basis=p.legal_basis, recipient=p.recipient, grant=p.grant
-    )
-    if p.expires_at is not None:
-        m.expires_at.CopyFrom(codec.timestamp(p.expires_at))
-    return m
+def policies_message(decisions: Mapping[str, Decision], names: Any, ends: Mapping[str, float]) -> bytes:
+    """The `policies` of a copy holding `names` under `decisions` (each one `Allowed`), as
+    encoded bytes to merge into the copy: the same for every copy of that field set under
+    one plan, so the replicator encodes it once. `ends`: each grant rule's end."""
+    copy = replica_pb2.SealedCopy()
+    for name in names:
+        d = decisions[name]
+        if not isinstance(d, Allowed):
+            continue
+        rule, m = d.rule, copy.policies[name]
+        m.rule, m.legal_basis, m.recipient = rule.id, rule.legal_basis, rule.recipient
+        m.purposes.extend(rule.purposes)
+        m.retention_days = rule.retention_days or 0
+        if rule.id in ends:
+            m.grant = True
+            m.ends_at.CopyFrom(codec.timestamp(ends[rule.id]))
+    return copy.SerializeToString(deterministic=True)
 
 
 def policies_of(copy: replica_pb2.SealedCopy) -> dict[str, FieldPolicy | None]:
@@ -29,14 +40,9 @@ def policies_of(copy: replica_pb2.SealedCopy) -> dict[str, FieldPolicy | None]:
             out[name] = None
             continue
         m = copy.policies[name]
-        out[name] = FieldPolicy(
-            m.rule,
-            tuple(m.purposes),
-            m.legal_basis,
-            m.recipient,
-            m.grant,
-            codec.seconds(m.expires_at) if m.HasField("expires_at") else None,
-        )
+        ends_at = codec.seconds(m.ends_at) if m.HasField("ends_at") else None
+        expires_at = deadline(codec.seconds(copy.updated_at), m.retention_days, ends_at)
+        out[name] = FieldPolicy(m.rule, tuple(m.purposes), m.legal_basis, m.recipient, m.grant, expires_at)
     return out
 
 

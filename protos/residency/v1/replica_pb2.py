@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/replica.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x05\n\nSealedCopy\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x18\n\x10wrapped_data_key\x18\x05 \x01(\x0c\x12\x41\n\rsealed_fields\x18\x06 \x03(\x0b\x32*.residency.v1.SealedCopy.SealedFieldsEntry\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0bhome_region\x18\x08 \x01(\t\x12<\n\ncategories\x18\t \x03(\x0b\x32(.residency.v1.SealedCopy.CategoriesEntry\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrules_version\x18\x0c \x01(\t\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x16\n\x0etransit_key_id\x18\x0e \x01(\t\x12\x1b\n\x13wrapped_transit_key\x18\x0f \x01(\x0c\x12\x38\n\x08policies\x18\x11 \x03(\x0b\x32&.residency.v1.SealedCopy.PoliciesEntry\x1a\x33\n\x11SealedFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aJ\n\rPoliciesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.residency.v1.FieldPolicy:\x02\x38\x01\"\x94\x01\n\x0b\x46ieldPolicy\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x10\n\x08purposes\x18\x02 \x03(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\r\n\x05grant\x18\x05 \x01(\x08\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x12\x41pplyCopiesRequest\x12\x15\n\rsource_region\x18\x01 \x01(\t\x12(\n\x06\x63opies\x18\x02 \x03(\x0b\x32\x18.residency.v1.SealedCopy\"7\n\x13\x41pplyCopiesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x0f\n\x07skipped\x18\x02 \x01(\r2d\n\x0eReplicaService\x12R\n\x0b\x41pplyCopies\x12 .residency.v1.ApplyCopiesRequest\x1a!.residency.v1.ApplyCopiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/replica.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x05\n\nSealedCopy\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x18\n\x10wrapped_data_key\x18\x05 \x01(\x0c\x12\x41\n\rsealed_fields\x18\x06 \x03(\x0b\x32*.residency.v1.SealedCopy.SealedFieldsEntry\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0bhome_region\x18\x08 \x01(\t\x12<\n\ncategories\x18\t \x03(\x0b\x32(.residency.v1.SealedCopy.CategoriesEntry\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrules_version\x18\x0c \x01(\t\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x16\n\x0etransit_key_id\x18\x0e \x01(\t\x12\x1b\n\x13wrapped_transit_key\x18\x0f \x01(\x0c\x12\x38\n\x08policies\x18\x11 \x03(\x0b\x32&.residency.v1.SealedCopy.PoliciesEntry\x1a\x33\n\x11SealedFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aJ\n\rPoliciesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.residency.v1.FieldPolicy:\x02\x38\x01\"\xa9\x01\n\x0b\x46ieldPolicy\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x10\n\x08purposes\x18\x02 \x03(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\r\n\x05grant\x18\x05 \x01(\x08\x12\x16\n\x0eretention_days\x18\x06 \x01(\r\x12+\n\x07\x65nds_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x12\x41pplyCopiesRequest\x12\x15\n\rsource_region\x18\x01 \x01(\t\x12(\n\x06\x63opies\x18\x02 \x03(\x0b\x32\x18.residency.v1.SealedCopy\"7\n\x13\x41pplyCopiesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x0f\n\x07skipped\x18\x02 \x01(\r2d\n\x0eReplicaService\x12R\n\x0b\x41pplyCopies\x12 .residency.v1.ApplyCopiesRequest\x1a!.residency.v1.ApplyCopiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,11 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEALEDCOPY_POLICIESENTRY']._serialized_start=701
   _globals['_SEALEDCOPY_POLICIESENTRY']._serialized_end=775
   _globals['_FIELDPOLICY']._serialized_start=778
-  _globals['_FIELDPOLICY']._serialized_end=926
-  _globals['_APPLYCOPIESREQUEST']._serialized_start=928
-  _globals['_APPLYCOPIESREQUEST']._serialized_end=1013
-  _globals['_APPLYCOPIESRESPONSE']._serialized_start=1015
-  _globals['_APPLYCOPIESRESPONSE']._serialized_end=1070
-  _globals['_REPLICASERVICE']._serialized_start=1072
-  _globals['_REPLICASERVICE']._serialized_end=1172
+  _globals['_FIELDPOLICY']._serialized_end=947
+  _globals['_APPLYCOPIESREQUEST']._serialized_start=949
+  _globals['_APPLYCOPIESREQUEST']._serialized_end=1034
+  _globals['_APPLYCOPIESRESPONSE']._serialized_start=1036
+  _globals['_APPLYCOPIESRESPONSE']._serialized_end=1091
+  _globals['_REPLICASERVICE']._serialized_start=1093
+  _globals['_REPLICASERVICE']._serialized_end=1193
 # @@protoc_insertion_point(module_scope)

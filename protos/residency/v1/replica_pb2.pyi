@@ -67,20 +67,22 @@ class SealedCopy(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., deleted: _Optional[bool] = ..., key_id: _Optional[str] = ..., wrapped_data_key: _Optional[bytes] = ..., sealed_fields: _Optional[_Mapping[str, bytes]] = ..., source: _Optional[str] = ..., home_region: _Optional[str] = ..., categories: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_version: _Optional[str] = ..., reason: _Optional[str] = ..., transit_key_id: _Optional[str] = ..., wrapped_transit_key: _Optional[bytes] = ..., policies: _Optional[_Mapping[str, FieldPolicy]] = ...) -> None: ...
 
 class FieldPolicy(_message.Message):
-    __slots__ = ("rule", "purposes", "legal_basis", "recipient", "grant", "expires_at")
+    __slots__ = ("rule", "purposes", "legal_basis", "recipient", "grant", "retention_days", "ends_at")
     RULE_FIELD_NUMBER: _ClassVar[int]
     PURPOSES_FIELD_NUMBER: _ClassVar[int]
     LEGAL_BASIS_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
-    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_DAYS_FIELD_NUMBER: _ClassVar[int]
+    ENDS_AT_FIELD_NUMBER: _ClassVar[int]
     rule: str
     purposes: _containers.RepeatedScalarFieldContainer[str]
     legal_basis: str
     recipient: str
     grant: bool
-    expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, rule: _Optional[str] = ..., purposes: _Optional[_Iterable[str]] = ..., legal_basis: _Optional[str] = ..., recipient: _Optional[str] = ..., grant: _Optional[bool] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    retention_days: int
+    ends_at: _timestamp_pb2.Timestamp
+    def __init__(self, rule: _Optional[str] = ..., purposes: _Optional[_Iterable[str]] = ..., legal_basis: _Optional[str] = ..., recipient: _Optional[str] = ..., grant: _Optional[bool] = ..., retention_days: _Optional[int] = ..., ends_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ApplyCopiesRequest(_message.Message):
     __slots__ = ("source_region", "copies")

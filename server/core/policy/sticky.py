@@ -14,7 +14,6 @@ from residency.server.core.rules import (
     NO_RULE,
     POLICY_MISSING,
     RETENTION_EXPIRED,
-    Allowed,
     Withheld,
     covers,
 )
@@ -40,20 +39,12 @@ class FieldPolicy:
         return self.expires_at is not None and now >= self.expires_at
 
 
-def sent_under(decision: Allowed, updated_at: float, ends_at: float | None = None) -> FieldPolicy:
-    """The policy a field goes with under `decision`: its rule's retention counted from the
-    record's last write (as the primary counts it), or a grant's end, whichever is earlier."""
-    rule = decision.rule
-    retention = None if rule.retention_days is None else updated_at + rule.retention_days * DAY
-    deadlines = [t for t in (retention, ends_at) if t is not None]
-    return FieldPolicy(
-        rule.id,
-        rule.purposes,
-        rule.legal_basis,
-        rule.recipient,
-        grant=ends_at is not None,
-        expires_at=min(deadlines) if deadlines else None,
-    )
+def deadline(updated_at: float, retention_days: int | None, ends_at: float | None) -> float | None:
+    """When a field must be gone: its rule's retention counted from the record's last write
+    (as the primary counts it), or its grant's end, whichever is earlier; None: never."""
+    retention = None if not retention_days else updated_at + retention_days * DAY
+    found = [t for t in (retention, ends_at) if t is not None]
+    return min(found) if found else None
 
 
 def readable(
