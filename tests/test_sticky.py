@@ -375,6 +375,10 @@ async def test_a_region_node_serves_each_field_only_for_its_rules_purpose_and_lo
         "visit_time": "ie-analytics",
     }
     assert set((await explain(cluster, EU, "s-1", "", to=SG)).values()) == {"no_rule"}
+    for to, purpose in (("mars-1", ""), (EU, "not.a.purpose")):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await explain(cluster, EU, "s-1", purpose, to=to)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (to, purpose)
     # The region's log also holds the copy as it arrived, and its erasure.
     await cluster.delete("s-1")
     await cluster.replicated()

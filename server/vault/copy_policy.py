@@ -68,7 +68,8 @@ def describe_applied(copy: replica_pb2.SealedCopy) -> tuple[translog.Shared, str
     """`describe` of every field of an arriving copy, and the recipients its fields were
     sent for, for its log entry. Applying is the replication hot path and copies repeat a
     few field sets, so each set's description (and its canonical JSON) is made once."""
-    key = tuple(sorted((n, copy.categories.get(n, ""), *_policy_key(copy, n)) for n in copy.sealed_fields))
+    policy = copy.policies.get  # indexing a missing key would add it
+    key = tuple(sorted((n, copy.categories.get(n, ""), *_policy_key(policy(n))) for n in copy.sealed_fields))
     found = _described.get(key)
     if found is None:
         policies = policies_of(copy)
@@ -82,8 +83,6 @@ def describe_applied(copy: replica_pb2.SealedCopy) -> tuple[translog.Shared, str
     return found
 
 
-def _policy_key(copy: replica_pb2.SealedCopy, name: str) -> tuple[Any, ...]:
-    if name not in copy.policies:
-        return ()
-    m = copy.policies[name]
-    return (m.rule, m.legal_basis, tuple(m.purposes), m.recipient)
+def _policy_key(m: replica_pb2.FieldPolicy | None) -> tuple[Any, ...]:
+    """What of a field's policy its log description shows."""
+    return () if m is None else (m.rule, m.legal_basis, m.recipient, *m.purposes)

@@ -7,13 +7,13 @@ import time
 from typing import Any
 
 from residency.server.core import translog
-from residency.server.core.errors import InvalidRecord, NotFound
+from residency.server.core.errors import NotFound
 from residency.server.core.policy.sticky import ANY_READER, lapsed, readable
 from residency.server.core.rules import NO_RULE, Withheld
-from residency.server.core.schema import data_uses
 from residency.server.storage.records import Row
 from residency.server.vault.copy_policy import describe, policies_of
 from residency.server.vault.records import Caller, ReadResult, Records, SealedCopy
+from residency.server.vault.rules_change import check_explain
 
 # Who the log names for what a region node's own sweep deletes.
 SWEEP_ACTOR = "retention-sweep"
@@ -68,8 +68,7 @@ class RegionCopies:
     def explain_copy(self, user_id: str, to: str, purpose: str | None) -> list[dict[str, Any]]:
         """`rules explain` at a region node, from the copy it holds: each field for a caller
         located in `to` (its grant's recipient, for a grant's field), for `purpose`."""
-        if purpose and purpose not in data_uses():
-            raise InvalidRecord([("purpose", f"{purpose!r} is not a Fides data use")])
+        check_explain(self.records.rules, to, purpose)
         copy = self._copy(user_id)
         policies = policies_of(copy)
         if to == self.records.region:
