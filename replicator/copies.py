@@ -18,6 +18,7 @@ from residency.server.core.schema import Schema
 from residency.server.core.sealing import COPY_FORMAT, DataKey, field_aad
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.region import RecipientKey, TransitKey
+from residency.server.vault.copy_policy import policies_message
 from residency.server.vault.records import Opened
 from residency.v1 import replica_pb2
 
@@ -69,6 +70,8 @@ class Described:
     withheld: list[dict[str, Any]]
     recipients: str
     categories: dict[str, str]
+    # The copy's `policies`, encoded (see `copy_policy.policies_message`).
+    policies: bytes
 
 
 def _entry(
@@ -118,7 +121,7 @@ def build_copy(
     region, user_id, version = keys.region, opened.user_id, opened.version
     plan = home.rules.plan(region, None, permits)
     sent, withheld = home.project(plan, opened.fields, opened.updated_at, now)
-    what = _described(home, plan, sent, withheld)
+    what = _described(home, plan, sent, withheld, permits)
     if not sent:
         # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
         tomb = _tombstone(home, user_id, version, "withdrawn")
@@ -155,6 +158,7 @@ def build_copy(
         updated_at=codec.timestamp(opened.updated_at),
         rules_version=home.rules.version,
     )
+    copy.MergeFromString(what.policies)  # each field's policy: the region enforces it
     return copy, _entry(
         "replication",
         home,
@@ -167,7 +171,9 @@ def build_copy(
     )
 
 
-def _described(home: Sender, plan: Plan, sent: dict[str, Any], withheld: dict[str, Withheld]) -> Described:
+def _described(
+    home: Sender, plan: Plan, sent: dict[str, Any], withheld: dict[str, Withheld], permits: Permits
+) -> Described:
     """What a copy holds and withholds, as the log and the copy state it: the same for
     every record with the same fields under one plan, so worked out once per such set
     (the lists are shared between entries and never changed)."""
@@ -180,6 +186,7 @@ def _described(home: Sender, plan: Plan, sent: dict[str, Any], withheld: dict[st
             withheld=translog.Shared(home.describe_withheld(withheld)),
             recipients=",".join(sorted({d.recipient.id for n in sent if isinstance(d := ds[n], Allowed)})),
             categories={n: home.schema.fields[n].category for n in sent},
+            policies=policies_message(ds, sent, {f"grant:{g.id}": g.ends_at for g in permits.active_grants}),
         )
         if len(plan.memo) >= 1000:  # field sets vary little; bound it anyway
             plan.memo.clear()

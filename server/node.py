@@ -162,8 +162,7 @@ class RunningNode:
         node.reload_rules = self.apply_rules
         node.tls = self.tls
         self.node, self.schema = node, schema
-        if c.is_primary:
-            self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         server = grpc.aio.server(
             interceptors=[Gate(self.tls, node), RequestGuard()],
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
@@ -243,13 +242,21 @@ class RunningNode:
                 return
 
     async def _sweep(self) -> None:
-        """Ends grants past their end and withdraws copies past their retention."""
+        """The primary ends grants past their end and withdraws copies past their retention; a
+        region node deletes the fields whose travelling policy lapsed, primary reachable or not
+        (a page of copies per transaction)."""
         assert self.node is not None and self.db is not None
         policy = self.node.policy
         while True:
             await asyncio.sleep(self.config.policy_sweep_seconds)
             try:
-                changed = await self.db.write(policy.end_grants) + await self.db.write(policy.sweep_retention)
+                if self.config.is_primary:
+                    changed = await self.db.write(policy.end_grants)
+                    changed += await self.db.write(policy.sweep_retention)
+                else:
+                    after, changed = await self.db.write(policy.sweep_copies)
+                    while after:
+                        after, _ = await self.db.write(functools.partial(policy.sweep_copies, after))
             except Exception:
                 log.exception("policy sweep failed; trying again next round")
                 continue

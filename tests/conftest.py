@@ -293,6 +293,35 @@ class Cluster:
             timeout=30,
         )
 
+    async def held(self, user_id: str, region: str) -> records_pb2.GetRecordResponse:
+        """What `region`'s copy of `user_id` serves its local services: one read for each
+        purpose the rules file gives a recipient there, merged (a region node answers each
+        read with only the fields sent for that purpose). A copy none of those reads may see
+        raises the last refusal; a missing copy, NOT_FOUND."""
+        purposes = sorted(
+            {p for r in yaml.safe_load((self.dir / "rules.yaml").read_text())["rules"] for p in r["purposes"]}
+        )
+        merged: records_pb2.GetRecordResponse | None = None
+        refused: grpc.aio.AioRpcError | None = None
+        for purpose in purposes:
+            try:
+                reply = await self.get(user_id, region=region, purpose=purpose)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                refused = e
+                continue
+            if merged is None:
+                merged = reply
+            else:
+                for name, value in reply.record.fields.items():
+                    merged.record.fields[name].CopyFrom(value)
+        if merged is None:
+            assert refused is not None
+            raise refused
+        del merged.withheld[:]  # each read withheld what another served
+        return merged
+
     async def consent(
         self,
         user_ids: str | list[str],

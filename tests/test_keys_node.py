@@ -297,7 +297,7 @@ async def test_a_shredded_region_key_makes_every_copy_there_unreadable(cluster: 
     (event,) = await until(lambda: key_events(cluster, SG))
     assert event["reason"].startswith("shredded") and event["actor"] == operator
     # Other regions are untouched.
-    assert values(await cluster.get("u-1", region=AFFILIATES[1]))["language"] == "zh-CN"
+    assert values(await cluster.held("u-1", AFFILIATES[1]))["language"] == "zh-CN"
 
 
 async def test_verify_credential_answers_match_or_not_and_never_reveals(cluster: Cluster):

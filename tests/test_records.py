@@ -228,18 +228,29 @@ async def test_home_reads_are_not_logged_as_transfers(cluster: Cluster):
     assert len(await cluster.log()) == before
 
 
-async def test_a_region_node_logs_reads_from_outside_its_region(cluster: Cluster):
+async def test_a_region_node_logs_every_read_and_passes_no_copy_on_to_another_region(cluster: Cluster):
     await cluster.put("r-4", {"email": "li@example.cn", "name": "Li"})
     await cluster.replicated()
     local = await cluster.get("r-4", region="ap-southeast-1")
-    assert local.log_sequence == 0
-    remote = await cluster.get(
-        "r-4", region="ap-southeast-1", location="eu-west-1", purpose="essential.service.operations.support"
-    )
-    assert values(remote) == {"email": "li@example.cn"}
+    assert values(local) == {"email": "li@example.cn", "name": "Li"}
+    # A caller in eu-west-1 reads eu-west-1's own copy, not ap-southeast-1's: what was sent to
+    # ap-southeast-1 was sent for its recipient only (issue 14: the policy travels with it).
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cluster.get(
+            "r-4",
+            region="ap-southeast-1",
+            location="eu-west-1",
+            purpose="essential.service.operations.support",
+        )
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "li@" not in e.value.details()
     log = {seq: json.loads(e) for seq, e, _ in await cluster.log("ap-southeast-1")}
-    assert log[remote.log_sequence]["source_region"] == "ap-southeast-1"
-    assert log[remote.log_sequence]["destination_region"] == "eu-west-1"
+    assert log[local.log_sequence]["kind"] == "local_read"
+    (remote,) = [x for x in log.values() if x["kind"] == "remote_read"]
+    assert (remote["source_region"], remote["destination_region"], remote["outcome"]) == (
+        "ap-southeast-1",
+        "eu-west-1",
+        "denied",
+    )
 
 
 async def test_region_nodes_refuse_writes(cluster: Cluster):
@@ -260,7 +271,7 @@ async def test_passwords_are_never_returned_nor_replicated(cluster: Cluster):
     assert "password" not in home.record.fields
     assert [(w.field, w.reason) for w in home.withheld] == [("password", "credential")]
     for region in AFFILIATES:
-        assert "password" not in (await cluster.get("p-1", region=region)).record.fields
+        assert "password" not in (await cluster.held("p-1", region)).record.fields
 
 
 def files_containing(root: Path, needle: bytes) -> list[Path]:
@@ -295,7 +306,9 @@ async def test_no_plaintext_field_value_exists_in_any_data_dir(cluster: Cluster)
     # The values are really there: each region answers them back, opened.
     assert values(await cluster.get("s-0"))["name"] == sentinel
     assert values(await cluster.get("s-0", region="ap-southeast-1"))["name"] == sentinel
-    assert values(await cluster.get("s-0", region="eu-west-1"))["pages_visited"] == [sentinel]
+    assert values(await cluster.get("s-0", region="eu-west-1", purpose="analytics.reporting"))[
+        "pages_visited"
+    ] == [sentinel]
     await cluster.get("s-1", location="ap-southeast-1")  # a logged cross-location read
     for region in (PRIMARY, *AFFILIATES):
         assert cluster.stop(region) == 0  # flush the WAL into the database files

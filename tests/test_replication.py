@@ -53,7 +53,7 @@ async def test_each_region_holds_exactly_the_fields_its_rules_allow(cluster: Clu
     await cluster.replicated()
     seen = {}
     for region in AFFILIATES:
-        reply = await cluster.get("u-1", region=region)  # a local read at the region node
+        reply = await cluster.held("u-1", region)  # local reads at the region node
         got = values(reply)
         expected = allowed_fields(cluster, region)
         assert set(got) == expected, region
@@ -157,7 +157,7 @@ async def test_a_region_that_was_down_catches_up_and_does_not_hold_back_the_othe
     await cluster.start("eu-west-1")
     await cluster.replicated()
     for i in range(20):
-        got = await cluster.get(f"down-{i}", region="eu-west-1")
+        got = await cluster.held(f"down-{i}", "eu-west-1")
         assert values(got) == {"email": f"d{i}@example.cn", "language": "zh-CN"}
 
 
@@ -173,7 +173,7 @@ async def test_acknowledged_writes_survive_sigkill_of_the_primary(cluster: Clust
         home = await cluster.get(user)
         assert home.record.version == version
         for region in AFFILIATES:
-            copy = await cluster.get(user, region=region)
+            copy = await cluster.held(user, region)
             assert copy.record.version == version
             assert values(copy)["email"] == email
 

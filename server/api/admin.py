@@ -59,7 +59,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def ExplainTransfer(self, request, context):
         check_user(request.user_id)
         policy = self.node.policy
-        items = await self.node.db.call(policy.explain, request.user_id, request.to, request.purpose)
+        # A region node answers from the copy it holds, by the policies its fields came with.
+        explain = policy.explain if self.node.records.primary else policy.explain_copy
+        items = await self.node.db.call(explain, request.user_id, request.to, request.purpose or None)
         return admin_pb2.ExplainTransferResponse(
             user_id=request.user_id,
             to=request.to,

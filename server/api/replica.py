@@ -13,7 +13,7 @@ from residency.server.api.identity import peer_of
 from residency.server.core import codec, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyShredded
 from residency.server.core.schema import USER_ID
-from residency.server.vault.copies import IncomingCopy, Sender, apply_copies, refusals
+from residency.server.vault.copies import Sender, apply_copies, incoming, refusals
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -43,16 +43,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         refused = refusals(home, records.region, mark, request.copies)
         if not refused:  # signed by the home, but perhaps sealed to a shredded key
             await self._refuse_stale_keys(request.copies, peer_of(context).uri)
-        copies = []
-        for c in request.copies:
-            keys = (c.key_id, c.wrapped_data_key, c.transit_key_id, c.wrapped_transit_key)
-            if not c.deleted:
-                # The region stores the copy without its key material, which goes to its keyring.
-                for name in ("wrapped_data_key", "transit_key_id", "wrapped_transit_key"):
-                    c.ClearField(name)
-            # Checked above, and not checkable again once the key material is gone: not kept.
-            c.ClearField("signature")
-            copies.append(IncomingCopy(c.user_id, c.version, c.deleted, *keys, stored=c.SerializeToString()))
+        # The region stores each copy without its key material, which goes to its keyring.
+        copies = [incoming(c) for c in request.copies]
         sender = Sender(peer_of(context).uri, home.region)
         applied, skipped, refused = await self.node.db.write(
             lambda: apply_copies(records, copies, sender, refused), weight=len(copies)

@@ -38,6 +38,7 @@ OUT_OF_SCOPE = "out_of_scope_without_explicit_rule"
 RETENTION_EXPIRED = "retention_expired"
 GRANT_ENDED = "grant_ended"
 NOT_FOR_GROUND = "not_allowed_for_ground"
+POLICY_MISSING = "policy_missing"
 
 REASON_TEXT = {
     CREDENTIAL: "credentials are kept only as a hash and never leave the home region",
@@ -50,6 +51,7 @@ REASON_TEXT = {
     RETENTION_EXPIRED: "the copy is older than the rule's retention period",
     GRANT_ENDED: "the third-party grant that allowed it has ended or was revoked (policy 2a)",
     NOT_FOR_GROUND: "the disclosure ground does not reach this field (policy 3)",
+    POLICY_MISSING: "the copy predates travelling policies; it is read once the primary sends it again",
     SENSITIVE: "sensitive data goes only under a rule that names its category explicitly",
     OUT_OF_SCOPE: "data outside the policy's scope goes only under a rule that names it explicitly",
 }

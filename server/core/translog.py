@@ -19,6 +19,7 @@ KINDS = frozenset(
     {
         "replication",
         "remote_read",
+        "local_read",  # a read at an affiliate region node by a caller located there
         "disclosure",
         "erasure",
         "consent",

@@ -7,11 +7,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from residency.server.core import translog
 from residency.server.core.sealing import COPY_FORMAT
 from residency.server.core.signed import key_id, verifies
 from residency.server.storage.records import Row
+from residency.server.vault.copy_policy import describe_applied
 from residency.server.vault.records import Records
 from residency.v1 import replica_pb2
 
@@ -95,6 +97,14 @@ class IncomingCopy:
     wrapped_transit_key: bytes
     # What the region stores: the serialized copy, without the key material above.
     stored: bytes
+    # What the region's own log says of it: where it came from, under which rules, each
+    # field with the policy it came under (`copy_policy.describe_applied`), or why it is a
+    # tombstone ("erasure", "withdrawn").
+    home_region: str
+    rules_version: str
+    fields: list[dict[str, Any]]
+    recipient: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +115,38 @@ class Sender:
     home_region: str
 
 
+def incoming(c: replica_pb2.SealedCopy) -> IncomingCopy:
+    """A copy as it arrived, split into what the keyring keeps (its key material) and what
+    the store keeps (the rest: sealed fields and the policies they travel with)."""
+    keys = (c.key_id, c.wrapped_data_key, c.transit_key_id, c.wrapped_transit_key)
+    fields, recipient = describe_applied(c)
+    if not c.deleted:
+        for name in ("wrapped_data_key", "transit_key_id", "wrapped_transit_key"):
+            c.ClearField(name)
+    # Checked by `refusals`, and not checkable again once the key material is gone: not kept.
+    c.ClearField("signature")
+    return IncomingCopy(
+        c.user_id,
+        c.version,
+        c.deleted,
+        *keys,
+        stored=c.SerializeToString(),
+        home_region=c.home_region,
+        rules_version=c.rules_version,
+        fields=fields,
+        recipient=recipient,
+        reason=c.reason,
+    )
+
+
 def apply_copies(
     records: Records, copies: list[IncomingCopy], sender: Sender, refused: list[tuple[str, str]]
 ) -> tuple[int, int, list[tuple[str, str]]]:
     """Applies signed copies idempotently: a version equal to the one held is skipped (a
     retry), an older one refused (a replay never goes back in time). With any refusal (those
     `refusals` found, or an older version), nothing is applied and each refused copy is a
-    denied entry in this node's transfer log. Returns (applied, skipped, refusals)."""
+    denied entry in this node's transfer log; each copy applied is an allowed one naming the
+    sender (`sender.actor`) and its fields' policies. Returns (applied, skipped, refusals)."""
     store = records.store
     held = store.rows(list({c.user_id for c in copies}))
     refused = refused + [
@@ -149,6 +184,15 @@ def apply_copies(
     store.put_data_keys(keys)
     store.delete_data_keys(gone)
     store.upsert([Row(c.user_id, c.version, c.deleted, c.stored, now) for c in newest.values()])
+    # A tombstone for a copy this region never held (nothing was there to withdraw) is no event.
+    held_live = {u for u, r in held.items() if not r.deleted}
+    store.log_append(
+        [
+            _applied(records.region, c, sender.actor)
+            for c in newest.values()
+            if not c.deleted or c.user_id in held_live
+        ]
+    )
     for user_id in newest:
         records.keyring.data_keys.drop(user_id)
     return len(newest), skipped, []
@@ -177,4 +221,22 @@ def _log_refused(
             )
             for i, why in sorted(reasons.items())
         ]
+    )
+
+
+def _applied(region: str, c: IncomingCopy, actor: str) -> dict[str, Any]:
+    """A copy taken in (kind replication: its fields and their rules) or a tombstone applied
+    (kind erasure: an erasure, or a withdrawal when no field may be held here any more)."""
+    return translog.entry(
+        "erasure" if c.deleted else "replication",
+        subject=c.user_id,
+        source_region=c.home_region,
+        destination_region=region,
+        outcome="allowed",
+        actor=actor,
+        rules_version=c.rules_version,
+        recipient=c.recipient,
+        fields=c.fields,
+        version=c.version,
+        reason=f"{c.reason or 'deleted'}: the copy is deleted in {region}" if c.deleted else "",
     )

@@ -9,10 +9,11 @@ from residency.server.vault.consents import Consents
 from residency.server.vault.disclosures import Disclosures
 from residency.server.vault.grants import Grants
 from residency.server.vault.records import Records
+from residency.server.vault.region_copies import RegionCopies
 from residency.server.vault.retention import Retention
 from residency.server.vault.rules_change import RulesChange
 
 
-class Policy(Consents, Grants, Disclosures, Retention, RulesChange):
+class Policy(Consents, Grants, Disclosures, Retention, RulesChange, RegionCopies):
     def __init__(self, records: Records):
         self.records = records

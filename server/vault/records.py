@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,18 +268,21 @@ class Records:
                 codec.seconds(st.updated_at),
                 dict(body.fields),
             )
+        return self.open_copy(row.user_id, SealedCopy.FromString(row.blob), None)
+
+    def open_copy(self, user_id: str, copy: SealedCopy, names: Collection[str] | None) -> Opened:
+        """A region's copy with the fields `names` opened (None: all): a field its policy
+        withholds is never decrypted."""
         self.keyring.check()
-        copy = SealedCopy.FromString(row.blob)
-        dek = self._data_key(row.user_id)
+        dek = self._data_key(user_id)
         kid, version = copy.key_id, copy.version
         fields = {
-            n: Value.FromString(
-                dek.open(s, field_aad(row.user_id, n, self.region, version, kid, format=copy.format))
-            )
+            n: Value.FromString(dek.open(s, field_aad(user_id, n, self.region, version, kid, format=copy.format)))
             for n, s in copy.sealed_fields.items()
+            if names is None or n in names
         }
         return Opened(
-            row.user_id,
+            user_id,
             version,
             copy.source,
             copy.home_region,
@@ -288,8 +292,9 @@ class Records:
         )
 
     def read(self, user_id: str, caller: Caller) -> ReadResult:
-        """Reads a record or copy for `caller`. From another location only what a rule allows
-        for that location and purpose is returned, and the read is logged either way."""
+        """Reads a home record for `caller` (a region node's copies: `RegionCopies.read_copy`).
+        From another location only what a rule allows for that location and purpose is
+        returned, and the read is logged either way."""
         row = self.store.rows([user_id]).get(user_id)
         if row is None or row.deleted:
             raise NotFound(f"user {user_id} has no record in {self.region}")

@@ -17,10 +17,7 @@ class RulesChange:
 
     def explain(self, user_id: str, to: str, purpose: str | None) -> list[dict[str, Any]]:
         rules = self.records.rules
-        if to not in rules.regions:
-            raise InvalidRecord([("to", f"unknown region {to!r}; known: {sorted(rules.regions)}")])
-        if purpose and purpose not in data_uses():
-            raise InvalidRecord([("purpose", f"{purpose!r} is not a Fides data use")])
+        check_explain(rules, to, purpose)
         row = self.records.store.rows([user_id]).get(user_id)
         if row is None or row.deleted:
             raise NotFound(f"user {user_id} has no record")
@@ -67,3 +64,11 @@ class RulesChange:
         page = [u for u, _ in self.records.store.live_blobs(after_user, limit)]
         self.records.bump(page)
         return (page[-1] if page else after_user), len(page)
+
+
+def check_explain(rules: RuleSet, to: str, purpose: str | None) -> None:
+    """An explanation is asked for a known region and, if any, a Fides data use."""
+    if to not in rules.regions:
+        raise InvalidRecord([("to", f"unknown region {to!r}; known: {sorted(rules.regions)}")])
+    if purpose and purpose not in data_uses():
+        raise InvalidRecord([("purpose", f"{purpose!r} is not a Fides data use")])

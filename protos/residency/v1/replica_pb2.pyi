@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SealedCopy(_message.Message):
-    __slots__ = ("user_id", "version", "deleted", "key_id", "wrapped_data_key", "sealed_fields", "source", "home_region", "categories", "created_at", "updated_at", "rules_version", "reason", "transit_key_id", "wrapped_transit_key", "signature", "format", "region", "signing_key_id")
+    __slots__ = ("user_id", "version", "deleted", "key_id", "wrapped_data_key", "sealed_fields", "source", "home_region", "categories", "created_at", "updated_at", "rules_version", "reason", "transit_key_id", "wrapped_transit_key", "signature", "format", "region", "signing_key_id", "policies")
     class SealedFieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,13 @@ class SealedCopy(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class PoliciesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FieldPolicy
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FieldPolicy, _Mapping]] = ...) -> None: ...
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +51,7 @@ class SealedCopy(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     SIGNING_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     version: int
     deleted: bool
@@ -63,7 +71,8 @@ class SealedCopy(_message.Message):
     format: int
     region: str
     signing_key_id: str
-    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., deleted: _Optional[bool] = ..., key_id: _Optional[str] = ..., wrapped_data_key: _Optional[bytes] = ..., sealed_fields: _Optional[_Mapping[str, bytes]] = ..., source: _Optional[str] = ..., home_region: _Optional[str] = ..., categories: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_version: _Optional[str] = ..., reason: _Optional[str] = ..., transit_key_id: _Optional[str] = ..., wrapped_transit_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., format: _Optional[int] = ..., region: _Optional[str] = ..., signing_key_id: _Optional[str] = ...) -> None: ...
+    policies: _containers.MessageMap[str, FieldPolicy]
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., deleted: _Optional[bool] = ..., key_id: _Optional[str] = ..., wrapped_data_key: _Optional[bytes] = ..., sealed_fields: _Optional[_Mapping[str, bytes]] = ..., source: _Optional[str] = ..., home_region: _Optional[str] = ..., categories: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_version: _Optional[str] = ..., reason: _Optional[str] = ..., transit_key_id: _Optional[str] = ..., wrapped_transit_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., format: _Optional[int] = ..., region: _Optional[str] = ..., signing_key_id: _Optional[str] = ..., policies: _Optional[_Mapping[str, FieldPolicy]] = ...) -> None: ...
 
 class HighWater(_message.Message):
     __slots__ = ("home_region", "region", "version", "issued_at", "signing_key_id", "signature")
@@ -80,6 +89,24 @@ class HighWater(_message.Message):
     signing_key_id: str
     signature: bytes
     def __init__(self, home_region: _Optional[str] = ..., region: _Optional[str] = ..., version: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signing_key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class FieldPolicy(_message.Message):
+    __slots__ = ("rule", "purposes", "legal_basis", "recipient", "grant", "retention_days", "ends_at")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    PURPOSES_FIELD_NUMBER: _ClassVar[int]
+    LEGAL_BASIS_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_DAYS_FIELD_NUMBER: _ClassVar[int]
+    ENDS_AT_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    purposes: _containers.RepeatedScalarFieldContainer[str]
+    legal_basis: str
+    recipient: str
+    grant: bool
+    retention_days: int
+    ends_at: _timestamp_pb2.Timestamp
+    def __init__(self, rule: _Optional[str] = ..., purposes: _Optional[_Iterable[str]] = ..., legal_basis: _Optional[str] = ..., recipient: _Optional[str] = ..., grant: _Optional[bool] = ..., retention_days: _Optional[int] = ..., ends_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ApplyCopiesRequest(_message.Message):
     __slots__ = ("source_region", "copies", "high_water")
