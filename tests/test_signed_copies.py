@@ -60,7 +60,11 @@ def _changed(copy: replica_pb2.SealedCopy, fd: FieldDescriptor) -> replica_pb2.S
     out = clone(copy)
     value = getattr(out, fd.name)
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-        value["zz-added"] = b"x" if fd.message_type.fields_by_name["value"].type == fd.TYPE_BYTES else "x"
+        entry = fd.message_type.fields_by_name["value"]
+        if entry.type == fd.TYPE_MESSAGE:  # a map of messages (policies): an entry added
+            value["zz-added"].SetInParent()
+        else:
+            value["zz-added"] = b"x" if entry.type == fd.TYPE_BYTES else "x"
     elif fd.type == fd.TYPE_MESSAGE:
         value.seconds += 1
     elif fd.type == fd.TYPE_STRING:
@@ -280,4 +284,4 @@ async def test_copies_a_region_cannot_verify_show_in_the_primarys_replication_st
     assert [e["subject"] for e in failed if e["destination_region"] == SG] == ["s-1"]
     denied = [json.loads(e) for _, e, _ in await c.log(SG) if json.loads(e)["outcome"] == "denied"]
     assert denied and denied[-1]["subject"] == "s-1" and denied[-1]["actor"] == PRIMARY_NODE
-    assert "language" in values(await c.get("s-1", region=IE))  # the other region went on
+    assert "language" in values(await c.held("s-1", IE))  # the other region went on

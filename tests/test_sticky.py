@@ -30,7 +30,7 @@ from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RegionKey
 from residency.server.storage.sqlite import SqliteStore
-from residency.server.vault.copies import apply_copies, incoming
+from residency.server.vault.copies import Sender, apply_copies, incoming
 from residency.server.vault.copy_policy import policies_of
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Caller, Opened, Records
@@ -39,6 +39,7 @@ from tests.conftest import Cluster, ctx, values
 
 SG, EU = "ap-southeast-1", "eu-west-1"
 NOW = 1_790_000_000.0
+SENDER = Sender("spiffe://residency/node/cn-north/primary", PRIMARY)
 
 # ---- the decision (pure) ---------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ def ship(home: Records, keys: CopyKeys, eu: Records, user: str, fields: dict):
     """A copy built by the home and applied by the region, as replication does."""
     copy = built(home, keys, user, fields)
     with eu.store.transaction():
-        apply_copies(eu, [incoming(copy)], "spiffe://residency/node/cn-north/primary")
+        apply_copies(eu, [incoming(copy)], SENDER, [])
     return copy
 
 
@@ -262,10 +263,7 @@ def test_every_copy_applied_is_one_entry_in_the_regions_own_log_naming_its_field
         for u in ("u-1", "u-9")
     ]
     with eu.store.transaction():
-        assert apply_copies(eu, [incoming(t) for t in tombs], "spiffe://residency/node/cn-north/primary") == (
-            2,
-            0,
-        )
+        assert apply_copies(eu, [incoming(t) for t in tombs], SENDER, []) == (2, 0, [])
     (gone,) = [e for e in log(eu) if e["kind"] == "erasure"]
     assert (gone["subject"], gone["record_version"]) == ("u-1", 4) and gone["reason"].startswith("withdrawn")
 
@@ -275,7 +273,7 @@ def test_a_copy_sent_without_policies_is_held_but_read_for_nothing(region):
     old = built(home, keys, "u-2", RECORD)
     old.ClearField("policies")  # as a primary sent copies before policies travelled
     with eu.store.transaction():
-        apply_copies(eu, [incoming(old)], "spiffe://residency/node/cn-north/primary")
+        apply_copies(eu, [incoming(old)], SENDER, [])
         got = Policy(eu).read_copy("u-2", local("analytics.reporting"), now=NOW)
     assert got.denied and set(reasons(got.withheld).values()) == {"policy_missing"}
 
