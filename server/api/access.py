@@ -20,7 +20,7 @@ from google.protobuf.message_factory import GetMessageClass
 from residency.server.api.context import Node
 from residency.server.api.errors import refuse, status_for
 from residency.server.api.requests import Refused
-from residency.server.api.tls import ServerTls, peer_certificate
+from residency.server.api.tls import CALLER, ServerTls, peer_certificate
 from residency.server.core import translog
 from residency.server.core.errors import CallerDenied
 from residency.server.core.schema import USER_ID
@@ -200,10 +200,11 @@ class Gate(grpc.aio.ServerInterceptor):
         return handler
 
     async def _check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        if (why := self.tls.refusal(context)) is not None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         peer = peer_certificate(context)
+        if (why := self.tls.refusal(peer)) is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         assert peer is not None and peer[1] is not None  # `refusal` said so
+        CALLER.set(peer[1])
         if isinstance(request, Refused):
             return  # unreadable: `RequestGuard` refuses it INVALID_ARGUMENT, whoever sent it
         ident = peer[1]

@@ -11,7 +11,7 @@ import grpc
 
 from residency.server.api.access import denial_entries
 from residency.server.api.context import Node
-from residency.server.api.tls import peer_certificate
+from residency.server.api.tls import CALLER, peer_certificate
 from residency.server.core.errors import CallerDenied, InvalidRecord
 from residency.server.core.schema import USER_ID, data_uses
 from residency.server.keys.pki import Identity
@@ -24,7 +24,10 @@ MAX_SUBJECTS = 100
 
 def peer_of(context: grpc.aio.ServicerContext) -> Identity:
     """The identity of the call's verified client certificate (every call has one: the
-    node's `Authenticate` interceptor refuses calls without)."""
+    node's `access.Gate` refuses calls without, and notes it for the call)."""
+    ident = CALLER.get()
+    if ident is not None:
+        return ident
     peer = peer_certificate(context)
     if peer is None or peer[1] is None:
         raise CallerDenied("a client certificate naming spiffe://TRUST_DOMAIN/ROLE/REGION/NAME is required")

@@ -4,6 +4,7 @@ deployment's CA that names an identity of this trust domain and is not on the re
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import functools
 import logging
@@ -30,6 +31,11 @@ def _read_peer(pem: bytes) -> tuple[int, Identity | None] | None:
         return cert.serial_number, identity_of(cert)
     except ValueError:
         return None
+
+
+# The identity `access.Gate` established for the call being served (each call runs in its
+# own task, so its own context): servicers read it without asking gRPC again.
+CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("caller", default=None)
 
 
 def peer_certificate(context: grpc.aio.ServicerContext) -> tuple[int, Identity | None] | None:
@@ -102,9 +108,8 @@ class ServerTls:
             "TLS reloaded: certificate valid until %s, %d serials revoked", self.expires, len(self.revoked)
         )
 
-    def refusal(self, context: grpc.aio.ServicerContext) -> str | None:
-        """Why this call's peer may not call at all, or None."""
-        peer = peer_certificate(context)
+    def refusal(self, peer: tuple[int, Identity | None] | None) -> str | None:
+        """Why a call's peer (`peer_certificate`) may not call at all, or None."""
         if peer is None:
             return "a client certificate from the deployment's CA is required"
         serial, ident = peer
