@@ -126,15 +126,12 @@ async def learn_key(d: Destination, tls: TlsConfig | None, home: Records, db: St
     if key is None or key.key_id == d.keys.recipient.key_id:
         return False
     d.use_key(key)
-    entry = translog.entry(
-        "key_event",
-        subject=f"region:{d.region}",
+    entry = translog.key_event(
+        d.region,
+        signer,
+        home.rules.version,
+        f"learned: the new key {key.key_id} of {d.region}; every copy is sent there again",
         source_region=home.region,
-        destination_region=d.region,
-        outcome="allowed",
-        actor=signer,
-        rules_version=home.rules.version,
-        reason=f"learned: the new key {key.key_id} of {d.region}; every copy is sent there again",
     )
 
     def store_it() -> None:

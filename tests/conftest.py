@@ -352,6 +352,31 @@ class Cluster:
             )
         return reply.changed
 
+    async def grant(
+        self,
+        user_ids: list[str],
+        categories: list[str],
+        seconds: float = 3600,
+        *,
+        recipient: str = "sg-affiliate",
+        grant_id: str = "",
+    ) -> str:
+        """An operator's grant: `recipient` receives and reads the users' `categories` for
+        essential.service during `seconds`; returns its id."""
+        stub = consent_pb2_grpc.GrantServiceStub(self.channel(PRIMARY, "operator", PRIMARY))
+        grant = consent_pb2.Grant(
+            id=grant_id,
+            recipient=recipient,
+            purpose="essential.service",
+            categories=categories,
+            user_ids=user_ids,
+            ends_at=codec.timestamp(time.time() + seconds),
+        )
+        reply = await stub.CreateGrant(
+            consent_pb2.CreateGrantRequest(context=ctx(PRIMARY, "essential.service"), grant=grant), timeout=30
+        )
+        return reply.id
+
     async def accept_cookies(self, user_ids: str | list[str]) -> None:
         await self.consent(user_ids, COOKIES)
 

@@ -28,7 +28,6 @@ from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     consent_pb2,
-    consent_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     replica_pb2,
@@ -296,21 +295,6 @@ async def test_operators_and_reviewers_read_no_record_and_the_refusal_is_logged(
     assert values(await c.get("r-1"))["email"] == "r@example.cn"
 
 
-async def grant(c: Cluster, user: str, recipient: str, categories: list[str]) -> str:
-    stub = consent_pb2_grpc.GrantServiceStub(c.channel(PRIMARY, "operator"))
-    g = consent_pb2.Grant(
-        recipient=recipient,
-        purpose="essential.service",
-        categories=categories,
-        user_ids=[user],
-        ends_at=codec.timestamp(time.time() + 3600),
-    )
-    reply = await stub.CreateGrant(
-        consent_pb2.CreateGrantRequest(context=ctx(PRIMARY, "essential.service"), grant=g), timeout=10
-    )
-    return reply.id
-
-
 async def recipient_read(c: Cluster, user: str, region: str, name: str):
     stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "recipient", region, name))
     return await stub.GetRecord(
@@ -321,7 +305,7 @@ async def recipient_read(c: Cluster, user: str, region: str, name: str):
 async def test_a_recipient_reads_under_its_own_grants_only(module_cluster: Cluster):
     c = module_cluster
     await c.put("p-1", {"email": "p@example.cn", "pages_visited": ["/a"], "address": "Beijing"})
-    await grant(c, "p-1", "sg-affiliate", ["user.behavior.browsing_history"])
+    await c.grant(["p-1"], ["user.behavior.browsing_history"])
     # Its own grant: the granted category and nothing a rule sends to a service there.
     mine = await recipient_read(c, "p-1", SG, "sg-affiliate")
     assert set(mine.record.fields) == {"pages_visited"}

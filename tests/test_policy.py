@@ -157,25 +157,6 @@ async def test_cookie_data_is_collected_and_sent_only_while_cookie_consent_stand
 # ---- policy 2a: third-party grants end with the service ------------------------------------
 
 
-async def create_grant(
-    cluster: Cluster, users: list[str], seconds: float, categories: list[str], grant_id: str = ""
-) -> str:
-    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY, "operator"))
-    grant = consent_pb2.Grant(
-        id=grant_id,
-        recipient="sg-affiliate",
-        purpose="essential.service",
-        categories=categories,
-        user_ids=users,
-        ends_at=codec.timestamp(time.time() + seconds),
-    )
-    reply = await stub.CreateGrant(
-        consent_pb2.CreateGrantRequest(context=ctx(PRIMARY, "essential.service"), grant=grant),
-        timeout=10,
-    )
-    return reply.id
-
-
 async def grant_states(cluster: Cluster) -> dict[str, int]:
     stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY, "operator"))
     listed = await stub.ListGrants(
@@ -198,7 +179,7 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
     await cluster.put("g-2", {"email": "h@example.cn", "pages_visited": ["/b"]})
     await cluster.replicated()
     assert await copy_fields(cluster, "g-1", SG) == {"email"}
-    await create_grant(cluster, ["g-1"], 4.0, ["user.behavior.browsing_history"], "helpdesk")
+    await cluster.grant(["g-1"], ["user.behavior.browsing_history"], 4.0, grant_id="helpdesk")
     assert (await grant_states(cluster))["helpdesk"] == consent_pb2.GRANT_STATE_ACTIVE
     await cluster.replicated()
     assert await copy_fields(cluster, "g-1", SG) == {"email", "pages_visited"}
@@ -230,7 +211,7 @@ async def test_a_grant_sends_and_serves_its_categories_until_it_ends_then_withdr
 async def test_a_grant_for_a_never_transfer_category_is_refused_and_changes_nothing(cluster: Cluster):
     await cluster.put("g-4", {"email": "g@example.cn", "national_id": "110101199003070000"})
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await create_grant(cluster, ["g-4"], 3600, ["user.contact", "user.government_id"], "ids")
+        await cluster.grant(["g-4"], ["user.contact", "user.government_id"], 3600, grant_id="ids")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "grant.categories" in e.value.details() and "user.government_id never leaves" in e.value.details()
     assert "ids" not in await grant_states(cluster)
@@ -241,9 +222,9 @@ async def test_a_grant_under_an_id_already_taken_is_already_exists_and_changes_n
     # Found by the fuzz suite: the store's unique constraint surfaced as INTERNAL.
     await cluster.put("g-5", {"email": "g@example.cn"})
     await cluster.put("g-6", {"email": "h@example.cn"})
-    await create_grant(cluster, ["g-5"], 3600, ["user.contact.email"], "desk")
+    await cluster.grant(["g-5"], ["user.contact.email"], 3600, grant_id="desk")
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await create_grant(cluster, ["g-6"], 60, ["user.behavior.browsing_history"], "desk")
+        await cluster.grant(["g-6"], ["user.behavior.browsing_history"], 60, grant_id="desk")
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert e.value.details() == "a grant desk exists; name another id, or none for a new one"
     assert (await grant_states(cluster))["desk"] == consent_pb2.GRANT_STATE_ACTIVE
@@ -252,7 +233,7 @@ async def test_a_grant_under_an_id_already_taken_is_already_exists_and_changes_n
 
 async def test_revoking_a_grant_withdraws_its_copies_at_once(cluster: Cluster):
     await cluster.put("g-3", {"email": "g@example.cn", "pages_visited": ["/a"]})
-    grant_id = await create_grant(cluster, ["g-3"], 3600, ["user.behavior.browsing_history"])
+    grant_id = await cluster.grant(["g-3"], ["user.behavior.browsing_history"], 3600)
     await cluster.replicated()
     assert "pages_visited" in await copy_fields(cluster, "g-3", SG)
     stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY, "operator"))

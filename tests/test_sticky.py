@@ -34,7 +34,7 @@ from residency.server.vault.copies import Sender, apply_copies, incoming
 from residency.server.vault.copy_policy import policies_of
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Caller, Opened, Records
-from residency.v1 import admin_pb2, consent_pb2, consent_pb2_grpc, records_pb2, records_pb2_grpc, replica_pb2
+from residency.v1 import admin_pb2, records_pb2, records_pb2_grpc, replica_pb2
 from tests.conftest import Cluster, ctx, values
 
 SG, EU = "ap-southeast-1", "eu-west-1"
@@ -386,7 +386,7 @@ async def test_a_region_node_serves_each_field_only_for_its_rules_purpose_and_lo
 
 async def test_a_field_sent_under_a_grant_is_served_at_the_region_to_that_recipient_alone(cluster: Cluster):
     await cluster.put("s-2", {"email": "g@example.cn", "pages_visited": ["/a"]})
-    await grant(cluster, ["s-2"], 3600)
+    await cluster.grant(["s-2"], ["user.behavior.browsing_history"], grant_id="helpdesk")
     await cluster.replicated()
     mine = await read_at(cluster, "s-2", SG, "essential.service", "recipient", "sg-affiliate")
     assert values(mine) == {"pages_visited": ["/a"]}
@@ -400,25 +400,6 @@ async def test_a_field_sent_under_a_grant_is_served_at_the_region_to_that_recipi
     assert (await explain(cluster, SG, "s-2", "essential.service"))["pages_visited"] == "grant:helpdesk"
     actors = [r["actor"] for r in await region_log(cluster, SG, kind="local_read", outcome="denied")]
     assert actors == [f"spiffe://residency/recipient/{SG}/{n}" for n in ("ie-affiliate", "sg-affiliate2")]
-
-
-async def grant(cluster: Cluster, users: list[str], seconds: float) -> None:
-    """Grant `helpdesk`: sg-affiliate receives the users' browsing history for `seconds`."""
-    stub = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY, "operator"))
-    await stub.CreateGrant(
-        consent_pb2.CreateGrantRequest(
-            context=ctx(PRIMARY, "essential.service"),
-            grant=consent_pb2.Grant(
-                id="helpdesk",
-                recipient="sg-affiliate",
-                purpose="essential.service",
-                categories=["user.behavior.browsing_history"],
-                user_ids=users,
-                ends_at=codec.timestamp(time.time() + seconds),
-            ),
-        ),
-        timeout=10,
-    )
 
 
 def set_sweep(cluster: Cluster, region: str, seconds: float) -> None:
@@ -440,7 +421,7 @@ async def test_a_region_withholds_and_then_deletes_a_lapsed_field_while_the_prim
     await c.start()
     await c.put("s-3", {"email": "g@example.cn", "pages_visited": ["/a"]})
     await c.put("s-4", {"pages_visited": ["/b"]})
-    await grant(c, ["s-3", "s-4"], 15)
+    await c.grant(["s-3", "s-4"], ["user.behavior.browsing_history"], 15, grant_id="helpdesk")
     await c.replicated()
     assert await held(c, SG) == {"email": 1, "pages_visited": 2}
     c.stop(PRIMARY)  # the primary can withdraw nothing now

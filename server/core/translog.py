@@ -132,6 +132,23 @@ def entry(
     }
 
 
+def key_event(
+    region: str, actor: str, rules_version: str, reason: str, source_region: str = ""
+) -> dict[str, Any]:
+    """The entry of an event of `region`'s key (rotated, shredded, rekeyed, a new key learned
+    by its primary...), logged by the node whose key it is or by `source_region` (its primary)."""
+    return entry(
+        "key_event",
+        subject=f"region:{region}",
+        source_region=source_region or region,
+        destination_region=region,
+        outcome="allowed",
+        actor=actor,
+        rules_version=rules_version,
+        reason=reason,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """What a reviewer asks the log for; an empty value matches everything. `region` matches

@@ -46,16 +46,7 @@ class KeyEvents:
         self._seen: tuple[int, int] | None = None
 
     def _entry(self, actor: str, reason: str) -> dict[str, Any]:
-        return translog.entry(
-            "key_event",
-            subject=f"region:{self.region}",
-            source_region=self.region,
-            destination_region=self.region,
-            outcome="allowed",
-            actor=actor,
-            rules_version=self.records.rules.version,
-            reason=reason,
-        )
+        return translog.key_event(self.region, actor, self.records.rules.version, reason)
 
     async def apply(self) -> None:
         """Logs the events not logged yet, and acts on them: a shred, a rekey (even both at

@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 from residency import v1
 from residency.server.api.access import METHODS, holders
 from residency.server.deployment import AFFILIATES, EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY
-from residency.v1 import common_pb2, consent_pb2, consent_pb2_grpc, disclosure_pb2
+from residency.v1 import common_pb2, disclosure_pb2
 from tests.conftest import APPROVER, Cluster, ctx, values
 
 pytestmark = pytest.mark.faults
@@ -673,22 +673,8 @@ async def existing_ids(cluster: Cluster) -> list[str]:
         ),
         timeout=30,
     )
-    grants = consent_pb2_grpc.GrantServiceStub(cluster.channel(PRIMARY, "operator", PRIMARY))
-    grant = await grants.CreateGrant(
-        consent_pb2.CreateGrantRequest(
-            context=ctx(PRIMARY, "essential.service"),
-            grant=consent_pb2.Grant(
-                recipient="sg-affiliate",
-                purpose="essential.service",
-                legal_basis="contract",
-                categories=["user.contact.email"],
-                user_ids=["fz-0"],
-                ends_at=Timestamp(seconds=int(time.time()) + 3600),
-            ),
-        ),
-        timeout=30,
-    )
-    return [asked.id, grant.id]
+    grant = await cluster.grant(["fz-0"], ["user.contact.email"])
+    return [asked.id, grant]
 
 
 async def test_fuzzed_requests_to_every_rpc_get_only_documented_statuses_and_the_nodes_stay_up(
