@@ -30,6 +30,7 @@ from residency.server.core.errors import (
     PolicyDenied,
     RateLimited,
     ResidencyError,
+    Stopping,
     StorageFull,
     TransferDenied,
 )
@@ -49,6 +50,7 @@ _CODES = {
     KeyUnavailable: code_pb2.UNAVAILABLE,
     KeyServiceDenied: code_pb2.PERMISSION_DENIED,
     StorageFull: code_pb2.RESOURCE_EXHAUSTED,
+    Stopping: code_pb2.UNAVAILABLE,
     SealError: code_pb2.FAILED_PRECONDITION,
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,
     RateLimited: code_pb2.RESOURCE_EXHAUSTED,

@@ -64,6 +64,11 @@ class StorageFull(ResidencyError):
     once space returns."""
 
 
+class Stopping(ResidencyError):
+    """The node is draining: a write that arrived after the drain began was not written and
+    can be sent again to a running node."""
+
+
 class KeyServiceDenied(ResidencyError):
     """A key service refused this node the use of its key (KMS AccessDenied, OpenBao permission
     denied): the node's credentials or the key's policy must change; retrying will not help."""

@@ -8,12 +8,12 @@ one only if the merged call fails."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
+from residency.server.core.errors import Stopping
 from residency.server.storage.database import UnitOfWork
 
 T = TypeVar("T")
@@ -38,8 +38,10 @@ class StoreThread(Generic[S_co]):
         self._store = store
         self.max_batch = max_batch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._queue: asyncio.Queue[_Op] | None = None
+        # `None` in the queue is `drain`'s: the loop finishes what is before it, then ends.
+        self._queue: asyncio.Queue[_Op | None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._draining = False
 
     @property
     def store(self) -> S_co:
@@ -69,17 +71,26 @@ class StoreThread(Generic[S_co]):
 
     async def _enqueue(self, op: _Op) -> Any:
         assert self._queue is not None, "StoreThread.start() first"
+        if self._draining:
+            raise Stopping("the node is stopping: nothing was written; send it again to a running node")
         self._queue.put_nowait(op)
         return await op.future
 
     async def _loop(self) -> None:
         assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            weight = batch[0].weight
+        last = False
+        while not last:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch, weight = [first], first.weight
             while weight < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                weight += batch[-1].weight
+                op = self._queue.get_nowait()
+                if op is None:  # drain: this batch is the last
+                    last = True
+                    break
+                batch.append(op)
+                weight += op.weight
             try:
                 results = await self.call(self._run, batch)
             except BaseException as e:  # the transaction itself failed: every write in it did
@@ -139,14 +150,11 @@ class StoreThread(Generic[S_co]):
         return True, value
 
     async def drain(self) -> None:
-        """Waits for queued writes to commit, then stops the loop and the thread."""
-        if self._queue is not None:
-            while not self._queue.empty():
-                await asyncio.sleep(0.01)
-        if self._task is not None:
-            # The loop is idle on queue.get() once the queue is empty and the last batch ran.
-            await self.call(lambda: None)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Lets every write queued so far commit and resolve, then stops the loop and the
+        thread; a write that arrives after this began is refused (`Stopping`). The loop is
+        never cancelled: a batch whose COMMIT may have run must tell its callers so."""
+        self._draining = True
+        if self._queue is not None and self._task is not None:
+            self._queue.put_nowait(None)  # behind every write queued before it
+            await self._task
         self._pool.shutdown(wait=True)
