@@ -58,6 +58,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     await stop.wait()
     log.info("replicator %s stopping", replicator.owner)
     follow.cancel()
+    await asyncio.gather(follow, return_exceptions=True)
     await replicator.stop()
     await db.drain()
     store.close()

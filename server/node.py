@@ -286,12 +286,13 @@ class RunningNode:
 
     async def stop(self) -> None:
         """Refuses new calls, lets in-flight calls finish, then flushes and closes the store."""
-        for t in [*self._tasks, *([self._reproject] if self._reproject else [])]:
+        background = [*self._tasks, *(t for t in (self._reproject, self._watch) if t is not None)]
+        for t in background:
             t.cancel()
+        # Awaited, not only cancelled: none is left writing while the store drains and closes.
+        await asyncio.gather(*background, return_exceptions=True)
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self._watch is not None:
-            self._watch.cancel()
         if self.server is not None:
             await self.server.stop(GRACE_SECONDS)
         if self.replicator is not None:
@@ -362,4 +363,5 @@ async def serve(config: NodeConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("stopping: draining in-flight calls")
+    await asyncio.gather(*reloads, return_exceptions=True)  # a reload under way finishes first
     await node.stop()
