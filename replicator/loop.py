@@ -369,10 +369,13 @@ class Replicator:
         self, d: Destination, row: Row, permits: Permits
     ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
         if row.deleted:
-            self.forget(row.user_id)  # an erased user's plaintext leaves memory too
             copy, entry = erased_copy(self.records, d.keys, row.user_id, row.version)
         else:
             copy, entry = build_copy(self.records, d.keys, self._open(row), permits, time.time())
+        if copy.deleted:
+            # Erased, or withdrawn from this destination: the user's plaintext leaves memory
+            # (another destination that still gets the copy opens the record again).
+            self.forget(row.user_id)
         # Signed last, once every field is set: the signature covers the copy as sent.
         return d.signer.sign_copy(copy, d.region), entry
 

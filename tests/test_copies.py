@@ -181,3 +181,18 @@ def test_an_erasure_drops_the_users_plaintext_from_the_workers_memory(home: Reco
     assert copy.deleted and set(worker._opened) == {("kept", 3)}
     worker.forget()
     assert not worker._opened
+
+
+def test_a_withdrawal_drops_the_users_plaintext_from_the_workers_memory(home: Records):
+    """A copy withdrawn from a destination (nothing of the record may be there now) is a
+    tombstone; the user's opened fields leave the worker's memory with it."""
+    key = region_key(SG)
+    signer = CopySigner(PRIMARY, Ed25519PrivateKey.generate())
+    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=None, signer=signer)  # type: ignore[arg-type]
+    worker = Replicator(home, db=None, destinations=[dest], config=ReplicatorConfig())  # type: ignore[arg-type]
+    # Only a field that never leaves the home region: nothing of it may be in SG.
+    worker._opened[("withdrawn", 5)] = opened("withdrawn", 5, national_id="11010519491231002X")
+    worker._opened[("kept", 3)] = opened(user_id="kept")
+    copy, _ = worker._copy_for(dest, Row("withdrawn", 5, False, b"", NOW), NO_PERMITS)
+    assert copy.deleted and copy.reason == "withdrawn"
+    assert set(worker._opened) == {("kept", 3)}
