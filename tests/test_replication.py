@@ -178,6 +178,36 @@ async def test_acknowledged_writes_survive_sigkill_of_the_primary(cluster: Clust
             assert values(copy)["email"] == email
 
 
+async def test_a_write_in_flight_at_sigterm_is_stored_if_it_was_acknowledged(cluster: Cluster):
+    """Eight writers keep writing while the primary drains: each write is acknowledged and
+    stored, or refused with a status that says to send it again; never refused yet stored."""
+    acked: dict[str, int] = {}
+    refused: dict[str, grpc.StatusCode] = {}
+
+    async def writer(w: int) -> None:
+        for i in range(10_000):
+            user = f"s-{w}-{i}"
+            try:
+                acked[user] = await cluster.put(user, {"email": f"{user}@example.cn", "name": user})
+            except grpc.aio.AioRpcError as e:
+                refused[user] = e.code()
+                return
+
+    writers = [asyncio.ensure_future(writer(w)) for w in range(8)]
+    deadline = time.monotonic() + 60
+    while len(acked) < 40 and time.monotonic() < deadline:  # writes under way, then the signal
+        await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(cluster.stop, PRIMARY) == 0
+    await asyncio.gather(*writers)
+    assert len(refused) == 8 and set(refused.values()) <= {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+    }, refused
+    await cluster.start(PRIMARY)
+    for user, version in acked.items():
+        assert (await cluster.get(user)).record.version == version
+
+
 async def test_sigterm_drains_and_exits_zero(cluster: Cluster):
     await cluster.put("t-1", {"email": "t@example.cn"})
     for region in (PRIMARY, *AFFILIATES):
