@@ -277,7 +277,9 @@ class Records:
         dek = self._data_key(user_id)
         kid, version = copy.key_id, copy.version
         fields = {
-            n: Value.FromString(dek.open(s, field_aad(user_id, n, self.region, version, kid, format=copy.format)))
+            n: Value.FromString(
+                dek.open(s, field_aad(user_id, n, self.region, version, kid, format=copy.format))
+            )
             for n, s in copy.sealed_fields.items()
             if names is None or n in names
         }
