@@ -46,7 +46,9 @@ class KmsKeysFile(_Keys):
     """Keys wrapped by AWS KMS."""
 
     provider: Literal["aws-kms"]
-    kms_key_id: str = Field(description="a KMS key id, ARN or alias")
+    kms_key_id: str = Field(
+        description="a KMS key's alias, alias/NAME (the log signing key is wrapped under alias/NAME-log)"
+    )
     aws_region: str = Field(default="us-east-1", description="the KMS key's AWS region")
     endpoint_url: str | None = Field(default=None, description="the KMS endpoint URL (none: AWS's)")
 
