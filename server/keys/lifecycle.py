@@ -10,14 +10,13 @@ and, after a shred, forgets every key it holds. The caller opens and closes all 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from residency.server.keys.files import KeyExists, shred_file
+from residency.server.keys.files import KeyExists, shred_file, write_private
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import KEY as LOG_KEY
 from residency.server.keys.logkey import rewrap_log_key
@@ -55,9 +54,8 @@ def append_event(directory: Path, event: str, actor: str, detail: str) -> dict[s
     events = read_events(directory)
     item = {"event": event, "time": round(time.time(), 3), "actor": actor, "detail": detail}
     events.append(item)
-    tmp = directory / f".{STATE}.tmp"
-    tmp.write_text(json.dumps({"events": events}, indent=1))
-    os.replace(tmp, directory / STATE)
+    # Durably, like a key file: a power cut leaves the events before or after, never none.
+    write_private(directory / STATE, json.dumps({"events": events}, indent=1).encode())
     return item
 
 
