@@ -100,8 +100,8 @@ def _keys(args: argparse.Namespace) -> int:
                 )
             out = lifecycle.rekey(region, provider, keys_dir, config.keys.kem, actor)
         else:
-            store = SqliteStore(config.data_dir / "node.db")
             log_keys = open_log_provider(config.keys, create=True)
+            store = SqliteStore(config.data_dir / "node.db")
             try:
                 if args.action == "retire":
                     out = lifecycle.retire(region, provider, keys_dir, store, actor, log_keys=log_keys)
