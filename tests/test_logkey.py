@@ -118,9 +118,16 @@ def test_a_raw_log_key_is_wrapped_in_place_once_and_the_log_says_so(
     c.dir.mkdir()
     private = Ed25519PrivateKey.generate()
     raw = private.private_bytes_raw()
+    (c.dir / "log.pub").write_text(LogSigner(NAME, private).verifier_key + "\n")
+    # A raw key that is not the pinned one (put there by someone who may write the folder) is
+    # refused, and left as it is: the node would sign checkpoints nobody can verify.
+    planted = f"{NAME}\n{base64.b64encode(Ed25519PrivateKey.generate().private_bytes_raw()).decode()}\n"
+    (c.dir / "log.key").write_text(planted)
+    with pytest.raises(KeyUnavailable, match="is not the key of .*log.pub"):
+        open_log_key(c.dir / "log.key", c)
+    assert (c.dir / "log.key").read_text() == planted
     (c.dir / "log.key").write_text(f"{NAME}\n{base64.b64encode(raw).decode()}\n")
     (c.dir / "log.key").chmod(0o600)
-    (c.dir / "log.pub").write_text(LogSigner(NAME, private).verifier_key + "\n")
     with caplog.at_level(logging.WARNING, logger="residency.keys"):
         assert signs(open_log_key(c.dir / "log.key", c), c)
     assert (

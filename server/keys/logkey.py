@@ -37,9 +37,9 @@ def _context(name: str) -> dict[str, str]:
     return {"log": name, "purpose": "log-signing-key"}
 
 
-def _write(path: Path, name: str, raw: bytes, provider: KeyProvider, *, exclusive: bool = False) -> None:
-    wrapped = base64.b64encode(provider.wrap(raw, _context(name))).decode()
-    write_private(path, f"{name}\n{_WRAPPED}\n{wrapped}\n".encode(), exclusive=exclusive)
+def _write(path: Path, name: str, wrapped: bytes, *, exclusive: bool = False) -> None:
+    b64 = base64.b64encode(wrapped).decode()
+    write_private(path, f"{name}\n{_WRAPPED}\n{b64}\n".encode(), exclusive=exclusive)
 
 
 def _read(path: Path) -> tuple[str, bytes | None, bytes]:
@@ -67,7 +67,7 @@ def create_log_key(name: str, directory: str | Path, provider: KeyProvider) -> L
     raw = private.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
-    _write(d / KEY, name, raw, provider, exclusive=True)
+    _write(d / KEY, name, provider.wrap(raw, _context(name)), exclusive=True)
     signer = LogSigner(name, private)
     (d / PUB).write_text(signer.verifier_key + "\n")
     return signer
@@ -86,19 +86,27 @@ def load_log_key(path: str | Path, provider: KeyProvider) -> LogSigner:
 
 def open_log_key(path: Path, keys: Any) -> LogSigner:
     """The node's signer at start, through the log key's provider (`keys`: the node's
-    `KeysConfig`). A raw `log.key` is wrapped in place first (once; the log says so)."""
+    `KeysConfig`), refused unless it is the key of `log.pub` beside it. A raw `log.key` is
+    wrapped in place (once; the log says so)."""
     name, raw, _ = _read(path)
     provider = open_log_provider(keys, create=raw is not None)
     try:
+        signer = load_log_key(path, provider)
+        pinned = path.with_name(PUB)
+        if pinned.exists() and pinned.read_text().strip() != signer.verifier_key:
+            raise KeyUnavailable(
+                f"{path} is not the key of {pinned}, the verifier key reviewers pin: the node would "
+                "sign checkpoints nobody can verify; put back the log.key that goes with it"
+            )
         if raw is not None:
-            _write(path, name, raw, provider)
+            _write(path, name, provider.wrap(raw, _context(name)))
             log.warning(
                 "log signing key %s was stored raw: wrapped in place by the %s provider's log key "
                 "(log.pub and every checkpoint are unchanged)",
                 path,
                 provider.name,
             )
-        return load_log_key(path, provider)
+        return signer
     finally:
         provider.close()
 
@@ -106,8 +114,5 @@ def open_log_key(path: Path, keys: Any) -> LogSigner:
 def rewrap_log_key(path: Path, provider: KeyProvider) -> None:
     """Rewraps `log.key` under `provider`'s newest key version (rotation)."""
     name, raw, wrapped = _read(path)
-    if raw is not None:
-        _write(path, name, raw, provider)
-        return
-    rewrapped = base64.b64encode(provider.rewrap(wrapped, _context(name))).decode()
-    write_private(path, f"{name}\n{_WRAPPED}\n{rewrapped}\n".encode())
+    context = _context(name)
+    _write(path, name, provider.wrap(raw, context) if raw is not None else provider.rewrap(wrapped, context))
