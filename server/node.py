@@ -223,8 +223,9 @@ class RunningNode:
         policy = self.node.policy
         prev = await self.db.write(lambda: policy.swap_rules(new, actor))
         total = (await self.db.call(self.db.store.counts))[0]
-        if self._reproject is not None:
+        if self._reproject is not None:  # the new rules' re-projection replaces it
             self._reproject.cancel()
+            await asyncio.gather(self._reproject, return_exceptions=True)
         self._reproject = asyncio.create_task(self._reproject_all(total), name="reproject")
         log.info("rules %s -> %s by %s; re-projecting %d records", prev, new.version, actor, total)
         return prev, new.version, total
