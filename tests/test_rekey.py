@@ -104,7 +104,7 @@ async def test_a_shredded_region_gets_nothing_until_it_rekeys_then_every_copy_ag
 
 async def held_in(c: Cluster, user: str, region: str) -> bool:
     try:
-        return bool(values(await c.get(user, region=region)))
+        return bool(values(await c.held(user, region)))
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.NOT_FOUND:
             return False
