@@ -17,6 +17,7 @@ from residency.server.core.rules import Allowed, Permits
 from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.v1 import admin_pb2, replica_pb2
 from tests.conftest import Cluster, values
+from tests.test_keys_node import until
 
 FULL = {
     "name": "Li Wei",
@@ -204,6 +205,17 @@ async def test_a_write_in_flight_at_sigterm_is_stored_if_it_was_acknowledged(clu
         grpc.StatusCode.CANCELLED,
     }, refused
     await cluster.start(PRIMARY)
+
+    async def reconnected() -> bool:  # a writer's channel opened while the node was down backs off
+        try:
+            await cluster.get(next(iter(acked)))
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return False
+        return True
+
+    await until(reconnected)
     for user, version in acked.items():
         assert (await cluster.get(user)).record.version == version
 
