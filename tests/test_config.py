@@ -60,7 +60,8 @@ NODE_CASES: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"keys": {"provider": "aws-kms", "dir": "k"}},
-        "'keys.kms_key_id' is required for provider aws-kms: a KMS key id, ARN or alias",
+        "'keys.kms_key_id' is required for provider aws-kms: a KMS key's alias, alias/NAME "
+        "(the log signing key is wrapped under alias/NAME-log)",
     ),
     (
         {"affiliates": [{**S3, "bucket": ""}]},
