@@ -65,7 +65,7 @@ def _keys(args: argparse.Namespace) -> int:
 
     from residency.server.config.node import load_config
     from residency.server.keys import lifecycle
-    from residency.server.keys.providers import KeyProvider, open_provider
+    from residency.server.keys.providers import KeyProvider, open_log_provider, open_provider
     from residency.server.keys.providers.local import LocalProvider
     from residency.server.storage.sqlite import SqliteStore
 
@@ -100,10 +100,11 @@ def _keys(args: argparse.Namespace) -> int:
                 )
             out = lifecycle.rekey(region, provider, keys_dir, config.keys.kem, actor)
         else:
+            log_keys = open_log_provider(config.keys, create=True)
             store = SqliteStore(config.data_dir / "node.db")
             try:
                 if args.action == "retire":
-                    out = lifecycle.retire(region, provider, keys_dir, store, actor)
+                    out = lifecycle.retire(region, provider, keys_dir, store, actor, log_keys=log_keys)
                 else:
                     with tqdm(
                         desc=f"rewrapping {region}", unit="key", file=sys.stderr, disable=args.quiet
@@ -113,9 +114,12 @@ def _keys(args: argparse.Namespace) -> int:
                             bar.total = total
                             bar.update(done - bar.n)
 
-                        out = lifecycle.rotate(region, provider, keys_dir, store, actor, progress)
+                        out = lifecycle.rotate(
+                            region, provider, keys_dir, store, actor, progress, log_keys=log_keys
+                        )
             finally:
                 store.close()
+                log_keys.close()
     finally:
         provider.close()
     print(json.dumps(out))

@@ -21,7 +21,7 @@ from residency.server.keys import pki
 from residency.server.keys.copykey import create_copy_key
 from residency.server.keys.files import KeyExists
 from residency.server.keys.logkey import create_log_key
-from residency.server.keys.providers import open_provider
+from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RegionKey
 
@@ -230,8 +230,6 @@ def init_deployment(
     (d / "access.yaml").write_text(editor_schema("access") + EXAMPLE_ACCESS)
     init_pki(d, regions)
     for region in regions:
-        # Each node signs its own transfer log's checkpoints with its own key.
-        create_log_key(origin(region), d / "keys" / region)
         # The primary signs the copies it sends with its region's; a region node checks them
         # against the home's copy.pub (each region has one, should it become the primary).
         create_copy_key(region, d / "keys" / region)
@@ -278,18 +276,27 @@ def make_private(folder: Path) -> None:
 
 
 def generate_keys(config_path: Path) -> None:
-    """Creates a region's key in its provider's care (unless it is there already)."""
-    c = load_config(config_path).keys
-    if (c.dir / "region.key").exists():
-        return
-    # (the local provider just made is reused: opening it again would cost another scrypt)
-    provider = LocalProvider.create(c.dir, c.passphrase) if c.provider == "local" else open_provider(c)
-    try:
-        if hasattr(provider, "ensure_key"):
-            provider.ensure_key()
-        RegionKey.generate(load_config(config_path).region, c.dir, provider, c.kem)
-    finally:
-        provider.close()
+    """Creates a region's key and its node's log signing key in its provider's care (each
+    unless it is there already)."""
+    config = load_config(config_path)
+    c = config.keys
+    if not (c.dir / "region.key").exists():
+        # (the local provider just made is reused: opening it again would cost another scrypt)
+        provider = LocalProvider.create(c.dir, c.passphrase) if c.provider == "local" else open_provider(c)
+        try:
+            if hasattr(provider, "ensure_key"):
+                provider.ensure_key()
+            RegionKey.generate(config.region, c.dir, provider, c.kem)
+        finally:
+            provider.close()
+    if not config.log_key.exists():
+        # Each node signs its own transfer log's checkpoints with its own key, wrapped under a
+        # key of its own that a shred of the region's key leaves alone.
+        log_keys = open_log_provider(c, create=True)
+        try:
+            create_log_key(origin(config.region), c.dir, log_keys)
+        finally:
+            log_keys.close()
 
 
 def start_node(config: Path) -> subprocess.Popen[bytes]:

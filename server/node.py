@@ -35,7 +35,7 @@ from residency.server.core.rules import RuleSet
 from residency.server.keys import lifecycle
 from residency.server.keys.copykey import load_home_key
 from residency.server.keys.keyring import Keyring
-from residency.server.keys.logkey import load_log_key
+from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_provider
 from residency.server.keys.region import RecipientKey
 from residency.server.storage.sqlite import SqliteStore
@@ -112,7 +112,7 @@ class RunningNode:
             keyring.shred(shredded)
         elif not c.is_primary:
             keyring.region_key  # noqa: B018 - a region node fails at start if its key does not open
-        signer = load_log_key(c.log_key)
+        signer = open_log_key(c.log_key, c.keys)
         home = None if c.is_primary else Home(rules.home_region, load_home_key(c.home_signing_key or ""))
         if home is not None and c.home_region != rules.home_region:
             raise ConfigError(f"{c.path}: 'home.region' {c.home_region!r} is not the rules' home_region")

@@ -9,6 +9,7 @@ import pytest
 
 from residency.server.config.node import ArchiveConfig
 from residency.server.keys.logkey import create_log_key
+from residency.server.keys.providers.local import LocalProvider
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault import bundle
@@ -28,7 +29,7 @@ async def archiver(tmp_path: Path, s3_server: S3Server):
     store = SqliteStore(tmp_path / "node.db")
     db = StoreThread(store)
     db.start()
-    signer = create_log_key(ORIGIN, tmp_path / "keys")
+    signer = create_log_key(ORIGIN, tmp_path / "keys", LocalProvider.create(tmp_path / "log-keys", b"test"))
     config = ArchiveConfig(
         bucket=f"translog-{tmp_path.name.lower().replace('_', '-')}"[:60],
         endpoint=s3_server.endpoint,

@@ -20,13 +20,15 @@ from residency.server.core.checkpoint import (
     verify_note,
 )
 from residency.server.keys.logkey import create_log_key, load_log_key
+from residency.server.keys.providers.local import LocalProvider
 
 ROOT = hashlib.sha256(b"root").digest()
 
 
 @pytest.fixture(scope="module")
 def signer(tmp_path_factory) -> LogSigner:
-    return create_log_key("residency/cn-north", tmp_path_factory.mktemp("keys"))
+    d = tmp_path_factory.mktemp("keys")
+    return create_log_key("residency/cn-north", d, LocalProvider.create(d / "log", b"test"))
 
 
 def test_a_checkpoint_is_origin_size_and_root_then_one_signature_line(signer: LogSigner):
@@ -48,9 +50,11 @@ def test_the_verifier_key_is_name_keyhash_and_typed_public_key(signer: LogSigner
 
 
 def test_the_private_key_file_is_readable_by_its_owner_only(tmp_path):
-    create_log_key("residency/eu-west-1", tmp_path)
+    provider = LocalProvider.create(tmp_path / "log", b"test")
+    create_log_key("residency/eu-west-1", tmp_path, provider)
     assert stat.S_IMODE((tmp_path / "log.key").stat().st_mode) == 0o600
-    assert load_log_key(tmp_path / "log.key").verifier_key == (tmp_path / "log.pub").read_text().strip()
+    signer = load_log_key(tmp_path / "log.key", provider)
+    assert signer.verifier_key == (tmp_path / "log.pub").read_text().strip()
 
 
 def test_a_forged_or_altered_checkpoint_is_refused(signer: LogSigner, tmp_path):

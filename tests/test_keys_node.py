@@ -20,6 +20,7 @@ from residency.cli.channel import ENVIRONMENT, Credentials
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
+from residency.server.core.checkpoint import open_note
 from residency.server.core.sealing import SealError
 from residency.server.deployment import AFFILIATES, PRIMARY, local_keys
 from residency.server.keys import pki
@@ -29,7 +30,7 @@ from residency.server.keys.providers.kms import AwsKmsProvider
 from residency.server.keys.region import RegionKey
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.vault.records import Records
-from residency.v1 import records_pb2, replica_pb2
+from residency.v1 import records_pb2, replica_pb2, translog_pb2
 from tests.conftest import BAO_TOKEN, Cluster, ctx, enable_transit, moto_kms, openbao, values
 
 SG = "ap-southeast-1"
@@ -211,6 +212,8 @@ async def test_rotation_rewraps_data_keys_without_touching_fields_or_traffic(clu
     keys_cli(cluster, "retire", PRIMARY)
     keys = load_config(cluster.dep.configs[PRIMARY]).keys_dir
     assert sorted(p.name for p in keys.glob("kek-v*.key")) == ["kek-v2.key"]
+    # The log key's own key turned with it, and log.key is under its new version only.
+    assert sorted(p.name for p in keys.glob("log-kek-v*.key")) == ["log-kek-v2.key"]
     # A restarted primary (no cached keys) opens everything with the new version only.
     cluster.stop(PRIMARY)
     await cluster.start(PRIMARY)
@@ -298,6 +301,17 @@ async def test_a_shredded_region_key_makes_every_copy_there_unreadable(cluster: 
     assert event["reason"].startswith("shredded") and event["actor"] == operator
     # Other regions are untouched.
     assert values(await cluster.held("u-1", AFFILIATES[1]))["language"] == "zh-CN"
+    # The log signing key is under a key of its own, which the shred left: the restarted
+    # node opens it and signs checkpoints (the shred's entry included) that verify with the
+    # log.pub reviewers pinned.
+    pinned = (sg.keys_dir / "log.pub").read_text().strip()
+    assert list(sg.keys_dir.glob("log-kek-v*.key")) and b"wrapped" in (sg.keys_dir / "log.key").read_bytes()
+    cluster.stop(SG)
+    await cluster.start(SG)
+    cp = await cluster.transfer_log(SG).GetCheckpoint(
+        translog_pb2.GetCheckpointRequest(refresh=True), timeout=30
+    )
+    assert cp.verifier_key == pinned and open_note(cp.checkpoint, pinned).size == cp.tree_size >= 1
 
 
 async def test_verify_credential_answers_match_or_not_and_never_reveals(cluster: Cluster):

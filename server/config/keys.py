@@ -47,6 +47,11 @@ class KmsKeysFile(_Keys):
 
     provider: Literal["aws-kms"]
     kms_key_id: str = Field(description="a KMS key id, ARN or alias")
+    log_kms_key_id: str | None = Field(
+        default=None,
+        description="the KMS key (id, ARN or alias) that wraps the log signing key, one a shred "
+        "of kms_key_id leaves alone (default: alias/NAME-log when kms_key_id is alias/NAME)",
+    )
     aws_region: str = Field(default="us-east-1", description="the KMS key's AWS region")
     endpoint_url: str | None = Field(default=None, description="the KMS endpoint URL (none: AWS's)")
 
@@ -84,6 +89,7 @@ class KeysConfig:
     passphrase: bytes = field(default=b"", repr=False)
     # aws-kms
     kms_key_id: str = ""
+    log_kms_key_id: str | None = None
     aws_region: str = "us-east-1"
     endpoint_url: str | None = None
     # openbao
@@ -106,7 +112,13 @@ def keys_config(
         secret = _secret("passphrase", k.passphrase_file, k.passphrase_env, path, rel)
         return replace(common, passphrase=secret.encode())
     if isinstance(k, KmsKeysFile):
-        return replace(common, kms_key_id=k.kms_key_id, aws_region=k.aws_region, endpoint_url=k.endpoint_url)
+        return replace(
+            common,
+            kms_key_id=k.kms_key_id,
+            log_kms_key_id=k.log_kms_key_id,
+            aws_region=k.aws_region,
+            endpoint_url=k.endpoint_url,
+        )
     token = _secret("token", k.token_file, k.token_env, path, rel)
     return replace(common, address=k.address, token=token, transit_key=k.transit_key, mount=k.mount)
 

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 from residency.server.keys.files import KeyExists, shred_file, write_private
 from residency.server.keys.keyring import Keyring
+from residency.server.keys.logkey import KEY as LOG_KEY
+from residency.server.keys.logkey import rewrap_log_key
 from residency.server.keys.providers import KeyProvider
 from residency.server.keys.region import RegionKey
 
@@ -78,15 +80,21 @@ def rotate(
     store: DataKeys,
     actor: str,
     progress: Progress | None = None,
+    *,
+    log_keys: KeyProvider,
 ) -> dict[str, Any]:
     """A new provider key version; `region.key` and every data key in the node's keyring are
     rewrapped under it, page by page (one short transaction each, so traffic goes on): the
     primary's, and on a region node the copies' keys (HPKE-wrapped as they arrived, then
     under a wrapping key of the new version). Field values are not re-encrypted: only the
-    keys that wrap their data keys change."""
+    keys that wrap their data keys change. The log key's own key (`log_keys`,
+    `open_log_provider`) gets a new version too, and `log.key` is rewrapped under it."""
     version = provider.rotate()
     if (keys_dir / "region.key").exists():
         RegionKey.rewrap(region, keys_dir, provider)
+    if (keys_dir / LOG_KEY).exists():
+        log_keys.rotate()
+        rewrap_log_key(keys_dir / LOG_KEY, log_keys)
     append_event(keys_dir, "rotated", actor, f"new key version {version}")
     rewrapped = rewrap_data_keys(region, provider, keys_dir, store, progress)
     append_event(keys_dir, "rewrapped", actor, f"{rewrapped} data keys rewrapped under {version}")
@@ -121,23 +129,31 @@ def rewrap_data_keys(
     return done
 
 
-def retire(region: str, provider: KeyProvider, keys_dir: Path, store: DataKeys, actor: str) -> dict[str, Any]:
+def retire(
+    region: str, provider: KeyProvider, keys_dir: Path, store: DataKeys, actor: str, *, log_keys: KeyProvider
+) -> dict[str, Any]:
     """After a rotation (give the node a second to notice it): every data key is moved under a
     fresh wrapping key, wrapping keys no data key uses are deleted and old provider key
-    versions stop decrypting."""
+    versions stop decrypting, the log key's own key's (`log_keys`) included."""
     # Data keys the node made between the rotation and noticing it are under a wrapping key
     # of the old version: move everything under a fresh one first.
     rewrap_data_keys(region, provider, keys_dir, store)
     with store.transaction():
         dropped = store.delete_unused_wrapping_keys()
     provider.retire()
+    if (keys_dir / LOG_KEY).exists():
+        # Under the newest version first (a rotation cut short may have left it under an old one).
+        rewrap_log_key(keys_dir / LOG_KEY, log_keys)
+        log_keys.retire()
     append_event(keys_dir, "retired", actor, f"old key versions retired; {dropped} wrapping keys deleted")
     return {"region": region, "wrapping_keys_deleted": dropped}
 
 
 def shred(region: str, provider: KeyProvider, keys_dir: Path, actor: str, reason: str) -> dict[str, Any]:
     """Destroys the region's key in its provider and its private key file: every copy and
-    record sealed for this region becomes unreadable, backups included. Irreversible."""
+    record sealed for this region becomes unreadable, backups included. Irreversible. The
+    log signing key is under a key of its own, which this leaves alone: the node goes on
+    signing its transfer log (the shred included) with the key `log.pub` names."""
     provider.destroy()
     shred_file(keys_dir / "region.key")
     append_event(keys_dir, "shredded", actor, reason or "key compromised")

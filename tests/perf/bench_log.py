@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from residency.server.core import merkle, translog  # noqa: E402
 from residency.server.core.checkpoint import Checkpoint  # noqa: E402
 from residency.server.keys.logkey import create_log_key  # noqa: E402
+from residency.server.keys.providers.local import LocalProvider  # noqa: E402
 from residency.server.storage.sqlite import SqliteStore  # noqa: E402
 from residency.server.vault import bundle  # noqa: E402
 
@@ -89,7 +90,9 @@ def main() -> None:
         data = [translog.canonical({**entry(i), "sequence": i + 1}) for i in range(args.entries)]
         leaves = [merkle.leaf_hash(x) for x in data]
         tree = merkle.Tree(leaves)
-        signer = create_log_key("residency/cn-north", d / "keys")
+        signer = create_log_key(
+            "residency/cn-north", d / "keys", LocalProvider.create(d / "log-keys", b"bench")
+        )
         note = signer.sign(Checkpoint("residency/cn-north", tree.size, tree.root()))
         bundle.write(d / "bundle", data, leaves, note, signer.verifier_key)
         del data, leaves

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from residency.server.core.errors import ConfigError
 from residency.server.core.sealing import Context
 
 
@@ -65,4 +66,45 @@ def open_provider(config: Any) -> KeyProvider:
         from residency.server.keys.providers.openbao import OpenBaoProvider
 
         return OpenBaoProvider(config.address, config.token, config.transit_key, config.mount)
+    raise ValueError(f"unknown key provider {config.provider!r}")
+
+
+# What the log key's own key is called, after the region's key (see `open_log_provider`).
+LOG_SUFFIX = "-log"
+
+
+def open_log_provider(config: Any, create: bool = False) -> KeyProvider:
+    """The provider of the node's log signing key: the node's own, with a key of its own that
+    a shred of the region's key leaves alone (local: key files `DIR/log-kek-vN.key`; OpenBao: the
+    Transit key `TRANSIT_KEY-log`; AWS KMS: `log_kms_key_id`, by default the alias `ALIAS-log`).
+    `create` makes that key when it is not there yet (`residency init`, and a node wrapping a raw
+    `log.key`); a KMS key is made only by `residency init`, and only for the default alias."""
+    if config.provider == "local":
+        from residency.server.keys.providers.local import LocalProvider
+
+        prefix = "log-kek"
+        if create:
+            return LocalProvider.create(config.dir, config.passphrase, prefix)
+        return LocalProvider(config.dir, config.passphrase, prefix)
+    if config.provider == "aws-kms":
+        from residency.server.keys.providers.kms import AwsKmsProvider
+
+        key = config.log_kms_key_id
+        if key is None and not config.kms_key_id.startswith("alias/"):
+            raise ConfigError(
+                f"'keys.kms_key_id' {config.kms_key_id!r} is not an alias: set 'keys.log_kms_key_id' "
+                "to the KMS key that wraps the log signing key (a key of its own, which a shred of "
+                "the region's key leaves alone)"
+            )
+        kms = AwsKmsProvider(key or config.kms_key_id + LOG_SUFFIX, config.aws_region, config.endpoint_url)
+        if create and key is None:
+            kms.ensure_key()
+        return kms
+    if config.provider == "openbao":
+        from residency.server.keys.providers.openbao import OpenBaoProvider
+
+        bao = OpenBaoProvider(config.address, config.token, config.transit_key + LOG_SUFFIX, config.mount)
+        if create:
+            bao.ensure_key()
+        return bao
     raise ValueError(f"unknown key provider {config.provider!r}")

@@ -104,6 +104,17 @@ class AwsKmsProvider:
     def close(self) -> None:
         self._kms.close()
 
+    def ensure_key(self) -> None:
+        """Creates the key its alias names unless the alias exists (a disabled or deleted key
+        stays so: `KeyDestroyed`)."""
+        try:
+            self._call("describe_key", KeyId=self.key_id)
+        except KeyDestroyed as e:
+            if getattr(e.__cause__, "response", {}).get("Error", {}).get("Code") != "NotFoundException":
+                raise
+            key = self._call("create_key", Description=f"residency {self.key_id}")["KeyMetadata"]["KeyId"]
+            self._call("create_alias", AliasName=self.key_id, TargetKeyId=key)
+
     @classmethod
     def create_key(cls, alias: str, region_name: str = "us-east-1", endpoint_url: str | None = None) -> str:
         """Creates a symmetric key with `alias` (for `residency init` and the tests)."""

@@ -21,16 +21,18 @@ def _scrypt(passphrase: bytes, salt: bytes) -> bytes:
 
 
 class LocalProvider:
-    """Key-encryption keys in files `kek-vN.key` (mode 0600), each sealed with AES-256-GCM
+    """Key-encryption keys in files `kek-vN.key` (mode 0600; `PREFIX-vN.key` for another set
+    in the same folder, e.g. the log key's `log-kek-vN.key`), each sealed with AES-256-GCM
     under a key derived with scrypt from the node's passphrase. Wrapped material is
     `b"L" || version (4 bytes) || nonce || ciphertext || tag`."""
 
     name = "local"
 
-    def __init__(self, directory: str | Path, passphrase: bytes):
+    def __init__(self, directory: str | Path, passphrase: bytes, prefix: str = "kek"):
         if not passphrase:
             raise KeyUnavailable("the local key provider needs a passphrase (keys.passphrase_file or _env)")
         self.dir = Path(directory)
+        self.prefix = prefix
         self._passphrase = passphrase
         self._keks: dict[int, AESGCM] = {}
         self._seen: dict[int, tuple[int, int]] = {}
@@ -38,8 +40,8 @@ class LocalProvider:
 
     def _files(self) -> dict[int, Path]:
         out = {}
-        for p in self.dir.glob("kek-v*.key"):
-            v = p.stem.removeprefix("kek-v")
+        for p in self.dir.glob(f"{self.prefix}-v*.key"):
+            v = p.stem.removeprefix(f"{self.prefix}-v")
             if v.isdigit():
                 out[int(v)] = p
         return out
@@ -60,7 +62,9 @@ class LocalProvider:
             blob = path.read_bytes()
             salt, nonce, ct = blob[:16], blob[16 : 16 + NONCE], blob[16 + NONCE :]
             try:
-                raw = AESGCM(_scrypt(self._passphrase, salt)).decrypt(nonce, ct, f"kek-v{version}".encode())
+                raw = AESGCM(_scrypt(self._passphrase, salt)).decrypt(
+                    nonce, ct, f"{self.prefix}-v{version}".encode()
+                )
             except InvalidTag as e:
                 raise KeyUnavailable(
                     f"{path} does not open with the configured passphrase (keys.passphrase_*)"
@@ -77,14 +81,16 @@ class LocalProvider:
 
     def _write(self, version: int) -> None:
         salt, nonce, raw = os.urandom(16), os.urandom(NONCE), AESGCM.generate_key(bit_length=256)
-        sealed = AESGCM(_scrypt(self._passphrase, salt)).encrypt(nonce, raw, f"kek-v{version}".encode())
+        sealed = AESGCM(_scrypt(self._passphrase, salt)).encrypt(
+            nonce, raw, f"{self.prefix}-v{version}".encode()
+        )
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_private(self.dir / f"kek-v{version}.key", salt + nonce + sealed, exclusive=True)
+        write_private(self.dir / f"{self.prefix}-v{version}.key", salt + nonce + sealed, exclusive=True)
         self._keks[version] = AESGCM(raw)
 
     @classmethod
-    def create(cls, directory: str | Path, passphrase: bytes) -> LocalProvider:
-        p = cls(directory, passphrase)
+    def create(cls, directory: str | Path, passphrase: bytes, prefix: str = "kek") -> LocalProvider:
+        p = cls(directory, passphrase, prefix)
         if not p._keks:
             p._write(1)
         return p
