@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 def operator_of(args: argparse.Namespace, config: NodeConfig) -> str:
     """The URI of the operator whose certificate and key `--cert --key` name, checked as the
     node checks its callers: against the node's `tls.ca`, revocation list and trust domain (a
-    `--ca` of the caller's choosing decides nothing). Refused: one line, nothing done."""
+    `--ca` of the caller's choosing decides nothing), and an operator of the node's region.
+    Refused: one line, nothing done."""
     paths = certificate_paths(args)
     missing = [f"--{k} (or {ENVIRONMENT[k]})" for k in ("cert", "key") if not paths[k]]
     if missing:
@@ -50,6 +51,11 @@ def operator_of(args: argparse.Namespace, config: NodeConfig) -> str:
         )
     except CallerDenied as e:
         raise CallerDenied(f"{paths['cert']} is refused: {e}; nothing was changed") from None
+    if ident.region != config.region:  # as the node refuses it (`access.refusal`)
+        raise CallerDenied(
+            f"{paths['cert']} is refused: {ident.uri} is an operator of {ident.region}; the keys of "
+            f"{config.region} are its own operators' to change; nothing was changed"
+        )
     if args.identity and args.identity != ident.uri:
         print(
             f"residency: --identity no longer names the caller; the client certificate does ({ident.uri})",
