@@ -158,7 +158,8 @@ class Keyring:
         are under each provider version older than the newest, which a retire would make
         unreadable. Copies' keys under the region key (`transit:`, `hpke:`) are under none:
         rotation rewraps `region.key` itself."""
-        newest, old = self.provider.newest_version(), {}
+        newest = self.provider.newest_version()
+        old: dict[str, int] = {}
         for wk_id, wrapped, n in in_use:
             if wk_id.partition(":")[0] in ("transit", "hpke"):
                 continue
