@@ -157,6 +157,7 @@ async def _act_offline(
     log_keys = open_log_provider(config.keys, create=args.action in ("rotate", "retire"))
     keys = KeyLifecycle(events, db, log_keys, config.keys.kem)
     try:
+        await events.apply()  # a shred made before counts here too
         if args.action == "rotate":
             return await keys.rotate(actor, keys.newest_version(), progress)
         if args.action == "rewrap":

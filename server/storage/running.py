@@ -14,38 +14,38 @@ from residency.server.core.errors import FailedPrecondition
 LOCK = "running.lock"
 
 
-def _open(data_dir: Path) -> int:
+def _hold(data_dir: Path, how: int, refusal: str) -> int:
+    """A descriptor of the lock held `how` (shared or exclusive); FailedPrecondition(`refusal`)
+    if it cannot be had now."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return os.open(data_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(data_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FailedPrecondition(refusal) from None
+    return fd
 
 
 def hold_running(data_dir: Path) -> int:
     """Marks the node as running until the returned descriptor is closed (or the process ends).
     Refused while a command works on the stopped node's keys."""
-    fd = _open(data_dir)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FailedPrecondition(
-            f"a `residency keys` command is working on the keys of the node of {data_dir}: "
-            "start the node once it has finished"
-        ) from None
-    return fd
+    return _hold(
+        data_dir,
+        fcntl.LOCK_SH,
+        f"a `residency keys` command is working on the keys of the node of {data_dir}: "
+        "start the node once it has finished",
+    )
 
 
 def hold_stopped(data_dir: Path) -> int:
     """Keeps the node from starting until the returned descriptor is closed. Refused while the
     node (or a replication worker of it) runs: its keys are then the running node's to change."""
-    fd = _open(data_dir)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FailedPrecondition(
-            f"the node of {data_dir} is running (it holds {data_dir / LOCK}), or a replication "
-            "worker of it: send the command to it with --target HOST:PORT (and the operator's "
-            "--cert --key --ca) so that it switches at once; --config is for a stopped node only. "
-            "Nothing was changed"
-        ) from None
-    return fd
+    return _hold(
+        data_dir,
+        fcntl.LOCK_EX,
+        f"the node of {data_dir} is running (it holds {data_dir / LOCK}), or a replication "
+        "worker of it: send the command to it with --target HOST:PORT (and the operator's "
+        "--cert --key --ca) so that it switches at once; --config is for a stopped node only. "
+        "Nothing was changed",
+    )

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from residency.server.core.errors import FailedPrecondition
+from residency.server.core.errors import FailedPrecondition, KeyUnavailable
 from residency.server.keys import lifecycle
 from residency.server.keys.keyring import WrappingKey
 from residency.server.keys.providers import KeyProvider
@@ -62,7 +62,7 @@ class KeyLifecycle:
         """The id of the region key (`region.pub`), what a shred must name."""
         try:
             return RecipientKey.load(self.region, self.dir / "region.pub").key_id
-        except Exception:  # no region key (yet): nothing to name
+        except KeyUnavailable:  # no region key (yet): nothing to name
             return ""
 
     async def _record(self, actor: str, event: str, detail: str) -> None:
