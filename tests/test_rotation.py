@@ -89,6 +89,11 @@ async def test_rotate_via_the_node_while_writers_run_then_retire_at_once_and_eve
     stop.set()
     await asyncio.gather(*writers)
     assert during > at_rotation and len(written) > after_retire  # written before, during, after
+    print(
+        f"rotation figures: {len(before)} records before the writers, {at_rotation} written before the "
+        f"rotation, {during - at_rotation} during it ({out['data_keys_rewrapped']} data keys rewrapped), "
+        f"{after_retire - during} between it and the retire, {len(written) - after_retire} after"
+    )
     keys = load_config(cluster.dep.configs[PRIMARY]).keys_dir
     assert sorted(p.name for p in keys.glob("kek-v*.key")) == ["kek-v2.key"]
     # A restarted primary holds no opened key: each record's data key is unwrapped again.

@@ -3,8 +3,9 @@ each logged (kind `key_event`) naming the operator. A running node does them its
 (AdminService), so it switches at once; `residency keys ... --config` does the same for a
 stopped node.
 
-Every step that touches the keyring runs on the store thread, between write batches: after a
-rotation's switch no write can still wrap a new data key under the old version. A rewrap reads
+Every step that changes the keyring runs on the store thread, between write batches: after a
+rotation's switch no write can still wrap a new data key under the old version (a key
+service's answer that changes nothing, such as its newest version, is asked off it). A rewrap reads
 a page, rewraps it and writes it back in separate steps (writes go on in between), so each row
 is swapped only if it still holds the key that was read (`swap_data_keys`)."""
 
@@ -75,7 +76,7 @@ class KeyLifecycle:
         the switch on every new data key is wrapped under it; then every data key is rewrapped."""
         async with self._lock:
             self.keyring.check()
-            newest = await self.db.call(self.provider.newest_version)
+            newest = await asyncio.to_thread(self.provider.newest_version)
             if from_version != newest:
                 raise FailedPrecondition(
                     f"the key of {self.region} is at version {newest or '(unnamed)'}, not "
@@ -101,7 +102,7 @@ class KeyLifecycle:
         async with self._lock:
             self.keyring.check()
             new = await self.db.call(self.keyring.new_wrapping_key)
-            version = await self.db.call(self.provider.newest_version)
+            version = await asyncio.to_thread(self.provider.newest_version)
             done = await self._rewrap(new, progress)
             under = f" under {version}" if version else ""
             await self._record(actor, "rewrapped", f"{done} data keys rewrapped{under}")
