@@ -4,10 +4,10 @@ each logged (kind `key_event`) naming the operator. A running node does them its
 stopped node.
 
 Every step that changes the keyring runs on the store thread, between write batches: after a
-rotation's switch no write can still wrap a new data key under the old version (a key
-service's answer that changes nothing, such as its newest version, is asked off it). A rewrap reads
-a page, rewraps it and writes it back in separate steps (writes go on in between), so each row
-is swapped only if it still holds the key that was read (`swap_data_keys`)."""
+rotation's switch no write can still wrap a new data key under the old version (a question
+that changes nothing, such as the provider's newest version, is asked off it). A rewrap reads
+a page, rewraps it and writes it back in separate steps (writes go on in between), so each
+row is swapped only if it still holds the key that was read (`swap_data_keys`)."""
 
 from __future__ import annotations
 
@@ -142,12 +142,8 @@ class KeyLifecycle:
             # between this check and the retire.
             await self.db.call(self.keyring.new_wrapping_key)
 
-            def check() -> tuple[dict[str, int], str]:
-                return self.keyring.old_versions(store.data_keys_per_wrapping_key()), (
-                    self.provider.newest_version()
-                )
-
-            old, newest = await self.db.call(check)
+            old = await self.db.call(lambda: self.keyring.old_versions(store.data_keys_per_wrapping_key()))
+            newest = await asyncio.to_thread(self.provider.newest_version)
             if old:
                 under = ", ".join(f"{n} under {v}" for v, n in sorted(old.items()))
                 raise FailedPrecondition(
