@@ -20,18 +20,19 @@ from residency.cli.channel import Credentials
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
-from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment
+from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment, local_keys
 from residency.server.keys import lifecycle, pki
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.providers.local import LocalProvider
+from residency.server.keys.providers.openbao import OpenBaoProvider
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.key_lifecycle import KeyLifecycle
 from residency.server.vault.records import Records, Write
 from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2
-from tests.conftest import Cluster, values
+from tests.conftest import BAO_TOKEN, Cluster, values
 from tests.test_keys_node import key_events, keys_cli, keys_run
 
 SG = AFFILIATES[0]
@@ -284,3 +285,53 @@ async def test_rewrap_swaps_a_row_only_if_it_still_holds_the_key_that_was_read(t
     for u in ("a", "c"):
         fresh.open_stored_key(u, *now[u])
     store.close()
+
+
+async def test_with_openbao_a_version_made_in_its_console_holds_retire_until_the_node_rewraps(
+    bao_address: str, tmp_path: Path
+):
+    """The same acts against a real OpenBao Transit key: a version made outside the node (in
+    OpenBao's own console or API) is found by retire, which refuses until a rewrap."""
+    key = f"rot-{tmp_path.name[-12:]}".replace("_", "-")
+    (tmp_path / "token").write_text(BAO_TOKEN)
+
+    def keys(d: Path, region: str) -> dict:
+        if region != PRIMARY:
+            return local_keys(d, region)
+        return {
+            "provider": "openbao",
+            "address": bao_address,
+            "token_file": str(tmp_path / "token"),
+            "transit_key": key,
+            "dir": f"keys/{region}",
+        }
+
+    cluster = Cluster(tmp_path / "deployment", keys=keys)
+    try:
+        await cluster.start(PRIMARY)
+        for i in range(12):
+            await cluster.put(f"b-{i}", {"name": "Li Wei"})
+        stub = admin(cluster)
+        status = await stub.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)
+        assert status.key_version == "v1"
+        rotated = await stub.RotateKeys(admin_pb2.RotateKeysRequest(from_version="v1"), timeout=60)
+        assert (rotated.version, rotated.data_keys_rewrapped) == ("v2", 12)
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # rotated since: nothing rotated twice
+            await stub.RotateKeys(admin_pb2.RotateKeysRequest(from_version="v1"), timeout=60)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is at version v2, not v1" in str(
+            e.value
+        )
+        OpenBaoProvider(bao_address, BAO_TOKEN, key).rotate()  # v3, made behind the node's back
+        await cluster.put("b-new", {"name": "Wang Fang"})
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.RetireKeys(admin_pb2.RetireKeysRequest(), timeout=60)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "under v2; newest: v3" in e.value.details(), e.value.details()
+        await stub.RewrapKeys(admin_pb2.RewrapKeysRequest(), timeout=60)
+        assert (await stub.RetireKeys(admin_pb2.RetireKeysRequest(), timeout=60)).version == "v3"
+        cluster.stop(PRIMARY)
+        await cluster.start(PRIMARY)
+        for u in [*(f"b-{i}" for i in range(12)), "b-new"]:
+            assert values(await cluster.get(u))["name"], u
+    finally:
+        await cluster.close()
