@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from residency.replicator.destinations import destinations_for
@@ -23,6 +24,7 @@ from residency.server.core.errors import ConfigError
 from residency.server.core.schema import Schema
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
+from residency.server.storage.running import hold_running
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
@@ -35,6 +37,8 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
         raise ConfigError(f"{c.path}: a replicator needs the primary's config, with 'affiliates'")
     schema = load_schema(c.schema)
     rules = load_rules(c.rules, schema)
+    # It opens the node's keys: key commands for a stopped node wait until it ends.
+    running = hold_running(c.data_dir)
     store = SqliteStore(c.data_dir / "node.db", durability=c.durability)
     keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
     records = Records(c.region, True, schema, rules, keyring, store)
@@ -62,6 +66,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     await replicator.stop()
     await db.drain()
     store.close()
+    os.close(running)
 
 
 async def _follow_rules(c: NodeConfig, records: Records, schema: Schema, every: float = 1.0) -> None:

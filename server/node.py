@@ -36,12 +36,14 @@ from residency.server.keys import lifecycle
 from residency.server.keys.copykey import load_home_key
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import open_log_key
-from residency.server.keys.providers import open_provider
+from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.region import RecipientKey
+from residency.server.storage.running import hold_running
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.copies import Home
 from residency.server.vault.key_events import KeyEvents
+from residency.server.vault.key_lifecycle import KeyLifecycle
 from residency.server.vault.records import Records
 from residency.server.vault.transferlog import TransferLog
 from residency.v1 import (
@@ -88,7 +90,7 @@ class RunningNode:
         self._tasks: list[asyncio.Task] = []
         self._reproject: asyncio.Task | None = None
         self.records: Records | None = None
-        self._watch: asyncio.Task | None = None
+        self._running: int | None = None
         try:  # unreadable certificates fail at start, naming the file and the key
             self.tls = ServerTls(config.tls)
         except ConfigError as e:
@@ -105,6 +107,8 @@ class RunningNode:
         access = load_access(c.access)
         if why := rules_refusal(c, rules):
             raise ConfigError(f"{c.path}: {why} ({c.rules})")
+        # Held while the node runs: key commands for a stopped node (`--config`) are refused.
+        self._running = hold_running(c.data_dir)
         provider = open_provider(c.keys)
         keyring = Keyring(c.region, provider, c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
         shredded = lifecycle.shredded_reason(c.region, lifecycle.read_events(c.keys_dir))
@@ -126,9 +130,9 @@ class RunningNode:
             RecipientKey.load(a.region, a.public_key)  # a missing key fails at start
         self.db = StoreThread(store)
         self.db.start()
-        self.key_events = KeyEvents(c.region, c.is_primary, c.keys_dir, records, self.db, self._forget)
-        await self.key_events.apply()
-        self._watch = asyncio.create_task(self.key_events.watch(), name="watch-keys")
+        key_events = KeyEvents(c.region, c.is_primary, c.keys_dir, records, self.db, self._forget)
+        await key_events.apply()  # those made while the node was stopped
+        keys = KeyLifecycle(key_events, self.db, open_log_provider(c.keys), c.keys.kem)
         self.transfer_log = TransferLog(store, signer, signer.name)
         if outbox and c.replicator.enabled:
             from residency.replicator.destinations import destinations_for
@@ -160,7 +164,7 @@ class RunningNode:
             home=home,
         )
         node.reload_rules = self.apply_rules
-        node.tls = self.tls
+        node.tls, node.keys = self.tls, keys
         self.node, self.schema = node, schema
         self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         server = grpc.aio.server(
@@ -287,7 +291,7 @@ class RunningNode:
 
     async def stop(self) -> None:
         """Refuses new calls, lets in-flight calls finish, then flushes and closes the store."""
-        background = [*self._tasks, *(t for t in (self._reproject, self._watch) if t is not None)]
+        background = [*self._tasks, *(t for t in (self._reproject,) if t is not None)]
         for t in background:
             t.cancel()
         # Awaited, not only cancelled: none is left writing while the store drains and closes.
@@ -307,6 +311,10 @@ class RunningNode:
             self.db.store.close()
         if self.node is not None:
             self.node.intake.close()
+            if self.node.keys is not None:
+                self.node.keys.log_keys.close()
+        if self._running is not None:
+            os.close(self._running)
 
 
 def rules_refusal(c: NodeConfig, rules: RuleSet) -> str:

@@ -23,7 +23,6 @@ from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.providers.kms import AwsKmsProvider
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RegionKey
-from residency.server.storage.sqlite import SqliteStore
 from tests.conftest import BAO_TOKEN
 
 NAME = "residency/ap-southeast-1"
@@ -87,7 +86,7 @@ def test_the_log_key_is_kept_wrapped_and_outlives_a_shred_of_the_region_key(
     with pytest.raises((SealError, KeyDestroyed, KeyUnavailable, KeyServiceDenied)):
         load_log_key(c.dir / "log.key", region)
     # A shred destroys the region's key, and leaves the log key's.
-    lifecycle.shred(REGION, region, c.dir, "operator", "test: key leaked")
+    lifecycle.shred(REGION, region, c.dir)
     region.close()
     assert not (c.dir / "region.key").exists()
     assert signs(open_log_key(c.dir / "log.key", c), c)
@@ -146,14 +145,10 @@ def test_a_raw_log_key_is_wrapped_in_place_once_and_the_log_says_so(
 def test_rotation_turns_the_log_keys_own_key_and_retire_leaves_only_the_new_version(tmp_path: Path):
     c = keys_config("local", tmp_path / "keys")
     init_keys(c)
-    store = SqliteStore(tmp_path / "node.db")
     region = LocalProvider(c.dir, c.passphrase)
     log_keys = open_log_provider(c)
-    try:
-        lifecycle.rotate(REGION, region, c.dir, store, "operator", log_keys=log_keys)
-        lifecycle.retire(REGION, region, c.dir, store, "operator", log_keys=log_keys)
-    finally:
-        store.close()
+    lifecycle.rotate(REGION, region, c.dir, log_keys=log_keys)
+    lifecycle.retire(REGION, region, c.dir, log_keys=log_keys)
     assert sorted(p.name for p in c.dir.glob("log-kek-v*.key")) == ["log-kek-v2.key"]
     assert sorted(p.name for p in c.dir.glob("kek-v*.key")) == ["kek-v2.key"]
     assert signs(open_log_key(c.dir / "log.key", c), c)

@@ -36,7 +36,9 @@ async def test_a_shredded_region_gets_nothing_until_it_rekeys_then_every_copy_ag
     await c.replicated()
     sg = load_config(c.dep.configs[SG])
     leaked = RecipientKey.load(SG, sg.keys_dir / "region.pub").key_id
-    r = keys_run(c, "shred", SG, "--yes", "--reason", "test: key leaked", creds=c.dep.operator)
+    r = keys_run(
+        c, "shred", SG, "--yes", "--reason", "test: key leaked", creds=c.dep.credentials("operator", SG)
+    )
     assert r.returncode == 0, r.stderr
 
     async def unreadable() -> bool:
@@ -50,7 +52,7 @@ async def test_a_shredded_region_gets_nothing_until_it_rekeys_then_every_copy_ag
     # A rekey is for a shredded key only, and for a region node's.
     r = keys_run(c, "rekey", PRIMARY, creds=c.dep.operator)
     assert r.returncode != 0 and "rekey is for a region node's key" in r.stderr
-    r = keys_run(c, "rekey", IE, creds=c.dep.operator)
+    r = keys_run(c, "rekey", IE, creds=c.dep.credentials("operator", IE))
     assert r.returncode != 0 and "was not shredded" in r.stderr
     # A new write: the primary seals it to the leaked key, the region refuses it, and the
     # primary holds the destination instead of sending more.
@@ -73,7 +75,7 @@ async def test_a_shredded_region_gets_nothing_until_it_rekeys_then_every_copy_ag
     assert (await c.replication())[SG].copies_sent == sent
     # The region makes a new key; the primary learns it from the region node and sends
     # every copy again: all four users open there under the new key.
-    r = keys_run(c, "rekey", SG, creds=c.dep.operator)
+    r = keys_run(c, "rekey", SG, creds=c.dep.credentials("operator", SG))
     assert r.returncode == 0, r.stderr
     new = json.loads(r.stdout)["key_id"]
     assert new != leaked

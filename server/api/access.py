@@ -56,6 +56,11 @@ METHODS: dict[str, str] = {
     "/residency.v1.AdminService/ResumeReplication": "admin.replication",
     "/residency.v1.AdminService/RetryDeadLetters": "admin.replication",
     "/residency.v1.AdminService/ApplyRules": "admin.rules",
+    # The node's own keys: only an operator of the node's region (`refusal` checks where).
+    **{
+        f"/residency.v1.AdminService/{m}": "admin.keys"
+        for m in ("RotateKeys", "RewrapKeys", "RetireKeys", "ShredRegionKey", "RekeyRegionKey")
+    },
     "/residency.v1.ReplicaService/ApplyCopies": "replica.apply",
     "/residency.v1.ReplicaService/GetRegionKey": "replica.apply",
     **{
@@ -75,7 +80,7 @@ METHODS: dict[str, str] = {
 OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # The roles of spiffe://TRUST_DOMAIN/ROLE/REGION/NAME and what each holds (README, "Security
-# model"). Key commands (`residency keys`) run on the node's machine and ask for `operator`.
+# model"). Key commands on a stopped node (`residency keys --config`) ask for `operator` too.
 ROLES: dict[str, frozenset[str]] = {
     # Records and consents, for the purposes the access policy lets it state.
     "service": frozenset(
@@ -93,6 +98,7 @@ ROLES: dict[str, frozenset[str]] = {
             "admin.status",
             "admin.replication",
             "admin.rules",
+            "admin.keys",
             "grants.write",
             "grants.read",
             "disclosures.request",
@@ -111,8 +117,9 @@ def holders(permission: str) -> list[str]:
     return [role for role, held in ROLES.items() if permission in held]
 
 
-def refusal(ident: Identity, method: str, home_region: str) -> tuple[str, str] | None:
-    """(the missing permission, why) if `ident` may not call `method`, else None."""
+def refusal(ident: Identity, method: str, home_region: str, region: str = "") -> tuple[str, str] | None:
+    """(the missing permission, why) if `ident` may not call `method` on the node of `region`
+    (whose home is `home_region`), else None."""
     needed = METHODS.get(method)
     if needed is None:
         if method.startswith(OPEN):
@@ -125,6 +132,11 @@ def refusal(ident: Identity, method: str, home_region: str) -> tuple[str, str] |
         )
     if needed == "replica.apply" and ident.region != home_region:
         return needed, f"{ident.uri} lacks permission {needed}: copies come only from {home_region}'s node"
+    if needed == "admin.keys" and region and ident.region != region:
+        return (
+            needed,
+            f"{ident.uri} lacks permission {needed}: the keys of {region} are its own operators' to change",
+        )
     return None
 
 
@@ -209,7 +221,11 @@ class Gate(grpc.aio.ServerInterceptor):
             return  # unreadable: `RequestGuard` refuses it INVALID_ARGUMENT, whoever sent it
         ident = peer[1]
         node = self.node
-        denied = refusal(ident, method, node.records.rules.home_region if node else "")
+        denied = (
+            refusal(ident, method, node.records.rules.home_region, node.records.region)
+            if node
+            else refusal(ident, method, "")
+        )
         if denied is None:
             return
         permission, why = denied

@@ -1,8 +1,10 @@
-"""AdminService: node status, explaining a transfer, applying rules, and controlling
-replication (status, pause, resume, dead-letter retry)."""
+"""AdminService: node status, explaining a transfer, applying rules, controlling replication
+(status, pause, resume, dead-letter retry) and the node's own keys (rotate, rewrap, retire,
+shred, rekey)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -13,8 +15,9 @@ from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
 from residency.server.api.identity import peer_of
 from residency.server.core import codec
-from residency.server.core.errors import FailedPrecondition, NotFound
+from residency.server.core.errors import FailedPrecondition, InvalidRecord, NotFound, ResidencyError
 from residency.server.vault import replication_control as control
+from residency.server.vault.key_lifecycle import KeyLifecycle
 from residency.v1 import admin_pb2, admin_pb2_grpc, replica_pb2
 
 log = logging.getLogger("residency.admin")
@@ -42,6 +45,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             return {"live": live, "dead": dead, "log": store.log_count(), "fields": fields}
 
         s = await self.node.db.call(gather)
+        keys = self._keys()
+        try:  # the status answers with the key service down too, and never holds up writes
+            key_version = await asyncio.to_thread(keys.newest_version)
+        except ResidencyError:
+            key_version = ""
         return admin_pb2.GetNodeStatusResponse(
             region=records.region,
             role=self.role,
@@ -53,6 +61,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             rules_backfill_done=self.node.backfill[0],
             rules_backfill_total=self.node.backfill[1],
             certificate_expires=codec.timestamp(self.node.tls.expires.timestamp()) if self.node.tls else None,
+            key_version=key_version,
+            region_key_id=keys.region_key_id(),
         )
 
     @rpc
@@ -140,3 +150,43 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         marked = await self.node.db.write(lambda: control.retry(store, by, regions))
         self.node.wake()
         return admin_pb2.RetryDeadLettersResponse(marked=marked)
+
+    # ---- the node's keys: thin; `KeyLifecycle` does the acts, one at a time, and logs them ----
+
+    def _keys(self) -> KeyLifecycle:
+        assert self.node.keys is not None, "the node assembles its key lifecycle at start"
+        return self.node.keys
+
+    @rpc
+    async def RotateKeys(self, request, context):
+        _short("from_version", request.from_version)
+        out = await self._keys().rotate(peer_of(context).uri, request.from_version)
+        return admin_pb2.RotateKeysResponse(**out)
+
+    @rpc
+    async def RewrapKeys(self, request, context):
+        return admin_pb2.RewrapKeysResponse(**await self._keys().rewrap(peer_of(context).uri))
+
+    @rpc
+    async def RetireKeys(self, request, context):
+        return admin_pb2.RetireKeysResponse(**await self._keys().retire(peer_of(context).uri))
+
+    @rpc
+    async def ShredRegionKey(self, request, context):
+        _short("key_id", request.key_id)
+        _short("reason", request.reason, REASON_LENGTH)
+        out = await self._keys().shred(peer_of(context).uri, request.key_id, request.reason)
+        return admin_pb2.ShredRegionKeyResponse(**out)
+
+    @rpc
+    async def RekeyRegionKey(self, request, context):
+        return admin_pb2.RekeyRegionKeyResponse(**await self._keys().rekey(peer_of(context).uri))
+
+
+# A shred's reason is logged: a sentence, not a document.
+REASON_LENGTH = 500
+
+
+def _short(field: str, value: str, limit: int = 64) -> None:
+    if len(value) > limit or not value.isprintable():
+        raise InvalidRecord([(field, f"at most {limit} printable characters")])

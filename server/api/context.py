@@ -17,6 +17,7 @@ from residency.server.core.schema import USER_ID
 from residency.server.storage.roles import ServiceStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.copies import Home
+from residency.server.vault.key_lifecycle import KeyLifecycle
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Records
 from residency.server.vault.transferlog import TransferLog
@@ -59,6 +60,8 @@ class Node:
         self.access = access
         # The node's TLS credentials (its certificate's expiry is in the node's status).
         self.tls: ServerTls | None = None
+        # The node's key acts (rotate, rewrap, retire, shred, rekey).
+        self.keys: KeyLifecycle | None = None
 
     def wake(self) -> None:
         if self.replicator is not None:

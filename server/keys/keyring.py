@@ -147,13 +147,23 @@ class Keyring:
             return self.region_key.open_data_key(user_id, rest, wrapped)
         return DataKey(self.wrapping_key(wk_id, wk_wrapped).unwrap(self.region, user_id, wrapped))
 
-    def rotated(self) -> None:
-        """The provider has a new key version (or retired old ones): new data keys go under a
-        new wrapping key, wrapped by the newest version."""
-        self.provider.refresh()
-        self._active = None
-
     def new_wrapping_key(self) -> WrappingKey:
-        """A fresh wrapping key under the provider's newest version (rotation)."""
+        """A fresh wrapping key under the provider's newest version, which every new data key
+        goes under from now on (rotation)."""
         self._active = None
         return self.active_wrapping_key()
+
+    def old_versions(self, in_use: list[tuple[str, bytes, int]]) -> dict[str, int]:
+        """Of (wrapping key id, wrapped wrapping key, data keys under it): how many data keys
+        are under each provider version older than the newest, which a retire would make
+        unreadable. Copies' keys under the region key (`transit:`, `hpke:`) are under none:
+        rotation rewraps `region.key` itself."""
+        newest = self.provider.newest_version()
+        old: dict[str, int] = {}
+        for wk_id, wrapped, n in in_use:
+            if wk_id.partition(":")[0] in ("transit", "hpke"):
+                continue
+            version = self.provider.version_of(wrapped)
+            if version and version != newest:
+                old[version] = old.get(version, 0) + n
+        return old

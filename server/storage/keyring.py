@@ -49,7 +49,30 @@ class KeyringRows(Database):
             (id, wrapped, time.time()),
         )
 
-    # ---- rotation (`residency keys rotate` / `retire`) ------------------------------------
+    # ---- rotation (`residency keys rotate` / `rewrap` / `retire`) -------------------------
+
+    def swap_data_keys(self, rows: list[tuple[str, bytes, str, bytes]]) -> int:
+        """Compare-and-swap: each (user, wrapped data key as read, new wrapping key, the data key
+        wrapped under it) is written only where the user's row still holds the key that was
+        read, so a user erased, or erased and registered again, since keeps what it has now.
+        Returns how many rows were swapped."""
+        return sum(
+            self._db.execute(
+                "UPDATE keyring.data_keys SET wrapping_key=?, wrapped=? WHERE user_id=? AND wrapped=?",
+                (wk, new, user, old),
+            ).rowcount
+            for user, old, wk, new in rows
+        )
+
+    def data_keys_per_wrapping_key(self) -> list[tuple[str, bytes, int]]:
+        """(wrapping key id, the wrapping key as the provider wrapped it, how many data keys it
+        wraps) for each wrapping key in use (retire looks for any under an old version)."""
+        return list(
+            self._db.execute(
+                "SELECT d.wrapping_key, coalesce(k.wrapped, x''), count(*) FROM keyring.data_keys d "
+                "LEFT JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key GROUP BY d.wrapping_key"
+            )
+        )
 
     def data_keys_not_under(
         self, wrapping_key: str, after_user: str, limit: int

@@ -1,11 +1,11 @@
-"""Key events on a running node: the events `residency keys rotate|retire|shred|rekey` append
-to `keyring.json`, each written to the node's transfer log once (kind `key_event`), and acted
-on: a shred forgets every key held, a rekey after it opens with the new key and, on a region
-node, drops the copies sealed to the shredded one (the primary sends them again)."""
+"""Key events on a node: the events of its key lifecycle (`key_lifecycle`) in `keyring.json`,
+each written to the node's transfer log once (kind `key_event`), and acted on: a shred forgets
+every key held, a rekey after it opens with the new key and, on a region node, drops the
+copies sealed to the shredded one (the primary sends them again). A running node applies them
+as it makes them, and at start those made while it was stopped (`residency keys --config`)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +28,7 @@ class KeyEventStore(UnitOfWork, Protocol):
 
 
 class KeyEvents:
-    """Applies and logs a node's key events; `watch` notices new ones within half a second."""
+    """Applies and logs a node's key events."""
 
     def __init__(
         self,
@@ -43,14 +43,13 @@ class KeyEvents:
         self.records, self.db = records, db
         # Drops every opened (plaintext) record a replicator holds.
         self.forget = forget
-        self._seen: tuple[int, int] | None = None
 
     def _entry(self, actor: str, reason: str) -> dict[str, Any]:
         return translog.key_event(self.region, actor, self.records.rules.version, reason)
 
     async def apply(self) -> None:
         """Logs the events not logged yet, and acts on them: a shred, a rekey (even both at
-        once, if the node was not watching in between), a rotation."""
+        once, if both were made while the node was stopped)."""
         keyring, region, store = self.records.keyring, self.region, self.db.store
         cursor = f"key_events:{region}"
         events = lifecycle.read_events(self.dir)
@@ -65,8 +64,6 @@ class KeyEvents:
         if rekeyed:
             keyring.rekeyed()
             log.warning("%s has a new region key; copies sealed to the shredded one are dropped", region)
-        if not reason and any(e["event"] in ("rotated", "retired") for e in events):
-            keyring.rotated()
 
         def write() -> None:
             entries = [self._entry(e["actor"], f"{e['event']}: {e['detail']}") for e in events[done:]]
@@ -82,19 +79,3 @@ class KeyEvents:
                 store.set_cursor(cursor, len(events))
 
         await self.db.write(write)
-
-    async def watch(self) -> None:
-        path = self.dir / lifecycle.STATE
-        while True:
-            try:
-                st = path.stat()
-                seen: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-            except FileNotFoundError:
-                seen = None
-            if seen != self._seen:
-                self._seen = seen
-                try:
-                    await self.apply()
-                except Exception:
-                    log.exception("cannot apply key events")
-            await asyncio.sleep(0.5)

@@ -9,6 +9,80 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RotateKeysRequest(_message.Message):
+    __slots__ = ("from_version",)
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    from_version: str
+    def __init__(self, from_version: _Optional[str] = ...) -> None: ...
+
+class RotateKeysResponse(_message.Message):
+    __slots__ = ("region", "version", "data_keys_rewrapped")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_KEYS_REWRAPPED_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    version: str
+    data_keys_rewrapped: int
+    def __init__(self, region: _Optional[str] = ..., version: _Optional[str] = ..., data_keys_rewrapped: _Optional[int] = ...) -> None: ...
+
+class RewrapKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RewrapKeysResponse(_message.Message):
+    __slots__ = ("region", "version", "data_keys_rewrapped")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_KEYS_REWRAPPED_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    version: str
+    data_keys_rewrapped: int
+    def __init__(self, region: _Optional[str] = ..., version: _Optional[str] = ..., data_keys_rewrapped: _Optional[int] = ...) -> None: ...
+
+class RetireKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RetireKeysResponse(_message.Message):
+    __slots__ = ("region", "version", "wrapping_keys_deleted")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WRAPPING_KEYS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    version: str
+    wrapping_keys_deleted: int
+    def __init__(self, region: _Optional[str] = ..., version: _Optional[str] = ..., wrapping_keys_deleted: _Optional[int] = ...) -> None: ...
+
+class ShredRegionKeyRequest(_message.Message):
+    __slots__ = ("key_id", "reason")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    reason: str
+    def __init__(self, key_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ShredRegionKeyResponse(_message.Message):
+    __slots__ = ("region", "key_id")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    key_id: str
+    def __init__(self, region: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class RekeyRegionKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RekeyRegionKeyResponse(_message.Message):
+    __slots__ = ("region", "key_id", "kem")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KEM_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    key_id: str
+    kem: str
+    def __init__(self, region: _Optional[str] = ..., key_id: _Optional[str] = ..., kem: _Optional[str] = ...) -> None: ...
+
 class ExplainTransferRequest(_message.Message):
     __slots__ = ("user_id", "to", "purpose")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -74,7 +148,7 @@ class GetNodeStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetNodeStatusResponse(_message.Message):
-    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total", "certificate_expires")
+    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total", "certificate_expires", "key_version", "region_key_id")
     class FieldCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +166,8 @@ class GetNodeStatusResponse(_message.Message):
     RULES_BACKFILL_DONE_FIELD_NUMBER: _ClassVar[int]
     RULES_BACKFILL_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REGION_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     region: str
     role: str
     records: int
@@ -102,7 +178,9 @@ class GetNodeStatusResponse(_message.Message):
     rules_backfill_done: int
     rules_backfill_total: int
     certificate_expires: _timestamp_pb2.Timestamp
-    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ..., certificate_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    key_version: str
+    region_key_id: str
+    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ..., certificate_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_version: _Optional[str] = ..., region_key_id: _Optional[str] = ...) -> None: ...
 
 class ReplicationStatusRequest(_message.Message):
     __slots__ = ()

@@ -69,6 +69,31 @@ class AdminServiceStub:
                 request_serializer=residency_dot_v1_dot_admin__pb2.ApplyRulesRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_admin__pb2.ApplyRulesResponse.FromString,
                 _registered_method=True)
+        self.RotateKeys = channel.unary_unary(
+                '/residency.v1.AdminService/RotateKeys',
+                request_serializer=residency_dot_v1_dot_admin__pb2.RotateKeysRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.RotateKeysResponse.FromString,
+                _registered_method=True)
+        self.RewrapKeys = channel.unary_unary(
+                '/residency.v1.AdminService/RewrapKeys',
+                request_serializer=residency_dot_v1_dot_admin__pb2.RewrapKeysRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.RewrapKeysResponse.FromString,
+                _registered_method=True)
+        self.RetireKeys = channel.unary_unary(
+                '/residency.v1.AdminService/RetireKeys',
+                request_serializer=residency_dot_v1_dot_admin__pb2.RetireKeysRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.RetireKeysResponse.FromString,
+                _registered_method=True)
+        self.ShredRegionKey = channel.unary_unary(
+                '/residency.v1.AdminService/ShredRegionKey',
+                request_serializer=residency_dot_v1_dot_admin__pb2.ShredRegionKeyRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.ShredRegionKeyResponse.FromString,
+                _registered_method=True)
+        self.RekeyRegionKey = channel.unary_unary(
+                '/residency.v1.AdminService/RekeyRegionKey',
+                request_serializer=residency_dot_v1_dot_admin__pb2.RekeyRegionKeyRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.RekeyRegionKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -125,6 +150,51 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKeys(self, request, context):
+        """The node's own keys (`residency keys ... --target`). Each act is the node's, one at a time,
+        and logged (kind key_event) naming the caller; the node switches before it answers.
+
+        A new key version for the node's key provider: from the moment the node has made it, every
+        new data key is wrapped under it; then every data key is rewrapped (fields are not
+        re-encrypted). FAILED_PRECONDITION, nothing done, unless the newest version is still the
+        one the caller names (another operator may have rotated since it looked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewrapKeys(self, request, context):
+        """Every data key under a fresh wrapping key of the newest version (after a rotation cut
+        short); each row only if nothing changed it meanwhile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireKeys(self, request, context):
+        """Old key versions stop unwrapping. FAILED_PRECONDITION, nothing retired, while any data key
+        is under one (the status says how many under which version: rewrap first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShredRegionKey(self, request, context):
+        """Destroys the region's key, for good: every copy and record sealed for the region becomes
+        unreadable. The request names the key it destroys (FAILED_PRECONDITION otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RekeyRegionKey(self, request, context):
+        """After a shred, on a region node: a new region key pair; the node drops the copies sealed to
+        the shredded one and its primary, once it learns the new key, sends them again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +232,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ApplyRules,
                     request_deserializer=residency_dot_v1_dot_admin__pb2.ApplyRulesRequest.FromString,
                     response_serializer=residency_dot_v1_dot_admin__pb2.ApplyRulesResponse.SerializeToString,
+            ),
+            'RotateKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKeys,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.RotateKeysRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.RotateKeysResponse.SerializeToString,
+            ),
+            'RewrapKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapKeys,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.RewrapKeysRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.RewrapKeysResponse.SerializeToString,
+            ),
+            'RetireKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireKeys,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.RetireKeysRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.RetireKeysResponse.SerializeToString,
+            ),
+            'ShredRegionKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShredRegionKey,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.ShredRegionKeyRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.ShredRegionKeyResponse.SerializeToString,
+            ),
+            'RekeyRegionKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RekeyRegionKey,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.RekeyRegionKeyRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.RekeyRegionKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +448,141 @@ class AdminService:
             '/residency.v1.AdminService/ApplyRules',
             residency_dot_v1_dot_admin__pb2.ApplyRulesRequest.SerializeToString,
             residency_dot_v1_dot_admin__pb2.ApplyRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/RotateKeys',
+            residency_dot_v1_dot_admin__pb2.RotateKeysRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.RotateKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/RewrapKeys',
+            residency_dot_v1_dot_admin__pb2.RewrapKeysRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.RewrapKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/RetireKeys',
+            residency_dot_v1_dot_admin__pb2.RetireKeysRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.RetireKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShredRegionKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/ShredRegionKey',
+            residency_dot_v1_dot_admin__pb2.ShredRegionKeyRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.ShredRegionKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RekeyRegionKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/RekeyRegionKey',
+            residency_dot_v1_dot_admin__pb2.RekeyRegionKeyRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.RekeyRegionKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,6 +36,15 @@ class KeyProvider(Protocol):
         """Creates a new key version for new wraps; returns its name. Old versions still unwrap."""
         ...
 
+    def newest_version(self) -> str:
+        """The name of the version new wraps go under ("" where the service names none)."""
+        ...
+
+    def version_of(self, wrapped: bytes) -> str:
+        """The name of the version that wrapped `wrapped`, read from the material itself ("" where
+        the service keeps every version for good, so that none is ever retired)."""
+        ...
+
     def retire(self) -> None:
         """Old versions stop unwrapping (after everything was rewrapped)."""
         ...

@@ -89,6 +89,14 @@ class AwsKmsProvider:
         self._call("rotate_key_on_demand", KeyId=arn)
         return f"on-demand rotation of {arn}"
 
+    # KMS names no versions of a key's material, and keeps every one for as long as the key
+    # lives: nothing wrapped under it is ever under a version that `retire` would remove.
+    def newest_version(self) -> str:
+        return ""
+
+    def version_of(self, wrapped: bytes) -> str:
+        return ""
+
     def retire(self) -> None:
         # KMS keeps old key material for as long as the key lives; nothing to retire.
         pass

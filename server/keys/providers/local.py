@@ -132,6 +132,14 @@ class LocalProvider:
         self._write(v)
         return f"v{v}"
 
+    def newest_version(self) -> str:
+        return f"v{self.version}"
+
+    def version_of(self, wrapped: bytes) -> str:
+        if wrapped[:1] != b"L" or len(wrapped) < 5:
+            return ""
+        return f"v{struct.unpack('>I', wrapped[1:5])[0]}"
+
     def retire(self) -> None:
         newest = self.version
         for v, path in self._files().items():

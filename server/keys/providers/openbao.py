@@ -91,6 +91,15 @@ class OpenBaoProvider:
         d = self._req("POST", f"keys/{self.key}/rotate")
         return f"v{d.get('latest_version', '?')}"
 
+    def newest_version(self) -> str:
+        return f"v{self._req('GET', f'keys/{self.key}')['latest_version']}"
+
+    def version_of(self, wrapped: bytes) -> str:
+        # Transit ciphertext is `vault:vN:BASE64`.
+        prefix, _, rest = wrapped.partition(b":")
+        version = rest.partition(b":")[0]
+        return version.decode() if prefix == b"vault" and version[1:].isdigit() else ""
+
     def retire(self) -> None:
         latest = self._req("GET", f"keys/{self.key}")["latest_version"]
         self._req("POST", f"keys/{self.key}/config", {"min_decryption_version": latest})

@@ -1,0 +1,51 @@
+"""Whether a node is running on a data folder: `residency serve` and `residency replicate` hold
+a shared lock on `DATA_DIR/running.lock` for as long as they run (the kernel drops it when the
+process ends, killed or not); what must not run beside them (`residency keys ... --config`)
+holds it alone, or is refused."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from residency.server.core.errors import FailedPrecondition
+
+LOCK = "running.lock"
+
+
+def _hold(data_dir: Path, how: int, refusal: str) -> int:
+    """A descriptor of the lock held `how` (shared or exclusive); FailedPrecondition(`refusal`)
+    if it cannot be had now."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(data_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FailedPrecondition(refusal) from None
+    return fd
+
+
+def hold_running(data_dir: Path) -> int:
+    """Marks the node as running until the returned descriptor is closed (or the process ends).
+    Refused while a command works on the stopped node's keys."""
+    return _hold(
+        data_dir,
+        fcntl.LOCK_SH,
+        f"a `residency keys` command is working on the keys of the node of {data_dir}: "
+        "start the node once it has finished",
+    )
+
+
+def hold_stopped(data_dir: Path) -> int:
+    """Keeps the node from starting until the returned descriptor is closed. Refused while the
+    node (or a replication worker of it) runs: its keys are then the running node's to change."""
+    return _hold(
+        data_dir,
+        fcntl.LOCK_EX,
+        f"the node of {data_dir} is running (it holds {data_dir / LOCK}), or a replication "
+        "worker of it: send the command to it with --target HOST:PORT (and the operator's "
+        "--cert --key --ca) so that it switches at once; --config is for a stopped node only. "
+        "Nothing was changed",
+    )
