@@ -34,6 +34,7 @@ from residency.server.core.errors import ConfigError
 from residency.server.core.rules import RuleSet
 from residency.server.keys import lifecycle
 from residency.server.keys.copykey import load_home_key
+from residency.server.keys.files import write_private
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
@@ -89,6 +90,7 @@ class RunningNode:
         self.node: Node | None = None
         self._tasks: list[asyncio.Task] = []
         self._reproject: asyncio.Task | None = None
+        self._rules_lock = asyncio.Lock()
         self.records: Records | None = None
         self._running: int | None = None
         try:  # unreadable certificates fail at start, naming the file and the key
@@ -222,15 +224,17 @@ class RunningNode:
         new = rules_from_bytes(text, self.schema, source or str(path))
         if why := rules_refusal(self.config, new):  # what the node would not start on
             raise ConfigError(f"{source or self.config.path}: {why}")
-        if persist:
-            await asyncio.get_running_loop().run_in_executor(None, _write_atomically, path, text)
-        policy = self.node.policy
-        prev = await self.db.write(lambda: policy.swap_rules(new, actor))
-        total = (await self.db.call(self.db.store.counts))[0]
-        if self._reproject is not None:  # the new rules' re-projection replaces it
-            self._reproject.cancel()
-            await asyncio.gather(self._reproject, return_exceptions=True)
-        self._reproject = asyncio.create_task(self._reproject_all(total), name="reproject")
+        # One change at a time: the file written last is the rule set swapped in last.
+        async with self._rules_lock:
+            if persist:
+                await asyncio.get_running_loop().run_in_executor(None, write_private, path, text)
+            policy = self.node.policy
+            prev = await self.db.write(lambda: policy.swap_rules(new, actor))
+            total = (await self.db.call(self.db.store.counts))[0]
+            if self._reproject is not None:  # the new rules' re-projection replaces it
+                self._reproject.cancel()
+                await asyncio.gather(self._reproject, return_exceptions=True)
+            self._reproject = asyncio.create_task(self._reproject_all(total), name="reproject")
         log.info("rules %s -> %s by %s; re-projecting %d records", prev, new.version, actor, total)
         return prev, new.version, total
 
@@ -326,12 +330,6 @@ def rules_refusal(c: NodeConfig, rules: RuleSet) -> str:
     if c.region not in rules.regions:
         return f"'region' {c.region!r} is not in the rules (regions: {sorted(rules.regions)})"
     return ""
-
-
-def _write_atomically(path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def loose_permissions(config: NodeConfig) -> list[str]:

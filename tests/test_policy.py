@@ -638,3 +638,20 @@ async def test_operators_drive_consent_grants_and_disclosures_from_the_command_l
     (entry,) = [e for e in await log_entries(cluster, kind="disclosure", subject="cli-p") if e["fields"]]
     assert entry["destination_country"] == "SG"
     assert set(out["fields"]) == {"name", "email"} and out["log_sequence"] == entry["sequence"]
+
+
+async def test_rule_changes_sent_at_once_apply_one_at_a_time(cluster: Cluster):
+    """Found by the fuzz suite: two ApplyRules at once shared one temporary file and one failed
+    INTERNAL. Now each is applied whole, in turn, and the file holds the one applied last."""
+    variants = [EXAMPLE_RULES + f"\n# variant {i}\n" for i in range(6)]
+    replies = await asyncio.gather(
+        *(cluster.admin().ApplyRules(admin_pb2.ApplyRulesRequest(rules_yaml=v), timeout=60) for v in variants)
+    )
+    versions = [r.version for r in replies]
+    assert len(set(versions)) == len(variants)
+    last = (await cluster.status(PRIMARY)).rules_version
+    assert last in versions
+    assert (cluster.dir / "rules.yaml").read_text() == variants[versions.index(last)]
+    # Each change was logged, chained from the one before.
+    changes = await log_entries(cluster, kind="rules_change")
+    assert [c["rules_version"] for c in changes][-len(variants) :][-1] == last
