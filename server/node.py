@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -21,6 +22,7 @@ from residency.server.api.context import Node
 from residency.server.api.disclosure import DisclosureService
 from residency.server.api.grants import GrantService
 from residency.server.api.intake import Intake
+from residency.server.api.metrics import Measure, serve_metrics
 from residency.server.api.records import RecordService, add_record_service
 from residency.server.api.replica import ReplicaService
 from residency.server.api.requests import RequestGuard
@@ -89,6 +91,7 @@ class RunningNode:
         self._reproject: asyncio.Task | None = None
         self.records: Records | None = None
         self._watch: asyncio.Task | None = None
+        self._stop_metrics: Callable[[], None] | None = None
         try:  # unreadable certificates fail at start, naming the file and the key
             self.tls = ServerTls(config.tls)
         except ConfigError as e:
@@ -164,7 +167,8 @@ class RunningNode:
         self.node, self.schema = node, schema
         self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         server = grpc.aio.server(
-            interceptors=[Gate(self.tls, node), RequestGuard()],
+            # Measured outermost: the gate's refusals are calls too.
+            interceptors=[Measure(), Gate(self.tls, node), RequestGuard()],
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
         )
         add_record_service(RecordService(node), server)
@@ -185,6 +189,8 @@ class RunningNode:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._sign_checkpoints(), name="checkpoints"))
+        if c.metrics_listen:
+            self._stop_metrics = serve_metrics(c.metrics_listen, node)
         if c.archive is not None:
             from residency.server.vault.archive import Archiver, S3Bucket
 
@@ -296,6 +302,8 @@ class RunningNode:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(GRACE_SECONDS)
+        if self._stop_metrics is not None:
+            self._stop_metrics()
         if self.replicator is not None:
             await self.replicator.stop()
         if self._archiver is not None:

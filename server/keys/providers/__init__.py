@@ -52,7 +52,14 @@ class KeyProvider(Protocol):
 
 
 def open_provider(config: Any) -> KeyProvider:
-    """The provider a node's `keys:` config names (`residency.server.config.keys.KeysConfig`)."""
+    """The provider a node's `keys:` config names (`residency.server.config.keys.KeysConfig`),
+    its calls measured (`measured.Measured`: latency and errors as metrics)."""
+    from residency.server.keys.providers.measured import Measured
+
+    return Measured(_open(config))
+
+
+def _open(config: Any) -> KeyProvider:
     # Each provider's client library is imported only by the nodes that use it.
     if config.provider == "local":
         from residency.server.keys.providers.local import LocalProvider
