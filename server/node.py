@@ -190,7 +190,7 @@ class RunningNode:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._sign_checkpoints(), name="checkpoints"))
         if c.metrics_listen:
-            self._stop_metrics = serve_metrics(c.metrics_listen, node)
+            self._stop_metrics = serve_metrics(c.metrics_listen, node, c.checkpoint_interval_seconds)
         if c.archive is not None:
             from residency.server.vault.archive import Archiver, S3Bucket
 

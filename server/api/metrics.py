@@ -112,8 +112,8 @@ class NodeMetrics(Collector):
     destination (lag, pending changes, dead letters, paused), the outbox, the transfer log's
     size and its latest checkpoint."""
 
-    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop, timeout: float = 5.0):
-        self.node, self.loop, self.timeout = node, loop, timeout
+    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop, interval: float, timeout: float = 5.0):
+        self.node, self.loop, self.interval, self.timeout = node, loop, interval, timeout
 
     def _gather(self) -> dict[str, Any]:
         store, now = self.node.db.store, time.time()
@@ -125,6 +125,17 @@ class NodeMetrics(Collector):
         return out
 
     def collect(self) -> Iterator[Metric]:
+        if self.node.tls is not None:  # reread on SIGHUP: the certificate in use
+            yield GaugeMetricFamily(
+                "residency_certificate_expiry_timestamp_seconds",
+                "When the node's TLS certificate expires (Unix time)",
+                self.node.tls.expires.timestamp(),
+            )
+        yield GaugeMetricFamily(
+            "residency_checkpoint_interval_seconds",
+            "How often a checkpoint is signed while the log grows (the node's config)",
+            self.interval,
+        )
         try:
             s = asyncio.run_coroutine_threadsafe(self.node.db.call(self._gather), self.loop).result(
                 self.timeout
@@ -168,10 +179,10 @@ class NodeMetrics(Collector):
         yield failing
 
 
-def serve_metrics(listen: str, node: Node) -> Callable[[], None]:
+def serve_metrics(listen: str, node: Node, checkpoint_interval: float) -> Callable[[], None]:
     """Serves Prometheus text on `listen` (HOST:PORT) from a thread; returns its stop."""
     host, _, port = listen.rpartition(":")
-    collector = NodeMetrics(node, asyncio.get_running_loop())
+    collector = NodeMetrics(node, asyncio.get_running_loop(), checkpoint_interval)
     REGISTRY.register(collector)
     server, thread = start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
 
