@@ -41,7 +41,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 after = page[-1][0]
             return {"live": live, "dead": dead, "log": store.log_count(), "fields": fields}
 
-        s = await self.node.db.call(gather)
+        health = self.node.health
+        try:
+            s = await self.node.db.call(gather)
+        except Exception:  # the store is what is wrong: say so rather than fail the status
+            log.exception("node status: the store cannot be read")
+            s = {"live": 0, "dead": 0, "log": 0, "fields": {}}
         return admin_pb2.GetNodeStatusResponse(
             region=records.region,
             role=self.role,
@@ -53,6 +58,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             rules_backfill_done=self.node.backfill[0],
             rules_backfill_total=self.node.backfill[1],
             certificate_expires=codec.timestamp(self.node.tls.expires.timestamp()) if self.node.tls else None,
+            ready=health is not None and not health.problems,
+            not_ready_because=health.problems if health is not None else [],
         )
 
     @rpc

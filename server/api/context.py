@@ -6,6 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from residency.server.api.health import Health
 from residency.server.api.intake import Intake
 from residency.server.api.tls import ServerTls
 from residency.server.config.access import AccessPolicy
@@ -59,6 +60,8 @@ class Node:
         self.access = access
         # The node's TLS credentials (its certificate's expiry is in the node's status).
         self.tls: ServerTls | None = None
+        # Readiness and its reasons (`GetNodeStatus` reports them).
+        self.health: Health | None = None
 
     def wake(self) -> None:
         if self.replicator is not None:

@@ -127,6 +127,13 @@ class MetricsConfig(FileModel):
     listen: HostPort = Field(description="HOST:PORT of the Prometheus endpoint, e.g. 0.0.0.0:9464")
 
 
+class HealthConfig(FileModel):
+    """`health:` of a node config: a plaintext port serving only the gRPC health service, for
+    probes that cannot do mutual TLS (Kubernetes' gRPC probes)."""
+
+    listen: HostPort = Field(description="HOST:PORT of the plaintext health port, e.g. 0.0.0.0:8081")
+
+
 class HomeFile(FileModel):
     """`home:` of a region node's config: its home region and the key that signs its copies."""
 
@@ -167,6 +174,7 @@ class NodeFile(FileModel):
         CredentialsConfig()
     )
     metrics: MetricsConfig | None = None
+    health: HealthConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -251,6 +259,8 @@ class NodeConfig:
     home_signing_key: Path | None = None
     # HOST:PORT of the Prometheus endpoint ("" : none).
     metrics_listen: str = ""
+    # HOST:PORT of the plaintext health port ("": none).
+    health_listen: str = ""
 
     @property
     def log_key(self) -> Path:
@@ -302,6 +312,7 @@ def load_config(path: str | Path) -> NodeConfig:
         home_region=f.home.region if f.home else "",
         home_signing_key=rel(f.home.signing_key) if f.home else None,
         metrics_listen=f.metrics.listen if f.metrics else "",
+        health_listen=f.health.listen if f.health else "",
     )
 
 

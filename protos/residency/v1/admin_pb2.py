@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18residency/v1/admin.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\x16\x45xplainTransferRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\"\x9b\x01\n\rFieldDecision\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x13\n\x0btransferred\x18\x03 \x01(\x08\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x13\n\x0blegal_basis\x18\x05 \x01(\t\x12\x11\n\trecipient\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"\x8b\x01\n\x17\x45xplainTransferResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x15\n\rrules_version\x18\x04 \x01(\t\x12+\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1b.residency.v1.FieldDecision\"\'\n\x11\x41pplyRulesRequest\x12\x12\n\nrules_yaml\x18\x01 \x01(\t\"]\n\x12\x41pplyRulesResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1c\n\x14records_to_reproject\x18\x03 \x01(\x04\"\x16\n\x14GetNodeStatusRequest\"\xfa\x02\n\x15GetNodeStatusResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x12\n\ntombstones\x18\x04 \x01(\x04\x12\x13\n\x0blog_entries\x18\x05 \x01(\x04\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12J\n\x0c\x66ield_counts\x18\x07 \x03(\x0b\x32\x34.residency.v1.GetNodeStatusResponse.FieldCountsEntry\x12\x1b\n\x13rules_backfill_done\x18\x08 \x01(\x04\x12\x1c\n\x14rules_backfill_total\x18\t \x01(\x04\x12\x37\n\x13\x63\x65rtificate_expires\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10\x46ieldCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1a\n\x18ReplicationStatusRequest\"\x8c\x02\n\x11\x44\x65stinationStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x03 \x01(\x04\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x12\x13\n\x0blag_seconds\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x13\n\x0b\x63opies_sent\x18\x07 \x01(\x04\x12\x0e\n\x06paused\x18\x08 \x01(\x08\x12\x15\n\rdead_lettered\x18\t \x01(\x04\x12\x13\n\x0blease_owner\x18\n \x01(\t\x12\x0c\n\x04sink\x18\x0b \x01(\t\x12\x10\n\x08max_rate\x18\x0c \x01(\x01\x12\x11\n\tkey_state\x18\r \x01(\t\"i\n\x19ReplicationStatusResponse\x12\x15\n\rhead_sequence\x18\x01 \x01(\x04\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.residency.v1.DestinationStatus\")\n\x17PauseReplicationRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x1a\n\x18PauseReplicationResponse\"*\n\x18ResumeReplicationRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x1b\n\x19ResumeReplicationResponse\")\n\x17RetryDeadLettersRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"*\n\x18RetryDeadLettersResponse\x12\x0e\n\x06marked\x18\x01 \x01(\x04\x32\xab\x05\n\x0c\x41\x64minService\x12X\n\rGetNodeStatus\x12\".residency.v1.GetNodeStatusRequest\x1a#.residency.v1.GetNodeStatusResponse\x12\x64\n\x11ReplicationStatus\x12&.residency.v1.ReplicationStatusRequest\x1a\'.residency.v1.ReplicationStatusResponse\x12\x61\n\x10PauseReplication\x12%.residency.v1.PauseReplicationRequest\x1a&.residency.v1.PauseReplicationResponse\x12\x64\n\x11ResumeReplication\x12&.residency.v1.ResumeReplicationRequest\x1a\'.residency.v1.ResumeReplicationResponse\x12\x61\n\x10RetryDeadLetters\x12%.residency.v1.RetryDeadLettersRequest\x1a&.residency.v1.RetryDeadLettersResponse\x12^\n\x0f\x45xplainTransfer\x12$.residency.v1.ExplainTransferRequest\x1a%.residency.v1.ExplainTransferResponse\x12O\n\nApplyRules\x12\x1f.residency.v1.ApplyRulesRequest\x1a .residency.v1.ApplyRulesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18residency/v1/admin.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\x16\x45xplainTransferRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\"\x9b\x01\n\rFieldDecision\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x13\n\x0btransferred\x18\x03 \x01(\x08\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x13\n\x0blegal_basis\x18\x05 \x01(\t\x12\x11\n\trecipient\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"\x8b\x01\n\x17\x45xplainTransferResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x15\n\rrules_version\x18\x04 \x01(\t\x12+\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1b.residency.v1.FieldDecision\"\'\n\x11\x41pplyRulesRequest\x12\x12\n\nrules_yaml\x18\x01 \x01(\t\"]\n\x12\x41pplyRulesResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1c\n\x14records_to_reproject\x18\x03 \x01(\x04\"\x16\n\x14GetNodeStatusRequest\"\xa4\x03\n\x15GetNodeStatusResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x12\n\ntombstones\x18\x04 \x01(\x04\x12\x13\n\x0blog_entries\x18\x05 \x01(\x04\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12J\n\x0c\x66ield_counts\x18\x07 \x03(\x0b\x32\x34.residency.v1.GetNodeStatusResponse.FieldCountsEntry\x12\x1b\n\x13rules_backfill_done\x18\x08 \x01(\x04\x12\x1c\n\x14rules_backfill_total\x18\t \x01(\x04\x12\x37\n\x13\x63\x65rtificate_expires\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x19\n\x11not_ready_because\x18\x0c \x03(\t\x1a\x32\n\x10\x46ieldCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1a\n\x18ReplicationStatusRequest\"\x8c\x02\n\x11\x44\x65stinationStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x03 \x01(\x04\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x12\x13\n\x0blag_seconds\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x13\n\x0b\x63opies_sent\x18\x07 \x01(\x04\x12\x0e\n\x06paused\x18\x08 \x01(\x08\x12\x15\n\rdead_lettered\x18\t \x01(\x04\x12\x13\n\x0blease_owner\x18\n \x01(\t\x12\x0c\n\x04sink\x18\x0b \x01(\t\x12\x10\n\x08max_rate\x18\x0c \x01(\x01\x12\x11\n\tkey_state\x18\r \x01(\t\"i\n\x19ReplicationStatusResponse\x12\x15\n\rhead_sequence\x18\x01 \x01(\x04\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.residency.v1.DestinationStatus\")\n\x17PauseReplicationRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x1a\n\x18PauseReplicationResponse\"*\n\x18ResumeReplicationRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"\x1b\n\x19ResumeReplicationResponse\")\n\x17RetryDeadLettersRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"*\n\x18RetryDeadLettersResponse\x12\x0e\n\x06marked\x18\x01 \x01(\x04\x32\xab\x05\n\x0c\x41\x64minService\x12X\n\rGetNodeStatus\x12\".residency.v1.GetNodeStatusRequest\x1a#.residency.v1.GetNodeStatusResponse\x12\x64\n\x11ReplicationStatus\x12&.residency.v1.ReplicationStatusRequest\x1a\'.residency.v1.ReplicationStatusResponse\x12\x61\n\x10PauseReplication\x12%.residency.v1.PauseReplicationRequest\x1a&.residency.v1.PauseReplicationResponse\x12\x64\n\x11ResumeReplication\x12&.residency.v1.ResumeReplicationRequest\x1a\'.residency.v1.ResumeReplicationResponse\x12\x61\n\x10RetryDeadLetters\x12%.residency.v1.RetryDeadLettersRequest\x1a&.residency.v1.RetryDeadLettersResponse\x12^\n\x0f\x45xplainTransfer\x12$.residency.v1.ExplainTransferRequest\x1a%.residency.v1.ExplainTransferResponse\x12O\n\nApplyRules\x12\x1f.residency.v1.ApplyRulesRequest\x1a .residency.v1.ApplyRulesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,27 +47,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETNODESTATUSREQUEST']._serialized_start=583
   _globals['_GETNODESTATUSREQUEST']._serialized_end=605
   _globals['_GETNODESTATUSRESPONSE']._serialized_start=608
-  _globals['_GETNODESTATUSRESPONSE']._serialized_end=986
-  _globals['_GETNODESTATUSRESPONSE_FIELDCOUNTSENTRY']._serialized_start=936
-  _globals['_GETNODESTATUSRESPONSE_FIELDCOUNTSENTRY']._serialized_end=986
-  _globals['_REPLICATIONSTATUSREQUEST']._serialized_start=988
-  _globals['_REPLICATIONSTATUSREQUEST']._serialized_end=1014
-  _globals['_DESTINATIONSTATUS']._serialized_start=1017
-  _globals['_DESTINATIONSTATUS']._serialized_end=1285
-  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_start=1287
-  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_end=1392
-  _globals['_PAUSEREPLICATIONREQUEST']._serialized_start=1394
-  _globals['_PAUSEREPLICATIONREQUEST']._serialized_end=1435
-  _globals['_PAUSEREPLICATIONRESPONSE']._serialized_start=1437
-  _globals['_PAUSEREPLICATIONRESPONSE']._serialized_end=1463
-  _globals['_RESUMEREPLICATIONREQUEST']._serialized_start=1465
-  _globals['_RESUMEREPLICATIONREQUEST']._serialized_end=1507
-  _globals['_RESUMEREPLICATIONRESPONSE']._serialized_start=1509
-  _globals['_RESUMEREPLICATIONRESPONSE']._serialized_end=1536
-  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=1538
-  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=1579
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=1581
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=1623
-  _globals['_ADMINSERVICE']._serialized_start=1626
-  _globals['_ADMINSERVICE']._serialized_end=2309
+  _globals['_GETNODESTATUSRESPONSE']._serialized_end=1028
+  _globals['_GETNODESTATUSRESPONSE_FIELDCOUNTSENTRY']._serialized_start=978
+  _globals['_GETNODESTATUSRESPONSE_FIELDCOUNTSENTRY']._serialized_end=1028
+  _globals['_REPLICATIONSTATUSREQUEST']._serialized_start=1030
+  _globals['_REPLICATIONSTATUSREQUEST']._serialized_end=1056
+  _globals['_DESTINATIONSTATUS']._serialized_start=1059
+  _globals['_DESTINATIONSTATUS']._serialized_end=1327
+  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_start=1329
+  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_end=1434
+  _globals['_PAUSEREPLICATIONREQUEST']._serialized_start=1436
+  _globals['_PAUSEREPLICATIONREQUEST']._serialized_end=1477
+  _globals['_PAUSEREPLICATIONRESPONSE']._serialized_start=1479
+  _globals['_PAUSEREPLICATIONRESPONSE']._serialized_end=1505
+  _globals['_RESUMEREPLICATIONREQUEST']._serialized_start=1507
+  _globals['_RESUMEREPLICATIONREQUEST']._serialized_end=1549
+  _globals['_RESUMEREPLICATIONRESPONSE']._serialized_start=1551
+  _globals['_RESUMEREPLICATIONRESPONSE']._serialized_end=1578
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=1580
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=1621
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=1623
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=1665
+  _globals['_ADMINSERVICE']._serialized_start=1668
+  _globals['_ADMINSERVICE']._serialized_end=2351
 # @@protoc_insertion_point(module_scope)

@@ -74,7 +74,7 @@ class GetNodeStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetNodeStatusResponse(_message.Message):
-    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total", "certificate_expires")
+    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total", "certificate_expires", "ready", "not_ready_because")
     class FieldCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,8 @@ class GetNodeStatusResponse(_message.Message):
     RULES_BACKFILL_DONE_FIELD_NUMBER: _ClassVar[int]
     RULES_BACKFILL_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_BECAUSE_FIELD_NUMBER: _ClassVar[int]
     region: str
     role: str
     records: int
@@ -102,7 +104,9 @@ class GetNodeStatusResponse(_message.Message):
     rules_backfill_done: int
     rules_backfill_total: int
     certificate_expires: _timestamp_pb2.Timestamp
-    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ..., certificate_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    ready: bool
+    not_ready_because: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ..., certificate_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready: _Optional[bool] = ..., not_ready_because: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicationStatusRequest(_message.Message):
     __slots__ = ()

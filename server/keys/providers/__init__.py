@@ -48,6 +48,10 @@ class KeyProvider(Protocol):
         """Destroys the key, every version: everything it wrapped becomes unreadable."""
         ...
 
+    def ping(self) -> None:
+        """Raises as a wrap would if the key service cannot be used now (readiness)."""
+        ...
+
     def close(self) -> None: ...
 
 

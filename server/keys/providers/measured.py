@@ -53,5 +53,8 @@ class Measured:
     def rewrap(self, wrapped: bytes, context: Context) -> bytes:
         return self._measure("rewrap", self._provider.rewrap, wrapped, context)
 
+    def ping(self) -> None:
+        self._measure("ping", self._provider.ping)
+
     def __getattr__(self, name: str) -> Any:  # rotate, retire, refresh, destroy, close, ...
         return getattr(self._provider, name)
