@@ -71,6 +71,7 @@ class Image:
     cmd: list[str]
     volumes: list[str]
     stages: int
+    env: dict[str, str]
 
     @classmethod
     def read(cls, dockerfile: Path) -> Image:
@@ -89,6 +90,9 @@ class Image:
             cmd=json.loads(found.get("CMD", "[]")),
             volumes=json.loads(found.get("VOLUME", "[]")),
             stages=sum(1 for ln in lines if ln.upper().startswith("FROM ")),
+            env=dict(
+                pair.split("=", 1) for pair in found.get("ENV", "").split() if "=" in pair and "$" not in pair
+            ),
         )
 
 
@@ -116,6 +120,7 @@ def run_natively(
     interpreter's (the test environment's `residency`), first on PATH."""
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"container-{os.getpid()}-{id(volumes)}"
     overlays = {parent: str(scratch / parent.strip("/").replace("/", "_")) for parent in ("/etc", "/var/lib")}
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", **image.env}
     spec = {
         "scratch": str(scratch),
         "reveal": _reveal([Path(sys.base_prefix), Path(sys.prefix), Path(__file__).resolve().parent.parent]),
@@ -126,7 +131,7 @@ def run_natively(
         "uid": image.user[0],
         "gid": image.user[1],
         "argv": image.entrypoint + (image.cmd if args is None else args),
-        "env": {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+        "env": env,
     }
     argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _SETUP, json.dumps(spec)]
     if log is None:

@@ -43,6 +43,7 @@ def test_the_image_is_multi_stage_slim_and_runs_as_a_user_with_no_privileges():
     assert image.entrypoint == ["residency"]
     assert image.cmd == ["serve", "--config", "/etc/residency/node.yaml"]
     assert image.volumes == ["/var/lib/residency"]
+    assert image.env["RESIDENCY_LOG_FORMAT"] == "json"
 
 
 def test_the_build_stage_copies_all_the_package_needs(tmp_path: Path):
@@ -221,3 +222,6 @@ async def test_the_images_command_runs_a_node_read_only_as_its_user(tmp_path: Pa
         code = await asyncio.to_thread(node.wait, 60)
     assert code == 0, log.read_text()[-3000:]
     assert "Read-only file system" not in log.read_text()
+    # The image logs one JSON event per line.
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(e["event"].startswith("primary node for cn-north listening") for e in events)

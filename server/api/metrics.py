@@ -5,9 +5,11 @@ every refusal by its reason. Labels never carry a user id, a field or a value.""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,10 @@ if TYPE_CHECKING:
     from residency.server.api.context import Node
 
 log = logging.getLogger("residency.metrics")
+
+# The call being served, for the log: the caller's `x-request-id` if it sent a usable one.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+_USABLE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 REQUESTS = Counter(
     "residency_rpc_requests_total", "gRPC calls answered, by status code", ["service", "method", "code"]
@@ -74,6 +80,13 @@ class Measure(grpc.aio.ServerInterceptor):
         return handler
 
 
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _USABLE_ID.fullmatch(value):
+            return value
+    return secrets.token_hex(8)
+
+
 def _measured(service: str, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
     latency = LATENCY.labels(service, method)
 
@@ -84,6 +97,7 @@ def _measured(service: str, method: str, behavior: Callable[..., Any]) -> Callab
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            REQUEST_ID.set(_request_id(context))
             start, failed = time.perf_counter(), True
             try:
                 async for item in behavior(request, context):
@@ -95,6 +109,7 @@ def _measured(service: str, method: str, behavior: Callable[..., Any]) -> Callab
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        REQUEST_ID.set(_request_id(context))
         start, failed = time.perf_counter(), True
         try:
             result = behavior(request, context)
@@ -123,6 +138,10 @@ class NodeMetrics(Collector):
             out["outbox"] = store.outbox_depth()
             out["destinations"] = store.replication_status(list(self.node.affiliates), now)["destinations"]
         return out
+
+    def describe(self) -> list[Metric]:
+        # Registering would otherwise collect once, on the event loop, waiting on itself.
+        return []
 
     def collect(self) -> Iterator[Metric]:
         if self.node.tls is not None:  # reread on SIGHUP: the certificate in use
