@@ -11,13 +11,19 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from residency.cli import keys, log, node, policy, records, replication, rules
+from residency.cli import keys, log, logs, node, policy, records, replication, rules
 from residency.server.core.errors import ResidencyError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="residency", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=logs.default_format(),
+        help="text, or json: one event per line (default: $RESIDENCY_LOG_FORMAT, else text)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     # In the order `residency --help` lists them.
     node.add_demo(sub)
@@ -55,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     # What the command writes (configs, keys, stores, exports) is private to its user:
     # folders 0700, files 0600.
     os.umask(0o077)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command in ("serve", "replicate") else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+    logs.configure(
+        logging.INFO if args.verbose or args.command in ("serve", "replicate") else logging.WARNING,
+        args.log_format,
     )
     try:
         return args.run(args)

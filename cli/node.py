@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from residency.cli.channel import add_target, open_channel
+from residency.cli.logs import add_log_format
 from residency.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -85,6 +86,7 @@ def add_init(sub: argparse._SubParsersAction) -> None:
 def add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run a node until SIGTERM/SIGINT")
     s.add_argument("--config", required=True)
+    add_log_format(s)
     s.set_defaults(run=_serve)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from residency.cli.channel import add_target, open_channel
+from residency.cli.logs import add_log_format
 from residency.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -51,6 +52,7 @@ def add_replicate(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--region", action="append", help="ship only to this destination (repeat for more; default: all)"
     )
+    add_log_format(s)
     s.set_defaults(run=_replicate)
 
 

@@ -234,6 +234,7 @@ def init_deployment(
         # against the home's copy.pub (each region has one, should it become the primary).
         create_copy_key(region, d / "keys" / region)
     addresses = {r: f"127.0.0.1:{p}" for r, p in zip(regions, ports, strict=True)}
+    metrics = dict(zip(regions, free_ports(len(regions)), strict=True))
     paths = {}
     for region in regions:
         config: dict[str, Any] = {
@@ -248,6 +249,8 @@ def init_deployment(
             "keys": keys(d, region),
             "durability": "full",
             "checkpoint_interval_seconds": 60,
+            # Prometheus text over plain HTTP, on loopback here: no personal data in it.
+            "metrics": {"listen": f"127.0.0.1:{metrics[region]}"},
         }
         if region == PRIMARY:
             config["affiliates"] = [

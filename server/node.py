@@ -8,10 +8,11 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from residency.server.api.access import Gate
@@ -20,7 +21,9 @@ from residency.server.api.consent import ConsentService
 from residency.server.api.context import Node
 from residency.server.api.disclosure import DisclosureService
 from residency.server.api.grants import GrantService
+from residency.server.api.health import Health
 from residency.server.api.intake import Intake
+from residency.server.api.metrics import Measure, serve_metrics
 from residency.server.api.records import RecordService, add_record_service
 from residency.server.api.replica import ReplicaService
 from residency.server.api.requests import RequestGuard
@@ -84,7 +87,7 @@ class RunningNode:
         self.port = 0
         self.replicator: Replicator | None = None
         self.db: StoreThread[SqliteStore] | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = Health(SERVICES)
         self.transfer_log: TransferLog | None = None
         self._archiver: Any = None
         self.node: Node | None = None
@@ -93,6 +96,7 @@ class RunningNode:
         self._rules_lock = asyncio.Lock()
         self.records: Records | None = None
         self._running: int | None = None
+        self._stop_metrics: Callable[[], None] | None = None
         try:  # unreadable certificates fail at start, naming the file and the key
             self.tls = ServerTls(config.tls)
         except ConfigError as e:
@@ -104,6 +108,7 @@ class RunningNode:
 
     async def start(self) -> None:
         c = self.config
+        await self.health.begin(c.health_listen)  # alive, not ready, until the checks pass
         schema = load_schema(c.schema)
         rules = load_rules(c.rules, schema)
         access = load_access(c.access)
@@ -166,11 +171,12 @@ class RunningNode:
             home=home,
         )
         node.reload_rules = self.apply_rules
-        node.tls, node.keys = self.tls, keys
+        node.tls, node.keys, node.health = self.tls, keys, self.health
         self.node, self.schema = node, schema
         self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         server = grpc.aio.server(
-            interceptors=[Gate(self.tls, node), RequestGuard()],
+            # Measured outermost: the gate's refusals are calls too.
+            interceptors=[Measure(), Gate(self.tls, node), RequestGuard()],
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
         )
         add_record_service(RecordService(node), server)
@@ -180,7 +186,7 @@ class RunningNode:
         replica_pb2_grpc.add_ReplicaServiceServicer_to_server(ReplicaService(node), server)
         translog_pb2_grpc.add_TransferLogServiceServicer_to_server(TransferLogService(node), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(node, c.role), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         # Mutual TLS only: there is no plaintext listener.
         self.port = server.add_secure_port(c.listen, self.tls.credentials())
@@ -188,9 +194,12 @@ class RunningNode:
             raise OSError(f"cannot listen on {c.listen}")
         await server.start()
         self.server = server
-        for name in ("", *SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        store = self.db.store
+        ready = self.health.watch(lambda: self.db.call(store.log_count), keyring)
+        self._tasks.append(asyncio.create_task(ready, name="readiness"))
         self._tasks.append(asyncio.create_task(self._sign_checkpoints(), name="checkpoints"))
+        if c.metrics_listen:
+            self._stop_metrics = serve_metrics(c.metrics_listen, node, c.checkpoint_interval_seconds)
         if c.archive is not None:
             from residency.server.vault.archive import Archiver, S3Bucket
 
@@ -300,10 +309,11 @@ class RunningNode:
             t.cancel()
         # Awaited, not only cancelled: none is left writing while the store drains and closes.
         await asyncio.gather(*background, return_exceptions=True)
-        for name in ("", *SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.draining()
         if self.server is not None:
             await self.server.stop(GRACE_SECONDS)
+        if self._stop_metrics is not None:
+            self._stop_metrics()
         if self.replicator is not None:
             await self.replicator.stop()
         if self._archiver is not None:
@@ -319,6 +329,7 @@ class RunningNode:
                 self.node.keys.log_keys.close()
         if self._running is not None:
             os.close(self._running)
+        await self.health.close()
 
 
 def rules_refusal(c: NodeConfig, rules: RuleSet) -> str:

@@ -114,6 +114,7 @@ async def test_undecodable_bytes_to_every_rpc_of_every_service_are_invalid_argum
 async def test_a_copy_version_the_store_cannot_hold_is_refused_and_nothing_applied(
     module_cluster: Cluster, version: int
 ):
+    await module_cluster.replicated()  # an earlier test's write must not land in between
     before = await module_cluster.status(SG)
     copies = [
         replica_pb2.SealedCopy(user_id="ov-1", version=3, deleted=True),

@@ -19,6 +19,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from residency.server.api.context import Node
 from residency.server.api.errors import refuse, status_for
+from residency.server.api.metrics import refused
 from residency.server.api.requests import Refused
 from residency.server.api.tls import CALLER, ServerTls, peer_certificate
 from residency.server.core import translog
@@ -214,6 +215,7 @@ class Gate(grpc.aio.ServerInterceptor):
     async def _check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         peer = peer_certificate(context)
         if (why := self.tls.refusal(peer)) is not None:
+            refused("unauthenticated")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         assert peer is not None and peer[1] is not None  # `refusal` said so
         CALLER.set(peer[1])

@@ -44,7 +44,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 after = page[-1][0]
             return {"live": live, "dead": dead, "log": store.log_count(), "fields": fields}
 
-        s = await self.node.db.call(gather)
+        health = self.node.health
+        try:
+            s = await self.node.db.call(gather)
+        except Exception:  # the store is what is wrong: say so rather than fail the status
+            log.exception("node status: the store cannot be read")
+            s = {"live": 0, "dead": 0, "log": 0, "fields": {}}
         keys = self._keys()
         try:  # the status answers with the key service down too, and never holds up writes
             key_version = await asyncio.to_thread(keys.newest_version)
@@ -63,6 +68,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             certificate_expires=codec.timestamp(self.node.tls.expires.timestamp()) if self.node.tls else None,
             key_version=key_version,
             region_key_id=keys.region_key_id(),
+            ready=health is not None and not health.problems,
+            not_ready_because=health.problems if health is not None else [],
         )
 
     @rpc

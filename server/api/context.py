@@ -6,6 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from residency.server.api.health import Health
 from residency.server.api.intake import Intake
 from residency.server.api.tls import ServerTls
 from residency.server.config.access import AccessPolicy
@@ -62,6 +63,8 @@ class Node:
         self.tls: ServerTls | None = None
         # The node's key acts (rotate, rewrap, retire, shred, rekey).
         self.keys: KeyLifecycle | None = None
+        # Readiness and its reasons (`GetNodeStatus` reports them).
+        self.health: Health | None = None
 
     def wake(self) -> None:
         if self.replicator is not None:

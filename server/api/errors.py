@@ -16,6 +16,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from residency.server.api.metrics import refused
 from residency.server.core.errors import (
     AlreadyExists,
     CallerDenied,
@@ -96,6 +97,7 @@ def status_for(e: ResidencyError) -> status_pb2.Status:
     """The status a domain error becomes; an invalid record's violations ride along as a
     `google.rpc.BadRequest` (capped), a rate limit's wait as a `google.rpc.RetryInfo`."""
     code = next((c for t, c in _CODES.items() if isinstance(e, t)), code_pb2.INTERNAL)
+    refused(type(e).__name__)  # every status made here refuses a call
     status = status_pb2.Status(code=code, message=_message(str(e)))
     detail = any_pb2.Any()
     if isinstance(e, InvalidRecord):
@@ -137,6 +139,7 @@ def internal(method: str) -> status_pb2.Status:
     """An unexpected exception, logged with its traceback under a new error id (call from the
     `except` block); the caller gets the id, never the exception's text."""
     error_id = secrets.token_hex(6)
+    refused("internal")
     log.exception("internal error %s in %s", error_id, method)
     return status_pb2.Status(
         code=code_pb2.INTERNAL,

@@ -120,6 +120,20 @@ AffiliateFile = Annotated[
 ]
 
 
+class MetricsConfig(FileModel):
+    """`metrics:` of a node config: where it serves Prometheus metrics (plain HTTP, no
+    personal data in any of them: keep the port inside the cluster)."""
+
+    listen: HostPort = Field(description="HOST:PORT of the Prometheus endpoint, e.g. 0.0.0.0:9464")
+
+
+class HealthConfig(FileModel):
+    """`health:` of a node config: a plaintext port serving only the gRPC health service, for
+    probes that cannot do mutual TLS (Kubernetes' gRPC probes)."""
+
+    listen: HostPort = Field(description="HOST:PORT of the plaintext health port, e.g. 0.0.0.0:8081")
+
+
 class HomeFile(FileModel):
     """`home:` of a region node's config: its home region and the key that signs its copies."""
 
@@ -159,6 +173,8 @@ class NodeFile(FileModel):
     credentials: Annotated[CredentialsConfig, empty_if_null(dict, CredentialsConfig | None)] = (
         CredentialsConfig()
     )
+    metrics: MetricsConfig | None = None
+    health: HealthConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -241,6 +257,10 @@ class NodeConfig:
     # A region node's home region and the public key its copies must be signed with.
     home_region: str = ""
     home_signing_key: Path | None = None
+    # HOST:PORT of the Prometheus endpoint ("" : none).
+    metrics_listen: str = ""
+    # HOST:PORT of the plaintext health port ("": none).
+    health_listen: str = ""
 
     @property
     def log_key(self) -> Path:
@@ -291,6 +311,8 @@ def load_config(path: str | Path) -> NodeConfig:
         credentials=f.credentials,
         home_region=f.home.region if f.home else "",
         home_signing_key=rel(f.home.signing_key) if f.home else None,
+        metrics_listen=f.metrics.listen if f.metrics else "",
+        health_listen=f.health.listen if f.health else "",
     )
 
 

@@ -58,6 +58,7 @@ class ReplicationControlStore(Protocol):
     """What an operator uses: status, pause and resume, re-driving dead letters."""
 
     def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]: ...
+    def outbox_depth(self) -> int: ...
     def set_paused(self, destination: str, paused: bool) -> None: ...
     def request_retry(self, destination: str) -> int: ...
 
@@ -88,6 +89,10 @@ class ReplicationRows(Database):
         # AUTOINCREMENT keeps the high-water mark even after the outbox is trimmed.
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
         return row[0] if row else 0
+
+    def outbox_depth(self) -> int:
+        """Changes kept in the outbox (trimmed once every destination has them)."""
+        return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     def _outbox_count_after(self, sequence: int) -> int:
         (n,) = self._db.execute("SELECT count(*) FROM outbox WHERE sequence > ?", (sequence,)).fetchone()

@@ -28,6 +28,7 @@ class LogStore(Protocol):
     def log_tree(self) -> merkle.Tree: ...
     def checkpoint_save(self, size: int, note: str) -> None: ...
     def checkpoint_latest(self) -> tuple[int, str] | None: ...
+    def checkpoint_signed_at(self) -> tuple[int, float]: ...
     def archived_size(self) -> int: ...
     def archive_mark(self, size: int) -> None: ...
 
@@ -141,6 +142,13 @@ class TransferLogRows(Database):
             "SELECT tree_size, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
         ).fetchone()
         return (row[0], row[1]) if row else None
+
+    def checkpoint_signed_at(self) -> tuple[int, float]:
+        """(tree size, time) of the latest checkpoint; (0, 0.0) before the first."""
+        row = self._db.execute(
+            "SELECT tree_size, created_at FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
+        ).fetchone()
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
     def archived_size(self) -> int:
         """The tree size up to which sealed segments are in the archive bucket."""

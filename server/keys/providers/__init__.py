@@ -57,11 +57,22 @@ class KeyProvider(Protocol):
         """Destroys the key, every version: everything it wrapped becomes unreadable."""
         ...
 
+    def ping(self) -> None:
+        """Raises as a wrap would if the key service cannot be used now (readiness)."""
+        ...
+
     def close(self) -> None: ...
 
 
 def open_provider(config: Any) -> KeyProvider:
-    """The provider a node's `keys:` config names (`residency.server.config.keys.KeysConfig`)."""
+    """The provider a node's `keys:` config names (`residency.server.config.keys.KeysConfig`),
+    its calls measured (`measured.Measured`: latency and errors as metrics)."""
+    from residency.server.keys.providers.measured import Measured
+
+    return Measured(_open(config))
+
+
+def _open(config: Any) -> KeyProvider:
     # Each provider's client library is imported only by the nodes that use it.
     if config.provider == "local":
         from residency.server.keys.providers.local import LocalProvider

@@ -104,6 +104,9 @@ class AwsKmsProvider:
     def refresh(self) -> None:
         pass
 
+    def ping(self) -> None:
+        self._call("describe_key", KeyId=self.key_id)
+
     def destroy(self) -> None:
         key = self._arn()
         self._call("disable_key", KeyId=key)

@@ -49,6 +49,11 @@ class LocalProvider:
     def refresh(self) -> None:
         self._load()
 
+    def ping(self) -> None:
+        """The key files are still there (a folder unmounted or emptied is not ready)."""
+        if not self._files():
+            raise KeyUnavailable(f"no {self.prefix}-vN.key in {self.dir}")
+
     def _load(self) -> None:
         files = self._files()
         for gone in set(self._keks) - set(files):

@@ -60,6 +60,9 @@ class OpenBaoProvider:
     def _ctx(context: Context) -> str:
         return base64.b64encode(canonical_context(context)).decode()
 
+    def ping(self) -> None:
+        self._req("GET", f"keys/{self.key}")
+
     def ensure_key(self) -> None:
         self._req("POST", f"keys/{self.key}", {"type": "aes256-gcm96", "derived": True})
 

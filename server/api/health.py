@@ -1,0 +1,94 @@
+"""What the standard gRPC health service says: `liveness` (the process answers) apart from
+`readiness` (started, not draining, its store and key service usable), each a service name of
+the health protocol, reported as the overall status ("") and per API service too. The same
+answers are served on an optional plaintext port (`health: {listen}`) for probes that cannot
+do mutual TLS, such as Kubernetes' gRPC probes: that port serves nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from residency.server.core.errors import ResidencyError
+
+LIVENESS, READINESS = "liveness", "readiness"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+log = logging.getLogger("residency.health")
+
+
+class Health:
+    """Readiness and its reasons; `problems` is what `residency status` shows."""
+
+    def __init__(self, services: list[str]):
+        self.servicer = health.aio.HealthServicer()
+        self.services = services
+        self.problems: list[str] = ["starting"]
+        self._probe_server: grpc.aio.Server | None = None
+
+    async def begin(self, probe_listen: str) -> None:
+        """Alive, not ready (starting); serves the probe port if there is one."""
+        await self.servicer.set(LIVENESS, SERVING)
+        await self._set(NOT_SERVING)
+        if probe_listen:
+            server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+            if server.add_insecure_port(probe_listen) == 0:
+                raise OSError(f"cannot listen on {probe_listen} ('health.listen')")
+            await server.start()
+            self._probe_server = server
+
+    async def _set(self, status: Any) -> None:
+        for name in ("", READINESS, *self.services):
+            await self.servicer.set(name, status)
+
+    async def ready(self, problems: list[str]) -> None:
+        if problems != self.problems:
+            if problems:
+                log.warning("not ready: %s", "; ".join(problems))
+            else:
+                log.info("ready")
+        self.problems = problems
+        await self._set(NOT_SERVING if problems else SERVING)
+
+    async def watch(self, store_call: Any, keyring: Any, every: float = 5.0, timeout: float = 5.0) -> None:
+        """Checks the store and the key service every `every` seconds, readiness following."""
+        while True:
+            await self.ready(await check(store_call, keyring, timeout))
+            await asyncio.sleep(every)
+
+    async def draining(self) -> None:
+        """Not ready from now on (still alive, until the process ends)."""
+        self.problems = ["draining"]
+        await self._set(NOT_SERVING)
+
+    async def close(self) -> None:
+        await self.servicer.set(LIVENESS, NOT_SERVING)
+        if self._probe_server is not None:
+            await self._probe_server.stop(1.0)
+
+
+async def check(store_call: Any, keyring: Any, timeout: float) -> list[str]:
+    """What keeps the node from serving: the store does not answer a read, or the key service
+    does not answer (skipped once the region's key is shredded: the node serves to say so)."""
+    problems = []
+    try:
+        await asyncio.wait_for(store_call(), timeout)
+    except TimeoutError:
+        problems.append(f"store: no answer within {timeout:.0f} s")
+    except Exception as e:  # what the store raised, by kind: its text may name paths
+        problems.append(f"store: {type(e).__name__}")
+    if keyring is not None and not keyring.shredded:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(keyring.provider.ping), timeout)
+        except TimeoutError:
+            problems.append(f"key service ({keyring.provider.name}): no answer within {timeout:.0f} s")
+        except ResidencyError as e:
+            problems.append(f"key service ({keyring.provider.name}): {e}")
+        except Exception as e:
+            problems.append(f"key service ({keyring.provider.name}): {type(e).__name__}")
+    return problems
