@@ -38,7 +38,10 @@ def _certs_issue(args: argparse.Namespace) -> int:
     from residency.server.core.errors import ConfigError
     from residency.server.keys import pki
 
-    hosts = pki.NODE_HOSTS if args.role == "node" else ()
+    if args.host and args.role != "node":
+        print("error: --host is for node certificates (--role node)", file=sys.stderr)
+        return 2
+    hosts = (tuple(args.host) or pki.NODE_HOSTS) if args.role == "node" else ()
     try:
         ident = pki.issue(
             Path(args.deployment) / "pki", args.role, args.region, args.name, Path(args.out), args.days, hosts
@@ -105,6 +108,13 @@ def add_certs(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--name", required=True, help="the holder's name (a recipient's id for a recipient)")
     s.add_argument("--out", required=True, help="PREFIX of the files written")
     s.add_argument("--days", type=int, default=365, help="days of validity (default 365)")
+    s.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP address the node serves on (repeat; node certificates only; "
+        "default localhost and 127.0.0.1)",
+    )
     s.set_defaults(run=_certs_issue)
 
 

@@ -206,7 +206,8 @@ def init_pki(d: Path, regions: tuple[str, ...], trust_domain: str = pki.TRUST_DO
     folder = d / "pki"
     pki.create_ca(folder, trust_domain)
     for region in regions:
-        issue_once(folder, "node", region, node_name(region), region, pki.NODE_HOSTS)
+        # The region's name too: the host name a node has in `deploy/compose.yaml`.
+        issue_once(folder, "node", region, node_name(region), region, (*pki.NODE_HOSTS, region))
     for role in ("operator", "reviewer"):
         issue_once(folder, role, PRIMARY, role, role)
 

@@ -176,3 +176,29 @@ def test_init_never_overwrites_a_deployments_keys(tmp_path: Path):
     r = residency("init", str(d))
     assert r.returncode == 2 and "init never overwrites" in r.stderr, r.stderr
     assert {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} == before
+
+
+def test_node_certificates_name_the_hosts_callers_dial(tmp_path: Path):
+    from cryptography import x509
+
+    d = tmp_path / "d"
+    assert residency("init", str(d)).returncode == 0
+
+    def sans(path: Path) -> set[str]:
+        ext = x509.load_pem_x509_certificate(path.read_bytes()).extensions
+        names = ext.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {str(n.value) for n in names if not isinstance(n, x509.UniformResourceIdentifier)}
+
+    # init's: loopback, and the region's name (its host name in deploy/compose.yaml)
+    assert sans(d / "pki" / "eu-west-1.crt") == {"localhost", "127.0.0.1", "eu-west-1"}
+    out = tmp_path / "sg"
+    args = ["--deployment", str(d), "--role", "node", "--region", "ap-southeast-1", "--name", "region"]
+    r = residency(
+        "certs", "issue", *args, "--host", "sg.residency.example", "--host", "203.0.113.10", "--out", str(out)
+    )
+    assert r.returncode == 0, r.stderr
+    assert sans(out.with_suffix(".crt")) == {"sg.residency.example", "203.0.113.10"}
+    service = ["--deployment", str(d), "--role", "service", "--region", "cn-north", "--name", "app"]
+    r = residency("certs", "issue", *service, "--host", "x.example", "--out", str(tmp_path / "app"))
+    assert r.returncode == 2 and "--host is for node certificates" in r.stderr
+    assert not (tmp_path / "app.crt").exists()

@@ -13,10 +13,13 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.cli.channel import Credentials
 from residency.server.deployment import PRIMARY, free_ports, init_deployment
@@ -225,3 +228,83 @@ async def test_the_images_command_runs_a_node_read_only_as_its_user(tmp_path: Pa
     # The image logs one JSON event per line.
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert any(e["event"].startswith("primary node for cn-north listening") for e in events)
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0 or shutil.which("kubectl") is None,
+    reason="mount namespaces need util-linux unshare and root, and the overlay kubectl (CI has all)",
+)
+async def test_a_kubernetes_overlays_pod_runs_natively(tmp_path: Path):
+    """ap-southeast-1's overlay as its pod would run: the rendered `node.yaml` and policy files
+    at /etc/residency, the peers' keys, the Secrets' files, the init container's own command
+    seeding the volume, then the node's own arguments, read-only but for the volume, as 10001."""
+    from tests.test_k8s import one, render
+
+    region = "ap-southeast-1"
+    image = Image.read(DOCKERFILE)
+    deployment = tmp_path / "deployment"
+    init_deployment(deployment)
+    objects = render(region)
+    data = one(objects, "ConfigMap", "residency-config")["data"]
+    pod = one(objects, "StatefulSet", "residency-node")["spec"]["template"]["spec"]
+    conf, peers, secrets, keys, volume = (tmp_path / n for n in ("etc", "peers", "secrets", "keys", "data"))
+    for d in (conf, peers, secrets / "tls", keys, volume):
+        d.mkdir(parents=True)
+    node = yaml.safe_load(data["node.yaml"])
+    grpc_port, metrics_port, health_port = free_ports(3)
+    node.update(listen=f"127.0.0.1:{grpc_port}")  # loopback ports of this machine
+    node["metrics"]["listen"] = f"127.0.0.1:{metrics_port}"
+    node["health"]["listen"] = f"127.0.0.1:{health_port}"
+    data["node.yaml"] = yaml.safe_dump(node)
+    for name, text in data.items():
+        (conf / name).write_text(text)
+    shutil.copy2(deployment / "keys" / PRIMARY / "copy.pub", peers / "cn-north-copy.pub")
+    for ours, theirs in (
+        ("tls/node.crt", f"{region}.crt"),
+        ("tls/node.key", f"{region}.key"),
+        ("tls/ca.crt", "ca.crt"),
+    ):
+        shutil.copy2(deployment / "pki" / theirs, secrets / ours)
+    shutil.move(deployment / "keys" / region / "passphrase", secrets / "key-provider")
+    for f in (deployment / "keys" / region).iterdir():
+        shutil.copy2(f, keys / f.name)
+    subprocess.run(["chown", "-R", f"{image.user[0]}:{image.user[1]}", str(tmp_path)], check=True)
+    # The init container, with its own command, seeds the volume from the keys Secret.
+    (seed,) = pod["initContainers"]
+    seeding = run_natively(
+        replace(image, entrypoint=seed["command"], cmd=[]),
+        {"/var/lib/residency": (volume, True), "/run/secrets/residency/keys": (keys, False)},
+        [],
+        log=tmp_path / "seed.log",
+    )
+    assert await asyncio.to_thread(seeding.wait, 60) == 0, (tmp_path / "seed.log").read_text()
+    assert {p.name for p in (volume / "keys").iterdir()} == {p.name for p in keys.iterdir()}
+    (container,) = pod["containers"]
+    log = tmp_path / "node.log"
+    running = run_natively(
+        image,
+        {
+            "/etc/residency": (conf, False),
+            "/etc/residency-peers": (peers, False),
+            "/run/secrets/residency": (secrets, False),
+            "/var/lib/residency": (volume, True),
+        },
+        container["args"],
+        log=log,
+    )
+    try:
+        operator = Credentials.files(deployment / "pki" / "operator", deployment / "pki" / "ca.crt")
+        try:
+            await wait_serving(f"127.0.0.1:{grpc_port}", operator, deadline=60.0)
+        except Exception:
+            pytest.fail(f"the pod's node did not serve: {log.read_text()[-3000:]}")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="readiness"), timeout=10
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.terminate()
+        code = await asyncio.to_thread(running.wait, 60)
+    assert code == 0, log.read_text()[-3000:]
+    assert all(json.loads(line)["level"] in ("info", "warning") for line in log.read_text().splitlines())
