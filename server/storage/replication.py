@@ -39,6 +39,7 @@ class ReplicationStore(LeaseStore, Protocol):
     def outbox_after(self, sequence: int, limit: int) -> list[OutboxItem]: ...
     def outbox_trim_below(self, destinations: list[str]) -> None: ...
     def cursor(self, destination: str) -> int: ...
+    def adopt_destination(self, destination: str) -> bool: ...
     def set_cursor(self, destination: str, sequence: int) -> None: ...
     def is_paused(self, destination: str) -> bool: ...
     def set_last_error(self, destination: str, error: str) -> None: ...
@@ -114,6 +115,18 @@ class ReplicationRows(Database):
         ).fetchone()
         if known == len(destinations) and applied:
             self._db.execute("DELETE FROM outbox WHERE sequence <= ?", (applied,))
+
+    def adopt_destination(self, destination: str) -> bool:
+        """A destination this store has never shipped to starts at the outbox's head and is
+        first sent every live record (`resend_after`): changes older than it, trimmed or not,
+        are not how it learns what exists. True when that re-send was scheduled."""
+        if self._db.execute("SELECT 1 FROM cursors WHERE destination=?", (destination,)).fetchone():
+            return False
+        head = self._outbox_head()
+        self.set_cursor(destination, head)
+        if head:
+            self.set_resend_after(destination, "")
+        return bool(head)
 
     def cursor(self, destination: str) -> int:
         row = self._db.execute("SELECT sequence FROM cursors WHERE destination=?", (destination,)).fetchone()
