@@ -249,7 +249,10 @@ async def test_an_affiliate_added_later_gets_every_copy_the_rules_allow(tmp_path
         ).head_sequence
         cluster.stop(PRIMARY)
         primary.write_text(yaml.safe_dump(full, sort_keys=False))
-        await cluster.start(PRIMARY, eu)
+        await cluster.start(PRIMARY)  # eu-west-1's node still down: the re-send waits, and says so
+        status = (await cluster.replication())[eu]
+        assert status.key_state == "sending every live record's copy: a destination new to this store"
+        await cluster.start(eu)
         await cluster.put("late-after", {"email": "after@example.cn", "pages_visited": ["/q"]})
         await cluster.replicated()
         status = await cluster.status(eu)

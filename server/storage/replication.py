@@ -253,10 +253,10 @@ class ReplicationRows(Database):
             cursor = self.cursor(d)
             oldest = self._outbox_oldest_after(cursor)
             state = self._db.execute(
-                "SELECT paused, last_error, copies_sent, key_shredded, resend_after "
+                "SELECT paused, last_error, copies_sent, key_shredded, resend_after, region_key "
                 "FROM destination_state WHERE destination=?",
                 (d,),
-            ).fetchone() or (0, "", 0, "", None)
+            ).fetchone() or (0, "", 0, "", None, None)
             lease = self._db.execute(
                 "SELECT owner, expires_at FROM leases WHERE destination=?", (d,)
             ).fetchone()
@@ -272,8 +272,14 @@ class ReplicationRows(Database):
                 "copies_sent": state[2],
                 "dead_lettered": dead,
                 "lease_owner": lease[0] if lease and lease[1] > now else "",
-                "key_state": f"key shredded: {state[3]}"
-                if state[3]
-                else ("re-sending every copy under the region's new key" if state[4] is not None else ""),
+                "key_state": f"key shredded: {state[3]}" if state[3] else _resending(state[4], state[5]),
             }
         return out
+
+
+def _resending(after: str | None, region_key: bytes | None) -> str:
+    if after is None:
+        return ""
+    if region_key is not None:
+        return "re-sending every copy under the region's new key"
+    return "sending every live record's copy: a destination new to this store"
