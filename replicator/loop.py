@@ -91,8 +91,7 @@ class Replicator:
         self._wake = {d.region: asyncio.Event() for d in destinations}
         self.leases = {d.region: Lease(d.region, self.owner, config.lease_seconds) for d in destinations}
         self._tasks: list[asyncio.Task] = []
-        # Short tasks started from callbacks (a retry's error note): kept until done, so none
-        # is collected half-way, and awaited at stop.
+        # Short tasks started from callbacks (a retry's error note): kept, and awaited at stop.
         self._background: set[asyncio.Task] = set()
         # Records opened for one destination's batch, kept for the others' batches of the same
         # changes (they run close together on the same store thread): one open per change.
@@ -102,6 +101,8 @@ class Replicator:
         self._high_water = 0
 
     async def start(self) -> None:
+        store = self.db.store  # a destination new to this store is first sent every live record
+        await self.db.write(lambda: [store.adopt_destination(r) for r in self.all_regions])
         for d in self.destinations.values():
             keep = self.leases[d.region].keep(self.db, self._wake[d.region])
             self._tasks.append(asyncio.create_task(keep, name=f"lease-{d.region}"))

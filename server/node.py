@@ -37,7 +37,7 @@ from residency.server.core.errors import ConfigError
 from residency.server.core.rules import RuleSet
 from residency.server.keys import lifecycle
 from residency.server.keys.copykey import load_home_key
-from residency.server.keys.files import write_private
+from residency.server.keys.files import exposed_secret, loose_permissions, write_private
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
@@ -343,28 +343,15 @@ def rules_refusal(c: NodeConfig, rules: RuleSet) -> str:
     return ""
 
 
-def loose_permissions(config: NodeConfig) -> list[str]:
-    """What under the data and key folders others than the node's user could read: folders
-    should be 0700, files 0600 (the store, its WAL, the keyring, the keys; public keys,
-    `*.pub`, may be read by anyone)."""
-    problems = []
-    for folder in dict.fromkeys((config.data_dir, config.keys_dir)):
-        if not folder.is_dir():
-            continue
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".pub")
-        for path in (folder, *files):
-            mode = path.stat().st_mode & 0o777
-            if mode & 0o077:
-                want = "700" if path.is_dir() else "600"
-                problems.append(f"{path} is {mode:o}, readable beyond its owner: chmod {want} {path}")
-    return problems
-
-
 async def serve(config: NodeConfig) -> None:
     # Everything the node creates (store, WAL, keyring, keys) is its user's alone.
     os.umask(0o077)
-    for problem in loose_permissions(config):
+    for problem in loose_permissions(config.data_dir, config.keys_dir):
         log.warning("loose permissions: %s", problem)
+    if config.keys.secret_file is not None and (
+        why := exposed_secret(config.keys.secret_file, config.keys_dir)
+    ):
+        log.warning("key provider secret: %s", why)
     node = RunningNode(config)
     await node.start()
     stop = asyncio.Event()

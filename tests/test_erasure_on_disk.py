@@ -12,7 +12,7 @@ from pathlib import Path
 
 from residency.server.config.node import load_config
 from residency.server.deployment import AFFILIATES, PRIMARY
-from residency.server.node import loose_permissions
+from residency.server.keys.files import loose_permissions
 from tests.conftest import Cluster
 
 GONE, KEPT = "gone-1", "kept-1"
@@ -96,7 +96,7 @@ async def test_data_and_key_folders_are_the_nodes_alone_and_looser_ones_are_name
             for f in folder.iterdir():
                 if f.is_file() and f.suffix != ".pub":
                     assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
-        assert not loose_permissions(config)
+        assert not loose_permissions(config.data_dir, config.keys_dir)
     # An operator's copy that left the store readable by others: the node names it at start.
     config = load_config(cluster.dep.configs[AFFILIATES[0]])
     cluster.stop(AFFILIATES[0])
@@ -106,3 +106,23 @@ async def test_data_and_key_folders_are_the_nodes_alone_and_looser_ones_are_name
     log = (config.data_dir / "node.log").read_text()
     assert f"loose permissions: {config.data_dir} is 755" in log
     assert f"chmod 600 {config.data_dir / 'node.db'}" in log
+    # init keeps each passphrase beside its keys (a local demo): the node says so at start,
+    # naming the file, and again if others may read it.
+    passphrase = config.keys.secret_file
+    assert passphrase is not None and passphrase.parent == config.keys_dir
+    assert f"key provider secret: {passphrase} sits beside the keys it protects" in log
+    assert "readable beyond its owner: chmod 600 " + str(passphrase) not in log
+    moved = config.path.parent / "passphrase-elsewhere"
+    cluster.stop(AFFILIATES[0])
+    passphrase.rename(moved)
+    moved.chmod(0o644)
+    node_yaml = cluster.dep.configs[AFFILIATES[0]]
+    node_yaml.write_text(
+        node_yaml.read_text().replace(str(passphrase.relative_to(node_yaml.parent)), moved.name)
+    )
+    await cluster.start(AFFILIATES[0])
+    log = (config.data_dir / "node.log").read_text().split(f"loose permissions: {config.data_dir} is 755")[-1]
+    (warning,) = [line for line in log.splitlines() if "key provider secret:" in line]
+    assert warning.endswith(
+        f"key provider secret: {moved} is 644, readable beyond its owner: chmod 600 {moved}"
+    )

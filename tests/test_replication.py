@@ -224,3 +224,45 @@ async def test_sigterm_drains_and_exits_zero(cluster: Cluster):
     await cluster.put("t-1", {"email": "t@example.cn"})
     for region in (PRIMARY, *AFFILIATES):
         assert cluster.stop(region) == 0
+
+
+async def test_an_affiliate_added_later_gets_every_copy_the_rules_allow(tmp_path):
+    """eu-west-1 joins after 40 users were written, replicated to ap-southeast-1 and trimmed from
+    the outbox: the restarted primary sends it every live record's copy, then follows as usual."""
+    import yaml
+
+    cluster = Cluster(tmp_path / "deployment")
+    primary = cluster.dep.configs[PRIMARY]
+    full = yaml.safe_load(primary.read_text())
+    alone = {**full, "affiliates": [a for a in full["affiliates"] if a["region"] == AFFILIATES[0]]}
+    primary.write_text(yaml.safe_dump(alone, sort_keys=False))
+    eu = AFFILIATES[1]
+    try:
+        await cluster.start(PRIMARY, AFFILIATES[0])
+        users = [f"late-{i}" for i in range(40)]
+        for u in users:
+            await cluster.put(u, {"email": f"{u}@example.cn", "pages_visited": ["/p"]})
+        await cluster.delete(users[0])  # erased before eu-west-1 joined: never sent there
+        await cluster.replicated()
+        assert (
+            await cluster.admin().ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+        ).head_sequence
+        cluster.stop(PRIMARY)
+        primary.write_text(yaml.safe_dump(full, sort_keys=False))
+        await cluster.start(PRIMARY)  # eu-west-1's node still down: the re-send waits, and says so
+        status = (await cluster.replication())[eu]
+        assert status.key_state == "sending every live record's copy: a destination new to this store"
+        await cluster.start(eu)
+        await cluster.put("late-after", {"email": "after@example.cn", "pages_visited": ["/q"]})
+        await cluster.replicated()
+        status = await cluster.status(eu)
+        assert status.records == len(users)  # 39 written before (one erased) and one after
+        for u in [*users[1:], "late-after"]:
+            held = await cluster.held(u, eu)
+            assert held.record.user_id == u
+        # Followed as usual afterwards: a change reaches it, once.
+        await cluster.put(users[1], {"email": "changed@example.cn", "pages_visited": ["/r"]})
+        await cluster.replicated()
+        assert (await cluster.held(users[1], eu)).record.version == 2
+    finally:
+        await cluster.close()

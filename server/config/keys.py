@@ -97,6 +97,8 @@ class KeysConfig:
     token: str = field(default="", repr=False)
     transit_key: str = ""
     mount: str = "transit"
+    # The file the passphrase or token was read from (None: an environment variable, or KMS).
+    secret_file: Path | None = None
     # data-key caches: entries and seconds
     cache_entries: int = 100_000
     cache_seconds: float = 300.0
@@ -110,7 +112,7 @@ def keys_config(
     )
     if isinstance(k, LocalKeysFile):
         secret = _secret("passphrase", k.passphrase_file, k.passphrase_env, path, rel)
-        return replace(common, passphrase=secret.encode())
+        return replace(common, passphrase=secret.encode(), secret_file=_file(k.passphrase_file, rel))
     if isinstance(k, KmsKeysFile):
         return replace(
             common,
@@ -120,7 +122,18 @@ def keys_config(
             endpoint_url=k.endpoint_url,
         )
     token = _secret("token", k.token_file, k.token_env, path, rel)
-    return replace(common, address=k.address, token=token, transit_key=k.transit_key, mount=k.mount)
+    return replace(
+        common,
+        address=k.address,
+        token=token,
+        transit_key=k.transit_key,
+        mount=k.mount,
+        secret_file=_file(k.token_file, rel),
+    )
+
+
+def _file(value: str | None, rel: Callable[[str], Path]) -> Path | None:
+    return rel(value) if value is not None else None
 
 
 def _secret(name: str, file: str | None, env: str | None, path: Path, rel: Callable[[str], Path]) -> str:

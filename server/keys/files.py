@@ -56,3 +56,39 @@ def shred_file(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def loose_permissions(*folders: Path) -> list[str]:
+    """What in `folders` (a node's data and key folders) others than the node's user could read:
+    folders should be 0700, files 0600 (the store, its WAL, the keyring, the keys; public keys,
+    `*.pub`, may be read by anyone)."""
+    problems = []
+    for folder in dict.fromkeys(folders):
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".pub")
+        for path in (folder, *files):
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                want = "700" if path.is_dir() else "600"
+                problems.append(f"{path} is {mode:o}, readable beyond its owner: chmod {want} {path}")
+    return problems
+
+
+def exposed_secret(secret: Path, keys_dir: Path) -> str:
+    """Why the file holding a key provider's passphrase or token is exposed, or "": readable by
+    others, or kept in the key folder it protects (one copy or backup of the folder would then
+    carry both the wrapped keys and what unwraps them)."""
+    problems = []
+    if secret.resolve().parent == keys_dir.resolve() or keys_dir.resolve() in secret.resolve().parents:
+        problems.append(
+            f"{secret} sits beside the keys it protects ({keys_dir}): keep it apart, e.g. in a "
+            "Secret or another folder, so a copy of the key folder does not open them"
+        )
+    try:
+        mode = secret.stat().st_mode & 0o777
+    except OSError:
+        mode = 0
+    if mode & 0o077:
+        problems.append(f"{secret} is {mode:o}, readable beyond its owner: chmod 600 {secret}")
+    return "; ".join(problems)

@@ -39,6 +39,7 @@ class ReplicationStore(LeaseStore, Protocol):
     def outbox_after(self, sequence: int, limit: int) -> list[OutboxItem]: ...
     def outbox_trim_below(self, destinations: list[str]) -> None: ...
     def cursor(self, destination: str) -> int: ...
+    def adopt_destination(self, destination: str) -> bool: ...
     def set_cursor(self, destination: str, sequence: int) -> None: ...
     def is_paused(self, destination: str) -> bool: ...
     def set_last_error(self, destination: str, error: str) -> None: ...
@@ -114,6 +115,18 @@ class ReplicationRows(Database):
         ).fetchone()
         if known == len(destinations) and applied:
             self._db.execute("DELETE FROM outbox WHERE sequence <= ?", (applied,))
+
+    def adopt_destination(self, destination: str) -> bool:
+        """A destination this store has never shipped to starts at the outbox's head and is
+        first sent every live record (`resend_after`): changes older than it, trimmed or not,
+        are not how it learns what exists. True when that re-send was scheduled."""
+        if self._db.execute("SELECT 1 FROM cursors WHERE destination=?", (destination,)).fetchone():
+            return False
+        head = self._outbox_head()
+        self.set_cursor(destination, head)
+        if head:
+            self.set_resend_after(destination, "")
+        return bool(head)
 
     def cursor(self, destination: str) -> int:
         row = self._db.execute("SELECT sequence FROM cursors WHERE destination=?", (destination,)).fetchone()
@@ -240,10 +253,10 @@ class ReplicationRows(Database):
             cursor = self.cursor(d)
             oldest = self._outbox_oldest_after(cursor)
             state = self._db.execute(
-                "SELECT paused, last_error, copies_sent, key_shredded, resend_after "
+                "SELECT paused, last_error, copies_sent, key_shredded, resend_after, region_key "
                 "FROM destination_state WHERE destination=?",
                 (d,),
-            ).fetchone() or (0, "", 0, "", None)
+            ).fetchone() or (0, "", 0, "", None, None)
             lease = self._db.execute(
                 "SELECT owner, expires_at FROM leases WHERE destination=?", (d,)
             ).fetchone()
@@ -259,8 +272,14 @@ class ReplicationRows(Database):
                 "copies_sent": state[2],
                 "dead_lettered": dead,
                 "lease_owner": lease[0] if lease and lease[1] > now else "",
-                "key_state": f"key shredded: {state[3]}"
-                if state[3]
-                else ("re-sending every copy under the region's new key" if state[4] is not None else ""),
+                "key_state": f"key shredded: {state[3]}" if state[3] else _resending(state[4], state[5]),
             }
         return out
+
+
+def _resending(after: str | None, region_key: bytes | None) -> str:
+    if after is None:
+        return ""
+    if region_key is not None:
+        return "re-sending every copy under the region's new key"
+    return "sending every live record's copy: a destination new to this store"
