@@ -45,7 +45,10 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
             await self._refuse_stale_keys(request.copies, peer_of(context).uri)
         # The region stores each copy without its key material, which goes to its keyring.
         copies = [incoming(c) for c in request.copies]
-        sender = Sender(peer_of(context).uri, home.region)
+        # The lease epoch counts only as the home signed it (refusals found no fault in the mark).
+        signed = not any(p.startswith("high_water") for p, _ in refused)
+        epoch = mark.lease_epoch if mark is not None and signed else None
+        sender = Sender(peer_of(context).uri, home.region, epoch)
         applied, skipped, refused = await self.node.db.write(
             lambda: apply_copies(records, copies, sender, refused), weight=len(copies)
         )

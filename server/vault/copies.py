@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from residency.server.core import translog
+from residency.server.core.errors import StaleLeaseEpoch
 from residency.server.core.sealing import COPY_FORMAT
 from residency.server.core.signed import key_id, verifies
 from residency.server.storage.records import Row
@@ -109,10 +110,13 @@ class IncomingCopy:
 
 @dataclass(frozen=True, slots=True)
 class Sender:
-    """Who sent a batch (its certificate's identity) and from where, for the log's entries."""
+    """Who sent a batch (its certificate's identity) and from where, for the log's entries,
+    and the lease epoch it was shipped under, as the home's signed high-water mark states it
+    (None when the mark is missing or not the home's: the batch is refused anyway)."""
 
     actor: str
     home_region: str
+    lease_epoch: int | None = None
 
 
 def incoming(c: replica_pb2.SealedCopy) -> IncomingCopy:
@@ -146,8 +150,18 @@ def apply_copies(
     retry), an older one refused (a replay never goes back in time). With any refusal (those
     `refusals` found, or an older version), nothing is applied and each refused copy is a
     denied entry in this node's transfer log; each copy applied is an allowed one naming the
-    sender (`sender.actor`) and its fields' policies. Returns (applied, skipped, refusals)."""
+    sender (`sender.actor`) and its fields' policies. Returns (applied, skipped, refusals).
+
+    Fenced first: a batch under a lease epoch below the highest taken from its home raises
+    StaleLeaseEpoch before anything is read or written; a higher one is remembered, in the
+    same transaction as the copies it came with."""
     store = records.store
+    if sender.lease_epoch is not None and copies:
+        seen = store.lease_epoch_seen(sender.home_region)
+        if sender.lease_epoch < seen:
+            raise StaleLeaseEpoch(sender.home_region, sender.lease_epoch, seen)
+        if sender.lease_epoch > seen:
+            store.see_lease_epoch(sender.home_region, sender.lease_epoch)
     held = store.rows(list({c.user_id for c in copies}))
     refused = refused + [
         (f"copies[{i}].version", "is older than the version this node holds (a replay)")
