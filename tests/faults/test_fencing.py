@@ -18,11 +18,14 @@ import yaml
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from residency.replicator.lease import Fence, Lease, StandDown
+from residency.replicator.sinks.s3 import object_key
 from residency.server.deployment import PRIMARY
 from residency.server.keys.copykey import load_copy_key
 from residency.server.storage.sqlite import SqliteStore
 from residency.v1 import replica_pb2
 from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, SeaweedFS
+from tests.test_s3 import sink
 from tests.test_signed_copies import signer
 
 pytestmark = pytest.mark.faults
@@ -279,3 +282,62 @@ async def the_region_node_refuses_a_stale_epoch(c: Cluster, stale: int, current:
     reply = await c.replica(SG).ApplyCopies(batch(current), timeout=10)
     assert (reply.applied, reply.skipped) == (1, 0)
     assert (await c.status(SG)).tombstones == counts.tombstones + 1
+
+
+def held_lease(seconds: float = 60.0) -> Lease:
+    """A lease as its keeper leaves it just after taking it (epoch 1)."""
+    lease = Lease(S3_REGION, "this-worker", seconds)
+    lease.held, lease.epoch, lease.until = True, 1, time.monotonic() + seconds
+    return lease
+
+
+async def test_an_s3_batch_under_a_fence_stops_at_its_deadline_and_never_goes_back_in_time(
+    seaweed: SeaweedFS,
+):
+    await asyncio.to_thread(seaweed.make_bucket, "bkt")
+    proxy = HoldingProxy(seaweed.endpoint)
+    s, cold, slow = sink(seaweed.endpoint), sink(seaweed.endpoint), sink(await proxy.start(), timeout=5.0)
+    client = seaweed.client()
+
+    def version() -> str:
+        return client.head_object(Bucket="bkt", Key=object_key("residency/", "u-1"))["Metadata"][
+            "residency-version"
+        ]
+
+    try:
+        lease = held_lease()
+        await s.apply("cn-north", [replica_pb2.SealedCopy(user_id="u-1", version=2)], None, lease.fence(1))
+        assert version() == "2"
+        # Another worker (no remembered entity tag) with an older version: it looks first, and
+        # leaves the newer copy alone.
+        await cold.apply("cn-north", [replica_pb2.SealedCopy(user_id="u-1", version=1)], None, lease.fence(1))
+        assert version() == "2"
+        # Past the deadline, or with the lease lost or under another epoch: nothing is sent.
+        old = replica_pb2.SealedCopy(user_id="u-1", version=3)
+        stale = [
+            Fence(lease, 1, time.monotonic() - 0.1),
+            Fence(held_lease(), 0, time.monotonic() + 5),
+        ]
+        lost = held_lease()
+        lost.held = False
+        stale.append(Fence(lost, 1, time.monotonic() + 5))
+        for fence in stale:
+            with pytest.raises(StandDown):
+                await s.apply("cn-north", [old], None, fence)
+        assert version() == "2"
+        short = held_lease()
+        short.until = time.monotonic() + 20  # less than half of its 60 s left: no batch starts
+        with pytest.raises(StandDown):
+            short.fence(1)
+        # An endpoint that does not answer: the batch ends at its deadline (one second here),
+        # well before its requests' own timeout (five), and says so.
+        proxy.holding = True
+        began = time.monotonic()
+        with pytest.raises(StandDown):
+            await slow.apply("cn-north", [old], None, Fence(held_lease(), 1, time.monotonic() + 1.0))
+        assert time.monotonic() - began < 3.0
+        assert version() == "2"
+    finally:
+        for each in (s, cold, slow):
+            await each.close()
+        await proxy.close()
