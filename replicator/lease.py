@@ -24,8 +24,12 @@ log = logging.getLogger("residency.replicator")
 
 
 class StandDown(Exception):
-    """This worker may not ship to the destination now: its lease is lost or expiring, or
-    the destination is paused."""
+    """This worker may not ship to the destination now: its lease is lost or expiring, the
+    destination is paused, or it has taken a batch under a higher lease epoch (`seen`)."""
+
+    def __init__(self, where: str, seen: int = 0):
+        super().__init__(where)
+        self.seen = seen
 
 
 class Lease:
@@ -80,6 +84,30 @@ class Lease:
         if epoch != self.epoch:  # the lease was lost and taken again since the batch was made
             raise StandDown(self.region)
         return Fence(self, epoch, self.until - self.seconds / 4)
+
+    async def stood_down(self, db: StoreThread[WorkerStore], e: StandDown) -> None:
+        """After a StandDown: the cursor is read again before the next batch. If the
+        destination has taken batches under an epoch above this hold's while the store still
+        names this worker as holder under it, the store's epochs went back (a store restored
+        from a backup): no worker of this store could ship there again, so the hold's epoch
+        moves above the destination's (a stale worker's move fails: it holds nothing)."""
+        self.reread_cursor = True
+        if not (self.held and self.epoch < e.seen < 2**63 - 1):
+            return
+        store, epoch = db.store, self.epoch
+        raised = await db.write(
+            lambda: store.lease_epoch_above(self.region, self.owner, epoch, e.seen, time.time())
+        )
+        if raised:
+            log.warning(
+                "%s has taken batches under lease epoch %d, above this store's %d (restored from a "
+                "backup?): this worker's lease moves to epoch %d",
+                self.region,
+                e.seen,
+                epoch,
+                raised,
+            )
+            self.epoch = raised
 
     def confirm(self, store: LeaseStore, now: float) -> None:
         """In the transaction that commits a batch: the lease is still this worker's, under

@@ -131,8 +131,8 @@ class Replicator:
                         await asyncio.wait_for(wake.wait(), timeout=self.config.poll_interval)
             except KeyHold as e:
                 await self._hold(d, e.reason)
-            except StandDown:
-                self.leases[d.region].reread_cursor = True
+            except StandDown as e:
+                await self.leases[d.region].stood_down(self.db, e)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=self.config.lease_seconds / 3)
             except asyncio.CancelledError:

@@ -55,13 +55,15 @@ class ReplicaSink:
                 request, timeout=self.timeout if fence is None else min(self.timeout, fence.remaining())
             )
         except grpc.aio.AioRpcError as e:
-            if _reason(e) == StaleLeaseEpoch.REASON:
+            info = _error_info(e)
+            if info.reason == StaleLeaseEpoch.REASON:
                 # A newer lease holder has shipped here: this batch is that holder's to send.
-                raise StandDown(e.details()) from e
+                seen = info.metadata.get("seen", "")
+                raise StandDown(self.target, int(seen) if seen.isdigit() else 0) from e
             raise
 
     def key_shredded(self, e: BaseException) -> str | None:
-        if isinstance(e, grpc.aio.AioRpcError) and _reason(e) == KeyShredded.REASON:
+        if isinstance(e, grpc.aio.AioRpcError) and _error_info(e).reason == KeyShredded.REASON:
             return e.details()
         return None
 
@@ -78,14 +80,14 @@ class ReplicaSink:
         await self._channel.close()
 
 
-def _reason(e: BaseException) -> str:
-    """The ErrorInfo reason of a FAILED_PRECONDITION refusal (a key shredded, a stale lease
-    epoch), or ""."""
+def _error_info(e: BaseException) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo of a FAILED_PRECONDITION refusal (a key shredded, a stale lease epoch), or
+    an empty one."""
+    info = error_details_pb2.ErrorInfo()
     if not isinstance(e, grpc.aio.AioRpcError) or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
-        return ""
+        return info
     status = rpc_status.from_call(e)
     for detail in status.details if status else ():
-        info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
-    return ""
+            return info
+    return error_details_pb2.ErrorInfo()

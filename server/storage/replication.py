@@ -31,6 +31,7 @@ class LeaseStore(Protocol):
     def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool, int]: ...
     def lease_held(self, destination: str, owner: str, now: float, epoch: int) -> bool: ...
     def lease_release(self, destination: str, owner: str) -> None: ...
+    def lease_epoch_above(self, destination: str, owner: str, epoch: int, seen: int, now: float) -> int: ...
 
 
 class FenceStore(Protocol):
@@ -162,6 +163,15 @@ class ReplicationRows(Database):
         self._db.execute(
             "UPDATE leases SET expires_at=0 WHERE destination=? AND owner=?", (destination, owner)
         )
+
+    def lease_epoch_above(self, destination: str, owner: str, epoch: int, seen: int, now: float) -> int:
+        """Moves `owner`'s hold under `epoch` to epoch `seen + 1` (a destination has seen
+        `seen`); returns it, or 0 if `owner` no longer holds the lease under `epoch`."""
+        cur = self._db.execute(
+            "UPDATE leases SET epoch=? WHERE destination=? AND owner=? AND epoch=? AND expires_at > ?",
+            (seen + 1, destination, owner, epoch, now),
+        )
+        return seen + 1 if cur.rowcount else 0
 
     def lease_epoch_seen(self, source: str) -> int:
         row = self._db.execute("SELECT epoch FROM lease_epochs_seen WHERE source=?", (source,)).fetchone()

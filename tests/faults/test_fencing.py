@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from residency.server.deployment import PRIMARY
 from residency.server.keys.copykey import load_copy_key
 from residency.server.storage.sqlite import SqliteStore
 from residency.v1 import replica_pb2
-from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, SeaweedFS
+from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, SeaweedFS, values
+from tests.test_policy import eventually
 from tests.test_s3 import sink
 from tests.test_signed_copies import signer
 
@@ -138,13 +138,6 @@ def start_worker(c: Cluster, config: Path, name: str) -> subprocess.Popen:
     )
 
 
-async def until(what: str, check, within: float = 60.0) -> None:  # noqa: ANN001 - any async predicate
-    end = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < end, f"not within {within:.0f} s: {what}"
-        await asyncio.sleep(0.1)
-
-
 def bucket_has(s3: SeaweedFS, user_id: str) -> bool:
     client = s3.client()
     try:
@@ -157,11 +150,7 @@ def bucket_has(s3: SeaweedFS, user_id: str) -> bool:
 
 
 def lease_epochs(c: Cluster) -> dict[str, int]:
-    db = sqlite3.connect(f"file:{c.data_dir(PRIMARY) / 'node.db'}?mode=ro", uri=True)
-    try:
-        return dict(db.execute("SELECT destination, epoch FROM leases"))
-    finally:
-        db.close()
+    return {r: c.lease_epoch(r) for r in (SG, S3_REGION)}
 
 
 async def test_a_stale_workers_late_put_never_brings_an_erased_users_object_back(
@@ -192,7 +181,7 @@ async def test_a_stale_workers_late_put_never_brings_an_erased_users_object_back
         async def stale_holds_both() -> bool:
             return await owners() == {str(workers["stale"].pid)}
 
-        await until("the first worker holds both leases", stale_holds_both)
+        await eventually(stale_holds_both, "the first worker holds both leases")
         await c.put("f-1", {"email": "first@example.cn", "language": "zh-CN"})
         await c.replicated()
         assert await asyncio.to_thread(bucket_has, seaweed, "f-1")
@@ -206,13 +195,13 @@ async def test_a_stale_workers_late_put_never_brings_an_erased_users_object_back
         async def put_held() -> bool:
             return any(b"PUT /" in h and b"f-1" in h for h in proxy.held)
 
-        await until("the stale worker's PUT is under way", put_held)
+        await eventually(put_held, "the stale worker's PUT is under way")
         workers["stale"].send_signal(signal.SIGSTOP)
 
         async def next_holds_both() -> bool:
             return await owners() == {str(workers["next"].pid)}
 
-        await until("the lease passes to the other worker", next_holds_both, within=10 * LEASE)
+        await eventually(next_holds_both, "the lease passes to the other worker", 10 * LEASE)
         new_epochs = lease_epochs(c)
         assert all(new_epochs[r] > stale_epochs[r] for r in stale_epochs), (stale_epochs, new_epochs)
 
@@ -341,3 +330,23 @@ async def test_an_s3_batch_under_a_fence_stops_at_its_deadline_and_never_goes_ba
         for each in (s, cold, slow):
             await each.close()
         await proxy.close()
+
+
+async def test_a_store_whose_lease_epochs_went_back_catches_up_with_its_region_node(cluster: Cluster):
+    """A primary's store restored from a backup holds lower epochs than its region nodes have
+    taken batches under: its worker, refused as stale while the store still names it holder
+    under its epoch, moves the lease above the node's epoch, and shipping goes on."""
+    c = cluster
+    await c.put("r-1", {"email": "first@example.cn", "language": "zh-CN"})
+    await c.replicated()
+    home = load_copy_key(PRIMARY, c.dir / "keys" / PRIMARY / "copy.key")
+    ahead = c.lease_epoch(SG) + 50
+    copy = home.sign_copy(replica_pb2.SealedCopy(user_id="t-2", version=1, deleted=True, format=2), SG)
+    mark = home.high_water(SG, 10, ahead)
+    await c.replica(SG).ApplyCopies(
+        replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=[copy], high_water=mark), timeout=10
+    )
+    await c.put("r-1", {"email": "second@example.cn"})
+    await c.replicated()
+    assert values(await c.held("r-1", SG))["email"] == "second@example.cn"
+    assert c.lease_epoch(SG) == ahead + 1
