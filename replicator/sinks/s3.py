@@ -299,7 +299,8 @@ class S3Sink:
                 await self._send(http, credentials, "PUT", key, body, headers, fence)
                 return
             etag = self._etags.get(copy.user_id)
-            if etag is None:
+            # Version 1 is a user's first: no earlier copy of theirs can be there to look for.
+            if etag is None and copy.version > 1:
                 held = await self._head(http, credentials, key, fence)
                 if held is not None and held[1] >= copy.version:
                     return  # the bucket holds this copy already, or a newer one: never go back
@@ -308,9 +309,15 @@ class S3Sink:
             try:
                 answer = await self._send(http, credentials, "PUT", key, body, headers | condition, fence)
             except S3Error as e:
-                if e.status == 412:  # written or deleted since this sink looked: look again
-                    self._etags.pop(copy.user_id, None)
-                raise
+                if e.status != 412:
+                    raise
+                # Written or deleted since this sink looked. Already this copy or a newer one
+                # (a batch shipped again): done; else the batch is tried again, looking first.
+                self._etags.pop(copy.user_id, None)
+                held = await self._head(http, credentials, key, fence)
+                if held is None or held[1] < copy.version:
+                    raise
+                return
             if len(self._etags) >= ETAGS_KEPT:
                 del self._etags[next(iter(self._etags))]  # the oldest
             self._etags[copy.user_id] = answer.get("etag", "")
