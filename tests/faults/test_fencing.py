@@ -31,7 +31,8 @@ from tests.test_signed_copies import signer
 pytestmark = pytest.mark.faults
 
 SG = "ap-southeast-1"
-LEASE = 3.0
+# Long enough that a holder's renewals (every third of it) survive a loaded machine's stalls.
+LEASE = 6.0
 REQUEST_LINES = (b"PUT /", b"HEAD /", b"DELETE /")
 
 
@@ -215,7 +216,7 @@ async def test_a_stale_workers_late_put_never_brings_an_erased_users_object_back
         assert answers and all(a.startswith(b"HTTP/1.1 412") for a in answers), answers
         received = len(proxy.received)
         workers["stale"].send_signal(signal.SIGCONT)
-        end = time.monotonic() + 3 * LEASE  # it resumes: its deadline has passed, so it stops
+        end = time.monotonic() + 2 * LEASE  # it resumes: its deadline has passed, so it stops
         while time.monotonic() < end:
             assert not await asyncio.to_thread(bucket_has, seaweed, "f-1"), "the erased user's object is back"
             await asyncio.sleep(0.2)
@@ -225,10 +226,10 @@ async def test_a_stale_workers_late_put_never_brings_an_erased_users_object_back
             await c.held("f-1", SG)
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
-        await the_region_node_refuses_a_stale_epoch(c, stale_epochs[SG], new_epochs[SG])
         for w in workers.values():
             w.terminate()  # hands its leases over and exits 0
             assert w.wait(30) == 0
+        await the_region_node_refuses_a_stale_epoch(c, stale_epochs[SG], new_epochs[SG])
     finally:
         for w in workers.values():
             if w.poll() is None:
@@ -239,9 +240,10 @@ async def test_a_stale_workers_late_put_never_brings_an_erased_users_object_back
         await c.close()
 
 
-async def the_region_node_refuses_a_stale_epoch(c: Cluster, stale: int, current: int) -> None:
+async def the_region_node_refuses_a_stale_epoch(c: Cluster, stale: int, taken: int) -> None:
     """The liar: the stale worker's batch sent with the worker's own certificate and signed
-    with the home's copy key, under the epoch it held: refused, and nothing changes."""
+    with the home's copy key, under the epoch it held: refused, and nothing changes. (`taken`:
+    the epoch the other worker took the lease under; the node has seen it or a later one.)"""
     home = load_copy_key(PRIMARY, c.dir / "keys" / PRIMARY / "copy.key")
     copy = home.sign_copy(replica_pb2.SealedCopy(user_id="t-1", version=1, deleted=True, format=2), SG)
 
@@ -250,25 +252,28 @@ async def the_region_node_refuses_a_stale_epoch(c: Cluster, stale: int, current:
         return replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=[copy], high_water=mark)
 
     counts = await c.status(SG)
+    seen = 0
     for epoch in (stale, 0):  # the epoch it held; none at all
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await c.replica(SG).ApplyCopies(batch(epoch), timeout=10)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
-        assert f"lease epoch {epoch} is stale" in e.value.details()
-        assert f"under epoch {current}" in e.value.details()
         info = error_details_pb2.ErrorInfo()
         assert rpc_status.from_call(e.value).details[0].Unpack(info)
         assert (info.reason, info.metadata["epoch"]) == ("STALE_LEASE_EPOCH", str(epoch))
+        seen = int(info.metadata["seen"])
+        assert seen >= taken > stale
+        assert f"lease epoch {epoch} is stale" in e.value.details()
+        assert f"under epoch {seen}" in e.value.details()
     # An epoch above the current one, signed by a key that is not the home's: refused, and not
     # remembered (else it would fence out every honest worker).
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await c.replica(SG).ApplyCopies(batch(current + 100, signer()), timeout=10)
+        await c.replica(SG).ApplyCopies(batch(seen + 100, signer()), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     now = await c.status(SG)
     assert (now.records, now.tombstones) == (counts.records, counts.tombstones)
     assert not [e for _, e, _ in await c.log(SG) if '"t-1"' in e]
-    # The same batch under the current epoch is taken: the refusals were for the lies.
-    reply = await c.replica(SG).ApplyCopies(batch(current), timeout=10)
+    # The same batch under the epoch the node has seen is taken: the refusals were for the lies.
+    reply = await c.replica(SG).ApplyCopies(batch(seen), timeout=10)
     assert (reply.applied, reply.skipped) == (1, 0)
     assert (await c.status(SG)).tombstones == counts.tombstones + 1
 
