@@ -1,7 +1,12 @@
 """Leases: several workers (processes) may share one store, and a worker ships to a
 destination only while it holds that destination's lease (renewed every third of its life)
 and commits a batch only if it still holds it, so a worker that dies or stalls is replaced
-once its lease expires and can never move a cursor after that."""
+once its lease expires and can never move a cursor after that.
+
+A lease alone does not fence a stalled worker's requests already under way, so each hold has
+an epoch (raised in the store whenever the lease passes on) that every batch carries, and each
+attempt at shipping a batch is bounded by a `Fence`: an overall deadline a quarter of a lease
+before the lease can pass, checked before every request."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from residency.server.storage.replication import LeaseStore
 from residency.server.storage.roles import WorkerStore
@@ -18,8 +24,12 @@ log = logging.getLogger("residency.replicator")
 
 
 class StandDown(Exception):
-    """This worker may not ship to the destination now: its lease is lost or expiring, or
-    the destination is paused."""
+    """This worker may not ship to the destination now: its lease is lost or expiring, the
+    destination is paused, or it has taken a batch under a higher lease epoch (`seen`)."""
+
+    def __init__(self, where: str, seen: int = 0):
+        super().__init__(where)
+        self.seen = seen
 
 
 class Lease:
@@ -29,6 +39,8 @@ class Lease:
         self.region, self.owner, self.seconds = region, owner, seconds
         self.held = False
         self.paused = False
+        # The store's epoch of this worker's current hold (0 before the first).
+        self.epoch = 0
         # monotonic time until which this worker's lease is surely valid
         self.until = 0.0
         # Another worker may have moved the cursor while this one did not hold the lease: it
@@ -42,15 +54,16 @@ class Lease:
         while True:
             began = time.monotonic()
             try:
-                held, paused = await db.write(
+                held, paused, epoch = await db.write(
                     lambda: store.lease_take(self.region, self.owner, time.time(), self.seconds)
                 )
             except Exception as e:  # the store is busy or failing: not holding is the safe view
                 log.warning("lease on %s not renewed: %r", self.region, e)
-                held, paused = False, self.paused
-            if held and not self.held:
-                log.info("%s took the lease on %s", self.owner, self.region)
+                held, paused, epoch = False, self.paused, self.epoch
+            if held and (not self.held or epoch != self.epoch):
+                log.info("%s took the lease on %s (epoch %d)", self.owner, self.region, epoch)
                 self.reread_cursor = True
+                self.epoch = epoch
             self.held, self.paused = held, paused
             self.until = began + self.seconds if held else 0.0
             if held and not paused:
@@ -65,9 +78,41 @@ class Lease:
         if time.monotonic() > self.until - self.seconds / 2:
             raise StandDown(self.region)
 
+    def fence(self, epoch: int) -> Fence:
+        """The bound of one attempt at shipping a batch prepared under `epoch`."""
+        self.check()
+        if epoch != self.epoch:  # the lease was lost and taken again since the batch was made
+            raise StandDown(self.region)
+        return Fence(self, epoch, self.until - self.seconds / 4)
+
+    async def stood_down(self, db: StoreThread[WorkerStore], e: StandDown) -> None:
+        """After a StandDown: the cursor is read again before the next batch. If the
+        destination has taken batches under an epoch above this hold's while the store still
+        names this worker as holder under it, the store's epochs went back (a store restored
+        from a backup): no worker of this store could ship there again, so the hold's epoch
+        moves above the destination's (a stale worker's move fails: it holds nothing)."""
+        self.reread_cursor = True
+        if not (self.held and self.epoch < e.seen < 2**63 - 1):
+            return
+        store, epoch = db.store, self.epoch
+        raised = await db.write(
+            lambda: store.lease_epoch_above(self.region, self.owner, epoch, e.seen, time.time())
+        )
+        if raised:
+            log.warning(
+                "%s has taken batches under lease epoch %d, above this store's %d (restored from a "
+                "backup?): this worker's lease moves to epoch %d",
+                self.region,
+                e.seen,
+                epoch,
+                raised,
+            )
+            self.epoch = raised
+
     def confirm(self, store: LeaseStore, now: float) -> None:
-        """In the transaction that commits a batch: the lease is still this worker's."""
-        if not store.lease_held(self.region, self.owner, now):
+        """In the transaction that commits a batch: the lease is still this worker's, under
+        the epoch the batch was shipped with."""
+        if not store.lease_held(self.region, self.owner, now, self.epoch):
             raise StandDown(self.region)  # another worker owns the cursor now; it ships again
 
     async def hand_over(self, db: StoreThread[WorkerStore]) -> None:
@@ -75,3 +120,24 @@ class Lease:
         if self.held:
             with contextlib.suppress(Exception):
                 await db.write(lambda: db.store.lease_release(self.region, self.owner))
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What one attempt at shipping a batch may do: its lease epoch, and the monotonic time by
+    which its last request must have ended. The deadline is a quarter of a lease before the
+    lease can pass to another worker (`Lease.check` leaves at least half when shipping
+    starts), so whatever this worker sends lands before the next holder's first request."""
+
+    lease: Lease
+    epoch: int
+    deadline: float
+
+    def remaining(self) -> float:
+        """Seconds left, checked just before each request; StandDown once the deadline has
+        passed (a worker that was stopped, say by SIGSTOP, finds out here when it resumes) or
+        the lease, as last renewed, is no longer held under this epoch."""
+        left = self.deadline - time.monotonic()
+        if left <= 0 or not self.lease.held or self.lease.epoch != self.epoch:
+            raise StandDown(self.lease.region)
+        return left

@@ -132,8 +132,8 @@ class Replicator:
                         await asyncio.wait_for(wake.wait(), timeout=self.config.poll_interval)
             except KeyHold as e:
                 await self._hold(d, e.reason)
-            except StandDown:
-                self.leases[d.region].reread_cursor = True
+            except StandDown as e:
+                await self.leases[d.region].stood_down(self.db, e)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=self.config.lease_seconds / 3)
             except asyncio.CancelledError:
@@ -281,9 +281,9 @@ class Replicator:
             reraise=True,
         ):
             with attempt:
-                self.leases[d.region].check()
+                fence = self.leases[d.region].fence(mark.lease_epoch)
                 try:
-                    await d.sink.apply(self.records.region, copies, mark)
+                    await d.sink.apply(self.records.region, copies, mark, fence)
                 except Exception as e:
                     held = d.sink.key_shredded(e)
                     if held is not None:
@@ -360,11 +360,11 @@ class Replicator:
         return Prepared(copies, entries, 0, self._mark(d, copies))
 
     def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
-        """The batch's signed high-water mark: the highest version the store holds, read
-        from the store (not from the batch), so it vouches for the copies independently."""
+        """The batch's signed high-water mark: the highest version the store holds (read from
+        the store, not the batch, to vouch for the copies independently) and the lease epoch."""
         if max((c.version for c in copies), default=0) > self._high_water:
             self._high_water = self.records.store.max_version()
-        return d.signer.high_water(d.region, self._high_water)
+        return d.signer.high_water(d.region, self._high_water, self.leases[d.region].epoch)
 
     def _copy_for(
         self, d: Destination, row: Row, permits: Permits

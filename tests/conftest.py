@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -261,6 +262,16 @@ class Cluster:
 
     def data_dir(self, region: str) -> Path:
         return load_config(self.dep.configs[region]).data_dir
+
+    def lease_epoch(self, destination: str) -> int:
+        """The epoch of the primary's lease on `destination`, as its store holds it now: what
+        a genuine batch to that destination carries."""
+        db = sqlite3.connect(f"file:{self.data_dir(PRIMARY) / 'node.db'}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT epoch FROM leases WHERE destination=?", (destination,)).fetchone()
+        finally:
+            db.close()
+        return row[0] if row else 0
 
     async def put(
         self,

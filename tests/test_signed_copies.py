@@ -179,9 +179,10 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
     before = (await c.get("u-1", region=SG)).record
     assert before.version == 2
     counts = await c.status(SG)
-    # The home's real key, as a captured genuine copy would carry its signature.
+    # The home's real key, as a captured genuine copy would carry its signature (and a
+    # captured mark, the current lease epoch: an older one is refused before all else).
     home = load_copy_key(PRIMARY, c.dir / "keys" / PRIMARY / "copy.key")
-    mark = home.high_water(SG, 2)
+    mark = home.high_water(SG, 2, c.lease_epoch(SG))
     liar = signer()
     region_key = RecipientKey.load(SG, c.dir / "keys" / SG / "region.pub").key_id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from residency.replicator.lease import Fence
 from residency.server.config.node import Affiliate, NodeConfig
 from residency.server.keys.copykey import load_home_key
 from residency.server.keys.region import RecipientKey
@@ -20,9 +21,13 @@ class Sink(Protocol):
         source_region: str,
         copies: list[replica_pb2.SealedCopy],
         high_water: replica_pb2.HighWater | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """Ships signed copies with the batch's signed high-water mark (a region node
-        requires one; a bucket gets none, since no node there checks it)."""
+        requires one; a bucket gets none, since no node there checks it). With a `fence`, no
+        request starts after its deadline, none outlives it, and the sink raises StandDown
+        when the fence stops the batch or the destination says a newer lease holder has
+        written (the batch is left for that holder)."""
         ...
 
     def permanent(self, e: BaseException) -> str | None:
@@ -59,6 +64,7 @@ def make_sink(config: NodeConfig, a: Affiliate) -> Sink:
             s3_region=a.s3_region,
             timeout=r.ship_timeout,
             concurrency=r.s3_concurrency,
+            conditional=a.conditional_writes,
         )
     from residency.replicator.sinks.replica import ReplicaSink
 

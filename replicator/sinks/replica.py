@@ -7,8 +7,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from residency.replicator.lease import Fence, StandDown
 from residency.server.config.tls import TlsConfig
-from residency.server.core.errors import KeyShredded
+from residency.server.core.errors import KeyShredded, StaleLeaseEpoch
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -44,20 +45,26 @@ class ReplicaSink:
         source_region: str,
         copies: list[replica_pb2.SealedCopy],
         high_water: replica_pb2.HighWater | None = None,
+        fence: Fence | None = None,
     ) -> None:
-        await self._stub.ApplyCopies(
-            replica_pb2.ApplyCopiesRequest(source_region=source_region, copies=copies, high_water=high_water),
-            timeout=self.timeout,
+        request = replica_pb2.ApplyCopiesRequest(
+            source_region=source_region, copies=copies, high_water=high_water
         )
+        try:
+            await self._stub.ApplyCopies(
+                request, timeout=self.timeout if fence is None else min(self.timeout, fence.remaining())
+            )
+        except grpc.aio.AioRpcError as e:
+            info = _error_info(e)
+            if info.reason == StaleLeaseEpoch.REASON:
+                # A newer lease holder has shipped here: this batch is that holder's to send.
+                seen = info.metadata.get("seen", "")
+                raise StandDown(self.target, int(seen) if seen.isdigit() else 0) from e
+            raise
 
     def key_shredded(self, e: BaseException) -> str | None:
-        if not isinstance(e, grpc.aio.AioRpcError) or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
-            return None
-        status = rpc_status.from_call(e)
-        for detail in status.details if status else ():
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info) and info.reason == KeyShredded.REASON:
-                return e.details()
+        if isinstance(e, grpc.aio.AioRpcError) and _error_info(e).reason == KeyShredded.REASON:
+            return e.details()
         return None
 
     async def region_key(self) -> bytes | None:
@@ -71,3 +78,16 @@ class ReplicaSink:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def _error_info(e: BaseException) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo of a FAILED_PRECONDITION refusal (a key shredded, a stale lease epoch), or
+    an empty one."""
+    info = error_details_pb2.ErrorInfo()
+    if not isinstance(e, grpc.aio.AioRpcError) or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return info
+    status = rpc_status.from_call(e)
+    for detail in status.details if status else ():
+        if detail.Unpack(info):
+            return info
+    return error_details_pb2.ErrorInfo()

@@ -10,8 +10,11 @@ An object holds only fields sealed for the bucket's region, signed by the home: 
 checks and opens it with the home's public key and its region's private key alone (the
 manifest says how; `residency.replicator.sinks.manifest.open_object` is the same recipe).
 An erased or withdrawn copy's object is deleted. A batch's PUTs and DELETEs run concurrently
-on one connection pool; credentials still come from boto3's standard chain, but requests are
-signed here (SigV4) and sent with aiohttp, since boto3 spends about 2 ms of CPU per request.
+on one connection pool, bounded by the batch's lease `Fence` (no request starts after its
+deadline, none outlives it), and each PUT is conditional (`_put`), so a PUT that lands late,
+after a newer lease holder replaced or deleted the object, is refused by the endpoint.
+Credentials still come from boto3's standard chain, but requests are signed here (SigV4) and
+sent with aiohttp, since boto3 spends about 2 ms of CPU per request.
 Tenacity in the worker does the retrying, so nothing here retries.
 """
 
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
+from residency.replicator.lease import Fence, StandDown
 from residency.replicator.sinks.manifest import OBJECT_SUFFIX, manifest
 from residency.server.keys.region import RecipientKey
 from residency.v1 import replica_pb2
@@ -46,8 +50,14 @@ THROTTLING = frozenset(
         "RequestLimitExceeded",
         "RequestTimeout",
         "ServiceUnavailable",
+        # A conditional write raced another write of the same object: look again.
+        "ConditionalRequestConflict",
     }
 )
+# The metadata each object carries its copy's version in (compared before a PUT replaces it).
+VERSION_HEADER = "x-amz-meta-residency-version"
+# Entity tags remembered of objects this sink wrote, so that most PUTs need no HEAD first.
+ETAGS_KEPT = 50_000
 
 
 def object_key(prefix: str, user_id: str) -> str:
@@ -147,6 +157,7 @@ class S3Sink:
         s3_region: str = "",
         timeout: float = 5.0,
         concurrency: int = 32,
+        conditional: bool = True,
     ):
         import boto3
 
@@ -180,6 +191,11 @@ class S3Sink:
         )
         self._timeout = timeout
         self._concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)  # made again with each aiohttp session
+        self._conditional = conditional
+        # user id -> entity tag of the object this sink last wrote for them (what the next
+        # PUT names in If-Match); forgotten on a 412, a DELETE, or when the oldest of many.
+        self._etags: dict[str, str] = {}
         self._http: aiohttp.ClientSession | None = (
             None  # made on first use: an aiohttp session belongs to a running loop
         )
@@ -188,6 +204,8 @@ class S3Sink:
         import aiohttp
 
         if self._http is None or self._http.closed:
+            # The connector's limit, taken before a request's fence check (`_put`).
+            self._slots = asyncio.Semaphore(self._concurrency)
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._concurrency),
                 # Per request, as boto3's connect and read timeouts were: waiting for a pooled
@@ -218,8 +236,18 @@ class S3Sink:
         key: str,
         body: bytes,
         headers: dict[str, str],
-    ) -> None:
+        fence: Fence | None = None,
+    ) -> dict[str, str]:
+        """One request; its answer's headers (S3Error for an error status). Under a fence, it
+        starts only before the deadline and is abandoned at it (StandDown)."""
+        import aiohttp
         import yarl
+
+        limits: dict[str, Any] = {}
+        if fence is not None:  # checked last thing before sending: a stalled worker stops here
+            limits["timeout"] = aiohttp.ClientTimeout(
+                total=fence.remaining(), sock_connect=self._timeout, sock_read=self._timeout
+            )
 
         path = self._path + quote(key, safe="/~")
         headers = sigv4_headers(
@@ -233,34 +261,86 @@ class S3Sink:
             time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         )
         url = yarl.URL(self._origin + path, encoded=True)  # as signed: no re-quoting
-        async with http.request(
-            method, url, data=body or None, headers=headers, proxy=self._proxy, allow_redirects=False
-        ) as r:
-            answer = await r.read()
-            if r.status >= 300:
-                raise S3Error.from_body(r.status, answer)
+        try:
+            async with http.request(
+                method,
+                url,
+                data=body or None,
+                headers=headers,
+                proxy=self._proxy,
+                allow_redirects=False,
+                **limits,
+            ) as r:
+                answer = await r.read()
+                if r.status >= 300:
+                    raise S3Error.from_body(r.status, answer)
+                return {k.lower(): v for k, v in r.headers.items()}
+        except TimeoutError:
+            if fence is not None:
+                fence.remaining()  # StandDown if this was the batch's deadline
+            raise
 
     async def _put(
-        self, http: aiohttp.ClientSession, credentials: ReadOnlyCredentials, copy: replica_pb2.SealedCopy
+        self,
+        http: aiohttp.ClientSession,
+        credentials: ReadOnlyCredentials,
+        copy: replica_pb2.SealedCopy,
+        fence: Fence | None,
     ) -> None:
-        key = object_key(self.prefix, copy.user_id)
-        if copy.deleted:
-            await self._send(http, credentials, "DELETE", key, b"", {})
-        else:
-            await self._send(
-                http,
-                credentials,
-                "PUT",
-                key,
-                copy.SerializeToString(),
-                {"Content-Type": "application/x-protobuf", "x-amz-meta-residency-version": str(copy.version)},
-            )
+        async with self._slots:  # a pooled connection is free: nothing waits between check and send
+            key = object_key(self.prefix, copy.user_id)
+            if copy.deleted:
+                self._etags.pop(copy.user_id, None)
+                await self._send(http, credentials, "DELETE", key, b"", {}, fence)
+                return
+            body = copy.SerializeToString()
+            headers = {"Content-Type": "application/x-protobuf", VERSION_HEADER: str(copy.version)}
+            if not self._conditional:
+                await self._send(http, credentials, "PUT", key, body, headers, fence)
+                return
+            etag = self._etags.get(copy.user_id)
+            # Version 1 is a user's first: no earlier copy of theirs can be there to look for.
+            if etag is None and copy.version > 1:
+                held = await self._head(http, credentials, key, fence)
+                if held is not None and held[1] >= copy.version:
+                    return  # the bucket holds this copy already, or a newer one: never go back
+                etag = held[0] if held else None
+            condition = {"If-Match": etag} if etag else {"If-None-Match": "*"}
+            try:
+                answer = await self._send(http, credentials, "PUT", key, body, headers | condition, fence)
+            except S3Error as e:
+                if e.status != 412:
+                    raise
+                # Written or deleted since this sink looked. Already this copy or a newer one
+                # (a batch shipped again): done; else the batch is tried again, looking first.
+                self._etags.pop(copy.user_id, None)
+                held = await self._head(http, credentials, key, fence)
+                if held is None or held[1] < copy.version:
+                    raise
+                return
+            if len(self._etags) >= ETAGS_KEPT:
+                del self._etags[next(iter(self._etags))]  # the oldest
+            self._etags[copy.user_id] = answer.get("etag", "")
+
+    async def _head(
+        self, http: aiohttp.ClientSession, credentials: ReadOnlyCredentials, key: str, fence: Fence | None
+    ) -> tuple[str, int] | None:
+        """The object's entity tag and copy version, or None when there is no object."""
+        try:
+            answer = await self._send(http, credentials, "HEAD", key, b"", {}, fence)
+        except S3Error as e:
+            if e.status == 404:
+                return None
+            raise
+        version = answer.get(VERSION_HEADER, "")
+        return answer.get("etag", ""), int(version) if version.isdigit() else 0
 
     async def apply(
         self,
         source_region: str,
         copies: list[replica_pb2.SealedCopy],
         high_water: replica_pb2.HighWater | None = None,
+        fence: Fence | None = None,
     ) -> None:
         # No mark goes to a bucket: no node there checks one; each object carries its own
         # signature, which the manifest tells the affiliate how to check.
@@ -275,17 +355,19 @@ class S3Sink:
                 f"{self.prefix}manifest.json",
                 self._manifest,
                 {"Content-Type": "application/json"},
+                fence,
             )
             self._manifest_written = True
         # A batch holds each user at most once, so its objects can be written in any order.
         results = await asyncio.gather(
-            *(self._put(http, credentials, c) for c in copies), return_exceptions=True
+            *(self._put(http, credentials, c, fence) for c in copies), return_exceptions=True
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            # Any transient failure: the whole batch again (rewriting an object is harmless).
-            transient = [e for e in errors if self.permanent(e) is None]
-            raise (transient or errors)[0]
+            # The fence stopped the batch: the rest is the next lease holder's. Else any
+            # transient failure: the whole batch again (rewriting an object is harmless).
+            stop: list[BaseException] = [e for e in errors if isinstance(e, StandDown)]
+            raise (stop or [e for e in errors if self.permanent(e) is None] or errors)[0]
 
     def key_shredded(self, e: BaseException) -> str | None:
         return None  # a bucket cannot tell: the affiliate tells the operator (docs/operators.md)
@@ -295,7 +377,8 @@ class S3Sink:
 
     def permanent(self, e: BaseException) -> str | None:
         if isinstance(e, S3Error):
-            if e.status >= 500 or e.status in (408, 429) or e.code in THROTTLING:
+            # 412: a conditional PUT found the object changed since this sink looked.
+            if e.status >= 500 or e.status in (408, 412, 429) or e.code in THROTTLING:
                 return None
             return f"S3 {e.code or e.status}: {e.message}".strip()
         return None  # connection errors, timeouts, missing credentials: retried

@@ -31,6 +31,7 @@ from residency.server.core.errors import (
     PolicyDenied,
     RateLimited,
     ResidencyError,
+    StaleLeaseEpoch,
     Stopping,
     StorageFull,
     TransferDenied,
@@ -119,13 +120,9 @@ def status_for(e: ResidencyError) -> status_pb2.Status:
             )
         )
         status.details.append(detail)
-    elif isinstance(e, KeyShredded):
-        # The primary's replicator tells this refusal from others by its reason.
-        detail.Pack(
-            error_details_pb2.ErrorInfo(
-                reason=KeyShredded.REASON, domain="residency", metadata={"key_id": e.key_id}
-            )
-        )
+    elif isinstance(e, KeyShredded | StaleLeaseEpoch):
+        # The primary's replicator tells these refusals from others by their reason.
+        detail.Pack(error_details_pb2.ErrorInfo(reason=e.REASON, domain="residency", metadata=e.metadata()))
         status.details.append(detail)
     elif isinstance(e, RateLimited):
         wait = duration_pb2.Duration()

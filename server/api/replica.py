@@ -13,7 +13,7 @@ from residency.server.api.identity import peer_of
 from residency.server.core import codec, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyShredded
 from residency.server.core.schema import USER_ID
-from residency.server.vault.copies import Sender, apply_copies, incoming, refusals
+from residency.server.vault.copies import Sender, apply_copies, check_lease_epoch, incoming, refusals
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -41,11 +41,18 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         mark = request.high_water if request.HasField("high_water") else None
         # Checked as sent: the signature covers the key material cleared below.
         refused = refusals(home, records.region, mark, request.copies)
-        if not refused:  # signed by the home, but perhaps sealed to a shredded key
-            await self._refuse_stale_keys(request.copies, peer_of(context).uri)
+        # The lease epoch counts only as the home signed it (refusals found no fault in the mark).
+        signed = not any(p.startswith("high_water") for p, _ in refused)
+        epoch = mark.lease_epoch if mark is not None and signed else None
+        sender = Sender(peer_of(context).uri, home.region, epoch)
+        if not refused and request.copies:
+            # A stale worker's batch is refused before anything is logged of it (checked
+            # again, and a higher epoch remembered, in the transaction that applies it) ...
+            await self.node.db.call(lambda: check_lease_epoch(records.store, sender))
+            # ... and a batch signed by the home may still be sealed to a shredded key.
+            await self._refuse_stale_keys(request.copies, sender.actor)
         # The region stores each copy without its key material, which goes to its keyring.
         copies = [incoming(c) for c in request.copies]
-        sender = Sender(peer_of(context).uri, home.region)
         applied, skipped, refused = await self.node.db.write(
             lambda: apply_copies(records, copies, sender, refused), weight=len(copies)
         )

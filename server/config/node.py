@@ -113,6 +113,12 @@ class S3File(_Destination):
     endpoint_url: str = Field(default="", description="the S3 endpoint URL (empty: AWS's for s3_region)")
     prefix: str = Field(default="", description="the key prefix of the copies")
     s3_region: str = Field(default="", description="the bucket's AWS region")
+    # Fencing: a PUT names the object it replaces (If-Match) or that there is none
+    # (If-None-Match: *), so a stale worker's PUT that arrives late cannot undo a newer write
+    # or erasure. Off for an endpoint that refuses these headers (docs/operators.md).
+    conditional_writes: bool = Field(
+        default=True, description="true or false: PUTs carry If-Match / If-None-Match"
+    )
 
 
 AffiliateFile = Annotated[
@@ -216,6 +222,7 @@ class Affiliate:
     s3_region: str = ""
     # Records/s at most shipped to this destination (0: no limit).
     max_rate: float = 0.0
+    conditional_writes: bool = True
 
     @property
     def target(self) -> str:
@@ -329,4 +336,5 @@ def _affiliate(a: ReplicaFile | S3File, rel: Callable[[str], Path]) -> Affiliate
         prefix=a.prefix if not a.prefix or a.prefix.endswith("/") else a.prefix + "/",
         s3_region=a.s3_region,
         max_rate=a.max_rate,
+        conditional_writes=a.conditional_writes,
     )

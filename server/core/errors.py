@@ -93,3 +93,24 @@ class KeyShredded(FailedPrecondition):
     def __init__(self, message: str, key_id: str = ""):
         super().__init__(message)
         self.key_id = key_id
+
+    def metadata(self) -> dict[str, str]:
+        return {"key_id": self.key_id}
+
+
+class StaleLeaseEpoch(FailedPrecondition):
+    """A batch shipped under a lease epoch below one the region node has already taken a
+    batch under: its worker's lease has passed to another, so nothing of it is applied."""
+
+    # The google.rpc.ErrorInfo reason the worker tells this refusal from others by.
+    REASON = "STALE_LEASE_EPOCH"
+
+    def __init__(self, source: str, epoch: int, seen: int):
+        super().__init__(
+            f"lease epoch {epoch} is stale: this node has taken {source}'s copies under epoch "
+            f"{seen}, so the worker that sent this batch no longer holds the lease; nothing was applied"
+        )
+        self.epoch, self.seen = epoch, seen
+
+    def metadata(self) -> dict[str, str]:
+        return {"epoch": str(self.epoch), "seen": str(self.seen)}

@@ -37,14 +37,16 @@ class CopySigner:
         copy.signature = self._private.sign(signed_bytes(copy))
         return copy
 
-    def high_water(self, destination: str, version: int) -> replica_pb2.HighWater:
-        """The signed statement that this home had issued no record version above `version`."""
+    def high_water(self, destination: str, version: int, lease_epoch: int = 0) -> replica_pb2.HighWater:
+        """The signed statement that this home had issued no record version above `version`,
+        for a batch shipped under the sending worker's lease epoch `lease_epoch`."""
         mark = replica_pb2.HighWater(
             home_region=self.region,
             region=destination,
             version=version,
             issued_at=codec.timestamp(time.time()),
             signing_key_id=self.key_id,
+            lease_epoch=lease_epoch,
         )
         mark.signature = self._private.sign(signed_bytes(mark))
         return mark

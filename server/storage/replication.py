@@ -28,9 +28,18 @@ class OutboxStore(Protocol):
 class LeaseStore(Protocol):
     """What a worker's lease uses: one worker ships to a destination at a time."""
 
-    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool]: ...
-    def lease_held(self, destination: str, owner: str, now: float) -> bool: ...
+    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool, int]: ...
+    def lease_held(self, destination: str, owner: str, now: float, epoch: int) -> bool: ...
     def lease_release(self, destination: str, owner: str) -> None: ...
+    def lease_epoch_above(self, destination: str, owner: str, epoch: int, seen: int, now: float) -> int: ...
+
+
+class FenceStore(Protocol):
+    """What a region node uses to refuse a stale worker: the highest lease epoch it has taken
+    a batch under, per source region."""
+
+    def lease_epoch_seen(self, source: str) -> int: ...
+    def see_lease_epoch(self, source: str, epoch: int) -> None: ...
 
 
 class ReplicationStore(LeaseStore, Protocol):
@@ -65,7 +74,8 @@ class ReplicationControlStore(Protocol):
 
 
 class ReplicationRows(Database):
-    """The `outbox`, `cursors`, `leases`, `destination_state` and `dead_letters` tables."""
+    """The `outbox`, `cursors`, `leases`, `destination_state`, `dead_letters` and
+    `lease_epochs_seen` tables."""
 
     # ---- the outbox and cursors --------------------------------------------------------
 
@@ -141,25 +151,56 @@ class ReplicationRows(Database):
 
     # ---- leases, pause, last error, copies sent -----------------------------------------
 
-    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool]:
+    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool, int]:
         """Takes or renews the lease on `destination` for `owner` if it is free, expired or
-        already `owner`'s. Returns (held, paused)."""
+        already `owner`'s. Returns (held, paused, epoch). The epoch goes up by one, in the same
+        statement, whenever the lease is taken by another owner or after it expired; a renewal
+        in time keeps it, so a batch's epoch names the one unbroken hold it was shipped under."""
         self._db.execute(
-            "INSERT INTO leases (destination, owner, expires_at) VALUES (?,?,?) "
-            "ON CONFLICT(destination) DO UPDATE SET owner=excluded.owner, expires_at=excluded.expires_at "
+            "INSERT INTO leases (destination, owner, expires_at, epoch) VALUES (?,?,?,1) "
+            "ON CONFLICT(destination) DO UPDATE SET owner=excluded.owner, expires_at=excluded.expires_at, "
+            "epoch=CASE WHEN leases.owner=excluded.owner AND leases.expires_at >= ? "
+            "THEN leases.epoch ELSE leases.epoch + 1 END "
             "WHERE leases.owner=excluded.owner OR leases.expires_at < ?",
-            (destination, owner, now + ttl, now),
+            (destination, owner, now + ttl, now, now),
         )
-        return self.lease_held(destination, owner, now), self.is_paused(destination)
-
-    def lease_held(self, destination: str, owner: str, now: float) -> bool:
         row = self._db.execute(
-            "SELECT owner, expires_at FROM leases WHERE destination=?", (destination,)
+            "SELECT owner, expires_at, epoch FROM leases WHERE destination=?", (destination,)
         ).fetchone()
-        return row is not None and row[0] == owner and row[1] > now
+        held = row is not None and row[0] == owner and row[1] > now
+        return held, self.is_paused(destination), row[2] if held else 0
+
+    def lease_held(self, destination: str, owner: str, now: float, epoch: int) -> bool:
+        row = self._db.execute(
+            "SELECT owner, expires_at, epoch FROM leases WHERE destination=?", (destination,)
+        ).fetchone()
+        return row is not None and row[0] == owner and row[1] > now and row[2] == epoch
 
     def lease_release(self, destination: str, owner: str) -> None:
-        self._db.execute("DELETE FROM leases WHERE destination=? AND owner=?", (destination, owner))
+        # Expired rather than deleted: the row keeps the epoch, which must never go back.
+        self._db.execute(
+            "UPDATE leases SET expires_at=0 WHERE destination=? AND owner=?", (destination, owner)
+        )
+
+    def lease_epoch_above(self, destination: str, owner: str, epoch: int, seen: int, now: float) -> int:
+        """Moves `owner`'s hold under `epoch` to epoch `seen + 1` (a destination has seen
+        `seen`); returns it, or 0 if `owner` no longer holds the lease under `epoch`."""
+        cur = self._db.execute(
+            "UPDATE leases SET epoch=? WHERE destination=? AND owner=? AND epoch=? AND expires_at > ?",
+            (seen + 1, destination, owner, epoch, now),
+        )
+        return seen + 1 if cur.rowcount else 0
+
+    def lease_epoch_seen(self, source: str) -> int:
+        row = self._db.execute("SELECT epoch FROM lease_epochs_seen WHERE source=?", (source,)).fetchone()
+        return row[0] if row else 0
+
+    def see_lease_epoch(self, source: str, epoch: int) -> None:
+        self._db.execute(
+            "INSERT INTO lease_epochs_seen (source, epoch) VALUES (?,?) "
+            "ON CONFLICT(source) DO UPDATE SET epoch=max(epoch, excluded.epoch)",
+            (source, epoch),
+        )
 
     def _state(self, destination: str, column: str, value: Any) -> None:
         self._db.execute(

@@ -14,13 +14,21 @@ from residency.server.storage.database import UnitOfWork
 from residency.server.storage.disclosures import DisclosureStore
 from residency.server.storage.keyring import KeyStore
 from residency.server.storage.records import RecordStore
-from residency.server.storage.replication import OutboxStore, ReplicationControlStore, ReplicationStore
+from residency.server.storage.replication import (
+    FenceStore,
+    OutboxStore,
+    ReplicationControlStore,
+    ReplicationStore,
+)
 from residency.server.storage.transferlog import LogStore, LogWriter
 
 
-class VaultStore(RecordStore, KeyStore, OutboxStore, ConsentStore, DisclosureStore, LogWriter, Protocol):
+class VaultStore(
+    RecordStore, KeyStore, OutboxStore, FenceStore, ConsentStore, DisclosureStore, LogWriter, Protocol
+):
     """`Records.store`, which every vault operation uses: writes, reads and erasure, copies
-    applied, consents, grants, disclosure requests, retention sweeps and rule changes."""
+    applied (behind the lease-epoch fence), consents, grants, disclosure requests, retention
+    sweeps and rule changes."""
 
 
 class WorkerStore(UnitOfWork, ReplicationStore, LogWriter, Protocol):

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from residency.server.core import translog
+from residency.server.core.errors import StaleLeaseEpoch
 from residency.server.core.sealing import COPY_FORMAT
 from residency.server.core.signed import key_id, verifies
 from residency.server.storage.records import Row
+from residency.server.storage.replication import FenceStore
 from residency.server.vault.copy_policy import describe_applied
 from residency.server.vault.records import Records
 from residency.v1 import replica_pb2
@@ -109,10 +111,13 @@ class IncomingCopy:
 
 @dataclass(frozen=True, slots=True)
 class Sender:
-    """Who sent a batch (its certificate's identity) and from where, for the log's entries."""
+    """Who sent a batch (its certificate's identity) and from where, for the log's entries,
+    and the lease epoch it was shipped under, as the home's signed high-water mark states it
+    (None when the mark is missing or not the home's: the batch is refused anyway)."""
 
     actor: str
     home_region: str
+    lease_epoch: int | None = None
 
 
 def incoming(c: replica_pb2.SealedCopy) -> IncomingCopy:
@@ -139,6 +144,19 @@ def incoming(c: replica_pb2.SealedCopy) -> IncomingCopy:
     )
 
 
+def check_lease_epoch(store: FenceStore, sender: Sender, remember: bool = False) -> None:
+    """Raises StaleLeaseEpoch when the batch's lease epoch (as the home signed it) is below
+    the highest this node has taken a batch under from that home; with `remember`, a higher
+    one becomes that highest."""
+    if sender.lease_epoch is None:  # no mark of the home's: the batch is refused for that
+        return
+    seen = store.lease_epoch_seen(sender.home_region)
+    if sender.lease_epoch < seen:
+        raise StaleLeaseEpoch(sender.home_region, sender.lease_epoch, seen)
+    if remember and sender.lease_epoch > seen:
+        store.see_lease_epoch(sender.home_region, sender.lease_epoch)
+
+
 def apply_copies(
     records: Records, copies: list[IncomingCopy], sender: Sender, refused: list[tuple[str, str]]
 ) -> tuple[int, int, list[tuple[str, str]]]:
@@ -146,8 +164,14 @@ def apply_copies(
     retry), an older one refused (a replay never goes back in time). With any refusal (those
     `refusals` found, or an older version), nothing is applied and each refused copy is a
     denied entry in this node's transfer log; each copy applied is an allowed one naming the
-    sender (`sender.actor`) and its fields' policies. Returns (applied, skipped, refusals)."""
+    sender (`sender.actor`) and its fields' policies. Returns (applied, skipped, refusals).
+
+    Fenced first: a batch under a lease epoch below the highest taken from its home raises
+    StaleLeaseEpoch before anything is read or written; a higher one is remembered, in the
+    same transaction as the copies it came with."""
     store = records.store
+    if copies:
+        check_lease_epoch(store, sender, remember=True)
     held = store.rows(list({c.user_id for c in copies}))
     refused = refused + [
         (f"copies[{i}].version", "is older than the version this node holds (a replay)")

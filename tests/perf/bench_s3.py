@@ -145,6 +145,7 @@ async def bench(s3: SeaweedFS, args: argparse.Namespace) -> dict:
             prefix=PREFIX,
             endpoint_url=s3.endpoint,
             concurrency=args.concurrency,
+            conditional=not args.unconditional,
         )
         try:
             new.append(await one_round(sink, pid, copies(f"new{r}", args.objects + 1), args.batch))
@@ -173,6 +174,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--unconditional", action="store_true", help="PUTs without If-Match / If-None-Match (and no HEAD)"
+    )
     ap.add_argument("--baseline", action="store_true", help="also measure the boto3 thread-pool sink")
     ap.add_argument("--baseline-objects", type=int, default=5_000)
     args = ap.parse_args()

@@ -53,7 +53,9 @@ class ReplicaServiceServicer:
         """Applies copies idempotently by version: an equal version is skipped. The whole batch is
         refused (INVALID_ARGUMENT naming copies[i], nothing applied) if any copy is unsigned,
         forged, signed by another key, made for another region, older than the copy held, or
-        above the batch's signed high-water mark.
+        above the batch's signed high-water mark; refused with FAILED_PRECONDITION (ErrorInfo
+        reason STALE_LEASE_EPOCH, nothing applied) if the mark's lease_epoch is below the highest
+        this node has taken a batch under from that home.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
