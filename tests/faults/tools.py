@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from residency.server.deployment import PRIMARY
 from tests.conftest import Cluster
 
 T = TypeVar("T")
@@ -243,7 +244,7 @@ def applied_twice(entries: list[dict[str, Any]], region: str) -> tuple[int, list
     return sum(n - 1 for n in seen.values()), backwards
 
 
-async def log_entries(cluster: Cluster, region: str) -> list[dict[str, Any]]:
+async def log_entries(cluster: Cluster, region: str = PRIMARY) -> list[dict[str, Any]]:
     return [json.loads(j) for _, j, _ in await cluster.log(region)]
 
 
