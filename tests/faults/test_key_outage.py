@@ -21,12 +21,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-import yaml
 
 from residency.server.deployment import AFFILIATES, PRIMARY, free_ports, local_keys
 from residency.server.keys.providers.kms import AwsKmsProvider
 from tests.conftest import Cluster, Service, moto_kms
-from tests.faults.tools import TcpProxy, Writers, applied_twice, log_entries, report, until
+from tests.faults.tools import TcpProxy, Writers, applied_twice, log_entries, only_destination, report, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
@@ -83,14 +82,6 @@ class OpenBao:
 
     def stop(self) -> None:
         self.service.stop()
-
-
-def only_destination(cluster: Cluster, region: str) -> None:
-    """The primary ships to `region` alone (one region node is all these faults need)."""
-    path = cluster.dep.configs[PRIMARY]
-    config = yaml.safe_load(path.read_text())
-    config["affiliates"] = [a for a in config["affiliates"] if a["region"] == region]
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 @pytest.mark.parametrize("name", ["openbao", "aws-kms"])

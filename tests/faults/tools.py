@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import yaml
 
 from residency.server.deployment import PRIMARY
 from tests.conftest import Cluster
@@ -44,9 +45,10 @@ async def until(check: Callable[[], T | Awaitable[T]], deadline: float, what: st
 
 @dataclass
 class Chaos:
-    """What the proxy does to the connections it carries. Each connection lives a random
-    time from `lifetime` and then is closed (`drop`: a FIN both ways) or reset (`reset`: an
-    RST both ways, SO_LINGER 0), one or the other by their weights; each chunk of bytes is
+    """What the proxy does to the connections it carries. Each time a connection has lived
+    a random time from `lifetime` it is closed (`drop`: a FIN both ways) with probability
+    `drop`, reset (`reset`: an RST both ways, SO_LINGER 0) with probability `reset`, or lives
+    another such time; each chunk of bytes is
     held back up to `max_delay` seconds with probability `delay`, and for `stall_seconds`
     with probability `stall` (longer than the caller's deadline: the caller gives up while
     its request may still arrive). Order within a connection is kept."""
@@ -124,22 +126,25 @@ class TcpProxy:
             return
         pair = (client_w, up_w)
         self._live.add(pair)
-        c = self.chaos
         pumps = [
             asyncio.create_task(self._pump(client_r, up_w)),
             asyncio.create_task(self._pump(up_r, client_w)),
         ]
-        weights = [max(0.0, 1 - c.drop - c.reset), c.drop, c.reset]
-        fate = self._random.choices(["keep", "drop", "reset"], weights)[0]
         try:
-            if fate == "keep":
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            else:
-                _, pending = await asyncio.wait(pumps, timeout=self._random.uniform(*c.lifetime))
-                if pending:  # still open when its time came
+            while True:  # at the end of each lifetime drawn, the connection's fate is drawn
+                c = self.chaos
+                done, _ = await asyncio.wait(
+                    pumps, timeout=self._random.uniform(*c.lifetime), return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    break
+                weights = [max(0.0, 1 - c.drop - c.reset), c.drop, c.reset]
+                fate = self._random.choices(["keep", "drop", "reset"], weights)[0]
+                if fate != "keep":
                     self.counts[fate] += 1
                     for w in pair:
                         _reset(w) if fate == "reset" else w.close()
+                    break
         finally:
             for t in pumps:
                 t.cancel()
@@ -242,6 +247,19 @@ def applied_twice(entries: list[dict[str, Any]], region: str) -> tuple[int, list
                 backwards.append(user)
             last[user] = max(version, last.get(user, 0))
     return sum(n - 1 for n in seen.values()), backwards
+
+
+def only_destination(cluster: Cluster, region: str, address: str | None = None) -> None:
+    """Before the primary starts: it ships to `region` alone (one region node is all most
+    faults need), at `address` if given (a proxy before the region's node)."""
+    path = cluster.dep.configs[PRIMARY]
+    config = yaml.safe_load(path.read_text())
+    config["affiliates"] = [
+        {**a, **({"address": address} if address else {})}
+        for a in config["affiliates"]
+        if a["region"] == region
+    ]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 async def log_entries(cluster: Cluster, region: str = PRIMARY) -> list[dict[str, Any]]:
