@@ -60,6 +60,7 @@ async def test_s3_down_for_30_s_under_writes_then_the_bucket_catches_up_losing_n
     # Status told the truth: failing (an error, copies pending) while down, clear after.
     failing = [(p, e) for p, e in shown if p > 0 and e]
     assert failing, f"status never showed {S3_REGION} failing while its endpoint was down: {shown[-3:]}"
+    assert failing == shown[shown.index(failing[0]) :], "status cleared while the endpoint was down"
     assert not after.last_error and after.pending == 0, after
     # Nothing acknowledged is lost: each user's newest version is in the bucket (and at the
     # region node), opened with the region's key as the affiliate would.
