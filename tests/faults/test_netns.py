@@ -228,4 +228,5 @@ async def test_a_region_cut_off_for_30_s_catches_up_with_nothing_lost_and_status
         assert all(d == 0 and not b for d, b in duplicates.values()), duplicates
         assert not writers.refused, writers.refused[:3]
     finally:
+        await writers.close()
         await cluster.close()

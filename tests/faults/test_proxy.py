@@ -91,5 +91,6 @@ async def test_copies_arrive_exactly_once_in_effect_through_a_proxy_that_delays_
         assert all(proxy.counts[k] > 0 for k in ("drop", "reset", "delayed", "stalled")), proxy.counts
         assert retries > 0
     finally:
+        await writers.close()
         await cluster.close()
         proxy.close()

@@ -51,8 +51,9 @@ async def test_s3_down_for_30_s_under_writes_then_the_bucket_catches_up_losing_n
         await asyncio.to_thread(c.s3.start)
         t_back = time.monotonic()
         await asyncio.sleep(2.0)  # writes go on a little after the endpoint is back, too
-    finally:
         await writers.stop()
+    finally:
+        await writers.close()
     await c.replicated(timeout=180)
     catch_up = time.monotonic() - t_back
     after = (await c.replication())[S3_REGION]
