@@ -155,7 +155,8 @@ async def test_a_key_service_down_for_20_s_fails_new_keys_closed_then_recovers_l
         await asyncio.sleep(OUTAGE_SECONDS)  # the outage itself: writes go on meanwhile
         acked_during = writers.writes - acked_before
         refused_during = list(writers.refused)
-        await asyncio.to_thread(back)
+        t_restart = time.monotonic()
+        await asyncio.to_thread(back)  # OpenBao: started, unsealed and active; writes go on meanwhile
         t_back = time.monotonic()
 
         # Recovered: a new user (a new data key, under a new wrapping key) is written again.
@@ -200,6 +201,7 @@ async def test_a_key_service_down_for_20_s_fails_new_keys_closed_then_recovers_l
             "refused_status": "UNAVAILABLE",
             "lost": len(lost),
             "duplicate_applications": duplicates,
+            "service_back_seconds": round(t_back - t_restart, 1),
             "recovery_seconds": round(recovery, 1),
             "catch_up_seconds": round(catch_up, 1),
         }
