@@ -24,7 +24,7 @@ from residency.server.config.node import load_config
 from residency.server.deployment import AFFILIATES, PRIMARY, node_name
 from residency.server.keys import pki
 from tests.conftest import Cluster
-from tests.faults.tools import Writers, applied_twice, log_entries, report, until
+from tests.faults.tools import Writers, applied_twice, gone, log_entries, report, until
 from tests.harness import Deployment
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(480)]
@@ -163,7 +163,7 @@ async def test_a_region_cut_off_for_30_s_catches_up_with_nothing_lost_and_status
 ):
     cluster = Cluster(tmp_path / "deployment")
     move_to_hosts(hosts, cluster)
-    writers = Writers(cluster, "ns", n=4, new_users=0.3, pause=0.05)
+    writers = Writers(cluster, "ns", n=4, new_users=0.3, pause=0.05, erase=0.05)
     try:
         for region in HOSTS:
             start_in(hosts, cluster, region)
@@ -192,11 +192,13 @@ async def test_a_region_cut_off_for_30_s_catches_up_with_nothing_lost_and_status
         after = await asyncio.to_thread(replication_status, cluster)
 
         failing = [(t, p, e) for t, p, e in shown if p > 0 and e]
-        lost = []
-        for user, (version, _) in writers.acked.items():
-            for region in AFFILIATES:
+        live, erased = writers.newest()
+        lost, resurrected = [], []
+        for region in AFFILIATES:
+            for user, (version, _) in live.items():
                 if (await cluster.held(user, region)).record.version != version:
                     lost.append((user, region))
+            resurrected += [(user, region) for user in erased if not await gone(cluster, user, region)]
         duplicates = {r: applied_twice(await log_entries(cluster, r), r) for r in AFFILIATES}
         report(
             tmp_path,
@@ -204,8 +206,10 @@ async def test_a_region_cut_off_for_30_s_catches_up_with_nothing_lost_and_status
             {
                 "outage_seconds": OUTAGE_SECONDS,
                 "writes_acknowledged": writers.writes,
-                "users": len(writers.acked),
+                "users": len(live) + len(erased),
+                "erased": len(erased),
                 "lost": len(lost),
+                "erased_copies_back": len(resurrected),
                 "duplicate_applications": sum(d for d, _ in duplicates.values()),
                 "status_failing_samples": f"{len(failing)}/{len(shown)}",
                 "first_failing_after_seconds": round(failing[0][0], 1) if failing else None,
@@ -225,6 +229,7 @@ async def test_a_region_cut_off_for_30_s_catches_up_with_nothing_lost_and_status
         # carried nothing for about 25 s after the heal while TCP backed off: measured).
         assert catch_up < 15.0, f"{IE} caught up {catch_up:.1f} s after its link came back"
         assert not lost, lost[:5]
+        assert erased and not resurrected, resurrected[:5]
         assert all(d == 0 and not b for d, b in duplicates.values()), duplicates
         assert not writers.refused, writers.refused[:3]
     finally:

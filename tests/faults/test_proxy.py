@@ -16,7 +16,16 @@ import pytest
 
 from residency.server.deployment import AFFILIATES, PRIMARY
 from tests.conftest import Cluster
-from tests.faults.tools import Chaos, TcpProxy, Writers, applied_twice, log_entries, only_destination, report
+from tests.faults.tools import (
+    Chaos,
+    TcpProxy,
+    Writers,
+    applied_twice,
+    gone,
+    log_entries,
+    only_destination,
+    report,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
@@ -37,7 +46,7 @@ async def test_copies_arrive_exactly_once_in_effect_through_a_proxy_that_delays_
     host, port = cluster.dep.addresses[SG].rsplit(":", 1)
     proxy = TcpProxy((host, int(port)))
     only_destination(cluster, SG, address=proxy.address)
-    writers = Writers(cluster, "px", n=4, new_users=0.3, pause=0.05)
+    writers = Writers(cluster, "px", n=4, new_users=0.3, pause=0.05, erase=0.05)
     try:
         await cluster.start(PRIMARY, SG)
         proxy.chaos = CHAOS
@@ -51,11 +60,14 @@ async def test_copies_arrive_exactly_once_in_effect_through_a_proxy_that_delays_
         catch_up = time.monotonic() - t_calm
         after = (await cluster.replication())[SG]
 
+        live, erased = writers.newest()
         lost = [
             user
-            for user, (version, _) in writers.acked.items()
+            for user, (version, _) in live.items()
             if (await cluster.held(user, SG)).record.version != version
         ]
+        # An erased user's copy is gone from the region, whatever old copy came late.
+        resurrected = [user for user in erased if not await gone(cluster, user, SG)]
         entries = await log_entries(cluster, SG)
         duplicates, backwards = applied_twice(entries, SG)
         node_log = (cluster.data_dir(PRIMARY) / "node.log").read_text(errors="replace")
@@ -68,8 +80,10 @@ async def test_copies_arrive_exactly_once_in_effect_through_a_proxy_that_delays_
                 "chaos_seconds": CHAOS_SECONDS,
                 "seed": proxy.seed,
                 "writes_acknowledged": writers.writes,
-                "users": len(writers.acked),
+                "users": len(live) + len(erased),
+                "erased": len(erased),
                 "lost": len(lost),
+                "erased_copies_back": len(resurrected),
                 "duplicate_applications": duplicates,
                 "went_backwards": len(backwards),
                 "stale_copies_refused_at_region": replays_refused,
@@ -84,6 +98,7 @@ async def test_copies_arrive_exactly_once_in_effect_through_a_proxy_that_delays_
             },
         )
         assert not lost and not duplicates and not backwards, (lost[:5], backwards[:5])
+        assert erased and not resurrected, resurrected[:5]
         assert not writers.refused, writers.refused[:3]  # the primary took every write
         assert not after.last_error and after.dead_lettered == 0, after
         # The faults happened: connections were dropped and reset, bytes delayed and stalled,

@@ -181,15 +181,19 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 @dataclass
 class Writers:
     """`n` concurrent writers to the primary: each write goes to a new user with probability
-    `new_users`, else to one already acknowledged. Remembers every acknowledged write (a
-    user's newest version and fields) and every refusal by status code, with what it tried."""
+    `new_users`, else to one already acknowledged; with probability `erase`, a writer erases
+    an acknowledged user instead. Remembers every acknowledged write (a user's newest version
+    and fields), every acknowledged erasure (its version), and every refusal by status code,
+    with what it tried."""
 
     cluster: Cluster
     prefix: str
     n: int = 4
     new_users: float = 0.3
     pause: float = 0.02
+    erase: float = 0.0
     acked: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    erased: dict[str, int] = field(default_factory=dict)
     refused: list[tuple[str, bool, dict[str, Any], grpc.StatusCode, str]] = field(default_factory=list)
     writes: int = 0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -230,9 +234,35 @@ class Writers:
             self.acked[user] = (version, fields)
         return grpc.StatusCode.OK
 
+    async def erase_once(self) -> grpc.StatusCode:
+        live = list(self.newest()[0])
+        if not live:
+            return grpc.StatusCode.NOT_FOUND
+        user = random.choice(live)
+        try:
+            version = await self.cluster.delete(user)
+        except grpc.aio.AioRpcError as e:
+            # Another writer erased the user a moment before: the answer a caller should get.
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                self.refused.append((user, False, {}, e.code(), e.details() or ""))
+            return e.code()
+        self.writes += 1
+        self.erased[user] = max(version, self.erased.get(user, 0))
+        return grpc.StatusCode.OK
+
+    def newest(self) -> tuple[dict[str, tuple[int, dict[str, Any]]], set[str]]:
+        """(users whose newest acknowledged change is a write: its version and fields, users
+        whose newest is an erasure). A write may land after an erasure of the same user (two
+        writers at once): then the user lives again."""
+        live = {u: vf for u, vf in self.acked.items() if vf[0] > self.erased.get(u, 0)}
+        return live, set(self.erased) - set(live)
+
     async def _run(self) -> None:
         while not self._stop.is_set():
-            await self.write_once()
+            if self.acked and random.random() < self.erase:
+                await self.erase_once()
+            else:
+                await self.write_once()
             await asyncio.sleep(self.pause)
 
 
@@ -255,6 +285,15 @@ def applied_twice(entries: list[dict[str, Any]], region: str) -> tuple[int, list
                 backwards.append(user)
             last[user] = max(version, last.get(user, 0))
     return sum(n - 1 for n in seen.values()), backwards
+
+
+async def gone(cluster: Cluster, user: str, region: str) -> bool:
+    """True when `region`'s node holds no copy of `user` (NOT_FOUND for every purpose)."""
+    try:
+        await cluster.held(user, region)
+    except grpc.aio.AioRpcError as e:
+        return e.code() == grpc.StatusCode.NOT_FOUND
+    return False
 
 
 def only_destination(cluster: Cluster, region: str, address: str | None = None) -> None:
