@@ -48,10 +48,10 @@ class Chaos:
     """What the proxy does to the connections it carries. Each time a connection has lived
     a random time from `lifetime` it is closed (`drop`: a FIN both ways) with probability
     `drop`, reset (`reset`: an RST both ways, SO_LINGER 0) with probability `reset`, or lives
-    another such time; each chunk of bytes is
-    held back up to `max_delay` seconds with probability `delay`, and for `stall_seconds`
-    with probability `stall` (longer than the caller's deadline: the caller gives up while
-    its request may still arrive). Order within a connection is kept."""
+    another such time; each chunk of bytes is held back up to `max_delay` seconds with
+    probability `delay`, and for `stall_seconds` with probability `stall` (longer than the
+    caller's deadline: the caller gives up while its request may still arrive). Order within
+    a connection is kept."""
 
     delay: float = 0.0
     max_delay: float = 0.3
@@ -63,15 +63,15 @@ class Chaos:
 
 
 class TcpProxy:
-    """A TCP proxy from 127.0.0.1:`port` (0: a free one, kept across `down`/`up`) to
-    `upstream`, run by an event loop in a thread of its own so that the test's own work never
-    holds its traffic up. `down()` closes the port and resets every connection (the endpoint
-    is gone: connections are refused); `up()` listens on the same port again. `chaos` says how
-    it misbehaves meanwhile; `counts` what it did."""
+    """A TCP proxy from a free port of 127.0.0.1 (kept across `down`/`up`) to `upstream`,
+    run by an event loop in a thread of its own so that the test's own work never holds its
+    traffic up. `down()` closes the port and resets every connection (the endpoint is gone:
+    connections are refused); `up()` listens on the same port again. `chaos` says how it
+    misbehaves meanwhile, drawing from a generator seeded with `seed`; `counts` what it did."""
 
-    def __init__(self, upstream: tuple[str, int], port: int = 0, seed: int | None = None):
+    def __init__(self, upstream: tuple[str, int], seed: int | None = None):
         self.upstream = upstream
-        self.port = port
+        self.port = 0
         self.seed = random.randrange(2**32) if seed is None else seed
         self.chaos = Chaos()
         self.counts: Counter[str] = Counter()
@@ -94,27 +94,33 @@ class TcpProxy:
         self._run(self._listen())
 
     def down(self) -> None:
-        self._run(self._close(reset_all=True))
+        self._run(self._close())
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._run(self._close(reset_all=True))
+            self._run(self._close(finish=True))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     async def _listen(self) -> None:
         if self._server is None:
             self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
             self.port = self._server.sockets[0].getsockname()[1]
 
-    async def _close(self, reset_all: bool) -> None:
+    async def _close(self, finish: bool = False) -> None:
+        """Stops listening and resets every connection; `finish`: and ends every task."""
         if self._server is not None:
             self._server.close()
             self._server = None
-        if reset_all:
-            for pair in list(self._live):
-                for w in pair:
-                    _reset(w)
+        for pair in list(self._live):
+            for w in pair:
+                _reset(w)
+        if finish:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.counts["connections"] += 1
