@@ -135,3 +135,22 @@ def test_an_openbao_that_never_answers_is_unavailable_within_the_timeout(bao):
     with pytest.raises(KeyUnavailable, match="OpenBao cannot be reached"):
         provider.unwrap(b"vault:v1:abc", CTX)
     assert time.monotonic() - started < 2.5
+
+
+def test_an_openbao_restarting_is_unavailable_and_a_missing_key_destroyed(bao):
+    """Seen in tests/faults/test_key_outage.py: OpenBao unsealed but still electing its
+    leader answers 500 "... active cluster node not found", which once read as a destroyed
+    key (FAILED_PRECONDITION: the caller would not retry)."""
+    provider, answer = bao
+    for status, error in (
+        (500, "local node not active but active cluster node not found"),
+        (503, "Vault is sealed"),
+    ):
+        answer.status, answer.body = status, json.dumps({"errors": [error]}).encode()
+        with pytest.raises(KeyUnavailable, match=f"OpenBao answered {status}") as e:
+            provider.new_data_key(CTX)
+        assert status_for(e.value).code == 14  # UNAVAILABLE
+    # ... while OpenBao's own word that the key is gone stays a destroyed key.
+    answer.status, answer.body = 400, json.dumps({"errors": ["encryption key not found"]}).encode()
+    with pytest.raises(KeyDestroyed, match="destroyed"):
+        provider.unwrap(b"vault:v1:abc", CTX)

@@ -48,12 +48,15 @@ class OpenBaoProvider:
                 f"OpenBao denied {path} on Transit key {self.key} ({errors or 'permission denied'}): "
                 "the node's token or its policy do not allow it"
             )
+        # A server-side status first: OpenBao that is starting, sealed or electing a leader
+        # answers 5xx, some with "not found" in the text ("active cluster node not found"),
+        # which says nothing of the key.
+        if r.status_code >= 500 or r.status_code == 429:
+            raise KeyUnavailable(f"OpenBao answered {r.status_code} for {path}: {errors}")
         if any(s in errors for s in ("not found", "no existing key", "disallowed by policy (too old)")):
             raise KeyDestroyed(f"Transit key {self.key} was destroyed or the version retired: {errors}")
         if r.status_code == 400 and ("authentication failed" in errors or "invalid" in errors):
             raise SealError("wrapped key material does not decrypt in this context")
-        if r.status_code >= 500 or r.status_code in (429, 503):
-            raise KeyUnavailable(f"OpenBao answered {r.status_code} for {path}: {errors}")
         raise KeyUnavailable(f"OpenBao refused {path} ({r.status_code}): {errors}")
 
     @staticmethod
