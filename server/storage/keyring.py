@@ -64,14 +64,15 @@ class KeyringRows(Database):
     def drop_orphan_keys(self) -> int:
         """Destroys every data key whose user has no live record (on a region node: no live
         copy), which only a crash between the two steps of a write or an erasure leaves, and
-        returns how many. Run when the node starts, before it serves: no write is under way."""
+        returns how many. Run when the node starts, before it serves: no write is under way.
+        Both WALs are cleared after it, whatever it found: a crash between an erasure's
+        commit and that clearing left the pages as they were before it in their frames."""
         with self.transaction():
             n = self._db.execute(
                 "DELETE FROM keyring.data_keys WHERE NOT EXISTS (SELECT 1 FROM records r "
                 "WHERE r.user_id = data_keys.user_id AND r.deleted = 0)"
             ).rowcount
-            if n:
-                self._erased()
+            self._erased()
         return int(n)
 
     def put_wrapping_key(self, id: str, wrapped: bytes) -> None:

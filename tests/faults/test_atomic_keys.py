@@ -1,0 +1,289 @@
+"""A record and its data key live in two files (node.db, keys.db) and commit in two steps
+(issue 15, point 1): a new key before the records sealed under it, an erased user's key after
+the erasure. The primary is killed (SIGKILL, by itself: `RESIDENCY_CRASH_AFTER`) right after
+each step of a put and of an erasure; after each restart every acknowledged record opens,
+every erased user's key row is gone from keys.db, and the same users can be written again.
+Then the start-up reconciliation on a store alone, and the store thread's `before` steps."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from residency.server.core import codec
+from residency.server.deployment import PRIMARY
+from residency.server.storage.records import Row
+from residency.server.storage.sqlite import SqliteStore
+from residency.server.storage.thread import StoreThread, Unprepared
+from residency.v1 import records_pb2
+from tests.conftest import Cluster, ctx, values
+
+pytestmark = pytest.mark.faults
+
+
+def _file(cluster: Cluster, name: str) -> Path:
+    return cluster.data_dir(PRIMARY) / name
+
+
+def _query(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Reads a store file as anyone with a copy of it would: sqlite3, read-only."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def key_rows(cluster: Cluster, user: str) -> int:
+    return _query(_file(cluster, "keys.db"), "SELECT count(*) FROM data_keys WHERE user_id = ?", user)[0][0]
+
+
+def record_state(cluster: Cluster, user: str) -> str:
+    """'live', 'erased' (a tombstone) or 'none', as node.db holds it."""
+    rows = _query(_file(cluster, "node.db"), "SELECT deleted FROM records WHERE user_id = ?", user)
+    return "none" if not rows else ("erased" if rows[0][0] else "live")
+
+
+def orphans_destroyed(cluster: Cluster) -> int:
+    """The count the primary logged at its last start."""
+    found = re.findall(
+        r"keyring: (\d+) data keys belonged to no record", _file(cluster, "node.log").read_text()
+    )
+    return int(found[-1])
+
+
+async def start(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, crash_after: str = "") -> None:
+    if crash_after:
+        monkeypatch.setenv("RESIDENCY_CRASH_AFTER", crash_after)
+    else:
+        monkeypatch.delenv("RESIDENCY_CRASH_AFTER", raising=False)
+    await cluster.start(PRIMARY)
+
+
+async def dies_during(cluster: Cluster, call: Any) -> None:
+    """`call` is never answered: the primary kills itself at its crash point (not the test:
+    a node that never reaches the point fails this)."""
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+    code = await asyncio.to_thread(cluster.dep.procs[PRIMARY].wait, 60)
+    assert code == -signal.SIGKILL
+    cluster.stop(PRIMARY)
+
+
+def put_many(cluster: Cluster, records: dict[str, dict[str, Any]]) -> Any:
+    request = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
+    for user, fields in records.items():
+        rec = request.records.add(user_id=user, source="registration")
+        for name, value in fields.items():
+            rec.fields[name].CopyFrom(codec.to_value(value))
+    return cluster.records().PutRecords(request, timeout=30)
+
+
+async def all_open(cluster: Cluster, acked: dict[str, dict[str, Any]], erased: set[str]) -> None:
+    for user, fields in acked.items():
+        assert values(await cluster.get(user)) == fields, user
+    for user in erased:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cluster.get(user)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert key_rows(cluster, user) == 0, f"the key of erased user {user} is still in keys.db"
+
+
+def fields(tag: str) -> dict[str, Any]:
+    return {"name": f"Li Wei {tag}", "email": f"{tag}@example.cn"}
+
+
+async def test_a_crash_after_any_step_loses_no_acknowledged_record_and_keeps_no_erased_key(
+    idle_cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    c = idle_cluster
+    acked = {u: fields(u) for u in ("u-a", "u-b", "u-c")}
+    erased: set[str] = set()
+    await start(c, monkeypatch)
+    for user, f in acked.items():
+        await c.put(user, f)
+    c.stop(PRIMARY)
+    # An old copy of node.db, as a thief or a backup has it, and the keys that open it today.
+    backup = tmp_path / "node-before-erasures.db"
+    with sqlite3.connect(backup) as copy:
+        live = sqlite3.connect(f"file:{_file(c, 'node.db')}?mode=ro", uri=True)
+        live.backup(copy)
+        live.close()
+    copy.close()
+    wrapped = dict(_query(_file(c, "keys.db"), "SELECT user_id, wrapped FROM data_keys"))
+
+    # 1. Killed once the new user's key committed, before the records: a key without a record.
+    await start(c, monkeypatch, "keys")
+    await dies_during(c, put_many(c, {"u-new1": fields("x"), "u-a": fields("a2")}))
+    assert (record_state(c, "u-new1"), key_rows(c, "u-new1")) == ("none", 1)
+    await start(c, monkeypatch)
+    assert orphans_destroyed(c) == 1 and key_rows(c, "u-new1") == 0
+    await all_open(c, acked, erased)  # u-a's unacknowledged update did not land either
+    await c.put("u-new1", fields("new1"))
+    acked["u-new1"] = fields("new1")
+    c.stop(PRIMARY)
+
+    # 2. Killed once the records committed under the new key: unacknowledged, yet it opens.
+    await start(c, monkeypatch, "records")
+    await dies_during(c, put_many(c, {"u-new2": fields("new2")}))
+    assert (record_state(c, "u-new2"), key_rows(c, "u-new2")) == ("live", 1)
+    await start(c, monkeypatch)
+    assert orphans_destroyed(c) == 0
+    acked["u-new2"] = fields("new2")
+    await all_open(c, acked, erased)
+    c.stop(PRIMARY)
+
+    # 3. Killed once the erasure committed, before its key was destroyed: the node destroys
+    # it at start. Writing the user again makes a new key, and the old copy stays shut.
+    await start(c, monkeypatch, "records")
+    await dies_during(c, c.delete("u-b"))
+    assert (record_state(c, "u-b"), key_rows(c, "u-b")) == ("erased", 1)
+    await start(c, monkeypatch)
+    assert orphans_destroyed(c) == 1
+    del acked["u-b"]
+    erased.add("u-b")
+    await all_open(c, acked, erased)
+    with pytest.raises(grpc.aio.AioRpcError) as again:  # erasing it again changes nothing
+        await c.delete("u-b")
+    assert again.value.code() == grpc.StatusCode.NOT_FOUND
+    c.stop(PRIMARY)
+
+    # 4. Killed once the key was destroyed, before the caller heard of it.
+    await start(c, monkeypatch, "shred")
+    await dies_during(c, c.delete("u-c"))
+    assert (record_state(c, "u-c"), key_rows(c, "u-c")) == ("erased", 0)
+    await start(c, monkeypatch)
+    assert orphans_destroyed(c) == 0
+    del acked["u-c"]
+    erased.add("u-c")
+    await all_open(c, acked, erased)
+
+    # The erased users' records are still live and sealed in the old copy of node.db, and
+    # their keys are nowhere in keys.db's files (WAL included): the copy stays shut.
+    assert {u for (u,) in _query(backup, "SELECT user_id FROM records WHERE deleted = 0")} >= erased
+    disk = b"".join(p.read_bytes() for p in _file(c, "keys.db").parent.glob("keys.db*"))
+    assert wrapped["u-a"] in disk
+    assert all(wrapped[u] not in disk for u in erased)
+
+    # Writes for the same users keep working, erased ones included (under new keys).
+    for user in ("u-a", "u-b", "u-c", "u-new1", "u-new2"):
+        acked[user] = fields(f"{user}-again")
+        await c.put(user, acked[user])
+    erased.clear()
+    await all_open(c, acked, erased)
+
+
+# ---- the reconciliation and the two steps on a store alone ---------------------------------
+
+
+def _row(user: str, deleted: bool = False) -> Row:
+    return Row(user, 1, deleted, b"sealed-" + user.encode(), 0.0)
+
+
+def test_start_destroys_exactly_the_keys_no_live_record_or_copy_uses(tmp_path: Path):
+    store = SqliteStore(tmp_path / "node.db")
+    keys = {
+        "u-live": "wk-1",  # a primary's record
+        "u-erased": "wk-1",  # erasure committed, key not yet destroyed (crash)
+        "u-unwritten": "wk-1",  # key committed, records not (crash)
+        "u-copy": "hpke:k1",  # a region node's copy, its key wrapped to the region key
+        "u-copy-transit": "transit:k1:t1",
+        "u-copy-withdrawn": "transit:k1:t1",  # a tombstone for the copy
+    }
+    store.add_data_keys({"wk-1": b"w"}, [(u, wk, b"wrapped-key-of-" + u.encode()) for u, wk in keys.items()])
+    with store.transaction():
+        store.upsert(
+            [
+                _row("u-live"),
+                _row("u-erased", deleted=True),
+                _row("u-copy"),
+                _row("u-copy-transit"),
+                _row("u-copy-withdrawn", deleted=True),
+                _row("u-no-key"),  # a live record never loses a key it does not have either
+            ]
+        )
+    assert store.drop_orphan_keys() == 3
+    assert set(store.data_keys(list(keys))) == {"u-live", "u-copy", "u-copy-transit"}
+    assert store.drop_orphan_keys() == 0  # nothing more on a second start
+    store.close()
+    # Overwritten in the file and gone from the WAL, not only unlinked.
+    disk = b"".join(p.read_bytes() for p in tmp_path.glob("keys.db*"))
+    for gone in ("u-erased", "u-unwritten", "u-copy-withdrawn"):
+        assert b"wrapped-key-of-" + gone.encode() not in disk
+    assert b"wrapped-key-of-u-live" in disk
+
+
+def test_an_erased_key_goes_after_the_commit_unless_the_user_is_live_again(tmp_path: Path):
+    store = SqliteStore(tmp_path / "node.db")
+    users = ["u-erased", "u-rewritten", "u-rolled-back"]
+    store.add_data_keys({}, [(u, "wk", b"k") for u in users])
+    with store.transaction():
+        store.upsert([_row(u) for u in users])
+    with store.transaction():
+        store.upsert([_row("u-erased", deleted=True), _row("u-rewritten", deleted=True)])
+        store.delete_data_keys(["u-erased", "u-rewritten"])
+        assert set(store.data_keys(users)) == set(users)  # not before the erasure commits
+        store.upsert([_row("u-rewritten")])  # written again in the same transaction
+    assert set(store.data_keys(users)) == {"u-rewritten", "u-rolled-back"}
+    with pytest.raises(RuntimeError), store.transaction():  # an erasure that never commits
+        store.upsert([_row("u-rolled-back", deleted=True)])
+        store.delete_data_keys(["u-rolled-back"])
+        raise RuntimeError("the write failed")
+    with store.transaction():  # and a later commit does not destroy its key either
+        store.upsert([_row("u-other")])
+    assert set(store.data_keys(users)) == {"u-rewritten", "u-rolled-back"}
+    store.close()
+
+
+async def test_before_steps_run_once_per_batch_and_an_unprepared_write_runs_again(tmp_path: Path):
+    store = SqliteStore(tmp_path / "node.db")
+    db = StoreThread(store)
+    db.start()
+    seen: list[list[str]] = []
+    prepared: set[str] = set()
+
+    def before(items: list[str]) -> None:
+        seen.append(list(items))
+        prepared.update(items)
+
+    def write(items: list[str]) -> list[str]:
+        if "late" in items and "late" not in prepared:
+            raise Unprepared("late was not prepared")
+        return [f"wrote {i}" for i in items]
+
+    def broken_before() -> None:
+        raise OSError("the keyring's disk")
+
+    # One batch: queued before the store thread takes any of them.
+    results = await asyncio.gather(
+        db.write_many(write, ["a", "b"], before),
+        db.write_many(write, ["c"], before),
+        db.write(lambda: "no step"),
+        db.write(lambda: "never runs", before=broken_before),
+        return_exceptions=True,
+    )
+    assert results[:3] == [["wrote a", "wrote b"], ["wrote c"], "no step"]
+    assert isinstance(results[3], OSError)
+    assert seen == [["a", "b", "c"]]  # one step for the batch's three items
+
+    # A write the step did not cover (it saw the store before the batch) runs again after it.
+    prepared.clear()
+    seen.clear()
+
+    def skip_late(items: list[str]) -> None:
+        seen.append(list(items))
+        if len(seen) > 1:
+            prepared.update(items)
+
+    assert await db.write_many(write, ["late"], skip_late) == ["wrote late"]
+    assert seen == [["late"], ["late"]]
+    await db.drain()
+    store.close()
