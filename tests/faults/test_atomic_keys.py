@@ -11,6 +11,7 @@ import asyncio
 import re
 import signal
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,19 @@ import grpc
 import pytest
 
 from residency.server.core import codec
-from residency.server.deployment import PRIMARY
+from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.server.storage.records import Row
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread, Unprepared
 from residency.v1 import records_pb2
 from tests.conftest import Cluster, ctx, values
+from tests.test_replication import FULL
 
 pytestmark = pytest.mark.faults
 
 
-def _file(cluster: Cluster, name: str) -> Path:
-    return cluster.data_dir(PRIMARY) / name
+def _file(cluster: Cluster, name: str, region: str = PRIMARY) -> Path:
+    return cluster.data_dir(region) / name
 
 
 def _query(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -41,30 +43,39 @@ def _query(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         db.close()
 
 
-def key_rows(cluster: Cluster, user: str) -> int:
-    return _query(_file(cluster, "keys.db"), "SELECT count(*) FROM data_keys WHERE user_id = ?", user)[0][0]
+def key_rows(cluster: Cluster, user: str, region: str = PRIMARY) -> int:
+    keys = _file(cluster, "keys.db", region)
+    return _query(keys, "SELECT count(*) FROM data_keys WHERE user_id = ?", user)[0][0]
 
 
-def record_state(cluster: Cluster, user: str) -> str:
+def record_state(cluster: Cluster, user: str, region: str = PRIMARY) -> str:
     """'live', 'erased' (a tombstone) or 'none', as node.db holds it."""
-    rows = _query(_file(cluster, "node.db"), "SELECT deleted FROM records WHERE user_id = ?", user)
+    rows = _query(_file(cluster, "node.db", region), "SELECT deleted FROM records WHERE user_id = ?", user)
     return "none" if not rows else ("erased" if rows[0][0] else "live")
 
 
-def orphans_destroyed(cluster: Cluster) -> int:
-    """The count the primary logged at its last start."""
+def orphans_destroyed(cluster: Cluster, region: str = PRIMARY) -> int:
+    """The count the node logged at its last start."""
     found = re.findall(
-        r"keyring: (\d+) data keys belonged to no record", _file(cluster, "node.log").read_text()
+        r"keyring: (\d+) data keys belonged to no record", _file(cluster, "node.log", region).read_text()
     )
     return int(found[-1])
 
 
-async def start(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, crash_after: str = "") -> None:
+async def start(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, crash_after: str = "", region: str = PRIMARY
+) -> None:
     if crash_after:
         monkeypatch.setenv("RESIDENCY_CRASH_AFTER", crash_after)
     else:
         monkeypatch.delenv("RESIDENCY_CRASH_AFTER", raising=False)
-    await cluster.start(PRIMARY)
+    await cluster.start(region)
+
+
+async def died(cluster: Cluster, region: str) -> None:
+    """The node killed itself at its crash point (the test never kills it)."""
+    assert await asyncio.to_thread(cluster.dep.procs[region].wait, 60) == -signal.SIGKILL
+    cluster.stop(region)
 
 
 async def dies_during(cluster: Cluster, call: Any) -> None:
@@ -73,9 +84,7 @@ async def dies_during(cluster: Cluster, call: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await call
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
-    code = await asyncio.to_thread(cluster.dep.procs[PRIMARY].wait, 60)
-    assert code == -signal.SIGKILL
-    cluster.stop(PRIMARY)
+    await died(cluster, PRIMARY)
 
 
 def put_many(cluster: Cluster, records: dict[str, dict[str, Any]]) -> Any:
@@ -179,6 +188,53 @@ async def test_a_crash_after_any_step_loses_no_acknowledged_record_and_keeps_no_
         await c.put(user, acked[user])
     erased.clear()
     await all_open(c, acked, erased)
+
+
+async def test_a_region_node_killed_between_a_copys_key_and_the_copy_opens_every_copy(
+    idle_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+):
+    """The same steps where a region node applies copies: keys first, then the copies (or
+    tombstones), then the erased copies' keys. The primary sends again what was not
+    acknowledged; each copy the region then holds opens, and no withdrawn copy's key stays."""
+    c, sg = idle_cluster, AFFILIATES[0]
+    await start(c, monkeypatch)
+    await c.start(*AFFILIATES)
+    users = ["u-r1", "u-r2", "u-r3"]
+    await c.accept_cookies(users)
+    await c.put("u-r1", FULL)
+    await c.replicated()
+    expected = values(await c.held("u-r1", sg))
+    assert expected  # the rules send this region some of the fields
+
+    async def killed_after(step: str, write: Callable[[], Awaitable[Any]]) -> None:
+        c.stop(sg)
+        await start(c, monkeypatch, step, sg)
+        await write()
+        await died(c, sg)
+        await start(c, monkeypatch, region=sg)
+        await c.replicated()
+
+    # The new user's key committed, not its copy: the primary sends it again.
+    await killed_after("keys", lambda: put_many(c, {"u-r2": FULL, "u-r1": {**FULL, "language": "en-GB"}}))
+    assert orphans_destroyed(c, sg) == 1
+    await killed_after("records", lambda: put_many(c, {"u-r3": FULL}))
+    assert orphans_destroyed(c, sg) == 0
+    updated = {**FULL, "language": "en-GB"}
+    assert values(await c.held("u-r1", sg)) == {n: updated[n] for n in expected}
+    for user in ("u-r2", "u-r3"):
+        assert values(await c.held(user, sg)) == expected, user
+
+    # An erasure's tombstone applied, its key not yet destroyed; then one destroyed.
+    await killed_after("records", lambda: c.delete("u-r1"))
+    assert orphans_destroyed(c, sg) == 1
+    await killed_after("shred", lambda: c.delete("u-r2"))
+    assert orphans_destroyed(c, sg) == 0
+    for user in ("u-r1", "u-r2"):
+        assert (record_state(c, user, sg), key_rows(c, user, sg)) == ("erased", 0)
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await c.held(user, sg)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert values(await c.held("u-r3", sg)) == expected
 
 
 # ---- the reconciliation and the two steps on a store alone ---------------------------------
