@@ -175,7 +175,7 @@ class Database:
                 # (the transfer log's sequence, chain head and tree leaves).
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                self._erasing = False
+                self._erasing = self._keys_added = False
                 self._shred_asked.clear()
                 self._rolled_back()
                 if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
