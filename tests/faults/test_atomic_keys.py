@@ -17,12 +17,18 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
+from residency.server.config.rules import parse_rules
+from residency.server.config.schema import load_schema
 from residency.server.core import codec
-from residency.server.deployment import AFFILIATES, PRIMARY
+from residency.server.deployment import AFFILIATES, EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY
+from residency.server.keys.keyring import Keyring
+from residency.server.keys.providers.local import LocalProvider
 from residency.server.storage.records import Row
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread, Unprepared
+from residency.server.vault.records import Records, Write
 from residency.v1 import records_pb2
 from tests.conftest import Cluster, ctx, values
 from tests.test_replication import FULL
@@ -341,5 +347,45 @@ async def test_before_steps_run_once_per_batch_and_an_unprepared_write_runs_agai
 
     assert await db.write_many(write, ["late"], skip_late) == ["wrote late"]
     assert seen == [["late"], ["late"]]
+    await db.drain()
+    store.close()
+
+
+async def test_a_user_erased_and_written_again_in_one_batch_is_written_under_a_new_key(tmp_path: Path):
+    """The batch's key step ran while the user was live; the write after the erasure in the
+    same batch runs again after it, under a key of its own, and the erased key is gone."""
+    (tmp_path / "schema.yaml").write_text(EXAMPLE_SCHEMA)
+    schema = load_schema(tmp_path / "schema.yaml")
+    rules = parse_rules(yaml.safe_load(EXAMPLE_RULES), schema, "rules.yaml", "v1")
+    store = SqliteStore(tmp_path / "node.db")
+    keyring = Keyring(PRIMARY, LocalProvider.create(tmp_path / "k", b"test passphrase"), tmp_path / "k")
+    records = Records(PRIMARY, True, schema, rules, keyring, store, outbox=False)
+    db = StoreThread(store)
+    db.start()
+
+    def write(email: str) -> list[Write]:
+        body = records_pb2.Record()
+        body.fields["email"].CopyFrom(codec.to_value(email))
+        return [Write("u-1", "registration", body.SerializeToString())]
+
+    assert await db.write_many(records.put, write("old@example.cn"), records.prepare_keys) == [1]
+    old = store.data_keys(["u-1"])["u-1"]
+    steps: list[str] = []
+
+    def prepare(writes: list[Write]) -> None:
+        steps.append("live" if store.live_users(["u-1"]) else "erased")
+        records.prepare_keys(writes)
+
+    erased, written = await asyncio.gather(  # queued together: one batch
+        db.write(lambda: records.delete("u-1")),
+        db.write_many(records.put, write("new@example.cn"), prepare),
+    )
+    assert (erased, written) == (2, [3])
+    assert steps == ["live", "erased"]  # the key step ran again once the erasure committed
+    new = store.data_keys(["u-1"])["u-1"]
+    assert new[2] != old[2]  # not the erased user's key again
+    keyring.data_keys.drop("u-1")  # opened from keys.db, not from memory
+    opened = records.open_row(store.rows(["u-1"])["u-1"])
+    assert codec.from_value(opened.fields["email"]) == "new@example.cn"
     await db.drain()
     store.close()
