@@ -84,13 +84,26 @@ async def died(cluster: Cluster, region: str) -> None:
     cluster.stop(region)
 
 
-async def dies_during(cluster: Cluster, call: Any) -> None:
-    """`call` is never answered: the primary kills itself at its crash point (not the test:
-    a node that never reaches the point fails this)."""
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await call
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
-    await died(cluster, PRIMARY)
+async def killed_after(
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    write: Callable[[], Awaitable[Any]],
+    region: str = PRIMARY,
+) -> None:
+    """Restarts `region`'s node armed to kill itself after `step`, sends `write` to the
+    primary and waits for the node's death: by its own hand (a node that never reaches the
+    step fails this). A killed primary never answers `write`."""
+    if region in cluster.dep.procs:
+        cluster.stop(region)
+    await start(cluster, monkeypatch, step, region)
+    if region != PRIMARY:
+        await write()
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await write()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+    await died(cluster, region)
 
 
 def put_many(cluster: Cluster, records: dict[str, dict[str, Any]]) -> Any:
@@ -125,7 +138,7 @@ async def test_a_crash_after_any_step_loses_no_acknowledged_record_and_keeps_no_
     await start(c, monkeypatch)
     for user, f in acked.items():
         await c.put(user, f)
-    c.stop(PRIMARY)
+    c.stop(PRIMARY)  # for the copy below; `killed_after` starts it again
     # An old copy of node.db, as a thief or a backup has it, and the keys that open it today.
     backup = tmp_path / "node-before-erasures.db"
     with sqlite3.connect(backup) as copy:
@@ -136,50 +149,36 @@ async def test_a_crash_after_any_step_loses_no_acknowledged_record_and_keeps_no_
     wrapped = dict(_query(_file(c, "keys.db"), "SELECT user_id, wrapped FROM data_keys"))
 
     # 1. Killed once the new user's key committed, before the records: a key without a record.
-    await start(c, monkeypatch, "keys")
-    await dies_during(c, put_many(c, {"u-new1": fields("x"), "u-a": fields("a2")}))
+    both = {"u-new1": fields("x"), "u-a": fields("a2")}
+    await killed_after(c, monkeypatch, "keys", lambda: put_many(c, both))
     assert (record_state(c, "u-new1"), key_rows(c, "u-new1")) == ("none", 1)
     await start(c, monkeypatch)
     assert orphans_destroyed(c) == 1 and key_rows(c, "u-new1") == 0
     await all_open(c, acked, erased)  # u-a's unacknowledged update did not land either
     await c.put("u-new1", fields("new1"))
     acked["u-new1"] = fields("new1")
-    c.stop(PRIMARY)
 
     # 2. Killed once the records committed under the new key: unacknowledged, yet it opens.
-    await start(c, monkeypatch, "records")
-    await dies_during(c, put_many(c, {"u-new2": fields("new2")}))
+    await killed_after(c, monkeypatch, "records", lambda: put_many(c, {"u-new2": fields("new2")}))
     assert (record_state(c, "u-new2"), key_rows(c, "u-new2")) == ("live", 1)
     await start(c, monkeypatch)
     assert orphans_destroyed(c) == 0
     acked["u-new2"] = fields("new2")
     await all_open(c, acked, erased)
-    c.stop(PRIMARY)
 
-    # 3. Killed once the erasure committed, before its key was destroyed: the node destroys
-    # it at start. Writing the user again makes a new key, and the old copy stays shut.
-    await start(c, monkeypatch, "records")
-    await dies_during(c, c.delete("u-b"))
-    assert (record_state(c, "u-b"), key_rows(c, "u-b")) == ("erased", 1)
-    await start(c, monkeypatch)
-    assert orphans_destroyed(c) == 1
-    del acked["u-b"]
-    erased.add("u-b")
-    await all_open(c, acked, erased)
-    with pytest.raises(grpc.aio.AioRpcError) as again:  # erasing it again changes nothing
-        await c.delete("u-b")
-    assert again.value.code() == grpc.StatusCode.NOT_FOUND
-    c.stop(PRIMARY)
-
-    # 4. Killed once the key was destroyed, before the caller heard of it.
-    await start(c, monkeypatch, "shred")
-    await dies_during(c, c.delete("u-c"))
-    assert (record_state(c, "u-c"), key_rows(c, "u-c")) == ("erased", 0)
-    await start(c, monkeypatch)
-    assert orphans_destroyed(c) == 0
-    del acked["u-c"]
-    erased.add("u-c")
-    await all_open(c, acked, erased)
+    # 3. Killed once the erasure committed, before its key was destroyed (the node destroys
+    # it at start); 4. once the key was destroyed, before the caller heard of it.
+    for step, user, key_left in (("records", "u-b", 1), ("shred", "u-c", 0)):
+        await killed_after(c, monkeypatch, step, lambda user=user: c.delete(user))
+        assert (record_state(c, user), key_rows(c, user)) == ("erased", key_left)
+        await start(c, monkeypatch)
+        assert orphans_destroyed(c) == key_left
+        del acked[user]
+        erased.add(user)
+        await all_open(c, acked, erased)
+        with pytest.raises(grpc.aio.AioRpcError) as again:  # erasing it again changes nothing
+            await c.delete(user)
+        assert again.value.code() == grpc.StatusCode.NOT_FOUND
 
     # The erased users' records are still live and sealed in the old copy of node.db, and
     # their keys are nowhere in keys.db's files (WAL included): the copy stays shut.
@@ -212,28 +211,25 @@ async def test_a_region_node_killed_between_a_copys_key_and_the_copy_opens_every
     expected = values(await c.held("u-r1", sg))
     assert expected  # the rules send this region some of the fields
 
-    async def killed_after(step: str, write: Callable[[], Awaitable[Any]]) -> None:
-        c.stop(sg)
-        await start(c, monkeypatch, step, sg)
-        await write()
-        await died(c, sg)
+    async def killed_after_and_back(step: str, write: Callable[[], Awaitable[Any]]) -> None:
+        await killed_after(c, monkeypatch, step, write, sg)
         await start(c, monkeypatch, region=sg)
         await c.replicated()
 
     # The new user's key committed, not its copy: the primary sends it again.
-    await killed_after("keys", lambda: put_many(c, {"u-r2": FULL, "u-r1": {**FULL, "language": "en-GB"}}))
-    assert orphans_destroyed(c, sg) == 1
-    await killed_after("records", lambda: put_many(c, {"u-r3": FULL}))
-    assert orphans_destroyed(c, sg) == 0
     updated = {**FULL, "language": "en-GB"}
+    await killed_after_and_back("keys", lambda: put_many(c, {"u-r2": FULL, "u-r1": updated}))
+    assert orphans_destroyed(c, sg) == 1
+    await killed_after_and_back("records", lambda: put_many(c, {"u-r3": FULL}))
+    assert orphans_destroyed(c, sg) == 0
     assert values(await c.held("u-r1", sg)) == {n: updated[n] for n in expected}
     for user in ("u-r2", "u-r3"):
         assert values(await c.held(user, sg)) == expected, user
 
     # An erasure's tombstone applied, its key not yet destroyed; then one destroyed.
-    await killed_after("records", lambda: c.delete("u-r1"))
+    await killed_after_and_back("records", lambda: c.delete("u-r1"))
     assert orphans_destroyed(c, sg) == 1
-    await killed_after("shred", lambda: c.delete("u-r2"))
+    await killed_after_and_back("shred", lambda: c.delete("u-r2"))
     assert orphans_destroyed(c, sg) == 0
     for user in ("u-r1", "u-r2"):
         assert (record_state(c, user, sg), key_rows(c, user, sg)) == ("erased", 0)
