@@ -1,9 +1,11 @@
 """A record and its data key live in two files (node.db, keys.db) and commit in two steps
 (issue 15, point 1): a new key before the records sealed under it, an erased user's key after
 the erasure. The primary is killed (SIGKILL, by itself: `RESIDENCY_CRASH_AFTER`) right after
-each step of a put and of an erasure; after each restart every acknowledged record opens,
-every erased user's key row is gone from keys.db, and the same users can be written again.
-Then the start-up reconciliation on a store alone, and the store thread's `before` steps."""
+each step of a put and of an erasure, and a region node after each step of applying copies;
+after each restart every acknowledged record and copy opens, every erased user's key is gone
+from keys.db's files, and the same users can be written again. Then, on a store alone: the
+start-up reconciliation, an erased key destroyed after the commit, the store thread's
+`before` steps (and a write run again after them), and a key service that is down."""
 
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ import yaml
 from residency.server.config.rules import parse_rules
 from residency.server.config.schema import load_schema
 from residency.server.core import codec
-from residency.server.deployment import AFFILIATES, EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY
+from residency.server.core.errors import KeyUnavailable
+from residency.server.deployment import AFFILIATES, EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY, free_ports
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers.local import LocalProvider
+from residency.server.keys.providers.openbao import OpenBaoProvider
 from residency.server.storage.records import Row
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread, Unprepared
+from residency.server.vault.new_keys import NewKeys
 from residency.server.vault.records import Records, Write
 from residency.v1 import records_pb2
 from tests.conftest import Cluster, ctx, values
@@ -384,4 +389,25 @@ async def test_a_user_erased_and_written_again_in_one_batch_is_written_under_a_n
     opened = records.open_row(store.rows(["u-1"])["u-1"])
     assert codec.from_value(opened.fields["email"]) == "new@example.cn"
     await db.drain()
+    store.close()
+
+
+def test_a_new_users_write_fails_closed_while_the_key_service_is_down(tmp_path: Path):
+    """No key from the provider (OpenBao, nothing listening): the new user's write is told
+    KeyUnavailable, and nothing reaches the keyring."""
+    store = SqliteStore(tmp_path / "node.db")
+    (port,) = free_ports(1)
+    down = OpenBaoProvider(f"http://127.0.0.1:{port}", "token", "residency", timeout=2.0)
+    new_keys = NewKeys(Keyring(PRIMARY, down, tmp_path / "k"), store)
+    new_keys.prepare(["u-new", "u-new"])
+    with pytest.raises(KeyUnavailable):
+        new_keys.take("u-new")
+    assert store.data_keys(["u-new"]) == {}
+    # A user with a live record needs no new key: the step asks the provider nothing.
+    with store.transaction():
+        store.upsert([_row("u-live")])
+    new_keys.prepare(["u-live"])
+    with pytest.raises(Unprepared):  # and has none to give, if asked anyway
+        new_keys.take("u-live")
+    down.close()
     store.close()
