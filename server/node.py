@@ -127,7 +127,14 @@ class RunningNode:
         home = None if c.is_primary else Home(rules.home_region, load_home_key(c.home_signing_key or ""))
         if home is not None and c.home_region != rules.home_region:
             raise ConfigError(f"{c.path}: 'home.region' {c.home_region!r} is not the rules' home_region")
-        store = SqliteStore(c.data_dir / "node.db", durability=c.durability)
+        # The fault tests' crash point (`database.CRASH_POINTS`); unset in production.
+        crash_after = os.environ.get("RESIDENCY_CRASH_AFTER", "")
+        store = SqliteStore(c.data_dir / "node.db", durability=c.durability, crash_after=crash_after)
+        if crash_after:
+            log.warning("fault injection: this node kills itself after the step %r", crash_after)
+        # Before serving: what a crash between the two steps of a write or an erasure left.
+        orphans = store.drop_orphan_keys()
+        log.info("keyring: %d data keys belonged to no record and were destroyed", orphans)
         # The outbox is written whenever there are destinations, even with the in-process
         # replicator off: a standalone `residency replicate` worker then reads it.
         outbox = c.is_primary and bool(c.affiliates)

@@ -75,8 +75,10 @@ async def test_an_old_scrypt_hash_still_verifies_and_is_rehashed_to_argon2id(
         keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir)
         records = Records(c.region, True, schema, load_rules(c.rules, schema), keyring, store, False)
         body = records_pb2.Record(fields={"password": common_pb2.Value(bytes_value=legacy_scrypt("hunter2"))})
+        writes = [Write("lg-1", "registration", body.SerializeToString())]
+        records.prepare_keys(writes)  # the new user's key commits first, as the node's write does
         with store.transaction():
-            records.put([Write("lg-1", "registration", body.SerializeToString())])
+            records.put(writes)
     finally:
         store.close()
     await idle_cluster.start(PRIMARY)

@@ -496,8 +496,10 @@ def test_copies_older_than_a_rules_retention_are_withdrawn(tmp_path):
     body = records_pb2.Record()
     body.fields["email"].CopyFrom(codec.to_value("r@example.cn"))
     body.fields["pages_visited"].CopyFrom(codec.to_value(["/a"]))
+    writes = [Write("r-1", "registration", body.SerializeToString())]
+    records.prepare_keys(writes)  # the new user's key commits first, as the node's write does
     with store.transaction():
-        (v1,) = records.put([Write("r-1", "registration", body.SerializeToString())])
+        (v1,) = records.put(writes)
     rec = records.open_row(store.rows(["r-1"])["r-1"])
     now = time.time()
     sg, eu = rules.plan(SG, None, Permits()), rules.plan(EU, None, Permits())

@@ -30,7 +30,7 @@ from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RegionKey
 from residency.server.storage.sqlite import SqliteStore
-from residency.server.vault.copies import Sender, apply_copies, incoming
+from residency.server.vault.copies import Sender, apply_copies, incoming, prepare_copy_keys
 from residency.server.vault.copy_policy import policies_of
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Caller, Opened, Records
@@ -157,8 +157,10 @@ def built(home: Records, keys: CopyKeys, user: str, fields: dict, permits: Permi
 def ship(home: Records, keys: CopyKeys, eu: Records, user: str, fields: dict):
     """A copy built by the home and applied by the region, as replication does."""
     copy = built(home, keys, user, fields)
+    copies = [incoming(copy)]
+    prepare_copy_keys(eu, copies, [])  # the keys commit first, as the node's apply does
     with eu.store.transaction():
-        apply_copies(eu, [incoming(copy)], SENDER, [])
+        apply_copies(eu, copies, SENDER, [])
     return copy
 
 
@@ -272,8 +274,10 @@ def test_a_copy_sent_without_policies_is_held_but_read_for_nothing(region):
     home, keys, eu = region
     old = built(home, keys, "u-2", RECORD)
     old.ClearField("policies")  # as a primary sent copies before policies travelled
+    copies = [incoming(old)]
+    prepare_copy_keys(eu, copies, [])
     with eu.store.transaction():
-        apply_copies(eu, [incoming(old)], SENDER, [])
+        apply_copies(eu, copies, SENDER, [])
         got = Policy(eu).read_copy("u-2", local("analytics.reporting"), now=NOW)
     assert got.denied and set(reasons(got.withheld).values()) == {"policy_missing"}
 

@@ -63,7 +63,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         writes = self._writes(checked)
         if checked.secrets:
             await self._hash_credentials(writes, checked.secrets)
-        (version,) = await self.node.db.write_many(records.put, writes)
+        (version,) = await self.node.db.write_many(records.put, writes, records.prepare_keys)
         w = writes[0]
         self.node.wake()
         return records_pb2.PutRecordResponse(user_id=w.user_id, version=version)
@@ -83,7 +83,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         writes = self._writes(got.checked)
         if got.checked.secrets:
             await self._hash_credentials(writes, got.checked.secrets)
-        versions = await self.node.db.write_many(self.records.put, writes)
+        versions = await self.node.db.write_many(self.records.put, writes, self.records.prepare_keys)
         self.node.wake()
         return records_pb2.PutRecordsResponse(
             results=[

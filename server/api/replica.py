@@ -13,7 +13,14 @@ from residency.server.api.identity import peer_of
 from residency.server.core import codec, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyShredded
 from residency.server.core.schema import USER_ID
-from residency.server.vault.copies import Sender, apply_copies, check_lease_epoch, incoming, refusals
+from residency.server.vault.copies import (
+    Sender,
+    apply_copies,
+    check_lease_epoch,
+    incoming,
+    prepare_copy_keys,
+    refusals,
+)
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -54,7 +61,9 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         # The region stores each copy without its key material, which goes to its keyring.
         copies = [incoming(c) for c in request.copies]
         applied, skipped, refused = await self.node.db.write(
-            lambda: apply_copies(records, copies, sender, refused), weight=len(copies)
+            lambda: apply_copies(records, copies, sender, refused),
+            weight=len(copies),
+            before=lambda: prepare_copy_keys(records, copies, refused),
         )
         if refused:
             raise InvalidRecord(refused)

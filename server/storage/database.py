@@ -1,12 +1,22 @@
 """The node's SQLite database: connection, pragmas, the writers' lock, migrations and the unit
 of work (a transaction, and a savepoint per write inside it). Repositories build on it.
+
+Records (`node.db`) and their data keys (`keys.db`, attached) are two files, and SQLite
+commits a transaction that writes both one file after the other (see `transaction`), so no
+transaction here adds a data key beside the records that use it. Two steps instead: a new
+data key commits in a keyring transaction of its own before the records sealed under it
+(`KeyringRows.add_data_keys`), and an erased user's key is destroyed in a second transaction
+after the records' (`_shred`). A crash between two steps leaves at most a key that no live
+record uses, which `KeyringRows.drop_orphan_keys` destroys when the node starts.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
+import signal
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -50,6 +60,13 @@ def load_migrations() -> tuple[Migration, ...]:
 
 
 MIGRATIONS = load_migrations()
+log = logging.getLogger("residency.storage")
+
+# The steps of the two-step protocol after which a node can be made to kill itself (SIGKILL,
+# `crash_after`), so that the fault tests crash it between every two of them: a batch's new
+# data keys committed (`keys`), the records' transaction that uses them or erases records
+# committed (`records`), the erased users' keys destroyed (`shred`).
+CRASH_POINTS = ("keys", "records", "shred")
 
 # A node config's `durability` as SQLite's `synchronous`: `full` fsyncs every commit (an
 # acknowledged write survives a power cut), `normal` only at checkpoints (survives a crash).
@@ -74,7 +91,13 @@ class Database:
     thread, so a database needs no locking of its own. The keyring (`keys.db`, beside the
     database unless given) is attached as schema `keyring`."""
 
-    def __init__(self, path: str | Path, durability: str = "full", keyring: str | Path | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        durability: str = "full",
+        keyring: str | Path | None = None,
+        crash_after: str = "",
+    ):
         synchronous = SYNCHRONOUS[durability]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -98,6 +121,14 @@ class Database:
         self._db.execute("PRAGMA keyring.secure_delete=ON")
         self._erasing = False  # this transaction deleted personal data
         self._scrub_owed = False  # a committed erasure whose WAL frames are not yet cleared
+        # Users whose data keys this transaction asked to destroy, and those of committed
+        # transactions whose keys are not destroyed yet (`_shred` failed: retried next time).
+        self._shred_asked: set[str] = set()
+        self._shred_owed: set[str] = set()
+        self._keys_added = False  # the next transaction commits records under new data keys
+        if crash_after not in ("", *CRASH_POINTS):
+            raise ValueError(f"crash point {crash_after!r} is not one of {', '.join(CRASH_POINTS)}")
+        self._crash_after = crash_after
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute(f"PRAGMA keyring.synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -131,6 +162,11 @@ class Database:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                # With both files in WAL mode this is not atomic across them: vdbeCommit
+                # (SQLite's vdbeaux.c) counts no WAL file towards a super-journal
+                # (`aMJNeeded[WAL] = 0`), so `nTrans <= 1` and it takes "the simple case",
+                # committing each file in turn, `for(i=0; i<db->nDb; i++)`: main (node.db)
+                # first, then the attached keys.db. A crash between the two keeps the first.
                 self._db.execute("COMMIT")
             except BaseException as e:
                 # A write failed, or COMMIT itself did (disk full, an I/O error, a deferred
@@ -139,7 +175,8 @@ class Database:
                 # (the transfer log's sequence, chain head and tree leaves).
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                self._erasing = False
+                self._erasing = self._keys_added = False
+                self._shred_asked.clear()
                 self._rolled_back()
                 if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
                     raise StorageFull(
@@ -147,8 +184,15 @@ class Database:
                         "send it again once space is freed"
                     ) from e
                 raise
+            if self._keys_added or self._shred_asked:
+                self._reached("records")
+            self._keys_added = False
             self._scrub_owed |= self._erasing
             self._erasing = False
+            self._shred_owed |= self._shred_asked
+            self._shred_asked.clear()
+            if self._shred_owed:
+                self._shred()
             if self._scrub_owed:
                 self._scrub()
         finally:
@@ -171,6 +215,45 @@ class Database:
 
     def release_savepoint(self) -> None:
         self._db.execute("RELEASE op")
+
+    def _shred_after_commit(self, user_ids: list[str]) -> None:
+        """Destroys the users' data keys once the current transaction has committed, in a
+        transaction of its own (`_shred`), unless a live record of theirs is there then."""
+        self._shred_asked.update(user_ids)
+
+    def _shred(self) -> None:
+        """The erasure's second step: the data keys of users whose records the committed
+        transaction erased leave keys.db (overwritten in the file, `secure_delete`). A user
+        with a live record again by now (written after the erasure, under a new key; a copy
+        applied since) keeps it. If this fails (disk full), the keys stay owed: tried again
+        after the next commit, and at the latest when the node starts (`drop_orphan_keys`)."""
+        users = sorted(self._shred_owed)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "DELETE FROM keyring.data_keys WHERE user_id = ? AND NOT EXISTS "
+                "(SELECT 1 FROM records r WHERE r.user_id = ? AND r.deleted = 0)",
+                [(u, u) for u in users],
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            log.error(
+                "%d erased users' data keys are not destroyed yet (%s): tried again after the "
+                "next commit and when the node starts",
+                len(users),
+                e.__class__.__name__,
+            )
+            return
+        self._shred_owed.clear()
+        self._scrub_owed = True
+        self._reached("shred")
+
+    def _reached(self, step: str) -> None:
+        """A step of the two-step protocol has committed: the fault tests' crash point."""
+        if step == self._crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _erased(self) -> None:
         """A repository deleted personal data in the current transaction: once it commits,

@@ -1,5 +1,10 @@
 """The keyring rows (`keys.db`): each user's wrapped data key and the wrapping keys that wrap
-them. Only wrapped keys are stored; unwrapping is `residency.server.keys`'s work."""
+them. Only wrapped keys are stored; unwrapping is `residency.server.keys`'s work.
+
+A data key is added in a transaction of its own, committed before the records sealed under
+it, and destroyed after the transaction that erases them (`residency.server.storage.database`
+says why); `drop_orphan_keys` destroys, at start, what a crash between the two left.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,8 @@ class KeyStore(Protocol):
     """What writing, reading and erasing records use: users' data keys and their wrappers."""
 
     def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]: ...
-    def put_data_keys(self, rows: list[tuple[str, str, bytes]]) -> None: ...
+    def add_data_keys(self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]]) -> None: ...
     def delete_data_keys(self, user_ids: list[str]) -> None: ...
-    def put_wrapping_key(self, id: str, wrapped: bytes) -> None: ...
 
 
 class KeyringRows(Database):
@@ -39,9 +43,37 @@ class KeyringRows(Database):
             "INSERT OR REPLACE INTO keyring.data_keys (user_id, wrapping_key, wrapped) VALUES (?,?,?)", rows
         )
 
+    def add_data_keys(self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]]) -> None:
+        """The first step of a write under new data keys: the keys (user, wrapping key id,
+        wrapped key) and the wrapping keys they went under, committed in a transaction of
+        their own, outside any other (one per batch, for all its new keys). A key replaces
+        the user's stored one: only users without a live record get one."""
+        with self.transaction():
+            for id, wrapped in wrapping_keys.items():
+                self.put_wrapping_key(id, wrapped)
+            self.put_data_keys(rows)
+        self._keys_added = True
+        self._reached("keys")
+
     def delete_data_keys(self, user_ids: list[str]) -> None:
-        self._db.executemany("DELETE FROM keyring.data_keys WHERE user_id=?", [(u,) for u in user_ids])
-        self._erased()
+        """Crypto-shredding: the users' data keys are destroyed right after the current
+        transaction, which erases their records, has committed (`Database._shred`), before
+        its callers are answered."""
+        self._shred_after_commit(user_ids)
+
+    def drop_orphan_keys(self) -> int:
+        """Destroys every data key whose user has no live record (on a region node: no live
+        copy), which only a crash between the two steps of a write or an erasure leaves, and
+        returns how many. Run when the node starts, before it serves: no write is under way.
+        Both WALs are cleared after it, whatever it found: a crash between an erasure's
+        commit and that clearing left the pages as they were before it in their frames."""
+        with self.transaction():
+            n = self._db.execute(
+                "DELETE FROM keyring.data_keys WHERE NOT EXISTS (SELECT 1 FROM records r "
+                "WHERE r.user_id = data_keys.user_id AND r.deleted = 0)"
+            ).rowcount
+            self._erased()
+        return int(n)
 
     def put_wrapping_key(self, id: str, wrapped: bytes) -> None:
         self._db.execute(

@@ -23,6 +23,7 @@ class RecordStore(Protocol):
     """Records read and written by user, counted, paged, and found by age (retention)."""
 
     def rows(self, user_ids: list[str]) -> dict[str, Row]: ...
+    def live_users(self, user_ids: list[str]) -> set[str]: ...
     def upsert(self, rows: list[Row]) -> None: ...
     def counts(self) -> tuple[int, int]: ...
     def max_version(self) -> int: ...
@@ -42,6 +43,15 @@ class RecordRows(Database):
             )
         }
 
+    def live_users(self, user_ids: list[str]) -> set[str]:
+        """Those of `user_ids` with a live record (not erased), read without their blobs."""
+        return {
+            u
+            for (u,) in self._where_in(
+                "SELECT user_id FROM records WHERE deleted = 0 AND user_id IN ({marks})", user_ids
+            )
+        }
+
     def upsert(self, rows: list[Row]) -> None:
         self._db.executemany(
             "INSERT OR REPLACE INTO records (user_id, version, deleted, blob, updated_at) VALUES (?,?,?,?,?)",
@@ -54,6 +64,8 @@ class RecordRows(Database):
         """Deletes every copy a region node holds, and their data keys (after a rekey, all of
         them were sealed to the shredded key: unreadable, and replaced by the primary)."""
         n = self._db.execute("DELETE FROM records").rowcount
+        # Beside the records, not after them: node.db commits first (`Database.transaction`),
+        # so a crash in between leaves keys without copies, which the node destroys at start.
         self._db.execute("DELETE FROM keyring.data_keys")
         self._db.execute("DELETE FROM keyring.wrapping_keys")
         self._erased()

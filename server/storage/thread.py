@@ -3,7 +3,14 @@ while a transaction is running are grouped into the next one (group commit), so 
 share the cost of a commit. Each write runs in its own savepoint, so one failing write
 does not fail its neighbours. Writes made with `write_many` and the same function are
 also merged into one call of it (one read of existing rows, one insert), and run one by
-one only if the merged call fails."""
+one only if the merged call fails.
+
+A write may name a step to run before the batch's transaction, in a transaction of its own
+(`before`: a new data key commits before the records sealed under it, see
+`residency.server.storage.database`); the same step of several writes runs once, on all their
+items. A write that finds it needed that step after all (`Unprepared`: a user erased earlier
+in the same batch writes again) rolls back alone and runs again, right after the batch, with
+its step first."""
 
 from __future__ import annotations
 
@@ -35,6 +42,11 @@ BATCH_SECONDS = Histogram(
 S_co = TypeVar("S_co", bound=UnitOfWork, covariant=True)
 
 
+class Unprepared(Exception):
+    """Raised by a write whose `before` step did not cover it (it saw the store as it was
+    before the batch): the write rolls back and runs again after the batch, its step first."""
+
+
 @dataclass(slots=True)
 class _Op:
     fn: Callable[..., Any]
@@ -42,6 +54,9 @@ class _Op:
     items: list[Any] | None
     weight: int
     future: asyncio.Future[Any]
+    # Runs before the batch's transaction: with `items`, on the items of every write of the
+    # batch that names it; else once, with no argument.
+    before: Callable[..., None] | None = None
 
 
 class StoreThread(Generic[S_co]):
@@ -70,14 +85,23 @@ class StoreThread(Generic[S_co]):
         transaction)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def write(self, fn: Callable[[], T], weight: int = 1) -> T:
-        """Runs `fn()` inside the next group transaction; resolves once it has committed."""
-        return cast(T, await self._enqueue(_Op(fn, None, weight, self._future())))
+    async def write(
+        self, fn: Callable[[], T], weight: int = 1, before: Callable[[], None] | None = None
+    ) -> T:
+        """Runs `fn()` inside the next group transaction; resolves once it has committed.
+        `before()` runs first, outside that transaction."""
+        return cast(T, await self._enqueue(_Op(fn, None, weight, self._future(), before)))
 
-    async def write_many(self, fn: Callable[[list[Any]], list[T]], items: list[Any]) -> list[T]:
+    async def write_many(
+        self,
+        fn: Callable[[list[Any]], list[T]],
+        items: list[Any],
+        before: Callable[[list[Any]], None] | None = None,
+    ) -> list[T]:
         """Runs `fn(items)` inside the next group transaction, merged with other callers'
-        items for the same `fn`; resolves to this caller's results once committed."""
-        return cast(list[T], await self._enqueue(_Op(fn, items, len(items), self._future())))
+        items for the same `fn`; resolves to this caller's results once committed.
+        `before(items)` runs first, outside that transaction, once on every caller's items."""
+        return cast(list[T], await self._enqueue(_Op(fn, items, len(items), self._future(), before)))
 
     def _future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -125,6 +149,35 @@ class StoreThread(Generic[S_co]):
                     op.future.set_exception(value)
 
     def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        results = self._round(batch)
+        again = [i for i, (ok, e) in enumerate(results) if not ok and isinstance(e, Unprepared)]
+        if again:  # their steps now see the batch committed; a second round needs no third
+            for i, result in zip(again, self._round([batch[i] for i in again]), strict=True):
+                results[i] = result
+        return results
+
+    def _round(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """The batch's `before` steps, then its transaction. A write whose step failed fails
+        with that error, without running."""
+        failed: dict[int, BaseException] = {}
+        steps: dict[Callable[..., None], list[int]] = {}
+        for i, op in enumerate(batch):
+            if op.before is not None:
+                steps.setdefault(op.before, []).append(i)
+        for step, ops in steps.items():
+            try:
+                if batch[ops[0]].items is None:
+                    for _ in ops:
+                        step()
+                else:
+                    step([item for i in ops for item in batch[i].items or ()])
+            except Exception as e:
+                failed.update((i, e) for i in ops)
+        run = [op for i, op in enumerate(batch) if i not in failed]
+        done = iter(self._transaction(run) if run else [])
+        return [(False, failed[i]) if i in failed else next(done) for i in range(len(batch))]
+
+    def _transaction(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         out: list[tuple[bool, Any]] = []
         with self._store.transaction():
             i = 0

@@ -36,7 +36,13 @@ class LogStore(Protocol):
 class TransferLogRows(Database):
     """The `translog`, `checkpoints` and `archived` tables, and the tree over `translog`."""
 
-    def __init__(self, path: str | Path, durability: str = "full", keyring: str | Path | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        durability: str = "full",
+        keyring: str | Path | None = None,
+        crash_after: str = "",
+    ):
         # The sequence, chain head and time of the last committed entry, and of the last one
         # the open transaction appended (None: nothing yet).
         self._log_seq, self._log_head, self._log_time = 0, translog.GENESIS, 0.0
@@ -46,7 +52,7 @@ class TransferLogRows(Database):
         self._pending_leaves: list[bytes] = []
         self._savepoint_leaves = 0
         self._tree = merkle.Tree()
-        super().__init__(path, durability, keyring)
+        super().__init__(path, durability, keyring, crash_after)
         # Leaf index = sequence - 1: sequences start at 1, RFC 6962 leaf indexes at 0.
         self._catch_up()
 

@@ -1,6 +1,8 @@
 """A region node's copies: checking that its home signed each copy it is sent (`refusals`),
 and applying them idempotently by version, with each copy's wrapped data key kept in the
-keyring rather than in the copy. A batch with one refused copy is applied not at all."""
+keyring rather than in the copy. A batch with one refused copy is applied not at all.
+The keys commit first, in a transaction of their own (`prepare_copy_keys`), and a copy is
+applied only once the keyring holds its own key: a crash never leaves a copy without it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from residency.server.core.sealing import COPY_FORMAT
 from residency.server.core.signed import key_id, verifies
 from residency.server.storage.records import Row
 from residency.server.storage.replication import FenceStore
+from residency.server.storage.thread import Unprepared
 from residency.server.vault.copy_policy import describe_applied
 from residency.server.vault.records import Records
 from residency.v1 import replica_pb2
@@ -157,30 +160,16 @@ def check_lease_epoch(store: FenceStore, sender: Sender, remember: bool = False)
         store.see_lease_epoch(sender.home_region, sender.lease_epoch)
 
 
-def apply_copies(
-    records: Records, copies: list[IncomingCopy], sender: Sender, refused: list[tuple[str, str]]
-) -> tuple[int, int, list[tuple[str, str]]]:
-    """Applies signed copies idempotently: a version equal to the one held is skipped (a
-    retry), an older one refused (a replay never goes back in time). With any refusal (those
-    `refusals` found, or an older version), nothing is applied and each refused copy is a
-    denied entry in this node's transfer log; each copy applied is an allowed one naming the
-    sender (`sender.actor`) and its fields' policies. Returns (applied, skipped, refusals).
-
-    Fenced first: a batch under a lease epoch below the highest taken from its home raises
-    StaleLeaseEpoch before anything is read or written; a higher one is remembered, in the
-    same transaction as the copies it came with."""
-    store = records.store
-    if copies:
-        check_lease_epoch(store, sender, remember=True)
-    held = store.rows(list({c.user_id for c in copies}))
-    refused = refused + [
+def _plan(
+    copies: list[IncomingCopy], held: dict[str, Row]
+) -> tuple[list[tuple[str, str]], dict[str, IncomingCopy], int]:
+    """What applying `copies` over the rows `held` does: (the replays refused, each user's
+    newest copy to apply, how many copies are skipped as retries or superseded)."""
+    replays = [
         (f"copies[{i}].version", "is older than the version this node holds (a replay)")
         for i, c in enumerate(copies)
         if (row := held.get(c.user_id)) is not None and c.version < row.version
     ]
-    if refused:
-        _log_refused(records, copies, sender, refused)
-        return 0, 0, refused
     newest: dict[str, IncomingCopy] = {}
     skipped = 0
     for c in copies:
@@ -189,24 +178,70 @@ def apply_copies(
             skipped += 1
             continue
         newest[c.user_id] = c
-    now = time.time()
-    keys, gone, transit = [], [], {}
-    for c in newest.values():
+    return replays, newest, skipped
+
+
+def _keys(copies: list[IncomingCopy]) -> tuple[dict[str, bytes], list[tuple[str, str, bytes]]]:
+    """The keyring rows of live copies: (transit wrapping keys, (user, wrapping key id,
+    wrapped data key)). The wrapped DEK goes to the keyring, not with the copy: erasing it
+    later makes any earlier copy of node.db unreadable for this user."""
+    transit: dict[str, bytes] = {}
+    rows = []
+    for c in copies:
         if c.deleted:
-            gone.append(c.user_id)
             continue
-        # The wrapped DEK goes to the keyring, not with the copy: erasing it later makes
-        # any earlier copy of node.db unreadable for this user.
         if c.transit_key_id:
             wk_id = f"transit:{c.key_id}:{c.transit_key_id}"
             transit[wk_id] = c.wrapped_transit_key
         else:
             wk_id = f"hpke:{c.key_id}"
-        keys.append((c.user_id, wk_id, c.wrapped_data_key))
-    for wk_id, wrapped in transit.items():
-        store.put_wrapping_key(wk_id, wrapped)
-    store.put_data_keys(keys)
-    store.delete_data_keys(gone)
+        rows.append((c.user_id, wk_id, c.wrapped_data_key))
+    return transit, rows
+
+
+def prepare_copy_keys(records: Records, copies: list[IncomingCopy], refused: list[tuple[str, str]]) -> None:
+    """The `before` step of `apply_copies`: the data keys of the copies it will apply,
+    committed to the keyring before them. A crash in between leaves a key that the copy
+    held meanwhile does not open: that copy was superseded at the home, which sends the new
+    one again until it is applied (or an erasure removes both)."""
+    if refused:
+        return
+    held = records.store.rows(list({c.user_id for c in copies}))
+    replays, newest, _ = _plan(copies, held)
+    transit, rows = _keys(list(newest.values()))
+    if rows and not replays:
+        records.store.add_data_keys(transit, rows)
+
+
+def apply_copies(
+    records: Records, copies: list[IncomingCopy], sender: Sender, refused: list[tuple[str, str]]
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """Applies signed copies idempotently: a version equal to the one held is skipped (a
+    retry), an older one refused (a replay never goes back in time). With any refusal (those
+    `refusals` found, or an older version), nothing is applied and each refused copy is a
+    denied entry in this node's transfer log; each copy applied is an allowed one naming the
+    sender (`sender.actor`) and its fields' policies. Returns (applied, skipped, refusals).
+    Its `before` step is `prepare_copy_keys`: a copy whose key the keyring does not hold
+    (another batch applied in between changed what was held) waits for it (`Unprepared`).
+
+    Fenced first: a batch under a lease epoch below the highest taken from its home raises
+    StaleLeaseEpoch before anything is read or written; a higher one is remembered, in the
+    same transaction as the copies it came with."""
+    store = records.store
+    if copies:
+        check_lease_epoch(store, sender, remember=True)
+    held = store.rows(list({c.user_id for c in copies}))
+    replays, newest, skipped = _plan(copies, held)
+    refused = refused + replays
+    if refused:
+        _log_refused(records, copies, sender, refused)
+        return 0, 0, refused
+    _, rows = _keys(list(newest.values()))
+    stored = store.data_keys([u for u, _, _ in rows])
+    if any(stored.get(u, ("", b"", b""))[::2] != (wk_id, wrapped) for u, wk_id, wrapped in rows):
+        raise Unprepared("a copy's data key is not in the keyring yet")
+    now = time.time()
+    store.delete_data_keys([c.user_id for c in newest.values() if c.deleted])
     store.upsert([Row(c.user_id, c.version, c.deleted, c.stored, now) for c in newest.values()])
     # A tombstone for a copy this region never held (nothing was there to withdraw) is no event.
     held_live = {u for u, r in held.items() if not r.deleted}

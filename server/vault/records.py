@@ -2,7 +2,9 @@
 
 Every method here runs on the store's thread, inside a transaction the caller opens, so a
 write, its outbox entry and its transfer-log entries commit together or not at all. Values
-are sealed before they reach the store; plaintext exists only in memory.
+are sealed before they reach the store; plaintext exists only in memory. The data keys are
+the exception, in keys.db: a new user's key commits before the write (`prepare_keys`, the
+write's `before` step) and an erased user's key is destroyed after the erasure commits.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from residency.server.core.sealing import DataKey, SealError, field_aad, record_
 from residency.server.keys.keyring import Keyring
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
+from residency.server.vault.new_keys import NewKeys
 from residency.server.vault.sealing import seal_writes
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 
@@ -103,33 +106,31 @@ class Records:
         self.store = store
         # Without destinations there is nobody to read an outbox.
         self.outbox = outbox
+        self.new_keys = NewKeys(keyring, store)
 
     # ---- primary: writes -------------------------------------------------------------
 
+    def prepare_keys(self, writes: list[Write]) -> None:
+        """The `before` step of a batch of `put`s: its new users' data keys, committed."""
+        self.new_keys.prepare([w.user_id for w in writes])
+
     def put(self, writes: list[Write]) -> list[int]:
         """Writes records (fields given replace those stored; others are kept) and queues
-        them for replication. Returns the new versions, in order."""
+        them for replication. Returns the new versions, in order. A user without a live
+        record is written under the key `prepare_keys` committed for this batch."""
         users = list(dict.fromkeys(w.user_id for w in writes))
         rows = self.store.rows(users)
         self._check_cookies(writes)
-        # Data keys first: existing users' from the cache or the keyring (one query), a new
-        # key for a user without a live record. A new key needs the provider only when the
-        # cached wrapping key is too old: if the provider is down then, this raises
-        # KeyUnavailable and nothing is written.
+        # Existing users' data keys from the cache or the keyring (one query).
         live = {u: r for u, r in rows.items() if not r.deleted}
         self.warm_keys(list(live))
         keys: dict[str, DataKey] = {}
         new_key_ids: dict[str, str] = {}
-        new_keys: list[tuple[str, str, bytes]] = []
-        wrapping: dict[str, bytes] = {}  # the wrapping keys the new data keys went under
         for u in users:
             if u in live:
                 keys[u] = self._data_key(u)
-                continue
-            keys[u], wk, wrapped = self.keyring.new_data_key(u)
-            wrapping[wk.id] = wk.wrapped
-            new_key_ids[u] = wk.id
-            new_keys.append((u, wk.id, wrapped))
+            else:
+                keys[u], new_key_ids[u] = self.new_keys.take(u)
         versions, sealed = seal_writes(
             self.region,
             time.time(),
@@ -138,12 +139,8 @@ class Records:
             keys,
             new_key_ids,
         )
-        if new_keys:
-            for wk_id, wk_wrapped in wrapping.items():
-                self.store.put_wrapping_key(wk_id, wk_wrapped)
-            self.store.put_data_keys(new_keys)
-            for u in new_key_ids:
-                self.keyring.data_keys.put(u, keys[u])
+        for u in new_key_ids:
+            self.keyring.data_keys.put(u, keys[u])
         self.store.upsert([Row(u, v, False, blob, age) for u, v, blob, age in sealed])
         if self.outbox:
             self.store.outbox_append([(u, v) for u, v, _, _ in sealed])
@@ -218,7 +215,8 @@ class Records:
             updated_at=codec.timestamp(now),
         )
         self.store.upsert([Row(user_id, version, True, tomb.SerializeToString(), now)])
-        # Crypto-shredding: the user's data key leaves the keyring (overwritten in the file).
+        # Crypto-shredding: the user's data key leaves the keyring (overwritten in the file)
+        # once the tombstone has committed.
         self.store.delete_data_keys([user_id])
         if self.outbox:
             self.store.outbox_append([(user_id, version)])
