@@ -4,6 +4,7 @@ and the worker's place in the outbox."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -148,8 +149,16 @@ class KeyStore(UnitOfWork, Protocol):
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
 
 
+# An S3 object's key names its user: never in a status or a log.
+_OBJECT_KEY = re.compile(r"copies/[^\s'\"?]+")
+
+
 def describe_error(e: BaseException | None) -> str:
-    """A failure as status and replication logs say it."""
+    """A failure as status and replication logs say it: `TYPE: what it says` (an S3 object's
+    key, which names a user, cut out)."""
     if isinstance(e, grpc.aio.AioRpcError):
         return f"{e.code().name}: {e.details()}"
-    return repr(e) if e else ""
+    if e is None:
+        return ""
+    text = _OBJECT_KEY.sub("copies/...", str(e))
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
