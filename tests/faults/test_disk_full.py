@@ -1,0 +1,205 @@
+"""Disk full on the primary (issue 15, point 8): writes are refused cleanly while it lasts,
+nothing is half-written, the node stays up, and it resumes once space returns.
+
+The primary's data dir is a tmpfs of `DISK_MIB` MiB mounted by the test (as root), so the
+disk that fills is a real one: SQLite's writes of the store, its WAL and the keyring get
+ENOSPC from the kernel. Eight writers write (a new user, or an update of one of their own)
+while a filler file takes every free byte, and keep writing until enough writes were refused
+for long enough; then the filler is deleted and they write on. Every refusal must be
+RESOURCE_EXHAUSTED or UNAVAILABLE with a message saying what happened (never UNKNOWN or
+INTERNAL); the process stays alive and its health answers SERVING or NOT_SERVING; every
+acknowledged write reads back and no refused one does; after space returns new writes are
+acknowledged, the regions catch up (each holds every user's newest copy) and the log's
+export verifies."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from residency.server.deployment import PRIMARY
+from tests.conftest import Cluster
+from tests.faults.crashes import LogAudit, fields_of, internal_errors, missing_copies, read_all
+from tests.faults.tools import report, until
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
+
+DISK_MIB = 24
+WRITERS = 8
+# Refusals to see, and for how long at least, before space returns.
+REFUSALS = 200
+FULL_SECONDS = 3.0
+DEADLINE = 90.0
+CLEAN = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+
+
+@pytest.fixture
+async def small_disk(idle_cluster: Cluster) -> AsyncIterator[Cluster]:
+    """The deployment with the primary's data dir on a tmpfs of DISK_MIB MiB; unmounted once
+    the primary has stopped."""
+    c = idle_cluster
+    data = c.data_dir(PRIMARY)
+    data.mkdir(parents=True, mode=0o700)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m,mode=0700", "tmpfs", str(data)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs (root and mount(8) needed): {mounted.stderr.strip()}")
+    try:
+        yield c
+    finally:
+        if PRIMARY in c.dep.procs:
+            c.stop(PRIMARY)
+        if (data / "node.log").exists():  # kept for a post-mortem: the tmpfs goes with its files
+            shutil.copy(data / "node.log", c.dir / f"{PRIMARY}-node.log")
+        subprocess.run(["umount", str(data)], check=True)
+
+
+class Writers:
+    """`n` writers, each writing a new user or updating one of its own acknowledged users, and
+    remembering per user the acknowledged write and every refusal."""
+
+    def __init__(self, cluster: Cluster, n: int):
+        self.cluster, self.n = cluster, n
+        self.acked: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.tried: set[str] = set()
+        self.refused: list[tuple[str, grpc.StatusCode, str]] = []
+        self.acknowledged = 0
+        self._written = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run(w)) for w in range(self.n)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def _run(self, w: int) -> None:
+        rnd, mine = random.Random(w), []
+        while not self._stop.is_set():
+            self._written += 1
+            n = self._written
+            user = rnd.choice(mine) if mine and rnd.random() < 0.3 else f"full{w}-{n}"
+            self.tried.add(user)
+            fields = fields_of(user, n)
+            try:
+                version = await self.cluster.put(user, fields)
+            except grpc.aio.AioRpcError as e:
+                self.refused.append((user, e.code(), e.details() or ""))
+                await asyncio.sleep(0.01)  # a full disk refuses at once: do not spin
+                continue
+            self.acked[user] = (version, fields)
+            self.acknowledged += 1
+            if user not in mine:
+                mine.append(user)
+
+
+def fill(directory: Path) -> int:
+    """Writes a file of zeros into `directory` until the disk is full; returns its size."""
+    chunk = b"\0" * (1 << 20)
+    size = 0
+    with open(directory / "filler", "wb", buffering=0) as f:
+        while True:
+            try:
+                size += f.write(chunk)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                chunk = chunk[: len(chunk) // 2]  # the last MiB may still hold a few KiB
+                if len(chunk) < 4096:
+                    return size
+
+
+async def health(c: Cluster) -> int:
+    stub = health_pb2_grpc.HealthStub(c.channel(PRIMARY, "operator", PRIMARY))
+    return (await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+
+
+async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_space_returns(
+    small_disk: Cluster, tmp_path: Path
+):
+    c = small_disk
+    await c.start()
+    data = c.data_dir(PRIMARY)
+    writers = Writers(c, WRITERS)
+    writers.start()
+    try:
+        await until(lambda: writers.acknowledged >= 200, DEADLINE, "200 writes before the disk fills")
+        before = writers.acknowledged
+        filled = time.monotonic()
+        filler = await asyncio.to_thread(fill, data)
+        await until(
+            lambda: len(writers.refused) >= REFUSALS and time.monotonic() - filled >= FULL_SECONDS,
+            DEADLINE,
+            f"{REFUSALS} writes refused on the full disk",
+        )
+        during = writers.acknowledged - before
+        proc = c.dep.procs[PRIMARY]
+        assert proc.poll() is None, "the primary died of a full disk"
+        assert await health(c) in (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        refused_while_full = len(writers.refused)
+        (data / "filler").unlink()
+        freed = time.monotonic()
+        after = writers.acknowledged
+        await until(lambda: writers.acknowledged > after, DEADLINE, "a write once space returned")
+        resumed, refused_at_resume = time.monotonic() - freed, len(writers.refused)
+        await until(lambda: writers.acknowledged >= after + 200, DEADLINE, "200 writes once space returned")
+        refused_after_resume = len(writers.refused) - refused_at_resume
+    finally:
+        await writers.stop()
+
+    codes = Counter(code.name for _, code, _ in writers.refused)
+    unclean = [r for r in writers.refused if r[1] not in CLEAN]
+    assert not unclean, f"refusals other than {sorted(s.name for s in CLEAN)}: {unclean[:5]}"
+    unclear = [d for _, _, d in writers.refused if "disk is full" not in d and "stopping" not in d]
+    assert not unclear, f"refusals that do not say why: {unclear[:5]}"
+    assert refused_while_full >= REFUSALS
+    assert refused_after_resume == 0, writers.refused[refused_at_resume:][:5]
+    assert proc.poll() is None
+    assert await health(c) == health_pb2.HealthCheckResponse.SERVING
+
+    # Nothing half-written: an acknowledged write reads back as it was acknowledged (a later
+    # refused update did not change it), a user whose every write was refused has no record.
+    held = await read_all(c, sorted(writers.tried))
+    wrong = [(u, held[u], writers.acked.get(u)) for u in writers.tried if held[u] != writers.acked.get(u)]
+    assert not wrong, wrong[:5]
+
+    await c.replicated(timeout=DEADLINE)
+    missing = await missing_copies(c, writers.acked)
+    assert not missing, missing[:10]
+    await LogAudit(c, PRIMARY, tmp_path / "exports").verify()
+    assert not internal_errors(c), internal_errors(c)[:5]
+    report(
+        tmp_path,
+        "disk_full",
+        {
+            "disk_mib": DISK_MIB,
+            "filler_mib": round(filler / (1 << 20), 1),
+            "writes_acknowledged": writers.acknowledged,
+            "acknowledged_while_full": during,
+            "refused": len(writers.refused),
+            "refused_by_code": dict(codes),
+            "half_written": len(wrong),
+            "seconds_to_resume": round(resumed, 2),
+            "users": len(writers.tried),
+        },
+    )
