@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -178,9 +179,22 @@ async def head_sequence(cluster: Cluster) -> int:
     return reply.head_sequence
 
 
-async def applied_up_to(cluster: Cluster, head: int) -> bool:
-    """Every destination has applied the primary's outbox up to `head`."""
-    return all(d.applied_sequence >= head for d in (await cluster.replication()).values())
+async def catch_up(cluster: Cluster, head: int, deadline: float) -> float:
+    """Waits until every destination has applied the primary's outbox up to `head`; returns
+    when that was first seen (time.monotonic()). On timeout, says where each one stands."""
+
+    async def applied() -> float:
+        done = all(d.applied_sequence >= head for d in (await cluster.replication()).values())
+        return time.monotonic() if done else 0.0
+
+    try:
+        return await until(applied, deadline, f"the regions applying the outbox up to {head}", every=0.05)
+    except TimeoutError as e:
+        where = "; ".join(
+            f"{r}: applied {d.applied_sequence}, last error {d.last_error!r}"
+            for r, d in (await cluster.replication()).items()
+        )
+        raise TimeoutError(f"{e} ({where})") from None
 
 
 async def cli(*args: str) -> int:
