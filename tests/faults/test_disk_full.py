@@ -152,7 +152,8 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
         during = writers.acknowledged - before
         proc = c.dep.procs[PRIMARY]
         assert proc.poll() is None, "the primary died of a full disk"
-        assert await health(c) in (
+        health_while_full = await health(c)
+        assert health_while_full in (
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
@@ -199,6 +200,7 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
             "refused": len(writers.refused),
             "refused_by_code": dict(codes),
             "half_written": len(wrong),
+            "health_while_full": health_pb2.HealthCheckResponse.ServingStatus.Name(health_while_full),
             "seconds_to_resume": round(resumed, 2),
             "users": len(writers.tried),
         },
