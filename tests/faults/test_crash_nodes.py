@@ -2,11 +2,12 @@
 replicate`) mid-batch (issue 15, point 8): no copy is lost or applied twice in effect.
 
 Each round updates every user at once (one PutRecords call), which the replicator ships in
-batches of `BATCH` copies; once a destination has applied part of the round and not all of it
-(batches are going out back to back), the region node or the worker is killed. The region
-node's store is then read as the kill left it: when it holds more of the round than the
-primary's cursor says it acknowledged, the kill fell between the region's commit and the
-reply, and the batch is sent again (`applied_not_acknowledged` counts those kills). After
+batches of `BATCH` copies back to back; once a destination has applied part of the round and
+not all of it, the region node or the worker is killed at a random point of the next batch's
+way (within one batch's time: sealed, shipped, applied or being recorded). What the region
+holds is then compared with what the sender recorded as acknowledged: when the region holds
+more of the round, the kill fell after the region's commit and before the sender recorded
+it, and the batch is sent again (`applied_not_acknowledged` counts those kills). After
 the restart and the catch-up, every region holds each user's newest version with exactly
 the fields the rules send it, no region's log holds a copy applied twice or a version going
 back, the primary logged each version once per destination, and a killed region node's log
@@ -15,10 +16,10 @@ export verifies (consistent with the export before the kill)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from residency.v1 import records_pb2
 from tests.conftest import Cluster, ctx
 from tests.faults.crashes import LogAudit, fields_of, head_sequence, missing_copies
 from tests.faults.tools import applied_twice, log_entries, report, until
-from tests.test_replicator import assert_versions_only_increase
+from tests.test_replicator import assert_versions_only_increase, start_worker
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -52,6 +53,15 @@ class Rounds:
         self.users = [f"mid-{i}" for i in range(USERS)]
         self.current: dict[str, tuple[int, dict[str, Any]]] = {}
         self.n = 0
+        self.random = random.Random()
+        self.batch_seconds = 0.0  # how long one batch takes to reach a region, about
+
+    async def first(self) -> None:
+        """Writes every user and waits until both regions hold them; times a batch."""
+        started = time.monotonic()
+        await self.write()
+        await replicated(self.cluster)
+        self.batch_seconds = (time.monotonic() - started) / (USERS / BATCH)
 
     async def write(self) -> tuple[int, int]:
         """One round; returns the outbox sequences it spans, (after, last]."""
@@ -73,6 +83,10 @@ class Rounds:
 
 async def applied(c: Cluster, region: str) -> int:
     return (await c.replication())[region].applied_sequence
+
+
+async def last_error(c: Cluster, region: str) -> str:
+    return (await c.replication())[region].last_error
 
 
 async def mid_round(c: Cluster, region: str, span: tuple[int, int]) -> bool:
@@ -128,13 +142,16 @@ async def check_everything(c: Cluster, rounds: Rounds) -> tuple[int, int]:
 
 async def kill_mid_round(c: Cluster, rounds: Rounds, region: str, kill: Callable[[], None]) -> int:
     """Writes rounds until one is caught half-applied at `region`, then calls `kill()`;
-    returns how many of that round's copies the primary has seen `region` acknowledge."""
+    returns the outbox sequence the round starts after."""
     for _ in range(TRIES):
         after, last = await rounds.write()
+        # The kill falls at a random point of the next batch's way (sealed, shipped, applied,
+        # recorded), not always just after the sender recorded one.
         if await mid_round(c, region, (after, last)):
-            kill()
-            # The cursor holds still now: the region or the worker shipping to it is gone.
-            return await applied(c, region) - after
+            await asyncio.sleep(rounds.random.uniform(0, rounds.batch_seconds))
+            if await applied(c, region) < last:
+                kill()
+                return after
         await replicated(c)
     raise AssertionError(f"{TRIES} rounds in a row landed at {region} before a kill could fall inside one")
 
@@ -147,6 +164,27 @@ def applied_in_round(entries: list[dict[str, Any]], region: str, version: int) -
         and e["destination_region"] == region
         and e["record_version"] == version
         for e in entries
+    )
+
+
+def report_kills(
+    tmp_path: Path, name: str, rounds: Rounds, ahead: int, catch_up: list[float], started: float
+) -> None:
+    """The figures of a kill test, once its checks have passed (nothing lost or applied twice)."""
+    report(
+        tmp_path,
+        name,
+        {
+            "kills": KILLS,
+            "rounds": rounds.n,
+            "copies_per_round": USERS * len(AFFILIATES),
+            "batch_size": BATCH,
+            "applied_not_acknowledged": ahead,
+            "lost": 0,
+            "duplicate_applications": 0,
+            "longest_catch_up_seconds": round(max(catch_up), 2),
+            "wall_seconds": round(time.monotonic() - started, 1),
+        },
     )
 
 
@@ -165,8 +203,7 @@ async def test_sigkill_of_a_region_node_mid_batch_loses_no_copy_and_applies_none
 ):
     c = small_batches
     rounds = Rounds(c)
-    await rounds.write()
-    await replicated(c)
+    await rounds.first()
     audits = {r: LogAudit(c, r, tmp_path / f"exports-{r}") for r in AFFILIATES}
     for audit in audits.values():
         await audit.verify()
@@ -178,8 +215,11 @@ async def test_sigkill_of_a_region_node_mid_batch_loses_no_copy_and_applies_none
         def kill(r: str = region) -> None:
             assert c.stop(r, signal.SIGKILL) == -signal.SIGKILL
 
-        acknowledged = await kill_mid_round(c, rounds, region, kill)
-        ahead += held_in_store(c, region, rounds.n) > acknowledged
+        after = await kill_mid_round(c, rounds, region, kill)
+        # Once a batch to the dead region has failed, the batch before it is recorded (or was
+        # never acknowledged): the primary's cursor holds still until the region is back.
+        await until(lambda r=region: last_error(c, r), DEADLINE, f"a batch to the killed {region} failing")
+        ahead += held_in_store(c, region, rounds.n) > await applied(c, region) - after
         restarted = time.monotonic()
         c.dep.start(region)
         await c.dep.wait_serving(DEADLINE)
@@ -187,30 +227,7 @@ async def test_sigkill_of_a_region_node_mid_batch_loses_no_copy_and_applies_none
         catch_up.append(time.monotonic() - restarted)
         await audits[region].verify()
         await check_everything(c, rounds)
-    report(
-        tmp_path,
-        "crash_region_node",
-        {
-            "kills": KILLS,
-            "rounds": rounds.n,
-            "copies_per_round": USERS * len(AFFILIATES),
-            "batch_size": BATCH,
-            "applied_not_acknowledged": ahead,
-            "lost": 0,
-            "duplicate_applications": 0,
-            "longest_catch_up_seconds": round(max(catch_up), 2),
-            "wall_seconds": round(time.monotonic() - started, 1),
-        },
-    )
-
-
-def start_worker(c: Cluster, n: int) -> subprocess.Popen:
-    out = open(c.dir / f"worker-{n}.log", "ab")  # noqa: SIM115 - handed to the child process
-    return subprocess.Popen(
-        [sys.executable, "-m", "residency.cli.main", "replicate", "--config", str(c.dep.configs[PRIMARY])],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    report_kills(tmp_path, "crash_region_node", rounds, ahead, catch_up, started)
 
 
 async def test_sigkill_of_a_standalone_worker_mid_batch_loses_no_copy_and_applies_none_twice(
@@ -225,8 +242,7 @@ async def test_sigkill_of_a_standalone_worker_mid_batch_loses_no_copy_and_applie
         await c.start()
         worker = start_worker(c, 0)
         rounds = Rounds(c)
-        await rounds.write()
-        await replicated(c)
+        await rounds.first()
         ahead, catch_up = 0, []
         started = time.monotonic()
         for k in range(KILLS):
@@ -236,29 +252,16 @@ async def test_sigkill_of_a_standalone_worker_mid_batch_loses_no_copy_and_applie
                 w.send_signal(signal.SIGKILL)
                 w.wait()
 
-            acknowledged = await kill_mid_round(c, rounds, region, kill)
+            after = await kill_mid_round(c, rounds, region, kill)
             # Nothing ships now; each copy the region applied is an entry in its log.
+            acknowledged = await applied(c, region) - after
             ahead += applied_in_round(await log_entries(c, region), region, rounds.n) > acknowledged
             restarted = time.monotonic()
             worker = start_worker(c, k + 1)  # takes the leases over once the dead worker's expire
             await replicated(c)
             catch_up.append(time.monotonic() - restarted)
             await check_everything(c, rounds)
-        report(
-            tmp_path,
-            "crash_worker",
-            {
-                "kills": KILLS,
-                "rounds": rounds.n,
-                "copies_per_round": USERS * len(AFFILIATES),
-                "batch_size": BATCH,
-                "applied_not_acknowledged": ahead,
-                "lost": 0,
-                "duplicate_applications": 0,
-                "longest_catch_up_seconds": round(max(catch_up), 2),
-                "wall_seconds": round(time.monotonic() - started, 1),
-            },
-        )
+        report_kills(tmp_path, "crash_worker", rounds, ahead, catch_up, started)
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
