@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from residency.server.deployment import PRIMARY
 from tests.conftest import Cluster
 
 T = TypeVar("T")
@@ -53,7 +54,7 @@ def applied_twice(entries: list[dict[str, Any]], region: str) -> tuple[int, list
     return sum(n - 1 for n in seen.values()), backwards
 
 
-async def log_entries(cluster: Cluster, region: str) -> list[dict[str, Any]]:
+async def log_entries(cluster: Cluster, region: str = PRIMARY) -> list[dict[str, Any]]:
     return [json.loads(j) for _, j, _ in await cluster.log(region)]
 
 
