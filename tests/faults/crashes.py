@@ -9,6 +9,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,28 @@ def fields_of(user: str, n: int) -> dict[str, Any]:
     return {"email": f"{user}.{n}@example.cn", "name": f"N {n}", "language": "zh-CN"}
 
 
-class GatedWriters:
-    """`n` writers to the primary, each writing its own users (up to `users_each`, then
-    updates of them) one write at a time, while `go` is set. A writer parks at the gate once
-    `go` is cleared; the test clears it just before it kills the node, so writes are in flight
-    at the kill, and none is sent while the node is down.
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A write whose call failed: when it was sent (time.monotonic()), and whether the gate
+    was still open when it failed (the node was meant to be up)."""
 
-    Remembers each user's newest acknowledged write (`acked`) and the writes sent since whose
-    call failed (`doubt`): those may or may not have committed. A failure while `go` is set
-    (the node was up) and an acknowledged version that does not rise are `unexpected`."""
+    user: str
+    code: grpc.StatusCode
+    details: str
+    sent: float
+    gate_open: bool
+
+
+class GatedWriters:
+    """`n` writers to the primary, each writing its own users (a new one half the time until
+    it has `users_each`, else an update of one) one write at a time, while `go` is set. A
+    writer parks at the gate once `go` is cleared; a crash test clears it just before it kills
+    the node, so writes are in flight at the kill, and none is sent while the node is down.
+
+    Remembers each user's newest acknowledged write (`acked`), the writes sent since whose
+    call failed (`doubt`: those may or may not have committed), every failure (`failed`), when
+    each acknowledged write was sent and answered (`answered`), and as `unexpected` an
+    acknowledged version that does not rise (an acknowledged write before it was lost)."""
 
     def __init__(self, cluster: Cluster, n: int = 8, users_each: int = 25, prefix: str = "w", seed: int = 0):
         self.cluster, self.n, self.users_each, self.prefix = cluster, n, users_each, prefix
@@ -48,7 +62,8 @@ class GatedWriters:
         self.acked: dict[str, tuple[int, dict[str, Any]]] = {}
         self.doubt: dict[str, list[dict[str, Any]]] = {}
         self.acknowledged = 0
-        self.failed: Counter[str] = Counter()
+        self.failed: list[Failed] = []
+        self.answered: list[tuple[float, float]] = []
         self.unexpected: list[str] = []
         self.go = asyncio.Event()
         self._parked = 0
@@ -59,6 +74,9 @@ class GatedWriters:
     @property
     def users(self) -> list[str]:
         return sorted({*self.acked, *self.doubt})
+
+    def codes(self) -> dict[str, int]:
+        return dict(Counter(f.code.name for f in self.failed))
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(w), name=f"writer-{w}") for w in range(self.n)]
@@ -90,14 +108,15 @@ class GatedWriters:
             else:
                 user = self.random.choice(mine)
             fields = fields_of(user, self._written)
+            sent = time.monotonic()
             try:
                 version = await self.cluster.put(user, fields)
             except grpc.aio.AioRpcError as e:
                 self.doubt.setdefault(user, []).append(fields)
-                self.failed[e.code().name] += 1
-                if self.go.is_set():
-                    self.unexpected.append(f"{user}: {e.code().name} while the node was up: {e.details()}")
+                self.failed.append(Failed(user, e.code(), e.details() or "", sent, self.go.is_set()))
+                await asyncio.sleep(0.01)  # a refusal comes at once: do not spin on it
                 continue
+            self.answered.append((sent, time.monotonic()))
             before = self.acked.get(user, (0, {}))[0]
             if version <= before:
                 self.unexpected.append(f"{user}: acknowledged version {version} after {before}: one was lost")

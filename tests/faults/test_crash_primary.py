@@ -96,7 +96,8 @@ async def test_30_sigkills_of_the_primary_under_8_writers_lose_no_acknowledged_w
         "writers": WRITERS,
         "users": len(current),
         "writes_acknowledged": writers.acknowledged,
-        "writes_in_doubt": sum(writers.failed.values()),
+        "writes_in_doubt": len(writers.failed),
+        "in_doubt_by_code": writers.codes(),
         "lost": len(lost),
         "copies_missing": len(missing),
         "duplicate_applications": duplicates + len(backwards),
@@ -113,6 +114,8 @@ async def test_30_sigkills_of_the_primary_under_8_writers_lose_no_acknowledged_w
     }
     report(tmp_path, "crash_primary", figures)
     assert not writers.unexpected, writers.unexpected[:10]
+    failed_while_up = [f for f in writers.failed if f.gate_open]
+    assert not failed_while_up, failed_while_up[:10]
     assert not lost, lost[:10]
     assert not missing, missing[:10]
     assert duplicates == 0 and not backwards, (duplicates, backwards[:10])

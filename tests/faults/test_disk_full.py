@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import random
 import shutil
 import subprocess
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -31,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.server.deployment import AFFILIATES, PRIMARY
 from tests.conftest import Cluster
-from tests.faults.crashes import LogAudit, fields_of, internal_errors, missing_copies, read_all
+from tests.faults.crashes import GatedWriters, LogAudit, internal_errors, missing_copies, read_all
 from tests.faults.tools import applied_twice, log_entries, report, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
@@ -69,51 +66,6 @@ async def small_disk(idle_cluster: Cluster) -> AsyncIterator[Cluster]:
         subprocess.run(["umount", str(data)], check=True)
 
 
-class Writers:
-    """`n` writers, each writing a new user or updating one of its own acknowledged users, and
-    remembering per user the acknowledged write, and every write's outcome with the moment it
-    was sent (time.monotonic())."""
-
-    def __init__(self, cluster: Cluster, n: int):
-        self.cluster, self.n = cluster, n
-        self.acked: dict[str, tuple[int, dict[str, Any]]] = {}
-        self.tried: set[str] = set()
-        self.refused: list[tuple[str, grpc.StatusCode, str, float]] = []
-        self.answered: list[tuple[float, float]] = []  # (sent, acknowledged) of each write
-        self.acknowledged = 0
-        self._written = 0
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run(w)) for w in range(self.n)]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._tasks)
-
-    async def _run(self, w: int) -> None:
-        rnd, mine = random.Random(w), []
-        while not self._stop.is_set():
-            self._written += 1
-            n = self._written
-            user = rnd.choice(mine) if mine and rnd.random() < 0.3 else f"full{w}-{n}"
-            self.tried.add(user)
-            fields = fields_of(user, n)
-            sent = time.monotonic()
-            try:
-                version = await self.cluster.put(user, fields)
-            except grpc.aio.AioRpcError as e:
-                self.refused.append((user, e.code(), e.details() or "", sent))
-                await asyncio.sleep(0.01)  # a full disk refuses at once: do not spin
-                continue
-            self.acked[user] = (version, fields)
-            self.acknowledged += 1
-            self.answered.append((sent, time.monotonic()))
-            if user not in mine:
-                mine.append(user)
-
-
 def fill(directory: Path) -> int:
     """Writes a file of zeros into `directory` until the disk is full; returns its size."""
     chunk = b"\0" * (1 << 20)
@@ -141,7 +93,9 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
     c = small_disk
     await c.start()
     data = c.data_dir(PRIMARY)
-    writers = Writers(c, WRITERS)
+    # Mostly new users: each needs a new data key, so the keyring's file is written too.
+    writers = GatedWriters(c, n=WRITERS, users_each=1_000_000, prefix="full")
+    writers.go.set()
     writers.start()
     try:
         await until(lambda: writers.acknowledged >= 200, DEADLINE, "200 writes before the disk fills")
@@ -149,7 +103,7 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
         filled = time.monotonic()
         filler = await asyncio.to_thread(fill, data)
         await until(
-            lambda: len(writers.refused) >= REFUSALS and time.monotonic() - filled >= FULL_SECONDS,
+            lambda: len(writers.failed) >= REFUSALS and time.monotonic() - filled >= FULL_SECONDS,
             DEADLINE,
             f"{REFUSALS} writes refused on the full disk",
         )
@@ -161,31 +115,32 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
-        refused_while_full = len(writers.refused)
+        refused_while_full = len(writers.failed)
         (data / "filler").unlink()
         freed = time.monotonic()
         after = writers.acknowledged
         await until(lambda: writers.acknowledged >= after + 200, DEADLINE, "200 writes once space returned")
+        await writers.park()
     finally:
         await writers.stop()
 
-    codes = Counter(code.name for _, code, _, _ in writers.refused)
-    unclean = [r for r in writers.refused if r[1] not in CLEAN]
+    unclean = [f for f in writers.failed if f.code not in CLEAN]
     assert not unclean, f"refusals other than {sorted(s.name for s in CLEAN)}: {unclean[:5]}"
-    unclear = [d for _, _, d, _ in writers.refused if "disk is full" not in d]
+    unclear = [f for f in writers.failed if "disk is full" not in f.details]
     assert not unclear, f"refusals that do not say why: {unclear[:5]}"
     assert refused_while_full >= REFUSALS
     # A write sent once the filler was gone commits: the node kept nothing of the full disk.
-    refused_later = [r for r in writers.refused if r[3] >= freed]
+    refused_later = [f for f in writers.failed if f.sent >= freed]
     assert not refused_later, refused_later[:5]
     resumed = min(done for sent, done in writers.answered if sent >= freed) - freed
+    assert not writers.unexpected, writers.unexpected[:5]
     assert proc.poll() is None
     assert await health(c) == health_pb2.HealthCheckResponse.SERVING
 
     # Nothing half-written: an acknowledged write reads back as it was acknowledged (a later
     # refused update did not change it), a user whose every write was refused has no record.
-    held = await read_all(c, sorted(writers.tried))
-    wrong = [(u, held[u], writers.acked.get(u)) for u in writers.tried if held[u] != writers.acked.get(u)]
+    held = await read_all(c, writers.users)
+    wrong = [(u, held[u], writers.acked.get(u)) for u in writers.users if held[u] != writers.acked.get(u)]
     assert not wrong, wrong[:5]
 
     await c.replicated(timeout=DEADLINE)
@@ -204,11 +159,11 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
             "filler_mib": round(filler / (1 << 20), 1),
             "writes_acknowledged": writers.acknowledged,
             "acknowledged_while_full": during,
-            "refused": len(writers.refused),
-            "refused_by_code": dict(codes),
+            "refused": len(writers.failed),
+            "refused_by_code": writers.codes(),
             "half_written": len(wrong),
             "health_while_full": health_pb2.HealthCheckResponse.ServingStatus.Name(health_while_full),
             "seconds_to_resume": round(resumed, 2),
-            "users": len(writers.tried),
+            "users": len(writers.users),
         },
     )
