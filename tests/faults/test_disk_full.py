@@ -10,12 +10,14 @@ RESOURCE_EXHAUSTED or UNAVAILABLE with a message saying what happened (never UNK
 INTERNAL); the process stays alive and its health answers SERVING or NOT_SERVING; every
 acknowledged write reads back and no refused one does; after space returns new writes are
 acknowledged, the regions catch up (each holds every user's newest copy) and the log's
-export verifies."""
+export verifies. Erasures run beside the writes, of users written before: an acknowledged
+one is gone from the primary and every region, a refused one left the record as it was."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import shutil
 import subprocess
 import time
@@ -28,13 +30,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.server.deployment import AFFILIATES, PRIMARY
 from tests.conftest import Cluster
-from tests.faults.crashes import GatedWriters, LogAudit, internal_errors, missing_copies, read_all
+from tests.faults.crashes import GatedWriters, LogAudit, fields_of, internal_errors, missing_copies, read_all
 from tests.faults.tools import applied_twice, log_entries, report, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 DISK_MIB = 24
 WRITERS = 8
+ERASABLE = 300  # users written before the disk fills, for the eraser
 # Refusals to see, and for how long at least, before space returns.
 REFUSALS = 200
 FULL_SECONDS = 3.0
@@ -66,6 +69,37 @@ async def small_disk(idle_cluster: Cluster) -> AsyncIterator[Cluster]:
         subprocess.run(["umount", str(data)], check=True)
 
 
+class Eraser:
+    """Erases one user after another (`DeleteRecord`) until stopped or none is left, and
+    remembers which erasures were acknowledged and which refused, and how."""
+
+    def __init__(self, cluster: Cluster, users: list[str]):
+        self.cluster, self.left = cluster, list(users)
+        self.erased: list[str] = []
+        self.refused: list[tuple[str, grpc.StatusCode, str]] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while self.left and not self._stop.is_set():
+            user = self.left.pop()
+            try:
+                await self.cluster.delete(user)
+            except grpc.aio.AioRpcError as e:
+                self.refused.append((user, e.code(), e.details() or ""))
+                await asyncio.sleep(0.01)
+                continue
+            self.erased.append(user)
+
+
 def fill(directory: Path) -> int:
     """Writes a file of zeros into `directory` until the disk is full; returns its size."""
     chunk = b"\0" * (1 << 20)
@@ -95,8 +129,13 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
     data = c.data_dir(PRIMARY)
     # Mostly new users: each needs a new data key, so the keyring's file is written too.
     writers = GatedWriters(c, n=WRITERS, users_each=1_000_000, prefix="full")
+    erasable = {f"erase-{i}": fields_of(f"erase-{i}", i) for i in range(ERASABLE)}
+    for user, fields in erasable.items():
+        await c.put(user, fields)
+    eraser = Eraser(c, list(erasable))
     writers.go.set()
     writers.start()
+    eraser.start()
     try:
         await until(lambda: writers.acknowledged >= 200, DEADLINE, "200 writes before the disk fills")
         before = writers.acknowledged
@@ -121,8 +160,10 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
         after = writers.acknowledged
         await until(lambda: writers.acknowledged >= after + 200, DEADLINE, "200 writes once space returned")
         await writers.park()
+        await eraser.stop()
     finally:
         await writers.stop()
+        await eraser.stop()
 
     unclean = [f for f in writers.failed if f.code not in CLEAN]
     assert not unclean, f"refusals other than {sorted(s.name for s in CLEAN)}: {unclean[:5]}"
@@ -142,10 +183,24 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
     held = await read_all(c, writers.users)
     wrong = [(u, held[u], writers.acked.get(u)) for u in writers.users if held[u] != writers.acked.get(u)]
     assert not wrong, wrong[:5]
+    # The same of erasures: an acknowledged one left no record, a refused one the record whole.
+    assert eraser.erased and eraser.refused, "the eraser saw no erasure acknowledged or none refused"
+    unclean = [r for r in eraser.refused if r[1] not in CLEAN or "disk is full" not in r[2]]
+    assert not unclean, unclean[:5]
+    kept = await read_all(c, list(erasable))
+    erased_wrong = [(u, kept[u]) for u in eraser.erased if kept[u] is not None]
+    erased_wrong += [(u, kept[u]) for u, _, _ in eraser.refused if kept[u] != (1, erasable[u])]
+    assert not erased_wrong, erased_wrong[:5]
 
     await c.replicated(timeout=DEADLINE)
-    missing = await missing_copies(c, writers.acked)
+    live = {**writers.acked, **{u: (1, erasable[u]) for u in erasable if u not in eraser.erased}}
+    missing = await missing_copies(c, live)
     assert not missing, missing[:10]
+    for region in AFFILIATES:  # every acknowledged erasure reached the regions
+        for user in eraser.erased:
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await c.held(user, region)
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND, (user, region)
     # A batch the regions applied while the primary could not record it was sent again.
     for region in AFFILIATES:
         assert applied_twice(await log_entries(c, region), region) == (0, []), region
@@ -161,9 +216,56 @@ async def test_a_full_disk_refuses_writes_cleanly_and_the_node_resumes_when_spac
             "acknowledged_while_full": during,
             "refused": len(writers.failed),
             "refused_by_code": writers.codes(),
-            "half_written": len(wrong),
+            "half_written": len(wrong) + len(erased_wrong),
+            "erasures_acknowledged": len(eraser.erased),
+            "erasures_refused": len(eraser.refused),
             "health_while_full": health_pb2.HealthCheckResponse.ServingStatus.Name(health_while_full),
             "seconds_to_resume": round(resumed, 2),
             "users": len(writers.users),
         },
+    )
+
+
+async def test_an_erasure_committed_on_an_almost_full_disk_is_answered_as_committed(
+    small_disk: Cluster, tmp_path: Path
+):
+    """An erasure clears the WAL files after it commits (erasure is final on disk), which
+    needs room the commit itself did not: the database file grows as the frames are copied
+    back. With the disk full, space returns 4 KiB at a time while one eraser erases: the
+    first erasures to commit do so with too little room to clear the WAL. Each erasure must
+    be answered as what happened to it (acknowledged: gone; refused, RESOURCE_EXHAUSTED:
+    still there), so must every write after it, and the log's export must still verify."""
+    c = small_disk
+    await c.start()
+    data = c.data_dir(PRIMARY)
+    users = {f"erase-{i}": fields_of(f"erase-{i}", i) for i in range(ERASABLE)}
+    for user, fields in users.items():
+        await c.put(user, fields)
+    await asyncio.to_thread(fill, data)
+    eraser = Eraser(c, list(users))
+    eraser.start()
+    filler = data / "filler"
+    try:
+        while len(eraser.erased) < 20 and eraser.left and filler.stat().st_size:
+            os.truncate(filler, max(0, filler.stat().st_size - 4096))
+            # Space returns page by page while the eraser runs: a pace, not a synchronisation.
+            await asyncio.sleep(0.05)
+    finally:
+        await eraser.stop()
+    unclean = [r for r in eraser.refused if r[1] not in CLEAN or "disk is full" not in r[2]]
+    assert not unclean, unclean[:5]
+    assert len(eraser.erased) >= 20, (len(eraser.erased), len(eraser.refused))
+    held = await read_all(c, list(users))
+    wrong = [(u, held[u]) for u in eraser.erased if held[u] is not None]
+    wrong += [(u, held[u]) for u, _, _ in eraser.refused if held[u] != (1, users[u])]
+    assert not wrong, wrong[:5]
+
+    filler.unlink()
+    await c.put("after-1", fields_of("after-1", 1))
+    assert (await c.get("after-1")).record.version == 1
+    await LogAudit(c, PRIMARY, tmp_path / "exports").verify()
+    report(
+        tmp_path,
+        "erasure_on_full_disk",
+        {"erasures_acknowledged": len(eraser.erased), "erasures_refused": len(eraser.refused)},
     )
