@@ -252,7 +252,12 @@ async def test_an_erasure_committed_on_an_almost_full_disk_is_answered_as_commit
     users = {f"erase-{i}": fields_of(f"erase-{i}", i) for i in range(ERASABLE)}
     for user, fields in users.items():
         await c.put(user, fields)
+    # An erasure truncates both WAL files to nothing once replication is quiet, so that on the
+    # full disk every commit needs new room (a WAL grown before would be reused instead).
+    await c.replicated()
+    await c.delete("erase-0")
     await asyncio.to_thread(fill, data)
+    users.pop("erase-0")
     eraser = Eraser(c, list(users))
     eraser.start()
     filler = data / "filler"
@@ -267,6 +272,7 @@ async def test_an_erasure_committed_on_an_almost_full_disk_is_answered_as_commit
     unclean = [r for r in eraser.refused if r[1] not in CLEAN or "disk is full" not in r[2]]
     assert not unclean, unclean[:5]
     assert len(eraser.erased) >= 20, (len(eraser.erased), len(eraser.refused))
+    assert eraser.refused, "no erasure found the disk full: the test did not test it"
     wrong = await erasures_wrong(c, users, eraser.erased)
     assert not wrong, wrong[:5]
 
