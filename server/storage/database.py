@@ -265,12 +265,24 @@ class Database:
         no frame of a page as it was before an erasure survives in any file (with
         `secure_delete` the pages themselves hold zeros where the data was). A reader in
         another process (a standalone worker) can hold the WAL for a moment: then the scrub
-        stays owed and the next commit tries again, without waiting here for long."""
+        stays owed and the next commit tries again, without waiting here for long.
+
+        It runs after COMMIT: what it cannot do is no failure of the transaction, which has
+        committed and must be answered so. On a full disk the copy fails (the database file
+        would grow): the scrub stays owed, and the next commit once space returns does it."""
         self._db.execute("PRAGMA busy_timeout=200")
         try:
             busy = 0
             for schema in ("main", "keyring"):
                 busy |= self._db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            logging.getLogger("residency.storage").error(
+                "clearing the WAL files after an erasure failed (%s): erased data stays in "
+                "their old frames until a later commit clears them; free space in %s",
+                e,
+                self._path.parent,
+            )
+            busy = 1
         finally:
             self._db.execute("PRAGMA busy_timeout=30000")
         self._scrub_owed = bool(busy)
