@@ -740,7 +740,7 @@ def test_the_generator_covers_every_method_and_the_edges_it_promises():
     """The fuzz stays as wide as its docstring says: checked on the requests of one seed."""
     methods = residency_methods()
     gen = Generator(15, vocabulary(["0" * 32]))
-    calls = [plan(gen, f"15/{i}", methods, [PRIMARY, *AFFILIATES]) for i in range(4000)]
+    calls = [plan(gen, f"15/{i}", methods, [PRIMARY, *AFFILIATES]) for i in range(8000)]
     assert {c.method.full_name for c in calls} == {m.full_name for m in methods}
     assert {c.role for c in calls} == set(IDENTITIES)
     assert max(len(c.data) for c in calls) <= MAX_REQUEST_BYTES
