@@ -86,14 +86,19 @@ async def test_a_key_service_or_store_that_cannot_be_used_is_named():
     bao.close()
 
 
-async def test_readiness_follows_the_key_service_and_status_says_why(tmp_path: Path):
+def with_probe_port(tmp_path: Path) -> tuple[Cluster, str]:
+    """A deployment whose primary also serves health on a plaintext probe port; its address."""
     c = Cluster(tmp_path / "deployment")
     (port,) = free_ports(1)
     config_path = c.dep.configs[PRIMARY]
     config = yaml.safe_load(config_path.read_text())
     config["health"] = {"listen": f"127.0.0.1:{port}"}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    probe_address = f"127.0.0.1:{port}"
+    return c, f"127.0.0.1:{port}"
+
+
+async def test_readiness_follows_the_key_service_and_status_says_why(tmp_path: Path):
+    c, probe_address = with_probe_port(tmp_path)
     try:
         await c.start()
         await wait_for(probe_address, READINESS, SERVING)
@@ -137,13 +142,7 @@ async def test_readiness_follows_the_key_service_and_status_says_why(tmp_path: P
 async def test_draining_is_not_ready_until_the_process_ends(tmp_path: Path):
     """A call held open (a log tail the client stops reading) keeps the drain going for its
     grace period: meanwhile the node is alive and not ready."""
-    c = Cluster(tmp_path / "deployment")
-    (port,) = free_ports(1)
-    config_path = c.dep.configs[PRIMARY]
-    config = yaml.safe_load(config_path.read_text())
-    config["health"] = {"listen": f"127.0.0.1:{port}"}
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    address = f"127.0.0.1:{port}"
+    c, address = with_probe_port(tmp_path)
     try:
         await c.start()
         for i in range(0, 600, 200):

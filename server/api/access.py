@@ -22,6 +22,7 @@ from residency.server.api.errors import refuse, status_for
 from residency.server.api.metrics import refused
 from residency.server.api.requests import Refused
 from residency.server.api.tls import CALLER, ServerTls, peer_certificate
+from residency.server.api.wrapping import HandlerRewriter, kind_of
 from residency.server.core import translog
 from residency.server.core.errors import CallerDenied
 from residency.server.core.schema import USER_ID
@@ -184,7 +185,7 @@ def _parsed(method: str, request: Any) -> Message | None:
     return None
 
 
-class Gate(grpc.aio.ServerInterceptor):
+class Gate(HandlerRewriter):
     """Refuses every call, before the method runs, from a peer without an acceptable
     certificate (UNAUTHENTICATED, `ServerTls.refusal`) or whose role lacks the method's
     permission (PERMISSION_DENIED naming it). With a `node`, every such refusal is a
@@ -192,25 +193,12 @@ class Gate(grpc.aio.ServerInterceptor):
     node, as in benchmarks, nothing is logged)."""
 
     def __init__(self, tls: ServerTls, node: Node | None = None):
+        super().__init__()
         self.tls, self.node = tls, node
-        # Wrapped handlers per method: they are fixed once the server starts.
-        self._handlers: dict[str, Any] = {}
 
-    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        method: str = details.method
-        handler = self._handlers.get(method)
-        if handler is None:
-            handler = await continuation(details)
-            if handler is None:
-                return None
-            kind = next(
-                k
-                for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-                if getattr(handler, k)
-            )
-            handler = handler._replace(**{kind: self._guard(method, getattr(handler, kind))})
-            self._handlers[method] = handler
-        return handler
+    def rewrite(self, method: str, handler: Any) -> Any:
+        kind = kind_of(handler)
+        return handler._replace(**{kind: self._guard(method, getattr(handler, kind))})
 
     async def _check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         peer = peer_certificate(context)

@@ -19,6 +19,8 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from residency.server.api.wrapping import HandlerRewriter, kind_of
+
 if TYPE_CHECKING:
     from residency.server.api.context import Node
 
@@ -56,28 +58,13 @@ def _code(context: grpc.aio.ServicerContext, failed: bool) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
 
 
-class Measure(grpc.aio.ServerInterceptor):
+class Measure(HandlerRewriter):
     """Counts and times every call by service, method and the status code it ended with."""
 
-    def __init__(self) -> None:
-        self._handlers: dict[str, Any] = {}
-
-    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        method: str = details.method
-        handler = self._handlers.get(method)
-        if handler is None:
-            handler = await continuation(details)
-            if handler is None:
-                return None
-            kind = next(
-                k
-                for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-                if getattr(handler, k)
-            )
-            service, _, name = method.lstrip("/").rpartition("/")
-            handler = handler._replace(**{kind: _measured(service, name, getattr(handler, kind))})
-            self._handlers[method] = handler
-        return handler
+    def rewrite(self, method: str, handler: Any) -> Any:
+        kind = kind_of(handler)
+        service, _, name = method.lstrip("/").rpartition("/")
+        return handler._replace(**{kind: _measured(service, name, getattr(handler, kind))})
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:

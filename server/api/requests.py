@@ -15,6 +15,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from residency.server.api.errors import refuse, status_for
+from residency.server.api.wrapping import HandlerRewriter, kind_of
 from residency.server.core.errors import InvalidRecord
 from residency.v1 import common_pb2
 
@@ -156,9 +157,7 @@ def guarded(method: str, handler: Any) -> Any:
     answer a refusal with its status. A handler that takes raw bytes reads them itself."""
     if handler is None or handler.request_deserializer is None:
         return handler
-    kind = next(
-        k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k)
-    )
+    kind = kind_of(handler)
     wrap = _refusing_streams if handler.request_streaming else _refusing
     return handler._replace(
         request_deserializer=_reader(method, handler.request_deserializer),
@@ -166,19 +165,8 @@ def guarded(method: str, handler: Any) -> Any:
     )
 
 
-class RequestGuard(grpc.aio.ServerInterceptor):
+class RequestGuard(HandlerRewriter):
     """Applies `guarded` to every method handler of a server (health and reflection too)."""
 
-    def __init__(self) -> None:
-        # Per method served: handlers are fixed once the server starts (unknown methods
-        # find no handler and are not kept).
-        self._handlers: dict[str, Any] = {}
-
-    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        method: str = details.method
-        handler = self._handlers.get(method)
-        if handler is None:
-            handler = guarded(method, await continuation(details))
-            if handler is not None:
-                self._handlers[method] = handler
-        return handler
+    def rewrite(self, method: str, handler: Any) -> Any:
+        return guarded(method, handler)
