@@ -21,12 +21,14 @@ _VIRTUAL = {"proc", "sysfs", "devtmpfs", "devpts", "mqueue", "cgroup", "cgroup2"
 _SETUP = r"""
 import json, os, subprocess, sys
 spec = json.loads(sys.argv[1])
+os.umask(0o022)  # a container's default, whatever the test process had
 def run(*a):
     subprocess.run(a, check=True)
 # Directories the image creates (/etc/residency, /run/secrets/...) are made in overlays and a
 # fresh /run, visible in this namespace only.
 for parent, upper in spec["overlays"].items():
     os.makedirs(upper + "/u"); os.makedirs(upper + "/w")
+    os.chmod(upper + "/u", os.stat(parent).st_mode & 0o7777)  # the overlay's root looks like it
     run("mount", "-t", "overlay", "overlay", "-o",
         f"lowerdir={parent},upperdir={upper}/u,workdir={upper}/w", parent)
 run("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run")

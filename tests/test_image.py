@@ -117,6 +117,8 @@ def _image_layout(deployment: Path, root: Path, uid: int, gid: int) -> tuple[Vol
     shutil.copy2(deployment / "pki" / "ca.crt", secrets / "tls" / "ca.crt")
     shutil.move(deployment / "keys" / PRIMARY / "passphrase", secrets / "passphrase")
     shutil.copytree(deployment / "keys" / PRIMARY, data / "keys", dirs_exist_ok=True)
+    # As a ConfigMap's files are: readable by all (whatever umask the test process runs under).
+    subprocess.run(["chmod", "-R", "a+rX", str(conf)], check=True)
     # As Kubernetes' fsGroup and a Secret's defaultMode would: the image's user owns its volume
     # and can read its secrets; nobody else can.
     subprocess.run(["chown", "-R", f"{uid}:{gid}", str(data), str(secrets)], check=True)

@@ -253,8 +253,10 @@ async def test_rewrap_swaps_a_row_only_if_it_still_holds_the_key_that_was_read(t
     records = Records(c.region, True, schema, load_rules(c.rules, schema), keyring, store)
     body = records_pb2.Record()
     body.fields["name"].string_value = "Li Wei"
+    writes = [Write(u, "registration", body.SerializeToString()) for u in ("a", "b", "c")]
+    records.prepare_keys(writes)  # the new users' keys commit first, as the node's write does
     with store.transaction():
-        records.put([Write(u, "registration", body.SerializeToString()) for u in ("a", "b", "c")])
+        records.put(writes)
     old_b = store.data_keys(["b"])["b"][2]
 
     def erase_and_register_again(s: SqliteStore) -> None:

@@ -127,16 +127,19 @@ class ReplicationRows(Database):
             self._db.execute("DELETE FROM outbox WHERE sequence <= ?", (applied,))
 
     def adopt_destination(self, destination: str) -> bool:
-        """A destination this store has never shipped to starts at the outbox's head and is
-        first sent every live record (`resend_after`): changes older than it, trimmed or not,
-        are not how it learns what exists. True when that re-send was scheduled."""
+        """A destination this store has never shipped to reads the outbox from its start while
+        the outbox still holds every change; once some were trimmed, it starts at the head and
+        is first sent every live record (`resend_after`): what it needs is what exists now.
+        True when that re-send was scheduled."""
         if self._db.execute("SELECT 1 FROM cursors WHERE destination=?", (destination,)).fetchone():
             return False
         head = self._outbox_head()
-        self.set_cursor(destination, head)
-        if head:
+        (first,) = self._db.execute("SELECT min(sequence) FROM outbox").fetchone()
+        trimmed = head > 0 and (first is None or first > 1)
+        self.set_cursor(destination, head if trimmed else 0)
+        if trimmed:
             self.set_resend_after(destination, "")
-        return bool(head)
+        return trimmed
 
     def cursor(self, destination: str) -> int:
         row = self._db.execute("SELECT sequence FROM cursors WHERE destination=?", (destination,)).fetchone()
