@@ -612,7 +612,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         "-iam=false",
     ]
     log = open(d / "weed.log", "wb")  # noqa: SIM115 - handed to the child process
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    # Anonymous: without the AWS_* variables a KMS fixture may have set in this process (an S3
+    # gateway started with them takes them as its one identity and answers anonymous calls 403).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     endpoint = f"http://127.0.0.1:{s3}"
     try:
         deadline = time.monotonic() + 60
@@ -623,10 +626,11 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 with urllib.request.urlopen(endpoint + "/", timeout=2) as r:
                     if r.status == 200:
                         break
-            except (urllib.error.URLError, OSError):
-                pass
+                    last = f"HTTP {r.status}"
+            except (urllib.error.URLError, OSError) as e:
+                last = repr(e)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"SeaweedFS S3 not ready on {endpoint}; see {d / 'weed.log'}")
+                raise TimeoutError(f"SeaweedFS S3 not ready on {endpoint} ({last}); see {d / 'weed.log'}")
             time.sleep(0.1)  # polling interval of the readiness check, not a synchronisation
         yield S3Server(endpoint)
     finally:
