@@ -1,4 +1,5 @@
-"""`residency keys rotate|rewrap|retire|shred|rekey`: a region's key lifecycle, by an operator
+"""`residency keys init`: a node's keys made in its provider's care; `residency keys
+rotate|rewrap|retire|shred|rekey`: a region's key lifecycle, by an operator
 whose certificate the node's CA vouches for (its identity is the logged actor): sent to the
 running node (`--target`), which acts and switches at once, or done here for a stopped node
 (`--config`; refused while the node runs)."""
@@ -191,10 +192,28 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from residency.server.bootstrap import init_node_keys
+
+    print(json.dumps(init_node_keys(Path(args.config), Path(args.seed) if args.seed else None)))
+    return 0
+
+
 def add_keys(sub: argparse._SubParsersAction) -> None:
     keys = sub.add_parser(
-        "keys", help="rotate, rewrap, retire, shred or rekey a region's keys"
+        "keys", help="create, rotate, rewrap, retire, shred or rekey a region's keys"
     ).add_subparsers(dest="action", required=True)
+    s = keys.add_parser(
+        "init",
+        help="create a node's keys in its keys.dir with its provider (Transit or KMS key "
+        "included), keeping every key already there",
+    )
+    s.add_argument("--config", required=True, help="the node's config")
+    s.add_argument(
+        "--seed",
+        help="a folder of key files (e.g. a mounted Secret) copied in first, each one the key folder lacks",
+    )
+    s.set_defaults(run=_init)
     for action, text in (
         ("rotate", "new key version; new data keys go under it at once, then every data key is rewrapped"),
         ("rewrap", "every data key under the newest key version (after a rotation cut short)"),

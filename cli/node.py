@@ -31,6 +31,10 @@ def _init(args: argparse.Namespace) -> int:
     paths = init_deployment(args.dir)
     for region, path in paths.items():
         print(f"{region}: {path}")
+    if args.compose:
+        from residency.server.bootstrap import write_compose_secrets
+
+        print(f"compose: {write_compose_secrets(Path(args.dir).resolve())}")
     return 0
 
 
@@ -83,6 +87,12 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 def add_init(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("init", help="write a local three-region deployment into DIR")
     s.add_argument("dir")
+    s.add_argument(
+        "--compose",
+        action="store_true",
+        help="also write DIR/compose: the secrets deploy/compose.yaml needs (OpenBao's dev root "
+        "token, the S3 key pair of SeaweedFS and the log archive)",
+    )
     s.set_defaults(run=_init)
 
 
