@@ -115,14 +115,16 @@ def run_natively(
     volumes: dict[str, tuple[Path, bool]],
     args: list[str] | None = None,
     log: Path | None = None,
+    environment: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """Starts the image's ENTRYPOINT with `args` (default: its CMD) as its container would run:
     `volumes` maps a path in the container to (a folder here, writable?); nothing else is
-    writable, and the process runs as the image's USER. The image's installed program is this
-    interpreter's (the test environment's `residency`), first on PATH."""
+    writable, and the process runs as the image's USER, with the image's ENV and
+    `environment` (a service's own). The image's installed program is this interpreter's (the
+    test environment's `residency`), first on PATH."""
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"container-{os.getpid()}-{id(volumes)}"
     overlays = {parent: str(scratch / parent.strip("/").replace("/", "_")) for parent in ("/etc", "/var/lib")}
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", **image.env}
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", **image.env, **(environment or {})}
     spec = {
         "scratch": str(scratch),
         "reveal": _reveal([Path(sys.base_prefix), Path(sys.prefix), Path(__file__).resolve().parent.parent]),

@@ -2,10 +2,12 @@
 Specification's JSON Schema; every command it gives the image is one the CLI takes; every
 file it mounts exists once `residency init DIR --compose` has run; its regions, roles, ports
 and mounts agree with the node configs it carries; no secret is written into it. Then its
-commands run natively, as its services would run them (paths and ports rewritten to a
-temporary folder, since no container runtime is reachable here): the key bootstrap against a
+services run natively as their containers would (no container runtime is reachable here:
+`tests/container.py` gives each a mount namespace, read-only but for its volumes, as the
+image's user; only addresses are rewritten to loopback ports): the key bootstrap against a
 real OpenBao dev server, SeaweedFS with the stack's identity file, the three nodes and the
-standalone worker, each node's healthcheck; a user written to the primary arrives in a region."""
+standalone worker, each node's own healthcheck; a user written to the primary arrives in a
+region."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from residency.server.config.node import NodeFile
 from residency.server.deployment import AFFILIATES, PRIMARY, free_ports
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 from tests.conftest import BAO_TOKEN
-from tests.container import Image
+from tests.container import Image, run_natively
 from tests.harness import Deployment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,12 +258,16 @@ def test_no_secret_is_written_into_the_stack(deployment: Path):
 
 
 class NativeStack:
-    """The services of deploy/compose.yaml as processes on this machine: each service's
-    configs, secrets and volumes under `root/SERVICE` and `root/volumes`, its node config's
-    addresses rewritten to loopback ports (service names to the port their node listens on)."""
+    """The services of deploy/compose.yaml run as their containers would (`tests/container.py`:
+    a mount namespace each, read-only but for the service's volumes, as the image's user),
+    with their own commands and environment. Each service's configs and secrets are laid out
+    under `root/SERVICE`, its volumes under `root/volumes` (shared as Compose shares them); its
+    node config's addresses are rewritten to loopback ports here (its paths are the
+    container's), service names to the port that service's node listens on."""
 
     def __init__(self, doc: dict[str, Any], deploy: Path, root: Path, addresses: dict[str, str]):
         self.doc, self.deploy, self.root = doc, deploy, root
+        self.image = Image.read(DEPLOY / "Dockerfile")
         self.addresses = dict(addresses)  # "openbao:8200" -> "127.0.0.1:P", ...
         self.ports: dict[tuple[str, int], int] = {}  # (config, container port) -> host port
         self.procs: dict[str, subprocess.Popen] = {}
@@ -271,65 +277,64 @@ class NativeStack:
             (self.ports[config, container_port],) = free_ports(1)
         return self.ports[config, container_port]
 
-    def lay_out(self, name: str) -> dict[str, Path]:
-        """The service's files: each mounted path -> where it is here."""
+    def lay_out(self, name: str) -> dict[str, tuple[Path, bool]]:
+        """The service's mounts for `run_natively`: container folder -> (here, writable?)."""
         service = self.doc["services"][name]
-        where = {t: self.root / name / t.lstrip("/") for t in mounts(self.doc, service)}
+        uid, gid = self.image.user
+        folders: dict[str, Path] = {}
         for target, source in mounts(self.doc, service).items():
-            where[target].parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(self.deploy / source, where[target])
+            parts = PurePosixPath(target).parts
+            root = PurePosixPath(*parts[: 4 if parts[1:3] == ("run", "secrets") else 3])
+            folders[str(root)] = here = self.root / name / str(root).lstrip("/")
+            (here / PurePosixPath(target).relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.deploy / source, here / PurePosixPath(target).relative_to(root))
+        if NODE_CONFIG in mounts(self.doc, service):
+            source = mounts(self.doc, service)[NODE_CONFIG].name
+            config = self.rewrite(source, node_config(self.doc, service))
+            (folders["/etc/residency"] / "node.yaml").write_text(yaml.safe_dump(config))
+        for root, here in folders.items():
+            # Configs readable by all; secrets the image user's alone (as `chown` of the
+            # files, or an ACL granting it, leaves them: docs/operators.md).
+            if root.startswith("/run/secrets/"):
+                subprocess.run(["chown", "-R", f"{uid}:{gid}", str(here)], check=True)
+                subprocess.run(["chmod", "-R", "go-rwx", str(here)], check=True)
+            else:
+                subprocess.run(["chmod", "-R", "a+rX", str(here)], check=True)
+        volumes = {root: (here, False) for root, here in folders.items()}
         for v in service.get("volumes", []):
             volume, target = v.split(":")[:2]
-            where[target] = self.root / "volumes" / volume
-            where[target].mkdir(parents=True, exist_ok=True)
-        if NODE_CONFIG in where:
-            source = mounts(self.doc, service)[NODE_CONFIG].name
-            where[NODE_CONFIG].write_text(
-                yaml.safe_dump(self.rewrite(source, node_config(self.doc, service), where))
-            )
-        return where
+            here = self.root / "volumes" / volume
+            here.mkdir(parents=True, exist_ok=True)
+            os.chown(here, uid, gid)  # a new named volume takes the image's folder's owner
+            volumes[target] = (here, True)
+        return volumes
 
-    def local(self, value: str, where: dict[str, Path]) -> str:
-        """Where a path in the container is here: under a volume, or a mounted file, or a
-        folder that holds mounted files (all laid out under the service's own folder)."""
-        for target in sorted(where, key=len, reverse=True):
-            if value == target or value.startswith(target + "/"):
-                return str(where[target]) + value[len(target) :]
-        for target, path in where.items():
-            if target.startswith(value.rstrip("/") + "/"):
-                return str(path)[: len(str(path)) - len(target)] + value
-        return value
-
-    def rewrite(self, source: str, config: Any, where: dict[str, Path]) -> Any:
+    def rewrite(self, source: str, config: Any) -> Any:
         if isinstance(config, dict):
-            return {k: self.rewrite(source, v, where) for k, v in config.items()}
+            return {k: self.rewrite(source, v) for k, v in config.items()}
         if isinstance(config, list):
-            return [self.rewrite(source, v, where) for v in config]
+            return [self.rewrite(source, v) for v in config]
         if not isinstance(config, str):
             return config
         if config.startswith("0.0.0.0:"):
             return f"127.0.0.1:{self.host_port(source, port(config))}"
         for name, address in self.addresses.items():
             config = config.replace(name, address)
-        return self.local(config, where)
-
-    def command(self, name: str, where: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
-        service = self.doc["services"][name]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.update({k: self.local(str(v), where) for k, v in service.get("environment", {}).items()})
-        return [str(BIN / "residency"), *(self.local(a, where) for a in service["command"])], env
+        return config
 
     def start(self, name: str) -> None:
-        where = self.lay_out(name)
-        argv, env = self.command(name, where)
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child process
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        service = self.doc["services"][name]
+        volumes = self.lay_out(name)
+        env = {k: str(v) for k, v in service.get("environment", {}).items()}
+        self.procs[name] = run_natively(
+            self.image, volumes, service["command"], self.root / f"{name}.log", env
+        )
 
-    def run(self, name: str) -> subprocess.CompletedProcess:
-        """A one-shot service, to its end."""
-        where = self.lay_out(name)
-        argv, env = self.command(name, where)
-        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    def run(self, name: str) -> tuple[int, str]:
+        """A one-shot service, to its end: its exit status and output."""
+        self.start(name)
+        code = self.procs.pop(name).wait(120)
+        return code, (self.root / f"{name}.log").read_text(errors="replace")
 
     def healthcheck(self, name: str) -> bool:
         """The service's own healthcheck command, pointed at its node's health port here."""
@@ -350,6 +355,12 @@ class NativeStack:
         for proc in self.procs.values():
             proc.terminate()
         return {name: proc.wait(60) for name, proc in self.procs.items()}
+
+
+def keys_report(output: str) -> dict[str, Any]:
+    """What `residency keys init` printed (among the JSON log lines the image writes)."""
+    (report,) = [json.loads(line) for line in output.splitlines() if line.startswith('{"region"')]
+    return report
 
 
 def seaweedfs(doc: dict[str, Any], where: Path, identity: Path) -> tuple[subprocess.Popen, str]:
@@ -394,7 +405,10 @@ async def wait_for(check: Any, what: str, deadline: float, diagnose: Any = lambd
 
 
 @pytest.mark.skipif(
-    not (shutil.which("weed") or (BIN / "weed").exists()), reason="SeaweedFS (`weed`) is not installed"
+    shutil.which("unshare") is None
+    or os.geteuid() != 0
+    or not (shutil.which("weed") or (BIN / "weed").exists()),
+    reason="mount namespaces need util-linux unshare and root, and SeaweedFS (`weed`) (CI has all)",
 )
 async def test_the_stacks_commands_run_a_user_into_a_region(tmp_path: Path, bao_address: str):
     started = time.monotonic()
@@ -428,14 +442,14 @@ async def test_the_stacks_commands_run_a_user_into_a_region(tmp_path: Path, bao_
         assert t.returncode == 0, t.stderr
         # The key bootstraps; a second run changes nothing.
         for region in REGIONS:
-            first = stack.run(f"keys-{region}")
-            assert first.returncode == 0, first.stderr
-            made = json.loads(first.stdout)
+            code, output = stack.run(f"keys-{region}")
+            assert code == 0, output
+            made = keys_report(output)
             assert made["region"] == region and "log.key" in made["created"]
         keys = tmp_path / "stack" / "volumes" / f"{PRIMARY}-data" / "keys"
         held = {p.name: p.read_bytes() for p in keys.iterdir()}
-        again = stack.run(f"keys-{PRIMARY}")
-        assert again.returncode == 0 and json.loads(again.stdout)["created"] == [], again.stderr
+        code, output = stack.run(f"keys-{PRIMARY}")
+        assert code == 0 and keys_report(output)["created"] == [], output
         assert {p.name: p.read_bytes() for p in keys.iterdir()} == held
         # The primary's region key is wrapped by Transit (`vault:v1:`); its copy key is the
         # one `init` wrote, whose copy.pub the region nodes check copies with.
@@ -502,6 +516,12 @@ async def test_the_stacks_commands_run_a_user_into_a_region(tmp_path: Path, bao_
         weed.kill()
         weed.wait()
     assert codes == {name: 0 for name in codes}, {n: stack.log(n) for n, c in codes.items() if c}
+    for name in (*REGIONS, "replicator"):
+        assert "Traceback" not in stack.log(name) and "Read-only file system" not in stack.log(name), name
+    # Everything the services wrote is in their volumes, owned by the image's user.
+    written = list((tmp_path / "stack" / "volumes").rglob("*"))
+    assert any(p.name == "node.db" for p in written)
+    assert {p.stat().st_uid for p in written} == {stack.image.user[0]}
     assert time.monotonic() - started < 90
 
 
