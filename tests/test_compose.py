@@ -137,16 +137,10 @@ def test_every_file_it_mounts_exists_after_init_and_each_is_declared_once(deploy
         entries = [m for s in doc["services"].values() for m in s.get(kind, [])]
         used = {m if isinstance(m, str) else m["source"] for m in entries}
         assert used == set(doc[kind]), f"{kind}: used but undeclared, or declared but unused"
-    assert {Path(doc["secrets"][n]["file"]).name for n in ("openbao-token", "s3-credentials")} <= set(
-        COMPOSE_SECRETS
-    )
-    # Every certificate and key `init` writes for a node is a secret, never a config.
-    secret_files = {e["file"] for e in doc["secrets"].values()}
-    config_files = {e["file"] for e in doc["configs"].values()}
-    for f in secret_files | config_files:
-        private = f.endswith((".key", "passphrase", "openbao-token", "s3-credentials", ".json"))
-        assert (f in secret_files) if private else True, f"{f} must be a secret"
-    assert not {f for f in config_files if f.endswith((".key", "passphrase", "token"))}
+    # What is private (keys, passphrases, the token, the S3 key pair) is only ever a secret;
+    # configs are node configs, policy files and public keys.
+    assert all(e["file"].endswith((".yaml", ".pub")) for e in doc["configs"].values())
+    assert set(COMPOSE_SECRETS) <= {Path(e["file"]).name for e in doc["secrets"].values()}
 
 
 def test_regions_roles_ports_and_mounts_agree_with_the_node_configs(deployment: Path):
@@ -457,7 +451,12 @@ async def test_the_stacks_commands_run_a_user_into_a_region(tmp_path: Path, bao_
         assert (keys / "copy.key").read_bytes() == (local / "keys" / PRIMARY / "copy.key").read_bytes()
         weed_log = tmp_path / "weed" / "weed.log"
         await wait_for(
-            lambda: _ok(f"http://{s3}/healthz"), "SeaweedFS serving", 60, lambda: weed_log.read_text()[-2000:]
+            lambda: _ok(
+                doc["services"]["seaweedfs"]["healthcheck"]["test"][-1].replace("127.0.0.1:8333", s3)
+            ),
+            "SeaweedFS's healthcheck passing",
+            60,
+            lambda: weed_log.read_text()[-2000:],
         )
         for region in REGIONS:
             stack.start(region)
@@ -611,3 +610,33 @@ def test_keys_init_keeps_every_key_and_refuses_keys_its_provider_cannot_open(
     assert missing.returncode == 2 and "--seed" in missing.stderr
     for out in (wrong, denied, missing):
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+async def test_the_openbao_service_serves_with_the_token_of_its_secret(tmp_path: Path):
+    """OpenBao's service command (dev mode, its root token read from the secret file), run
+    natively on a port of its own: its healthcheck passes, the token in the file is its root
+    token, and a token not in the file is refused."""
+    service = compose()["services"]["openbao"]
+    secret = tmp_path / "openbao-token"
+    secret.write_text("a-token-of-the-stack\n")
+    (bao_port,) = free_ports(1)
+    command = service["command"][0].replace("$$", "$").replace("/run/secrets/openbao-token", str(secret))
+    command = command.replace("0.0.0.0:8200", f"127.0.0.1:{bao_port}")
+    env = {**os.environ, "BAO_ADDR": f"http://127.0.0.1:{bao_port}", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = open(tmp_path / "bao.log", "wb")  # noqa: SIM115 - handed to the child process
+    bao = subprocess.Popen(["/bin/sh", "-ec", command], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        check = service["healthcheck"]["test"][1:]
+        await wait_for(
+            lambda: subprocess.run(check, env=env, capture_output=True).returncode == 0,
+            "OpenBao's healthcheck passing",
+            30,
+            lambda: (tmp_path / "bao.log").read_text()[-2000:],
+        )
+        url = f"http://127.0.0.1:{bao_port}/v1/sys/mounts"
+        assert httpx.get(url, headers={"X-Vault-Token": "a-token-of-the-stack"}).status_code == 200
+        assert httpx.get(url, headers={"X-Vault-Token": "residency-test-root"}).status_code == 403
+    finally:
+        bao.terminate()
+        bao.wait(30)
+        log.close()
