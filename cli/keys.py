@@ -1,5 +1,5 @@
-"""`residency keys init`: a node's keys made in its provider's care; `residency keys
-rotate|rewrap|retire|shred|rekey`: a region's key lifecycle, by an operator
+"""`residency keys init`: a node's keys made with its own provider, before it first starts.
+`residency keys rotate|rewrap|retire|shred|rekey`: a region's key lifecycle, by an operator
 whose certificate the node's CA vouches for (its identity is the logged actor): sent to the
 running node (`--target`), which acts and switches at once, or done here for a stopped node
 (`--config`; refused while the node runs)."""
