@@ -16,7 +16,7 @@ import pytest
 
 from residency.server.api.errors import status_for
 from residency.server.core.errors import KeyServiceDenied, KeyUnavailable
-from residency.server.core.sealing import KeyDestroyed
+from residency.server.core.sealing import KeyDestroyed, SealError
 from residency.server.keys.providers.kms import AwsKmsProvider
 from residency.server.keys.providers.openbao import OpenBaoProvider
 
@@ -154,3 +154,13 @@ def test_an_openbao_restarting_is_unavailable_and_a_missing_key_destroyed(bao):
     answer.status, answer.body = 400, json.dumps({"errors": ["encryption key not found"]}).encode()
     with pytest.raises(KeyDestroyed, match="destroyed"):
         provider.unwrap(b"vault:v1:abc", CTX)
+
+
+def test_material_that_is_not_transits_is_refused_before_openbao_is_asked(bao):
+    """Another provider's wrapped key (binary) once escaped as a UnicodeDecodeError."""
+    provider, answer = bao
+    answer.body = json.dumps({"data": {"plaintext": "AAAA"}}).encode()
+    for call in (provider.unwrap, provider.rewrap):
+        with pytest.raises(SealError, match="not OpenBao Transit's") as e:
+            call(b"\x93\xff local kek material", CTX)
+        assert status_for(e.value).code == 9  # FAILED_PRECONDITION

@@ -60,6 +60,15 @@ class OpenBaoProvider:
         raise KeyUnavailable(f"OpenBao refused {path} ({r.status_code}): {errors}")
 
     @staticmethod
+    def _material(wrapped: bytes) -> str:
+        # Transit ciphertext is ASCII (`vault:vN:BASE64`); anything else (another provider's
+        # material, a damaged file) is refused here as it would be by Transit.
+        try:
+            return wrapped.decode("ascii")
+        except UnicodeDecodeError:
+            raise SealError("wrapped key material is not OpenBao Transit's (`vault:vN:...`)") from None
+
+    @staticmethod
     def _ctx(context: Context) -> str:
         return base64.b64encode(canonical_context(context)).decode()
 
@@ -82,15 +91,13 @@ class OpenBaoProvider:
         return d["ciphertext"].encode()
 
     def unwrap(self, wrapped: bytes, context: Context) -> bytes:
-        d = self._req(
-            "POST", f"decrypt/{self.key}", {"ciphertext": wrapped.decode(), "context": self._ctx(context)}
-        )
+        body = {"ciphertext": self._material(wrapped), "context": self._ctx(context)}
+        d = self._req("POST", f"decrypt/{self.key}", body)
         return base64.b64decode(d["plaintext"])
 
     def rewrap(self, wrapped: bytes, context: Context) -> bytes:
-        d = self._req(
-            "POST", f"rewrap/{self.key}", {"ciphertext": wrapped.decode(), "context": self._ctx(context)}
-        )
+        body = {"ciphertext": self._material(wrapped), "context": self._ctx(context)}
+        d = self._req("POST", f"rewrap/{self.key}", body)
         return d["ciphertext"].encode()
 
     def rotate(self) -> str:
