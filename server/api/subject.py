@@ -38,8 +38,9 @@ async def export_subject(
     home = node.records.region
     if caller.purpose != EXPORT_PURPOSE:
         why = f"a subject export is answered for purpose {EXPORT_PURPOSE} only, not {caller.purpose}"
+        permission = f"purpose {EXPORT_PURPOSE}"
         await refuse_caller(
-            node, caller.identity, caller.location, "access", caller.purpose, why, [user], f"purpose {EXPORT_PURPOSE}"
+            node, caller.identity, caller.location, "access", caller.purpose, why, [user], permission
         )
     if caller.location != home:
         why = f"a subject export is answered to callers located in {home} only, not {caller.location}"
