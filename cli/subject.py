@@ -20,11 +20,14 @@ async def _export(args: argparse.Namespace) -> int:
     from residency.server.core.checkpoint import CheckpointError
     from residency.server.vault import subject_archive
 
+    reply = records_pb2.ExportSubjectResponse()
     async with open_channel(args) as channel:
-        reply = await records_pb2_grpc.RecordServiceStub(channel).ExportSubject(
+        stream = records_pb2_grpc.RecordServiceStub(channel).ExportSubject(
             records_pb2.ExportSubjectRequest(context=call_context(args), user_id=args.user),
             timeout=args.timeout,
         )
+        async for message in stream:  # the later messages carry entries and proofs only
+            reply.MergeFrom(message)
     try:
         zipped = subject_archive.write(args.out, reply, args.zip)
     except (subject_archive.ArchiveError, CheckpointError) as e:

@@ -282,9 +282,17 @@ def _export(c: Cluster, role: str, purpose: str = PURPOSE, location: str = PRIMA
     )
 
 
+async def collect(call) -> records_pb2.ExportSubjectResponse:
+    """The streamed export merged into one message, as the command does."""
+    whole = records_pb2.ExportSubjectResponse()
+    async for message in call:
+        whole.MergeFrom(message)
+    return whole
+
+
 async def _refused(call) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await call
+        await collect(call)
     return e.value
 
 
@@ -314,7 +322,7 @@ async def test_only_an_operator_or_a_service_allowed_the_purpose_may_export(held
         ("remote_read", USER, "denied")
     ]
     # A service acting for the user, with the purpose its policy allows, is answered.
-    reply = await _export(held, "service")
+    reply = await collect(_export(held, "service"))
     assert reply.record.user_id == USER and reply.record.fields["email"].string_value == VALUES["email"]
     assert len(reply.proofs) == len(reply.entries) and reply.checkpoint.tree_size >= reply.log_sequence
     assert "password" not in reply.record.fields

@@ -113,7 +113,8 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
 
     @rpc
     async def ExportSubject(self, request, context):
-        return await export_subject(self.node, request, context)
+        async for message in export_subject(self.node, request, context):
+            yield message
 
     @rpc
     async def DeleteRecord(self, request, context):

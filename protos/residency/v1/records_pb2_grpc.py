@@ -59,7 +59,7 @@ class RecordServiceStub:
                 request_serializer=residency_dot_v1_dot_records__pb2.VerifyCredentialRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_records__pb2.VerifyCredentialResponse.FromString,
                 _registered_method=True)
-        self.ExportSubject = channel.unary_unary(
+        self.ExportSubject = channel.unary_stream(
                 '/residency.v1.RecordService/ExportSubject',
                 request_serializer=residency_dot_v1_dot_records__pb2.ExportSubjectRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_records__pb2.ExportSubjectResponse.FromString,
@@ -112,6 +112,9 @@ class RecordServiceServicer:
         one signed checkpoint. Primary only; an operator, or a service allowed the purpose
         essential.legal_obligation, located in the home region, stating that purpose. The export
         is itself logged (kind "access", outcome "allowed") and its entry is among those returned.
+        Streamed: the first message holds everything but most entries; the others hold only
+        entries and proofs (at most 1,000 each), in log order. Merging the messages in order
+        (protobuf MergeFrom) gives the whole export.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,7 +148,7 @@ def add_RecordServiceServicer_to_server(servicer, server):
                     request_deserializer=residency_dot_v1_dot_records__pb2.VerifyCredentialRequest.FromString,
                     response_serializer=residency_dot_v1_dot_records__pb2.VerifyCredentialResponse.SerializeToString,
             ),
-            'ExportSubject': grpc.unary_unary_rpc_method_handler(
+            'ExportSubject': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportSubject,
                     request_deserializer=residency_dot_v1_dot_records__pb2.ExportSubjectRequest.FromString,
                     response_serializer=residency_dot_v1_dot_records__pb2.ExportSubjectResponse.SerializeToString,
@@ -307,7 +310,7 @@ class RecordService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/residency.v1.RecordService/ExportSubject',
