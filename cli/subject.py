@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from residency.cli.channel import add_caller, call_context, open_channel
-from residency.cli.log import KEY_HELP, _key, _trust
+from residency.cli.log import KEY_HELP, _key, _trust, offline_check
 from residency.v1 import records_pb2, records_pb2_grpc
 
 PURPOSE = "essential.legal_obligation"  # the one an export is answered for (`api.subject`)
@@ -47,24 +47,17 @@ async def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from residency.server.core.checkpoint import CheckpointError
     from residency.server.vault import subject_archive
 
-    try:
-        v = subject_archive.verify(args.dir, _key(args.key) if args.key else None, args.origin)
-    except subject_archive.ArchiveError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
+    v = offline_check(
+        lambda: subject_archive.verify(args.dir, _key(args.key) if args.key else None, args.origin),
+        subject_archive.ArchiveError,
+        "export",
+    )
+    if v is None:
         return 1
-    except CheckpointError as e:
-        print(f"FAILED: checkpoint: {e}", file=sys.stderr)
-        return 1
-    if not v.pinned:
-        print(
-            "WARNING: the checkpoint was checked with the export's own key; pin yours with --key",
-            file=sys.stderr,
-        )
     out = {
-        **_trust(v.key, v.pinned),
+        **_trust(v.key, v.pinned, "export"),
         "verified": True,
         "user_id": v.user_id,
         "entries": v.entries,

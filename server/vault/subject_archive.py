@@ -31,13 +31,11 @@ from google.protobuf import json_format
 from residency.server.core import codec, merkle
 from residency.server.core.checkpoint import (
     Checkpoint,
-    CheckpointError,
     fingerprint,
-    open_note,
-    parse_verifier_key,
 )
 from residency.server.core.errors import ResidencyError
 from residency.server.core.report import subject as page
+from residency.server.vault.bundle import open_checkpoint
 from residency.v1 import records_pb2
 
 INDEX, RECORD, COPIES, CONSENTS = "index.html", "record.json", "copies.json", "consents.json"
@@ -168,10 +166,7 @@ def verify(directory: Path, key: str | None = None, origin: str | None = None) -
         lines = (directory / ENTRIES).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ArchiveError(f"{directory} is not a complete export: {e.strerror}: {e.filename}") from e
-    signer = parse_verifier_key(key)[0]
-    cp = open_note(note, key)
-    if pinned and cp.origin != (origin or signer):
-        raise CheckpointError(f"the checkpoint is of log {cp.origin!r}, not {(origin or signer)!r}")
+    cp, _ = open_checkpoint(note, key, pinned, origin)
     record = _read(directory, RECORD)
     if not isinstance(record, dict) or not isinstance(record.get("export"), dict):
         raise ArchiveError(f"{RECORD}: not the record of an export")
