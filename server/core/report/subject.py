@@ -10,6 +10,7 @@ from typing import Any
 from residency.server.core import countries
 from residency.server.core.report.figures import REGION_COUNTRY, iso
 from residency.server.core.report.page import CSS, ENTRY_HEADERS, entry_row, esc, table
+from residency.server.core.report.ropa import SAFEGUARD_NAMES
 
 # Entries that put a copy in a region (replication) or take it away (erasure: an erased
 # record, or a copy nothing allows any more).
@@ -66,6 +67,11 @@ def _value(v: Any) -> str:
 
 def _when(t: Any) -> str:
     return iso(t) if isinstance(t, int | float) else str(t or "")
+
+
+def _plain(name: str, prefix: str) -> str:
+    """An API enum's name as words: DISCLOSURE_STATE_RELEASED -> released."""
+    return name.removeprefix(prefix).replace("_", " ").lower()
 
 
 def _country(code: str) -> str:
@@ -136,7 +142,10 @@ def render_page(doc: dict[str, Any], now: float) -> str:
                         + esc(
                             f"{f['retention_days']} days" if f["retention_days"] else "while the rule stands"
                         )
-                        + "".join(esc(f"; {g['kind']}: {g['reference']}") for g in f["safeguards"])
+                        + "".join(
+                            esc(f"; {SAFEGUARD_NAMES.get(g['kind'], g['kind'])}: {g['reference']}")
+                            for g in f["safeguards"]
+                        )
                         for f in {f["rule"]: f for f in c["fields"]}.values()
                     ),
                 ]
@@ -169,9 +178,9 @@ def render_page(doc: dict[str, Any], now: float) -> str:
                     f"<code>{esc(d.get('id', ''))}</code>",
                     esc(d.get("third_party", "")),
                     esc(_country(d.get("destination_country", ""))),
-                    esc(d.get("ground", "")),
-                    esc(", ".join(d.get("fields", []))),
-                    esc(d.get("state", "")),
+                    esc(_plain(d.get("ground", ""), "DISCLOSURE_GROUND_")),
+                    esc(", ".join(d.get("fields", [])) or "all the ground reaches"),
+                    esc(_plain(d.get("state", ""), "DISCLOSURE_STATE_")),
                     esc(d.get("requested_at", "")),
                     f"<code>{esc(d.get('decided_by', ''))}</code>",
                 ]
@@ -189,7 +198,9 @@ def render_page(doc: dict[str, Any], now: float) -> str:
             ],
         ),
         "<h2>Timeline of the transfer log</h2>",
-        table(ENTRY_HEADERS, [entry_row(r) for r in doc["rows"]]),
+        "<div style='overflow-x:auto'>"
+        + table(ENTRY_HEADERS, [entry_row(r) for r in doc["rows"]])
+        + "</div>",
     ]
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Personal data export"
