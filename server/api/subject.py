@@ -34,6 +34,10 @@ ENTRIES_PER_MESSAGE = 1000
 async def export_subject(
     node: Node, request: records_pb2.ExportSubjectRequest, context: grpc.aio.ServicerContext
 ) -> AsyncIterator[records_pb2.ExportSubjectResponse]:
+    """The export's messages. Refused before anything is read: on a region node (it holds
+    sealed copies only), a caller its access policy does not let state the purpose or that
+    states another (`PERMISSION_DENIED`, logged against the user), and one located outside
+    the home region (the data would leave it without a rule)."""
     node.primary_only()
     user = request.user_id
     caller = await caller_of(node, request.context, context, [user])
