@@ -8,13 +8,22 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from residency.cli.channel import Credentials, add_target, open_channel
 from residency.cli.client import Client
 from residency.v1 import translog_pb2, translog_pb2_grpc
+
+
+class _Checked(Protocol):
+    @property
+    def pinned(self) -> bool: ...  # the reader gave the key (else it was the folder's own log.pub)
+
+
+V = TypeVar("V", bound=_Checked)
 
 
 async def _log_tail(args: argparse.Namespace) -> int:
@@ -62,14 +71,14 @@ def _key(value: str) -> str:
     return path.read_text().strip() if path.is_file() else value.strip()
 
 
-def _trust(key: str, pinned: bool) -> dict[str, Any]:
+def _trust(key: str, pinned: bool, folder: str = "bundle") -> dict[str, Any]:
     """What the checkpoint was checked against, first in every verifying command's output."""
     from residency.server.core.checkpoint import fingerprint
 
     if pinned:
         return {"key": "pinned", "key_fingerprint": fingerprint(key)}
     return {
-        "key": "taken from the bundle's log.pub, not pinned: pass --key with the log's verifier key",
+        "key": f"taken from the {folder}'s log.pub, not pinned: pass --key with the log's verifier key",
         "key_fingerprint": fingerprint(key),
     }
 
@@ -89,28 +98,41 @@ async def _log_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_verify(args: argparse.Namespace) -> int:
+def offline_check(check: Callable[[], V], refused: type[Exception], folder: str) -> V | None:
+    """Runs an offline check of a folder (`check`); prints `FAILED: ...` and returns None for
+    what it refuses, and warns when the checkpoint was checked with the folder's own key."""
     from residency.server.core.checkpoint import CheckpointError
+
+    try:
+        v = check()
+    except OSError as e:
+        print(f"FAILED: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return None
+    except CheckpointError as e:
+        print(f"FAILED: checkpoint: {e}", file=sys.stderr)
+        return None
+    except refused as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return None
+    if not v.pinned:
+        print(
+            f"WARNING: the checkpoint was checked with the {folder}'s own key; pin yours with --key",
+            file=sys.stderr,
+        )
+    return v
+
+
+def _log_verify(args: argparse.Namespace) -> int:
     from residency.server.vault import bundle
 
     previous = Path(args.previous).read_text() if args.previous else None
-    try:
-        key = _key(args.key) if args.key else None
-        v = bundle.verify(args.dir, previous, key, args.origin)
-    except OSError as e:
-        print(f"FAILED: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+    v = offline_check(
+        lambda: bundle.verify(args.dir, previous, _key(args.key) if args.key else None, args.origin),
+        bundle.BundleError,
+        "bundle",
+    )
+    if v is None:
         return 1
-    except bundle.BundleError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        return 1
-    except CheckpointError as e:
-        print(f"FAILED: checkpoint: {e}", file=sys.stderr)
-        return 1
-    if not v.pinned:
-        print(
-            "WARNING: the checkpoint was checked with the bundle's own key; pin yours with --key",
-            file=sys.stderr,
-        )
     out: dict[str, Any] = {
         **_trust(v.key, v.pinned),
         "verified": True,

@@ -11,7 +11,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from residency.cli import keys, log, logs, node, policy, records, replication, rules
+from residency.cli import keys, log, logs, node, policy, records, replication, rules, subject
 from residency.server.core.errors import ResidencyError
 
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     replication.add_replicate(sub)
     keys.add_keys(sub)
     records.add_records(sub)
+    subject.add_subject(sub)
     log.add_log(sub)
     replication.add_replication(sub)
     node.add_status(sub)

@@ -1,5 +1,5 @@
-"""`residency rules check|explain|apply`: validate a rules file offline, explain a transfer
-decision, and swap the primary's rules."""
+"""`residency rules check|explain|apply|ropa`: validate a rules file offline, explain a transfer
+decision, swap the primary's rules, and render the record of processing a regulator reads."""
 
 from __future__ import annotations
 
@@ -27,6 +27,60 @@ def _rules_check(args: argparse.Namespace) -> int:
         f"{args.file}: ok, version {rules.version}, {len(rules.rules)} rules, "
         f"{len(rules.recipients)} recipients"
     )
+    return 0
+
+
+def _rules_ropa(args: argparse.Namespace) -> int:
+    """Offline: the rules file as a record of processing (HTML or CSV, by the suffix of
+    `--out`), with the volumes of a log bundle once it verifies."""
+    import time
+
+    from residency.cli.log import _key, _trust
+    from residency.server.config.rules import load_rules
+    from residency.server.config.schema import load_schema
+    from residency.server.core.checkpoint import CheckpointError
+    from residency.server.core.report import ropa
+    from residency.server.vault import bundle
+
+    fmt = args.out.suffix.lower().lstrip(".")
+    if fmt not in ("html", "csv"):
+        print(f"error: --out {args.out}: name a .html or a .csv file", file=sys.stderr)
+        return 2
+    try:
+        rules = load_rules(args.file, load_schema(args.schema))
+    except ResidencyError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    found, integrity = None, None
+    if args.bundle is not None:
+        try:
+            v = bundle.verify(args.bundle, key=_key(args.verifier_key) if args.verifier_key else None)
+        except (bundle.BundleError, CheckpointError) as e:
+            print(f"FAILED: the bundle does not verify, no volumes are shown: {e}", file=sys.stderr)
+            return 1
+        if not v.pinned:
+            print("WARNING: the bundle was checked with its own key; pin yours with --key", file=sys.stderr)
+        found = ropa.volumes([json.loads(e) for e in v.entries], rules)
+        integrity = {
+            **_trust(v.key, v.pinned),
+            "origin": v.checkpoint.origin,
+            "tree_size": v.checkpoint.size,
+            "root_hash": v.checkpoint.root.hex(),
+        }
+    if fmt == "csv":
+        text = ropa.csv_text(rules, found)
+    else:
+        text = ropa.render_page(rules, found, integrity, time.time())
+    args.out.write_text(text, encoding="utf-8")
+    summary = {
+        "out": str(args.out),
+        "format": fmt,
+        "recipients": len(rules.recipients),
+        "rules": len(rules.rules),
+    }
+    if integrity is not None:
+        summary |= {"bundle": integrity, "volumes": len(found or [])}
+    print(json.dumps(summary))
     return 0
 
 
@@ -90,7 +144,7 @@ async def _rules_apply(args: argparse.Namespace) -> int:
 
 
 def add_rules(sub: argparse._SubParsersAction) -> None:
-    ru = sub.add_parser("rules", help="transfer rules: check, explain, apply").add_subparsers(
+    ru = sub.add_parser("rules", help="transfer rules: check, explain, apply, ropa").add_subparsers(
         dest="action", required=True
     )
     s = ru.add_parser("check", help="validate a rules file; print every error")
@@ -110,3 +164,20 @@ def add_rules(sub: argparse._SubParsersAction) -> None:
     s.add_argument("file")
     s.add_argument("--wait", action="store_true", help="show progress until every record is re-projected")
     s.set_defaults(run=lambda a: asyncio.run(_rules_apply(a)))
+    s = ru.add_parser(
+        "ropa", help="the record of processing (GDPR Art. 30) per recipient, as HTML or CSV; offline"
+    )
+    s.add_argument("file", help="the rules file")
+    s.add_argument("--schema", required=True, help="the schema file the rules refer to")
+    s.add_argument("--out", required=True, type=Path, help="FILE.html (a page) or FILE.csv")
+    s.add_argument(
+        "--bundle",
+        type=Path,
+        help="a `residency log export` bundle: add the volumes it shows, once it verifies",
+    )
+    s.add_argument(
+        "--key",
+        dest="verifier_key",
+        help="with --bundle: the log's verifier key you trust, or a file holding it",
+    )
+    s.set_defaults(run=_rules_ropa)

@@ -87,10 +87,12 @@ recipients:                      # PIPL Art. 39: the user is told each recipient
     region: ap-southeast-1
     company: Example Holdings Pte. Ltd.
     contact: dpo@example.sg
+    country: SG
   - id: ie-affiliate
     region: eu-west-1
     company: Example Europe Ltd.
     contact: dpo@example.ie
+    country: IE
 never_transfer: [user.authorization, user.government_id, user.behavior.search_history]
 rules:
   - id: sg-service               # the Singapore affiliate serves the account
@@ -100,24 +102,35 @@ rules:
     categories: [user.name, user.contact, user.device, user.demographic.language]
     exclude: [user.contact.address]
     retention_days: 365
+    safeguards:
+      - {kind: cac_standard_contract, reference: "filed with the Beijing CAC, no. Jing-HT-2025-0173"}
   - id: ie-analytics             # the Irish affiliate reports on service use
     recipient: ie-affiliate
     purposes: [analytics.reporting]
     legal_basis: contract
     categories: [user.demographic.language, user.telemetry, user.behavior.browsing_history]
     retention_days: 180
+    safeguards:
+      - {kind: cac_standard_contract, reference: "filed with the Beijing CAC, no. Jing-HT-2025-0173"}
+      - {kind: scc, reference: "EU SCCs 2021/914 module 1, onward transfers, 2025-03-01"}
   - id: ie-support               # ... and answers support requests
     recipient: ie-affiliate
     purposes: [essential.service.operations.support]
     legal_basis: contract
     categories: [user.contact.email, user.behavior.purchase_history]
     retention_days: 365
+    safeguards:
+      - {kind: cac_standard_contract, reference: "filed with the Beijing CAC, no. Jing-HT-2025-0173"}
+      - {kind: scc, reference: "EU SCCs 2021/914 module 1, onward transfers, 2025-03-01"}
   - id: ie-marketing             # policy 2c: partner marketing only with the user's prior consent
     recipient: ie-affiliate
     purposes: [marketing.communications]
     legal_basis: consent
     categories: [user.name, user.contact.phone_number]
     retention_days: 90
+    safeguards:
+      - {kind: cac_standard_contract, reference: "filed with the Beijing CAC, no. Jing-HT-2025-0173"}
+      - {kind: scc, reference: "EU SCCs 2021/914 module 1, onward transfers, 2025-03-01"}
 """
 
 EXAMPLE_ACCESS = """\

@@ -66,6 +66,7 @@ def test_every_method_of_the_api_has_a_permission_and_every_permission_a_role():
                 "GetRecord",
                 "DeleteRecord",
                 "VerifyCredential",
+                "ExportSubject",
                 "GrantConsents",
                 "Disclose",
                 "RequestDisclosure",
@@ -75,6 +76,7 @@ def test_every_method_of_the_api_has_a_permission_and_every_permission_a_role():
         (
             "operator",
             {
+                "ExportSubject",
                 "ApplyRules",
                 "PauseReplication",
                 "GetNodeStatus",
@@ -97,6 +99,7 @@ def test_each_role_may_call_exactly_its_own_methods(role: str, allowed: set[str]
         "GetRecord": "Record",
         "DeleteRecord": "Record",
         "VerifyCredential": "Record",
+        "ExportSubject": "Record",
         "GrantConsents": "Consent",
         "Disclose": "Disclosure",
         "RequestDisclosure": "Disclosure",

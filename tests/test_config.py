@@ -169,26 +169,26 @@ def test_a_wrong_schema_names_file_field_and_key(tmp_path: Path, old: str, new: 
 
 
 RULES_CASES = [
-    ("legal_basis: contract", "legal_basis: because", ":15: rule 'sg-service': legal_basis must be one of ["),
+    ("legal_basis: contract", "legal_basis: because", ":17: rule 'sg-service': legal_basis must be one of ["),
     (
         "  - id: ie-analytics",
         "  - colour: red",
-        ":22: rule 1: id is required: the rule's id, unique in the file",
+        ":26: rule 1: id is required: the rule's id, unique in the file",
     ),
     (
         "retention_days: 180",
         "retention_days: 0",
-        ":22: rule 'ie-analytics': retention_days must be a positive whole number of days",
+        ":26: rule 'ie-analytics': retention_days must be a positive whole number of days",
     ),
     (
         "    exclude: [user.contact.address]",
         "    exclude: [user.contact.adress]",
-        ":15: rule 'sg-service': 'user.contact.adress' is not a Fides data category",
+        ":17: rule 'sg-service': 'user.contact.adress' is not a Fides data category",
     ),
     (
         "    purposes: [analytics.reporting]",
         "    purposes: []",
-        ":22: rule 'ie-analytics': purposes must be a list of at least one Fides data use, got []",
+        ":26: rule 'ie-analytics': purposes must be a list of at least one Fides data use, got []",
     ),
     (
         "    contact: dpo@example.ie\n",

@@ -67,8 +67,9 @@ def command_lines(text: str) -> Iterator[tuple[int, str]]:
                 yield number, step.strip()
 
 
-def config_rows(text: str) -> Iterator[tuple[int, Key, str]]:
-    """(line, key, row) for every key of a config table: a table whose first header is `key`.
+def config_rows(text: str, header: str = "key") -> Iterator[tuple[int, Key, str]]:
+    """(line, key, row) for every key of a config table: a table whose first header is
+    `header` (`key`: the node config's; `rules key`: the rules file's).
     A table under a line that starts with `NAME:` lists the keys of NAME. The row's first
     column names its keys (dotted for nested ones); `{a, b: value, ...}` in the row names the
     keys inside the row's key."""
@@ -86,7 +87,7 @@ def config_rows(text: str) -> Iterator[tuple[int, Key, str]]:
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if config_table is None:
-            config_table = cells[0] == "key"
+            config_table = cells[0] == header
             continue
         if not config_table or set(cells[0]) <= set("-: "):
             continue
@@ -195,10 +196,19 @@ def doc_command_problems(where: str, text: str, parser: argparse.ArgumentParser)
     ]
 
 
-def doc_key_problems(where: str, text: str, known: set[Key]) -> list[str]:
+def known_rules_keys() -> tuple[str, set[Key]]:
+    """The rules file's key paths, from the model that parses rules files."""
+    from residency.server.config.rules import RulesFile
+
+    return "residency.server.config.rules.RulesFile", _schema_keys(RulesFile.model_json_schema())
+
+
+def doc_key_problems(
+    where: str, text: str, known: set[Key], header: str = "key", what: str = "node config"
+) -> list[str]:
     return [
-        f"{where}:{number}: `{'.'.join(key)}` is not a node config key  <- {row.strip()}"
-        for number, key, row in config_rows(text)
+        f"{where}:{number}: `{'.'.join(key)}` is not a {what} key  <- {row.strip()}"
+        for number, key, row in config_rows(text, header)
         if key not in known
     ]
 
@@ -221,6 +231,18 @@ def test_every_config_key_in_the_docs_exists_in_the_node_config() -> None:
     problems = [p for doc in DOCS for p in doc_key_problems(_name(doc), doc.read_text(), known)]
     assert {("replicator", "batch_size"), ("replicator", "regions"), ("keys", "provider")} <= set(named)
     assert not problems, f"config keys the docs name that are not in {source}:\n" + "\n".join(problems)
+
+
+def test_every_rules_key_in_the_docs_exists_in_the_rules_file() -> None:
+    source, known = known_rules_keys()
+    named = [key for doc in DOCS for _, key, _ in config_rows(doc.read_text(), "rules key")]
+    problems = [
+        p
+        for doc in DOCS
+        for p in doc_key_problems(_name(doc), doc.read_text(), known, "rules key", "rules file")
+    ]
+    assert {("recipients", "country"), ("rules", "safeguards", "kind")} <= set(named)
+    assert not problems, f"rules keys the docs name that are not in {source}:\n" + "\n".join(problems)
 
 
 def _anchors(doc: Path) -> set[str]:

@@ -119,8 +119,8 @@ def test_a_bad_rules_file_reports_every_error_with_line_and_rule(schema, tmp_pat
     with pytest.raises(ConfigError) as e:
         load_rules(p, schema)
     msg = str(e.value)
-    assert f"{p}:15: rule 'sg-service': 'essential.everything' is not a Fides data use" in msg
-    assert f"{p}:22: rule 'ie-analytics': legal_basis must be one of" in msg
+    assert f"{p}:17: rule 'sg-service': 'essential.everything' is not a Fides data use" in msg
+    assert f"{p}:26: rule 'ie-analytics': legal_basis must be one of" in msg
     assert "'user.nonsense' is not a Fides data category" in msg
 
 

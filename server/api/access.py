@@ -38,6 +38,9 @@ METHODS: dict[str, str] = {
     "/residency.v1.RecordService/DeleteRecord": "records.write",
     "/residency.v1.RecordService/GetRecord": "records.read",
     "/residency.v1.RecordService/VerifyCredential": "credentials.verify",
+    # The data subject's own export: an operator, or a service acting for the user (who must
+    # also state the purpose `api.subject.EXPORT_PURPOSE` and be allowed it).
+    "/residency.v1.RecordService/ExportSubject": "subjects.export",
     "/residency.v1.ConsentService/GrantConsents": "consents.write",
     "/residency.v1.ConsentService/WithdrawConsents": "consents.write",
     "/residency.v1.ConsentService/ListConsents": "consents.read",
@@ -93,10 +96,12 @@ ROLES: dict[str, frozenset[str]] = {
             "consents.write",
             "consents.read",
             "disclosures.request",
+            "subjects.export",
         }
     ),
     "operator": frozenset(
         {
+            "subjects.export",
             "admin.status",
             "admin.replication",
             "admin.rules",

@@ -9,6 +9,7 @@ from residency.server.api.errors import rpc
 from residency.server.api.identity import caller_of, hold_to_policy, purpose_refusal
 from residency.server.core import codec
 from residency.server.core.policy.consent import ConsentChange
+from residency.server.storage.consents import ConsentRow
 from residency.v1 import consent_pb2, consent_pb2_grpc
 
 
@@ -49,18 +50,18 @@ class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
         rows = await self.node.db.call(self.node.db.store.consents, [request.user_id], True)
         # A service sees the consents for purposes it may state, no others.
         rows = [r for r in rows if not purpose_refusal(self.node, caller, r[1])]
-        return consent_pb2.ListConsentsResponse(
-            consents=[
-                consent_pb2.Consent(
-                    user_id=u,
-                    purpose=p,
-                    recipient=r,
-                    sensitive=bool(s),
-                    evidence=e,
-                    actor=a,
-                    granted_at=codec.timestamp(g),
-                    withdrawn_at=codec.timestamp(w) if w else None,
-                )
-                for u, p, r, s, g, w, e, a in rows
-            ]
-        )
+        return consent_pb2.ListConsentsResponse(consents=[consent_message(row) for row in rows])
+
+
+def consent_message(row: ConsentRow) -> consent_pb2.Consent:
+    u, p, r, s, g, w, e, a = row
+    return consent_pb2.Consent(
+        user_id=u,
+        purpose=p,
+        recipient=r,
+        sensitive=bool(s),
+        evidence=e,
+        actor=a,
+        granted_at=codec.timestamp(g),
+        withdrawn_at=codec.timestamp(w) if w else None,
+    )

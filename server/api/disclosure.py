@@ -116,7 +116,7 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
             await self.node.db.write(lambda: ops.release_disclosure(request.id, caller, refusal))
         )
         schema = self.node.records.schema.fields
-        reply = disclosure_pb2.ReleaseDisclosureResponse(log_sequence=seq, disclosure=_summary(r))
+        reply = disclosure_pb2.ReleaseDisclosureResponse(log_sequence=seq, disclosure=summary_of(r))
         for name, value in sent.items():
             reply.fields[name].CopyFrom(value)
         reply.withheld.extend(
@@ -134,7 +134,7 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
             raise InvalidRecord([("state", "name a DisclosureState, or none for every request")])
         ops = self.node.policy
         found = await self.node.db.call(ops.disclosure_requests, state)
-        return disclosure_pb2.ListDisclosuresResponse(disclosures=[_summary(r) for r in found])
+        return disclosure_pb2.ListDisclosuresResponse(disclosures=[summary_of(r) for r in found])
 
 
 T = TypeVar("T")
@@ -153,7 +153,7 @@ def _peer_caller(context: grpc.aio.ServicerContext) -> Caller:
     return Caller(ident.uri, ident.region, "", role=ident.role, name=ident.name)
 
 
-def _summary(r: Request) -> disclosure_pb2.Disclosure:
+def summary_of(r: Request) -> disclosure_pb2.Disclosure:
     """A request as approvers and its requester see it: no field values."""
     d = r.disclosure
     out = disclosure_pb2.Disclosure(

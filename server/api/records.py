@@ -1,5 +1,5 @@
-"""RecordService: put, get and delete records, and verify a credential, on the node that
-holds them."""
+"""RecordService: put, get and delete records, verify a credential, and export a data subject's
+record (`subject`), on the node that holds them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
 from residency.server.api.identity import caller_of, refuse_caller
 from residency.server.api.intake import Checked, check_records
-from residency.server.core import codec
+from residency.server.api.messages import record_message, withheld_messages
+from residency.server.api.subject import export_subject
 from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
 from residency.server.core.policy.credentials import hash_credential, verify_credential
 from residency.server.vault.records import Write
@@ -104,25 +105,16 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
             result = await self.node.db.write(lambda: self.records.read(request.user_id, caller))
         if result.denied:
             raise TransferDenied(f"{result.denied} (transfer-log entry {result.log_sequence})")
-        rec = result.record
-        reply = records_pb2.GetRecordResponse(log_sequence=result.log_sequence)
-        out = reply.record
-        out.user_id, out.version, out.source, out.home_region = (
-            rec.user_id,
-            rec.version,
-            rec.source,
-            rec.home_region,
+        return records_pb2.GetRecordResponse(
+            log_sequence=result.log_sequence,
+            record=record_message(result.record),
+            withheld=withheld_messages(self.records.schema, result.withheld),
         )
-        out.created_at.CopyFrom(codec.timestamp(rec.created_at))
-        out.updated_at.CopyFrom(codec.timestamp(rec.updated_at))
-        for name, value in rec.fields.items():
-            out.fields[name].CopyFrom(value)
-        schema = self.records.schema.fields
-        reply.withheld.extend(
-            common_pb2.WithheldField(field=n, category=schema[n].category, reason=w.reason, detail=w.detail)
-            for n, w in sorted(result.withheld.items())
-        )
-        return reply
+
+    @rpc
+    async def ExportSubject(self, request, context):
+        async for message in export_subject(self.node, request, context):
+            yield message
 
     @rpc
     async def DeleteRecord(self, request, context):

@@ -4,13 +4,14 @@ checkpoints, inclusion and consistency proofs, a subject's report."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
 from residency.server.api.requests import INT64_MAX
 from residency.server.core import codec, merkle, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
+from residency.server.core.report.figures import country_of
+from residency.server.core.rules import Recipient
 from residency.server.vault.transferlog import LogEntry, SignedCheckpoint, TransferLog
 from residency.v1 import translog_pb2, translog_pb2_grpc
 
@@ -74,7 +75,7 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
             done = not more or left == 0
             if len(entries) == page_size or done:  # a page is full, or the last one
                 yield translog_pb2.QueryResponse(
-                    entries=[_entry(e) for e in entries], next_page_token=str(after) if more else ""
+                    entries=[entry_message(e) for e in entries], next_page_token=str(after) if more else ""
                 )
                 entries = []
             if done:
@@ -86,9 +87,7 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
         return self._checkpoint(cp)
 
     def _checkpoint(self, cp: SignedCheckpoint) -> translog_pb2.GetCheckpointResponse:
-        return translog_pb2.GetCheckpointResponse(
-            checkpoint=cp.note, tree_size=cp.size, root_hash=cp.root, verifier_key=self.log.verifier_key
-        )
+        return checkpoint_message(cp, self.log.verifier_key)
 
     @rpc
     async def ProveInclusion(self, request, context):
@@ -118,18 +117,15 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
         # The checkpoint first: the entries are read up to the size it covers, a bounded
         # stretch per store-thread turn so writes keep flowing meanwhile.
         cp = await self.node.db.call(log_.checkpoint, True)
-        f = translog.Filter(subject=request.subject)
-        entries: list[LogEntry] = []
-        after, more = 0, cp.size > 0
-        while more and after < cp.size:
-            found, after, more = await self.node.db.call(log_.query, f, after, 1 << 30, self.QUERY_SCAN)
-            entries += [e for e in found if e.sequence <= cp.size]
+        entries = await subject_entries(self.node, log_, request.subject, cp.size)
         named = {r for e in entries for r in str(json.loads(e.data).get("recipient", "")).split(",") if r}
         rules = self.node.records.rules
         return translog_pb2.SubjectReportResponse(
             subject=request.subject,
-            entries=[_entry(e) for e in entries],
-            recipients=[_recipient(rules.recipients[r]) for r in sorted(named) if r in rules.recipients],
+            entries=[entry_message(e) for e in entries],
+            recipients=[
+                recipient_message(rules.recipients[r]) for r in sorted(named) if r in rules.recipients
+            ],
             checkpoint=self._checkpoint(cp),
         )
 
@@ -139,20 +135,40 @@ class TransferLogService(translog_pb2_grpc.TransferLogServiceServicer):
         return translog_pb2.GetReviewContextResponse(
             region=records.region,
             home_region=records.rules.home_region,
-            recipients=[_recipient(r) for _, r in sorted(records.rules.recipients.items())],
+            recipients=[recipient_message(r) for _, r in sorted(records.rules.recipients.items())],
             sensitive_fields=sorted(n for n, f in records.schema.fields.items() if f.sensitive),
             rules_version=records.rules.version,
         )
 
 
-def _entry(e: LogEntry) -> translog_pb2.LogEntry:
+def checkpoint_message(cp: SignedCheckpoint, verifier_key: str) -> translog_pb2.GetCheckpointResponse:
+    return translog_pb2.GetCheckpointResponse(
+        checkpoint=cp.note, tree_size=cp.size, root_hash=cp.root, verifier_key=verifier_key
+    )
+
+
+async def subject_entries(node: Node, log_: TransferLog, subject: str, size: int) -> list[LogEntry]:
+    """Every entry about `subject` up to tree size `size`, read a bounded stretch per
+    store-thread turn so that writes keep flowing meanwhile."""
+    f = translog.Filter(subject=subject)
+    entries: list[LogEntry] = []
+    after, more = 0, size > 0
+    while more and after < size:
+        found, after, more = await node.db.call(log_.query, f, after, 1 << 30, TransferLogService.QUERY_SCAN)
+        entries += [e for e in found if e.sequence <= size]
+    return entries
+
+
+def entry_message(e: LogEntry) -> translog_pb2.LogEntry:
     return translog_pb2.LogEntry(
         sequence=e.sequence, leaf_index=e.leaf_index, entry_json=e.data.decode(), leaf_hash=e.leaf_hash
     )
 
 
-def _recipient(r: Any) -> translog_pb2.Recipient:
-    return translog_pb2.Recipient(id=r.id, region=r.region, company=r.company, contact=r.contact)
+def recipient_message(r: Recipient) -> translog_pb2.Recipient:
+    return translog_pb2.Recipient(
+        id=r.id, region=r.region, company=r.company, contact=r.contact, country=country_of(r)
+    )
 
 
 def _page_token(token: str) -> int:

@@ -12,12 +12,21 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from residency.server.config.errors import FileModel, config_error, empty_if_null
 from residency.server.config.schema import DataCategory, DataUse
+from residency.server.core import countries
 from residency.server.core.errors import ConfigError
-from residency.server.core.rules import LegalBasis, Recipient, Rule, RuleSet, covers
+from residency.server.core.rules import (
+    LegalBasis,
+    Recipient,
+    Rule,
+    RuleSet,
+    Safeguard,
+    SafeguardKind,
+    covers,
+)
 from residency.server.core.schema import Schema
 
 
@@ -28,6 +37,37 @@ class RecipientFile(FileModel):
     region: str = Field(min_length=1, description="the affiliate region the recipient is in")
     company: str = Field(min_length=1, description="the recipient's legal name")
     contact: str = Field(min_length=1, description="how the user reaches the recipient")
+    country: str | None = Field(
+        default=None,
+        description="an ISO 3166-1 alpha-2 code, e.g. SG: the country the recipient's servers are in "
+        "(default: the region's, where known)",
+    )
+
+    @field_validator("country")
+    @classmethod
+    def _alpha_2(cls, code: str | None) -> str | None:
+        if code is not None and not countries.is_alpha_2(code):
+            hint = countries.suggest(code)
+            raise ValueError(
+                f"{code[:60]!r} is not an ISO 3166-1 alpha-2 country code"
+                + (f" (did you mean {hint}?)" if hint else "")
+            )
+        return code
+
+
+class SafeguardFile(FileModel):
+    """What makes a transfer abroad lawful beside its legal basis (GDPR Art. 46, PIPL Art. 38)."""
+
+    kind: SafeguardKind = Field(
+        description="scc (EU standard contractual clauses), cac_standard_contract (the CAC standard "
+        "contract, filed), certification or adequacy"
+    )
+    reference: str = Field(
+        min_length=1,
+        max_length=500,
+        description="what identifies it: the clauses' module and date, the filing number, the "
+        "certificate or the adequacy decision",
+    )
 
 
 class RuleFile(FileModel):
@@ -49,6 +89,9 @@ class RuleFile(FileModel):
     )
     retention_days: int | None = Field(
         default=None, gt=0, description="a positive whole number of days the destination may keep a copy"
+    )
+    safeguards: Annotated[list[SafeguardFile], empty_if_null(list, list[SafeguardFile] | None)] = Field(
+        default=[], description="a list of {kind, reference}: the safeguards the transfer is made under"
     )
 
 
@@ -132,7 +175,7 @@ def parse_rules(
             errors.append(f"{where}: recipients[{i}]: duplicate recipient id {r.id!r}")
         if r.region == f.home_region:
             errors.append(f"{where}: recipient {r.id!r} is in the home region; it is not a transfer")
-        recipients[r.id] = Recipient(r.id, r.region, r.company, r.contact)
+        recipients[r.id] = Recipient(r.id, r.region, r.company, r.contact, r.country or "")
     rules: list[Rule] = []
     for i, raw in enumerate(f.rules):
         line = lines[i] if lines and i < len(lines) else 0
@@ -151,6 +194,7 @@ def parse_rules(
             requires_consent=checked.requires_consent or checked.legal_basis == "consent",
             retention_days=checked.retention_days,
             line=line,
+            safeguards=tuple(Safeguard(g.kind, g.reference) for g in checked.safeguards),
         )
         if any(r.id == rule.id for r in rules):
             errors.append(f"{at}: duplicate rule id")

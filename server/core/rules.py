@@ -78,12 +78,26 @@ def covers(prefix: str, key: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
+# How a transfer abroad is made lawful beside its legal basis (GDPR Art. 46, PIPL Art. 38):
+# standard contractual clauses, the CAC standard contract (its filing number), a certification,
+# an adequacy decision. A record of processing (`residency rules ropa`) lists them per rule.
+SafeguardKind = Literal["scc", "cac_standard_contract", "certification", "adequacy"]
+
+
+@dataclass(frozen=True, slots=True)
+class Safeguard:
+    kind: str
+    reference: str
+
+
 @dataclass(frozen=True, slots=True)
 class Recipient:
     id: str
     region: str
     company: str
     contact: str
+    # ISO 3166-1 alpha-2 code of the country the recipient's servers are in ("": not stated).
+    country: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +111,7 @@ class Rule:
     requires_consent: bool = False
     retention_days: int | None = None
     line: int = 0
+    safeguards: tuple[Safeguard, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,9 @@ KINDS = frozenset(
         "key_event",
         "grant",
         "admin",  # an operator's act on replication (pause, resume, retry); an access policy reread
-        "access",  # a call refused for its caller's role or stated purpose, per user it names
+        # a call refused for its caller's role or stated purpose, per user it names; and, allowed,
+        # a data subject's export (the data handed over, by field name)
+        "access",
     }
 )
 OUTCOMES = frozenset({"allowed", "denied", "failed"})

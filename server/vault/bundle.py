@@ -105,6 +105,16 @@ def _first_misnumbered(entries: list[bytes]) -> int | None:
     return None
 
 
+def open_checkpoint(note: str, key: str, pinned: bool, origin: str | None) -> tuple[Checkpoint, str]:
+    """(the checkpoint, its signer's name) once its signature checks with `key`; a key the
+    reader pinned also fixes the log it must be of (`origin`, by default the key's name)."""
+    signer = parse_verifier_key(key)[0]
+    cp = open_note(note, key)
+    if pinned and cp.origin != (origin or signer):
+        raise CheckpointError(f"the checkpoint is of log {cp.origin!r}, not {(origin or signer)!r}")
+    return cp, signer
+
+
 def verify(
     directory: str | Path, previous: str | None = None, key: str | None = None, origin: str | None = None
 ) -> Verified:
@@ -122,10 +132,7 @@ def verify(
         entries = read_entries(d / ENTRIES)
     except OSError as e:
         raise BundleError(f"{d} is not a complete bundle: {e.strerror}: {e.filename}") from e
-    signer = parse_verifier_key(key)[0]
-    cp = open_note(note, key)
-    if pinned and cp.origin != (origin or signer):
-        raise CheckpointError(f"the checkpoint is of log {cp.origin!r}, not {(origin or signer)!r}")
+    cp, signer = open_checkpoint(note, key, pinned, origin)
     leaves = [merkle.leaf_hash(e) for e in entries]
     locator = _locator(d / LEAVES, cp)
     if locator is not None and leaves != locator:

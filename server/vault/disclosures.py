@@ -138,11 +138,16 @@ class Disclosures:
             raise NotFound(f"no disclosure request {request_id}")
         return _request(row)
 
-    def disclosure_requests(self, state: str = "") -> list[Request]:
-        """Every request (those in `state` now, if given), oldest first."""
+    def disclosure_requests(self, state: str = "", user_id: str = "") -> list[Request]:
+        """Every request (those in `state` now, about `user_id`, if given), oldest first."""
         now = time.time()
         found = [_request(row) for row in self.records.store.disclosures_list()]
-        return [r for r in found if not state or disclosure.state_at(r, now) == state]
+        return [
+            r
+            for r in found
+            if (not state or disclosure.state_at(r, now) == state)
+            and (not user_id or r.disclosure.user_id == user_id)
+        ]
 
     def _live_row(self, user_id: str) -> None:
         row = self.records.store.rows([user_id]).get(user_id)

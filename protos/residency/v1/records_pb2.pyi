@@ -2,6 +2,9 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from residency.v1 import common_pb2 as _common_pb2
+from residency.v1 import consent_pb2 as _consent_pb2
+from residency.v1 import disclosure_pb2 as _disclosure_pb2
+from residency.v1 import translog_pb2 as _translog_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -116,3 +119,63 @@ class VerifyCredentialResponse(_message.Message):
     MATCH_FIELD_NUMBER: _ClassVar[int]
     match: bool
     def __init__(self, match: _Optional[bool] = ...) -> None: ...
+
+class ExportSubjectRequest(_message.Message):
+    __slots__ = ("context", "user_id")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.CallContext
+    user_id: str
+    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class ExportSubjectResponse(_message.Message):
+    __slots__ = ("record", "withheld", "consents", "disclosures", "entries", "proofs", "checkpoint", "recipients", "rules", "log_sequence", "rules_version")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    CONSENTS_FIELD_NUMBER: _ClassVar[int]
+    DISCLOSURES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENTS_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    LOG_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    record: Record
+    withheld: _containers.RepeatedCompositeFieldContainer[_common_pb2.WithheldField]
+    consents: _containers.RepeatedCompositeFieldContainer[_consent_pb2.Consent]
+    disclosures: _containers.RepeatedCompositeFieldContainer[_disclosure_pb2.Disclosure]
+    entries: _containers.RepeatedCompositeFieldContainer[_translog_pb2.LogEntry]
+    proofs: _containers.RepeatedCompositeFieldContainer[_translog_pb2.ProveInclusionResponse]
+    checkpoint: _translog_pb2.GetCheckpointResponse
+    recipients: _containers.RepeatedCompositeFieldContainer[_translog_pb2.Recipient]
+    rules: _containers.RepeatedCompositeFieldContainer[ExportedRule]
+    log_sequence: int
+    rules_version: str
+    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., withheld: _Optional[_Iterable[_Union[_common_pb2.WithheldField, _Mapping]]] = ..., consents: _Optional[_Iterable[_Union[_consent_pb2.Consent, _Mapping]]] = ..., disclosures: _Optional[_Iterable[_Union[_disclosure_pb2.Disclosure, _Mapping]]] = ..., entries: _Optional[_Iterable[_Union[_translog_pb2.LogEntry, _Mapping]]] = ..., proofs: _Optional[_Iterable[_Union[_translog_pb2.ProveInclusionResponse, _Mapping]]] = ..., checkpoint: _Optional[_Union[_translog_pb2.GetCheckpointResponse, _Mapping]] = ..., recipients: _Optional[_Iterable[_Union[_translog_pb2.Recipient, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[ExportedRule, _Mapping]]] = ..., log_sequence: _Optional[int] = ..., rules_version: _Optional[str] = ...) -> None: ...
+
+class ExportedRule(_message.Message):
+    __slots__ = ("id", "recipient", "purposes", "legal_basis", "categories", "retention_days", "safeguards")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    PURPOSES_FIELD_NUMBER: _ClassVar[int]
+    LEGAL_BASIS_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_DAYS_FIELD_NUMBER: _ClassVar[int]
+    SAFEGUARDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    recipient: str
+    purposes: _containers.RepeatedScalarFieldContainer[str]
+    legal_basis: str
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    retention_days: int
+    safeguards: _containers.RepeatedCompositeFieldContainer[Safeguard]
+    def __init__(self, id: _Optional[str] = ..., recipient: _Optional[str] = ..., purposes: _Optional[_Iterable[str]] = ..., legal_basis: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., retention_days: _Optional[int] = ..., safeguards: _Optional[_Iterable[_Union[Safeguard, _Mapping]]] = ...) -> None: ...
+
+class Safeguard(_message.Message):
+    __slots__ = ("kind", "reference")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    reference: str
+    def __init__(self, kind: _Optional[str] = ..., reference: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class RecordServiceStub:
                 request_serializer=residency_dot_v1_dot_records__pb2.VerifyCredentialRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_records__pb2.VerifyCredentialResponse.FromString,
                 _registered_method=True)
+        self.ExportSubject = channel.unary_stream(
+                '/residency.v1.RecordService/ExportSubject',
+                request_serializer=residency_dot_v1_dot_records__pb2.ExportSubjectRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_records__pb2.ExportSubjectResponse.FromString,
+                _registered_method=True)
 
 
 class RecordServiceServicer:
@@ -101,6 +106,20 @@ class RecordServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSubject(self, request, context):
+        """The data subject's own export (GDPR Art. 15 and 20, PIPL Art. 45): the record, consents,
+        disclosures, and every transfer-log entry about the user with its inclusion proof against
+        one signed checkpoint. Primary only; an operator, or a service allowed the purpose
+        essential.legal_obligation, located in the home region, stating that purpose. The export
+        is itself logged (kind "access", outcome "allowed") and its entry is among those returned.
+        Streamed: the first message holds everything but most entries; the others hold only
+        entries and proofs (at most 1,000 each), in log order. Merging the messages in order
+        (protobuf MergeFrom) gives the whole export.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecordServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +147,11 @@ def add_RecordServiceServicer_to_server(servicer, server):
                     servicer.VerifyCredential,
                     request_deserializer=residency_dot_v1_dot_records__pb2.VerifyCredentialRequest.FromString,
                     response_serializer=residency_dot_v1_dot_records__pb2.VerifyCredentialResponse.SerializeToString,
+            ),
+            'ExportSubject': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSubject,
+                    request_deserializer=residency_dot_v1_dot_records__pb2.ExportSubjectRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_records__pb2.ExportSubjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +289,33 @@ class RecordService:
             '/residency.v1.RecordService/VerifyCredential',
             residency_dot_v1_dot_records__pb2.VerifyCredentialRequest.SerializeToString,
             residency_dot_v1_dot_records__pb2.VerifyCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/residency.v1.RecordService/ExportSubject',
+            residency_dot_v1_dot_records__pb2.ExportSubjectRequest.SerializeToString,
+            residency_dot_v1_dot_records__pb2.ExportSubjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

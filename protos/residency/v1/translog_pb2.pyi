@@ -154,16 +154,18 @@ class SubjectReportResponse(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., recipients: _Optional[_Iterable[_Union[Recipient, _Mapping]]] = ..., checkpoint: _Optional[_Union[GetCheckpointResponse, _Mapping]] = ...) -> None: ...
 
 class Recipient(_message.Message):
-    __slots__ = ("id", "region", "company", "contact")
+    __slots__ = ("id", "region", "company", "contact", "country")
     ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     COMPANY_FIELD_NUMBER: _ClassVar[int]
     CONTACT_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
     id: str
     region: str
     company: str
     contact: str
-    def __init__(self, id: _Optional[str] = ..., region: _Optional[str] = ..., company: _Optional[str] = ..., contact: _Optional[str] = ...) -> None: ...
+    country: str
+    def __init__(self, id: _Optional[str] = ..., region: _Optional[str] = ..., company: _Optional[str] = ..., contact: _Optional[str] = ..., country: _Optional[str] = ...) -> None: ...
 
 class GetReviewContextRequest(_message.Message):
     __slots__ = ()

@@ -13,6 +13,7 @@ from typing import Any
 
 from residency.server.core import countries, merkle
 from residency.server.core.checkpoint import CheckpointError, open_note, parse_verifier_key
+from residency.server.core.rules import Recipient
 
 # Kinds whose allowed entries move personal data to (or let it be read from) another place.
 TRANSFER_KINDS = frozenset({"replication", "remote_read", "disclosure"})
@@ -77,6 +78,12 @@ def country(region: str) -> str:
     """The name of the country a region's servers are in."""
     code = REGION_COUNTRY.get(region)
     return countries.name(code) if code else region
+
+
+def country_of(r: Recipient) -> str:
+    """A recipient's country code: as the rules file states it, else its region's ("" if
+    neither is known)."""
+    return r.country or REGION_COUNTRY.get(r.region, "")
 
 
 def destination(r: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from residency.server.core.report.figures import (
     thresholds,
 )
 
-_CSS = """
+CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2330;
   background:#f5f6f8}
 main{max-width:1180px;margin:0 auto;padding:24px 32px 48px}
@@ -57,7 +57,7 @@ def _identity(recipients: dict[str, Any], rid: str) -> str:
     return f"{r.get('company', rid)} ({r.get('contact', 'no contact on record')})"
 
 
-def _e(x: Any) -> str:
+def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
@@ -65,11 +65,11 @@ def _bars(title: str, counts: Counter[str], width: int = 520) -> str:
     """A horizontal bar chart as inline SVG."""
     items = counts.most_common(12)
     if not items:
-        return f'<div class="panel"><h3>{_e(title)}</h3><p class="muted">none</p></div>'
+        return f'<div class="panel"><h3>{esc(title)}</h3><p class="muted">none</p></div>'
     top = max(v for _, v in items)
     label_w, bar_w, row = 230, width - 290, 22
     parts = [
-        f'<svg role="img" aria-label="{_e(title)}" width="{width}" height="{row * len(items) + 4}" '
+        f'<svg role="img" aria-label="{esc(title)}" width="{width}" height="{row * len(items) + 4}" '
         f'viewBox="0 0 {width} {row * len(items) + 4}" xmlns="http://www.w3.org/2000/svg">'
     ]
     for i, (name, v) in enumerate(items):
@@ -77,12 +77,12 @@ def _bars(title: str, counts: Counter[str], width: int = 520) -> str:
         w = max(2, round(bar_w * v / top))
         parts.append(
             f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" font-size="12" fill="#1d2330">'
-            f"<title>{_e(name)}</title>{_e(name if len(name) <= 34 else name[:33] + chr(0x2026))}</text>"
+            f"<title>{esc(name)}</title>{esc(name if len(name) <= 34 else name[:33] + chr(0x2026))}</text>"
             f'<rect x="{label_w}" y="{y + 3}" width="{w}" height="{row - 6}" rx="3" fill="#3b6fd8"/>'
             f'<text x="{label_w + w + 6}" y="{y + 15}" font-size="12" fill="#1d2330">{v:,}</text>'
         )
     parts.append("</svg>")
-    return f'<div class="panel"><h3>{_e(title)}</h3>{"".join(parts)}</div>'
+    return f'<div class="panel"><h3>{esc(title)}</h3>{"".join(parts)}</div>'
 
 
 _BUCKETS = (
@@ -133,13 +133,13 @@ def _timeline(rows: list[dict[str, Any]], width: int = 1100, height: int = 220) 
             y -= h
             parts.append(
                 f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" '
-                f'fill="{_COLORS[outcome]}"><title>{_e(outcome)}: {v}</title></rect>'
+                f'fill="{_COLORS[outcome]}"><title>{esc(outcome)}: {v}</title></rect>'
             )
         if i % label_every == 0:
             label = datetime.fromtimestamp(start + i * size, UTC).strftime(label_format)
             parts.append(
                 f'<text x="{x + bw / 2:.1f}" y="{height - 22}" text-anchor="middle" font-size="11" '
-                f'fill="#5a6475">{_e(label)}</text>'
+                f'fill="#5a6475">{esc(label)}</text>'
             )
     for k, (outcome, color) in enumerate(_COLORS.items()):
         parts.append(
@@ -150,35 +150,35 @@ def _timeline(rows: list[dict[str, Any]], width: int = 1100, height: int = 220) 
     return "".join(parts)
 
 
-def _table(headers: list[str], rows: list[list[str]], empty: str = "none") -> str:
+def table(headers: list[str], rows: list[list[str]], empty: str = "none") -> str:
     if not rows:
-        return f'<p class="muted">{_e(empty)}</p>'
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+        return f'<p class="muted">{esc(empty)}</p>'
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _entry_row(r: dict[str, Any]) -> list[str]:
+def entry_row(r: dict[str, Any]) -> list[str]:
     fields = ", ".join(f["name"] for f in r.get("fields", []))
     withheld = ", ".join(f"{w['name']} ({w['reason']})" for w in r.get("withheld", []))
     bases = ", ".join(sorted({f["legal_basis"] for f in r.get("fields", []) if f.get("legal_basis")}))
     return [
-        _e(r["sequence"] - 1),
-        _e(iso(r["time"])),
-        _e(r["kind"]),
-        _e(r["subject"]),
-        _e(f"{r['source_region']} \u2192 {r['destination_region']}"),
-        _e(r["recipient"] or "\u2014"),
-        _e(r["purpose"]),
-        _e(bases or "\u2014"),
-        _e(fields or "\u2014"),
-        f'<span class="muted">{_e(withheld)}</span>',
-        f'<span class="{_e(r["outcome"])}">{_e(r["outcome"])}</span>'
-        + (f"<br>{_e(r['reason'])}" if r["reason"] else ""),
+        esc(r["sequence"] - 1),
+        esc(iso(r["time"])),
+        esc(r["kind"]),
+        esc(r["subject"]),
+        esc(f"{r['source_region']} \u2192 {r['destination_region']}"),
+        esc(r["recipient"] or "\u2014"),
+        esc(r["purpose"]),
+        esc(bases or "\u2014"),
+        esc(fields or "\u2014"),
+        f'<span class="muted">{esc(withheld)}</span>',
+        f'<span class="{esc(r["outcome"])}">{esc(r["outcome"])}</span>'
+        + (f"<br>{esc(r['reason'])}" if r["reason"] else ""),
     ]
 
 
-_ENTRY_HEADERS = [
+ENTRY_HEADERS = [
     "index",
     "time (UTC)",
     "kind",
@@ -226,24 +226,25 @@ def render_page(
     status = "verified" if check.verified else "NOT VERIFIED"
     out = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        f"<title>Transfer-log report \u2014 {_e(region)}</title><style>{_CSS}</style></head><body><main>",
-        f"<h1>Transfer-log report: {_e(region)}</h1>",
-        f'<p class="sub">Generated {_e(generated)} \u00b7 rules version '
-        f"<code>{_e(context.get('rules_version', ''))}</code> \u00b7 home region {_e(home)}</p>",
+        f"<title>Transfer-log report \u2014 {esc(region)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>Transfer-log report: {esc(region)}</h1>",
+        f'<p class="sub">Generated {esc(generated)} \u00b7 rules version '
+        f"<code>{esc(context.get('rules_version', ''))}</code> \u00b7 home region {esc(home)}</p>",
         "<h2>Integrity</h2>",
         '<div class="cards">',
         f'<div class="card {status_class}"><span>checkpoint</span><b>{status}</b></div>',
         f'<div class="card"><span>tree size</span><b>{check.tree_size:,}</b></div>',
-        f'<div class="card"><span>signer</span><b style="font-size:15px">{_e(check.signer or "?")}</b></div>',
+        f'<div class="card"><span>signer</span><b style="font-size:15px">{esc(check.signer or "?")}</b>'
+        "</div>",
         f'<div class="card"><span>transfers</span><b>{len(crossed):,}</b></div>',
         f'<div class="card"><span>denied / failed</span>'
         f"<b>{outcomes['denied']:,} / {outcomes['failed']:,}</b></div>",
         "</div>",
-        f"<p>Root hash <code>{_e(check.root_hash)}</code><br>"
-        f"Verifier key <code>{_e(check.verifier_key)}</code></p>",
+        f"<p>Root hash <code>{esc(check.root_hash)}</code><br>"
+        f"Verifier key <code>{esc(check.verifier_key)}</code></p>",
     ]
     if check.problem:
-        out.append(f'<p class="denied">{_e(check.problem)}</p>')
+        out.append(f'<p class="denied">{esc(check.problem)}</p>')
     out += [
         "<h2>Transfers</h2>",
         '<p class="muted">Entries where personal data left its region (allowed replications, '
@@ -265,15 +266,15 @@ def render_page(
     ]
     th = thresholds(rows, sensitive, home)
     out.append(
-        _table(
+        table(
             ["destination country", "year", "individuals", "with sensitive data", "status"],
             [
                 [
-                    _e(t["country"]),
-                    _e(t["year"]),
+                    esc(t["country"]),
+                    esc(t["year"]),
                     f"{t['individuals']:,}",
                     f"{t['sensitive']:,}",
-                    " ".join(f'<span class="warn">\u26a0 {_e(w)}</span>' for w in t["warnings"])
+                    " ".join(f'<span class="warn">\u26a0 {esc(w)}</span>' for w in t["warnings"])
                     or '<span class="allowed">below thresholds</span>',
                 ]
                 for t in th
@@ -284,21 +285,21 @@ def render_page(
     named = sorted({x for r in rows for x in r["recipient"].split(",") if x} | set(recipients))
     out += [
         "<h2>Recipients</h2>",
-        _table(
+        table(
             ["recipient", "region", "company", "contact", "transfers"],
             [
                 [
-                    _e(rid),
-                    _e(recipients.get(rid, {}).get("region", "?")),
-                    _e(recipients.get(rid, {}).get("company", "not a rules recipient (e.g. a disclosure)")),
-                    _e(recipients.get(rid, {}).get("contact", "")),
+                    esc(rid),
+                    esc(recipients.get(rid, {}).get("region", "?")),
+                    esc(recipients.get(rid, {}).get("company", "not a rules recipient (e.g. a disclosure)")),
+                    esc(recipients.get(rid, {}).get("contact", "")),
                     f"{sum(1 for r in crossed if rid in r['recipient'].split(',')):,}",
                 ]
                 for rid in named
             ],
         ),
         f"<h2>Denied and failed attempts ({len(problems):,})</h2>",
-        _table(_ENTRY_HEADERS, [_entry_row(r) for r in problems[-200:]], "none"),
+        table(ENTRY_HEADERS, [entry_row(r) for r in problems[-200:]], "none"),
     ]
     if len(problems) > 200:
         out.append(f'<p class="muted">the latest 200 of {len(problems):,} shown; the CSV has all</p>')
@@ -308,16 +309,16 @@ def render_page(
         fields_out = sorted({f["name"] for r in mine if crossed_border(r) for f in r["fields"]})
         who = sorted({x for r in mine if crossed_border(r) for x in r["recipient"].split(",") if x})
         out += [
-            f"<h2>Where did the data of {_e(subject)} go?</h2>",
+            f"<h2>Where did the data of {esc(subject)} go?</h2>",
             '<div class="cards">',
             f'<div class="card"><span>entries</span><b>{len(mine):,}</b></div>',
             f'<div class="card"><span>destinations</span><b>{len(places)}</b></div>',
             f'<div class="card"><span>fields sent abroad</span><b>{len(fields_out)}</b></div>',
             "</div>",
-            f"<p>Places: {_e(', '.join(places) or 'none')}<br>"
-            f"Fields: {_e(', '.join(fields_out) or 'none')}<br>"
-            f"Recipients: {_e('; '.join(_identity(recipients, x) for x in who) or 'none')}</p>",
-            _table(_ENTRY_HEADERS, [_entry_row(r) for r in mine], f"no entries about {subject}"),
+            f"<p>Places: {esc(', '.join(places) or 'none')}<br>"
+            f"Fields: {esc(', '.join(fields_out) or 'none')}<br>"
+            f"Recipients: {esc('; '.join(_identity(recipients, x) for x in who) or 'none')}</p>",
+            table(ENTRY_HEADERS, [entry_row(r) for r in mine], f"no entries about {subject}"),
         ]
     out.append(
         '<p class="muted" style="margin-top:32px">Check this report\'s figures offline: '

@@ -1,0 +1,101 @@
+"""RecordService.ExportSubject: the data subject's own export (GDPR Art. 15 and 20, PIPL Art.
+45): who may ask, and the answer made of the record, consents, disclosures and the log."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from residency.server.api.consent import consent_message
+from residency.server.api.context import Node, check_user
+from residency.server.api.disclosure import summary_of
+from residency.server.api.identity import caller_of, refuse_caller
+from residency.server.api.messages import record_message, withheld_messages
+from residency.server.api.translog import (
+    checkpoint_message,
+    entry_message,
+    recipient_message,
+    subject_entries,
+)
+from residency.server.core.errors import FailedPrecondition
+from residency.server.core.rules import RuleSet
+from residency.server.vault.subject_export import export_subject as read_export
+from residency.v1 import records_pb2, translog_pb2
+
+# The one purpose an export is answered for: a data subject's request is a legal obligation
+# of the controller (a service acting for the user states it; its access policy must allow it).
+EXPORT_PURPOSE = "essential.legal_obligation"
+# Entries (with their proofs: about 1.3 kB each) per streamed message, well under the 4 MiB
+# a gRPC client takes by default.
+ENTRIES_PER_MESSAGE = 1000
+
+
+async def export_subject(
+    node: Node, request: records_pb2.ExportSubjectRequest, context: grpc.aio.ServicerContext
+) -> AsyncIterator[records_pb2.ExportSubjectResponse]:
+    """The export's messages. Refused before anything is read: on a region node (it holds
+    sealed copies only), a caller its access policy does not let state the purpose or that
+    states another (`PERMISSION_DENIED`, logged against the user), and one located outside
+    the home region (the data would leave it without a rule)."""
+    node.primary_only()
+    user = request.user_id
+    caller = await caller_of(node, request.context, context, [user])
+    check_user(user)
+    home = node.records.region
+    if caller.purpose != EXPORT_PURPOSE:
+        why = f"a subject export is answered for purpose {EXPORT_PURPOSE} only, not {caller.purpose}"
+        permission = f"purpose {EXPORT_PURPOSE}"
+        await refuse_caller(
+            node, caller.identity, caller.location, "access", caller.purpose, why, [user], permission
+        )
+    if caller.location != home:
+        why = f"a subject export is answered to callers located in {home} only, not {caller.location}"
+        await refuse_caller(node, caller.identity, caller.location, "access", caller.purpose, why, [user])
+    log_ = node.transfer_log
+    if log_ is None:
+        raise FailedPrecondition("this node has no log signing key: an export could not be verified")
+    exported = await node.db.write(lambda: read_export(node.policy, user, caller))
+    # Signed after the export's own entry committed, so that entry is among those proved.
+    cp = await node.db.call(log_.checkpoint, True)
+    entries = await subject_entries(node, log_, user, cp.size)
+    rules = node.records.rules
+    first = records_pb2.ExportSubjectResponse(
+        record=record_message(exported.record),
+        withheld=withheld_messages(node.records.schema, exported.withheld),
+        consents=[consent_message(row) for row in exported.consents],
+        disclosures=[summary_of(r) for r in exported.disclosures],
+        checkpoint=checkpoint_message(cp, log_.verifier_key),
+        recipients=[recipient_message(r) for _, r in sorted(rules.recipients.items())],
+        rules=_rules(rules),
+        log_sequence=exported.log_sequence,
+        rules_version=rules.version,
+    )
+    for at in range(0, max(len(entries), 1), ENTRIES_PER_MESSAGE):
+        chunk = entries[at : at + ENTRIES_PER_MESSAGE]
+        # One store-thread turn per message, so that writes keep flowing meanwhile.
+        found = await node.db.call(lambda c=chunk: [log_.prove_inclusion(e.leaf_index, cp.size) for e in c])
+        message = first if at == 0 else records_pb2.ExportSubjectResponse()
+        message.entries.extend(entry_message(e) for e in chunk)
+        message.proofs.extend(
+            translog_pb2.ProveInclusionResponse(
+                leaf_index=e.leaf_index, tree_size=cp.size, hashes=hashes, leaf_hash=leaf, root_hash=cp.root
+            )
+            for e, (hashes, leaf) in zip(chunk, found, strict=True)
+        )
+        yield message
+
+
+def _rules(rules: RuleSet) -> list[records_pb2.ExportedRule]:
+    return [
+        records_pb2.ExportedRule(
+            id=r.id,
+            recipient=r.recipient,
+            purposes=r.purposes,
+            legal_basis=r.legal_basis,
+            categories=r.categories,
+            retention_days=r.retention_days or 0,
+            safeguards=[records_pb2.Safeguard(kind=g.kind, reference=g.reference) for g in r.safeguards],
+        )
+        for r in rules.rules
+    ]

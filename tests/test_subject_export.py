@@ -1,0 +1,349 @@
+"""The data subject's own export (issue 18.3): `residency subject export` against a running
+deployment, `residency subject verify` offline with the log's verifier key, and who may ask."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from residency.cli.main import main
+from residency.server.core.checkpoint import Checkpoint, LogSigner, open_note
+from residency.server.deployment import PRIMARY
+from residency.v1 import disclosure_pb2, records_pb2, records_pb2_grpc
+from tests.conftest import Cluster, ctx
+from tests.test_access import entries, permission_of
+
+SG, IE = "ap-southeast-1", "eu-west-1"
+USER, OTHER = "x-1", "x-2"
+SCRIPT = "<script>alert(1)</script>"
+VALUES = {
+    "name": f"Li {SCRIPT}",
+    "email": "li.wei@example.cn",
+    "phone": "+8613800138000",
+    "language": "zh",
+    "pages_visited": ["/home", "/orders"],
+    "national_id": "110101199003077777",
+    "password": "correct horse battery",
+}
+OTHERS = {"name": "Zhang Min", "email": "zhang.min@example.cn", "phone": "+8613900139000", "language": "en"}
+PURPOSE = "essential.legal_obligation"
+# billing may state payment purposes only; every other service, any purpose.
+ACCESS = """
+services:
+  - identity: spiffe://residency/service/cn-north/billing
+    purposes: [essential.service.payment_processing]
+  - identity: spiffe://residency/service/*/*
+    purposes: ["*"]
+"""
+
+
+@pytest.fixture(scope="module")
+async def held(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+    """Two users, each with copies in both affiliate regions, a marketing consent and a
+    disclosure to a court."""
+    c = Cluster(tmp_path_factory.mktemp("export") / "deployment")
+    (c.dir / "access.yaml").write_text(ACCESS)
+    try:
+        await c.start()
+        for user, values in ((USER, VALUES), (OTHER, OTHERS)):
+            await c.consent(user, "marketing.communications", "ie-affiliate")
+            await c.put(user, values)
+            await c.disclose(
+                user,
+                disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+                third_party="Haidian District Court",
+                reference=f"case-{user}",
+            )
+        await c.replicated()
+        for user in (USER, OTHER):  # both copies are there before anything is exported
+            assert (await c.held(user, SG)).record.fields and (await c.held(user, IE)).record.fields
+        yield c
+    finally:
+        await c.close()
+
+
+async def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+async def exported(held: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("subject") / "x-1-export"
+    code = await asyncio.to_thread(
+        main, ["subject", "export", *held.target("operator"), USER, "--out", str(out), "--zip"]
+    )
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+async def log_key(held: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The log's verifier key as a reviewer's `log export` bundle states it."""
+    bundle = tmp_path_factory.mktemp("bundle") / "log"
+    assert (
+        await asyncio.to_thread(main, ["log", "export", *held.target("reviewer"), "--out", str(bundle)]) == 0
+    )
+    return bundle / "log.pub"
+
+
+def read(d: Path, name: str):
+    return json.loads((d / name).read_text())
+
+
+async def test_an_export_holds_the_record_its_copies_consents_and_disclosures(exported: Path):
+    record = read(exported, "record.json")
+    assert record["user_id"] == USER and record["home_region"] == PRIMARY
+    assert record["fields"] == {k: v for k, v in VALUES.items() if k != "password"}
+    assert [(w["field"], w["reason"]) for w in record["withheld"]] == [("password", "credential")]
+    copies = {c["region"]: c for c in read(exported, "copies.json")}
+    assert set(copies) == {SG, IE} and all(c["state"] == "held" for c in copies.values())
+    sg = {f["name"]: f for f in copies[SG]["fields"]}
+    assert sg["email"]["rule"] == "sg-service" and sg["email"]["legal_basis"] == "contract"
+    assert (
+        sg["email"]["retention_days"] == 365
+        and sg["email"]["safeguards"][0]["kind"] == "cac_standard_contract"
+    )
+    ie = {f["name"]: f for f in copies[IE]["fields"]}
+    assert ie["phone"]["rule"] == "ie-marketing" and ie["phone"]["legal_basis"] == "consent"
+    assert {g["kind"] for g in ie["phone"]["safeguards"]} == {"cac_standard_contract", "scc"}
+    assert "national_id" not in sg and "national_id" not in ie  # never_transfer
+    (consent,) = read(exported, "consents.json")
+    assert consent["purpose"] == "marketing.communications" and consent["recipient"] == "ie-affiliate"
+    assert consent["evidence"] == "test suite" and consent["withdrawn_at"] is None
+    (disclosure,) = read(exported, "disclosures.json")
+    assert disclosure["third_party"] == "Haidian District Court" and disclosure["reference"] == "case-x-1"
+    lines = [json.loads(line) for line in (exported / "entries.jsonl").read_text().splitlines()]
+    kinds = {json.loads(line["entry"])["kind"] for line in lines}
+    assert {"consent", "replication", "disclosure", "access"} <= kinds
+    assert (exported / "checkpoint.txt").read_text().startswith("residency/cn-north\n")
+    page = (exported / "index.html").read_text()
+    for needle in (
+        "Example Holdings Pte. Ltd.",
+        "dpo@example.ie",
+        "Singapore",
+        "Ireland",
+        "Haidian",
+        "Jing-HT",
+    ):
+        assert needle in page, needle
+    with zipfile.ZipFile(exported.parent / "x-1-export.zip") as z:
+        assert {Path(n).name for n in z.namelist()} >= {
+            "index.html",
+            "entries.jsonl",
+            "log.pub",
+            "record.json",
+        }
+
+
+async def test_the_export_is_logged_as_an_access_naming_fields_never_values(held: Cluster, exported: Path):
+    own = read(exported, "record.json")["export"]["log_sequence"]
+    (entry,) = [e for e in await entries(held, kind="access", subject=USER) if e["sequence"] == own]
+    assert entry["outcome"] == "allowed" and entry["actor"] == "spiffe://residency/operator/cn-north/operator"
+    assert entry["purpose"] == PURPOSE
+    assert {f["name"] for f in entry["fields"]} == set(VALUES) - {"password"}
+    text = json.dumps(entry)
+    assert all(str(v) not in text for k, v in VALUES.items() if k != "language")
+
+
+async def test_the_export_verifies_offline_with_the_logs_verifier_key(
+    exported: Path, log_key: Path, capsys: pytest.CaptureFixture[str]
+):
+    code, out, err = await run(capsys, "subject", "verify", str(exported), "--key", str(log_key))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["verified"] and result["key"] == "pinned" and result["user_id"] == USER
+    lines = (exported / "entries.jsonl").read_text().splitlines()
+    assert result["entries"] == len(lines) >= 6 and result["origin"] == "residency/cn-north"
+
+
+def _tamper(exported: Path, tmp_path: Path, name: str, change) -> Path:
+    d = tmp_path / "tampered"
+    shutil.copytree(exported, d)
+    (d / name).write_text(change((d / name).read_text()))
+    return d
+
+
+def _entry_line(change):
+    """Changes the first replication entry's line of entries.jsonl with `change(line)`."""
+
+    def apply(text: str) -> str:
+        lines = [json.loads(line) for line in text.splitlines()]
+        i = next(i for i, line in enumerate(lines) if '"kind":"replication"' in line["entry"])
+        lines[i] = change(lines[i])
+        return "".join(json.dumps(line) + "\n" for line in lines)
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "says"),
+    [
+        # The entry says the copy was refused; its proof no longer leads to the signed root.
+        (
+            "entries.jsonl",
+            _entry_line(lambda x: {**x, "entry": x["entry"].replace('"allowed"', '"denied"')}),
+            "not in the signed tree",
+        ),
+        # One hash of a proof flipped.
+        (
+            "entries.jsonl",
+            _entry_line(
+                lambda x: {**x, "hashes": [("0" if x["hashes"][0][0] != "0" else "1") + x["hashes"][0][1:]]}
+            ),
+            "not in the signed tree",
+        ),
+        # The proof of another leaf index given for the entry.
+        ("entries.jsonl", _entry_line(lambda x: {**x, "leaf_index": x["leaf_index"] + 1}), "leaf index"),
+        # An entry left out: the export's own.
+        ("entries.jsonl", lambda t: "".join(t.splitlines(keepends=True)[:-1]), "export's own entry"),
+        # A copy hidden from the summary.
+        ("copies.json", lambda t: json.dumps(json.loads(t)[:1]), "copies.json"),
+    ],
+)
+async def test_a_tampered_entry_proof_or_copy_fails_verify(
+    exported: Path, log_key: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name, change, says
+):
+    d = _tamper(exported, tmp_path, name, change)
+    code, out, err = await run(capsys, "subject", "verify", str(d), "--key", str(log_key))
+    assert code == 1 and out == "" and says in err, err
+
+
+async def test_a_checkpoint_signed_by_another_key_fails_verify(
+    exported: Path, log_key: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """Whoever rewrites the folder can re-sign its checkpoint with a key of the log's name and
+    replace log.pub: the export then verifies against its own key, and the pinned one refuses it."""
+    d = tmp_path / "resigned"
+    shutil.copytree(exported, d)
+    cp = open_note((d / "checkpoint.txt").read_text(), log_key.read_text())
+    liar = LogSigner.new("residency/cn-north")
+    (d / "checkpoint.txt").write_text(liar.sign(Checkpoint(cp.origin, cp.size, cp.root)))
+    (d / "log.pub").write_text(liar.verifier_key + "\n")
+    code, _, err = await run(capsys, "subject", "verify", str(d))
+    assert code == 0 and "pin yours with --key" in err
+    code, _, err = await run(capsys, "subject", "verify", str(d), "--key", str(log_key))
+    assert code == 1 and "checkpoint" in err, err
+
+
+async def test_no_other_users_data_is_in_the_export(exported: Path):
+    for path in [p for p in exported.rglob("*") if p.is_file()]:
+        text = path.read_text()
+        assert OTHER not in text and "case-x-2" not in text, path.name
+        for value in [OTHERS["name"], OTHERS["email"], OTHERS["phone"]]:
+            assert value not in text, (path.name, value)
+
+
+async def test_a_field_value_with_a_script_renders_as_text(exported: Path, tmp_path: Path):
+    page = (exported / "index.html").read_text()
+    assert "Li &lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script" not in page.lower()
+    for external in ("http://", "https://", "<link", "src="):
+        assert external not in page, external
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    proc = await asyncio.create_subprocess_exec(
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--dump-dom",
+        (exported / "index.html").as_uri(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    dom, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    rendered = dom.decode()
+    # The browser parsed the value as text in a cell, not as an element.
+    assert "Li &lt;script&gt;alert(1)&lt;/script&gt;" in rendered and "<script" not in rendered
+    assert "Where each copy went" in rendered and "Timeline of the transfer log" in rendered
+
+
+def _export(c: Cluster, role: str, purpose: str = PURPOSE, location: str = PRIMARY, name: str | None = None):
+    stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, role, location, name))
+    return stub.ExportSubject(
+        records_pb2.ExportSubjectRequest(context=ctx("", purpose), user_id=USER), timeout=30
+    )
+
+
+async def collect(call) -> records_pb2.ExportSubjectResponse:
+    """The streamed export merged into one message, as the command does."""
+    whole = records_pb2.ExportSubjectResponse()
+    async for message in call:
+        whole.MergeFrom(message)
+    return whole
+
+
+async def _refused(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await collect(call)
+    return e.value
+
+
+async def test_only_an_operator_or_a_service_allowed_the_purpose_may_export(held: Cluster):
+    size = len(await held.log())
+    # A reviewer reads the log, not the data.
+    e = await _refused(_export(held, "reviewer"))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and permission_of(e) == "subjects.export"
+    # billing's access policy does not let it state the purpose.
+    e = await _refused(_export(held, "service", name="billing"))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and permission_of(e) == f"purpose {PURPOSE}"
+    # A service that may state anything, stating another purpose.
+    e = await _refused(_export(held, "service", purpose="essential.service"))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and PURPOSE in e.details()
+    # A service located abroad, and one that claims to be at home while its certificate is not.
+    e = await _refused(_export(held, "service", location=SG))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "located in cn-north" in e.details()
+    stub = records_pb2_grpc.RecordServiceStub(held.channel(PRIMARY, "service", SG))
+    lie = stub.ExportSubject(
+        records_pb2.ExportSubjectRequest(context=ctx(PRIMARY, PURPOSE), user_id=USER), timeout=30
+    )
+    assert (await _refused(lie)).code() == grpc.StatusCode.PERMISSION_DENIED
+    # Each refusal is logged against the user (the false location as a remote read), and
+    # none exported anything.
+    refused = [json.loads(e) for _, e, _ in (await held.log())[size:]]
+    assert [(e["kind"], e["subject"], e["outcome"]) for e in refused] == [("access", USER, "denied")] * 4 + [
+        ("remote_read", USER, "denied")
+    ]
+    # A service acting for the user, with the purpose its policy allows, is answered.
+    reply = await collect(_export(held, "service"))
+    assert reply.record.user_id == USER and reply.record.fields["email"].string_value == VALUES["email"]
+    assert len(reply.proofs) == len(reply.entries) and reply.checkpoint.tree_size >= reply.log_sequence
+    assert "password" not in reply.record.fields
+
+
+async def test_bad_requests_get_a_clear_status_and_change_nothing(held: Cluster):
+    stub = records_pb2_grpc.RecordServiceStub(held.channel(PRIMARY, "operator"))
+
+    def ask(user: str, region: str = PRIMARY):
+        s = (
+            stub
+            if region == PRIMARY
+            else records_pb2_grpc.RecordServiceStub(held.channel(region, "operator", PRIMARY))
+        )
+        return s.ExportSubject(
+            records_pb2.ExportSubjectRequest(context=ctx("", PURPOSE), user_id=user), timeout=30
+        )
+
+    size = len(await held.log())
+    assert (await _refused(ask("nobody-here"))).code() == grpc.StatusCode.NOT_FOUND
+    assert (await _refused(ask("not a user id!"))).code() == grpc.StatusCode.INVALID_ARGUMENT
+    e = await _refused(ask(USER, SG))
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "primary" in e.details()
+    assert len(await held.log()) == size
