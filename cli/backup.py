@@ -1,0 +1,157 @@
+"""`residency backup` (a node's store, and apart from it its keyring, while it runs) and
+`residency restore` (a stopped primary from such a backup; docs/operators.md, "Backup and
+restore")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from residency.server.core.errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    from residency.server.config.node import NodeConfig
+    from residency.server.storage.backup import Progress
+
+
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Progress]:
+    """Pages copied per file, on stderr."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+    try:
+
+        def show(name: str, done: int, total: int) -> None:
+            bar = bars.get(name)
+            if bar is None:
+                bar = bars[name] = tqdm(desc=f"copying {name}", unit="page", file=sys.stderr, disable=quiet)
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield show
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from residency.server.config.node import load_config
+    from residency.server.vault.restore import take_backup
+
+    config = load_config(args.config)
+    keys_out = Path(args.keys_out) if args.keys_out else None
+    with _progress(args.quiet) as progress:
+        manifest = take_backup(
+            config.data_dir, Path(args.out), keys_out, config.region, config.role, progress
+        )
+    if keys_out is None:
+        print(
+            "warning: the keyring (keys.db) was not backed up: give --keys-out KEYDIR, a folder "
+            "apart from --out, kept for no longer than your erasure deadline",
+            file=sys.stderr,
+        )
+    print(json.dumps({k: v for k, v in manifest.items() if k != "checkpoint"}, sort_keys=True))
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from residency.server.config.node import load_config
+    from residency.server.storage.running import hold_stopped
+    from residency.server.vault.restore import read_manifest
+
+    config = load_config(args.config)
+    try:
+        stopped = hold_stopped(config.data_dir)
+    except FailedPrecondition:
+        raise FailedPrecondition(
+            f"the node of {config.data_dir} is running (it holds {config.data_dir / 'running.lock'}), "
+            "or a replication worker of it: stop it before restoring; nothing was changed"
+        ) from None
+    try:
+        keys_from = Path(args.keys_from) if args.keys_from else None
+        manifest = read_manifest(Path(args.backup), config.region, config.role, keys_from)
+        summary = _restore_stopped(config, Path(args.backup), keys_from, manifest)
+    finally:
+        os.close(stopped)
+    print(_readable(summary), file=sys.stderr)
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _restore_stopped(
+    config: NodeConfig, backup: Path, keys_from: Path | None, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """The backup's store staged beside the node's, rolled forward and made good there, then
+    put in place: a restore cut short leaves the node's files as they were (but for the keys
+    of `--keys-from`, and keys of users erased since the backup, destroyed)."""
+    from residency.server.config.rules import load_rules
+    from residency.server.config.schema import load_schema
+    from residency.server.keys.keyring import Keyring
+    from residency.server.keys.providers import open_provider
+    from residency.server.storage.backup import move_in_place
+    from residency.server.storage.sqlite import SqliteStore
+    from residency.server.vault.archive import S3Bucket
+    from residency.server.vault.records import Records
+    from residency.server.vault.restore import apply_restore, roll_forward, stage_backup
+
+    staged = stage_backup(config.data_dir, backup, keys_from)
+    store = SqliteStore(staged, durability=config.durability, keyring=config.data_dir / "keys.db")
+    keyring = Keyring(config.region, open_provider(config.keys), config.keys_dir)
+    try:
+        rolled = None
+        if config.archive is not None:
+            verifier_key = (config.keys_dir / "log.pub").read_text().strip()
+            origin = verifier_key.split("+", 1)[0]
+            tree = store.log_tree()
+            copy = type(tree)()
+            copy.levels = [bytearray(level) for level in tree.levels]
+            archive = config.archive
+            rolled = roll_forward(copy, S3Bucket(archive), archive.prefix, origin, verifier_key)
+        schema = load_schema(config.schema)
+        records = Records(
+            config.region, config.is_primary, schema, load_rules(config.rules, schema), keyring, store
+        )
+        destinations = [a.region for a in config.affiliates]
+        with store.transaction():
+            summary = apply_restore(records, store, manifest, rolled, destinations)
+    finally:
+        store.close()
+        keyring.provider.close()
+    staged.with_name(staged.name + ".lock").unlink(missing_ok=True)
+    move_in_place(staged, config.data_dir / "node.db")
+    return summary
+
+
+def _readable(s: dict[str, Any]) -> str:
+    return (
+        f"restored from the backup at tree size {s['backup_tree_size']}; "
+        f"{s['recovered_entries']} transfer-log entries recovered from the archive (to {s['recovered_to']}); "
+        f"{s['erasures_reapplied']} erasures and {s['consent_changes_reapplied']} consent changes "
+        f"re-applied; {s['reversioned']} users re-versioned under restore epoch {s['restore_epoch']}; "
+        f"{s['lost']}"
+    )
+
+
+def add_backup(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("backup", help="back up a node's store (and, apart, its keyring) while it runs")
+    b.add_argument("--config", required=True, help="the node's config")
+    b.add_argument("--out", required=True, help="a new or empty folder for node.db and manifest.json")
+    b.add_argument(
+        "--keys-out", help="a new or empty folder apart from --out for keys.db (kept for a shorter time)"
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(run=_backup)
+    r = sub.add_parser("restore", help="restore a stopped primary from a backup")
+    r.add_argument("--config", required=True, help="the config of the node to restore (stopped)")
+    r.add_argument("--from", dest="backup", required=True, help="the backup folder (`backup --out`)")
+    r.add_argument(
+        "--keys-from", help="the keys backup taken with it (`backup --keys-out`): only if keys.db is lost"
+    )
+    r.set_defaults(run=_restore)
