@@ -18,6 +18,8 @@ from residency.server.core.errors import FailedPrecondition
 if TYPE_CHECKING:
     from residency.server.config.node import NodeConfig
     from residency.server.storage.backup import Progress
+    from residency.server.storage.sqlite import SqliteStore
+    from residency.server.vault.restore import RolledForward
 
 
 @contextmanager
@@ -43,7 +45,7 @@ def _progress(quiet: bool) -> Iterator[Progress]:
 
 def _backup(args: argparse.Namespace) -> int:
     from residency.server.config.node import load_config
-    from residency.server.vault.restore import take_backup
+    from residency.server.vault.backup import take_backup
 
     config = load_config(args.config)
     keys_out = Path(args.keys_out) if args.keys_out else None
@@ -64,7 +66,7 @@ def _backup(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     from residency.server.config.node import load_config
     from residency.server.storage.running import hold_stopped
-    from residency.server.vault.restore import read_manifest
+    from residency.server.vault.backup import read_manifest
 
     config = load_config(args.config)
     try:
@@ -88,45 +90,66 @@ def _restore(args: argparse.Namespace) -> int:
 def _restore_stopped(
     config: NodeConfig, backup: Path, keys_from: Path | None, manifest: dict[str, Any]
 ) -> dict[str, Any]:
-    """The backup's store staged beside the node's, rolled forward and made good there, then
-    put in place: a restore cut short leaves the node's files as they were (but for the keys
-    of `--keys-from`, and keys of users erased since the backup, destroyed)."""
+    """The backup's files staged beside the node's, rolled forward and made good there, then
+    put in place: a restore cut short leaves the node's files as they were (but keys of users
+    erased since the backup, destroyed in the live keyring), and may be run again."""
     from residency.server.config.rules import load_rules
     from residency.server.config.schema import load_schema
     from residency.server.keys.keyring import Keyring
     from residency.server.keys.providers import open_provider
-    from residency.server.storage.backup import move_in_place
+    from residency.server.storage.restores import epoch_of
     from residency.server.storage.sqlite import SqliteStore
-    from residency.server.vault.archive import S3Bucket
+    from residency.server.vault.backup import put_restored, stage_backup
     from residency.server.vault.records import Records
-    from residency.server.vault.restore import apply_restore, roll_forward, stage_backup
+    from residency.server.vault.restore import apply_restore
 
-    staged = stage_backup(config.data_dir, backup, keys_from)
-    store = SqliteStore(staged, durability=config.durability, keyring=config.data_dir / "keys.db")
-    keyring = Keyring(config.region, open_provider(config.keys), config.keys_dir)
+    epoch_seen = epoch_of(config.data_dir / "node.db")
+    staged, keyring_file = stage_backup(config.data_dir, backup, keys_from)
+    store = SqliteStore(staged, durability=config.durability, keyring=keyring_file)
     try:
-        rolled = None
-        if config.archive is not None:
-            verifier_key = (config.keys_dir / "log.pub").read_text().strip()
-            origin = verifier_key.split("+", 1)[0]
-            tree = store.log_tree()
-            copy = type(tree)()
-            copy.levels = [bytearray(level) for level in tree.levels]
-            archive = config.archive
-            rolled = roll_forward(copy, S3Bucket(archive), archive.prefix, origin, verifier_key)
+        rolled = _roll_forward(config, store) if config.archive is not None else None
         schema = load_schema(config.schema)
-        records = Records(
-            config.region, config.is_primary, schema, load_rules(config.rules, schema), keyring, store
-        )
-        destinations = [a.region for a in config.affiliates]
-        with store.transaction():
-            summary = apply_restore(records, store, manifest, rolled, destinations)
+        keyring = Keyring(config.region, open_provider(config.keys), config.keys_dir)
+        try:
+            records = Records(
+                config.region, config.is_primary, schema, load_rules(config.rules, schema), keyring, store
+            )
+            destinations = [a.region for a in config.affiliates]
+            with store.transaction():
+                summary = apply_restore(records, store, manifest, rolled, destinations, epoch_seen)
+        finally:
+            keyring.provider.close()
     finally:
         store.close()
-        keyring.provider.close()
-    staged.with_name(staged.name + ".lock").unlink(missing_ok=True)
-    move_in_place(staged, config.data_dir / "node.db")
+    put_restored(config.data_dir, staged, keyring_file)
     return summary
+
+
+def _roll_forward(config: NodeConfig, store: SqliteStore) -> RolledForward:
+    """The archive's entries after the backup, verified with the node's own log.pub."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from residency.server.vault.archive import S3Bucket
+    from residency.server.vault.restore import roll_forward
+
+    archive = config.archive
+    assert archive is not None
+    pub = config.keys_dir / "log.pub"
+    try:
+        verifier_key = pub.read_text().strip()
+    except OSError as e:
+        raise FailedPrecondition(
+            f"{pub} cannot be read ({type(e).__name__}): the archive is checked against the "
+            "node's own log key; nothing was changed"
+        ) from e
+    origin = verifier_key.split("+", 1)[0]
+    try:
+        return roll_forward(store.log_tree(), S3Bucket(archive), archive.prefix, origin, verifier_key)
+    except (BotoCoreError, ClientError) as e:  # no answer, access denied, no such bucket
+        raise FailedPrecondition(
+            f"the archive bucket {archive.bucket} cannot be read ({type(e).__name__}): the restore "
+            "needs it to recover what the log recorded after the backup; nothing was changed"
+        ) from e
 
 
 def _readable(s: dict[str, Any]) -> str:
@@ -134,7 +157,8 @@ def _readable(s: dict[str, Any]) -> str:
         f"restored from the backup at tree size {s['backup_tree_size']}; "
         f"{s['recovered_entries']} transfer-log entries recovered from the archive (to {s['recovered_to']}); "
         f"{s['erasures_reapplied']} erasures and {s['consent_changes_reapplied']} consent changes "
-        f"re-applied; {s['reversioned']} users re-versioned under restore epoch {s['restore_epoch']}; "
+        f"re-applied; {s['reversioned']} users re-versioned and {s['tombstones_resent']} tombstones "
+        f"sent again under restore epoch {s['restore_epoch']}; "
         f"{s['lost']}"
     )
 

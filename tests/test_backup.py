@@ -130,6 +130,7 @@ async def test_a_restored_primary_resumes_without_reissuing_versions_or_resurrec
     assert query(out / "node.db", "SELECT max(sequence) FROM translog")[0][0] == manifest["tree_size"]
     assert query(out / "node.db", "SELECT max(version) FROM records")[0][0] == manifest["max_version"]
     live = {u for (u,) in query(out / "node.db", "SELECT user_id FROM records WHERE deleted=0")}
+    assert live >= set(users)
     keyed = {u for (u,) in query(keys_out / "keys.db", "SELECT user_id FROM data_keys")}
     assert live <= keyed and query(out / "node.db", "PRAGMA integrity_check") == [("ok",)]
 
@@ -196,14 +197,15 @@ async def test_a_restored_primary_resumes_without_reissuing_versions_or_resurrec
     entries = [json.loads(e) for e in (export / "entries.jsonl").read_bytes().splitlines()]
     (mark,) = [e for e in entries if e["actor"] == "residency restore"]
     assert "store restored from a backup" in mark["reason"] and f"to {archived_size}" in mark["reason"]
-    # Sent after the restore: the re-versioned users and the re-applied erasure, each once per
-    # destination, and nothing else.
+    # Sent after the restore, once per destination and nothing else: the re-versioned users,
+    # the re-applied erasure, and tombstones of users created after the backup (lost at home).
     sent = [e for e in entries if e["sequence"] > mark["sequence"] and e["actor"] == "replicator"]
+    expected = summary["reversioned"] + summary["erasures_reapplied"] + summary["tombstones_resent"]
     for region in (SG, "eu-west-1"):
         subjects = [e["subject"] for e in sent if e["destination_region"] == region]
-        assert len(subjects) == len(set(subjects)) == summary["reversioned"] + 1, (region, subjects)
-        assert {"u-10", "u-11", "u-12", "u-13", "u-14"} <= set(subjects) <= live
-        assert len(subjects) < len(live) / 2  # not everything
+        assert len(subjects) == len(set(subjects)) == expected, (region, subjects)
+        assert {"u-10", "u-11", "u-12", "u-13", "u-14", "n-0", "n-1"} <= set(subjects)
+        assert not set(subjects) & {f"u-{i}" for i in range(15, 20)}  # unchanged since: not sent
     status = await c.replication()
     assert all(d.dead_lettered == 0 and not d.last_error for d in status.values()), status
 
@@ -213,6 +215,10 @@ async def test_a_restored_primary_resumes_without_reissuing_versions_or_resurrec
             await (c.held("u-13", region) if region == SG else c.get("u-13"))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert not query(c.data_dir(region) / "keys.db", "SELECT 1 FROM data_keys WHERE user_id='u-13'")
+    # Users the backup does not hold are gone from the destinations too.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.held("n-0", SG)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
     # The withdrawn consent stays withdrawn.
     assert query(data / "node.db", "SELECT withdrawn_at IS NOT NULL FROM consents WHERE user_id='u-14'") == [
         (1,)

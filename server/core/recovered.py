@@ -4,12 +4,16 @@ to replay, and which users' copies left with versions the backup does not hold. 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from residency.server.core.policy.erasure import ERASED
 
+# Who the log entry of a restore names, and how its reason states the epoch it raised.
+RESTORE_ACTOR = "residency restore"
+_EPOCH = re.compile(r"restore epoch (\d+)")
 # How a consent entry's reason names a sensitive consent (`policy.consent.change_reason`).
 _SENSITIVE = "(sensitive personal information)"
 
@@ -34,6 +38,8 @@ class Recovered:
     consents: list[ConsentReplay] = field(default_factory=list)
     # Each user whose copy (or tombstone) left for a destination: the highest version sent.
     sent: dict[str, int] = field(default_factory=dict)
+    # The highest restore epoch a recovered restore entry states (0: none).
+    epoch: int = 0
 
 
 def read_recovered(entries: Iterable[Mapping[str, Any]], home: str) -> Recovered:
@@ -42,6 +48,8 @@ def read_recovered(entries: Iterable[Mapping[str, Any]], home: str) -> Recovered
     erased: dict[str, None] = {}
     for e in entries:
         kind, user = e.get("kind"), str(e.get("subject", ""))
+        if e.get("actor") == RESTORE_ACTOR and (m := _EPOCH.search(str(e.get("reason", "")))):
+            out.epoch = max(out.epoch, int(m[1]))
         if not user or e.get("source_region") != home:
             continue
         if kind in ("replication", "erasure") and e.get("actor") == "replicator":

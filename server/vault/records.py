@@ -208,7 +208,12 @@ class Records:
         old = self.store.rows([user_id]).get(user_id)
         if old is None or old.deleted:
             raise NotFound(f"user {user_id} has no record")
-        version = next_version(old.version, self.version_floor())
+        return self.tombstone(user_id, old.version)
+
+    def tombstone(self, user_id: str, after: int) -> int:
+        """Writes the user's tombstone with a version above `after` (a restore sends one again
+        to destinations that may hold a newer copy) and destroys the user's data key."""
+        version = next_version(after, self.version_floor())
         now = time.time()
         tomb = StoredRecord(
             user_id=user_id,

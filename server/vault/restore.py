@@ -1,12 +1,12 @@
-"""Backing up a node and restoring a stopped primary from a backup: the manifest and its checks,
-the transfer log rolled forward from the archive, and what the lost store did after the backup
+"""Restoring a stopped primary's store from a backup (`vault.backup` checks and stages it): the
+transfer log rolled forward from the archive, and what the lost store did after the backup
 (erasures, consent changes, copies sent with newer versions) made good under a new restore
 epoch, with one log entry saying what was restored.
 
 Why each step (docs/operators.md, "Backup and restore"): the archive's entries are the only
 record of what left after the backup; versions issued from now on must be above any the lost
-store sent (`restores`, `RecordRows.version_floor`); and the live keyring is kept unless lost,
-since it no longer holds the keys of users erased after the backup.
+store sent (`restores`, `RecordRows.version_floor`); and a destination must get again exactly
+the users whose copies it may hold ahead of the backup.
 """
 
 from __future__ import annotations
@@ -14,29 +14,20 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from residency.server.core import merkle, translog
 from residency.server.core.checkpoint import CheckpointError, open_note
-from residency.server.core.errors import FailedPrecondition
 from residency.server.core.policy.erasure import removed_on_withdrawal
-from residency.server.core.recovered import Recovered, read_recovered, to_reversion
-from residency.server.storage.backup import Progress, copy_file, copy_store, move_in_place, sha256
+from residency.server.core.recovered import RESTORE_ACTOR, Recovered, read_recovered, to_reversion
 from residency.server.storage.consents import ConsentStore
-from residency.server.storage.database import MIGRATIONS, UnitOfWork
+from residency.server.storage.database import UnitOfWork
 from residency.server.storage.records import VERSION_EPOCH_BITS, RecordStore
 from residency.server.storage.replication import ReplicationStore
 from residency.server.storage.restores import RestoreStore
 from residency.server.storage.transferlog import LogStore, LogWriter
 from residency.server.vault.records import Records
-
-MANIFEST = "manifest.json"
-FORMAT = 1
-# Who the restore's log entry names.
-ACTOR = "residency restore"
 
 
 class Archive(Protocol):
@@ -54,49 +45,6 @@ class RestoreTarget(
     def log_recover(self, entries: list[bytes]) -> None: ...
 
 
-def refuse(why: str) -> FailedPrecondition:
-    return FailedPrecondition(f"{why}; nothing was changed")
-
-
-def read_manifest(backup: Path, region: str, role: str, keys_from: Path | None) -> dict[str, Any]:
-    """The backup's manifest, once every file it names has the digest it states and the
-    backup is of this node's region and role (and, with `keys_from`, the keys backup is the
-    one taken with it)."""
-    try:
-        m = json.loads((backup / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise refuse(f"{backup / MANIFEST} cannot be read ({type(e).__name__}): is {backup} a backup?") from e
-    if m.get("format") != FORMAT:
-        raise refuse(f"{backup / MANIFEST} is of format {m.get('format')!r}; this version reads {FORMAT}")
-    if (m.get("region"), m.get("role")) != (region, role):
-        raise refuse(
-            f"the backup is of the {m.get('role')} of {m.get('region')}; this node is the {role} of {region}"
-        )
-    if role != "primary":
-        raise refuse("restore is for a primary: a region node's copies come back from its primary")
-    if int(m.get("schema_version", 0)) > len(MIGRATIONS):
-        raise refuse(f"the backup's store is of schema {m['schema_version']}, newer than this version's")
-    _check_digest(backup / "node.db", m["sha256"]["node.db"])
-    if keys_from is not None:
-        try:
-            k = json.loads((keys_from / MANIFEST).read_text())
-        except (OSError, ValueError) as e:
-            raise refuse(f"{keys_from / MANIFEST} cannot be read ({type(e).__name__})") from e
-        if k.get("backup_id") != m.get("backup_id"):
-            raise refuse(f"the keys in {keys_from} were not backed up with the store in {backup}")
-        _check_digest(keys_from / "keys.db", k["sha256"]["keys.db"])
-    return dict(m)
-
-
-def _check_digest(path: Path, expected: str) -> None:
-    try:
-        found = sha256(path)
-    except OSError as e:
-        raise refuse(f"{path} cannot be read ({type(e).__name__})") from e
-    if found != expected:
-        raise refuse(f"{path} does not match its digest in the manifest: it was changed or damaged")
-
-
 @dataclass(slots=True)
 class RolledForward:
     """What the archive gave back: entries after the backup's tree size, each segment checked
@@ -109,6 +57,8 @@ class RolledForward:
     stopped: str = ""
     # The largest checkpoint the archive holds (entries beyond `size` it covers are lost).
     archived_to: int = 0
+    # The end of the last segment the archive holds up to `size`: where the archiver goes on.
+    archived_mark: int = 0
 
 
 _SEGMENT = re.compile(r"(\d{12})-(\d{12})\.jsonl")
@@ -133,11 +83,12 @@ def roll_forward(
     out.archived_to = max(checkpoints, default=0)
     for first, end, key in segments:
         if end <= tree.size:
+            out.archived_mark = max(out.archived_mark, end)
             continue
         if first > tree.size:
             out.stopped = f"no archived segment holds entries {tree.size + 1} to {first}"
             break
-        lines = archive.get(key).splitlines()
+        lines, note = archive.get(key).splitlines(), ""
         why = _check_segment(tree, first, end, lines)
         if not why:
             if end not in checkpoints:
@@ -151,8 +102,8 @@ def roll_forward(
         new = lines[tree.size - first :]
         tree.extend(merkle.leaf_hash(d) for d in new)
         out.entries += new
-        out.checkpoints.append((end, archive.get(f"{base}/checkpoints/{end:012d}").decode()))
-        out.size = end
+        out.checkpoints.append((end, note))
+        out.size = out.archived_mark = end
     return out
 
 
@@ -176,79 +127,11 @@ def _check_checkpoint(
         cp = open_note(note, verifier_key)
     except CheckpointError as e:
         return f"the checkpoint at {end} does not verify with this node's log.pub ({e})"
-    extended = merkle.Tree()
-    extended.levels = [bytearray(level) for level in tree.levels]
+    extended = tree.copy()
     extended.extend(merkle.leaf_hash(d) for d in new)
     if cp.origin != origin or cp.size != end or cp.root != extended.root(end):
         return f"the checkpoint at {end} does not commit to the archived entries before it"
     return ""
-
-
-def take_backup(
-    data_dir: Path, out: Path, keys_out: Path | None, region: str, role: str, progress: Progress
-) -> dict[str, Any]:
-    """Backs up a node's store into `out` (and its keyring into `keys_out`, a folder apart),
-    both from one snapshot, and writes the manifests. Refused unless both folders are empty."""
-    for d in (out, keys_out):
-        if d is not None and d.exists() and any(d.iterdir()):
-            raise refuse(f"{d} is not empty: a backup goes into a new or empty folder")
-    if keys_out is not None and out.resolve() in (keys_out.resolve(), *keys_out.resolve().parents):
-        raise refuse(f"--keys-out {keys_out} is inside --out {out}: keys are backed up apart from the store")
-    if not (data_dir / "node.db").exists():
-        raise refuse(f"{data_dir} holds no node.db: nothing to back up")
-    for d in (out, keys_out):
-        if d is not None:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    taken_at = time.time()
-    figures = copy_store(data_dir, out, keys_out, progress)
-    digests = figures.pop("sha256")
-    backup_id = uuid.uuid4().hex
-    manifest = {
-        "format": FORMAT,
-        "backup_id": backup_id,
-        "region": region,
-        "role": role,
-        "taken_at": taken_at,
-        **figures,
-        "keys_backed_up": keys_out is not None,
-        "sha256": {"node.db": digests["node.db"]},
-    }
-    _write_json(out / MANIFEST, manifest)
-    if keys_out is not None:
-        keys = {
-            "format": FORMAT,
-            "backup_id": backup_id,
-            "region": region,
-            "taken_at": taken_at,
-            "sha256": {"keys.db": digests["keys.db"]},
-        }
-        _write_json(keys_out / MANIFEST, keys)
-    return manifest
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def stage_backup(data_dir: Path, backup: Path, keys_from: Path | None) -> Path:
-    """Copies the backup's node.db beside the stopped node's, as `node.db.restoring` (the
-    restore works on it, then `move_in_place` puts it in place), and, with `keys_from`, puts
-    its keys.db in place. The live keys.db is kept otherwise: it no longer holds the keys of
-    users erased since the backup, so their records in it stay unreadable."""
-    if keys_from is None and not (data_dir / "keys.db").exists():
-        raise refuse(
-            f"{data_dir / 'keys.db'} is gone: the store's records cannot be opened without a "
-            "keyring; give the keys backup taken with it (--keys-from KEYDIR)"
-        )
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staged = data_dir / "node.db.restoring"
-    for suffix in ("", "-wal", "-shm", ".lock"):
-        staged.with_name(staged.name + suffix).unlink(missing_ok=True)
-    copy_file(backup / "node.db", staged)
-    if keys_from is not None:
-        copy_file(keys_from / "keys.db", data_dir / "keys.db.restoring")
-        move_in_place(data_dir / "keys.db.restoring", data_dir / "keys.db")
-    return staged
 
 
 def apply_restore(
@@ -257,26 +140,57 @@ def apply_restore(
     manifest: dict[str, Any],
     rolled: RolledForward | None,
     destinations: list[str],
+    epoch_seen: int,
 ) -> dict[str, Any]:
     """On the store thread, in the caller's transaction: the recovered entries appended, the
-    restore epoch raised, erasures and consent changes since the backup made again, the users
-    whose copies may be ahead re-versioned, and one log entry saying so. Returns the summary."""
-    region = records.region
+    restore epoch raised above every one seen (`epoch_seen`: the node's store before the
+    restore), erasures and consent changes since the backup made again, the users whose
+    copies may be ahead of the backup sent again under new versions, and one log entry
+    saying so. Returns the summary."""
     recovered = Recovered()
     if rolled is not None:
         store.log_recover(rolled.entries)
         for size, note in rolled.checkpoints:
             store.checkpoint_save(size, note)
-        if rolled.checkpoints:
-            store.archive_mark(rolled.size)
-        recovered = read_recovered((json.loads(d) for d in rolled.entries), region)
-    epoch = store.add_restore()
+        if rolled.archived_mark:
+            store.archive_mark(rolled.archived_mark)
+        recovered = read_recovered((json.loads(d) for d in rolled.entries), records.region)
+    epoch = store.add_restore(max(epoch_seen, recovered.epoch))
     backlog = store.backlog_users(destinations)
-    live = store.live_versions()
+    held = store.record_versions()
+    live = {u: v for u, (v, erased) in held.items() if not erased}
     erased = [u for u in dict.fromkeys([*recovered.erased, *store.keyless_users()]) if u in live]
     for u in erased:
         records.delete(u)
         del live[u]
+    touched, cookies = _replay_consents(records, store, recovered)
+    users = sorted(set(to_reversion(recovered.sent, backlog, live)) | (set(touched) & set(live)))
+    plain = [u for u in users if u not in cookies]
+    for i in range(0, len(plain), 1000):
+        records.bump(plain[i : i + 1000])
+    for u in users:
+        if u in cookies:
+            records.bump([u], remove=cookies[u])
+    # Tombstones again where a destination may hold a newer copy: of users erased in the
+    # backup (queued, or sent since), and of users the backup does not hold at all (created
+    # since, and lost: their home no longer has them, so neither may a destination).
+    resent = sorted(
+        {u for u in [*backlog, *recovered.sent] if u in held and held[u][1]}
+        | {u for u in recovered.sent if u not in held and u not in erased}
+    )
+    for u in resent:
+        records.tombstone(u, max(held.get(u, (0, True))[0], recovered.sent.get(u, 0)))
+    summary = _summary(manifest, rolled, epoch, len(erased), len(recovered.consents), len(users), len(resent))
+    store.log_append([_entry(records.region, records.rules.version, summary)])
+    store.set_restore_summary(epoch, summary)
+    return summary
+
+
+def _replay_consents(
+    records: Records, store: RestoreTarget, recovered: Recovered
+) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """The recovered consent changes made again, in log order: (users whose standing consents
+    changed, cookie fields to remove from those whose cookie consent was withdrawn)."""
     now, touched, cookies = time.time(), [], {}
     for c in recovered.consents:
         evidence = f"re-applied at a restore from transfer-log entry {c.sequence}"
@@ -288,21 +202,17 @@ def apply_restore(
             gone = removed_on_withdrawal(c.purpose, c.recipient, records.schema.cookie_fields)
             if c.withdraw and gone:
                 cookies[c.user_id] = gone
-    users = sorted(set(to_reversion(recovered.sent, backlog, live)) | (set(touched) & set(live)))
-    plain = [u for u in users if u not in cookies]
-    for i in range(0, len(plain), 1000):
-        records.bump(plain[i : i + 1000])
-    for u in users:
-        if u in cookies:
-            records.bump([u], remove=cookies[u])
-    summary = _summary(manifest, rolled, epoch, len(erased), len(recovered.consents), len(users))
-    store.log_append([_entry(region, records.rules.version, summary)])
-    store.set_restore_summary(epoch, summary)
-    return summary
+    return touched, cookies
 
 
 def _summary(
-    manifest: dict[str, Any], rolled: RolledForward | None, epoch: int, erased: int, consents: int, users: int
+    manifest: dict[str, Any],
+    rolled: RolledForward | None,
+    epoch: int,
+    erased: int,
+    consents: int,
+    users: int,
+    resent: int,
 ) -> dict[str, Any]:
     size = manifest["tree_size"]
     recovered_to = rolled.size if rolled is not None else size
@@ -330,6 +240,7 @@ def _summary(
         "erasures_reapplied": erased,
         "consent_changes_reapplied": consents,
         "reversioned": users,
+        "tombstones_resent": resent,
         "restore_epoch": epoch,
         "versions_above": epoch << VERSION_EPOCH_BITS,
         "lost": lost,
@@ -343,8 +254,9 @@ def _entry(region: str, rules_version: str, s: dict[str, Any]) -> dict[str, Any]
         f"{s['backup_tree_size'] + 1} to {s['recovered_to']} recovered from the archive, each "
         f"segment verified against its signed checkpoint; {s['erasures_reapplied']} erasures and "
         f"{s['consent_changes_reapplied']} consent changes made since the backup re-applied; "
-        f"{s['reversioned']} users re-versioned under restore epoch {s['restore_epoch']} "
-        f"(every version from now on is above {s['versions_above']}); {s['lost']}"
+        f"{s['reversioned']} users re-versioned and {s['tombstones_resent']} tombstones sent again "
+        f"under restore epoch {s['restore_epoch']} (every version from now on is above "
+        f"{s['versions_above']}); {s['lost']}"
     )
     return translog.entry(
         "admin",
@@ -352,7 +264,7 @@ def _entry(region: str, rules_version: str, s: dict[str, Any]) -> dict[str, Any]
         source_region=region,
         destination_region="",
         outcome="allowed",
-        actor=ACTOR,
+        actor=RESTORE_ACTOR,
         rules_version=rules_version,
         reason=reason,
     )
