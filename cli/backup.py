@@ -99,15 +99,19 @@ def _restore_stopped(
     from residency.server.keys.providers import open_provider
     from residency.server.storage.restores import epoch_of
     from residency.server.storage.sqlite import SqliteStore
-    from residency.server.vault.backup import put_restored, stage_backup
+    from residency.server.vault.backup import check_log, discard_staged, put_restored, stage_backup
     from residency.server.vault.records import Records
     from residency.server.vault.restore import apply_restore
 
+    verifier_key = _log_pub(config)
+    origin = verifier_key.split("+", 1)[0]
+    check_log(backup, manifest, origin, verifier_key)
     epoch_seen = epoch_of(config.data_dir / "node.db")
     staged, keyring_file = stage_backup(config.data_dir, backup, keys_from)
     store = SqliteStore(staged, durability=config.durability, keyring=keyring_file)
+    done = False
     try:
-        rolled = _roll_forward(config, store) if config.archive is not None else None
+        rolled = _roll_forward(config, store, origin, verifier_key) if config.archive else None
         schema = load_schema(config.schema)
         keyring = Keyring(config.region, open_provider(config.keys), config.keys_dir)
         try:
@@ -117,15 +121,30 @@ def _restore_stopped(
             destinations = [a.region for a in config.affiliates]
             with store.transaction():
                 summary = apply_restore(records, store, manifest, rolled, destinations, epoch_seen)
+            done = True
         finally:
             keyring.provider.close()
     finally:
         store.close()
+        if not done:
+            discard_staged(config.data_dir)
     put_restored(config.data_dir, staged, keyring_file)
     return summary
 
 
-def _roll_forward(config: NodeConfig, store: SqliteStore) -> RolledForward:
+def _log_pub(config: NodeConfig) -> str:
+    """The node's own log verifier key: the backup and the archive are checked against it."""
+    pub = config.keys_dir / "log.pub"
+    try:
+        return pub.read_text().strip()
+    except OSError as e:
+        raise FailedPrecondition(
+            f"{pub} cannot be read ({type(e).__name__}): a backup and the archive are checked "
+            "against the node's own log key; nothing was changed"
+        ) from e
+
+
+def _roll_forward(config: NodeConfig, store: SqliteStore, origin: str, verifier_key: str) -> RolledForward:
     """The archive's entries after the backup, verified with the node's own log.pub."""
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -134,15 +153,6 @@ def _roll_forward(config: NodeConfig, store: SqliteStore) -> RolledForward:
 
     archive = config.archive
     assert archive is not None
-    pub = config.keys_dir / "log.pub"
-    try:
-        verifier_key = pub.read_text().strip()
-    except OSError as e:
-        raise FailedPrecondition(
-            f"{pub} cannot be read ({type(e).__name__}): the archive is checked against the "
-            "node's own log key; nothing was changed"
-        ) from e
-    origin = verifier_key.split("+", 1)[0]
     try:
         return roll_forward(store.log_tree(), S3Bucket(archive), archive.prefix, origin, verifier_key)
     except (BotoCoreError, ClientError) as e:  # no answer, access denied, no such bucket

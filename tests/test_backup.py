@@ -160,10 +160,16 @@ async def test_a_restored_primary_resumes_without_reissuing_versions_or_resurrec
     assert refused.returncode == 2 and "does not match its digest" in refused.stderr, refused.stderr
     # a backup of another region (its manifest says so, its digests hold),
     other = tmp_path / "other-region"
+    await c.transfer_log(SG).GetCheckpoint(translog_pb2.GetCheckpointRequest(refresh=True), timeout=30)
     took = await run("backup", "--config", str(c.dep.configs[SG]), "--out", str(other), "--quiet")
     assert took.returncode == 0 and "keys.db) was not backed up" in took.stderr, took.stderr
     refused = await run("restore", "--config", str(config), "--from", str(other))
     assert refused.returncode == 2 and f"of {SG}" in refused.stderr, refused.stderr
+    # the same with its manifest edited to name this node (its log is not this node's),
+    doc = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**doc, "region": PRIMARY, "role": "primary"}))
+    refused = await run("restore", "--config", str(config), "--from", str(other))
+    assert refused.returncode == 2 and "log is not this node's" in refused.stderr, refused.stderr
     # and keys backed up with another store.
     refused = await run("restore", "--config", str(config), "--from", str(out), "--keys-from", str(other))
     assert refused.returncode == 2, refused.stderr

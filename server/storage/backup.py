@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from residency.server.core import merkle
+
 # Pages copied per step of the backup API: the store's writers wait on no lock meanwhile (WAL),
 # and the progress shown moves every few MiB.
 PAGES_PER_STEP = 1024
@@ -91,6 +93,22 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def backed_up_log(path: Path) -> tuple[merkle.Tree, tuple[int, str] | None]:
+    """The Merkle tree of a backup's transfer log and its latest checkpoint (size, note), read
+    without writing anything (a backup is a file of its own, without a WAL)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    try:
+        tree = merkle.Tree(
+            merkle.leaf_hash(e) for (e,) in db.execute("SELECT entry FROM translog ORDER BY sequence")
+        )
+        latest = db.execute(
+            "SELECT tree_size, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
+        ).fetchone()
+        return tree, (int(latest[0]), str(latest[1])) if latest else None
+    finally:
+        db.close()
 
 
 def copy_file(source: Path, target: Path) -> None:

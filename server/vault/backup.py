@@ -10,8 +10,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from residency.server.core.checkpoint import CheckpointError, open_note
 from residency.server.core.errors import FailedPrecondition
-from residency.server.storage.backup import Progress, copy_file, copy_store, move_in_place, sha256
+from residency.server.storage.backup import (
+    Progress,
+    backed_up_log,
+    copy_file,
+    copy_store,
+    move_in_place,
+    sha256,
+)
 from residency.server.storage.database import MIGRATIONS
 
 MANIFEST = "manifest.json"
@@ -80,14 +88,20 @@ def stage_backup(data_dir: Path, backup: Path, keys_from: Path | None) -> tuple[
             "keyring; give the keys backup taken with it (--keys-from KEYDIR)"
         )
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staged = (data_dir / "node.db.restoring", data_dir / "keys.db.restoring")
-    for path in staged:
-        for suffix in ("", "-wal", "-shm", ".lock"):
-            path.with_name(path.name + suffix).unlink(missing_ok=True)
+    staged = discard_staged(data_dir)
     copy_file(backup / "node.db", staged[0])
     if keys_from is None:
         return staged[0], data_dir / "keys.db"
     copy_file(keys_from / "keys.db", staged[1])
+    return staged
+
+
+def discard_staged(data_dir: Path) -> tuple[Path, Path]:
+    """Removes what a restore staged (one cut short, or refused); returns the staged paths."""
+    staged = (data_dir / "node.db.restoring", data_dir / "keys.db.restoring")
+    for path in staged:
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
     return staged
 
 
@@ -128,6 +142,27 @@ def read_manifest(backup: Path, region: str, role: str, keys_from: Path | None) 
             raise refuse(f"the keys in {keys_from} were not backed up with the store in {backup}")
         _check_digest(keys_from / "keys.db", k["sha256"]["keys.db"])
     return dict(m)
+
+
+def check_log(backup: Path, manifest: dict[str, Any], origin: str, verifier_key: str) -> None:
+    """Refuses a backup whose store is not the one its manifest describes (its log's size), or
+    whose log is not this node's: its latest checkpoint must verify with the node's own
+    `log.pub` and commit to its entries (a manifest edited to name this region does not make
+    another node's store this one's)."""
+    tree, latest = backed_up_log(backup / "node.db")
+    if tree.size != manifest["tree_size"]:
+        raise refuse(f"the backup's log holds {tree.size} entries; its manifest says {manifest['tree_size']}")
+    if latest is None:
+        return
+    size, note = latest
+    try:
+        cp = open_note(note, verifier_key)
+    except CheckpointError as e:
+        raise refuse(
+            f"the backup's log is not this node's: its checkpoint does not verify with log.pub ({e})"
+        ) from e
+    if cp.origin != origin or cp.size != size or size > tree.size or cp.root != tree.root(size):
+        raise refuse("the backup's log is not this node's: its checkpoint does not commit to its entries")
 
 
 def _check_digest(path: Path, expected: str) -> None:
