@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from residency.server.core.policy.consent import ConsentChange
 from residency.server.core.policy.erasure import ERASED
 
 # Who the log entry of a restore names, and how its reason states the epoch it raised.
@@ -20,13 +21,10 @@ _SENSITIVE = "(sensitive personal information)"
 
 @dataclass(frozen=True, slots=True)
 class ConsentReplay:
-    """A consent change a recovered entry records, to be made again in the restored store."""
+    """A consent change a recovered entry records, to be made again in the restored store
+    (its evidence: the entry it was read from)."""
 
-    sequence: int
-    user_id: str
-    purpose: str
-    recipient: str
-    sensitive: bool
+    change: ConsentChange
     withdraw: bool
     actor: str
 
@@ -58,16 +56,15 @@ def read_recovered(entries: Iterable[Mapping[str, Any]], home: str) -> Recovered
                 erased[user] = None
         elif kind == "consent" and e.get("outcome") == "allowed":
             reason = str(e.get("reason", ""))
+            change = ConsentChange(
+                user,
+                str(e.get("purpose", "")),
+                str(e.get("recipient", "")),
+                _SENSITIVE in reason,
+                f"re-applied at a restore from transfer-log entry {e.get('sequence')}",
+            )
             out.consents.append(
-                ConsentReplay(
-                    int(e["sequence"]),
-                    user,
-                    str(e.get("purpose", "")),
-                    str(e.get("recipient", "")),
-                    _SENSITIVE in reason,
-                    reason.startswith("withdrawn"),
-                    str(e.get("actor", "")),
-                )
+                ConsentReplay(change, reason.startswith("withdrawn"), str(e.get("actor", "")))
             )
     out.erased = list(erased)
     return out

@@ -192,15 +192,14 @@ def _replay_consents(
     """The recovered consent changes made again, in log order: (users whose standing consents
     changed, cookie fields to remove from those whose cookie consent was withdrawn)."""
     now, touched, cookies = time.time(), [], {}
-    for c in recovered.consents:
-        evidence = f"re-applied at a restore from transfer-log entry {c.sequence}"
-        changed = store.consent_set(
-            c.user_id, c.purpose, c.recipient, c.sensitive, now, evidence, c.actor, c.withdraw
-        )
-        if changed:
+    for r in recovered.consents:
+        c = r.change
+        if store.consent_set(
+            c.user_id, c.purpose, c.recipient, c.sensitive, now, c.evidence, r.actor, r.withdraw
+        ):
             touched.append(c.user_id)
             gone = removed_on_withdrawal(c.purpose, c.recipient, records.schema.cookie_fields)
-            if c.withdraw and gone:
+            if r.withdraw and gone:
                 cookies[c.user_id] = gone
     return touched, cookies
 
@@ -258,13 +257,4 @@ def _entry(region: str, rules_version: str, s: dict[str, Any]) -> dict[str, Any]
         f"under restore epoch {s['restore_epoch']} (every version from now on is above "
         f"{s['versions_above']}); {s['lost']}"
     )
-    return translog.entry(
-        "admin",
-        subject="",
-        source_region=region,
-        destination_region="",
-        outcome="allowed",
-        actor=RESTORE_ACTOR,
-        rules_version=rules_version,
-        reason=reason,
-    )
+    return translog.admin(region, RESTORE_ACTOR, rules_version, reason)
