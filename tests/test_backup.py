@@ -118,12 +118,11 @@ async def test_a_restored_primary_resumes_without_reissuing_versions_or_resurrec
     ):
         await asyncio.sleep(0.05)
     out, keys_out = tmp_path / "backup", tmp_path / "backup-keys"
-    took = await run(
-        "backup", "--config", str(config), "--out", str(out), "--keys-out", str(keys_out), "--quiet"
-    )
+    took = await run("backup", "--config", str(config), "--out", str(out), "--keys-out", str(keys_out))
     writing.set()
     assert await writer > 3
     assert took.returncode == 0, took.stderr
+    assert "copying node.db" in took.stderr and "copying keys.db" in took.stderr  # progress
     manifest = json.loads((out / "manifest.json").read_text())
     # One snapshot: the manifest's figures are the copy's, and every live record in the store
     # copy has its key in the keys copy, though new users' keys and records were being written.
