@@ -176,7 +176,7 @@ def apply_restore(
     # since, and lost: their home no longer has them, so neither may a destination).
     resent = sorted(
         {u for u in [*backlog, *recovered.sent] if u in held and held[u][1]}
-        | {u for u in recovered.sent if u not in held and u not in erased}
+        | {u for u in recovered.sent if u not in held}
     )
     for u in resent:
         records.tombstone(u, max(held.get(u, (0, True))[0], recovered.sent.get(u, 0)))
