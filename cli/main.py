@@ -11,7 +11,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from residency.cli import keys, log, logs, node, policy, records, replication, rules, subject
+from residency.cli import backup, keys, log, logs, node, policy, records, replication, rules, subject
 from residency.server.core.errors import ResidencyError
 
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_certs(sub)
     replication.add_replicate(sub)
     keys.add_keys(sub)
+    backup.add_backup(sub)
     records.add_records(sub)
     subject.add_subject(sub)
     log.add_log(sub)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from residency.server.core import codec, translog
+from residency.server.core.policy.erasure import ERASED
 from residency.server.core.rules import Allowed, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
 from residency.server.core.sealing import COPY_FORMAT, DataKey, field_aad
@@ -109,7 +110,7 @@ def erased_copy(
     """The tombstone of an erased record, and its log entry. The user's DEK is forgotten."""
     keys.forget(user_id)
     tomb = _tombstone(home, user_id, version, "erasure")
-    entry = _entry("erasure", home, keys.region, user_id, version, reason="the user's record was erased")
+    entry = _entry("erasure", home, keys.region, user_id, version, reason=ERASED)
     return tomb, entry
 
 

@@ -72,17 +72,8 @@ class AccessPolicy:
         """The transfer-log entry of this policy taking effect on SIGHUP (an administrative
         act: it widens or narrows what services may do), naming each entry it holds."""
         held = "; ".join(f"{text}: {', '.join(purposes)}" for _, text, purposes in self.entries)
-        return translog.entry(
-            "admin",
-            subject="",
-            source_region=region,
-            destination_region="",
-            outcome="allowed",
-            actor="sighup",
-            rules_version=rules_version,
-            reason=f"access policy {self.path.name} reread: {len(self.entries)} entries"
-            + (f" ({held[:1000]})" if held else ""),
-        )
+        reason = f"access policy {self.path.name} reread: {len(self.entries)} entries"
+        return translog.admin(region, "sighup", rules_version, reason + (f" ({held[:1000]})" if held else ""))
 
 
 def _pattern(text: str) -> re.Pattern[str]:

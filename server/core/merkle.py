@@ -140,6 +140,11 @@ class Tree:
     def size(self) -> int:
         return len(self.levels[0]) // 32
 
+    def copy(self) -> Tree:
+        out = Tree()
+        out.levels = [bytearray(level) for level in self.levels]
+        return out
+
     def _node(self, height: int, i: int) -> bytes:
         return bytes(self.levels[height][i * 32 : i * 32 + 32])
 

@@ -134,6 +134,20 @@ def entry(
     }
 
 
+def admin(region: str, actor: str, rules_version: str, reason: str, destination: str = "") -> dict[str, Any]:
+    """The entry of an administrative act on `region`'s node (about `destination`, if one)."""
+    return entry(
+        "admin",
+        subject="",
+        source_region=region,
+        destination_region=destination,
+        outcome="allowed",
+        actor=actor,
+        rules_version=rules_version,
+        reason=reason,
+    )
+
+
 def key_event(
     region: str, actor: str, rules_version: str, reason: str, source_region: str = ""
 ) -> dict[str, Any]:

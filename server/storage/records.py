@@ -7,6 +7,9 @@ from typing import Protocol
 
 from residency.server.storage.database import Database
 
+# A restore epoch's share of a version: versions issued after restore N are above N << 40.
+VERSION_EPOCH_BITS = 40
+
 
 @dataclass(slots=True)
 class Row:
@@ -27,6 +30,7 @@ class RecordStore(Protocol):
     def upsert(self, rows: list[Row]) -> None: ...
     def counts(self) -> tuple[int, int]: ...
     def max_version(self) -> int: ...
+    def version_floor(self) -> int: ...
     def live_blobs(self, after_user: str, limit: int) -> list[tuple[str, bytes]]: ...
     def live_updated_between(self, after: float, upto: float, limit: int) -> list[str]: ...
 
@@ -81,6 +85,12 @@ class RecordRows(Database):
     def max_version(self) -> int:
         """The highest version of any record, erased ones included (0: none yet)."""
         return int(self._db.execute("SELECT coalesce(max(version), 0) FROM records").fetchone()[0])
+
+    def version_floor(self) -> int:
+        """The version every new one must be above: `epoch << 40` after the store's latest
+        restore from a backup (0: never restored). 2**40 versions of one user per epoch."""
+        (epoch,) = self._db.execute("SELECT coalesce(max(epoch), 0) FROM restores").fetchone()
+        return int(epoch) << VERSION_EPOCH_BITS
 
     def live_blobs(self, after_user: str, limit: int) -> list[tuple[str, bytes]]:
         """A page of (user, sealed blob) of live records, in user order after `after_user`."""

@@ -12,10 +12,13 @@ from residency.server.storage.disclosures import DisclosureRows
 from residency.server.storage.keyring import KeyringRows
 from residency.server.storage.records import RecordRows
 from residency.server.storage.replication import ReplicationRows
+from residency.server.storage.restores import RestoreRows
 from residency.server.storage.transferlog import TransferLogRows
 
 
-class SqliteStore(TransferLogRows, RecordRows, ReplicationRows, KeyringRows, ConsentRows, DisclosureRows):
+class SqliteStore(
+    TransferLogRows, RecordRows, ReplicationRows, KeyringRows, ConsentRows, DisclosureRows, RestoreRows
+):
     """The node's store: `Database` (connection, lock, migrations, unit of work) with the
     records, outbox and replication control, transfer log, keyring, consent and disclosure
-    repositories."""
+    repositories, and what a restore from a backup reads and writes."""

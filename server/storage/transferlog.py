@@ -101,6 +101,26 @@ class TransferLogRows(Database):
         self._pending_log = (seq, head, now)
         return out
 
+    def log_recover(self, entries: list[bytes]) -> None:
+        """Appends entries exactly as another copy of this log holds them (a restore rolling
+        forward from the archive): their bytes already carry their sequence and time, and the
+        chain and leaves follow from them as when they were first appended."""
+        if self._pending_log is None:
+            self._catch_up()
+        seq, head, last = self._pending_log or (self._log_seq, self._log_head, self._log_time)
+        rows = []
+        for data in entries:
+            seq += 1
+            stamped = json.loads(data)
+            if stamped.get("sequence") != seq:
+                raise ValueError(f"a recovered entry holds sequence {stamped.get('sequence')}, not {seq}")
+            head = translog.chain_hash(head, data)
+            last = float(stamped.get("time", last))
+            rows.append((seq, data, head))
+            self._pending_leaves.append(merkle.leaf_hash(data))
+        self._db.executemany("INSERT INTO translog (sequence, entry, chain) VALUES (?,?,?)", rows)
+        self._pending_log = (seq, head, last)
+
     def log_after(self, sequence: int, limit: int) -> list[tuple[int, bytes, bytes]]:
         return list(
             self._db.execute(

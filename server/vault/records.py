@@ -29,7 +29,7 @@ from residency.server.keys.keyring import Keyring
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
 from residency.server.vault.new_keys import NewKeys
-from residency.server.vault.sealing import seal_writes
+from residency.server.vault.sealing import next_version, seal_writes
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 
 # The encodings of a stored row (a primary's record; a region's copy, as its home sealed it):
@@ -107,6 +107,8 @@ class Records:
         # Without destinations there is nobody to read an outbox.
         self.outbox = outbox
         self.new_keys = NewKeys(keyring, store)
+        # The store's restore floor, read once: only a restore (the node stopped) raises it.
+        self._floor: int | None = None
 
     # ---- primary: writes -------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class Records:
             {u: (r.version, r.deleted, r.blob, r.updated_at) for u, r in rows.items()},
             keys,
             new_key_ids,
+            self.version_floor(),
         )
         for u in new_key_ids:
             self.keyring.data_keys.put(u, keys[u])
@@ -205,7 +208,12 @@ class Records:
         old = self.store.rows([user_id]).get(user_id)
         if old is None or old.deleted:
             raise NotFound(f"user {user_id} has no record")
-        version = old.version + 1
+        return self.tombstone(user_id, old.version)
+
+    def tombstone(self, user_id: str, after: int) -> int:
+        """Writes the user's tombstone with a version above `after` (a restore sends one again
+        to destinations that may hold a newer copy) and destroys the user's data key."""
+        version = next_version(after, self.version_floor())
         now = time.time()
         tomb = StoredRecord(
             user_id=user_id,
@@ -222,6 +230,11 @@ class Records:
             self.store.outbox_append([(user_id, version)])
         self.keyring.data_keys.drop(user_id)
         return version
+
+    def version_floor(self) -> int:
+        if self._floor is None:
+            self._floor = self.store.version_floor()
+        return self._floor
 
     def _data_key(self, user_id: str) -> DataKey:
         """The user's DEK, from the cache or the keyring: the primary's under one of its

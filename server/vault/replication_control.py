@@ -25,16 +25,7 @@ class Operator:
     rules_version: str
 
     def entry(self, destination: str, reason: str) -> dict[str, Any]:
-        return translog.entry(
-            "admin",
-            subject="",
-            source_region=self.region,
-            destination_region=destination,
-            outcome="allowed",
-            actor=self.actor,
-            rules_version=self.rules_version,
-            reason=reason,
-        )
+        return translog.admin(self.region, self.actor, self.rules_version, reason, destination)
 
 
 def set_paused(store: ControlStore, by: Operator, destination: str, paused: bool) -> None:

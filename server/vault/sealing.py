@@ -16,6 +16,12 @@ _Item = tuple[str, bytes, tuple[str, ...], bool, str]
 _Prior = tuple[int, bool, bytes, float]
 
 
+def next_version(old: int, floor: int) -> int:
+    """A record's next version: one above its last, and above the store's restore floor, so
+    that a store restored from a backup never issues again a version its lost self sent."""
+    return max(old, floor) + 1
+
+
 def seal_writes(
     region: str,
     now: float,
@@ -23,10 +29,12 @@ def seal_writes(
     priors: dict[str, _Prior],
     keys: dict[str, DataKey],
     new_key_ids: dict[str, str],
+    floor: int = 0,
 ) -> tuple[list[int], list[tuple[str, int, bytes, float]]]:
     """Merges each write into its user's stored record and seals the result, in order; a
     user written twice in one batch gets two versions. A user without a live prior row
     starts a new record under `new_key_ids[user]`; `keys` holds every user's data key.
+    Every version is above `floor` (the store's restore epoch: `RecordRows.version_floor`).
     Returns the version of each item and the final row of each user. Pure work on bytes:
     no store, no keyring."""
     stamp = codec.timestamp(now)
@@ -61,7 +69,7 @@ def seal_writes(
             stored.key_id = new_key_ids[user_id]
             stored.created_at.CopyFrom(stamp)
             stored.source = source or "registration"
-        version += 1
+        version = next_version(version, floor)
         stored.version = version
         stored.sealed_fields = dek.seal(body, record_aad(user_id, region, version, stored.key_id))
         # Retention counts from the last real write: a rewrite that only changes what may be

@@ -17,6 +17,9 @@ from residency.server.core.policy.cookies import is_cookie_consent
 from residency.server.core.rules import Allowed, Decision, Rule
 
 DAY = 86400
+# The reason of the log entry of an erased record's tombstone sent to a destination: how a
+# restore finds, in the log, erasures its backup predates.
+ERASED = "the user's record was erased"
 
 
 def expired_fields(

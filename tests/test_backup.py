@@ -1,0 +1,356 @@
+"""`residency backup` and `residency restore` against real nodes: a backup taken under load, a
+primary killed after more writes, erasures and consent changes, restored from the backup and
+the transfer-log archive (a real SeaweedFS bucket), and what must hold then; and the liars."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from residency.server.core import merkle
+from residency.server.core.checkpoint import open_note
+from residency.server.storage.records import VERSION_EPOCH_BITS
+from residency.v1 import translog_pb2
+from tests.conftest import PRIMARY, S3_BUCKET, Cluster, SeaweedFS
+
+SG = "ap-southeast-1"
+ARCHIVE_BUCKET = "translog-archive"
+FIELDS = {"name": "Li Wei", "email": "li@example.cn", "language": "zh"}
+
+
+def residency(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "residency.cli.main", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+async def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(residency, *args)
+
+
+@pytest.fixture
+async def archived(tmp_path: Path, seaweed: SeaweedFS):
+    """The primary (archiving its log to SeaweedFS every half second) and ap-southeast-1's node
+    running; eu-west-1's copies go to a bucket."""
+    await asyncio.to_thread(seaweed.make_bucket, S3_BUCKET)
+    c = Cluster(tmp_path / "deployment", s3=seaweed)
+    config = c.dep.configs[PRIMARY]
+    doc = yaml.safe_load(config.read_text())
+    doc["checkpoint_interval_seconds"] = 0.5
+    doc["archive"] = {"bucket": ARCHIVE_BUCKET, "endpoint": seaweed.endpoint, "interval_seconds": 0.5}
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        await c.start(PRIMARY, SG)
+        yield c
+    finally:
+        await c.close()
+
+
+async def archived_checkpoint(c: Cluster, size: int, timeout: float = 120.0) -> tuple[int, str]:
+    """Waits until the archive holds a checkpoint of at least `size`; returns (size, note)."""
+    from residency.server.config.node import load_config
+    from residency.server.vault.archive import S3Bucket
+
+    config = load_config(c.dep.configs[PRIMARY])
+    assert config.archive is not None
+    bucket = S3Bucket(config.archive)
+    prefix = f"translog/residency/{PRIMARY}/checkpoints/"
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            keys = await asyncio.to_thread(bucket.keys, prefix)
+        except Exception:  # the node has not made its bucket yet
+            keys = []
+        if keys and int(keys[-1].rsplit("/", 1)[1]) >= size:
+            return int(keys[-1].rsplit("/", 1)[1]), (await asyncio.to_thread(bucket.get, keys[-1])).decode()
+        assert asyncio.get_running_loop().time() < deadline, f"no checkpoint of size {size} archived"
+        await asyncio.sleep(0.1)
+
+
+def query(path: Path, sql: str, *args: object) -> list[tuple]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+async def tree_size(c: Cluster) -> int:
+    cp = await c.transfer_log().GetCheckpoint(translog_pb2.GetCheckpointRequest(refresh=True), timeout=30)
+    return cp.tree_size
+
+
+async def test_a_restored_primary_resumes_without_reissuing_versions_or_resurrecting_erasures(
+    archived: Cluster, tmp_path: Path
+):
+    c = archived
+    config, data = c.dep.configs[PRIMARY], c.data_dir(PRIMARY)
+    users = [f"u-{i}" for i in range(20)]
+    for u in users:
+        await c.put(u, FIELDS)
+    await c.consent("u-14", "marketing.communications", "ie-affiliate")
+    await c.replicated()
+
+    # The backup, taken while a writer changes ten users and creates others.
+    writing = asyncio.Event()
+
+    async def write() -> int:
+        n = 0
+        while not writing.is_set():
+            await c.put(users[n % 10], {"language": f"zh-{n}"})
+            await c.put(f"w-{n}", FIELDS)
+            n += 1
+        return n
+
+    writer = asyncio.create_task(write())
+    while not await asyncio.to_thread(
+        lambda: query(data / "node.db", "SELECT 1 FROM records WHERE user_id='w-3'")
+    ):
+        await asyncio.sleep(0.05)
+    out, keys_out = tmp_path / "backup", tmp_path / "backup-keys"
+    took = await run("backup", "--config", str(config), "--out", str(out), "--keys-out", str(keys_out))
+    writing.set()
+    assert await writer > 3
+    assert took.returncode == 0, took.stderr
+    assert "copying node.db" in took.stderr and "copying keys.db" in took.stderr  # progress
+    manifest = json.loads((out / "manifest.json").read_text())
+    # One snapshot: the manifest's figures are the copy's, and every live record in the store
+    # copy has its key in the keys copy, though new users' keys and records were being written.
+    assert query(out / "node.db", "SELECT max(sequence) FROM translog")[0][0] == manifest["tree_size"]
+    assert query(out / "node.db", "SELECT max(version) FROM records")[0][0] == manifest["max_version"]
+    live = {u for (u,) in query(out / "node.db", "SELECT user_id FROM records WHERE deleted=0")}
+    assert live >= set(users)
+    keyed = {u for (u,) in query(keys_out / "keys.db", "SELECT user_id FROM data_keys")}
+    assert live <= keyed and query(out / "node.db", "PRAGMA integrity_check") == [("ok",)]
+
+    # After the backup: new users, changed users, an erasure, a consent withdrawal.
+    for u in ("n-0", "n-1"):
+        await c.put(u, FIELDS)
+    for u in ("u-10", "u-11", "u-12"):
+        await c.put(u, {"email": f"{u}@example.org"})
+    await c.delete("u-13")
+    await c.consent("u-14", "marketing.communications", "ie-affiliate", withdraw=True)
+    await c.replicated()
+    held = {u: (await c.held(u, SG)).record.version for u in ("u-10", "u-11", "u-12")}
+    size_before = await tree_size(c)
+    archived_size, archived_note = await archived_checkpoint(c, size_before)
+
+    # The liars, each refused, nothing changed: a restore while the node runs,
+    refused = await run("restore", "--config", str(config), "--from", str(out))
+    assert refused.returncode == 2 and "is running" in refused.stderr, refused.stderr
+    c.stop(PRIMARY, signal.SIGKILL)
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    # a manifest whose digest does not match its file,
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    with sqlite3.connect(forged / "node.db") as db:
+        db.execute("UPDATE records SET version = version + 1")
+    refused = await run("restore", "--config", str(config), "--from", str(forged))
+    assert refused.returncode == 2 and "does not match its digest" in refused.stderr, refused.stderr
+    # a backup of another region (its manifest says so, its digests hold),
+    other = tmp_path / "other-region"
+    await c.transfer_log(SG).GetCheckpoint(translog_pb2.GetCheckpointRequest(refresh=True), timeout=30)
+    took = await run("backup", "--config", str(c.dep.configs[SG]), "--out", str(other), "--quiet")
+    assert took.returncode == 0 and "keys.db) was not backed up" in took.stderr, took.stderr
+    refused = await run("restore", "--config", str(config), "--from", str(other))
+    assert refused.returncode == 2 and f"of {SG}" in refused.stderr, refused.stderr
+    # the same with its manifest edited to name this node (its log is not this node's),
+    doc = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**doc, "region": PRIMARY, "role": "primary"}))
+    refused = await run("restore", "--config", str(config), "--from", str(other))
+    assert refused.returncode == 2 and "log is not this node's" in refused.stderr, refused.stderr
+    # and keys backed up with another store.
+    refused = await run("restore", "--config", str(config), "--from", str(out), "--keys-from", str(other))
+    assert refused.returncode == 2, refused.stderr
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
+
+    restored = await run("restore", "--config", str(config), "--from", str(out))
+    assert restored.returncode == 0, restored.stderr
+    summary = json.loads(restored.stdout)
+    assert summary["recovered_to"] == archived_size > manifest["tree_size"]
+    assert summary["erasures_reapplied"] == 1 and summary["consent_changes_reapplied"] == 1
+    assert "users re-versioned" in restored.stderr
+    await c.start(PRIMARY)
+    await c.replicated()
+
+    # The log extends the checkpoint archived before the loss (`residency log verify`).
+    export = tmp_path / "export"
+    previous = tmp_path / "previous.checkpoint"
+    previous.write_text(archived_note)
+    assert (await run("log", "export", *c.target("reviewer"), "--out", str(export))).returncode == 0
+    verified = await run("log", "verify", str(export), "--previous", str(previous))
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["consistent_with"]["tree_size"] == archived_size
+    stub = c.transfer_log()
+    now = await stub.GetCheckpoint(translog_pb2.GetCheckpointRequest(refresh=True), timeout=30)
+    proof = await stub.ProveConsistency(
+        translog_pb2.ProveConsistencyRequest(from_size=archived_size, tree_size=now.tree_size), timeout=30
+    )
+    old = open_note(archived_note, now.verifier_key)
+    merkle.verify_consistency(old.size, now.tree_size, old.root, now.root_hash, list(proof.hashes))
+
+    entries = [json.loads(e) for e in (export / "entries.jsonl").read_bytes().splitlines()]
+    (mark,) = [e for e in entries if e["actor"] == "residency restore"]
+    assert "store restored from a backup" in mark["reason"] and f"to {archived_size}" in mark["reason"]
+    # Sent after the restore, once per destination and nothing else: the re-versioned users,
+    # the re-applied erasure, and tombstones of users created after the backup (lost at home).
+    sent = [e for e in entries if e["sequence"] > mark["sequence"] and e["actor"] == "replicator"]
+    expected = summary["reversioned"] + summary["erasures_reapplied"] + summary["tombstones_resent"]
+    for region in (SG, "eu-west-1"):
+        subjects = [e["subject"] for e in sent if e["destination_region"] == region]
+        assert len(subjects) == len(set(subjects)) == expected, (region, subjects)
+        assert {"u-10", "u-11", "u-12", "u-13", "u-14", "n-0", "n-1"} <= set(subjects)
+        assert not set(subjects) & {f"u-{i}" for i in range(15, 20)}  # unchanged since: not sent
+    status = await c.replication()
+    assert all(d.dead_lettered == 0 and not d.last_error for d in status.values()), status
+
+    # The erased user stays erased everywhere: no record, no copy, no key.
+    for region in (PRIMARY, SG):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await (c.held("u-13", region) if region == SG else c.get("u-13"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert not query(c.data_dir(region) / "keys.db", "SELECT 1 FROM data_keys WHERE user_id='u-13'")
+    # Users the backup does not hold are gone from the destinations too.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.held("n-0", SG)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # The withdrawn consent stays withdrawn.
+    assert query(data / "node.db", "SELECT withdrawn_at IS NOT NULL FROM consents WHERE user_id='u-14'") == [
+        (1,)
+    ]
+    # New writes get versions above any issued before the loss, and arrive.
+    floor = summary["restore_epoch"] << VERSION_EPOCH_BITS
+    for u in ("u-10", "u-0", "fresh"):
+        version = await c.put(u, {"language": "en"})
+        assert version > floor > held.get(u, 0)
+    await c.replicated()
+    assert (await c.held("u-10", SG)).record.version > floor
+    assert (await c.held("fresh", SG)).record.fields["language"].string_value == "en"
+    status = await c.replication()
+    assert all(d.dead_lettered == 0 and not d.last_error for d in status.values()), status
+
+
+async def test_keys_restored_with_the_store_still_leave_later_erasures_unopenable(
+    archived: Cluster, tmp_path: Path
+):
+    c = archived
+    config, data = c.dep.configs[PRIMARY], c.data_dir(PRIMARY)
+    for u in ("k-0", "k-1"):
+        await c.put(u, FIELDS)
+    await c.replicated()
+    out, keys_out = tmp_path / "backup", tmp_path / "backup-keys"
+    took = await run(
+        "backup", "--config", str(config), "--out", str(out), "--keys-out", str(keys_out), "--quiet"
+    )
+    assert took.returncode == 0, took.stderr
+    assert query(keys_out / "keys.db", "SELECT 1 FROM data_keys WHERE user_id='k-0'")
+    await c.delete("k-0")
+    await c.replicated()
+    await archived_checkpoint(c, await tree_size(c))
+    c.stop(PRIMARY, signal.SIGKILL)
+    # The node's disk is lost: the keys come back from the keys backup, k-0's among them.
+    shutil.rmtree(data)
+    restored = await run("restore", "--config", str(config), "--from", str(out), "--keys-from", str(keys_out))
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["erasures_reapplied"] == 1
+    assert not query(data / "keys.db", "SELECT 1 FROM data_keys WHERE user_id='k-0'")
+    await c.start(PRIMARY)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.get("k-0")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (await c.get("k-1")).record.fields["name"].string_value == "Li Wei"
+
+
+async def test_a_tampered_archive_stops_the_roll_forward_where_it_no_longer_verifies(
+    archived: Cluster, tmp_path: Path
+):
+    from residency.server.config.node import load_config
+    from residency.server.vault.archive import S3Bucket
+
+    c = archived
+    config = c.dep.configs[PRIMARY]
+    await c.put("t-0", FIELDS)
+    await c.replicated()
+    out = tmp_path / "backup"
+    took = await run("backup", "--config", str(config), "--out", str(out), "--quiet")
+    assert took.returncode == 0, took.stderr
+    size = json.loads((out / "manifest.json").read_text())["tree_size"]
+    await c.put("t-0", {"language": "en"})
+    await c.replicated()
+    archived_size, _ = await archived_checkpoint(c, await tree_size(c))
+    c.stop(PRIMARY, signal.SIGKILL)
+    # Someone rewrites what the archive says left after the backup (no Object Lock here).
+    archive = load_config(config).archive
+    assert archive is not None
+    bucket = S3Bucket(archive)
+    segments = bucket.keys(f"translog/residency/{PRIMARY}/segments/")
+    last = segments[-1]
+    assert int(last.rsplit("-", 1)[1].split(".")[0]) == archived_size
+    body = bucket.get(last).replace(b'"ap-southeast-1"', b'"ap-southeast-2"')
+    bucket.put(last, body, None)
+
+    restored = await run("restore", "--config", str(config), "--from", str(out))
+    assert restored.returncode == 0, restored.stderr
+    summary = json.loads(restored.stdout)
+    first = int(last.rsplit("/", 1)[1].split("-")[0])
+    assert summary["recovered_to"] == max(first, size) < archived_size
+    assert f"to {archived_size} are archived but could not be recovered" in summary["lost"]
+    await c.start(PRIMARY)
+    # Versions stay above what left, whatever the archive lost: t-0's next goes past both.
+    assert await c.put("t-0", {"language": "fr"}) > summary["versions_above"]
+    await c.replicated()
+    assert (await c.held("t-0", SG)).record.fields["language"].string_value == "fr"
+
+
+async def test_without_an_archive_a_restore_says_which_checkpoints_it_cannot_match(
+    idle_cluster: Cluster, tmp_path: Path
+):
+    c = idle_cluster
+    config = c.dep.configs[PRIMARY]
+    await c.start(PRIMARY)
+    await c.put("a-0", FIELDS)
+    out = tmp_path / "backup"
+    took = await run("backup", "--config", str(config), "--out", str(out), "--quiet")
+    assert took.returncode == 0, took.stderr
+    again = await run("backup", "--config", str(config), "--out", str(out), "--quiet")
+    assert again.returncode == 2 and "is not empty" in again.stderr
+    inside = await run(
+        "backup",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "b2"),
+        "--keys-out",
+        str(tmp_path / "b2" / "k"),
+    )
+    assert inside.returncode == 2 and "keys are backed up apart" in inside.stderr
+    size = json.loads((out / "manifest.json").read_text())["tree_size"]
+    c.stop(PRIMARY, signal.SIGKILL)
+
+    first = await run("restore", "--config", str(config), "--from", str(out))
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["restore_epoch"] == 1 and summary["recovered_to"] == size
+    assert summary["lost"].startswith("no archive is configured")
+    assert f"not consistent with any checkpoint of a size above {size}" in first.stderr
+    await c.start(PRIMARY)
+    issued = await c.put("a-0", {"language": "en"})
+    assert issued > 1 << VERSION_EPOCH_BITS
+    c.stop(PRIMARY, signal.SIGKILL)
+    # Restored again from the same backup: the epoch goes above the one the lost store had
+    # reached, so the version issued in between is not issued again.
+    second = await run("restore", "--config", str(config), "--from", str(out))
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["restore_epoch"] == 2
+    await c.start(PRIMARY)
+    assert await c.put("a-0", {"language": "fr"}) > 2 << VERSION_EPOCH_BITS > issued
