@@ -6,6 +6,7 @@ schema (duplicate ids, unknown recipients, rules that can never match)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from datetime import date
 from pathlib import Path
@@ -19,6 +20,7 @@ from residency.server.config.schema import DataCategory, DataUse
 from residency.server.core.errors import ConfigError
 from residency.server.core.rules import LegalBasis, Recipient, Rule, RuleSet, covers
 from residency.server.core.schema import Schema
+from residency.server.core.transform import name_of, unfit
 
 
 class RecipientFile(FileModel):
@@ -49,6 +51,11 @@ class RuleFile(FileModel):
     )
     retention_days: int | None = Field(
         default=None, gt=0, description="a positive whole number of days the destination may keep a copy"
+    )
+    transform: Annotated[dict[str, Any], empty_if_null(dict, dict[str, Any] | None)] = Field(
+        default={},
+        description="field name to the form it goes and is served in instead of its value: "
+        "{mask: N} (the last N characters kept), hash, truncate or year_of_birth",
     )
 
 
@@ -152,6 +159,8 @@ def parse_rules(
             retention_days=checked.retention_days,
             line=line,
         )
+        forms = _forms(checked.transform, rule, schema, f"{at}: transform", errors)
+        rule = dataclasses.replace(rule, transform=forms)
         if any(r.id == rule.id for r in rules):
             errors.append(f"{at}: duplicate rule id")
         if rule.recipient not in recipients:
@@ -174,6 +183,34 @@ def _valid(model: type[M], raw: Any, where: str, errors: list[str]) -> M | None:
     except ValidationError as e:
         errors.append(str(config_error(e, model, where, quote=False)))
         return None
+
+
+def _forms(
+    raw: dict[str, Any], rule: Rule, schema: Schema, where: str, errors: list[str]
+) -> tuple[tuple[str, str], ...]:
+    """A rule's `transform` as (field, canonical form) pairs; each problem, naming the key, in
+    `errors`: an unknown field or transformation, one the field's type or category gives no
+    meaning, or a field the rule does not send (the transformation would never apply)."""
+    out = []
+    for name, form in raw.items():
+        spec = schema.fields.get(name)
+        if spec is None:
+            errors.append(f"{where}.{name}: unknown field: not declared in the schema")
+            continue
+        try:
+            canonical = name_of(form)
+        except ValueError as e:
+            errors.append(f"{where}.{name}: {e}")
+            continue
+        if why := unfit(canonical, spec):
+            errors.append(f"{where}.{name}: {why}")
+        elif not any(covers(c, spec.category) for c in rule.categories):
+            errors.append(
+                f"{where}.{name}: the rule does not send it (its category {spec.category} is not listed)"
+            )
+        else:
+            out.append((name, canonical))
+    return tuple(sorted(out))
 
 
 def _matchable(rule: Rule, never: list[str], schema: Schema) -> bool:
