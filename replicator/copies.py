@@ -72,6 +72,8 @@ class Described:
     categories: dict[str, str]
     # The copy's `policies`, encoded (see `copy_policy.policies_message`).
     policies: bytes
+    # The fields that go in a form instead of their value, each with its form.
+    forms: dict[str, str]
 
 
 def _entry(
@@ -168,6 +170,7 @@ def build_copy(
         recipient=what.recipients,
         fields=what.fields,
         withheld=what.withheld,
+        forms=what.forms,
     )
 
 
@@ -187,6 +190,7 @@ def _described(
             recipients=",".join(sorted({d.recipient.id for n in sent if isinstance(d := ds[n], Allowed)})),
             categories={n: home.schema.fields[n].category for n in sent},
             policies=policies_message(ds, sent, {f"grant:{g.id}": g.ends_at for g in permits.active_grants}),
+            forms=plan.forms(sent),
         )
         if len(plan.memo) >= 1000:  # field sets vary little; bound it anyway
             plan.memo.clear()

@@ -105,7 +105,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         if result.denied:
             raise TransferDenied(f"{result.denied} (transfer-log entry {result.log_sequence})")
         rec = result.record
-        reply = records_pb2.GetRecordResponse(log_sequence=result.log_sequence)
+        reply = records_pb2.GetRecordResponse(log_sequence=result.log_sequence, forms=result.forms)
         out = reply.record
         out.user_id, out.version, out.source, out.home_region = (
             rec.user_id,

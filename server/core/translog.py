@@ -99,6 +99,7 @@ def entry(
     version: int = 0,
     destination_country: str = "",
     disclosure: dict[str, Any] | None = None,
+    forms: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
@@ -108,12 +109,16 @@ def entry(
     `destination_country` (a disclosure's: its third party names no region) is the ISO 3166-1
     alpha-2 code of the country the data went to; entries of other kinds have no such key.
     `disclosure` (a disclosure step's) names the request, the step, the ground, its evidence and
-    who asked and approved (`policy.disclosure.evidence_of`).
+    who asked and approved (`policy.disclosure.evidence_of`). `forms` names the fields of
+    `fields` that crossed transformed, each with its form ("mask:4", "hash": `core.transform`);
+    an entry where every field crossed as its value has no such key.
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
     extra: dict[str, Any] = {"destination_country": destination_country} if destination_country else {}
     if disclosure is not None:
         extra["disclosure"] = disclosure
+    if forms:
+        extra["forms"] = dict(sorted(forms.items()))
     return {
         "kind": kind,
         "subject": subject,

@@ -25,6 +25,8 @@ from residency.server.core.policy.grants import split_grants
 from residency.server.core.rules import RETENTION_EXPIRED, Allowed, Grant, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
 from residency.server.core.sealing import DataKey, SealError, field_aad, record_aad
+from residency.server.core.transform import put_in_forms
+from residency.server.keys.hashkey import HashKeys
 from residency.server.keys.keyring import Keyring
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
@@ -75,6 +77,8 @@ class ReadResult:
     log_sequence: int = 0
     # Set when no field may go to the caller: the denial is logged, nothing is returned.
     denied: str = ""
+    # The fields returned in a form instead of their value, each with its form.
+    forms: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -97,6 +101,7 @@ class Records:
         keyring: Keyring,
         store: VaultStore,
         outbox: bool = True,
+        hash_keys: HashKeys | None = None,
     ):
         self.region = region
         self.primary = primary
@@ -107,6 +112,8 @@ class Records:
         # Without destinations there is nobody to read an outbox.
         self.outbox = outbox
         self.new_keys = NewKeys(keyring, store)
+        # The primary's, for fields a rule sends hashed (`core.transform`); None on a region node.
+        self.hash_keys = hash_keys
 
     # ---- primary: writes -------------------------------------------------------------
 
@@ -191,12 +198,16 @@ class Records:
         self, plan: Plan, fields: dict[str, Any], updated_at: float, now: float | None = None
     ) -> tuple[dict[str, Any], dict[str, Withheld]]:
         """`plan.project`, then retention: a field sent under a rule with `retention_days`
-        is withheld once the record is older than that."""
+        is withheld once the record is older than that; then each field its rule transforms is
+        put in its form (the value itself never goes: `core.transform`)."""
         sent, withheld = plan.project(fields)
         now = time.time() if now is None else now
         for name in expired_fields(plan.decisions, list(sent), updated_at, now):
             del sent[name]
             withheld[name] = Withheld(RETENTION_EXPIRED)
+        if forms := plan.forms(sent):
+            key = self.hash_keys.for_region(plan.destination) if self.hash_keys else b""
+            withheld.update(put_in_forms(forms, self.schema.fields, sent, key))
         return sent, withheld
 
     def delete(self, user_id: str) -> int:
@@ -329,6 +340,7 @@ class Records:
             recipient=_recipients(plan.decisions, sent),
             fields=self.describe(plan.decisions, sent),
             withheld=self.describe_withheld(withheld),
+            forms=plan.forms(sent),
             version=rec.version,
             reason=""
             if sent
@@ -336,7 +348,7 @@ class Records:
         )
         (seq,) = self.store.log_append([entry])
         rec.fields = sent
-        return ReadResult(rec, withheld, seq, entry["reason"])
+        return ReadResult(rec, withheld, seq, entry["reason"], entry.get("forms", {}))
 
     def credential(self, user_id: str, field: str) -> bytes:
         """The stored hash of a credential field, empty if the user or the field has none

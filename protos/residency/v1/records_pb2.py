@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from residency.v1 import common_pb2 as residency_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/records.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19residency/v1/common.proto\"\xa5\x02\n\x06Record\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x30\n\x06\x66ields\x18\x04 \x03(\x0b\x32 .residency.v1.Record.FieldsEntry\x12\x13\n\x0bhome_region\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01\"d\n\x10PutRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12$\n\x06record\x18\x02 \x01(\x0b\x32\x14.residency.v1.Record\"5\n\x11PutRecordResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"f\n\x11PutRecordsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12%\n\x07records\x18\x02 \x03(\x0b\x32\x14.residency.v1.Record\"F\n\x12PutRecordsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.residency.v1.PutRecordResponse\"O\n\x10GetRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"~\n\x11GetRecordResponse\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.residency.v1.Record\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\"R\n\x13\x44\x65leteRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"8\n\x14\x44\x65leteRecordResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"u\n\x17VerifyCredentialRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\")\n\x18VerifyCredentialResponse\x12\r\n\x05match\x18\x01 \x01(\x08\x32\xb6\x03\n\rRecordService\x12L\n\tPutRecord\x12\x1e.residency.v1.PutRecordRequest\x1a\x1f.residency.v1.PutRecordResponse\x12O\n\nPutRecords\x12\x1f.residency.v1.PutRecordsRequest\x1a .residency.v1.PutRecordsResponse\x12L\n\tGetRecord\x12\x1e.residency.v1.GetRecordRequest\x1a\x1f.residency.v1.GetRecordResponse\x12U\n\x0c\x44\x65leteRecord\x12!.residency.v1.DeleteRecordRequest\x1a\".residency.v1.DeleteRecordResponse\x12\x61\n\x10VerifyCredential\x12%.residency.v1.VerifyCredentialRequest\x1a&.residency.v1.VerifyCredentialResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/records.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19residency/v1/common.proto\"\xa5\x02\n\x06Record\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x30\n\x06\x66ields\x18\x04 \x03(\x0b\x32 .residency.v1.Record.FieldsEntry\x12\x13\n\x0bhome_region\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01\"d\n\x10PutRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12$\n\x06record\x18\x02 \x01(\x0b\x32\x14.residency.v1.Record\"5\n\x11PutRecordResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"f\n\x11PutRecordsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12%\n\x07records\x18\x02 \x03(\x0b\x32\x14.residency.v1.Record\"F\n\x12PutRecordsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.residency.v1.PutRecordResponse\"O\n\x10GetRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\xe7\x01\n\x11GetRecordResponse\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.residency.v1.Record\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\x12\x39\n\x05\x66orms\x18\x04 \x03(\x0b\x32*.residency.v1.GetRecordResponse.FormsEntry\x1a,\n\nFormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x13\x44\x65leteRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"8\n\x14\x44\x65leteRecordResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"u\n\x17VerifyCredentialRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\")\n\x18VerifyCredentialResponse\x12\r\n\x05match\x18\x01 \x01(\x08\x32\xb6\x03\n\rRecordService\x12L\n\tPutRecord\x12\x1e.residency.v1.PutRecordRequest\x1a\x1f.residency.v1.PutRecordResponse\x12O\n\nPutRecords\x12\x1f.residency.v1.PutRecordsRequest\x1a .residency.v1.PutRecordsResponse\x12L\n\tGetRecord\x12\x1e.residency.v1.GetRecordRequest\x1a\x1f.residency.v1.GetRecordResponse\x12U\n\x0c\x44\x65leteRecord\x12!.residency.v1.DeleteRecordRequest\x1a\".residency.v1.DeleteRecordResponse\x12\x61\n\x10VerifyCredential\x12%.residency.v1.VerifyCredentialRequest\x1a&.residency.v1.VerifyCredentialResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECORD_FIELDSENTRY']._loaded_options = None
   _globals['_RECORD_FIELDSENTRY']._serialized_options = b'8\001'
+  _globals['_GETRECORDRESPONSE_FORMSENTRY']._loaded_options = None
+  _globals['_GETRECORDRESPONSE_FORMSENTRY']._serialized_options = b'8\001'
   _globals['_RECORD']._serialized_start=105
   _globals['_RECORD']._serialized_end=398
   _globals['_RECORD_FIELDSENTRY']._serialized_start=332
@@ -49,16 +51,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRECORDSRESPONSE']._serialized_end=731
   _globals['_GETRECORDREQUEST']._serialized_start=733
   _globals['_GETRECORDREQUEST']._serialized_end=812
-  _globals['_GETRECORDRESPONSE']._serialized_start=814
-  _globals['_GETRECORDRESPONSE']._serialized_end=940
-  _globals['_DELETERECORDREQUEST']._serialized_start=942
-  _globals['_DELETERECORDREQUEST']._serialized_end=1024
-  _globals['_DELETERECORDRESPONSE']._serialized_start=1026
-  _globals['_DELETERECORDRESPONSE']._serialized_end=1082
-  _globals['_VERIFYCREDENTIALREQUEST']._serialized_start=1084
-  _globals['_VERIFYCREDENTIALREQUEST']._serialized_end=1201
-  _globals['_VERIFYCREDENTIALRESPONSE']._serialized_start=1203
-  _globals['_VERIFYCREDENTIALRESPONSE']._serialized_end=1244
-  _globals['_RECORDSERVICE']._serialized_start=1247
-  _globals['_RECORDSERVICE']._serialized_end=1685
+  _globals['_GETRECORDRESPONSE']._serialized_start=815
+  _globals['_GETRECORDRESPONSE']._serialized_end=1046
+  _globals['_GETRECORDRESPONSE_FORMSENTRY']._serialized_start=1002
+  _globals['_GETRECORDRESPONSE_FORMSENTRY']._serialized_end=1046
+  _globals['_DELETERECORDREQUEST']._serialized_start=1048
+  _globals['_DELETERECORDREQUEST']._serialized_end=1130
+  _globals['_DELETERECORDRESPONSE']._serialized_start=1132
+  _globals['_DELETERECORDRESPONSE']._serialized_end=1188
+  _globals['_VERIFYCREDENTIALREQUEST']._serialized_start=1190
+  _globals['_VERIFYCREDENTIALREQUEST']._serialized_end=1307
+  _globals['_VERIFYCREDENTIALRESPONSE']._serialized_start=1309
+  _globals['_VERIFYCREDENTIALRESPONSE']._serialized_end=1350
+  _globals['_RECORDSERVICE']._serialized_start=1353
+  _globals['_RECORDSERVICE']._serialized_end=1791
 # @@protoc_insertion_point(module_scope)
