@@ -182,11 +182,15 @@ class Plan:
                 withheld[name] = d
         return sent, withheld
 
+    @cached_property
+    def _forms(self) -> dict[str, str]:
+        return {n: f for n, d in self.decisions.items() if isinstance(d, Allowed) and (f := d.rule.form(n))}
+
     def forms(self, names: Any) -> dict[str, str]:
-        """The form each of `names` goes in, for those a rule transforms."""
-        return {
-            n: form for n in names if isinstance(d := self.decisions[n], Allowed) and (form := d.rule.form(n))
-        }
+        """The form each of `names` goes in, for those a rule transforms (worked out once per
+        plan: every projection asks)."""
+        every = self._forms
+        return {n: every[n] for n in names if n in every} if every else {}
 
 
 @dataclass(frozen=True)

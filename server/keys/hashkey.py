@@ -4,9 +4,10 @@ region's key leaves it alone), mode 0600.
 
 Each destination region's hash key is HMAC-SHA256 of the secret over the region's name: a
 field hashed for one region is stable there and unlike the same value hashed for another,
-and without the provider nobody can run a dictionary against the hashes. A primary (or its
-standalone worker) writes the file the first time it starts (a wrap under the log provider's
-key, which `residency init` made). Rotation rewraps it with `log.key`; retire keeps it.
+and without the provider nobody can run a dictionary against the hashes. `residency init`
+writes the file for the primary; a primary (or its standalone worker) whose key folder lacks
+it writes it the first time it starts (a wrap under the log provider's key, which `init`
+made). Rotation rewraps it with `log.key`; retire keeps it.
 """
 
 from __future__ import annotations
