@@ -25,6 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from residency.cli.main import main
+from residency.replicator.sinks.manifest import open_object
 from residency.server.config.rules import parse_rules
 from residency.server.config.schema import load_schema
 from residency.server.core import codec
@@ -34,16 +35,17 @@ from residency.server.core.schema import FieldSpec
 from residency.server.core.sealing import field_aad
 from residency.server.core.signed import signed_bytes, verifies
 from residency.server.deployment import EXAMPLE_RULES, EXAMPLE_SCHEMA, PRIMARY
-from residency.server.keys.copykey import load_copy_key
+from residency.server.keys.copykey import load_copy_key, load_home_key
 from residency.server.keys.hashkey import KEY, HashKeys, create_hash_key, open_hash_keys
 from residency.server.keys.lifecycle import retire, rotate
 from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RecipientKey
 from residency.v1 import admin_pb2, replica_pb2
-from tests.conftest import Cluster, values
+from tests.conftest import S3_BUCKET, S3_PREFIX, Cluster, SeaweedFS, values
 from tests.test_keys_node import open_offline
 from tests.test_records import violations
+from tests.test_replicator import region_key
 
 SG, IE = "ap-southeast-1", "eu-west-1"
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "transform.json").read_text())
@@ -507,3 +509,34 @@ async def test_a_changed_transformation_resends_every_copy_in_the_new_form(trans
 
     await until(whole, "the copy with the value")
     assert not (await c.get("u-1", region=SG)).forms
+
+
+async def test_a_bucket_copy_holds_only_the_form(tmp_path: Path, seaweed: SeaweedFS):
+    """eu-west-1's copies in an S3 bucket: every object, opened with the region's key as an
+    affiliate would, holds the masked phone and the month, and no object holds the digits."""
+    await asyncio.to_thread(seaweed.make_bucket, S3_BUCKET)
+    c = Cluster(tmp_path / "deployment", s3=seaweed)
+    try:
+        configure(c, TRANSFORMS)
+        await c.start(PRIMARY, SG)
+        await c.put("u-1", USER)
+        await c.consent("u-1", "marketing.communications", "ie-affiliate")
+        await c.replicated()
+        client = seaweed.client()
+        listed = client.list_objects_v2(Bucket=S3_BUCKET, Prefix=S3_PREFIX)["Contents"]
+        bodies = [client.get_object(Bucket=S3_BUCKET, Key=o["Key"])["Body"].read() for o in listed]
+        assert bodies and not any(SENTINEL in b or IP.encode() in b for b in bodies)
+        home = load_home_key(c.dir / "keys" / PRIMARY / "copy.pub")
+        body = client.get_object(Bucket=S3_BUCKET, Key=f"{S3_PREFIX}copies/u-1.sealedcopy")["Body"].read()
+        copy, fields = open_object(body, region_key(c, IE), home)
+        got = {n: codec.from_value(v) for n, v in fields.items()}
+        assert got["phone"] == "*******2795" and got["visit_time"] == datetime(2026, 3, 1, tzinfo=UTC)
+        assert got["birth_date"] == 1990 and t.conforms("hash", got["email"])
+        assert {n: p.form for n, p in copy.policies.items() if p.form} == {
+            "phone": "mask:4",
+            "email": "hash",
+            "visit_time": "truncate",
+            "birth_date": "year_of_birth",
+        }
+    finally:
+        await c.close()
