@@ -8,8 +8,10 @@ in the new form, and copies that lie about their form are refused or not served.
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
 import hmac
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -408,6 +410,24 @@ async def test_rules_explain_names_each_fields_transformation(transformed: Clust
     )
     out = capsys.readouterr().out
     assert code == 0 and "goes as mask:4" in out and "goes as hash" in out and SENTINEL.decode() not in out
+
+
+async def test_reviewers_verify_a_log_with_forms_and_reports_show_them(transformed: Cluster, tmp_path: Path):
+    c = transformed
+    bundle, report = tmp_path / "bundle", tmp_path / "report.csv"
+    assert await asyncio.to_thread(main, ["log", "export", *c.target("reviewer"), "--out", str(bundle)]) == 0
+    assert await asyncio.to_thread(main, ["log", "verify", str(bundle)]) == 0
+    key = str(c.dir / "keys" / PRIMARY / "log.pub")
+    args = ["log", "report", "--bundle", str(bundle), "--key", key, "--out", str(report), "--format", "csv"]
+    assert await asyncio.to_thread(main, args) == 0
+    rows = list(csv.DictReader(io.StringIO(report.read_text())))
+    sent = [
+        r
+        for r in rows
+        if r["kind"] == "replication" and r["subject"] == "u-1" and r["destination_region"] == SG
+    ]
+    assert sent[-1]["forms"] == "email=hash;ip_address=truncate;phone=mask:4"
+    assert SENTINEL not in report.read_bytes()
 
 
 async def test_copies_that_lie_about_their_form_are_refused_or_not_served(transformed: Cluster):
