@@ -18,13 +18,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from residency.server.core import codec
-from residency.server.core.rules import NOT_IN_FORM, Withheld
+from residency.server.core.rules import NOT_IN_FORM, Withheld, covers
 from residency.server.core.schema import FieldSpec, FieldValue
 
 Value = codec.Value
 
 MASK, HASH, TRUNCATE, YEAR_OF_BIRTH = "mask", "hash", "truncate", "year_of_birth"
-KINDS = (MASK, HASH, TRUNCATE, YEAR_OF_BIRTH)
 MASK_CHAR = "*"
 # Kept by a mask: in phone and card numbers they are the same for every number of a format,
 # so they say nothing about the person, and a reader still sees `***-****-2795` as a phone.
@@ -84,21 +83,17 @@ def known(form: str) -> bool:
 def unfit(form: str, spec: FieldSpec) -> str:
     """Why `form` means nothing for the field `spec` declares (its type or category), or ""."""
     kind, _ = parse(form)
-    dated = spec.type == "timestamp" or (spec.type == "string" and _covers(BIRTH_CATEGORY, spec.category))
+    dated = spec.type == "timestamp" or (spec.type == "string" and covers(BIRTH_CATEGORY, spec.category))
     what = f"{spec.type} of category {spec.category}"
     if kind == MASK and spec.type != "string":
         return f"mask keeps a string's last characters; {spec.name} is a {what}"
     if kind == HASH and spec.type not in ("string", "bytes", "int"):
         return f"hash takes a string, bytes or int (an identifier); {spec.name} is a {what}"
-    if kind == TRUNCATE and not (dated or (spec.type == "string" and _covers(IP_CATEGORY, spec.category))):
+    if kind == TRUNCATE and not (dated or (spec.type == "string" and covers(IP_CATEGORY, spec.category))):
         return f"truncate takes an IP address ({IP_CATEGORY}) or a date or timestamp; {spec.name} is a {what}"
-    if kind == YEAR_OF_BIRTH and not (dated and _covers(BIRTH_CATEGORY, spec.category)):
+    if kind == YEAR_OF_BIRTH and not (dated and covers(BIRTH_CATEGORY, spec.category)):
         return f"year_of_birth takes a birth date ({BIRTH_CATEGORY}); {spec.name} is a {what}"
     return ""
-
-
-def _covers(prefix: str, key: str) -> bool:
-    return key == prefix or key.startswith(prefix + ".")
 
 
 def transform(form: str, spec: FieldSpec, value: FieldValue, key: bytes) -> FieldValue:
@@ -112,7 +107,7 @@ def transform(form: str, spec: FieldSpec, value: FieldValue, key: bytes) -> Fiel
     if kind == TRUNCATE and isinstance(value, datetime):
         return month(value)
     if kind == TRUNCATE and isinstance(value, str):
-        return network(value) if _covers(IP_CATEGORY, spec.category) else date_month(value)
+        return network(value) if covers(IP_CATEGORY, spec.category) else date_month(value)
     if kind == YEAR_OF_BIRTH and isinstance(value, datetime | str):
         return birth_year(value)
     raise NotInForm(f"a value of {spec.name} cannot be put in the form {form}")
