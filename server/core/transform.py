@@ -202,9 +202,9 @@ def conforms(form: str, value: FieldValue | None) -> bool:
 
 
 def _masked(value: str, keep: int) -> bool:
-    """At most `keep` characters shown, all after every `*`."""
-    visible = "".join(c for c in value if c not in SEPARATORS).lstrip(MASK_CHAR)
-    return MASK_CHAR not in visible and len(visible) <= keep
+    """Every character but separators and the last `keep` others is `*`."""
+    chars = [c for c in value if c not in SEPARATORS]
+    return all(c == MASK_CHAR for c in chars[: max(len(chars) - keep, 0)])
 
 
 def put_in_forms(
