@@ -410,6 +410,12 @@ async def test_rules_explain_names_each_fields_transformation(transformed: Clust
     )
     out = capsys.readouterr().out
     assert code == 0 and "goes as mask:4" in out and "goes as hash" in out and SENTINEL.decode() not in out
+    # `residency records get` by a service of the region, at its region node: the forms, named.
+    get = ["records", "get", *c.target("service", region=SG, location=SG), "--location", SG]
+    code = await asyncio.to_thread(main, [*get, "--purpose", "essential.service", "u-1"])
+    got = json.loads(capsys.readouterr().out)
+    assert code == 0 and got["fields"]["phone"] == "*******2795"
+    assert got["forms"] == {"email": "hash", "ip_address": "truncate", "phone": "mask:4"}
 
 
 async def test_reviewers_verify_a_log_with_forms_and_reports_show_them(transformed: Cluster, tmp_path: Path):
