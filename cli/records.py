@@ -63,6 +63,8 @@ async def _records(args: argparse.Namespace) -> int:
                     for w in reply.withheld
                 ],
             }
+            if reply.forms:  # fields returned as a transformation, not their value
+                out["forms"] = dict(sorted(reply.forms.items()))
             if reply.log_sequence:
                 out["log_sequence"] = reply.log_sequence
             print(json.dumps(out, indent=2, ensure_ascii=False))

@@ -99,7 +99,8 @@ async def _rules_explain(args: argparse.Namespace) -> int:
     )
     for f in reply.fields:
         if f.transferred:
-            print(f"  {f.field:<18} goes      rule {f.rule} ({f.legal_basis}) to {f.recipient}")
+            goes = f"goes as {f.form}" if f.form else "goes"
+            print(f"  {f.field:<18} {goes:<9} rule {f.rule} ({f.legal_basis}) to {f.recipient}")
         else:
             print(f"  {f.field:<18} withheld  {f.reason}: {f.detail}")
     return 0

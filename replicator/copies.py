@@ -26,7 +26,7 @@ from residency.v1 import replica_pb2
 
 class Sender(Protocol):
     """What a copy takes from the home node (`residency.server.vault.records.Records` is
-    one): its region, rules and schema, and how it projects and describes fields."""
+    one): its region, rules and schema, and how it projects fields."""
 
     region: str
     rules: RuleSet
@@ -35,8 +35,6 @@ class Sender(Protocol):
     def project(
         self, plan: Plan, fields: dict[str, Any], updated_at: float, now: float | None = None
     ) -> tuple[dict[str, Any], dict[str, Withheld]]: ...
-    def describe(self, decisions: dict[str, Any], names: Any) -> list[dict[str, Any]]: ...
-    def describe_withheld(self, withheld: dict[str, Withheld]) -> list[dict[str, Any]]: ...
 
 
 class CopyKeys:
@@ -73,6 +71,8 @@ class Described:
     categories: dict[str, str]
     # The copy's `policies`, encoded (see `copy_policy.policies_message`).
     policies: bytes
+    # The fields that go in a form instead of their value, each with its form.
+    forms: dict[str, str]
 
 
 def _entry(
@@ -169,6 +169,7 @@ def build_copy(
         recipient=what.recipients,
         fields=what.fields,
         withheld=what.withheld,
+        forms=what.forms,
     )
 
 
@@ -183,11 +184,12 @@ def _described(
     if memo is None:
         ds = plan.decisions
         memo = Described(
-            fields=translog.Shared(home.describe(ds, sent)),
-            withheld=translog.Shared(home.describe_withheld(withheld)),
+            fields=translog.Shared(translog.described(home.schema, ds, sent)),
+            withheld=translog.Shared(translog.described_withheld(home.schema, withheld)),
             recipients=",".join(sorted({d.recipient.id for n in sent if isinstance(d := ds[n], Allowed)})),
             categories={n: home.schema.fields[n].category for n in sent},
             policies=policies_message(ds, sent, {f"grant:{g.id}": g.ends_at for g in permits.active_grants}),
+            forms=plan.forms(sent),
         )
         if len(plan.memo) >= 1000:  # field sets vary little; bound it anyway
             plan.memo.clear()

@@ -22,6 +22,7 @@ from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
 from residency.server.core.errors import ConfigError
 from residency.server.core.schema import Schema
+from residency.server.keys.hashkey import load_hash_keys
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.running import hold_running
@@ -41,7 +42,9 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     running = hold_running(c.data_dir)
     store = SqliteStore(c.data_dir / "node.db", durability=c.durability)
     keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
-    records = Records(c.region, True, schema, rules, keyring, store)
+    records = Records(
+        c.region, True, schema, rules, keyring, store, hash_keys=load_hash_keys(c.keys_dir, c.keys)
+    )
     db = StoreThread(store)
     db.start()
     replicator = Replicator(

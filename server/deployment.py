@@ -20,6 +20,8 @@ from residency.server.config.node import load_config
 from residency.server.keys import pki
 from residency.server.keys.copykey import create_copy_key
 from residency.server.keys.files import KeyExists
+from residency.server.keys.hashkey import KEY as HASH_KEY
+from residency.server.keys.hashkey import create_hash_key
 from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.providers.local import LocalProvider
@@ -293,8 +295,8 @@ def make_private(folder: Path) -> None:
 
 
 def generate_keys(config_path: Path) -> None:
-    """Creates a region's key and its node's log signing key in its provider's care (each
-    unless it is there already)."""
+    """Creates a region's key, its node's log signing key and, for the primary, its hash key,
+    in its provider's care (each unless it is there already)."""
     config = load_config(config_path)
     c = config.keys
     if not (c.dir / "region.key").exists():
@@ -312,6 +314,13 @@ def generate_keys(config_path: Path) -> None:
         log_keys = open_log_provider(c, create=True)
         try:
             create_log_key(origin(config.region), c.dir, log_keys)
+        finally:
+            log_keys.close()
+    if config.is_primary and not (c.dir / HASH_KEY).exists():
+        # The `hash` transformation's secret, under the same provider key as `log.key`.
+        log_keys = open_log_provider(c)
+        try:
+            create_hash_key(c.dir, log_keys)
         finally:
             log_keys.close()
 

@@ -38,6 +38,7 @@ from residency.server.core.rules import RuleSet
 from residency.server.keys import lifecycle
 from residency.server.keys.copykey import load_home_key
 from residency.server.keys.files import exposed_secret, loose_permissions, write_private
+from residency.server.keys.hashkey import load_hash_keys
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
@@ -138,7 +139,8 @@ class RunningNode:
         # The outbox is written whenever there are destinations, even with the in-process
         # replicator off: a standalone `residency replicate` worker then reads it.
         outbox = c.is_primary and bool(c.affiliates)
-        records = Records(c.region, c.is_primary, schema, rules, keyring, store, outbox=outbox)
+        hash_keys = load_hash_keys(c.keys_dir, c.keys) if c.is_primary else None
+        records = Records(c.region, c.is_primary, schema, rules, keyring, store, outbox, hash_keys)
         self.records = records
         for a in c.affiliates:
             RecipientKey.load(a.region, a.public_key)  # a missing key fails at start

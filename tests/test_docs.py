@@ -5,6 +5,7 @@ name is a key of the node config."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import shlex
 import typing
@@ -356,3 +357,15 @@ def test_every_test_the_docs_cite_exists() -> None:
     missing = sorted(f"{where}: {t}" for where, t in cited if t not in defined)
     assert len(cited) > 20, "no tests cited: is the parsing broken?"
     assert not missing, "tests the docs cite that do not exist:\n" + "\n".join(missing)
+
+
+def test_the_rules_key_table_names_every_key_a_rule_takes() -> None:
+    """operators.md's table of a rule's keys (first header `rule key`) against the model that
+    parses rules files: a key added to rules is documented, a key documented exists."""
+    from residency.server.config.rules import RuleFile
+
+    lines = (ROOT / "docs" / "operators.md").read_text().split("\n")
+    start = next(i for i, line in enumerate(lines) if re.match(r"\|\s*rule key\s*\|", line))
+    rows = [line for line in itertools.takewhile(lambda x: x.startswith("|"), lines[start + 2 :])]
+    named = {re.findall(r"`([^`]+)`", row.split("|")[1])[0] for row in rows}
+    assert named == set(RuleFile.model_fields), named ^ set(RuleFile.model_fields)

@@ -109,6 +109,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
             log_sequence=result.log_sequence,
             record=record_message(result.record),
             withheld=withheld_messages(self.records.schema, result.withheld),
+            forms=result.forms,
         )
 
     @rpc

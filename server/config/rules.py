@@ -6,6 +6,7 @@ schema (duplicate ids, unknown recipients, rules that can never match)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from datetime import date
 from pathlib import Path
@@ -28,6 +29,7 @@ from residency.server.core.rules import (
     covers,
 )
 from residency.server.core.schema import Schema
+from residency.server.core.transform import name_of, unfit
 
 
 class RecipientFile(FileModel):
@@ -92,6 +94,11 @@ class RuleFile(FileModel):
     )
     safeguards: Annotated[list[SafeguardFile], empty_if_null(list, list[SafeguardFile] | None)] = Field(
         default=[], description="a list of {kind, reference}: the safeguards the transfer is made under"
+    )
+    transform: Annotated[dict[str, Any], empty_if_null(dict, dict[str, Any] | None)] = Field(
+        default={},
+        description="field name to the form it goes and is served in instead of its value: "
+        "{mask: N} (the last N characters kept), hash, truncate or year_of_birth",
     )
 
 
@@ -196,6 +203,8 @@ def parse_rules(
             line=line,
             safeguards=tuple(Safeguard(g.kind, g.reference) for g in checked.safeguards),
         )
+        forms = _forms(checked.transform, rule, schema, f"{at}: transform", errors)
+        rule = dataclasses.replace(rule, transform=forms)
         if any(r.id == rule.id for r in rules):
             errors.append(f"{at}: duplicate rule id")
         if rule.recipient not in recipients:
@@ -218,6 +227,34 @@ def _valid(model: type[M], raw: Any, where: str, errors: list[str]) -> M | None:
     except ValidationError as e:
         errors.append(str(config_error(e, model, where, quote=False)))
         return None
+
+
+def _forms(
+    raw: dict[str, Any], rule: Rule, schema: Schema, where: str, errors: list[str]
+) -> tuple[tuple[str, str], ...]:
+    """A rule's `transform` as (field, canonical form) pairs; each problem, naming the key, in
+    `errors`: an unknown field or transformation, one the field's type or category gives no
+    meaning, or a field the rule does not send (the transformation would never apply)."""
+    out = []
+    for name, form in raw.items():
+        spec = schema.fields.get(name)
+        if spec is None:
+            errors.append(f"{where}.{name}: unknown field: not declared in the schema")
+            continue
+        try:
+            canonical = name_of(form)
+        except ValueError as e:
+            errors.append(f"{where}.{name}: {e}")
+            continue
+        if why := unfit(canonical, spec):
+            errors.append(f"{where}.{name}: {why}")
+        elif not any(covers(c, spec.category) for c in rule.categories):
+            errors.append(
+                f"{where}.{name}: the rule does not send it (its category {spec.category} is not listed)"
+            )
+        else:
+            out.append((name, canonical))
+    return tuple(sorted(out))
 
 
 def _matchable(rule: Rule, never: list[str], schema: Schema) -> bool:

@@ -39,6 +39,8 @@ RETENTION_EXPIRED = "retention_expired"
 GRANT_ENDED = "grant_ended"
 NOT_FOR_GROUND = "not_allowed_for_ground"
 POLICY_MISSING = "policy_missing"
+NOT_IN_FORM = "not_in_form"
+FORM_MISMATCH = "form_mismatch"
 
 REASON_TEXT = {
     CREDENTIAL: "credentials are kept only as a hash and never leave the home region",
@@ -52,6 +54,8 @@ REASON_TEXT = {
     GRANT_ENDED: "the third-party grant that allowed it has ended or was revoked (policy 2a)",
     NOT_FOR_GROUND: "the disclosure ground does not reach this field (policy 3)",
     POLICY_MISSING: "the copy predates travelling policies; it is read once the primary sends it again",
+    NOT_IN_FORM: "its rule sends it transformed, and this value cannot be put in that form",
+    FORM_MISMATCH: "the copy's value is not in the form its signed policy names, so it is not served",
     SENSITIVE: "sensitive data goes only under a rule that names its category explicitly",
     OUT_OF_SCOPE: "data outside the policy's scope goes only under a rule that names it explicitly",
 }
@@ -112,6 +116,12 @@ class Rule:
     retention_days: int | None = None
     line: int = 0
     safeguards: tuple[Safeguard, ...] = ()
+    # (field, form) pairs: those fields go, and are served, only in that form (`core.transform`).
+    transform: tuple[tuple[str, str], ...] = ()
+
+    def form(self, field: str) -> str:
+        """The form the rule sends `field` as; "" for its value."""
+        return next((f for n, f in self.transform if n == field), "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +196,16 @@ class Plan:
             else:
                 withheld[name] = d
         return sent, withheld
+
+    @cached_property
+    def _forms(self) -> dict[str, str]:
+        return {n: f for n, d in self.decisions.items() if isinstance(d, Allowed) and (f := d.rule.form(n))}
+
+    def forms(self, names: Any) -> dict[str, str]:
+        """The form each of `names` goes in, for those a rule transforms (worked out once per
+        plan: every projection asks)."""
+        every = self._forms
+        return {n: every[n] for n in names if n in every} if every else {}
 
 
 @dataclass(frozen=True)

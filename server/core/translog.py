@@ -14,6 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from residency.server.core.rules import Allowed, Withheld
+from residency.server.core.schema import Schema
+
 GENESIS = bytes(32)
 KINDS = frozenset(
     {
@@ -101,6 +104,7 @@ def entry(
     version: int = 0,
     destination_country: str = "",
     disclosure: dict[str, Any] | None = None,
+    forms: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
@@ -110,12 +114,16 @@ def entry(
     `destination_country` (a disclosure's: its third party names no region) is the ISO 3166-1
     alpha-2 code of the country the data went to; entries of other kinds have no such key.
     `disclosure` (a disclosure step's) names the request, the step, the ground, its evidence and
-    who asked and approved (`policy.disclosure.evidence_of`).
+    who asked and approved (`policy.disclosure.evidence_of`). `forms` names the fields of
+    `fields` that crossed transformed, each with its form ("mask:4", "hash": `core.transform`);
+    an entry where every field crossed as its value has no such key.
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
     extra: dict[str, Any] = {"destination_country": destination_country} if destination_country else {}
     if disclosure is not None:
         extra["disclosure"] = disclosure
+    if forms:
+        extra["forms"] = dict(sorted(forms.items()))
     return {
         "kind": kind,
         "subject": subject,
@@ -193,3 +201,30 @@ class Filter:
             and (self.since is None or e.get("time", 0) >= self.since)
             and (self.until is None or e.get("time", 0) < self.until)
         )
+
+
+def described(schema: Schema, decisions: dict[str, Any], names: Any) -> list[dict[str, Any]]:
+    """An entry's `fields`: each of `names` with its category, and the rule, legal basis and
+    purposes it crossed under (none for the home region's own)."""
+    out = []
+    for n in sorted(names):
+        d = decisions[n]
+        item = {"name": n, "category": schema.fields[n].category}
+        if isinstance(d, Allowed) and d.rule.id != "home":
+            item |= {"rule": d.rule.id, "legal_basis": d.rule.legal_basis, "purposes": list(d.rule.purposes)}
+        out.append(item)
+    return out
+
+
+def described_withheld(schema: Schema, withheld: dict[str, Withheld]) -> list[dict[str, Any]]:
+    """An entry's `withheld`: each field kept back, its category and why."""
+    return [
+        {"name": n, "category": schema.fields[n].category, "reason": w.reason}
+        for n, w in sorted(withheld.items())
+    ]
+
+
+def recipients_of(decisions: dict[str, Any], names: Any) -> str:
+    """An entry's `recipient`: the recipients `names` went to, comma-separated."""
+    found = {decisions[n].recipient.id for n in names if isinstance(decisions[n], Allowed)}
+    return ",".join(sorted(found - {"home"}))

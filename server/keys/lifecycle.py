@@ -15,6 +15,7 @@ from typing import Any
 
 from residency.server.core.sealing import KeyDestroyed
 from residency.server.keys.files import KeyExists, shred_file, write_private
+from residency.server.keys.hashkey import rewrap_hash_key
 from residency.server.keys.keyring import Keyring, WrappingKey
 from residency.server.keys.logkey import KEY as LOG_KEY
 from residency.server.keys.logkey import rewrap_log_key
@@ -64,6 +65,7 @@ def rotate(region: str, provider: KeyProvider, keys_dir: Path, *, log_keys: KeyP
     if (keys_dir / LOG_KEY).exists():
         log_keys.rotate()
         rewrap_log_key(keys_dir / LOG_KEY, log_keys)
+        rewrap_hash_key(keys_dir, log_keys)  # under the same provider key: it must follow
     return version
 
 
@@ -89,6 +91,7 @@ def retire(region: str, provider: KeyProvider, keys_dir: Path, *, log_keys: KeyP
     provider.retire()
     if (keys_dir / LOG_KEY).exists():
         rewrap_log_key(keys_dir / LOG_KEY, log_keys)
+        rewrap_hash_key(keys_dir, log_keys)
         log_keys.retire()
 
 

@@ -15,6 +15,7 @@ from residency.server.core import translog
 from residency.server.core.errors import StaleLeaseEpoch
 from residency.server.core.sealing import COPY_FORMAT
 from residency.server.core.signed import key_id, verifies
+from residency.server.core.transform import known
 from residency.server.storage.records import Row
 from residency.server.storage.replication import FenceStore
 from residency.server.storage.thread import Unprepared
@@ -52,7 +53,11 @@ def refusals(
                 (f"copies[{i}].format", f"is {c.format}; this node takes copies of format {COPY_FORMAT} only")
             )
             continue
-        bad = _signed(home, region, c, "copy")
+        bad = _signed(home, region, c, "copy") or [
+            (f".policies[{n}].form", f"is {p.form!r}: not a transformation this node knows")
+            for n, p in sorted(c.policies.items())
+            if p.form and not known(p.form)
+        ]
         out += [(f"copies[{i}]{p}", why) for p, why in bad]
         if not bad and top is not None and c.version > top:
             out.append((f"copies[{i}].version", "is above the home's signed high-water mark for this batch"))
@@ -110,6 +115,8 @@ class IncomingCopy:
     fields: list[dict[str, Any]]
     recipient: str
     reason: str
+    # The fields that came in a form instead of their value, each with its form.
+    forms: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +134,7 @@ def incoming(c: replica_pb2.SealedCopy) -> IncomingCopy:
     """A copy as it arrived, split into what the keyring keeps (its key material) and what
     the store keeps (the rest: sealed fields and the policies they travel with)."""
     keys = (c.key_id, c.wrapped_data_key, c.transit_key_id, c.wrapped_transit_key)
-    fields, recipient = describe_applied(c)
+    fields, recipient, forms = describe_applied(c)
     if not c.deleted:
         for name in ("wrapped_data_key", "transit_key_id", "wrapped_transit_key"):
             c.ClearField(name)
@@ -144,6 +151,7 @@ def incoming(c: replica_pb2.SealedCopy) -> IncomingCopy:
         fields=fields,
         recipient=recipient,
         reason=c.reason,
+        forms=forms,
     )
 
 
@@ -296,6 +304,7 @@ def _applied(region: str, c: IncomingCopy, actor: str) -> dict[str, Any]:
         rules_version=c.rules_version,
         recipient=c.recipient,
         fields=c.fields,
+        forms=c.forms,
         version=c.version,
         reason=f"{c.reason or 'deleted'}: the copy is deleted in {region}" if c.deleted else "",
     )

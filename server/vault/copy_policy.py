@@ -25,6 +25,7 @@ def policies_message(decisions: Mapping[str, Decision], names: Any, ends: Mappin
         m.rule, m.legal_basis, m.recipient = rule.id, rule.legal_basis, rule.recipient
         m.purposes.extend(rule.purposes)
         m.retention_days = rule.retention_days or 0
+        m.form = rule.form(name)
         if rule.id in ends:
             m.grant = True
             m.ends_at.CopyFrom(codec.timestamp(ends[rule.id]))
@@ -42,7 +43,9 @@ def policies_of(copy: replica_pb2.SealedCopy) -> dict[str, FieldPolicy | None]:
         m = copy.policies[name]
         ends_at = codec.seconds(m.ends_at) if m.HasField("ends_at") else None
         expires_at = deadline(codec.seconds(copy.updated_at), m.retention_days, ends_at)
-        out[name] = FieldPolicy(m.rule, tuple(m.purposes), m.legal_basis, m.recipient, m.grant, expires_at)
+        out[name] = FieldPolicy(
+            m.rule, tuple(m.purposes), m.legal_basis, m.recipient, m.grant, expires_at, m.form
+        )
     return out
 
 
@@ -61,13 +64,19 @@ def describe(
     return out
 
 
-_described: dict[tuple[Any, ...], tuple[translog.Shared, str]] = {}
+_described: dict[tuple[Any, ...], tuple[translog.Shared, str, dict[str, str]]] = {}
 
 
-def describe_applied(copy: replica_pb2.SealedCopy) -> tuple[translog.Shared, str]:
-    """`describe` of every field of an arriving copy, and the recipients its fields were
-    sent for, for its log entry. Applying is the replication hot path and copies repeat a
-    few field sets, so each set's description (and its canonical JSON) is made once."""
+def forms_of(policies: Mapping[str, FieldPolicy | None], names: Any) -> dict[str, str]:
+    """The form each of `names` travelled in, for those sent transformed (the log's `forms`)."""
+    return {n: p.form for n in names if (p := policies.get(n)) is not None and p.form}
+
+
+def describe_applied(copy: replica_pb2.SealedCopy) -> tuple[translog.Shared, str, dict[str, str]]:
+    """`describe` of every field of an arriving copy, the recipients its fields were sent
+    for, and the forms of those sent transformed, for its log entry. Applying is the
+    replication hot path and copies repeat a few field sets, so each set's description (and
+    its canonical JSON) is made once."""
     policy = copy.policies.get  # indexing a missing key would add it
     key = tuple(sorted((n, copy.categories.get(n, ""), *_policy_key(policy(n))) for n in copy.sealed_fields))
     found = _described.get(key)
@@ -76,6 +85,7 @@ def describe_applied(copy: replica_pb2.SealedCopy) -> tuple[translog.Shared, str
         found = (
             translog.Shared(describe(copy.sealed_fields, policies, copy.categories)),
             ",".join(sorted({p.recipient for p in policies.values() if p is not None})),
+            forms_of(policies, copy.sealed_fields),
         )
         if len(_described) >= 1000:  # field sets vary little; bound it anyway
             _described.clear()
@@ -85,4 +95,4 @@ def describe_applied(copy: replica_pb2.SealedCopy) -> tuple[translog.Shared, str
 
 def _policy_key(m: replica_pb2.FieldPolicy | None) -> tuple[Any, ...]:
     """What of a field's policy its log description shows."""
-    return () if m is None else (m.rule, m.legal_basis, m.recipient, *m.purposes)
+    return () if m is None else (m.rule, m.legal_basis, m.recipient, m.form, *m.purposes)

@@ -126,7 +126,7 @@ class Disclosures:
                 {"name": n, "category": schema[n].category, "legal_basis": basis, "ground": d.ground}
                 for n in sorted(sent)
             ],
-            withheld=records.describe_withheld(withheld),
+            withheld=translog.described_withheld(records.schema, withheld),
         )
         return sent, withheld, seq, r
 

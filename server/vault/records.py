@@ -22,9 +22,11 @@ from residency.server.core.policy.consent import StandingConsent, consented_rule
 from residency.server.core.policy.cookies import refused_cookie_writes
 from residency.server.core.policy.erasure import expired_fields
 from residency.server.core.policy.grants import split_grants
-from residency.server.core.rules import RETENTION_EXPIRED, Allowed, Grant, Permits, Plan, RuleSet, Withheld
+from residency.server.core.rules import RETENTION_EXPIRED, Grant, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
 from residency.server.core.sealing import DataKey, SealError, field_aad, record_aad
+from residency.server.core.transform import put_in_forms
+from residency.server.keys.hashkey import HashKeys
 from residency.server.keys.keyring import Keyring
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
@@ -75,6 +77,8 @@ class ReadResult:
     log_sequence: int = 0
     # Set when no field may go to the caller: the denial is logged, nothing is returned.
     denied: str = ""
+    # The fields returned in a form instead of their value, each with its form.
+    forms: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -97,6 +101,7 @@ class Records:
         keyring: Keyring,
         store: VaultStore,
         outbox: bool = True,
+        hash_keys: HashKeys | None = None,
     ):
         self.region = region
         self.primary = primary
@@ -109,6 +114,8 @@ class Records:
         self.new_keys = NewKeys(keyring, store)
         # The store's restore floor, read once: only a restore (the node stopped) raises it.
         self._floor: int | None = None
+        # The primary's, for fields a rule sends hashed (`core.transform`); None on a region node.
+        self.hash_keys = hash_keys
 
     # ---- primary: writes -------------------------------------------------------------
 
@@ -194,12 +201,16 @@ class Records:
         self, plan: Plan, fields: dict[str, Any], updated_at: float, now: float | None = None
     ) -> tuple[dict[str, Any], dict[str, Withheld]]:
         """`plan.project`, then retention: a field sent under a rule with `retention_days`
-        is withheld once the record is older than that."""
+        is withheld once the record is older than that; then each field its rule transforms is
+        put in its form (the value itself never goes: `core.transform`)."""
         sent, withheld = plan.project(fields)
         now = time.time() if now is None else now
         for name in expired_fields(plan.decisions, list(sent), updated_at, now):
             del sent[name]
             withheld[name] = Withheld(RETENTION_EXPIRED)
+        if forms := plan.forms(sent):
+            key = self.hash_keys.for_region(plan.destination) if self.hash_keys else b""
+            withheld.update(put_in_forms(forms, self.schema.fields, sent, key))
         return sent, withheld
 
     def delete(self, user_id: str) -> int:
@@ -339,9 +350,10 @@ class Records:
             actor=caller.identity,
             rules_version=self.rules.version,
             purpose=caller.purpose,
-            recipient=_recipients(plan.decisions, sent),
-            fields=self.describe(plan.decisions, sent),
-            withheld=self.describe_withheld(withheld),
+            recipient=translog.recipients_of(plan.decisions, sent),
+            fields=translog.described(self.schema, plan.decisions, sent),
+            withheld=translog.described_withheld(self.schema, withheld),
+            forms=plan.forms(sent),
             version=rec.version,
             reason=""
             if sent
@@ -349,7 +361,7 @@ class Records:
         )
         (seq,) = self.store.log_append([entry])
         rec.fields = sent
-        return ReadResult(rec, withheld, seq, entry["reason"])
+        return ReadResult(rec, withheld, seq, entry["reason"], entry.get("forms", {}))
 
     def credential(self, user_id: str, field: str) -> bytes:
         """The stored hash of a credential field, empty if the user or the field has none
@@ -369,28 +381,3 @@ class Records:
         body = records_pb2.Record(fields={field: Value(bytes_value=new)}).SerializeToString()
         self.put([Write(user_id, "", body, touch=False)])
         return True
-
-    def describe(self, decisions: dict[str, Any], names: Any) -> list[dict[str, Any]]:
-        out = []
-        for n in sorted(names):
-            d = decisions[n]
-            item = {"name": n, "category": self.schema.fields[n].category}
-            if isinstance(d, Allowed) and d.rule.id != "home":
-                item |= {
-                    "rule": d.rule.id,
-                    "legal_basis": d.rule.legal_basis,
-                    "purposes": list(d.rule.purposes),
-                }
-            out.append(item)
-        return out
-
-    def describe_withheld(self, withheld: dict[str, Withheld]) -> list[dict[str, Any]]:
-        return [
-            {"name": n, "category": self.schema.fields[n].category, "reason": w.reason}
-            for n, w in sorted(withheld.items())
-        ]
-
-
-def _recipients(decisions: dict[str, Any], names: Any) -> str:
-    found = {decisions[n].recipient.id for n in names if isinstance(decisions[n], Allowed)}
-    return ",".join(sorted(found - {"home"}))

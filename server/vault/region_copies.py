@@ -8,10 +8,10 @@ from typing import Any
 
 from residency.server.core import translog
 from residency.server.core.errors import NotFound
-from residency.server.core.policy.sticky import ANY_READER, lapsed, readable
-from residency.server.core.rules import NO_RULE, Withheld
+from residency.server.core.policy.sticky import ANY_READER, lapsed, out_of_form, readable
+from residency.server.core.rules import FORM_MISMATCH, NO_RULE, Withheld
 from residency.server.storage.records import Row
-from residency.server.vault.copy_policy import describe, policies_of
+from residency.server.vault.copy_policy import describe, forms_of, policies_of
 from residency.server.vault.records import Caller, ReadResult, Records, SealedCopy
 from residency.server.vault.rules_change import check_explain
 
@@ -44,6 +44,10 @@ class RegionCopies:
             allowed, withheld = {}, {n: Withheld(NO_RULE) for n in policies}
             kind, why = "remote_read", f"copies held in {region} are not passed on to {caller.location}"
         rec = records.open_copy(user_id, copy, allowed)
+        for name in out_of_form(allowed, rec.fields):
+            del rec.fields[name], allowed[name]
+            withheld[name] = Withheld(FORM_MISMATCH)
+        forms = forms_of(allowed, allowed)
         entry = translog.entry(
             kind,
             subject=user_id,
@@ -55,6 +59,7 @@ class RegionCopies:
             purpose=caller.purpose,
             recipient=",".join(sorted({p.recipient for p in allowed.values()})),
             fields=describe(allowed, policies, copy.categories),
+            forms=forms,
             withheld=[
                 {"name": n, "category": copy.categories.get(n, ""), "reason": w.reason}
                 for n, w in sorted(withheld.items())
@@ -63,7 +68,7 @@ class RegionCopies:
             reason="" if allowed else why,
         )
         (seq,) = records.store.log_append([entry])
-        return ReadResult(rec, withheld, seq, entry["reason"])
+        return ReadResult(rec, withheld, seq, entry["reason"], forms)
 
     def explain_copy(self, user_id: str, to: str, purpose: str | None) -> list[dict[str, Any]]:
         """`rules explain` at a region node, from the copy it holds: each field for a caller
@@ -84,7 +89,12 @@ class RegionCopies:
             }
             if name in allowed:
                 p = allowed[name]
-                item |= {"rule": p.rule, "legal_basis": p.legal_basis, "recipient": p.recipient}
+                item |= {
+                    "rule": p.rule,
+                    "legal_basis": p.legal_basis,
+                    "recipient": p.recipient,
+                    "form": p.form,
+                }
             else:
                 item |= {"reason": withheld[name].reason, "detail": withheld[name].detail}
             out.append(item)

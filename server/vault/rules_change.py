@@ -31,7 +31,12 @@ class RulesChange:
             item = {"field": name, "category": spec.category, "transferred": name in sent}
             d = plan.decisions[name]
             if name in sent and isinstance(d, Allowed):
-                item |= {"rule": d.rule.id, "legal_basis": d.rule.legal_basis, "recipient": d.recipient.id}
+                item |= {
+                    "rule": d.rule.id,
+                    "legal_basis": d.rule.legal_basis,
+                    "recipient": d.recipient.id,
+                    "form": d.rule.form(name),
+                }
             else:
                 w = withheld[name]
                 item |= {"reason": w.reason, "detail": w.detail}

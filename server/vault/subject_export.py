@@ -54,7 +54,7 @@ def export_subject(policy: Policy, user_id: str, caller: Caller) -> Exported:
         fields=[
             {"name": n, "category": s.category if (s := specs.get(n)) else ""} for n in sorted(rec.fields)
         ],
-        withheld=records.describe_withheld(withheld),
+        withheld=translog.described_withheld(records.schema, withheld),
         version=rec.version,
         reason=REASON,
     )

@@ -94,7 +94,7 @@ class ExplainTransferRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., to: _Optional[str] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class FieldDecision(_message.Message):
-    __slots__ = ("field", "category", "transferred", "rule", "legal_basis", "recipient", "reason", "detail")
+    __slots__ = ("field", "category", "transferred", "rule", "legal_basis", "recipient", "reason", "detail", "form")
     FIELD_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class FieldDecision(_message.Message):
     RECIPIENT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    FORM_FIELD_NUMBER: _ClassVar[int]
     field: str
     category: str
     transferred: bool
@@ -111,7 +112,8 @@ class FieldDecision(_message.Message):
     recipient: str
     reason: str
     detail: str
-    def __init__(self, field: _Optional[str] = ..., category: _Optional[str] = ..., transferred: _Optional[bool] = ..., rule: _Optional[str] = ..., legal_basis: _Optional[str] = ..., recipient: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    form: str
+    def __init__(self, field: _Optional[str] = ..., category: _Optional[str] = ..., transferred: _Optional[bool] = ..., rule: _Optional[str] = ..., legal_basis: _Optional[str] = ..., recipient: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., form: _Optional[str] = ...) -> None: ...
 
 class ExplainTransferResponse(_message.Message):
     __slots__ = ("user_id", "to", "purpose", "rules_version", "fields")

@@ -29,7 +29,7 @@ from residency.v1 import disclosure_pb2 as residency_dot_v1_dot_disclosure__pb2
 from residency.v1 import translog_pb2 as residency_dot_v1_dot_translog__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/records.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19residency/v1/common.proto\x1a\x1aresidency/v1/consent.proto\x1a\x1dresidency/v1/disclosure.proto\x1a\x1bresidency/v1/translog.proto\"\xa5\x02\n\x06Record\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x30\n\x06\x66ields\x18\x04 \x03(\x0b\x32 .residency.v1.Record.FieldsEntry\x12\x13\n\x0bhome_region\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01\"d\n\x10PutRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12$\n\x06record\x18\x02 \x01(\x0b\x32\x14.residency.v1.Record\"5\n\x11PutRecordResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"f\n\x11PutRecordsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12%\n\x07records\x18\x02 \x03(\x0b\x32\x14.residency.v1.Record\"F\n\x12PutRecordsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.residency.v1.PutRecordResponse\"O\n\x10GetRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"~\n\x11GetRecordResponse\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.residency.v1.Record\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\"R\n\x13\x44\x65leteRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"8\n\x14\x44\x65leteRecordResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"u\n\x17VerifyCredentialRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\")\n\x18VerifyCredentialResponse\x12\r\n\x05match\x18\x01 \x01(\x08\"S\n\x14\x45xportSubjectRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\xe1\x03\n\x15\x45xportSubjectResponse\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.residency.v1.Record\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\'\n\x08\x63onsents\x18\x03 \x03(\x0b\x32\x15.residency.v1.Consent\x12-\n\x0b\x64isclosures\x18\x04 \x03(\x0b\x32\x18.residency.v1.Disclosure\x12\'\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x16.residency.v1.LogEntry\x12\x34\n\x06proofs\x18\x06 \x03(\x0b\x32$.residency.v1.ProveInclusionResponse\x12\x37\n\ncheckpoint\x18\x07 \x01(\x0b\x32#.residency.v1.GetCheckpointResponse\x12+\n\nrecipients\x18\x08 \x03(\x0b\x32\x17.residency.v1.Recipient\x12)\n\x05rules\x18\t \x03(\x0b\x32\x1a.residency.v1.ExportedRule\x12\x14\n\x0clog_sequence\x18\n \x01(\x04\x12\x15\n\rrules_version\x18\x0b \x01(\t\"\xad\x01\n\x0c\x45xportedRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x10\n\x08purposes\x18\x03 \x03(\t\x12\x13\n\x0blegal_basis\x18\x04 \x01(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x16\n\x0eretention_days\x18\x06 \x01(\r\x12+\n\nsafeguards\x18\x07 \x03(\x0b\x32\x17.residency.v1.Safeguard\",\n\tSafeguard\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t2\x92\x04\n\rRecordService\x12L\n\tPutRecord\x12\x1e.residency.v1.PutRecordRequest\x1a\x1f.residency.v1.PutRecordResponse\x12O\n\nPutRecords\x12\x1f.residency.v1.PutRecordsRequest\x1a .residency.v1.PutRecordsResponse\x12L\n\tGetRecord\x12\x1e.residency.v1.GetRecordRequest\x1a\x1f.residency.v1.GetRecordResponse\x12U\n\x0c\x44\x65leteRecord\x12!.residency.v1.DeleteRecordRequest\x1a\".residency.v1.DeleteRecordResponse\x12\x61\n\x10VerifyCredential\x12%.residency.v1.VerifyCredentialRequest\x1a&.residency.v1.VerifyCredentialResponse\x12Z\n\rExportSubject\x12\".residency.v1.ExportSubjectRequest\x1a#.residency.v1.ExportSubjectResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/records.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19residency/v1/common.proto\x1a\x1aresidency/v1/consent.proto\x1a\x1dresidency/v1/disclosure.proto\x1a\x1bresidency/v1/translog.proto\"\xa5\x02\n\x06Record\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x30\n\x06\x66ields\x18\x04 \x03(\x0b\x32 .residency.v1.Record.FieldsEntry\x12\x13\n\x0bhome_region\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.residency.v1.Value:\x02\x38\x01\"d\n\x10PutRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12$\n\x06record\x18\x02 \x01(\x0b\x32\x14.residency.v1.Record\"5\n\x11PutRecordResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"f\n\x11PutRecordsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12%\n\x07records\x18\x02 \x03(\x0b\x32\x14.residency.v1.Record\"F\n\x12PutRecordsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.residency.v1.PutRecordResponse\"O\n\x10GetRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\xe7\x01\n\x11GetRecordResponse\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.residency.v1.Record\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\x14\n\x0clog_sequence\x18\x03 \x01(\x04\x12\x39\n\x05\x66orms\x18\x04 \x03(\x0b\x32*.residency.v1.GetRecordResponse.FormsEntry\x1a,\n\nFormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x13\x44\x65leteRecordRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"8\n\x14\x44\x65leteRecordResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"u\n\x17VerifyCredentialRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\")\n\x18VerifyCredentialResponse\x12\r\n\x05match\x18\x01 \x01(\x08\"S\n\x14\x45xportSubjectRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.residency.v1.CallContext\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\xe1\x03\n\x15\x45xportSubjectResponse\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.residency.v1.Record\x12-\n\x08withheld\x18\x02 \x03(\x0b\x32\x1b.residency.v1.WithheldField\x12\'\n\x08\x63onsents\x18\x03 \x03(\x0b\x32\x15.residency.v1.Consent\x12-\n\x0b\x64isclosures\x18\x04 \x03(\x0b\x32\x18.residency.v1.Disclosure\x12\'\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x16.residency.v1.LogEntry\x12\x34\n\x06proofs\x18\x06 \x03(\x0b\x32$.residency.v1.ProveInclusionResponse\x12\x37\n\ncheckpoint\x18\x07 \x01(\x0b\x32#.residency.v1.GetCheckpointResponse\x12+\n\nrecipients\x18\x08 \x03(\x0b\x32\x17.residency.v1.Recipient\x12)\n\x05rules\x18\t \x03(\x0b\x32\x1a.residency.v1.ExportedRule\x12\x14\n\x0clog_sequence\x18\n \x01(\x04\x12\x15\n\rrules_version\x18\x0b \x01(\t\"\xad\x01\n\x0c\x45xportedRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x10\n\x08purposes\x18\x03 \x03(\t\x12\x13\n\x0blegal_basis\x18\x04 \x01(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x16\n\x0eretention_days\x18\x06 \x01(\r\x12+\n\nsafeguards\x18\x07 \x03(\x0b\x32\x17.residency.v1.Safeguard\",\n\tSafeguard\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t2\x92\x04\n\rRecordService\x12L\n\tPutRecord\x12\x1e.residency.v1.PutRecordRequest\x1a\x1f.residency.v1.PutRecordResponse\x12O\n\nPutRecords\x12\x1f.residency.v1.PutRecordsRequest\x1a .residency.v1.PutRecordsResponse\x12L\n\tGetRecord\x12\x1e.residency.v1.GetRecordRequest\x1a\x1f.residency.v1.GetRecordResponse\x12U\n\x0c\x44\x65leteRecord\x12!.residency.v1.DeleteRecordRequest\x1a\".residency.v1.DeleteRecordResponse\x12\x61\n\x10VerifyCredential\x12%.residency.v1.VerifyCredentialRequest\x1a&.residency.v1.VerifyCredentialResponse\x12Z\n\rExportSubject\x12\".residency.v1.ExportSubjectRequest\x1a#.residency.v1.ExportSubjectResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECORD_FIELDSENTRY']._loaded_options = None
   _globals['_RECORD_FIELDSENTRY']._serialized_options = b'8\001'
+  _globals['_GETRECORDRESPONSE_FORMSENTRY']._loaded_options = None
+  _globals['_GETRECORDRESPONSE_FORMSENTRY']._serialized_options = b'8\001'
   _globals['_RECORD']._serialized_start=193
   _globals['_RECORD']._serialized_end=486
   _globals['_RECORD_FIELDSENTRY']._serialized_start=420
@@ -52,24 +54,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRECORDSRESPONSE']._serialized_end=819
   _globals['_GETRECORDREQUEST']._serialized_start=821
   _globals['_GETRECORDREQUEST']._serialized_end=900
-  _globals['_GETRECORDRESPONSE']._serialized_start=902
-  _globals['_GETRECORDRESPONSE']._serialized_end=1028
-  _globals['_DELETERECORDREQUEST']._serialized_start=1030
-  _globals['_DELETERECORDREQUEST']._serialized_end=1112
-  _globals['_DELETERECORDRESPONSE']._serialized_start=1114
-  _globals['_DELETERECORDRESPONSE']._serialized_end=1170
-  _globals['_VERIFYCREDENTIALREQUEST']._serialized_start=1172
-  _globals['_VERIFYCREDENTIALREQUEST']._serialized_end=1289
-  _globals['_VERIFYCREDENTIALRESPONSE']._serialized_start=1291
-  _globals['_VERIFYCREDENTIALRESPONSE']._serialized_end=1332
-  _globals['_EXPORTSUBJECTREQUEST']._serialized_start=1334
-  _globals['_EXPORTSUBJECTREQUEST']._serialized_end=1417
-  _globals['_EXPORTSUBJECTRESPONSE']._serialized_start=1420
-  _globals['_EXPORTSUBJECTRESPONSE']._serialized_end=1901
-  _globals['_EXPORTEDRULE']._serialized_start=1904
-  _globals['_EXPORTEDRULE']._serialized_end=2077
-  _globals['_SAFEGUARD']._serialized_start=2079
-  _globals['_SAFEGUARD']._serialized_end=2123
-  _globals['_RECORDSERVICE']._serialized_start=2126
-  _globals['_RECORDSERVICE']._serialized_end=2656
+  _globals['_GETRECORDRESPONSE']._serialized_start=903
+  _globals['_GETRECORDRESPONSE']._serialized_end=1134
+  _globals['_GETRECORDRESPONSE_FORMSENTRY']._serialized_start=1090
+  _globals['_GETRECORDRESPONSE_FORMSENTRY']._serialized_end=1134
+  _globals['_DELETERECORDREQUEST']._serialized_start=1136
+  _globals['_DELETERECORDREQUEST']._serialized_end=1218
+  _globals['_DELETERECORDRESPONSE']._serialized_start=1220
+  _globals['_DELETERECORDRESPONSE']._serialized_end=1276
+  _globals['_VERIFYCREDENTIALREQUEST']._serialized_start=1278
+  _globals['_VERIFYCREDENTIALREQUEST']._serialized_end=1395
+  _globals['_VERIFYCREDENTIALRESPONSE']._serialized_start=1397
+  _globals['_VERIFYCREDENTIALRESPONSE']._serialized_end=1438
+  _globals['_EXPORTSUBJECTREQUEST']._serialized_start=1440
+  _globals['_EXPORTSUBJECTREQUEST']._serialized_end=1523
+  _globals['_EXPORTSUBJECTRESPONSE']._serialized_start=1526
+  _globals['_EXPORTSUBJECTRESPONSE']._serialized_end=2007
+  _globals['_EXPORTEDRULE']._serialized_start=2010
+  _globals['_EXPORTEDRULE']._serialized_end=2183
+  _globals['_SAFEGUARD']._serialized_start=2185
+  _globals['_SAFEGUARD']._serialized_end=2229
+  _globals['_RECORDSERVICE']._serialized_start=2232
+  _globals['_RECORDSERVICE']._serialized_end=2762
 # @@protoc_insertion_point(module_scope)

@@ -77,14 +77,23 @@ class GetRecordRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class GetRecordResponse(_message.Message):
-    __slots__ = ("record", "withheld", "log_sequence")
+    __slots__ = ("record", "withheld", "log_sequence", "forms")
+    class FormsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RECORD_FIELD_NUMBER: _ClassVar[int]
     WITHHELD_FIELD_NUMBER: _ClassVar[int]
     LOG_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FORMS_FIELD_NUMBER: _ClassVar[int]
     record: Record
     withheld: _containers.RepeatedCompositeFieldContainer[_common_pb2.WithheldField]
     log_sequence: int
-    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., withheld: _Optional[_Iterable[_Union[_common_pb2.WithheldField, _Mapping]]] = ..., log_sequence: _Optional[int] = ...) -> None: ...
+    forms: _containers.ScalarMap[str, str]
+    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., withheld: _Optional[_Iterable[_Union[_common_pb2.WithheldField, _Mapping]]] = ..., log_sequence: _Optional[int] = ..., forms: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DeleteRecordRequest(_message.Message):
     __slots__ = ("context", "user_id")

@@ -93,7 +93,7 @@ class HighWater(_message.Message):
     def __init__(self, home_region: _Optional[str] = ..., region: _Optional[str] = ..., version: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signing_key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., lease_epoch: _Optional[int] = ...) -> None: ...
 
 class FieldPolicy(_message.Message):
-    __slots__ = ("rule", "purposes", "legal_basis", "recipient", "grant", "retention_days", "ends_at")
+    __slots__ = ("rule", "purposes", "legal_basis", "recipient", "grant", "retention_days", "ends_at", "form")
     RULE_FIELD_NUMBER: _ClassVar[int]
     PURPOSES_FIELD_NUMBER: _ClassVar[int]
     LEGAL_BASIS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class FieldPolicy(_message.Message):
     GRANT_FIELD_NUMBER: _ClassVar[int]
     RETENTION_DAYS_FIELD_NUMBER: _ClassVar[int]
     ENDS_AT_FIELD_NUMBER: _ClassVar[int]
+    FORM_FIELD_NUMBER: _ClassVar[int]
     rule: str
     purposes: _containers.RepeatedScalarFieldContainer[str]
     legal_basis: str
@@ -108,7 +109,8 @@ class FieldPolicy(_message.Message):
     grant: bool
     retention_days: int
     ends_at: _timestamp_pb2.Timestamp
-    def __init__(self, rule: _Optional[str] = ..., purposes: _Optional[_Iterable[str]] = ..., legal_basis: _Optional[str] = ..., recipient: _Optional[str] = ..., grant: _Optional[bool] = ..., retention_days: _Optional[int] = ..., ends_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    form: str
+    def __init__(self, rule: _Optional[str] = ..., purposes: _Optional[_Iterable[str]] = ..., legal_basis: _Optional[str] = ..., recipient: _Optional[str] = ..., grant: _Optional[bool] = ..., retention_days: _Optional[int] = ..., ends_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., form: _Optional[str] = ...) -> None: ...
 
 class ApplyCopiesRequest(_message.Message):
     __slots__ = ("source_region", "copies", "high_water")

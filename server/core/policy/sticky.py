@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from residency.server.core import codec
 from residency.server.core.policy.erasure import DAY
 from residency.server.core.rules import (
     GRANT_ENDED,
@@ -17,6 +18,9 @@ from residency.server.core.rules import (
     Withheld,
     covers,
 )
+from residency.server.core.transform import conforms
+
+Value = codec.Value
 
 # A reader for `readable`: each field for whoever its policy names (`rules explain` at a region).
 ANY_READER = "*"
@@ -34,6 +38,8 @@ class FieldPolicy:
     grant: bool = False
     # When the field must be gone (seconds since the epoch); None: no retention limit.
     expires_at: float | None = None
+    # The form it was sent in instead of its value ("mask:4", ...: `core.transform`); "": the value.
+    form: str = ""
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -76,6 +82,14 @@ def _reaches(p: FieldPolicy, purpose: str | None, recipient: str | None) -> bool
     if recipient != ANY_READER and (recipient != p.recipient if p.grant else recipient is not None):
         return False
     return purpose is None or any(covers(allowed, purpose) for allowed in p.purposes)
+
+
+def out_of_form(allowed: Mapping[str, FieldPolicy], values: Mapping[str, Value]) -> list[str]:
+    """The opened fields whose value is not in the form their policy names: never served (a
+    home's bug, or a forger holding the signing key, cannot make a region show a value whole)."""
+    return sorted(
+        n for n, p in allowed.items() if p.form and not conforms(p.form, codec.from_value(values[n]))
+    )
 
 
 def lapsed(policies: Mapping[str, FieldPolicy | None], now: float) -> list[str]:

@@ -158,8 +158,14 @@ def table(headers: list[str], rows: list[list[str]], empty: str = "none") -> str
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _field(r: dict[str, Any], name: str) -> str:
+    """A field as a report lists it: its name, and the form it crossed in, if transformed."""
+    form = r.get("forms", {}).get(name)
+    return f"{name} ({form})" if form else name
+
+
 def entry_row(r: dict[str, Any]) -> list[str]:
-    fields = ", ".join(f["name"] for f in r.get("fields", []))
+    fields = ", ".join(_field(r, f["name"]) for f in r.get("fields", []))
     withheld = ", ".join(f"{w['name']} ({w['reason']})" for w in r.get("withheld", []))
     bases = ", ".join(sorted({f["legal_basis"] for f in r.get("fields", []) if f.get("legal_basis")}))
     return [
@@ -306,7 +312,7 @@ def render_page(
     if subject:
         mine = [r for r in rows if r["subject"] == subject]
         places = Counter(_place(r) for r in mine if crossed_border(r))
-        fields_out = sorted({f["name"] for r in mine if crossed_border(r) for f in r["fields"]})
+        fields_out = sorted({_field(r, f["name"]) for r in mine if crossed_border(r) for f in r["fields"]})
         who = sorted({x for r in mine if crossed_border(r) for x in r["recipient"].split(",") if x})
         out += [
             f"<h2>Where did the data of {esc(subject)} go?</h2>",
