@@ -14,6 +14,7 @@ from residency.server.core.errors import ConfigError, ResidencyError
 from residency.server.deployment import generate_keys, make_private
 from residency.server.keys.copykey import create_copy_key
 from residency.server.keys.files import write_private
+from residency.server.keys.hashkey import open_hash_keys
 from residency.server.keys.logkey import load_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.region import RegionKey
@@ -69,6 +70,8 @@ def _make_and_open(config_path: Path) -> None:
     try:
         RegionKey.load(config.region, folder, keys)
         load_log_key(config.log_key, log_keys)
+        if config.is_primary:
+            open_hash_keys(folder, log_keys)
     except (ResidencyError, ValueError) as e:  # ValueError: material not even in the provider's format
         raise ConfigError(
             f"{folder}: the keys there do not open with the node's {provider} provider ({e}); "

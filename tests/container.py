@@ -7,10 +7,10 @@ checked for real, with the image's own ENTRYPOINT and CMD."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +122,9 @@ def run_natively(
     writable, and the process runs as the image's USER, with the image's ENV and
     `environment` (a service's own). The image's installed program is this interpreter's (the
     test environment's `residency`), first on PATH."""
-    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"container-{os.getpid()}-{id(volumes)}"
+    # A fresh folder per run: `id(volumes)` once named it, and a dict made after another was
+    # freed can get the same id (two services of one stack then collided).
+    scratch = Path(tempfile.mkdtemp(prefix="container-"))
     overlays = {parent: str(scratch / parent.strip("/").replace("/", "_")) for parent in ("/etc", "/var/lib")}
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", **image.env, **(environment or {})}
     spec = {

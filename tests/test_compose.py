@@ -581,6 +581,7 @@ def test_keys_init_keeps_every_key_and_refuses_keys_its_provider_cannot_open(
     assert json.loads(made.stdout)["created"] == [
         "copy.key",
         "copy.pub",
+        "hash.key",
         "log.key",
         "log.pub",
         "region.key",
