@@ -99,6 +99,7 @@ def entry(
     version: int = 0,
     destination_country: str = "",
     disclosure: dict[str, Any] | None = None,
+    found_by: str = "",
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
@@ -109,11 +110,14 @@ def entry(
     alpha-2 code of the country the data went to; entries of other kinds have no such key.
     `disclosure` (a disclosure step's) names the request, the step, the ground, its evidence and
     who asked and approved (`policy.disclosure.evidence_of`).
+    `found_by` (a read answering `FindRecords`) names the lookup field searched, never its value.
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
     extra: dict[str, Any] = {"destination_country": destination_country} if destination_country else {}
     if disclosure is not None:
         extra["disclosure"] = disclosure
+    if found_by:
+        extra["found_by"] = found_by
     return {
         "kind": kind,
         "subject": subject,

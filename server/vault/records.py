@@ -22,12 +22,22 @@ from residency.server.core.policy.consent import StandingConsent, consented_rule
 from residency.server.core.policy.cookies import refused_cookie_writes
 from residency.server.core.policy.erasure import expired_fields
 from residency.server.core.policy.grants import split_grants
-from residency.server.core.rules import RETENTION_EXPIRED, Allowed, Grant, Permits, Plan, RuleSet, Withheld
+from residency.server.core.rules import (
+    NO_RULE,
+    RETENTION_EXPIRED,
+    Allowed,
+    Grant,
+    Permits,
+    Plan,
+    RuleSet,
+    Withheld,
+)
 from residency.server.core.schema import Schema
 from residency.server.core.sealing import DataKey, SealError, field_aad, record_aad
 from residency.server.keys.keyring import Keyring
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
+from residency.server.vault.lookup import BlindIndex
 from residency.server.vault.new_keys import NewKeys
 from residency.server.vault.sealing import seal_writes
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
@@ -107,6 +117,7 @@ class Records:
         # Without destinations there is nobody to read an outbox.
         self.outbox = outbox
         self.new_keys = NewKeys(keyring, store)
+        self.index = BlindIndex(self)
 
     # ---- primary: writes -------------------------------------------------------------
 
@@ -142,6 +153,7 @@ class Records:
         for u in new_key_ids:
             self.keyring.data_keys.put(u, keys[u])
         self.store.upsert([Row(u, v, False, blob, age) for u, v, blob, age in sealed])
+        self.index.written((w.user_id, w.body, w.remove) for w in writes)
         if self.outbox:
             self.store.outbox_append([(u, v) for u, v, _, _ in sealed])
         return versions
@@ -218,6 +230,7 @@ class Records:
         # Crypto-shredding: the user's data key leaves the keyring (overwritten in the file)
         # once the tombstone has committed.
         self.store.delete_data_keys([user_id])
+        self.index.erased([user_id])
         if self.outbox:
             self.store.outbox_append([(user_id, version)])
         self.keyring.data_keys.drop(user_id)
@@ -291,10 +304,11 @@ class Records:
             fields,
         )
 
-    def read(self, user_id: str, caller: Caller) -> ReadResult:
+    def read(self, user_id: str, caller: Caller, found_by: str = "") -> ReadResult:
         """Reads a home record for `caller` (a region node's copies: `RegionCopies.read_copy`).
         From another location only what a rule allows for that location and purpose is
-        returned, and the read is logged either way."""
+        returned, and the read is logged either way. `found_by`: the lookup field of a find,
+        which answers nothing unless that field itself may be read."""
         row = self.store.rows([user_id]).get(user_id)
         if row is None or row.deleted:
             raise NotFound(f"user {user_id} has no record in {self.region}")
@@ -316,6 +330,9 @@ class Records:
         # A recipient reads under its own grants only: no rule, and no home-region shortcut.
         plan = self.rules.plan(caller.location, caller.purpose, permits, grants_only=recipient)
         sent, refused = self.project(plan, rec.fields, rec.updated_at)
+        if found_by and found_by not in sent:
+            refused |= dict.fromkeys(sent, Withheld(NO_RULE))
+            sent = {}
         withheld.update(refused)
         entry = translog.entry(
             "remote_read",
@@ -332,7 +349,9 @@ class Records:
             version=rec.version,
             reason=""
             if sent
-            else f"no rule allows any field of this record to {caller.location} for {caller.purpose}",
+            else f"no rule allows {found_by or 'any field of this record'} to {caller.location} "
+            f"for {caller.purpose}",
+            found_by=found_by,
         )
         (seq,) = self.store.log_append([entry])
         rec.fields = sent
