@@ -84,9 +84,11 @@ class IndexRebuild:
         after = ""
         while True:
             try:
-                after, n = await self.db.write(
-                    lambda after=after: self.index.rebuild_page(version, after, PAGE), weight=PAGE
-                )
+
+                def page(after: str = after) -> tuple[str, int]:
+                    return self.index.rebuild_page(version, after, PAGE)
+
+                after, n = await self.db.write(page, weight=PAGE)
             except Exception as e:  # logged by kind only (a message could quote data); retried later
                 log.warning("index key %d: rebuild paused (%s); retrying", version, type(e).__name__)
                 await asyncio.sleep(RETRY_SECONDS)
