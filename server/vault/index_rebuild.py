@@ -37,6 +37,9 @@ class IndexRebuild:
         return self.index.records.keyring.index_keys
 
     async def active_version(self) -> int:
+        """The active index key version (0: none yet, or the region's key was shredded)."""
+        if self.index.records.keyring.shredded:
+            return 0
         return (await self.db.call(self._keys.versions))[0]
 
     async def rotate(self, actor: str, from_version: int) -> dict[str, Any]:
@@ -66,8 +69,8 @@ class IndexRebuild:
     async def resume(self) -> None:
         """At start: drops the rows of versions no longer in `index.key` (a crash between a
         switch and its clean-up), and goes on with a rebuild a stop cut short."""
-        if not self.index.fields:
-            return
+        if not self.index.fields or self.index.records.keyring.shredded:
+            return  # a shredded region's index keys went with its key; a rekey starts anew
         active, building = await self.db.call(self._keys.versions)
         if active:
             store = self.index.records.store
