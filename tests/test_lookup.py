@@ -11,8 +11,7 @@ import json
 import re
 import sqlite3
 import subprocess
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 import grpc
 import pytest
@@ -23,17 +22,10 @@ from residency.server.core.lookup import normalize
 from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.v1 import admin_pb2, records_pb2, records_pb2_grpc
 from tests.conftest import Cluster, ctx, values
+from tests.harness import eventually
 
 SG, EU = AFFILIATES
 SERVICE = "essential.service"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, deadline: float = 60.0) -> None:
-    """Waits until `check()` holds, or fails naming `what`."""
-    end = time.monotonic() + deadline
-    while not await check():
-        assert time.monotonic() < end, f"timed out waiting until {what}"
-        await asyncio.sleep(0.05)
 
 
 async def find(
