@@ -114,6 +114,13 @@ async def test_find_by_email_and_phone_in_any_form(module_cluster: Cluster):
     await c.put("f-1", {"email": "li.wei@example.org"})
     assert found(await find(c, "email", "li.wei@example.cn")) == []
     assert found(await find(c, "email", "LI.WEI@example.org")) == ["f-1"]
+    # One batch changing a user twice: the last value is the one indexed.
+    batch = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, SERVICE))
+    for email in ("first@example.cn", "second@example.cn"):
+        batch.records.add(user_id="f-2").fields["email"].string_value = email
+    await c.records().PutRecords(batch, timeout=30)
+    assert found(await find(c, "email", "first@example.cn")) == []
+    assert found(await find(c, "email", "second@example.cn")) == ["f-2"]
     # The CLI says the same.
     out = subprocess.run(
         [
@@ -144,6 +151,7 @@ async def test_bad_finds_are_refused_with_a_clear_status_and_change_nothing(modu
         ("email", "", {}, grpc.StatusCode.INVALID_ARGUMENT, "value"),
         ("email", "x" * 321, {}, grpc.StatusCode.INVALID_ARGUMENT, "value"),
         ("email", "b@example.cn", {"limit": 101}, grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        ("phone", "no digits at all", {}, grpc.StatusCode.INVALID_ARGUMENT, "normalised as e164"),
         ("email", "b@example.cn", {"page_token": "../x y"}, grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
     ]:
         e = await refused(find(c, field, value, **extra))

@@ -40,7 +40,11 @@ class Finder:
         limit = self.records.schema.fields[field].max_bytes
         if not value or len(value.encode()) > limit:
             raise InvalidRecord([("value", f"must be 1 to {limit} bytes, as {field} values are")])
-        return normalize(self.fields[field], value)
+        normalized = normalize(self.fields[field], value)
+        if not normalized:
+            kind = self.fields[field]
+            raise InvalidRecord([("value", f"nothing is left of it once normalised as {kind}")])
+        return normalized
 
     def searchable(self, field: str, caller: Caller) -> str:
         """Why `caller` may not find by `field` at all, decided from the rules alone (the same

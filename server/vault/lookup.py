@@ -45,22 +45,30 @@ class BlindIndex:
     def _set(self, changes: Iterable[tuple[str, dict[str, Value | None]]]) -> None:
         """Sets, per user, each lookup field given to its value's keyed hash under every current
         key version (the active one, and during a rotation the one being built), or clears it
-        (None)."""
-        changes = [(u, {f: v for f, v in values.items() if f in self.fields}) for u, values in changes]
-        changes = [(u, values) for u, values in changes if values]
-        if not changes:
+        (None). A user changed twice (one batch) keeps the last value."""
+        merged: dict[str, dict[str, Value | None]] = {}
+        for u, values in changes:
+            merged.setdefault(u, {}).update((f, v) for f, v in values.items() if f in self.fields)
+        pairs = [(u, f) for u, values in merged.items() for f in values]
+        if not pairs:
             return
-        store, keys = self.records.store, self.records.keyring.index_keys.current()
-        store.index_clear([(u, f) for u, values in changes for f in values])
-        store.index_add(
-            [
-                (k.version, f, k.digest(f, normalize(self.fields[f], v.string_value)), u)
-                for u, values in changes
-                for f, v in values.items()
-                if v is not None and v.WhichOneof("kind") == "string_value"
-                for k in keys
-            ]
+        keys = self.records.keyring.index_keys.current()
+        self.records.store.index_clear(pairs)
+        self.records.store.index_add(
+            [(k.version, f, k.digest(f, n), u) for u, f, n in self._normalized(merged) for k in keys]
         )
+
+    def _normalized(self, values: dict[str, dict[str, Value | None]]) -> list[tuple[str, str, str]]:
+        """(user, field, normalised value) of each string value whose normalised form is not
+        empty (an empty one would match every other value with nothing left: not indexed)."""
+        return [
+            (u, f, n)
+            for u, fields in values.items()
+            for f, v in fields.items()
+            if v is not None
+            and v.WhichOneof("kind") == "string_value"
+            and (n := normalize(self.fields[f], v.string_value))
+        ]
 
     def written(self, writes: Iterable[tuple[str, bytes, tuple[str, ...]]]) -> None:
         """After a primary's writes (user, the serialized Record of the fields given, fields
@@ -114,14 +122,8 @@ class BlindIndex:
         page = store.live_blobs(after_user, limit)
         key = next(k for k in self.records.keyring.index_keys.current() if k.version == version)
         opened = self._open([Row(u, 0, False, blob, 0.0) for u, blob in page])
-        store.index_add(
-            [
-                (version, f, key.digest(f, normalize(self.fields[f], v.string_value)), rec.user_id)
-                for rec in opened
-                for f, v in self._held(rec).items()
-                if v is not None and v.WhichOneof("kind") == "string_value"
-            ]
-        )
+        held = {rec.user_id: self._held(rec) for rec in opened}
+        store.index_add([(version, f, key.digest(f, n), u) for u, f, n in self._normalized(held)])
         return (page[-1][0] if len(page) == limit else ""), len(page)
 
     def switch(self) -> int:
