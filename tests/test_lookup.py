@@ -363,6 +363,22 @@ async def test_rotating_the_index_key_rebuilds_while_finds_go_on(module_cluster:
     assert any(r.startswith("index_rotated") for r in events) and any(
         r.startswith("index_rebuilt") for r in events
     )
+    # The operator's command does the same, from the version the node reports.
+    out = subprocess.run(
+        ["residency", "keys", "rotate-index", *c.target(), "--region", PRIMARY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["version"] == old + 2
+
+    async def switched_again() -> bool:
+        s = await c.status(PRIMARY)
+        return s.index_key_version == old + 2 and not s.index_rebuild_version
+
+    await eventually(switched_again, "the index key rotated by the command is active", deadline=300)
+    assert found(await find(c, "email", "LATE@example.cn")) == ["rot-late"]
     print(
         f"FIGURES finds during the rebuild: {finds[0]}; progress seen: {sorted(seen)}; lines: {len(progress)}"
     )

@@ -36,7 +36,8 @@ class Finder:
         """The normalised value to search for, or InvalidRecord (naming the field, never the value)."""
         if field not in self.fields:
             known = ", ".join(sorted(self.fields)) or "none in this schema"
-            raise InvalidRecord([("field", f"{field!r} is not a lookup field (lookup fields: {known})")])
+            # Not echoed: a caller's mistake here may be the value itself.
+            raise InvalidRecord([("field", f"not a lookup field of the schema (lookup fields: {known})")])
         limit = self.records.schema.fields[field].max_bytes
         if not value or len(value.encode()) > limit:
             raise InvalidRecord([("value", f"must be 1 to {limit} bytes, as {field} values are")])
