@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from residency.server.config.schema import FieldFile
 from residency.server.core.lookup import normalize
 from residency.server.deployment import AFFILIATES, PRIMARY
-from residency.v1 import admin_pb2, records_pb2, records_pb2_grpc
+from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, records_pb2_grpc
 from tests.conftest import Cluster, ctx, values
 from tests.harness import eventually
 
@@ -292,6 +292,18 @@ async def test_a_region_node_finds_by_the_fields_it_holds_under_its_own_key(modu
     assert found(await find(c, "email", "qian@example.cn", region=EU, purpose="analytics.reporting")) == []
     last = [e for e in await entries(c, EU) if "found_by" in e][-1]
     assert (last["subject"], last["outcome"], last["found_by"]) == ("g-1", "denied", "email")
+    # Its own operator rotates its index key; it reindexes the copies it holds under the new one.
+    sg_admin = admin_pb2_grpc.AdminServiceStub(c.channel(SG, "operator", SG))
+    before = (await sg_admin.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)).index_key_version
+    await sg_admin.RotateIndexKey(admin_pb2.RotateIndexKeyRequest(from_version=before), timeout=30)
+
+    async def rotated() -> bool:
+        s = await sg_admin.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)
+        return s.index_key_version == before + 1 and not s.index_rebuild_version
+
+    await eventually(rotated, "the region node's new index key is active")
+    assert found(await find(c, "email", "qian@example.cn", region=SG)) == ["g-1"]
+    assert {v for v, *_ in index_rows(c, SG)} == {before + 1}
     # Each node keys its index with its own key: the same value, different hashes.
     primary = {h for _, f, h, u in index_rows(c) if (f, u) == ("email", "g-1")}
     sg = {h for _, f, h, u in index_rows(c, SG) if (f, u) == ("email", "g-1")}
