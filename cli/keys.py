@@ -1,5 +1,5 @@
 """`residency keys init`: a node's keys made with its own provider, before it first starts.
-`residency keys rotate|rewrap|retire|shred|rekey`: a region's key lifecycle, by an operator
+`residency keys rotate|rewrap|retire|shred|rekey|rotate-index`: a region's key lifecycle, by an operator
 whose certificate the node's CA vouches for (its identity is the logged actor): sent to the
 running node (`--target`), which acts and switches at once, or done here for a stopped node
 (`--config`; refused while the node runs)."""
@@ -89,6 +89,9 @@ async def _online(args: argparse.Namespace) -> dict[str, Any]:
         if args.action == "rotate":
             request = admin_pb2.RotateKeysRequest(from_version=status.key_version)
             reply = await admin.RotateKeys(request, timeout=args.timeout)
+        elif args.action == "rotate-index":
+            request = admin_pb2.RotateIndexKeyRequest(from_version=status.index_key_version)
+            reply = await admin.RotateIndexKey(request, timeout=args.timeout)
         elif args.action == "rewrap":
             reply = await admin.RewrapKeys(admin_pb2.RewrapKeysRequest(), timeout=args.timeout)
         elif args.action == "retire":
@@ -180,6 +183,10 @@ def _keys(args: argparse.Namespace) -> int:
         raise SystemExit(
             "residency: name the node: --target HOST:PORT while it runs, or --config FILE while it is stopped"
         )
+    if args.action == "rotate-index" and args.config:
+        raise SystemExit(
+            "residency: the running node rebuilds the index: rotate its index key with --target HOST:PORT"
+        )
     if args.action == "shred" and not args.yes:
         print(
             f"error: shredding the key of {args.region} makes every copy there unreadable, "
@@ -201,7 +208,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def add_keys(sub: argparse._SubParsersAction) -> None:
     keys = sub.add_parser(
-        "keys", help="create, rotate, rewrap, retire, shred or rekey a region's keys"
+        "keys", help="create, rotate, rewrap, retire, shred or rekey a region's keys; rotate its index key"
     ).add_subparsers(dest="action", required=True)
     s = keys.add_parser(
         "init",
@@ -223,6 +230,10 @@ def add_keys(sub: argparse._SubParsersAction) -> None:
         ),
         ("shred", "destroy a compromised region's key: every copy there becomes unreadable"),
         ("rekey", "after a shred: a new region key pair; the primary learns it and sends every copy again"),
+        (
+            "rotate-index",
+            "new blind-index key; the running node rebuilds the index under it, then drops the old one",
+        ),
     ):
         s = keys.add_parser(action, help=text)
         s.add_argument("--target", help="HOST:PORT of the running node that holds the key")

@@ -35,15 +35,16 @@ EXAMPLE_SCHEMA = """\
 # Fields a record may hold. category: a Fides data category (fideslang); sensitive:
 # sensitive personal information (PIPL Art. 28); out_of_scope: data the policy (1c) puts
 # outside its scope, transferred only under a rule naming its category explicitly;
-# source: registration (policy 1a), automatic (1b) or partner (1c).
+# source: registration (policy 1a), automatic (1b) or partner (1c); lookup: a blind index is
+# kept so that FindRecords finds users by the field, of its value normalised by `normalize`.
 version: 1
 fields:
   name:              {category: user.name, type: string, max_bytes: 256, source: registration,
                       description: "Name given at registration"}
   phone:             {category: user.contact.phone_number, type: string, max_bytes: 32, source: registration,
-                      description: "Mobile phone number"}
+                      lookup: true, normalize: e164, description: "Mobile phone number"}
   email:             {category: user.contact.email, type: string, max_bytes: 320, source: registration,
-                      description: "E-mail address"}
+                      lookup: true, normalize: email, description: "E-mail address"}
   address:           {category: user.contact.address, type: string, max_bytes: 512, source: registration,
                       description: "Postal address"}
   national_id:       {category: user.government_id.national_identification_number, type: string,

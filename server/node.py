@@ -149,6 +149,7 @@ class RunningNode:
         key_events = KeyEvents(c.region, c.is_primary, c.keys_dir, records, self.db, self._forget)
         await key_events.apply()  # those made while the node was stopped
         keys = KeyLifecycle(key_events, self.db, open_log_provider(c.keys), c.keys.kem)
+        await keys.index.resume()  # a rotation of the index key a stop cut short
         self.transfer_log = TransferLog(store, signer, signer.name)
         if outbox and c.replicator.enabled:
             from residency.replicator.destinations import destinations_for

@@ -8,6 +8,7 @@ import asyncio
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -112,3 +113,12 @@ async def wait_replicated(primary: str, creds: Credentials, timeout: float = 600
             if time.monotonic() > end:
                 raise TimeoutError(f"replication did not catch up within {timeout:.0f} s")
             await asyncio.sleep(0.1)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, deadline: float = 30.0) -> None:
+    """Waits until `check()` holds, or fails naming `what` (a condition with a deadline, never a
+    bare sleep)."""
+    end = time.monotonic() + deadline
+    while not await check():
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)

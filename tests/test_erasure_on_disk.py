@@ -1,7 +1,7 @@
 """Erasure is final on disk (DESIGN.md "Storage and scale"): once an erasure is
 acknowledged at the primary and applied in every region, no file under any node's data_dir,
-WAL and journal files included, holds the erased user's sealed record bytes or wrapped data
-keys, while everything of the users who were not erased is still there; and what a node
+WAL and journal files included, holds the erased user's sealed record bytes, wrapped data
+keys or blind-index hashes, while everything of the users who were not erased is still there; and what a node
 keeps on disk is readable by its own user only."""
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ async def test_an_erased_users_sealed_bytes_and_keys_are_in_no_file_of_any_node(
         for r in regions:
             gone[r] |= stored_secrets(cluster.data_dir(r), GONE)
     kept = {r: stored_secrets(cluster.data_dir(r), KEPT) for r in regions}
+    for r in regions:  # the e-mail's blind-index hashes (issue 18) are among what must go
+        db = sqlite3.connect(f"file:{cluster.data_dir(r) / 'node.db'}?mode=ro", uri=True)
+        try:
+            hashes = {h for (h,) in db.execute("SELECT hmac FROM lookup_index WHERE user_id=?", (GONE,))}
+        finally:
+            db.close()
+        assert hashes and hashes <= gone[r], r
     assert all(gone[r] for r in regions) and all(kept[r] for r in regions)  # every node held both
     wanted = {r: pieces(gone[r], shared=kept[r]) for r in regions}
     for r in regions:  # the scan finds what is there: the erased user's bytes, before the erasure

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from residency.server.core.errors import KeyServiceDenied, KeyUnavailable
+from residency.server.core.errors import FailedPrecondition, KeyServiceDenied, KeyUnavailable
 from residency.server.core.sealing import DataKey, KeyDestroyed, SealError, field_aad
 from residency.server.keys.files import KeyExists
+from residency.server.keys.indexkey import IndexKeys
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import KeyProvider
 from residency.server.keys.providers.kms import AwsKmsProvider
@@ -218,3 +219,34 @@ def test_a_key_version_is_created_once_even_by_two_rotations_at_once(tmp_path: P
     assert (tmp_path / "keys" / "kek-v2.key").read_bytes() == written
     assert stat.S_IMODE((tmp_path / "keys" / "kek-v2.key").stat().st_mode) == 0o600
     assert not list((tmp_path / "keys").glob(".*.tmp"))  # nothing half-written is left behind
+
+
+def test_the_index_key_is_kept_only_wrapped_by_the_provider_and_survives_its_rotation(
+    provider: KeyProvider, tmp_path: Path
+):
+    """Blind-index keys (issue 18): `index.key` holds each version wrapped by the region's
+    provider, bound to region and version; reopened, the same digests; a rotation of the
+    provider's key rewraps it without changing them; a rotation of the index key adds a
+    building version and its switch drops the old one."""
+    keys = IndexKeys("cn-north", tmp_path, provider)
+    (v1,) = keys.current()
+    digest = v1.digest("email", "li@example.cn")
+    assert digest != v1.digest("phone", "li@example.cn") and len(digest) == 32
+    text = (tmp_path / "index.key").read_text()
+    assert re.fullmatch(r"1 active [A-Za-z0-9+/=]+\n", text)
+    assert stat.S_IMODE((tmp_path / "index.key").stat().st_mode) == 0o600
+    assert IndexKeys("cn-north", tmp_path, provider).current()[0].digest("email", "li@example.cn") == digest
+    with pytest.raises((SealError, KeyUnavailable)):  # another region's context does not unwrap it
+        IndexKeys("eu-west-1", tmp_path, provider).current()
+    provider.rotate()
+    keys.rewrap()
+    assert (tmp_path / "index.key").read_text() != text
+    assert IndexKeys("cn-north", tmp_path, provider).current()[0].digest("email", "li@example.cn") == digest
+    assert keys.start_rotation() == 2 and keys.versions() == (1, 2)
+    with pytest.raises(FailedPrecondition, match="already being rotated"):
+        keys.start_rotation()
+    active, building = keys.current()
+    assert (active.version, building.version) == (1, 2)
+    assert building.digest("email", "li@example.cn") != digest
+    assert keys.finish_rotation() == 1 and keys.versions() == (2, 0)
+    assert [k.version for k in IndexKeys("cn-north", tmp_path, provider).current()] == [2]

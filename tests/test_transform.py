@@ -43,7 +43,7 @@ from residency.server.keys.lifecycle import retire, rotate
 from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RecipientKey
-from residency.v1 import admin_pb2, replica_pb2
+from residency.v1 import admin_pb2, common_pb2, records_pb2, records_pb2_grpc, replica_pb2
 from tests.conftest import S3_BUCKET, S3_PREFIX, Cluster, SeaweedFS, values
 from tests.test_keys_node import open_offline
 from tests.test_records import violations
@@ -507,6 +507,25 @@ async def test_a_caller_elsewhere_gets_nothing_of_a_field_no_rule_sends_it(trans
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     entry = json.loads((await c.log())[-1][1])
     assert entry["kind"] == "remote_read" and entry["outcome"] == "denied" and "forms" not in entry
+
+
+async def test_a_field_served_only_as_a_form_is_not_searchable_by_its_value(transformed: Cluster):
+    """A find by the whole phone number would confirm, user by user, the value the rule lets
+    Singapore see only masked: refused before any lookup, and logged; the home region finds."""
+    c = transformed
+    stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", SG))
+    ask = records_pb2.FindRecordsRequest(
+        context=common_pb2.CallContext(purpose="essential.service"), field="phone", value=PHONE
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.FindRecords(ask, timeout=30)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "only as mask:4" in (e.value.details() or "")
+    entry = json.loads((await c.log())[-1][1])
+    assert entry["outcome"] == "denied" and entry["found_by"] == "phone" and entry["subject"] == ""
+    home = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service"))
+    reply = await home.FindRecords(ask, timeout=30)
+    assert [r.record.user_id for r in reply.results] == ["u-1"]
 
 
 async def test_a_changed_transformation_resends_every_copy_in_the_new_form(transformed: Cluster):

@@ -37,6 +37,7 @@ METHODS: dict[str, str] = {
     "/residency.v1.RecordService/PutRecords": "records.write",
     "/residency.v1.RecordService/DeleteRecord": "records.write",
     "/residency.v1.RecordService/GetRecord": "records.read",
+    "/residency.v1.RecordService/FindRecords": "records.read",
     "/residency.v1.RecordService/VerifyCredential": "credentials.verify",
     # The data subject's own export: an operator, or a service acting for the user (who must
     # also state the purpose `api.subject.EXPORT_PURPOSE` and be allowed it).
@@ -64,7 +65,14 @@ METHODS: dict[str, str] = {
     # The node's own keys: only an operator of the node's region (`refusal` checks where).
     **{
         f"/residency.v1.AdminService/{m}": "admin.keys"
-        for m in ("RotateKeys", "RewrapKeys", "RetireKeys", "ShredRegionKey", "RekeyRegionKey")
+        for m in (
+            "RotateKeys",
+            "RewrapKeys",
+            "RetireKeys",
+            "ShredRegionKey",
+            "RekeyRegionKey",
+            "RotateIndexKey",
+        )
     },
     "/residency.v1.ReplicaService/ApplyCopies": "replica.apply",
     "/residency.v1.ReplicaService/GetRegionKey": "replica.apply",

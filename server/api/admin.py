@@ -1,6 +1,6 @@
 """AdminService: node status, explaining a transfer, applying rules, controlling replication
 (status, pause, resume, dead-letter retry) and the node's own keys (rotate, rewrap, retire,
-shred, rekey)."""
+shred, rekey; the blind-index key's rotation)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             region_key_id=keys.region_key_id(),
             ready=health is not None and not health.problems,
             not_ready_because=health.problems if health is not None else [],
+            index_key_version=await keys.index.active_version(),
+            index_rebuild_version=keys.index.version,
+            index_rebuild_done=keys.index.done if keys.index.version else 0,
+            index_rebuild_total=keys.index.total if keys.index.version else 0,
         )
 
     @rpc
@@ -188,6 +192,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     @rpc
     async def RekeyRegionKey(self, request, context):
         return admin_pb2.RekeyRegionKeyResponse(**await self._keys().rekey(peer_of(context).uri))
+
+    @rpc
+    async def RotateIndexKey(self, request, context):
+        out = await self._keys().index.rotate(peer_of(context).uri, request.from_version)
+        return admin_pb2.RotateIndexKeyResponse(**out)
 
 
 # A shred's reason is logged: a sentence, not a document.

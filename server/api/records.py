@@ -1,5 +1,5 @@
-"""RecordService: put, get and delete records, verify a credential, and export a data subject's
-record (`subject`), on the node that holds them."""
+"""RecordService: put, get, find (by a lookup field) and delete records, verify a credential,
+and export a data subject's record (`subject`), on the node that holds them."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ from residency.server.api.intake import Checked, check_records
 from residency.server.api.messages import record_message, withheld_messages
 from residency.server.api.subject import export_subject
 from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
+from residency.server.core.lookup import DEFAULT_FIND, MAX_FIND
 from residency.server.core.policy.credentials import hash_credential, verify_credential
-from residency.server.vault.records import Write
+from residency.server.core.schema import USER_ID
+from residency.server.vault.finding import Finder
+from residency.server.vault.records import ReadResult, Write
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 
 log = logging.getLogger("residency.records")
@@ -105,6 +108,31 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
             result = await self.node.db.write(lambda: self.records.read(request.user_id, caller))
         if result.denied:
             raise TransferDenied(f"{result.denied} (transfer-log entry {result.log_sequence})")
+        return self._reply(result)
+
+    @rpc
+    async def FindRecords(self, request, context):
+        caller = await caller_of(self.node, request.context, context)
+        if self.records.primary:
+            finder = Finder(self.records, lambda u, c, f: self.records.read(u, c, found_by=f))
+        else:
+            finder = Finder(self.records, lambda u, c, f: self.node.policy.read_copy(u, c, found_by=f))
+        normalized = finder.check(request.field, request.value)
+        limit = request.limit or DEFAULT_FIND
+        if limit > MAX_FIND:
+            raise InvalidRecord([("limit", f"{limit}; ask for 1 to {MAX_FIND} (0: {DEFAULT_FIND})")])
+        after = request.page_token
+        if after and not USER_ID.fullmatch(after):
+            raise InvalidRecord([("page_token", "not a next_page_token this node gave")])
+        if why := finder.searchable(request.field, caller):
+            seq = await self.node.db.write(lambda: finder.refuse(request.field, caller, why))
+            raise TransferDenied(f"{why} (transfer-log entry {seq})")
+        found = await self.node.db.write(lambda: finder.find(request.field, normalized, caller, after, limit))
+        return records_pb2.FindRecordsResponse(
+            results=[self._reply(r) for r in found.results], next_page_token=found.next_after
+        )
+
+    def _reply(self, result: ReadResult) -> records_pb2.GetRecordResponse:
         return records_pb2.GetRecordResponse(
             log_sequence=result.log_sequence,
             record=record_message(result.record),

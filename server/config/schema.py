@@ -9,10 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from residency.server.config.errors import FileModel, read_model
-from residency.server.core.schema import FieldSource, FieldSpec, FieldType, Schema, data_categories, data_uses
+from residency.server.core.lookup import Normalize
+from residency.server.core.schema import (
+    CREDENTIAL_PREFIX,
+    FieldSource,
+    FieldSpec,
+    FieldType,
+    Schema,
+    data_categories,
+    data_uses,
+)
 
 
 def _category(value: str) -> str:
@@ -50,6 +59,26 @@ class FieldFile(FileModel):
     source: FieldSource = "registration"
     max_bytes: int = Field(default=4096, gt=0, description="a positive whole number of bytes")
     max_items: int = Field(default=256, gt=0, description="a positive whole number of list items")
+    lookup: bool = Field(
+        default=False,
+        description="true or false: keep a blind index (keyed hash) of the value, so that "
+        "FindRecords finds users by it; string fields only",
+    )
+    normalize: Normalize = Field(
+        default="none",
+        description="email, e164, lower or none: the form of the value that is indexed "
+        "(a lookup field's only)",
+    )
+
+    @model_validator(mode="after")
+    def _lookup(self) -> FieldFile:
+        if self.lookup and self.type != "string":
+            raise ValueError(f"'lookup' needs a string field, not a {self.type} one")
+        if self.lookup and self.category.split(".")[:2] == CREDENTIAL_PREFIX.split("."):
+            raise ValueError("a credential is kept only as a slow hash: it cannot be a lookup field")
+        if self.normalize != "none" and not self.lookup:
+            raise ValueError("'normalize' applies to a lookup field: add 'lookup: true' or remove it")
+        return self
 
 
 class SchemaFile(FileModel):

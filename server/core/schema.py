@@ -60,6 +60,9 @@ class FieldSpec:
     source: str = "registration"
     max_bytes: int = 4096
     max_items: int = 256
+    # A blind index is kept for it (issue 18: `FindRecords`), of its value normalised so.
+    lookup: bool = False
+    normalize: str = "none"
     # Credentials are stored only as a slow hash: never readable, never transferred.
     credential: bool = field(init=False, default=False)
 
@@ -83,6 +86,11 @@ class Schema:
     @cached_property
     def credential_fields(self) -> frozenset[str]:
         return frozenset(n for n, s in self.fields.items() if s.credential)
+
+    @cached_property
+    def lookup_fields(self) -> dict[str, str]:
+        """Fields with a blind index, and the normalisation of each (`core.lookup.normalize`)."""
+        return {n: s.normalize for n, s in self.fields.items() if s.lookup}
 
     def validate(
         self, user_id: str, source: str, values: Iterable[tuple[str, FieldValue | None]]

@@ -105,6 +105,7 @@ def entry(
     destination_country: str = "",
     disclosure: dict[str, Any] | None = None,
     forms: dict[str, str] | None = None,
+    found_by: str = "",
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
@@ -117,6 +118,7 @@ def entry(
     who asked and approved (`policy.disclosure.evidence_of`). `forms` names the fields of
     `fields` that crossed transformed, each with its form ("mask:4", "hash": `core.transform`);
     an entry where every field crossed as its value has no such key.
+    `found_by` (a read answering `FindRecords`) names the lookup field searched, never its value.
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
     extra: dict[str, Any] = {"destination_country": destination_country} if destination_country else {}
@@ -124,6 +126,8 @@ def entry(
         extra["disclosure"] = disclosure
     if forms:
         extra["forms"] = dict(sorted(forms.items()))
+    if found_by:
+        extra["found_by"] = found_by
     return {
         "kind": kind,
         "subject": subject,

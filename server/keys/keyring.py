@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from residency.server.core.sealing import NONCE, DataKey, KeyDestroyed, SealError, dek_context
 from residency.server.keys.cache import KeyCache
+from residency.server.keys.indexkey import IndexKeys
 from residency.server.keys.providers import KeyProvider
 from residency.server.keys.region import RegionKey
 
@@ -68,6 +69,7 @@ class Keyring:
         self._wrapping = KeyCache(1000, cache_seconds)
         self._active: WrappingKey | None = None
         self._region_key: RegionKey | None = None
+        self._index_keys: IndexKeys | None = None
         # Set when the region's key was shredded: why every open fails.
         self.shredded = ""
 
@@ -78,6 +80,14 @@ class Keyring:
             self._region_key = RegionKey.load(self.region, self.dir, self.provider)
         return self._region_key
 
+    @property
+    def index_keys(self) -> IndexKeys:
+        """The region's blind-index keys (`index.key`, wrapped by the provider)."""
+        self.check()
+        if self._index_keys is None:
+            self._index_keys = IndexKeys(self.region, self.dir, self.provider)
+        return self._index_keys
+
     def check(self) -> None:
         if self.shredded:
             raise KeyDestroyed(self.shredded)
@@ -86,6 +96,7 @@ class Keyring:
         """Forgets every key held in memory; from now on every open fails with `reason`."""
         self.shredded = reason
         self._region_key = None
+        self._index_keys = None
         self._active = None
         self.data_keys = KeyCache(1, self.cache_seconds)
         self._wrapping = KeyCache(1, self.cache_seconds)
@@ -96,6 +107,7 @@ class Keyring:
         self.provider.refresh()
         self.shredded = ""
         self._region_key = None
+        self._index_keys = None
         self._active = None
         self.data_keys = KeyCache(self.cache_entries, self.cache_seconds)
         self._wrapping = KeyCache(1000, self.cache_seconds)

@@ -16,6 +16,7 @@ from typing import Any
 from residency.server.core.sealing import KeyDestroyed
 from residency.server.keys.files import KeyExists, shred_file, write_private
 from residency.server.keys.hashkey import rewrap_hash_key
+from residency.server.keys.indexkey import IndexKeys, shred_index_keys
 from residency.server.keys.keyring import Keyring, WrappingKey
 from residency.server.keys.logkey import KEY as LOG_KEY
 from residency.server.keys.logkey import rewrap_log_key
@@ -62,6 +63,7 @@ def rotate(region: str, provider: KeyProvider, keys_dir: Path, *, log_keys: KeyP
     version = provider.rotate()
     if (keys_dir / "region.key").exists():
         RegionKey.rewrap(region, keys_dir, provider)
+    IndexKeys(region, keys_dir, provider).rewrap()
     if (keys_dir / LOG_KEY).exists():
         log_keys.rotate()
         rewrap_log_key(keys_dir / LOG_KEY, log_keys)
@@ -88,6 +90,7 @@ def retire(region: str, provider: KeyProvider, keys_dir: Path, *, log_keys: KeyP
     has checked that no data key is under an old version."""
     if (keys_dir / "region.key").exists():
         RegionKey.rewrap(region, keys_dir, provider)
+    IndexKeys(region, keys_dir, provider).rewrap()
     provider.retire()
     if (keys_dir / LOG_KEY).exists():
         rewrap_log_key(keys_dir / LOG_KEY, log_keys)
@@ -102,6 +105,7 @@ def shred(region: str, provider: KeyProvider, keys_dir: Path) -> None:
     signing its transfer log (the shred included) with the key `log.pub` names."""
     provider.destroy()
     shred_file(keys_dir / "region.key")
+    shred_index_keys(keys_dir)
 
 
 def rekey(region: str, provider: KeyProvider, keys_dir: Path, kem: str) -> RegionKey:

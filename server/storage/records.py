@@ -68,6 +68,7 @@ class RecordRows(Database):
         """Deletes every copy a region node holds, and their data keys (after a rekey, all of
         them were sealed to the shredded key: unreadable, and replaced by the primary)."""
         n = self._db.execute("DELETE FROM records").rowcount
+        self._db.execute("DELETE FROM lookup_index")
         # Beside the records, not after them: node.db commits first (`Database.transaction`),
         # so a crash in between leaves keys without copies, which the node destroys at start.
         self._db.execute("DELETE FROM keyring.data_keys")

@@ -13,6 +13,7 @@ from residency.server.storage.consents import ConsentStore
 from residency.server.storage.database import UnitOfWork
 from residency.server.storage.disclosures import DisclosureStore
 from residency.server.storage.keyring import KeyStore
+from residency.server.storage.lookup import LookupStore
 from residency.server.storage.records import RecordStore
 from residency.server.storage.replication import (
     FenceStore,
@@ -24,11 +25,19 @@ from residency.server.storage.transferlog import LogStore, LogWriter
 
 
 class VaultStore(
-    RecordStore, KeyStore, OutboxStore, FenceStore, ConsentStore, DisclosureStore, LogWriter, Protocol
+    RecordStore,
+    KeyStore,
+    OutboxStore,
+    FenceStore,
+    ConsentStore,
+    DisclosureStore,
+    LookupStore,
+    LogWriter,
+    Protocol,
 ):
     """`Records.store`, which every vault operation uses: writes, reads and erasure, copies
     applied (behind the lease-epoch fence), consents, grants, disclosure requests, retention
-    sweeps and rule changes."""
+    sweeps, rule changes and blind indexes."""
 
 
 class WorkerStore(UnitOfWork, ReplicationStore, LogWriter, Protocol):

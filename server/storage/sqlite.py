@@ -10,6 +10,7 @@ from __future__ import annotations
 from residency.server.storage.consents import ConsentRows
 from residency.server.storage.disclosures import DisclosureRows
 from residency.server.storage.keyring import KeyringRows
+from residency.server.storage.lookup import LookupRows
 from residency.server.storage.records import RecordRows
 from residency.server.storage.replication import ReplicationRows
 from residency.server.storage.restores import RestoreRows
@@ -17,8 +18,15 @@ from residency.server.storage.transferlog import TransferLogRows
 
 
 class SqliteStore(
-    TransferLogRows, RecordRows, ReplicationRows, KeyringRows, ConsentRows, DisclosureRows, RestoreRows
+    TransferLogRows,
+    RecordRows,
+    ReplicationRows,
+    KeyringRows,
+    ConsentRows,
+    DisclosureRows,
+    RestoreRows,
+    LookupRows,
 ):
     """The node's store: `Database` (connection, lock, migrations, unit of work) with the
-    records, outbox and replication control, transfer log, keyring, consent and disclosure
-    repositories, and what a restore from a backup reads and writes."""
+    records, outbox and replication control, transfer log, keyring, consent, disclosure and
+    blind-index repositories, and what a restore from a backup reads and writes."""

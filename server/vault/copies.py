@@ -262,6 +262,8 @@ def apply_copies(
     )
     for user_id in newest:
         records.keyring.data_keys.drop(user_id)
+    # The region's own blind index follows the copies it holds, under its own index key.
+    records.index.copies_changed(newest)
     return len(newest), skipped, []
 
 

@@ -21,6 +21,7 @@ from residency.server.keys.keyring import WrappingKey
 from residency.server.keys.providers import KeyProvider
 from residency.server.keys.region import RecipientKey
 from residency.server.storage.thread import StoreThread
+from residency.server.vault.index_rebuild import IndexRebuild
 from residency.server.vault.key_events import KeyEvents, KeyEventStore
 
 PAGE = 500
@@ -50,6 +51,8 @@ class KeyLifecycle:
         self.keyring = events.records.keyring
         # Two operators at once, or an act and a rewrap: one waits for the other.
         self._lock = asyncio.Lock()
+        # The blind-index key's rotation and rebuild (issue 18).
+        self.index = IndexRebuild(events.records.index, db, self._record)
 
     @property
     def provider(self) -> KeyProvider:

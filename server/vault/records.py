@@ -13,7 +13,6 @@ import dataclasses
 import json
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
 from typing import Any
 
 from residency.server.core import codec, translog
@@ -22,7 +21,15 @@ from residency.server.core.policy.consent import StandingConsent, consented_rule
 from residency.server.core.policy.cookies import refused_cookie_writes
 from residency.server.core.policy.erasure import expired_fields
 from residency.server.core.policy.grants import split_grants
-from residency.server.core.rules import RETENTION_EXPIRED, Grant, Permits, Plan, RuleSet, Withheld
+from residency.server.core.rules import (
+    NO_RULE,
+    RETENTION_EXPIRED,
+    Grant,
+    Permits,
+    Plan,
+    RuleSet,
+    Withheld,
+)
 from residency.server.core.schema import Schema
 from residency.server.core.sealing import DataKey, SealError, field_aad, record_aad
 from residency.server.core.transform import put_in_forms
@@ -30,7 +37,9 @@ from residency.server.keys.hashkey import HashKeys
 from residency.server.keys.keyring import Keyring
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
+from residency.server.vault.lookup import BlindIndex
 from residency.server.vault.new_keys import NewKeys
+from residency.server.vault.reads import Caller, Opened, ReadResult, Write
 from residency.server.vault.sealing import next_version, seal_writes
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 
@@ -39,56 +48,6 @@ from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 SealedCopy = replica_pb2.SealedCopy
 StoredRecord = storage_pb2.StoredRecord
 Value = common_pb2.Value
-
-
-@dataclass(slots=True)
-class Write:
-    user_id: str
-    source: str
-    # A validated, serialized Record holding only `fields` (credentials already replaced by
-    # their hash).
-    body: bytes
-    # The cookie fields it gives (policy 5 needs the user's cookie consent for them).
-    cookies: tuple[str, ...] = ()
-    # Fields to drop from the stored record (a withdrawn cookie consent stops collection).
-    remove: tuple[str, ...] = ()
-    # False for a rewrite that changes what may be sent, not the data: the record keeps its
-    # age, so retention still counts from the last real write.
-    touch: bool = True
-
-
-@dataclass(slots=True)
-class Opened:
-    """A record or copy, opened: field name to value."""
-
-    user_id: str
-    version: int
-    source: str
-    home_region: str
-    created_at: float
-    updated_at: float
-    fields: dict[str, Value]
-
-
-@dataclass(slots=True)
-class ReadResult:
-    record: Opened
-    withheld: dict[str, Withheld]
-    log_sequence: int = 0
-    # Set when no field may go to the caller: the denial is logged, nothing is returned.
-    denied: str = ""
-    # The fields returned in a form instead of their value, each with its form.
-    forms: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Caller:
-    identity: str
-    location: str
-    purpose: str
-    # What the identity's certificate names: its role and name (a recipient's id).
-    role: str = ""
-    name: str = ""
 
 
 class Records:
@@ -116,6 +75,7 @@ class Records:
         self._floor: int | None = None
         # The primary's, for fields a rule sends hashed (`core.transform`); None on a region node.
         self.hash_keys = hash_keys
+        self.index = BlindIndex(self)
 
     # ---- primary: writes -------------------------------------------------------------
 
@@ -152,6 +112,7 @@ class Records:
         for u in new_key_ids:
             self.keyring.data_keys.put(u, keys[u])
         self.store.upsert([Row(u, v, False, blob, age) for u, v, blob, age in sealed])
+        self.index.written((w.user_id, w.body, w.remove) for w in writes)
         if self.outbox:
             self.store.outbox_append([(u, v) for u, v, _, _ in sealed])
         return versions
@@ -237,6 +198,7 @@ class Records:
         # Crypto-shredding: the user's data key leaves the keyring (overwritten in the file)
         # once the tombstone has committed.
         self.store.delete_data_keys([user_id])
+        self.index.erased([user_id])
         if self.outbox:
             self.store.outbox_append([(user_id, version)])
         self.keyring.data_keys.drop(user_id)
@@ -315,10 +277,11 @@ class Records:
             fields,
         )
 
-    def read(self, user_id: str, caller: Caller) -> ReadResult:
+    def read(self, user_id: str, caller: Caller, found_by: str = "") -> ReadResult:
         """Reads a home record for `caller` (a region node's copies: `RegionCopies.read_copy`).
         From another location only what a rule allows for that location and purpose is
-        returned, and the read is logged either way."""
+        returned, and the read is logged either way. `found_by`: the lookup field of a find,
+        which answers nothing unless that field itself may be read."""
         row = self.store.rows([user_id]).get(user_id)
         if row is None or row.deleted:
             raise NotFound(f"user {user_id} has no record in {self.region}")
@@ -340,6 +303,10 @@ class Records:
         # A recipient reads under its own grants only: no rule, and no home-region shortcut.
         plan = self.rules.plan(caller.location, caller.purpose, permits, grants_only=recipient)
         sent, refused = self.project(plan, rec.fields, rec.updated_at)
+        # A find answers only a caller who may read the searched field's value, not a form of it.
+        if found_by and (found_by not in sent or found_by in plan.forms([found_by])):
+            refused |= dict.fromkeys(sent, Withheld(NO_RULE))
+            sent = {}
         withheld.update(refused)
         entry = translog.entry(
             "remote_read",
@@ -357,7 +324,9 @@ class Records:
             version=rec.version,
             reason=""
             if sent
-            else f"no rule allows any field of this record to {caller.location} for {caller.purpose}",
+            else f"no rule allows {found_by or 'any field of this record'} to {caller.location} "
+            f"for {caller.purpose}",
+            found_by=found_by,
         )
         (seq,) = self.store.log_append([entry])
         rec.fields = sent

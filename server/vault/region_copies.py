@@ -28,10 +28,13 @@ class RegionCopies:
             raise NotFound(f"user {user_id} has no record in {self.records.region}")
         return SealedCopy.FromString(row.blob)
 
-    def read_copy(self, user_id: str, caller: Caller, now: float | None = None) -> ReadResult:
+    def read_copy(
+        self, user_id: str, caller: Caller, now: float | None = None, found_by: str = ""
+    ) -> ReadResult:
         """A local caller gets the fields whose policy allows its purpose (and, for a grant's
         field, only the grant's recipient); a caller located elsewhere gets nothing, as copies
-        are not passed on from an affiliate region. Logged either way."""
+        are not passed on from an affiliate region. Logged either way. `found_by`: the lookup
+        field of a find, which answers nothing unless that field itself may be read."""
         records, region = self.records, self.records.region
         copy = self._copy(user_id)
         policies = policies_of(copy)
@@ -43,6 +46,10 @@ class RegionCopies:
         else:
             allowed, withheld = {}, {n: Withheld(NO_RULE) for n in policies}
             kind, why = "remote_read", f"copies held in {region} are not passed on to {caller.location}"
+        if found_by and found_by not in allowed:
+            withheld |= dict.fromkeys(allowed, Withheld(NO_RULE))
+            allowed = {}
+            why = f"{found_by} of this copy may not be read for {caller.purpose} by this caller"
         rec = records.open_copy(user_id, copy, allowed)
         for name in out_of_form(allowed, rec.fields):
             del rec.fields[name], allowed[name]
@@ -66,6 +73,7 @@ class RegionCopies:
             ],
             version=copy.version,
             reason="" if allowed else why,
+            found_by=found_by,
         )
         (seq,) = records.store.log_append([entry])
         return ReadResult(rec, withheld, seq, entry["reason"], forms)
@@ -150,4 +158,5 @@ class RegionCopies:
             store.log_append(entries)
             for user_id in gone:
                 self.records.keyring.data_keys.drop(user_id)
+            self.records.index.copies_changed(r.user_id for r in rows)
         return (page[-1][0] if len(page) == limit else ""), len(rows)

@@ -25,6 +25,22 @@ class RotateKeysResponse(_message.Message):
     data_keys_rewrapped: int
     def __init__(self, region: _Optional[str] = ..., version: _Optional[str] = ..., data_keys_rewrapped: _Optional[int] = ...) -> None: ...
 
+class RotateIndexKeyRequest(_message.Message):
+    __slots__ = ("from_version",)
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    def __init__(self, from_version: _Optional[int] = ...) -> None: ...
+
+class RotateIndexKeyResponse(_message.Message):
+    __slots__ = ("region", "version", "records_to_index")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_TO_INDEX_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    version: int
+    records_to_index: int
+    def __init__(self, region: _Optional[str] = ..., version: _Optional[int] = ..., records_to_index: _Optional[int] = ...) -> None: ...
+
 class RewrapKeysRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -150,7 +166,7 @@ class GetNodeStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetNodeStatusResponse(_message.Message):
-    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total", "certificate_expires", "key_version", "region_key_id", "ready", "not_ready_because")
+    __slots__ = ("region", "role", "records", "tombstones", "log_entries", "rules_version", "field_counts", "rules_backfill_done", "rules_backfill_total", "certificate_expires", "key_version", "region_key_id", "ready", "not_ready_because", "index_key_version", "index_rebuild_version", "index_rebuild_done", "index_rebuild_total")
     class FieldCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +188,10 @@ class GetNodeStatusResponse(_message.Message):
     REGION_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     NOT_READY_BECAUSE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_REBUILD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_REBUILD_DONE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_REBUILD_TOTAL_FIELD_NUMBER: _ClassVar[int]
     region: str
     role: str
     records: int
@@ -186,7 +206,11 @@ class GetNodeStatusResponse(_message.Message):
     region_key_id: str
     ready: bool
     not_ready_because: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ..., certificate_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_version: _Optional[str] = ..., region_key_id: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready_because: _Optional[_Iterable[str]] = ...) -> None: ...
+    index_key_version: int
+    index_rebuild_version: int
+    index_rebuild_done: int
+    index_rebuild_total: int
+    def __init__(self, region: _Optional[str] = ..., role: _Optional[str] = ..., records: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_entries: _Optional[int] = ..., rules_version: _Optional[str] = ..., field_counts: _Optional[_Mapping[str, int]] = ..., rules_backfill_done: _Optional[int] = ..., rules_backfill_total: _Optional[int] = ..., certificate_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_version: _Optional[str] = ..., region_key_id: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready_because: _Optional[_Iterable[str]] = ..., index_key_version: _Optional[int] = ..., index_rebuild_version: _Optional[int] = ..., index_rebuild_done: _Optional[int] = ..., index_rebuild_total: _Optional[int] = ...) -> None: ...
 
 class ReplicationStatusRequest(_message.Message):
     __slots__ = ()

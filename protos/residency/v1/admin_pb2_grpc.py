@@ -94,6 +94,11 @@ class AdminServiceStub:
                 request_serializer=residency_dot_v1_dot_admin__pb2.RekeyRegionKeyRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_admin__pb2.RekeyRegionKeyResponse.FromString,
                 _registered_method=True)
+        self.RotateIndexKey = channel.unary_unary(
+                '/residency.v1.AdminService/RotateIndexKey',
+                request_serializer=residency_dot_v1_dot_admin__pb2.RotateIndexKeyRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_admin__pb2.RotateIndexKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -195,6 +200,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateIndexKey(self, request, context):
+        """A new version of the region's blind-index key (FindRecords): from the moment the node has
+        made it, every write is indexed under both versions while the node rebuilds the index of
+        every record under the new one in the background (GetNodeStatus.index_rebuild_*); finds
+        use the old version until the rebuild is complete, then the new one, and the old rows are
+        dropped. FAILED_PRECONDITION, nothing done, unless the active version is still the one the
+        caller names, or while a rebuild is under way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -257,6 +274,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RekeyRegionKey,
                     request_deserializer=residency_dot_v1_dot_admin__pb2.RekeyRegionKeyRequest.FromString,
                     response_serializer=residency_dot_v1_dot_admin__pb2.RekeyRegionKeyResponse.SerializeToString,
+            ),
+            'RotateIndexKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateIndexKey,
+                    request_deserializer=residency_dot_v1_dot_admin__pb2.RotateIndexKeyRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_admin__pb2.RotateIndexKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -583,6 +605,33 @@ class AdminService:
             '/residency.v1.AdminService/RekeyRegionKey',
             residency_dot_v1_dot_admin__pb2.RekeyRegionKeyRequest.SerializeToString,
             residency_dot_v1_dot_admin__pb2.RekeyRegionKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateIndexKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.AdminService/RotateIndexKey',
+            residency_dot_v1_dot_admin__pb2.RotateIndexKeyRequest.SerializeToString,
+            residency_dot_v1_dot_admin__pb2.RotateIndexKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

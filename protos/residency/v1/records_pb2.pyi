@@ -188,3 +188,25 @@ class Safeguard(_message.Message):
     kind: str
     reference: str
     def __init__(self, kind: _Optional[str] = ..., reference: _Optional[str] = ...) -> None: ...
+
+class FindRecordsRequest(_message.Message):
+    __slots__ = ("context", "field", "value", "limit", "page_token")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.CallContext
+    field: str
+    value: str
+    limit: int
+    page_token: str
+    def __init__(self, context: _Optional[_Union[_common_pb2.CallContext, _Mapping]] = ..., field: _Optional[str] = ..., value: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class FindRecordsResponse(_message.Message):
+    __slots__ = ("results", "next_page_token")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[GetRecordResponse]
+    next_page_token: str
+    def __init__(self, results: _Optional[_Iterable[_Union[GetRecordResponse, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,11 @@ class RecordServiceStub:
                 request_serializer=residency_dot_v1_dot_records__pb2.ExportSubjectRequest.SerializeToString,
                 response_deserializer=residency_dot_v1_dot_records__pb2.ExportSubjectResponse.FromString,
                 _registered_method=True)
+        self.FindRecords = channel.unary_unary(
+                '/residency.v1.RecordService/FindRecords',
+                request_serializer=residency_dot_v1_dot_records__pb2.FindRecordsRequest.SerializeToString,
+                response_deserializer=residency_dot_v1_dot_records__pb2.FindRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class RecordServiceServicer:
@@ -120,6 +125,17 @@ class RecordServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindRecords(self, request, context):
+        """Finds users by a lookup field of the schema (`lookup: true`: e-mail, phone) through its
+        blind index (a keyed hash; the value is never stored), and reads each exactly as
+        GetRecord would for this caller, logged the same way. A user whose searched field this
+        caller may not read is left out, as if it did not match; a caller no rule lets read the
+        field at all is refused (PERMISSION_DENIED) before any lookup, whatever the value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecordServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +168,11 @@ def add_RecordServiceServicer_to_server(servicer, server):
                     servicer.ExportSubject,
                     request_deserializer=residency_dot_v1_dot_records__pb2.ExportSubjectRequest.FromString,
                     response_serializer=residency_dot_v1_dot_records__pb2.ExportSubjectResponse.SerializeToString,
+            ),
+            'FindRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindRecords,
+                    request_deserializer=residency_dot_v1_dot_records__pb2.FindRecordsRequest.FromString,
+                    response_serializer=residency_dot_v1_dot_records__pb2.FindRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +337,33 @@ class RecordService:
             '/residency.v1.RecordService/ExportSubject',
             residency_dot_v1_dot_records__pb2.ExportSubjectRequest.SerializeToString,
             residency_dot_v1_dot_records__pb2.ExportSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/residency.v1.RecordService/FindRecords',
+            residency_dot_v1_dot_records__pb2.FindRecordsRequest.SerializeToString,
+            residency_dot_v1_dot_records__pb2.FindRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,132 @@
+"""Blind indexes on a node (issue 18), kept with the records or copies they index: each lookup
+field's normalised value, keyed by the region's index key, in `lookup_index` (finding by them is
+`residency.server.vault.finding`'s).
+
+Every method runs on the store thread inside the caller's transaction, so an index row commits
+with the record it indexes and goes with it (an erasure, a copy withdrawn)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import Any, Protocol
+
+from residency.server.core.lookup import normalize
+from residency.server.core.schema import Schema
+from residency.server.keys.keyring import Keyring
+from residency.server.storage.records import Row
+from residency.server.storage.roles import VaultStore
+from residency.v1 import common_pb2, records_pb2, replica_pb2
+
+Value = common_pb2.Value
+
+
+class Opens(Protocol):
+    """What the index opens records with (`Records`): a home record whole, a copy's named fields."""
+
+    primary: bool
+    schema: Schema
+    keyring: Keyring
+    store: VaultStore
+
+    def open_row(self, row: Row) -> Any: ...
+    def open_copy(self, user_id: str, copy: replica_pb2.SealedCopy, names: Collection[str] | None) -> Any: ...
+
+
+class BlindIndex:
+    """A node's blind indexes: HMAC-SHA256 of each lookup field's normalised value under the
+    region's index key (`Keyring.index_keys`), in `lookup_index`."""
+
+    def __init__(self, records: Opens):
+        self.records = records
+        self.fields = records.schema.lookup_fields
+
+    # ---- keeping the index with the data ---------------------------------------------------
+
+    def _set(self, changes: Iterable[tuple[str, dict[str, Value | None]]]) -> None:
+        """Sets, per user, each lookup field given to its value's keyed hash under every current
+        key version (the active one, and during a rotation the one being built), or clears it
+        (None). A user changed twice (one batch) keeps the last value."""
+        merged: dict[str, dict[str, Value | None]] = {}
+        for u, values in changes:
+            merged.setdefault(u, {}).update((f, v) for f, v in values.items() if f in self.fields)
+        pairs = [(u, f) for u, values in merged.items() for f in values]
+        if not pairs:
+            return
+        keys = self.records.keyring.index_keys.current()
+        self.records.store.index_clear(pairs)
+        self.records.store.index_add(
+            [(k.version, f, k.digest(f, n), u) for u, f, n in self._normalized(merged) for k in keys]
+        )
+
+    def _normalized(self, values: dict[str, dict[str, Value | None]]) -> list[tuple[str, str, str]]:
+        """(user, field, normalised value) of each string value whose normalised form is not
+        empty (an empty one would match every other value with nothing left: not indexed)."""
+        return [
+            (u, f, n)
+            for u, fields in values.items()
+            for f, v in fields.items()
+            if v is not None
+            and v.WhichOneof("kind") == "string_value"
+            and (n := normalize(self.fields[f], v.string_value))
+        ]
+
+    def written(self, writes: Iterable[tuple[str, bytes, tuple[str, ...]]]) -> None:
+        """After a primary's writes (user, the serialized Record of the fields given, fields
+        removed): each lookup field given or removed, in write order."""
+        if not self.fields:
+            return
+        changes = []
+        for user_id, body, remove in writes:
+            given: dict[str, Value | None] = dict.fromkeys(remove)
+            if body:
+                given |= dict(records_pb2.Record.FromString(body).fields)
+            changes.append((user_id, given))
+        self._set(changes)
+
+    def copies_changed(self, user_ids: Iterable[str]) -> None:
+        """After a region node applied, withdrew or swept copies: each user's index follows the
+        copy it now holds (none: no rows)."""
+        if not self.fields:
+            return
+        users = list(dict.fromkeys(user_ids))
+        rows = self.records.store.rows(users)
+        gone = [u for u in users if u not in rows or rows[u].deleted]
+        self.records.store.index_drop_users(gone)
+        self._set(
+            (rec.user_id, self._held(rec)) for rec in self._open([rows[u] for u in users if u not in gone])
+        )
+
+    def erased(self, user_ids: list[str]) -> None:
+        self.records.store.index_drop_users(user_ids)
+
+    def _open(self, rows: list[Row]) -> list[Any]:
+        """The rows' lookup fields opened (a copy's other fields stay sealed)."""
+        records = self.records
+        if records.primary:
+            return [records.open_row(r) for r in rows]
+        return [
+            records.open_copy(r.user_id, replica_pb2.SealedCopy.FromString(r.blob), self.fields) for r in rows
+        ]
+
+    def _held(self, rec: Any) -> dict[str, Value | None]:
+        return {f: rec.fields.get(f) for f in self.fields}
+
+    # ---- a rotation's rebuild --------------------------------------------------------------
+
+    def rebuild_page(self, version: int, after_user: str, limit: int) -> tuple[str, int]:
+        """Indexes one page of live records (copies) after `after_user` under key `version` (the
+        one being built). Read and written in one step on the store thread, so no write can
+        fall between: writes meanwhile index under both versions themselves. Returns (the
+        page's last user, "" after the last page; users indexed)."""
+        store = self.records.store
+        page = store.live_blobs(after_user, limit)
+        key = next(k for k in self.records.keyring.index_keys.current() if k.version == version)
+        opened = self._open([Row(u, 0, False, blob, 0.0) for u, blob in page])
+        held = {rec.user_id: self._held(rec) for rec in opened}
+        store.index_add([(version, f, key.digest(f, n), u) for u, f, n in self._normalized(held)])
+        return (page[-1][0] if len(page) == limit else ""), len(page)
+
+    def switch(self) -> int:
+        """Ends a rotation: the new version becomes the active one; the old one's rows go."""
+        old = self.records.keyring.index_keys.finish_rotation()
+        return self.records.store.index_drop_version(old)
