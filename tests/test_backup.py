@@ -71,8 +71,11 @@ async def archived_checkpoint(c: Cluster, size: int, timeout: float = 120.0) -> 
             keys = await asyncio.to_thread(bucket.keys, prefix)
         except Exception:  # the node has not made its bucket yet
             keys = []
-        if keys and int(keys[-1].rsplit("/", 1)[1]) >= size:
-            return int(keys[-1].rsplit("/", 1)[1]), (await asyncio.to_thread(bucket.get, keys[-1])).decode()
+        # By number: the keys list in text order ("99" after "181").
+        sizes = {int(k.rsplit("/", 1)[1]): k for k in keys}
+        if sizes and max(sizes) >= size:
+            top = max(sizes)
+            return top, (await asyncio.to_thread(bucket.get, sizes[top])).decode()
         assert asyncio.get_running_loop().time() < deadline, f"no checkpoint of size {size} archived"
         await asyncio.sleep(0.1)
 
