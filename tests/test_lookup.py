@@ -281,6 +281,13 @@ async def test_a_find_uses_log_sequences_only_for_what_it_answers(module_cluster
         assert find_entry["sequence"] in [json.loads(x)["sequence"] for x in lines.splitlines()]
         csv_rows = report.render("csv", [e.encode() for _, e, _ in await c.log()], {}, None, subject=u)  # type: ignore[arg-type]
         assert f"{find_entry['sequence']}," in csv_rows and "sq-1-1;sq-1-2" in csv_rows
+    # A subject's own export leaves it out: it names other users too.
+    stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "operator", PRIMARY))
+    ask = records_pb2.ExportSubjectRequest(context=ctx("", "essential.legal_obligation"), user_id="sq-1-1")
+    exported = [
+        json.loads(e.entry_json) async for m in stub.ExportSubject(ask, timeout=30) for e in m.entries
+    ]
+    assert exported and all(e["subject"] == "sq-1-1" and "subjects" not in e for e in exported)
 
 
 async def test_paging_goes_past_the_examined_window_with_tokens_that_name_nobody(module_cluster: Cluster):
