@@ -18,9 +18,10 @@ import pytest
 from pydantic import ValidationError
 
 from residency.server.config.schema import FieldFile
+from residency.server.core import report
 from residency.server.core.lookup import normalize
 from residency.server.deployment import AFFILIATES, PRIMARY
-from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, records_pb2_grpc
+from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, records_pb2_grpc, translog_pb2
 from tests.conftest import Cluster, ctx, values
 from tests.harness import eventually
 
@@ -200,13 +201,14 @@ async def test_a_caller_whose_rules_do_not_allow_the_field_gets_nothing_about_it
     assert len(denied) == 4 and all(e["subject"] == "" for e in denied)
     # Ireland may read phone for marketing only with the user's consent (rule ie-marketing): the
     # field may be searched, but a user without that consent is left out as if not matching,
-    # and the refused read is logged against the user.
+    # and the withheld match is logged against the user (in the find's one entry).
     assert (
         found(await find(c, "phone", "+8613700000001", location=EU, purpose="marketing.communications")) == []
     )
     last = [e for e in await entries(c) if "found_by" in e][-1]
-    assert (last["subject"], last["outcome"], last["found_by"], last["fields"]) == (
-        "r-1",
+    assert (last["subject"], last["subjects"], last["outcome"], last["found_by"], last["fields"]) == (
+        "",
+        ["r-1"],
         "denied",
         "phone",
         [],
@@ -219,8 +221,9 @@ async def test_a_caller_whose_rules_do_not_allow_the_field_gets_nothing_about_it
     ask = records_pb2.FindRecordsRequest(context=ctx(SG, SERVICE), field="email", value="gao@example.cn")
     assert found(await recipient.FindRecords(ask, timeout=30)) == []
     last = [e for e in await entries(c) if "found_by" in e][-1]
-    assert (last["subject"], last["outcome"], last["found_by"], last["fields"]) == (
-        "r-2",
+    assert (last["subject"], last["subjects"], last["outcome"], last["found_by"], last["fields"]) == (
+        "",
+        ["r-2"],
         "denied",
         "email",
         [],
@@ -231,6 +234,95 @@ async def test_a_caller_whose_rules_do_not_allow_the_field_gets_nothing_about_it
     await c.consent("r-1", "marketing.communications", "ie-affiliate")
     reply = await find(c, "phone", "+8613700000001", location=EU, purpose="marketing.communications")
     assert found(reply) == ["r-1"] and set(values(reply.results[0])) == {"name", "phone"}
+
+
+MARKETING = "marketing.communications"
+
+
+async def sequence_now(cluster: Cluster) -> int:
+    """The log sequence a caller can see: the one its refused find is told (a probe)."""
+    e = await refused(find(cluster, "email", "probe@example.cn", location=EU))
+    return int(re.search(r"transfer-log entry (\d+)", e.details() or "")[1])
+
+
+async def test_a_find_uses_log_sequences_only_for_what_it_answers(module_cluster: Cluster):
+    c = module_cluster
+    # Ireland reads phone for marketing only with the user's consent (rule ie-marketing): each
+    # phone below has one consenting user, or none, and 0 to 7 users who did not consent.
+    groups = {"+86 132 0000 0001": (1, 0), "+86 132 0000 0002": (1, 7), "+86 132 0000 0003": (0, 3)}
+    for n, (phone, (consenting, others)) in enumerate(groups.items()):
+        users = [f"sq-{n}-{i}" for i in range(consenting + others)]
+        for u in users:
+            await c.put(u, {"name": u, "phone": phone})
+        if consenting:
+            await c.consent(users[:consenting], MARKETING, "ie-affiliate")
+    await c.replicated()  # no replication entry falls between the probes below
+    for n, (phone, (consenting, others)) in enumerate([*groups.items(), ("+86 132 0000 0009", (0, 0))]):
+        before = await sequence_now(c)
+        reply = await find(c, "phone", phone, location=EU, purpose=MARKETING)
+        after = await sequence_now(c)
+        assert found(reply) == [f"sq-{n}-{i}" for i in range(consenting)]
+        # The answered reads and one entry for the find: the same whatever the hidden matches.
+        assert after - before - 1 == consenting + 1, (phone, after - before)
+        (entry,) = [e for e in await entries(c) if before < e["sequence"] < after and e["subject"] == ""]
+        hidden = [f"sq-{n}-{i}" for i in range(consenting, consenting + others)]
+        assert (entry["found_by"], entry["outcome"], entry.get("subjects", [])) == (
+            "phone",
+            "denied" if hidden else "allowed",
+            hidden,
+        )
+        assert entry["fields"] == [] and entry["sequence"] == after - 1
+    # A reviewer's subject report lists that entry under each user it withheld.
+    find_entry = next(e for e in await entries(c) if e.get("subjects") == [f"sq-1-{i}" for i in range(1, 8)])
+    for u in ("sq-1-1", "sq-1-7"):
+        r = await c.transfer_log().SubjectReport(translog_pb2.SubjectReportRequest(subject=u), timeout=30)
+        assert find_entry["sequence"] in [json.loads(e.entry_json)["sequence"] for e in r.entries]
+        lines = report.render("jsonl", [e.encode() for _, e, _ in await c.log()], {}, None, subject=u)  # type: ignore[arg-type]
+        assert find_entry["sequence"] in [json.loads(x)["sequence"] for x in lines.splitlines()]
+        csv_rows = report.render("csv", [e.encode() for _, e, _ in await c.log()], {}, None, subject=u)  # type: ignore[arg-type]
+        assert f"{find_entry['sequence']}," in csv_rows and "sq-1-1;sq-1-2" in csv_rows
+    # A subject's own export leaves it out: it names other users too.
+    stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "operator", PRIMARY))
+    ask = records_pb2.ExportSubjectRequest(context=ctx("", "essential.legal_obligation"), user_id="sq-1-1")
+    exported = [
+        json.loads(e.entry_json) async for m in stub.ExportSubject(ask, timeout=30) for e in m.entries
+    ]
+    assert exported and all(e["subject"] == "sq-1-1" and "subjects" not in e for e in exported)
+
+
+async def test_paging_goes_past_the_examined_window_with_tokens_that_name_nobody(module_cluster: Cluster):
+    c = module_cluster
+    users = [f"pw-{i:04d}" for i in range(1003)]
+    for batch in (users[:1000], users[1000:]):
+        req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, SERVICE))
+        for u in batch:
+            req.records.add(user_id=u, source="registration").fields[
+                "phone"
+            ].string_value = "+86 133 0000 7777"
+        await c.records().PutRecords(req, timeout=60)
+    visible = ["pw-0001", "pw-1001", "pw-1002"]
+    await c.consent(visible, MARKETING, "ie-affiliate")
+    # The first call examines 1,000 matches and answers one: its token goes on past them.
+    first = await find(c, "phone", "+8613300007777", location=EU, purpose=MARKETING)
+    assert found(first) == ["pw-0001"] and first.next_page_token
+    assert "pw-" not in first.next_page_token
+    second = await find(
+        c, "phone", "+8613300007777", location=EU, purpose=MARKETING, page_token=first.next_page_token
+    )
+    assert found(second) == ["pw-1001", "pw-1002"] and not second.next_page_token
+    # Every token is sealed: a changed one, another find's, or a user id is refused.
+    token = first.next_page_token
+    last = "A" if token[-5] != "A" else "B"
+    forged = [
+        token[:-5] + last + token[-4:],
+        token.split(".")[0] + "." + token.split(".")[1][::-1],
+        "pw-0999",
+    ]
+    other = await find(c, "phone", "+8613300007777", limit=1)  # the same value, another caller
+    forged.append(other.next_page_token)
+    for bad in forged:
+        e = await refused(find(c, "phone", "+8613300007777", location=EU, purpose=MARKETING, page_token=bad))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in (e.details() or ""), bad
 
 
 async def test_liars_are_refused(module_cluster: Cluster):
@@ -279,7 +371,7 @@ async def test_a_region_node_finds_by_the_fields_it_holds_under_its_own_key(modu
     for field, value in (("email", " QIAN@example.cn"), ("phone", "+86 135-0000-0002")):
         reply = await find(c, field, value, region=SG)
         assert found(reply) == ["g-1"] and values(reply.results[0])["name"] == "Qian Yu"
-    local = [e for e in await entries(c, SG) if "found_by" in e][-1]
+    local = [e for e in await entries(c, SG) if "found_by" in e and e["subject"]][-1]
     assert (local["kind"], local["outcome"], local["found_by"]) == ("local_read", "allowed", "phone")
     # Ireland holds e-mail (ie-support) but no phone (ie-marketing needs consent): a find by
     # phone finds nothing there; a find by e-mail only for the purpose e-mail went for.
@@ -291,7 +383,12 @@ async def test_a_region_node_finds_by_the_fields_it_holds_under_its_own_key(modu
     # ... and not for analytics, though the language it holds may be read for that.
     assert found(await find(c, "email", "qian@example.cn", region=EU, purpose="analytics.reporting")) == []
     last = [e for e in await entries(c, EU) if "found_by" in e][-1]
-    assert (last["subject"], last["outcome"], last["found_by"]) == ("g-1", "denied", "email")
+    assert (last["subject"], last["subjects"], last["outcome"], last["found_by"]) == (
+        "",
+        ["g-1"],
+        "denied",
+        "email",
+    )
     # Its own operator rotates its index key; it reindexes the copies it holds under the new one.
     sg_admin = admin_pb2_grpc.AdminServiceStub(c.channel(SG, "operator", SG))
     before = (await sg_admin.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=30)).index_key_version

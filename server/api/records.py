@@ -21,8 +21,7 @@ from residency.server.api.subject import export_subject
 from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
 from residency.server.core.lookup import DEFAULT_FIND, MAX_FIND
 from residency.server.core.policy.credentials import hash_credential, verify_credential
-from residency.server.core.schema import USER_ID
-from residency.server.vault.finding import Finder
+from residency.server.vault.finding import Finder, check_token
 from residency.server.vault.records import ReadResult, Write
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 
@@ -113,23 +112,25 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
     @rpc
     async def FindRecords(self, request, context):
         caller = await caller_of(self.node, request.context, context)
-        if self.records.primary:
-            finder = Finder(self.records, lambda u, c, f: self.records.read(u, c, found_by=f))
+        records, policy = self.records, self.node.policy
+        if records.primary:
+            finder = Finder(records, lambda u, c, f: records.read(u, c, found_by=f), records.findable)
         else:
-            finder = Finder(self.records, lambda u, c, f: self.node.policy.read_copy(u, c, found_by=f))
+            finder = Finder(
+                records, lambda u, c, f: policy.read_copy(u, c, found_by=f), policy.findable_copies
+            )
         normalized = finder.check(request.field, request.value)
         limit = request.limit or DEFAULT_FIND
         if limit > MAX_FIND:
             raise InvalidRecord([("limit", f"{limit}; ask for 1 to {MAX_FIND} (0: {DEFAULT_FIND})")])
-        after = request.page_token
-        if after and not USER_ID.fullmatch(after):
-            raise InvalidRecord([("page_token", "not a next_page_token this node gave")])
+        token = request.page_token
+        check_token(token)
         if why := finder.searchable(request.field, caller):
             seq = await self.node.db.write(lambda: finder.refuse(request.field, caller, why))
             raise TransferDenied(f"{why} (transfer-log entry {seq})")
-        found = await self.node.db.write(lambda: finder.find(request.field, normalized, caller, after, limit))
+        found = await self.node.db.write(lambda: finder.find(request.field, normalized, caller, token, limit))
         return records_pb2.FindRecordsResponse(
-            results=[self._reply(r) for r in found.results], next_page_token=found.next_after
+            results=[self._reply(r) for r in found.results], next_page_token=found.next_page_token
         )
 
     def _reply(self, result: ReadResult) -> records_pb2.GetRecordResponse:

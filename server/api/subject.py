@@ -58,7 +58,8 @@ async def export_subject(
     exported = await node.db.write(lambda: read_export(node.policy, user, caller))
     # Signed after the export's own entry committed, so that entry is among those proved.
     cp = await node.db.call(log_.checkpoint, True)
-    entries = await subject_entries(node, log_, user, cp.size)
+    # The user's own entries: a find's entry naming several users it withheld is not handed over.
+    entries = await subject_entries(node, log_, user, cp.size, sole=True)
     rules = node.records.rules
     first = records_pb2.ExportSubjectResponse(
         record=record_message(exported.record),

@@ -147,10 +147,12 @@ def checkpoint_message(cp: SignedCheckpoint, verifier_key: str) -> translog_pb2.
     )
 
 
-async def subject_entries(node: Node, log_: TransferLog, subject: str, size: int) -> list[LogEntry]:
-    """Every entry about `subject` up to tree size `size`, read a bounded stretch per
-    store-thread turn so that writes keep flowing meanwhile."""
-    f = translog.Filter(subject=subject)
+async def subject_entries(
+    node: Node, log_: TransferLog, subject: str, size: int, sole: bool = False
+) -> list[LogEntry]:
+    """Every entry about `subject` up to tree size `size` (`sole`: about that subject alone),
+    read a bounded stretch per store-thread turn so that writes keep flowing meanwhile."""
+    f = translog.Filter(subject=subject, sole=sole)
     entries: list[LogEntry] = []
     after, more = 0, size > 0
     while more and after < size:

@@ -106,6 +106,7 @@ def entry(
     disclosure: dict[str, Any] | None = None,
     forms: dict[str, str] | None = None,
     found_by: str = "",
+    subjects: list[str] | None = None,
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
@@ -119,6 +120,8 @@ def entry(
     `fields` that crossed transformed, each with its form ("mask:4", "hash": `core.transform`);
     an entry where every field crossed as its value has no such key.
     `found_by` (a read answering `FindRecords`) names the lookup field searched, never its value.
+    `subjects` (a find's one entry for the users it matched but withheld from its caller,
+    `subject` empty) names those users; an entry about one user has no such key.
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
     extra: dict[str, Any] = {"destination_country": destination_country} if destination_country else {}
@@ -128,6 +131,8 @@ def entry(
         extra["forms"] = dict(sorted(forms.items()))
     if found_by:
         extra["found_by"] = found_by
+    if subjects:
+        extra["subjects"] = sorted(subjects)
     return {
         "kind": kind,
         "subject": subject,
@@ -177,6 +182,12 @@ def key_event(
     )
 
 
+def about(e: dict[str, Any], subject: str) -> bool:
+    """Whether entry `e` is about user `subject`: its `subject`, or one of its `subjects` (a
+    find's entry for the users it withheld from its caller)."""
+    return e.get("subject") == subject or subject in (e.get("subjects") or ())
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """What a reviewer asks the log for; an empty value matches everything. `region` matches
@@ -192,10 +203,13 @@ class Filter:
     outcome: str = ""
     since: float | None = None
     until: float | None = None
+    # Only entries about `subject` alone (a subject export, handed to that person: an entry
+    # whose `subjects` name others too would hand their ids over).
+    sole: bool = False
 
     def matches(self, e: dict[str, Any]) -> bool:
         return (
-            (not self.subject or e.get("subject") == self.subject)
+            (not self.subject or (e.get("subject") == self.subject if self.sole else about(e, self.subject)))
             and (not self.region or self.region in (e.get("source_region"), e.get("destination_region")))
             and (not self.recipient or self.recipient in str(e.get("recipient", "")).split(","))
             and (not self.kind or e.get("kind") == self.kind)

@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from residency.server.core.errors import FailedPrecondition, KeyUnavailable
 from residency.server.core.lookup import index_input
 from residency.server.keys.files import shred_file, write_private
@@ -24,6 +27,10 @@ from residency.server.keys.providers import KeyProvider
 
 FILE = "index.key"
 ACTIVE, BUILDING = "active", "building"
+# What a key's page-cursor subkey is derived from, and the length a cursor is padded to (a
+# user id's longest: `core.schema.USER_ID`).
+CURSOR_INPUT = b"\x00residency find page cursor"
+CURSOR_BYTES = 128
 
 
 def _context(region: str, version: int) -> dict[str, str]:
@@ -41,6 +48,26 @@ class IndexKey:
     def digest(self, field: str, normalized: str) -> bytes:
         """HMAC-SHA256(key, field || 0x00 || normalised value)."""
         return hmac.new(self._raw, index_input(field, normalized), hashlib.sha256).digest()
+
+    def _cursors(self) -> AESGCM:
+        # A subkey of its own: an index input starts with a field name, never with 0x00.
+        return AESGCM(hmac.new(self._raw, CURSOR_INPUT, hashlib.sha256).digest())
+
+    def seal_cursor(self, context: bytes, position: str) -> bytes:
+        """`position` (a user id) sealed with AES-GCM under a subkey, bound to `context`, padded
+        to one length so that the sealed form says nothing of the id either."""
+        nonce = os.urandom(12)
+        padded = position.encode().ljust(CURSOR_BYTES, b"\x00")
+        return nonce + self._cursors().encrypt(nonce, padded, context)
+
+    def open_cursor(self, context: bytes, sealed: bytes) -> str | None:
+        """The position `seal_cursor` sealed with this key and `context`, or None (forged,
+        changed, or another key's or find's)."""
+        try:
+            padded = self._cursors().decrypt(sealed[:12], sealed[12:], context)
+            return padded.rstrip(b"\x00").decode()
+        except (InvalidTag, ValueError, UnicodeDecodeError):
+            return None
 
 
 @dataclass(frozen=True, slots=True)

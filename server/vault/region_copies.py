@@ -28,6 +28,30 @@ class RegionCopies:
             raise NotFound(f"user {user_id} has no record in {self.records.region}")
         return SealedCopy.FromString(row.blob)
 
+    def findable_copies(
+        self, user_ids: list[str], caller: Caller, field: str, now: float | None = None
+    ) -> list[str]:
+        """Those of `user_ids` (a find's index matches) whose `field` a `read_copy(found_by=field)`
+        by `caller` would give as its value: decided from the policy each copy's field travelled
+        with, without opening a copy or writing a log entry."""
+        records = self.records
+        if caller.location != records.region:
+            return []  # copies are not passed on
+        now = time.time() if now is None else now
+        recipient = caller.name if caller.role == "recipient" else None
+        rows = records.store.rows(user_ids)
+        out = []
+        for u in user_ids:
+            row = rows.get(u)
+            if row is None or row.deleted:
+                continue
+            allowed, _ = readable(
+                policies_of(SealedCopy.FromString(row.blob)), caller.purpose, recipient, now
+            )
+            if field in allowed and not allowed[field].form:
+                out.append(u)
+        return out
+
     def read_copy(
         self, user_id: str, caller: Caller, now: float | None = None, found_by: str = ""
     ) -> ReadResult:
@@ -46,7 +70,7 @@ class RegionCopies:
         else:
             allowed, withheld = {}, {n: Withheld(NO_RULE) for n in policies}
             kind, why = "remote_read", f"copies held in {region} are not passed on to {caller.location}"
-        if found_by and found_by not in allowed:
+        if found_by and (found_by not in allowed or allowed[found_by].form):
             withheld |= dict.fromkeys(allowed, Withheld(NO_RULE))
             allowed = {}
             why = f"{found_by} of this copy may not be read for {caller.purpose} by this caller"
@@ -54,6 +78,10 @@ class RegionCopies:
         for name in out_of_form(allowed, rec.fields):
             del rec.fields[name], allowed[name]
             withheld[name] = Withheld(FORM_MISMATCH)
+        if found_by and found_by not in allowed:  # the searched field itself was out of form
+            withheld |= dict.fromkeys(allowed, Withheld(NO_RULE))
+            rec.fields, allowed = {}, {}
+            why = f"{found_by} of this copy is not in the form its policy names"
         forms = forms_of(allowed, allowed)
         entry = translog.entry(
             kind,

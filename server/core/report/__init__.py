@@ -15,6 +15,7 @@ from typing import Any
 
 from residency.server.core.report import page, tables
 from residency.server.core.report.figures import Integrity
+from residency.server.core.translog import about
 
 
 def render(
@@ -27,8 +28,8 @@ def render(
 ) -> str:
     rows = [json.loads(e) for e in entries]
     if fmt == "jsonl":
-        chosen = [e for e, r in zip(entries, rows, strict=True) if not subject or r["subject"] == subject]
+        chosen = [e for e, r in zip(entries, rows, strict=True) if not subject or about(r, subject)]
         return "".join(e.decode() + "\n" for e in chosen)
     if fmt == "csv":
-        return tables.csv_text([r for r in rows if not subject or r["subject"] == subject])
+        return tables.csv_text([r for r in rows if not subject or about(r, subject)])
     return page.render_page(rows, context, check, subject, now)

@@ -15,6 +15,7 @@ from residency.server.core.report.figures import (
     iso,
     thresholds,
 )
+from residency.server.core.translog import about
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2330;
@@ -172,7 +173,7 @@ def entry_row(r: dict[str, Any]) -> list[str]:
         esc(r["sequence"] - 1),
         esc(iso(r["time"])),
         esc(r["kind"]),
-        esc(r["subject"]),
+        esc(r["subject"] or ", ".join(r.get("subjects", []))),
         esc(f"{r['source_region']} \u2192 {r['destination_region']}"),
         esc(r["recipient"] or "\u2014"),
         esc(r["purpose"]),
@@ -310,7 +311,7 @@ def render_page(
     if len(problems) > 200:
         out.append(f'<p class="muted">the latest 200 of {len(problems):,} shown; the CSV has all</p>')
     if subject:
-        mine = [r for r in rows if r["subject"] == subject]
+        mine = [r for r in rows if about(r, subject)]
         places = Counter(_place(r) for r in mine if crossed_border(r))
         fields_out = sorted({_field(r, f["name"]) for r in mine if crossed_border(r) for f in r["fields"]})
         who = sorted({x for r in mine if crossed_border(r) for x in r["recipient"].split(",") if x})

@@ -45,7 +45,7 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
                 r["sequence"] - 1,
                 iso(r["time"]),
                 r["kind"],
-                r["subject"],
+                r["subject"] or ";".join(r.get("subjects", [])),
                 r["source_region"],
                 r["destination_region"],
                 destination(r),
