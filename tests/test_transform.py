@@ -12,6 +12,7 @@ import csv
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import time
 from collections.abc import AsyncIterator
@@ -136,6 +137,30 @@ def test_a_mask_shows_at_most_n_characters_and_never_more_than_half(value: str, 
     others = sum(c not in t.SEPARATORS for c in value)
     assert len(masked) == len(value) and len(shown) <= min(keep, others // 2)
     assert t.conforms(f"mask:{keep}", masked)
+
+
+@given(st.ip_addresses(v=4))
+def test_an_ipv4_address_inside_an_ipv6_one_is_truncated_as_ipv4(ip: ipaddress.IPv4Address):
+    """6to4 (2002:V4::/48 is the whole IPv4 address), Teredo (the client's address, bits
+    inverted) and IPv4-mapped addresses keep only the IPv4 address's /24."""
+    v4 = int(ip)
+    sixtofour = ipaddress.IPv6Address((0x2002 << 112) | (v4 << 80) | 1)
+    teredo = ipaddress.IPv6Address((0x20010000 << 96) | (0xC0000201 << 64) | (v4 ^ 0xFFFFFFFF))
+    mapped = ipaddress.IPv6Address((0xFFFF << 32) | v4)
+    expected = str(ipaddress.ip_network(f"{ip}/24", strict=False))
+    for embedding in (sixtofour, teredo, mapped):
+        assert t.network(str(embedding)) == expected, str(embedding)
+        assert t.conforms("truncate", expected)
+
+
+def test_a_short_value_shown_whole_does_not_conform_to_its_mask():
+    """mask:N shows at most N characters and at most half of them: a region node does not
+    serve a copy of a short value holding more than that, whole or not."""
+    for keep, value in [(4, "1234"), (4, "*234"), (4, "12-34"), (8, "**345678"), (2, "12"), (1, "1")]:
+        assert not t.conforms(f"mask:{keep}", value), (keep, value)
+    for keep, value in [(4, "**34"), (4, "**-34"), (8, "****5678"), (2, "*2"), (1, "*")]:
+        assert t.conforms(f"mask:{keep}", value), (keep, value)
+        assert t.mask(value.replace("*", "0"), keep) == value
 
 
 def test_values_not_in_their_form_do_not_conform():

@@ -145,13 +145,16 @@ def keyed_hash(key: bytes, value: str | bytes | int) -> str:
 
 
 def network(value: str) -> str:
-    """An IPv4 address to its /24, an IPv6 address to its /48 (an IPv4-mapped one as IPv4)."""
+    """An IPv4 address to its /24, an IPv6 address to its /48. An IPv6 address that carries
+    an IPv4 one (IPv4-mapped, 6to4 `2002::/16`, a Teredo client's) is truncated as that IPv4
+    address: a 6to4 address's /48 is its whole IPv4 address."""
     try:
         ip = ipaddress.ip_address(value.strip())
     except ValueError:
         raise NotInForm("not an IP address") from None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        teredo = ip.teredo
+        ip = ip.ipv4_mapped or ip.sixtofour or (teredo[1] if teredo else None) or ip
     prefix = IPV4_PREFIX if ip.version == 4 else IPV6_PREFIX
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
@@ -202,9 +205,11 @@ def conforms(form: str, value: FieldValue | None) -> bool:
 
 
 def _masked(value: str, keep: int) -> bool:
-    """Every character but separators and the last `keep` others is `*`."""
+    """Every character but separators and the last ones `mask` shows is `*`: at most `keep`,
+    and at most half of them (a 4-character value under mask:4 shows 2)."""
     chars = [c for c in value if c not in SEPARATORS]
-    return all(c == MASK_CHAR for c in chars[: max(len(chars) - keep, 0)])
+    shown = min(keep, len(chars) // 2)
+    return all(c == MASK_CHAR for c in chars[: len(chars) - shown])
 
 
 def put_in_forms(
