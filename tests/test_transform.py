@@ -89,7 +89,7 @@ def test_masks_truncations_and_years_match_the_vectors():
         assert t.transform("year_of_birth", BIRTH_SPEC, value, b"") == v["form"], v
 
 
-def test_hash_is_the_documented_hmac_stable_per_region_and_different_across_regions():
+def test_hash_is_the_documented_hmac_stable_per_region_and_field_and_different_across_them():
     h = VECTORS["hash"]
     keys = HashKeys(bytes.fromhex(h["secret"]))
     for region, key in h["region_keys"].items():
@@ -98,22 +98,41 @@ def test_hash_is_the_documented_hmac_stable_per_region_and_different_across_regi
             bytes.fromhex(h["secret"]), b"residency/transform-hash-key/v1\0" + region.encode(), hashlib.sha256
         )
         assert keys.for_region(region).hex() == key == derived.hexdigest()
+        for field, field_key in h["field_keys"][region].items():
+            by_field = hmac.new(
+                bytes.fromhex(key), b"residency/transform-hash-field/v1\0" + field.encode(), hashlib.sha256
+            )
+            assert keys.for_field(region, field).hex() == field_key == by_field.hexdigest()
     for v in h["values"]:
-        key = bytes.fromhex(h["region_keys"][v["region"]])
+        key = bytes.fromhex(h["field_keys"][v["region"]][v["field"]])
         if v["type"] == "string":
             tag, data = b"s", str(v["value"]).encode()
         elif v["type"] == "bytes":
             tag, data = b"b", bytes.fromhex(str(v["value"]))
         else:
             tag, data = b"i", int(v["value"]).to_bytes(8, "big", signed=True)
-        expected = hmac.new(key, b"residency/transform-hash/v1\0" + tag + data, hashlib.sha256).hexdigest()
+        expected = hmac.new(key, b"residency/transform-hash/v2\0" + tag + data, hashlib.sha256).hexdigest()
         assert v["form"] == expected
         value = bytes.fromhex(v["value"]) if v["type"] == "bytes" else v["value"]
         assert t.transform("hash", PHONE_SPEC, value, key) == expected
         assert t.conforms("hash", expected)
-    sg = {v["value"]: v["form"] for v in h["values"] if v["region"] == SG}
-    ie = {v["value"]: v["form"] for v in h["values"] if v["region"] == IE}
+    sg = {(v["field"], v["value"]): v["form"] for v in h["values"] if v["region"] == SG}
+    ie = {(v["field"], v["value"]): v["form"] for v in h["values"] if v["region"] == IE}
     assert sg.keys() == ie.keys() and not set(sg.values()) & set(ie.values())
+    # One value in two fields of one region: two hashes, so one field's hash tests nothing in the other.
+    assert sg["email", "li@example.cn"] != sg["phone", "li@example.cn"]
+    assert len(set(sg.values())) == len(sg)
+
+
+def test_put_in_forms_hashes_each_field_under_its_own_key():
+    keys = HashKeys(b"\x03" * 32)
+    specs = {"email": spec("email", "user.contact.email"), "alias": spec("alias", "user.contact.email")}
+    sent = {n: codec.to_value("li@example.cn") for n in specs}
+    assert not t.put_in_forms(
+        {"email": "hash", "alias": "hash"}, specs, sent, lambda f: keys.for_field(SG, f)
+    )
+    got = {n: codec.from_value(v) for n, v in sent.items()}
+    assert got["email"] == t.keyed_hash(keys.for_field(SG, "email"), "li@example.cn") != got["alias"]
 
 
 def test_a_hash_is_not_reversed_by_a_dictionary_without_the_key():

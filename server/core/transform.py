@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +34,7 @@ BIRTH_CATEGORY = "user.demographic.date_of_birth"
 # Widest prefix a truncated address keeps: a /24 network holds 256 IPv4 hosts, a /48 a site.
 IPV4_PREFIX, IPV6_PREFIX = 24, 48
 _DATE = re.compile(r"(\d{4})-(\d{2})(?:-\d{2}(?:[T ].*)?)?")
-_HASH_CONTEXT = b"residency/transform-hash/v1\x00"
+_HASH_CONTEXT = b"residency/transform-hash/v2\x00"
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -97,8 +97,8 @@ def unfit(form: str, spec: FieldSpec) -> str:
 
 
 def transform(form: str, spec: FieldSpec, value: FieldValue, key: bytes) -> FieldValue:
-    """`value` in `form` (`key`: the destination region's hash key, for `hash`); NotInForm when
-    it cannot be (then nothing of it goes)."""
+    """`value` in `form` (`key`: the field's hash key for the destination region, for `hash`);
+    NotInForm when it cannot be (then nothing of it goes)."""
     kind, keep = parse(form)
     if kind == MASK and isinstance(value, str):
         return mask(value, keep)
@@ -131,8 +131,9 @@ def mask(value: str, keep: int) -> str:
 
 
 def keyed_hash(key: bytes, value: str | bytes | int) -> str:
-    """HMAC-SHA256 under the region's hash key of the value's type and bytes, in hex: stable
-    per region, different across regions, and no dictionary runs without the key."""
+    """HMAC-SHA256 under the field's hash key for a region of the value's type and bytes, in
+    hex: stable per region and field, different across regions and fields, and no dictionary
+    runs without the key. (v2: v1 hashed every field of a region under one key.)"""
     if not key:
         raise NotInForm("no hash key for this destination")
     if isinstance(value, str):
@@ -213,17 +214,22 @@ def _masked(value: str, keep: int) -> bool:
 
 
 def put_in_forms(
-    forms: Mapping[str, str], specs: Mapping[str, FieldSpec], sent: dict[str, Value], key: bytes
+    forms: Mapping[str, str],
+    specs: Mapping[str, FieldSpec],
+    sent: dict[str, Value],
+    key: Callable[[str], bytes],
 ) -> dict[str, Withheld]:
-    """Replaces each value of `sent` that `forms` names by its form, in place; a value that
-    cannot be put in its form leaves `sent` and is returned withheld (`NOT_IN_FORM`)."""
+    """Replaces each value of `sent` that `forms` names by its form, in place (`key`: a field
+    name to its hash key for the destination); a value that cannot be put in its form leaves
+    `sent` and is returned withheld (`NOT_IN_FORM`)."""
     withheld = {}
     for name, form in forms.items():
         value = codec.from_value(sent[name])
         try:
             if value is None:
                 raise NotInForm("no value")
-            sent[name] = codec.to_value(transform(form, specs[name], value, key))
+            field_key = key(name) if parse(form)[0] == HASH else b""
+            sent[name] = codec.to_value(transform(form, specs[name], value, field_key))
         except NotInForm:
             del sent[name]
             withheld[name] = Withheld(NOT_IN_FORM)
