@@ -45,7 +45,7 @@ from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RecipientKey
 from residency.v1 import admin_pb2, common_pb2, records_pb2, records_pb2_grpc, replica_pb2
-from tests.conftest import S3_BUCKET, S3_PREFIX, Cluster, SeaweedFS, values
+from tests.conftest import S3_BUCKET, S3_PREFIX, Cluster, SeaweedFS, ctx, values
 from tests.test_keys_node import open_offline
 from tests.test_records import violations
 from tests.test_replicator import region_key
@@ -570,6 +570,42 @@ async def test_a_field_served_only_as_a_form_is_not_searchable_by_its_value(tran
     home = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service"))
     reply = await home.FindRecords(ask, timeout=30)
     assert [r.record.user_id for r in reply.results] == ["u-1"]
+
+
+async def test_a_caller_abroad_cannot_write_a_guess_to_read_back_its_hash(transformed: Cluster):
+    """A service in Singapore, where the rule sends email only hashed, would write a probe with
+    a guessed e-mail and read back its hash to compare with other users' hashes: writes from
+    outside the home region are refused, logged against each user named, and nothing is written."""
+    c = transformed
+    abroad = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", SG))
+    probe = records_pb2.Record(user_id="g-1", fields={"email": codec.to_value("li@example.cn")})
+    one = abroad.PutRecord(records_pb2.PutRecordRequest(context=ctx("", "essential.service"), record=probe))
+    many = abroad.PutRecords(
+        records_pb2.PutRecordsRequest(
+            context=ctx(SG, "essential.service"),
+            records=[probe, records_pb2.Record(user_id="g-2", fields={"phone": codec.to_value(PHONE)})],
+        )
+    )
+    for call in (one, many):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"written from {PRIMARY} only" in (e.value.details() or "")
+        assert "li@example.cn" not in (e.value.details() or "")
+    for user in ("g-1", "g-2"):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await c.get(user)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    refused = [json.loads(x) for _, x, _ in await c.log()]
+    refused = [x for x in refused if x["subject"] in ("g-1", "g-2")]
+    assert [(x["subject"], x["kind"], x["outcome"], x["destination_region"]) for x in refused] == [
+        ("g-1", "access", "denied", SG),
+        ("g-1", "access", "denied", SG),
+        ("g-2", "access", "denied", SG),
+    ]
+    assert "li@example.cn" not in json.dumps(refused)
+    # The home region writes as before.
+    assert await c.put("g-1", {"email": "g@example.cn"}) > 0
 
 
 async def test_a_changed_transformation_resends_every_copy_in_the_new_form(transformed: Cluster):
