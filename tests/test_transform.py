@@ -12,6 +12,7 @@ import csv
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +45,7 @@ from residency.server.keys.logkey import create_log_key
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RecipientKey
 from residency.v1 import admin_pb2, common_pb2, records_pb2, records_pb2_grpc, replica_pb2
-from tests.conftest import S3_BUCKET, S3_PREFIX, Cluster, SeaweedFS, values
+from tests.conftest import S3_BUCKET, S3_PREFIX, Cluster, SeaweedFS, ctx, values
 from tests.test_keys_node import open_offline
 from tests.test_records import violations
 from tests.test_replicator import region_key
@@ -88,7 +89,7 @@ def test_masks_truncations_and_years_match_the_vectors():
         assert t.transform("year_of_birth", BIRTH_SPEC, value, b"") == v["form"], v
 
 
-def test_hash_is_the_documented_hmac_stable_per_region_and_different_across_regions():
+def test_hash_is_the_documented_hmac_stable_per_region_and_field_and_different_across_them():
     h = VECTORS["hash"]
     keys = HashKeys(bytes.fromhex(h["secret"]))
     for region, key in h["region_keys"].items():
@@ -97,22 +98,41 @@ def test_hash_is_the_documented_hmac_stable_per_region_and_different_across_regi
             bytes.fromhex(h["secret"]), b"residency/transform-hash-key/v1\0" + region.encode(), hashlib.sha256
         )
         assert keys.for_region(region).hex() == key == derived.hexdigest()
+        for field, field_key in h["field_keys"][region].items():
+            by_field = hmac.new(
+                bytes.fromhex(key), b"residency/transform-hash-field/v1\0" + field.encode(), hashlib.sha256
+            )
+            assert keys.for_field(region, field).hex() == field_key == by_field.hexdigest()
     for v in h["values"]:
-        key = bytes.fromhex(h["region_keys"][v["region"]])
+        key = bytes.fromhex(h["field_keys"][v["region"]][v["field"]])
         if v["type"] == "string":
             tag, data = b"s", str(v["value"]).encode()
         elif v["type"] == "bytes":
             tag, data = b"b", bytes.fromhex(str(v["value"]))
         else:
             tag, data = b"i", int(v["value"]).to_bytes(8, "big", signed=True)
-        expected = hmac.new(key, b"residency/transform-hash/v1\0" + tag + data, hashlib.sha256).hexdigest()
+        expected = hmac.new(key, b"residency/transform-hash/v2\0" + tag + data, hashlib.sha256).hexdigest()
         assert v["form"] == expected
         value = bytes.fromhex(v["value"]) if v["type"] == "bytes" else v["value"]
         assert t.transform("hash", PHONE_SPEC, value, key) == expected
         assert t.conforms("hash", expected)
-    sg = {v["value"]: v["form"] for v in h["values"] if v["region"] == SG}
-    ie = {v["value"]: v["form"] for v in h["values"] if v["region"] == IE}
+    sg = {(v["field"], v["value"]): v["form"] for v in h["values"] if v["region"] == SG}
+    ie = {(v["field"], v["value"]): v["form"] for v in h["values"] if v["region"] == IE}
     assert sg.keys() == ie.keys() and not set(sg.values()) & set(ie.values())
+    # One value in two fields of one region: two hashes, so one field's hash tests nothing in the other.
+    assert sg["email", "li@example.cn"] != sg["phone", "li@example.cn"]
+    assert len(set(sg.values())) == len(sg)
+
+
+def test_put_in_forms_hashes_each_field_under_its_own_key():
+    keys = HashKeys(b"\x03" * 32)
+    specs = {"email": spec("email", "user.contact.email"), "alias": spec("alias", "user.contact.email")}
+    sent = {n: codec.to_value("li@example.cn") for n in specs}
+    assert not t.put_in_forms(
+        {"email": "hash", "alias": "hash"}, specs, sent, lambda f: keys.for_field(SG, f)
+    )
+    got = {n: codec.from_value(v) for n, v in sent.items()}
+    assert got["email"] == t.keyed_hash(keys.for_field(SG, "email"), "li@example.cn") != got["alias"]
 
 
 def test_a_hash_is_not_reversed_by_a_dictionary_without_the_key():
@@ -136,6 +156,30 @@ def test_a_mask_shows_at_most_n_characters_and_never_more_than_half(value: str, 
     others = sum(c not in t.SEPARATORS for c in value)
     assert len(masked) == len(value) and len(shown) <= min(keep, others // 2)
     assert t.conforms(f"mask:{keep}", masked)
+
+
+@given(st.ip_addresses(v=4))
+def test_an_ipv4_address_inside_an_ipv6_one_is_truncated_as_ipv4(ip: ipaddress.IPv4Address):
+    """6to4 (2002:V4::/48 is the whole IPv4 address), Teredo (the client's address, bits
+    inverted) and IPv4-mapped addresses keep only the IPv4 address's /24."""
+    v4 = int(ip)
+    sixtofour = ipaddress.IPv6Address((0x2002 << 112) | (v4 << 80) | 1)
+    teredo = ipaddress.IPv6Address((0x20010000 << 96) | (0xC0000201 << 64) | (v4 ^ 0xFFFFFFFF))
+    mapped = ipaddress.IPv6Address((0xFFFF << 32) | v4)
+    expected = str(ipaddress.ip_network(f"{ip}/24", strict=False))
+    for embedding in (sixtofour, teredo, mapped):
+        assert t.network(str(embedding)) == expected, str(embedding)
+        assert t.conforms("truncate", expected)
+
+
+def test_a_short_value_shown_whole_does_not_conform_to_its_mask():
+    """mask:N shows at most N characters and at most half of them: a region node does not
+    serve a copy of a short value holding more than that, whole or not."""
+    for keep, value in [(4, "1234"), (4, "*234"), (4, "12-34"), (8, "**345678"), (2, "12"), (1, "1")]:
+        assert not t.conforms(f"mask:{keep}", value), (keep, value)
+    for keep, value in [(4, "**34"), (4, "**-34"), (8, "****5678"), (2, "*2"), (1, "*")]:
+        assert t.conforms(f"mask:{keep}", value), (keep, value)
+        assert t.mask(value.replace("*", "0"), keep) == value
 
 
 def test_values_not_in_their_form_do_not_conform():
@@ -526,6 +570,42 @@ async def test_a_field_served_only_as_a_form_is_not_searchable_by_its_value(tran
     home = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service"))
     reply = await home.FindRecords(ask, timeout=30)
     assert [r.record.user_id for r in reply.results] == ["u-1"]
+
+
+async def test_a_caller_abroad_cannot_write_a_guess_to_read_back_its_hash(transformed: Cluster):
+    """A service in Singapore, where the rule sends email only hashed, would write a probe with
+    a guessed e-mail and read back its hash to compare with other users' hashes: writes from
+    outside the home region are refused, logged against each user named, and nothing is written."""
+    c = transformed
+    abroad = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", SG))
+    probe = records_pb2.Record(user_id="g-1", fields={"email": codec.to_value("li@example.cn")})
+    one = abroad.PutRecord(records_pb2.PutRecordRequest(context=ctx("", "essential.service"), record=probe))
+    many = abroad.PutRecords(
+        records_pb2.PutRecordsRequest(
+            context=ctx(SG, "essential.service"),
+            records=[probe, records_pb2.Record(user_id="g-2", fields={"phone": codec.to_value(PHONE)})],
+        )
+    )
+    for call in (one, many):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"written from {PRIMARY} only" in (e.value.details() or "")
+        assert "li@example.cn" not in (e.value.details() or "")
+    for user in ("g-1", "g-2"):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await c.get(user)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    refused = [json.loads(x) for _, x, _ in await c.log()]
+    refused = [x for x in refused if x["subject"] in ("g-1", "g-2")]
+    assert [(x["subject"], x["kind"], x["outcome"], x["destination_region"]) for x in refused] == [
+        ("g-1", "access", "denied", SG),
+        ("g-1", "access", "denied", SG),
+        ("g-2", "access", "denied", SG),
+    ]
+    assert "li@example.cn" not in json.dumps(refused)
+    # The home region writes as before.
+    assert await c.put("g-1", {"email": "g@example.cn"}) > 0
 
 
 async def test_a_changed_transformation_resends_every_copy_in_the_new_form(transformed: Cluster):

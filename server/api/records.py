@@ -22,7 +22,7 @@ from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyEr
 from residency.server.core.lookup import DEFAULT_FIND, MAX_FIND
 from residency.server.core.policy.credentials import hash_credential, verify_credential
 from residency.server.vault.finding import Finder, check_token
-from residency.server.vault.records import ReadResult, Write
+from residency.server.vault.records import Caller, ReadResult, Write
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 
 log = logging.getLogger("residency.records")
@@ -57,10 +57,21 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
                 body.fields[name].CopyFrom(common_pb2.Value(bytes_value=await job))
             writes[i].body = body.SerializeToString()
 
+    async def _writer_at_home(self, caller: Caller, users: list[str]) -> None:
+        """Refuses, logged against each user, a write by a caller located outside the home
+        region: what it wrote it could read back from there in a rule's form (a `hash` of a
+        guess, to compare with other users' hashes), and data is collected at home."""
+        if caller.location != self.records.region:
+            why = f"records are written from {self.records.region} only; the caller is in {caller.location}"
+            await refuse_caller(
+                self.node, caller.identity, caller.location, "access", caller.purpose, why, users
+            )
+
     @rpc
     async def PutRecord(self, request, context):
         self.node.primary_only()
-        await caller_of(self.node, request.context, context, [request.record.user_id])
+        caller = await caller_of(self.node, request.context, context, [request.record.user_id])
+        await self._writer_at_home(caller, [request.record.user_id])
         records = self.records
         checked = check_records(records.schema, records.region, [request.record], "record")
         writes = self._writes(checked)
@@ -80,7 +91,8 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
             got = await self.node.intake.check(request)
         except DecodeError as e:
             raise InvalidRecord([("request", "not a serialized residency.v1.PutRecordsRequest")]) from e
-        await caller_of(self.node, got.context, context, [w[0] for w in got.checked.writes])
+        users = [w[0] for w in got.checked.writes]
+        await self._writer_at_home(await caller_of(self.node, got.context, context, users), users)
         if not 1 <= got.count <= MAX_BATCH:
             raise InvalidRecord([("records", f"{got.count} records; send 1 to {MAX_BATCH}")])
         writes = self._writes(got.checked)

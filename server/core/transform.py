@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +34,7 @@ BIRTH_CATEGORY = "user.demographic.date_of_birth"
 # Widest prefix a truncated address keeps: a /24 network holds 256 IPv4 hosts, a /48 a site.
 IPV4_PREFIX, IPV6_PREFIX = 24, 48
 _DATE = re.compile(r"(\d{4})-(\d{2})(?:-\d{2}(?:[T ].*)?)?")
-_HASH_CONTEXT = b"residency/transform-hash/v1\x00"
+_HASH_CONTEXT = b"residency/transform-hash/v2\x00"
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -97,8 +97,8 @@ def unfit(form: str, spec: FieldSpec) -> str:
 
 
 def transform(form: str, spec: FieldSpec, value: FieldValue, key: bytes) -> FieldValue:
-    """`value` in `form` (`key`: the destination region's hash key, for `hash`); NotInForm when
-    it cannot be (then nothing of it goes)."""
+    """`value` in `form` (`key`: the field's hash key for the destination region, for `hash`);
+    NotInForm when it cannot be (then nothing of it goes)."""
     kind, keep = parse(form)
     if kind == MASK and isinstance(value, str):
         return mask(value, keep)
@@ -131,8 +131,9 @@ def mask(value: str, keep: int) -> str:
 
 
 def keyed_hash(key: bytes, value: str | bytes | int) -> str:
-    """HMAC-SHA256 under the region's hash key of the value's type and bytes, in hex: stable
-    per region, different across regions, and no dictionary runs without the key."""
+    """HMAC-SHA256 under the field's hash key for a region of the value's type and bytes, in
+    hex: stable per region and field, different across regions and fields, and no dictionary
+    runs without the key. (v2: v1 hashed every field of a region under one key.)"""
     if not key:
         raise NotInForm("no hash key for this destination")
     if isinstance(value, str):
@@ -145,13 +146,16 @@ def keyed_hash(key: bytes, value: str | bytes | int) -> str:
 
 
 def network(value: str) -> str:
-    """An IPv4 address to its /24, an IPv6 address to its /48 (an IPv4-mapped one as IPv4)."""
+    """An IPv4 address to its /24, an IPv6 address to its /48. An IPv6 address that carries
+    an IPv4 one (IPv4-mapped, 6to4 `2002::/16`, a Teredo client's) is truncated as that IPv4
+    address: a 6to4 address's /48 is its whole IPv4 address."""
     try:
         ip = ipaddress.ip_address(value.strip())
     except ValueError:
         raise NotInForm("not an IP address") from None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        teredo = ip.teredo
+        ip = ip.ipv4_mapped or ip.sixtofour or (teredo[1] if teredo else None) or ip
     prefix = IPV4_PREFIX if ip.version == 4 else IPV6_PREFIX
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
@@ -202,23 +206,30 @@ def conforms(form: str, value: FieldValue | None) -> bool:
 
 
 def _masked(value: str, keep: int) -> bool:
-    """Every character but separators and the last `keep` others is `*`."""
+    """Every character but separators and the last ones `mask` shows is `*`: at most `keep`,
+    and at most half of them (a 4-character value under mask:4 shows 2)."""
     chars = [c for c in value if c not in SEPARATORS]
-    return all(c == MASK_CHAR for c in chars[: max(len(chars) - keep, 0)])
+    shown = min(keep, len(chars) // 2)
+    return all(c == MASK_CHAR for c in chars[: len(chars) - shown])
 
 
 def put_in_forms(
-    forms: Mapping[str, str], specs: Mapping[str, FieldSpec], sent: dict[str, Value], key: bytes
+    forms: Mapping[str, str],
+    specs: Mapping[str, FieldSpec],
+    sent: dict[str, Value],
+    key: Callable[[str], bytes],
 ) -> dict[str, Withheld]:
-    """Replaces each value of `sent` that `forms` names by its form, in place; a value that
-    cannot be put in its form leaves `sent` and is returned withheld (`NOT_IN_FORM`)."""
+    """Replaces each value of `sent` that `forms` names by its form, in place (`key`: a field
+    name to its hash key for the destination); a value that cannot be put in its form leaves
+    `sent` and is returned withheld (`NOT_IN_FORM`)."""
     withheld = {}
     for name, form in forms.items():
         value = codec.from_value(sent[name])
         try:
             if value is None:
                 raise NotInForm("no value")
-            sent[name] = codec.to_value(transform(form, specs[name], value, key))
+            field_key = key(name) if parse(form)[0] == HASH else b""
+            sent[name] = codec.to_value(transform(form, specs[name], value, field_key))
         except NotInForm:
             del sent[name]
             withheld[name] = Withheld(NOT_IN_FORM)

@@ -2,9 +2,10 @@
 per-region keys, wrapped by the log key's provider (as `log.key` is, so that a shred of the
 region's key leaves it alone), mode 0600.
 
-Each destination region's hash key is HMAC-SHA256 of the secret over the region's name: a
-field hashed for one region is stable there and unlike the same value hashed for another,
-and without the provider nobody can run a dictionary against the hashes. `residency init`
+Each destination region's key is HMAC-SHA256 of the secret over the region's name, and each
+field's hash key there HMAC-SHA256 of the region's key over the field's name: a field hashed
+for one region is stable there and unlike the same value hashed for another region or in
+another field, and without the provider nobody can run a dictionary against the hashes. `residency init`
 writes the file for the primary; a primary (or its standalone worker) whose key folder lacks
 it writes it the first time it starts (a wrap under the log provider's key, which `init`
 made). Rotation rewraps it with `log.key`; retire keeps it.
@@ -28,17 +29,29 @@ from residency.server.keys.providers import KeyProvider, open_log_provider
 KEY = "hash.key"
 _CONTEXT = {"purpose": "transform-hash-key"}
 _REGION = b"residency/transform-hash-key/v1\x00"
+_FIELD = b"residency/transform-hash-field/v1\x00"
 
 
 class HashKeys:
-    """The per-region hash keys of one secret; raw key bytes never leave this object but
-    through `for_region`, which the projection alone calls."""
+    """The per-region, per-field hash keys of one secret; raw key bytes never leave this
+    object but through `for_field`, which the projection alone calls."""
 
-    __slots__ = ("_secret", "_regions")
+    __slots__ = ("_secret", "_regions", "_fields")
 
     def __init__(self, secret: bytes):
         self._secret = secret
         self._regions: dict[str, bytes] = {}
+        self._fields: dict[tuple[str, str], bytes] = {}
+
+    def for_field(self, region: str, field: str) -> bytes:
+        """The key `field`'s values are hashed under for `region`: equal values in two fields
+        hash apart, so a hash learnt in one field confirms nothing in another."""
+        key = self._fields.get((region, field))
+        if key is None:
+            key = self._fields[region, field] = hmac.new(
+                self.for_region(region), _FIELD + field.encode(), hashlib.sha256
+            ).digest()
+        return key
 
     def for_region(self, region: str) -> bytes:
         key = self._regions.get(region)

@@ -171,8 +171,12 @@ class Records:
             del sent[name]
             withheld[name] = Withheld(RETENTION_EXPIRED)
         if forms := plan.forms(sent):
-            key = self.hash_keys.for_region(plan.destination) if self.hash_keys else b""
-            withheld.update(put_in_forms(forms, self.schema.fields, sent, key))
+            keys, to = self.hash_keys, plan.destination
+            withheld.update(
+                put_in_forms(
+                    forms, self.schema.fields, sent, lambda f: keys.for_field(to, f) if keys else b""
+                )
+            )
         return sent, withheld
 
     def delete(self, user_id: str) -> int:
