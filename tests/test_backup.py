@@ -20,7 +20,7 @@ import yaml
 from residency.server.core import merkle
 from residency.server.core.checkpoint import open_note
 from residency.server.storage.records import VERSION_EPOCH_BITS
-from residency.v1 import translog_pb2
+from residency.v1 import admin_pb2, translog_pb2
 from tests.conftest import PRIMARY, S3_BUCKET, Cluster, SeaweedFS
 
 SG = "ap-southeast-1"
@@ -200,7 +200,7 @@ async def test_a_restored_primary_resumes_without_reissuing_versions_or_resurrec
     merkle.verify_consistency(old.size, now.tree_size, old.root, now.root_hash, list(proof.hashes))
 
     entries = [json.loads(e) for e in (export / "entries.jsonl").read_bytes().splitlines()]
-    (mark,) = [e for e in entries if e["actor"] == "residency restore"]
+    (mark,) = [e for e in entries if e["actor"] == "residency restore" and e["kind"] == "admin"]
     assert "store restored from a backup" in mark["reason"] and f"to {archived_size}" in mark["reason"]
     # Sent after the restore, once per destination and nothing else: the re-versioned users,
     # the re-applied erasure, and tombstones of users created after the backup (lost at home).
@@ -269,6 +269,48 @@ async def test_keys_restored_with_the_store_still_leave_later_erasures_unopenabl
         await c.get("k-0")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert (await c.get("k-1")).record.fields["name"].string_value == "Li Wei"
+
+
+async def test_an_erasure_no_tombstone_left_for_stays_erased_with_keys_from_the_backup(
+    archived: Cluster, tmp_path: Path
+):
+    c = archived
+    config, data = c.dep.configs[PRIMARY], c.data_dir(PRIMARY)
+    for u in ("p-0", "p-1"):
+        await c.put(u, FIELDS)
+    await c.replicated()
+    out, keys_out = tmp_path / "backup", tmp_path / "backup-keys"
+    took = await run(
+        "backup", "--config", str(config), "--out", str(out), "--keys-out", str(keys_out), "--quiet"
+    )
+    assert took.returncode == 0, took.stderr
+    # Replication is paused everywhere: p-0's erasure sends no tombstone, only the home logs it.
+    for region in (SG, "eu-west-1"):
+        await c.admin().PauseReplication(admin_pb2.PauseReplicationRequest(region=region), timeout=10)
+    await c.delete("p-0")
+    entries = [json.loads(e) for _, e, _ in await c.log()]
+    (erased,) = [e for e in entries if e["kind"] == "erasure" and e["subject"] == "p-0"]
+    assert (erased["source_region"], erased["destination_region"], erased["outcome"]) == (
+        PRIMARY,
+        PRIMARY,
+        "allowed",
+    )
+    assert erased["actor"].startswith("spiffe://") and erased["record_version"] > 1
+    await archived_checkpoint(c, await tree_size(c))
+    c.stop(PRIMARY, signal.SIGKILL)
+    # The disk is lost: the keys come back from the keys backup, p-0's among them.
+    shutil.rmtree(data)
+    restored = await run("restore", "--config", str(config), "--from", str(out), "--keys-from", str(keys_out))
+    assert restored.returncode == 0, restored.stderr
+    summary = json.loads(restored.stdout)
+    assert summary["erasures_reapplied"] == 1
+    assert "erase such users again" in summary["erasures_after"] and "--keys-from" in restored.stderr
+    assert not query(data / "keys.db", "SELECT 1 FROM data_keys WHERE user_id='p-0'")
+    await c.start(PRIMARY)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.get("p-0")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (await c.get("p-1")).record.fields["name"].string_value == "Li Wei"
 
 
 async def test_a_tampered_archive_stops_the_roll_forward_where_it_no_longer_verifies(
