@@ -172,6 +172,12 @@ def _readable(s: dict[str, Any]) -> str:
         f"re-applied; {s['reversioned']} users re-versioned and {s['tombstones_resent']} tombstones "
         f"sent again under restore epoch {s['restore_epoch']}; "
         f"{s['lost']}; {s['erasures_after']}"
+        + (
+            f"; the blind index is rebuilt under index key version {s['index_rebuild_version']} "
+            "at the node's first start"
+            if s["index_rebuild_version"]
+            else ""
+        )
     )
 
 

@@ -23,6 +23,8 @@ from residency.server.keys.files import shred_file, write_private
 from residency.server.keys.providers import KeyProvider
 
 FILE = "index.key"
+# What a version's fingerprint is the keyed hash of (no lookup field's input has this form).
+_FINGERPRINT = b"residency index key fingerprint\x00"
 ACTIVE, BUILDING = "active", "building"
 
 
@@ -41,6 +43,11 @@ class IndexKey:
     def digest(self, field: str, normalized: str) -> bytes:
         """HMAC-SHA256(key, field || 0x00 || normalised value)."""
         return hmac.new(self._raw, index_input(field, normalized), hashlib.sha256).digest()
+
+    def fingerprint(self) -> bytes:
+        """HMAC-SHA256(key, a constant): stored with the rows of this version, so that rows made
+        under another key of the same number (`index.key` lost or restored older) are found."""
+        return hmac.new(self._raw, _FINGERPRINT, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from residency.server.core.policy.erasure import ERASED_HERE, removed_on_withdra
 from residency.server.core.recovered import RESTORE_ACTOR, Recovered, read_recovered, to_reversion
 from residency.server.storage.consents import ConsentStore
 from residency.server.storage.database import UnitOfWork
+from residency.server.storage.lookup import LookupStore
 from residency.server.storage.records import VERSION_EPOCH_BITS, RecordStore
 from residency.server.storage.replication import ReplicationStore
 from residency.server.storage.restores import RestoreStore
@@ -38,7 +39,15 @@ class Archive(Protocol):
 
 
 class RestoreTarget(
-    UnitOfWork, RecordStore, ReplicationStore, ConsentStore, LogStore, LogWriter, RestoreStore, Protocol
+    UnitOfWork,
+    RecordStore,
+    ReplicationStore,
+    ConsentStore,
+    LogStore,
+    LogWriter,
+    RestoreStore,
+    LookupStore,
+    Protocol,
 ):
     """The restored store, as the restore uses it."""
 
@@ -184,6 +193,7 @@ def apply_restore(
         records.tombstone(u, max(held.get(u, (0, True))[0], recovered.sent.get(u, 0)))
     summary = _summary(manifest, rolled, epoch, len(erased), len(recovered.consents), len(users), len(resent))
     summary["erasures_after"] = _erasures_after(summary["recovered_to"], keys_from_backup)
+    summary["index_rebuild_version"] = _index_anew(records, store)
     store.log_append([_entry(records.region, records.rules.version, summary)])
     store.set_restore_summary(epoch, summary)
     return summary
@@ -247,6 +257,17 @@ def _summary(
         "versions_above": epoch << VERSION_EPOCH_BITS,
         "lost": lost,
     }
+
+
+def _index_anew(records: Records, store: RestoreTarget) -> int:
+    """The blind index emptied, and a rebuild under a new index key version started (the node
+    runs it at its first start): the backup's rows may be of a key `index.key` no longer holds
+    (rotated since, or the file lost). Returns the version to be built (0: no lookup field)."""
+    store.index_drop_all()
+    if not records.index.fields or records.keyring.shredded:
+        return 0
+    keys = records.keyring.index_keys
+    return keys.versions()[1] or keys.start_rotation()
 
 
 def _erasures_after(recovered_to: int, keys_from_backup: bool) -> str:
