@@ -120,7 +120,9 @@ def _restore_stopped(
             )
             destinations = [a.region for a in config.affiliates]
             with store.transaction():
-                summary = apply_restore(records, store, manifest, rolled, destinations, epoch_seen)
+                summary = apply_restore(
+                    records, store, manifest, rolled, destinations, epoch_seen, keys_from is not None
+                )
             done = True
         finally:
             keyring.provider.close()
@@ -169,7 +171,13 @@ def _readable(s: dict[str, Any]) -> str:
         f"{s['erasures_reapplied']} erasures and {s['consent_changes_reapplied']} consent changes "
         f"re-applied; {s['reversioned']} users re-versioned and {s['tombstones_resent']} tombstones "
         f"sent again under restore epoch {s['restore_epoch']}; "
-        f"{s['lost']}"
+        f"{s['lost']}; {s['erasures_after']}"
+        + (
+            f"; the blind index is rebuilt under index key version {s['index_rebuild_version']} "
+            "at the node's first start"
+            if s["index_rebuild_version"]
+            else ""
+        )
     )
 
 

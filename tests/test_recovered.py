@@ -68,3 +68,27 @@ def test_only_users_live_in_the_backup_whose_copies_may_be_ahead_are_reversioned
     # a: sent at the version the backup holds (not ahead); b: sent above it; q: queued at the
     # backup; n: not in the backup (cannot be re-versioned); z: untouched.
     assert to_reversion({"a": 5, "b": 3, "n": 1}, ["q", "n"], held) == ["b", "q"]
+
+
+def test_a_homes_own_erasure_entry_counts_though_no_tombstone_left():
+    def at_home(user: str, **rest: str) -> dict:
+        e = translog.entry(
+            "erasure",
+            subject=user,
+            source_region=rest.pop("source_region", HOME),
+            destination_region=rest.pop("destination_region", HOME),
+            outcome=rest.pop("outcome", "allowed"),
+            actor="spiffe://residency/service/cn-north/app",
+            rules_version="v1",
+            version=4,
+        )
+        return {**e, "sequence": 3, "time": 1.0}
+
+    entries = [
+        at_home("h"),  # erased at home, replication paused or no affiliates: nothing sent
+        at_home("i", outcome="denied"),
+        at_home("j", source_region="eu-west-1", destination_region="eu-west-1"),
+    ]
+    r = read_recovered(entries, HOME)
+    assert r.erased == ["h"]
+    assert r.sent == {}  # nothing left the home region

@@ -102,3 +102,12 @@ def test_every_report_row_names_the_country_its_data_went_to():
     at = header.index("destination_country")
     assert header[at - 1] == "destination_region"
     assert [line[at] for line in lines] == ["United States", "Ireland"]
+
+
+def test_a_homes_own_erasure_entry_is_no_copy_in_the_subjects_copies():
+    from residency.server.core.report.subject import copies
+
+    held = {**sent("u-1", "ap-southeast-1", ["email"]), "recipient": "", "record_version": 1}
+    held |= {"sequence": 1, "reason": ""}
+    home = {**held, "kind": "erasure", "destination_region": "cn-north", "fields": [], "sequence": 2}
+    assert [(c["region"], c["state"]) for c in copies([held, home], [])] == [("ap-southeast-1", "held")]

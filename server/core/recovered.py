@@ -31,7 +31,8 @@ class ConsentReplay:
 
 @dataclass(slots=True)
 class Recovered:
-    # Users whose erasure the log shows (their tombstone went to a destination), in log order.
+    # Users whose erasure the log shows (the home's own erasure entry, or their tombstone
+    # sent to a destination), in log order.
     erased: list[str] = field(default_factory=list)
     consents: list[ConsentReplay] = field(default_factory=list)
     # Each user whose copy (or tombstone) left for a destination: the highest version sent.
@@ -50,7 +51,9 @@ def read_recovered(entries: Iterable[Mapping[str, Any]], home: str) -> Recovered
             out.epoch = max(out.epoch, int(m[1]))
         if not user or e.get("source_region") != home:
             continue
-        if kind in ("replication", "erasure") and e.get("actor") == "replicator":
+        if kind == "erasure" and e.get("destination_region") == home and e.get("outcome") == "allowed":
+            erased[user] = None  # the home's own erasure entry (`vault.records.delete`)
+        elif kind in ("replication", "erasure") and e.get("actor") == "replicator":
             out.sent[user] = max(out.sent.get(user, 0), int(e.get("record_version", 0)))
             if kind == "erasure" and e.get("reason") == ERASED:
                 erased[user] = None

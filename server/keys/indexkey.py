@@ -26,6 +26,8 @@ from residency.server.keys.files import shred_file, write_private
 from residency.server.keys.providers import KeyProvider
 
 FILE = "index.key"
+# What a version's fingerprint is the keyed hash of (no lookup field's input has this form).
+_FINGERPRINT = b"residency index key fingerprint\x00"
 ACTIVE, BUILDING = "active", "building"
 # What a key's page-cursor subkey is derived from, and the length a cursor is padded to (a
 # user id's longest: `core.schema.USER_ID`).
@@ -68,6 +70,11 @@ class IndexKey:
             return padded.rstrip(b"\x00").decode()
         except (InvalidTag, ValueError, UnicodeDecodeError):
             return None
+
+    def fingerprint(self) -> bytes:
+        """HMAC-SHA256(key, a constant): stored with the rows of this version, so that rows made
+        under another key of the same number (`index.key` lost or restored older) are found."""
+        return hmac.new(self._raw, _FINGERPRINT, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True, slots=True)

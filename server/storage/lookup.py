@@ -9,6 +9,9 @@ from residency.server.storage.database import Database
 
 # (key version, field, HMAC, user id)
 IndexRow = tuple[int, str, bytes, str]
+# A key version's fingerprint row: field and user "" (no lookup field or user has that name),
+# the HMAC the key's fingerprint. It comes and goes with the version's rows.
+MARK = ""
 
 
 class LookupStore(Protocol):
@@ -22,6 +25,8 @@ class LookupStore(Protocol):
     ) -> list[str]: ...
     def index_drop_version(self, version: int) -> int: ...
     def index_keep_versions(self, versions: list[int]) -> int: ...
+    def index_marks(self) -> dict[int, set[bytes]]: ...
+    def index_drop_all(self) -> None: ...
 
 
 class LookupRows(Database):
@@ -62,3 +67,19 @@ class LookupRows(Database):
         marks = ",".join("?" * len(versions)) or "NULL"
         sql = f"DELETE FROM lookup_index WHERE key_version NOT IN ({marks})"
         return int(self._db.execute(sql, versions).rowcount)
+
+    def index_marks(self) -> dict[int, set[bytes]]:
+        """Each key version with rows: the fingerprints stored with them (empty: none, rows
+        written before fingerprints were)."""
+        out: dict[int, set[bytes]] = {}
+        for (v,) in self._db.execute("SELECT DISTINCT key_version FROM lookup_index"):
+            out[v] = set()
+        for v, fp in self._db.execute(
+            "SELECT key_version, hmac FROM lookup_index WHERE field = ? AND user_id = ?", (MARK, MARK)
+        ):
+            out[v].add(fp)
+        return out
+
+    def index_drop_all(self) -> None:
+        """Every row of every version (a restore: the backup's rows may be of a key no longer kept)."""
+        self._db.execute("DELETE FROM lookup_index")

@@ -68,13 +68,23 @@ class IndexRebuild:
 
     async def resume(self) -> None:
         """At start: drops the rows of versions no longer in `index.key` (a crash between a
-        switch and its clean-up), and goes on with a rebuild a stop cut short."""
+        switch and its clean-up), and goes on with a rebuild a stop cut short. Rows of a key
+        the file does not hold (`BlindIndex.unknown_rows`) are all dropped and a rebuild
+        starts: they would never match."""
         if not self.index.fields or self.index.records.keyring.shredded:
             return  # a shredded region's index keys went with its key; a rekey starts anew
         active, building = await self.db.call(self._keys.versions)
+        store = self.index.records.store
         if active:
-            store = self.index.records.store
             await self.db.write(lambda: store.index_keep_versions([v for v in (active, building) if v]))
+        if await self.db.call(self.index.unknown_rows):
+
+            def anew() -> int:
+                store.index_drop_all()
+                return building or self._keys.start_rotation()
+
+            building = await self.db.write(anew)
+            log.warning("index rows of an unknown key dropped; rebuilding under index key %d", building)
         if building:
             total = (await self.db.call(self.index.records.store.counts))[0]
             self._start("node", building, total)

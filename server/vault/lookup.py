@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from residency.server.core.lookup import normalize
 from residency.server.core.schema import Schema
 from residency.server.keys.keyring import Keyring
+from residency.server.storage.lookup import MARK
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
 from residency.v1 import common_pb2, records_pb2, replica_pb2
@@ -56,6 +57,7 @@ class BlindIndex:
         self.records.store.index_clear(pairs)
         self.records.store.index_add(
             [(k.version, f, k.digest(f, n), u) for u, f, n in self._normalized(merged) for k in keys]
+            + [(k.version, MARK, k.fingerprint(), MARK) for k in keys]
         )
 
     def _normalized(self, values: dict[str, dict[str, Value | None]]) -> list[tuple[str, str, str]]:
@@ -123,8 +125,19 @@ class BlindIndex:
         key = next(k for k in self.records.keyring.index_keys.current() if k.version == version)
         opened = self._open([Row(u, 0, False, blob, 0.0) for u, blob in page])
         held = {rec.user_id: self._held(rec) for rec in opened}
-        store.index_add([(version, f, key.digest(f, n), u) for u, f, n in self._normalized(held)])
+        rows = [(version, f, key.digest(f, n), u) for u, f, n in self._normalized(held)]
+        store.index_add([*rows, (version, MARK, key.fingerprint(), MARK)])
         return (page[-1][0] if len(page) == limit else ""), len(page)
+
+    def unknown_rows(self) -> bool:
+        """Whether rows are kept of a key `index.key` does not hold: a version it has not, or
+        one whose fingerprint is not that of its key of the same number (the file lost and
+        made anew, or restored older), or rows without a fingerprint. Such rows never match."""
+        marks = self.records.store.index_marks()
+        if not marks:
+            return False
+        keys = {k.version: k.fingerprint() for k in self.records.keyring.index_keys.current()}
+        return any(v not in keys or fps != {keys[v]} for v, fps in marks.items())
 
     def switch(self) -> int:
         """Ends a rotation: the new version becomes the active one; the old one's rows go."""

@@ -19,7 +19,7 @@ from residency.server.core import codec, translog
 from residency.server.core.errors import NotFound
 from residency.server.core.policy.consent import StandingConsent, consented_rules
 from residency.server.core.policy.cookies import refused_cookie_writes
-from residency.server.core.policy.erasure import expired_fields
+from residency.server.core.policy.erasure import ERASED_HERE, expired_fields
 from residency.server.core.policy.grants import split_grants
 from residency.server.core.rules import (
     NO_RULE,
@@ -179,13 +179,29 @@ class Records:
             )
         return sent, withheld
 
-    def delete(self, user_id: str) -> int:
-        """Erases a record: its data key is destroyed with it (crypto-shredding) and a
-        tombstone carries the erasure to every region."""
+    def delete(self, user_id: str, actor: str, purpose: str = "", reason: str = ERASED_HERE) -> int:
+        """Erases a record: its data key is destroyed with it (crypto-shredding), a tombstone
+        carries the erasure to every region, and a home `erasure` entry naming `actor` records
+        it in the same transaction (a restore re-applies erasures its backup predates from
+        these entries, whether or not a tombstone ever left: `core.recovered`)."""
         old = self.store.rows([user_id]).get(user_id)
         if old is None or old.deleted:
             raise NotFound(f"user {user_id} has no record")
-        return self.tombstone(user_id, old.version)
+        version = self.tombstone(user_id, old.version)
+        entry = translog.entry(
+            "erasure",
+            subject=user_id,
+            source_region=self.region,
+            destination_region=self.region,
+            outcome="allowed",
+            actor=actor,
+            rules_version=self.rules.version,
+            purpose=purpose,
+            reason=reason,
+            version=version,
+        )
+        self.store.log_append([entry])
+        return version
 
     def tombstone(self, user_id: str, after: int) -> int:
         """Writes the user's tombstone with a version above `after` (a restore sends one again

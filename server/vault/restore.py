@@ -19,10 +19,11 @@ from typing import Any, Protocol
 
 from residency.server.core import merkle, translog
 from residency.server.core.checkpoint import CheckpointError, open_note
-from residency.server.core.policy.erasure import removed_on_withdrawal
+from residency.server.core.policy.erasure import ERASED_HERE, removed_on_withdrawal
 from residency.server.core.recovered import RESTORE_ACTOR, Recovered, read_recovered, to_reversion
 from residency.server.storage.consents import ConsentStore
 from residency.server.storage.database import UnitOfWork
+from residency.server.storage.lookup import LookupStore
 from residency.server.storage.records import VERSION_EPOCH_BITS, RecordStore
 from residency.server.storage.replication import ReplicationStore
 from residency.server.storage.restores import RestoreStore
@@ -38,7 +39,15 @@ class Archive(Protocol):
 
 
 class RestoreTarget(
-    UnitOfWork, RecordStore, ReplicationStore, ConsentStore, LogStore, LogWriter, RestoreStore, Protocol
+    UnitOfWork,
+    RecordStore,
+    ReplicationStore,
+    ConsentStore,
+    LogStore,
+    LogWriter,
+    RestoreStore,
+    LookupStore,
+    Protocol,
 ):
     """The restored store, as the restore uses it."""
 
@@ -141,12 +150,14 @@ def apply_restore(
     rolled: RolledForward | None,
     destinations: list[str],
     epoch_seen: int,
+    keys_from_backup: bool = False,
 ) -> dict[str, Any]:
     """On the store thread, in the caller's transaction: the recovered entries appended, the
     restore epoch raised above every one seen (`epoch_seen`: the node's store before the
     restore), erasures and consent changes since the backup made again, the users whose
     copies may be ahead of the backup sent again under new versions, and one log entry
-    saying so. Returns the summary."""
+    saying so. Returns the summary (`keys_from_backup`: the keyring is the keys backup's,
+    `--keys-from`, so only erasures the recovered entries show can be re-applied)."""
     recovered = Recovered()
     if rolled is not None:
         store.log_recover(rolled.entries)
@@ -161,7 +172,7 @@ def apply_restore(
     live = {u: v for u, (v, erased) in held.items() if not erased}
     erased = [u for u in dict.fromkeys([*recovered.erased, *store.keyless_users()]) if u in live]
     for u in erased:
-        records.delete(u)
+        records.delete(u, RESTORE_ACTOR, reason=f"{ERASED_HERE}; re-applied at a restore")
         del live[u]
     touched, cookies = _replay_consents(records, store, recovered)
     users = sorted(set(to_reversion(recovered.sent, backlog, live)) | (set(touched) & set(live)))
@@ -181,6 +192,8 @@ def apply_restore(
     for u in resent:
         records.tombstone(u, max(held.get(u, (0, True))[0], recovered.sent.get(u, 0)))
     summary = _summary(manifest, rolled, epoch, len(erased), len(recovered.consents), len(users), len(resent))
+    summary["erasures_after"] = _erasures_after(summary["recovered_to"], keys_from_backup)
+    summary["index_rebuild_version"] = _index_anew(records, store)
     store.log_append([_entry(records.region, records.rules.version, summary)])
     store.set_restore_summary(epoch, summary)
     return summary
@@ -246,6 +259,28 @@ def _summary(
     }
 
 
+def _index_anew(records: Records, store: RestoreTarget) -> int:
+    """The blind index emptied, and a rebuild under a new index key version started (the node
+    runs it at its first start): the backup's rows may be of a key `index.key` no longer holds
+    (rotated since, or the file lost). Returns the version to be built (0: no lookup field)."""
+    store.index_drop_all()
+    if not records.index.fields or records.keyring.shredded:
+        return 0
+    keys = records.keyring.index_keys
+    return keys.versions()[1] or keys.start_rotation()
+
+
+def _erasures_after(recovered_to: int, keys_from_backup: bool) -> str:
+    """What the restore could not know of the erasures after the recovered entries."""
+    if keys_from_backup:
+        return (
+            f"the keys came from --keys-from: a user erased after entry {recovered_to} (the last "
+            "recovered) still has its key in the keys backup, so the record is readable again and "
+            "is sent again: erase such users again (use --keys-from only when keys.db is lost)"
+        )
+    return "the node's keyring was kept: every user erased after the backup has no key and is erased again"
+
+
 def _entry(region: str, rules_version: str, s: dict[str, Any]) -> dict[str, Any]:
     taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s["backup_taken_at"]))
     reason = (
@@ -255,6 +290,6 @@ def _entry(region: str, rules_version: str, s: dict[str, Any]) -> dict[str, Any]
         f"{s['consent_changes_reapplied']} consent changes made since the backup re-applied; "
         f"{s['reversioned']} users re-versioned and {s['tombstones_resent']} tombstones sent again "
         f"under restore epoch {s['restore_epoch']} (every version from now on is above "
-        f"{s['versions_above']}); {s['lost']}"
+        f"{s['versions_above']}); {s['lost']}; {s['erasures_after']}"
     )
     return translog.admin(region, RESTORE_ACTOR, rules_version, reason)

@@ -20,6 +20,8 @@ DAY = 86400
 # The reason of the log entry of an erased record's tombstone sent to a destination: how a
 # restore finds, in the log, erasures its backup predates.
 ERASED = "the user's record was erased"
+# The reason of the home region's own `erasure` entry, written with the erasure itself.
+ERASED_HERE = "the user's record was erased at home: tombstone written, data key destroyed"
 
 
 def expired_fields(

@@ -24,7 +24,9 @@ def copies(rows: list[dict[str, Any]], rules: list[dict[str, Any]]) -> list[dict
     by_id = {r["id"]: r for r in rules}
     last: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if r["kind"] in COPY_KINDS and r["outcome"] == "allowed" and r["destination_region"]:
+        # The home's own erasure entry (source and destination alike) puts no copy anywhere.
+        elsewhere = r["destination_region"] not in ("", r["source_region"])
+        if r["kind"] in COPY_KINDS and r["outcome"] == "allowed" and elsewhere:
             last[r["destination_region"]] = r
     out = []
     for region, r in sorted(last.items()):
