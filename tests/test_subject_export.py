@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import zipfile
 from collections.abc import AsyncIterator
@@ -347,3 +348,50 @@ async def test_bad_requests_get_a_clear_status_and_change_nothing(held: Cluster)
     e = await _refused(ask(USER, SG))
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "primary" in e.details()
     assert len(await held.log()) == size
+
+
+# ---- the folder on disk ----------------------------------------------------------------------
+
+
+async def test_the_export_is_readable_by_its_owner_only_whatever_the_umask(held: Cluster, tmp_path: Path):
+    """The command runs under umask 077; the archive does not count on it."""
+    from residency.server.vault import subject_archive
+
+    reply = await collect(_export(held, "operator"))
+    out = tmp_path / "export"
+    umask = os.umask(0o022)
+    try:
+        subject_archive.write(out, reply, True)
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o700
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"record.json", "entries.jsonl", "index.html", "rules.json"}
+    for p in [*files, tmp_path / "export.zip"]:
+        assert p.stat().st_mode & 0o777 == 0o600, p.name
+
+
+async def test_a_folder_that_is_not_empty_is_refused_before_anything_is_exported(
+    held: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    out = tmp_path / "out"
+    (out / "x-2-export").mkdir(parents=True)
+    (out / "x-2-export" / "record.json").write_text('{"user_id": "x-2"}')
+    size = len(await held.log())
+    code, stdout, err = await run(
+        capsys, "subject", "export", *held.target("operator"), USER, "--out", str(out)
+    )
+    assert code == 2 and stdout == "" and "not empty" in err, err
+    assert len(await held.log()) == size  # the node was not asked
+    assert [p.name for p in out.rglob("*")] == ["x-2-export", "record.json"]
+
+
+async def test_an_answer_that_does_not_verify_leaves_nothing_on_disk(held: Cluster, tmp_path: Path):
+    from residency.server.vault import subject_archive
+
+    reply = await collect(_export(held, "operator"))
+    reply.entries[0].entry_json = reply.entries[0].entry_json.replace('"allowed"', '"denied"')
+    out = tmp_path / "export"
+    with pytest.raises(subject_archive.ArchiveError, match="not in the signed tree"):
+        subject_archive.write(out, reply, True)
+    assert not out.exists() and not (tmp_path / "export.zip").exists()

@@ -20,6 +20,7 @@ values, consents and disclosures are the node's word (the log never holds values
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -65,8 +66,33 @@ def _message(m: Any) -> dict[str, Any]:
     return json_format.MessageToDict(m, preserving_proto_field_name=True)
 
 
+def _text(path: Path, text: str) -> None:
+    """Writes a file of the archive readable by its owner only (0600, whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _json(path: Path, doc: Any) -> None:
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    _text(path, json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def prepare(directory: Path, make_zip: bool = False) -> None:
+    """Makes the export's folder, readable by its owner only (0700): refused (ArchiveError)
+    unless it is new or empty, so that nothing else lands in the export or its `.zip`."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ArchiveError(f"{directory} is not empty: an export goes into a new or empty folder")
+    if make_zip and (zipped := directory.with_name(directory.name + ".zip")).exists():
+        raise ArchiveError(f"{zipped} exists already: an export's .zip is written new")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+
+
+def discard(directory: Path, make_zip: bool = False) -> None:
+    """Removes what a failed export wrote (the folder `prepare` made, and its `.zip`)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    if make_zip:
+        directory.with_name(directory.name + ".zip").unlink(missing_ok=True)
 
 
 def documents(reply: records_pb2.ExportSubjectResponse) -> dict[str, Any]:
@@ -111,17 +137,27 @@ def documents(reply: records_pb2.ExportSubjectResponse) -> dict[str, Any]:
 
 
 def write(directory: Path, reply: records_pb2.ExportSubjectResponse, make_zip: bool = False) -> Path | None:
-    """Writes the archive (verified first: a node's answer that does not verify against its
-    own key is not handed on); returns the `.zip` written, if asked for."""
+    """Writes the archive into `directory` (new or empty: `prepare`; the files 0600), verified
+    first: a node's answer that does not verify against its own key is not handed on, and
+    what was written of it is removed. Returns the `.zip` written (0600), if asked for."""
+    prepare(directory, make_zip)
+    try:
+        return _write(directory, reply, make_zip)
+    except BaseException:
+        discard(directory, make_zip)
+        raise
+
+
+def _write(directory: Path, reply: records_pb2.ExportSubjectResponse, make_zip: bool) -> Path | None:
     cp = reply.checkpoint
     doc = documents(reply)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ENTRIES, "w", encoding="utf-8") as f:
-        for e, p in zip(reply.entries, reply.proofs, strict=True):
-            line = {"leaf_index": p.leaf_index, "entry": e.entry_json, "hashes": [h.hex() for h in p.hashes]}
-            f.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
-    (directory / CHECKPOINT).write_text(cp.checkpoint)
-    (directory / KEY).write_text(cp.verifier_key.strip() + "\n")
+    lines = []
+    for e, p in zip(reply.entries, reply.proofs, strict=True):
+        line = {"leaf_index": p.leaf_index, "entry": e.entry_json, "hashes": [h.hex() for h in p.hashes]}
+        lines.append(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
+    _text(directory / ENTRIES, "".join(lines))
+    _text(directory / CHECKPOINT, cp.checkpoint)
+    _text(directory / KEY, cp.verifier_key.strip() + "\n")
     for name, key in (
         (RECORD, "record"),
         (COPIES, "copies"),
@@ -137,12 +173,14 @@ def write(directory: Path, reply: records_pb2.ExportSubjectResponse, make_zip: b
         "root_hash": checked.checkpoint.root.hex(),
         "key_fingerprint": fingerprint(checked.key),
     }
-    (directory / INDEX).write_text(page.render_page(doc, time.time()), encoding="utf-8")
+    _text(directory / INDEX, page.render_page(doc, time.time()))
     if not make_zip:
         return None
-    return Path(
+    zipped = Path(
         shutil.make_archive(str(directory), "zip", root_dir=directory.parent, base_dir=directory.name)
     )
+    zipped.chmod(0o600)
+    return zipped
 
 
 def _read(directory: Path, name: str) -> Any:
