@@ -395,3 +395,77 @@ async def test_an_answer_that_does_not_verify_leaves_nothing_on_disk(held: Clust
     with pytest.raises(subject_archive.ArchiveError, match="not in the signed tree"):
         subject_archive.write(out, reply, True)
     assert not out.exists() and not (tmp_path / "export.zip").exists()
+
+
+# ---- the export commits to the whole set -----------------------------------------------------
+
+
+def _without(exported: Path, tmp_path: Path, drop) -> Path:
+    """The export with the entries `drop(entry)` picks removed, and copies.json rebuilt from
+    what is left, as anyone can with the public `copies`."""
+    from residency.server.core.report import subject as page
+
+    d = tmp_path / "thinned"
+    shutil.copytree(exported, d)
+    lines = [json.loads(line) for line in (d / "entries.jsonl").read_text().splitlines()]
+    kept = [line for line in lines if not drop(json.loads(line["entry"]))]
+    assert len(kept) < len(lines)
+    (d / "entries.jsonl").write_text("".join(json.dumps(line) + "\n" for line in kept))
+    rows = [json.loads(line["entry"]) for line in kept]
+    (d / "copies.json").write_text(json.dumps(page.copies(rows, read(d, "rules.json")["rules"])))
+    return d
+
+
+@pytest.mark.parametrize(
+    "drop",
+    [
+        # The transfer to Ireland hidden: its replication entries, and the copy they made.
+        lambda e: e["kind"] == "replication" and e["destination_region"] == IE,
+        # The disclosure to the court.
+        lambda e: e["kind"] == "disclosure",
+    ],
+)
+async def test_an_export_with_entries_removed_fails_verify(
+    exported: Path, log_key: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], drop
+):
+    d = _without(exported, tmp_path, drop)
+    code, out, err = await run(capsys, "subject", "verify", str(d), "--key", str(log_key))
+    assert code == 1 and out == "" and "entries before the export's own" in err, err
+
+
+async def test_an_export_with_its_rules_edited_fails_verify(
+    exported: Path, log_key: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """retention_days and safeguards come from rules.json, which the export's entry commits to."""
+
+    def shorter(text: str) -> str:
+        doc = json.loads(text)
+        for rule in doc["rules"]:
+            rule["retention_days"] = 30
+            rule["safeguards"] = []
+        return json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+
+    d = _tamper(exported, tmp_path, "rules.json", shorter)
+    from residency.server.core.report import subject as page
+
+    rows = [json.loads(json.loads(line)["entry"]) for line in (d / "entries.jsonl").read_text().splitlines()]
+    (d / "copies.json").write_text(json.dumps(page.copies(rows, read(d, "rules.json")["rules"])))
+    code, out, err = await run(capsys, "subject", "verify", str(d), "--key", str(log_key))
+    assert code == 1 and out == "" and "rules.json is not the rules file" in err, err
+
+
+async def test_the_exports_entry_commits_to_the_entries_before_it_and_the_rules(exported: Path):
+    import hashlib
+
+    from residency.server.core import merkle
+
+    own = read(exported, "record.json")["export"]["log_sequence"]
+    lines = [json.loads(line) for line in (exported / "entries.jsonl").read_text().splitlines()]
+    (entry,) = [json.loads(x["entry"]) for x in lines if json.loads(x["entry"])["sequence"] == own]
+    earlier = [x["entry"].encode() for x in lines if json.loads(x["entry"])["sequence"] < own]
+    assert entry["export"] == {
+        "earlier_entries": len(earlier),
+        "earlier_sha256": hashlib.sha256(b"".join(merkle.leaf_hash(e) for e in earlier)).hexdigest(),
+        "rules_sha256": hashlib.sha256((exported / "rules.json").read_bytes()).hexdigest(),
+    }
+    assert len(earlier) >= 5

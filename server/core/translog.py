@@ -106,6 +106,7 @@ def entry(
     disclosure: dict[str, Any] | None = None,
     forms: dict[str, str] | None = None,
     found_by: str = "",
+    export: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
@@ -119,6 +120,8 @@ def entry(
     `fields` that crossed transformed, each with its form ("mask:4", "hash": `core.transform`);
     an entry where every field crossed as its value has no such key.
     `found_by` (a read answering `FindRecords`) names the lookup field searched, never its value.
+    `export` (a subject export's own `access` entry) commits to what the export holds
+    (`core.report.subject.commitment`).
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
     extra: dict[str, Any] = {"destination_country": destination_country} if destination_country else {}
@@ -128,6 +131,8 @@ def entry(
         extra["forms"] = dict(sorted(forms.items()))
     if found_by:
         extra["found_by"] = found_by
+    if export is not None:
+        extra["export"] = export
     return {
         "kind": kind,
         "subject": subject,

@@ -165,7 +165,7 @@ def _write(directory: Path, reply: records_pb2.ExportSubjectResponse, make_zip: 
         (DISCLOSURES, "disclosures"),
     ):
         _json(directory / name, doc[key])
-    _json(directory / RULES, {"recipients": doc["recipients"], "rules": doc["rules"]})
+    _text(directory / RULES, page.rules_text(doc["recipients"], doc["rules"]))
     checked = verify(directory)
     doc["checkpoint"] = {
         "origin": checked.checkpoint.origin,
@@ -209,7 +209,9 @@ def verify(directory: Path, key: str | None = None, origin: str | None = None) -
     if not isinstance(record, dict) or not isinstance(record.get("export"), dict):
         raise ArchiveError(f"{RECORD}: not the record of an export")
     user = record.get("user_id")
-    rows, previous = [], -1
+    rows: list[dict[str, Any]] = []
+    leaves: list[bytes] = []
+    previous = -1
     for number, text in enumerate(lines, 1):
         at = f"{ENTRIES} line {number}"
         try:
@@ -231,11 +233,45 @@ def verify(directory: Path, key: str | None = None, origin: str | None = None) -
         except merkle.ProofError as e:
             raise ArchiveError(f"{at}: the entry at leaf index {index} is not in the signed tree: {e}") from e
         rows.append(row)
+        leaves.append(merkle.leaf_hash(data))
         previous = index
     own = record["export"].get("log_sequence")
-    if not any(r["sequence"] == own and r["kind"] == "access" for r in rows):
+    mine = next((r for r in rows if r["sequence"] == own and r["kind"] == "access"), None)
+    if mine is None:
         raise ArchiveError(f"{ENTRIES}: the export's own entry ({own}) is not among the proved entries")
+    _check_commitment(directory, record, mine, rows, leaves)
     rules = _read(directory, RULES).get("rules", [])
     if _read(directory, COPIES) != json.loads(json.dumps(page.copies(rows, rules))):
         raise ArchiveError(f"{COPIES} does not follow from the verified entries")
     return VerifiedExport(cp, str(user), len(rows), key.strip(), pinned)
+
+
+def _check_commitment(
+    directory: Path,
+    record: dict[str, Any],
+    own: dict[str, Any],
+    rows: list[dict[str, Any]],
+    leaves: list[bytes],
+) -> None:
+    """The export's own entry (proved) commits to the entries before it and to rules.json: an
+    entry left out, or a rule's retention or safeguards edited, no longer matches."""
+    made = own.get("export")
+    if not isinstance(made, dict):
+        raise ArchiveError(f"{ENTRIES}: the export's own entry commits to no set of entries")
+    try:
+        rules_file = (directory / RULES).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ArchiveError(f"{directory} is not a complete export: cannot read {RULES}: {e.strerror}") from e
+    earlier = [leaf for r, leaf in zip(rows, leaves, strict=True) if r["sequence"] < own["sequence"]]
+    found = page.commitment(earlier, rules_file)
+    for key, what in (
+        ("earlier_entries", f"{ENTRIES} holds {found['earlier_entries']} entries before the export's own"),
+        ("earlier_sha256", f"{ENTRIES}: the entries before the export's own are not those it committed to"),
+        ("rules_sha256", f"{RULES} is not the rules file the export committed to"),
+    ):
+        if made.get(key) != found[key]:
+            raise ArchiveError(f"{what} (its entry says {made.get(key)})")
+    if record["export"].get("rules_version") != own.get("rules_version"):
+        raise ArchiveError(
+            f"{RECORD}: the rules version is not the export entry's ({own.get('rules_version')})"
+        )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from residency.server.core import translog
 from residency.server.core.errors import NotFound
 from residency.server.core.policy.disclosure import Request
+from residency.server.core.report import subject as page
 from residency.server.core.rules import CREDENTIAL, Withheld
 from residency.server.storage.consents import ConsentRow
 from residency.server.vault.policy import Policy
@@ -28,10 +29,14 @@ class Exported:
     log_sequence: int  # the export's own entry
 
 
-def export_subject(policy: Policy, user_id: str, caller: Caller) -> Exported:
+def export_subject(
+    policy: Policy, user_id: str, caller: Caller, earlier: list[bytes], rules_file: str
+) -> Exported:
     """Reads what is held about `user_id` at home and logs the export as an `access` entry
-    naming every field handed over (names and categories, never values). Runs on the store
-    thread inside a write: the entry commits with the read or not at all."""
+    naming every field handed over (names and categories, never values) and committing to
+    the export (`core.report.subject.commitment`): `earlier` the leaf hashes of every entry
+    about the user so far, in log order, and `rules_file` the rules.json it ships. Runs on the
+    store thread inside a write: the entry commits with the read or not at all."""
     records = policy.records
     row = records.store.rows([user_id]).get(user_id)
     if row is None or row.deleted:
@@ -57,6 +62,7 @@ def export_subject(policy: Policy, user_id: str, caller: Caller) -> Exported:
         withheld=translog.described_withheld(records.schema, withheld),
         version=rec.version,
         reason=REASON,
+        export=page.commitment(earlier, rules_file),
     )
     (seq,) = records.store.log_append([entry])
     consents = records.store.consents([user_id], True)

@@ -4,6 +4,9 @@ subject's verified transfer-log entries alone."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +18,28 @@ from residency.server.core.report.ropa import SAFEGUARD_NAMES
 # Entries that put a copy in a region (replication) or take it away (erasure: an erased
 # record, or a copy nothing allows any more).
 COPY_KINDS = frozenset({"replication", "erasure"})
+
+
+def rules_text(recipients: list[dict[str, Any]], rules: list[dict[str, Any]]) -> str:
+    """The bytes of an export's `rules.json` (as text): the recipients and rules in force."""
+    doc = {"recipients": recipients, "rules": rules}
+    return json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def commitment(earlier_leaves: Iterable[bytes], rules_file: str) -> dict[str, Any]:
+    """What an export's own `access` entry commits to, so that `subject verify` can tell a
+    set of entries thinned out, or a rules.json edited, from the export as made: the number
+    of the subject's entries before it (since the id's last erasure), SHA-256 over their leaf
+    hashes in log order, and SHA-256 of rules.json's bytes."""
+    h, n = hashlib.sha256(), 0
+    for leaf in earlier_leaves:
+        h.update(leaf)
+        n += 1
+    return {
+        "earlier_entries": n,
+        "earlier_sha256": h.hexdigest(),
+        "rules_sha256": hashlib.sha256(rules_file.encode()).hexdigest(),
+    }
 
 
 def copies(rows: list[dict[str, Any]], rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
