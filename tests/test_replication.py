@@ -129,7 +129,10 @@ async def test_erasure_propagates_to_every_region_and_is_logged(cluster: Cluster
             await cluster.get("u-5", region=region)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
     entries = [json.loads(e) for _, e, _ in await cluster.log()]
-    erased = {e["destination_region"] for e in entries if e["kind"] == "erasure" and e["subject"] == "u-5"}
+    erasures = [e for e in entries if e["kind"] == "erasure" and e["subject"] == "u-5"]
+    # One entry per region the copy leaves, and one at home marking the erasure itself.
+    assert [e["source_region"] for e in erasures if not e["destination_region"]] == [PRIMARY]
+    erased = {e["destination_region"] for e in erasures if e["destination_region"]}
     assert erased == set(AFFILIATES)
     for region in AFFILIATES:
         status = await cluster.status(region)

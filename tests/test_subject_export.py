@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import sqlite3
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -469,3 +470,57 @@ async def test_the_exports_entry_commits_to_the_entries_before_it_and_the_rules(
         "rules_sha256": hashlib.sha256((exported / "rules.json").read_bytes()).hexdigest(),
     }
     assert len(earlier) >= 5
+
+
+# ---- an id erased and given out again ----------------------------------------------------------
+
+
+def _grants_naming(c: Cluster, user: str) -> int:
+    with sqlite3.connect(c.data_dir(PRIMARY) / "node.db") as db:
+        return db.execute("SELECT count(*) FROM grant_users WHERE user_id=?", (user,)).fetchone()[0]
+
+
+async def test_an_erased_then_recreated_ids_export_holds_nothing_of_the_previous_person(
+    held: Cluster, log_key: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    reused, before = "x-9", {"name": "Wang Fang", "email": "wang.fang@example.cn", "phone": "+8613700137000"}
+    await held.consent(reused, "marketing.communications", "ie-affiliate")
+    await held.grant([reused], ["user.behavior.browsing_history"], recipient="sg-affiliate")
+    await held.put(reused, {**before, "pages_visited": ["/cart"]})
+    await held.disclose(
+        reused,
+        disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+        third_party="Chaoyang District Court",
+        reference="case-previous-holder",
+    )
+    await held.replicated()
+    assert "phone" in (await held.held(reused, IE)).record.fields  # under the consent
+    assert _grants_naming(held, reused) == 1
+    await held.delete(reused)
+    erased = [e for e in await entries(held, kind="erasure", subject=reused) if not e["destination_region"]]
+    assert [e["outcome"] for e in erased] == ["allowed"]
+    now = {
+        "name": "Zhao Lei",
+        "email": "zhao.lei@example.cn",
+        "phone": "+8613600136000",
+        "pages_visited": ["/"],
+    }
+    await held.put(reused, now)
+    await held.replicated()
+    # The previous holder's consent and grant do not carry over to the new person's copies.
+    assert "phone" not in (await held.held(reused, IE)).record.fields
+    assert _grants_naming(held, reused) == 0
+
+    out = tmp_path / "reused"
+    code, _, err = await run(capsys, "subject", "export", *held.target("operator"), reused, "--out", str(out))
+    assert code == 0, err
+    assert read(out, "consents.json") == [] and read(out, "disclosures.json") == []
+    rows = [json.loads(json.loads(x)["entry"]) for x in (out / "entries.jsonl").read_text().splitlines()]
+    assert rows and all(r["sequence"] > erased[0]["sequence"] for r in rows)
+    assert "consent" not in {r["kind"] for r in rows} and "disclosure" not in {r["kind"] for r in rows}
+    for path in [p for p in out.rglob("*") if p.is_file()]:
+        text = path.read_text()
+        for old in ("Wang Fang", "wang.fang@example.cn", "Chaoyang", "case-previous-holder"):
+            assert old not in text, (path.name, old)
+    code, _, err = await run(capsys, "subject", "verify", str(out), "--key", str(log_key))
+    assert code == 0, err

@@ -148,9 +148,9 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
     @rpc
     async def DeleteRecord(self, request, context):
         self.node.primary_only()
-        await caller_of(self.node, request.context, context, [request.user_id])
+        caller = await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
-        version = await self.node.db.write(lambda: self.records.delete(request.user_id))
+        version = await self.node.db.write(lambda: self.records.delete(request.user_id, caller.identity))
         self.node.wake()
         return records_pb2.DeleteRecordResponse(user_id=request.user_id, version=version)
 

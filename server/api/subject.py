@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -66,16 +67,19 @@ async def export_subject(
     scanned = await node.db.call(log_.store.log_count)
     before = await subject_entries(node, log_, user, scanned)
 
-    def export() -> tuple[Exported, RuleSet]:
+    def export() -> tuple[Exported, RuleSet, int]:
         rules = node.records.rules
         since, _, _ = log_.query(translog.Filter(subject=user), scanned, 1 << 30)
-        earlier = [e.leaf_hash for e in [*before, *since]]
-        return read_export(node.policy, user, caller, earlier, _rules_file(rules)), rules
+        history = [*before, *since]
+        # Only the current record's: an id erased and given out again is another person's.
+        cut, at = page.after_erasure([json.loads(e.data) for e in history])
+        earlier = [e.leaf_hash for e in history if e.sequence > cut]
+        return read_export(node.policy, user, caller, earlier, _rules_file(rules), at), rules, cut
 
-    exported, rules = await node.db.write(export)
+    exported, rules, cut = await node.db.write(export)
     # Signed after the export's own entry committed, so that entry is among those proved.
     cp = await node.db.call(log_.checkpoint, True)
-    entries = await subject_entries(node, log_, user, cp.size)
+    entries = [e for e in await subject_entries(node, log_, user, cp.size) if e.sequence > cut]
     first = records_pb2.ExportSubjectResponse(
         record=record_message(exported.record),
         withheld=withheld_messages(node.records.schema, exported.withheld),

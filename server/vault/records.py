@@ -21,6 +21,7 @@ from residency.server.core.policy.consent import StandingConsent, consented_rule
 from residency.server.core.policy.cookies import refused_cookie_writes
 from residency.server.core.policy.erasure import expired_fields
 from residency.server.core.policy.grants import split_grants
+from residency.server.core.report.subject import ERASED_AT_HOME
 from residency.server.core.rules import (
     NO_RULE,
     RETENTION_EXPIRED,
@@ -174,13 +175,38 @@ class Records:
             withheld.update(put_in_forms(forms, self.schema.fields, sent, key))
         return sent, withheld
 
-    def delete(self, user_id: str) -> int:
+    def delete(self, user_id: str, actor: str = "") -> int:
         """Erases a record: its data key is destroyed with it (crypto-shredding) and a
-        tombstone carries the erasure to every region."""
+        tombstone carries the erasure to every region. The user's standing consents are
+        withdrawn and the grants naming the user leave it, so that nothing of this person
+        applies to, or is exported for, a later record under the same id; an `erasure` entry
+        at home (the `ERASED_AT_HOME` reason, no destination) marks where that record's
+        history starts (`core.report.subject.after_erasure`)."""
         old = self.store.rows([user_id]).get(user_id)
         if old is None or old.deleted:
             raise NotFound(f"user {user_id} has no record")
-        return self.tombstone(user_id, old.version)
+        version = self.tombstone(user_id, old.version)
+        actor = actor or f"spiffe://residency/node/{self.region}/primary"
+        now = time.time()
+        standing = self.store.consents([user_id])
+        for _, purpose, recipient, sensitive, *_ in standing:
+            self.store.consent_set(
+                user_id, purpose, recipient, bool(sensitive), now, ERASED_AT_HOME, actor, True
+            )
+        grants = self.store.grants_leave(user_id)
+        entry = translog.entry(
+            "erasure",
+            subject=user_id,
+            source_region=self.region,
+            destination_region="",
+            outcome="allowed",
+            actor=actor,
+            rules_version=self.rules.version,
+            version=version,
+            reason=f"{ERASED_AT_HOME}; {len(standing)} standing consents withdrawn, {grants} grants left",
+        )
+        self.store.log_append([entry])
+        return version
 
     def tombstone(self, user_id: str, after: int) -> int:
         """Writes the user's tombstone with a version above `after` (a restore sends one again

@@ -20,6 +20,21 @@ from residency.server.core.report.ropa import SAFEGUARD_NAMES
 COPY_KINDS = frozenset({"replication", "erasure"})
 
 
+# The reason of the `erasure` entry a home erasure logs (`Records.delete`): what the id held
+# before it is another person's, should the id be given out again.
+ERASED_AT_HOME = "erasure: the record was erased at home"
+
+
+def after_erasure(rows: list[dict[str, Any]]) -> tuple[int, float]:
+    """(sequence, time) of the last home erasure among a subject's entries (in log order), or
+    (0, 0.0): an export holds only what came after it, the current record's."""
+    for r in reversed(rows):
+        home = r.get("kind") == "erasure" and not r.get("destination_region")
+        if home and str(r.get("reason", "")).startswith(ERASED_AT_HOME):
+            return int(r["sequence"]), float(r["time"])
+    return 0, 0.0
+
+
 def rules_text(recipients: list[dict[str, Any]], rules: list[dict[str, Any]]) -> str:
     """The bytes of an export's `rules.json` (as text): the recipients and rules in force."""
     doc = {"recipients": recipients, "rules": rules}
