@@ -20,14 +20,16 @@ async def _export(args: argparse.Namespace) -> int:
     from residency.server.core.checkpoint import CheckpointError
     from residency.server.vault import subject_archive
 
-    reply = records_pb2.ExportSubjectResponse()
-    async with open_channel(args) as channel:
-        stream = records_pb2_grpc.RecordServiceStub(channel).ExportSubject(
-            records_pb2.ExportSubjectRequest(context=call_context(args), user_id=args.user),
-            timeout=args.timeout,
-        )
-        async for message in stream:  # the later messages carry entries and proofs only
-            reply.MergeFrom(message)
+    try:  # before the node is asked: a refused folder costs no export
+        subject_archive.prepare(args.out, args.zip)
+    except (subject_archive.ArchiveError, OSError) as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 2
+    try:
+        reply = await _ask(args)
+    except BaseException:
+        subject_archive.discard(args.out, args.zip)
+        raise
     try:
         zipped = subject_archive.write(args.out, reply, args.zip)
     except (subject_archive.ArchiveError, CheckpointError) as e:
@@ -44,6 +46,18 @@ async def _export(args: argparse.Namespace) -> int:
         out["zip"] = str(zipped)
     print(json.dumps(out))
     return 0
+
+
+async def _ask(args: argparse.Namespace) -> records_pb2.ExportSubjectResponse:
+    reply = records_pb2.ExportSubjectResponse()
+    async with open_channel(args) as channel:
+        stream = records_pb2_grpc.RecordServiceStub(channel).ExportSubject(
+            records_pb2.ExportSubjectRequest(context=call_context(args), user_id=args.user),
+            timeout=args.timeout,
+        )
+        async for message in stream:  # the later messages carry entries and proofs only
+            reply.MergeFrom(message)
+    return reply
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -78,7 +92,9 @@ def add_subject(sub: argparse._SubParsersAction) -> None:
     )
     add_caller(s, PURPOSE)
     s.add_argument("user", help="the user id")
-    s.add_argument("--out", required=True, type=Path, help="folder to write the export into")
+    s.add_argument(
+        "--out", required=True, type=Path, help="a new or empty folder to write the export into (made 0700)"
+    )
     s.add_argument("--zip", action="store_true", help="also write OUT.zip of the folder")
     s.set_defaults(run=lambda a: asyncio.run(_export(a)))
 

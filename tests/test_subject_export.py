@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import sqlite3
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -347,3 +349,182 @@ async def test_bad_requests_get_a_clear_status_and_change_nothing(held: Cluster)
     e = await _refused(ask(USER, SG))
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "primary" in e.details()
     assert len(await held.log()) == size
+
+
+# ---- the folder on disk ----------------------------------------------------------------------
+
+
+async def test_the_export_is_readable_by_its_owner_only_whatever_the_umask(held: Cluster, tmp_path: Path):
+    """The command runs under umask 077; the archive does not count on it."""
+    from residency.server.vault import subject_archive
+
+    reply = await collect(_export(held, "operator"))
+    out = tmp_path / "export"
+    umask = os.umask(0o022)
+    try:
+        subject_archive.write(out, reply, True)
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o700
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"record.json", "entries.jsonl", "index.html", "rules.json"}
+    for p in [*files, tmp_path / "export.zip"]:
+        assert p.stat().st_mode & 0o777 == 0o600, p.name
+
+
+async def test_a_folder_that_is_not_empty_is_refused_before_anything_is_exported(
+    held: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    out = tmp_path / "out"
+    (out / "x-2-export").mkdir(parents=True)
+    (out / "x-2-export" / "record.json").write_text('{"user_id": "x-2"}')
+    size = len(await held.log())
+    code, stdout, err = await run(
+        capsys, "subject", "export", *held.target("operator"), USER, "--out", str(out)
+    )
+    assert code == 2 and stdout == "" and "not empty" in err, err
+    assert len(await held.log()) == size  # the node was not asked
+    assert [p.name for p in out.rglob("*")] == ["x-2-export", "record.json"]
+
+
+async def test_an_answer_that_does_not_verify_leaves_nothing_on_disk(held: Cluster, tmp_path: Path):
+    from residency.server.vault import subject_archive
+
+    reply = await collect(_export(held, "operator"))
+    reply.entries[0].entry_json = reply.entries[0].entry_json.replace('"allowed"', '"denied"')
+    out = tmp_path / "export"
+    with pytest.raises(subject_archive.ArchiveError, match="not in the signed tree"):
+        subject_archive.write(out, reply, True)
+    assert not out.exists() and not (tmp_path / "export.zip").exists()
+
+
+# ---- the export commits to the whole set -----------------------------------------------------
+
+
+def _without(exported: Path, tmp_path: Path, drop) -> Path:
+    """The export with the entries `drop(entry)` picks removed, and copies.json rebuilt from
+    what is left, as anyone can with the public `copies`."""
+    from residency.server.core.report import subject as page
+
+    d = tmp_path / "thinned"
+    shutil.copytree(exported, d)
+    lines = [json.loads(line) for line in (d / "entries.jsonl").read_text().splitlines()]
+    kept = [line for line in lines if not drop(json.loads(line["entry"]))]
+    assert len(kept) < len(lines)
+    (d / "entries.jsonl").write_text("".join(json.dumps(line) + "\n" for line in kept))
+    rows = [json.loads(line["entry"]) for line in kept]
+    (d / "copies.json").write_text(json.dumps(page.copies(rows, read(d, "rules.json")["rules"])))
+    return d
+
+
+@pytest.mark.parametrize(
+    "drop",
+    [
+        # The transfer to Ireland hidden: its replication entries, and the copy they made.
+        lambda e: e["kind"] == "replication" and e["destination_region"] == IE,
+        # The disclosure to the court.
+        lambda e: e["kind"] == "disclosure",
+    ],
+)
+async def test_an_export_with_entries_removed_fails_verify(
+    exported: Path, log_key: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], drop
+):
+    d = _without(exported, tmp_path, drop)
+    code, out, err = await run(capsys, "subject", "verify", str(d), "--key", str(log_key))
+    assert code == 1 and out == "" and "entries before the export's own" in err, err
+
+
+async def test_an_export_with_its_rules_edited_fails_verify(
+    exported: Path, log_key: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """retention_days and safeguards come from rules.json, which the export's entry commits to."""
+
+    def shorter(text: str) -> str:
+        doc = json.loads(text)
+        for rule in doc["rules"]:
+            rule["retention_days"] = 30
+            rule["safeguards"] = []
+        return json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+
+    d = _tamper(exported, tmp_path, "rules.json", shorter)
+    from residency.server.core.report import subject as page
+
+    rows = [json.loads(json.loads(line)["entry"]) for line in (d / "entries.jsonl").read_text().splitlines()]
+    (d / "copies.json").write_text(json.dumps(page.copies(rows, read(d, "rules.json")["rules"])))
+    code, out, err = await run(capsys, "subject", "verify", str(d), "--key", str(log_key))
+    assert code == 1 and out == "" and "rules.json is not the rules file" in err, err
+
+
+async def test_the_exports_entry_commits_to_the_entries_before_it_and_the_rules(exported: Path):
+    import hashlib
+
+    from residency.server.core import merkle
+
+    own = read(exported, "record.json")["export"]["log_sequence"]
+    lines = [json.loads(line) for line in (exported / "entries.jsonl").read_text().splitlines()]
+    (entry,) = [json.loads(x["entry"]) for x in lines if json.loads(x["entry"])["sequence"] == own]
+    earlier = [x["entry"].encode() for x in lines if json.loads(x["entry"])["sequence"] < own]
+    assert entry["export"] == {
+        "earlier_entries": len(earlier),
+        "earlier_sha256": hashlib.sha256(b"".join(merkle.leaf_hash(e) for e in earlier)).hexdigest(),
+        "rules_sha256": hashlib.sha256((exported / "rules.json").read_bytes()).hexdigest(),
+    }
+    assert len(earlier) >= 5
+
+
+# ---- an id erased and given out again ----------------------------------------------------------
+
+
+def _grants_naming(c: Cluster, user: str) -> int:
+    with sqlite3.connect(c.data_dir(PRIMARY) / "node.db") as db:
+        return db.execute("SELECT count(*) FROM grant_users WHERE user_id=?", (user,)).fetchone()[0]
+
+
+async def test_an_erased_then_recreated_ids_export_holds_nothing_of_the_previous_person(
+    held: Cluster, log_key: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    reused, before = "x-9", {"name": "Wang Fang", "email": "wang.fang@example.cn", "phone": "+8613700137000"}
+    await held.consent(reused, "marketing.communications", "ie-affiliate")
+    await held.grant([reused], ["user.behavior.browsing_history"], recipient="sg-affiliate")
+    await held.put(reused, {**before, "pages_visited": ["/cart"]})
+    await held.disclose(
+        reused,
+        disclosure_pb2.DISCLOSURE_GROUND_JUDICIAL_OR_ADMINISTRATIVE_REQUEST,
+        third_party="Chaoyang District Court",
+        reference="case-previous-holder",
+    )
+    await held.replicated()
+    assert "phone" in (await held.held(reused, IE)).record.fields  # under the consent
+    assert _grants_naming(held, reused) == 1
+    await held.delete(reused)
+    erased = [
+        e
+        for e in await entries(held, kind="erasure", subject=reused)
+        if e["destination_region"] == e["source_region"] == PRIMARY
+    ]
+    assert [e["outcome"] for e in erased] == ["allowed"]
+    now = {
+        "name": "Zhao Lei",
+        "email": "zhao.lei@example.cn",
+        "phone": "+8613600136000",
+        "pages_visited": ["/"],
+    }
+    await held.put(reused, now)
+    await held.replicated()
+    # The previous holder's consent and grant do not carry over to the new person's copies.
+    assert "phone" not in (await held.held(reused, IE)).record.fields
+    assert _grants_naming(held, reused) == 0
+
+    out = tmp_path / "reused"
+    code, _, err = await run(capsys, "subject", "export", *held.target("operator"), reused, "--out", str(out))
+    assert code == 0, err
+    assert read(out, "consents.json") == [] and read(out, "disclosures.json") == []
+    rows = [json.loads(json.loads(x)["entry"]) for x in (out / "entries.jsonl").read_text().splitlines()]
+    assert rows and all(r["sequence"] > erased[0]["sequence"] for r in rows)
+    assert "consent" not in {r["kind"] for r in rows} and "disclosure" not in {r["kind"] for r in rows}
+    for path in [p for p in out.rglob("*") if p.is_file()]:
+        text = path.read_text()
+        for old in ("Wang Fang", "wang.fang@example.cn", "Chaoyang", "case-previous-holder"):
+            assert old not in text, (path.name, old)
+    code, _, err = await run(capsys, "subject", "verify", str(out), "--key", str(log_key))
+    assert code == 0, err

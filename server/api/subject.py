@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from residency.server.api.consent import consent_message
 from residency.server.api.context import Node, check_user
@@ -18,8 +22,11 @@ from residency.server.api.translog import (
     recipient_message,
     subject_entries,
 )
+from residency.server.core import translog
 from residency.server.core.errors import FailedPrecondition
+from residency.server.core.report import subject as page
 from residency.server.core.rules import RuleSet
+from residency.server.vault.subject_export import Exported
 from residency.server.vault.subject_export import export_subject as read_export
 from residency.v1 import records_pb2, translog_pb2
 
@@ -55,12 +62,26 @@ async def export_subject(
     log_ = node.transfer_log
     if log_ is None:
         raise FailedPrecondition("this node has no log signing key: an export could not be verified")
-    exported = await node.db.write(lambda: read_export(node.policy, user, caller))
+    # The user's entries so far, read a stretch per store-thread turn; those appended since
+    # are read in the export's own transaction, so that its entry commits to all of them.
+    scanned = await node.db.call(log_.store.log_count)
+    before = await subject_entries(node, log_, user, scanned, sole=True)
+
+    def export() -> tuple[Exported, RuleSet, int]:
+        rules = node.records.rules
+        since, _, _ = log_.query(translog.Filter(subject=user, sole=True), scanned, 1 << 30)
+        history = [*before, *since]
+        # Only the current record's: an id erased and given out again is another person's.
+        cut, at = page.after_erasure([json.loads(e.data) for e in history])
+        earlier = [e.leaf_hash for e in history if e.sequence > cut]
+        return read_export(node.policy, user, caller, earlier, _rules_file(rules), at), rules, cut
+
+    exported, rules, cut = await node.db.write(export)
     # Signed after the export's own entry committed, so that entry is among those proved.
     cp = await node.db.call(log_.checkpoint, True)
-    # The user's own entries: a find's entry naming several users it withheld is not handed over.
-    entries = await subject_entries(node, log_, user, cp.size, sole=True)
-    rules = node.records.rules
+    # The user's own entries since the cut: a find's entry naming several users it withheld
+    # is not handed over (nor committed to: `sole` above too).
+    entries = [e for e in await subject_entries(node, log_, user, cp.size, sole=True) if e.sequence > cut]
     first = records_pb2.ExportSubjectResponse(
         record=record_message(exported.record),
         withheld=withheld_messages(node.records.schema, exported.withheld),
@@ -85,6 +106,18 @@ async def export_subject(
             for e, (hashes, leaf) in zip(chunk, found, strict=True)
         )
         yield message
+
+
+def _rules_file(rules: RuleSet) -> str:
+    """rules.json as `residency subject export` writes it from this answer (`subject_archive`)."""
+
+    def doc(m: Message) -> dict[str, Any]:
+        return json_format.MessageToDict(m, preserving_proto_field_name=True)
+
+    return page.rules_text(
+        [doc(recipient_message(r)) for _, r in sorted(rules.recipients.items())],
+        [doc(r) for r in _rules(rules)],
+    )
 
 
 def _rules(rules: RuleSet) -> list[records_pb2.ExportedRule]:

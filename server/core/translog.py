@@ -107,6 +107,7 @@ def entry(
     forms: dict[str, str] | None = None,
     found_by: str = "",
     subjects: list[str] | None = None,
+    export: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One transfer-log entry, without its sequence and time: the store stamps both when it
     appends the entry, inside the transaction that commits it (`append_time`).
@@ -122,6 +123,8 @@ def entry(
     `found_by` (a read answering `FindRecords`) names the lookup field searched, never its value.
     `subjects` (a find's one entry for the users it matched but withheld from its caller,
     `subject` empty) names those users; an entry about one user has no such key.
+    `export` (a subject export's own `access` entry) commits to what the export holds
+    (`core.report.subject.commitment`).
     """
     assert kind in KINDS and outcome in OUTCOMES, (kind, outcome)
     extra: dict[str, Any] = {"destination_country": destination_country} if destination_country else {}
@@ -133,6 +136,8 @@ def entry(
         extra["found_by"] = found_by
     if subjects:
         extra["subjects"] = sorted(subjects)
+    if export is not None:
+        extra["export"] = export
     return {
         "kind": kind,
         "subject": subject,

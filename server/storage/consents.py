@@ -36,6 +36,7 @@ class ConsentStore(Protocol):
     def grants_ended_unlogged(self, now: float) -> list[tuple[str, str, float | None]]: ...
     def grant_users(self, grant_id: str) -> list[str]: ...
     def grant_mark_ended(self, grant_id: str) -> None: ...
+    def grants_leave(self, user_id: str) -> int: ...
     def sweep_cutoff(self, name: str) -> float: ...
     def set_sweep_cutoff(self, name: str, cutoff: float) -> None: ...
 
@@ -135,6 +136,11 @@ class ConsentRows(Database):
 
     def grant_mark_ended(self, grant_id: str) -> None:
         self._db.execute("UPDATE grants SET ended_logged=1 WHERE id=?", (grant_id,))
+
+    def grants_leave(self, user_id: str) -> int:
+        """Takes `user_id` out of every grant naming it (an erasure: the id may later be
+        another person's); returns how many grants named it."""
+        return self._db.execute("DELETE FROM grant_users WHERE user_id=?", (user_id,)).rowcount
 
     def sweep_cutoff(self, name: str) -> float:
         row = self._db.execute("SELECT cutoff FROM sweeps WHERE name=?", (name,)).fetchone()

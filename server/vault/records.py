@@ -183,11 +183,22 @@ class Records:
         """Erases a record: its data key is destroyed with it (crypto-shredding), a tombstone
         carries the erasure to every region, and a home `erasure` entry naming `actor` records
         it in the same transaction (a restore re-applies erasures its backup predates from
-        these entries, whether or not a tombstone ever left: `core.recovered`)."""
+        these entries, whether or not a tombstone ever left: `core.recovered`). The user's
+        standing consents are withdrawn and the grants naming the user leave it, so that
+        nothing of this person applies to, or is exported for, a later record under the same
+        id: the home entry marks where that record's history starts
+        (`core.report.subject.after_erasure`)."""
         old = self.store.rows([user_id]).get(user_id)
         if old is None or old.deleted:
             raise NotFound(f"user {user_id} has no record")
         version = self.tombstone(user_id, old.version)
+        now = time.time()
+        standing = self.store.consents([user_id])
+        for _, consented, recipient, sensitive, *_ in standing:
+            self.store.consent_set(
+                user_id, consented, recipient, bool(sensitive), now, ERASED_HERE, actor, True
+            )
+        grants = self.store.grants_leave(user_id)
         entry = translog.entry(
             "erasure",
             subject=user_id,
@@ -197,8 +208,8 @@ class Records:
             actor=actor,
             rules_version=self.rules.version,
             purpose=purpose,
-            reason=reason,
             version=version,
+            reason=f"{reason}; {len(standing)} standing consents withdrawn, {grants} grants left",
         )
         self.store.log_append([entry])
         return version

@@ -20,6 +20,7 @@ values, consents and disclosures are the node's word (the log never holds values
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -65,8 +66,33 @@ def _message(m: Any) -> dict[str, Any]:
     return json_format.MessageToDict(m, preserving_proto_field_name=True)
 
 
+def _text(path: Path, text: str) -> None:
+    """Writes a file of the archive readable by its owner only (0600, whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _json(path: Path, doc: Any) -> None:
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    _text(path, json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def prepare(directory: Path, make_zip: bool = False) -> None:
+    """Makes the export's folder, readable by its owner only (0700): refused (ArchiveError)
+    unless it is new or empty, so that nothing else lands in the export or its `.zip`."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ArchiveError(f"{directory} is not empty: an export goes into a new or empty folder")
+    if make_zip and (zipped := directory.with_name(directory.name + ".zip")).exists():
+        raise ArchiveError(f"{zipped} exists already: an export's .zip is written new")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+
+
+def discard(directory: Path, make_zip: bool = False) -> None:
+    """Removes what a failed export wrote (the folder `prepare` made, and its `.zip`)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    if make_zip:
+        directory.with_name(directory.name + ".zip").unlink(missing_ok=True)
 
 
 def documents(reply: records_pb2.ExportSubjectResponse) -> dict[str, Any]:
@@ -111,17 +137,27 @@ def documents(reply: records_pb2.ExportSubjectResponse) -> dict[str, Any]:
 
 
 def write(directory: Path, reply: records_pb2.ExportSubjectResponse, make_zip: bool = False) -> Path | None:
-    """Writes the archive (verified first: a node's answer that does not verify against its
-    own key is not handed on); returns the `.zip` written, if asked for."""
+    """Writes the archive into `directory` (new or empty: `prepare`; the files 0600), verified
+    first: a node's answer that does not verify against its own key is not handed on, and
+    what was written of it is removed. Returns the `.zip` written (0600), if asked for."""
+    prepare(directory, make_zip)
+    try:
+        return _write(directory, reply, make_zip)
+    except BaseException:
+        discard(directory, make_zip)
+        raise
+
+
+def _write(directory: Path, reply: records_pb2.ExportSubjectResponse, make_zip: bool) -> Path | None:
     cp = reply.checkpoint
     doc = documents(reply)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ENTRIES, "w", encoding="utf-8") as f:
-        for e, p in zip(reply.entries, reply.proofs, strict=True):
-            line = {"leaf_index": p.leaf_index, "entry": e.entry_json, "hashes": [h.hex() for h in p.hashes]}
-            f.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
-    (directory / CHECKPOINT).write_text(cp.checkpoint)
-    (directory / KEY).write_text(cp.verifier_key.strip() + "\n")
+    lines = []
+    for e, p in zip(reply.entries, reply.proofs, strict=True):
+        line = {"leaf_index": p.leaf_index, "entry": e.entry_json, "hashes": [h.hex() for h in p.hashes]}
+        lines.append(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
+    _text(directory / ENTRIES, "".join(lines))
+    _text(directory / CHECKPOINT, cp.checkpoint)
+    _text(directory / KEY, cp.verifier_key.strip() + "\n")
     for name, key in (
         (RECORD, "record"),
         (COPIES, "copies"),
@@ -129,7 +165,7 @@ def write(directory: Path, reply: records_pb2.ExportSubjectResponse, make_zip: b
         (DISCLOSURES, "disclosures"),
     ):
         _json(directory / name, doc[key])
-    _json(directory / RULES, {"recipients": doc["recipients"], "rules": doc["rules"]})
+    _text(directory / RULES, page.rules_text(doc["recipients"], doc["rules"]))
     checked = verify(directory)
     doc["checkpoint"] = {
         "origin": checked.checkpoint.origin,
@@ -137,12 +173,14 @@ def write(directory: Path, reply: records_pb2.ExportSubjectResponse, make_zip: b
         "root_hash": checked.checkpoint.root.hex(),
         "key_fingerprint": fingerprint(checked.key),
     }
-    (directory / INDEX).write_text(page.render_page(doc, time.time()), encoding="utf-8")
+    _text(directory / INDEX, page.render_page(doc, time.time()))
     if not make_zip:
         return None
-    return Path(
+    zipped = Path(
         shutil.make_archive(str(directory), "zip", root_dir=directory.parent, base_dir=directory.name)
     )
+    zipped.chmod(0o600)
+    return zipped
 
 
 def _read(directory: Path, name: str) -> Any:
@@ -171,7 +209,9 @@ def verify(directory: Path, key: str | None = None, origin: str | None = None) -
     if not isinstance(record, dict) or not isinstance(record.get("export"), dict):
         raise ArchiveError(f"{RECORD}: not the record of an export")
     user = record.get("user_id")
-    rows, previous = [], -1
+    rows: list[dict[str, Any]] = []
+    leaves: list[bytes] = []
+    previous = -1
     for number, text in enumerate(lines, 1):
         at = f"{ENTRIES} line {number}"
         try:
@@ -193,11 +233,45 @@ def verify(directory: Path, key: str | None = None, origin: str | None = None) -
         except merkle.ProofError as e:
             raise ArchiveError(f"{at}: the entry at leaf index {index} is not in the signed tree: {e}") from e
         rows.append(row)
+        leaves.append(merkle.leaf_hash(data))
         previous = index
     own = record["export"].get("log_sequence")
-    if not any(r["sequence"] == own and r["kind"] == "access" for r in rows):
+    mine = next((r for r in rows if r["sequence"] == own and r["kind"] == "access"), None)
+    if mine is None:
         raise ArchiveError(f"{ENTRIES}: the export's own entry ({own}) is not among the proved entries")
+    _check_commitment(directory, record, mine, rows, leaves)
     rules = _read(directory, RULES).get("rules", [])
     if _read(directory, COPIES) != json.loads(json.dumps(page.copies(rows, rules))):
         raise ArchiveError(f"{COPIES} does not follow from the verified entries")
     return VerifiedExport(cp, str(user), len(rows), key.strip(), pinned)
+
+
+def _check_commitment(
+    directory: Path,
+    record: dict[str, Any],
+    own: dict[str, Any],
+    rows: list[dict[str, Any]],
+    leaves: list[bytes],
+) -> None:
+    """The export's own entry (proved) commits to the entries before it and to rules.json: an
+    entry left out, or a rule's retention or safeguards edited, no longer matches."""
+    made = own.get("export")
+    if not isinstance(made, dict):
+        raise ArchiveError(f"{ENTRIES}: the export's own entry commits to no set of entries")
+    try:
+        rules_file = (directory / RULES).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ArchiveError(f"{directory} is not a complete export: cannot read {RULES}: {e.strerror}") from e
+    earlier = [leaf for r, leaf in zip(rows, leaves, strict=True) if r["sequence"] < own["sequence"]]
+    found = page.commitment(earlier, rules_file)
+    for key, what in (
+        ("earlier_entries", f"{ENTRIES} holds {found['earlier_entries']} entries before the export's own"),
+        ("earlier_sha256", f"{ENTRIES}: the entries before the export's own are not those it committed to"),
+        ("rules_sha256", f"{RULES} is not the rules file the export committed to"),
+    ):
+        if made.get(key) != found[key]:
+            raise ArchiveError(f"{what} (its entry says {made.get(key)})")
+    if record["export"].get("rules_version") != own.get("rules_version"):
+        raise ArchiveError(
+            f"{RECORD}: the rules version is not the export entry's ({own.get('rules_version')})"
+        )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from residency.server.core import translog
 from residency.server.core.errors import NotFound
 from residency.server.core.policy.disclosure import Request
+from residency.server.core.report import subject as page
 from residency.server.core.rules import CREDENTIAL, Withheld
 from residency.server.storage.consents import ConsentRow
 from residency.server.vault.policy import Policy
@@ -28,10 +29,21 @@ class Exported:
     log_sequence: int  # the export's own entry
 
 
-def export_subject(policy: Policy, user_id: str, caller: Caller) -> Exported:
+def export_subject(
+    policy: Policy,
+    user_id: str,
+    caller: Caller,
+    earlier: list[bytes],
+    rules_file: str,
+    erased_at: float = 0.0,
+) -> Exported:
     """Reads what is held about `user_id` at home and logs the export as an `access` entry
-    naming every field handed over (names and categories, never values). Runs on the store
-    thread inside a write: the entry commits with the read or not at all."""
+    naming every field handed over (names and categories, never values) and committing to
+    the export (`core.report.subject.commitment`): `earlier` the leaf hashes of every entry
+    about the user so far, in log order, and `rules_file` the rules.json it ships. Runs on the
+    store thread inside a write: the entry commits with the read or not at all. Consents and
+    disclosure requests from before `erased_at` (the id's last erasure: `Records.delete`)
+    were the previous holder's and are left out."""
     records = policy.records
     row = records.store.rows([user_id]).get(user_id)
     if row is None or row.deleted:
@@ -57,7 +69,9 @@ def export_subject(policy: Policy, user_id: str, caller: Caller) -> Exported:
         withheld=translog.described_withheld(records.schema, withheld),
         version=rec.version,
         reason=REASON,
+        export=page.commitment(earlier, rules_file),
     )
     (seq,) = records.store.log_append([entry])
-    consents = records.store.consents([user_id], True)
-    return Exported(rec, withheld, consents, policy.disclosure_requests(user_id=user_id), seq)
+    consents = [c for c in records.store.consents([user_id], True) if c[4] >= erased_at]
+    disclosures = [r for r in policy.disclosure_requests(user_id=user_id) if r.requested_at >= erased_at]
+    return Exported(rec, withheld, consents, disclosures, seq)

@@ -4,10 +4,14 @@ subject's verified transfer-log entries alone."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from residency.server.core import countries
+from residency.server.core.policy.erasure import ERASED_HERE
 from residency.server.core.report.figures import REGION_COUNTRY, iso
 from residency.server.core.report.page import CSS, ENTRY_HEADERS, entry_row, esc, table
 from residency.server.core.report.ropa import SAFEGUARD_NAMES
@@ -15,6 +19,42 @@ from residency.server.core.report.ropa import SAFEGUARD_NAMES
 # Entries that put a copy in a region (replication) or take it away (erasure: an erased
 # record, or a copy nothing allows any more).
 COPY_KINDS = frozenset({"replication", "erasure"})
+
+
+# The reason of the `erasure` entry a home erasure logs (`Records.delete`): what the id held
+# before it is another person's, should the id be given out again.
+
+
+def after_erasure(rows: list[dict[str, Any]]) -> tuple[int, float]:
+    """(sequence, time) of the last home erasure among a subject's entries (in log order), or
+    (0, 0.0): an export holds only what came after it, the current record's."""
+    for r in reversed(rows):
+        home = r.get("kind") == "erasure" and r.get("destination_region") == r.get("source_region")
+        if home and str(r.get("reason", "")).startswith(ERASED_HERE):
+            return int(r["sequence"]), float(r["time"])
+    return 0, 0.0
+
+
+def rules_text(recipients: list[dict[str, Any]], rules: list[dict[str, Any]]) -> str:
+    """The bytes of an export's `rules.json` (as text): the recipients and rules in force."""
+    doc = {"recipients": recipients, "rules": rules}
+    return json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def commitment(earlier_leaves: Iterable[bytes], rules_file: str) -> dict[str, Any]:
+    """What an export's own `access` entry commits to, so that `subject verify` can tell a
+    set of entries thinned out, or a rules.json edited, from the export as made: the number
+    of the subject's entries before it (since the id's last erasure), SHA-256 over their leaf
+    hashes in log order, and SHA-256 of rules.json's bytes."""
+    h, n = hashlib.sha256(), 0
+    for leaf in earlier_leaves:
+        h.update(leaf)
+        n += 1
+    return {
+        "earlier_entries": n,
+        "earlier_sha256": h.hexdigest(),
+        "rules_sha256": hashlib.sha256(rules_file.encode()).hexdigest(),
+    }
 
 
 def copies(rows: list[dict[str, Any]], rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
