@@ -21,6 +21,7 @@ from residency.server.api.subject import export_subject
 from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
 from residency.server.core.lookup import DEFAULT_FIND, MAX_FIND
 from residency.server.core.policy.credentials import hash_credential, verify_credential
+from residency.server.vault.credentials import rehash_credential, stored_credential
 from residency.server.vault.finding import Finder, check_token
 from residency.server.vault.records import Caller, ReadResult, Write
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
@@ -193,7 +194,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
             limit, wait = refused
             about = "about this user" if limit == "user" else "by this caller"
             raise RateLimited(f"too many credential checks {about}; retry in {math.ceil(wait)} s", wait)
-        stored = await self.node.db.call(self.records.credential, request.user_id, request.field)
+        stored = await self.node.db.call(stored_credential, self.records, request.user_id, request.field)
         # Unknown users and users without this credential cost the same verify as the others.
         loop = asyncio.get_running_loop()
         verdict = await loop.run_in_executor(self.node.hashing, verify_credential, request.secret, stored)
@@ -206,7 +207,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         if that fails the old hash stays, and still verifies."""
         new = await asyncio.get_running_loop().run_in_executor(self.node.hashing, hash_credential, secret)
         try:
-            if await self.node.db.write(lambda: self.records.rehash_credential(user_id, field, stored, new)):
+            if await self.node.db.write(lambda: rehash_credential(self.records, user_id, field, stored, new)):
                 self.node.wake()
         except ResidencyError as e:  # its text may name the user: the log gets only its kind
             log.warning("a verified credential was not rehashed (%s); its old hash stays", type(e).__name__)

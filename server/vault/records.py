@@ -389,22 +389,3 @@ class Records:
         (seq,) = self.store.log_append([entry])
         rec.fields = sent
         return ReadResult(rec, withheld, seq, entry["reason"], entry.get("forms", {}))
-
-    def credential(self, user_id: str, field: str) -> bytes:
-        """The stored hash of a credential field, empty if the user or the field has none
-        (a verify call does not tell which); never leaves this node."""
-        row = self.store.rows([user_id]).get(user_id)
-        if row is None or row.deleted:
-            return b""
-        value = self.open_row(row).fields.get(field)
-        return value.bytes_value if value is not None else b""
-
-    def rehash_credential(self, user_id: str, field: str, old: bytes, new: bytes) -> bool:
-        """Replaces the hash `old` of a credential field by `new` (the same secret, hashed
-        with today's parameters), unless the credential changed meanwhile. The record keeps
-        its age: this is not the user's write."""
-        if not old or self.credential(user_id, field) != old:
-            return False
-        body = records_pb2.Record(fields={field: Value(bytes_value=new)}).SerializeToString()
-        self.put([Write(user_id, "", body, touch=False)])
-        return True
