@@ -138,3 +138,42 @@ async def test_a_reprojection_killed_midway_resumes_and_completes_after_the_rest
     changes = [json.loads(e) for _, e, _ in await cluster.log() if '"rules_change"' in e]
     assert [c["rules_version"] for c in changes] == [applied.version]
     assert saved_reprojection(cluster)[1:] == (None, n, n)
+
+
+def test_a_store_from_before_the_rules_state_takes_its_newest_entrys_rules_version(tmp_path):
+    """A store an older release made has no `rules_state` row: the rules version its newest log
+    entry names is the one last applied, so a start under other rules is still a change."""
+    from residency.server.config.rules import parse_rules
+    from residency.server.config.schema import load_schema
+    from residency.server.core import translog
+    from residency.server.deployment import EXAMPLE_SCHEMA
+    from residency.server.keys.keyring import Keyring
+    from residency.server.keys.providers.local import LocalProvider
+    from residency.server.storage.sqlite import SqliteStore
+    from residency.server.vault.policy import Policy
+    from residency.server.vault.records import Records
+
+    (tmp_path / "schema.yaml").write_text(EXAMPLE_SCHEMA)
+    schema = load_schema(tmp_path / "schema.yaml")
+    rules = parse_rules(yaml.safe_load(NO_TRANSACTIONS), schema, "rules.yaml", "v-new")
+    store = SqliteStore(tmp_path / "node.db")
+    old = translog.entry(
+        "replication", subject="u-1", source_region=PRIMARY, destination_region=EU,
+        outcome="allowed", actor="replicator", rules_version="v-old",
+    )  # fmt: skip
+    with store.transaction():
+        store.log_append([old, {**old, "rules_version": ""}])
+    keyring = Keyring(PRIMARY, LocalProvider.create(tmp_path / "k", b"test passphrase"), tmp_path / "k")
+    policy = Policy(Records(PRIMARY, True, schema, rules, keyring, store))
+    with store.transaction():
+        state = policy.rules_at_start("node")
+    assert state is not None and (state.version, state.after) == ("v-new", "")
+    change = json.loads(store.log_after(2, 10)[0][1])
+    assert (change["kind"], change["actor"]) == ("rules_change", "node")
+    assert change["reason"].startswith("rules v-old -> v-new")
+    with store.transaction():
+        assert policy.reproject(500).after is None  # no records: complete at once
+    with store.transaction():
+        assert policy.rules_at_start("node") is None  # the same rules again: no change
+    assert len(store.log_after(0, 10)) == 3
+    store.close()
