@@ -254,10 +254,12 @@ class RunningNode:
             assert self._reprojection is not None
             await self._reprojection.stop()  # the new rules' re-projection replaces it
             policy, store = self.node.policy, self.db.store
-            prev = await self.db.write(lambda: policy.swap_rules(new, actor))
-            state = await self.db.call(store.rules_state)
+            try:
+                prev = await self.db.write(lambda: policy.swap_rules(new, actor))
+            finally:  # after a failed swap, the saved re-projection goes on
+                state = await self.db.call(store.rules_state)
+                await self._reprojection.restart(state)
             assert state is not None
-            await self._reprojection.restart(state)
         log.info("rules %s -> %s by %s; re-projecting %d records", prev, new.version, actor, state.total)
         return prev, new.version, state.total
 

@@ -49,10 +49,12 @@ class Reprojection:
             )
             self._start(state)
 
-    async def restart(self, state: RulesState) -> None:
-        """After a swap: the new rules' re-projection replaces the one under way."""
+    async def restart(self, state: RulesState | None) -> None:
+        """After a swap: the new rules' re-projection (the saved `state`) replaces the one
+        under way."""
         await self.stop()
-        self._start(state)
+        if state is not None:
+            self._start(state)
 
     def _start(self, state: RulesState) -> None:
         self._task = asyncio.create_task(self._run(state), name="reproject")
