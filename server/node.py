@@ -50,6 +50,7 @@ from residency.server.vault.copies import Home
 from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.key_lifecycle import KeyLifecycle
 from residency.server.vault.records import Records
+from residency.server.vault.reprojection import Reprojection
 from residency.server.vault.transferlog import TransferLog
 from residency.v1 import (
     admin_pb2,
@@ -93,7 +94,7 @@ class RunningNode:
         self._archiver: Any = None
         self.node: Node | None = None
         self._tasks: list[asyncio.Task] = []
-        self._reproject: asyncio.Task | None = None
+        self._reprojection: Reprojection | None = None
         self._rules_lock = asyncio.Lock()
         self.records: Records | None = None
         self._running: int | None = None
@@ -184,6 +185,9 @@ class RunningNode:
         node.tls, node.keys, node.health = self.tls, keys, self.health
         self.node, self.schema = node, schema
         self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
+        if c.is_primary:  # a rules file changed while stopped, or a re-projection cut short
+            self._reprojection = Reprojection(self.db, node.policy, node.set_backfill, node.wake)
+            await self._reprojection.at_start("node")
         server = grpc.aio.server(
             # Measured outermost: the gate's refusals are calls too.
             interceptors=[Measure(), Gate(self.tls, node), RequestGuard()],
@@ -235,8 +239,8 @@ class RunningNode:
         self, text: bytes, actor: str, persist: bool, source: str = ""
     ) -> tuple[str, str, int]:
         """Validates `text` as the new rule set, swaps it in atomically and logs the change,
-        then re-projects every live record in the background (writes are not blocked: each
-        page is its own short transaction). `persist` writes it to the configured file.
+        then re-projects every live record in the background (`Reprojection`: each page its own
+        short transaction, the progress saved with it). `persist` writes it to the configured file.
         `source`: where the text came from, as its errors name it (default: that file)."""
         assert self.node is not None and self.db is not None
         path = self.config.rules
@@ -247,27 +251,17 @@ class RunningNode:
         async with self._rules_lock:
             if persist:
                 await asyncio.get_running_loop().run_in_executor(None, write_private, path, text)
-            policy = self.node.policy
-            prev = await self.db.write(lambda: policy.swap_rules(new, actor))
-            total = (await self.db.call(self.db.store.counts))[0]
-            if self._reproject is not None:  # the new rules' re-projection replaces it
-                self._reproject.cancel()
-                await asyncio.gather(self._reproject, return_exceptions=True)
-            self._reproject = asyncio.create_task(self._reproject_all(total), name="reproject")
-        log.info("rules %s -> %s by %s; re-projecting %d records", prev, new.version, actor, total)
-        return prev, new.version, total
-
-    async def _reproject_all(self, total: int) -> None:
-        assert self.node is not None and self.db is not None
-        policy, after, done = self.node.policy, "", 0
-        self.node.backfill = (0, total)
-        while True:
-            after, n = await self.db.write(functools.partial(policy.reproject, after, 500), weight=500)
-            done += n
-            self.node.backfill = (min(done, total), max(total, done))
-            self.node.wake()
-            if n < 500:
-                return
+            assert self._reprojection is not None
+            await self._reprojection.stop()  # the new rules' re-projection replaces it
+            policy, store = self.node.policy, self.db.store
+            try:
+                prev = await self.db.write(lambda: policy.swap_rules(new, actor))
+            finally:  # after a failed swap, the saved re-projection goes on
+                state = await self.db.call(store.rules_state)
+                await self._reprojection.restart(state)
+            assert state is not None
+        log.info("rules %s -> %s by %s; re-projecting %d records", prev, new.version, actor, state.total)
+        return prev, new.version, state.total
 
     async def _sweep(self) -> None:
         """The primary ends grants past their end and withdraws copies past their retention; a
@@ -314,7 +308,9 @@ class RunningNode:
 
     async def stop(self) -> None:
         """Refuses new calls, lets in-flight calls finish, then flushes and closes the store."""
-        background = [*self._tasks, *(t for t in (self._reproject,) if t is not None)]
+        if self._reprojection is not None:
+            await self._reprojection.stop()
+        background = self._tasks
         for t in background:
             t.cancel()
         # Awaited, not only cancelled: none is left writing while the store drains and closes.

@@ -17,6 +17,7 @@ from residency.server.deployment import PRIMARY
 from residency.server.keys.region import RegionKey
 from residency.v1 import records_pb2, replica_pb2
 from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
+from tests.harness import eventually
 from tests.test_replication import FULL, allowed_fields
 from tests.test_s3_manifest import open_by_manifest
 
@@ -424,8 +425,9 @@ def test_an_s3_destination_config_is_checked_naming_the_key(tmp_path: Path):
 
 async def test_a_copy_the_rules_no_longer_allow_is_withdrawn_from_bucket_and_logged(s3_cluster: Cluster):
     """Withdrawal is the general tombstone path: here the rules stop sending anything to
-    eu-west-1; the user's next change withdraws the bucket's object (rule changes, consent
-    withdrawal, grant end and retention expiry all come down to this)."""
+    eu-west-1 while the primary is stopped; its start re-projects every record under them and
+    withdraws the bucket's object, no write needed (rule changes, consent withdrawal, grant end
+    and retention expiry all come down to this)."""
     import yaml
 
     c = s3_cluster
@@ -437,13 +439,19 @@ async def test_a_copy_the_rules_no_longer_allow_is_withdrawn_from_bucket_and_log
     rules["rules"] = [r for r in rules["rules"] if r["recipient"] != "ie-affiliate"]
     (c.dir / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
     await c.start(PRIMARY)
-    await c.put("w-1", {"name": "W"})
-    await c.replicated()
-    assert await asyncio.to_thread(bucket_object, c, "w-1") is None
+
+    async def withdrawn() -> bool:
+        await c.replicated()
+        return await asyncio.to_thread(bucket_object, c, "w-1") is None
+
+    await eventually(withdrawn, "the start's re-projection withdraws the bucket's object")
     entries = [json.loads(e) for _, e, _ in await c.log()]
     last = [e for e in entries if e["subject"] == "w-1" and e["destination_region"] == S3_REGION][-1]
     assert (last["kind"], last["outcome"], last["record_version"]) == ("erasure", "allowed", 2)
     assert last["reason"].startswith("withdrawn")
+    await c.put("w-1", {"name": "W"})
+    await c.replicated()
+    assert await asyncio.to_thread(bucket_object, c, "w-1") is None
     assert values(await c.get("w-1", region="ap-southeast-1"))["name"] == "W"
 
 

@@ -66,6 +66,9 @@ class Node:
         # Readiness and its reasons (`GetNodeStatus` reports them).
         self.health: Health | None = None
 
+    def set_backfill(self, done: int, total: int) -> None:
+        self.backfill = (done, total)
+
     def wake(self) -> None:
         if self.replicator is not None:
             self.replicator.wake()

@@ -21,6 +21,7 @@ from residency.server.storage.replication import (
     ReplicationControlStore,
     ReplicationStore,
 )
+from residency.server.storage.rules_state import RulesStateStore
 from residency.server.storage.transferlog import LogStore, LogWriter
 
 
@@ -32,12 +33,13 @@ class VaultStore(
     ConsentStore,
     DisclosureStore,
     LookupStore,
+    RulesStateStore,
     LogWriter,
     Protocol,
 ):
     """`Records.store`, which every vault operation uses: writes, reads and erasure, copies
     applied (behind the lease-epoch fence), consents, grants, disclosure requests, retention
-    sweeps, rule changes and blind indexes."""
+    sweeps, rule changes (and their re-projection's state) and blind indexes."""
 
 
 class WorkerStore(UnitOfWork, ReplicationStore, LogWriter, Protocol):

@@ -14,6 +14,7 @@ from residency.server.storage.lookup import LookupRows
 from residency.server.storage.records import RecordRows
 from residency.server.storage.replication import ReplicationRows
 from residency.server.storage.restores import RestoreRows
+from residency.server.storage.rules_state import RulesStateRows
 from residency.server.storage.transferlog import TransferLogRows
 
 
@@ -26,7 +27,8 @@ class SqliteStore(
     DisclosureRows,
     RestoreRows,
     LookupRows,
+    RulesStateRows,
 ):
     """The node's store: `Database` (connection, lock, migrations, unit of work) with the
     records, outbox and replication control, transfer log, keyring, consent, disclosure and
-    blind-index repositories, and what a restore from a backup reads and writes."""
+    blind-index and rules-state repositories, and what a restore from a backup reads and writes."""

@@ -9,6 +9,7 @@ from residency.server.core import translog
 from residency.server.core.errors import InvalidRecord, NotFound
 from residency.server.core.rules import Allowed, RuleSet
 from residency.server.core.schema import data_uses
+from residency.server.storage.rules_state import RulesState
 from residency.server.vault.records import Records
 
 
@@ -43,32 +44,68 @@ class RulesChange:
             out.append(item)
         return out
 
-    def swap_rules(self, new: RuleSet, actor: str) -> str:
+    def swap_rules(self, new: RuleSet, actor: str, why: str = "") -> str:
         """Swaps the rule set atomically and logs the change; the caller then re-projects
-        every live record (`reproject`)."""
+        every live record (`reproject`), from the state written here in the same transaction
+        (so a restart resumes it). `why`: added to the entry's reason."""
         old = self.records.rules
         self.records.rules = new
-        self.records.store.log_append(
+        self._log_change(old.version, new.version, actor, why)
+        return old.version
+
+    def _log_change(self, old: str, new: str, actor: str, why: str) -> None:
+        store = self.records.store
+        reason = f"rules {old} -> {new}" + (f": {why}" if why else "")
+        store.log_append(
             [
                 translog.entry(
                     "rules_change",
                     subject="",
-                    source_region=new.home_region,
+                    source_region=self.records.rules.home_region,
                     destination_region="",
                     outcome="allowed",
                     actor=actor,
-                    rules_version=new.version,
-                    reason=f"rules {old.version} -> {new.version}",
+                    rules_version=new,
+                    reason=reason,
                 )
             ]
         )
-        return old.version
+        store.set_rules_state(RulesState(new, "", 0, store.counts()[0]))
 
-    def reproject(self, after_user: str, limit: int) -> tuple[str, int]:
-        """Gives the next `limit` live records a new version; returns (last user, count)."""
-        page = [u for u, _ in self.records.store.live_blobs(after_user, limit)]
+    def rules_at_start(self, actor: str) -> RulesState | None:
+        """At a primary's start: the re-projection to run, if any. Rules loaded that differ
+        from those the records were last re-projected for (the file changed while the node was
+        stopped, or a crash came between writing it and the swap) are logged as a change by
+        `actor` and re-projected from the first user, as a live `rules apply` would; one a
+        stop cut short goes on where its last page ended."""
+        store, now = self.records.store, self.records.rules.version
+        state = store.rules_state()
+        # A store from before `rules_state`: the rules its newest log entry was made under.
+        last = state.version if state is not None else store.last_logged_rules_version()
+        if last and last != now:
+            why = "found at start: the rules file changed while the node was stopped"
+            self._log_change(last, now, actor, why)
+            return store.rules_state()
+        if state is None:
+            store.set_rules_state(RulesState(now, None, 0, 0))
+            return None
+        return state if state.after is not None else None
+
+    def reproject(self, limit: int) -> RulesState:
+        """Gives the next `limit` live records after the saved cursor a new version; returns
+        the re-projection's state, saved in the same transaction (`after` None: complete). The
+        cursor is read here, not passed: a page that races a swap continues the new one."""
+        store = self.records.store
+        state = store.rules_state() or RulesState(self.records.rules.version, None, 0, 0)
+        if state.after is None:
+            return state
+        page = [u for u, _ in store.live_blobs(state.after, limit)]
         self.records.bump(page)
-        return (page[-1] if page else after_user), len(page)
+        done = state.done + len(page)
+        after = page[-1] if len(page) == limit else None
+        new = RulesState(state.version, after, done, max(state.total, done))
+        store.set_rules_state(new)
+        return new
 
 
 def check_explain(rules: RuleSet, to: str, purpose: str | None) -> None:
