@@ -1,3 +1,0 @@
--- Reserved: migrations must be numbered without gaps, and 0011 belongs to a branch developed
--- beside the one that added 0012 (fixrules). When that branch merges, its 0011 replaces this
--- file. No statement.
