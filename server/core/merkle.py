@@ -18,7 +18,7 @@ tiles come in and go out as bytes, the caller reads and writes them.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 from residency.server.core.errors import FailedPrecondition
@@ -265,8 +265,7 @@ def tile_hashes(data: bytes) -> list[bytes]:
 
 
 def tile_count(size: int, level: int) -> int:
-    """How many hashes level `level` holds in a tree of `size` leaves (complete subtrees of
-    height 8 * level)."""
+    """How many hashes (roots of complete subtrees of height 8L) level L has at `size` leaves."""
     return size >> (TILE_HEIGHT * level)
 
 
@@ -328,23 +327,23 @@ class TileEdge:
 
 
 class TileTree(Tree):
-    """A tree whose full tiles live in the store: the right edge in memory, every other tile
-    read through `read(level, index)` when a root or proof needs it, checked against its
-    parent's hash on the way in (a tile is trusted only as far as the edge vouches for it),
-    and kept in a shared LRU. Answers as `Tree` does; `extend` grows this copy only."""
+    """A tree whose full tiles live in the store: the right edge in memory, other tiles read
+    through `read(level, index)` when a root or proof needs them, checked against the parent's
+    hash on the way in (trusted as far as the edge vouches), kept in an LRU per level shared
+    between copies. Answers as `Tree` does; `extend` grows this copy only."""
 
     __slots__ = ("_cache", "_extra", "_read", "edge")
-    CACHED_TILES = 128
+    CACHED_PER_LEVEL = 256  # 4 MiB a level: at 16M leaves, every level-1 tile stays cached
 
     def __init__(
         self,
         edge: TileEdge,
         read: Callable[[int, int], bytes],
-        cache: OrderedDict[tuple[int, int], Tree] | None = None,
+        cache: defaultdict[int, OrderedDict[int, Tree]] | None = None,
     ):
         self.edge = edge
         self._read = read
-        self._cache: OrderedDict[tuple[int, int], Tree] = OrderedDict() if cache is None else cache
+        self._cache = defaultdict(OrderedDict) if cache is None else cache
         self._extra: dict[tuple[int, int], Tree] = {}  # tiles `extend` completed here only
 
     @property
@@ -359,7 +358,7 @@ class TileTree(Tree):
     def extend(self, leaves: Iterable[bytes]) -> None:
         for level, index, data in self.edge.extend(leaves):
             if len(data) == TILE_BYTES:
-                self._extra[level, index] = Tree(tile_hashes(data))
+                self._extra[level, index] = _full_tile(data)
 
     def _node(self, height: int, i: int) -> bytes:
         level, r = divmod(height, TILE_HEIGHT)
@@ -369,21 +368,31 @@ class TileTree(Tree):
     def _tile(self, level: int, index: int) -> Tree:
         if index == self.edge.index(level):
             return self.edge.levels[level]
-        key = (level, index)
-        if (tile := self._extra.get(key)) is not None:
+        if (tile := self._extra.get((level, index))) is not None:
             return tile
-        if (tile := self._cache.get(key)) is not None:
-            self._cache.move_to_end(key)
+        cache = self._cache[level]
+        if (tile := cache.get(index)) is not None:
+            cache.move_to_end(index)
             return tile
         data = self._read(level, index)
-        tile = Tree(tile_hashes(data))
-        parent = self._node(TILE_HEIGHT * (level + 1), index)
-        if len(data) != TILE_BYTES or tile._node(TILE_HEIGHT, 0) != parent:
+        tile = _full_tile(data) if len(data) == TILE_BYTES else Tree()
+        if not tile.size or tile._node(TILE_HEIGHT, 0) != self._node(TILE_HEIGHT * (level + 1), index):
             raise TileMismatch(
                 f"the transfer log's {tile_path(level, index)} does not match the hash its parent "
                 f"tile holds for it: the log's tiles were altered; restore the store from a backup"
             )
-        self._cache[key] = tile
-        if len(self._cache) > self.CACHED_TILES:
-            self._cache.popitem(last=False)
+        cache[index] = tile
+        if len(cache) > self.CACHED_PER_LEVEL:
+            cache.popitem(last=False)
         return tile
+
+
+def _full_tile(data: bytes) -> Tree:
+    """A full tile's tree, a level at a time: twice as fast as leaf by leaf, and a proof that
+    reads a tile pays for all its 255 inner hashes."""
+    tree, level = Tree(), data
+    tree.levels = [bytearray(data)]
+    while len(level) > 32:
+        level = b"".join(_sha256(b"\x01" + level[i : i + 64]).digest() for i in range(0, len(level), 64))
+        tree.levels.append(bytearray(level))
+    return tree

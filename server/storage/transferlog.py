@@ -11,7 +11,7 @@ import binascii
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,7 +63,7 @@ class TransferLogRows(Database):
         self._edge = merkle.TileEdge()
         self._pending_edge: merkle.TileEdge | None = None
         self._savepoint_edge: merkle.TileEdge | None = None
-        self._tile_cache: OrderedDict[tuple[int, int], merkle.Tree] = OrderedDict()
+        self._tile_cache: defaultdict[int, OrderedDict[int, merkle.Tree]] = defaultdict(OrderedDict)
         super().__init__(path, durability, keyring, crash_after)
         self._open_tiles()
         # Leaf index = sequence - 1: sequences start at 1, RFC 6962 leaf indexes at 0.
