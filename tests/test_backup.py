@@ -67,17 +67,19 @@ async def archived_checkpoint(c: Cluster, size: int, timeout: float = 120.0) -> 
     bucket = S3Bucket(config.archive)
     prefix = f"translog/residency/{PRIMARY}/checkpoints/"
     deadline = asyncio.get_running_loop().time() + timeout
+    failed: Exception | None = None
     while True:
         try:
             keys = await asyncio.to_thread(bucket.keys, prefix)
-        except Exception:  # the node has not made its bucket yet
-            keys = []
+        except Exception as e:  # the node has not made its bucket yet
+            keys, failed = [], e
         # By number: the keys list in text order ("99" after "181").
         sizes = {int(k.rsplit("/", 1)[1]): k for k in keys}
         if sizes and max(sizes) >= size:
             top = max(sizes)
             return top, (await asyncio.to_thread(bucket.get, sizes[top])).decode()
-        assert asyncio.get_running_loop().time() < deadline, f"no checkpoint of size {size} archived"
+        late = asyncio.get_running_loop().time() >= deadline
+        assert not late, f"no checkpoint of size {size} archived ({failed!r})"
         await asyncio.sleep(0.1)
 
 

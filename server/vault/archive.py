@@ -51,7 +51,9 @@ class S3Bucket:
         from botocore.config import Config
 
         self.name = config.bucket
-        self._s3: Any = boto3.client(
+        # A session of its own: boto3's default session keeps the credentials it resolved
+        # first, so a later change of the environment (or of the process's identity) is missed.
+        self._s3: Any = boto3.session.Session().client(
             "s3",
             endpoint_url=config.endpoint,
             region_name=config.region,

@@ -378,7 +378,7 @@ async def test_a_user_erased_and_written_again_in_one_batch_is_written_under_a_n
         records.prepare_keys(writes)
 
     erased, written = await asyncio.gather(  # queued together: one batch
-        db.write(lambda: records.delete("u-1")),
+        db.write(lambda: records.delete("u-1", "spiffe://residency/operator/cn-north/test")),
         db.write_many(records.put, write("new@example.cn"), prepare),
     )
     assert (erased, written) == (2, [3])
