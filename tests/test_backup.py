@@ -246,19 +246,25 @@ async def test_a_restored_primary_resumes_without_reissuing_versions_or_resurrec
     assert all(d.dead_lettered == 0 and not d.last_error for d in status.values()), status
 
 
+async def backed_up_with_keys(c: Cluster, tmp_path: Path, users: list[str]) -> tuple[Path, Path]:
+    """`users` written and replicated, then the primary backed up, its keys apart: (store
+    backup, keys backup)."""
+    for u in users:
+        await c.put(u, FIELDS)
+    await c.replicated()
+    out, keys_out = tmp_path / "backup", tmp_path / "backup-keys"
+    config = str(c.dep.configs[PRIMARY])
+    took = await run("backup", "--config", config, "--out", str(out), "--keys-out", str(keys_out), "--quiet")
+    assert took.returncode == 0, took.stderr
+    return out, keys_out
+
+
 async def test_keys_restored_with_the_store_still_leave_later_erasures_unopenable(
     archived: Cluster, tmp_path: Path
 ):
     c = archived
     config, data = c.dep.configs[PRIMARY], c.data_dir(PRIMARY)
-    for u in ("k-0", "k-1"):
-        await c.put(u, FIELDS)
-    await c.replicated()
-    out, keys_out = tmp_path / "backup", tmp_path / "backup-keys"
-    took = await run(
-        "backup", "--config", str(config), "--out", str(out), "--keys-out", str(keys_out), "--quiet"
-    )
-    assert took.returncode == 0, took.stderr
+    out, keys_out = await backed_up_with_keys(c, tmp_path, ["k-0", "k-1"])
     assert query(keys_out / "keys.db", "SELECT 1 FROM data_keys WHERE user_id='k-0'")
     await c.delete("k-0")
     await c.replicated()
@@ -282,14 +288,7 @@ async def test_an_erasure_no_tombstone_left_for_stays_erased_with_keys_from_the_
 ):
     c = archived
     config, data = c.dep.configs[PRIMARY], c.data_dir(PRIMARY)
-    for u in ("p-0", "p-1"):
-        await c.put(u, FIELDS)
-    await c.replicated()
-    out, keys_out = tmp_path / "backup", tmp_path / "backup-keys"
-    took = await run(
-        "backup", "--config", str(config), "--out", str(out), "--keys-out", str(keys_out), "--quiet"
-    )
-    assert took.returncode == 0, took.stderr
+    out, keys_out = await backed_up_with_keys(c, tmp_path, ["p-0", "p-1"])
     # Replication is paused everywhere: p-0's erasure sends no tombstone, only the home logs it.
     for region in (SG, "eu-west-1"):
         await c.admin().PauseReplication(admin_pb2.PauseReplicationRequest(region=region), timeout=10)
