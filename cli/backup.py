@@ -43,11 +43,22 @@ def _progress(quiet: bool) -> Iterator[Progress]:
             bar.close()
 
 
+def _sqlite_only(config: NodeConfig, command: str) -> None:
+    if config.store.kind != "sqlite":
+        raise FailedPrecondition(
+            f"`residency {command}` works on the embedded SQLite store; {config.path} keeps its "
+            "store in PostgreSQL: back it up and restore it with PostgreSQL's own tools "
+            '(pg_dump, or a base backup with WAL archiving: docs/operators.md, "PostgreSQL"); '
+            "nothing was changed"
+        )
+
+
 def _backup(args: argparse.Namespace) -> int:
     from residency.server.config.node import load_config
     from residency.server.vault.backup import take_backup
 
     config = load_config(args.config)
+    _sqlite_only(config, "backup")
     keys_out = Path(args.keys_out) if args.keys_out else None
     with _progress(args.quiet) as progress:
         manifest = take_backup(
@@ -69,6 +80,7 @@ def _restore(args: argparse.Namespace) -> int:
     from residency.server.vault.backup import read_manifest
 
     config = load_config(args.config)
+    _sqlite_only(config, "restore")
     try:
         stopped = hold_stopped(config.data_dir)
     except FailedPrecondition:

@@ -143,7 +143,7 @@ async def _act_offline(
     from residency.server.config.schema import load_schema
     from residency.server.keys.keyring import Keyring
     from residency.server.keys.providers import open_log_provider, open_provider
-    from residency.server.storage.sqlite import SqliteStore
+    from residency.server.storage.stores import open_store
     from residency.server.storage.thread import StoreThread
     from residency.server.vault.key_events import KeyEvents
     from residency.server.vault.key_lifecycle import KeyLifecycle
@@ -151,7 +151,7 @@ async def _act_offline(
 
     schema = load_schema(config.schema)
     keyring = Keyring(config.region, open_provider(config.keys), config.keys_dir)
-    store = SqliteStore(config.data_dir / "node.db", durability=config.durability)
+    store = open_store(config)
     records = Records(
         config.region, config.is_primary, schema, load_rules(config.rules, schema), keyring, store
     )

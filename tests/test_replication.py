@@ -16,8 +16,15 @@ from residency.server.config.schema import load_schema
 from residency.server.core.rules import Allowed, Permits
 from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.v1 import admin_pb2, replica_pb2
-from tests.conftest import Cluster, values
+from tests.conftest import BACKENDS, Cluster, values
 from tests.test_keys_node import until
+
+
+@pytest.fixture(params=BACKENDS)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return str(request.param)
+
 
 FULL = {
     "name": "Li Wei",

@@ -17,7 +17,14 @@ from residency.server.core import merkle
 from residency.server.core.checkpoint import Checkpoint, LogSigner, fingerprint, open_note
 from residency.server.deployment import PRIMARY
 from residency.v1 import translog_pb2
-from tests.conftest import Cluster
+from tests.conftest import BACKENDS, Cluster
+
+
+@pytest.fixture(params=BACKENDS)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return str(request.param)
+
 
 USERS = [f"t-{i}" for i in range(12)]
 

@@ -13,18 +13,23 @@ from residency.server.core import merkle, translog
 from residency.server.core.errors import StorageFull
 from residency.server.storage.database import MIGRATIONS
 from residency.server.storage.sqlite import SqliteStore
-from tests.conftest import replication_entry
+from tests.conftest import BACKENDS, replication_entry
 
 
 def entry(i: int) -> dict:
     return replication_entry(i)
 
 
+@pytest.fixture(params=BACKENDS)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The log's storage tests run on SQLite and on PostgreSQL (those about SQLite's own
+    files, PRAGMAs and errors name `SqliteStore`)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = SqliteStore(tmp_path / "node.db")
-    yield s
-    s.close()
+def store(open_store):
+    return open_store()
 
 
 def chain_of(store) -> list[tuple[bytes, bytes]]:
@@ -47,8 +52,8 @@ def test_the_chain_detects_changed_dropped_and_reordered_entries(store):
     assert translog.verify_chain(good[:5] + [good[6], good[5]] + good[7:]) == 5
 
 
-def test_sequences_continue_across_reopen_and_a_rolled_back_append_leaves_no_gap(tmp_path):
-    s = SqliteStore(tmp_path / "node.db")
+def test_sequences_continue_across_reopen_and_a_rolled_back_append_leaves_no_gap(open_store):
+    s = open_store()
     with s.transaction():
         assert s.log_append([entry(0), entry(1)]) == [1, 2]
     with pytest.raises(RuntimeError), s.transaction():
@@ -57,7 +62,7 @@ def test_sequences_continue_across_reopen_and_a_rolled_back_append_leaves_no_gap
     with s.transaction():
         assert s.log_append([entry(3)]) == [3]
     s.close()
-    s = SqliteStore(tmp_path / "node.db")
+    s = open_store()
     with s.transaction():
         assert s.log_append([entry(4)]) == [4]
     assert translog.verify_chain(chain_of(s)) is None
@@ -82,7 +87,7 @@ def test_a_failed_write_in_a_group_rolls_back_alone(store):
     assert store.log_tree().size == 2 and store.log_tree().root() == merkle.root(committed)
 
 
-def test_entries_are_dated_at_append_and_never_earlier_than_the_one_before(tmp_path, monkeypatch):
+def test_entries_are_dated_at_append_and_never_earlier_than_the_one_before(open_store, monkeypatch):
     """The store stamps each entry's time when it appends it, whoever prepared it and when;
     a clock stepped back, or another process appending to the same log (a standalone
     replicator), never makes a later entry look older."""
@@ -90,7 +95,7 @@ def test_entries_are_dated_at_append_and_never_earlier_than_the_one_before(tmp_p
 
     clock = iter([100.0, 90.0, 95.0, 200.0, 150.0])
     monkeypatch.setattr(transferlog.time, "time", lambda: next(clock))
-    node, replicator = SqliteStore(tmp_path / "node.db"), SqliteStore(tmp_path / "node.db")
+    node, replicator = open_store(), open_store()
     prepared = entry(0)
     assert "time" not in prepared  # nothing dates an entry before the store appends it
     for s in (node, replicator, node, replicator, node):
@@ -103,7 +108,8 @@ def test_entries_are_dated_at_append_and_never_earlier_than_the_one_before(tmp_p
     replicator.close()
 
 
-def test_migrations_are_versioned(store):
+def test_migrations_are_versioned(tmp_path):
+    store = SqliteStore(tmp_path / "node.db")
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -147,8 +153,8 @@ def test_a_database_left_at_an_earlier_version_migrates_to_the_same_schema(tmp_p
     assert [(m.version, m.name) for m in MIGRATIONS[:5]] == list(enumerate(released, 1))
 
 
-def test_the_tree_and_checkpoints_survive_a_reopen_and_rolled_back_entries_never_join(tmp_path):
-    s = SqliteStore(tmp_path / "node.db")
+def test_the_tree_and_checkpoints_survive_a_reopen_and_rolled_back_entries_never_join(open_store):
+    s = open_store()
     with s.transaction():
         s.log_append([entry(i) for i in range(5)])
     with pytest.raises(RuntimeError), s.transaction():
@@ -158,7 +164,7 @@ def test_the_tree_and_checkpoints_survive_a_reopen_and_rolled_back_entries_never
     root = s.log_tree().root()
     s.checkpoint_save(5, "note")
     s.close()
-    s = SqliteStore(tmp_path / "node.db")
+    s = open_store()
     assert s.log_tree().size == 5 and s.log_tree().root() == root
     assert s.checkpoint_latest() == (5, "note")
     s.close()

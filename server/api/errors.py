@@ -34,6 +34,7 @@ from residency.server.core.errors import (
     StaleLeaseEpoch,
     Stopping,
     StorageFull,
+    StoreUnavailable,
     TransferDenied,
 )
 from residency.server.core.sealing import SealError
@@ -53,6 +54,7 @@ _CODES = {
     KeyServiceDenied: code_pb2.PERMISSION_DENIED,
     StorageFull: code_pb2.RESOURCE_EXHAUSTED,
     Stopping: code_pb2.UNAVAILABLE,
+    StoreUnavailable: code_pb2.UNAVAILABLE,
     SealError: code_pb2.FAILED_PRECONDITION,
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,
     RateLimited: code_pb2.RESOURCE_EXHAUSTED,

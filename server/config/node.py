@@ -16,6 +16,12 @@ from pydantic import AfterValidator, Field, Tag, model_validator
 from residency.server.config.credentials import CredentialsConfig
 from residency.server.config.errors import FileModel, empty_if_null, read_model, tagged_by
 from residency.server.config.keys import KeysConfig, KeysFile, keys_config
+from residency.server.config.store import (
+    PostgresStoreFile,
+    SqliteStoreFile,
+    StoreConfig,
+    store_config,
+)
 from residency.server.config.tls import TlsConfig, TlsFile, tls_config
 
 
@@ -165,6 +171,10 @@ class NodeFile(FileModel):
     )
     keys: KeysFile
     durability: Literal["full", "normal"] = "full"
+    store: Annotated[
+        Annotated[SqliteStoreFile, Tag("sqlite")] | Annotated[PostgresStoreFile, Tag("postgres")],
+        tagged_by("kind", "sqlite"),
+    ] = SqliteStoreFile()
     policy_sweep_seconds: float = Field(default=30.0, gt=0, description="a positive number of seconds")
     affiliates: Annotated[list[AffiliateFile], empty_if_null(list, list[AffiliateFile] | None)] = Field(
         default=[], description="a list of the primary's replication destinations"
@@ -249,6 +259,8 @@ class NodeConfig:
     keys: KeysConfig
     tls: TlsConfig
     durability: str = "full"
+    # SQLite in `data_dir` (the default), or a PostgreSQL database.
+    store: StoreConfig = field(default_factory=StoreConfig)
     # How often the primary ends expired grants and withdraws copies past retention.
     policy_sweep_seconds: float = 30.0
     affiliates: tuple[Affiliate, ...] = ()
@@ -309,6 +321,7 @@ def load_config(path: str | Path) -> NodeConfig:
         keys=keys_config(f.keys, path, rel),
         tls=tls_config(f.tls, rel),
         durability=f.durability,
+        store=store_config(f.store, path, rel),
         policy_sweep_seconds=f.policy_sweep_seconds,
         affiliates=tuple(_affiliate(a, rel) for a in f.affiliates),
         replicator=f.replicator,

@@ -114,3 +114,8 @@ class StaleLeaseEpoch(FailedPrecondition):
 
     def metadata(self) -> dict[str, str]:
         return {"epoch": str(self.epoch), "seen": str(self.seen)}
+
+
+class StoreUnavailable(ResidencyError):
+    """The node's database server (PostgreSQL) cannot be reached or dropped the connection:
+    nothing of the request was written, and it can be sent again."""

@@ -70,8 +70,11 @@ class ConsentRows(Database):
                 )
             return standing
         self._db.execute(
-            "INSERT OR REPLACE INTO consents (user_id, purpose, recipient, sensitive, granted_at,"
-            " withdrawn_at, evidence, actor) VALUES (?,?,?,?,?,NULL,?,?)",
+            "INSERT INTO consents (user_id, purpose, recipient, sensitive, granted_at,"
+            " withdrawn_at, evidence, actor) VALUES (?,?,?,?,?,NULL,?,?)"
+            " ON CONFLICT (user_id, purpose, recipient, sensitive) DO UPDATE SET"
+            " granted_at=excluded.granted_at, withdrawn_at=NULL, evidence=excluded.evidence,"
+            " actor=excluded.actor",
             (user_id, purpose, recipient, int(sensitive), when, evidence, actor),
         )
         return not standing
@@ -92,7 +95,7 @@ class ConsentRows(Database):
             grant,
         )
         self._db.executemany(
-            "INSERT OR IGNORE INTO grant_users (grant_id, user_id) VALUES (?,?)",
+            "INSERT INTO grant_users (grant_id, user_id) VALUES (?,?) ON CONFLICT DO NOTHING",
             [(grant["id"], u) for u in users],
         )
 

@@ -29,9 +29,9 @@ class KeyringRows(Database):
         """user id -> (wrapping key id, wrapping key as the provider wrapped it, wrapped DEK).
         For a region node's copies the wrapping key id is `hpke:KEYID` and its blob empty."""
         return {
-            u: (wk, w, dek)
+            u: (wk, w or b"", dek)
             for u, wk, w, dek in self._where_in(
-                "SELECT d.user_id, d.wrapping_key, coalesce(k.wrapped, x''), d.wrapped "
+                "SELECT d.user_id, d.wrapping_key, k.wrapped, d.wrapped "
                 "FROM keyring.data_keys d LEFT JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key "
                 "WHERE d.user_id IN ({marks})",
                 user_ids,
@@ -40,7 +40,10 @@ class KeyringRows(Database):
 
     def put_data_keys(self, rows: list[tuple[str, str, bytes]]) -> None:
         self._db.executemany(
-            "INSERT OR REPLACE INTO keyring.data_keys (user_id, wrapping_key, wrapped) VALUES (?,?,?)", rows
+            "INSERT INTO keyring.data_keys (user_id, wrapping_key, wrapped) VALUES (?,?,?) "
+            "ON CONFLICT (user_id) DO UPDATE SET wrapping_key=excluded.wrapping_key, "
+            "wrapped=excluded.wrapped",
+            rows,
         )
 
     def add_data_keys(self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]]) -> None:
@@ -77,7 +80,8 @@ class KeyringRows(Database):
 
     def put_wrapping_key(self, id: str, wrapped: bytes) -> None:
         self._db.execute(
-            "INSERT OR IGNORE INTO keyring.wrapping_keys (id, wrapped, created_at) VALUES (?,?,?)",
+            "INSERT INTO keyring.wrapping_keys (id, wrapped, created_at) VALUES (?,?,?) "
+            "ON CONFLICT DO NOTHING",
             (id, wrapped, time.time()),
         )
 
@@ -99,26 +103,28 @@ class KeyringRows(Database):
     def data_keys_per_wrapping_key(self) -> list[tuple[str, bytes, int]]:
         """(wrapping key id, the wrapping key as the provider wrapped it, how many data keys it
         wraps) for each wrapping key in use (retire looks for any under an old version)."""
-        return list(
-            self._db.execute(
-                "SELECT d.wrapping_key, coalesce(k.wrapped, x''), count(*) FROM keyring.data_keys d "
+        return [
+            (wk, w or b"", n)
+            for wk, w, n in self._db.execute(
+                "SELECT d.wrapping_key, max(k.wrapped), count(*) FROM keyring.data_keys d "
                 "LEFT JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key GROUP BY d.wrapping_key"
             )
-        )
+        ]
 
     def data_keys_not_under(
         self, wrapping_key: str, after_user: str, limit: int
     ) -> list[tuple[str, str, bytes, bytes]]:
         """A page of data keys wrapped by anything but `wrapping_key` (rotation): by another
         wrapping key, or (region nodes) by HPKE to the region key, `hpke:KEYID`."""
-        return list(
-            self._db.execute(
-                "SELECT d.user_id, d.wrapping_key, coalesce(k.wrapped, x''), d.wrapped "
+        return [
+            (u, wk, w or b"", dek)
+            for u, wk, w, dek in self._db.execute(
+                "SELECT d.user_id, d.wrapping_key, k.wrapped, d.wrapped "
                 "FROM keyring.data_keys d LEFT JOIN keyring.wrapping_keys k ON k.id = d.wrapping_key "
                 "WHERE d.wrapping_key != ? AND d.user_id > ? ORDER BY d.user_id LIMIT ?",
                 (wrapping_key, after_user, limit),
             )
-        )
+        ]
 
     def count_data_keys_not_under(self, wrapping_key: str) -> int:
         (n,) = self._db.execute(

@@ -43,7 +43,9 @@ class LookupRows(Database):
 
     def index_add(self, rows: list[IndexRow]) -> None:
         self._db.executemany(
-            "INSERT OR IGNORE INTO lookup_index (key_version, field, hmac, user_id) VALUES (?,?,?,?)", rows
+            "INSERT INTO lookup_index (key_version, field, hmac, user_id) VALUES (?,?,?,?) "
+            "ON CONFLICT DO NOTHING",
+            rows,
         )
 
     def index_find(self, version: int, field: str, digest: bytes, after_user: str, limit: int) -> list[str]:

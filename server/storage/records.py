@@ -58,7 +58,9 @@ class RecordRows(Database):
 
     def upsert(self, rows: list[Row]) -> None:
         self._db.executemany(
-            "INSERT OR REPLACE INTO records (user_id, version, deleted, blob, updated_at) VALUES (?,?,?,?,?)",
+            "INSERT INTO records (user_id, version, deleted, blob, updated_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT (user_id) DO UPDATE SET version=excluded.version, deleted=excluded.deleted, "
+            "blob=excluded.blob, updated_at=excluded.updated_at",
             [(r.user_id, r.version, int(r.deleted), r.blob, r.updated_at) for r in rows],
         )
         if any(r.deleted for r in rows):
@@ -79,9 +81,9 @@ class RecordRows(Database):
     def counts(self) -> tuple[int, int]:
         """(live records, tombstones)."""
         live, dead = self._db.execute(
-            "SELECT coalesce(sum(deleted=0),0), coalesce(sum(deleted=1),0) FROM records"
+            "SELECT count(*) - coalesce(sum(deleted),0), coalesce(sum(deleted),0) FROM records"
         ).fetchone()
-        return live, dead
+        return int(live), int(dead)
 
     def max_version(self) -> int:
         """The highest version of any record, erased ones included (0: none yet)."""

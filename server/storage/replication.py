@@ -97,9 +97,8 @@ class ReplicationRows(Database):
         ]
 
     def _outbox_head(self) -> int:
-        # AUTOINCREMENT keeps the high-water mark even after the outbox is trimmed.
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
-        return row[0] if row else 0
+        # The sequence's high-water mark, kept even after the outbox is trimmed.
+        return self._last_outbox_sequence()
 
     def outbox_depth(self) -> int:
         """Changes kept in the outbox (trimmed once every destination has them)."""
@@ -201,7 +200,8 @@ class ReplicationRows(Database):
     def see_lease_epoch(self, source: str, epoch: int) -> None:
         self._db.execute(
             "INSERT INTO lease_epochs_seen (source, epoch) VALUES (?,?) "
-            "ON CONFLICT(source) DO UPDATE SET epoch=max(epoch, excluded.epoch)",
+            "ON CONFLICT(source) DO UPDATE SET epoch=CASE WHEN excluded.epoch > lease_epochs_seen.epoch "
+            "THEN excluded.epoch ELSE lease_epochs_seen.epoch END",
             (source, epoch),
         )
 
@@ -250,7 +250,8 @@ class ReplicationRows(Database):
     def add_copies_sent(self, destination: str, n: int) -> None:
         self._db.execute(
             "INSERT INTO destination_state (destination, copies_sent) VALUES (?,?) "
-            "ON CONFLICT(destination) DO UPDATE SET copies_sent=copies_sent+excluded.copies_sent",
+            "ON CONFLICT(destination) DO UPDATE SET "
+            "copies_sent=destination_state.copies_sent+excluded.copies_sent",
             (destination, n),
         )
 
@@ -260,8 +261,9 @@ class ReplicationRows(Database):
         """Records copies (user, version, reason) a destination refused for good. One per
         user: a later refused version replaces an earlier one."""
         self._db.executemany(
-            "INSERT OR REPLACE INTO dead_letters (destination, user_id, version, reason, failed_at, retry) "
-            "VALUES (?,?,?,?,?,0)",
+            "INSERT INTO dead_letters (destination, user_id, version, reason, failed_at, retry) "
+            "VALUES (?,?,?,?,?,0) ON CONFLICT (destination, user_id) DO UPDATE SET version=excluded.version, "
+            "reason=excluded.reason, failed_at=excluded.failed_at, retry=0",
             [(destination, u, v, r, now) for u, v, r in items],
         )
 

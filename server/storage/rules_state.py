@@ -42,12 +42,11 @@ class RulesStateRows(Database):
     def last_logged_rules_version(self) -> str:
         """The rules version of the newest transfer-log entry that names one ("": none). For a
         store from before `rules_state`: the rule set it last ran under."""
-        before = None
+        (before,) = self._db.execute("SELECT coalesce(max(sequence), 0) + 1 FROM translog").fetchone()
         while True:
             page = self._db.execute(
-                "SELECT sequence, entry FROM translog WHERE ? IS NULL OR sequence < ? "
-                "ORDER BY sequence DESC LIMIT 500",
-                (before, before),
+                "SELECT sequence, entry FROM translog WHERE sequence < ? ORDER BY sequence DESC LIMIT 500",
+                (before,),
             ).fetchall()
             if not page:
                 return ""

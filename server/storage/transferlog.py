@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from pathlib import Path
 from typing import Any, Protocol
 
 from residency.server.core import merkle, translog
@@ -46,13 +45,7 @@ class TransferLogRows(Database):
     """The `translog`, `log_tiles`, `checkpoints` and `archived` tables, and the tree over
     `translog` (its right edge in memory, its full tiles in `log_tiles`)."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        durability: str = "full",
-        keyring: str | Path | None = None,
-        crash_after: str = "",
-    ):
+    def __init__(self, *args: Any, **kwargs: Any):
         # The sequence, chain head and time of the last committed entry, and of the last one
         # the open transaction appended (None: nothing yet).
         self._log_seq, self._log_head, self._log_time = 0, translog.GENESIS, 0.0
@@ -64,7 +57,7 @@ class TransferLogRows(Database):
         self._pending_edge: merkle.TileEdge | None = None
         self._savepoint_edge: merkle.TileEdge | None = None
         self._tile_cache: defaultdict[int, OrderedDict[int, merkle.Tree]] = defaultdict(OrderedDict)
-        super().__init__(path, durability, keyring, crash_after)
+        super().__init__(*args, **kwargs)
         self._open_tiles()
         # Leaf index = sequence - 1: sequences start at 1, RFC 6962 leaf indexes at 0.
         self._catch_up()
@@ -98,7 +91,11 @@ class TransferLogRows(Database):
         if self._pending_edge is None:
             self._pending_edge = self._edge.copy()
         rows = self._pending_edge.extend(leaves)
-        self._db.executemany("INSERT OR REPLACE INTO log_tiles (level, idx, hashes) VALUES (?,?,?)", rows)
+        self._db.executemany(
+            "INSERT INTO log_tiles (level, idx, hashes) VALUES (?,?,?) "
+            "ON CONFLICT (level, idx) DO UPDATE SET hashes=excluded.hashes",
+            rows,
+        )
 
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]:
         """Appends entries (inside the caller's transaction) and returns their sequences.
@@ -273,7 +270,7 @@ class TransferLogRows(Database):
 
     def checkpoint_save(self, size: int, note: str) -> None:
         self._db.execute(
-            "INSERT OR IGNORE INTO checkpoints (tree_size, note, created_at) VALUES (?,?,?)",
+            "INSERT INTO checkpoints (tree_size, note, created_at) VALUES (?,?,?) ON CONFLICT DO NOTHING",
             (size, note, time.time()),
         )
 
@@ -296,7 +293,8 @@ class TransferLogRows(Database):
 
     def archive_mark(self, size: int) -> None:
         self._db.execute(
-            "INSERT OR IGNORE INTO archived (tree_size, uploaded_at) VALUES (?,?)", (size, time.time())
+            "INSERT INTO archived (tree_size, uploaded_at) VALUES (?,?) ON CONFLICT DO NOTHING",
+            (size, time.time()),
         )
 
 
