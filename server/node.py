@@ -158,11 +158,9 @@ class RunningNode:
 
             # A stable owner: a node restarted after a crash takes its own leases back at once
             # instead of waiting for them to expire (two nodes on one config cannot both run:
-            # they would share a listen address). Front ends sharing a PostgreSQL store may
-            # share a host and an address too (SO_REUSEPORT): each is an owner of its own.
+            # they would share a listen address). Front ends sharing a PostgreSQL store each
+            # listen on an address of their own, and so are owners of their own.
             owner = f"{socket.gethostname()}:serve:{c.region}:{c.listen}"
-            if c.store.kind == "postgres":
-                owner += f":{os.getpid()}"
             self.replicator = Replicator(
                 records,
                 self.db,

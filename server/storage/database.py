@@ -10,8 +10,10 @@ it. Two steps instead: a new data key commits in a keyring transaction of its ow
 records sealed under it (`KeyringRows.add_data_keys`), and an erased user's key is destroyed in
 a second transaction after the records' (`_shred`). A crash between two steps leaves at most a
 key that no live record uses, which `KeyringRows.drop_orphan_keys` destroys when the node
-starts. PostgreSQL commits one database atomically and needs none of it, but runs the same
-steps: one protocol, one set of crash tests.
+starts. PostgreSQL commits one database atomically: there a batch's new data keys join the
+transaction of its records (`_keys_with_records`), which matters once several front ends
+share a store: one starting up must not destroy, as an orphan, a key another has committed
+for records it is about to commit.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ class Database:
     ends) queue on the backend's writers' lock, taken when a transaction begins."""
 
     _db: Connection
+    # Whether new data keys commit in the transaction of the records sealed under them
+    # (PostgreSQL: one database, committed atomically) instead of one of their own (SQLite).
+    _keys_with_records = False
     # What the backend says in messages: "node.db" or the PostgreSQL database's name.
     _where: str = ""
 
@@ -110,6 +115,8 @@ class Database:
         self._shred_asked: set[str] = set()
         self._shred_owed: set[str] = set()
         self._keys_added = False  # the next transaction commits records under new data keys
+        # With `_keys_with_records`: (wrapping keys, data keys) the next transaction writes first.
+        self._staged_keys: list[tuple[dict[str, bytes], list[tuple[str, str, bytes]]]] = []
         if crash_after not in ("", *CRASH_POINTS):
             raise ValueError(f"crash point {crash_after!r} is not one of {', '.join(CRASH_POINTS)}")
         self._crash_after = crash_after
@@ -181,6 +188,7 @@ class Database:
         try:
             try:
                 self._begin()
+                self._began()
                 yield
                 self._commit()
             except BaseException as e:
@@ -269,6 +277,9 @@ class Database:
 
     # A repository that keeps state in memory beside its tables (the transfer log's chain head
     # and Merkle tree) follows the unit of work through these; each override calls super().
+
+    def _began(self) -> None:
+        """After BEGIN, with the writers' lock held."""
 
     def _committed(self) -> None:
         """After COMMIT, with the writers' lock released."""

@@ -51,12 +51,24 @@ class KeyringRows(Database):
         wrapped key) and the wrapping keys they went under, committed in a transaction of
         their own, outside any other (one per batch, for all its new keys). A key replaces
         the user's stored one: only users without a live record get one."""
-        with self.transaction():
-            for id, wrapped in wrapping_keys.items():
-                self.put_wrapping_key(id, wrapped)
-            self.put_data_keys(rows)
+        if self._keys_with_records:  # written by the next transaction, first (`_began`)
+            self._staged_keys.append((wrapping_keys, rows))
+        else:
+            with self.transaction():
+                self._put_keys(wrapping_keys, rows)
         self._keys_added = True
         self._reached("keys")
+
+    def _put_keys(self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]]) -> None:
+        for id, wrapped in wrapping_keys.items():
+            self.put_wrapping_key(id, wrapped)
+        self.put_data_keys(rows)
+
+    def _began(self) -> None:
+        super()._began()
+        staged, self._staged_keys = self._staged_keys, []
+        for wrapping_keys, rows in staged:
+            self._put_keys(wrapping_keys, rows)
 
     def delete_data_keys(self, user_ids: list[str]) -> None:
         """Crypto-shredding: the users' data keys are destroyed right after the current

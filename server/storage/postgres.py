@@ -103,6 +103,7 @@ class PostgresDatabase(Database):
     settings included, `residency.server.config.store` builds it)."""
 
     _db: PgConnection
+    _keys_with_records = True
 
     def __init__(self, dsn: str, crash_after: str = "", connect_timeout: float = 10.0):
         super().__init__(crash_after)
@@ -165,11 +166,14 @@ class PostgresDatabase(Database):
         return [postgres_ddl(s) for s in migration.statements()]
 
     def _last_outbox_sequence(self) -> int:
+        # Not the identity's own high-water mark: PostgreSQL never gives back a number drawn
+        # by a transaction that rolled back (a savepoint, a process killed mid-batch), and the
+        # head must be a row that committed. Trimming keeps each destination's cursor, which
+        # is at or below the last committed row, so the two together remember it.
         row = self._db.execute(
-            "SELECT last_value FROM pg_sequences WHERE sequencename = 'outbox_sequence_seq' "
-            "AND schemaname = current_schema()"
+            "SELECT greatest((SELECT max(sequence) FROM outbox), (SELECT max(sequence) FROM cursors), 0)"
         ).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        return int(row[0]) if row else 0
 
     def _begin(self) -> None:
         if self._db.conn.broken or self._db.conn.closed:

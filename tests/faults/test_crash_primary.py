@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from residency.server.deployment import AFFILIATES, PRIMARY
-from tests.conftest import Cluster
+from tests.conftest import BACKENDS, Cluster
 from tests.faults.crashes import (
     GatedWriters,
     LogAudit,
@@ -37,6 +37,13 @@ from tests.faults.tools import applied_twice, log_entries, report
 from tests.test_replicator import assert_versions_only_increase
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The primary keeps its store in SQLite, then in PostgreSQL (issue 17, point 5)."""
+    return str(request.param)
+
 
 CYCLES = 30
 WRITERS = 8
