@@ -43,14 +43,21 @@ def _bin() -> Path:
 
 class Postgres:
     """One server. `dsn(db)` connects over TCP to 127.0.0.1 (TLS when started with `tls`:
-    the server's certificate and key, and the CA clients check it against)."""
+    the server's certificate and key, and the CA clients check it against). `settings`: more
+    server settings (`{"wal_level": "logical"}` for a logical replication publisher)."""
 
-    def __init__(self, tls: tuple[Path, Path, Path] | None = None, bin_dir: Path | None = None):
+    def __init__(
+        self,
+        tls: tuple[Path, Path, Path] | None = None,
+        bin_dir: Path | None = None,
+        settings: dict[str, str] | None = None,
+    ):
         self.bin_dir = bin_dir or _bin()
         self.root = Path(tempfile.mkdtemp(prefix="residency-pg-"))
         self.data = self.root / "data"
         (self.port,) = free_ports(1)
         self.tls = tls
+        self.settings = settings or {}
         self._user: str | None = None
 
     def _run(self, *argv: str) -> None:
@@ -79,6 +86,7 @@ class Postgres:
         options = [
             f"-h 127.0.0.1 -p {self.port} -k {self.root}",
             "-c fsync=on -c max_connections=200 -c shared_buffers=64MB",
+            *(f"-c {k}={v}" for k, v in self.settings.items()),
         ]
         if self.tls is not None:
             cert, key, _ca = self.tls

@@ -49,6 +49,12 @@ def ten_fields(i: int) -> dict[str, common_pb2.Value]:
     }
 
 
+def pct(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile, in milliseconds."""
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] * 1000, 1) if s else 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

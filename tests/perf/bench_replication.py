@@ -22,6 +22,12 @@ bucket on a local SeaweedFS. Two phases:
   resumed alone (the others still paused), and again all at once; the time to apply the
   backlog gives each destination's sustained records/s (the rate beyond which, under a
   steady load, its lag would grow without bound).
+- the peer (`peer_pg`), every run, after the deployment has stopped: PostgreSQL logical
+  replication of the same rows to one subscriber, with the columns the rules send to
+  ap-southeast-1; steady: as many single-row transactions as the steady phase wrote, at
+  `--rate`; bulk: `--backlog` rows in one COPY. `ratio_to_peer`: each destination's drain
+  records/s over the peer's bulk rows/s, end to end (the figure issue 17 asks to raise).
+  `--peer-only` measures the peer alone.
 
 Prints one JSON line.
 """
@@ -49,7 +55,8 @@ from residency.server.keys.region import RegionKey
 from residency.v1 import admin_pb2, admin_pb2_grpc, common_pb2, records_pb2, records_pb2_grpc, replica_pb2
 from tests.conftest import SeaweedFS
 from tests.harness import Deployment, wait_replicated
-from tests.perf.bench_put import ten_fields
+from tests.perf import peer_pg
+from tests.perf.bench_put import pct, ten_fields
 
 CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
@@ -144,12 +151,6 @@ def applied_lag(dep: Deployment, lo: str, hi: str) -> dict:
         out[region] = {"changes": len(lags), "p50": pct(lags, 50), "p99": pct(lags, 99)}
         out[region]["max"] = pct(lags, 100)
     return out
-
-
-def pct(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile, in milliseconds."""
-    s = sorted(xs)
-    return round(s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] * 1000, 1) if s else 0.0
 
 
 async def steady(records, admin, rate: int, batch: int, seconds: float, users: int) -> dict:
@@ -316,13 +317,26 @@ def main() -> None:
         action="store_true",
         help="region nodes only, without the S3 destination (what the region nodes alone cost)",
     )
+    p.add_argument(
+        "--peer-only",
+        action="store_true",
+        help="measure only the peer (PostgreSQL logical replication), without residency's deployment",
+    )
     args = p.parse_args()
     # The local S3 server takes any credentials; boto3 (here and in the primary) finds them
     # the standard way.
     for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench-secret")):
         os.environ.setdefault(k, v)
     with tempfile.TemporaryDirectory(prefix="bench-replication-") as tmp:
-        result = asyncio.run(run(args, Path(tmp)))
+        result = {} if args.peer_only else asyncio.run(run(args, Path(tmp)))
+    # After ours has stopped: neither takes the other's CPU.
+    peer = asyncio.run(peer_pg.measure(args.backlog, round(args.rate * args.seconds), args.rate))
+    result["peer_pg"] = peer
+    if not args.peer_only:
+        result["ratio_to_peer"] = {
+            mode: {r: round(v / peer["bulk"]["rows_per_s"], 3) for r, v in drained.items()}
+            for mode, drained in result["drain_records_per_s"].items()
+        }
     result["config"] = vars(args)
     print(json.dumps(result), flush=True)
 
