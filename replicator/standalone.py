@@ -25,10 +25,13 @@ from residency.server.core.schema import Schema
 from residency.server.keys.hashkey import load_hash_keys
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
+from residency.server.storage.notices import listen
+from residency.server.storage.postgres import PostgresStore
 from residency.server.storage.running import hold_running
 from residency.server.storage.stores import open_store
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
+from residency.server.vault.shared_rules import SharedRules, rules_at_start
 
 log = logging.getLogger("residency.replicator")
 
@@ -41,6 +44,8 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     # It opens the node's keys: key commands for a stopped node wait until it ends.
     running = hold_running(c.data_dir)
     store = open_store(c)
+    if isinstance(store, PostgresStore):  # the rules the front ends of the store run
+        rules = rules_at_start(store, c.rules, schema, rules)
     keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
     records = Records(
         c.region, True, schema, rules, keyring, store, hash_keys=load_hash_keys(c.keys_dir, c.keys)
@@ -57,6 +62,9 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     )
     await replicator.start()
     follow = asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules")
+    if isinstance(store, PostgresStore):  # and a change any of them applies, at once
+        shared = SharedRules(c.rules, schema, records, db, asyncio.Lock())
+        notices = asyncio.create_task(listen(c.store.dsn, store.token, {"rules": shared.follow}))
     log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -64,8 +72,10 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("replicator %s stopping", replicator.owner)
-    follow.cancel()
-    await asyncio.gather(follow, return_exceptions=True)
+    tasks = [follow, *([notices] if isinstance(store, PostgresStore) else [])]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await replicator.stop()
     await db.drain()
     store.close()

@@ -43,6 +43,8 @@ from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.region import RecipientKey
+from residency.server.storage.notices import listen
+from residency.server.storage.postgres import PostgresStore
 from residency.server.storage.running import hold_running
 from residency.server.storage.stores import Store, open_store
 from residency.server.storage.thread import StoreThread
@@ -51,6 +53,7 @@ from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.key_lifecycle import KeyLifecycle
 from residency.server.vault.records import Records
 from residency.server.vault.reprojection import Reprojection
+from residency.server.vault.shared_rules import SharedRules, rules_at_start
 from residency.server.vault.transferlog import TransferLog
 from residency.v1 import (
     admin_pb2,
@@ -96,6 +99,7 @@ class RunningNode:
         self._tasks: list[asyncio.Task] = []
         self._reprojection: Reprojection | None = None
         self._rules_lock = asyncio.Lock()
+        self._shared: SharedRules | None = None
         self.records: Records | None = None
         self._running: int | None = None
         self._stop_metrics: Callable[[], None] | None = None
@@ -132,6 +136,8 @@ class RunningNode:
         # The fault tests' crash point (`database.CRASH_POINTS`); unset in production.
         crash_after = os.environ.get("RESIDENCY_CRASH_AFTER", "")
         store = open_store(c, crash_after)
+        if c.is_primary and isinstance(store, PostgresStore):  # another front end's rules win
+            rules = rules_at_start(store, c.rules, schema, rules)
         if crash_after:
             log.warning("fault injection: this node kills itself after the step %r", crash_after)
         # Before serving: what a crash between the two steps of a write or an erasure left.
@@ -189,6 +195,12 @@ class RunningNode:
         if c.is_primary:  # a rules file changed while stopped, or a re-projection cut short
             self._reprojection = Reprojection(self.db, node.policy, node.set_backfill, node.wake)
             await self._reprojection.at_start("node")
+            self._shared = SharedRules(c.rules, schema, records, self.db, self._rules_lock)
+            await self.db.write(functools.partial(self._shared.share, rules.version, c.rules.read_bytes()))
+        if isinstance(store, PostgresStore):  # what other front ends change, followed at once
+            handlers = {"keys": key_events.apply} | ({"rules": self._shared.follow} if self._shared else {})
+            listening = listen(c.store.dsn, store.token, handlers)
+            self._tasks.append(asyncio.create_task(listening, name="store-notices"))
         server = grpc.aio.server(
             # Measured outermost: the gate's refusals are calls too.
             interceptors=[Measure(), Gate(self.tls, node), RequestGuard()],
@@ -255,8 +267,16 @@ class RunningNode:
             assert self._reprojection is not None
             await self._reprojection.stop()  # the new rules' re-projection replaces it
             policy, store = self.node.policy, self.db.store
+            shared = self._shared
+            assert shared is not None
+
+            def swap() -> str:
+                prev = policy.swap_rules(new, actor)
+                shared.share(new.version, text)  # other front ends of a shared store follow
+                return prev
+
             try:
-                prev = await self.db.write(lambda: policy.swap_rules(new, actor))
+                prev = await self.db.write(swap)
             finally:  # after a failed swap, the saved re-projection goes on
                 state = await self.db.call(store.rules_state)
                 await self._reprojection.restart(state)

@@ -1,6 +1,6 @@
 """Several front ends of one primary region (issue 17, point 3): two `residency serve` processes
 on one PostgreSQL store serve reads and writes together, write one transfer log, and what one
-of them erases the other stops serving at once."""
+of them changes (an erasure, the rules, the region key) the other honours within 1 s."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import time
 import grpc
 import pytest
 
+from residency.server.config.node import load_config
 from residency.server.core import translog
 from residency.server.deployment import PRIMARY
-from residency.v1 import records_pb2, translog_pb2, translog_pb2_grpc
+from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, translog_pb2, translog_pb2_grpc
 from tests.conftest import Cluster, ctx, values
 from tests.harness import eventually
 
@@ -79,6 +80,61 @@ async def test_two_front_ends_serve_one_store_and_an_erasure_through_one_holds_a
     assert time.monotonic() - erased_at < 1.0
 
     # One log: both front ends serve the same gap-free chain, with every front end's entries.
+    # (The workers may append while the two are read: the later read extends the earlier.)
     a_log, b_log = await _log(c, PRIMARY), await _log(c, b)
-    assert a_log == b_log and translog.verify_chain(a_log) is None
+    assert b_log[: len(a_log)] == a_log and translog.verify_chain(b_log) is None
     assert b'"fb-7"' in b"".join(e for e, _ in a_log)
+
+
+async def test_a_rules_change_and_a_key_shred_through_one_front_end_hold_at_the_other_within_1_s(
+    idle_cluster: Cluster,
+):
+    """What a front end keeps in memory follows the store: the rules another applied (also
+    written to its own rules file, so a restart keeps them) and the region key another
+    shredded, both notified at commit (PostgreSQL LISTEN/NOTIFY)."""
+    c = idle_cluster
+    b = c.add_front_end("b")
+    await c.start(PRIMARY, b, "ap-southeast-1", "eu-west-1")
+    admin_a, admin_b = c.admin(PRIMARY), admin_pb2_grpc.AdminServiceStub(c.channel(b, "operator", PRIMARY))
+    before = (await admin_b.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)).rules_version
+    text = (c.dir / "rules.yaml").read_text() + "\n# reviewed again\n"
+    applied = await admin_a.ApplyRules(admin_pb2.ApplyRulesRequest(rules_yaml=text), timeout=30)
+    assert applied.version != before
+    changed = time.monotonic()
+
+    async def b_follows() -> bool:
+        status = await admin_b.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)
+        return status.rules_version == applied.version
+
+    await eventually(b_follows, "the other front end runs the rules applied through the first", deadline=1.0)
+    assert time.monotonic() - changed < 1.0
+    b_rules = load_config(c.dep.configs[b]).rules
+    assert b_rules.read_text() == text
+
+    # A front end that starts with an older rules file takes the store's instead.
+    c.stop(b)
+    b_rules.write_text((c.dir / "rules.yaml").read_text().replace("# reviewed again", ""))
+    c.dep.start(b)
+    await c.dep.wait_serving()
+    assert await b_follows()
+
+    await c.put("k-1", {"name": "Li Wei"})
+    status = await admin_a.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)
+    await admin_a.ShredRegionKey(
+        admin_pb2.ShredRegionKeyRequest(key_id=status.region_key_id, reason="test"), timeout=30
+    )
+    shredded = time.monotonic()
+    reads = c.records(b, PRIMARY)
+
+    async def b_refuses() -> bool:
+        try:
+            await reads.GetRecord(
+                records_pb2.GetRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id="k-1"),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.FAILED_PRECONDITION
+        return False
+
+    await eventually(b_refuses, "the other front end opens nothing under the shredded key", deadline=1.0)
+    assert time.monotonic() - shredded < 1.0

@@ -13,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from residency.server.deployment import PRIMARY
 from residency.server.keys.region import RegionKey
 from residency.v1 import records_pb2, replica_pb2
-from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
+from tests.conftest import BACKENDS, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.harness import eventually
 from tests.test_replication import FULL, allowed_fields
 from tests.test_s3_manifest import open_by_manifest
@@ -342,9 +344,16 @@ def start_worker(c: Cluster, n: int) -> subprocess.Popen:
     )
 
 
-async def test_workers_share_one_outbox_by_leases_and_a_killed_holder_is_replaced(tmp_path: Path):
+@pytest.mark.parametrize("store_backend", BACKENDS)
+async def test_workers_share_one_outbox_by_leases_and_a_killed_holder_is_replaced(
+    tmp_path: Path, primary_store: dict | None
+):
+    """Standalone workers (on PostgreSQL they could be on several hosts) take the destinations'
+    leases in the store; one killed while it holds them is replaced once they expire."""
     c = Cluster(
-        tmp_path / "deployment", replicator={"enabled": False, "lease_seconds": 3.0, "ship_timeout": 1.0}
+        tmp_path / "deployment",
+        replicator={"enabled": False, "lease_seconds": 3.0, "ship_timeout": 1.0},
+        store=primary_store,
     )
     workers: dict[int, subprocess.Popen] = {}
     try:
@@ -497,16 +506,25 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
 
 
 def _open_store(path: str, start: float) -> int:
+    from residency.server.storage.postgres import PostgresStore
     from residency.server.storage.sqlite import SqliteStore
 
     time.sleep(max(0.0, start - time.time()))  # every process opens at the same moment
+    if path.startswith("host="):
+        pg = PostgresStore(path)
+        version = pg._schema_version()
+        pg.close()
+        return version
     store = SqliteStore(path)
     version = store._db.execute("PRAGMA user_version").fetchone()[0]
     store.close()
     return version
 
 
-def test_workers_opening_a_new_store_at_once_each_find_it_migrated(tmp_path: Path):
+@pytest.mark.parametrize("store_backend", BACKENDS)
+def test_workers_opening_a_new_store_at_once_each_find_it_migrated(
+    tmp_path: Path, store_backend: str, request: pytest.FixtureRequest
+):
     """The primary and its standalone workers may start together on a fresh data_dir: each
     migration (and the switch to WAL) runs once, under the write lock, instead of failing
     with 'table exists' or 'database is locked'."""
@@ -518,6 +536,9 @@ def test_workers_opening_a_new_store_at_once_each_find_it_migrated(tmp_path: Pat
         pool.starmap(time.sleep, [(0,)] * 6)  # every process up before the first race
         for attempt in range(10):
             path = str(tmp_path / f"node-{attempt}.db")
+            if store_backend == "postgres":
+                pg = request.getfixturevalue("postgres_server")
+                path = pg.dsn(pg.database())
             versions = pool.starmap(_open_store, [(path, time.time() + 0.3)] * 6)
             assert versions == [len(MIGRATIONS)] * 6, attempt
 

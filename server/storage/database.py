@@ -163,6 +163,11 @@ class Database:
     def _migration_statements(self, migration: Migration) -> list[str]:
         return migration.statements()
 
+    def notify(self, kind: str) -> None:
+        """Tells the other processes sharing this store that something they keep in memory
+        changed (`rules`, `keys`), once the current transaction commits. SQLite: nobody to
+        tell (one node per store; a standalone worker follows the rules file)."""
+
     def _last_outbox_sequence(self) -> int:
         """The highest outbox sequence ever given (0: none), trimmed rows included."""
         raise NotImplementedError

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,8 @@ from residency.server.storage.rules_state import RulesStateRows
 from residency.server.storage.transferlog import TransferLogRows
 
 log = logging.getLogger("residency.storage")
+# Where a process tells the others sharing the store what changed (`notices.listen`).
+CHANNEL = "residency"
 
 # The one row every writer locks, and the schema version the migrations brought it to.
 _META = (
@@ -107,6 +110,8 @@ class PostgresDatabase(Database):
 
     def __init__(self, dsn: str, crash_after: str = "", connect_timeout: float = 10.0):
         super().__init__(crash_after)
+        # Names this process in its notifications, so that it skips its own.
+        self.token = secrets.token_hex(8)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn,
             min_size=1,
@@ -174,6 +179,10 @@ class PostgresDatabase(Database):
             "SELECT greatest((SELECT max(sequence) FROM outbox), (SELECT max(sequence) FROM cursors), 0)"
         ).fetchone()
         return int(row[0]) if row else 0
+
+    def notify(self, kind: str) -> None:
+        # Delivered at COMMIT, and not at all if the transaction rolls back.
+        self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{kind} {self.token}"))
 
     def _begin(self) -> None:
         if self._db.conn.broken or self._db.conn.closed:

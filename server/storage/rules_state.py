@@ -24,6 +24,9 @@ class RulesStateStore(Protocol):
     def rules_state(self) -> RulesState | None: ...
     def set_rules_state(self, state: RulesState) -> None: ...
     def last_logged_rules_version(self) -> str: ...
+    def set_rules_text(self, version: str, text: bytes) -> None: ...
+    def rules_text(self) -> tuple[str, bytes] | None: ...
+    def notify(self, kind: str) -> None: ...
 
 
 class RulesStateRows(Database):
@@ -38,6 +41,15 @@ class RulesStateRows(Database):
             "done=excluded.done, total=excluded.total",
             (state.version, state.after, state.done, state.total),
         )
+
+    def set_rules_text(self, version: str, text: bytes) -> None:
+        """The text of rule set `version`, which `set_rules_state` has just made current."""
+        self._db.execute("UPDATE rules_state SET text = ? WHERE id = 1 AND version = ?", (text, version))
+
+    def rules_text(self) -> tuple[str, bytes] | None:
+        """(version, text) of the rule set in force, if the store has its text."""
+        row = self._db.execute("SELECT version, text FROM rules_state WHERE id = 1").fetchone()
+        return None if row is None or row[1] is None else (str(row[0]), bytes(row[1]))
 
     def last_logged_rules_version(self) -> str:
         """The rules version of the newest transfer-log entry that names one ("": none). For a

@@ -25,6 +25,7 @@ class KeyEventStore(UnitOfWork, Protocol):
     def set_cursor(self, destination: str, sequence: int) -> None: ...
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
     def drop_copies(self) -> int: ...
+    def notify(self, kind: str) -> None: ...
 
 
 class KeyEvents:
@@ -77,5 +78,6 @@ class KeyEvents:
             if entries:
                 store.log_append(entries)
                 store.set_cursor(cursor, len(events))
+                store.notify("keys")  # other front ends of a shared store apply them too
 
         await self.db.write(write)

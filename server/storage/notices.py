@@ -1,0 +1,48 @@
+"""What front ends and workers sharing a PostgreSQL store tell each other: after a commit that
+changes what they keep in memory (the rules in force, the region's key events), the writer
+notifies (`PostgresDatabase.notify`, PostgreSQL's NOTIFY, sent at COMMIT) and every other
+process listening acts on it within milliseconds. Records, consents and grants need none of
+it: every call reads them from the store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import psycopg
+
+from residency.server.storage.postgres import CHANNEL
+
+log = logging.getLogger("residency.storage")
+Handlers = Mapping[str, Callable[[], Awaitable[None]]]
+
+
+async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.0) -> None:
+    """Runs each handler when another process notifies its kind. A notification sent while
+    this process was not listening is lost, so after every (re)connection each handler runs
+    once: it reads the store's state and acts only on a difference."""
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {CHANNEL}")
+                await _run_all(handlers)
+                async for n in conn.notifies():
+                    kind, _, token = n.payload.partition(" ")
+                    if token != own_token and kind in handlers:
+                        await _run(kind, handlers[kind])
+        except (psycopg.Error, OSError) as e:
+            log.warning("store notifications: %s; listening again in %.0f s", e.__class__.__name__, retry)
+        await asyncio.sleep(retry)
+
+
+async def _run_all(handlers: Handlers) -> None:
+    for kind, handler in handlers.items():
+        await _run(kind, handler)
+
+
+async def _run(kind: str, handler: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await handler()
+    except Exception:
+        log.exception("acting on another process's %s change failed; the next one tries again", kind)
