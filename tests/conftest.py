@@ -188,22 +188,9 @@ class Cluster:
         self._closing: list[grpc.aio.Channel] = []
 
     def add_front_end(self, name: str) -> str:
-        """Another `residency serve` of the primary region on the same store (PostgreSQL):
-        its own listen address, metrics port and data folder (logs, its running lock), the
-        region's keys and certificate. Returns the name to start it and open channels by."""
-        config = yaml.safe_load(self.dep.configs[PRIMARY].read_text())
-        assert config.get("store", {}).get("kind") == "postgres", "front ends share a PostgreSQL store"
-        listen, metrics = free_ports(2)
-        config["listen"] = f"127.0.0.1:{listen}"
-        config["data_dir"] = f"data/{PRIMARY}-{name}"
-        config.pop("health", None)
-        if "metrics" in config:
-            config["metrics"] = {"listen": f"127.0.0.1:{metrics}"}
-        key = f"{PRIMARY}-{name}"
-        self.dep.configs[key] = self.dir / f"{key}.yaml"
-        self.dep.configs[key].write_text(yaml.safe_dump(config, sort_keys=False))
-        self.dep.addresses[key] = config["listen"]
-        return key
+        """Another front end of the primary region on its PostgreSQL store
+        (`Deployment.add_front_end`); the name to start it and open channels by."""
+        return self.dep.add_front_end(name)
 
     async def start(self, *regions: str) -> None:
         for r in regions or (PRIMARY, *AFFILIATES):

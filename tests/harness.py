@@ -10,13 +10,15 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.cli.channel import Credentials
 from residency.server.config.node import load_config
-from residency.server.deployment import AFFILIATES, PRIMARY, check_running, issue_once, start_node
+from residency.server.deployment import AFFILIATES, PRIMARY, check_running, free_ports, issue_once, start_node
 from residency.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -47,6 +49,30 @@ class Deployment:
     @property
     def operator(self) -> Credentials:
         return self.credentials("operator")
+
+    def use_store(self, store: dict[str, Any]) -> None:
+        """The primary's `store:` (e.g. `{kind: postgres, dsn: ...}`)."""
+        path = self.configs[PRIMARY]
+        config = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**config, "store": store}, sort_keys=False))
+
+    def add_front_end(self, name: str) -> str:
+        """Another `residency serve` of the primary region on the same store (PostgreSQL):
+        its own listen address, metrics port and data folder (logs, its running lock), the
+        region's keys and certificate. Returns the name to start it and open channels by."""
+        config = yaml.safe_load(self.configs[PRIMARY].read_text())
+        assert config.get("store", {}).get("kind") == "postgres", "front ends share a PostgreSQL store"
+        listen, metrics = free_ports(2)
+        config["listen"] = f"127.0.0.1:{listen}"
+        config["data_dir"] = f"data/{PRIMARY}-{name}"
+        config.pop("health", None)
+        if "metrics" in config:
+            config["metrics"] = {"listen": f"127.0.0.1:{metrics}"}
+        key = f"{PRIMARY}-{name}"
+        self.configs[key] = self.directory / f"{key}.yaml"
+        self.configs[key].write_text(yaml.safe_dump(config, sort_keys=False))
+        self.addresses[key] = config["listen"]
+        return key
 
     def start(self, region: str) -> None:
         self.procs[region] = start_node(self.configs[region])

@@ -26,16 +26,8 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
 from residency.server.core.errors import StorageFull, StoreUnavailable
-from residency.server.storage.consents import ConsentRows
 from residency.server.storage.database import Database, Migration, TransactionConflict
-from residency.server.storage.disclosures import DisclosureRows
-from residency.server.storage.keyring import KeyringRows
-from residency.server.storage.lookup import LookupRows
-from residency.server.storage.records import RecordRows
-from residency.server.storage.replication import ReplicationRows
-from residency.server.storage.restores import RestoreRows
-from residency.server.storage.rules_state import RulesStateRows
-from residency.server.storage.transferlog import TransferLogRows
+from residency.server.storage.repositories import Repositories
 
 log = logging.getLogger("residency.storage")
 # Where a process tells the others sharing the store what changed (`notices.listen`).
@@ -219,17 +211,6 @@ class PostgresDatabase(Database):
         self._pool.close()
 
 
-class PostgresStore(
-    TransferLogRows,
-    RecordRows,
-    ReplicationRows,
-    KeyringRows,
-    ConsentRows,
-    DisclosureRows,
-    RestoreRows,
-    LookupRows,
-    RulesStateRows,
-    PostgresDatabase,
-):
-    """The node's store on PostgreSQL: the same repositories as `SqliteStore`, one database
+class PostgresStore(Repositories, PostgresDatabase):
+    """The node's store on PostgreSQL: every repository (`Repositories`) on one database
     shared by every front end and worker of the region."""

@@ -1,8 +1,8 @@
 """The store as each of its callers sees it: one Protocol per caller, combined from the
 repositories' narrow Protocols, so that mypy flags a call outside a caller's role.
 
-`SqliteStore` satisfies every one of them; callers never name it (the composition root
-opens it and hands it down).
+`SqliteStore` and `PostgresStore` satisfy every one of them; callers never name them (the
+composition root opens one and hands it down).
 """
 
 from __future__ import annotations

