@@ -161,3 +161,22 @@ async def test_each_batch_is_signed_with_the_chains_current_credentials(seaweed:
             await s.apply("cn-north", [replica_pb2.SealedCopy(user_id="u-1", version=2)])
     finally:
         await s.close()
+
+
+async def test_a_refused_copy_leaves_the_rest_of_its_batch_written(seaweed: SeaweedFS):
+    """One worker (concurrency 1), the refused copy first: every other copy of the batch is
+    still written, and the refusal is what the batch raises."""
+    await asyncio.to_thread(seaweed.make_bucket, "bkt")
+    s = sink(seaweed.endpoint, concurrency=1)
+    try:
+        refused = replica_pb2.SealedCopy(user_id="x" * 2000, version=1)  # key over S3's 1,024 bytes
+        copies = [replica_pb2.SealedCopy(user_id=u, version=1) for u in ODD_USER_IDS]
+        with pytest.raises(S3Error) as e:
+            await s.apply("cn-north", [refused, *copies])
+        assert s.permanent(e.value) is not None
+        assert "x" * 100 not in str(e.value)  # the key holds a user id: never in errors
+        client = seaweed.client()
+        listed = {o["Key"] for o in client.list_objects_v2(Bucket="bkt").get("Contents", [])}
+        assert listed == {"residency/manifest.json", *(object_key("residency/", u) for u in ODD_USER_IDS)}
+    finally:
+        await s.close()

@@ -28,6 +28,7 @@ import hmac
 import json
 import time
 import urllib.request
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
@@ -237,9 +238,9 @@ class S3Sink:
         body: bytes,
         headers: dict[str, str],
         fence: Fence | None = None,
-    ) -> dict[str, str]:
-        """One request; its answer's headers (S3Error for an error status). Under a fence, it
-        starts only before the deadline and is abandoned at it (StandDown)."""
+    ) -> Mapping[str, str]:
+        """One request; its answer's headers, case-insensitive (S3Error for an error status).
+        Under a fence, it starts only before the deadline and is abandoned at it (StandDown)."""
         import aiohttp
         import yarl
 
@@ -274,7 +275,7 @@ class S3Sink:
                 answer = await r.read()
                 if r.status >= 300:
                     raise S3Error.from_body(r.status, answer)
-                return {k.lower(): v for k, v in r.headers.items()}
+                return r.headers
         except TimeoutError:
             if fence is not None:
                 fence.remaining()  # StandDown if this was the batch's deadline
@@ -358,15 +359,26 @@ class S3Sink:
                 fence,
             )
             self._manifest_written = True
-        # A batch holds each user at most once, so its objects can be written in any order.
-        results = await asyncio.gather(
-            *(self._put(http, credentials, c, fence) for c in copies), return_exceptions=True
-        )
-        errors = [r for r in results if isinstance(r, BaseException)]
+        # A batch holds each user at most once, so its objects can be written in any order:
+        # `concurrency` workers take them in turn, all of them even after one fails. Not a task
+        # per object: with an empty await in place of each request, 500 tasks queued on `_slots`
+        # cost 11.7 µs of CPU an object against 3.1 µs for 32 workers (2026-11-30); the
+        # request itself costs about 225 µs, two thirds of it aiohttp's (docs/performance.md).
+        todo = iter(copies)
+        errors: list[Exception] = []
+
+        async def worker() -> None:
+            for c in todo:
+                try:
+                    await self._put(http, credentials, c, fence)
+                except Exception as e:  # kept to choose from below; cancellation goes through
+                    errors.append(e)
+
+        await asyncio.gather(*(worker() for _ in range(min(self._concurrency, len(copies)))))
         if errors:
             # The fence stopped the batch: the rest is the next lease holder's. Else any
             # transient failure: the whole batch again (rewriting an object is harmless).
-            stop: list[BaseException] = [e for e in errors if isinstance(e, StandDown)]
+            stop: list[Exception] = [e for e in errors if isinstance(e, StandDown)]
             raise (stop or [e for e in errors if self.permanent(e) is None] or errors)[0]
 
     def key_shredded(self, e: BaseException) -> str | None:
