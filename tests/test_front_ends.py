@@ -13,7 +13,7 @@ from residency.server.config.node import load_config
 from residency.server.core import translog
 from residency.server.deployment import PRIMARY
 from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, translog_pb2, translog_pb2_grpc
-from tests.conftest import Cluster, ctx, values
+from tests.conftest import COOKIES, Cluster, ctx, values
 from tests.harness import eventually
 
 
@@ -30,7 +30,7 @@ async def _log(c: Cluster, front: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def test_two_front_ends_serve_one_store_and_an_erasure_through_one_holds_at_the_other(
+async def test_two_front_ends_serve_one_store_and_an_erasure_or_withdrawal_through_one_holds_at_the_other(
     idle_cluster: Cluster,
 ):
     c = idle_cluster
@@ -38,9 +38,11 @@ async def test_two_front_ends_serve_one_store_and_an_erasure_through_one_holds_a
     await c.start(PRIMARY, b, "ap-southeast-1", "eu-west-1")
     fronts = {PRIMARY: c.records(PRIMARY, PRIMARY), b: c.records(b, PRIMARY)}
 
-    async def put(front: str, user: str, name: str) -> int:
+    async def put(front: str, user: str, name: str, **more: str) -> int:
         rec = records_pb2.Record(user_id=user, source="registration")
         rec.fields["name"].string_value = name
+        for field, value in more.items():
+            rec.fields[field].string_value = value
         reply = await fronts[front].PutRecord(
             records_pb2.PutRecordRequest(context=ctx(PRIMARY, "essential.service"), record=rec), timeout=30
         )
@@ -78,6 +80,23 @@ async def test_two_front_ends_serve_one_store_and_an_erasure_through_one_holds_a
 
     await eventually(gone, "the other front end stops serving the erased user", deadline=1.0)
     assert time.monotonic() - erased_at < 1.0
+
+    # A consent withdrawn through one front end: the other collects no cookie field after it.
+    await c.accept_cookies("fa-9")
+    await put(b, "fa-9", "A 9", cookie_id="ck-9")
+    await c.consent("fa-9", COOKIES, withdraw=True)
+    withdrawn = time.monotonic()
+
+    async def cookie_refused() -> bool:
+        try:
+            await put(b, "fa-9", "A 9", cookie_id="ck-9b")
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.PERMISSION_DENIED and "cookie" in (e.details() or "")
+        return False
+
+    await eventually(cookie_refused, "the other front end honours the withdrawal", deadline=1.0)
+    assert time.monotonic() - withdrawn < 1.0
+    assert "cookie_id" not in values(await get(b, "fa-9"))
 
     # One log: both front ends serve the same gap-free chain, with every front end's entries.
     # (The workers may append while the two are read: the later read extends the earlier.)
