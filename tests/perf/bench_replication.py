@@ -358,7 +358,7 @@ def main() -> None:
     result["peer_pg"] = peer
     if not args.peer_only:
         result["ratio_to_peer"] = {
-            mode: {r: round(v / peer["bulk"]["rows_per_s"], 3) for r, v in drained.items()}
+            mode: {r: round(v / peer["bulk"]["rows_per_s"], 4) for r, v in drained.items()}
             for mode, drained in result["drain_records_per_s"].items()
         }
     result["config"] = vars(args)

@@ -163,7 +163,7 @@ async def bulk(publisher: Postgres, subscriber: Postgres, n: int, columns: list[
 
 
 async def steady(publisher: Postgres, subscriber: Postgres, n: int, rate: int, columns: list[str]) -> dict:
-    """`n` single-row transactions (new users) paced at `rate`/s, up to 16 in flight; then
+    """`n` single-row transactions (new users) paced at `rate`/s on 16 connections; then
     each row's exact commit-to-applied lag, how far behind the last one the subscriber
     finished, and the age of the oldest change not yet applied every 50 ms (as the bench
     samples ours), rebuilt from the stamps so that sampling takes nothing from the peer."""
