@@ -147,3 +147,45 @@ def test_a_dsn_with_a_password_in_it_is_refused(tmp_path: Path):
     (tmp_path / "pw").write_text("s3cret\n")
     config.write_text(text + "store:\n  kind: postgres\n  dsn: host=db dbname=r\n  password_file: pw\n")
     assert "password=s3cret" in load_config(config).store.dsn
+
+
+async def test_a_batch_the_database_gives_up_runs_again_with_its_new_keys(
+    postgres_server: Postgres, monkeypatch: pytest.MonkeyPatch
+):
+    """A serialization failure (what distributed SQL raises under contention) at COMMIT: nothing
+    was written, so the group runs again, new data keys included (they join the records'
+    transaction on PostgreSQL and must not be lost with the first attempt); three in a row
+    fail the writes UNAVAILABLE, with nothing written."""
+    from psycopg import errors as pg_errors
+
+    from residency.server.core.errors import TransactionConflict
+    from residency.server.storage.thread import StoreThread
+
+    store = PostgresStore(postgres_server.dsn(postgres_server.database()))
+    db = StoreThread(store)
+    db.start()
+    real_commit, failures = store._commit, [1]
+
+    def commit() -> None:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise pg_errors.SerializationFailure("could not serialize access")
+        real_commit()
+
+    monkeypatch.setattr(store, "_commit", commit)
+
+    def write(user: str) -> None:
+        store.upsert([Row(user, 1, False, b"sealed", 1.0)])
+        store.log_append([replication_entry(1) | {"subject": user}])
+
+    new_key = lambda: store.add_data_keys({"wk": b"w"}, [("u-1", "wk", b"k")])  # noqa: E731
+    await db.write(lambda: write("u-1"), before=new_key)
+    assert set(store.data_keys(["u-1"])) == {"u-1"} and store.rows(["u-1"])["u-1"].version == 1
+    assert store.log_count() == 1
+
+    failures[0] = 3
+    with pytest.raises(TransactionConflict):
+        await db.write(lambda: write("u-2"))
+    assert store.rows(["u-2"]) == {} and store.log_count() == 1
+    await db.drain()
+    store.close()

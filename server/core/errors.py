@@ -119,3 +119,9 @@ class StaleLeaseEpoch(FailedPrecondition):
 class StoreUnavailable(ResidencyError):
     """The node's database server (PostgreSQL) cannot be reached or dropped the connection:
     nothing of the request was written, and it can be sent again."""
+
+
+class TransactionConflict(StoreUnavailable):
+    """The database gave a transaction up to let a concurrent one through (PostgreSQL's
+    serialization failure or deadlock, SQLSTATE 40001 / 40P01; distributed SQL raises them
+    under contention): nothing of it was written, and running it again is safe."""

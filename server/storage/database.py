@@ -70,12 +70,6 @@ log = logging.getLogger("residency.storage")
 CRASH_POINTS = ("keys", "records", "shred")
 
 
-class TransactionConflict(Exception):
-    """The database gave the transaction up to let a concurrent one through (PostgreSQL's
-    serialization failure or deadlock, SQLSTATE 40001 / 40P01; distributed SQL raises them
-    under contention): nothing of it was written, and running it again is safe."""
-
-
 class Connection(Protocol):
     """What repositories call on `self._db`: SQL with `?` placeholders (or `:name` with a
     dict), cursors that iterate, `fetchone`, `fetchall` and give `rowcount`."""
@@ -117,6 +111,7 @@ class Database:
         self._keys_added = False  # the next transaction commits records under new data keys
         # With `_keys_with_records`: (wrapping keys, data keys) the next transaction writes first.
         self._staged_keys: list[tuple[dict[str, bytes], list[tuple[str, str, bytes]]]] = []
+        self._keys_in_flight: list[tuple[dict[str, bytes], list[tuple[str, str, bytes]]]] = []
         if crash_after not in ("", *CRASH_POINTS):
             raise ValueError(f"crash point {crash_after!r} is not one of {', '.join(CRASH_POINTS)}")
         self._crash_after = crash_after

@@ -66,9 +66,18 @@ class KeyringRows(Database):
 
     def _began(self) -> None:
         super()._began()
-        staged, self._staged_keys = self._staged_keys, []
-        for wrapping_keys, rows in staged:
+        self._keys_in_flight, self._staged_keys = self._staged_keys, []
+        for wrapping_keys, rows in self._keys_in_flight:
             self._put_keys(wrapping_keys, rows)
+
+    def _rolled_back(self) -> None:
+        # Gone with the transaction: written again by the next (a retry of the same batch).
+        super()._rolled_back()
+        self._staged_keys, self._keys_in_flight = self._keys_in_flight + self._staged_keys, []
+
+    def _committed(self) -> None:
+        super()._committed()
+        self._keys_in_flight = []
 
     def delete_data_keys(self, user_ids: list[str]) -> None:
         """Crypto-shredding: the users' data keys are destroyed right after the current

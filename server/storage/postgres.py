@@ -25,8 +25,8 @@ from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
-from residency.server.core.errors import StorageFull, StoreUnavailable
-from residency.server.storage.database import Database, Migration, TransactionConflict
+from residency.server.core.errors import StorageFull, StoreUnavailable, TransactionConflict
+from residency.server.storage.database import Database, Migration
 from residency.server.storage.repositories import Repositories
 
 log = logging.getLogger("residency.storage")

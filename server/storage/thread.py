@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
-from residency.server.core.errors import Stopping
+from residency.server.core.errors import Stopping, TransactionConflict
 from residency.server.storage.database import UnitOfWork
 
 T = TypeVar("T")
@@ -36,6 +36,13 @@ BATCH_SECONDS = Histogram(
     "residency_group_commit_seconds",
     "Time of one group transaction, from BEGIN to COMMIT",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+# A batch the database gave up for a concurrent transaction (distributed SQL under contention)
+# runs again, up to this many times in all, before its writes fail UNAVAILABLE.
+CONFLICT_ATTEMPTS = 3
+CONFLICTS = Counter(
+    "residency_store_conflicts_total",
+    "Group transactions the database gave up for a concurrent one, and that ran again",
 )
 # The store as the thread's holder sees it (a Protocol of `roles`); covariant, so the node's
 # StoreThread[SqliteStore] is accepted where a StoreThread[WorkerStore] is expected.
@@ -174,7 +181,14 @@ class StoreThread(Generic[S_co]):
             except Exception as e:
                 failed.update((i, e) for i in ops)
         run = [op for i, op in enumerate(batch) if i not in failed]
-        done = iter(self._transaction(run) if run else [])
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                done = iter(self._transaction(run) if run else [])
+                break
+            except TransactionConflict:  # nothing was written: the same batch again
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                CONFLICTS.inc()
         return [(False, failed[i]) if i in failed else next(done) for i in range(len(batch))]
 
     def _transaction(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
