@@ -189,3 +189,26 @@ async def test_a_batch_the_database_gives_up_runs_again_with_its_new_keys(
     assert store.rows(["u-2"]) == {} and store.log_count() == 1
     await db.drain()
     store.close()
+
+
+def test_staged_data_key_never_overwrites_a_key_another_front_end_committed(postgres_server: Postgres):
+    """Review 17: two front ends write a new user's first record at once. Each `prepare`s a
+    new data key outside the transaction (the user has no live record for either); A commits
+    key A and the record sealed under it; B's transaction then writes its staged key B first
+    (`_began`, `ON CONFLICT DO UPDATE`), before any savepoint: B's write finds the user live,
+    fails to open A's record with key B and rolls back to its savepoint, but key B commits.
+    A's record is left sealed under a key the keyring no longer holds: data loss."""
+    dsn = postgres_server.dsn(postgres_server.database())
+    a, b = PostgresStore(dsn), PostgresStore(dsn)
+    try:
+        b.add_data_keys({"wk-b": b"wrapped-b"}, [("u1", "wk-b", b"dek-b")])  # B: prepare
+        a.add_data_keys({"wk-a": b"wrapped-a"}, [("u1", "wk-a", b"dek-a")])  # A: prepare
+        with a.transaction():  # A: its batch
+            a.upsert([Row("u1", 1, False, b"sealed-under-dek-a", 1.0)])
+        with b.transaction():  # B: its batch; its one write fails, rolled back to its savepoint
+            b.savepoint()
+            b.rollback_savepoint()
+        assert a.data_keys(["u1"])["u1"][2] == b"dek-a"
+    finally:
+        a.close()
+        b.close()
