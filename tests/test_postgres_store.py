@@ -212,3 +212,28 @@ def test_staged_data_key_never_overwrites_a_key_another_front_end_committed(post
     finally:
         a.close()
         b.close()
+
+
+def test_reads_recover_after_the_server_drops_the_connection(postgres_server: Postgres):
+    """Review 17: only a write transaction (`_begin`) swaps a broken connection for a fresh
+    one, and only `transaction()` maps psycopg's errors to `StoreUnavailable`. A read (`db.call`:
+    GetRecord, rules_text, log_tree readers) after the server dropped the connection fails with
+    psycopg's own OperationalError (UNKNOWN to a client) and keeps failing until a write comes."""
+    dsn = postgres_server.dsn(postgres_server.database())
+    s = PostgresStore(dsn)
+    try:
+        with s.transaction():
+            s.upsert([Row("u1", 1, False, b"sealed", 1.0)])
+        pid = s._db.conn.info.backend_pid
+        with psycopg.connect(dsn, autocommit=True) as admin:  # as a server restart would
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        errors: list[str] = []
+        for _ in range(2):
+            try:
+                s.rows(["u1"])
+            except Exception as e:  # the call in flight may fail, as StoreUnavailable
+                errors.append(e.__class__.__name__)
+        assert errors == [] or errors[0] == "StoreUnavailable", errors
+        assert s.rows(["u1"])["u1"].version == 1  # and the next ones work again
+    finally:
+        s.close()
