@@ -237,3 +237,30 @@ def test_reads_recover_after_the_server_drops_the_connection(postgres_server: Po
         assert s.rows(["u1"])["u1"].version == 1  # and the next ones work again
     finally:
         s.close()
+
+
+def test_keys_staged_for_a_batch_that_never_began_are_not_written_by_a_later_one(
+    postgres_server: Postgres,
+):
+    """Review 17: a batch whose BEGIN fails (the server dropped the connection) fails
+    StoreUnavailable, but its staged data keys stay in `_staged_keys` and are written first by
+    whatever transaction comes next, minutes later: over the key another front end has since
+    committed with the user's first record."""
+    dsn = postgres_server.dsn(postgres_server.database())
+    a, b = PostgresStore(dsn), PostgresStore(dsn)
+    try:
+        b.add_data_keys({"wk-b": b"wrapped-b"}, [("u1", "wk-b", b"dek-b")])
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (b._db.conn.info.backend_pid,))
+        with pytest.raises(StoreUnavailable):
+            with b.transaction():
+                pass
+        a.add_data_keys({"wk-a": b"wrapped-a"}, [("u1", "wk-a", b"dek-a")])
+        with a.transaction():
+            a.upsert([Row("u1", 1, False, b"sealed-under-dek-a", 1.0)])
+        with b.transaction():  # b's next batch, about other users
+            pass
+        assert a.data_keys(["u1"])["u1"][2] == b"dek-a"
+    finally:
+        a.close()
+        b.close()
