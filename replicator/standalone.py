@@ -45,7 +45,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     running = hold_running(c.data_dir)
     store = open_store(c)
     if isinstance(store, PostgresStore):  # the rules the front ends of the store run
-        rules = rules_at_start(store, c.rules, schema, rules)
+        rules = rules_at_start(store, c, schema, rules)
     keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
     records = Records(
         c.region, True, schema, rules, keyring, store, hash_keys=load_hash_keys(c.keys_dir, c.keys)
@@ -63,7 +63,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
     await replicator.start()
     follow = asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules")
     if isinstance(store, PostgresStore):  # and a change any of them applies, at once
-        shared = SharedRules(c.rules, schema, records, db, asyncio.Lock())
+        shared = SharedRules(c, schema, records, db, asyncio.Lock())
         notices = asyncio.create_task(listen(c.store.dsn, store.token, {"rules": shared.follow}))
     log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
     stop = asyncio.Event()

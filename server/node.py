@@ -34,7 +34,6 @@ from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules, rules_from_bytes
 from residency.server.config.schema import load_schema
 from residency.server.core.errors import ConfigError
-from residency.server.core.rules import RuleSet
 from residency.server.keys import lifecycle
 from residency.server.keys.copykey import load_home_key
 from residency.server.keys.files import exposed_secret, loose_permissions, write_private
@@ -53,7 +52,7 @@ from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.key_lifecycle import KeyLifecycle
 from residency.server.vault.records import Records
 from residency.server.vault.reprojection import Reprojection
-from residency.server.vault.shared_rules import SharedRules, rules_at_start
+from residency.server.vault.shared_rules import SharedRules, rules_at_start, rules_refusal
 from residency.server.vault.transferlog import TransferLog
 from residency.v1 import (
     admin_pb2,
@@ -137,7 +136,7 @@ class RunningNode:
         crash_after = os.environ.get("RESIDENCY_CRASH_AFTER", "")
         store = open_store(c, crash_after)
         if c.is_primary and isinstance(store, PostgresStore):  # another front end's rules win
-            rules = rules_at_start(store, c.rules, schema, rules)
+            rules = rules_at_start(store, c, schema, rules)
         if crash_after:
             log.warning("fault injection: this node kills itself after the step %r", crash_after)
         # Before serving: what a crash between the two steps of a write or an erasure left.
@@ -195,7 +194,7 @@ class RunningNode:
         if c.is_primary:  # a rules file changed while stopped, or a re-projection cut short
             self._reprojection = Reprojection(self.db, node.policy, node.set_backfill, node.wake)
             await self._reprojection.at_start("node")
-            self._shared = SharedRules(c.rules, schema, records, self.db, self._rules_lock)
+            self._shared = SharedRules(c, schema, records, self.db, self._rules_lock)
             await self.db.write(functools.partial(self._shared.share, rules.version, c.rules.read_bytes()))
         if isinstance(store, PostgresStore):  # what other front ends change, followed at once
             handlers = {"keys": key_events.apply} | ({"rules": self._shared.follow} if self._shared else {})
@@ -357,17 +356,6 @@ class RunningNode:
         if self._running is not None:
             os.close(self._running)
         await self.health.close()
-
-
-def rules_refusal(c: NodeConfig, rules: RuleSet) -> str:
-    """Why this node cannot serve under `rules` (at start, and applied while it runs), or ""."""
-    if c.is_primary and c.region != rules.home_region:
-        return f"this primary's region {c.region!r} is not the rules' home_region {rules.home_region!r}"
-    if missing := sorted({a.region for a in c.affiliates} - rules.regions):
-        return f"'affiliates' names {missing}, which no recipient of the rules is in"
-    if c.region not in rules.regions:
-        return f"'region' {c.region!r} is not in the rules (regions: {sorted(rules.regions)})"
-    return ""
 
 
 async def serve(config: NodeConfig) -> None:

@@ -192,7 +192,7 @@ async def test_a_batch_the_database_gives_up_runs_again_with_its_new_keys(
 
 
 def test_staged_data_key_never_overwrites_a_key_another_front_end_committed(postgres_server: Postgres):
-    """Review 17: two front ends write a new user's first record at once. Each `prepare`s a
+    """Review 17 (fixed): two front ends write a new user's first record at once. Each `prepare`s a
     new data key outside the transaction (the user has no live record for either); A commits
     key A and the record sealed under it; B's transaction then writes its staged key B first
     (`_began`, `ON CONFLICT DO UPDATE`), before any savepoint: B's write finds the user live,
@@ -201,8 +201,9 @@ def test_staged_data_key_never_overwrites_a_key_another_front_end_committed(post
     dsn = postgres_server.dsn(postgres_server.database())
     a, b = PostgresStore(dsn), PostgresStore(dsn)
     try:
-        b.add_data_keys({"wk-b": b"wrapped-b"}, [("u1", "wk-b", b"dek-b")])  # B: prepare
-        a.add_data_keys({"wk-a": b"wrapped-a"}, [("u1", "wk-a", b"dek-a")])  # A: prepare
+        # Each front end's `NewKeys.prepare` for a user without a live record.
+        b.add_data_keys({"wk-b": b"wrapped-b"}, [("u1", "wk-b", b"dek-b")], new_users_only=True)
+        a.add_data_keys({"wk-a": b"wrapped-a"}, [("u1", "wk-a", b"dek-a")], new_users_only=True)
         with a.transaction():  # A: its batch
             a.upsert([Row("u1", 1, False, b"sealed-under-dek-a", 1.0)])
         with b.transaction():  # B: its batch; its one write fails, rolled back to its savepoint
@@ -215,7 +216,7 @@ def test_staged_data_key_never_overwrites_a_key_another_front_end_committed(post
 
 
 def test_reads_recover_after_the_server_drops_the_connection(postgres_server: Postgres):
-    """Review 17: only a write transaction (`_begin`) swaps a broken connection for a fresh
+    """Review 17 (fixed): only a write transaction (`_begin`) swaps a broken connection for a fresh
     one, and only `transaction()` maps psycopg's errors to `StoreUnavailable`. A read (`db.call`:
     GetRecord, rules_text, log_tree readers) after the server dropped the connection fails with
     psycopg's own OperationalError (UNKNOWN to a client) and keeps failing until a write comes."""
@@ -242,20 +243,19 @@ def test_reads_recover_after_the_server_drops_the_connection(postgres_server: Po
 def test_keys_staged_for_a_batch_that_never_began_are_not_written_by_a_later_one(
     postgres_server: Postgres,
 ):
-    """Review 17: a batch whose BEGIN fails (the server dropped the connection) fails
+    """Review 17 (fixed): a batch whose BEGIN fails (the server dropped the connection) fails
     StoreUnavailable, but its staged data keys stay in `_staged_keys` and are written first by
     whatever transaction comes next, minutes later: over the key another front end has since
     committed with the user's first record."""
     dsn = postgres_server.dsn(postgres_server.database())
     a, b = PostgresStore(dsn), PostgresStore(dsn)
     try:
-        b.add_data_keys({"wk-b": b"wrapped-b"}, [("u1", "wk-b", b"dek-b")])
+        b.add_data_keys({"wk-b": b"wrapped-b"}, [("u1", "wk-b", b"dek-b")], new_users_only=True)
         with psycopg.connect(dsn, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (b._db.conn.info.backend_pid,))
-        with pytest.raises(StoreUnavailable):
-            with b.transaction():
-                pass
-        a.add_data_keys({"wk-a": b"wrapped-a"}, [("u1", "wk-a", b"dek-a")])
+        with pytest.raises(StoreUnavailable), b.transaction():
+            pass
+        a.add_data_keys({"wk-a": b"wrapped-a"}, [("u1", "wk-a", b"dek-a")], new_users_only=True)
         with a.transaction():
             a.upsert([Row("u1", 1, False, b"sealed-under-dek-a", 1.0)])
         with b.transaction():  # b's next batch, about other users

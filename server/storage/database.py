@@ -110,8 +110,7 @@ class Database:
         self._shred_owed: set[str] = set()
         self._keys_added = False  # the next transaction commits records under new data keys
         # With `_keys_with_records`: (wrapping keys, data keys) the next transaction writes first.
-        self._staged_keys: list[tuple[dict[str, bytes], list[tuple[str, str, bytes]]]] = []
-        self._keys_in_flight: list[tuple[dict[str, bytes], list[tuple[str, str, bytes]]]] = []
+        self._staged_keys: list[tuple[dict[str, bytes], list[tuple[str, str, bytes]], bool]] = []
         if crash_after not in ("", *CRASH_POINTS):
             raise ValueError(f"crash point {crash_after!r} is not one of {', '.join(CRASH_POINTS)}")
         self._crash_after = crash_after

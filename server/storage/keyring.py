@@ -18,7 +18,9 @@ class KeyStore(Protocol):
     """What writing, reading and erasing records use: users' data keys and their wrappers."""
 
     def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]: ...
-    def add_data_keys(self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]]) -> None: ...
+    def add_data_keys(
+        self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]], new_users_only: bool = ...
+    ) -> None: ...
     def delete_data_keys(self, user_ids: list[str]) -> None: ...
 
 
@@ -38,46 +40,59 @@ class KeyringRows(Database):
             )
         }
 
-    def put_data_keys(self, rows: list[tuple[str, str, bytes]]) -> None:
+    def put_data_keys(self, rows: list[tuple[str, str, bytes]], new_users_only: bool = False) -> None:
+        """Stores (user, wrapping key id, wrapped key) rows. `new_users_only`: a row leaves
+        the key of a user with a live record as it is (another front end of a shared store
+        may have committed that user's first record under its own new key meanwhile)."""
+        only = (
+            " WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.user_id = excluded.user_id AND r.deleted = 0)"
+            if new_users_only
+            else ""
+        )
         self._db.executemany(
             "INSERT INTO keyring.data_keys (user_id, wrapping_key, wrapped) VALUES (?,?,?) "
             "ON CONFLICT (user_id) DO UPDATE SET wrapping_key=excluded.wrapping_key, "
-            "wrapped=excluded.wrapped",
+            "wrapped=excluded.wrapped" + only,
             rows,
         )
 
-    def add_data_keys(self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]]) -> None:
+    def add_data_keys(
+        self,
+        wrapping_keys: dict[str, bytes],
+        rows: list[tuple[str, str, bytes]],
+        new_users_only: bool = False,
+    ) -> None:
         """The first step of a write under new data keys: the keys (user, wrapping key id,
         wrapped key) and the wrapping keys they went under, committed in a transaction of
         their own, outside any other (one per batch, for all its new keys). A key replaces
-        the user's stored one: only users without a live record get one."""
+        the user's stored one; with `new_users_only` (a primary's new users) only where the
+        user has no live record when it is written."""
         if self._keys_with_records:  # written by the next transaction, first (`_began`)
-            self._staged_keys.append((wrapping_keys, rows))
+            self._staged_keys.append((wrapping_keys, rows, new_users_only))
         else:
             with self.transaction():
-                self._put_keys(wrapping_keys, rows)
+                self._put_keys(wrapping_keys, rows, new_users_only)
         self._keys_added = True
         self._reached("keys")
 
-    def _put_keys(self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]]) -> None:
+    def _put_keys(
+        self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]], new_users_only: bool
+    ) -> None:
         for id, wrapped in wrapping_keys.items():
             self.put_wrapping_key(id, wrapped)
-        self.put_data_keys(rows)
+        self.put_data_keys(rows, new_users_only)
 
     def _began(self) -> None:
         super()._began()
-        self._keys_in_flight, self._staged_keys = self._staged_keys, []
-        for wrapping_keys, rows in self._keys_in_flight:
-            self._put_keys(wrapping_keys, rows)
+        staged, self._staged_keys = self._staged_keys, []
+        for wrapping_keys, rows, new_users_only in staged:
+            self._put_keys(wrapping_keys, rows, new_users_only)
 
     def _rolled_back(self) -> None:
-        # Gone with the transaction: written again by the next (a retry of the same batch).
+        # The batch's keys go with it, whether it began or not: a retry prepares them again
+        # (`StoreThread`), and no later transaction may write them over keys committed since.
         super()._rolled_back()
-        self._staged_keys, self._keys_in_flight = self._keys_in_flight + self._staged_keys, []
-
-    def _committed(self) -> None:
-        super()._committed()
-        self._keys_in_flight = []
+        self._staged_keys = []
 
     def delete_data_keys(self, user_ids: list[str]) -> None:
         """Crypto-shredding: the users' data keys are destroyed right after the current

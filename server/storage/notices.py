@@ -16,6 +16,9 @@ from residency.server.storage.postgres import CHANNEL
 
 log = logging.getLogger("residency.storage")
 Handlers = Mapping[str, Callable[[], Awaitable[None]]]
+# A server gone without a reset (a partition) ends the wait for notices within a minute, and
+# the loop listens again, catching up on what it missed.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 3}
 
 
 async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.0) -> None:
@@ -24,7 +27,8 @@ async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.
     once: it reads the store's state and acts only on a difference."""
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            connect = psycopg.AsyncConnection.connect(dsn, autocommit=True, **KEEPALIVES)
+            async with await connect as conn:
                 await conn.execute(f"LISTEN {CHANNEL}")
                 await _run_all(handlers)
                 async for n in conn.notifies():

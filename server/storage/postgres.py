@@ -17,8 +17,8 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -30,6 +30,7 @@ from residency.server.storage.database import Database, Migration
 from residency.server.storage.repositories import Repositories
 
 log = logging.getLogger("residency.storage")
+T = TypeVar("T")
 # Where a process tells the others sharing the store what changed (`notices.listen`).
 CHANNEL = "residency"
 
@@ -74,20 +75,56 @@ def _placeholders(sql: str, named: bool) -> str:
 
 
 class PgConnection:
-    """A psycopg connection that takes the repositories' SQL as SQLite's does."""
+    """A connection from the pool that takes the repositories' SQL as SQLite's does. One the
+    server dropped (a restart, a failover, the network) is given back to the pool before the
+    next statement and a new one taken; a statement outside a transaction (a read) that finds
+    the server gone fails `StoreUnavailable`, as a transaction does (`_failure`)."""
 
-    def __init__(self, conn: psycopg.Connection[Any]):
-        self.conn = conn
+    def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]], where: Callable[[], str]):
+        self.pool, self.where = pool, where
+        self.conn = pool.getconn()
+
+    def _ready(self) -> None:
+        if not (self.conn.broken or self.conn.closed):
+            return
+        self.pool.putconn(self.conn)  # the pool discards a broken connection
+        try:
+            self.conn = self.pool.getconn(timeout=10.0)
+        except Exception:
+            raise StoreUnavailable(
+                f"the store's {self.where()} cannot be reached: nothing was written; "
+                "send it again once it is back"
+            ) from None
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        self._ready()
+        idle = self.conn.info.transaction_status == TransactionStatus.IDLE
+        try:
+            return fn()
+        except psycopg.OperationalError as e:
+            if idle and not isinstance(e, (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)):
+                raise StoreUnavailable(
+                    f"the store's {self.where()} dropped the connection ({e.__class__.__name__}): "
+                    "nothing was written; send it again"
+                ) from None
+            raise  # in a transaction: `transaction()` says what it stands for
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> psycopg.Cursor[Any]:
-        return self.conn.execute(_placeholders(sql, isinstance(params, dict)), params)
+        return self._run(lambda: self.conn.execute(_placeholders(sql, isinstance(params, dict)), params))
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> psycopg.Cursor[Any]:
-        cur = self.conn.cursor()
-        rows = list(rows)
-        if rows:
-            cur.executemany(_placeholders(sql, False), rows)
-        return cur
+        def run() -> psycopg.Cursor[Any]:
+            cur = self.conn.cursor()
+            if rows:
+                cur.executemany(_placeholders(sql, False), rows)
+            return cur
+
+        return self._run(run)
+
+    def close(self) -> None:
+        if not self.conn.closed:
+            self.pool.putconn(self.conn)
+        self.pool.close()
 
 
 class PostgresDatabase(Database):
@@ -120,9 +157,8 @@ class PostgresDatabase(Database):
                 f"cannot connect to the store's PostgreSQL within {connect_timeout:.0f} s "
                 f"({e.__class__.__name__}): check `store.dsn` and that the server is up"
             ) from None
-        conn = self._pool.getconn()
-        self._db = PgConnection(conn)
-        self._where = f"PostgreSQL database {conn.info.dbname!r}"
+        self._db = PgConnection(self._pool, lambda: self._where)
+        self._where = f"PostgreSQL database {self._db.conn.info.dbname!r}"
         self._ensure_meta()
         self._migrate()
 
@@ -138,17 +174,6 @@ class PostgresDatabase(Database):
             except (pg_errors.UniqueViolation, pg_errors.DuplicateObject):
                 if attempt == 2:
                     raise
-
-    def _fresh_connection(self) -> None:
-        """Gives a broken connection back (the pool discards it) and takes another."""
-        self._pool.putconn(self._db.conn)
-        try:
-            self._db = PgConnection(self._pool.getconn(timeout=10.0))
-        except Exception:
-            raise StoreUnavailable(
-                f"the store's {self._where} cannot be reached: nothing was written; "
-                "send it again once it is back"
-            ) from None
 
     def _schema_version(self) -> int:
         (version,) = self._db.execute(
@@ -177,8 +202,6 @@ class PostgresDatabase(Database):
         self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{kind} {self.token}"))
 
     def _begin(self) -> None:
-        if self._db.conn.broken or self._db.conn.closed:
-            self._fresh_connection()
         self._db.execute("BEGIN")
         # The writers' turn (see the module's docstring); read committed, so every statement
         # after it sees what the writer before committed.
@@ -206,9 +229,7 @@ class PostgresDatabase(Database):
         return None
 
     def close(self) -> None:
-        if not self._db.conn.closed:
-            self._pool.putconn(self._db.conn)
-        self._pool.close()
+        self._db.close()
 
 
 class PostgresStore(Repositories, PostgresDatabase):

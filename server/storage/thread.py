@@ -156,12 +156,25 @@ class StoreThread(Generic[S_co]):
                     op.future.set_exception(value)
 
     def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
-        results = self._round(batch)
+        results = self._attempts(batch)
         again = [i for i, (ok, e) in enumerate(results) if not ok and isinstance(e, Unprepared)]
         if again:  # their steps now see the batch committed; a second round needs no third
-            for i, result in zip(again, self._round([batch[i] for i in again]), strict=True):
+            for i, result in zip(again, self._attempts([batch[i] for i in again]), strict=True):
                 results[i] = result
         return results
+
+    def _attempts(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """A round, and again, steps included, if the database gave its transaction up for a
+        concurrent one (nothing of it was written)."""
+        attempt = 1
+        while True:
+            try:
+                return self._round(batch)
+            except TransactionConflict:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                attempt += 1
+                CONFLICTS.inc()
 
     def _round(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         """The batch's `before` steps, then its transaction. A write whose step failed fails
@@ -181,14 +194,7 @@ class StoreThread(Generic[S_co]):
             except Exception as e:
                 failed.update((i, e) for i in ops)
         run = [op for i, op in enumerate(batch) if i not in failed]
-        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
-            try:
-                done = iter(self._transaction(run) if run else [])
-                break
-            except TransactionConflict:  # nothing was written: the same batch again
-                if attempt == CONFLICT_ATTEMPTS:
-                    raise
-                CONFLICTS.inc()
+        done = iter(self._transaction(run) if run else [])
         return [(False, failed[i]) if i in failed else next(done) for i in range(len(batch))]
 
     def _transaction(self, batch: list[_Op]) -> list[tuple[bool, Any]]:

@@ -45,7 +45,7 @@ class NewKeys:
                 rows.append((u, wk.id, wrapped))
                 self._made[u] = (key, wk.id)
             if rows:
-                self.store.add_data_keys(wrapping, rows)
+                self.store.add_data_keys(wrapping, rows, new_users_only=True)
         except Exception as e:  # the key service, or the keyring's disk: those writes fail
             self._made = {}
             self._unmade = dict.fromkeys(new, e)

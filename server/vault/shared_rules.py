@@ -1,16 +1,18 @@
-"""The rules in force on a store that several front ends share (PostgreSQL): the text of the
-rule set last applied is kept in the store beside its version, a change is notified, and every
-other front end takes it (in memory and in its own rules file) within milliseconds; one that
-starts with a rules file other than the store's takes the store's."""
+"""The rules a node may serve under, and on a store that several front ends share (PostgreSQL)
+the rules in force: the text of the rule set last applied is kept in the store beside its
+version, a change is notified, and every other front end takes it (in memory and in its own
+rules file) within milliseconds; one that starts with a rules file other than the store's
+takes the store's and keeps its own file beside it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Protocol
 
+from residency.server.config.node import NodeConfig
 from residency.server.config.rules import rules_from_bytes
+from residency.server.core.errors import ConfigError
 from residency.server.core.rules import RuleSet
 from residency.server.core.schema import Schema
 from residency.server.keys.files import write_private
@@ -21,36 +23,64 @@ from residency.server.vault.records import Records
 log = logging.getLogger("residency.node")
 
 
+def rules_refusal(c: NodeConfig, rules: RuleSet) -> str:
+    """Why this node cannot serve under `rules` (at start, and applied while it runs), or ""."""
+    if c.is_primary and c.region != rules.home_region:
+        return f"this primary's region {c.region!r} is not the rules' home_region {rules.home_region!r}"
+    if missing := sorted({a.region for a in c.affiliates} - rules.regions):
+        return f"'affiliates' names {missing}, which no recipient of the rules is in"
+    if c.region not in rules.regions:
+        return f"'region' {c.region!r} is not in the rules (regions: {sorted(rules.regions)})"
+    return ""
+
+
 class RulesTextStore(UnitOfWork, Protocol):
     def set_rules_text(self, version: str, text: bytes) -> None: ...
     def rules_text(self) -> tuple[str, bytes] | None: ...
     def notify(self, kind: str) -> None: ...
 
 
-def rules_at_start(store: RulesTextStore, path: Path, schema: Schema, rules: RuleSet) -> RuleSet:
-    """The rule set a front end of a shared store starts with: the store's, written to its own
-    rules file, when it differs from the file's (another front end applied a change meanwhile:
-    on a shared store, rules change through `ApplyRules` or a SIGHUP of one front end)."""
+def _shared(c: NodeConfig, schema: Schema, version: str, text: bytes) -> RuleSet:
+    """The store's rule set, which this node must also be able to serve under."""
+    new = rules_from_bytes(text, schema, f"the store's rules {version}")
+    if why := rules_refusal(c, new):
+        raise ConfigError(f"{c.path}: the store's rules {version} (applied by another front end): {why}")
+    return new
+
+
+def rules_at_start(store: RulesTextStore, c: NodeConfig, schema: Schema, rules: RuleSet) -> RuleSet:
+    """The rule set a front end of a shared store starts with: the store's when it differs from
+    its rules file's (another front end applied a change meanwhile; on a shared store rules
+    change through one front end: `ApplyRules`, or a SIGHUP after its file changed). The file
+    then holds the store's, and what it held is kept beside it, `RULES.VERSION`."""
     shared = store.rules_text()
     if shared is None or shared[0] == rules.version:
         return rules
     version, text = shared
-    new = rules_from_bytes(text, schema, f"the store's rules {version}")
-    write_private(path, text)
-    log.warning("rules file %s held %s; it now holds the store's rules %s", path, rules.version, version)
+    new = _shared(c, schema, version, text)
+    kept = c.rules.with_name(f"{c.rules.name}.{rules.version}")
+    write_private(kept, c.rules.read_bytes())
+    write_private(c.rules, text)
+    log.warning(
+        "rules file %s held %s; it now holds the store's rules %s (its own kept as %s)",
+        c.rules,
+        rules.version,
+        version,
+        kept,
+    )
     return new
 
 
 class SharedRules:
     def __init__(
         self,
-        path: Path,
+        c: NodeConfig,
         schema: Schema,
         records: Records,
         db: StoreThread[RulesTextStore],
         lock: asyncio.Lock,
     ):
-        self.path, self.schema, self.records, self.db, self.lock = path, schema, records, db, lock
+        self.config, self.schema, self.records, self.db, self.lock = c, schema, records, db, lock
 
     def share(self, version: str, text: bytes) -> None:
         """In the transaction that makes `version` current: its text, and the notification."""
@@ -58,13 +88,23 @@ class SharedRules:
         self.db.store.notify("rules")
 
     async def follow(self) -> None:
-        """Another front end changed the rules: take the store's, unless they are ours."""
-        shared = await self.db.call(self.db.store.rules_text)
-        if shared is None or shared[0] == self.records.rules.version:
-            return
-        version, text = shared
-        new = rules_from_bytes(text, self.schema, f"the store's rules {version}")
-        async with self.lock:
-            await asyncio.get_running_loop().run_in_executor(None, write_private, self.path, text)
+        """Another front end changed the rules: take the store's, unless they are ours. Read,
+        compared and swapped in one store transaction, under this node's rules lock: neither
+        a change of this node's own nor a batch in flight sees them half way."""
+        store = self.db.store
+
+        def swap() -> tuple[str, str, bytes] | None:
+            shared = store.rules_text()
+            if shared is None or shared[0] == self.records.rules.version:
+                return None
+            new = _shared(self.config, self.schema, *shared)
             old, self.records.rules = self.records.rules.version, new
+            return old, *shared
+
+        async with self.lock:
+            changed = await self.db.write(swap)
+            if changed is None:
+                return
+            old, version, text = changed
+            await asyncio.get_running_loop().run_in_executor(None, write_private, self.config.rules, text)
         log.info("rules %s -> %s, applied by another front end of the store", old, version)
