@@ -132,10 +132,13 @@ async def test_a_rules_change_and_a_key_shred_through_one_front_end_hold_at_the_
 
     # A front end that starts with an older rules file takes the store's instead.
     c.stop(b)
-    b_rules.write_text((c.dir / "rules.yaml").read_text().replace("# reviewed again", ""))
+    edited = (c.dir / "rules.yaml").read_text().replace("# reviewed again", "# edited by hand")
+    b_rules.write_text(edited)
     c.dep.start(b)
     await c.dep.wait_serving()
-    assert await b_follows()
+    assert await b_follows() and b_rules.read_text() == text
+    (kept,) = b_rules.parent.glob(f"{b_rules.name}.*")  # the file it held, kept beside it
+    assert kept.read_text() == edited
 
     await c.put("k-1", {"name": "Li Wei"})
     status = await admin_a.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)

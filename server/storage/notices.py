@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from residency.server.storage.postgres import CHANNEL
 
@@ -27,7 +28,7 @@ async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.
     once: it reads the store's state and acts only on a difference."""
     while True:
         try:
-            connect = psycopg.AsyncConnection.connect(dsn, autocommit=True, **KEEPALIVES)
+            connect = psycopg.AsyncConnection.connect(make_conninfo(dsn, **KEEPALIVES), autocommit=True)
             async with await connect as conn:
                 await conn.execute(f"LISTEN {CHANNEL}")
                 await _run_all(handlers)
