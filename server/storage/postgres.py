@@ -163,15 +163,20 @@ class PostgresDatabase(Database):
         self._migrate()
 
     def _ensure_meta(self) -> None:
-        """The lock row and the keyring schema. Two processes creating them at once can
-        collide in PostgreSQL's catalog (a unique violation on `pg_type`): the loser tries
-        again and finds them made."""
+        """The lock row and the keyring schema. Processes creating them at once collide in
+        PostgreSQL's catalog even with IF NOT EXISTS (a unique violation on `pg_type`, or the
+        relation or schema "already exists"): the loser tries again and finds them made."""
         for attempt in range(3):
             try:
                 for statement in _META:
                     self._db.execute(statement)
                 return
-            except (pg_errors.UniqueViolation, pg_errors.DuplicateObject):
+            except (
+                pg_errors.UniqueViolation,
+                pg_errors.DuplicateObject,
+                pg_errors.DuplicateTable,
+                pg_errors.DuplicateSchema,
+            ):
                 if attempt == 2:
                     raise
 
