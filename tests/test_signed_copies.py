@@ -106,6 +106,44 @@ def test_signed_bytes_do_not_depend_on_map_order_and_unknown_fields_are_refused(
     assert grown.signature == copy.signature and not verifies(s.public_raw, grown)
 
 
+def test_every_field_of_a_policy_is_covered_though_equal_policies_are_encoded_once():
+    """Policies are encoded once per distinct value (most copies repeat them): a copy whose
+    policy differs in any one field, or holds a field this node does not know, still fails."""
+    s = signer()
+    policy = replica_pb2.FieldPolicy(
+        rule="r",
+        purposes=["essential.service"],
+        legal_basis="contract",
+        recipient="ap",
+        retention_days=365,
+        form="mask:4",
+    )
+    policy.ends_at.seconds = 1_790_000_000
+    copy = s.sign_copy(a_copy(policies={"email": policy}), SG)
+    for _ in range(2):  # the second time from what was remembered
+        assert verifies(s.public_raw, copy)
+    for fd in replica_pb2.FieldPolicy.DESCRIPTOR.fields:
+        changed = clone(copy)
+        p = changed.policies["email"]
+        if fd.type == fd.TYPE_MESSAGE:
+            p.ends_at.seconds += 1
+        elif fd.is_repeated:
+            p.purposes.append("marketing")
+        elif fd.type == fd.TYPE_STRING:
+            setattr(p, fd.name, getattr(p, fd.name) + "x")
+        elif fd.type == fd.TYPE_BOOL:
+            setattr(p, fd.name, not getattr(p, fd.name))
+        else:
+            setattr(p, fd.name, getattr(p, fd.name) + 1)
+        assert not verifies(s.public_raw, changed), fd.name
+    # A policy holding a field number this node lacks (1000, varint 1), seen after the same
+    # policy without it was remembered: refused.
+    grown = clone(copy)
+    grown.policies["email"].MergeFromString(b"\xc0\x3e\x01")
+    assert not verifies(s.public_raw, grown)
+    assert verifies(s.public_raw, copy)
+
+
 def test_vectors_any_implementation_can_check_against():
     v = VECTORS
     public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(v["public_key"]))

@@ -19,8 +19,10 @@ checked. The encoding (docs/services.md, "The copy format"):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -62,38 +64,79 @@ def canonical(message: Message, leave_out: int = 0) -> bytes:
     """The canonical encoding of `message` (the module's docstring), without field `leave_out`."""
     if len(UnknownFieldSet(message)):
         raise UnknownFields(f"{message.DESCRIPTOR.full_name} holds fields this node does not know")
-    return b"".join(
-        fd.number.to_bytes(4, "big") + _field(fd, value)
-        for fd, value in message.ListFields()
-        if fd.number != leave_out
-    )
+    out = []
+    for fd, value in message.ListFields():
+        number = fd.number
+        if number != leave_out:
+            encode = _ENCODERS.get(fd)
+            if encode is None:
+                encode = _ENCODERS[fd] = _encoder(fd)
+            out.append(_NUMBERS[number] if number < 256 else number.to_bytes(4, "big"))
+            out.append(encode(value))
+    return b"".join(out)
 
 
-def _field(fd: FieldDescriptor, value: Any) -> bytes:
+# Each field's encoder, made once from its descriptor (walking the descriptor for every value
+# made this the most costly step of shipping a copy).
+_ENCODERS: dict[FieldDescriptor, Callable[[Any], bytes]] = {}
+_NUMBERS = [n.to_bytes(4, "big") for n in range(256)]
+
+
+def _encoder(fd: FieldDescriptor) -> Callable[[Any], bytes]:
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-        key_fd, value_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
-        entries = sorted((_one(key_fd, k), _one(value_fd, v)) for k, v in value.items())
-        return len(entries).to_bytes(4, "big") + b"".join(k + v for k, v in entries)
+        key = _one(fd.message_type.fields_by_name["key"])
+        value_fd = fd.message_type.fields_by_name["value"]
+        value = _remembered() if value_fd.message_type is not None else _one(value_fd)
+
+        def entries(m: Any) -> bytes:
+            pairs = sorted([(key(k), value(v)) for k, v in m.items()])
+            return len(pairs).to_bytes(4, "big") + b"".join([k + v for k, v in pairs])
+
+        return entries
+    one = _one(fd)
     if fd.is_repeated:
-        return len(value).to_bytes(4, "big") + b"".join(_one(fd, v) for v in value)
-    return _one(fd, value)
+        return lambda vs: len(vs).to_bytes(4, "big") + b"".join([one(v) for v in vs])
+    return one
 
 
-def _one(fd: FieldDescriptor, v: Any) -> bytes:
+def _one(fd: FieldDescriptor) -> Callable[[Any], bytes]:
     t = fd.type
     if t == _T.TYPE_MESSAGE or t == _T.TYPE_GROUP:
-        return length_prefixed(canonical(v))
+        return lambda v: _prefixed(canonical(v))
     if t == _T.TYPE_STRING:
-        return length_prefixed(v.encode())
+        return lambda v: _prefixed(v.encode())
     if t == _T.TYPE_BYTES:
-        return length_prefixed(bytes(v))
+        return lambda v: _prefixed(bytes(v))
     if t == _T.TYPE_BOOL:
-        return b"\x01" if v else b"\x00"
+        return lambda v: b"\x01" if v else b"\x00"
     if t in _UNSIGNED:
-        return int(v).to_bytes(8, "big")
+        return lambda v: int(v).to_bytes(8, "big")
     if t in _SIGNED:
-        return int(v).to_bytes(8, "big", signed=True)
-    return struct.pack(">d", float(v))  # double, float
+        return lambda v: int(v).to_bytes(8, "big", signed=True)
+    return lambda v: struct.pack(">d", float(v))  # double, float
+
+
+def _remembered() -> Callable[[Any], bytes]:
+    """The encoder of a map's message values, remembering each value's encoding by its
+    serialized bytes: a copy's field policies are mostly the same from copy to copy. Equal
+    bytes of one message type hold equal fields, so they encode alike; bytes that hold
+    unknown fields are refused by `canonical` and never remembered."""
+    seen: dict[bytes, bytes] = {}
+
+    def encode(v: Message) -> bytes:
+        wire = v.SerializeToString()
+        out = seen.get(wire)
+        if out is None:
+            if len(seen) >= 4096:
+                seen.clear()
+            out = seen[wire] = _prefixed(canonical(v))
+        return out
+
+    return encode
+
+
+def _prefixed(b: bytes) -> bytes:
+    return len(b).to_bytes(4, "big") + b
 
 
 def signed_bytes(message: Message) -> bytes:
@@ -104,6 +147,11 @@ def signed_bytes(message: Message) -> bytes:
     return length_prefixed(context) + canonical(message, SIGNATURE_FIELD[name])
 
 
+@functools.lru_cache(maxsize=64)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def verifies(public_raw: bytes, message: Message) -> bool:
     """Whether `message`'s signature is the key's over its signed bytes (False when it holds
     fields this node does not know, or no signature)."""
@@ -111,7 +159,7 @@ def verifies(public_raw: bytes, message: Message) -> bool:
     if not signature:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, signed_bytes(message))
+        _public_key(public_raw).verify(signature, signed_bytes(message))
     except (InvalidSignature, UnknownFields, ValueError):
         return False
     return True
