@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -177,16 +178,40 @@ def copy_json_schemas(directory: Path) -> None:
 
 
 def free_ports(n: int) -> list[int]:
-    socks = []
+    """`n` distinct loopback ports free now. Picked below the kernel's range of ephemeral ports
+    where it is known: a port from that range, free when picked, can be taken by any outgoing
+    connection (to a database, another node) before the node that is to listen on it binds it
+    (seen in the test suite as "Failed to bind to address")."""
+    low = _ephemeral_low()
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        while len(socks) < n:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
             socks.append(s)
+            if low is None:
+                s.bind(("127.0.0.1", 0))
+                continue
+            for _ in range(100):
+                try:
+                    s.bind(("127.0.0.1", secrets.randbelow(low - 20_000) + 20_000))
+                    break
+                except OSError:
+                    continue
+            else:
+                s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def _ephemeral_low() -> int | None:
+    """The lowest ephemeral port (Linux), when it leaves room for ours (20000 and up)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return low if low > 21_000 else None
 
 
 def local_keys(d: Path, region: str) -> dict[str, Any]:
