@@ -44,7 +44,8 @@ class Destination:
     region: str
     keys: CopyKeys
     sink: Sink
-    # The home's copy-signing key: every copy and high-water mark sent here is signed with it.
+    # The home's copy-signing key: every copy sent here is signed with it, by itself or through
+    # its batch's high-water mark (`finish`, `mark`).
     signer: CopySigner
     # the last outbox sequence this destination has applied, as this worker last read it
     cursor: int = 0
@@ -53,6 +54,22 @@ class Destination:
     # may not ship under that limit
     max_rate: float = 0.0
     not_before: float = 0.0
+
+    def finish(self, copy: replica_pb2.SealedCopy) -> replica_pb2.SealedCopy:
+        """`copy`, made for this destination: signed where each copy must carry its own
+        signature (a bucket's object), else stamped for the batch's mark to vouch for. The
+        last change made to a copy, so whatever was set before is covered."""
+        if self.sink.signs_each_copy:
+            return self.signer.sign_copy(copy, self.region)
+        return self.signer.stamp(copy, self.region)
+
+    def mark(
+        self, version: int, lease_epoch: int, copies: list[replica_pb2.SealedCopy]
+    ) -> replica_pb2.HighWater:
+        """The batch's signed high-water mark, vouching for its unsigned copies."""
+        return self.signer.high_water(
+            self.region, version, lease_epoch, [c for c in copies if not c.signature]
+        )
 
     def use_key(self, key: RecipientKey) -> None:
         """Seals to `key` from now on (a region's new key, learned after a rekey)."""

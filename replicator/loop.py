@@ -361,10 +361,11 @@ class Replicator:
 
     def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
         """The batch's signed high-water mark: the highest version the store holds (read from
-        the store, not the batch, to vouch for the copies independently) and the lease epoch."""
+        the store, not the batch, to vouch for the copies independently), the lease epoch,
+        and the digests of the batch's unsigned copies (one signature for the batch)."""
         if max((c.version for c in copies), default=0) > self._high_water:
             self._high_water = self.records.store.max_version()
-        return d.signer.high_water(d.region, self._high_water, self.leases[d.region].epoch)
+        return d.mark(self._high_water, self.leases[d.region].epoch, copies)
 
     def _copy_for(
         self, d: Destination, row: Row, permits: Permits
@@ -377,8 +378,9 @@ class Replicator:
             # Erased, or withdrawn from this destination: the user's plaintext leaves memory
             # (another destination that still gets the copy opens the record again).
             self.forget(row.user_id)
-        # Signed last, once every field is set: the signature covers the copy as sent.
-        return d.signer.sign_copy(copy, d.region), entry
+        # Signed (or stamped for the batch's mark to vouch for) last, once every field is
+        # set: the signature covers the copy as sent.
+        return d.finish(copy), entry
 
     def forget(self, user_id: str | None = None) -> None:
         """Drops opened (plaintext) records: one user's, on erasure, or every one (a key

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,6 +30,8 @@ from residency.server.vault.records import Opened, Records
 from residency.v1 import common_pb2, replica_pb2
 
 SG, IE = "ap-southeast-1", "eu-west-1"
+# The loop asks a destination's sink only whether each copy is signed (these tests ship nothing).
+NO_SINK = SimpleNamespace(signs_each_copy=False)
 NOW = 1_790_000_000.0
 RECORD = {
     "name": "Li Wei",
@@ -173,7 +176,7 @@ def test_an_erasure_drops_the_users_plaintext_from_the_workers_memory(home: Reco
     fields leave that memory when the tombstone is built, a shred empties it."""
     key = region_key(SG)
     signer = CopySigner(PRIMARY, Ed25519PrivateKey.generate())
-    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=None, signer=signer)  # type: ignore[arg-type]
+    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=NO_SINK, signer=signer)  # type: ignore[arg-type]
     worker = Replicator(home, db=None, destinations=[dest], config=ReplicatorConfig())  # type: ignore[arg-type]
     for user in ("gone", "kept"):
         worker._opened[(user, 3)] = opened(user_id=user)
@@ -188,7 +191,7 @@ def test_a_withdrawal_drops_the_users_plaintext_from_the_workers_memory(home: Re
     tombstone; the user's opened fields leave the worker's memory with it."""
     key = region_key(SG)
     signer = CopySigner(PRIMARY, Ed25519PrivateKey.generate())
-    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=None, signer=signer)  # type: ignore[arg-type]
+    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=NO_SINK, signer=signer)  # type: ignore[arg-type]
     worker = Replicator(home, db=None, destinations=[dest], config=ReplicatorConfig())  # type: ignore[arg-type]
     # Only a field that never leaves the home region: nothing of it may be in SG.
     worker._opened[("withdrawn", 5)] = opened("withdrawn", 5, national_id="11010519491231002X")

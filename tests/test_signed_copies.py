@@ -7,6 +7,7 @@ logged there and shown in the primary's replication status."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,13 +20,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from google.protobuf.descriptor import FieldDescriptor
 
+from residency.replicator.destinations import destinations_for
 from residency.replicator.sinks.manifest import open_object
+from residency.server.config.node import load_config
 from residency.server.core import codec
 from residency.server.core.sealing import SealError, field_aad
 from residency.server.core.signed import signed_bytes, verifies
-from residency.server.deployment import PRIMARY
+from residency.server.deployment import PRIMARY, init_deployment
 from residency.server.keys.copykey import CopySigner, load_copy_key
+from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RecipientKey, RegionKey
+from residency.server.vault.copies import Home, refusals
 from residency.v1 import replica_pb2
 from tests.conftest import Cluster, values
 from tests.test_records import violations
@@ -152,6 +157,16 @@ def test_vectors_any_implementation_can_check_against():
         assert signed_bytes(parsed).hex() == v[name]["signed_bytes"], name
         public.verify(bytes.fromhex(v[name]["signature"]), bytes.fromhex(v[name]["signed_bytes"]))
         assert verifies(bytes.fromhex(v["public_key"]), parsed)
+    # A copy vouched for by its batch's mark instead of a signature of its own.
+    vouched = v["vouched"]
+    copy = replica_pb2.SealedCopy.FromString(bytes.fromhex(vouched["copy"]["message"]))
+    mark = replica_pb2.HighWater.FromString(bytes.fromhex(vouched["high_water"]["message"]))
+    assert signed_bytes(copy).hex() == vouched["copy"]["signed_bytes"] and not copy.signature
+    assert hashlib.sha256(signed_bytes(copy)).hexdigest() == vouched["copy"]["copy_digest"]
+    assert signed_bytes(mark).hex() == vouched["high_water"]["signed_bytes"]
+    public.verify(bytes.fromhex(vouched["high_water"]["signature"]), signed_bytes(mark))
+    assert [d.hex() for d in mark.copy_digests] == [vouched["copy"]["copy_digest"]]
+    assert refusals(Home(PRIMARY, bytes.fromhex(v["public_key"])), copy.region, mark, [copy]) == []
 
 
 # ---- the associated data of format 2 -------------------------------------------------
@@ -196,6 +211,46 @@ def test_a_copy_of_the_old_format_still_opens():
         open_object(old.SerializeToString(), key, signer().public_raw, unsigned_ok=True)
 
 
+async def test_a_region_nodes_batch_is_signed_once_and_a_bucket_object_each_on_its_own(tmp_path: Path):
+    """The replicator's destinations as `residency init` configures them, plus a bucket: a
+    region node's copies go unsigned, vouched for by the batch's one signed mark; each bucket
+    object carries its own signature, since an affiliate reads it alone."""
+    init_deployment(tmp_path)
+    folder = tmp_path / "keys" / "us-east-1"
+    provider = LocalProvider.create(folder, b"passphrase")
+    RegionKey.generate("us-east-1", folder, provider)
+    provider.close()
+    path = tmp_path / f"{PRIMARY}.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["affiliates"].append(
+        {
+            "region": "us-east-1",
+            "sink": "s3",
+            "bucket": "copies",
+            "endpoint_url": "http://127.0.0.1:9",
+            "public_key": "keys/us-east-1/region.pub",
+        }
+    )
+    path.write_text(yaml.safe_dump(config))
+    destinations = {d.region: d for d in destinations_for(load_config(path))}
+    home = Home(PRIMARY, load_copy_key(PRIMARY, tmp_path / "keys" / PRIMARY / "copy.key").public_raw)
+    try:
+        for region in (SG, IE):
+            d = destinations[region]
+            copies = [d.finish(a_copy(user_id=f"u-{i}", version=i)) for i in (1, 2, 3)]
+            mark = d.mark(3, 1, copies)
+            assert not any(c.signature for c in copies)
+            assert len(mark.copy_digests) == 3 and verifies(home.public_raw, mark)
+            assert refusals(home, region, mark, copies) == []
+            assert refusals(home, region, d.mark(3, 1, copies[:2]), copies)  # the third is not vouched for
+        bucket = destinations["us-east-1"]
+        copy = bucket.finish(a_copy())
+        assert verifies(home.public_raw, copy) and not bucket.mark(3, 1, [copy]).copy_digests
+    finally:
+        for d in destinations.values():
+            await d.sink.close()
+
+
 # ---- real region nodes ----------------------------------------------------------------
 
 
@@ -231,6 +286,13 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
     forged.sealed_fields["national_id"] = b"\x00" * 40  # a never-transfer field, added after signing
     forged.categories["national_id"] = "user.government_id.national_identification_number"
     tomb = replica_pb2.SealedCopy(user_id="u-1", version=2**62, deleted=True, reason="erasure", format=2)
+    # Copies the batch's mark vouches for (one signature a batch, as the replicator sends them).
+    epoch = c.lease_epoch(SG)
+    stamped = home.stamp(a_copy(version=2), SG)
+    vouching = home.high_water(SG, 2, epoch, [stamped])
+    changed = clone(stamped)
+    changed.sealed_fields["national_id"] = b"\x00" * 40
+    for_ie = home.stamp(a_copy(version=2), IE)
     cases = {
         "forged": ([forged], mark, "copies[0].signature", "does not verify"),
         "unsigned 2^62": ([tomb], mark, "copies[0].signature", "is missing"),
@@ -256,6 +318,32 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
         ),
         "made for eu-west-1": ([honest(a_copy(version=2), IE)], mark, "copies[0].region", f"not {SG}"),
         "no mark": ([honest(a_copy(version=2))], None, "high_water", "is required"),
+        "unsigned, vouched for by no mark": ([stamped], None, "copies[0].signature", "does not vouch"),
+        "changed after the mark vouched for it": (
+            [changed],
+            vouching,
+            "copies[0].signature",
+            "does not vouch",
+        ),
+        "vouched for by a mark of another batch": ([stamped], mark, "copies[0].signature", "does not vouch"),
+        "vouched for by the liar's mark": (
+            [stamped],
+            liar.high_water(SG, 2, epoch, [stamped]),
+            "copies[0].signature",
+            "does not vouch",
+        ),
+        "the liar's mark claiming the home's key id": (
+            [stamped],
+            _claiming(liar.high_water(SG, 2, epoch, [stamped]), home),
+            "high_water.signature",
+            "does not verify",
+        ),
+        "vouched for, but made for eu-west-1": (
+            [for_ie],
+            home.high_water(SG, 2, epoch, [for_ie]),
+            "copies[0].region",
+            f"not {SG}",
+        ),
         "old format": ([a_copy(version=2, format=0)], mark, "copies[0].format", "format 2"),
         # One good copy (a new user's tombstone) beside a forged one: nothing of the batch applies.
         "good beside forged": (
@@ -286,6 +374,15 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
         replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=[good], high_water=mark), timeout=10
     )
     assert (reply.applied, reply.skipped) == (1, 0)
+    # So is a copy its batch's mark vouches for, alone or beside a signed one.
+    vouched = home.stamp(replica_pb2.SealedCopy(user_id="t-8", version=1, deleted=True, format=2), SG)
+    reply = await c.replica(SG).ApplyCopies(
+        replica_pb2.ApplyCopiesRequest(
+            source_region=PRIMARY, copies=[vouched, good], high_water=home.high_water(SG, 2, epoch, [vouched])
+        ),
+        timeout=10,
+    )
+    assert (reply.applied, reply.skipped) == (1, 1)
 
 
 def clone(m: replica_pb2.SealedCopy) -> replica_pb2.SealedCopy:
@@ -294,9 +391,10 @@ def clone(m: replica_pb2.SealedCopy) -> replica_pb2.SealedCopy:
     return out
 
 
-def _claiming(copy: replica_pb2.SealedCopy, home: CopySigner) -> replica_pb2.SealedCopy:
-    copy.signing_key_id = home.key_id
-    return copy
+def _claiming(m: Any, home: CopySigner) -> Any:
+    """A copy or mark signed by another key, naming the home's."""
+    m.signing_key_id = home.key_id
+    return m
 
 
 def values_of(record: Any) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from residency.v1 import replica_pb2
 class Sink(Protocol):
     kind: str
     target: str
+    # Whether each copy must carry its own signature (a bucket's object is read alone); else
+    # the batch's signed high-water mark vouches for its copies, one signature a batch.
+    signs_each_copy: bool
 
     async def apply(
         self,
@@ -23,8 +26,9 @@ class Sink(Protocol):
         high_water: replica_pb2.HighWater | None = None,
         fence: Fence | None = None,
     ) -> None:
-        """Ships signed copies with the batch's signed high-water mark (a region node
-        requires one; a bucket gets none, since no node there checks it). With a `fence`, no
+        """Ships the copies (signed, or vouched for by the mark) with the batch's signed
+        high-water mark (a region node requires one; a bucket gets none, since no node there
+        checks it). With a `fence`, no
         request starts after its deadline, none outlives it, and the sink raises StandDown
         when the fence stops the batch or the destination says a newer lease holder has
         written (the batch is left for that holder)."""

@@ -17,6 +17,8 @@ class ReplicaSink:
     """A region node, over gRPC `ReplicaService`."""
 
     kind = "replica"
+    # A region node takes a batch's copies vouched for by its signed high-water mark.
+    signs_each_copy = False
     TRANSIENT = frozenset(
         {
             grpc.StatusCode.UNAVAILABLE,

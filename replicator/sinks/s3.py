@@ -145,6 +145,8 @@ class S3Sink:
     """Writes each copy as one object; deletes the object of a tombstone."""
 
     kind = "s3"
+    # An object is read alone, by an affiliate that checks its signature.
+    signs_each_copy = True
 
     def __init__(
         self,

@@ -147,6 +147,11 @@ def signed_bytes(message: Message) -> bytes:
     return length_prefixed(context) + canonical(message, SIGNATURE_FIELD[name])
 
 
+def copy_digest(copy: Message) -> bytes:
+    """What a high-water mark lists of a copy it vouches for: SHA-256 of its signed bytes."""
+    return hashlib.sha256(signed_bytes(copy)).digest()
+
+
 @functools.lru_cache(maxsize=64)
 def _public_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from residency.server.core import codec
 from residency.server.core.errors import KeyUnavailable
-from residency.server.core.signed import key_id, signed_bytes
+from residency.server.core.signed import copy_digest, key_id, signed_bytes
 from residency.server.keys.files import write_private
 from residency.v1 import replica_pb2
 
@@ -29,17 +30,30 @@ class CopySigner:
         self.public_raw = private.public_key().public_bytes_raw()
         self.key_id = key_id(self.public_raw)
 
-    def sign_copy(self, copy: replica_pb2.SealedCopy, destination: str) -> replica_pb2.SealedCopy:
-        """`copy`, stamped with its destination and this key's id, then signed: the last change
-        made to it, so every field set before is covered."""
+    def stamp(self, copy: replica_pb2.SealedCopy, destination: str) -> replica_pb2.SealedCopy:
+        """`copy`, stamped with its destination and this key's id, unsigned: for a batch whose
+        high-water mark vouches for it (`high_water(vouched=...)`); the last change made to it."""
         copy.region, copy.signing_key_id = destination, self.key_id
         copy.ClearField("signature")
+        return copy
+
+    def sign_copy(self, copy: replica_pb2.SealedCopy, destination: str) -> replica_pb2.SealedCopy:
+        """`copy`, stamped, then signed: the last change made to it, so every field set before
+        is covered."""
+        self.stamp(copy, destination)
         copy.signature = self._private.sign(signed_bytes(copy))
         return copy
 
-    def high_water(self, destination: str, version: int, lease_epoch: int = 0) -> replica_pb2.HighWater:
+    def high_water(
+        self,
+        destination: str,
+        version: int,
+        lease_epoch: int = 0,
+        vouched: Iterable[replica_pb2.SealedCopy] = (),
+    ) -> replica_pb2.HighWater:
         """The signed statement that this home had issued no record version above `version`,
-        for a batch shipped under the sending worker's lease epoch `lease_epoch`."""
+        for a batch shipped under the sending worker's lease epoch `lease_epoch`, vouching for
+        the `vouched` copies (stamped, unsigned) by their digests."""
         mark = replica_pb2.HighWater(
             home_region=self.region,
             region=destination,
@@ -47,6 +61,7 @@ class CopySigner:
             issued_at=codec.timestamp(time.time()),
             signing_key_id=self.key_id,
             lease_epoch=lease_epoch,
+            copy_digests=[copy_digest(c) for c in vouched],
         )
         mark.signature = self._private.sign(signed_bytes(mark))
         return mark

@@ -1,6 +1,7 @@
-"""A region node's copies: checking that its home signed each copy it is sent (`refusals`),
-and applying them idempotently by version, with each copy's wrapped data key kept in the
-keyring rather than in the copy. A batch with one refused copy is applied not at all.
+"""A region node's copies: checking that its home signed each copy it is sent, itself or through
+the batch's signed high-water mark (`refusals`), and applying them idempotently by version,
+with each copy's wrapped data key kept in the keyring rather than in the copy. A batch with
+one refused copy is applied not at all.
 The keys commit first, in a transaction of their own (`prepare_copy_keys`), and a copy is
 applied only once the keyring holds its own key: a crash never leaves a copy without it."""
 
@@ -14,7 +15,7 @@ from typing import Any
 from residency.server.core import translog
 from residency.server.core.errors import StaleLeaseEpoch
 from residency.server.core.sealing import COPY_FORMAT
-from residency.server.core.signed import key_id, verifies
+from residency.server.core.signed import UnknownFields, copy_digest, key_id, verifies
 from residency.server.core.transform import known
 from residency.server.storage.records import Row
 from residency.server.storage.replication import FenceStore
@@ -45,15 +46,18 @@ def refusals(
     if not copies:
         return []  # an empty batch: nothing to vouch for, nothing to apply
     out = [(f"high_water{p}", why) for p, why in _signed(home, region, mark, "high-water mark")]
-    # Versions are checked against a mark the home signed only (else that is the refusal).
+    # Versions are checked against a mark the home signed only (else that is the refusal),
+    # and only such a mark vouches for unsigned copies.
     top = mark.version if mark is not None and not out else None
+    vouched = frozenset(mark.copy_digests) if mark is not None and not out else frozenset()
     for i, c in enumerate(copies):
         if c.format != COPY_FORMAT:
             out.append(
                 (f"copies[{i}].format", f"is {c.format}; this node takes copies of format {COPY_FORMAT} only")
             )
             continue
-        bad = _signed(home, region, c, "copy") or [
+        checked = _signed(home, region, c, "copy") if c.signature else _vouched(home, region, c, vouched)
+        bad = checked or [
             (f".policies[{n}].form", f"is {p.form!r}: not a transformation this node knows")
             for n, p in sorted(c.policies.items())
             if p.form and not known(p.form)
@@ -89,6 +93,35 @@ def _signed(
         ]
     if m.region != region:
         return [(".region", f"the {what} was made for region {m.region or '(none)'}, not {region}")]
+    return []
+
+
+def _vouched(
+    home: Home, region: str, c: replica_pb2.SealedCopy, vouched: frozenset[bytes]
+) -> list[tuple[str, str]]:
+    """Why an unsigned copy is not one its batch's signed mark vouches for (none: it is)."""
+    try:
+        listed = copy_digest(c) in vouched
+    except UnknownFields:
+        listed = False
+    if not listed:
+        return [
+            (
+                ".signature",
+                "is missing: the copy is unsigned, and the batch's signed high-water mark does "
+                "not vouch for it (changed after the mark was signed, or forged)",
+            )
+        ]
+    if c.signing_key_id != home.key_id:
+        return [
+            (
+                ".signing_key_id",
+                f"names key {c.signing_key_id or '(none)'}; this node trusts {home.region}'s "
+                f"copy-signing key {home.key_id} (its config's home.signing_key)",
+            )
+        ]
+    if c.region != region:
+        return [(".region", f"the copy was made for region {c.region or '(none)'}, not {region}")]
     return []
 
 

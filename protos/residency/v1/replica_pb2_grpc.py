@@ -51,9 +51,9 @@ class ReplicaServiceServicer:
 
     def ApplyCopies(self, request, context):
         """Applies copies idempotently by version: an equal version is skipped. The whole batch is
-        refused (INVALID_ARGUMENT naming copies[i], nothing applied) if any copy is unsigned,
-        forged, signed by another key, made for another region, older than the copy held, or
-        above the batch's signed high-water mark; refused with FAILED_PRECONDITION (ErrorInfo
+        refused (INVALID_ARGUMENT naming copies[i], nothing applied) if any copy is neither
+        signed nor vouched for by the batch's mark, forged, signed by another key, made for
+        another region, older than the copy held, or above the batch's signed high-water mark; refused with FAILED_PRECONDITION (ErrorInfo
         reason STALE_LEASE_EPOCH, nothing applied) if the mark's lease_epoch is below the highest
         this node has taken a batch under from that home.
         """
