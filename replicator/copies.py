@@ -16,7 +16,7 @@ from residency.server.core import codec, translog
 from residency.server.core.policy.erasure import ERASED
 from residency.server.core.rules import Allowed, Permits, Plan, RuleSet, Withheld
 from residency.server.core.schema import Schema
-from residency.server.core.sealing import COPY_FORMAT, DataKey, field_aad
+from residency.server.core.sealing import COPY_FORMAT, DataKey, field_aads
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.region import RecipientKey, TransitKey
 from residency.server.vault.copy_policy import policies_message
@@ -138,6 +138,7 @@ def build_copy(
         )
     dek, wrapped, transit = keys.for_user(user_id)
     kid = keys.recipient.key_id
+    aad = field_aads(user_id, region, version, kid, format=COPY_FORMAT)
     copy = replica_pb2.SealedCopy(
         user_id=user_id,
         version=version,
@@ -146,12 +147,7 @@ def build_copy(
         wrapped_data_key=wrapped,
         transit_key_id=transit.id,
         wrapped_transit_key=transit.wrapped,
-        sealed_fields={
-            n: dek.seal(
-                v.SerializeToString(), field_aad(user_id, n, region, version, kid, format=COPY_FORMAT)
-            )
-            for n, v in sent.items()
-        },
+        sealed_fields={n: dek.seal(v.SerializeToString(), aad(n)) for n, v in sent.items()},
         categories=what.categories,
         source=opened.source,
         home_region=home.region,

@@ -24,7 +24,7 @@ from residency.replicator.destinations import destinations_for
 from residency.replicator.sinks.manifest import open_object
 from residency.server.config.node import load_config
 from residency.server.core import codec
-from residency.server.core.sealing import SealError, field_aad
+from residency.server.core.sealing import SealError, field_aad, field_aads
 from residency.server.core.signed import signed_bytes, verifies
 from residency.server.deployment import PRIMARY, init_deployment
 from residency.server.keys.copykey import CopySigner, load_copy_key
@@ -180,6 +180,8 @@ def test_length_prefixed_associated_data_cannot_be_confused_across_component_bou
         for vec in (one, two):
             parts = (vec["user_id"], vec["field"], vec["region"], vec["version"], vec["key_id"])
             assert field_aad(*parts, format=n).hex() == vec[f"format_{n}"]
+            user, field, region, version, kid = parts  # one copy's fields share all but the name
+            assert field_aads(user, region, version, kid, format=n)(field).hex() == vec[f"format_{n}"]
     assert one["format_1"] == two["format_1"]
     assert one["format_2"] != two["format_2"]
     with pytest.raises(SealError, match="format 3 is unknown"):

@@ -31,6 +31,7 @@ class Opens(Protocol):
 
     def open_row(self, row: Row) -> Any: ...
     def open_copy(self, user_id: str, copy: replica_pb2.SealedCopy, names: Collection[str] | None) -> Any: ...
+    def warm_keys(self, user_ids: list[str]) -> None: ...
 
 
 class BlindIndex:
@@ -106,6 +107,7 @@ class BlindIndex:
         records = self.records
         if records.primary:
             return [records.open_row(r) for r in rows]
+        records.warm_keys([r.user_id for r in rows])  # one keyring query, not one a copy
         return [
             records.open_copy(r.user_id, replica_pb2.SealedCopy.FromString(r.blob), self.fields) for r in rows
         ]

@@ -32,7 +32,7 @@ from residency.server.core.rules import (
     Withheld,
 )
 from residency.server.core.schema import Schema
-from residency.server.core.sealing import DataKey, SealError, field_aad, record_aad
+from residency.server.core.sealing import DataKey, SealError, field_aads, record_aad
 from residency.server.core.transform import put_in_forms
 from residency.server.keys.hashkey import HashKeys
 from residency.server.keys.keyring import Keyring
@@ -291,11 +291,10 @@ class Records:
         withholds is never decrypted."""
         self.keyring.check()
         dek = self._data_key(user_id)
-        kid, version = copy.key_id, copy.version
+        version = copy.version
+        aad = field_aads(user_id, self.region, version, copy.key_id, format=copy.format)
         fields = {
-            n: Value.FromString(
-                dek.open(s, field_aad(user_id, n, self.region, version, kid, format=copy.format))
-            )
+            n: Value.FromString(dek.open(s, aad(n)))
             for n, s in copy.sealed_fields.items()
             if names is None or n in names
         }
