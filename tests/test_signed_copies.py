@@ -7,9 +7,11 @@ logged there and shown in the primary's replication status."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,29 @@ def test_every_field_of_a_policy_is_covered_though_equal_policies_are_encoded_on
     grown.policies["email"].MergeFromString(b"\xc0\x3e\x01")
     assert not verifies(s.public_raw, grown)
     assert verifies(s.public_raw, copy)
+
+
+def test_refused_copies_leave_nothing_large_in_memory():
+    """A caller with a stolen node certificate (but not copy.key) sends large refused copies,
+    signed by another key or unsigned under a forged mark: the encoding remembered for speed
+    keeps none of them (memory held afterwards, 40 copies of 1 MiB: under 4 MiB)."""
+    home, liar = signer(), signer()
+    trusted = Home(PRIMARY, home.public_raw)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):
+            big = a_copy(version=2)
+            big.policies["email"].rule = f"{i:04d}" + "x" * (1 << 20)
+            forged = _claiming(liar.high_water(SG, 2, 1, [home.stamp(clone(big), SG)]), home)
+            assert refusals(trusted, SG, forged, [home.stamp(clone(big), SG)])
+            assert refusals(trusted, SG, forged, [_claiming(liar.sign_copy(big, SG), home)])
+            del big, forged
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4 << 20, held
 
 
 def test_vectors_any_implementation_can_check_against():

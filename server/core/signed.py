@@ -132,19 +132,23 @@ def _one(fd: FieldDescriptor) -> Callable[[Any], bytes]:
 
 
 def _remembered() -> Callable[[Any], bytes]:
-    """The encoder of a map's message values, remembering each value's encoding by its
+    """The encoder of a map's message values, remembering each small value's encoding by its
     serialized bytes: a copy's field policies are mostly the same from copy to copy. Equal
     bytes of one message type hold equal fields, so they encode alike; bytes that hold
-    unknown fields are refused by `canonical` and never remembered."""
+    unknown fields are refused by `canonical` and never remembered. Only values of up to
+    1 KiB are remembered (a policy is about 100 bytes), so that what a caller sends before
+    any signature is checked can hold at most 4096 such entries in memory."""
     seen: dict[bytes, bytes] = {}
 
     def encode(v: Message) -> bytes:
-        wire = v.SerializeToString()
+        wire = v.SerializePartialToString()
         out = seen.get(wire)
         if out is None:
-            if len(seen) >= 4096:
-                seen.clear()
-            out = seen[wire] = _prefixed(canonical(v))
+            out = _prefixed(canonical(v))
+            if len(wire) <= 1024:
+                if len(seen) >= 4096:
+                    seen.clear()
+                seen[wire] = out
         return out
 
     return encode

@@ -100,8 +100,8 @@ def _vouched(
     home: Home, region: str, c: replica_pb2.SealedCopy, vouched: frozenset[bytes]
 ) -> list[tuple[str, str]]:
     """Why an unsigned copy is not one its batch's signed mark vouches for (none: it is)."""
-    try:
-        listed = copy_digest(c) in vouched
+    try:  # (no digest is worked out for a batch whose mark vouches for nothing)
+        listed = bool(vouched) and copy_digest(c) in vouched
     except UnknownFields:
         listed = False
     if not listed:
