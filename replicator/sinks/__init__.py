@@ -28,10 +28,9 @@ class Sink(Protocol):
     ) -> None:
         """Ships the copies (signed, or vouched for by the mark) with the batch's signed
         high-water mark (a region node requires one; a bucket gets none, since no node there
-        checks it). With a `fence`, no
-        request starts after its deadline, none outlives it, and the sink raises StandDown
-        when the fence stops the batch or the destination says a newer lease holder has
-        written (the batch is left for that holder)."""
+        checks it). With a `fence`, no request starts after its deadline, none outlives it,
+        and the sink raises StandDown when the fence stops the batch or the destination says
+        a newer lease holder has written (the batch is left for that holder)."""
         ...
 
     def permanent(self, e: BaseException) -> str | None:
