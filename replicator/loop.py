@@ -361,8 +361,7 @@ class Replicator:
 
     def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
         """The batch's signed high-water mark: the highest version the store holds (read from
-        the store, not the batch, to vouch for the copies independently), the lease epoch,
-        and the digests of the batch's unsigned copies (one signature for the batch)."""
+        the store, not the batch), the lease epoch, the digests of the unsigned copies."""
         if max((c.version for c in copies), default=0) > self._high_water:
             self._high_water = self.records.store.max_version()
         return d.mark(self._high_water, self.leases[d.region].epoch, copies)
@@ -378,8 +377,7 @@ class Replicator:
             # Erased, or withdrawn from this destination: the user's plaintext leaves memory
             # (another destination that still gets the copy opens the record again).
             self.forget(row.user_id)
-        # Signed (or stamped for the batch's mark to vouch for) last, once every field is
-        # set: the signature covers the copy as sent.
+        # Signed (or stamped for the batch's mark) last: the signature covers the copy as sent.
         return d.finish(copy), entry
 
     def forget(self, user_id: str | None = None) -> None:

@@ -114,8 +114,7 @@ def sigv4_headers(
     """`headers` plus the signed ones (Host, X-Amz-Date, X-Amz-Content-SHA256, X-Amz-Security-Token
     for temporary credentials, Authorization), for a request without a query string.
 
-    `path` is the canonical URI: already URI-encoded once, as S3 wants it (no double encoding).
-    """
+    `path` is the canonical URI: already URI-encoded once, as S3 wants it (no double encoding)."""
     signed = {"host": host, "x-amz-content-sha256": payload_sha256, "x-amz-date": amz_date}
     if credentials.token:
         signed["x-amz-security-token"] = credentials.token
@@ -145,8 +144,7 @@ class S3Sink:
     """Writes each copy as one object; deletes the object of a tombstone."""
 
     kind = "s3"
-    # An object is read alone, by an affiliate that checks its signature.
-    signs_each_copy = True
+    signs_each_copy = True  # an object is read alone, by an affiliate that checks its signature
 
     def __init__(
         self,
