@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import stat
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from residency.server.core.sealing import DataKey, KeyDestroyed, SealError, fiel
 from residency.server.keys.files import KeyExists
 from residency.server.keys.indexkey import IndexKeys
 from residency.server.keys.keyring import Keyring
+from residency.server.keys.lifecycle import append_event, read_events
 from residency.server.keys.providers import KeyProvider
 from residency.server.keys.providers.kms import AwsKmsProvider
 from residency.server.keys.providers.local import LocalProvider
@@ -219,6 +221,17 @@ def test_a_key_version_is_created_once_even_by_two_rotations_at_once(tmp_path: P
     assert (tmp_path / "keys" / "kek-v2.key").read_bytes() == written
     assert stat.S_IMODE((tmp_path / "keys" / "kek-v2.key").stat().st_mode) == 0o600
     assert not list((tmp_path / "keys").glob(".*.tmp"))  # nothing half-written is left behind
+
+
+def test_key_events_appended_at_once_by_one_processs_threads_are_all_kept(tmp_path: Path):
+    """A rewrap and an index key rotation of a running node finish together, each appending its
+    event to keyring.json from a thread (found by the fuzz suite: one failed INTERNAL, its
+    temporary file taken by the other): every event is kept, nothing is left half-written."""
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: append_event(tmp_path, "rewrapped", "operator", f"n{i}"), range(200)))
+    assert sorted(e["detail"] for e in read_events(tmp_path)) == sorted(f"n{i}" for i in range(200))
+    assert stat.S_IMODE((tmp_path / "keyring.json").stat().st_mode) == 0o600
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_the_index_key_is_kept_only_wrapped_by_the_provider_and_survives_its_rotation(

@@ -4,6 +4,7 @@ must not be, and shredded (overwritten, then unlinked)."""
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from residency.server.core.errors import FailedPrecondition
@@ -19,7 +20,9 @@ def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     fsynced. A power cut leaves the old key or the new one, never none or half of one, and a
     reader never sees half a key. `exclusive` never overwrites: two processes creating one
     key version, or `init` run twice, cannot replace a key that exists."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Named for this one write: two threads of a process writing one file at once (two key
+    # events appended together) each have their own.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -9,6 +9,7 @@ The acts themselves, with the node's data keys and transfer log, are
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,18 @@ def read_events(directory: Path) -> list[dict[str, Any]]:
         return []
 
 
+# Appends of one process, one at a time: two acts finishing together (a rewrap and an index
+# key rotation, run in threads) would otherwise each write the events it read, losing one.
+_APPENDING = threading.Lock()
+
+
 def append_event(directory: Path, event: str, actor: str, detail: str) -> dict[str, Any]:
-    events = read_events(directory)
-    item = {"event": event, "time": round(time.time(), 3), "actor": actor, "detail": detail}
-    events.append(item)
-    # Durably, like a key file: a power cut leaves the events before or after, never none.
-    write_private(directory / STATE, json.dumps({"events": events}, indent=1).encode())
+    with _APPENDING:
+        events = read_events(directory)
+        item = {"event": event, "time": round(time.time(), 3), "actor": actor, "detail": detail}
+        events.append(item)
+        # Durably, like a key file: a power cut leaves the events before or after, never none.
+        write_private(directory / STATE, json.dumps({"events": events}, indent=1).encode())
     return item
 
 
