@@ -772,7 +772,12 @@ def test_the_generator_covers_every_method_and_the_edges_it_promises():
         except DecodeError:
             raw += 1
     # (0 in a singular field is not on the wire in proto3: it is sent by leaving the field out)
-    assert {2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63)} <= numbers
+    assert {2**63 - 1, 2**63, 2**64 - 1, -1} <= numbers
+    # The one int64 field (a record value's int_value) is rare in requests, where it came up
+    # twice in 16,000 of this seed's: its edges are checked on the field's own values.
+    int64 = common_pb2.Value.DESCRIPTOR.fields_by_name["int_value"]
+    gen.wild = 1.0
+    assert {2**63 - 1, -(2**63), -1} <= {gen.scalar(int64) for _ in range(2000)}
     assert "" in strings and max(map(len, strings)) >= 65_536
     assert any(max(map(ord, s), default=0) > 0xFFFF for s in strings)  # beyond the first plane
     assert longest_repeated >= 1000 and unknown_enums > 0 and raw > 100
