@@ -361,7 +361,7 @@ class Replicator:
 
     def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
         """The batch's signed high-water mark: the highest version the store holds (read from
-        the store, not the batch), the lease epoch, the digests of the unsigned copies."""
+        the store, not the batch), the lease epoch, the hashes of the unsigned copies."""
         if max((c.version for c in copies), default=0) > self._high_water:
             self._high_water = self.records.store.max_version()
         return d.mark(self._high_water, self.leases[d.region].epoch, copies)

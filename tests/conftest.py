@@ -38,6 +38,7 @@ from residency.v1 import (
     disclosure_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
+    replica_pb2,
     replica_pb2_grpc,
     translog_pb2,
     translog_pb2_grpc,
@@ -268,6 +269,19 @@ class Cluster:
     def replica(self, region: str) -> replica_pb2_grpc.ReplicaServiceStub:
         """ReplicaService of a region node, called as the primary's node."""
         return replica_pb2_grpc.ReplicaServiceStub(self.channel(region, "node", PRIMARY))
+
+    async def apply_copies(
+        self, region: str, copies: list[bytes], high_water: replica_pb2.HighWater | None
+    ) -> replica_pb2.ApplyCopiesResponse:
+        """`ApplyCopies` to a region node as the primary's replicator sends it: the request in
+        its wire form, each copy as the bytes given (the bytes a mark's `copy_hashes` hash)."""
+        call = self.channel(region, "node", PRIMARY).unary_unary(
+            "/residency.v1.ReplicaService/ApplyCopies",
+            request_serializer=replica_pb2.ApplyCopiesWire.SerializeToString,
+            response_deserializer=replica_pb2.ApplyCopiesResponse.FromString,
+        )
+        wire = replica_pb2.ApplyCopiesWire(source_region=PRIMARY, copies=copies, high_water=high_water)
+        return await call(wire, timeout=10)
 
     def admin(self, region: str = PRIMARY) -> admin_pb2_grpc.AdminServiceStub:
         return admin_pb2_grpc.AdminServiceStub(self.channel(region, "operator", PRIMARY))

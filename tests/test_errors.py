@@ -8,6 +8,8 @@ import math
 import random
 import re
 import sqlite3
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -251,3 +253,55 @@ async def test_an_unexpected_failure_is_internal_with_an_id_only_the_log_explain
     log = (module_cluster.data_dir(PRIMARY) / "node.log").read_text(errors="replace")
     at = log.index(f"internal error {found[1]} in RecordService.GetRecord")
     assert "Traceback" in log[at:] and "DecodeError" in log[at:]
+
+
+def _plants(descriptor, depth: int = 0) -> list[tuple[str, Callable[[Any], None]]]:
+    """(path, how to plant it) for every number a message of `descriptor` can hold that the
+    store or the domain cannot (a uint64 above 2^63-1, a time past 9999), down to three levels."""
+    from residency.server.api.requests import _U64, _checks
+
+    def at(name: str, inner: Callable[[Any], Any], plant: Callable[[Any], None]) -> Callable[[Any], None]:
+        return lambda m: plant(inner(getattr(m, name)))
+
+    out: list[tuple[str, Callable[[Any], None]]] = []
+    for f in _checks(descriptor, {}):
+        n = f.name
+        if f.type in _U64 and f.is_repeated:
+            out.append((f"{n}[1]", lambda m, n=n: getattr(m, n).extend([1, 2**63])))
+        elif f.type in _U64:
+            out.append((n, lambda m, n=n: setattr(m, n, 2**64 - 1)))
+        elif f.message_type.full_name == "google.protobuf.Timestamp" and not f.is_repeated:
+            out.append((n, lambda m, n=n: setattr(getattr(m, n), "seconds", 2**40)))
+        elif depth < 3:
+            if f.message_type.GetOptions().map_entry:
+                inner, where = f.message_type.fields_by_name["value"].message_type, f"{n}[k]"
+                get = lambda v: v["k"]  # noqa: E731
+            elif f.is_repeated:
+                inner, where, get = f.message_type, f"{n}[0]", lambda v: v.add()
+            else:
+                inner, where, get = f.message_type, n, lambda v: v
+            out += [(f"{where}.{p}", at(n, get, plant)) for p, plant in _plants(inner, depth + 1)]
+    return out
+
+
+def test_every_number_out_of_range_is_found_in_every_request_type():
+    """The reader's check made once per type finds what its walk finds: a number out of range
+    at any depth of any request (and of a region's copies, which it reads from their bytes),
+    each alone, and nothing in a request without one."""
+    from residency.server.api.requests import out_of_range
+
+    pool = descriptor_pool.Default()
+    services = ("Record", "Consent", "Grant", "Admin", "Disclosure", "Replica", "TransferLog")
+    types = {
+        m.input_type for s in services for m in pool.FindServiceByName(f"residency.v1.{s}Service").methods
+    }
+    types.add(replica_pb2.SealedCopy.DESCRIPTOR)
+    planted = 0
+    for t in sorted(types, key=lambda t: t.full_name):
+        assert out_of_range(GetMessageClass(t)()) == [], t.full_name
+        for path, plant in _plants(t):
+            message = GetMessageClass(t)()
+            plant(message)
+            assert [p for p, _ in out_of_range(message)] == [path], (t.full_name, path)
+            planted += 1
+    assert planted >= 20  # versions, sequences, tree sizes, times, a copy's policies' ends

@@ -27,7 +27,7 @@ from residency.replicator.sinks.manifest import open_object
 from residency.server.config.node import load_config
 from residency.server.core import codec
 from residency.server.core.sealing import SealError, field_aad, field_aads
-from residency.server.core.signed import signed_bytes, verifies
+from residency.server.core.signed import copy_bytes, copy_digest, copy_hash, signed_bytes, verifies
 from residency.server.deployment import PRIMARY, init_deployment
 from residency.server.keys.copykey import CopySigner, load_copy_key
 from residency.server.keys.providers.local import LocalProvider
@@ -192,6 +192,18 @@ def test_vectors_any_implementation_can_check_against():
     public.verify(bytes.fromhex(vouched["high_water"]["signature"]), signed_bytes(mark))
     assert [d.hex() for d in mark.copy_digests] == [vouched["copy"]["copy_digest"]]
     assert refusals(Home(PRIMARY, bytes.fromhex(v["public_key"])), copy.region, mark, [copy]) == []
+    # The same copy as a home sends it now: its mark lists the hash of its bytes as sent.
+    by_hash = v["vouched_by_hash"]
+    sent = bytes.fromhex(by_hash["copy"]["message"])
+    mark = replica_pb2.HighWater.FromString(bytes.fromhex(by_hash["high_water"]["message"]))
+    assert hashlib.sha256(sent).hexdigest() == by_hash["copy"]["copy_hash"]
+    assert [h.hex() for h in mark.copy_hashes] == [by_hash["copy"]["copy_hash"]] and not mark.copy_digests
+    assert signed_bytes(mark).hex() == by_hash["high_water"]["signed_bytes"]
+    public.verify(bytes.fromhex(by_hash["high_water"]["signature"]), signed_bytes(mark))
+    copy = replica_pb2.SealedCopy.FromString(sent)
+    assert refusals(Home(PRIMARY, bytes.fromhex(v["public_key"])), copy.region, mark, [copy], [sent]) == []
+    # Without the bytes it was sent as, nothing vouches for it.
+    assert refusals(Home(PRIMARY, bytes.fromhex(v["public_key"])), copy.region, mark, [copy])
 
 
 # ---- the associated data of format 2 -------------------------------------------------
@@ -267,12 +279,15 @@ async def test_a_region_nodes_batch_is_signed_once_and_a_bucket_object_each_on_i
             copies = [d.finish(a_copy(user_id=f"u-{i}", version=i)) for i in (1, 2, 3)]
             mark = d.mark(3, 1, copies)
             assert not any(c.signature for c in copies)
-            assert len(mark.copy_digests) == 3 and verifies(home.public_raw, mark)
-            assert refusals(home, region, mark, copies) == []
-            assert refusals(home, region, d.mark(3, 1, copies[:2]), copies)  # the third is not vouched for
+            assert len(mark.copy_hashes) == 3 and verifies(home.public_raw, mark)
+            sent = [copy_bytes(c) for c in copies]
+            assert [copy_hash(b) for b in sent] == list(mark.copy_hashes)
+            assert refusals(home, region, mark, copies, sent) == []
+            # the third is not vouched for
+            assert refusals(home, region, d.mark(3, 1, copies[:2]), copies, sent)
         bucket = destinations["us-east-1"]
         copy = bucket.finish(a_copy())
-        assert verifies(home.public_raw, copy) and not bucket.mark(3, 1, [copy]).copy_digests
+        assert verifies(home.public_raw, copy) and not bucket.mark(3, 1, [copy]).copy_hashes
     finally:
         for d in destinations.values():
             await d.sink.close()
@@ -281,12 +296,29 @@ async def test_a_region_nodes_batch_is_signed_once_and_a_bucket_object_each_on_i
 # ---- real region nodes ----------------------------------------------------------------
 
 
-async def refused(cluster: Cluster, request: replica_pb2.ApplyCopiesRequest) -> dict[str, str]:
-    """Sends `request` to ap-southeast-1 as the primary's own node; returns the violations."""
+async def refused(
+    cluster: Cluster, copies: list[replica_pb2.SealedCopy | bytes], mark: replica_pb2.HighWater | None
+) -> dict[str, str]:
+    """Sends a batch to ap-southeast-1 as the primary's own node would (each copy as its
+    `copy_bytes`, or as the bytes given); returns the violations."""
+    sent = [c if isinstance(c, bytes) else copy_bytes(c) for c in copies]
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await cluster.replica(SG).ApplyCopies(request, timeout=10)
+        await cluster.apply_copies(SG, sent, mark)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     return violations(e.value)
+
+
+def resigned(home: CopySigner, mark: replica_pb2.HighWater) -> replica_pb2.HighWater:
+    """`mark`, changed, signed again with the home's key (what only the home can make)."""
+    mark.signature = home._private.sign(signed_bytes(mark))
+    return mark
+
+
+def hashing(home: CopySigner, epoch: int, *sent: bytes) -> replica_pb2.HighWater:
+    """The home's genuine mark for ap-southeast-1, listing the hashes of the bytes `sent`."""
+    mark = home.high_water(SG, 2, epoch)
+    mark.copy_hashes.extend(copy_hash(b) for b in sent)
+    return resigned(home, mark)
 
 
 async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_primarys_own_node(
@@ -320,6 +352,14 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
     changed = clone(stamped)
     changed.sealed_fields["national_id"] = b"\x00" * 40
     for_ie = home.stamp(a_copy(version=2), IE)
+    # Bytes the home hashed that hold a field this node does not know (a newer home's), and
+    # bytes re-encoded after the mark (the same copy, a field written twice).
+    unknown = copy_bytes(stamped) + b"\xf8\x06\x01"  # field 111, varint 1
+    doubled = copy_bytes(stamped) + copy_bytes(replica_pb2.SealedCopy(version=2))
+    # An older home's mark: canonical digests (`copy_digests`), the liar's copy listed by hash.
+    older = home.high_water(SG, 2, epoch)
+    older.copy_digests.append(copy_digest(stamped))
+    older = resigned(home, older)
     cases = {
         "forged": ([forged], mark, "copies[0].signature", "does not verify"),
         "unsigned 2^62": ([tomb], mark, "copies[0].signature", "is missing"),
@@ -371,6 +411,31 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
             "copies[0].region",
             f"not {SG}",
         ),
+        "vouched for by hash, holding a field this node does not know": (
+            [unknown],
+            hashing(home, epoch, unknown),
+            "copies[0]",
+            "does not know",
+        ),
+        "vouched for by hash, a field written twice": (
+            [doubled],
+            hashing(home, epoch, doubled),
+            "copies[0]",
+            "not encoded as this node encodes",
+        ),
+        "listed by an older home's digest, but changed": (
+            [changed],
+            older,
+            "copies[0].signature",
+            "does not vouch",
+        ),
+        "not a copy": ([b"\xff\xff\xff"], mark, "copies[0]", "not a serialized residency.v1.SealedCopy"),
+        "a grant's end out of range": (
+            [a_copy(version=2, policies={"email": replica_pb2.FieldPolicy(ends_at={"seconds": 2**40})})],
+            mark,
+            "copies[0].policies[email].ends_at",
+            "must be a time",
+        ),
         "old format": ([a_copy(version=2, format=0)], mark, "copies[0].format", "format 2"),
         # One good copy (a new user's tombstone) beside a forged one: nothing of the batch applies.
         "good beside forged": (
@@ -381,8 +446,7 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
         ),
     }
     for case, (copies, hw, path, why) in cases.items():
-        request = replica_pb2.ApplyCopiesRequest(source_region=PRIMARY, copies=copies, high_water=hw)
-        got = await refused(c, request)
+        got = await refused(c, copies, hw)
         assert why in got.get(path, ""), (case, got)
         assert not any("second@example.cn" in d or "u-1" in d for d in got.values()), case
     # Nothing changed in ap-southeast-1 ...
@@ -403,13 +467,21 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
     assert (reply.applied, reply.skipped) == (1, 0)
     # So is a copy its batch's mark vouches for, alone or beside a signed one.
     vouched = home.stamp(replica_pb2.SealedCopy(user_id="t-8", version=1, deleted=True, format=2), SG)
+    reply = await c.apply_copies(
+        SG, [copy_bytes(vouched), copy_bytes(good)], home.high_water(SG, 2, epoch, [vouched])
+    )
+    assert (reply.applied, reply.skipped) == (1, 1)
+    # ... and one an older home's mark lists by the digest of its canonical encoding.
+    listed = home.stamp(replica_pb2.SealedCopy(user_id="t-7", version=1, deleted=True, format=2), SG)
+    older = home.high_water(SG, 2, epoch)
+    older.copy_digests.append(copy_digest(listed))
     reply = await c.replica(SG).ApplyCopies(
         replica_pb2.ApplyCopiesRequest(
-            source_region=PRIMARY, copies=[vouched, good], high_water=home.high_water(SG, 2, epoch, [vouched])
+            source_region=PRIMARY, copies=[listed], high_water=resigned(home, older)
         ),
         timeout=10,
     )
-    assert (reply.applied, reply.skipped) == (1, 1)
+    assert (reply.applied, reply.skipped) == (1, 0)
 
 
 def clone(m: replica_pb2.SealedCopy) -> replica_pb2.SealedCopy:

@@ -10,6 +10,7 @@ from grpc_status import rpc_status
 from residency.replicator.lease import Fence, StandDown
 from residency.server.config.tls import TlsConfig
 from residency.server.core.errors import KeyShredded, StaleLeaseEpoch
+from residency.server.core.signed import copy_bytes
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
@@ -44,6 +45,12 @@ class ReplicaSink:
             self.target, self._creds, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
         )
         self._stub = replica_pb2_grpc.ReplicaServiceStub(self._channel)
+        # ApplyCopies in its wire form: each copy as the bytes its batch's mark hashed.
+        self._apply = self._channel.unary_unary(
+            "/residency.v1.ReplicaService/ApplyCopies",
+            request_serializer=replica_pb2.ApplyCopiesWire.SerializeToString,
+            response_deserializer=replica_pb2.ApplyCopiesResponse.FromString,
+        )
 
     async def _renew_after(self, e: grpc.aio.AioRpcError) -> None:
         """After a call ran out of time, the next one goes over a new connection. A link
@@ -63,11 +70,11 @@ class ReplicaSink:
         high_water: replica_pb2.HighWater | None = None,
         fence: Fence | None = None,
     ) -> None:
-        request = replica_pb2.ApplyCopiesRequest(
-            source_region=source_region, copies=copies, high_water=high_water
+        request = replica_pb2.ApplyCopiesWire(
+            source_region=source_region, copies=[copy_bytes(c) for c in copies], high_water=high_water
         )
         try:
-            await self._stub.ApplyCopies(
+            await self._apply(
                 request, timeout=self.timeout if fence is None else min(self.timeout, fence.remaining())
             )
         except grpc.aio.AioRpcError as e:

@@ -184,14 +184,20 @@ _PARSE_LIMIT = 1024 * 1024
 
 
 def _parsed(method: str, request: Any) -> Message | None:
-    """The request as a message: bytes for methods that read their own (PutRecords) are
-    parsed here, on the refusal path only."""
+    """The request as a message: bytes for methods that read their own (PutRecords), and a
+    request read in its wire form (`requests.WIRE_VIEWS`: ApplyCopies, whose copies are bytes),
+    are parsed here as the method's request, on the refusal path only."""
+    service, _, name = method.strip("/").rpartition("/")
+    try:
+        found = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name)
+    except KeyError:
+        found = None
     if isinstance(request, Message):
-        return request
-    if isinstance(request, bytes) and len(request) <= _PARSE_LIMIT:
-        service, _, name = method.strip("/").rpartition("/")
+        if found is None or request.DESCRIPTOR.full_name == found.input_type.full_name:
+            return request
+        request = request.SerializeToString()
+    if isinstance(request, bytes) and len(request) <= _PARSE_LIMIT and found is not None:
         try:
-            found = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name)
             return GetMessageClass(found.input_type).FromString(request)
         except Exception:  # unreadable bytes name nobody
             return None

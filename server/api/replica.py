@@ -7,9 +7,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from residency.server.api.context import Node
 from residency.server.api.errors import rpc
 from residency.server.api.identity import peer_of
+from residency.server.api.requests import out_of_range
 from residency.server.core import codec, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyShredded
 from residency.server.core.schema import USER_ID
@@ -24,6 +27,22 @@ from residency.server.vault.copies import (
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 
+def read_copies(sent: list[bytes]) -> tuple[list[replica_pb2.SealedCopy], list[tuple[str, str]]]:
+    """The copies of a batch read from the bytes sent, and the (field path, reason) of each
+    that is no SealedCopy or holds a number out of range, as the request's reader finds them
+    in any other request."""
+    copies, bad = [], []
+    for i, data in enumerate(sent):
+        try:
+            copy = replica_pb2.SealedCopy.FromString(data)
+        except DecodeError:
+            bad.append((f"copies[{i}]", "not a serialized residency.v1.SealedCopy"))
+            continue
+        bad += [(f"copies[{i}].{path}", why) for path, why in out_of_range(copy)]
+        copies.append(copy)
+    return copies, bad
+
+
 class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
     def __init__(self, node: Node):
         self.node = node
@@ -33,33 +52,36 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         records, home = self.node.records, self.node.home
         if records.primary or home is None:
             raise FailedPrecondition(f"{records.region} is the primary; it does not take copies")
+        # The request comes in its wire form (`requests.WIRE_VIEWS`): each copy as sent.
+        sent = list(request.copies)
+        received, unread = read_copies(sent)
+        if unread:
+            raise InvalidRecord(unread)
         bad = [
             (f"copies[{i}].user_id", "malformed user id")
-            for i, c in enumerate(request.copies)
+            for i, c in enumerate(received)
             if not USER_ID.fullmatch(c.user_id)
         ]
         bad += [
-            (f"copies[{i}].version", "must be at least 1")
-            for i, c in enumerate(request.copies)
-            if c.version < 1
+            (f"copies[{i}].version", "must be at least 1") for i, c in enumerate(received) if c.version < 1
         ]
         if bad:
             raise InvalidRecord(bad)
         mark = request.high_water if request.HasField("high_water") else None
         # Checked as sent: the signature covers the key material cleared below.
-        refused = refusals(home, records.region, mark, request.copies)
+        refused = refusals(home, records.region, mark, received, sent)
         # The lease epoch counts only as the home signed it (refusals found no fault in the mark).
         signed = not any(p.startswith("high_water") for p, _ in refused)
         epoch = mark.lease_epoch if mark is not None and signed else None
         sender = Sender(peer_of(context).uri, home.region, epoch)
-        if not refused and request.copies:
+        if not refused and received:
             # A stale worker's batch is refused before anything is logged of it (checked
             # again, and a higher epoch remembered, in the transaction that applies it) ...
             await self.node.db.call(lambda: check_lease_epoch(records.store, sender))
             # ... and a batch signed by the home may still be sealed to a shredded key.
-            await self._refuse_stale_keys(request.copies, sender.actor)
+            await self._refuse_stale_keys(received, sender.actor)
         # The region stores each copy without its key material, which goes to its keyring.
-        copies = [incoming(c) for c in request.copies]
+        copies = [incoming(c) for c in received]
         applied, skipped, refused = await self.node.db.write(
             lambda: apply_copies(records, copies, sender, refused),
             weight=len(copies),

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from residency.server.api.errors import refuse, status_for
 from residency.server.api.wrapping import HandlerRewriter, kind_of
 from residency.server.core.errors import InvalidRecord
-from residency.v1 import common_pb2
+from residency.v1 import common_pb2, replica_pb2
 
 # SQLite's integers are signed 64-bit: a larger uint64 (a version, a sequence, a tree size)
 # cannot be stored or compared with what is.
@@ -56,11 +56,54 @@ def _checks(d: Descriptor, seen: dict[str, list[FieldDescriptor]]) -> list[Field
 
 
 _FIELDS: dict[str, list[FieldDescriptor]] = {}
+_IN_RANGE: dict[str, Callable[[Message], bool]] = {}
+
+
+def _in_range(d: Descriptor) -> Callable[[Message], bool]:
+    """Whether a message of type `d` holds only numbers in range: what `out_of_range` finds
+    nothing in, answered by a check made once per type (about a third of the walk's time for
+    a region's copies, whose policies are a map of messages), so that only a request with a
+    number out of range is walked again for the paths."""
+    name = d.full_name
+    if name in _IN_RANGE:
+        return _IN_RANGE[name]
+    if name == _TIMESTAMP:
+        low, high = _SECONDS
+        _IN_RANGE[name] = lambda m: low <= m.seconds <= high and 0 <= m.nanos <= 999_999_999
+        return _IN_RANGE[name]
+    _IN_RANGE[name] = lambda m: _IN_RANGE[name](m)  # a type inside itself: looked up when called
+    checks = tuple(_field_in_range(f) for f in _checks(d, _FIELDS))
+
+    def in_range(m: Message) -> bool:
+        return all(check(m) for check in checks)
+
+    _IN_RANGE[name] = in_range
+    return in_range
+
+
+def _field_in_range(f: FieldDescriptor) -> Callable[[Message], bool]:
+    n = f.name
+    if f.type in _U64:
+        if f.is_repeated:
+            return lambda m: max(getattr(m, n), default=0) <= INT64_MAX
+        return lambda m: getattr(m, n) <= INT64_MAX
+    if f.message_type.GetOptions().map_entry:
+        v = f.message_type.fields_by_name["value"]
+        if v.message_type is None:  # a map of numbers
+            return lambda m: max(getattr(m, n).values(), default=0) <= INT64_MAX
+        value = _in_range(v.message_type)
+        return lambda m: all(map(value, getattr(m, n).values()))
+    inner = _in_range(f.message_type)
+    if f.is_repeated:
+        return lambda m: all(map(inner, getattr(m, n)))
+    return lambda m: not m.HasField(n) or inner(getattr(m, n))
 
 
 def out_of_range(message: Message, path: str = "") -> list[tuple[str, str]]:
     """(field path, description) for every number in `message` that is out of range."""
     d = message.DESCRIPTOR
+    if not path and _in_range(d)(message):
+        return []
     if d.full_name == _TIMESTAMP:
         seconds, nanos = message.seconds, message.nanos
         if _SECONDS[0] <= seconds <= _SECONDS[1] and 0 <= nanos <= 999_999_999:
@@ -77,7 +120,12 @@ def out_of_range(message: Message, path: str = "") -> list[tuple[str, str]]:
                 if v > INT64_MAX
             ]
         elif f.message_type.GetOptions().map_entry:
-            bad += [x for k, v in value.items() for x in out_of_range(v, f"{where}[{k}]")]
+            numbers = f.message_type.fields_by_name["value"].message_type is None
+            for k, v in value.items():
+                if not numbers:
+                    bad += out_of_range(v, f"{where}[{k}]")
+                elif v > INT64_MAX:
+                    bad.append((f"{where}[{k}]", f"must be at most {INT64_MAX} (2^63-1)"))
         elif f.is_repeated:
             bad += [x for i, v in enumerate(value) for x in out_of_range(v, f"{where}[{i}]")]
         elif message.HasField(f.name):
@@ -152,6 +200,14 @@ def _refusing_streams(behavior: Callable) -> Callable:
     return unary
 
 
+# Requests read in another message's shape, with the same fields, numbers and bytes: a region
+# node hashes each copy of an ApplyCopies batch as sent (`HighWater.copy_hashes`) before
+# reading it, and checks what it reads as `out_of_range` would have.
+WIRE_VIEWS: dict[str, Callable[[bytes], Any]] = {
+    "/residency.v1.ReplicaService/ApplyCopies": replica_pb2.ApplyCopiesWire.FromString,
+}
+
+
 def guarded(method: str, handler: Any) -> Any:
     """`handler` with a deserializer that refuses instead of raising, and behaviors that
     answer a refusal with its status. A handler that takes raw bytes reads them itself."""
@@ -160,7 +216,7 @@ def guarded(method: str, handler: Any) -> Any:
     kind = kind_of(handler)
     wrap = _refusing_streams if handler.request_streaming else _refusing
     return handler._replace(
-        request_deserializer=_reader(method, handler.request_deserializer),
+        request_deserializer=_reader(method, WIRE_VIEWS.get(method, handler.request_deserializer)),
         **{kind: wrap(getattr(handler, kind))},
     )
 

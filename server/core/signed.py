@@ -167,8 +167,22 @@ def signed_bytes(message: Message) -> bytes:
 
 
 def copy_digest(copy: Message) -> bytes:
-    """What a high-water mark lists of a copy it vouches for: SHA-256 of its signed bytes."""
+    """What a high-water mark's `copy_digests` list of a copy it vouches for (as homes did
+    before `copy_hashes`): SHA-256 of its signed bytes."""
     return hashlib.sha256(signed_bytes(copy)).digest()
+
+
+def copy_bytes(copy: Message) -> bytes:
+    """A copy as a home sends it to a region node: its deterministic serialization, the same
+    bytes each time it is asked for (the mark's hash, then the request)."""
+    sent: bytes = copy.SerializeToString(deterministic=True)
+    return sent
+
+
+def copy_hash(sent: bytes) -> bytes:
+    """What a high-water mark's `copy_hashes` list of a copy it vouches for: SHA-256 of the
+    copy's bytes exactly as sent."""
+    return hashlib.sha256(sent).digest()
 
 
 @functools.lru_cache(maxsize=64)

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from residency.server.core import codec
 from residency.server.core.errors import KeyUnavailable
-from residency.server.core.signed import copy_digest, key_id, signed_bytes
+from residency.server.core.signed import copy_bytes, copy_hash, key_id, signed_bytes
 from residency.server.keys.files import write_private
 from residency.v1 import replica_pb2
 
@@ -53,7 +53,7 @@ class CopySigner:
     ) -> replica_pb2.HighWater:
         """The signed statement that this home had issued no record version above `version`,
         for a batch shipped under the sending worker's lease epoch `lease_epoch`, vouching for
-        the `vouched` copies (stamped, unsigned) by their digests."""
+        the `vouched` copies (stamped, unsigned) by the hashes of their bytes as sent."""
         mark = replica_pb2.HighWater(
             home_region=self.region,
             region=destination,
@@ -61,7 +61,7 @@ class CopySigner:
             issued_at=codec.timestamp(time.time()),
             signing_key_id=self.key_id,
             lease_epoch=lease_epoch,
-            copy_digests=[copy_digest(c) for c in vouched],
+            copy_hashes=[copy_hash(copy_bytes(c)) for c in vouched],
         )
         mark.signature = self._private.sign(signed_bytes(mark))
         return mark

@@ -15,7 +15,7 @@ from typing import Any
 from residency.server.core import translog
 from residency.server.core.errors import StaleLeaseEpoch
 from residency.server.core.sealing import COPY_FORMAT
-from residency.server.core.signed import UnknownFields, copy_digest, key_id, verifies
+from residency.server.core.signed import UnknownFields, copy_digest, copy_hash, key_id, verifies
 from residency.server.core.transform import known
 from residency.server.storage.records import Row
 from residency.server.storage.replication import FenceStore
@@ -38,25 +38,34 @@ class Home:
 
 
 def refusals(
-    home: Home, region: str, mark: replica_pb2.HighWater | None, copies: Sequence[replica_pb2.SealedCopy]
+    home: Home,
+    region: str,
+    mark: replica_pb2.HighWater | None,
+    copies: Sequence[replica_pb2.SealedCopy],
+    sent: Sequence[bytes] = (),
 ) -> list[tuple[str, str]]:
     """Why copies of a batch sent to `region` are not its home's, as (field path, reason):
     unsigned, signed by another key or changed since, made for another region, or above the
-    batch's signed high-water mark (which must itself be the home's, for this region)."""
+    batch's signed high-water mark (which must itself be the home's, for this region).
+    `sent`: each copy's bytes as received, which the mark's `copy_hashes` are taken over."""
     if not copies:
         return []  # an empty batch: nothing to vouch for, nothing to apply
     out = [(f"high_water{p}", why) for p, why in _signed(home, region, mark, "high-water mark")]
     # Versions are checked against a mark the home signed only (else that is the refusal),
     # and only such a mark vouches for unsigned copies.
     top = mark.version if mark is not None and not out else None
-    vouched = frozenset(mark.copy_digests) if mark is not None and not out else frozenset()
+    vouched = Vouched(mark if mark is not None and not out else replica_pb2.HighWater())
     for i, c in enumerate(copies):
         if c.format != COPY_FORMAT:
             out.append(
                 (f"copies[{i}].format", f"is {c.format}; this node takes copies of format {COPY_FORMAT} only")
             )
             continue
-        checked = _signed(home, region, c, "copy") if c.signature else _vouched(home, region, c, vouched)
+        checked = (
+            _signed(home, region, c, "copy")
+            if c.signature
+            else _vouched(home, region, c, vouched.refusal(c, sent[i] if sent else None))
+        )
         bad = checked or [
             (f".policies[{n}].form", f"is {p.form!r}: not a transformation this node knows")
             for n, p in sorted(c.policies.items())
@@ -96,22 +105,45 @@ def _signed(
     return []
 
 
+class Vouched:
+    """What a batch's signed mark vouches for: the hashes of copies' bytes as sent, or (from
+    a home older than `copy_hashes`) the digests of their canonical encoding. Neither is
+    worked out for a batch whose mark vouches for nothing."""
+
+    def __init__(self, mark: replica_pb2.HighWater):
+        self.hashes, self.digests = frozenset(mark.copy_hashes), frozenset(mark.copy_digests)
+
+    def refusal(self, c: replica_pb2.SealedCopy, sent: bytes | None) -> tuple[str, str] | None:
+        """Why the mark does not vouch for copy `c`, read from the bytes `sent` (None: it does)."""
+        if self.hashes and sent is not None and copy_hash(sent) in self.hashes:
+            # The bytes are the home's; what was read from them must be all they hold. (Only a
+            # copy refused for it loses anything here.)
+            c.DiscardUnknownFields()
+            if c.ByteSize() == len(sent):
+                return None
+            return (
+                "",
+                "holds fields this node does not know (from a newer home?), or is not encoded "
+                "as this node encodes what it holds: upgrade region nodes before their home",
+            )
+        try:
+            if self.digests and copy_digest(c) in self.digests:
+                return None
+        except UnknownFields:
+            pass
+        return (
+            ".signature",
+            "is missing: the copy is unsigned, and the batch's signed high-water mark does "
+            "not vouch for it (changed after the mark was signed, or forged)",
+        )
+
+
 def _vouched(
-    home: Home, region: str, c: replica_pb2.SealedCopy, vouched: frozenset[bytes]
+    home: Home, region: str, c: replica_pb2.SealedCopy, refusal: tuple[str, str] | None
 ) -> list[tuple[str, str]]:
     """Why an unsigned copy is not one its batch's signed mark vouches for (none: it is)."""
-    try:  # (no digest is worked out for a batch whose mark vouches for nothing)
-        listed = bool(vouched) and copy_digest(c) in vouched
-    except UnknownFields:
-        listed = False
-    if not listed:
-        return [
-            (
-                ".signature",
-                "is missing: the copy is unsigned, and the batch's signed high-water mark does "
-                "not vouch for it (changed after the mark was signed, or forged)",
-            )
-        ]
+    if refusal is not None:
+        return [refusal]
     if c.signing_key_id != home.key_id:
         return [
             (

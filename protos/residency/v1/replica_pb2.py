@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/replica.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x06\n\nSealedCopy\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x18\n\x10wrapped_data_key\x18\x05 \x01(\x0c\x12\x41\n\rsealed_fields\x18\x06 \x03(\x0b\x32*.residency.v1.SealedCopy.SealedFieldsEntry\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0bhome_region\x18\x08 \x01(\t\x12<\n\ncategories\x18\t \x03(\x0b\x32(.residency.v1.SealedCopy.CategoriesEntry\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrules_version\x18\x0c \x01(\t\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x16\n\x0etransit_key_id\x18\x0e \x01(\t\x12\x1b\n\x13wrapped_transit_key\x18\x0f \x01(\x0c\x12\x11\n\tsignature\x18\x10 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x13 \x01(\r\x12\x0e\n\x06region\x18\x14 \x01(\t\x12\x16\n\x0esigning_key_id\x18\x15 \x01(\t\x12\x38\n\x08policies\x18\x11 \x03(\x0b\x32&.residency.v1.SealedCopy.PoliciesEntry\x1a\x33\n\x11SealedFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aJ\n\rPoliciesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.residency.v1.FieldPolicy:\x02\x38\x01\"\xc6\x01\n\tHighWater\x12\x13\n\x0bhome_region\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esigning_key_id\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x13\n\x0blease_epoch\x18\x07 \x01(\x04\x12\x14\n\x0c\x63opy_digests\x18\x08 \x03(\x0c\"\xb7\x01\n\x0b\x46ieldPolicy\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x10\n\x08purposes\x18\x02 \x03(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\r\n\x05grant\x18\x05 \x01(\x08\x12\x16\n\x0eretention_days\x18\x06 \x01(\r\x12+\n\x07\x65nds_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x66orm\x18\x08 \x01(\t\"\x82\x01\n\x12\x41pplyCopiesRequest\x12\x15\n\rsource_region\x18\x01 \x01(\t\x12(\n\x06\x63opies\x18\x02 \x03(\x0b\x32\x18.residency.v1.SealedCopy\x12+\n\nhigh_water\x18\x03 \x01(\x0b\x32\x17.residency.v1.HighWater\"7\n\x13\x41pplyCopiesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x0f\n\x07skipped\x18\x02 \x01(\r\"\x15\n\x13GetRegionKeyRequest\"Q\n\x14GetRegionKeyResponse\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\"\x96\x01\n\x12RegionKeyStatement\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0b\n\x03kem\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08shredded\x18\x06 \x01(\t2\xbb\x01\n\x0eReplicaService\x12R\n\x0b\x41pplyCopies\x12 .residency.v1.ApplyCopiesRequest\x1a!.residency.v1.ApplyCopiesResponse\x12U\n\x0cGetRegionKey\x12!.residency.v1.GetRegionKeyRequest\x1a\".residency.v1.GetRegionKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aresidency/v1/replica.proto\x12\x0cresidency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x06\n\nSealedCopy\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x18\n\x10wrapped_data_key\x18\x05 \x01(\x0c\x12\x41\n\rsealed_fields\x18\x06 \x03(\x0b\x32*.residency.v1.SealedCopy.SealedFieldsEntry\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0bhome_region\x18\x08 \x01(\t\x12<\n\ncategories\x18\t \x03(\x0b\x32(.residency.v1.SealedCopy.CategoriesEntry\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrules_version\x18\x0c \x01(\t\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x16\n\x0etransit_key_id\x18\x0e \x01(\t\x12\x1b\n\x13wrapped_transit_key\x18\x0f \x01(\x0c\x12\x11\n\tsignature\x18\x10 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x13 \x01(\r\x12\x0e\n\x06region\x18\x14 \x01(\t\x12\x16\n\x0esigning_key_id\x18\x15 \x01(\t\x12\x38\n\x08policies\x18\x11 \x03(\x0b\x32&.residency.v1.SealedCopy.PoliciesEntry\x1a\x33\n\x11SealedFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aJ\n\rPoliciesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.residency.v1.FieldPolicy:\x02\x38\x01\"\xdb\x01\n\tHighWater\x12\x13\n\x0bhome_region\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esigning_key_id\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x13\n\x0blease_epoch\x18\x07 \x01(\x04\x12\x14\n\x0c\x63opy_digests\x18\x08 \x03(\x0c\x12\x13\n\x0b\x63opy_hashes\x18\t \x03(\x0c\"\xb7\x01\n\x0b\x46ieldPolicy\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x10\n\x08purposes\x18\x02 \x03(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\r\n\x05grant\x18\x05 \x01(\x08\x12\x16\n\x0eretention_days\x18\x06 \x01(\r\x12+\n\x07\x65nds_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x66orm\x18\x08 \x01(\t\"\x82\x01\n\x12\x41pplyCopiesRequest\x12\x15\n\rsource_region\x18\x01 \x01(\t\x12(\n\x06\x63opies\x18\x02 \x03(\x0b\x32\x18.residency.v1.SealedCopy\x12+\n\nhigh_water\x18\x03 \x01(\x0b\x32\x17.residency.v1.HighWater\"e\n\x0f\x41pplyCopiesWire\x12\x15\n\rsource_region\x18\x01 \x01(\t\x12\x0e\n\x06\x63opies\x18\x02 \x03(\x0c\x12+\n\nhigh_water\x18\x03 \x01(\x0b\x32\x17.residency.v1.HighWater\"7\n\x13\x41pplyCopiesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x0f\n\x07skipped\x18\x02 \x01(\r\"\x15\n\x13GetRegionKeyRequest\"Q\n\x14GetRegionKeyResponse\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\"\x96\x01\n\x12RegionKeyStatement\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0b\n\x03kem\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08shredded\x18\x06 \x01(\t2\xbb\x01\n\x0eReplicaService\x12R\n\x0b\x41pplyCopies\x12 .residency.v1.ApplyCopiesRequest\x1a!.residency.v1.ApplyCopiesResponse\x12U\n\x0cGetRegionKey\x12!.residency.v1.GetRegionKeyRequest\x1a\".residency.v1.GetRegionKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,19 +47,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEALEDCOPY_POLICIESENTRY']._serialized_start=776
   _globals['_SEALEDCOPY_POLICIESENTRY']._serialized_end=850
   _globals['_HIGHWATER']._serialized_start=853
-  _globals['_HIGHWATER']._serialized_end=1051
-  _globals['_FIELDPOLICY']._serialized_start=1054
-  _globals['_FIELDPOLICY']._serialized_end=1237
-  _globals['_APPLYCOPIESREQUEST']._serialized_start=1240
-  _globals['_APPLYCOPIESREQUEST']._serialized_end=1370
-  _globals['_APPLYCOPIESRESPONSE']._serialized_start=1372
-  _globals['_APPLYCOPIESRESPONSE']._serialized_end=1427
-  _globals['_GETREGIONKEYREQUEST']._serialized_start=1429
-  _globals['_GETREGIONKEYREQUEST']._serialized_end=1450
-  _globals['_GETREGIONKEYRESPONSE']._serialized_start=1452
-  _globals['_GETREGIONKEYRESPONSE']._serialized_end=1533
-  _globals['_REGIONKEYSTATEMENT']._serialized_start=1536
-  _globals['_REGIONKEYSTATEMENT']._serialized_end=1686
-  _globals['_REPLICASERVICE']._serialized_start=1689
-  _globals['_REPLICASERVICE']._serialized_end=1876
+  _globals['_HIGHWATER']._serialized_end=1072
+  _globals['_FIELDPOLICY']._serialized_start=1075
+  _globals['_FIELDPOLICY']._serialized_end=1258
+  _globals['_APPLYCOPIESREQUEST']._serialized_start=1261
+  _globals['_APPLYCOPIESREQUEST']._serialized_end=1391
+  _globals['_APPLYCOPIESWIRE']._serialized_start=1393
+  _globals['_APPLYCOPIESWIRE']._serialized_end=1494
+  _globals['_APPLYCOPIESRESPONSE']._serialized_start=1496
+  _globals['_APPLYCOPIESRESPONSE']._serialized_end=1551
+  _globals['_GETREGIONKEYREQUEST']._serialized_start=1553
+  _globals['_GETREGIONKEYREQUEST']._serialized_end=1574
+  _globals['_GETREGIONKEYRESPONSE']._serialized_start=1576
+  _globals['_GETREGIONKEYRESPONSE']._serialized_end=1657
+  _globals['_REGIONKEYSTATEMENT']._serialized_start=1660
+  _globals['_REGIONKEYSTATEMENT']._serialized_end=1810
+  _globals['_REPLICASERVICE']._serialized_start=1813
+  _globals['_REPLICASERVICE']._serialized_end=2000
 # @@protoc_insertion_point(module_scope)

@@ -75,7 +75,7 @@ class SealedCopy(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., deleted: _Optional[bool] = ..., key_id: _Optional[str] = ..., wrapped_data_key: _Optional[bytes] = ..., sealed_fields: _Optional[_Mapping[str, bytes]] = ..., source: _Optional[str] = ..., home_region: _Optional[str] = ..., categories: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_version: _Optional[str] = ..., reason: _Optional[str] = ..., transit_key_id: _Optional[str] = ..., wrapped_transit_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., format: _Optional[int] = ..., region: _Optional[str] = ..., signing_key_id: _Optional[str] = ..., policies: _Optional[_Mapping[str, FieldPolicy]] = ...) -> None: ...
 
 class HighWater(_message.Message):
-    __slots__ = ("home_region", "region", "version", "issued_at", "signing_key_id", "signature", "lease_epoch", "copy_digests")
+    __slots__ = ("home_region", "region", "version", "issued_at", "signing_key_id", "signature", "lease_epoch", "copy_digests", "copy_hashes")
     HOME_REGION_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class HighWater(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     COPY_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    COPY_HASHES_FIELD_NUMBER: _ClassVar[int]
     home_region: str
     region: str
     version: int
@@ -92,7 +93,8 @@ class HighWater(_message.Message):
     signature: bytes
     lease_epoch: int
     copy_digests: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, home_region: _Optional[str] = ..., region: _Optional[str] = ..., version: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signing_key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., lease_epoch: _Optional[int] = ..., copy_digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    copy_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, home_region: _Optional[str] = ..., region: _Optional[str] = ..., version: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signing_key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., lease_epoch: _Optional[int] = ..., copy_digests: _Optional[_Iterable[bytes]] = ..., copy_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class FieldPolicy(_message.Message):
     __slots__ = ("rule", "purposes", "legal_basis", "recipient", "grant", "retention_days", "ends_at", "form")
@@ -123,6 +125,16 @@ class ApplyCopiesRequest(_message.Message):
     copies: _containers.RepeatedCompositeFieldContainer[SealedCopy]
     high_water: HighWater
     def __init__(self, source_region: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[SealedCopy, _Mapping]]] = ..., high_water: _Optional[_Union[HighWater, _Mapping]] = ...) -> None: ...
+
+class ApplyCopiesWire(_message.Message):
+    __slots__ = ("source_region", "copies", "high_water")
+    SOURCE_REGION_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
+    source_region: str
+    copies: _containers.RepeatedScalarFieldContainer[bytes]
+    high_water: HighWater
+    def __init__(self, source_region: _Optional[str] = ..., copies: _Optional[_Iterable[bytes]] = ..., high_water: _Optional[_Union[HighWater, _Mapping]] = ...) -> None: ...
 
 class ApplyCopiesResponse(_message.Message):
     __slots__ = ("applied", "skipped")
