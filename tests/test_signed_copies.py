@@ -356,6 +356,14 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
     # bytes re-encoded after the mark (the same copy, a field written twice).
     unknown = copy_bytes(stamped) + b"\xf8\x06\x01"  # field 111, varint 1
     doubled = copy_bytes(stamped) + copy_bytes(replica_pb2.SealedCopy(version=2))
+    # ... and such a field hidden by a map entry sent short (no key, no value: read as
+    # defaults, it encodes 4 bytes longer, as long as the unknown field it hides).
+    policy = b"\x0a\x02r2" + b"\x90\x03\xac\x02"  # FieldPolicy{rule: "r2", field 50: 300}
+    entry = b"\x0a\x05phone\x12" + bytes([len(policy)]) + policy
+    hidden = copy_bytes(stamped) + b"\x8a\x01" + bytes([len(entry)]) + entry + b"\x32\x00"
+    short = home.high_water(SG, 2, epoch)
+    short.copy_hashes.append(b"\x00" * 31)
+    short = resigned(home, short)
     # An older home's mark: canonical digests (`copy_digests`), the liar's copy listed by hash.
     older = home.high_water(SG, 2, epoch)
     older.copy_digests.append(copy_digest(stamped))
@@ -422,6 +430,33 @@ async def test_forged_unsigned_replayed_and_2_62_copies_are_refused_from_the_pri
             hashing(home, epoch, doubled),
             "copies[0]",
             "not encoded as this node encodes",
+        ),
+        "vouched for by hash, a field it does not know hidden by a short map entry": (
+            [hidden],
+            hashing(home, epoch, hidden),
+            "copies[0]",
+            "does not know",
+        ),
+        "a batch larger than any worker sends": (
+            [
+                copy_bytes(home.stamp(replica_pb2.SealedCopy(user_id=f"b-{i}", version=1, format=2), SG))
+                for i in range(1001)
+            ],
+            mark,
+            "copies",
+            "at most 1000",
+        ),
+        "a mark listing more hashes than a batch holds": (
+            [stamped],
+            hashing(home, epoch, *[i.to_bytes(32, "big") for i in range(1001)]),
+            "high_water.copy_hashes",
+            "at most 1000",
+        ),
+        "a mark listing a hash of 31 bytes": (
+            [stamped],
+            short,
+            "high_water.copy_hashes",
+            "each 32 bytes",
         ),
         "listed by an older home's digest, but changed": (
             [changed],

@@ -195,6 +195,8 @@ def _parsed(method: str, request: Any) -> Message | None:
     if isinstance(request, Message):
         if found is None or request.DESCRIPTOR.full_name == found.input_type.full_name:
             return request
+        if request.ByteSize() > _PARSE_LIMIT:
+            return None
         request = request.SerializeToString()
     if isinstance(request, bytes) and len(request) <= _PARSE_LIMIT and found is not None:
         try:

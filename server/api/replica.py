@@ -16,6 +16,7 @@ from residency.server.api.requests import out_of_range
 from residency.server.core import codec, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyShredded
 from residency.server.core.schema import USER_ID
+from residency.server.core.sealing import MAX_BATCH
 from residency.server.vault.copies import (
     Sender,
     apply_copies,
@@ -54,6 +55,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
             raise FailedPrecondition(f"{records.region} is the primary; it does not take copies")
         # The request comes in its wire form (`requests.WIRE_VIEWS`): each copy as sent.
         sent = list(request.copies)
+        if len(sent) > MAX_BATCH:  # refused before any is read: each read copy costs memory
+            raise InvalidRecord([("copies", f"holds {len(sent)} copies; a batch has at most {MAX_BATCH}")])
         received, unread = read_copies(sent)
         if unread:
             raise InvalidRecord(unread)

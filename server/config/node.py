@@ -23,6 +23,7 @@ from residency.server.config.store import (
     store_config,
 )
 from residency.server.config.tls import TlsConfig, TlsFile, tls_config
+from residency.server.core.sealing import MAX_BATCH
 
 
 def _host_port(value: str) -> str:
@@ -47,7 +48,7 @@ class ReplicatorConfig(FileModel):
         default=True, description="true or false: whether the node runs a replication worker"
     )
     batch_size: int = Field(
-        default=500, ge=1, le=1000, description="a whole number of outbox entries from 1 to 1000"
+        default=500, ge=1, le=MAX_BATCH, description=f"a whole number of outbox entries from 1 to {MAX_BATCH}"
     )
     # Seconds between retries grow from `retry_initial` up to `retry_max`, with jitter.
     retry_initial: float = Field(default=0.2, gt=0, description="a number of seconds above 0")

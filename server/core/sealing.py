@@ -23,6 +23,9 @@ NONCE = 12
 # The format of the copies this version writes (`SealedCopy.format`); 0 and 1 are the NUL-joined
 # associated data of copies written before it.
 COPY_FORMAT = 2
+# The most copies one batch holds: what a worker sends at most (`replicator.batch_size`), and
+# what a region node takes in one `ApplyCopies` (or its high-water mark lists).
+MAX_BATCH = 1000
 # An encryption context, bound into every key a provider wraps (user, region, purpose...).
 Context = Mapping[str, str]
 

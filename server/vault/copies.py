@@ -14,8 +14,8 @@ from typing import Any
 
 from residency.server.core import translog
 from residency.server.core.errors import StaleLeaseEpoch
-from residency.server.core.sealing import COPY_FORMAT
-from residency.server.core.signed import UnknownFields, copy_digest, copy_hash, key_id, verifies
+from residency.server.core.sealing import COPY_FORMAT, MAX_BATCH
+from residency.server.core.signed import UnknownFields, copy_bytes, copy_digest, copy_hash, key_id, verifies
 from residency.server.core.transform import known
 from residency.server.storage.records import Row
 from residency.server.storage.replication import FenceStore
@@ -50,7 +50,9 @@ def refusals(
     `sent`: each copy's bytes as received, which the mark's `copy_hashes` are taken over."""
     if not copies:
         return []  # an empty batch: nothing to vouch for, nothing to apply
-    out = [(f"high_water{p}", why) for p, why in _signed(home, region, mark, "high-water mark")]
+    out = [
+        (f"high_water{p}", why) for p, why in _listing(mark) or _signed(home, region, mark, "high-water mark")
+    ]
     # Versions are checked against a mark the home signed only (else that is the refusal),
     # and only such a mark vouches for unsigned copies.
     top = mark.version if mark is not None and not out else None
@@ -75,6 +77,19 @@ def refusals(
         if not bad and top is not None and c.version > top:
             out.append((f"copies[{i}].version", "is above the home's signed high-water mark for this batch"))
     return out
+
+
+def _listing(mark: replica_pb2.HighWater | None) -> list[tuple[str, str]]:
+    """Why a mark's lists cannot be a batch's, checked before anything is encoded to verify it
+    (a forged mark of millions of entries would cost that much memory): at most `MAX_BATCH`
+    entries of 32 bytes each."""
+    if mark is None:
+        return []
+    return [
+        (f".{name}", f"lists {len(listed)} entries; a batch has at most {MAX_BATCH}, each 32 bytes")
+        for name, listed in (("copy_hashes", mark.copy_hashes), ("copy_digests", mark.copy_digests))
+        if len(listed) > MAX_BATCH or any(len(x) != 32 for x in listed)
+    ]
 
 
 def _signed(
@@ -119,7 +134,7 @@ class Vouched:
             # The bytes are the home's; what was read from them must be all they hold. (Only a
             # copy refused for it loses anything here.)
             c.DiscardUnknownFields()
-            if c.ByteSize() == len(sent):
+            if copy_bytes(c) == sent:  # (a size alone can hide a field: a map entry sent short)
                 return None
             return (
                 "",
