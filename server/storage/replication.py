@@ -32,6 +32,9 @@ class LeaseStore(Protocol):
     def lease_held(self, destination: str, owner: str, now: float, epoch: int) -> bool: ...
     def lease_release(self, destination: str, owner: str) -> None: ...
     def lease_epoch_above(self, destination: str, owner: str, epoch: int, seen: int, now: float) -> int: ...
+    def worker_present(self, owner: str, regions: list[str], now: float, ttl: float) -> None: ...
+    def worker_leave(self, owner: str) -> None: ...
+    def live_workers(self, now: float, horizon: float) -> list[tuple[str, list[str], int]]: ...
 
 
 class FenceStore(Protocol):
@@ -74,7 +77,7 @@ class ReplicationControlStore(Protocol):
 
 
 class ReplicationRows(Database):
-    """The `outbox`, `cursors`, `leases`, `destination_state`, `dead_letters` and
+    """The `outbox`, `cursors`, `leases`, `workers`, `destination_state`, `dead_letters` and
     `lease_epochs_seen` tables."""
 
     # ---- the outbox and cursors --------------------------------------------------------
@@ -192,6 +195,32 @@ class ReplicationRows(Database):
             (seen + 1, destination, owner, epoch, now),
         )
         return seen + 1 if cur.rowcount else 0
+
+    def worker_present(self, owner: str, regions: list[str], now: float, ttl: float) -> None:
+        """Announces `owner` as a live worker shipping to `regions` until `now + ttl`, and
+        drops the rows of workers that expired (stopped without leaving, or killed)."""
+        self._db.execute("DELETE FROM workers WHERE expires_at <= ? AND owner <> ?", (now, owner))
+        self._db.execute(
+            "INSERT INTO workers (owner, expires_at, regions) VALUES (?,?,?) "
+            "ON CONFLICT(owner) DO UPDATE SET expires_at=excluded.expires_at, regions=excluded.regions",
+            (owner, now + ttl, ",".join(sorted(regions))),
+        )
+
+    def worker_leave(self, owner: str) -> None:
+        self._db.execute("DELETE FROM workers WHERE owner=?", (owner,))
+
+    def live_workers(self, now: float, horizon: float) -> list[tuple[str, list[str], int]]:
+        """(owner, regions, leases it holds now) of each worker whose presence expires after
+        `now` and no later than `horizon`: a row further out than any worker renews to is not
+        a live worker's (a clock far ahead, or a row written by hand), and counting it could
+        keep a lease unheld."""
+        rows = self._db.execute(
+            "SELECT w.owner, w.regions, count(l.destination) FROM workers w "
+            "LEFT JOIN leases l ON l.owner = w.owner AND l.expires_at > ? "
+            "WHERE w.expires_at > ? AND w.expires_at <= ? GROUP BY w.owner, w.regions ORDER BY w.owner",
+            (now, now, horizon),
+        )
+        return [(owner, regions.split(",") if regions else [], int(n)) for owner, regions, n in rows]
 
     def lease_epoch_seen(self, source: str) -> int:
         row = self._db.execute("SELECT epoch FROM lease_epochs_seen WHERE source=?", (source,)).fetchone()
