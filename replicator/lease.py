@@ -46,29 +46,31 @@ class Lease:
         # Another worker may have moved the cursor while this one did not hold the lease: it
         # is read again after taking the lease or standing down.
         self.reread_cursor = True
+        # Held by the replication loop for the whole of a batch (prepare, ship, commit), so
+        # that `hand_over` releases the lease only between batches.
+        self.shipping = asyncio.Lock()
 
-    async def keep(self, db: StoreThread[WorkerStore], wake: asyncio.Event) -> None:
-        """Takes or renews the lease every third of its life, for as long as it runs; sets
-        `wake` whenever the destination may be shipped to."""
+    async def renew(self, db: StoreThread[WorkerStore], wake: asyncio.Event) -> None:
+        """Takes or renews the lease (`Spread` calls it every third of its life, and for a free
+        lease only while this worker may take it); sets `wake` if the destination may be
+        shipped to."""
         store = db.store
-        while True:
-            began = time.monotonic()
-            try:
-                held, paused, epoch = await db.write(
-                    lambda: store.lease_take(self.region, self.owner, time.time(), self.seconds)
-                )
-            except Exception as e:  # the store is busy or failing: not holding is the safe view
-                log.warning("lease on %s not renewed: %r", self.region, e)
-                held, paused, epoch = False, self.paused, self.epoch
-            if held and (not self.held or epoch != self.epoch):
-                log.info("%s took the lease on %s (epoch %d)", self.owner, self.region, epoch)
-                self.reread_cursor = True
-                self.epoch = epoch
-            self.held, self.paused = held, paused
-            self.until = began + self.seconds if held else 0.0
-            if held and not paused:
-                wake.set()
-            await asyncio.sleep(self.seconds / 3)
+        began = time.monotonic()
+        try:
+            held, paused, epoch = await db.write(
+                lambda: store.lease_take(self.region, self.owner, time.time(), self.seconds)
+            )
+        except Exception as e:  # the store is busy or failing: not holding is the safe view
+            log.warning("lease on %s not renewed: %r", self.region, e)
+            held, paused, epoch = False, self.paused, self.epoch
+        if held and (not self.held or epoch != self.epoch):
+            log.info("%s took the lease on %s (epoch %d)", self.owner, self.region, epoch)
+            self.reread_cursor = True
+            self.epoch = epoch
+        self.held, self.paused = held, paused
+        self.until = began + self.seconds if held else 0.0
+        if held and not paused:
+            wake.set()
 
     def check(self, paused_too: bool = True) -> None:
         """Ship only with at least half a lease left: a shipping call (at most
@@ -116,10 +118,19 @@ class Lease:
             raise StandDown(self.region)  # another worker owns the cursor now; it ships again
 
     async def hand_over(self, db: StoreThread[WorkerStore]) -> None:
-        """Releases a held lease at once rather than after expiry."""
-        if self.held:
-            with contextlib.suppress(Exception):
-                await db.write(lambda: db.store.lease_release(self.region, self.owner))
+        """Releases a held lease at once rather than after expiry, for a worker under its fair
+        share to take (`spread`), never in the middle of a batch: from here `check` and every
+        `Fence` refuse, so a batch under way ends at its next request (StandDown, not
+        committed) or commits what already landed (`confirm` passes: the store names this
+        worker until the release); only then is the lease released. The next holder takes it
+        under a higher epoch and reads the cursor again: nothing is lost, and what it sends
+        again applies idempotently. The fence alone would not do: it bounds a batch by the
+        lease's expiry, which a release moves ahead."""
+        held, self.held, self.until = self.held, False, 0.0
+        async with self.shipping:
+            if held:
+                with contextlib.suppress(Exception):
+                    await db.write(lambda: db.store.lease_release(self.region, self.owner))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from residency.replicator.copies import build_copy, erased_copy
 from residency.replicator.destinations import Destination, KeyHold, describe_error, learn_key, statement_key
-from residency.replicator.lease import Lease, StandDown
+from residency.replicator.lease import StandDown
+from residency.replicator.spread import Spread
 from residency.server.config.node import ReplicatorConfig
 from residency.server.config.tls import TlsConfig
 from residency.server.core.errors import CallerDenied
@@ -78,8 +79,7 @@ class Replicator:
         tls: TlsConfig | None = None,
     ):
         self.records = records
-        # The deployment's CA and trust domain: a region's new key must be signed by its node
-        # (without them, as in unit tests, no new key is ever learned).
+        # The CA and trust domain a region's new key must be signed under (None: none is learned).
         self.tls = tls
         self.db = db
         self.destinations = {d.region: d for d in destinations}
@@ -89,23 +89,21 @@ class Replicator:
         self.config = config
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake = {d.region: asyncio.Event() for d in destinations}
-        self.leases = {d.region: Lease(d.region, self.owner, config.lease_seconds) for d in destinations}
+        self.spread = Spread(self.owner, list(self.destinations), config.lease_seconds)
+        self.leases = self.spread.leases
         self._tasks: list[asyncio.Task] = []
         # Short tasks started from callbacks (a retry's error note): kept, and awaited at stop.
         self._background: set[asyncio.Task] = set()
-        # Records opened for one destination's batch, kept for the others' batches of the same
-        # changes (they run close together on the same store thread): one open per change.
+        # Opened records, kept for the other destinations' batches of the same changes: one open each.
         self._opened: dict[tuple[str, int], Opened] = {}
-        # The highest record version in the store when last read: read again only when a
-        # batch holds a version above it (one scan of the records now and then, not per batch).
+        # The store's highest record version when last read: read again for a batch with one above it.
         self._high_water = 0
 
     async def start(self) -> None:
         store = self.db.store  # a destination new to this store is first sent every live record
         await self.db.write(lambda: [store.adopt_destination(r) for r in self.all_regions])
+        self._tasks.append(asyncio.create_task(self.spread.keep(self.db, self._wake), name="leases"))
         for d in self.destinations.values():
-            keep = self.leases[d.region].keep(self.db, self._wake[d.region])
-            self._tasks.append(asyncio.create_task(keep, name=f"lease-{d.region}"))
             self._tasks.append(asyncio.create_task(self._run(d), name=f"replicate-{d.region}"))
 
     def wake(self) -> None:
@@ -117,8 +115,8 @@ class Replicator:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._opened.clear()
+        await self.spread.leave(self.db)
         for d in self.destinations.values():
-            await self.leases[d.region].hand_over(self.db)
             await d.sink.close()
 
     # ---- the loop ---------------------------------------------------------------------
@@ -127,7 +125,9 @@ class Replicator:
         wake = self._wake[d.region]
         while True:
             try:
-                if not await self._step(d, wake):
+                async with self.leases[d.region].shipping:  # a hand-over waits for the batch
+                    shipped = await self._step(d, wake)
+                if not shipped:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), timeout=self.config.poll_interval)
             except KeyHold as e:

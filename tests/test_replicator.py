@@ -349,7 +349,8 @@ async def test_workers_share_one_outbox_by_leases_and_a_killed_holder_is_replace
     tmp_path: Path, primary_store: dict | None
 ):
     """Standalone workers (on PostgreSQL they could be on several hosts) take the destinations'
-    leases in the store; one killed while it holds them is replaced once they expire."""
+    leases in the store, one each; one killed while it holds its lease is replaced once its
+    lease and its presence expire."""
     c = Cluster(
         tmp_path / "deployment",
         replicator={"enabled": False, "lease_seconds": 3.0, "ship_timeout": 1.0},
@@ -363,23 +364,30 @@ async def test_workers_share_one_outbox_by_leases_and_a_killed_holder_is_replace
             workers[w.pid] = w
         load = Load(c, users=50, rate=100, prefix="lease")
         load.start()
-        deadline = time.monotonic() + 30
-        while True:
-            s = await c.replication()
-            if all(d.lease_owner for d in s.values()):
-                break
-            assert time.monotonic() < deadline, s
-            await asyncio.sleep(0.1)
-        holder = int(s["ap-southeast-1"].lease_owner.split(":")[1])
+
+        async def owners() -> list[int]:
+            return [
+                int(d.lease_owner.split(":")[1]) if d.lease_owner else 0
+                for d in (await c.replication()).values()
+            ]
+
+        async def one_each() -> bool:
+            return sorted(await owners()) == sorted(workers)
+
+        await eventually(one_each, "each worker holds one of the two leases")
+        holder = (await owners())[0]
         await asyncio.sleep(1.0)
-        workers[holder].send_signal(signal.SIGKILL)  # mid-load, holding at least one lease
+        workers[holder].send_signal(signal.SIGKILL)  # mid-load, holding a lease
         workers[holder].wait()
-        await asyncio.sleep(5.0)  # more than a lease: the other worker takes over
+        (survivor,) = set(workers) - {holder}
+
+        async def survivor_holds_both() -> bool:
+            return await owners() == [survivor, survivor]
+
+        await eventually(survivor_holds_both, "the survivor takes the killed worker's lease")
         await load.stop()
         await c.replicated(timeout=60)
-        (survivor,) = set(workers) - {holder}
-        for d in (await c.replication()).values():
-            assert int(d.lease_owner.split(":")[1]) == survivor
+        assert await survivor_holds_both()
         await assert_everything_arrived(c, load.acked)
         assert_versions_only_increase([json.loads(e) for _, e, _ in await c.log()])
         assert workers[survivor].poll() is None

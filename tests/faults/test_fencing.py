@@ -186,7 +186,6 @@ async def test_a_stale_workers_late_put_never_brings_an_erased_users_object_back
         await c.put("f-1", {"email": "first@example.cn", "language": "zh-CN"})
         await c.replicated()
         assert await asyncio.to_thread(bucket_has, seaweed, "f-1")
-        workers["next"] = start_worker(c, c.dep.configs[PRIMARY], "next")
         stale_epochs = lease_epochs(c)
 
         # The worker ships f-1's next version; the network holds its PUT, and the worker stalls.
@@ -198,6 +197,9 @@ async def test_a_stale_workers_late_put_never_brings_an_erased_users_object_back
 
         await eventually(put_held, "the stale worker's PUT is under way")
         workers["stale"].send_signal(signal.SIGSTOP)
+        # The next worker starts only now: beside a live one, it would be handed one of the
+        # two leases (workers share destinations evenly), maybe the bucket's.
+        workers["next"] = start_worker(c, c.dep.configs[PRIMARY], "next")
 
         async def next_holds_both() -> bool:
             return await owners() == {str(workers["next"].pid)}
