@@ -1,11 +1,12 @@
 """`residency replicate --config FILE`: a replication worker in its own process.
 
 It opens the primary's store (same config file, same host: SQLite in WAL mode is shared
-between processes), and ships to every destination whose lease it can take. Run as many as
-you like beside the primary (set `replicator.enabled: false` there to leave all shipping
-to them; `--region R` limits a worker to some destinations, e.g. one process for a slow
-S3 bucket); a worker that dies is replaced once its leases expire. SIGTERM/SIGINT hands its
-leases over at once and exits 0.
+between processes), and ships to its fair share of the destinations, taken by lease
+(`spread`: live workers share them evenly). Run as many as you like beside the primary
+(set `replicator.enabled: false` there to leave all shipping to them; `--region R` limits
+a worker to some destinations, e.g. one process for a slow S3 bucket); a worker that dies
+is replaced once its leases expire. SIGTERM/SIGINT hands its leases over at once and
+exits 0.
 """
 
 from __future__ import annotations
