@@ -26,7 +26,8 @@ class OutboxStore(Protocol):
 
 
 class LeaseStore(Protocol):
-    """What a worker's lease uses: one worker ships to a destination at a time."""
+    """What a worker's leases use: one worker ships to a destination at a time, and live
+    workers (their presence) share the destinations evenly."""
 
     def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool, int]: ...
     def lease_held(self, destination: str, owner: str, now: float, epoch: int) -> bool: ...
