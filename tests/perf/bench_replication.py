@@ -24,7 +24,9 @@ bucket on a local SeaweedFS. Two phases:
 - drain: every destination paused, `--backlog` new users written, then each destination
   resumed alone (the others still paused), and again all at once; the time to apply the
   backlog gives each destination's sustained records/s (the rate beyond which, under a
-  steady load, its lag would grow without bound).
+  steady load, its lag would grow without bound). `drain_cpu_us_per_copy`: the CPU each
+  process (nodes, workers, the benchmark) spent per copy applied in each of those drains;
+  `steady.cpu_cores`: the cores each used while writing (PostgreSQL's server not counted).
 - the peer (`peer_pg`), every run, after the deployment has stopped: PostgreSQL logical
   replication of the same rows to one subscriber, with the columns the rules send to
   ap-southeast-1; steady: as many single-row transactions as the steady phase wrote, at
@@ -157,7 +159,27 @@ def applied_lag(dep: Deployment, lo: str, hi: str) -> dict:
     return out
 
 
-async def steady(records, admin, rate: int, batch: int, seconds: float, users: int) -> dict:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user and system) each process has used so far, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(OSError):
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(f[11]) + int(f[12])) / tick
+    return out
+
+
+def cpu_used(before: dict[str, float], pids: dict[str, int], per: float) -> dict[str, float]:
+    """Each process's CPU seconds since `before`, divided by `per`, and their total."""
+    after = cpu_seconds(pids)
+    used = {n: (after[n] - before[n]) / per for n in before if n in after}
+    return {**used, "total": sum(used.values())}
+
+
+async def steady(
+    records, admin, rate: int, batch: int, seconds: float, users: int, pids: dict[str, int]
+) -> dict:
     samples: dict[str, list[float]] = {}
     stop = asyncio.Event()
 
@@ -169,6 +191,7 @@ async def steady(records, admin, rate: int, batch: int, seconds: float, users: i
             await asyncio.sleep(0.05)
 
     sampler = asyncio.create_task(sample())
+    cpu = cpu_seconds(pids)
     start = time.perf_counter()
     sent, calls = 0, []
     while time.perf_counter() - start < seconds:
@@ -177,11 +200,14 @@ async def steady(records, admin, rate: int, batch: int, seconds: float, users: i
         await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
     await asyncio.gather(*calls)
     achieved = sent / (time.perf_counter() - start)
+    cores = cpu_used(cpu, pids, time.perf_counter() - start)
     await asyncio.sleep(1.0)
     stop.set()
     await sampler
     return {
         "writes_per_s": round(achieved),
+        # Cores each process used while writing (PostgreSQL's own server not counted).
+        "cpu_cores": {n: round(v, 2) for n, v in cores.items()},
         "lag_ms": {
             r: {"p50": pct(xs, 50), "p99": pct(xs, 99), "max": round(max(xs) * 1000, 1)}
             for r, xs in sorted(samples.items())
@@ -189,11 +215,13 @@ async def steady(records, admin, rate: int, batch: int, seconds: float, users: i
     }
 
 
-async def drain(records, admin, backlog: int) -> dict:
-    """Each destination drains a backlog alone (the others paused), then all together."""
+async def drain(records, admin, backlog: int, pids: dict[str, int]) -> tuple[dict, dict]:
+    """Each destination drains a backlog alone (the others paused), then all together; returns
+    (records/s, the CPU µs each process spent a copy, per mode and destinations draining)."""
     s = await admin.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
     regions = [d.region for d in s.destinations]
     out: dict[str, dict[str, int]] = {"alone": {}, "together": {}}
+    cpu: dict[str, dict[str, dict[str, float]]] = {"alone": {}, "together": {}}
     for mode in ("alone", "together"):
         for r in regions:
             await admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=r), timeout=10)
@@ -202,6 +230,7 @@ async def drain(records, admin, backlog: int) -> dict:
             await records.PutRecords(request(base + start, min(1000, backlog - start)))
         groups = [[r] for r in regions] if mode == "alone" else [regions]
         for group in groups:
+            before = cpu_seconds(pids)
             t0 = time.perf_counter()
             for r in group:
                 await admin.ResumeReplication(admin_pb2.ResumeReplicationRequest(region=r), timeout=10)
@@ -213,7 +242,9 @@ async def drain(records, admin, backlog: int) -> dict:
                         done[d.region] = time.perf_counter() - t0
                 await asyncio.sleep(0.05)
             out[mode] |= {r: round(backlog / t) for r, t in done.items()}
-    return out
+            used = cpu_used(before, pids, backlog * len(group) / 1e6)
+            cpu[mode][",".join(group)] = {n: round(v) for n, v in used.items()}
+    return out, cpu
 
 
 async def run(args: argparse.Namespace, d: Path) -> dict:
@@ -268,13 +299,22 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
             async with service as ch, dep.operator.channel(primary) as op:
                 records = records_pb2_grpc.RecordServiceStub(ch)
                 admin = admin_pb2_grpc.AdminServiceStub(op)
+                pids = {
+                    **{r: p.pid for r, p in dep.procs.items()},
+                    **{f"worker-{i}": w.pid for i, w in enumerate(workers)},
+                    "bench": os.getpid(),
+                }
                 out = {
-                    "steady": await steady(records, admin, args.rate, args.batch, args.seconds, args.users)
+                    "steady": await steady(
+                        records, admin, args.rate, args.batch, args.seconds, args.users, pids
+                    )
                 }
                 await wait_replicated(primary, dep.operator, timeout=300)
                 lo, hi = ("u-00000000", f"u-{args.users:08d}") if args.users else ("u-10000000", "u-20000000")
                 out["steady"]["applied_lag_ms"] = applied_lag(dep, lo, hi)
-                out["drain_records_per_s"] = await drain(records, admin, args.backlog)
+                out["drain_records_per_s"], out["drain_cpu_us_per_copy"] = await drain(
+                    records, admin, args.backlog, pids
+                )
             return out
         finally:
             for w in workers:
