@@ -27,6 +27,8 @@ bucket on a local SeaweedFS. Two phases:
   steady load, its lag would grow without bound). `drain_cpu_us_per_copy`: the CPU each
   process (nodes, workers, the benchmark) spent per copy applied in each of those drains;
   `steady.cpu_cores`: the cores each used while writing (PostgreSQL's server not counted).
+  With `--workers`, the steady phase starts once the workers share the destinations
+  (`leases_spread_after_s`: how long that took after they started).
 - the peer (`peer_pg`), every run, after the deployment has stopped: PostgreSQL logical
   replication of the same rows to one subscriber, with the columns the rules send to
   ap-southeast-1; steady: as many single-row transactions as the steady phase wrote, at
@@ -215,6 +217,23 @@ async def steady(
     }
 
 
+async def leases_spread(admin, workers: int, deadline: float = 120.0) -> float:
+    """Waits until `workers` workers share the destinations (each holding its share), as a
+    deployment running for a while does: the steady phase measures that, not the first
+    seconds after the workers start, while one that took every lease hands some over.
+    Returns the seconds it took."""
+    t0 = time.perf_counter()
+    while True:
+        s = await admin.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=10)
+        owners = [d.lease_owner for d in s.destinations]
+        holding = [owners.count(o) for o in set(owners) if o]
+        if all(owners) and len(holding) == min(workers, len(owners)) and max(holding) - min(holding) <= 1:
+            return round(time.perf_counter() - t0, 1)
+        if time.perf_counter() - t0 > deadline:
+            raise SystemExit(f"the workers did not share the destinations within {deadline:.0f} s: {owners}")
+        await asyncio.sleep(0.2)
+
+
 async def drain(records, admin, backlog: int, pids: dict[str, int]) -> tuple[dict, dict]:
     """Each destination drains a backlog alone (the others paused), then all together; returns
     (records/s, the CPU µs each process spent a copy, per mode and destinations draining)."""
@@ -299,6 +318,8 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
             async with service as ch, dep.operator.channel(primary) as op:
                 records = records_pb2_grpc.RecordServiceStub(ch)
                 admin = admin_pb2_grpc.AdminServiceStub(op)
+                if args.workers:
+                    out_settle = await leases_spread(admin, args.workers)
                 pids = {
                     **{r: p.pid for r, p in dep.procs.items()},
                     **{f"worker-{i}": w.pid for i, w in enumerate(workers)},
@@ -312,6 +333,8 @@ async def run(args: argparse.Namespace, d: Path) -> dict:
                 await wait_replicated(primary, dep.operator, timeout=300)
                 lo, hi = ("u-00000000", f"u-{args.users:08d}") if args.users else ("u-10000000", "u-20000000")
                 out["steady"]["applied_lag_ms"] = applied_lag(dep, lo, hi)
+                if args.workers:
+                    out["leases_spread_after_s"] = out_settle
                 out["drain_records_per_s"], out["drain_cpu_us_per_copy"] = await drain(
                     records, admin, args.backlog, pids
                 )
