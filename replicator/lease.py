@@ -111,10 +111,10 @@ class Lease:
             )
             self.epoch = raised
 
-    def confirm(self, store: LeaseStore, now: float) -> None:
+    def confirm(self, store: LeaseStore, now: float, epoch: int | None = None) -> None:
         """In the transaction that commits a batch: the lease is still this worker's, under
-        the epoch the batch was shipped with."""
-        if not store.lease_held(self.region, self.owner, now, self.epoch):
+        the epoch the batch was made and shipped under (default: the current hold's)."""
+        if not store.lease_held(self.region, self.owner, now, self.epoch if epoch is None else epoch):
             raise StandDown(self.region)  # another worker owns the cursor now; it ships again
 
     async def hand_over(self, db: StoreThread[WorkerStore]) -> None:

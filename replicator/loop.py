@@ -22,28 +22,34 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import grpc
+from prometheus_client import Histogram
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from residency.replicator.copies import build_copy, erased_copy
+from residency.replicator.batches import Batches, Prepared
 from residency.replicator.destinations import Destination, KeyHold, describe_error, learn_key, statement_key
 from residency.replicator.lease import StandDown
 from residency.replicator.spread import Spread
 from residency.server.config.node import ReplicatorConfig
 from residency.server.config.tls import TlsConfig
 from residency.server.core.errors import CallerDenied
-from residency.server.core.rules import Permits
-from residency.server.storage.records import Row
 from residency.server.storage.replication import OutboxItem
 from residency.server.storage.roles import WorkerStore
 from residency.server.storage.thread import StoreThread
-from residency.server.vault.records import Opened, Records
+from residency.server.vault.records import Records
 from residency.v1 import replica_pb2
 
 log = logging.getLogger("residency.replicator")
+# Where a batch's time goes, per destination: `prepare` (reading, opening and sealing, on the
+# store thread; it overlaps the previous batch's shipping), `ship` (until the destination has
+# taken it, retries included) and `commit` (its transfer-log entries and the cursor).
+STEPS = Histogram(
+    "residency_replication_batch_seconds",
+    "Time of one step of a replication batch (prepare, ship, commit), by destination",
+    ["destination", "step"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 # (why the region's key is shredded or "", its learned key statement, where re-sending is at)
 KeyState = tuple[str, bytes | None, str | None]
 
@@ -54,15 +60,6 @@ class Refused(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass(slots=True)
-class Prepared:
-    copies: list[replica_pb2.SealedCopy]
-    entries: list[dict[str, Any]]
-    last_sequence: int
-    # The home's signed statement of the highest version it had issued (none in the batch is above).
-    high_water: replica_pb2.HighWater
 
 
 class Replicator:
@@ -94,10 +91,8 @@ class Replicator:
         self._tasks: list[asyncio.Task] = []
         # Short tasks started from callbacks (a retry's error note): kept, and awaited at stop.
         self._background: set[asyncio.Task] = set()
-        # Opened records, kept for the other destinations' batches of the same changes: one open each.
-        self._opened: dict[tuple[str, int], Opened] = {}
-        # The store's highest record version when last read: read again for a batch with one above it.
-        self._high_water = 0
+        keep = 4 * config.batch_size * max(1, len(destinations))
+        self.batches = Batches(records, lambda region: self.leases[region].epoch, keep)
 
     async def start(self) -> None:
         store = self.db.store  # a destination new to this store is first sent every live record
@@ -114,7 +109,7 @@ class Replicator:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        self._opened.clear()
+        self.batches.forget()
         await self.spread.leave(self.db)
         for d in self.destinations.values():
             await d.sink.close()
@@ -156,32 +151,66 @@ class Replicator:
         if lease.reread_cursor:
             d.cursor = await self.db.call(self.db.store.cursor, d.region)
             lease.reread_cursor = False
-        paused, (held, evidence, resend), redrive, items = await self.db.call(self._poll, d)
+        paused, (held, evidence, resend), redrive, items = await self.db.call(self._poll, d, d.cursor)
         lease.paused = paused
         if paused:  # an operator paused it
             raise StandDown(d.region)
-        if (
-            evidence is not None
-            and d.keys.recipient.key_id != (key := statement_key(d.region, evidence)).key_id
-        ):
-            d.use_key(key)  # learned by a worker before (this one, before a restart, or another)
+        if evidence is not None and self._new_key(d, evidence):
+            # learned by a worker before (this one, before a restart, or another)
+            d.use_key(statement_key(d.region, evidence))
         if held:
             return await self._learn_key(d)
         if resend is not None:
             return await self._resend(d, resend)
         if redrive:
-            batch = await self.db.call(self._prepare_users, d, [u for u, *_ in redrive])
-            await self._deliver_and_commit(d, batch, advance=False)
+            again = await self.db.call(self._prepare_users, d, [u for u, *_ in redrive])
+            await self._deliver_and_commit(d, again, advance=False)
             return True
         if not items:
             return False
-        batch = await self.db.call(self._prepare, d, items)
-        await self._deliver_and_commit(d, batch, advance=True)
+        batch: Prepared | None = await self.db.call(self._prepare, d, items)
+        while batch is not None:
+            batch = await self._ship_preparing_next(d, batch)
         return True
 
-    def _poll(self, d: Destination) -> tuple[bool, KeyState, list[tuple], list[OutboxItem]]:
+    async def _ship_preparing_next(self, d: Destination, batch: Prepared) -> Prepared | None:
+        """Ships and commits `batch` while the store thread prepares the next one, so that this
+        worker's sealing and the destination's applying overlap. One batch is in flight at a
+        time and batches commit in order. The next batch is returned only if it may ship as
+        it is: prepared no longer ago than one attempt at shipping may take (`ship_timeout`:
+        records, consents and rules as a batch not prepared ahead would see them; after a
+        slow or failing destination it is prepared again), under the lease's current hold,
+        and the destination, as `batch`'s commit read it, neither paused, nor with its key
+        held or replaced, nor with dead letters to re-drive. Else None: `_step` makes a full
+        round and prepares again from the cursor."""
+        lease = self.leases[d.region]
+        lease.check()
+        ahead = asyncio.ensure_future(self.db.call(self._next_batch, d, batch.last_sequence))
+        try:
+            go_on = await self._deliver_and_commit(d, batch, advance=True)
+        except BaseException:
+            # Not shipped: its copies are dropped (the lease, the key or the cursor changed).
+            ahead.add_done_callback(lambda f: f.cancelled() or f.exception())
+            ahead.cancel()
+            raise
+        after = await ahead
+        stale = after is not None and time.monotonic() - after.made > self.config.ship_timeout
+        return None if stale or not go_on or lease.reread_cursor else after
+
+    def _next_batch(self, d: Destination, after: int) -> Prepared | None:
+        paused, (held, evidence, resend), redrive, items = self._poll(d, after)
+        if paused or held or resend is not None or redrive or not items or self._new_key(d, evidence):
+            return None
+        return self._prepare(d, items)
+
+    @staticmethod
+    def _new_key(d: Destination, evidence: bytes | None) -> bool:
+        """Whether the store names a key for the region other than the one `d` seals to."""
+        return evidence is not None and d.keys.recipient.key_id != statement_key(d.region, evidence).key_id
+
+    def _poll(self, d: Destination, after: int) -> tuple[bool, KeyState, list[tuple], list[OutboxItem]]:
         """On the store thread: paused?, the region key's state, dead letters to re-drive,
-        the next outbox entries."""
+        the outbox entries after `after`."""
         store = self.db.store
         keys = store.key_state(d.region)
         if store.is_paused(d.region):
@@ -191,7 +220,7 @@ class Replicator:
         redrive = store.dead_letters(d.region, True, self.config.batch_size)
         if redrive:
             return False, keys, redrive, []
-        return False, keys, [], store.outbox_after(d.cursor, self.config.batch_size)
+        return False, keys, [], store.outbox_after(after, self.config.batch_size)
 
     async def _hold(self, d: Destination, reason: str) -> None:
         log.warning("replication to %s held: %s", d.region, reason)
@@ -223,7 +252,9 @@ class Replicator:
         await self.db.write(lambda: store.set_resend_after(d.region, page[-1]))
         return True
 
-    async def _deliver_and_commit(self, d: Destination, batch: Prepared, advance: bool) -> None:
+    async def _deliver_and_commit(self, d: Destination, batch: Prepared, advance: bool) -> bool:
+        """Ships `batch`, then commits it; whether a batch prepared meanwhile may follow (see
+        `_commit`)."""
         if d.max_rate and batch.copies:
             # Paced: each batch waits until the rate allows it, and books its own share.
             now = time.monotonic()
@@ -231,8 +262,14 @@ class Replicator:
                 await asyncio.sleep(d.not_before - now)
                 self.leases[d.region].check()
             d.not_before = max(d.not_before, now) + len(batch.copies) / d.max_rate
-        refused = await self._deliver(d, batch) if batch.copies else {}
-        await self.db.write(lambda: self._commit(d, batch, refused, advance))
+        refused: dict[int, str] = {}
+        began = time.perf_counter()
+        if batch.copies:
+            refused = await self._deliver(d, batch)
+            STEPS.labels(d.region, "ship").observe(time.perf_counter() - began)
+        began = time.perf_counter()
+        go_on = await self.db.write(lambda: self._commit(d, batch, refused, advance))
+        STEPS.labels(d.region, "commit").observe(time.perf_counter() - began)
         if advance:
             d.cursor = batch.last_sequence
         # A refusal (say, copies the region cannot verify) stays in status as the reason until
@@ -240,6 +277,7 @@ class Replicator:
         error = f"refused: {next(iter(refused.values()))}" if refused else ""
         if error != d.last_error:
             await self._note_error(d, error)
+        return go_on
 
     async def _deliver(self, d: Destination, batch: Prepared) -> dict[int, str]:
         """Ships the batch's copies; returns the refused ones (index to reason)."""
@@ -298,10 +336,14 @@ class Replicator:
         with contextlib.suppress(Exception):
             await self.db.write(lambda: self.db.store.set_last_error(d.region, error))
 
-    def _commit(self, d: Destination, batch: Prepared, refused: dict[int, str], advance: bool) -> None:
+    def _commit(self, d: Destination, batch: Prepared, refused: dict[int, str], advance: bool) -> bool:
+        """In the batch's transaction: its log entries, dead letters and cursor, if the lease is
+        still this worker's under the epoch the batch was made under. Returns whether the
+        destination, as the store has it now, lets a batch prepared meanwhile follow: not
+        paused, its key neither held nor replaced, no dead letters to re-drive."""
         store = self.db.store
         now = time.time()
-        self.leases[d.region].confirm(store, now)
+        self.leases[d.region].confirm(store, now, batch.high_water.lease_epoch)
         entries = batch.entries
         if refused:
             entries = list(entries)
@@ -322,79 +364,30 @@ class Replicator:
             store.set_cursor(d.region, batch.last_sequence)
             store.outbox_trim_below(self.all_regions)
         store.add_copies_sent(d.region, len(batch.copies) - len(refused))
+        shredded, evidence, resend = store.key_state(d.region)
+        return not (
+            store.is_paused(d.region)
+            or shredded
+            or resend is not None
+            or self._new_key(d, evidence)
+            or store.dead_letters(d.region, True, 1)
+        )
 
     # ---- runs on the store thread -----------------------------------------------------
 
     def _prepare(self, d: Destination, items: list[OutboxItem]) -> Prepared:
-        users = list({i.user_id for i in items})
-        rows = self.records.store.rows(users)
-        permits = self.records.permits_for(users)
-        self.records.warm_keys([u for u, row in rows.items() if (u, row.version) not in self._opened])
-        copies, entries = [], []
-        for item in items:
-            row = rows.get(item.user_id)
-            # A later outbox entry carries a newer version: ship each version once, the newest.
-            if row is None or row.version != item.version:
-                continue
-            copy, entry = self._copy_for(d, row, permits[row.user_id])
-            copies.append(copy)
-            entries.append(entry)
-        return Prepared(copies, entries, items[-1].sequence, self._mark(d, copies))
+        batch = self.batches.of_outbox(d, items)
+        STEPS.labels(d.region, "prepare").observe(time.monotonic() - batch.made)
+        return batch
 
     def _prepare_users(self, d: Destination, user_ids: list[str]) -> Prepared:
-        """Copies of the current version of each user (re-driving dead letters)."""
-        rows = self.records.store.rows(user_ids)
-        permits = self.records.permits_for(user_ids)
-        copies, entries = [], []
-        gone = []
-        for u in user_ids:
-            row = rows.get(u)
-            if row is None:
-                gone.append((u, 2**62))
-                continue
-            copy, entry = self._copy_for(d, row, permits[u])
-            copies.append(copy)
-            entries.append(entry)
+        batch, gone = self.batches.of_users(d, user_ids)
+        STEPS.labels(d.region, "prepare").observe(time.monotonic() - batch.made)
         if gone:  # nothing left to send: the dead letter has nothing to re-drive
-            self.db.store.dead_letters_superseded(d.region, gone)
-        return Prepared(copies, entries, 0, self._mark(d, copies))
-
-    def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
-        """The batch's signed high-water mark: the highest version the store holds (read from
-        the store, not the batch), the lease epoch, the hashes of the unsigned copies."""
-        if max((c.version for c in copies), default=0) > self._high_water:
-            self._high_water = self.records.store.max_version()
-        return d.mark(self._high_water, self.leases[d.region].epoch, copies)
-
-    def _copy_for(
-        self, d: Destination, row: Row, permits: Permits
-    ) -> tuple[replica_pb2.SealedCopy, dict[str, Any]]:
-        if row.deleted:
-            copy, entry = erased_copy(self.records, d.keys, row.user_id, row.version)
-        else:
-            copy, entry = build_copy(self.records, d.keys, self._open(row), permits, time.time())
-        if copy.deleted:
-            # Erased, or withdrawn from this destination: the user's plaintext leaves memory
-            # (another destination that still gets the copy opens the record again).
-            self.forget(row.user_id)
-        # Signed (or stamped for the batch's mark) last: the signature covers the copy as sent.
-        return d.finish(copy), entry
+            self.db.store.dead_letters_superseded(d.region, [(u, 2**62) for u in gone])
+        return batch
 
     def forget(self, user_id: str | None = None) -> None:
         """Drops opened (plaintext) records: one user's, on erasure, or every one (a key
         shredded, the worker stopping)."""
-        if user_id is None:
-            self._opened.clear()
-            return
-        for key in [k for k in self._opened if k[0] == user_id]:
-            del self._opened[key]
-
-    def _open(self, row: Row) -> Opened:
-        key = (row.user_id, row.version)
-        opened = self._opened.get(key)
-        if opened is None:
-            opened = self.records.open_row(row)
-            if len(self._opened) >= 4 * self.config.batch_size * max(1, len(self.destinations)):
-                del self._opened[next(iter(self._opened))]  # the oldest
-            self._opened[key] = opened
-        return opened
+        self.batches.forget(user_id)

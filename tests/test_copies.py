@@ -179,11 +179,11 @@ def test_an_erasure_drops_the_users_plaintext_from_the_workers_memory(home: Reco
     dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=NO_SINK, signer=signer)  # type: ignore[arg-type]
     worker = Replicator(home, db=None, destinations=[dest], config=ReplicatorConfig())  # type: ignore[arg-type]
     for user in ("gone", "kept"):
-        worker._opened[(user, 3)] = opened(user_id=user)
-    copy, _ = worker._copy_for(dest, Row("gone", 4, True, b"", NOW), NO_PERMITS)
-    assert copy.deleted and set(worker._opened) == {("kept", 3)}
+        worker.batches._opened[(user, 3)] = opened(user_id=user)
+    copy, _ = worker.batches.copy_for(dest, Row("gone", 4, True, b"", NOW), NO_PERMITS)
+    assert copy.deleted and set(worker.batches._opened) == {("kept", 3)}
     worker.forget()
-    assert not worker._opened
+    assert not worker.batches._opened
 
 
 def test_a_withdrawal_drops_the_users_plaintext_from_the_workers_memory(home: Records):
@@ -194,8 +194,27 @@ def test_a_withdrawal_drops_the_users_plaintext_from_the_workers_memory(home: Re
     dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=NO_SINK, signer=signer)  # type: ignore[arg-type]
     worker = Replicator(home, db=None, destinations=[dest], config=ReplicatorConfig())  # type: ignore[arg-type]
     # Only a field that never leaves the home region: nothing of it may be in SG.
-    worker._opened[("withdrawn", 5)] = opened("withdrawn", 5, national_id="11010519491231002X")
-    worker._opened[("kept", 3)] = opened(user_id="kept")
-    copy, _ = worker._copy_for(dest, Row("withdrawn", 5, False, b"", NOW), NO_PERMITS)
+    worker.batches._opened[("withdrawn", 5)] = opened("withdrawn", 5, national_id="11010519491231002X")
+    worker.batches._opened[("kept", 3)] = opened(user_id="kept")
+    copy, _ = worker.batches.copy_for(dest, Row("withdrawn", 5, False, b"", NOW), NO_PERMITS)
     assert copy.deleted and copy.reason == "withdrawn"
-    assert set(worker._opened) == {("kept", 3)}
+    assert set(worker.batches._opened) == {("kept", 3)}
+
+
+def test_a_batch_begun_before_a_forget_keeps_none_of_what_it_opens(home: Records, monkeypatch):
+    """A shred or a stop forgets every opened record from the event loop while the store thread
+    may be making a batch (one is prepared while the previous ships): what that batch opens
+    after the forget serves its copies and is not kept."""
+    key = region_key(SG)
+    signer = CopySigner(PRIMARY, Ed25519PrivateKey.generate())
+    dest = Destination(SG, CopyKeys(key.recipient, KeyCache()), sink=NO_SINK, signer=signer)  # type: ignore[arg-type]
+    worker = Replicator(home, db=None, destinations=[dest], config=ReplicatorConfig())  # type: ignore[arg-type]
+    monkeypatch.setattr(home, "open_row", lambda row: opened(row.user_id, row.version))
+    batches = worker.batches
+    batches.copy_for(dest, Row("before", 3, False, b"", NOW), NO_PERMITS)
+    assert set(batches._opened) == {("before", 3)}
+    batches._generation_read = batches._generation  # a batch begins, as `of_outbox` does
+    worker.forget()  # meanwhile, on the event loop
+    copy, _ = batches.copy_for(dest, Row("during", 3, False, b"", NOW), NO_PERMITS)
+    assert not copy.deleted and copy.user_id == "during"
+    assert not batches._opened

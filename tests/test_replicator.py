@@ -17,7 +17,7 @@ import pytest
 
 from residency.server.deployment import PRIMARY
 from residency.server.keys.region import RegionKey
-from residency.v1 import records_pb2, replica_pb2
+from residency.v1 import admin_pb2, records_pb2, replica_pb2
 from tests.conftest import BACKENDS, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.harness import eventually
 from tests.test_replication import FULL, allowed_fields
@@ -577,4 +577,69 @@ async def test_a_destination_with_max_rate_is_paced_and_the_others_are_not(tmp_p
         got = await c.held("m-119", "eu-west-1")
         assert values(got) == {"email": "m119@example.cn"}
     finally:
+        await c.close()
+
+
+async def test_the_next_batch_is_prepared_while_one_ships_and_never_ships_stale(tmp_path: Path):
+    """While a batch ships, the store thread prepares the next one (the worker's sealing and the
+    destination's applying overlap), one batch ahead at most: with ap-southeast-1's node
+    stopped (SIGSTOP) mid-drain, the second batch is prepared and none has shipped, and the
+    first batch's retries prepare nothing more. A batch prepared ahead ships only while it is
+    fresh: here the first batch needed retries, so the second is prepared again, and a user
+    of it erased meanwhile never has a live copy applied in the region."""
+    from tests.faults.tools import gone, log_entries
+    from tests.test_metrics import scrape, value
+
+    sg = "ap-southeast-1"
+    c = Cluster(tmp_path / "deployment", replicator={"batch_size": 10, "ship_timeout": 1.0})
+
+    async def steps() -> tuple[float, float]:
+        m = (await scrape(c))["residency_replication_batch_seconds"]
+        name = "residency_replication_batch_seconds_count"
+        return value(m, name, destination=sg, step="prepare"), value(m, name, destination=sg, step="ship")
+
+    stopped = False
+    try:
+        await c.start()
+        await c.admin().PauseReplication(admin_pb2.PauseReplicationRequest(region=sg), timeout=10)
+        req = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
+        for i in range(30):
+            req.records.add(user_id=f"b-{i}").fields["email"].string_value = f"b{i}@example.cn"
+        await c.records().PutRecords(req, timeout=30)
+        assert await steps() == (0, 0)
+        c.dep.procs[sg].send_signal(signal.SIGSTOP)
+        stopped = True
+        await c.admin().ResumeReplication(admin_pb2.ResumeReplicationRequest(region=sg), timeout=10)
+
+        async def second_prepared() -> bool:
+            return (await steps())[0] >= 2
+
+        await eventually(second_prepared, "the second batch prepared while the first ships", 30)
+        await c.delete("b-15")  # in the second batch, prepared before this erasure
+        log = c.data_dir(PRIMARY) / "node.log"
+
+        async def retried() -> bool:
+            return f"replication to {sg} failed" in log.read_text(errors="replace")
+
+        await eventually(retried, "the first batch's shipping timed out and is retried", 30)
+        assert await steps() == (2, 0)  # one batch ahead, not more, and nothing shipped
+        c.dep.procs[sg].send_signal(signal.SIGCONT)
+        stopped = False
+        await c.replicated()
+        # Four batches shipped (the erasure's tombstone the fourth); the second was prepared
+        # again, stale after the first's retries.
+        prepared, shipped = await steps()
+        assert shipped == 4 and prepared >= 5, (prepared, shipped)
+        assert values(await c.held("b-0", sg)) == {"email": "b0@example.cn"}
+        assert values(await c.held("b-29", sg)) == {"email": "b29@example.cn"}
+        assert await gone(c, "b-15", sg)
+        applied = [
+            e
+            for e in await log_entries(c, sg)
+            if e["subject"] == "b-15" and e["kind"] == "replication" and e["outcome"] == "allowed"
+        ]
+        assert applied == [], applied
+    finally:
+        if stopped:
+            c.dep.procs[sg].send_signal(signal.SIGCONT)
         await c.close()
