@@ -42,7 +42,7 @@ def _replicate(args: argparse.Namespace) -> int:
     from residency.replicator.standalone import run_worker
     from residency.server.config.node import load_config
 
-    asyncio.run(run_worker(load_config(args.config), args.region or None))
+    asyncio.run(run_worker(load_config(args.config), args.region or None, args.metrics_listen or ""))
     return 0
 
 
@@ -52,8 +52,21 @@ def add_replicate(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--region", action="append", help="ship only to this destination (repeat for more; default: all)"
     )
+    s.add_argument(
+        "--metrics-listen",
+        type=_listen,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics there (the worker's batches and leases; default: none)",
+    )
     add_log_format(s)
     s.set_defaults(run=_replicate)
+
+
+def _listen(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not (port.isascii() and port.isdecimal()) or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT with a port from 1 to 65535")
+    return value
 
 
 def add_replication(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ between processes), and ships to its fair share of the destinations, taken by le
 (set `replicator.enabled: false` there to leave all shipping to them; `--region R` limits
 a worker to some destinations, e.g. one process for a slow S3 bucket); a worker that dies
 is replaced once its leases expire. SIGTERM/SIGINT hands its leases over at once and
-exits 0.
+exits 0. `--metrics-listen HOST:PORT` serves its metrics (`metrics`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import signal
 
 from residency.replicator.destinations import destinations_for
 from residency.replicator.loop import Replicator
+from residency.replicator.metrics import serve_worker_metrics
 from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
@@ -37,7 +38,7 @@ from residency.server.vault.shared_rules import SharedRules, rules_at_start
 log = logging.getLogger("residency.replicator")
 
 
-async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
+async def run_worker(c: NodeConfig, regions: list[str] | None = None, metrics_listen: str = "") -> None:
     if not c.is_primary or not c.affiliates:
         raise ConfigError(f"{c.path}: a replicator needs the primary's config, with 'affiliates'")
     schema = load_schema(c.schema)
@@ -61,26 +62,34 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None) -> None:
         all_regions=[a.region for a in c.affiliates],
         tls=c.tls,
     )
-    await replicator.start()
-    follow = asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules")
-    if isinstance(store, PostgresStore):  # and a change any of them applies, at once
-        shared = SharedRules(c, schema, records, db, asyncio.Lock())
-        notices = asyncio.create_task(listen(c.store.dsn, store.token, {"rules": shared.follow}))
-    log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("replicator %s stopping", replicator.owner)
-    tasks = [follow, *([notices] if isinstance(store, PostgresStore) else [])]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await replicator.stop()
-    await db.drain()
-    store.close()
-    os.close(running)
+    # Before any lease is taken: a worker that cannot serve its metrics stops holding nothing.
+    stop_metrics = serve_worker_metrics(metrics_listen, replicator) if metrics_listen else None
+    tasks: list[asyncio.Task] = []
+    try:
+        await replicator.start()
+        tasks.append(asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules"))
+        if isinstance(store, PostgresStore):  # and a change any of them applies, at once
+            shared = SharedRules(c, schema, records, db, asyncio.Lock())
+            tasks.append(asyncio.create_task(listen(c.store.dsn, store.token, {"rules": shared.follow})))
+        log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("replicator %s stopping", replicator.owner)
+    finally:  # stopped, or failed: its leases handed over, its metrics no longer served
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await replicator.stop()
+        finally:
+            if stop_metrics is not None:
+                stop_metrics()
+            await db.drain()
+            store.close()
+            os.close(running)
 
 
 async def _follow_rules(c: NodeConfig, records: Records, schema: Schema, every: float = 1.0) -> None:

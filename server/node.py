@@ -69,6 +69,8 @@ from residency.v1 import (
 )
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from residency.replicator.loop import Replicator
 
 log = logging.getLogger("residency.node")
@@ -225,7 +227,12 @@ class RunningNode:
         self._tasks.append(asyncio.create_task(ready, name="readiness"))
         self._tasks.append(asyncio.create_task(self._sign_checkpoints(), name="checkpoints"))
         if c.metrics_listen:
-            self._stop_metrics = serve_metrics(c.metrics_listen, node, c.checkpoint_interval_seconds)
+            more: tuple[Collector, ...] = ()
+            if self.replicator is not None:
+                from residency.replicator.metrics import Leases
+
+                more = (Leases(self.replicator),)
+            self._stop_metrics = serve_metrics(c.metrics_listen, node, c.checkpoint_interval_seconds, more)
         if c.archive is not None:
             from residency.server.vault.archive import Archiver, S3Bucket
 

@@ -225,6 +225,28 @@ def test_ingress_is_the_mutual_tls_port_and_egress_goes_only_where_the_config_se
         assert not [r for r in egress if r not in dns]  # a region node calls nobody
 
 
+def test_every_pod_is_under_the_default_deny_and_the_policies_that_open_it(overlay):
+    """A policy selects pods by their template's labels, not the workload's: every pod of the
+    overlay must match the default deny, the DNS rule and (the primary's) egress, and the
+    ingress rule of its own component."""
+    _, objects, config = overlay
+    specs = policies(objects)
+    pods = [o for o in objects if o["kind"] in ("StatefulSet", "Deployment")]
+    assert pods
+    for o in pods:
+        labels = o["spec"]["template"]["metadata"]["labels"]
+        component = labels["app.kubernetes.io/component"]
+        selected = {
+            name
+            for name, spec in specs.items()
+            if spec["podSelector"]["matchLabels"].items() <= labels.items()
+        }
+        wanted = {"residency-default-deny", "residency-dns", f"residency-{component}-ingress"}
+        if config["role"] == "primary":
+            wanted.add("residency-primary-egress")
+        assert selected == wanted, (o["metadata"]["name"], labels, selected)
+
+
 def test_the_primary_runs_a_standalone_replicator_on_its_store(overlay):
     _, objects, config = overlay
     workers = [
@@ -237,6 +259,14 @@ def test_the_primary_runs_a_standalone_replicator_on_its_store(overlay):
     spec = worker["spec"]["template"]["spec"]
     (c,) = spec["containers"]
     assert c["args"][:3] == ["replicate", "--config", "/etc/residency/node.yaml"]
+    # Its metrics on the node's metrics port, open to Prometheus in `monitoring` alone.
+    metrics = c["args"][c["args"].index("--metrics-listen") + 1]
+    assert port_of(metrics) == port_of(config["metrics"]["listen"])
+    assert [p["containerPort"] for p in c["ports"]] == [port_of(metrics)]
+    (ingress,) = policies(objects)["residency-replicator-ingress"]["ingress"]
+    (peer,) = ingress["from"]
+    assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert [p["port"] for p in ingress["ports"]] == [port_of(metrics)]
     (claim,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
     node = one(objects, "StatefulSet", "residency-node")
     template = node["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]

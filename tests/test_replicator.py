@@ -4,6 +4,7 @@ dead letters, pause and resume, outages, crashes, and workers sharing one outbox
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -13,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from residency.server.deployment import PRIMARY
+from residency.server.deployment import PRIMARY, free_ports
 from residency.server.keys.region import RegionKey
 from residency.v1 import admin_pb2, records_pb2, replica_pb2
 from tests.conftest import BACKENDS, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
@@ -473,11 +476,13 @@ async def test_a_copy_the_rules_no_longer_allow_is_withdrawn_from_bucket_and_log
 
 
 async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_entries(tmp_path: Path):
+    """...and each serves its metrics (`--metrics-listen`): its lease and its batches."""
     c = Cluster(tmp_path / "deployment", replicator={"enabled": False})
     workers: list[subprocess.Popen] = []
     try:
         await c.start()
-        for region in ("ap-southeast-1", "eu-west-1"):
+        ports = free_ports(2)
+        for region, port in zip(("ap-southeast-1", "eu-west-1"), ports, strict=True):
             out = open(c.dir / f"worker-{region}.log", "ab")  # noqa: SIM115 - handed to the child
             workers.append(
                 subprocess.Popen(
@@ -489,7 +494,7 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
                         "--config",
                         str(c.dep.configs[PRIMARY]),
                     ]
-                    + ["--region", region],
+                    + ["--region", region, "--metrics-listen", f"127.0.0.1:{port}"],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
@@ -502,6 +507,37 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
         for region in ("ap-southeast-1", "eu-west-1"):
             got = await c.held("r-29", region)
             assert values(got) == {"email": "r29@example.cn", "language": "zh-CN"}
+
+        async def serves_its_lease_and_batches(region: str, port: int) -> bool:
+            async with httpx.AsyncClient() as client:
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
+            m = {f.name: f.samples for f in text_string_to_metric_families(text)}
+            held = {s.labels["destination"]: s.value for s in m["residency_replication_lease_held"]}
+            shipped = [
+                s.value
+                for s in m["residency_replication_batch_seconds"]
+                if s.name.endswith("_count") and s.labels == {"destination": region, "step": "ship"}
+            ]
+            # Its own destination only, its lease held, its batches counted.
+            return held == {region: 1.0} and shipped[:1] >= [1.0]
+
+        for region, port in zip(("ap-southeast-1", "eu-west-1"), ports, strict=True):
+            check = functools.partial(serves_its_lease_and_batches, region, port)
+            await eventually(check, f"the {region} worker's metrics")
+        # A worker that cannot serve its metrics says so and stops before taking any lease.
+        busy = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "residency.cli.main", "replicate", "--config", str(c.dep.configs[PRIMARY])]
+            + ["--metrics-listen", f"127.0.0.1:{ports[0]}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert busy.returncode == 2, busy.stderr
+        assert f"--metrics-listen 127.0.0.1:{ports[0]}: cannot listen there" in busy.stderr
+        assert "started for" not in busy.stderr  # it never ran: no lease taken, no presence
+        owners = {r: int(d.lease_owner.split(":")[1]) for r, d in (await c.replication()).items()}
+        assert owners == {"ap-southeast-1": workers[0].pid, "eu-west-1": workers[1].pid}
         for w in workers:
             w.terminate()
             assert w.wait(30) == 0
@@ -643,3 +679,21 @@ async def test_the_next_batch_is_prepared_while_one_ships_and_never_ships_stale(
         if stopped:
             c.dep.procs[sg].send_signal(signal.SIGCONT)
         await c.close()
+
+
+@pytest.mark.parametrize("listen", ["9464", "nonsense", "127.0.0.1:0", "127.0.0.1:65536", ":9464", "h:9²"])
+def test_replicate_refuses_a_metrics_listen_that_is_not_host_port(listen: str, capsys):
+    from residency.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["replicate", "--config", "cn-north.yaml", "--metrics-listen", listen])
+    assert e.value.code == 2
+    assert f"--metrics-listen: {listen!r} is not HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9464", "[::1]:9464", "localhost:9464", "127.0.0.1:1"])
+def test_replicate_takes_a_metrics_listen_of_host_and_port(listen: str):
+    from residency.cli.main import build_parser
+
+    args = build_parser().parse_args(["replicate", "--config", "cn-north.yaml", "--metrics-listen", listen])
+    assert args.metrics_listen == listen

@@ -185,17 +185,22 @@ class NodeMetrics(Collector):
         yield failing
 
 
-def serve_metrics(listen: str, node: Node, checkpoint_interval: float) -> Callable[[], None]:
-    """Serves Prometheus text on `listen` (HOST:PORT) from a thread; returns its stop."""
+def serve_metrics(
+    listen: str, node: Node, checkpoint_interval: float, more: tuple[Collector, ...] = ()
+) -> Callable[[], None]:
+    """Serves Prometheus text on `listen` (HOST:PORT) from a thread, with the collectors in
+    `more` (the in-process worker's leases); returns its stop."""
     host, _, port = listen.rpartition(":")
-    collector = NodeMetrics(node, asyncio.get_running_loop(), checkpoint_interval)
-    REGISTRY.register(collector)
+    collectors = (NodeMetrics(node, asyncio.get_running_loop(), checkpoint_interval), *more)
+    for collector in collectors:
+        REGISTRY.register(collector)
     server, thread = start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
 
     def stop() -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
-        REGISTRY.unregister(collector)
+        for collector in collectors:
+            REGISTRY.unregister(collector)
 
     return stop
