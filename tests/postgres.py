@@ -61,7 +61,14 @@ class Postgres:
         self._user: str | None = None
 
     def _run(self, *argv: str) -> None:
-        subprocess.run(argv, check=True, capture_output=True, user=self._user, timeout=120)
+        # Not subprocess's `user=`: that forks this process, whose gRPC threads may be busy, and
+        # a child forked then can die before it execs (CI saw initdb "die" of SIGSEGV that way).
+        # Without it, Python spawns through vfork, which runs no fork handlers; setpriv, in
+        # the child, drops to the server's user.
+        if self._user:
+            account = pwd.getpwnam(self._user)
+            argv = ("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", *argv)
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
 
     def start(self) -> Postgres:
         bin_dir = self.bin_dir
