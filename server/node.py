@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from residency.server.api import tls_floor
 from residency.server.api.access import Gate
 from residency.server.api.admin import AdminService
 from residency.server.api.consent import ConsentService
@@ -376,6 +377,11 @@ async def serve(config: NodeConfig) -> None:
         log.warning("key provider secret: %s", why)
     node = RunningNode(config)
     await node.start()
+    try:
+        await tls_floor.verify(config.listen, node.port, config.tls)
+    except ConfigError:
+        await node.stop()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -77,6 +77,10 @@ class Deployment:
     def start(self, region: str) -> None:
         self.procs[region] = start_node(self.configs[region])
 
+    def node_log(self, region: str) -> Path:
+        """What the node printed (`start_node`'s `node.log`)."""
+        return load_config(self.configs[region]).data_dir / "node.log"
+
     def check_running(self) -> None:
         """Raises with the tail of its log if a node process has exited."""
         check_running(self.procs, self.configs)

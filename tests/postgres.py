@@ -67,7 +67,8 @@ class Postgres:
         # the child, drops to the server's user.
         if self._user:
             account = pwd.getpwnam(self._user)
-            argv = ("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", *argv)
+            ids = (f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups")
+            argv = ("setpriv", *ids, *argv)
         subprocess.run(argv, check=True, capture_output=True, timeout=120)
 
     def start(self) -> Postgres:

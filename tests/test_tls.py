@@ -5,13 +5,16 @@ are its certificate's, whatever the request or its metadata claim."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.cli.channel import Credentials
+from residency.server.api import tls_floor
+from residency.server.core.errors import ConfigError
 from residency.server.deployment import PRIMARY, init_deployment
 from residency.server.keys import pki
 from residency.v1 import records_pb2, records_pb2_grpc
@@ -306,3 +311,92 @@ def handshake(c: Cluster) -> tuple[str | None, dict]:
         context.wrap_socket(s, server_hostname=host) as t,
     ):
         return t.version(), t.getpeercert() or {}
+
+
+async def test_tls_1_2_is_refused_at_the_handshake_even_offering_the_one_suite_named(
+    module_cluster: Cluster,
+):
+    """The TLS 1.2 floor (`tls_floor`): with the operator's own certificate, TLS 1.3 is agreed
+    and TLS 1.2 refused; a client that offers the very suite the nodes name, with a
+    pre-shared key of its choosing, agrees on nothing either. Each node said so at start."""
+    op = module_cluster.dep.operator
+    for region, address in module_cluster.dep.addresses.items():
+        assert (
+            await asyncio.to_thread(
+                tls_floor.handshake, address, ssl.TLSVersion.TLSv1_3, op.cert, op.key, op.ca
+            )
+            == "TLSv1.3"
+        )
+        assert (
+            await asyncio.to_thread(
+                tls_floor.handshake, address, ssl.TLSVersion.TLSv1_2, op.cert, op.key, op.ca
+            )
+            is None
+        )
+        node_log = module_cluster.dep.node_log(region).read_text()
+        assert f"listener {address}: TLS 1.3 agreed, TLS 1.2 refused" in node_log
+    if shutil.which("openssl") is None:  # .ci/run installs it
+        pytest.skip("no openssl command for the pre-shared-key liar")
+    address = module_cluster.dep.addresses[PRIMARY]
+    argv = ["openssl", "s_client", "-connect", address, "-tls1_2", "-cipher", tls_floor.TLS12_SUITES]
+    liar = subprocess.run(
+        [*argv, "-psk", "00112233445566778899aabbccddeeff", "-cert", str(op.cert), "-key", str(op.key)],
+        input=b"", capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert liar.returncode != 0 and b"Cipher is (NONE)" in liar.stdout, liar.stdout[-2000:]
+
+
+async def test_a_listener_whose_process_loaded_grpc_without_the_floor_is_caught(tmp_path: Path):
+    """The node checks the floor took instead of trusting it: here a listener started by this
+    test process, whose gRPC loaded before `residency.cli` pinned the cipher list (conftest
+    imports grpc first), accepts TLS 1.2, and the check refuses it."""
+    d = tmp_path / "pki"
+    pki.create_ca(d)
+    pki.issue(d, "node", PRIMARY, "primary", d / "node", hosts=["127.0.0.1"])
+    pair = [((d / "node.key").read_bytes(), (d / "node.crt").read_bytes())]
+    creds = grpc.ssl_server_credentials(pair, (d / "ca.crt").read_bytes(), require_client_auth=True)
+    server = grpc.aio.server()
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    try:
+        address, files = f"127.0.0.1:{port}", (d / "node.crt", d / "node.key", d / "ca.crt")
+        assert (
+            await asyncio.to_thread(tls_floor.handshake, address, ssl.TLSVersion.TLSv1_2, *files) == "TLSv1.2"
+        )
+        with pytest.raises(ConfigError, match=r"accepts a TLS 1\.2 client: GRPC_SSL_CIPHER_SUITES was not"):
+            await asyncio.to_thread(tls_floor.check, address, *files)
+    finally:
+        await server.stop(None)
+
+
+def test_the_command_line_refuses_a_server_that_speaks_only_tls_1_2(module_cluster: Cluster):
+    """`residency` clients are held to TLS 1.3 too: a server offering only TLS 1.2, with a
+    certificate of the deployment's CA, finds no cipher it shares with `residency status`."""
+    pki_dir = module_cluster.dir / "pki"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki_dir / f"{PRIMARY}.crt", pki_dir / f"{PRIMARY}.key")
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    errors: list[str] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(OSError):
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except ssl.SSLError as e:
+                    errors.append(str(e))
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        op = module_cluster.dep.operator
+        r = subprocess.run(
+            [sys.executable, "-m", "residency.cli", "status", "--target", f"127.0.0.1:{port}",
+             "--cert", str(op.cert), "--key", str(op.key), "--ca", str(op.ca), "--timeout", "5"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        server.join(30)
+    assert r.returncode != 0 and "UNAVAILABLE" in r.stderr, r.stderr
+    assert errors and "NO_SHARED_CIPHER" in errors[0], errors
