@@ -116,6 +116,7 @@ class RunningNode:
 
     async def start(self) -> None:
         c = self.config
+        await tls_floor.verify(self.tls.credentials())  # before anything listens or opens
         await self.health.begin(c.health_listen)  # alive, not ready, until the checks pass
         schema = load_schema(c.schema)
         rules = load_rules(c.rules, schema)
@@ -377,11 +378,6 @@ async def serve(config: NodeConfig) -> None:
         log.warning("key provider secret: %s", why)
     node = RunningNode(config)
     await node.start()
-    try:
-        await tls_floor.verify(config.listen, node.port, config.tls)
-    except ConfigError:
-        await node.stop()
-        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

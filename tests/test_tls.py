@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import datetime
 import json
-import shutil
+import os
 import signal
 import socket
 import ssl
@@ -23,8 +23,8 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.cli.channel import Credentials
@@ -313,60 +313,102 @@ def handshake(c: Cluster) -> tuple[str | None, dict]:
         return t.version(), t.getpeercert() or {}
 
 
-async def test_tls_1_2_is_refused_at_the_handshake_even_offering_the_one_suite_named(
-    module_cluster: Cluster,
-):
-    """The TLS 1.2 floor (`tls_floor`): with the operator's own certificate, TLS 1.3 is agreed
-    and TLS 1.2 refused; a client that offers the very suite the nodes name, with a
-    pre-shared key of its choosing, agrees on nothing either. Each node said so at start."""
+async def test_tls_1_2_and_older_are_refused_at_the_handshake(module_cluster: Cluster):
+    """The TLS 1.2 floor (`tls_floor`): every node answers a ClientHello of TLS 1.0 to 1.2
+    offering every suite with no ServerHello, while TLS 1.3 completes with a certificate of
+    the CA. Each node checked it before it opened its port, and said so."""
     op = module_cluster.dep.operator
+    files = str(op.cert), str(op.key), str(op.ca)
     for region, address in module_cluster.dep.addresses.items():
-        assert (
-            await asyncio.to_thread(
-                tls_floor.handshake, address, ssl.TLSVersion.TLSv1_3, op.cert, op.key, op.ca
-            )
-            == "TLSv1.3"
-        )
-        assert (
-            await asyncio.to_thread(
-                tls_floor.handshake, address, ssl.TLSVersion.TLSv1_2, op.cert, op.key, op.ca
-            )
-            is None
-        )
+        host, port = address.rsplit(":", 1)
+        assert await asyncio.to_thread(tls_floor.accepts_tls12, host, int(port)) is False
+        v13 = await asyncio.to_thread(tls_floor.handshake, host, int(port), ssl.TLSVersion.TLSv1_3, *files)
+        assert v13 == "TLSv1.3"
+        v12 = await asyncio.to_thread(tls_floor.handshake, host, int(port), ssl.TLSVersion.TLSv1_2, *files)
+        assert v12 is None
         node_log = module_cluster.dep.node_log(region).read_text()
-        assert f"listener {address}: TLS 1.3 agreed, TLS 1.2 refused" in node_log
-    if shutil.which("openssl") is None:  # .ci/run installs it
-        pytest.skip("no openssl command for the pre-shared-key liar")
-    address = module_cluster.dep.addresses[PRIMARY]
-    argv = ["openssl", "s_client", "-connect", address, "-tls1_2", "-cipher", tls_floor.TLS12_SUITES]
-    liar = subprocess.run(
-        [*argv, "-psk", "00112233445566778899aabbccddeeff", "-cert", str(op.cert), "-key", str(op.key)],
-        input=b"", capture_output=True, timeout=30,
-    )  # fmt: skip
-    assert liar.returncode != 0 and b"Cipher is (NONE)" in liar.stdout, liar.stdout[-2000:]
+        assert "TLS 1.2 refused at the handshake: listeners serve TLS 1.3 only" in node_log
 
 
-async def test_a_listener_whose_process_loaded_grpc_without_the_floor_is_caught(tmp_path: Path):
-    """The node checks the floor took instead of trusting it: here a listener started by this
-    test process, whose gRPC loaded before `residency.cli` pinned the cipher list (conftest
-    imports grpc first), accepts TLS 1.2, and the check refuses it."""
+def rsa_server_credentials(directory: Path) -> grpc.ServerCredentials:
+    """A certificate of another kind than `residency init`'s, as an operator's own CA might
+    issue: RSA, server authentication only."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return grpc.ssl_server_credentials([(key_pem, pem)], pem, require_client_auth=True)
+
+
+async def test_a_process_whose_grpc_loaded_without_the_floor_is_caught(tmp_path: Path):
+    """The node checks the floor took instead of trusting it. This test process loaded grpc
+    before `residency.cli` pinned the cipher list (conftest imports grpc first), so its
+    listeners accept TLS 1.2, with the deployment's certificates or an RSA one alike, and
+    `verify` refuses them."""
     d = tmp_path / "pki"
     pki.create_ca(d)
     pki.issue(d, "node", PRIMARY, "primary", d / "node", hosts=["127.0.0.1"])
     pair = [((d / "node.key").read_bytes(), (d / "node.crt").read_bytes())]
-    creds = grpc.ssl_server_credentials(pair, (d / "ca.crt").read_bytes(), require_client_auth=True)
-    server = grpc.aio.server()
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    try:
-        address, files = f"127.0.0.1:{port}", (d / "node.crt", d / "node.key", d / "ca.crt")
-        assert (
-            await asyncio.to_thread(tls_floor.handshake, address, ssl.TLSVersion.TLSv1_2, *files) == "TLSv1.2"
-        )
-        with pytest.raises(ConfigError, match=r"accepts a TLS 1\.2 client: GRPC_SSL_CIPHER_SUITES was not"):
-            await asyncio.to_thread(tls_floor.check, address, *files)
-    finally:
-        await server.stop(None)
+    ours = grpc.ssl_server_credentials(pair, (d / "ca.crt").read_bytes(), require_client_auth=True)
+    for creds in (ours, rsa_server_credentials(tmp_path)):
+        server = grpc.aio.server()
+        port = server.add_secure_port("127.0.0.1:0", creds)
+        await server.start()
+        try:
+            assert await asyncio.to_thread(tls_floor.accepts_tls12, "127.0.0.1", port) is True
+        finally:
+            await server.stop(None)
+        with pytest.raises(ConfigError, match=r"TLS 1\.2 is accepted: GRPC_SSL_CIPHER_SUITES was not"):
+            await tls_floor.verify(creds)
+
+
+def test_a_node_started_from_a_program_that_loaded_grpc_first_exits(tmp_path: Path):
+    """End to end: `serve` run from a program that imported grpc before `residency.cli` stops
+    with exit status 2 and says why, before it listens (the module cluster shows `residency
+    serve` itself starting)."""
+    paths = init_deployment(tmp_path / "dep")
+    program = "import sys, grpc; from residency.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != tls_floor.VARIABLE}  # this process pinned it
+    r = subprocess.run(
+        [sys.executable, "-c", program, "serve", "--config", str(paths[PRIMARY])],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "TLS 1.2 is accepted: GRPC_SSL_CIPHER_SUITES was not" in r.stderr
+
+
+def test_the_command_loads_grpc_only_after_pinning_the_cipher_list():
+    """What the floor hangs on: in a fresh interpreter, `residency.cli.main` (the command's
+    entry point) imports grpc only once GRPC_SSL_CIPHER_SUITES is set, whatever it imports."""
+    program = """
+import os, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc" and not seen:
+            seen.append(os.environ.get("GRPC_SSL_CIPHER_SUITES"))
+sys.meta_path.insert(0, Watch())
+import residency.cli.main
+print(seen)
+"""
+    env = {k: v for k, v in os.environ.items() if k != tls_floor.VARIABLE}
+    r = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == repr([tls_floor.TLS12_SUITES])
 
 
 def test_the_command_line_refuses_a_server_that_speaks_only_tls_1_2(module_cluster: Cluster):
@@ -379,15 +421,17 @@ def test_the_command_line_refuses_a_server_that_speaks_only_tls_1_2(module_clust
     context.set_alpn_protocols(["h2"])
     errors: list[str] = []
     with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(60)
         port = listener.getsockname()[1]
 
         def answer() -> None:
-            conn, _ = listener.accept()
-            with conn, contextlib.suppress(OSError):
-                try:
-                    context.wrap_socket(conn, server_side=True).close()
-                except ssl.SSLError as e:
-                    errors.append(str(e))
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                with conn:
+                    try:
+                        context.wrap_socket(conn, server_side=True).close()
+                    except ssl.SSLError as e:
+                        errors.append(str(e))
 
         server = threading.Thread(target=answer, daemon=True)
         server.start()
@@ -397,6 +441,6 @@ def test_the_command_line_refuses_a_server_that_speaks_only_tls_1_2(module_clust
              "--cert", str(op.cert), "--key", str(op.key), "--ca", str(op.ca), "--timeout", "5"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        server.join(30)
+        server.join(60)
     assert r.returncode != 0 and "UNAVAILABLE" in r.stderr, r.stderr
     assert errors and "NO_SHARED_CIPHER" in errors[0], errors
