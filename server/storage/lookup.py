@@ -18,6 +18,7 @@ class LookupStore(Protocol):
     """What keeping and searching blind indexes uses."""
 
     def index_clear(self, pairs: list[tuple[str, str]]) -> None: ...
+    def index_held(self, user_ids: list[str]) -> dict[tuple[str, str], set[tuple[int, bytes]]]: ...
     def index_drop_users(self, user_ids: list[str]) -> None: ...
     def index_add(self, rows: list[IndexRow]) -> None: ...
     def index_find(
@@ -33,6 +34,14 @@ class LookupRows(Database):
     def index_clear(self, pairs: list[tuple[str, str]]) -> None:
         """Removes every row, of any key version, of each (user, field)."""
         self._db.executemany("DELETE FROM lookup_index WHERE user_id = ? AND field = ?", pairs)
+
+    def index_held(self, user_ids: list[str]) -> dict[tuple[str, str], set[tuple[int, bytes]]]:
+        """Per (user, field) of `user_ids`, the (key version, HMAC) of each row kept."""
+        held: dict[tuple[str, str], set[tuple[int, bytes]]] = {}
+        sql = "SELECT user_id, field, key_version, hmac FROM lookup_index WHERE user_id IN ({marks})"
+        for u, f, version, digest in self._where_in(sql, user_ids):
+            held.setdefault((u, f), set()).add((version, bytes(digest)))
+        return held
 
     def index_drop_users(self, user_ids: list[str]) -> None:
         """Removes every row of `user_ids` (an erasure, a copy withdrawn): in the transaction
