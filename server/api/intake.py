@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from residency.server.core import codec
+from residency.server.core.lookup import forms
 from residency.server.core.schema import Schema
 from residency.v1 import common_pb2, records_pb2
 
@@ -38,8 +39,11 @@ _META = ("user_id", "version", "source", "home_region", "created_at", "updated_a
 class Checked:
     """A request's records, checked: the writes, or the violations."""
 
-    # (user_id, source, serialized Record holding only the fields, the cookie fields it gives).
-    writes: list[tuple[str, str, bytes, tuple[str, ...]]] = field(default_factory=list)
+    # (user_id, source, serialized Record holding only the fields, the cookie fields it gives,
+    # its lookup fields' normalised forms, `core.lookup.forms`, if asked for).
+    writes: list[tuple[str, str, bytes, tuple[str, ...], tuple[tuple[str, str], ...] | None]] = field(
+        default_factory=list
+    )
     # (field path, description), one per offending field.
     bad: list[tuple[str, str]] = field(default_factory=list)
     # Indices into `writes` of those with credential fields, still in plaintext: the node
@@ -56,11 +60,14 @@ class CheckedRequest:
     checked: Checked
 
 
-def check_records(schema: Schema, region: str, records: Any, path: str) -> Checked:
+def check_records(schema: Schema, region: str, records: Any, path: str, with_forms: bool = False) -> Checked:
     """Validates `records` (Record messages; their metadata fields are cleared on the way).
-    `path` names a record in a violation, with `{i}` for its index."""
+    `path` names a record in a violation, with `{i}` for its index. `with_forms`: also each
+    write's lookup forms (a bulk request's, in a helper process: measured, normalising on the
+    event loop instead of the store thread made single writes 3 to 6 % slower)."""
     out = Checked()
     credential, cookie = schema.credential_fields, schema.cookie_fields
+    lookup = schema.lookup_fields if with_forms else None
     from_value = codec.from_value
     for i, r in enumerate(records):
         fields = r.fields
@@ -84,7 +91,8 @@ def check_records(schema: Schema, region: str, records: Any, path: str) -> Check
         for meta in _META:
             r.ClearField(meta)  # what is sealed is the fields alone
         cookies = tuple(cookie.intersection(names)) if cookie else ()
-        out.writes.append((user_id, source, r.SerializeToString(), cookies))
+        found = forms(lookup, fields) if lookup is not None else None
+        out.writes.append((user_id, source, r.SerializeToString(), cookies, found))
     return out
 
 
@@ -102,7 +110,7 @@ def _readable(value: common_pb2.Value) -> Any:
 def check_request(schema: Schema, region: str, raw: bytes) -> CheckedRequest:
     """Reads and checks a serialized `PutRecordsRequest`; DecodeError if it is not one."""
     request = records_pb2.PutRecordsRequest.FromString(raw)
-    checked = check_records(schema, region, request.records, "records[{i}]")
+    checked = check_records(schema, region, request.records, "records[{i}]", with_forms=True)
     return CheckedRequest(request.context, len(request.records), checked)
 
 

@@ -39,7 +39,10 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         """The writes of checked records, or InvalidRecord with every violation."""
         if checked.bad:
             raise InvalidRecord(checked.bad)
-        return [Write(u, source, body, cookies) for u, source, body, cookies in checked.writes]
+        return [
+            Write(u, source, body, cookies, lookup=found)
+            for u, source, body, cookies, found in checked.writes
+        ]
 
     async def _hash_credentials(self, writes: list[Write], secrets: list[int]) -> None:
         """Credentials are replaced by their hash before they go anywhere."""

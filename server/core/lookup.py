@@ -4,7 +4,8 @@ and the bounds of a find. Pure; the keyed hash itself is `residency.server.keys.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import phonenumbers
 
@@ -36,6 +37,17 @@ def normalize(kind: str, value: str) -> str:
             return _NOT_DIGITS.sub("", value)
         return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return value
+
+
+def forms(kinds: Mapping[str, str], fields: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Each lookup field (`kinds`: field to normalisation) that `fields`, a record's Values,
+    gives, with its normalised form; "" when there is nothing to index (not a string value,
+    or nothing left once normalised: it would match every other such value)."""
+    return tuple(
+        (f, normalize(kind, v.string_value) if v.WhichOneof("kind") == "string_value" else "")
+        for f, kind in kinds.items()
+        if (v := fields.get(f)) is not None
+    )
 
 
 def index_input(field: str, normalized: str) -> bytes:

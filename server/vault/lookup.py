@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from typing import Any, Protocol
 
-from residency.server.core.lookup import normalize
+from residency.server.core.lookup import forms
 from residency.server.core.schema import Schema
 from residency.server.keys.keyring import Keyring
 from residency.server.storage.lookup import MARK
 from residency.server.storage.records import Row
 from residency.server.storage.roles import VaultStore
-from residency.v1 import common_pb2, records_pb2, replica_pb2
+from residency.v1 import records_pb2, replica_pb2
 
-Value = common_pb2.Value
+Forms = tuple[tuple[str, str], ...]  # (lookup field, normalised form): `core.lookup.forms`
 
 
 class Opens(Protocol):
@@ -44,23 +44,23 @@ class BlindIndex:
 
     # ---- keeping the index with the data ---------------------------------------------------
 
-    def _set(self, changes: Iterable[tuple[str, dict[str, Value | None]]]) -> None:
-        """Sets, per user, each lookup field given to its value's keyed hash under every current
-        key version (the active one, and during a rotation the one being built), or clears it
-        (None). A user changed twice (one batch) keeps the last value. Rows that already say
-        so stay as they are (most updates leave a user's e-mail and phone unchanged): one read
-        of the users' rows instead of a delete and an insert each."""
-        merged: dict[str, dict[str, Value | None]] = {}
-        for u, values in changes:
-            merged.setdefault(u, {}).update((f, v) for f, v in values.items() if f in self.fields)
-        want: dict[tuple[str, str], set[tuple[int, bytes]]] = {
-            (u, f): set() for u, values in merged.items() for f in values
+    def _set(self, changes: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> None:
+        """Sets, per user, each lookup field given to its normalised form's keyed hash under
+        every current key version (the active one, and during a rotation the one being built),
+        or clears it (form ""). A user changed twice (one batch) keeps the last form. Rows
+        that already say so stay as they are (most updates leave a user's e-mail and phone
+        unchanged): one read of the users' rows instead of a delete and an insert each."""
+        merged: dict[str, dict[str, str]] = {}
+        for u, given in changes:
+            merged.setdefault(u, {}).update((f, n) for f, n in given if f in self.fields)
+        keys = self.records.keyring.index_keys.current()
+        want = {
+            (u, f): {(k.version, k.digest(f, n)) for k in keys} if n else set()
+            for u, given in merged.items()
+            for f, n in given.items()
         }
         if not want:
             return
-        keys = self.records.keyring.index_keys.current()
-        for u, f, n in self._normalized(merged):
-            want[(u, f)] = {(k.version, k.digest(f, n)) for k in keys}
         held = self.records.store.index_held(list(merged))
         changed = [pair for pair, rows in want.items() if held.get(pair, set()) != rows]
         if not changed:
@@ -71,29 +71,19 @@ class BlindIndex:
             + [(k.version, MARK, k.fingerprint(), MARK) for k in keys]
         )
 
-    def _normalized(self, values: dict[str, dict[str, Value | None]]) -> list[tuple[str, str, str]]:
-        """(user, field, normalised value) of each string value whose normalised form is not
-        empty (an empty one would match every other value with nothing left: not indexed)."""
-        return [
-            (u, f, n)
-            for u, fields in values.items()
-            for f, v in fields.items()
-            if v is not None
-            and v.WhichOneof("kind") == "string_value"
-            and (n := normalize(self.fields[f], v.string_value))
-        ]
-
-    def written(self, writes: Iterable[tuple[str, bytes, tuple[str, ...]]]) -> None:
+    def written(
+        self, writes: Iterable[tuple[str, bytes, tuple[str, ...], tuple[tuple[str, str], ...] | None]]
+    ) -> None:
         """After a primary's writes (user, the serialized Record of the fields given, fields
-        removed): each lookup field given or removed, in write order."""
+        removed, the given lookup fields' forms if the check found them): each lookup field
+        given or removed, in write order."""
         if not self.fields:
             return
         changes = []
-        for user_id, body, remove in writes:
-            given: dict[str, Value | None] = dict.fromkeys(remove)
-            if body:
-                given |= dict(records_pb2.Record.FromString(body).fields)
-            changes.append((user_id, given))
+        for user_id, body, remove, found in writes:
+            if found is None:
+                found = forms(self.fields, records_pb2.Record.FromString(body).fields) if body else ()
+            changes.append((user_id, [*((f, "") for f in remove), *found]))
         self._set(changes)
 
     def copies_changed(self, user_ids: Iterable[str]) -> None:
@@ -122,8 +112,10 @@ class BlindIndex:
             records.open_copy(r.user_id, replica_pb2.SealedCopy.FromString(r.blob), self.fields) for r in rows
         ]
 
-    def _held(self, rec: Any) -> dict[str, Value | None]:
-        return {f: rec.fields.get(f) for f in self.fields}
+    def _held(self, rec: Any) -> list[tuple[str, str]]:
+        """Every lookup field's form in an opened record or copy ("" for one it lacks)."""
+        given = dict(forms(self.fields, rec.fields))
+        return [(f, given.get(f, "")) for f in self.fields]
 
     # ---- a rotation's rebuild --------------------------------------------------------------
 
@@ -136,8 +128,9 @@ class BlindIndex:
         page = store.live_blobs(after_user, limit)
         key = next(k for k in self.records.keyring.index_keys.current() if k.version == version)
         opened = self._open([Row(u, 0, False, blob, 0.0) for u, blob in page])
-        held = {rec.user_id: self._held(rec) for rec in opened}
-        rows = [(version, f, key.digest(f, n), u) for u, f, n in self._normalized(held)]
+        rows = [
+            (version, f, key.digest(f, n), rec.user_id) for rec in opened for f, n in self._held(rec) if n
+        ]
         store.index_add([*rows, (version, MARK, key.fingerprint(), MARK)])
         return (page[-1][0] if len(page) == limit else ""), len(page)
 

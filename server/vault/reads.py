@@ -26,6 +26,9 @@ class Write:
     # False for a rewrite that changes what may be sent, not the data: the record keeps its
     # age, so retention still counts from the last real write.
     touch: bool = True
+    # The lookup fields `body` gives and their normalised forms (`core.lookup.forms`), as the
+    # check found them (a bulk request's in a helper process); None: the index reads `body`.
+    lookup: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(slots=True)

@@ -113,7 +113,7 @@ class Records:
         for u in new_key_ids:
             self.keyring.data_keys.put(u, keys[u])
         self.store.upsert([Row(u, v, False, blob, age) for u, v, blob, age in sealed])
-        self.index.written((w.user_id, w.body, w.remove) for w in writes)
+        self.index.written((w.user_id, w.body, w.remove, w.lookup) for w in writes)
         if self.outbox:
             self.store.outbox_append([(u, v) for u, v, _, _ in sealed])
         return versions
