@@ -160,3 +160,46 @@ async def test_a_rules_change_and_a_key_shred_through_one_front_end_hold_at_the_
 
     await eventually(b_refuses, "the other front end opens nothing under the shredded key", deadline=1.0)
     assert time.monotonic() - shredded < 1.0
+
+
+async def test_an_index_key_rotation_through_one_front_end_holds_at_the_other(idle_cluster: Cluster):
+    """Front ends share the region's `index.key`: a rotation made through one is the other's
+    at its next write or find. Otherwise the other, still on the old version, rewrites the
+    users it writes under the old version only, and the first no longer finds them."""
+    c = idle_cluster
+    b = c.add_front_end("b")
+    await c.start(PRIMARY, b)
+    fronts = {PRIMARY: c.records(PRIMARY, PRIMARY), b: c.records(b, PRIMARY)}
+    users = [f"ik-{i}" for i in range(5)]
+
+    async def put_all(front: str, name: str) -> None:
+        for u in users:
+            rec = records_pb2.Record(user_id=u, source="registration")
+            rec.fields["name"].string_value = name
+            rec.fields["email"].string_value = f"{u}@example.cn"
+            request = records_pb2.PutRecordRequest(context=ctx(PRIMARY, "essential.service"), record=rec)
+            await fronts[front].PutRecord(request, timeout=30)
+
+    async def found_by(front: str) -> list[str]:
+        out = []
+        for u in users:
+            request = records_pb2.FindRecordsRequest(
+                context=ctx(PRIMARY, "essential.service"), field="email", value=f"{u.upper()}@example.cn"
+            )
+            out += [r.record.user_id for r in (await fronts[front].FindRecords(request, timeout=30)).results]
+        return out
+
+    await put_all(b, "before")
+    assert await found_by(PRIMARY) == await found_by(b) == users
+    admin_a = c.admin(PRIMARY)
+    old = (await admin_a.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)).index_key_version
+    await admin_a.RotateIndexKey(admin_pb2.RotateIndexKeyRequest(from_version=old), timeout=30)
+
+    async def switched() -> bool:
+        s = await admin_a.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)
+        return s.index_key_version == old + 1 and not s.index_rebuild_version
+
+    await eventually(switched, "the new index key is active", deadline=120)
+    await put_all(b, "after")  # the same e-mails, through the other front end
+    assert await found_by(PRIMARY) == users
+    assert await found_by(b) == users

@@ -85,18 +85,32 @@ class _Line:
 
 
 class IndexKeys:
-    """The versions in `index.key`, opened once through the provider and kept in memory."""
+    """The versions in `index.key`, each opened once through the provider and kept in memory."""
 
     def __init__(self, region: str, directory: str | Path, provider: KeyProvider):
         self.region, self.path, self.provider = region, Path(directory) / FILE, provider
-        self._open: dict[int, IndexKey] = {}
-        # The file as last read or written: every write batch asks for the keys; only a
-        # rotation (through this object) changes which versions there are.
+        # Opened keys by (version, wrapped form): a version rewrapped, or made anew after the
+        # file was lost, is opened again.
+        self._open: dict[tuple[int, bytes], IndexKey] = {}
+        # The file as last read or written, and its stat when it was: every write batch and
+        # find asks for the keys, and reads the file again only when it changed. Another
+        # front end of the region (same keys folder, one store) may have rotated them.
         self._read: list[_Line] | None = None
+        self._seen: tuple[int, int, int] | None = None
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _lines(self) -> list[_Line]:
-        if self._read is None:
-            self._read = self._load()
+        stamp = self._stamp()
+        if self._read is None or stamp != self._seen:
+            self._read, self._seen = self._load(), stamp
+            held = {(x.version, x.wrapped) for x in self._read}
+            self._open = {k: v for k, v in self._open.items() if k in held}  # none kept past its file
         return list(self._read)
 
     def _load(self) -> list[_Line]:
@@ -122,19 +136,20 @@ class IndexKeys:
     def _write(self, lines: list[_Line]) -> None:
         text = "".join(f"{x.version} {x.state} {base64.b64encode(x.wrapped).decode()}\n" for x in lines)
         write_private(self.path, text.encode())
-        self._read = list(lines)
+        self._read, self._seen = list(lines), self._stamp()
 
     def _key(self, line: _Line) -> IndexKey:
-        key = self._open.get(line.version)
+        key = self._open.get((line.version, line.wrapped))
         if key is None:
             raw = self.provider.unwrap(line.wrapped, _context(self.region, line.version))
-            key = self._open[line.version] = IndexKey(line.version, raw)
+            key = self._open[(line.version, line.wrapped)] = IndexKey(line.version, raw)
         return key
 
     def _new_line(self, version: int, state: str) -> _Line:
         raw = os.urandom(32)
-        self._open[version] = IndexKey(version, raw)
-        return _Line(version, state, self.provider.wrap(raw, _context(self.region, version)))
+        line = _Line(version, state, self.provider.wrap(raw, _context(self.region, version)))
+        self._open[(version, line.wrapped)] = IndexKey(version, raw)
+        return line
 
     def current(self) -> list[IndexKey]:
         """The active version first, then the building one if a rotation is under way. The
@@ -172,7 +187,7 @@ class IndexKeys:
         old = next(x for x in lines if x.state == ACTIVE)
         new = next(x for x in lines if x.state == BUILDING)
         self._write([_Line(new.version, ACTIVE, new.wrapped)])
-        self._open.pop(old.version, None)
+        self._open = {k: v for k, v in self._open.items() if k[0] != old.version}
         return old.version
 
     def rewrap(self) -> None:
