@@ -83,7 +83,8 @@ class BlindIndex:
         for user_id, body, remove, found in writes:
             if found is None:
                 found = forms(self.fields, records_pb2.Record.FromString(body).fields) if body else ()
-            changes.append((user_id, [*((f, "") for f in remove), *found]))
+            # Removed last, as sealing does: a field both given and removed is gone.
+            changes.append((user_id, [*found, *((f, "") for f in remove)]))
         self._set(changes)
 
     def copies_changed(self, user_ids: Iterable[str]) -> None:
