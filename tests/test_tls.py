@@ -24,7 +24,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.cli.channel import Credentials
@@ -55,25 +55,13 @@ def crafted(ca_dir: Path, out: Path, sans: list[x509.GeneralName]) -> Credential
     ca = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-    )
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    builder = pki.builder(pki.common_name("x"), ca.subject, key.public_key(), start, 1)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     out.with_name(out.name + ".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    out.with_name(out.name + ".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    out.with_name(out.name + ".key").write_bytes(pki.key_pem(key))
     return Credentials.files(out, ca_dir / "ca.crt")
 
 
@@ -330,28 +318,18 @@ async def test_tls_1_2_and_older_are_refused_at_the_handshake(module_cluster: Cl
         assert "TLS 1.2 refused at the handshake: listeners serve TLS 1.3 only" in node_log
 
 
-def rsa_server_credentials(directory: Path) -> grpc.ServerCredentials:
+def rsa_server_credentials() -> grpc.ServerCredentials:
     """A certificate of another kind than `residency init`'s, as an operator's own CA might
-    issue: RSA, server authentication only."""
+    issue: RSA, self-signed, server authentication only."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node")])
-    now = datetime.datetime.now(datetime.UTC)
+    name, start = pki.common_name("node"), datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        pki.builder(name, name, key.public_key(), start, 1)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
     pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return grpc.ssl_server_credentials([(key_pem, pem)], pem, require_client_auth=True)
+    return grpc.ssl_server_credentials([(pki.key_pem(key), pem)], pem, require_client_auth=True)
 
 
 async def test_a_process_whose_grpc_loaded_without_the_floor_is_caught(tmp_path: Path):
@@ -364,7 +342,7 @@ async def test_a_process_whose_grpc_loaded_without_the_floor_is_caught(tmp_path:
     pki.issue(d, "node", PRIMARY, "primary", d / "node", hosts=["127.0.0.1"])
     pair = [((d / "node.key").read_bytes(), (d / "node.crt").read_bytes())]
     ours = grpc.ssl_server_credentials(pair, (d / "ca.crt").read_bytes(), require_client_auth=True)
-    for creds in (ours, rsa_server_credentials(tmp_path)):
+    for creds in (ours, rsa_server_credentials()):
         server = grpc.aio.server()
         port = server.add_secure_port("127.0.0.1:0", creds)
         await server.start()

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import (
     Criticality,
@@ -99,10 +100,31 @@ def _write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: PrivateKeyTypes) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (its file is 0600)."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def builder(
+    subject: x509.Name, issuer: x509.Name, public_key: Any, start: datetime.datetime, days: float
+) -> x509.CertificateBuilder:
+    """What every certificate here has: subject, issuer, key, a random serial, and validity
+    from `start` for `days` days; extensions are the caller's."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
+    )
+
+
+def common_name(text: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
 
 
 def create_ca(pki: Path, trust_domain: str = TRUST_DOMAIN, days: int = 3650) -> None:
@@ -112,16 +134,10 @@ def create_ca(pki: Path, trust_domain: str = TRUST_DOMAIN, days: int = 3650) -> 
     if (pki / "ca.key").exists():
         return
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} deployment CA")])
+    name = common_name(f"{trust_domain} deployment CA")
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        builder(name, name, key.public_key(), now - datetime.timedelta(minutes=5), days + 5 / 1440)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
@@ -133,7 +149,7 @@ def create_ca(pki: Path, trust_domain: str = TRUST_DOMAIN, days: int = 3650) -> 
         )
         .sign(key, hashes.SHA256())
     )
-    _write_private(pki / "ca.key", _key_pem(key))
+    _write_private(pki / "ca.key", key_pem(key))
     (pki / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -184,20 +200,14 @@ def issue(
     usage = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if role == "node" else [])
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}/{region}/{name}")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days))
+        builder(common_name(f"{role}/{region}/{name}"), ca.subject, key.public_key(), start, days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(out.with_name(out.name + ".key"), _key_pem(key))
+    _write_private(out.with_name(out.name + ".key"), key_pem(key))
     out.with_name(out.name + ".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return ident
 
