@@ -23,6 +23,8 @@ from residency.v1 import (
     disclosure_pb2,
     records_pb2,
     records_pb2_grpc,
+    translog_pb2,
+    translog_pb2_grpc,
 )
 from tests.conftest import APPROVER, COOKIES, Cluster, ctx, values
 from tests.test_access import denied, entries, permission_of, until
@@ -165,7 +167,7 @@ async def test_a_lied_location_is_logged_against_every_user_the_call_names(modul
         ),
         timeout=10,
     )
-    await denied(put)
+    assert permission_of(await denied(put)) == f"location {PRIMARY}"
     grant = consents_stub(c, location=SG).GrantConsents(
         consent_pb2.GrantConsentsRequest(
             context=ctx(PRIMARY, "essential.service"), consents=[consent(u, COOKIES) for u in users]
@@ -334,3 +336,67 @@ async def test_rules_naming_another_home_region_or_dropping_a_destination_are_re
     assert (await c.status(PRIMARY)).rules_version == before
     assert (c.dir / "rules.yaml").read_text() == text
     assert set(values(await c.get("x-1", region=PRIMARY, location=SG))) <= {"email"}
+
+
+async def test_a_location_that_is_no_region_is_a_lie_too(module_cluster: Cluster):
+    c = module_cluster
+    put = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY)).PutRecord(
+        records_pb2.PutRecordRequest(
+            context=ctx("mars-1", "essential.service"),
+            record=records_pb2.Record(user_id="nr-1", fields={"email": codec.to_value("w@example.cn")}),
+        ),
+        timeout=10,
+    )
+    e = await denied(put)
+    # The caller's words are not repeated: not to it, not in the log, which keeps them for good.
+    assert permission_of(e) == "location"
+    assert "mars-1" not in e.details() and "w@example.cn" not in e.details()
+    (lie,) = await entries(c, subject="nr-1")
+    assert (lie["kind"], lie["outcome"], lie["destination_region"]) == ("remote_read", "denied", PRIMARY)
+    assert "mars-1" not in json.dumps(lie)
+    with pytest.raises(grpc.aio.AioRpcError) as nf:
+        await c.get("nr-1")
+    assert nf.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_consents_are_not_listed_to_a_service_abroad(module_cluster: Cluster):
+    c = module_cluster
+    await consents_stub(c).GrantConsents(
+        consent_pb2.GrantConsentsRequest(
+            context=ctx(PRIMARY, "essential.service"), consents=[consent("lc-1", COOKIES)]
+        ),
+        timeout=10,
+    )
+    abroad = consents_stub(c, location=SG).ListConsents(
+        consent_pb2.ListConsentsRequest(context=ctx("", "essential.service"), user_id="lc-1"), timeout=10
+    )
+    e = await denied(abroad)
+    assert permission_of(e) == f"consents.read in {PRIMARY}" and "web form" not in e.details()
+    (refusal,) = await entries(c, subject="lc-1", actor=f"spiffe://residency/service/{SG}/test-suite")
+    assert (refusal["kind"], refusal["outcome"]) == ("remote_read", "denied")
+    assert await standing(c, "lc-1") == {(COOKIES, "")}  # at home, listed as before
+
+
+async def test_a_wrong_role_is_refused_for_its_role_even_with_a_number_out_of_range(module_cluster: Cluster):
+    c = module_cluster
+    # A reviewer may not create grants: that it also sent an out-of-range time changes nothing.
+    request = grant_of("g-9", 60)
+    request.grant.ends_at.seconds = 10**12
+    reviewer = consent_pb2_grpc.GrantServiceStub(c.channel(PRIMARY, "reviewer"))
+    e = await denied(reviewer.CreateGrant(request, timeout=10))
+    assert permission_of(e) == "grants.write"
+    (refusal,) = await entries(c, subject="g-9")
+    assert (refusal["kind"], refusal["outcome"]) == ("access", "denied")
+    # The operator, who may, is told what is wrong with the request.
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await grants_stub(c).CreateGrant(request, timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "grant.ends_at" in bad.value.details()
+
+
+async def test_a_refused_transfer_log_query_is_logged_against_the_subject_it_names(module_cluster: Cluster):
+    c = module_cluster
+    log = translog_pb2_grpc.TransferLogServiceStub(c.channel(PRIMARY, "operator"))
+    e = await denied(log.SubjectReport(translog_pb2.SubjectReportRequest(subject="sr-1"), timeout=10))
+    assert permission_of(e) == "translog.read"
+    (refusal,) = await entries(c, subject="sr-1")
+    assert (refusal["kind"], refusal["outcome"]) == ("access", "denied")

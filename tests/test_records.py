@@ -62,9 +62,8 @@ def record(user_id: str, **fields) -> records_pb2.Record:
         (record("v-1", phone="1" * 33), PRIMARY, "essential.service", "record.fields[phone]"),
         (record("bad id!", email="a@b.c"), PRIMARY, "essential.service", "record.user_id"),
         (record("v-1", email="a@b.c"), PRIMARY, "selling.everything", "context.purpose"),
-        (record("v-1", email="a@b.c"), "mars-1", "essential.service", "context.location"),
     ],
-    ids=["unknown-field", "wrong-type", "oversize", "malformed-user-id", "unknown-purpose", "unknown-region"],
+    ids=["unknown-field", "wrong-type", "oversize", "malformed-user-id", "unknown-purpose"],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field_and_writes_nothing(
     cluster: Cluster, rec, location, purpose, field

@@ -49,6 +49,20 @@ async def put_over(creds: Credentials, address: str, user: str) -> None:
         await records_pb2_grpc.RecordServiceStub(ch).PutRecord(record_request(user), timeout=5)
 
 
+def unauthenticated_on(channel: grpc.aio.Channel, said: str):
+    """A check that a health call on an open `channel` is now refused UNAUTHENTICATED, saying `said`."""
+
+    async def refused() -> bool:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED and said in e.details(), e.details()
+            return True
+        return False
+
+    return refused
+
+
 def crafted(ca_dir: Path, out: Path, sans: list[x509.GeneralName]) -> Credentials:
     """A client certificate the deployment's CA signed, with exactly `sans` (none naming a
     valid identity): what a CA misused by another tool could hand out."""
@@ -267,6 +281,121 @@ async def test_sighup_rereads_the_revocation_list_and_the_node_certificate_witho
     status = await c.status(PRIMARY)
     assert status.certificate_expires.ToDatetime(datetime.UTC) == fresh.not_valid_after_utc
     assert proc.poll() is None and c.dep.procs[PRIMARY] is proc  # never restarted
+
+
+async def test_a_certificate_that_expires_while_its_connection_is_open_is_refused_at_its_next_call(
+    module_cluster: Cluster, tmp_path: Path
+):
+    address, folder = module_cluster.dep.addresses[PRIMARY], module_cluster.dir / "pki"
+    # Valid for the next 15 seconds: the handshake and one write fit in them.
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1, seconds=-15)
+    pki.issue(folder, "service", PRIMARY, "short-lived", tmp_path / "short", days=1, not_before=start)
+    short = Credentials.files(tmp_path / "short", folder / "ca.crt")
+    async with short.channel(address) as ch:
+        stub = records_pb2_grpc.RecordServiceStub(ch)
+        await stub.PutRecord(record_request("short-1"), timeout=5)
+
+        refused_now = unauthenticated_on(ch, "expired")
+        await eventually(refused_now, "the expired certificate is refused on its open connection", 30)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.PutRecord(record_request("short-2"), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await module_cluster.get("short-1")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await module_cluster.get("short-2")
+
+
+async def test_a_certificate_whose_alternative_names_cannot_be_read_is_unauthenticated(
+    module_cluster: Cluster, tmp_path: Path
+):
+    address, folder = module_cluster.dep.addresses[PRIMARY], module_cluster.dir / "pki"
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    # A subject alternative name of a type `cryptography` does not read (an EDIPartyName).
+    edi = bytes.fromhex("3007a505a1030c0178")
+    sans = x509.UnrecognizedExtension(x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, edi)
+    cert = (
+        pki.builder(pki.common_name("x"), ca.subject, key.public_key(), start, 1)
+        .add_extension(sans, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (tmp_path / "edi.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "edi.key").write_bytes(pki.key_pem(key))
+    creds = Credentials.files(tmp_path / "edi", folder / "ca.crt")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await put_over(creds, address, "edi-1")
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "spiffe://residency/ROLE/REGION/NAME" in e.value.details()
+
+
+async def test_a_connection_made_under_a_ca_the_node_no_longer_trusts_is_refused_at_its_next_call(
+    idle_cluster: Cluster, tmp_path: Path
+):
+    c = idle_cluster
+    folder = c.dir / "pki"
+    await c.start(PRIMARY)
+    address, proc = c.dep.addresses[PRIMARY], c.dep.procs[PRIMARY]
+    old = c.dep.credentials("service", PRIMARY, "before")
+    async with old.channel(address) as kept:
+        stub = records_pb2_grpc.RecordServiceStub(kept)
+        await stub.PutRecord(record_request("ca-1"), timeout=10)
+        # The old CA's key leaked: the operator makes a new CA, reissues the node, rereads.
+        new = tmp_path / "new-ca"
+        pki.create_ca(new)
+        pki.issue(new, "node", PRIMARY, "primary", folder / PRIMARY, days=30, hosts=pki.NODE_HOSTS)
+        (folder / "ca.crt").write_bytes((new / "ca.crt").read_bytes())
+        proc.send_signal(signal.SIGHUP)
+
+        await eventually(unauthenticated_on(kept, "CA"), "the old CA's connection is refused")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.PutRecord(record_request("ca-2"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # A new connection with the old CA's certificate fails its handshake; the new CA's works.
+    before = Credentials.files(folder / f"service-{PRIMARY}-before", new / "ca.crt")
+    assert await refused(before, address) == grpc.StatusCode.UNAVAILABLE
+    pki.issue(new, "service", PRIMARY, "after", tmp_path / "after")
+    after = Credentials.files(tmp_path / "after", new / "ca.crt")
+    async with after.channel(address) as ch:
+        read = records_pb2.GetRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id="ca-1")
+        got = await records_pb2_grpc.RecordServiceStub(ch).GetRecord(read, timeout=10)
+        assert values(got) == {"email": "x@example.cn"}
+        with pytest.raises(grpc.aio.AioRpcError) as nf:
+            await records_pb2_grpc.RecordServiceStub(ch).GetRecord(
+                records_pb2.GetRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id="ca-2"),
+                timeout=10,
+            )
+        assert nf.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_replication_goes_on_after_the_primarys_node_certificate_is_renewed(idle_cluster: Cluster):
+    """Region nodes refuse a certificate that expired on a connection opened before: the
+    primary's replicator presents the renewed one from its next call on."""
+    c = idle_cluster
+    folder = c.dir / "pki"
+    lasts = datetime.timedelta(seconds=15)
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1) + lasts
+    hosts = pki.NODE_HOSTS
+    pki.issue(folder, "node", PRIMARY, "primary", folder / PRIMARY, days=1, hosts=hosts, not_before=start)
+    expires = x509.load_pem_x509_certificate((folder / f"{PRIMARY}.crt").read_bytes()).not_valid_after_utc
+    await c.start()
+    await c.put("cr-1", {"email": "cr1@example.cn", "language": "zh-CN"})
+    await c.replicated()
+    assert values(await c.held("cr-1", SG))["language"] == "zh-CN"
+    # Renewed, as cert-manager would, and reread by the node (its listener) on SIGHUP.
+    pki.issue(folder, "node", PRIMARY, "primary", folder / PRIMARY, days=30, hosts=pki.NODE_HOSTS)
+    c.dep.procs[PRIMARY].send_signal(signal.SIGHUP)
+
+    async def expired() -> bool:
+        return datetime.datetime.now(datetime.UTC) > expires
+
+    await eventually(expired, "the first node certificate has expired", 60)
+    await c.put("cr-2", {"email": "cr2@example.cn", "language": "zh-CN"})
+    await c.replicated()
+    assert values(await c.held("cr-2", SG))["language"] == "zh-CN"
+    status = await c.replication()
+    assert status[SG].dead_lettered == 0 and not status[SG].last_error, status[SG]
 
 
 def revocation_list(c: Cluster) -> Path:

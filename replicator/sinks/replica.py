@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -27,22 +29,34 @@ class ReplicaSink:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             grpc.StatusCode.ABORTED,
             grpc.StatusCode.CANCELLED,
+            # The node's certificate expired or was revoked, or the region's CA changed: the
+            # copies are not at fault. The next call goes with the files as they are then.
+            grpc.StatusCode.UNAUTHENTICATED,
         }
     )
 
     def __init__(self, address: str, tls: TlsConfig, timeout: float = 5.0):
         self.target = address
         self.timeout = timeout
-        self._creds = grpc.ssl_channel_credentials(
+        self._tls = tls
+        self._open()
+
+    def _stamp(self) -> tuple[tuple[int, int], ...]:
+        tls = self._tls
+        return tuple((s.st_mtime_ns, s.st_size) for s in (p.stat() for p in (tls.cert, tls.key, tls.ca)))
+
+    def _open(self) -> None:
+        """A channel with the node's certificate, key and CA as the files hold them now."""
+        tls = self._tls
+        stamp = self._stamp()
+        creds = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(),
             private_key=tls.key.read_bytes(),
             certificate_chain=tls.cert.read_bytes(),
         )
-        self._open()
-
-    def _open(self) -> None:
+        self._seen = stamp
         self._channel = grpc.aio.secure_channel(
-            self.target, self._creds, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+            self.target, creds, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
         )
         self._stub = replica_pb2_grpc.ReplicaServiceStub(self._channel)
         # ApplyCopies in its wire form: each copy as the bytes its batch's mark hashed.
@@ -52,16 +66,33 @@ class ReplicaSink:
             response_deserializer=replica_pb2.ApplyCopiesResponse.FromString,
         )
 
+    async def _reopen(self) -> None:
+        old = self._channel
+        self._open()
+        await old.close()
+
+    async def _fresh(self) -> None:
+        """A certificate renewed on disk (cert-manager, `residency certs issue`, then SIGHUP
+        for the node's own listener) is presented from the next call on, over a new
+        connection: a region node refuses an expired one even on a connection opened before.
+        A file that cannot be read now keeps the connection there is."""
+        try:
+            changed = self._stamp() != self._seen
+        except OSError:
+            return
+        if changed:
+            await self._reopen()
+
     async def _renew_after(self, e: grpc.aio.AioRpcError) -> None:
         """After a call ran out of time, the next one goes over a new connection. A link
         that went dead without a reset (a region cut off) leaves the old TCP connection
         retransmitting with backoff: kept, it carried nothing for about 25 s after a 30 s
-        cut healed (tests/faults/test_netns.py); a new one gets through at once. One call
+        cut healed (tests/faults/test_netns.py); a new one gets through at once. So after a
+        refused certificate: the new connection presents the files as they are then. One call
         at a time uses the sink (its destination's loop), so none is cut short here."""
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            old = self._channel
-            self._open()
-            await old.close()
+        if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAUTHENTICATED):
+            with contextlib.suppress(OSError):  # the files are being replaced: the next call looks again
+                await self._reopen()
 
     async def apply(
         self,
@@ -70,6 +101,7 @@ class ReplicaSink:
         high_water: replica_pb2.HighWater | None = None,
         fence: Fence | None = None,
     ) -> None:
+        await self._fresh()
         request = replica_pb2.ApplyCopiesWire(
             source_region=source_region, copies=[copy_bytes(c) for c in copies], high_water=high_water
         )
@@ -92,6 +124,7 @@ class ReplicaSink:
         return None
 
     async def region_key(self) -> bytes | None:
+        await self._fresh()
         try:
             reply = await self._stub.GetRegionKey(replica_pb2.GetRegionKeyRequest(), timeout=self.timeout)
         except grpc.aio.AioRpcError as e:

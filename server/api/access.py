@@ -21,7 +21,7 @@ from residency.server.api.context import Node
 from residency.server.api.errors import refuse, status_for
 from residency.server.api.metrics import refused
 from residency.server.api.requests import Refused
-from residency.server.api.tls import CALLER, ServerTls, peer_certificate
+from residency.server.api.tls import CALLER, ServerTls, peer_certificate, peer_chain
 from residency.server.api.wrapping import HandlerRewriter, kind_of
 from residency.server.core import translog
 from residency.server.core.errors import CallerDenied
@@ -157,7 +157,8 @@ def refusal(ident: Identity, method: str, home_region: str, region: str = "") ->
 
 def subjects(message: Message, limit: int = 100) -> list[str]:
     """The distinct user ids a request names (`user_id` and `user_ids` fields, nested
-    ones too), at most `limit`: a refusal is logged against each."""
+    ones too, and the transfer log's `subject`), at most `limit`: a refusal is logged
+    against each."""
     found: dict[str, None] = {}
     for uid in _user_ids(message):
         if USER_ID.fullmatch(uid):
@@ -169,7 +170,7 @@ def subjects(message: Message, limit: int = 100) -> list[str]:
 
 def _user_ids(message: Message) -> Iterator[str]:
     for field, value in message.ListFields():
-        if field.name == "user_id" and isinstance(value, str):
+        if field.name in ("user_id", "subject") and isinstance(value, str):
             yield value
         elif field.name == "user_ids" and field.is_repeated:
             yield from (v for v in value if isinstance(v, str))
@@ -223,14 +224,12 @@ class Gate(HandlerRewriter):
 
     async def _check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         peer = peer_certificate(context)
-        if (why := self.tls.refusal(peer)) is not None:
+        if (why := self.tls.refusal(peer, lambda: peer_chain(context))) is not None:
             refused("unauthenticated")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-        assert peer is not None and peer[1] is not None  # `refusal` said so
-        CALLER.set(peer[1])
-        if isinstance(request, Refused):
-            return  # unreadable: `RequestGuard` refuses it INVALID_ARGUMENT, whoever sent it
-        ident = peer[1]
+        assert peer is not None and peer.identity is not None  # `refusal` said so
+        ident = peer.identity
+        CALLER.set(ident)
         node = self.node
         denied = (
             refusal(ident, method, node.records.rules.home_region, node.records.region)
@@ -238,10 +237,12 @@ class Gate(HandlerRewriter):
             else refusal(ident, method, "")
         )
         if denied is None:
-            return
+            return  # a request it cannot accept, `RequestGuard` refuses INVALID_ARGUMENT next
         permission, why = denied
         if node is not None:
-            message = _parsed(method, request)
+            # A request refused for an out-of-range number still names its users; an
+            # unreadable one names nobody.
+            message = _parsed(method, request.message if isinstance(request, Refused) else request)
             users = subjects(message) if message is not None else []
             purpose = getattr(getattr(message, "context", None), "purpose", "")
             entries = denial_entries(ident.uri, ident.region, why, users or [""], purpose, node)

@@ -6,7 +6,7 @@ from typing import Any
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.api.identity import caller_of, hold_to_policy, purpose_refusal
+from residency.server.api.identity import at_home_only, caller_of, hold_to_policy, purpose_refusal
 from residency.server.core import codec
 from residency.server.core.policy.consent import ConsentChange
 from residency.server.storage.consents import ConsentRow
@@ -47,6 +47,10 @@ class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
     async def ListConsents(self, request, context):
         caller = await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
+        # A user's consents (their purposes, recipients and evidence) are personal data that
+        # no transfer rule sends: they are read where they are kept.
+        users = [request.user_id]
+        await at_home_only(self.node, caller, "consents.read", "consents are read in", users, "remote_read")
         rows = await self.node.db.call(self.node.db.store.consents, [request.user_id], True)
         # A service sees the consents for purposes it may state, no others.
         rows = [r for r in rows if not purpose_refusal(self.node, caller, r[1])]

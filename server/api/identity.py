@@ -29,9 +29,9 @@ def peer_of(context: grpc.aio.ServicerContext) -> Identity:
     if ident is not None:
         return ident
     peer = peer_certificate(context)
-    if peer is None or peer[1] is None:
+    if peer is None or peer.identity is None:
         raise CallerDenied("a client certificate naming spiffe://TRUST_DOMAIN/ROLE/REGION/NAME is required")
-    return peer[1]
+    return peer.identity
 
 
 async def caller_of(
@@ -41,25 +41,29 @@ async def caller_of(
     subjects: Sequence[str] = (),
 ) -> Caller:
     """The caller of a call that states a context: its certificate's identity and region (an
-    empty `ctx.location` means that region), and a Fides data use. A known location other than
-    the certificate's, a certificate of a region the rules do not have, and a service stating a
-    purpose that the access policy does not let it state are refused PERMISSION_DENIED and
-    logged against each user of `subjects` (the users the request names)."""
+    empty `ctx.location` means that region), and a Fides data use. A location other than the
+    certificate's (a region of the rules or not), a certificate of a region the rules do not
+    have, and a service stating a purpose that the access policy does not let it state are
+    refused PERMISSION_DENIED and logged against each user of `subjects` (the users the
+    request names)."""
     ident = peer_of(context)
     regions = node.records.rules.regions
-    bad = []
-    if ctx.location and ctx.location not in regions:
-        bad.append(("context.location", f"unknown region {ctx.location!r}; known: {sorted(regions)}"))
-    if ctx.purpose not in data_uses():
-        bad.append(("context.purpose", f"{ctx.purpose!r} is not a Fides data use"))
-    if bad:
-        raise InvalidRecord(bad)
+    # A purpose that is no data use is the caller's words: not written to the log.
+    purpose = ctx.purpose if ctx.purpose in data_uses() else ""
+    # A location other than the certificate's is a lie, whether or not it names a region (one
+    # that names none is not repeated: the log keeps what it is given for good).
     if ctx.location and ctx.location != ident.region:
-        why = f"the call states location {ctx.location}; the caller's certificate names {ident.region}"
-        await refuse_caller(node, ident.uri, ident.region, "remote_read", ctx.purpose, why, subjects)
+        stated = f"location {ctx.location}" if ctx.location in regions else "a location that is no region"
+        why = f"the call states {stated}; the caller's certificate names {ident.region}"
+        permission = f"location {ctx.location}" if ctx.location in regions else "location"
+        await refuse_caller(node, ident.uri, ident.region, "remote_read", purpose, why, subjects, permission)
     if ident.region not in regions:
         why = f"the caller's certificate names region {ident.region!r}, not one of {sorted(regions)}"
-        await refuse_caller(node, ident.uri, ident.region, "access", ctx.purpose, why, subjects)
+        await refuse_caller(
+            node, ident.uri, ident.region, "access", purpose, why, subjects, f"region {ident.region}"
+        )
+    if not purpose:
+        raise InvalidRecord([("context.purpose", f"{ctx.purpose!r} is not a Fides data use")])
     caller = Caller(ident.uri, ident.region, ctx.purpose, role=ident.role, name=ident.name)
     await hold_to_policy(node, caller, [(u, ctx.purpose) for u in subjects] or [("", ctx.purpose)])
     return caller
@@ -100,3 +104,16 @@ async def refuse_caller(
     entries = denial_entries(actor, location, why, users, purpose, node, kind)
     await node.db.write(lambda: node.db.store.log_append(entries))
     raise CallerDenied(why, permission=permission)
+
+
+async def at_home_only(
+    node: Node, caller: Caller, permission: str, what: str, users: Sequence[str], kind: str = "access"
+) -> None:
+    """Refuses, logged against each user (`kind`), a call answered only to callers located in
+    the node's region (`what` it does, up to the region's name; `permission` the permission it
+    needs there)."""
+    here = node.records.region
+    if caller.location != here:
+        why = f"{what} {here} only; the caller is in {caller.location}"
+        needed = f"{permission} in {here}"
+        await refuse_caller(node, caller.identity, caller.location, kind, caller.purpose, why, users, needed)

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.api.identity import caller_of, refuse_caller
+from residency.server.api.identity import at_home_only, caller_of
 from residency.server.api.intake import Checked, check_records
 from residency.server.api.messages import record_message, withheld_messages
 from residency.server.api.subject import export_subject
@@ -65,11 +65,7 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         """Refuses, logged against each user, a write by a caller located outside the home
         region: what it wrote it could read back from there in a rule's form (a `hash` of a
         guess, to compare with other users' hashes), and data is collected at home."""
-        if caller.location != self.records.region:
-            why = f"records are written from {self.records.region} only; the caller is in {caller.location}"
-            await refuse_caller(
-                self.node, caller.identity, caller.location, "access", caller.purpose, why, users
-            )
+        await at_home_only(self.node, caller, "records.write", "records are written from", users)
 
     @rpc
     async def PutRecord(self, request, context):
@@ -181,17 +177,8 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         spec = self.records.schema.fields.get(request.field)
         if spec is None or not spec.credential:
             raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
-        if caller.location != self.records.region:
-            why = f"credentials are verified in {self.records.region} only"
-            await refuse_caller(
-                self.node,
-                caller.identity,
-                caller.location,
-                "remote_read",
-                caller.purpose,
-                why,
-                [request.user_id],
-            )
+        what, users = "credentials are verified in", [request.user_id]
+        await at_home_only(self.node, caller, "credentials.verify", what, users, "remote_read")
         refused = self.node.verify_limits.admit(request.user_id, caller.identity, time.monotonic())
         if refused is not None:
             limit, wait = refused

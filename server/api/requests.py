@@ -33,9 +33,11 @@ _U64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """What the deserializer hands on instead of a request it cannot accept."""
+    """What the deserializer hands on instead of a request it cannot accept: why, and the
+    request as read when it could be read (a number out of range), for the users it names."""
 
     error: InvalidRecord
+    message: Any = None
 
 
 def _checks(d: Descriptor, seen: dict[str, list[FieldDescriptor]]) -> list[FieldDescriptor]:
@@ -152,7 +154,7 @@ def _reader(method: str, read: Callable[[bytes], Any]) -> Callable[[bytes], Any]
         except Exception:  # whatever the parser says, these bytes are not this request
             return unreadable
         bad = out_of_range(message)
-        return Refused(InvalidRecord(bad)) if bad else message
+        return Refused(InvalidRecord(bad), message) if bad else message
 
     return deserialize
 

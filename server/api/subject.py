@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from residency.server.api.consent import consent_message
 from residency.server.api.context import Node, check_user
 from residency.server.api.disclosure import summary_of
-from residency.server.api.identity import caller_of, refuse_caller
+from residency.server.api.identity import at_home_only, caller_of, refuse_caller
 from residency.server.api.messages import record_message, withheld_messages
 from residency.server.api.translog import (
     checkpoint_message,
@@ -49,16 +49,14 @@ async def export_subject(
     user = request.user_id
     caller = await caller_of(node, request.context, context, [user])
     check_user(user)
-    home = node.records.region
     if caller.purpose != EXPORT_PURPOSE:
         why = f"a subject export is answered for purpose {EXPORT_PURPOSE} only, not {caller.purpose}"
         permission = f"purpose {EXPORT_PURPOSE}"
         await refuse_caller(
             node, caller.identity, caller.location, "access", caller.purpose, why, [user], permission
         )
-    if caller.location != home:
-        why = f"a subject export is answered to callers located in {home} only, not {caller.location}"
-        await refuse_caller(node, caller.identity, caller.location, "access", caller.purpose, why, [user])
+    what = "a subject export is answered to callers located in"
+    await at_home_only(node, caller, "subjects.export", what, [user])
     log_ = node.transfer_log
     if log_ is None:
         raise FailedPrecondition("this node has no log signing key: an export could not be verified")

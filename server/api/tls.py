@@ -1,6 +1,8 @@
 """The node's side of mutual TLS: its server credentials (reread on SIGHUP without a restart)
 and the check every call passes first (`access.Gate` asks it): a certificate from the
-deployment's CA that names an identity of this trust domain and is not on the revocation list."""
+deployment's CA that names an identity of this trust domain, is not on the revocation list,
+has not expired since its connection began, and still chains to the CA after a reload
+changed it."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import contextvars
 import datetime
 import functools
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from residency.server.config.tls import TlsConfig
 from residency.server.core.errors import ConfigError
@@ -22,15 +25,29 @@ from residency.server.keys.pki import Identity, identity_of, read_serials
 log = logging.getLogger("residency.tls")
 
 
+class Peer(NamedTuple):
+    """What a call's client certificate says, read once per certificate (not per call)."""
+
+    serial: int
+    identity: Identity | None  # None: it names no identity of the right form, or several
+    not_after: datetime.datetime
+    cert: x509.Certificate
+
+
 @functools.lru_cache(maxsize=1024)
-def _read_peer(pem: bytes) -> tuple[int, Identity | None] | None:
-    """A peer certificate's serial and identity (parsed once per certificate, not per call);
-    None for one the TLS stack took but `cryptography` cannot read (the call is refused)."""
+def _read_peer(pem: bytes) -> Peer | None:
+    """A peer certificate as `Peer`; None for one the TLS stack took but `cryptography`
+    cannot read (the call is refused)."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
-        return cert.serial_number, identity_of(cert)
+        not_after = cert.not_valid_after_utc
     except ValueError:
         return None
+    try:
+        ident = identity_of(cert)
+    except Exception:  # an extension `cryptography` cannot read (a SAN of a type it lacks)
+        ident = None
+    return Peer(cert.serial_number, ident, not_after, cert)
 
 
 # The identity `access.Gate` established for the call being served (each call runs in its
@@ -38,10 +55,71 @@ def _read_peer(pem: bytes) -> tuple[int, Identity | None] | None:
 CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("caller", default=None)
 
 
-def peer_certificate(context: grpc.aio.ServicerContext) -> tuple[int, Identity | None] | None:
-    """The verified client certificate's serial and identity, or None without one."""
+def peer_certificate(context: grpc.aio.ServicerContext) -> Peer | None:
+    """The verified client certificate of a call, or None without one."""
     pems = (context.auth_context() or {}).get("x509_pem_cert") or []
     return _read_peer(bytes(pems[0])) if pems else None
+
+
+def peer_chain(context: grpc.aio.ServicerContext) -> list[x509.Certificate]:
+    """The certificates the client sent with its own (intermediate CAs), as far as readable."""
+    pems = (context.auth_context() or {}).get("x509_pem_cert_chain") or []
+    try:
+        return x509.load_pem_x509_certificates(bytes(pems[0])) if pems else []
+    except ValueError:
+        return []
+
+
+def _can_issue(issuer: x509.Certificate, now: datetime.datetime) -> bool:
+    """Whether `issuer` is a CA certificate, for signing certificates, valid at `now`."""
+    try:
+        if not issuer.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        if not issuer.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
+            return False
+    except x509.ExtensionNotFound:
+        pass
+    return issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate, now: datetime.datetime) -> bool:
+    try:
+        if cert.issuer != issuer.subject or not _can_issue(issuer, now):
+            return False
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # another key or algorithm, an extension that does not parse: not its issuer
+        return False
+    return True
+
+
+# A client sends its certificate and a few intermediates; more are not looked at.
+MAX_CHAIN = 10
+
+
+def chains_to(cert: x509.Certificate, chain: list[x509.Certificate], anchors: list[x509.Certificate]) -> bool:
+    """Whether `cert` was issued by one of `anchors`, directly or through CA certificates of
+    `chain` (the client's intermediates), each valid now and signed by the next: every path
+    is tried, each certificate at most once."""
+    now = datetime.datetime.now(datetime.UTC)
+    pool = chain[:MAX_CHAIN]
+    tried: set[int] = set()
+
+    def reaches(c: x509.Certificate, depth: int) -> bool:
+        if any(_issued_by(c, ca, now) for ca in anchors):
+            return True
+        if depth == 0:
+            return False
+        for i, up in enumerate(pool):
+            if i not in tried and up is not c and _issued_by(c, up, now):
+                tried.add(i)
+                if reaches(up, depth - 1):
+                    return True
+        return False
+
+    return reaches(cert, 8)
 
 
 class ServerTls:
@@ -51,6 +129,13 @@ class ServerTls:
         self.config = config
         self.revoked: frozenset[int] = frozenset()
         self.expires = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+        # The CA's certificates, and how many times a reload changed them: a connection made
+        # before a change was checked against the CA of its day, so its calls are checked
+        # again (once per certificate and change, `_still_trusted`).
+        self._ca_pem = b""
+        self.anchors: list[x509.Certificate] = []
+        self.ca_changes = 0
+        self._trusted: dict[bytes, bool] = {}
         self._initial = self._load()
         self._pending: grpc.ServerCertificateConfiguration | None = None
 
@@ -70,7 +155,7 @@ class ServerTls:
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
             key = serialization.load_pem_private_key(key_pem, None)
-            x509.load_pem_x509_certificates(ca_pem)
+            anchors = x509.load_pem_x509_certificates(ca_pem)
         except ValueError as e:
             raise ConfigError(f"'tls': {c.cert}, {c.key} or {c.ca} is not PEM of the right kind: {e}") from e
         if key.public_key() != cert.public_key():
@@ -78,6 +163,9 @@ class ServerTls:
         revoked = read_serials(c.revoked) if c.revoked else frozenset()
         conf = grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=ca_pem)
         self.revoked, self.expires = revoked, cert.not_valid_after_utc
+        if ca_pem != self._ca_pem:
+            self.ca_changes += 1 if self._ca_pem else 0
+            self._ca_pem, self.anchors, self._trusted = ca_pem, anchors, {}
         self._key, self.cert_pem = key, cert_pem
         return conf
 
@@ -108,16 +196,32 @@ class ServerTls:
             "TLS reloaded: certificate valid until %s, %d serials revoked", self.expires, len(self.revoked)
         )
 
-    def refusal(self, peer: tuple[int, Identity | None] | None) -> str | None:
-        """Why a call's peer (`peer_certificate`) may not call at all, or None."""
+    def refusal(self, peer: Peer | None, chain: Callable[[], list[x509.Certificate]] = list) -> str | None:
+        """Why a call's peer (`peer_certificate`) may not call at all, or None. A connection
+        outlives its certificate and the CA of its handshake: each call checks the one's
+        validity, and, once the CA changed, that the certificate is still the CA's (`chain`:
+        the intermediate certificates the client sent, `peer_chain`)."""
         if peer is None:
             return "a client certificate from the deployment's CA is required"
-        serial, ident = peer
-        if serial in self.revoked:
-            return f"the client certificate with serial {serial:x} is revoked"
+        if peer.serial in self.revoked:
+            return f"the client certificate with serial {peer.serial:x} is revoked"
+        now = datetime.datetime.now(datetime.UTC)
+        if now > peer.not_after:  # (its start was checked at the handshake)
+            return f"the client certificate expired at {peer.not_after:%Y-%m-%d %H:%M:%S} UTC"
+        if self.ca_changes and not self._still_trusted(peer, chain):
+            return "the client certificate is not from the node's CA (it changed since the connection began)"
+        ident = peer.identity
         if ident is None or ident.trust_domain != self.config.trust_domain:
             return (
                 "the client certificate must name one identity "
                 f"spiffe://{self.config.trust_domain}/ROLE/REGION/NAME in its URI SAN"
             )
         return None
+
+    def _still_trusted(self, peer: Peer, chain: Callable[[], list[x509.Certificate]]) -> bool:
+        key = peer.cert.fingerprint(hashes.SHA256())
+        if key not in self._trusted:
+            if len(self._trusted) >= 4096:
+                self._trusted.clear()
+            self._trusted[key] = chains_to(peer.cert, chain(), self.anchors)
+        return bool(self._trusted[key])

@@ -478,7 +478,7 @@ def plan(gen: Generator, label: str, methods: Sequence[MethodDescriptor], region
         stated = getattr(request, "context", None)
         if stated is not None and not lie and rng.random() >= gen.wild:
             stated.location = rng.choice((location, ""))  # an honest caller
-        if stated is not None and stated.location in regions and stated.location != location:
+        if stated is not None and stated.location and stated.location != location:  # a region or not
             lie = lie or f"states location {stated.location}, certificate names {location}"
         data = request.SerializeToString()
     if len(data) > MAX_REQUEST_BYTES:

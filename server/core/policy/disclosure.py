@@ -201,7 +201,8 @@ def decision_refusal(
     if approver == r.requester or approver_name.casefold() == requester_name.casefold():
         return CallerDenied(
             f"disclosure request {r.id}: the approver must be someone other than the requester"
-            " (two-person rule)"
+            " (two-person rule)",
+            permission="disclosures.approve of another's request",
         )
     state = state_at(r, now)
     if state != REQUESTED:
@@ -213,7 +214,10 @@ def release_refusal(r: Request, caller: str, now: float) -> ResidencyError | Non
     """Why `caller` (an identity URI) may not receive the request's fields at `now`, or None:
     only its requester may, once, after approval and before expiry."""
     if caller != r.requester:
-        return CallerDenied(f"disclosure request {r.id} is released only to the identity that requested it")
+        return CallerDenied(
+            f"disclosure request {r.id} is released only to the identity that requested it",
+            permission="disclosures.release of its own request",
+        )
     state = state_at(r, now)
     if state == REQUESTED:
         return FailedPrecondition(
