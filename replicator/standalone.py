@@ -32,6 +32,7 @@ from residency.server.storage.postgres import PostgresStore
 from residency.server.storage.running import hold_running
 from residency.server.storage.stores import open_store
 from residency.server.storage.thread import StoreThread
+from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.records import Records
 from residency.server.vault.shared_rules import SharedRules, rules_at_start
 
@@ -65,12 +66,18 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None, metrics_li
     # Before any lease is taken: a worker that cannot serve its metrics stops holding nothing.
     stop_metrics = serve_worker_metrics(metrics_listen, replicator) if metrics_listen else None
     tasks: list[asyncio.Task] = []
+    # A key shred made through the node (or another front end) reaches this process's keys too.
+    key_events = KeyEvents(c.region, True, c.keys_dir, records, db, lambda: replicator.forget())
     try:
+        await key_events.apply()
         await replicator.start()
         tasks.append(asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules"))
+        tasks.append(asyncio.create_task(_follow_key_events(key_events), name="follow-key-events"))
         if isinstance(store, PostgresStore):  # and a change any of them applies, at once
             shared = SharedRules(c, schema, records, db, asyncio.Lock())
-            tasks.append(asyncio.create_task(listen(c.store.dsn, store.token, {"rules": shared.follow})))
+            handlers = {"rules": shared.follow, "keys": key_events.apply}
+            handlers["erasure"] = key_events.erased_elsewhere
+            tasks.append(asyncio.create_task(listen(c.store.dsn, store.token, handlers)))
         log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -90,6 +97,18 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None, metrics_li
             await db.drain()
             store.close()
             os.close(running)
+
+
+async def _follow_key_events(key_events: KeyEvents, every: float = 1.0) -> None:
+    """The node's key events (`keyring.json`), read every `every` seconds: a shred made
+    through the node stops this worker opening records within that (on PostgreSQL its notice
+    comes first); a file it cannot read is tried again."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await key_events.apply()
+        except Exception as e:
+            log.warning("key events not read: %s", e)
 
 
 async def _follow_rules(c: NodeConfig, records: Records, schema: Schema, every: float = 1.0) -> None:

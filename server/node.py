@@ -201,7 +201,8 @@ class RunningNode:
             self._shared = SharedRules(c, schema, records, self.db, self._rules_lock)
             await self.db.write(functools.partial(self._shared.share, rules.version, c.rules.read_bytes()))
         if isinstance(store, PostgresStore):  # what other front ends change, followed at once
-            handlers = {"keys": key_events.apply} | ({"rules": self._shared.follow} if self._shared else {})
+            handlers = {"keys": key_events.apply, "erasure": key_events.erased_elsewhere}
+            handlers |= {"rules": self._shared.follow} if self._shared else {}
             listening = listen(c.store.dsn, store.token, handlers)
             self._tasks.append(asyncio.create_task(listening, name="store-notices"))
         server = grpc.aio.server(

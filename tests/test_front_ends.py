@@ -80,6 +80,18 @@ async def test_two_front_ends_serve_one_store_and_an_erasure_or_withdrawal_throu
 
     await eventually(gone, "the other front end stops serving the erased user", deadline=1.0)
     assert time.monotonic() - erased_at < 1.0
+    # The user registers again, through the front end that erased them, under a new data key:
+    # the other (which wrote them first, and kept their old key) reads the new record.
+    await put(b, "fa-5", "A 5 again")
+
+    async def back() -> bool:
+        try:
+            return values(await get(PRIMARY, "fa-5"))["name"] == "A 5 again"
+        except grpc.aio.AioRpcError as e:  # the old key, kept: it opens nothing of the new
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
+            return False
+
+    await eventually(back, "the other front end reads the user back, under their new key", deadline=1.0)
 
     # A consent withdrawn through one front end: the other collects no cookie field after it.
     await c.accept_cookies("fa-9")

@@ -97,6 +97,38 @@ def test_two_processes_writing_at_once_keep_one_gap_free_log_and_outbox(postgres
         s.close()
 
 
+def test_a_store_opens_while_another_process_appends_to_its_log(postgres_server: Postgres):
+    """A front end or worker starting while another front end writes: opening checks the log's
+    last, partial tile against its entries, which the other's appends keep changing."""
+    dsn = postgres_server.dsn(postgres_server.database())
+    writer = PostgresStore(dsn)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            i = 0
+            while not done.is_set():
+                with writer.transaction():
+                    writer.log_append([replication_entry(i)])
+                i += 1
+        except BaseException as e:  # reported below, on the test's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        for _ in range(30):
+            PostgresStore(dsn).close()  # raised TileMismatch ("tiles were altered") before
+    finally:
+        done.set()
+        thread.join(60)
+    assert not errors, errors
+    size = writer.log_count()
+    assert size > 0 and writer.log_tree().size == size
+    writer.close()
+
+
 def test_tls_to_the_server_is_verified(tmp_path: Path):
     """`store.tls` checks the server's certificate against the CA and its host name: a server
     whose certificate another CA issued is refused before anything is sent."""
@@ -187,6 +219,33 @@ async def test_a_batch_the_database_gives_up_runs_again_with_its_new_keys(
     with pytest.raises(TransactionConflict):
         await db.write(lambda: write("u-2"))
     assert store.rows(["u-2"]) == {} and store.log_count() == 1
+    await db.drain()
+    store.close()
+
+
+async def test_a_serialization_failure_inside_a_write_runs_the_group_again(postgres_server: Postgres):
+    """Distributed SQL may give a transaction up at any statement, not only at COMMIT: the
+    transaction is lost then, not the write, which runs again in a new one (it used to fail
+    alone, with the database's own error, after a rollback to its savepoint)."""
+    from residency.server.storage.thread import StoreThread
+
+    store = PostgresStore(postgres_server.dsn(postgres_server.database()))
+    db = StoreThread(store)
+    db.start()
+    tries = []
+
+    def write() -> int:
+        tries.append(1)
+        store.upsert([Row("s-1", len(tries), False, b"sealed", 1.0)])
+        if len(tries) == 1:  # what CockroachDB says under contention
+            store._db.execute(
+                "DO $$ BEGIN RAISE EXCEPTION 'restart transaction' USING ERRCODE = '40001'; END $$"
+            )
+        store.log_append([replication_entry(1) | {"subject": "s-1"}])
+        return len(tries)
+
+    assert await db.write(write) == 2
+    assert store.rows(["s-1"])["s-1"].version == 2 and store.log_count() == 1
     await db.drain()
     store.close()
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -546,6 +547,62 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
             if w.poll() is None:
                 w.kill()
                 w.wait()
+        await c.close()
+
+
+async def test_a_standalone_worker_stops_opening_records_once_the_home_key_is_shredded(tmp_path: Path):
+    """A shred made through the node reaches a worker in its own process (which holds keys
+    of its own in memory): what it has not shipped yet stays home."""
+    sg = "ap-southeast-1"
+    c = Cluster(tmp_path / "deployment", replicator={"enabled": False})
+    log = c.dir / "worker.log"
+    worker = None
+    try:
+        await c.start()
+        with open(log, "ab") as out:
+            command = ["replicate", "--config", str(c.dep.configs[PRIMARY])]
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "residency.cli.main", *command],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        await c.put("k-1", {"email": "k1@example.cn", "language": "zh-CN"})
+        await c.replicated()
+        assert values(await c.held("k-1", sg))["language"] == "zh-CN"
+        cli(c, "replication", "pause", "--region", sg)
+        await c.put("k-2", {"email": "k2@example.cn", "language": "zh-CN"})
+        op = c.dep.operator
+        flags = ["--cert", str(op.cert), "--key", str(op.key), "--ca", str(op.ca)]
+        target = ["--target", c.dep.addresses[PRIMARY], "--region", PRIMARY, "--yes"]
+        shred = subprocess.run(
+            [sys.executable, "-m", "residency.cli.main", "keys", "shred", *target, *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shred.returncode == 0, shred.stderr
+
+        async def worker_knows() -> bool:
+            return "shredded" in log.read_text(errors="replace")
+
+        await eventually(worker_knows, "the worker acts on the shred")
+        cli(c, "replication", "resume", "--region", sg)
+
+        async def refused_to_open() -> bool:
+            return "shredded" in (await c.replication())[sg].last_error
+
+        await eventually(refused_to_open, "the worker's batch for ap-southeast-1 fails: the key is shredded")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await c.held("k-2", sg)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
         await c.close()
 
 

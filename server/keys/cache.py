@@ -35,3 +35,6 @@ class KeyCache:
 
     def drop(self, key: object) -> None:
         self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()

@@ -83,6 +83,7 @@ class UnitOfWork(Protocol):
 
     def transaction(self) -> AbstractContextManager[None]: ...
     def in_transaction(self) -> bool: ...
+    def failure(self, e: BaseException) -> BaseException | None: ...
     def savepoint(self) -> None: ...
     def rollback_savepoint(self) -> None: ...
     def release_savepoint(self) -> None: ...
@@ -130,6 +131,20 @@ class Database:
     def _commit(self) -> None:
         self._db.execute("COMMIT")
 
+    def _begin_snapshot(self) -> None:
+        """BEGIN of a read-only transaction whose reads all see one committed state."""
+        raise NotImplementedError
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that see the store as one moment left it, without the writers' lock: other
+        processes' commits meanwhile are not seen, and are not held up."""
+        self._begin_snapshot()
+        try:
+            yield
+        finally:
+            self._db.execute("ROLLBACK")  # it wrote nothing
+
     def _rollback(self) -> None:
         self._db.execute("ROLLBACK")
 
@@ -137,6 +152,10 @@ class Database:
         """False once the database rolled the whole transaction back by itself (disk full, an
         I/O error): no savepoint is left to roll back to."""
         raise NotImplementedError
+
+    def failure(self, e: BaseException) -> BaseException | None:
+        """The domain error `e` stands for (`_failure`), or None."""
+        return self._failure(e)
 
     def _failure(self, e: BaseException) -> BaseException | None:
         """The domain error a failed transaction's exception stands for (`StorageFull`,

@@ -97,8 +97,11 @@ class KeyringRows(Database):
     def delete_data_keys(self, user_ids: list[str]) -> None:
         """Crypto-shredding: the users' data keys are destroyed right after the current
         transaction, which erases their records, has committed (`Database._shred`), before
-        its callers are answered."""
+        its callers are answered. The other processes of a shared store forget the keys they
+        hold (`notify`): the user may come back under a new key, which theirs would not open."""
         self._shred_after_commit(user_ids)
+        if user_ids:
+            self.notify("erasure")
 
     def drop_orphan_keys(self) -> int:
         """Destroys every data key whose user has no live record (on a region node: no live

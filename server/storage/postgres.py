@@ -206,6 +206,9 @@ class PostgresDatabase(Database):
         # Delivered at COMMIT, and not at all if the transaction rolls back.
         self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{kind} {self.token}"))
 
+    def _begin_snapshot(self) -> None:
+        self._db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
     def _begin(self) -> None:
         self._db.execute("BEGIN")
         # The writers' turn (see the module's docstring); read committed, so every statement

@@ -95,6 +95,10 @@ class SqliteDatabase(Database):
     def _begin(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
 
+    def _begin_snapshot(self) -> None:
+        # WAL: a deferred transaction's first read fixes the snapshot its later reads see.
+        self._db.execute("BEGIN DEFERRED")
+
     def _commit(self) -> None:
         # With both files in WAL mode this is not atomic across them: vdbeCommit (SQLite's
         # vdbeaux.c) counts no WAL file towards a super-journal (`aMJNeeded[WAL] = 0`), so

@@ -233,6 +233,10 @@ class StoreThread(Generic[S_co]):
         except Exception as e:
             if not db.in_transaction():  # SQLite gave up the whole transaction: so does the group
                 raise
+            if isinstance(db.failure(e), TransactionConflict):
+                # A statement the database gave up for a concurrent transaction (distributed
+                # SQL): the transaction is lost, not the write, and the group runs again.
+                raise
             db.rollback_savepoint()
             return False, e
         db.release_savepoint()

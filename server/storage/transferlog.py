@@ -194,18 +194,24 @@ class TransferLogRows(Database):
         """At open: tiles built, once, for entries that have none (a store from before tiles);
         otherwise the tiles the next signed root depends on checked against what vouches for
         them, without reading the whole log: those up to the latest checkpoint against its
-        root, those after it against their entries."""
-        size = self.log_count()
-        built = self._tiled_size()
-        if built > size:
-            raise merkle.TileMismatch(
-                f"the transfer log has tiles for {built} entries but holds {size}: "
-                f"{merkle.tile_path(0, size // merkle.TILE_WIDTH)} and after were altered; "
-                "restore the store from a backup"
-            )
-        if built < size:
-            self._build_tiles(size)
-            return
+        root, those after it against their entries. The check reads one snapshot of the store:
+        another process appending meanwhile (a front end, a worker) would otherwise change the
+        last, partial tile between two of its reads (and it is not held up)."""
+        with self.snapshot():
+            size = self.log_count()
+            built = self._tiled_size()
+            if built > size:
+                raise merkle.TileMismatch(
+                    f"the transfer log has tiles for {built} entries but holds {size}: "
+                    f"{merkle.tile_path(0, size // merkle.TILE_WIDTH)} and after were altered; "
+                    "restore the store from a backup"
+                )
+            if built == size:
+                self._check_open_tiles(size)
+                return
+        self._build_tiles(size)
+
+    def _check_open_tiles(self, size: int) -> None:
         latest = self.checkpoint_latest()
         signed = min(latest[0], size) if latest else 0
         if latest and (root := _signed_root(latest[1])) is not None:

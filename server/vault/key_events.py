@@ -45,12 +45,21 @@ class KeyEvents:
         # Drops every opened (plaintext) record a replicator holds.
         self.forget = forget
 
+    async def erased_elsewhere(self) -> None:
+        """Another process of a shared store erased users: the data keys this one holds go
+        (a user may be back under a new key, which the old would not open), and so does what
+        its replicator opened."""
+        await self.db.call(self.records.keyring.data_keys.clear)
+        self.forget()
+
     def _entry(self, actor: str, reason: str) -> dict[str, Any]:
         return translog.key_event(self.region, actor, self.records.rules.version, reason)
 
     async def apply(self) -> None:
         """Logs the events not logged yet, and acts on them: a shred, a rekey (even both at
-        once, if both were made while the node was stopped)."""
+        once, if both were made while the node was stopped). A shred is acted on while the
+        events say the key is shredded, whoever logged it: another front end or the node a
+        standalone worker works for."""
         keyring, region, store = self.records.keyring, self.region, self.db.store
         cursor = f"key_events:{region}"
         events = lifecycle.read_events(self.dir)
@@ -67,8 +76,11 @@ class KeyEvents:
             log.warning("%s has a new region key; copies sealed to the shredded one are dropped", region)
 
         def write() -> None:
-            entries = [self._entry(e["actor"], f"{e['event']}: {e['detail']}") for e in events[done:]]
-            if rekeyed and not self.primary:
+            logged = store.cursor(cursor)  # another process may have logged them meanwhile
+            if logged >= len(events):
+                return
+            entries = [self._entry(e["actor"], f"{e['event']}: {e['detail']}") for e in events[logged:]]
+            if rekeyed and not self.primary and any(e["event"] == "rekeyed" for e in events[logged:]):
                 dropped = store.drop_copies()
                 entries.append(
                     self._entry(
@@ -80,4 +92,5 @@ class KeyEvents:
                 store.set_cursor(cursor, len(events))
                 store.notify("keys")  # other front ends of a shared store apply them too
 
-        await self.db.write(write)
+        if len(events) > done:  # nothing else to log: no transaction (a worker asks every second)
+            await self.db.write(write)
