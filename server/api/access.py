@@ -230,6 +230,8 @@ class Gate(HandlerRewriter):
         assert peer is not None and peer.identity is not None  # `refusal` said so
         ident = peer.identity
         CALLER.set(ident)
+        if isinstance(request, Refused) and request.message is None:
+            return  # bytes that are no request name nobody: INVALID_ARGUMENT, whoever sent them
         node = self.node
         denied = (
             refusal(ident, method, node.records.rules.home_region, node.records.region)
@@ -237,7 +239,7 @@ class Gate(HandlerRewriter):
             else refusal(ident, method, "")
         )
         if denied is None:
-            return  # a request it cannot accept, `RequestGuard` refuses INVALID_ARGUMENT next
+            return  # a number out of range: `RequestGuard` refuses it INVALID_ARGUMENT next
         permission, why = denied
         if node is not None:
             # A request refused for an out-of-range number still names its users; an
