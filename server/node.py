@@ -197,9 +197,10 @@ class RunningNode:
         self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         if c.is_primary:  # a rules file changed while stopped, or a re-projection cut short
             self._reprojection = Reprojection(self.db, node.policy, node.set_backfill, node.wake)
-            await self._reprojection.at_start("node")
             self._shared = SharedRules(c, schema, records, self.db, self._rules_lock)
-            await self.db.write(functools.partial(self._shared.share, rules.version, c.rules.read_bytes()))
+            start = functools.partial(node.policy.rules_at_start, "node")
+            text, shared = c.rules.read_bytes(), isinstance(store, PostgresStore)
+            self._reprojection.resume(await self._shared.at_start(start, text, shared))
         if isinstance(store, PostgresStore):  # what other front ends change, followed at once
             handlers = {"keys": key_events.apply, "erasure": key_events.erased_elsewhere}
             handlers |= {"rules": self._shared.follow} if self._shared else {}
@@ -278,14 +279,8 @@ class RunningNode:
             policy, store = self.node.policy, self.db.store
             shared = self._shared
             assert shared is not None
-
-            def swap() -> str:
-                prev = policy.swap_rules(new, actor)
-                shared.share(new.version, text)  # other front ends of a shared store follow
-                return prev
-
-            try:
-                prev = await self.db.write(swap)
+            try:  # other front ends of a shared store follow what `share` writes
+                prev = await policy.swap_rules(self.db, new, actor, lambda: shared.share(new.version, text))
             finally:  # after a failed swap, the saved re-projection goes on
                 state = await self.db.call(store.rules_state)
                 await self._reprojection.restart(state)

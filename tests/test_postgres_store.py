@@ -323,3 +323,36 @@ def test_keys_staged_for_a_batch_that_never_began_are_not_written_by_a_later_one
     finally:
         a.close()
         b.close()
+
+
+async def test_a_notice_whose_handler_failed_is_acted_on_again_without_another(postgres_server: Postgres):
+    """Review 17: a handler that failed once (the store busy a moment) left a front end on the
+    old rules or keys until the next notice of that kind, which may never come."""
+    import asyncio
+
+    from residency.server.storage.notices import listen
+    from tests.harness import eventually
+
+    dsn = postgres_server.dsn(postgres_server.database())
+    other = PostgresStore(dsn)  # another front end, whose commits notify
+    calls: list[int] = []
+
+    async def follow() -> None:
+        calls.append(len(calls))
+        if len(calls) == 2:  # the notice's run (the first is the one at connection)
+            raise StoreUnavailable("the store's connection dropped")
+
+    listening = asyncio.create_task(listen(dsn, "this-front-end", {"rules": follow}, retry=0.2))
+    try:
+        await eventually(lambda: _at_least(calls, 1), "the handler runs once, listening")
+        with other.transaction():
+            other.notify("rules")
+        await eventually(lambda: _at_least(calls, 3), "the failed handler runs again, with no new notice", 10)
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        other.close()
+
+
+async def _at_least(calls: list[int], n: int) -> bool:
+    return len(calls) >= n

@@ -177,3 +177,97 @@ def test_a_store_from_before_the_rules_state_takes_its_newest_entrys_rules_versi
         assert policy.rules_at_start("node") is None  # the same rules again: no change
     assert len(store.log_after(0, 10)) == 3
     store.close()
+
+
+async def test_a_rules_swap_holds_only_once_it_commits_and_a_rerun_logs_old_to_new(tmp_path, monkeypatch):
+    """Review 17: the rules were swapped in memory before their transaction committed. A swap
+    the database gave up left the node under rules nobody had logged, and run again it logged
+    `v-new -> v-new`."""
+    import pytest
+
+    from residency.server.config.rules import parse_rules
+    from residency.server.config.schema import load_schema
+    from residency.server.core.errors import TransactionConflict
+    from residency.server.deployment import EXAMPLE_SCHEMA
+    from residency.server.keys.keyring import Keyring
+    from residency.server.keys.providers.local import LocalProvider
+    from residency.server.storage.sqlite import SqliteStore
+    from residency.server.storage.thread import StoreThread
+    from residency.server.vault.policy import Policy
+    from residency.server.vault.records import Records
+
+    (tmp_path / "schema.yaml").write_text(EXAMPLE_SCHEMA)
+    schema = load_schema(tmp_path / "schema.yaml")
+    old = parse_rules(yaml.safe_load(EXAMPLE_RULES), schema, "rules.yaml", "v-old")
+    new = parse_rules(yaml.safe_load(NO_TRANSACTIONS), schema, "rules.yaml", "v-new")
+    store = SqliteStore(tmp_path / "node.db")
+    keyring = Keyring(PRIMARY, LocalProvider.create(tmp_path / "k", b"test passphrase"), tmp_path / "k")
+    policy = Policy(Records(PRIMARY, True, schema, old, keyring, store))
+    db = StoreThread(store)
+    db.start()
+    real, conflicts, shared = store._commit, [3], []
+
+    def commit() -> None:  # what distributed SQL answers under contention
+        if conflicts[0]:
+            conflicts[0] -= 1
+            raise TransactionConflict("restart transaction")
+        real()
+
+    monkeypatch.setattr(store, "_commit", commit)
+    with pytest.raises(TransactionConflict):  # three times in a row: given up
+        await policy.swap_rules(db, new, "operator", lambda: shared.append("v-new"))
+    assert policy.records.rules is old and not store.log_after(0, 10)
+    conflicts[0] = 1  # once, then through
+    assert await policy.swap_rules(db, new, "operator", lambda: shared.append("v-new")) == "v-old"
+    assert policy.records.rules is new
+    (change,) = [json.loads(e) for _, e, _ in store.log_after(0, 10)]
+    assert change["kind"] == "rules_change" and change["reason"] == "rules v-old -> v-new"
+    await db.drain()
+    store.close()
+
+
+async def test_a_front_end_starting_takes_a_change_another_applied_since_it_read_the_rules(tmp_path):
+    """Review 17: a front end that read the store's rules (v2) at start, while another applied
+    v3 before it shared its own, logged `v3 -> v2` as a change found at start and shared v2:
+    every front end went back to v2. Read, logged and shared in one transaction, it takes v3."""
+    import asyncio
+    import functools
+
+    from residency.server.config.node import load_config
+    from residency.server.config.rules import rules_from_bytes
+    from residency.server.config.schema import load_schema
+    from residency.server.deployment import init_deployment
+    from residency.server.keys.keyring import Keyring
+    from residency.server.keys.providers import open_provider
+    from residency.server.storage.rules_state import RulesState
+    from residency.server.storage.stores import open_store
+    from residency.server.storage.thread import StoreThread
+    from residency.server.vault.policy import Policy
+    from residency.server.vault.records import Records
+    from residency.server.vault.shared_rules import SharedRules
+
+    c = load_config(init_deployment(tmp_path / "deployment")[PRIMARY])
+    schema = load_schema(c.schema)
+    own = c.rules.read_bytes()
+    v2 = rules_from_bytes(own, schema, "rules.yaml")  # what this front end read at start
+    store = open_store(c)
+    records = Records(c.region, True, schema, v2, Keyring(c.region, open_provider(c.keys), c.keys_dir), store)
+    db = StoreThread(store)
+    db.start()
+    text3 = NO_TRANSACTIONS.encode()
+    v3 = rules_from_bytes(text3, schema, "the other front end's")
+
+    def the_other_applies() -> None:  # what its swap commits: the state to re-project, the text
+        store.set_rules_state(RulesState(v3.version, "", 0, 0))
+        store.set_rules_text(v3.version, text3)
+
+    await db.write(the_other_applies)
+    shared = SharedRules(c, schema, records, db, asyncio.Lock())
+    start = functools.partial(Policy(records).rules_at_start, "node")
+    state = await shared.at_start(start, own, shared=True)  # as on a store front ends share
+    assert records.rules.version == v3.version and store.rules_text() == (v3.version, text3)
+    assert c.rules.read_bytes() == text3  # its file follows, as on a notice
+    assert not [e for _, e, _ in store.log_after(0, 10) if '"rules_change"' in e]  # no change of its own
+    assert state is not None and state.version == v3.version  # the other's re-projection goes on here
+    await db.drain()
+    store.close()

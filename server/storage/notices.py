@@ -25,29 +25,42 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, 
 async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.0) -> None:
     """Runs each handler when another process notifies its kind. A notification sent while
     this process was not listening is lost, so after every (re)connection each handler runs
-    once: it reads the store's state and acts only on a difference."""
+    once: it reads the store's state and acts only on a difference. A handler that fails
+    (the store busy a moment) runs again every `retry` seconds until it succeeds, without
+    waiting for another notice."""
+    failed: set[str] = set()
+    again = asyncio.create_task(_retry_failed(handlers, failed, retry), name="store-notices-retry")
+    try:
+        while True:
+            try:
+                connect = psycopg.AsyncConnection.connect(make_conninfo(dsn, **KEEPALIVES), autocommit=True)
+                async with await connect as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    for kind, handler in handlers.items():
+                        await _run(kind, handler, failed)
+                    async for n in conn.notifies():
+                        kind, _, token = n.payload.partition(" ")
+                        if token != own_token and kind in handlers:
+                            await _run(kind, handlers[kind], failed)
+            except (psycopg.Error, OSError) as e:
+                log.warning("store notifications: %s; listening again in %.0f s", e.__class__.__name__, retry)
+            await asyncio.sleep(retry)
+    finally:
+        again.cancel()
+
+
+async def _retry_failed(handlers: Handlers, failed: set[str], every: float) -> None:
     while True:
-        try:
-            connect = psycopg.AsyncConnection.connect(make_conninfo(dsn, **KEEPALIVES), autocommit=True)
-            async with await connect as conn:
-                await conn.execute(f"LISTEN {CHANNEL}")
-                await _run_all(handlers)
-                async for n in conn.notifies():
-                    kind, _, token = n.payload.partition(" ")
-                    if token != own_token and kind in handlers:
-                        await _run(kind, handlers[kind])
-        except (psycopg.Error, OSError) as e:
-            log.warning("store notifications: %s; listening again in %.0f s", e.__class__.__name__, retry)
-        await asyncio.sleep(retry)
+        await asyncio.sleep(every)
+        for kind in sorted(failed):
+            await _run(kind, handlers[kind], failed)
 
 
-async def _run_all(handlers: Handlers) -> None:
-    for kind, handler in handlers.items():
-        await _run(kind, handler)
-
-
-async def _run(kind: str, handler: Callable[[], Awaitable[None]]) -> None:
+async def _run(kind: str, handler: Callable[[], Awaitable[None]], failed: set[str]) -> None:
     try:
         await handler()
     except Exception:
-        log.exception("acting on another process's %s change failed; the next one tries again", kind)
+        log.exception("acting on another process's %s change failed; trying again", kind)
+        failed.add(kind)
+    else:
+        failed.discard(kind)

@@ -36,10 +36,10 @@ class Reprojection:
         self.db, self.policy, self.progress, self.wake = db, policy, progress, wake
         self._task: asyncio.Task[None] | None = None
 
-    async def at_start(self, actor: str) -> None:
-        """Logs a change of the rules file made while the node was stopped and re-projects for
-        it, or resumes a re-projection a stop cut short."""
-        state = await self.db.write(functools.partial(self.policy.rules_at_start, actor))
+    def resume(self, state: RulesState | None) -> None:
+        """At start, from `state` (what `RulesChange.rules_at_start` returned: a change of the
+        rules file made while the node was stopped, or a re-projection a stop cut short), if
+        there is one to do."""
         if state is not None:
             log.info(
                 "rules %s: re-projecting from %d of %d records",

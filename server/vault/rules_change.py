@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from residency.server.core import translog
@@ -10,6 +11,7 @@ from residency.server.core.errors import InvalidRecord, NotFound
 from residency.server.core.rules import Allowed, RuleSet
 from residency.server.core.schema import data_uses
 from residency.server.storage.rules_state import RulesState
+from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
 
 
@@ -44,14 +46,29 @@ class RulesChange:
             out.append(item)
         return out
 
-    def swap_rules(self, new: RuleSet, actor: str, why: str = "") -> str:
-        """Swaps the rule set atomically and logs the change; the caller then re-projects
-        every live record (`reproject`), from the state written here in the same transaction
-        (so a restart resumes it). `why`: added to the entry's reason."""
+    async def swap_rules(
+        self, db: StoreThread[Any], new: RuleSet, actor: str, also: Callable[[], None]
+    ) -> str:
+        """Swaps the rule set and logs the change, with `also` (on the store thread, in the same
+        group transaction); returns the old version. The caller then re-projects every live
+        record (`reproject`), from the state written here (so a restart resumes it). Until
+        the transaction commits the rules are not changed: if it does not, the old ones are in
+        force again, and if the database gives it up and it runs again, its entry still says
+        old -> new."""
         old = self.records.rules
-        self.records.rules = new
-        self._log_change(old.version, new.version, actor, why)
-        return old.version
+
+        def swap() -> str:
+            self.records.rules = new
+            self._log_change(old.version, new.version, actor, "")
+            also()
+            return old.version
+
+        try:
+            return await db.write(swap)
+        except BaseException:
+            if self.records.rules is new:
+                self.records.rules = old
+            raise
 
     def _log_change(self, old: str, new: str, actor: str, why: str) -> None:
         store = self.records.store

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from residency.server.config.node import NodeConfig
 from residency.server.config.rules import rules_from_bytes
@@ -21,6 +22,7 @@ from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
 
 log = logging.getLogger("residency.node")
+T = TypeVar("T")
 
 
 def rules_refusal(c: NodeConfig, rules: RuleSet) -> str:
@@ -87,24 +89,46 @@ class SharedRules:
         self.db.store.set_rules_text(version, text)
         self.db.store.notify("rules")
 
+    def adopt(self) -> tuple[str, str, bytes] | None:
+        """In a store transaction: the store's rules swapped in, unless they are this node's;
+        (the old version, the store's version and text), or None."""
+        shared = self.db.store.rules_text()
+        if shared is None or shared[0] == self.records.rules.version:
+            return None
+        new = _shared(self.config, self.schema, *shared)
+        old, self.records.rules = self.records.rules.version, new
+        return old, *shared
+
     async def follow(self) -> None:
         """Another front end changed the rules: take the store's, unless they are ours. Read,
         compared and swapped in one store transaction, under this node's rules lock: neither
         a change of this node's own nor a batch in flight sees them half way."""
-        store = self.db.store
+        async with self.lock:
+            changed = await self.db.write(self.adopt)
+            if changed is not None:
+                await self._took(*changed)
 
-        def swap() -> tuple[str, str, bytes] | None:
-            shared = store.rules_text()
-            if shared is None or shared[0] == self.records.rules.version:
-                return None
-            new = _shared(self.config, self.schema, *shared)
-            old, self.records.rules = self.records.rules.version, new
-            return old, *shared
+    async def at_start(self, start: Callable[[], T], text: bytes, shared: bool) -> T:
+        """A primary's start, in one store transaction: on a `shared` store, the store's rules
+        if another front end applied a change since this one read them (`rules_at_start`),
+        then `start` (the change a rules file made while the node was stopped, logged), then
+        these rules shared. Apart, a change applied between the read and the share was undone
+        everywhere. (On a store of its own the node's rules file wins: what the store holds is
+        what the node itself last shared.)"""
+
+        def step() -> tuple[tuple[str, str, bytes] | None, T]:
+            adopted = self.adopt() if shared else None
+            started = start()
+            if adopted is None:
+                self.share(self.records.rules.version, text)
+            return adopted, started
 
         async with self.lock:
-            changed = await self.db.write(swap)
-            if changed is None:
-                return
-            old, version, text = changed
-            await asyncio.get_running_loop().run_in_executor(None, write_private, self.config.rules, text)
+            adopted, started = await self.db.write(step)
+            if adopted is not None:
+                await self._took(*adopted)
+        return started
+
+    async def _took(self, old: str, version: str, text: bytes) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, write_private, self.config.rules, text)
         log.info("rules %s -> %s, applied by another front end of the store", old, version)
