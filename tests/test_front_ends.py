@@ -215,3 +215,44 @@ async def test_an_index_key_rotation_through_one_front_end_holds_at_the_other(id
     await put_all(b, "after")  # the same e-mails, through the other front end
     assert await found_by(PRIMARY) == users
     assert await found_by(b) == users
+
+
+async def test_keys_rotated_and_retired_through_one_front_end_leave_every_record_the_other_writes_readable(
+    idle_cluster: Cluster,
+):
+    """The other front end made its wrapping key before the rotation, under the old version,
+    and keeps it for minutes. Were it to go on wrapping new users' data keys under it, the
+    retire right after the rotation would make those users unreadable: their writes were
+    acknowledged and lost. A rotation renews the store's wrapping-key generation instead, and
+    the other's next batch runs again under a wrapping key of the new version."""
+    c = idle_cluster
+    b = c.add_front_end("b")
+    await c.start(PRIMARY, b)
+    fronts = {PRIMARY: c.records(PRIMARY, PRIMARY), b: c.records(b, PRIMARY)}
+
+    async def put(front: str, user: str) -> None:
+        rec = records_pb2.Record(user_id=user, source="registration")
+        rec.fields["name"].string_value = f"name of {user}"
+        request = records_pb2.PutRecordRequest(context=ctx(PRIMARY, "essential.service"), record=rec)
+        await fronts[front].PutRecord(request, timeout=30)
+
+    await put(b, "kr-0")  # the other front end's wrapping key, under v1
+    admin_a = c.admin(PRIMARY)
+    rotated = await admin_a.RotateKeys(admin_pb2.RotateKeysRequest(from_version="v1"), timeout=60)
+    assert rotated.version == "v2" and rotated.data_keys_rewrapped == 1
+    await admin_a.RetireKeys(admin_pb2.RetireKeysRequest(), timeout=60)
+    users = ["kr-0"] + [f"kr-{i}" for i in range(1, 4)]
+    for u in users[1:]:  # acknowledged through the other front end, after the retire
+        await put(b, u)
+    keys = load_config(c.dep.configs[PRIMARY]).keys_dir
+    assert sorted(p.name for p in keys.glob("kek-v*.key")) == ["kek-v2.key"]
+
+    # Every record opens through front ends holding no key in memory (the other, restarted).
+    c.stop(b)
+    c.dep.start(b)
+    await c.dep.wait_serving()
+    fronts[b] = c.records(b, PRIMARY)
+    for front in (PRIMARY, b):
+        for u in users:
+            request = records_pb2.GetRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id=u)
+            assert values(await fronts[front].GetRecord(request, timeout=30))["name"] == f"name of {u}"

@@ -20,16 +20,19 @@ from residency.cli.channel import Credentials
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
+from residency.server.core.errors import FailedPrecondition
 from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment, local_keys
 from residency.server.keys import lifecycle, pki
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.providers.openbao import OpenBaoProvider
+from residency.server.storage.keyring import WrappingKeysRenewed
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.key_lifecycle import KeyLifecycle
+from residency.server.vault.new_keys import NewKeys
 from residency.server.vault.records import Records, Write
 from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2
 from tests.conftest import BAO_TOKEN, Cluster, values
@@ -230,6 +233,31 @@ async def test_config_is_refused_while_the_node_runs_and_works_on_the_stopped_no
     assert [e["reason"].split(":")[0] for e in events] == ["rotated", "rewrapped", "retired"]
 
 
+def _written(tmp_path: Path, store_class: type, users: tuple[str, ...]):
+    """A primary's config, keyring, store (of `store_class`) and records, with `users` written
+    as the node writes them (the new users' keys commit first)."""
+    c = load_config(init_deployment(tmp_path / "deployment")[PRIMARY])
+    schema = load_schema(c.schema)
+    keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir)
+    store = store_class(c.data_dir / "node.db")
+    records = Records(c.region, True, schema, load_rules(c.rules, schema), keyring, store)
+    body = records_pb2.Record()
+    body.fields["name"].string_value = "Li Wei"
+    writes = [Write(u, "registration", body.SerializeToString()) for u in users]
+    records.prepare_keys(writes)
+    with store.transaction():
+        records.put(writes)
+    return c, keyring, store, records
+
+
+def _key_acts(c, store: SqliteStore, records: Records) -> tuple[StoreThread, KeyLifecycle]:
+    """The node's store thread over `store`, started, and its key acts."""
+    db = StoreThread(store)
+    db.start()
+    events = KeyEvents(c.region, True, c.keys_dir, records, db, lambda: None)
+    return db, KeyLifecycle(events, db, open_log_provider(c.keys), c.keys.kem)
+
+
 class Interleaved(SqliteStore):
     """The store, with a user erased and registered again between a rewrap's read and its write."""
 
@@ -245,18 +273,7 @@ class Interleaved(SqliteStore):
 
 
 async def test_rewrap_swaps_a_row_only_if_it_still_holds_the_key_that_was_read(tmp_path: Path):
-    configs = init_deployment(tmp_path / "deployment")
-    c = load_config(configs[PRIMARY])
-    schema = load_schema(c.schema)
-    keyring = Keyring(c.region, open_provider(c.keys), c.keys_dir)
-    store = Interleaved(c.data_dir / "node.db")
-    records = Records(c.region, True, schema, load_rules(c.rules, schema), keyring, store)
-    body = records_pb2.Record()
-    body.fields["name"].string_value = "Li Wei"
-    writes = [Write(u, "registration", body.SerializeToString()) for u in ("a", "b", "c")]
-    records.prepare_keys(writes)  # the new users' keys commit first, as the node's write does
-    with store.transaction():
-        records.put(writes)
+    c, keyring, store, records = _written(tmp_path, Interleaved, ("a", "b", "c"))
     old_b = store.data_keys(["b"])["b"][2]
 
     def erase_and_register_again(s: SqliteStore) -> None:
@@ -269,10 +286,7 @@ async def test_rewrap_swaps_a_row_only_if_it_still_holds_the_key_that_was_read(t
 
     registered: dict[str, bytes] = {}
     store.between = erase_and_register_again
-    db = StoreThread(store)
-    db.start()
-    events = KeyEvents(c.region, True, c.keys_dir, records, db, lambda: None)
-    keys = KeyLifecycle(events, db, open_log_provider(c.keys), c.keys.kem)
+    db, keys = _key_acts(c, store, records)
     try:
         out = await keys.rewrap("spiffe://residency/operator/cn-north/operator")
     finally:
@@ -337,3 +351,105 @@ async def test_with_openbao_a_version_made_in_its_console_holds_retire_until_the
             assert values(await cluster.get(u))["name"], u
     finally:
         await cluster.close()
+
+
+def test_new_data_keys_follow_a_rotation_another_process_of_the_store_made(tmp_path: Path):
+    """Two processes of one store (SQLite: new keys in a transaction of their own), each with
+    its own wrapping key. Once the other has rotated, this one's wrapping key, made under the
+    old version, adds no data key; its next batch goes under a new one, of the new version."""
+    configs = init_deployment(tmp_path / "deployment")
+    c = load_config(configs[PRIMARY])
+    here, other = SqliteStore(c.data_dir / "node.db"), SqliteStore(c.data_dir / "node.db")
+    provider = LocalProvider(c.keys.dir, c.keys.passphrase)
+    new_keys = NewKeys(Keyring(c.region, provider, c.keys_dir), here)
+    new_keys.prepare(["u-0"])
+    _, old = new_keys.take("u-0")
+
+    other_provider = LocalProvider(c.keys.dir, c.keys.passphrase)
+    assert other_provider.rotate() == "v2"
+    with other.transaction():
+        other.renew_wrapping_keys()
+    with pytest.raises(WrappingKeysRenewed):  # what the old wrapping key would add: nothing
+        here.add_data_keys({old: b"w"}, [("u-x", old, b"k")], generation=0)
+    assert here.data_keys(["u-x"]) == {}
+
+    new_keys.prepare(["u-1"])
+    key, new = new_keys.take("u-1")
+    assert new != old
+    wk_id, wk_wrapped, wrapped = here.data_keys(["u-1"])["u-1"]
+    assert wk_id == new and provider.version_of(wk_wrapped) == "v2"
+    fresh = Keyring(c.region, other_provider, c.keys_dir)
+    assert fresh.open_stored_key("u-1", wk_id, wk_wrapped, wrapped).raw == key.raw
+    here.close()
+    other.close()
+
+
+class RotatedMeanwhile(SqliteStore):
+    """The store, with another process's rotation committed between a rewrap's read and its write."""
+
+    def data_keys_not_under(self, *args):
+        page = super().data_keys_not_under(*args)
+        if page and not getattr(self, "rotated", False):
+            self.rotated = True
+            other = SqliteStore(self._path)
+            with other.transaction():
+                other.renew_wrapping_keys()
+            other.close()
+        return page
+
+
+async def test_a_rewrap_stops_where_another_process_rotated_meanwhile_and_runs_again(tmp_path: Path):
+    """Its wrapping key belongs to the generation the other's rotation renewed: the rewrap
+    swaps nothing more and says so; run again, it rewraps every data key."""
+    c, keyring, store, records = _written(tmp_path, RotatedMeanwhile, ("a", "b", "c"))
+    before = store.data_keys(["a", "b", "c"])
+    db, keys = _key_acts(c, store, records)
+    actor = "spiffe://residency/operator/cn-north/operator"
+    try:
+        with pytest.raises(FailedPrecondition, match="rotated or retired meanwhile"):
+            await keys.rewrap(actor)
+        assert store.data_keys(["a", "b", "c"]) == before  # nothing swapped
+        out = await keys.rewrap(actor)
+    finally:
+        await db.drain()
+    assert out["data_keys_rewrapped"] == 3
+    assert all(wk != before["a"][0] for wk, _, _ in store.data_keys(["a", "b", "c"]).values())
+    store.close()
+
+
+class RotatedDuringRetire(SqliteStore):
+    """The store, with another front end's rotation (a new version, the generation renewed,
+    its rewrap not begun) right after a retire's check, which this front end's next batch of
+    new users follows before the retire."""
+
+    def data_keys_per_wrapping_key(self):
+        in_use = super().data_keys_per_wrapping_key()  # what the check goes by
+        if self.keyring.provider.newest_version() == "v2":  # the retire's, not the rotation's
+            other = SqliteStore(self._path)
+            assert self.other_provider.rotate() == "v3"
+            with other.transaction():
+                generation = other.renew_wrapping_keys()
+            other.close()
+            self.keyring.follow(generation)
+        return in_use
+
+
+async def test_a_retire_keeps_the_version_a_rotation_elsewhere_left_its_data_keys_under(tmp_path: Path):
+    """The retire checked that no data key is under a version older than v2. Meanwhile another
+    front end rotated to v3 and is about to rewrap: v2 holds every data key still, and must
+    stay. Retiring "all but the newest" as the provider sees it by then (v3) shreds it."""
+    c, keyring, store, records = _written(tmp_path, RotatedDuringRetire, ("a", "b"))
+    store.keyring, store.other_provider = keyring, LocalProvider(c.keys.dir, c.keys.passphrase)
+    db, keys = _key_acts(c, store, records)
+    actor = "spiffe://residency/operator/cn-north/operator"
+    try:
+        await keys.rotate(actor, "v1")
+        retired = await keys.retire(actor)
+    finally:
+        await db.drain()
+    assert retired["version"] == "v2"
+    assert sorted(p.name for p in c.keys.dir.glob("kek-v*.key")) == ["kek-v2.key", "kek-v3.key"]
+    fresh = Keyring(c.region, LocalProvider(c.keys.dir, c.keys.passphrase), c.keys_dir)
+    for u, (wk_id, wk_wrapped, wrapped) in store.data_keys(["a", "b"]).items():
+        fresh.open_stored_key(u, wk_id, wk_wrapped, wrapped)
+    store.close()

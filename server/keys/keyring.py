@@ -68,6 +68,8 @@ class Keyring:
         self.data_keys = KeyCache(cache_entries, cache_seconds)
         self._wrapping = KeyCache(1000, cache_seconds)
         self._active: WrappingKey | None = None
+        # The store's wrapping-key generation `_active` belongs to (None: not read yet).
+        self.generation: int | None = None
         self._region_key: RegionKey | None = None
         self._index_keys: IndexKeys | None = None
         # Set when the region's key was shredded: why every open fails.
@@ -111,6 +113,15 @@ class Keyring:
         self._active = None
         self.data_keys = KeyCache(self.cache_entries, self.cache_seconds)
         self._wrapping = KeyCache(1000, self.cache_seconds)
+
+    def follow(self, generation: int) -> None:
+        """The store's wrapping keys were renewed (a rotation or a retire, through this process
+        or another): the provider's versions are read again, and the next data key goes under a
+        fresh wrapping key of its newest version, which belongs to `generation`."""
+        if generation != self.generation:
+            self.provider.refresh()
+            self._active = None
+            self.generation = generation
 
     def active_wrapping_key(self) -> WrappingKey:
         """The wrapping key for new DEKs. A new one is asked of the provider when the last is
@@ -165,12 +176,11 @@ class Keyring:
         self._active = None
         return self.active_wrapping_key()
 
-    def old_versions(self, in_use: list[tuple[str, bytes, int]]) -> dict[str, int]:
+    def old_versions(self, in_use: list[tuple[str, bytes, int]], newest: str) -> dict[str, int]:
         """Of (wrapping key id, wrapped wrapping key, data keys under it): how many data keys
-        are under each provider version older than the newest, which a retire would make
+        are under each provider version other than `newest`, which a retire would make
         unreadable. Copies' keys under the region key (`transit:`, `hpke:`) are under none:
         rotation rewraps `region.key` itself."""
-        newest = self.provider.newest_version()
         old: dict[str, int] = {}
         for wk_id, wrapped, n in in_use:
             if wk_id.partition(":")[0] in ("transit", "hpke"):

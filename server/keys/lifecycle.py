@@ -90,15 +90,18 @@ def rewrap_page(
     ]
 
 
-def retire(region: str, provider: KeyProvider, keys_dir: Path, *, log_keys: KeyProvider) -> None:
-    """Old provider key versions stop unwrapping, the log key's own key's (`log_keys`) too.
-    `region.key` and `log.key` go under the newest version first (a rotation cut short may have
-    left one under an old version): a retire must not shred the region by accident. The caller
-    has checked that no data key is under an old version."""
+def retire(
+    region: str, provider: KeyProvider, keys_dir: Path, *, log_keys: KeyProvider, keep: str = ""
+) -> None:
+    """Provider key versions older than `keep` (default: the newest) stop unwrapping, and the
+    log key's own key's (`log_keys`) old versions too. `region.key` and `log.key` go under the
+    newest version first (a rotation cut short may have left one under an old version): a
+    retire must not shred the region by accident. The caller has checked that no data key is
+    under a version older than `keep`; a version another process made since stays."""
     if (keys_dir / "region.key").exists():
         RegionKey.rewrap(region, keys_dir, provider)
     IndexKeys(region, keys_dir, provider).rewrap()
-    provider.retire()
+    provider.retire(keep)
     if (keys_dir / LOG_KEY).exists():
         rewrap_log_key(keys_dir / LOG_KEY, log_keys)
         rewrap_hash_key(keys_dir, log_keys)

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class Database:
         self._shred_owed: set[str] = set()
         self._keys_added = False  # the next transaction commits records under new data keys
         # With `_keys_with_records`: (wrapping keys, data keys) the next transaction writes first.
-        self._staged_keys: list[tuple[dict[str, bytes], list[tuple[str, str, bytes]], bool]] = []
+        self._staged_keys: list[tuple[dict[str, bytes], list[tuple[str, str, bytes]], bool, int | None]] = []
         if crash_after not in ("", *CRASH_POINTS):
             raise ValueError(f"crash point {crash_after!r} is not one of {', '.join(CRASH_POINTS)}")
         self._crash_after = crash_after
@@ -175,6 +176,12 @@ class Database:
 
     def _migration_statements(self, migration: Migration) -> list[str]:
         return migration.statements()
+
+    def now(self) -> float:
+        """The clock leases and workers' presence are kept in (seconds since the epoch): the
+        database server's where processes on several hosts share the store, whose clocks may
+        disagree; SQLite's processes share one host."""
+        return time.time()
 
     def notify(self, kind: str) -> None:
         """Tells the other processes sharing this store that something they keep in memory

@@ -11,7 +11,14 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+from residency.server.core.errors import TransactionConflict
 from residency.server.storage.database import Database
+
+
+class WrappingKeysRenewed(TransactionConflict):
+    """A rotation or retire (through any process of the store) renewed the wrapping keys since
+    this process made the one its new data keys went under: nothing was written; the batch
+    runs again under a wrapping key of the provider's newest version."""
 
 
 class KeyStore(Protocol):
@@ -19,9 +26,16 @@ class KeyStore(Protocol):
 
     def data_keys(self, user_ids: list[str]) -> dict[str, tuple[str, bytes, bytes]]: ...
     def add_data_keys(
-        self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]], new_users_only: bool = ...
+        self,
+        wrapping_keys: dict[str, bytes],
+        rows: list[tuple[str, str, bytes]],
+        new_users_only: bool = ...,
+        generation: int | None = ...,
     ) -> None: ...
     def delete_data_keys(self, user_ids: list[str]) -> None: ...
+    def key_generation(self) -> int: ...
+
+    seen_key_generation: int | None
 
 
 class KeyringRows(Database):
@@ -61,23 +75,34 @@ class KeyringRows(Database):
         wrapping_keys: dict[str, bytes],
         rows: list[tuple[str, str, bytes]],
         new_users_only: bool = False,
+        generation: int | None = None,
     ) -> None:
         """The first step of a write under new data keys: the keys (user, wrapping key id,
         wrapped key) and the wrapping keys they went under, committed in a transaction of
         their own, outside any other (one per batch, for all its new keys). A key replaces
         the user's stored one; with `new_users_only` (a primary's new users) only where the
-        user has no live record when it is written."""
+        user has no live record when it is written. `generation`: the wrapping keys' (see
+        `key_generation`); if it is no longer current, nothing is written and
+        `WrappingKeysRenewed` is raised (by the transaction's start, when staged)."""
         if self._keys_with_records:  # written by the next transaction, first (`_began`)
-            self._staged_keys.append((wrapping_keys, rows, new_users_only))
+            self._staged_keys.append((wrapping_keys, rows, new_users_only, generation))
         else:
             with self.transaction():
-                self._put_keys(wrapping_keys, rows, new_users_only)
+                self._put_keys(wrapping_keys, rows, new_users_only, generation)
         self._keys_added = True
         self._reached("keys")
 
     def _put_keys(
-        self, wrapping_keys: dict[str, bytes], rows: list[tuple[str, str, bytes]], new_users_only: bool
+        self,
+        wrapping_keys: dict[str, bytes],
+        rows: list[tuple[str, str, bytes]],
+        new_users_only: bool,
+        generation: int | None,
     ) -> None:
+        if generation is not None and generation != self.key_generation():
+            raise WrappingKeysRenewed(
+                f"wrapping keys of generation {generation} were renewed (now {self.seen_key_generation})"
+            )
         for id, wrapped in wrapping_keys.items():
             self.put_wrapping_key(id, wrapped)
         self.put_data_keys(rows, new_users_only)
@@ -85,14 +110,16 @@ class KeyringRows(Database):
     def _began(self) -> None:
         super()._began()
         staged, self._staged_keys = self._staged_keys, []
-        for wrapping_keys, rows, new_users_only in staged:
-            self._put_keys(wrapping_keys, rows, new_users_only)
+        for wrapping_keys, rows, new_users_only, generation in staged:
+            self._put_keys(wrapping_keys, rows, new_users_only, generation)
 
     def _rolled_back(self) -> None:
         # The batch's keys go with it, whether it began or not: a retry prepares them again
         # (`StoreThread`), and no later transaction may write them over keys committed since.
         super()._rolled_back()
         self._staged_keys = []
+        # A renewal read inside it may not have committed: read the generation again.
+        self.seen_key_generation = None
 
     def delete_data_keys(self, user_ids: list[str]) -> None:
         """Crypto-shredding: the users' data keys are destroyed right after the current
@@ -125,6 +152,26 @@ class KeyringRows(Database):
         )
 
     # ---- rotation (`residency keys rotate` / `rewrap` / `retire`) -------------------------
+
+    # The generation `key_generation` last read (None: not read yet), which a process's new data
+    # keys follow without reading it before every batch: a batch made under an outdated one
+    # fails `WrappingKeysRenewed`, which reads the current one, and runs again.
+    seen_key_generation: int | None = None
+
+    def key_generation(self) -> int:
+        """How many times the wrapping keys were renewed (a rotation or a retire, through any
+        process of the store): a process's wrapping key belongs to the generation it was made
+        in, and new data keys go only under one of the current generation."""
+        row = self._db.execute("SELECT generation FROM key_generation WHERE id = 1").fetchone()
+        self.seen_key_generation = int(row[0])
+        return self.seen_key_generation
+
+    def renew_wrapping_keys(self) -> int:
+        """A new generation (after the provider's new version, or before a retire), returned:
+        from its commit on, a batch under a wrapping key made before it writes nothing and runs
+        again (writers take turns, so none is half-way through meanwhile)."""
+        self._db.execute("UPDATE key_generation SET generation = generation + 1 WHERE id = 1")
+        return self.key_generation()
 
     def swap_data_keys(self, rows: list[tuple[str, bytes, str, bytes]]) -> int:
         """Compare-and-swap: each (user, wrapped data key as read, new wrapping key, the data key

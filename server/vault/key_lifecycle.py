@@ -7,7 +7,14 @@ Every step that changes the keyring runs on the store thread, between write batc
 rotation's switch no write can still wrap a new data key under the old version (a question
 that changes nothing, such as the provider's newest version, is asked off it). A rewrap reads
 a page, rewraps it and writes it back in separate steps (writes go on in between), so each
-row is swapped only if it still holds the key that was read (`swap_data_keys`)."""
+row is swapped only if it still holds the key that was read (`swap_data_keys`).
+
+Other front ends of a shared store wrap new data keys too, each under a wrapping key of its
+own. A rotation and a retire renew the store's wrapping-key generation (`renew_wrapping_keys`)
+in a transaction of their own, after the provider's new version exists: from its commit on, a
+front end's batch under an older wrapping key writes nothing and runs again under a new one of
+the newest version. So a rotation's rewrap, which reads after that commit, finds every data key
+under an old version, and a retire's check is not outdated by the time it retires."""
 
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ class KeyringStore(KeyEventStore, Protocol):
     """What the key acts use of the node's store: its keyring rows and the log."""
 
     def put_wrapping_key(self, id: str, wrapped: bytes) -> None: ...
+    def renew_wrapping_keys(self) -> int: ...
+    def key_generation(self) -> int: ...
     def count_data_keys_not_under(self, wrapping_key: str) -> int: ...
     def data_keys_not_under(
         self, wrapping_key: str, after_user: str, limit: int
@@ -88,14 +97,12 @@ class KeyLifecycle:
                     "version is still wanted)"
                 )
 
-            def turn() -> tuple[str, WrappingKey]:
-                version = lifecycle.rotate(self.region, self.provider, self.dir, log_keys=self.log_keys)
-                return version, self.keyring.new_wrapping_key()
-
-            # One step on the store thread: no write falls between the new version and the switch.
-            version, new = await self.db.call(turn)
+            version = await self.db.call(
+                lambda: lifecycle.rotate(self.region, self.provider, self.dir, log_keys=self.log_keys)
+            )
+            new, generation = await self._renew()
             await self._record(actor, "rotated", f"new key version {version}")
-            done = await self._rewrap(new, progress)
+            done = await self._rewrap(new, generation, progress)
             await self._record(actor, "rewrapped", f"{done} data keys rewrapped under {version}")
             return {"region": self.region, "version": version, "data_keys_rewrapped": done}
 
@@ -104,14 +111,26 @@ class KeyLifecycle:
         short, before a retire)."""
         async with self._lock:
             self.keyring.check()
-            new = await self.db.call(self.keyring.new_wrapping_key)
+            generation = await self.db.call(self.db.store.key_generation)
+            new = await self.db.call(self._fresh, generation)
             version = await asyncio.to_thread(self.provider.newest_version)
-            done = await self._rewrap(new, progress)
+            done = await self._rewrap(new, generation, progress)
             under = f" under {version}" if version else ""
             await self._record(actor, "rewrapped", f"{done} data keys rewrapped{under}")
             return {"region": self.region, "version": version, "data_keys_rewrapped": done}
 
-    async def _rewrap(self, new: WrappingKey, progress: Progress | None) -> int:
+    async def _renew(self) -> tuple[WrappingKey, int]:
+        """A new wrapping-key generation, committed (every process's next batch of new data keys
+        goes under a wrapping key of the provider's newest version), and this process's new
+        wrapping key in it."""
+        generation = await self.db.write(self.db.store.renew_wrapping_keys)
+        return await self.db.call(self._fresh, generation), generation
+
+    def _fresh(self, generation: int) -> WrappingKey:
+        self.keyring.follow(generation)
+        return self.keyring.new_wrapping_key()
+
+    async def _rewrap(self, new: WrappingKey, generation: int, progress: Progress | None) -> int:
         store, keyring = self.db.store, self.keyring
         total = await self.db.call(store.count_data_keys_not_under, new.id)
         done, after = 0, ""
@@ -126,7 +145,13 @@ class KeyLifecycle:
             if not rows:
                 return done
 
-            def swap(rows: list[tuple[str, bytes, str, bytes]] = rows) -> int:
+            def swap(rows: list[tuple[str, bytes, str, bytes]] = rows, done: int = done) -> int:
+                if store.key_generation() != generation:
+                    raise FailedPrecondition(
+                        f"the keys of {self.region} were rotated or retired meanwhile (through "
+                        f"another front end?): this rewrap stopped after {done} data keys; run "
+                        "`residency keys rewrap` again"
+                    )
                 store.put_wrapping_key(new.id, new.wrapped)
                 return store.swap_data_keys(rows)
 
@@ -141,12 +166,16 @@ class KeyLifecycle:
             self.keyring.check()
             store = self.db.store
             # New data keys go under the newest version from here on, whoever made it (a version
-            # made in the key service's own console included), so none lands under an old one
-            # between this check and the retire.
-            await self.db.call(self.keyring.new_wrapping_key)
+            # made in the key service's own console included), through whichever front end, so
+            # none lands under an old one between this check and the retire.
+            await self._renew()
 
-            old = await self.db.call(lambda: self.keyring.old_versions(store.data_keys_per_wrapping_key()))
+            # The versions the check and the retire go by: one another front end's rotation makes
+            # meanwhile is newer, and stays (its rewrap may still be under way).
             newest = await asyncio.to_thread(self.provider.newest_version)
+            old = await self.db.call(
+                lambda: self.keyring.old_versions(store.data_keys_per_wrapping_key(), newest)
+            )
             if old:
                 under = ", ".join(f"{n} under {v}" for v, n in sorted(old.items()))
                 raise FailedPrecondition(
@@ -156,7 +185,9 @@ class KeyLifecycle:
                 )
             dropped = await self.db.write(store.delete_unused_wrapping_keys)
             await self.db.call(
-                lambda: lifecycle.retire(self.region, self.provider, self.dir, log_keys=self.log_keys)
+                lambda: lifecycle.retire(
+                    self.region, self.provider, self.dir, log_keys=self.log_keys, keep=newest
+                )
             )
             await self._record(actor, "retired", f"old key versions retired; {dropped} wrapping keys deleted")
             return {"region": self.region, "version": newest, "wrapping_keys_deleted": dropped}

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from residency.server.core.sealing import DataKey
 from residency.server.keys.keyring import Keyring
-from residency.server.storage.keyring import KeyStore
+from residency.server.storage.keyring import KeyStore, WrappingKeysRenewed
 from residency.server.storage.records import RecordStore
 from residency.server.storage.thread import Unprepared
 
@@ -32,23 +32,37 @@ class NewKeys:
         records, which the node destroys at start, never a record without its key. A key is
         new even if one is stored: an erased user's key whose destruction a crash interrupted
         is never used again. The provider is called only when the cached wrapping key is too
-        old; if it is down then, those users' writes fail with KeyUnavailable."""
-        self._made, self._unmade = {}, {}
+        old; if it is down then, those users' writes fail with KeyUnavailable.
+
+        The keys go under a wrapping key of the store's current generation (`key_generation`):
+        if a rotation or a retire renewed them since, the keys are made again under a new one
+        (where they are written in the records' transaction, that transaction runs again)."""
         live = self.store.live_users(users)
         new = [u for u in dict.fromkeys(users) if u not in live]
+        for attempt in (1, 2):
+            try:
+                self._make(new)
+                return
+            except WrappingKeysRenewed as e:  # this process's keyring follows, and tries again
+                if attempt == 2:
+                    self._made, self._unmade = {}, dict.fromkeys(new, e)
+            except Exception as e:  # the key service, or the keyring's disk: those writes fail
+                self._made, self._unmade = {}, dict.fromkeys(new, e)
+                return
+
+    def _make(self, new: list[str]) -> None:
+        self._made, self._unmade = {}, {}
+        seen = self.store.seen_key_generation
+        self.keyring.follow(self.store.key_generation() if seen is None else seen)
         wrapping: dict[str, bytes] = {}  # the wrapping keys the new data keys went under
         rows: list[tuple[str, str, bytes]] = []
-        try:
-            for u in new:
-                key, wk, wrapped = self.keyring.new_data_key(u)
-                wrapping[wk.id] = wk.wrapped
-                rows.append((u, wk.id, wrapped))
-                self._made[u] = (key, wk.id)
-            if rows:
-                self.store.add_data_keys(wrapping, rows, new_users_only=True)
-        except Exception as e:  # the key service, or the keyring's disk: those writes fail
-            self._made = {}
-            self._unmade = dict.fromkeys(new, e)
+        for u in new:
+            key, wk, wrapped = self.keyring.new_data_key(u)
+            wrapping[wk.id] = wk.wrapped
+            rows.append((u, wk.id, wrapped))
+            self._made[u] = (key, wk.id)
+        if rows:
+            self.store.add_data_keys(wrapping, rows, new_users_only=True, generation=self.keyring.generation)
 
     def take(self, user_id: str) -> tuple[DataKey, str]:
         """The key `prepare` made for a user without a live record, and its wrapping key id."""

@@ -45,8 +45,9 @@ class KeyProvider(Protocol):
         the service keeps every version for good, so that none is ever retired)."""
         ...
 
-    def retire(self) -> None:
-        """Old versions stop unwrapping (after everything was rewrapped)."""
+    def retire(self, keep: str = "") -> None:
+        """Versions older than `keep` (default: the newest) stop unwrapping (after everything
+        was rewrapped). A version made since the caller read `keep` stays."""
         ...
 
     def refresh(self) -> None:

@@ -97,7 +97,7 @@ class AwsKmsProvider:
     def version_of(self, wrapped: bytes) -> str:
         return ""
 
-    def retire(self) -> None:
+    def retire(self, keep: str = "") -> None:
         # KMS keeps old key material for as long as the key lives; nothing to retire.
         pass
 

@@ -145,10 +145,10 @@ class LocalProvider:
             return ""
         return f"v{struct.unpack('>I', wrapped[1:5])[0]}"
 
-    def retire(self) -> None:
-        newest = self.version
+    def retire(self, keep: str = "") -> None:
+        oldest_kept = int(keep[1:]) if keep else self.version
         for v, path in self._files().items():
-            if v < newest:
+            if v < oldest_kept:
                 shred_file(path)
                 self._keks.pop(v, None)
 

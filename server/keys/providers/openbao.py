@@ -113,9 +113,9 @@ class OpenBaoProvider:
         version = rest.partition(b":")[0]
         return version.decode() if prefix == b"vault" and version[1:].isdigit() else ""
 
-    def retire(self) -> None:
-        latest = self._req("GET", f"keys/{self.key}")["latest_version"]
-        self._req("POST", f"keys/{self.key}/config", {"min_decryption_version": latest})
+    def retire(self, keep: str = "") -> None:
+        oldest_kept = int(keep[1:]) if keep else self._req("GET", f"keys/{self.key}")["latest_version"]
+        self._req("POST", f"keys/{self.key}/config", {"min_decryption_version": oldest_kept})
 
     def refresh(self) -> None:
         pass
