@@ -58,7 +58,7 @@ class Lease:
         began = time.monotonic()
         try:
             held, paused, epoch = await db.write(
-                lambda: store.lease_take(self.region, self.owner, time.time(), self.seconds)
+                lambda: store.lease_take(self.region, self.owner, store.now(), self.seconds)
             )
         except Exception as e:  # the store is busy or failing: not holding is the safe view
             log.warning("lease on %s not renewed: %r", self.region, e)
@@ -98,7 +98,7 @@ class Lease:
             return
         store, epoch = db.store, self.epoch
         raised = await db.write(
-            lambda: store.lease_epoch_above(self.region, self.owner, epoch, e.seen, time.time())
+            lambda: store.lease_epoch_above(self.region, self.owner, epoch, e.seen, store.now())
         )
         if raised:
             log.warning(

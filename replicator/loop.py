@@ -342,7 +342,7 @@ class Replicator:
         destination, as the store has it now, lets a batch prepared meanwhile follow: not
         paused, its key neither held nor replaced, no dead letters to re-drive."""
         store = self.db.store
-        now = time.time()
+        now = store.now()
         self.leases[d.region].confirm(store, now, batch.high_water.lease_epoch)
         entries = batch.entries
         if refused:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 
 from residency.replicator.lease import Lease
@@ -97,7 +96,7 @@ class Spread:
         store, regions, ttl = db.store, list(self.leases), self.seconds
 
         def announce() -> list[tuple[str, list[str], int]]:
-            now = time.time()
+            now = store.now()
             store.worker_present(self.owner, regions, now, ttl)
             # Twice a lease ahead: room for clocks a little apart, not for rows nobody renews.
             return store.live_workers(now, now + 2 * ttl)

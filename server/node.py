@@ -166,10 +166,10 @@ class RunningNode:
             from residency.replicator.loop import Replicator
 
             # A stable owner: a node restarted after a crash takes its own leases back at once
-            # instead of waiting for them to expire (two nodes on one config cannot both run:
-            # they would share a listen address). Front ends sharing a PostgreSQL store each
-            # listen on an address of their own, and so are owners of their own.
-            owner = f"{socket.gethostname()}:serve:{c.region}:{c.listen}"
+            # instead of waiting for them to expire. Front ends sharing a PostgreSQL store each
+            # have a data_dir of their own (docs/operators.md), so they are owners of their own
+            # even on one host and one listen address (gRPC binds it with SO_REUSEPORT).
+            owner = f"{socket.gethostname()}:serve:{c.region}:{c.listen}:{c.data_dir}"
             self.replicator = Replicator(
                 records,
                 self.db,

@@ -3,14 +3,17 @@ outbox however many processes write, TLS to the server, and failures that name w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from residency.replicator.lease import Lease
 from residency.server.core import merkle, translog
 from residency.server.core.errors import ConfigError, StoreUnavailable
 from residency.server.keys.pki import create_ca, issue
@@ -18,6 +21,7 @@ from residency.server.storage.database import MIGRATIONS
 from residency.server.storage.postgres import PostgresStore, postgres_ddl
 from residency.server.storage.records import Row
 from residency.server.storage.sqlite import SqliteStore
+from residency.server.storage.thread import StoreThread
 from tests.conftest import replication_entry
 from tests.postgres import Postgres, with_ssl
 
@@ -356,3 +360,29 @@ async def test_a_notice_whose_handler_failed_is_acted_on_again_without_another(p
 
 async def _at_least(calls: list[int], n: int) -> bool:
     return len(calls) >= n
+
+
+async def test_leases_are_timed_by_the_database_clock_not_each_hosts(
+    postgres_server: Postgres, monkeypatch: pytest.MonkeyPatch
+):
+    """Review 17 (fixed): workers on two hosts whose clocks disagree by an hour. Timed by its
+    own clock, the one running ahead took the other's live lease as expired, and set expiries
+    an hour out that the other could not take over in time; timed by the database's, it waits."""
+    dsn = postgres_server.dsn(postgres_server.database())
+    threads = [StoreThread(PostgresStore(dsn)), StoreThread(PostgresStore(dsn))]
+    for t in threads:
+        t.start()
+    here, ahead = Lease("ap-southeast-1", "here", 10.0), Lease("ap-southeast-1", "ahead", 10.0)
+    try:
+        await here.renew(threads[0], asyncio.Event())
+        assert here.held and here.epoch == 1
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this host's clock, an hour ahead
+        await ahead.renew(threads[1], asyncio.Event())
+        assert not ahead.held
+        await here.renew(threads[0], asyncio.Event())
+        assert here.held and here.epoch == 1  # one unbroken hold
+    finally:
+        for t in threads:
+            await t.drain()
+            t.store.close()

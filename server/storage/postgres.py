@@ -202,6 +202,13 @@ class PostgresDatabase(Database):
         ).fetchone()
         return int(row[0]) if row else 0
 
+    def now(self) -> float:
+        # The database server's clock: every worker's lease is timed by the one clock, so a
+        # host whose clock runs ahead neither takes a live lease early nor keeps one too long.
+        row = self._db.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+        assert row is not None  # a SELECT of one value returns one row
+        return float(row[0])
+
     def notify(self, kind: str) -> None:
         # Delivered at COMMIT, and not at all if the transaction rolls back.
         self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{kind} {self.token}"))

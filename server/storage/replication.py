@@ -29,6 +29,7 @@ class LeaseStore(Protocol):
     """What a worker's leases use: one worker ships to a destination at a time, and live
     workers (their presence) share the destinations evenly."""
 
+    def now(self) -> float: ...
     def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool, int]: ...
     def lease_held(self, destination: str, owner: str, now: float, epoch: int) -> bool: ...
     def lease_release(self, destination: str, owner: str) -> None: ...
@@ -323,8 +324,10 @@ class ReplicationRows(Database):
         return cur.rowcount
 
     def replication_status(self, destinations: list[str], now: float) -> dict[str, Any]:
-        """Per destination: cursor, pending entries, lag, dead letters, pause, lease."""
+        """Per destination: cursor, pending entries, lag (by `now`, the writers' clock), dead
+        letters, pause, lease (by the store's clock, `now()`, which leases are kept in)."""
         out: dict[str, Any] = {"head": self._outbox_head(), "destinations": {}}
+        leases_now = self.now()
         for d in destinations:
             cursor = self.cursor(d)
             oldest = self._outbox_oldest_after(cursor)
@@ -347,7 +350,7 @@ class ReplicationRows(Database):
                 "last_error": state[1],
                 "copies_sent": state[2],
                 "dead_lettered": dead,
-                "lease_owner": lease[0] if lease and lease[1] > now else "",
+                "lease_owner": lease[0] if lease and lease[1] > leases_now else "",
                 "key_state": f"key shredded: {state[3]}" if state[3] else _resending(state[4], state[5]),
             }
         return out
