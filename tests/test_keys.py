@@ -263,3 +263,37 @@ def test_the_index_key_is_kept_only_wrapped_by_the_provider_and_survives_its_rot
     assert building.digest("email", "li@example.cn") != digest
     assert keys.finish_rotation() == 1 and keys.versions() == (2, 0)
     assert [k.version for k in IndexKeys("cn-north", tmp_path, provider).current()] == [2]
+
+
+def test_a_retire_keeps_the_version_named_and_never_lets_a_retired_one_decrypt_again(provider: KeyProvider):
+    """A retire keeps the version its check went by: a newer one (another front end's
+    rotation since) and that one stay. A retire that comes late, naming an older version
+    than one retired since, brings nothing back (OpenBao's min_decryption_version)."""
+    _, under_v1 = provider.new_data_key(CTX)
+    v2 = provider.rotate()
+    raw, under_v2 = provider.new_data_key(CTX)
+    v3 = provider.rotate()  # the other front end's
+    provider.retire(keep=v2)
+    assert provider.unwrap(under_v2, CTX) == raw
+    if provider.name == "aws-kms":  # KMS keeps old key material for the key's lifetime
+        return
+    with pytest.raises(KeyDestroyed):
+        provider.unwrap(under_v1, CTX)
+    provider.retire(keep=v3)
+    provider.retire(keep=v2)  # late
+    with pytest.raises(KeyDestroyed):
+        provider.unwrap(under_v2, CTX)
+
+
+def test_a_retire_counts_the_data_keys_under_older_versions_only(tmp_path: Path):
+    """A version newer than the one the retire checks by is another front end's rotation
+    since: its data keys stay readable, and are no reason to refuse. Copies' keys (under the
+    region key) are under no provider version."""
+    keyring = Keyring("cn-north", LocalProvider.create(tmp_path / "k", b"passphrase"), tmp_path)
+
+    def under(version: int) -> bytes:  # a local provider's wrapped key, as far as its header says
+        return b"L" + version.to_bytes(4, "big") + bytes(28)
+
+    in_use = [("wk-1", under(1), 3), ("wk-2", under(2), 4), ("wk-3", under(3), 5), ("hpke:k1", under(1), 9)]
+    assert keyring.old_versions(in_use, "v2") == {"v1": 3}
+    assert keyring.old_versions(in_use, "v3") == {"v1": 3, "v2": 4}

@@ -24,6 +24,7 @@ from residency.server.core.errors import FailedPrecondition
 from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment, local_keys
 from residency.server.keys import lifecycle, pki
 from residency.server.keys.keyring import Keyring
+from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.providers.openbao import OpenBaoProvider
@@ -133,7 +134,7 @@ async def test_retire_is_refused_while_a_data_key_is_under_an_old_version_until_
         await admin(cluster).RetireKeys(admin_pb2.RetireKeysRequest(), timeout=60)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     said = e.value.details()
-    assert "30 data keys of cn-north are still under old key versions (30 under v1; newest: v2)" in said
+    assert "30 data keys of cn-north are still under key versions older than v2 (30 under v1)" in said
     assert "Rewrap first (`residency keys rewrap`)" in said and "nothing was retired" in said
     assert key_state(cluster, PRIMARY) == state and not await key_events(cluster, PRIMARY)
     # The CLI says the same, and leaves it so.
@@ -426,7 +427,11 @@ class RotatedDuringRetire(SqliteStore):
         in_use = super().data_keys_per_wrapping_key()  # what the check goes by
         if self.keyring.provider.newest_version() == "v2":  # the retire's, not the rotation's
             other = SqliteStore(self._path)
-            assert self.other_provider.rotate() == "v3"
+            c = self.config  # the other front end's `residency keys rotate`, of both keys
+            other_log_keys = open_log_provider(c.keys)
+            assert (
+                lifecycle.rotate(c.region, self.other_provider, c.keys_dir, log_keys=other_log_keys) == "v3"
+            )
             with other.transaction():
                 generation = other.renew_wrapping_keys()
             other.close()
@@ -435,11 +440,13 @@ class RotatedDuringRetire(SqliteStore):
 
 
 async def test_a_retire_keeps_the_version_a_rotation_elsewhere_left_its_data_keys_under(tmp_path: Path):
-    """The retire checked that no data key is under a version older than v2. Meanwhile another
-    front end rotated to v3 and is about to rewrap: v2 holds every data key still, and must
-    stay. Retiring "all but the newest" as the provider sees it by then (v3) shreds it."""
+    """The retire read v2 as the newest and checked that no data key is under an older one.
+    Meanwhile another front end rotated to v3 and is about to rewrap: v2 holds every data key
+    still, and must stay. Retiring "all but the newest" as the provider sees it by then (v3)
+    shreds it."""
     c, keyring, store, records = _written(tmp_path, RotatedDuringRetire, ("a", "b"))
     store.keyring, store.other_provider = keyring, LocalProvider(c.keys.dir, c.keys.passphrase)
+    store.config = c
     db, keys = _key_acts(c, store, records)
     actor = "spiffe://residency/operator/cn-north/operator"
     try:
@@ -449,6 +456,7 @@ async def test_a_retire_keeps_the_version_a_rotation_elsewhere_left_its_data_key
         await db.drain()
     assert retired["version"] == "v2"
     assert sorted(p.name for p in c.keys.dir.glob("kek-v*.key")) == ["kek-v2.key", "kek-v3.key"]
+    open_log_key(c.keys_dir / "log.key", c.keys)  # the log signing key opens
     fresh = Keyring(c.region, LocalProvider(c.keys.dir, c.keys.passphrase), c.keys_dir)
     for u, (wk_id, wk_wrapped, wrapped) in store.data_keys(["a", "b"]).items():
         fresh.open_stored_key(u, wk_id, wk_wrapped, wrapped)

@@ -48,6 +48,14 @@ class WrappingKey:
             raise SealError("a stored data key does not unwrap for this user and region") from e
 
 
+def _older(version: str, than: str) -> bool:
+    """Whether provider version `version` is older than `than` (both `vN`; any other name
+    that differs counts as older: a retire must not guess in its favour)."""
+    if version[:1] == than[:1] == "v" and version[1:].isdigit() and than[1:].isdigit():
+        return int(version[1:]) < int(than[1:])
+    return version != than
+
+
 class Keyring:
     """A node's keys: its provider, its region key (opened lazily: a primary that never
     opens copies never unwraps it), and the wrapping keys of its own records' DEKs."""
@@ -178,14 +186,15 @@ class Keyring:
 
     def old_versions(self, in_use: list[tuple[str, bytes, int]], newest: str) -> dict[str, int]:
         """Of (wrapping key id, wrapped wrapping key, data keys under it): how many data keys
-        are under each provider version other than `newest`, which a retire would make
-        unreadable. Copies' keys under the region key (`transit:`, `hpke:`) are under none:
+        are under each provider version older than `newest` (`vN`), which a retire keeping
+        `newest` would make unreadable; a newer one (another front end's rotation since) is
+        kept. Copies' keys under the region key (`transit:`, `hpke:`) are under none:
         rotation rewraps `region.key` itself."""
         old: dict[str, int] = {}
         for wk_id, wrapped, n in in_use:
             if wk_id.partition(":")[0] in ("transit", "hpke"):
                 continue
             version = self.provider.version_of(wrapped)
-            if version and version != newest:
+            if version and _older(version, newest):
                 old[version] = old.get(version, 0) + n
         return old

@@ -103,9 +103,13 @@ def retire(
     IndexKeys(region, keys_dir, provider).rewrap()
     provider.retire(keep)
     if (keys_dir / LOG_KEY).exists():
+        # Likewise the log key's own key: a version another front end's rotation made since
+        # (its `log.key` may be under it already) stays.
+        log_keys.refresh()
+        log_keep = log_keys.newest_version()
         rewrap_log_key(keys_dir / LOG_KEY, log_keys)
         rewrap_hash_key(keys_dir, log_keys)
-        log_keys.retire()
+        log_keys.retire(log_keep)
 
 
 def shred(region: str, provider: KeyProvider, keys_dir: Path) -> None:

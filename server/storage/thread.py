@@ -42,7 +42,8 @@ BATCH_SECONDS = Histogram(
 CONFLICT_ATTEMPTS = 3
 CONFLICTS = Counter(
     "residency_store_conflicts_total",
-    "Group transactions the database gave up for a concurrent one, and that ran again",
+    "Group transactions given up for a concurrent one (by the database, or after another "
+    "process's key rotation), and that ran again",
 )
 # The store as the thread's holder sees it (a Protocol of `roles`); covariant, so the node's
 # StoreThread[SqliteStore] is accepted where a StoreThread[WorkerStore] is expected.

@@ -165,22 +165,26 @@ class KeyLifecycle:
         async with self._lock:
             self.keyring.check()
             store = self.db.store
-            # New data keys go under the newest version from here on, whoever made it (a version
-            # made in the key service's own console included), through whichever front end, so
-            # none lands under an old one between this check and the retire.
-            await self._renew()
 
-            # The versions the check and the retire go by: one another front end's rotation makes
-            # meanwhile is newer, and stays (its rewrap may still be under way).
-            newest = await asyncio.to_thread(self.provider.newest_version)
+            # The version the check and the retire go by, read first: one another front end's
+            # rotation makes meanwhile is newer, and stays (its rewrap may still be under way).
+            def read_newest() -> str:
+                self.provider.refresh()
+                return self.provider.newest_version()
+
+            newest = await self.db.call(read_newest)
+            # New data keys go under that version or a newer one from here on, whoever made it
+            # (a version made in the key service's own console included), through whichever
+            # front end, so none lands under an older one between this check and the retire.
+            await self._renew()
             old = await self.db.call(
                 lambda: self.keyring.old_versions(store.data_keys_per_wrapping_key(), newest)
             )
             if old:
                 under = ", ".join(f"{n} under {v}" for v, n in sorted(old.items()))
                 raise FailedPrecondition(
-                    f"{sum(old.values())} data keys of {self.region} are still under old key "
-                    f"versions ({under}; newest: {newest}): retiring would make them unreadable. "
+                    f"{sum(old.values())} data keys of {self.region} are still under key versions "
+                    f"older than {newest} ({under}): retiring would make them unreadable. "
                     "Rewrap first (`residency keys rewrap`), then retire; nothing was retired"
                 )
             dropped = await self.db.write(store.delete_unused_wrapping_keys)

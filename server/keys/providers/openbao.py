@@ -114,8 +114,11 @@ class OpenBaoProvider:
         return version.decode() if prefix == b"vault" and version[1:].isdigit() else ""
 
     def retire(self, keep: str = "") -> None:
-        oldest_kept = int(keep[1:]) if keep else self._req("GET", f"keys/{self.key}")["latest_version"]
-        self._req("POST", f"keys/{self.key}/config", {"min_decryption_version": oldest_kept})
+        key = self._req("GET", f"keys/{self.key}")
+        oldest_kept = int(keep[1:]) if keep else key["latest_version"]
+        # Never lowered: a late retire must not let versions retired since decrypt again.
+        floor = max(oldest_kept, int(key.get("min_decryption_version") or 0))
+        self._req("POST", f"keys/{self.key}/config", {"min_decryption_version": floor})
 
     def refresh(self) -> None:
         pass
