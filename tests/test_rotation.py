@@ -343,7 +343,7 @@ async def test_with_openbao_a_version_made_in_its_console_holds_retire_until_the
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.RetireKeys(admin_pb2.RetireKeysRequest(), timeout=60)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "under v2; newest: v3" in e.value.details(), e.value.details()
+        assert "older than v3 (13 under v2)" in e.value.details(), e.value.details()
         await stub.RewrapKeys(admin_pb2.RewrapKeysRequest(), timeout=60)
         assert (await stub.RetireKeys(admin_pb2.RetireKeysRequest(), timeout=60)).version == "v3"
         cluster.stop(PRIMARY)
