@@ -1,4 +1,4 @@
-"""The S3 sink: an affiliate's bucket, over asyncio HTTP (aiohttp), against any S3 endpoint.
+"""The S3 sink: an affiliate's bucket, over asyncio HTTP/1.1, against any S3 endpoint.
 
 Layout under the configured prefix (documented for the affiliate in docs/operators.md and in the
 manifest itself):
@@ -14,7 +14,8 @@ on one connection pool, bounded by the batch's lease `Fence` (no request starts 
 deadline, none outlives it), and each PUT is conditional (`_put`), so a PUT that lands late,
 after a newer lease holder replaced or deleted the object, is refused by the endpoint.
 Credentials still come from boto3's standard chain, but requests are signed here (SigV4) and
-sent with aiohttp, since boto3 spends about 2 ms of CPU per request.
+sent on the sink's own connection pool (`sinks.http`, which says why not aiohttp), since boto3
+spends about 2 ms of CPU per request.
 Tenacity in the worker does the retrying, so nothing here retries.
 """
 
@@ -34,12 +35,12 @@ from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
 from residency.replicator.lease import Fence, StandDown
+from residency.replicator.sinks.http import Pool
 from residency.replicator.sinks.manifest import OBJECT_SUFFIX, manifest
 from residency.server.keys.region import RecipientKey
 from residency.v1 import replica_pb2
 
 if TYPE_CHECKING:  # imported when first used
-    import aiohttp
     from botocore.credentials import ReadOnlyCredentials
 
 # S3 error codes that mean "later", whatever their HTTP status.
@@ -185,37 +186,27 @@ class S3Sink:
             else:
                 self._host, self._path = f"{bucket}.{self._host}", "/"
         self._origin = f"{scheme}://{self._host}"
-        # A proxy from the environment, as botocore honours one; looked up once, not by aiohttp
-        # per request (its `trust_env` re-reads the environment and ~/.netrc each time).
+        # A proxy from the environment, as botocore honours one; looked up once.
         self._proxy = (
             None if urllib.request.proxy_bypass(self._host) else urllib.request.getproxies().get(scheme)
         )
         self._timeout = timeout
         self._concurrency = concurrency
-        self._slots = asyncio.Semaphore(concurrency)  # made again with each aiohttp session
+        self._slots = asyncio.Semaphore(concurrency)  # made again with each pool
         self._conditional = conditional
         # user id -> entity tag of the object this sink last wrote for them (what the next
         # PUT names in If-Match); forgotten on a 412, a DELETE, or when the oldest of many.
         self._etags: dict[str, str] = {}
-        self._http: aiohttp.ClientSession | None = (
-            None  # made on first use: an aiohttp session belongs to a running loop
-        )
+        self._http: Pool | None = None  # made on first use: its connections belong to a running loop
 
-    def _client(self) -> aiohttp.ClientSession:
-        import aiohttp
-
+    def _client(self) -> Pool:
         if self._http is None or self._http.closed:
-            # The connector's limit, taken before a request's fence check (`_put`).
+            # At most `concurrency` requests, so connections, at once; taken before a request's
+            # fence check (`_put`). The pool's timeout bounds connecting, sending with waiting
+            # for the answer, and reading its body, as boto3's connect and read timeouts did:
+            # waiting for a turn here is not a failure.
             self._slots = asyncio.Semaphore(self._concurrency)
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._concurrency),
-                # Per request, as boto3's connect and read timeouts were: waiting for a pooled
-                # connection behind the rest of the batch is not a failure.
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._timeout, sock_read=self._timeout
-                ),
-                auto_decompress=False,
-            )
+            self._http = Pool(self._origin, proxy=self._proxy, timeout=self._timeout)
         return self._http
 
     def _frozen_credentials(self) -> ReadOnlyCredentials:
@@ -231,7 +222,7 @@ class S3Sink:
 
     async def _send(
         self,
-        http: aiohttp.ClientSession,
+        http: Pool,
         credentials: ReadOnlyCredentials,
         method: str,
         key: str,
@@ -239,17 +230,8 @@ class S3Sink:
         headers: dict[str, str],
         fence: Fence | None = None,
     ) -> Mapping[str, str]:
-        """One request; its answer's headers, case-insensitive (S3Error for an error status).
+        """One request; its answer's headers, names in lower case (S3Error for an error status).
         Under a fence, it starts only before the deadline and is abandoned at it (StandDown)."""
-        import aiohttp
-        import yarl
-
-        limits: dict[str, Any] = {}
-        if fence is not None:  # checked last thing before sending: a stalled worker stops here
-            limits["timeout"] = aiohttp.ClientTimeout(
-                total=fence.remaining(), sock_connect=self._timeout, sock_read=self._timeout
-            )
-
         path = self._path + quote(key, safe="/~")
         headers = sigv4_headers(
             method,
@@ -261,29 +243,23 @@ class S3Sink:
             self._region,
             time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         )
-        url = yarl.URL(self._origin + path, encoded=True)  # as signed: no re-quoting
+        # The fence is checked last thing before sending (a stalled worker stops there), and its
+        # deadline (monotonic, as the event loop's clock) abandons the request.
+        check = None if fence is None else fence.remaining
         try:
-            async with http.request(
-                method,
-                url,
-                data=body or None,
-                headers=headers,
-                proxy=self._proxy,
-                allow_redirects=False,
-                **limits,
-            ) as r:
-                answer = await r.read()
-                if r.status >= 300:
-                    raise S3Error.from_body(r.status, answer)
-                return r.headers
+            async with asyncio.timeout_at(None if fence is None else fence.deadline) as limit:
+                answer = await http.request(method, path, headers, body, check)
         except TimeoutError:
-            if fence is not None:
-                fence.remaining()  # StandDown if this was the batch's deadline
-            raise
+            if fence is not None and limit.expired():
+                raise StandDown(fence.lease.region) from None
+            raise  # the pool's own timeout: a slow or silent endpoint
+        if answer.status >= 300:
+            raise S3Error.from_body(answer.status, answer.body)
+        return answer.headers
 
     async def _put(
         self,
-        http: aiohttp.ClientSession,
+        http: Pool,
         credentials: ReadOnlyCredentials,
         copy: replica_pb2.SealedCopy,
         fence: Fence | None,
@@ -324,7 +300,7 @@ class S3Sink:
             self._etags[copy.user_id] = answer.get("etag", "")
 
     async def _head(
-        self, http: aiohttp.ClientSession, credentials: ReadOnlyCredentials, key: str, fence: Fence | None
+        self, http: Pool, credentials: ReadOnlyCredentials, key: str, fence: Fence | None
     ) -> tuple[str, int] | None:
         """The object's entity tag and copy version, or None when there is no object."""
         try:
@@ -363,7 +339,7 @@ class S3Sink:
         # `concurrency` workers take them in turn, all of them even after one fails. Not a task
         # per object: with an empty await in place of each request, 500 tasks queued on `_slots`
         # cost 11.7 µs of CPU an object against 3.1 µs for 32 workers (2026-11-30); the
-        # request itself costs about 225 µs, two thirds of it aiohttp's (docs/performance.md).
+        # request itself costs about 80 µs (docs/performance.md).
         todo = iter(copies)
         errors: list[Exception] = []
 

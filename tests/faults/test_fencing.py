@@ -24,6 +24,7 @@ from residency.server.keys.copykey import load_copy_key
 from residency.server.storage.sqlite import SqliteStore
 from residency.v1 import replica_pb2
 from tests.conftest import S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, SeaweedFS, values
+from tests.faults.tools import pipe
 from tests.test_policy import eventually
 from tests.test_s3 import sink
 from tests.test_signed_copies import signer
@@ -79,7 +80,7 @@ class HoldingProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        back = asyncio.create_task(_pipe(up_reader, writer))
+        back = asyncio.create_task(pipe(up_reader, writer))
         held: bytearray | None = None
         try:
             while chunk := await reader.read(65536):
@@ -119,15 +120,6 @@ class HoldingProxy:
             answers += [line for line in bytes(got).split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
         self.held.clear()
         return answers
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-    except ConnectionError:
-        pass
 
 
 def start_worker(c: Cluster, config: Path, name: str) -> subprocess.Popen:

@@ -325,3 +325,13 @@ def report(tmp_path: Path, name: str, figures: dict[str, Any]) -> None:
     line = json.dumps({"test": name, **figures}, sort_keys=False)
     (tmp_path / "figures.json").write_text(line + "\n")
     print(f"\nFIGURES {line}")
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copies what `reader` gives to `writer` until it ends or a side breaks (a TCP proxy's half)."""
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+    except ConnectionError:
+        pass

@@ -9,11 +9,12 @@ categories, timestamps. Per round it measures:
 - client CPU per object (`time.process_time`: every thread of this process);
 - SeaweedFS's CPU per PUT (utime + stime of the `weed` process, from /proc): on a small
   machine that is the ceiling, since client and server share its cores.
-In the same run, the same for a minimal raw client (`RawClient`, aiohttp): the least a client
-can do to send the sink's requests (same bodies, headers and conditions, same concurrency), so
-`sink_to_raw` (sink objects/s over raw PUT/s, median of the rounds' ratios) says how much of
-the limit is the sink's own work rather than SeaweedFS's; and for the same requests written
-by hand on sockets (`Http11Client`, `sink_to_http11`), which says what aiohttp itself costs.
+In the same run, the same for two minimal raw clients that send the sink's requests (same
+bodies, headers and conditions, same concurrency) and do nothing else: the same requests
+written by hand on sockets (`Http11Client`, `sink_to_http11`: sink objects/s over its PUT/s,
+median of the rounds' ratios), the least any client can do, so the ratio says how much of the
+limit is the sink's own work rather than SeaweedFS's; and an aiohttp client (`RawClient`,
+`sink_to_raw`), the HTTP library the sink used before its own connection pool.
 Each round runs the three one after another, so the machine's load drifts across all alike.
 With `--baseline`, the same for the previous sink (a boto3 client's `put_object` in a
 thread pool of `--concurrency` threads) on `--baseline-objects` users a round.
@@ -83,7 +84,7 @@ def weed_cpu_seconds(pid: int) -> float:
 
 
 class Boto3Sink:
-    """The sink before aiohttp: boto3 `put_object` in a bounded thread pool, a batch's
+    """The sink before its own HTTP: boto3 `put_object` in a bounded thread pool, a batch's
     objects in parallel (the removed code's hot path, for comparison)."""
 
     def __init__(self, endpoint: str, concurrency: int, timeout: float = 5.0):
@@ -135,7 +136,7 @@ def signed_put(
 
 
 class RawClient:
-    """The floor to compare the sink with: aiohttp keep-alive PUTs signed with the sink's SigV4
+    """A library client to compare the sink with: aiohttp keep-alive PUTs signed with the sink's SigV4
     signer, the same bodies and headers the sink sends (`If-None-Match: *` for a first copy
     unless `--unconditional`), `concurrency` requests in flight on one connection pool, and
     nothing else: no fence, no entity tags kept, answers' headers not read. It takes a whole
@@ -174,12 +175,11 @@ class RawClient:
 
 
 class Http11Client(RawClient):
-    """A floor below any HTTP library: the same signed PUTs written by hand as HTTP/1.1 on
-    `concurrency` keep-alive asyncio streams, answers read by Content-Length. Here because
-    aiohttp's own request machinery is most of a PUT's client CPU (measured 2026-11-30:
-    76 to 91 µs per object this way against 260 to 301 µs through aiohttp), so this says
-    what leaving aiohttp could win. Plain http and a 200 with a Content-Length only: enough
-    for SeaweedFS, not a client to ship."""
+    """The floor to compare the sink with, below any HTTP library: the same signed PUTs
+    written by hand as HTTP/1.1 on `concurrency` keep-alive asyncio streams, answers read by
+    Content-Length. Plain http and a 200 with a Content-Length only: enough for SeaweedFS,
+    not a client to ship (the sink's `sinks.http` is that client: TLS, proxies, every
+    answer form, connections the endpoint closed)."""
 
     async def apply(self, source_region: str, batch: list[replica_pb2.SealedCopy]) -> None:
         todo = iter(batch)
@@ -267,7 +267,7 @@ async def bench(s3: SeaweedFS, args: argparse.Namespace) -> dict:
                 rounds.append(await one_round(client, pid, items, batch or len(items)))
             finally:
                 await client.close()
-    out = {"aiohttp": summary(new), "raw": summary(raw), "http11": summary(http11)}
+    out = {"sink": summary(new), "raw": summary(raw), "http11": summary(http11)}
     for name, floor in (("raw", raw), ("http11", http11)):
         ratios = [n["objects_per_s"] / f["objects_per_s"] for n, f in zip(new, floor, strict=True)]
         out[f"sink_to_{name}"] = {
@@ -285,7 +285,7 @@ async def bench(s3: SeaweedFS, args: argparse.Namespace) -> dict:
                 await sink.close()
         out["boto3"] = summary(old)
         out["speedup_objects_per_s"] = round(
-            out["aiohttp"]["median_objects_per_s"] / out["boto3"]["median_objects_per_s"], 1
+            out["sink"]["median_objects_per_s"] / out["boto3"]["median_objects_per_s"], 1
         )
     return out
 
