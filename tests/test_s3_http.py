@@ -73,6 +73,7 @@ class ForwardProxy:
     def __init__(self, user: str, password: str):
         self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.asked: list[str] = []  # request lines, in order
+        self.forged = b""  # sent in the clear right after a tunnel's answer, if any
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -90,7 +91,7 @@ class ForwardProxy:
         method, target, _ = line.split(" ")
         if method == "CONNECT":
             host, port = target.rsplit(":", 1)
-            w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            w.write(b"HTTP/1.1 200 Connection established\r\n\r\n" + self.forged)
             await splice((r, w), (host, int(port)))
             return
         # The absolute form, passed on as it came (an HTTP/1.1 server must accept it): one
@@ -127,7 +128,7 @@ async def test_an_https_endpoint_is_verified_against_the_ca_bundle(
     pki.create_ca(other)  # a CA the endpoint's certificate is not from
     try:
         for bundle, at, why in (
-            (other / "ca.crt", url, "certificate signature failure"),  # same CA name, another key
+            (other / "ca.crt", url, "certificate verify failed"),  # same CA name, another key
             (tls.ca, elsewhere_url, "IP address mismatch"),
         ):
             monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
@@ -182,6 +183,17 @@ async def test_the_environments_proxy_carries_https_by_connect_and_http_by_absol
         tunnel = f"CONNECT {https_url.removeprefix('https://')} HTTP/1.1"
         absolute = f"PUT {seaweed.endpoint}/bkt/residency/manifest.json HTTP/1.1"
         assert proxy.asked == [tunnel, absolute], proxy.asked
+
+        # A proxy (or anyone on the way to it) that follows the tunnel's answer with an answer
+        # of its own, in the clear, as if from the endpoint: refused, nothing taken from it.
+        proxy.forged = b"HTTP/1.1 200 OK\r\nX-Amz-Meta-Residency-Version: 999999\r\nContent-Length: 0\r\n\r\n"
+        s = sink(https_url)
+        try:
+            with pytest.raises(HttpError, match="bytes of its own"):
+                await s.apply("cn-north", copies("forged-for", version=2))  # a HEAD first
+        finally:
+            await s.close()
+        proxy.forged = b""
 
         # Wrong proxy credentials: the operator's to fix, so retried (an S3 refusal would send
         # every copy to the dead letters), by CONNECT and by the absolute form alike.
@@ -243,6 +255,8 @@ class Canned:
                 if answer is HANG:
                     await r.read()  # until the client gives up
                     break
+                if answer is DROP:
+                    break
                 w.write(answer)
                 await w.drain()
                 if answer.endswith(CLOSE):
@@ -254,7 +268,9 @@ class Canned:
 
 
 HANG = b"(no answer)"
+DROP = b"(the connection ends without an answer)"
 CLOSE = b"(then the connection ends)"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 ERROR_XML = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
 
 
@@ -265,6 +281,7 @@ async def test_each_answer_form_is_read_whole_and_its_connection_kept_only_when_
         b'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nETag: "e1"\r\nContent-Length: 0\r\n\r\n',
         b'HTTP/1.1 200 OK\r\nETag: "e2"\r\nX-Amz-Meta-Residency-Version: 7\r\nContent-Length: 5\r\n\r\n',
         b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",  # HTTP/1.0: not kept
         b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",  # not kept
         b"HTTP/1.1 500 Internal Error\r\n\r\n" + ERROR_XML + CLOSE,  # to the end: not kept
@@ -277,26 +294,68 @@ async def test_each_answer_form_is_read_whole_and_its_connection_kept_only_when_
         assert (a.status, a.headers["etag"]) == (200, '"e1"')
         a = await pool.request("HEAD", "/bkt/k", {"Host": "h"})  # a length, but no body to a HEAD
         assert (a.status, a.headers["x-amz-meta-residency-version"], a.body) == (200, "7", b"")
-        for _ in range(3):
+        for _ in range(4):
             assert (await pool.request("DELETE", "/bkt/k", {"Host": "h"})).status in (200, 204)
         a = await pool.request("DELETE", "/bkt/k", {"Host": "h"})
         assert a.status == 500 and a.body == ERROR_XML + CLOSE
         assert pool._idle == []
-        assert canned.connections == 3  # one for the first five, then after each "not kept"
+        assert canned.connections == 3  # one for the first six, then after each "not kept"
         assert [r.split(b"\r\n")[0] for r in canned.requests] == [
             b"PUT /bkt/k HTTP/1.1",
             b"PUT /bkt/k HTTP/1.1",
             b"HEAD /bkt/k HTTP/1.1",
-            *[b"DELETE /bkt/k HTTP/1.1"] * 4,
+            *[b"DELETE /bkt/k HTTP/1.1"] * 5,
         ]
         assert b"Content-Length: 4\r\n" in canned.requests[0]
     finally:
         await pool.close()
 
 
+async def test_a_kept_connection_closed_unanswered_is_replaced_once_and_the_fence_checked_again():
+    canned = Canned(OK, DROP, OK)
+    pool = Pool(await canned.start())
+    try:
+        await pool.request("PUT", "/bkt/k", {"Host": "h"}, b"x")
+        await pool.request("PUT", "/bkt/k", {"Host": "h"}, b"x")  # sent again on a new connection
+        assert (canned.connections, len(canned.requests)) == (2, 3)
+    finally:
+        await pool.close()
+
+    class Deadline(Exception):
+        pass
+
+    checks = 0
+
+    def fence() -> None:  # passes for the first send, not for the one again
+        nonlocal checks
+        checks += 1
+        if checks == 3:
+            raise Deadline()
+
+    canned = Canned(OK, DROP, OK)
+    pool = Pool(await canned.start())
+    try:
+        await pool.request("PUT", "/bkt/k", {"Host": "h"}, b"x", check=fence)
+        with pytest.raises(Deadline):
+            await pool.request("PUT", "/bkt/k", {"Host": "h"}, b"x", check=fence)
+        assert len(canned.requests) == 2 and pool._idle == []  # never sent again
+    finally:
+        await pool.close()
+
+
+async def test_a_connection_with_bytes_nobody_asked_for_is_not_reused():
+    canned = Canned(OK + b'HTTP/1.1 200 OK\r\nETag: "someone-else\'s"\r\n\r\n', OK)
+    pool = Pool(await canned.start())
+    try:
+        await pool.request("DELETE", "/bkt/k", {"Host": "h"})
+        a = await pool.request("HEAD", "/bkt/k", {"Host": "h"})
+        assert "etag" not in a.headers and canned.connections == 2
+    finally:
+        await pool.close()
+
+
 async def test_a_connection_idle_past_the_keep_time_is_not_reused(monkeypatch: pytest.MonkeyPatch):
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-    canned = Canned(ok, ok)
+    canned = Canned(OK, OK)
     pool = Pool(await canned.start())
     try:
         await pool.request("DELETE", "/bkt/k", {"Host": "h"})
@@ -312,6 +371,9 @@ async def test_a_connection_idle_past_the_keep_time_is_not_reused(monkeypatch: p
     [
         b"SSH-2.0-OpenSSH_9.6\r\n\r\n",  # not HTTP at all
         b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 600 Beyond\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 500 Error\r\nContent-Length: %d\r\n\r\n" % (http.MAX_BODY + 1),
         b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded: continuation\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 0\r\n\r\n",  # a bare LF inside a line

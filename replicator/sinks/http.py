@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
+import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -97,8 +100,13 @@ class _Connection:
         )
 
     def abort(self) -> None:
-        """Closed at once: nothing still queued to send goes out (a PUT abandoned at a fence's
-        deadline must not arrive after it)."""
+        """Closed at once with a reset: what asyncio or the kernel still holds unsent is
+        dropped (a PUT abandoned at a fence's deadline should not leave after it; what is
+        already on the wire cannot be called back, see docs/operators.md)."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
 
@@ -127,8 +135,9 @@ class Pool:
         # (no proxy, or a CONNECT tunnel for https) by its path.
         self._absolute = self._proxy is not None and self._tls is None
         self._timeout = timeout
-        self._idle: list[_Connection] = []
+        self._idle: list[_Connection] = []  # the longest unused first
         self.closed = False
+        self.loop = asyncio.get_running_loop()  # its connections work on this loop only
 
     async def request(
         self,
@@ -156,7 +165,10 @@ class Pool:
                 try:
                     check()
                 except BaseException:
-                    self._idle.append(conn)  # unused: as good as before
+                    if kept and not self.closed:
+                        self._idle.append(conn)  # unused: as good as before
+                    else:
+                        conn.abort()
                     raise
             try:
                 answer, keep = await self._exchange(conn, method, head, body, kept)
@@ -176,8 +188,11 @@ class Pool:
 
     def _take(self) -> _Connection | None:
         now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
+        idle = self._idle
+        while idle and now - idle[0].idle_since >= KEEP_IDLE:  # unused too long: closed
+            idle.pop(0).abort()
+        while idle:
+            conn = idle.pop()
             if conn.usable(now):
                 return conn
             conn.abort()
@@ -222,9 +237,11 @@ class Pool:
         try:
             authority = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
             w.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{self._proxy_auth}\r\n".encode())
-            status, _, headers = await _read_head(r)
-            if not 200 <= status < 300 or "content-length" in headers or "transfer-encoding" in headers:
+            status, _, _ = await _read_head(r)  # a 2xx's framing headers mean nothing (RFC 9110)
+            if not 200 <= status < 300:
                 raise HttpError(f"the proxy refused a tunnel to the S3 endpoint ({status})")
+            if _unread(r):  # sent in the clear after the tunnel's answer: never the endpoint's
+                raise HttpError("the proxy sent bytes of its own after opening the tunnel")
             await w.start_tls(self._tls, server_hostname=self._host)
         except BaseException:
             conn.abort()
@@ -247,6 +264,10 @@ class Pool:
             connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
             keep = "close" not in connection and (version == "1" or "keep-alive" in connection)
             coding, length = headers.get("transfer-encoding"), headers.get("content-length")
+            if version == "0" and coding is not None:  # HTTP/1.0 has no chunks: framed wrongly
+                raise HttpError("the S3 endpoint's answer is framed ambiguously")
+            if status in (204, 304) and (coding is not None or length not in (None, "0")):
+                keep = False  # a body where none may be: whatever follows is not kept for later
             if method == "HEAD" or status in (204, 304) or (length == "0" and coding is None):
                 return Answer(status, headers, b""), keep
             async with asyncio.timeout(self._timeout):
@@ -270,11 +291,19 @@ class Pool:
             raise HttpError("the S3 endpoint's connection broke during an exchange") from None
         return Answer(status, headers, data), keep
 
+    def forget(self) -> None:
+        """Closed without touching its connections: for a pool whose loop is not running here
+        (their transports are that loop's); the sockets close when collected."""
+        self.closed = True
+        self._idle = []
+
     async def close(self) -> None:
         self.closed = True
         idle, self._idle = self._idle, []
+        if self.loop.is_closed():  # a loop that is gone: its transports cannot be touched
+            return
         for conn in idle:
-            conn.writer.close()
+            conn.abort()  # nothing to finish on an unused connection
 
 
 async def _read_head(

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -60,6 +61,7 @@ THROTTLING = frozenset(
 VERSION_HEADER = "x-amz-meta-residency-version"
 # Entity tags remembered of objects this sink wrote, so that most PUTs need no HEAD first.
 ETAGS_KEPT = 50_000
+_OBJECT_KEY = re.compile(r"copies/[^\s'\"?<]+")
 
 
 def object_key(prefix: str, user_id: str) -> str:
@@ -82,7 +84,8 @@ class S3Error(Exception):
         with contextlib.suppress(ElementTree.ParseError):
             root = ElementTree.fromstring(body)
             code, message = root.findtext("{*}Code") or "", root.findtext("{*}Message") or ""
-        return cls(status, code, message)
+        # An endpoint may name the object in its message: its key holds a user id.
+        return cls(status, code, _OBJECT_KEY.sub("copies/...", message))
 
 
 # SigV4 for S3, by hand: botocore's `S3SigV4Auth` re-derives the signing key and rebuilds the
@@ -200,6 +203,8 @@ class S3Sink:
         self._http: Pool | None = None  # made on first use: its connections belong to a running loop
 
     def _client(self) -> Pool:
+        if self._http is not None and self._http.loop is not asyncio.get_running_loop():
+            self._http.forget()  # made on a loop since gone (a restarted worker, a test)
         if self._http is None or self._http.closed:
             # At most `concurrency` requests, so connections, at once; taken before a request's
             # fence check (`_put`). The pool's timeout bounds connecting, sending with waiting
