@@ -45,7 +45,7 @@ from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.region import RecipientKey
 from residency.server.storage.notices import listen
 from residency.server.storage.postgres import PostgresStore
-from residency.server.storage.running import hold_running
+from residency.server.storage.running import hold_running, hold_serving
 from residency.server.storage.stores import Store, open_store
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.copies import Home
@@ -104,6 +104,7 @@ class RunningNode:
         self._shared: SharedRules | None = None
         self.records: Records | None = None
         self._running: int | None = None
+        self._serving: int | None = None
         self._stop_metrics: Callable[[], None] | None = None
         try:  # unreadable certificates fail at start, naming the file and the key
             self.tls = ServerTls(config.tls)
@@ -125,6 +126,7 @@ class RunningNode:
             raise ConfigError(f"{c.path}: {why} ({c.rules})")
         # Held while the node runs: key commands for a stopped node (`--config`) are refused.
         self._running = hold_running(c.data_dir)
+        self._serving = hold_serving(c.data_dir, c.listen)  # not the same config twice
         provider = open_provider(c.keys)
         keyring = Keyring(c.region, provider, c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
         shredded = lifecycle.shredded_reason(c.region, lifecycle.read_events(c.keys_dir))
@@ -358,8 +360,9 @@ class RunningNode:
             self.node.intake.close()
             if self.node.keys is not None:
                 self.node.keys.log_keys.close()
-        if self._running is not None:
-            os.close(self._running)
+        for fd in (self._serving, self._running):
+            if fd is not None:
+                os.close(fd)
         await self.health.close()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from residency.server.config.node import load_config
 from residency.server.core import translog
-from residency.server.deployment import PRIMARY
+from residency.server.deployment import PRIMARY, start_node
 from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, translog_pb2, translog_pb2_grpc
 from tests.conftest import COOKIES, Cluster, ctx, values
 from tests.harness import eventually
@@ -256,3 +256,18 @@ async def test_keys_rotated_and_retired_through_one_front_end_leave_every_record
         for u in users:
             request = records_pb2.GetRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id=u)
             assert values(await fronts[front].GetRecord(request, timeout=30))["name"] == f"name of {u}"
+
+
+async def test_the_same_config_served_twice_on_one_host_is_refused_and_the_first_serves_on(
+    idle_cluster: Cluster,
+):
+    """Two front ends of one host and one listen address are two workers only with a data_dir
+    each: the same config started again would be one worker owner holding one lease twice."""
+    c = idle_cluster
+    await c.start(PRIMARY)
+    again = start_node(c.dep.configs[PRIMARY])
+    assert again.wait(timeout=120) == 2
+    log = c.dep.node_log(PRIMARY).read_text()
+    assert "already runs on this host" in log and "a data_dir of its own" in log
+    assert await c.put("u-twice", {"name": "Twice"}) == 1  # the first serves on
+    c.dep.check_running()

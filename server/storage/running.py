@@ -1,7 +1,8 @@
 """Whether a node is running on a data folder: `residency serve` and `residency replicate` hold
 a shared lock on `DATA_DIR/running.lock` for as long as they run (the kernel drops it when the
 process ends, killed or not); what must not run beside them (`residency keys ... --config`)
-holds it alone, or is refused."""
+holds it alone, or is refused. `residency serve` also holds `DATA_DIR/serving-LISTEN.lock`
+alone, so that one config is not served twice on one host."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from residency.server.core.errors import FailedPrecondition
 LOCK = "running.lock"
 
 
-def _hold(data_dir: Path, how: int, refusal: str) -> int:
-    """A descriptor of the lock held `how` (shared or exclusive); FailedPrecondition(`refusal`)
-    if it cannot be had now."""
+def _hold(data_dir: Path, how: int, refusal: str, name: str = LOCK) -> int:
+    """A descriptor of the lock `data_dir/name` held `how` (shared or exclusive);
+    FailedPrecondition(`refusal`) if it cannot be had now."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(data_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(data_dir / name, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, how | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -35,6 +36,21 @@ def hold_running(data_dir: Path) -> int:
         fcntl.LOCK_SH,
         f"a `residency keys` command is working on the keys of the node of {data_dir}: "
         "start the node once it has finished",
+    )
+
+
+def hold_serving(data_dir: Path, listen: str) -> int:
+    """Held alone by the one `residency serve` of this data folder and listen address: the same
+    config started twice on one host would be one worker owner (host, listen address and
+    data folder name it) holding one lease twice, which fencing cannot tell apart."""
+    name = "serving-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in listen) + ".lock"
+    return _hold(
+        data_dir,
+        fcntl.LOCK_EX,
+        f"a node with data_dir {data_dir} and listen address {listen} already runs on this host "
+        f"(it holds {data_dir / name}): a second front end needs a data_dir of its own "
+        "(docs/operators.md, PostgreSQL)",
+        name,
     )
 
 
