@@ -157,7 +157,7 @@ async def _act_offline(
     )
     db = StoreThread(store)
     db.start()
-    events = KeyEvents(config.region, config.is_primary, config.keys_dir, records, db, lambda: None)
+    events = KeyEvents(config.region, config.is_primary, config.keys_dir, records, db, lambda _: None)
     log_keys = open_log_provider(config.keys, create=args.action in ("rotate", "retire"))
     keys = KeyLifecycle(events, db, log_keys, config.keys.kem)
     try:

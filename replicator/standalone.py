@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 
 from residency.replicator.destinations import destinations_for
 from residency.replicator.loop import Replicator
@@ -67,7 +68,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None, metrics_li
     stop_metrics = serve_worker_metrics(metrics_listen, replicator) if metrics_listen else None
     tasks: list[asyncio.Task] = []
     # A key shred made through the node (or another front end) reaches this process's keys too.
-    key_events = KeyEvents(c.region, True, c.keys_dir, records, db, lambda: replicator.forget())
+    key_events = KeyEvents(c.region, True, c.keys_dir, records, db, replicator.forget)
     try:
         await key_events.apply()
         await replicator.start()
@@ -75,8 +76,11 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None, metrics_li
         tasks.append(asyncio.create_task(_follow_key_events(key_events), name="follow-key-events"))
         if isinstance(store, PostgresStore):  # and a change any of them applies, at once
             shared = SharedRules(c, schema, records, db, asyncio.Lock())
-            handlers = {"rules": shared.follow, "keys": key_events.apply}
-            handlers["erasure"] = key_events.erased_elsewhere
+            handlers: dict[str, Callable[[str], Awaitable[None]]] = {
+                "rules": lambda _: shared.follow(),
+                "keys": lambda _: key_events.apply(),
+                "erasure": key_events.erased_elsewhere,
+            }
             tasks.append(asyncio.create_task(listen(c.store.dsn, store.token, handlers)))
         log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
         stop = asyncio.Event()

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -111,9 +111,9 @@ class RunningNode:
         except ConfigError as e:
             raise ConfigError(f"{config.path}: {e}") from None
 
-    def _forget(self) -> None:
+    def _forget(self, user_id: str | None = None) -> None:
         if self.replicator is not None:
-            self.replicator.forget()
+            self.replicator.forget(user_id)
 
     async def start(self) -> None:
         c = self.config
@@ -204,8 +204,13 @@ class RunningNode:
             text, shared = c.rules.read_bytes(), isinstance(store, PostgresStore)
             self._reprojection.resume(await self._shared.at_start(start, text, shared))
         if isinstance(store, PostgresStore):  # what other front ends change, followed at once
-            handlers = {"keys": key_events.apply, "erasure": key_events.erased_elsewhere}
-            handlers |= {"rules": self._shared.follow} if self._shared else {}
+            handlers: dict[str, Callable[[str], Awaitable[None]]] = {
+                "keys": lambda _: key_events.apply(),
+                "erasure": key_events.erased_elsewhere,
+            }
+            if self._shared is not None:
+                follow = self._shared.follow
+                handlers["rules"] = lambda _: follow()
             listening = listen(c.store.dsn, store.token, handlers)
             self._tasks.append(asyncio.create_task(listening, name="store-notices"))
         server = grpc.aio.server(

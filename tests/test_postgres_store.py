@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -16,12 +17,14 @@ import pytest
 from residency.replicator.lease import Lease
 from residency.server.core import merkle, translog
 from residency.server.core.errors import ConfigError, StoreUnavailable
+from residency.server.keys.cache import KeyCache
 from residency.server.keys.pki import create_ca, issue
 from residency.server.storage.database import MIGRATIONS
 from residency.server.storage.postgres import PostgresStore, postgres_ddl
 from residency.server.storage.records import Row
 from residency.server.storage.sqlite import SqliteStore
 from residency.server.storage.thread import StoreThread
+from residency.server.vault.key_events import KeyEvents
 from tests.conftest import replication_entry
 from tests.postgres import Postgres, with_ssl
 
@@ -341,7 +344,7 @@ async def test_a_notice_whose_handler_failed_is_acted_on_again_without_another(p
     other = PostgresStore(dsn)  # another front end, whose commits notify
     calls: list[int] = []
 
-    async def follow() -> None:
+    async def follow(_detail: str) -> None:
         calls.append(len(calls))
         if len(calls) == 2:  # the notice's run (the first is the one at connection)
             raise StoreUnavailable("the store's connection dropped")
@@ -360,6 +363,60 @@ async def test_a_notice_whose_handler_failed_is_acted_on_again_without_another(p
 
 async def _at_least(calls: list[int], n: int) -> bool:
     return len(calls) >= n
+
+
+async def test_an_erasure_notice_names_its_users_and_too_many_are_told_as_everyone(postgres_server: Postgres):
+    """Another front end's erasure makes this one drop the erased users' data keys and opened
+    records only (`KeyEvents.erased_elsewhere`), not every user's; a notice that missed (at
+    connection) or could not name them all ("") still drops everything."""
+    import asyncio
+
+    from residency.server.storage.keyring import NOTICE_BYTES, erased_notice
+    from residency.server.storage.notices import listen
+    from residency.server.vault.key_events import _users
+    from tests.harness import eventually
+
+    dsn = postgres_server.dsn(postgres_server.database())
+    other = PostgresStore(dsn)
+    heard: list[str] = []
+
+    async def erased(detail: str) -> None:
+        heard.append(detail)
+
+    users = ["u-1", "with space", "ünïcødé"]
+    many = [f"user-{i:06d}" for i in range(NOTICE_BYTES // 8)]
+    listening = asyncio.create_task(listen(dsn, "this-front-end", {"erasure": erased}, retry=0.2))
+    try:
+        await eventually(lambda: _at_least(heard, 1), "the handler runs once, listening")
+        for erased_now in (users, many):
+            with other.transaction():
+                other.notify("erasure", erased_notice(erased_now))
+        await eventually(lambda: _at_least(heard, 3), "both notices heard")
+        assert [_users(d) for d in heard] == [None, users, None]  # at connection, named, too many
+        assert _users('{"u-1": 1}') is None and _users("not json") is None and _users("[1]") is None
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        other.close()
+
+    # What a front end does with it: the named users' keys and opened records go, no one else's.
+    cache = KeyCache()
+    for u in [*users, "kept"]:
+        cache.put(u, f"key of {u}")
+    forgotten: list[str | None] = []
+    db = StoreThread(PostgresStore(dsn))
+    db.start()
+    try:
+        records = SimpleNamespace(keyring=SimpleNamespace(data_keys=cache))
+        events = KeyEvents("cn-north", True, Path("unused"), records, db, forgotten.append)
+        await events.erased_elsewhere(erased_notice(users[:2]))
+        assert [u for u in [*users, "kept"] if cache.get(u)] == ["ünïcødé", "kept"]
+        assert forgotten == users[:2]
+        await events.erased_elsewhere("")  # unknown users: everything
+        assert cache.get("kept") is None and forgotten[-1] is None
+    finally:
+        await db.drain()
+        db.store.close()
 
 
 async def test_leases_are_timed_by_the_database_clock_not_each_hosts(

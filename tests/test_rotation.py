@@ -255,7 +255,7 @@ def _key_acts(c, store: SqliteStore, records: Records) -> tuple[StoreThread, Key
     """The node's store thread over `store`, started, and its key acts."""
     db = StoreThread(store)
     db.start()
-    events = KeyEvents(c.region, True, c.keys_dir, records, db, lambda: None)
+    events = KeyEvents(c.region, True, c.keys_dir, records, db, lambda _: None)
     return db, KeyLifecycle(events, db, open_log_provider(c.keys), c.keys.kem)
 
 

@@ -183,10 +183,11 @@ class Database:
         disagree; SQLite's processes share one host."""
         return time.time()
 
-    def notify(self, kind: str) -> None:
+    def notify(self, kind: str, detail: str = "") -> None:
         """Tells the other processes sharing this store that something they keep in memory
-        changed (`rules`, `keys`), once the current transaction commits. SQLite: nobody to
-        tell (one node per store; a standalone worker follows the rules file)."""
+        changed (`rules`, `keys`, `erasure` with its users as `detail`), once the current
+        transaction commits. SQLite: nobody to tell (one node per store; a standalone worker
+        follows the rules file)."""
 
     def _last_outbox_sequence(self) -> int:
         """The highest outbox sequence ever given (0: none), trimmed rows included."""

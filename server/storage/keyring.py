@@ -8,11 +8,22 @@ says why); `drop_orphan_keys` destroys, at start, what a crash between the two l
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Protocol
 
 from residency.server.core.errors import TransactionConflict
 from residency.server.storage.database import Database
+
+# A NOTIFY payload must stay under 8,000 bytes: an erasure of more users than fit says none,
+# and every other process then forgets every data key it holds.
+NOTICE_BYTES = 7000
+
+
+def erased_notice(user_ids: list[str]) -> str:
+    """The detail of an erasure notice: the users, as a JSON list, or "" (everyone)."""
+    detail = json.dumps(user_ids, ensure_ascii=False, separators=(",", ":"))
+    return detail if len(detail.encode()) <= NOTICE_BYTES else ""
 
 
 class WrappingKeysRenewed(TransactionConflict):
@@ -128,7 +139,7 @@ class KeyringRows(Database):
         hold (`notify`): the user may come back under a new key, which theirs would not open."""
         self._shred_after_commit(user_ids)
         if user_ids:
-            self.notify("erasure")
+            self.notify("erasure", erased_notice(user_ids))
 
     def drop_orphan_keys(self) -> int:
         """Destroys every data key whose user has no live record (on a region node: no live

@@ -2,7 +2,8 @@
 changes what they keep in memory (the rules in force, the region's key events), the writer
 notifies (`PostgresDatabase.notify`, PostgreSQL's NOTIFY, sent at COMMIT) and every other
 process listening acts on it within milliseconds. Records, consents and grants need none of
-it: every call reads them from the store."""
+it: every call reads them from the store. A notice may carry a detail (an erasure: the users
+erased); a handler given none ("") acts on everything, as after a notice it may have missed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from psycopg.conninfo import make_conninfo
 from residency.server.storage.postgres import CHANNEL
 
 log = logging.getLogger("residency.storage")
-Handlers = Mapping[str, Callable[[], Awaitable[None]]]
+Handlers = Mapping[str, Callable[[str], Awaitable[None]]]  # called with the notice's detail
 # A server gone without a reset (a partition) ends the wait for notices within a minute, and
 # the loop listens again, catching up on what it missed.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 3}
@@ -37,11 +38,12 @@ async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.
                 async with await connect as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     for kind, handler in handlers.items():
-                        await _run(kind, handler, failed)
+                        await _run(kind, handler, "", failed)
                     async for n in conn.notifies():
-                        kind, _, token = n.payload.partition(" ")
+                        kind, _, rest = n.payload.partition(" ")
+                        token, _, detail = rest.partition(" ")
                         if token != own_token and kind in handlers:
-                            await _run(kind, handlers[kind], failed)
+                            await _run(kind, handlers[kind], detail, failed)
             except (psycopg.Error, OSError) as e:
                 log.warning("store notifications: %s; listening again in %.0f s", e.__class__.__name__, retry)
             await asyncio.sleep(retry)
@@ -53,12 +55,12 @@ async def _retry_failed(handlers: Handlers, failed: set[str], every: float) -> N
     while True:
         await asyncio.sleep(every)
         for kind in sorted(failed):
-            await _run(kind, handlers[kind], failed)
+            await _run(kind, handlers[kind], "", failed)  # what the failed notice said: unknown now
 
 
-async def _run(kind: str, handler: Callable[[], Awaitable[None]], failed: set[str]) -> None:
+async def _run(kind: str, handler: Callable[[str], Awaitable[None]], detail: str, failed: set[str]) -> None:
     try:
-        await handler()
+        await handler(detail)
     except Exception:
         log.exception("acting on another process's %s change failed; trying again", kind)
         failed.add(kind)

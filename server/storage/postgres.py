@@ -209,9 +209,10 @@ class PostgresDatabase(Database):
         assert row is not None  # a SELECT of one value returns one row
         return float(row[0])
 
-    def notify(self, kind: str) -> None:
+    def notify(self, kind: str, detail: str = "") -> None:
         # Delivered at COMMIT, and not at all if the transaction rolls back.
-        self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{kind} {self.token}"))
+        payload = f"{kind} {self.token} {detail}" if detail else f"{kind} {self.token}"
+        self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload))
 
     def _begin_snapshot(self) -> None:
         self._db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

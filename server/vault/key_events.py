@@ -6,6 +6,7 @@ as it makes them, and at start those made while it was stopped (`residency keys 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ class KeyEventStore(UnitOfWork, Protocol):
     def set_cursor(self, destination: str, sequence: int) -> None: ...
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
     def drop_copies(self) -> int: ...
-    def notify(self, kind: str) -> None: ...
+    def notify(self, kind: str, detail: str = "") -> None: ...
 
 
 class KeyEvents:
@@ -38,19 +39,32 @@ class KeyEvents:
         keys_dir: Path,
         records: Records,
         db: StoreThread[KeyEventStore],
-        forget: Callable[[], None],
+        forget: Callable[[str | None], None],
     ):
         self.region, self.primary, self.dir = region, primary, keys_dir
         self.records, self.db = records, db
-        # Drops every opened (plaintext) record a replicator holds.
+        # Drops the opened (plaintext) records a replicator holds: one user's, or (None) all.
         self.forget = forget
 
-    async def erased_elsewhere(self) -> None:
-        """Another process of a shared store erased users: the data keys this one holds go
-        (a user may be back under a new key, which the old would not open), and so does what
-        its replicator opened."""
-        await self.db.call(self.records.keyring.data_keys.clear)
-        self.forget()
+    async def erased_elsewhere(self, detail: str = "") -> None:
+        """Another process of a shared store erased users (`detail`: their ids as a JSON list;
+        "" for unknown, or too many to name): the data keys this one holds of them go (a user
+        may be back under a new key, which the old would not open), and so does what its
+        replicator opened of them. Of unknown users, every key and every opened record goes."""
+        cache = self.records.keyring.data_keys
+        users = _users(detail)
+        if users is None:
+            await self.db.call(cache.clear)
+            self.forget(None)
+            return
+
+        def drop() -> None:
+            for u in users:
+                cache.drop(u)
+
+        await self.db.call(drop)
+        for u in users:
+            self.forget(u)
 
     def _entry(self, actor: str, reason: str) -> dict[str, Any]:
         return translog.key_event(self.region, actor, self.records.rules.version, reason)
@@ -68,7 +82,7 @@ class KeyEvents:
         reason = lifecycle.shredded_reason(region, events)
         if (reason or "shredded" in new) and not keyring.shredded:
             keyring.shred(reason or "the region key was shredded")
-            self.forget()  # nothing opened under the shredded keys stays in memory
+            self.forget(None)  # nothing opened under the shredded keys stays in memory
             log.warning("%s", reason or f"the key of {region} was shredded")
         rekeyed = not reason and "rekeyed" in new
         if rekeyed:
@@ -94,3 +108,14 @@ class KeyEvents:
 
         if len(events) > done:  # nothing else to log: no transaction (a worker asks every second)
             await self.db.write(write)
+
+
+def _users(detail: str) -> list[str] | None:
+    """The users an erasure notice names; None when it names none, or not as it should."""
+    try:
+        users = json.loads(detail) if detail else None
+    except ValueError:
+        return None
+    if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+        return None
+    return users
