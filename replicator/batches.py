@@ -111,7 +111,7 @@ class Batches:
             self._opened = {}
             return
         opened = self._opened
-        for key in [k for k in opened if k[0] == user_id]:
+        for key in [k for k in list(opened) if k[0] == user_id]:  # list(): one step, any thread
             opened.pop(key, None)
 
     def _open(self, row: Row) -> Opened:

@@ -388,6 +388,10 @@ class Replicator:
         return batch
 
     def forget(self, user_id: str | None = None) -> None:
-        """Drops opened (plaintext) records: one user's, on erasure, or every one (a key
-        shredded, the worker stopping)."""
+        """Drops opened (plaintext) records: one user's, on erasure (on the store thread, as
+        also the user's copy keys, so that copies of a user registered again are never sealed
+        under the erased one's), or every one (a key shredded, the worker stopping)."""
         self.batches.forget(user_id)
+        if user_id is not None:
+            for d in self.destinations.values():
+                d.keys.forget(user_id)

@@ -117,6 +117,9 @@ class RunningNode:
 
     async def start(self) -> None:
         c = self.config
+        # Held while it runs, before anything listens: no `keys --config`, no same config twice.
+        self._running = hold_running(c.data_dir)
+        self._serving = hold_serving(c.data_dir, c.listen)
         await tls_floor.verify(self.tls.credentials())  # before anything listens or opens
         await self.health.begin(c.health_listen)  # alive, not ready, until the checks pass
         schema = load_schema(c.schema)
@@ -124,9 +127,6 @@ class RunningNode:
         access = load_access(c.access)
         if why := rules_refusal(c, rules):
             raise ConfigError(f"{c.path}: {why} ({c.rules})")
-        # Held while the node runs: key commands for a stopped node (`--config`) are refused.
-        self._running = hold_running(c.data_dir)
-        self._serving = hold_serving(c.data_dir, c.listen)  # not the same config twice
         provider = open_provider(c.keys)
         keyring = Keyring(c.region, provider, c.keys_dir, c.keys.cache_entries, c.keys.cache_seconds)
         shredded = lifecycle.shredded_reason(c.region, lifecycle.read_events(c.keys_dir))

@@ -365,6 +365,40 @@ async def _at_least(calls: list[int], n: int) -> bool:
     return len(calls) >= n
 
 
+async def test_after_a_failed_erasure_notice_the_next_one_drops_everything(postgres_server: Postgres):
+    """Review (twelfth session): a notice naming user a failed; the next, naming b, succeeded
+    and cleared the failure, so nobody dropped a's key. While a failure is pending, the next
+    notice of its kind runs as one that names nobody: everything."""
+    import asyncio
+
+    from residency.server.storage.keyring import erased_notice
+    from residency.server.storage.notices import listen
+    from tests.harness import eventually
+
+    dsn = postgres_server.dsn(postgres_server.database())
+    other = PostgresStore(dsn)
+    heard: list[str] = []
+
+    async def erased(detail: str) -> None:
+        heard.append(detail)
+        if detail == erased_notice(["a"]):
+            raise StoreUnavailable("the store's connection dropped")
+
+    # The retry on its own comes after 60 s: not within this test.
+    listening = asyncio.create_task(listen(dsn, "this-front-end", {"erasure": erased}, retry=60))
+    try:
+        await eventually(lambda: _at_least(heard, 1), "the handler runs once, listening")
+        for n, user in ((2, "a"), (3, "b")):
+            with other.transaction():
+                other.notify("erasure", erased_notice([user]))
+            await eventually(lambda n=n: _at_least(heard, n), f"{user}'s notice heard")
+        assert heard == ["", erased_notice(["a"]), ""]
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        other.close()
+
+
 async def test_an_erasure_notice_names_its_users_and_too_many_are_told_as_everyone(postgres_server: Postgres):
     """Another front end's erasure makes this one drop the erased users' data keys and opened
     records only (`KeyEvents.erased_elsewhere`), not every user's; a notice that missed (at

@@ -43,7 +43,9 @@ async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.
                         kind, _, rest = n.payload.partition(" ")
                         token, _, detail = rest.partition(" ")
                         if token != own_token and kind in handlers:
-                            await _run(kind, handlers[kind], detail, failed)
+                            # After a failed run, everything: this notice's detail would not
+                            # cover what the failed one was about.
+                            await _run(kind, handlers[kind], "" if kind in failed else detail, failed)
             except (psycopg.Error, OSError) as e:
                 log.warning("store notifications: %s; listening again in %.0f s", e.__class__.__name__, retry)
             await asyncio.sleep(retry)

@@ -7,6 +7,7 @@ alone, so that one config is not served twice on one host."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def hold_serving(data_dir: Path, listen: str) -> int:
     """Held alone by the one `residency serve` of this data folder and listen address: the same
     config started twice on one host would be one worker owner (host, listen address and
     data folder name it) holding one lease twice, which fencing cannot tell apart."""
-    name = "serving-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in listen) + ".lock"
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in listen)
+    if len(safe) > 100:  # a file name has at most 255 bytes
+        safe = hashlib.sha256(listen.encode()).hexdigest()[:32]
+    name = f"serving-{safe}.lock"
     return _hold(
         data_dir,
         fcntl.LOCK_EX,

@@ -43,7 +43,8 @@ class KeyEvents:
     ):
         self.region, self.primary, self.dir = region, primary, keys_dir
         self.records, self.db = records, db
-        # Drops the opened (plaintext) records a replicator holds: one user's, or (None) all.
+        # Drops the opened (plaintext) records a replicator holds: one user's (called on the
+        # store thread), or (None) all.
         self.forget = forget
 
     async def erased_elsewhere(self, detail: str = "") -> None:
@@ -51,20 +52,19 @@ class KeyEvents:
         "" for unknown, or too many to name): the data keys this one holds of them go (a user
         may be back under a new key, which the old would not open), and so does what its
         replicator opened of them. Of unknown users, every key and every opened record goes."""
-        cache = self.records.keyring.data_keys
         users = _users(detail)
         if users is None:
-            await self.db.call(cache.clear)
+            await self.db.call(self.records.keyring.data_keys.clear)
             self.forget(None)
             return
 
-        def drop() -> None:
+        def drop() -> None:  # on the store thread, where the replicator opens and seals too
+            cache = self.records.keyring.data_keys
             for u in users:
                 cache.drop(u)
+                self.forget(u)
 
         await self.db.call(drop)
-        for u in users:
-            self.forget(u)
 
     def _entry(self, actor: str, reason: str) -> dict[str, Any]:
         return translog.key_event(self.region, actor, self.records.rules.version, reason)
