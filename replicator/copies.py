@@ -45,19 +45,24 @@ class CopyKeys:
     def __init__(self, recipient: RecipientKey, cache: KeyCache):
         self.recipient = recipient
         self.region = recipient.region
-        # user id -> (DEK, DEK wrapped by the transit key, transit key)
+        # user id -> (DEK, DEK wrapped by the transit key, transit key, the home key's mark)
         self.cache = cache
         self.transit: TransitKey | None = None
 
-    def for_user(self, user_id: str) -> tuple[DataKey, bytes, TransitKey]:
-        hit: tuple[DataKey, bytes, TransitKey] | None = self.cache.get(user_id)
-        if hit is None:
+    def for_user(self, user_id: str, home_mark: bytes) -> tuple[DataKey, bytes, TransitKey]:
+        """The user's copy DEK (with its wrapping). `home_mark` is the mark of the key the home
+        record opened with (`Opened.key_mark`): a cached DEK made under another one belonged to
+        a user erased since, whose tombstone a newer record superseded before it was sent, and
+        is never used for the user written again (the region keeps a copy's key until the
+        next replaces it; the erased user's old copies must not open under a live key)."""
+        hit: tuple[DataKey, bytes, TransitKey, bytes] | None = self.cache.get(user_id)
+        if hit is None or hit[3] != home_mark:
             tk = self.transit
             if tk is None or time.monotonic() - tk.born > self.cache.max_age:
                 tk = self.transit = self.recipient.new_transit_key()  # the one HPKE operation
-            hit = (*tk.new_data_key(user_id), tk)
+            hit = (*tk.new_data_key(user_id), tk, home_mark)
             self.cache.put(user_id, hit)
-        return hit
+        return hit[0], hit[1], hit[2]
 
     def forget(self, user_id: str) -> None:
         self.cache.drop(user_id)
@@ -125,6 +130,8 @@ def build_copy(
     what = _described(home, plan, sent, withheld, permits)
     if not sent:
         # Nothing may be there: make sure nothing is (a copy sent under older rules goes).
+        # The region destroys the copy's key: a copy allowed again comes under a new one.
+        keys.forget(user_id)
         tomb = _tombstone(home, user_id, version, "withdrawn")
         # Logged as an erasure: what consent, grants, retention or rules allowed before goes.
         return tomb, _entry(
@@ -136,7 +143,7 @@ def build_copy(
             withheld=what.withheld,
             reason=f"withdrawn: no field of this record may be held in {region} now",
         )
-    dek, wrapped, transit = keys.for_user(user_id)
+    dek, wrapped, transit = keys.for_user(user_id, opened.key_mark)
     kid = keys.recipient.key_id
     aad = field_aads(user_id, region, version, kid, format=COPY_FORMAT)
     copy = replica_pb2.SealedCopy(

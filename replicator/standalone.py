@@ -79,7 +79,7 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None, metrics_li
             handlers: dict[str, Callable[[str], Awaitable[None]]] = {
                 "rules": lambda _: shared.follow(),
                 "keys": lambda _: key_events.apply(),
-                "erasure": key_events.erased_elsewhere,
+                "erasure": key_events.keys_changed_elsewhere,
             }
             tasks.append(asyncio.create_task(listen(c.store.dsn, store.token, handlers)))
         log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))

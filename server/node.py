@@ -153,7 +153,7 @@ class RunningNode:
         outbox = c.is_primary and bool(c.affiliates)
         hash_keys = load_hash_keys(c.keys_dir, c.keys) if c.is_primary else None
         records = Records(c.region, c.is_primary, schema, rules, keyring, store, outbox, hash_keys)
-        self.records = records
+        self.records, records.forget = records, self._forget
         for a in c.affiliates:
             RecipientKey.load(a.region, a.public_key)  # a missing key fails at start
         self.db = StoreThread(store)
@@ -204,10 +204,10 @@ class RunningNode:
             text, shared = c.rules.read_bytes(), isinstance(store, PostgresStore)
             self._reprojection.resume(await self._shared.at_start(start, text, shared))
         if isinstance(store, PostgresStore):  # what other front ends change, followed at once
-            handlers: dict[str, Callable[[str], Awaitable[None]]] = {
-                "keys": lambda _: key_events.apply(),
-                "erasure": key_events.erased_elsewhere,
-            }
+            handlers: dict[str, Callable[[str], Awaitable[None]]] = dict.fromkeys(
+                ("erasure", "data-keys"), key_events.keys_changed_elsewhere
+            )
+            handlers["keys"] = lambda _: key_events.apply()
             if self._shared is not None:
                 follow = self._shared.follow
                 handlers["rules"] = lambda _: follow()

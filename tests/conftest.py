@@ -188,10 +188,10 @@ class Cluster:
         self._channels: dict[tuple[str, ...], grpc.aio.Channel] = {}
         self._closing: list[grpc.aio.Channel] = []
 
-    def add_front_end(self, name: str) -> str:
-        """Another front end of the primary region on its PostgreSQL store
-        (`Deployment.add_front_end`); the name to start it and open channels by."""
-        return self.dep.add_front_end(name)
+    def add_front_end(self, name: str, region: str = PRIMARY) -> str:
+        """Another front end of `region` on its PostgreSQL store (`Deployment.add_front_end`);
+        the name to start it and open channels by."""
+        return self.dep.add_front_end(name, region)
 
     async def start(self, *regions: str) -> None:
         for r in regions or (PRIMARY, *AFFILIATES):

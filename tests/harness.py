@@ -56,19 +56,19 @@ class Deployment:
         config = yaml.safe_load(path.read_text())
         path.write_text(yaml.safe_dump({**config, "store": store}, sort_keys=False))
 
-    def add_front_end(self, name: str) -> str:
-        """Another `residency serve` of the primary region on the same store (PostgreSQL):
-        its own listen address, metrics port and data folder (logs, its running lock), the
-        region's keys and certificate. Returns the name to start it and open channels by."""
-        config = yaml.safe_load(self.configs[PRIMARY].read_text())
+    def add_front_end(self, name: str, region: str = PRIMARY) -> str:
+        """Another `residency serve` of `region` on the same store (PostgreSQL): its own listen
+        address, metrics port and data folder (logs, its running lock), the region's keys and
+        certificate. Returns the name to start it and open channels by."""
+        config = yaml.safe_load(self.configs[region].read_text())
         assert config.get("store", {}).get("kind") == "postgres", "front ends share a PostgreSQL store"
         listen, metrics = free_ports(2)
         config["listen"] = f"127.0.0.1:{listen}"
-        config["data_dir"] = f"data/{PRIMARY}-{name}"
+        config["data_dir"] = f"data/{region}-{name}"
         config.pop("health", None)
         if "metrics" in config:
             config["metrics"] = {"listen": f"127.0.0.1:{metrics}"}
-        key = f"{PRIMARY}-{name}"
+        key = f"{region}-{name}"
         self.configs[key] = self.directory / f"{key}.yaml"
         self.configs[key].write_text(yaml.safe_dump(config, sort_keys=False))
         self.addresses[key] = config["listen"]

@@ -6,14 +6,19 @@ keeps on disk is readable by its own user only."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
 from pathlib import Path
 
+import grpc
+import pytest
+
 from residency.server.config.node import load_config
 from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.server.keys.files import loose_permissions
-from tests.conftest import Cluster
+from residency.v1 import admin_pb2
+from tests.conftest import Cluster, values
 
 GONE, KEPT = "gone-1", "kept-1"
 
@@ -56,6 +61,36 @@ def files_holding(data_dir: Path, wanted: set[bytes]) -> list[str]:
     return hits
 
 
+def held_row(c: Cluster, region: str, user_id: str) -> tuple[int, bytes]:
+    """The (version, sealed copy) a region node's node.db holds for a user."""
+    db = sqlite3.connect(f"file:{c.data_dir(region) / 'node.db'}?mode=ro", uri=True)
+    try:
+        (row,) = db.execute("SELECT version, blob FROM records WHERE user_id=?", (user_id,)).fetchall()
+    finally:
+        db.close()
+    return row
+
+
+async def put_back_and_refused(
+    c: Cluster, region: str, user_id: str, old: tuple[int, bytes], purpose: str = "essential.service"
+) -> None:
+    """Puts an earlier copy back into the region's node.db with the node stopped (a backup
+    restored) and checks that it no longer opens there (read for `purpose`)."""
+    c.stop(region)
+    db = sqlite3.connect(c.data_dir(region) / "node.db")
+    try:
+        db.execute("UPDATE records SET version=?, blob=? WHERE user_id=?", (*old, user_id))
+        db.commit()
+    finally:
+        db.close()
+    c.dep.start(region)
+    await c.dep.wait_serving()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await c.get(user_id, region=region, purpose=purpose)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "does not open" in (refused.value.details() or "")
+
+
 async def test_an_erased_users_sealed_bytes_and_keys_are_in_no_file_of_any_node(cluster: Cluster):
     regions = (PRIMARY, *AFFILIATES)
     gone: dict[str, set[bytes]] = {r: set() for r in regions}
@@ -91,6 +126,53 @@ async def test_an_erased_users_sealed_bytes_and_keys_are_in_no_file_of_any_node(
         # The users who were not erased are untouched, down to their bytes.
         assert stored_secrets(cluster.data_dir(r), KEPT) == kept[r]
         assert files_holding(cluster.data_dir(r), pieces(kept[r], shared=gone[r]))
+
+
+async def test_an_old_copy_of_an_erased_user_does_not_open_under_the_key_of_the_user_written_again(
+    cluster: Cluster,
+):
+    """A user erased and written again while replication to a region was paused reaches it
+    as one copy: the erasure's tombstone was superseded before it was sent. That copy must
+    come under a new data key all the same, or the erased user's copy in any earlier copy of
+    the region's node.db (a backup, here put back with the node stopped) would still open
+    under a key the region keeps."""
+    c, sg, user = cluster, "ap-southeast-1", "again-1"
+    await c.put(user, {"name": "Old Name"})
+    await c.replicated()
+    old = held_row(c, sg, user)
+
+    admin = c.admin()
+    await admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=sg), timeout=10)
+    await c.delete(user)
+    await c.put(user, {"name": "New Name"})
+    await admin.ResumeReplication(admin_pb2.ResumeReplicationRequest(region=sg), timeout=10)
+    await c.replicated()
+    assert values(await c.get(user, region=sg))["name"] == "New Name"
+    kinds = [json.loads(e)["kind"] for _, e, _ in await c.log(sg)]
+    assert kinds.count("erasure") == 0  # no tombstone reached the region on its own
+
+    await put_back_and_refused(c, sg, user, old)
+
+
+async def test_a_copy_withdrawn_and_allowed_again_comes_under_a_new_copy_key(cluster: Cluster):
+    """A copy withdrawn from a region (consent withdrawn: its key destroyed there) and allowed
+    again comes under a new copy key: the withdrawn copy, in an earlier copy of the region's
+    node.db, does not open under the key the region holds now."""
+    c, eu, user, marketing = cluster, "eu-west-1", "wd-1", "marketing.communications"
+    await c.put(user, {"name": "Li Wei"})  # only marketing, with consent, sends it to eu-west-1
+    await c.consent(user, marketing, "ie-affiliate")
+    await c.replicated()
+    assert values(await c.get(user, region=eu, purpose=marketing))["name"] == "Li Wei"
+    old = held_row(c, eu, user)
+    await c.consent(user, marketing, "ie-affiliate", withdraw=True)
+    await c.replicated()
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await c.get(user, region=eu, purpose=marketing)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    await c.consent(user, marketing, "ie-affiliate")
+    await c.replicated()
+    assert values(await c.get(user, region=eu, purpose=marketing))["name"] == "Li Wei"
+    await put_back_and_refused(c, eu, user, old, marketing)
 
 
 async def test_data_and_key_folders_are_the_nodes_alone_and_looser_ones_are_named_at_start(

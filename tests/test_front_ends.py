@@ -4,10 +4,12 @@ of them changes (an erasure, the rules, the region key) the other honours within
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
 import pytest
+import yaml
 
 from residency.server.config.node import load_config
 from residency.server.core import translog
@@ -15,6 +17,9 @@ from residency.server.deployment import PRIMARY, start_node
 from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, translog_pb2, translog_pb2_grpc
 from tests.conftest import COOKIES, Cluster, ctx, values
 from tests.harness import eventually
+from tests.postgres import Postgres
+
+SG = "ap-southeast-1"
 
 
 @pytest.fixture
@@ -271,3 +276,52 @@ async def test_the_same_config_served_twice_on_one_host_is_refused_and_the_first
     assert "already runs on this host" in log and "a data_dir of its own" in log
     assert await c.put("u-twice", {"name": "Twice"}) == 1  # the first serves on
     c.dep.check_running()
+
+
+async def test_a_copy_applied_under_a_new_key_through_one_region_front_end_opens_at_the_other_within_1_s(
+    idle_cluster: Cluster, postgres_server: Postgres
+):
+    """A region node with two front ends on one PostgreSQL store: a user erased and registered
+    again at the home while replication to the region was paused arrives as one copy under a
+    new data key, applied through the front end the primary ships to. The other front end,
+    which held the old key, drops it at the commit's notice and opens the new copy."""
+    c = idle_cluster
+    config = yaml.safe_load(c.dep.configs[SG].read_text())
+    config["store"] = {"kind": "postgres", "dsn": postgres_server.dsn(postgres_server.database())}
+    c.dep.configs[SG].write_text(yaml.safe_dump(config, sort_keys=False))
+    other = c.add_front_end("b", SG)
+    await c.start(PRIMARY, SG, other, "eu-west-1")
+    reads = c.records(other, SG)
+
+    async def name_at_other() -> str:
+        request = records_pb2.GetRecordRequest(context=ctx(SG, "essential.service"), user_id="rk-1")
+        return values(await reads.GetRecord(request, timeout=10))["name"]
+
+    await c.put("rk-1", {"name": "Old Name"})
+    await c.replicated()
+    assert await name_at_other() == "Old Name"  # the other front end now holds the old key
+
+    admin = c.admin()
+    await admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=SG), timeout=10)
+    await c.delete("rk-1")
+    await c.put("rk-1", {"name": "New Name"})  # a new user to the keyring: a new data key
+    await admin.ResumeReplication(admin_pb2.ResumeReplicationRequest(region=SG), timeout=10)
+
+    async def applied() -> bool:
+        return values(await c.get("rk-1", region=SG))["name"] == "New Name"
+
+    await eventually(applied, "the region applies the new copy through the front end shipped to")
+    at = time.monotonic()
+
+    async def other_opens() -> bool:
+        try:
+            return await name_at_other() == "New Name"
+        except grpc.aio.AioRpcError:
+            return False
+
+    await eventually(other_opens, "the other front end opens the copy under its new key", deadline=1.0)
+    assert time.monotonic() - at < 1.0
+    # One copy went: the erasure never reached the region on its own (that notice would
+    # have told the other front end too).
+    kinds = [json.loads(e)["kind"] for _, e, _ in await c.log(SG)]
+    assert "erasure" not in kinds

@@ -371,7 +371,7 @@ async def test_after_a_failed_erasure_notice_the_next_one_drops_everything(postg
     notice of its kind runs as one that names nobody: everything."""
     import asyncio
 
-    from residency.server.storage.keyring import erased_notice
+    from residency.server.storage.keyring import users_notice
     from residency.server.storage.notices import listen
     from tests.harness import eventually
 
@@ -381,7 +381,7 @@ async def test_after_a_failed_erasure_notice_the_next_one_drops_everything(postg
 
     async def erased(detail: str) -> None:
         heard.append(detail)
-        if detail == erased_notice(["a"]):
+        if detail == users_notice(["a"]):
             raise StoreUnavailable("the store's connection dropped")
 
     # The retry on its own comes after 60 s: not within this test.
@@ -390,9 +390,9 @@ async def test_after_a_failed_erasure_notice_the_next_one_drops_everything(postg
         await eventually(lambda: _at_least(heard, 1), "the handler runs once, listening")
         for n, user in ((2, "a"), (3, "b")):
             with other.transaction():
-                other.notify("erasure", erased_notice([user]))
+                other.notify("erasure", users_notice([user]))
             await eventually(lambda n=n: _at_least(heard, n), f"{user}'s notice heard")
-        assert heard == ["", erased_notice(["a"]), ""]
+        assert heard == ["", users_notice(["a"]), ""]
     finally:
         listening.cancel()
         await asyncio.gather(listening, return_exceptions=True)
@@ -401,11 +401,11 @@ async def test_after_a_failed_erasure_notice_the_next_one_drops_everything(postg
 
 async def test_an_erasure_notice_names_its_users_and_too_many_are_told_as_everyone(postgres_server: Postgres):
     """Another front end's erasure makes this one drop the erased users' data keys and opened
-    records only (`KeyEvents.erased_elsewhere`), not every user's; a notice that missed (at
+    records only (`KeyEvents.keys_changed_elsewhere`), not every user's; a notice that missed (at
     connection) or could not name them all ("") still drops everything."""
     import asyncio
 
-    from residency.server.storage.keyring import NOTICE_BYTES, erased_notice
+    from residency.server.storage.keyring import NOTICE_BYTES, users_notice
     from residency.server.storage.notices import listen
     from residency.server.vault.key_events import _users
     from tests.harness import eventually
@@ -424,7 +424,7 @@ async def test_an_erasure_notice_names_its_users_and_too_many_are_told_as_everyo
         await eventually(lambda: _at_least(heard, 1), "the handler runs once, listening")
         for erased_now in (users, many):
             with other.transaction():
-                other.notify("erasure", erased_notice(erased_now))
+                other.notify("erasure", users_notice(erased_now))
         await eventually(lambda: _at_least(heard, 3), "both notices heard")
         assert [_users(d) for d in heard] == [None, users, None]  # at connection, named, too many
         assert _users('{"u-1": 1}') is None and _users("not json") is None and _users("[1]") is None
@@ -443,10 +443,10 @@ async def test_an_erasure_notice_names_its_users_and_too_many_are_told_as_everyo
     try:
         records = SimpleNamespace(keyring=SimpleNamespace(data_keys=cache))
         events = KeyEvents("cn-north", True, Path("unused"), records, db, forgotten.append)
-        await events.erased_elsewhere(erased_notice(users[:2]))
+        await events.keys_changed_elsewhere(users_notice(users[:2]))
         assert [u for u in [*users, "kept"] if cache.get(u)] == ["ünïcødé", "kept"]
         assert forgotten == users[:2]
-        await events.erased_elsewhere("")  # unknown users: everything
+        await events.keys_changed_elsewhere("")  # unknown users: everything
         assert cache.get("kept") is None and forgotten[-1] is None
     finally:
         await db.drain()

@@ -4,6 +4,7 @@ dead letters, pause and resume, outages, crashes, and workers sharing one outbox
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,6 +26,7 @@ from residency.server.keys.region import RegionKey
 from residency.v1 import admin_pb2, records_pb2, replica_pb2
 from tests.conftest import BACKENDS, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.harness import eventually
+from tests.test_erasure_on_disk import held_row, put_back_and_refused
 from tests.test_replication import FULL, allowed_fields
 from tests.test_s3_manifest import open_by_manifest
 
@@ -550,59 +553,97 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
         await c.close()
 
 
+@contextlib.contextmanager
+def standalone_worker(c: Cluster, log: Path) -> Iterator[None]:
+    """A `residency replicate` worker for the primary in its own process, printing to `log`."""
+    with open(log, "ab") as out:
+        command = ["replicate", "--config", str(c.dep.configs[PRIMARY])]
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "residency.cli.main", *command], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        yield
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
 async def test_a_standalone_worker_stops_opening_records_once_the_home_key_is_shredded(tmp_path: Path):
     """A shred made through the node reaches a worker in its own process (which holds keys
     of its own in memory): what it has not shipped yet stays home."""
     sg = "ap-southeast-1"
     c = Cluster(tmp_path / "deployment", replicator={"enabled": False})
     log = c.dir / "worker.log"
-    worker = None
     try:
         await c.start()
-        with open(log, "ab") as out:
-            command = ["replicate", "--config", str(c.dep.configs[PRIMARY])]
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "residency.cli.main", *command],
-                stdout=out,
-                stderr=subprocess.STDOUT,
+        with standalone_worker(c, log):
+            await c.put("k-1", {"email": "k1@example.cn", "language": "zh-CN"})
+            await c.replicated()
+            assert values(await c.held("k-1", sg))["language"] == "zh-CN"
+            cli(c, "replication", "pause", "--region", sg)
+            await c.put("k-2", {"email": "k2@example.cn", "language": "zh-CN"})
+            op = c.dep.operator
+            flags = ["--cert", str(op.cert), "--key", str(op.key), "--ca", str(op.ca)]
+            target = ["--target", c.dep.addresses[PRIMARY], "--region", PRIMARY, "--yes"]
+            shred = subprocess.run(
+                [sys.executable, "-m", "residency.cli.main", "keys", "shred", *target, *flags],
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
-        await c.put("k-1", {"email": "k1@example.cn", "language": "zh-CN"})
-        await c.replicated()
-        assert values(await c.held("k-1", sg))["language"] == "zh-CN"
-        cli(c, "replication", "pause", "--region", sg)
-        await c.put("k-2", {"email": "k2@example.cn", "language": "zh-CN"})
-        op = c.dep.operator
-        flags = ["--cert", str(op.cert), "--key", str(op.key), "--ca", str(op.ca)]
-        target = ["--target", c.dep.addresses[PRIMARY], "--region", PRIMARY, "--yes"]
-        shred = subprocess.run(
-            [sys.executable, "-m", "residency.cli.main", "keys", "shred", *target, *flags],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert shred.returncode == 0, shred.stderr
+            assert shred.returncode == 0, shred.stderr
 
-        async def worker_knows() -> bool:
-            return "shredded" in log.read_text(errors="replace")
+            async def worker_knows() -> bool:
+                return "shredded" in log.read_text(errors="replace")
 
-        await eventually(worker_knows, "the worker acts on the shred")
-        cli(c, "replication", "resume", "--region", sg)
+            await eventually(worker_knows, "the worker acts on the shred")
+            cli(c, "replication", "resume", "--region", sg)
 
-        async def refused_to_open() -> bool:
-            return "shredded" in (await c.replication())[sg].last_error
+            async def refused_to_open() -> bool:
+                return "shredded" in (await c.replication())[sg].last_error
 
-        await eventually(refused_to_open, "the worker's batch for ap-southeast-1 fails: the key is shredded")
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await c.held("k-2", sg)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            await eventually(refused_to_open, "the worker's batch for ap-southeast-1 fails: key shredded")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.held("k-2", sg)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
-        if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        await c.close()
+
+
+async def test_a_standalone_worker_ships_a_user_erased_and_written_again_under_a_new_key(tmp_path: Path):
+    """A worker in its own process on the node's SQLite store hears of no erasure: it held
+    the user's old key when the node erased the user and wrote them again (replication
+    paused, so no tombstone reached it). It opens the new record under the keyring's key, not
+    the old one it cached, and seals its copy under a new copy key."""
+    sg = "ap-southeast-1"
+    c = Cluster(tmp_path / "deployment", replicator={"enabled": False})
+    try:
+        await c.start()
+        with standalone_worker(c, c.dir / "worker.log"):
+            await c.put("w-1", {"name": "Old Name"})
+            await c.replicated()
+            assert values(await c.held("w-1", sg))["name"] == "Old Name"
+            old = held_row(c, sg, "w-1")
+            cli(c, "replication", "pause", "--region", sg)
+            await c.delete("w-1")
+            await c.put("w-1", {"name": "New Name"})
+            cli(c, "replication", "resume", "--region", sg)
+
+            async def shipped() -> bool:
+                try:
+                    return values(await c.held("w-1", sg))["name"] == "New Name"
+                except grpc.aio.AioRpcError:
+                    return False
+
+            await eventually(shipped, "the worker ships the user written again")
+            status = (await c.replication())[sg]
+            assert status.dead_lettered == 0 and status.last_error == ""
+            await put_back_and_refused(c, sg, "w-1", old)  # the copy came under a new copy key
+    finally:
         await c.close()
 
 

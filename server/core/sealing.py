@@ -10,6 +10,7 @@ keys, wrapping keys, providers) live in `residency.server.keys`; this module is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -91,13 +92,23 @@ def record_aad(user_id: str, region: str, version: int, key_id: str) -> bytes:
 class DataKey:
     """An unwrapped data key; seals and opens the field values of one (user, region) copy."""
 
-    __slots__ = ("_aead", "raw")
+    __slots__ = ("_aead", "_mark", "raw")
 
     def __init__(self, raw: bytes):
         self._aead = AESGCM(raw)
         # Read by `residency.server.keys` alone: to wrap a new key and to rewrap one on
         # rotation. Nothing else handles a data key's bytes.
         self.raw = raw
+        self._mark = b""
+
+    @property
+    def mark(self) -> bytes:
+        """A one-way mark of this key (a hash, not the key): two opens under the same key give
+        the same mark, so a cache can tell a user's new key from the one it knew (an erased
+        user written again) without keeping the key."""
+        if not self._mark:
+            self._mark = hashlib.sha256(b"residency data key mark\x00" + self.raw).digest()[:16]
+        return self._mark
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE)

@@ -15,13 +15,15 @@ from typing import Protocol
 from residency.server.core.errors import TransactionConflict
 from residency.server.storage.database import Database
 
-# A NOTIFY payload must stay under 8,000 bytes: an erasure of more users than fit says none,
-# and every other process then forgets every data key it holds.
+# A NOTIFY payload must stay under 8,000 bytes: a notice about more users than fit (an
+# erasure, keys replaced) names none, and every other process then forgets every data key it
+# holds.
 NOTICE_BYTES = 7000
 
 
-def erased_notice(user_ids: list[str]) -> str:
-    """The detail of an erasure notice: the users, as a JSON list, or "" (everyone)."""
+def users_notice(user_ids: list[str]) -> str:
+    """The detail of a notice about users (`erasure`, `data-keys`): the users, as a JSON list,
+    or "" (everyone)."""
     detail = json.dumps(user_ids, ensure_ascii=False, separators=(",", ":"))
     return detail if len(detail.encode()) <= NOTICE_BYTES else ""
 
@@ -44,6 +46,7 @@ class KeyStore(Protocol):
         generation: int | None = ...,
     ) -> None: ...
     def delete_data_keys(self, user_ids: list[str]) -> None: ...
+    def data_keys_replaced(self, user_ids: list[str]) -> None: ...
     def key_generation(self) -> int: ...
 
     seen_key_generation: int | None
@@ -139,7 +142,15 @@ class KeyringRows(Database):
         hold (`notify`): the user may come back under a new key, which theirs would not open."""
         self._shred_after_commit(user_ids)
         if user_ids:
-            self.notify("erasure", erased_notice(user_ids))
+            self.notify("erasure", users_notice(user_ids))
+
+    def data_keys_replaced(self, user_ids: list[str]) -> None:
+        """The users' data keys were replaced in the keyring (a region node's copies applied
+        under keys the home sent): once the current transaction commits, the other processes
+        of a shared store forget the keys they hold of them (`notify`), which would not open
+        the new copies, as after an erasure."""
+        if user_ids:
+            self.notify("data-keys", users_notice(user_ids))
 
     def drop_orphan_keys(self) -> int:
         """Destroys every data key whose user has no live record (on a region node: no live

@@ -298,7 +298,10 @@ def prepare_copy_keys(records: Records, copies: list[IncomingCopy], refused: lis
     replays, newest, _ = _plan(copies, held)
     transit, rows = _keys(list(newest.values()))
     if rows and not replays:
+        stored = records.store.data_keys([u for u, _, _ in rows])
         records.store.add_data_keys(transit, rows)
+        # Keys that replace others (a new copy key): `apply_copies` tells the other processes.
+        records.keys_replaced.update(u for u, wk, w in rows if u in stored and stored[u][::2] != (wk, w))
 
 
 def apply_copies(
@@ -342,6 +345,9 @@ def apply_copies(
     )
     for user_id in newest:
         records.keyring.data_keys.drop(user_id)
+    replaced = records.keys_replaced
+    store.data_keys_replaced([u for u, c in newest.items() if not c.deleted and u in replaced])
+    replaced.difference_update(newest)
     # The region's own blind index follows the copies it holds, under its own index key.
     records.index.copies_changed(newest)
     return len(newest), skipped, []

@@ -47,10 +47,11 @@ class KeyEvents:
         # store thread), or (None) all.
         self.forget = forget
 
-    async def erased_elsewhere(self, detail: str = "") -> None:
-        """Another process of a shared store erased users (`detail`: their ids as a JSON list;
-        "" for unknown, or too many to name): the data keys this one holds of them go (a user
-        may be back under a new key, which the old would not open), and so does what its
+    async def keys_changed_elsewhere(self, detail: str = "") -> None:
+        """Another process of a shared store erased users, or replaced their data keys (a
+        region node's copies applied under new keys) (`detail`: their ids as a JSON list; ""
+        for unknown, or too many to name): the data keys this one holds of them go (a user may
+        be back under a new key, which the old would not open), and so does what its
         replicator opened of them. Of unknown users, every key and every opened record goes."""
         users = _users(detail)
         if users is None:

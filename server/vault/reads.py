@@ -42,6 +42,9 @@ class Opened:
     created_at: float
     updated_at: float
     fields: dict[str, Value]
+    # The mark of the data key it was opened with (`DataKey.mark`; a home record's): a new one
+    # means a new user under the same id (erased, then written again).
+    key_mark: bytes = b""
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from residency.server.core import codec, translog
@@ -32,7 +32,7 @@ from residency.server.core.rules import (
     Withheld,
 )
 from residency.server.core.schema import Schema
-from residency.server.core.sealing import DataKey, SealError, field_aads, record_aad
+from residency.server.core.sealing import DataKey, field_aads, record_aad
 from residency.server.core.transform import put_in_forms
 from residency.server.keys.hashkey import HashKeys
 from residency.server.keys.keyring import Keyring
@@ -41,6 +41,7 @@ from residency.server.storage.roles import VaultStore
 from residency.server.vault.lookup import BlindIndex
 from residency.server.vault.new_keys import NewKeys
 from residency.server.vault.reads import Caller, Opened, ReadResult, Write
+from residency.server.vault.record_keys import RecordKeys
 from residency.server.vault.sealing import next_version, seal_writes
 from residency.v1 import common_pb2, records_pb2, replica_pb2, storage_pb2
 
@@ -51,7 +52,9 @@ StoredRecord = storage_pb2.StoredRecord
 Value = common_pb2.Value
 
 
-class Records:
+class Records(RecordKeys):
+    store: VaultStore
+
     def __init__(
         self,
         region: str,
@@ -77,6 +80,11 @@ class Records:
         # The primary's, for fields a rule sends hashed (`core.transform`); None on a region node.
         self.hash_keys = hash_keys
         self.index = BlindIndex(self)
+        # A region's users whose copy key the `before` step of the copies' batch replaced.
+        self.keys_replaced: set[str] = set()
+        # Drops what a replicator keeps of a user erased here (its opened record, its copy
+        # keys), on the store thread: the node's, when it runs one.
+        self.forget: Callable[[str], None] = lambda user_id: None
 
     # ---- primary: writes -------------------------------------------------------------
 
@@ -234,6 +242,7 @@ class Records:
         if self.outbox:
             self.store.outbox_append([(user_id, version)])
         self.keyring.data_keys.drop(user_id)
+        self.forget(user_id)
         return version
 
     def version_floor(self) -> int:
@@ -241,40 +250,15 @@ class Records:
             self._floor = self.store.version_floor()
         return self._floor
 
-    def _data_key(self, user_id: str) -> DataKey:
-        """The user's DEK, from the cache or the keyring: the primary's under one of its
-        wrapping keys; a region's as the primary sent it, or rewrapped by a rotation."""
-        dek = self.keyring.data_keys.get(user_id)
-        if dek is None:
-            found = self.store.data_keys([user_id]).get(user_id)
-            if found is None:
-                raise SealError(
-                    f"the data key of user {user_id} is not in the keyring of {self.region}: "
-                    "the record was erased (its key crypto-shredded) or the keyring is not this data's"
-                )
-            dek = self.keyring.open_stored_key(user_id, *found)
-            self.keyring.data_keys.put(user_id, dek)
-        return dek
-
-    def warm_keys(self, user_ids: list[str]) -> None:
-        """Loads the DEKs of `user_ids` that are not cached with one query, so that opening
-        a batch of records (a worker after a restart, a standalone worker) does not query the
-        keyring once per record. A missing key is left for `_data_key` to report."""
-        missing = [u for u in user_ids if self.keyring.data_keys.get(u) is None]
-        if missing:
-            for user_id, found in self.store.data_keys(missing).items():
-                self.keyring.data_keys.put(user_id, self.keyring.open_stored_key(user_id, *found))
-
     # ---- reads ------------------------------------------------------------------------
 
     def open_row(self, row: Row) -> Opened:
         if self.primary:
             self.keyring.check()
             st = StoredRecord.FromString(row.blob)
-            dek = self._data_key(row.user_id)
-            body = records_pb2.Record.FromString(
-                dek.open(st.sealed_fields, record_aad(row.user_id, self.region, st.version, st.key_id))
-            )
+            aad = record_aad(row.user_id, self.region, st.version, st.key_id)
+            dek, plain = self._opened_by(row.user_id, lambda k: k.open(st.sealed_fields, aad))
+            body = records_pb2.Record.FromString(plain)
             return Opened(
                 row.user_id,
                 st.version,
@@ -283,6 +267,7 @@ class Records:
                 codec.seconds(st.created_at),
                 codec.seconds(st.updated_at),
                 dict(body.fields),
+                dek.mark,
             )
         return self.open_copy(row.user_id, SealedCopy.FromString(row.blob), None)
 
@@ -290,14 +275,16 @@ class Records:
         """A region's copy with the fields `names` opened (None: all): a field its policy
         withholds is never decrypted."""
         self.keyring.check()
-        dek = self._data_key(user_id)
         version = copy.version
         aad = field_aads(user_id, self.region, version, copy.key_id, format=copy.format)
-        fields = {
-            n: Value.FromString(dek.open(s, aad(n)))
-            for n, s in copy.sealed_fields.items()
-            if names is None or n in names
-        }
+        _, fields = self._opened_by(
+            user_id,
+            lambda k: {
+                n: Value.FromString(k.open(s, aad(n)))
+                for n, s in copy.sealed_fields.items()
+                if names is None or n in names
+            },
+        )
         return Opened(
             user_id,
             version,
