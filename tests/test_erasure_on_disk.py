@@ -135,11 +135,13 @@ async def test_an_old_copy_of_an_erased_user_does_not_open_under_the_key_of_the_
     as one copy: the erasure's tombstone was superseded before it was sent. That copy must
     come under a new data key all the same, or the erased user's copy in any earlier copy of
     the region's node.db (a backup, here put back with the node stopped) would still open
-    under a key the region keeps."""
+    under a key the region keeps; and the region erases the copy it held as a tombstone
+    would have: logged, and in no file once the new copy is applied."""
     c, sg, user = cluster, "ap-southeast-1", "again-1"
     await c.put(user, {"name": "Old Name"})
     await c.replicated()
     old = held_row(c, sg, user)
+    erased = stored_secrets(c.data_dir(sg), user)  # the copy and its wrapped key
 
     admin = c.admin()
     await admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=sg), timeout=10)
@@ -148,8 +150,20 @@ async def test_an_old_copy_of_an_erased_user_does_not_open_under_the_key_of_the_
     await admin.ResumeReplication(admin_pb2.ResumeReplicationRequest(region=sg), timeout=10)
     await c.replicated()
     assert values(await c.get(user, region=sg))["name"] == "New Name"
-    kinds = [json.loads(e)["kind"] for _, e, _ in await c.log(sg)]
-    assert kinds.count("erasure") == 0  # no tombstone reached the region on its own
+    # No tombstone reached the region on its own: it tells the erasure by the copy's new
+    # creation time, logs it, and keeps nothing of the erased copy in any file.
+    entries = [json.loads(e) for _, e, _ in await c.log(sg)]
+    copies = [e for e in entries if e["subject"] == user and e["kind"] in ("replication", "erasure")]
+    new_version = held_row(c, sg, user)[0]
+    assert [(e["kind"], e["record_version"]) for e in copies] == [
+        ("replication", old[0]),
+        ("erasure", old[0]),
+        ("replication", new_version),
+    ]
+    assert "record of the user was created anew" in copies[1]["reason"]
+    now = stored_secrets(c.data_dir(sg), user)
+    assert erased and not erased & now
+    assert files_holding(c.data_dir(sg), pieces(erased, shared=now)) == []
 
     await put_back_and_refused(c, sg, user, old)
 

@@ -30,8 +30,9 @@ from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers.local import LocalProvider
 from residency.server.keys.region import RegionKey
 from residency.server.storage.sqlite import SqliteStore
-from residency.server.vault.copies import Sender, apply_copies, incoming, prepare_copy_keys
+from residency.server.vault.copies import apply_copies, incoming, prepare_copy_keys
 from residency.server.vault.copy_policy import policies_of
+from residency.server.vault.inbound import Sender
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Caller, Opened, Records
 from residency.v1 import admin_pb2, records_pb2, records_pb2_grpc, replica_pb2

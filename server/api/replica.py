@@ -18,13 +18,13 @@ from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyS
 from residency.server.core.schema import USER_ID
 from residency.server.core.sealing import MAX_BATCH
 from residency.server.vault.copies import (
-    Sender,
     apply_copies,
     check_lease_epoch,
     incoming,
     prepare_copy_keys,
     refusals,
 )
+from residency.server.vault.inbound import Sender
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
 

@@ -46,7 +46,7 @@ class KeyStore(Protocol):
         generation: int | None = ...,
     ) -> None: ...
     def delete_data_keys(self, user_ids: list[str]) -> None: ...
-    def data_keys_replaced(self, user_ids: list[str]) -> None: ...
+    def data_keys_replaced(self, user_ids: list[str], erasure: bool = ...) -> None: ...
     def key_generation(self) -> int: ...
 
     seen_key_generation: int | None
@@ -144,13 +144,16 @@ class KeyringRows(Database):
         if user_ids:
             self.notify("erasure", users_notice(user_ids))
 
-    def data_keys_replaced(self, user_ids: list[str]) -> None:
+    def data_keys_replaced(self, user_ids: list[str], erasure: bool = False) -> None:
         """The users' data keys were replaced in the keyring (a region node's copies applied
         under keys the home sent): once the current transaction commits, the other processes
         of a shared store forget the keys they hold of them (`notify`), which would not open
-        the new copies, as after an erasure."""
+        the new copies, as after an erasure. `erasure`: some of the copies replaced were an
+        erased user's, and nothing of the pages as they were stays on disk (`_erased`)."""
         if user_ids:
             self.notify("data-keys", users_notice(user_ids))
+        if erasure:
+            self._erased()
 
     def drop_orphan_keys(self) -> int:
         """Destroys every data key whose user has no live record (on a region node: no live

@@ -10,9 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from residency.server.core import translog
 from residency.server.core.errors import StaleLeaseEpoch
 from residency.server.core.sealing import COPY_FORMAT, MAX_BATCH
 from residency.server.core.signed import UnknownFields, copy_bytes, copy_digest, copy_hash, key_id, verifies
@@ -21,6 +19,7 @@ from residency.server.storage.records import Row
 from residency.server.storage.replication import FenceStore
 from residency.server.storage.thread import Unprepared
 from residency.server.vault.copy_policy import describe_applied
+from residency.server.vault.inbound import IncomingCopy, Sender, applied, born, log_refused, reborn
 from residency.server.vault.records import Records
 from residency.v1 import replica_pb2
 
@@ -172,44 +171,6 @@ def _vouched(
     return []
 
 
-@dataclass(frozen=True, slots=True)
-class IncomingCopy:
-    """One user's copy as the home primary sent it (or its tombstone, `deleted`)."""
-
-    user_id: str
-    version: int
-    deleted: bool
-    # The home's key the copy's data key is wrapped to, and the wrapped data key: with HPKE
-    # directly, or under a transit key (`transit_key_id`, itself wrapped with HPKE).
-    key_id: str
-    wrapped_data_key: bytes
-    transit_key_id: str
-    wrapped_transit_key: bytes
-    # What the region stores: the serialized copy, without the key material above.
-    stored: bytes
-    # What the region's own log says of it: where it came from, under which rules, each
-    # field with the policy it came under (`copy_policy.describe_applied`), or why it is a
-    # tombstone ("erasure", "withdrawn").
-    home_region: str
-    rules_version: str
-    fields: list[dict[str, Any]]
-    recipient: str
-    reason: str
-    # The fields that came in a form instead of their value, each with its form.
-    forms: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Sender:
-    """Who sent a batch (its certificate's identity) and from where, for the log's entries,
-    and the lease epoch it was shipped under, as the home's signed high-water mark states it
-    (None when the mark is missing or not the home's: the batch is refused anyway)."""
-
-    actor: str
-    home_region: str
-    lease_epoch: int | None = None
-
-
 def incoming(c: replica_pb2.SealedCopy) -> IncomingCopy:
     """A copy as it arrived, split into what the keyring keeps (its key material) and what
     the store keeps (the rest: sealed fields and the policies they travel with)."""
@@ -232,6 +193,7 @@ def incoming(c: replica_pb2.SealedCopy) -> IncomingCopy:
         recipient=recipient,
         reason=c.reason,
         forms=forms,
+        born=(c.created_at.seconds, c.created_at.nanos),
     )
 
 
@@ -325,7 +287,7 @@ def apply_copies(
     replays, newest, skipped = _plan(copies, held)
     refused = refused + replays
     if refused:
-        _log_refused(records, copies, sender, refused)
+        log_refused(records, copies, sender, refused)
         return 0, 0, refused
     _, rows = _keys(list(newest.values()))
     stored = store.data_keys([u for u, _, _ in rows])
@@ -336,63 +298,23 @@ def apply_copies(
     store.upsert([Row(c.user_id, c.version, c.deleted, c.stored, now) for c in newest.values()])
     # A tombstone for a copy this region never held (nothing was there to withdraw) is no event.
     held_live = {u for u, r in held.items() if not r.deleted}
-    store.log_append(
-        [
-            _applied(records.region, c, sender.actor)
-            for c in newest.values()
-            if not c.deleted or c.user_id in held_live
-        ]
-    )
+    replaced = records.keys_replaced
+    entries, again = [], []
+    for u, c in newest.items():
+        if c.deleted and u not in held_live:
+            continue
+        # A copy of a user the home wrote anew (erased, then written again) erases the one
+        # held; it comes under a new key, so only copies whose key changed are looked at.
+        if not c.deleted and u in held_live and u in replaced and (was := born(held[u].blob)) != c.born:
+            again.append(u)
+            entries.append(reborn(records.region, c, sender.actor, held[u].version, was))
+        entries.append(applied(records.region, c, sender.actor))
+    store.log_append(entries)
     for user_id in newest:
         records.keyring.data_keys.drop(user_id)
-    replaced = records.keys_replaced
-    store.data_keys_replaced([u for u, c in newest.items() if not c.deleted and u in replaced])
+    live = [u for u, c in newest.items() if not c.deleted and (u in replaced or u in again)]
+    store.data_keys_replaced(live, erasure=bool(again))  # the erased copies' pages scrubbed
     replaced.difference_update(newest)
     # The region's own blind index follows the copies it holds, under its own index key.
     records.index.copies_changed(newest)
     return len(newest), skipped, []
-
-
-def _log_refused(
-    records: Records, copies: list[IncomingCopy], sender: Sender, refused: list[tuple[str, str]]
-) -> None:
-    """One denied entry per refused copy (one for the batch when its high-water mark is)."""
-    reasons: dict[int, list[str]] = {}
-    for path, why in refused:
-        i = int(path[len("copies[") : path.index("]")]) if path.startswith("copies[") else -1
-        reasons.setdefault(i, []).append(f"{path} {why}")
-    records.store.log_append(
-        [
-            translog.entry(
-                "replication",
-                subject=copies[i].user_id if i >= 0 else "",
-                source_region=sender.home_region,
-                destination_region=records.region,
-                outcome="denied",
-                actor=sender.actor,
-                rules_version=records.rules.version,
-                version=copies[i].version if i >= 0 else 0,
-                reason="copy refused: " + "; ".join(why),
-            )
-            for i, why in sorted(reasons.items())
-        ]
-    )
-
-
-def _applied(region: str, c: IncomingCopy, actor: str) -> dict[str, Any]:
-    """A copy taken in (kind replication: its fields and their rules) or a tombstone applied
-    (kind erasure: an erasure, or a withdrawal when no field may be held here any more)."""
-    return translog.entry(
-        "erasure" if c.deleted else "replication",
-        subject=c.user_id,
-        source_region=c.home_region,
-        destination_region=region,
-        outcome="allowed",
-        actor=actor,
-        rules_version=c.rules_version,
-        recipient=c.recipient,
-        fields=c.fields,
-        forms=c.forms,
-        version=c.version,
-        reason=f"{c.reason or 'deleted'}: the copy is deleted in {region}" if c.deleted else "",
-    )
