@@ -125,13 +125,15 @@ def reborn(
     which `c` replaces: the home's record of the user was created anew since (an erasure
     there, then a write; a restore of an earlier backup), and the tombstone in between, if
     any, was superseded before it was sent, so the region erases the held copy as that
-    tombstone would have."""
+    tombstone would have. The erasure's own version is not known here: the entry has none
+    (0), and its reason names the version of the copy it erased."""
     then = "an unreadable time" if held_born is None else _when(held_born)
     why = (
-        f"erasure: the copy is deleted in {region}; the home's record of the user was created anew "
-        f"since ({then}, now {_when(c.born)}), and the next copy replaces it under a new key"
+        f"erasure: the copy is deleted in {region} (version {held_version}, created {then}); the "
+        f"home's record of the user was created anew since ({_when(c.born)}), and the next copy "
+        "replaces it under a new key"
     )
-    return _entry("erasure", region, c, actor, held_version, why)
+    return _entry("erasure", region, c, actor, 0, why)
 
 
 def _when(born: tuple[int, int]) -> str:

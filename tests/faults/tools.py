@@ -275,7 +275,9 @@ class Writers:
 def applied_twice(entries: list[dict[str, Any]], region: str) -> tuple[int, list[str]]:
     """In a region node's transfer log: (copies applied more than once, users whose applied
     versions went backwards). An applied copy is an allowed replication or erasure entry
-    whose destination is the region; each (user, version) may appear once, in rising order."""
+    whose destination is the region and that names a version (the erasure of a copy whose
+    user the home created anew names none: no tombstone of its own came); each (user,
+    version) may appear once, in rising order."""
     seen: Counter[tuple[str, int]] = Counter()
     last: dict[str, int] = {}
     backwards = []
@@ -284,6 +286,7 @@ def applied_twice(entries: list[dict[str, Any]], region: str) -> tuple[int, list
             e["kind"] in ("replication", "erasure")
             and e["outcome"] == "allowed"
             and (e["destination_region"] == region)
+            and int(e["record_version"]) != 0
         ):
             user, version = e["subject"], int(e["record_version"])
             seen[(user, version)] += 1
