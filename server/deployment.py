@@ -177,29 +177,37 @@ def copy_json_schemas(directory: Path) -> None:
         (directory / "schemas" / f"{kind}.json").write_bytes((JSONSCHEMA / f"{kind}.json").read_bytes())
 
 
+# The ports `free_ports` gave out in this process.
+_GIVEN: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
     """`n` distinct loopback ports free now. Picked below the kernel's range of ephemeral ports
     where it is known: a port from that range, free when picked, can be taken by any outgoing
     connection (to a database, another node) before the node that is to listen on it binds it
-    (seen in the test suite as "Failed to bind to address")."""
+    (seen in the test suite as "Failed to bind to address"). Never one this process gave out
+    before: a deployment made earlier may start its nodes later (seen as "Address already in
+    use" when two deployments of one test run drew the same port)."""
     low = _ephemeral_low()
     socks: list[socket.socket] = []
     try:
         while len(socks) < n:
             s = socket.socket()
             socks.append(s)
-            if low is None:
-                s.bind(("127.0.0.1", 0))
-                continue
             for _ in range(100):
                 try:
-                    s.bind(("127.0.0.1", secrets.randbelow(low - 20_000) + 20_000))
-                    break
+                    s.bind(("127.0.0.1", 0 if low is None else secrets.randbelow(low - 20_000) + 20_000))
                 except OSError:
                     continue
+                if s.getsockname()[1] not in _GIVEN:
+                    break
+                s.close()
+                s = socks[-1] = socket.socket()
             else:
                 s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+        ports = [s.getsockname()[1] for s in socks]
+        _GIVEN.update(ports)
+        return ports
     finally:
         for s in socks:
             s.close()
