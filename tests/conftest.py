@@ -289,15 +289,21 @@ class Cluster:
     def data_dir(self, region: str) -> Path:
         return load_config(self.dep.configs[region]).data_dir
 
+    def query(self, region: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of `sql` in `region`'s node.db (SQLite), read through a short read-only
+        connection that holds no lock on the WAL afterwards (the node may be running, or
+        killed)."""
+        db = sqlite3.connect(f"file:{self.data_dir(region) / 'node.db'}?mode=ro", uri=True)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
     def lease_epoch(self, destination: str) -> int:
         """The epoch of the primary's lease on `destination`, as its store holds it now: what
         a genuine batch to that destination carries."""
-        db = sqlite3.connect(f"file:{self.data_dir(PRIMARY) / 'node.db'}?mode=ro", uri=True)
-        try:
-            row = db.execute("SELECT epoch FROM leases WHERE destination=?", (destination,)).fetchone()
-        finally:
-            db.close()
-        return row[0] if row else 0
+        rows = self.query(PRIMARY, "SELECT epoch FROM leases WHERE destination=?", (destination,))
+        return rows[0][0] if rows else 0
 
     async def put(
         self,

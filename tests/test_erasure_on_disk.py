@@ -64,11 +64,7 @@ def files_holding(data_dir: Path, wanted: set[bytes]) -> list[str]:
 
 def held_row(c: Cluster, region: str, user_id: str) -> tuple[int, bytes]:
     """The (version, sealed copy) a region node's node.db holds for a user."""
-    db = sqlite3.connect(f"file:{c.data_dir(region) / 'node.db'}?mode=ro", uri=True)
-    try:
-        (row,) = db.execute("SELECT version, blob FROM records WHERE user_id=?", (user_id,)).fetchall()
-    finally:
-        db.close()
+    (row,) = c.query(region, "SELECT version, blob FROM records WHERE user_id=?", (user_id,))
     return row
 
 
@@ -106,11 +102,7 @@ async def test_an_erased_users_sealed_bytes_and_keys_are_in_no_file_of_any_node(
             gone[r] |= stored_secrets(cluster.data_dir(r), GONE)
     kept = {r: stored_secrets(cluster.data_dir(r), KEPT) for r in regions}
     for r in regions:  # the e-mail's blind-index hashes (issue 18) are among what must go
-        db = sqlite3.connect(f"file:{cluster.data_dir(r) / 'node.db'}?mode=ro", uri=True)
-        try:
-            hashes = {h for (h,) in db.execute("SELECT hmac FROM lookup_index WHERE user_id=?", (GONE,))}
-        finally:
-            db.close()
+        hashes = {h for (h,) in cluster.query(r, "SELECT hmac FROM lookup_index WHERE user_id=?", (GONE,))}
         assert hashes and hashes <= gone[r], r
     assert all(gone[r] for r in regions) and all(kept[r] for r in regions)  # every node held both
     wanted = {r: pieces(gone[r], shared=kept[r]) for r in regions}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import subprocess
 from collections.abc import Awaitable
 
@@ -63,11 +62,7 @@ async def entries(cluster: Cluster, region: str = PRIMARY) -> list[dict]:
 
 
 def index_rows(cluster: Cluster, region: str = PRIMARY) -> list[tuple[int, str, bytes, str]]:
-    db = sqlite3.connect(f"file:{cluster.data_dir(region) / 'node.db'}?mode=ro", uri=True)
-    try:
-        return list(db.execute("SELECT key_version, field, hmac, user_id FROM lookup_index"))
-    finally:
-        db.close()
+    return cluster.query(region, "SELECT key_version, field, hmac, user_id FROM lookup_index")
 
 
 # ---- normalisation and the schema (pure) ------------------------------------------------------

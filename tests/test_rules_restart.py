@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 
 import yaml
@@ -93,11 +92,8 @@ async def test_a_field_the_rules_file_now_masks_is_held_only_masked_after_the_pr
 
 
 def saved_reprojection(cluster: Cluster) -> tuple[str, str | None, int, int]:
-    db = sqlite3.connect(f"file:{cluster.data_dir(PRIMARY) / 'node.db'}?mode=ro", uri=True)
-    try:
-        return db.execute("SELECT version, after, done, total FROM rules_state").fetchone()
-    finally:
-        db.close()
+    (row,) = cluster.query(PRIMARY, "SELECT version, after, done, total FROM rules_state")
+    return row
 
 
 async def test_a_reprojection_killed_midway_resumes_and_completes_after_the_restart(cluster: Cluster):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -105,12 +104,8 @@ async def mid_round(c: Cluster, region: str, span: tuple[int, int]) -> bool:
 def held_in_store(c: Cluster, region: str, round_n: int) -> int:
     """How many users a killed region node's store holds at round `round_n`'s version or
     newer, read from its files as the kill left them (read-only: the process is gone)."""
-    db = sqlite3.connect(f"file:{c.data_dir(region) / 'node.db'}?mode=ro", uri=True)
-    try:
-        (n,) = db.execute("SELECT count(*) FROM records WHERE version >= ?", (round_n,)).fetchone()
-    finally:
-        db.close()
-    return n
+    ((n,),) = c.query(region, "SELECT count(*) FROM records WHERE version >= ?", (round_n,))
+    return int(n)
 
 
 async def replicated(c: Cluster) -> None:
