@@ -284,7 +284,10 @@ class Cluster:
         return await call(wire, timeout=10)
 
     def admin(self, region: str = PRIMARY) -> admin_pb2_grpc.AdminServiceStub:
-        return admin_pb2_grpc.AdminServiceStub(self.channel(region, "operator", PRIMARY))
+        """As an operator of the region of `region`'s node (a node's acts are its own
+        region's operators'; `region` may name a front end, `add_front_end`)."""
+        home = next((r for r in (PRIMARY, *AFFILIATES) if region == r or region.startswith(f"{r}-")), region)
+        return admin_pb2_grpc.AdminServiceStub(self.channel(region, "operator", home))
 
     def data_dir(self, region: str) -> Path:
         return load_config(self.dep.configs[region]).data_dir

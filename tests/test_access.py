@@ -143,6 +143,28 @@ def test_copies_are_taken_only_from_the_home_regions_node():
         assert refusal(liar, apply, PRIMARY)[0] == "replica.apply"
 
 
+def test_an_operator_administers_the_node_of_its_own_region_only():
+    admin = "/residency.v1.AdminService/"
+    own_region = {
+        f"{admin}ApplyRules": "admin.rules",
+        f"{admin}PauseReplication": "admin.replication",
+        f"{admin}RetryDeadLetters": "admin.replication",
+        f"{admin}ExplainTransfer": "admin.explain",
+        f"{admin}RotateKeys": "admin.keys",
+        "/residency.v1.GrantService/CreateGrant": "grants.write",
+        "/residency.v1.GrantService/ListGrants": "grants.read",
+    }
+    for method, permission in own_region.items():
+        assert refusal(who("operator"), method, PRIMARY, PRIMARY) is None
+        assert refusal(who("operator", SG), method, SG, SG) is None
+        # An affiliate's operator at the home region's node, and the home's at an affiliate's.
+        for ident, region in ((who("operator", SG), PRIMARY), (who("operator"), SG)):
+            missing, why = refusal(ident, method, PRIMARY, region)
+            assert missing == permission and region in why, (method, why)
+    # What names no user stays open to every operator: a node's status.
+    assert refusal(who("operator", SG), f"{admin}GetNodeStatus", PRIMARY, PRIMARY) is None
+
+
 def test_the_users_a_request_names_are_its_subjects():
     put = records_pb2.PutRecordsRequest(
         records=[records_pb2.Record(user_id=u) for u in ("u-1", "u-2", "u-1", "bad id!")]

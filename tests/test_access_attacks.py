@@ -21,6 +21,7 @@ from residency.v1 import (
     consent_pb2,
     consent_pb2_grpc,
     disclosure_pb2,
+    disclosure_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
     translog_pb2,
@@ -400,3 +401,83 @@ async def test_a_refused_transfer_log_query_is_logged_against_the_subject_it_nam
     assert permission_of(e) == "translog.read"
     (refusal,) = await entries(c, subject="sr-1")
     assert (refusal["kind"], refusal["outcome"]) == ("access", "denied")
+
+
+async def test_a_refused_call_writes_its_purpose_to_the_log_only_if_it_is_a_data_use(module_cluster: Cluster):
+    c = module_cluster
+    # A reviewer (no records.read) states a "purpose" that is a megabyte of someone's data.
+    stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "reviewer"))
+    words = "Zhang Wei 110105194912310021 " * 40_000
+    for user, purpose in (("pw-1", words), ("pw-2", "essential.service")):
+        request = records_pb2.GetRecordRequest(context=ctx(PRIMARY, purpose), user_id=user)
+        call = stub.GetRecord(request, timeout=10)
+        assert permission_of(await denied(call)) == "records.read"
+    (words_refused,) = await entries(c, subject="pw-1")
+    (use_refused,) = await entries(c, subject="pw-2")
+    assert (words_refused["outcome"], words_refused["purpose"]) == ("denied", "")
+    assert "110105" not in json.dumps(words_refused)
+    assert use_refused["purpose"] == "essential.service"
+
+
+async def test_an_erasure_or_a_consent_from_abroad_is_refused_logged_and_changes_nothing(
+    module_cluster: Cluster,
+):
+    c = module_cluster
+    await c.put("ab-1", {"email": "ab@example.cn"})
+    abroad = f"spiffe://residency/service/{SG}/test-suite"
+    records = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "service", SG))
+    erase = records.DeleteRecord(
+        records_pb2.DeleteRecordRequest(context=ctx("", "essential.service"), user_id="ab-1"), timeout=10
+    )
+    assert permission_of(await denied(erase)) == f"records.write in {PRIMARY}"
+    grant = consents_stub(c, location=SG).GrantConsents(
+        consent_pb2.GrantConsentsRequest(
+            context=ctx("", "essential.service"), consents=[consent("ab-1", "marketing.advertising")]
+        ),
+        timeout=10,
+    )
+    assert permission_of(await denied(grant)) == f"consents.write in {PRIMARY}"
+    # The record is there, with no consent recorded, and both refusals are in the log.
+    assert values(await c.get("ab-1"))["email"] == "ab@example.cn"
+    assert ("marketing.advertising", "") not in await standing(c, "ab-1")
+    refusals = await entries(c, subject="ab-1", actor=abroad)
+    assert [(x["kind"], x["outcome"]) for x in refusals] == [("access", "denied")] * 2
+
+
+async def test_an_affiliates_operator_cannot_administer_the_home_regions_node(module_cluster: Cluster):
+    c = module_cluster
+    theirs = f"spiffe://residency/operator/{SG}/test-suite"
+    admin = admin_pb2_grpc.AdminServiceStub(c.channel(PRIMARY, "operator", SG))
+    rules = admin.ApplyRules(admin_pb2.ApplyRulesRequest(rules_yaml="never_transfer: []"), timeout=10)
+    assert permission_of(await denied(rules)) == "admin.rules"
+    pause = admin.PauseReplication(admin_pb2.PauseReplicationRequest(region=SG), timeout=10)
+    assert permission_of(await denied(pause)) == "admin.replication"
+    explain = admin.ExplainTransfer(admin_pb2.ExplainTransferRequest(user_id="ao-1", to=SG), timeout=10)
+    assert permission_of(await denied(explain)) == "admin.explain"
+    grants = consent_pb2_grpc.GrantServiceStub(c.channel(PRIMARY, "operator", SG))
+    request = grant_of("ao-1", 60)
+    request.context.location = ""
+    assert permission_of(await denied(grants.CreateGrant(request, timeout=10))) == "grants.write"
+    # Nothing changed, every refusal is logged with the operator as actor, and its status
+    # (which names no user) is still answered.
+    assert not (await c.replication())[SG].paused
+    assert [x["outcome"] for x in await entries(c, subject="ao-1", actor=theirs)] == ["denied"] * 2
+    assert (await admin.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)).region == PRIMARY
+
+
+async def test_a_disclosure_is_requested_at_home_only_and_its_texts_are_bounded(module_cluster: Cluster):
+    c = module_cluster
+    await c.put("dq-1", {"email": "dq@example.cn"})
+    abroad = disclosure_pb2_grpc.DisclosureServiceStub(c.channel(PRIMARY, "service", SG))
+    request = court_order("dq-1", "essential.legal_obligation")
+    request.context.location = ""
+    e = await denied(abroad.RequestDisclosure(request, timeout=10))
+    assert permission_of(e) == f"disclosures.request in {PRIMARY}"
+    # At home, a third party's name the length of a document is refused before anything is logged.
+    home = disclosure_pb2_grpc.DisclosureServiceStub(c.channel(PRIMARY, "service"))
+    long = court_order("dq-1", "essential.legal_obligation")
+    long.third_party = "x" * 501
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await home.RequestDisclosure(long, timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "third_party" in bad.value.details()
+    assert [x["kind"] for x in await entries(c, subject="dq-1") if x["kind"] == "disclosure"] == []

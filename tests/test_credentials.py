@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
+from residency.server.core.policy.credentials import TokenBuckets, VerifyLimits
 from residency.server.deployment import PRIMARY
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
@@ -148,3 +149,23 @@ async def test_users_without_a_credential_take_as_long_to_verify_as_users_with_o
     for kind in ("no credential", "unknown user"):
         ratio = statistics.median(times[kind]) / known
         assert 0.5 <= ratio <= 2.0, (kind, ratio, {k: statistics.median(v) for k, v in times.items()})
+
+
+def test_a_limit_under_one_a_minute_still_lets_a_call_through_now_and_then():
+    limits = VerifyLimits.per_minute(0.5, 600)
+    assert limits.admit("u-1", "svc", 0.0) is None
+    refused = limits.admit("u-1", "svc", 1.0)
+    assert refused is not None and refused[0] == "user" and refused[1] == pytest.approx(119.0)
+    assert limits.admit("u-1", "svc", 121.0) is None
+
+
+def test_many_users_at_once_do_not_make_every_call_sweep_the_buckets():
+    buckets = TokenBuckets(10.0)
+    for i in range(30_000):  # all at one moment: none is full again, none can be forgotten
+        buckets.take(f"u-{i}", 0.0)
+    # Sweeps happened at 10,001 and 20,003 buckets, not on each of the 20,000 calls after.
+    assert buckets._sweep_at > 30_000 and len(buckets._buckets) == 30_000
+    # Once full again, they are forgotten at the next sweep.
+    for i in range(30_000, 40_007):
+        buckets.take(f"u-{i}", 3600.0)
+    assert len(buckets._buckets) < 10_100

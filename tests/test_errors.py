@@ -305,3 +305,28 @@ def test_every_number_out_of_range_is_found_in_every_request_type():
             assert [p for p, _ in out_of_range(message)] == [path], (t.full_name, path)
             planted += 1
     assert planted >= 20  # versions, sequences, tree sizes, times, a copy's policies' ends
+
+
+async def test_a_domain_error_without_a_status_of_its_own_is_internal_and_its_text_is_kept_out(
+    caplog: pytest.LogCaptureFixture,
+):
+    """An error of this code that no call is meant to raise (a bundle's, read by a reviewer's
+    tool) must not reach a caller with its text, should it ever escape a servicer."""
+    from residency.server.api.errors import rpc
+    from residency.server.vault.bundle import BundleError
+
+    class Servicer:
+        @rpc
+        async def Call(self, request, context):
+            raise BundleError("the bundle at /srv/secret/path is damaged")
+
+    class Context:
+        status = None
+
+        async def abort_with_status(self, status):
+            Context.status = status
+
+    await Servicer().Call(None, Context())
+    assert Context.status.code == grpc.StatusCode.INTERNAL
+    assert "secret" not in Context.status.details and "internal error" in Context.status.details
+    assert "the bundle at /srv/secret/path is damaged" in caplog.text

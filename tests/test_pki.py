@@ -91,3 +91,31 @@ def test_an_identity_of_another_trust_domain_is_refused(tmp_path: Path):
     cert, key = elsewhere.issue("operator", "operator")
     said = refusal(cert, key, elsewhere.ca, trust_domain="residency")
     assert "names no identity spiffe://residency/ROLE/REGION/NAME" in said
+
+
+def test_a_certificate_naming_two_identities_or_a_dot_segment_names_none(deployment: Files):
+    """An X.509 SVID carries exactly one URI SAN: one that adds a second, even a well-formed
+    identity beside its own, names nobody; and "." or ".." is no NAME (SPIFFE forbids them)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca = x509.load_pem_x509_certificate(deployment.ca)
+    ca_key = serialization.load_pem_private_key((deployment.dir / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    mine = "spiffe://residency/service/cn-north/app"
+
+    def certificate(*uris: str) -> x509.Certificate:
+        sans = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris])
+        return (
+            pki.builder(pki.common_name("service/cn-north/app"), ca.subject, key.public_key(), NOW, 30)
+            .add_extension(sans, critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+
+    assert pki.identity_of(certificate(mine)) == pki.parse_uri(mine)
+    for second in ("spiffe://residency/operator/cn-north/app", "https://example.com/app", "spiffe://x"):
+        assert pki.identity_of(certificate(mine, second)) is None, second
+    for dots in (".", ".."):
+        assert pki.parse_uri(f"spiffe://residency/service/cn-north/{dots}") is None
+        with pytest.raises(pki.ConfigError):
+            pki.issue(deployment.dir, "service", "cn-north", dots, deployment.dir / "dots")

@@ -25,7 +25,7 @@ from residency.server.api.tls import CALLER, ServerTls, peer_certificate, peer_c
 from residency.server.api.wrapping import HandlerRewriter, kind_of
 from residency.server.core import translog
 from residency.server.core.errors import CallerDenied
-from residency.server.core.schema import USER_ID
+from residency.server.core.schema import USER_ID, data_uses
 from residency.server.keys.pki import Identity
 
 log = logging.getLogger("residency.access")
@@ -57,7 +57,8 @@ METHODS: dict[str, str] = {
     "/residency.v1.DisclosureService/ListDisclosures": "disclosures.approve",
     "/residency.v1.AdminService/GetNodeStatus": "admin.status",
     "/residency.v1.AdminService/ReplicationStatus": "admin.status",
-    "/residency.v1.AdminService/ExplainTransfer": "admin.status",
+    # Which fields of a user's record would go where: about one user, so own-region only.
+    "/residency.v1.AdminService/ExplainTransfer": "admin.explain",
     "/residency.v1.AdminService/PauseReplication": "admin.replication",
     "/residency.v1.AdminService/ResumeReplication": "admin.replication",
     "/residency.v1.AdminService/RetryDeadLetters": "admin.replication",
@@ -111,6 +112,7 @@ ROLES: dict[str, frozenset[str]] = {
         {
             "subjects.export",
             "admin.status",
+            "admin.explain",
             "admin.replication",
             "admin.rules",
             "admin.keys",
@@ -126,6 +128,15 @@ ROLES: dict[str, frozenset[str]] = {
     # A region node takes copies from its home region's node only (`refusal` checks where).
     "node": frozenset({"replica.apply"}),
 }
+
+
+# What an operator holds on the node of its own region only: acts that change how that
+# region handles its data (rules, replication, grants, keys) and answers about its users. An
+# affiliate's operator administers its own node, not the home region's (status stays open to
+# every operator: it names no user).
+OWN_REGION = frozenset(
+    {"admin.keys", "admin.rules", "admin.replication", "admin.explain", "grants.write", "grants.read"}
+)
 
 
 def holders(permission: str) -> list[str]:
@@ -147,11 +158,13 @@ def refusal(ident: Identity, method: str, home_region: str, region: str = "") ->
         )
     if needed == "replica.apply" and ident.region != home_region:
         return needed, f"{ident.uri} lacks permission {needed}: copies come only from {home_region}'s node"
-    if needed == "admin.keys" and region and ident.region != region:
-        return (
-            needed,
-            f"{ident.uri} lacks permission {needed}: the keys of {region} are its own operators' to change",
+    if needed in OWN_REGION and region and ident.region != region:
+        why = (
+            f"the keys of {region} are its own operators' to change"
+            if needed == "admin.keys"
+            else f"on {region}'s node only its own operators hold it"
         )
+        return needed, f"{ident.uri} lacks permission {needed}: {why}"
     return None
 
 
@@ -226,6 +239,8 @@ class Gate(HandlerRewriter):
         peer = peer_certificate(context)
         if (why := self.tls.refusal(peer, lambda: peer_chain(context))) is not None:
             refused("unauthenticated")
+            if peer is not None and peer.identity is not None:  # revoked or expired: who it was
+                await self._log_refused(method, request, peer.identity, why, named_only=True)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         assert peer is not None and peer.identity is not None  # `refusal` said so
         ident = peer.identity
@@ -241,18 +256,33 @@ class Gate(HandlerRewriter):
         if denied is None:
             return  # a number out of range: `RequestGuard` refuses it INVALID_ARGUMENT next
         permission, why = denied
-        if node is not None:
-            # A request refused for an out-of-range number still names its users; an
-            # unreadable one names nobody.
-            message = _parsed(method, request.message if isinstance(request, Refused) else request)
-            users = subjects(message) if message is not None else []
-            purpose = getattr(getattr(message, "context", None), "purpose", "")
-            entries = denial_entries(ident.uri, ident.region, why, users or [""], purpose, node)
-            try:
-                await node.db.write(lambda: node.db.store.log_append(entries))
-            except Exception:  # the caller is refused all the same
-                log.exception("cannot log a refused call of %s", method)
+        await self._log_refused(method, request, ident, why)
         await refuse(context, status_for(CallerDenied(why, permission=permission)))
+
+    async def _log_refused(
+        self, method: str, request: Any, ident: Identity, why: str, named_only: bool = False
+    ) -> None:
+        """The transfer-log entries of a refused call: one per user it names, or one without
+        a subject (none without a node; with `named_only`, a certificate refused at the door,
+        none if it names nobody: a revoked service's health probes are no transfers)."""
+        node = self.node
+        if node is None:
+            return
+        # A request refused for an out-of-range number still names its users; an unreadable
+        # one names nobody.
+        message = _parsed(method, request.message if isinstance(request, Refused) else request)
+        users = subjects(message) if message is not None else []
+        if named_only and not users:
+            return
+        # A purpose that is no Fides data use is the caller's words, of any length: not written
+        # to the log (as in `identity.caller_of`).
+        stated = getattr(getattr(message, "context", None), "purpose", "")
+        purpose = stated if stated in data_uses() else ""
+        entries = denial_entries(ident.uri, ident.region, why, users or [""], purpose, node)
+        try:
+            await node.db.write(lambda: node.db.store.log_append(entries))
+        except Exception:  # the caller is refused all the same
+            log.exception("cannot log a refused call of %s", method)
 
     def _guard(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         check = self._check

@@ -26,7 +26,10 @@ class ConsentService(consent_pb2_grpc.ConsentServiceServicer):
     async def _set(self, request, context, withdraw: bool) -> int:
         self.node.primary_only()
         changes = _consent_changes(request.consents)
-        caller = await caller_of(self.node, request.context, context, [c.user_id for c in changes])
+        users = [c.user_id for c in changes]
+        caller = await caller_of(self.node, request.context, context, users)
+        # Consents decide what leaves for where: a service abroad could widen its own reads.
+        await at_home_only(self.node, caller, "consents.write", "consents are recorded in", users)
         policy = self.node.policy
         policy.check_consents(changes, withdraw)
         # What it records is held to its policy too: a consent's purpose, not only the context's.

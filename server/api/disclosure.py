@@ -11,7 +11,7 @@ import grpc
 
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
-from residency.server.api.identity import caller_of, peer_of, purpose_refusal
+from residency.server.api.identity import at_home_only, caller_of, peer_of, purpose_refusal
 from residency.server.core import codec
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, ResidencyError
 from residency.server.core.policy import disclosure as policy
@@ -60,6 +60,9 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
         self.node.primary_only()
         caller = await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
+        # The fields go to the requester: one abroad would take them out of the region unruled.
+        what = "disclosures are requested in"
+        await at_home_only(self.node, caller, "disclosures.request", what, [request.user_id])
         ground = _GROUND_NAMES.get(request.ground)
         if ground is None:
             raise InvalidRecord([("ground", "name one of the policy's grounds 3a-3g")])

@@ -146,6 +146,14 @@ def internal(method: str) -> status_pb2.Status:
     )
 
 
+def _domain_status(e: ResidencyError, method: str) -> status_pb2.Status:
+    """A domain error's status; one that has no status of its own (a bundle's or archive's
+    error reaching a call) is unexpected there: INTERNAL with an error id, not its text."""
+    if any(isinstance(e, t) for t in _CODES):
+        return status_for(e)
+    return internal(method)
+
+
 async def refuse(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
     await context.abort_with_status(rpc_status.to_status(status))
 
@@ -160,7 +168,7 @@ def rpc(method: Callable) -> Callable:
                 async for item in method(self, request, context):
                     yield item
             except ResidencyError as e:
-                await refuse(context, status_for(e))
+                await refuse(context, _domain_status(e, method.__qualname__))
             except grpc.aio.AbortError:
                 raise
             except Exception:
@@ -173,7 +181,7 @@ def rpc(method: Callable) -> Callable:
         try:
             return await method(self, request, context)
         except ResidencyError as e:
-            await refuse(context, status_for(e))
+            await refuse(context, _domain_status(e, method.__qualname__))
         except grpc.aio.AbortError:
             raise
         except Exception:

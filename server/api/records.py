@@ -163,6 +163,8 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         self.node.primary_only()
         caller = await caller_of(self.node, request.context, context, [request.user_id])
         check_user(request.user_id)
+        # An erasure is a write: from abroad it would destroy what the home region keeps.
+        await self._writer_at_home(caller, [request.user_id])
         version = await self.node.db.write(
             lambda: self.records.delete(request.user_id, caller.identity, caller.purpose)
         )
@@ -177,6 +179,9 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         spec = self.records.schema.fields.get(request.field)
         if spec is None or not spec.credential:
             raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
+        size = len(request.secret.encode())
+        if size > spec.max_bytes:  # no secret that long was stored: not worth the hashing
+            raise InvalidRecord([("secret", f"{size} bytes; the field's limit is {spec.max_bytes}")])
         what, users = "credentials are verified in", [request.user_id]
         await at_home_only(self.node, caller, "credentials.verify", what, users, "remote_read")
         refused = self.node.verify_limits.admit(request.user_id, caller.identity, time.monotonic())

@@ -62,17 +62,24 @@ def parse_uri(uri: str) -> Identity | None:
 
 
 def _valid(part: str) -> bool:
-    return bool(part) and all(c.isalnum() or c in "._-" for c in part) and part.isascii()
+    # SPIFFE IDs forbid the dot segments "." and "..".
+    return (
+        part not in (".", "..")
+        and bool(part)
+        and all(c.isalnum() or c in "._-" for c in part)
+        and part.isascii()
+    )
 
 
 def identity_of(cert: x509.Certificate) -> Identity | None:
-    """The identity a certificate's URI SAN names, or None if it names none (or several)."""
+    """The identity a certificate's one URI SAN names, or None if it has none, several (an
+    X.509 SVID has exactly one), or one that is no identity."""
     try:
-        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
-    found = {i for u in uris.get_values_for_type(x509.UniformResourceIdentifier) if (i := parse_uri(u))}
-    return found.pop() if len(found) == 1 else None
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    return parse_uri(uris[0]) if len(uris) == 1 else None
 
 
 def read_serials(path: Path) -> frozenset[int]:

@@ -19,7 +19,13 @@ class Grants:
 
     def create_grant(self, g: dict[str, Any], users: list[str], actor: str) -> str:
         request = GrantRequest(
-            g["recipient"], g["purpose"], g["legal_basis"], tuple(g["categories"]), g["ends_at"], tuple(users)
+            g["recipient"],
+            g["purpose"],
+            g["legal_basis"],
+            tuple(g["categories"]),
+            g["ends_at"],
+            tuple(users),
+            g.get("id") or "",
         )
         rules = self.records.rules
         check_grant(request, rules.recipients, rules.never_transfer, time.time())

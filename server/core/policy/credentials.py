@@ -60,11 +60,15 @@ def verify_credential(secret: str, stored: bytes) -> Verdict:
 
 @dataclass(slots=True)
 class TokenBuckets:
-    """One token bucket per key: `per_minute` tokens a minute, at most `per_minute` saved."""
+    """One token bucket per key: `per_minute` tokens a minute, at most `per_minute` saved (at
+    least one: a limit under one a minute still lets a call through now and then)."""
 
     per_minute: float
     # key -> (tokens, when counted)
     _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Full buckets are forgotten when there are this many (a full bucket is as good as none);
+    # it doubles when most are not full, so a busy node does not sweep on every call.
+    _sweep_at: int = 10_000
 
     def wait(self, key: str, now: float) -> float:
         """Seconds until `key` has a token (0: it has one now)."""
@@ -73,12 +77,18 @@ class TokenBuckets:
 
     def take(self, key: str, now: float) -> None:
         self._buckets[key] = (self._tokens(key, now) - 1, now)
-        if len(self._buckets) > 10_000:  # a full bucket is as good as none: forget those
-            self._buckets = {k: v for k, v in self._buckets.items() if self._tokens(k, now) < self.per_minute}
+        if len(self._buckets) > self._sweep_at:
+            full = self._capacity
+            self._buckets = {k: v for k, v in self._buckets.items() if self._tokens(k, now) < full}
+            self._sweep_at = max(10_000, 2 * len(self._buckets))
+
+    @property
+    def _capacity(self) -> float:
+        return max(1.0, self.per_minute)
 
     def _tokens(self, key: str, now: float) -> float:
-        tokens, then = self._buckets.get(key, (self.per_minute, now))
-        return min(self.per_minute, tokens + (now - then) * self.per_minute / 60)
+        tokens, then = self._buckets.get(key, (self._capacity, now))
+        return min(self._capacity, tokens + (now - then) * self.per_minute / 60)
 
 
 @dataclass(slots=True)

@@ -53,6 +53,10 @@ GROUNDS: dict[str, Ground] = {
 EVIDENCE = ("reference", "provision", "service")
 
 
+# The longest third party's name or evidence reference a request may give.
+MAX_TEXT = 500
+
+
 @dataclass(slots=True)
 class Disclosure:
     """A request to hand a user's fields to a third party in a country (an ISO 3166-1 alpha-2
@@ -73,11 +77,17 @@ def check_request(d: Disclosure, schema: Mapping[str, FieldSpec]) -> None:
         raise InvalidRecord([("ground", f"must be one of {sorted(GROUNDS)}")])
     if not d.third_party.strip():
         raise InvalidRecord([("third_party", "name who receives the data")])
+    # What the log keeps for good, refused or not: a name and references, not documents.
+    long = [(k, v) for k, v in [("third_party", d.third_party), *d.evidence.items()] if len(v) > MAX_TEXT]
+    if long:
+        raise InvalidRecord([(k, f"at most {MAX_TEXT} characters ({len(v)} given)") for k, v in long])
     if not countries.is_alpha_2(d.destination_country):
         raise InvalidRecord([("destination_country", _country_problem(d.destination_country))])
-    unknown = [f for f in d.fields if f not in schema]
+    unknown = [f for f in dict.fromkeys(d.fields) if f not in schema]
     if unknown:
-        raise InvalidRecord([(f"fields[{f}]", "unknown field") for f in unknown])
+        raise InvalidRecord([(f"fields[{f}]", "unknown field") for f in unknown[:100]])
+    if len(set(d.fields)) < len(d.fields):
+        raise InvalidRecord([("fields", "name each field once")])
 
 
 def _country_problem(given: str) -> str:

@@ -10,6 +10,7 @@ grants still stand.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ class GrantRequest:
     categories: tuple[str, ...]
     ends_at: float
     user_ids: tuple[str, ...]
+    id: str = ""  # the operator's own name for it, or "" for a new one
+
+
+# A grant's id (an operator may name it) and how much one grant may hold: its users are
+# written, logged and their records re-projected in one transaction.
+GRANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_GRANT_USERS = 10_000
+MAX_GRANT_CATEGORIES = 64
 
 
 def check_grant(
@@ -60,8 +69,14 @@ def check_grant(
         kept = next((n for n in never_transfer if covers(n, c)), None)
         if kept is not None:
             bad.append(("grant.categories", f"{c} never leaves the home region (never_transfer: {kept})"))
+    if g.id and not GRANT_ID.fullmatch(g.id):
+        bad.append(("grant.id", "1 to 64 letters, digits, '.', '_' or '-' (or none, for a new one)"))
+    if len(g.categories) > MAX_GRANT_CATEGORIES:
+        bad.append(("grant.categories", f"at most {MAX_GRANT_CATEGORIES} ({len(g.categories)} given)"))
     if not g.user_ids or any(not USER_ID.fullmatch(u) for u in g.user_ids):
         bad.append(("grant.user_ids", "must list 1 or more well-formed user ids"))
+    elif len(g.user_ids) > MAX_GRANT_USERS:
+        bad.append(("grant.user_ids", f"at most {MAX_GRANT_USERS} users a grant ({len(g.user_ids)} given)"))
     if g.ends_at <= now:
         bad.append(("grant.ends_at", "must be in the future"))
     if bad:
