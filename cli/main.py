@@ -11,7 +11,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from residency.cli import backup, keys, log, logs, node, policy, records, replication, rules, subject
+from residency.cli import backup, health, keys, log, logs, node, policy, records, replication, rules, subject
 from residency.server.core.errors import ResidencyError
 
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_log(sub)
     replication.add_replication(sub)
     node.add_status(sub)
+    health.add_health(sub)
     policy.add_consent(sub)
     policy.add_grants(sub)
     policy.add_disclose(sub)

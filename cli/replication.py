@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import json_format
@@ -42,8 +43,29 @@ def _replicate(args: argparse.Namespace) -> int:
     from residency.replicator.standalone import run_worker
     from residency.server.config.node import load_config
 
-    asyncio.run(run_worker(load_config(args.config), args.region or None, args.metrics_listen or ""))
+    c = load_config(args.config)
+    serve = _worker_metrics(args.metrics_listen, c.tls) if args.metrics_listen else None
+    asyncio.run(run_worker(c, args.region or None, serve))
     return 0
+
+
+def _worker_metrics(listen: str, tls_config: Any) -> Callable[[Any], Callable[[], None]]:
+    """A standalone worker's metrics server: the process's metrics and its leases, over mutual
+    TLS with its config's certificate (as a node's metrics port)."""
+    from residency.replicator.metrics import Leases
+    from residency.server.api.https import serve_metrics_tls
+    from residency.server.api.tls import ServerTls
+    from residency.server.core.errors import ConfigError
+
+    tls = ServerTls(tls_config)
+
+    def serve(replicator: Any) -> Callable[[], None]:
+        try:
+            return serve_metrics_tls(listen, tls, (Leases(replicator),))
+        except OSError as e:
+            raise ConfigError(f"--metrics-listen {listen}: cannot listen there ({e.strerror or e})") from e
+
+    return serve
 
 
 def add_replicate(sub: argparse._SubParsersAction) -> None:

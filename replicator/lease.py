@@ -57,8 +57,9 @@ class Lease:
         store = db.store
         began = time.monotonic()
         try:
+            new_hold = self.epoch == 0  # this process has not held it yet
             held, paused, epoch = await db.write(
-                lambda: store.lease_take(self.region, self.owner, store.now(), self.seconds)
+                lambda: store.lease_take(self.region, self.owner, store.now(), self.seconds, new_hold)
             )
         except Exception as e:  # the store is busy or failing: not holding is the safe view
             log.warning("lease on %s not renewed: %r", self.region, e)

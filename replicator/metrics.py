@@ -2,20 +2,18 @@
 beside the batch steps the loop times (`residency_replication_batch_seconds`). A node serves
 its in-process worker's with its own on `metrics.listen`; a standalone worker serves them,
 with the rest of its process's (key-provider calls, its store's transactions), on
-`residency replicate --metrics-listen HOST:PORT`. Lag, pending changes and dead letters per
-destination come from the store: the primary's nodes serve those."""
+`residency replicate --metrics-listen HOST:PORT`: both over mutual TLS. Lag, pending
+changes and dead letters per destination come from the store: the primary's nodes serve
+those."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from residency.server.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from residency.replicator.loop import Replicator
@@ -38,24 +36,3 @@ class Leases(Collector):
         for region, lease in sorted(self.replicator.leases.items()):
             held.add_metric([region], 1.0 if lease.held and now < lease.until else 0.0)
         yield held
-
-
-def serve_worker_metrics(listen: str, replicator: Replicator) -> Callable[[], None]:
-    """Serves the process's metrics and `replicator`'s leases on `listen` (HOST:PORT) from a
-    thread; returns its stop."""
-    host, _, port = listen.rpartition(":")
-    leases = Leases(replicator)
-    REGISTRY.register(leases)
-    try:
-        server, thread = start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
-    except OSError as e:
-        REGISTRY.unregister(leases)
-        raise ConfigError(f"--metrics-listen {listen}: cannot listen there ({e.strerror or e})") from e
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-        REGISTRY.unregister(leases)
-
-    return stop

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 
 from residency.replicator.destinations import destinations_for
 from residency.replicator.loop import Replicator
-from residency.replicator.metrics import serve_worker_metrics
 from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
@@ -40,7 +39,13 @@ from residency.server.vault.shared_rules import SharedRules, rules_at_start
 log = logging.getLogger("residency.replicator")
 
 
-async def run_worker(c: NodeConfig, regions: list[str] | None = None, metrics_listen: str = "") -> None:
+async def run_worker(
+    c: NodeConfig,
+    regions: list[str] | None = None,
+    serve_metrics: Callable[[Replicator], Callable[[], None]] | None = None,
+) -> None:
+    """Ships the primary's outbox until SIGTERM; `serve_metrics` (the command's: `--metrics-
+    listen`) serves the process's metrics with the worker's leases and returns its stop."""
     if not c.is_primary or not c.affiliates:
         raise ConfigError(f"{c.path}: a replicator needs the primary's config, with 'affiliates'")
     schema = load_schema(c.schema)
@@ -65,16 +70,18 @@ async def run_worker(c: NodeConfig, regions: list[str] | None = None, metrics_li
         tls=c.tls,
     )
     # Before any lease is taken: a worker that cannot serve its metrics stops holding nothing.
-    stop_metrics = serve_worker_metrics(metrics_listen, replicator) if metrics_listen else None
+    stop_metrics = serve_metrics(replicator) if serve_metrics else None
     tasks: list[asyncio.Task] = []
     # A key shred made through the node (or another front end) reaches this process's keys too.
     key_events = KeyEvents(c.region, True, c.keys_dir, records, db, replicator.forget)
     try:
         await key_events.apply()
         await replicator.start()
-        tasks.append(asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules"))
         tasks.append(asyncio.create_task(_follow_key_events(key_events), name="follow-key-events"))
-        if isinstance(store, PostgresStore):  # and a change any of them applies, at once
+        if not isinstance(store, PostgresStore):  # SQLite: the node's rules file
+            tasks.append(asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules"))
+        else:  # the rules the store holds, and a change any front end applies, at once; a
+            # rules file edited on this host changes nothing (it was never applied, nor logged)
             shared = SharedRules(c, schema, records, db, asyncio.Lock())
             handlers: dict[str, Callable[[str], Awaitable[None]]] = {
                 "rules": lambda _: shared.follow(),

@@ -43,7 +43,7 @@ from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.region import RecipientKey
-from residency.server.storage.notices import listen
+from residency.server.storage.notices import Hearing, listen
 from residency.server.storage.postgres import PostgresStore
 from residency.server.storage.running import hold_running, hold_serving
 from residency.server.storage.stores import Store, open_store
@@ -106,6 +106,7 @@ class RunningNode:
         self._running: int | None = None
         self._serving: int | None = None
         self._stop_metrics: Callable[[], None] | None = None
+        self.hearing = Hearing()  # other front ends' notices (PostgreSQL)
         try:  # unreadable certificates fail at start, naming the file and the key
             self.tls = ServerTls(config.tls)
         except ConfigError as e:
@@ -121,7 +122,7 @@ class RunningNode:
         self._running = hold_running(c.data_dir)
         self._serving = hold_serving(c.data_dir, c.listen)
         await tls_floor.verify(self.tls.credentials())  # before anything listens or opens
-        await self.health.begin(c.health_listen)  # alive, not ready, until the checks pass
+        await self.health.begin()  # alive, not ready, until the checks pass
         schema = load_schema(c.schema)
         rules = load_rules(c.rules, schema)
         access = load_access(c.access)
@@ -168,9 +169,8 @@ class RunningNode:
             from residency.replicator.loop import Replicator
 
             # A stable owner: a node restarted after a crash takes its own leases back at once
-            # instead of waiting for them to expire. Front ends sharing a PostgreSQL store each
-            # have a data_dir of their own (docs/operators.md), so they are owners of their own
-            # even on one host and one listen address (gRPC binds it with SO_REUSEPORT).
+            # (under a new epoch). Front ends sharing a PostgreSQL store have a data_dir each
+            # (docs/operators.md): owners of their own even on one host and listen address.
             owner = f"{socket.gethostname()}:serve:{c.region}:{c.listen}:{c.data_dir}"
             self.replicator = Replicator(
                 records,
@@ -211,7 +211,7 @@ class RunningNode:
             if self._shared is not None:
                 follow = self._shared.follow
                 handlers["rules"] = lambda _: follow()
-            listening = listen(c.store.dsn, store.token, handlers)
+            listening = listen(c.store.dsn, store.token, handlers, hearing=self.hearing.use())
             self._tasks.append(asyncio.create_task(listening, name="store-notices"))
         server = grpc.aio.server(
             # Measured outermost: the gate's refusals are calls too.
@@ -233,8 +233,8 @@ class RunningNode:
             raise OSError(f"cannot listen on {c.listen}")
         await server.start()
         self.server = server
-        store = self.db.store
-        ready = self.health.watch(lambda: self.db.call(store.log_count), keyring)
+        store, hearing = self.db.store, self.hearing.problems
+        ready = self.health.watch(lambda: self.db.call(store.log_count), keyring, more=hearing)
         self._tasks.append(asyncio.create_task(ready, name="readiness"))
         self._tasks.append(asyncio.create_task(self._sign_checkpoints(), name="checkpoints"))
         if c.metrics_listen:

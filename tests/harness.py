@@ -65,7 +65,6 @@ class Deployment:
         listen, metrics = free_ports(2)
         config["listen"] = f"127.0.0.1:{listen}"
         config["data_dir"] = f"data/{region}-{name}"
-        config.pop("health", None)
         if "metrics" in config:
             config["metrics"] = {"listen": f"127.0.0.1:{metrics}"}
         key = f"{region}-{name}"

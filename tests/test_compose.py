@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -100,6 +101,9 @@ def test_every_command_is_one_the_image_and_the_cli_take():
     for name, service in ours(doc).items():
         args = parser.parse_args(service["command"])  # exits 2 on anything the CLI refuses
         assert args.command in ("serve", "replicate", "keys"), name
+        if "healthcheck" in service:  # `CMD residency ...`: the image's program
+            check = parser.parse_args(service["healthcheck"]["test"][2:])
+            assert service["healthcheck"]["test"][1] == image.entrypoint[0] and check.command == "health"
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name
         assert "user" not in service, f"{name} runs as the image's user"
@@ -156,10 +160,12 @@ def test_regions_roles_ports_and_mounts_agree_with_the_node_configs(deployment: 
         cert = x509.load_pem_x509_certificate((deployment / "local" / "pki" / f"{region}.crt").read_bytes())
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert region in names.get_values_for_type(x509.DNSName)
-        # Ports: the mutual-TLS one published on loopback only; health checked where it listens.
+        # Ports: the mutual-TLS one published on loopback only, and no plaintext one: the
+        # healthcheck asks that port with the node's own certificate, from the mounted config.
         assert [p.rpartition(":")[2] for p in service["ports"]] == [str(port(node.listen))]
         assert all(p.startswith("127.0.0.1:") for p in service["ports"])
-        assert f"127.0.0.1:{port(node.health.listen)}" in " ".join(service["healthcheck"]["test"])
+        assert "health" not in config
+        assert service["healthcheck"]["test"] == ["CMD", "residency", "health", "--config", NODE_CONFIG]
         # The keys bootstrap reads the same config and writes the same volume.
         keys = services[f"keys-{region}"]
         assert mounts(doc, keys)[NODE_CONFIG] == mounts(doc, service)[NODE_CONFIG]
@@ -265,6 +271,7 @@ class NativeStack:
         self.addresses = dict(addresses)  # "openbao:8200" -> "127.0.0.1:P", ...
         self.ports: dict[tuple[str, int], int] = {}  # (config, container port) -> host port
         self.procs: dict[str, subprocess.Popen] = {}
+        self.volumes: dict[str, dict[str, tuple[Path, bool]]] = {}  # service -> its mounts
 
     def host_port(self, config: str, container_port: int) -> int:
         if (config, container_port) not in self.ports:
@@ -318,7 +325,7 @@ class NativeStack:
 
     def start(self, name: str) -> None:
         service = self.doc["services"][name]
-        volumes = self.lay_out(name)
+        volumes = self.volumes[name] = self.lay_out(name)
         env = {k: str(v) for k, v in service.get("environment", {}).items()}
         self.procs[name] = run_natively(
             self.image, volumes, service["command"], self.root / f"{name}.log", env
@@ -331,15 +338,15 @@ class NativeStack:
         return code, (self.root / f"{name}.log").read_text(errors="replace")
 
     def healthcheck(self, name: str) -> bool:
-        """The service's own healthcheck command, pointed at its node's health port here."""
-        test = self.doc["services"][name]["healthcheck"]["test"]
-        assert test[0] == "CMD" and test[1] == "python"
-        source = mounts(self.doc, self.doc["services"][name])[NODE_CONFIG].name
-        script = test[3].replace("127.0.0.1:8081", f"127.0.0.1:{self.host_port(source, 8081)}")
-        return (
-            subprocess.run([sys.executable, *test[2:3], script], capture_output=True, timeout=30).returncode
-            == 0
-        )
+        """The running service's own healthcheck command, run as Compose runs it: in the
+        service's container (its mounts, its user), against its node config as laid out here."""
+        service = self.doc["services"][name]
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD"
+        env = {k: str(v) for k, v in service.get("environment", {}).items()}
+        image = replace(self.image, entrypoint=test[1:], cmd=[])
+        check = run_natively(image, self.volumes[name], [], self.root / f"{name}-health.log", env)
+        return check.wait(60) == 0
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -465,7 +472,7 @@ async def test_the_stacks_commands_run_a_user_into_a_region(tmp_path: Path, bao_
                 lambda r=region: stack.healthcheck(r),
                 f"{region}'s healthcheck passing",
                 60,
-                lambda r=region: stack.log(r),
+                lambda r=region: stack.log(f"{r}-health") + stack.log(r),
             )
         stack.start("replicator")
         await wait_for(

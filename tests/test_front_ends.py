@@ -326,3 +326,59 @@ async def test_a_copy_applied_under_a_new_key_through_one_region_front_end_opens
     entries = [json.loads(e) for _, e, _ in await c.log(SG)]
     erasures = [e for e in entries if e["kind"] == "erasure" and e["subject"] == "rk-1"]
     assert len(erasures) == 1 and "record of the user was created anew" in erasures[0]["reason"]
+
+
+async def test_a_front_end_that_stops_hearing_the_others_is_not_ready_until_it_hears_them_again(
+    idle_cluster: Cluster, primary_store: dict, postgres_server: Postgres
+):
+    """Without the store's notifications a front end would serve what another changed (an
+    erasure, the rules) as it was: from 1 s after its listening connection is lost it is not
+    ready, saying why, and ready again once it listens and has caught up."""
+    import psycopg
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    c = idle_cluster
+    await c.start(PRIMARY)
+    health = health_pb2_grpc.HealthStub(c.channel(PRIMARY, "operator"))
+
+    async def readiness_is(status: int) -> bool:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=10)
+        return reply.status == status
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    await eventually(lambda: readiness_is(serving), "the front end is ready")
+    database = primary_store["dsn"].rpartition("dbname=")[2].split()[0]
+    with psycopg.connect(postgres_server.dsn(**postgres_server._client_tls()), autocommit=True) as admin:
+        # No new connection to the store's database, then the listening one cut.
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        try:
+            cut = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND query LIKE 'LISTEN%%'",
+                (database,),
+            ).fetchall()
+            assert cut == [(True,)]
+            await eventually(lambda: readiness_is(not_serving), "the front end is not ready", deadline=10)
+            status = await c.status(PRIMARY)
+            assert any(w.startswith("store notifications: not heard for") for w in status.not_ready_because)
+        finally:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    await eventually(lambda: readiness_is(serving), "the front end listens again and is ready", deadline=15)
+
+
+def test_hearing_is_a_problem_before_the_first_catch_up_and_after_a_second_without_it():
+    from residency.server.storage.notices import Hearing
+
+    assert Hearing().problems() == []  # a node on SQLite listens to nobody
+    h = Hearing(grace=1.0).use()
+    assert h.problems() == ["store notifications: not listening yet (other front ends' changes)"]
+    h.listening = True
+    h.settle({"rules"})  # listening, but a handler failed: not caught up
+    assert h.problems()
+    h.settle(set())
+    assert h.problems() == []
+    h.listening = False
+    h.settle(set())
+    assert h.problems() == []  # within the grace
+    h.down_since = time.monotonic() - 2
+    assert h.problems() == ["store notifications: not heard for 2 s (other front ends' changes)"]

@@ -16,10 +16,8 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from residency.cli.channel import Credentials
 from residency.server.deployment import PRIMARY, free_ports, init_deployment
@@ -253,10 +251,10 @@ async def test_a_kubernetes_overlays_pod_runs_natively(tmp_path: Path):
     for d in (conf, peers, secrets / "tls", keys, volume):
         d.mkdir(parents=True)
     node = yaml.safe_load(data["node.yaml"])
-    grpc_port, metrics_port, health_port = free_ports(3)
-    node.update(listen=f"127.0.0.1:{grpc_port}")  # loopback ports of this machine
+    grpc_port, metrics_port = free_ports(2)
+    # Loopback ports of this machine; the node listens on every address, as in its pod.
+    node.update(listen=f"0.0.0.0:{grpc_port}")
     node["metrics"]["listen"] = f"127.0.0.1:{metrics_port}"
-    node["health"]["listen"] = f"127.0.0.1:{health_port}"
     data["node.yaml"] = yaml.safe_dump(node)
     for name, text in data.items():
         (conf / name).write_text(text)
@@ -283,28 +281,31 @@ async def test_a_kubernetes_overlays_pod_runs_natively(tmp_path: Path):
     assert {p.name for p in (volume / "keys").iterdir()} == {p.name for p in keys.iterdir()}
     (container,) = pod["containers"]
     log = tmp_path / "node.log"
-    running = run_natively(
-        image,
-        {
-            "/etc/residency": (conf, False),
-            "/etc/residency-peers": (peers, False),
-            "/run/secrets/residency": (secrets, False),
-            "/var/lib/residency": (volume, True),
-        },
-        container["args"],
-        log=log,
-    )
+    mounted = {
+        "/etc/residency": (conf, False),
+        "/etc/residency-peers": (peers, False),
+        "/run/secrets/residency": (secrets, False),
+        "/var/lib/residency": (volume, True),
+    }
+    running = run_natively(image, mounted, container["args"], log=log)
+
+    def probe(kind: str) -> tuple[int, str]:
+        """The pod's own probe command, run as the kubelet runs it: in the node's container."""
+        out = tmp_path / f"{kind}.log"
+        command = container[kind]["exec"]["command"]
+        check = run_natively(replace(image, entrypoint=command, cmd=[]), mounted, [], log=out)
+        return check.wait(60), out.read_text()
+
     try:
         operator = Credentials.files(deployment / "pki" / "operator", deployment / "pki" / "ca.crt")
         try:
             await wait_serving(f"127.0.0.1:{grpc_port}", operator, deadline=60.0)
         except Exception:
             pytest.fail(f"the pod's node did not serve: {log.read_text()[-3000:]}")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as ch:
-            reply = await health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service="readiness"), timeout=10
-            )
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # Its probes pass: over mutual TLS, with the node's certificate from the Secret.
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            code, said = await asyncio.to_thread(probe, kind)
+            assert (code, said) == (0, "SERVING\n"), (kind, said)
     finally:
         running.terminate()
         code = await asyncio.to_thread(running.wait, 60)

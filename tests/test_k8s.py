@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from residency.cli.main import build_parser
 from residency.server.config.node import NodeFile
 from residency.server.config.rules import rules_from_bytes
 from residency.server.config.schema import SchemaFile, load_schema
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 REGIONS = ("cn-north", "ap-southeast-1", "eu-west-1")
 KUBERNETES = "1.32.0"
+PROBE = ["residency", "health", "--config", "/etc/residency/node.yaml", "--service"]
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
 
@@ -122,17 +124,29 @@ def test_ports_probes_and_the_images_command_agree_with_the_config(overlay):
     node = one(objects, "StatefulSet", "residency-node")
     (c,) = node["spec"]["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {
-        "grpc": port_of(config["listen"]),
-        "metrics": port_of(config["metrics"]["listen"]),
-        "health": port_of(config["health"]["listen"]),
-    }
+    assert ports == {"grpc": port_of(config["listen"]), "metrics": port_of(config["metrics"]["listen"])}
+    # No plaintext port: every probe runs `residency health` on the node's own config, which
+    # asks over mutual TLS (tests/test_health.py runs it against a node, test_image.py in the
+    # pod's layout), and the CLI takes it as written.
+    assert "health" not in config
+    parser = build_parser()
     for probe, service in (
         ("startupProbe", "liveness"),
         ("livenessProbe", "liveness"),
         ("readinessProbe", "readiness"),
     ):
-        assert c[probe]["grpc"] == {"port": ports["health"], "service": service}
+        assert set(c[probe]) - {"periodSeconds", "failureThreshold", "timeoutSeconds"} == {"exec"}, probe
+        command = c[probe]["exec"]["command"]
+        assert command == [*PROBE, service]
+        args = parser.parse_args(command[1:])
+        assert (args.command, args.service) == ("health", service)
+        # Python's start and the command's own 3 s fit in the probe's time, and no probe runs
+        # more often than every 2 s.
+        assert c[probe]["timeoutSeconds"] >= 5 and c[probe]["periodSeconds"] >= 2, probe
+    assert c["livenessProbe"]["periodSeconds"] >= 10 and c["readinessProbe"]["periodSeconds"] >= 5
+    for _, container in containers(objects):  # nor any other container's probe on a port
+        probes = [container[k] for k in ("startupProbe", "livenessProbe", "readinessProbe") if k in container]
+        assert all(set(p) & {"grpc", "httpGet", "tcpSocket"} == set() for p in probes), container["name"]
     image = Image.read(ROOT / "deploy" / "Dockerfile")
     assert c["args"][: len(image.cmd)] == image.cmd  # the image's own command, plus JSON logs
     assert c["image"].endswith("/residency:0.1.0")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from residency.cli.channel import Credentials
 from residency.server.deployment import AFFILIATES, PRIMARY, free_ports
 from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2
 from tests.conftest import Cluster, Service, ctx
@@ -25,13 +28,31 @@ SENTINEL_USER = "u-sentinel-7f3a9c"
 SENTINEL_VALUE = "sentinel-value-4b1e@example.com"
 
 
+# How a TLS client sees a refusal: its handshake, or its first read, fails.
+REFUSED = (httpx.HTTPError, ssl.SSLError)
+
+
 def metrics_url(cluster: Cluster, region: str = PRIMARY) -> str:
     config = yaml.safe_load(cluster.dep.configs[region].read_text())
-    return f"http://{config['metrics']['listen']}/metrics"
+    return f"https://{config['metrics']['listen']}/metrics"
+
+
+def scraper(creds: Credentials | None, ca: Path | None = None) -> httpx.AsyncClient:
+    """An HTTPS client that trusts the deployment's CA (`ca`, or `creds`') and presents `creds`
+    (Prometheus's: a certificate of the CA that holds no permission, a `recipient` without
+    grants), or no certificate."""
+    context = ssl.create_default_context(cafile=str(ca or (creds.ca if creds else None)))
+    if creds is not None:
+        context.load_cert_chain(str(creds.cert), str(creds.key))
+    return httpx.AsyncClient(verify=context)
+
+
+def prometheus_creds(cluster: Cluster) -> Credentials:
+    return cluster.dep.credentials("recipient", PRIMARY, "prometheus")
 
 
 async def scrape(cluster: Cluster, region: str = PRIMARY) -> dict[str, list]:
-    async with httpx.AsyncClient() as client:
+    async with scraper(prometheus_creds(cluster)) as client:
         text = (await client.get(metrics_url(cluster, region), timeout=10)).text
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
@@ -144,7 +165,7 @@ async def test_no_user_id_or_value_in_any_metric(cluster: Cluster):
         await cluster.get(SENTINEL_USER, region=AFFILIATES[0], purpose="marketing.advertising")
     await cluster.replicated()
     for region in (PRIMARY, *AFFILIATES):
-        async with httpx.AsyncClient() as client:
+        async with scraper(prometheus_creds(cluster)) as client:
             text = (await client.get(metrics_url(cluster, region), timeout=10)).text
         assert "residency_rpc_requests_total" in text
         assert SENTINEL_USER not in text and SENTINEL_VALUE not in text and "example.com" not in text
@@ -158,14 +179,18 @@ async def test_a_real_prometheus_reads_the_lag_per_destination(cluster: Cluster,
         await cluster.put(f"u-p{i}", {"email": f"p{i}@example.com"})
     await cluster.replicated()
     (port,) = free_ports(1)
-    target = metrics_url(cluster).removeprefix("http://").removesuffix("/metrics")
+    target = metrics_url(cluster).removeprefix("https://").removesuffix("/metrics")
+    creds = prometheus_creds(cluster)
     config = tmp_path / "prometheus.yml"
+    scrape_config = {
+        "job_name": "residency",
+        "scheme": "https",
+        "tls_config": {"ca_file": str(creds.ca), "cert_file": str(creds.cert), "key_file": str(creds.key)},
+        "static_configs": [{"targets": [target]}],
+    }
     config.write_text(
         yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-                "scrape_configs": [{"job_name": "residency", "static_configs": [{"targets": [target]}]}],
-            }
+            {"global": {"scrape_interval": "1s", "scrape_timeout": "1s"}, "scrape_configs": [scrape_config]}
         )
     )
     prometheus = Service(
@@ -202,3 +227,40 @@ async def test_a_real_prometheus_reads_the_lag_per_destination(cluster: Cluster,
         assert all(s["metric"]["job"] == "residency" for s in result)
     finally:
         prometheus.stop()
+
+
+async def test_the_metrics_port_takes_only_mutual_tls_13_from_the_deployments_ca(
+    module_cluster: Cluster, tmp_path: Path
+):
+    """Like the gRPC port: no plaintext, no anonymous TLS, no TLS 1.2, no certificate of
+    another CA; a certificate of the CA (any role: the text names no user) reads it."""
+    from residency.server.keys import pki
+
+    c = module_cluster
+    url = metrics_url(c)
+    async with httpx.AsyncClient() as plain:  # plain HTTP to the TLS port
+        with pytest.raises(REFUSED):
+            await plain.get(url.replace("https://", "http://"), timeout=5)
+    async with scraper(None, c.dir / "pki" / "ca.crt") as anonymous:  # TLS, no client certificate
+        with pytest.raises(REFUSED):
+            await anonymous.get(url, timeout=5)
+    pki.create_ca(tmp_path / "foreign")  # the same trust domain, another CA
+    pki.issue(tmp_path / "foreign", "recipient", PRIMARY, "prometheus", tmp_path / "foreign-prom")
+    foreign = Credentials.files(tmp_path / "foreign-prom", c.dir / "pki" / "ca.crt")
+    async with scraper(foreign) as client:
+        with pytest.raises(REFUSED):
+            await client.get(url, timeout=5)
+    # TLS 1.2 with a good certificate: refused at the handshake (openssl's client says so).
+    creds = prometheus_creds(c)
+    host, _, port = url.removeprefix("https://").removesuffix("/metrics").rpartition(":")
+    tls12 = subprocess.run(
+        ["openssl", "s_client", "-connect", f"{host}:{port}", "-tls1_2", "-cert", str(creds.cert)]
+        + ["-key", str(creds.key), "-CAfile", str(creds.ca)],
+        input=b"",
+        capture_output=True,
+        timeout=30,
+    )
+    assert b"Cipher is (NONE)" in tls12.stdout or tls12.returncode != 0, tls12.stdout[-500:]
+    async with scraper(creds) as client:
+        reply = await client.get(url, timeout=10)
+    assert reply.status_code == 200 and "residency_rpc_requests_total" in reply.text

@@ -65,11 +65,22 @@ def test_postgres_schema_matches_sqlite(tmp_path: Path, postgres_server: Postgre
     )
 
 
-def test_two_processes_writing_at_once_keep_one_gap_free_log_and_outbox(postgres_server: Postgres):
+@pytest.mark.parametrize("default_isolation", ["", "repeatable read", "serializable"])
+def test_two_processes_writing_at_once_keep_one_gap_free_log_and_outbox(
+    postgres_server: Postgres, default_isolation: str
+):
     """Two stores on one database (what two front ends are: each its own connection, chain head
     and tree edge in memory) append concurrently; the log is one chain, its tree's root is
-    what a reader rebuilds from the entries, and the outbox commits in sequence order."""
-    dsn = postgres_server.dsn(postgres_server.database())
+    what a reader rebuilds from the entries, and the outbox commits in sequence order. Also
+    on a database whose default isolation is stricter than read committed (a DBA's setting):
+    the writers' transactions are read committed whatever the default."""
+    database = postgres_server.database()
+    dsn = postgres_server.dsn(database)
+    if default_isolation:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(
+                f"ALTER DATABASE \"{database}\" SET default_transaction_isolation = '{default_isolation}'"
+            )
     fronts = [PostgresStore(dsn), PostgresStore(dsn)]
     errors: list[BaseException] = []
 

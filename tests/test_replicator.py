@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +26,7 @@ from residency.v1 import admin_pb2, records_pb2, replica_pb2
 from tests.conftest import BACKENDS, S3_BUCKET, S3_PREFIX, S3_REGION, Cluster, ctx, values
 from tests.harness import eventually
 from tests.test_erasure_on_disk import held_row, put_back_and_refused
+from tests.test_metrics import prometheus_creds, scraper
 from tests.test_replication import FULL, allowed_fields
 from tests.test_s3_manifest import open_by_manifest
 
@@ -513,8 +513,8 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
             assert values(got) == {"email": "r29@example.cn", "language": "zh-CN"}
 
         async def serves_its_lease_and_batches(region: str, port: int) -> bool:
-            async with httpx.AsyncClient() as client:
-                text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
+            async with scraper(prometheus_creds(c)) as client:  # over mutual TLS, as the node's
+                text = (await client.get(f"https://127.0.0.1:{port}/metrics", timeout=10)).text
             m = {f.name: f.samples for f in text_string_to_metric_families(text)}
             held = {s.labels["destination"]: s.value for s in m["residency_replication_lease_held"]}
             shipped = [

@@ -1,17 +1,17 @@
 """What the standard gRPC health service says: `liveness` (the process answers) apart from
 `readiness` (started, not draining, its store and key service usable), each a service name of
-the health protocol, reported as the overall status ("") and per API service too. The same
-answers are served on an optional plaintext port (`health: {listen}`) for probes that cannot
-do mutual TLS, such as Kubernetes' gRPC probes: that port serves nothing else."""
+the health protocol, reported as the overall status ("") and per API service too. Served on
+the node's mutual-TLS port only: probes run `residency health --config NODE.yaml`, which asks
+over mutual TLS with the node's own certificate (`cli/health.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from residency.server.core.errors import ResidencyError
 
@@ -28,19 +28,11 @@ class Health:
         self.servicer = health.aio.HealthServicer()
         self.services = services
         self.problems: list[str] = ["starting"]
-        self._probe_server: grpc.aio.Server | None = None
 
-    async def begin(self, probe_listen: str) -> None:
-        """Alive, not ready (starting); serves the probe port if there is one."""
+    async def begin(self) -> None:
+        """Alive, not ready (starting)."""
         await self.servicer.set(LIVENESS, SERVING)
         await self._set(NOT_SERVING)
-        if probe_listen:
-            server = grpc.aio.server()
-            health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-            if server.add_insecure_port(probe_listen) == 0:
-                raise OSError(f"cannot listen on {probe_listen} ('health.listen')")
-            await server.start()
-            self._probe_server = server
 
     async def _set(self, status: Any) -> None:
         for name in ("", READINESS, *self.services):
@@ -55,11 +47,21 @@ class Health:
         self.problems = problems
         await self._set(NOT_SERVING if problems else SERVING)
 
-    async def watch(self, store_call: Any, keyring: Any, every: float = 5.0, timeout: float = 5.0) -> None:
-        """Checks the store and the key service every `every` seconds, readiness following."""
+    async def watch(
+        self,
+        store_call: Any,
+        keyring: Any,
+        every: float = 5.0,
+        timeout: float = 5.0,
+        more: Callable[[], list[str]] = list,
+    ) -> None:
+        """Checks the store and the key service every `every` seconds, and `more` (what the
+        node knows without asking anyone: `notices.Hearing`) every second, readiness following."""
         while True:
-            await self.ready(await check(store_call, keyring, timeout))
-            await asyncio.sleep(every)
+            checked = await check(store_call, keyring, timeout)
+            for _ in range(max(1, round(every))):
+                await self.ready(checked + more())
+                await asyncio.sleep(every / max(1, round(every)))
 
     async def draining(self) -> None:
         """Not ready from now on (still alive, until the process ends)."""
@@ -68,8 +70,6 @@ class Health:
 
     async def close(self) -> None:
         await self.servicer.set(LIVENESS, NOT_SERVING)
-        if self._probe_server is not None:
-            await self._probe_server.stop(1.0)
 
 
 async def check(store_call: Any, keyring: Any, timeout: float) -> list[str]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -188,19 +188,11 @@ class NodeMetrics(Collector):
 def serve_metrics(
     listen: str, node: Node, checkpoint_interval: float, more: tuple[Collector, ...] = ()
 ) -> Callable[[], None]:
-    """Serves Prometheus text on `listen` (HOST:PORT) from a thread, with the collectors in
-    `more` (the in-process worker's leases); returns its stop."""
-    host, _, port = listen.rpartition(":")
-    collectors = (NodeMetrics(node, asyncio.get_running_loop(), checkpoint_interval), *more)
-    for collector in collectors:
-        REGISTRY.register(collector)
-    server, thread = start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
+    """Serves Prometheus text on `listen` (HOST:PORT) over the node's mutual TLS
+    (`https.serve_metrics_tls`) from a thread, with the collectors in `more` (the in-process
+    worker's leases); returns its stop."""
+    from residency.server.api.https import serve_metrics_tls
 
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-        for collector in collectors:
-            REGISTRY.unregister(collector)
-
-    return stop
+    assert node.tls is not None  # the node's, set before it serves
+    node_metrics = NodeMetrics(node, asyncio.get_running_loop(), checkpoint_interval)
+    return serve_metrics_tls(listen, node.tls, (node_metrics, *more))

@@ -10,6 +10,7 @@ import contextvars
 import datetime
 import functools
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -48,6 +49,11 @@ def _read_peer(pem: bytes) -> Peer | None:
     except Exception:  # an extension `cryptography` cannot read (a SAN of a type it lacks)
         ident = None
     return Peer(cert.serial_number, ident, not_after, cert)
+
+
+def read_peer(der: bytes) -> Peer | None:
+    """`_read_peer` of a certificate in DER (the standard library's TLS gives it so)."""
+    return _read_peer(ssl.DER_cert_to_PEM_cert(der).encode())
 
 
 # The identity `access.Gate` established for the call being served (each call runs in its
@@ -122,6 +128,20 @@ def chains_to(cert: x509.Certificate, chain: list[x509.Certificate], anchors: li
     return reaches(cert, 8)
 
 
+def _ssl_context(cert: Any, key: Any, ca_pem: bytes) -> ssl.SSLContext:
+    """The same certificate, CA and floor as the gRPC port's, for the standard library's TLS
+    (the metrics port, `https`): TLS 1.3 only, a client certificate of the CA required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ConfigError(f"'tls': {cert}, {key} or the CA cannot be used for TLS: {e}") from e
+    return context
+
+
 class ServerTls:
     """The node's certificate, key, CA and revocation list, as last (re)loaded."""
 
@@ -162,7 +182,8 @@ class ServerTls:
             raise ConfigError(f"'tls.key': {c.key} is not the key of {c.cert}")
         revoked = read_serials(c.revoked) if c.revoked else frozenset()
         conf = grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=ca_pem)
-        self.revoked, self.expires = revoked, cert.not_valid_after_utc
+        context = _ssl_context(c.cert, c.key, ca_pem)
+        self.revoked, self.expires, self.ssl_context = revoked, cert.not_valid_after_utc, context
         if ca_pem != self._ca_pem:
             self.ca_changes += 1 if self._ca_pem else 0
             self._ca_pem, self.anchors, self._trusted = ca_pem, anchors, {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, Field, Tag, model_validator
 
@@ -140,13 +140,6 @@ class MetricsConfig(FileModel):
     listen: HostPort = Field(description="HOST:PORT of the Prometheus endpoint, e.g. 0.0.0.0:9464")
 
 
-class HealthConfig(FileModel):
-    """`health:` of a node config: a plaintext port serving only the gRPC health service, for
-    probes that cannot do mutual TLS (Kubernetes' gRPC probes)."""
-
-    listen: HostPort = Field(description="HOST:PORT of the plaintext health port, e.g. 0.0.0.0:8081")
-
-
 class HomeFile(FileModel):
     """`home:` of a region node's config: its home region and the key that signs its copies."""
 
@@ -191,7 +184,17 @@ class NodeFile(FileModel):
         CredentialsConfig()
     )
     metrics: MetricsConfig | None = None
-    health: HealthConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plaintext_health(cls, data: Any) -> Any:
+        # Said apart from an unknown key: configs from before mutual TLS everywhere have it.
+        if isinstance(data, dict) and "health" in data:
+            raise ValueError(
+                "'health.listen' was a plaintext port and is gone: remove 'health' and probe with "
+                "`residency health --config NODE.yaml` (an exec probe over mutual TLS)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -279,8 +282,6 @@ class NodeConfig:
     home_signing_key: Path | None = None
     # HOST:PORT of the Prometheus endpoint ("" : none).
     metrics_listen: str = ""
-    # HOST:PORT of the plaintext health port ("": none).
-    health_listen: str = ""
 
     @property
     def log_key(self) -> Path:
@@ -333,7 +334,6 @@ def load_config(path: str | Path) -> NodeConfig:
         home_region=f.home.region if f.home else "",
         home_signing_key=rel(f.home.signing_key) if f.home else None,
         metrics_listen=f.metrics.listen if f.metrics else "",
-        health_listen=f.health.listen if f.health else "",
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import psycopg
@@ -18,27 +19,67 @@ from residency.server.storage.postgres import CHANNEL
 
 log = logging.getLogger("residency.storage")
 Handlers = Mapping[str, Callable[[str], Awaitable[None]]]  # called with the notice's detail
-# A server gone without a reset (a partition) ends the wait for notices within a minute, and
-# the loop listens again, catching up on what it missed.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 3}
+# A server gone without a reset (a partition) ends the wait for notices within about 5 s
+# (keepalive probes after 2 s idle, 3 unanswered a second apart), the node not ready from then
+# (`Hearing`), and the loop listens again, catching up on what it missed.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3}
 
 
-async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.0) -> None:
+class Hearing:
+    """Whether this process hears the others now: listening, and every handler caught up. While
+    it does not, what another front end changes (an erasure, the rules, a shred) may not hold
+    here, so the node is not ready (`problems`, read by its readiness check)."""
+
+    def __init__(self, grace: float = 1.0) -> None:
+        self.grace = grace
+        self.used = False  # a node on SQLite hears nobody, and need not
+        self.listening = False
+        self.ever = False  # listened and caught up once since start
+        self.down_since: float | None = time.monotonic()
+
+    def use(self) -> Hearing:
+        self.used = True
+        return self
+
+    def settle(self, failed: set[str]) -> None:
+        """After a (re)connection, a notice or a retry: up if listening with no handler failed."""
+        if self.listening and not failed:
+            self.ever, self.down_since = True, None
+        elif self.down_since is None:
+            self.down_since = time.monotonic()
+
+    def problems(self) -> list[str]:
+        if not self.used or self.down_since is None:
+            return []
+        if not self.ever:
+            return ["store notifications: not listening yet (other front ends' changes)"]
+        down = time.monotonic() - self.down_since
+        if down <= self.grace:
+            return []
+        return [f"store notifications: not heard for {down:.0f} s (other front ends' changes)"]
+
+
+async def listen(
+    dsn: str, own_token: str, handlers: Handlers, retry: float = 1.0, hearing: Hearing | None = None
+) -> None:
     """Runs each handler when another process notifies its kind. A notification sent while
     this process was not listening is lost, so after every (re)connection each handler runs
     once: it reads the store's state and acts only on a difference. A handler that fails
     (the store busy a moment) runs again every `retry` seconds until it succeeds, without
     waiting for another notice."""
     failed: set[str] = set()
-    again = asyncio.create_task(_retry_failed(handlers, failed, retry), name="store-notices-retry")
+    hearing = hearing or Hearing()
+    again = asyncio.create_task(_retry_failed(handlers, failed, retry, hearing), name="store-notices-retry")
     try:
         while True:
             try:
                 connect = psycopg.AsyncConnection.connect(make_conninfo(dsn, **KEEPALIVES), autocommit=True)
                 async with await connect as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    hearing.listening = True
                     for kind, handler in handlers.items():
                         await _run(kind, handler, "", failed)
+                    hearing.settle(failed)
                     async for n in conn.notifies():
                         kind, _, rest = n.payload.partition(" ")
                         token, _, detail = rest.partition(" ")
@@ -46,18 +87,22 @@ async def listen(dsn: str, own_token: str, handlers: Handlers, retry: float = 1.
                             # After a failed run, everything: this notice's detail would not
                             # cover what the failed one was about.
                             await _run(kind, handlers[kind], "" if kind in failed else detail, failed)
+                            hearing.settle(failed)
             except (psycopg.Error, OSError) as e:
                 log.warning("store notifications: %s; listening again in %.0f s", e.__class__.__name__, retry)
+            hearing.listening = False
+            hearing.settle(failed)
             await asyncio.sleep(retry)
     finally:
         again.cancel()
 
 
-async def _retry_failed(handlers: Handlers, failed: set[str], every: float) -> None:
+async def _retry_failed(handlers: Handlers, failed: set[str], every: float, hearing: Hearing) -> None:
     while True:
         await asyncio.sleep(every)
         for kind in sorted(failed):
             await _run(kind, handlers[kind], "", failed)  # what the failed notice said: unknown now
+            hearing.settle(failed)
 
 
 async def _run(kind: str, handler: Callable[[str], Awaitable[None]], detail: str, failed: set[str]) -> None:

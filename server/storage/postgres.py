@@ -218,9 +218,10 @@ class PostgresDatabase(Database):
         self._db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
     def _begin(self) -> None:
-        self._db.execute("BEGIN")
-        # The writers' turn (see the module's docstring); read committed, so every statement
-        # after it sees what the writer before committed.
+        # Read committed whatever the database's or role's default (`default_transaction_
+        # isolation`): after the writers' turn (see the module's docstring) every statement must
+        # see what the writer before committed, or the log's next sequence would be read stale.
+        self._db.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         self._db.execute("SELECT schema_version FROM residency_store WHERE id = 1 FOR UPDATE")
 
     def in_transaction(self) -> bool:

@@ -30,7 +30,9 @@ class LeaseStore(Protocol):
     workers (their presence) share the destinations evenly."""
 
     def now(self) -> float: ...
-    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool, int]: ...
+    def lease_take(
+        self, destination: str, owner: str, now: float, ttl: float, new_hold: bool = False
+    ) -> tuple[bool, bool, int]: ...
     def lease_held(self, destination: str, owner: str, now: float, epoch: int) -> bool: ...
     def lease_release(self, destination: str, owner: str) -> None: ...
     def lease_epoch_above(self, destination: str, owner: str, epoch: int, seen: int, now: float) -> int: ...
@@ -158,18 +160,22 @@ class ReplicationRows(Database):
 
     # ---- leases, pause, last error, copies sent -----------------------------------------
 
-    def lease_take(self, destination: str, owner: str, now: float, ttl: float) -> tuple[bool, bool, int]:
+    def lease_take(
+        self, destination: str, owner: str, now: float, ttl: float, new_hold: bool = False
+    ) -> tuple[bool, bool, int]:
         """Takes or renews the lease on `destination` for `owner` if it is free, expired or
         already `owner`'s. Returns (held, paused, epoch). The epoch goes up by one, in the same
-        statement, whenever the lease is taken by another owner or after it expired; a renewal
-        in time keeps it, so a batch's epoch names the one unbroken hold it was shipped under."""
+        statement, whenever the lease is taken by another owner, after it expired, or by a new
+        process of the same owner (`new_hold`: a node restarted takes its own lease back at
+        once, under an epoch its predecessor's late batches do not have); a renewal in time
+        keeps it, so a batch's epoch names the one unbroken hold it was shipped under."""
         self._db.execute(
             "INSERT INTO leases (destination, owner, expires_at, epoch) VALUES (?,?,?,1) "
             "ON CONFLICT(destination) DO UPDATE SET owner=excluded.owner, expires_at=excluded.expires_at, "
-            "epoch=CASE WHEN leases.owner=excluded.owner AND leases.expires_at >= ? "
+            "epoch=CASE WHEN leases.owner=excluded.owner AND leases.expires_at >= ? AND ? = 0 "
             "THEN leases.epoch ELSE leases.epoch + 1 END "
             "WHERE leases.owner=excluded.owner OR leases.expires_at < ?",
-            (destination, owner, now + ttl, now, now),
+            (destination, owner, now + ttl, now, int(new_hold), now),
         )
         row = self._db.execute(
             "SELECT owner, expires_at, epoch FROM leases WHERE destination=?", (destination,)

@@ -50,6 +50,11 @@ def test_a_lease_epoch_rises_whenever_the_lease_passes_on_and_never_goes_back(tm
         assert store.lease_take("r", "b", t + 27, 10) == (True, False, 3)  # its own, but expired
         store.lease_release("r", "b")
         assert store.lease_take("r", "a", t + 28, 10) == (True, False, 4)  # released: the epoch stays
+        # a restarted process of the same owner takes it back at once, under a new epoch: its
+        # predecessor's batches still on their way name the old one
+        assert store.lease_take("r", "a", t + 29, 10, new_hold=True) == (True, False, 5)
+        assert store.lease_take("r", "a", t + 30, 10) == (True, False, 5)
+        assert not store.lease_held("r", "a", t + 30, 4)
     finally:
         store.close()
 
