@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 
 from residency.cli.channel import add_target, open_channel
@@ -65,8 +66,14 @@ async def _status(args: argparse.Namespace) -> int:
             "node": json_format.MessageToDict(node, always_print_fields_with_no_presence=True)
         }
         if node.role == "primary":
-            rep = await stub.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=args.timeout)
-            out["replication"] = json_format.MessageToDict(rep, always_print_fields_with_no_presence=True)
+            try:
+                rep = await stub.ReplicationStatus(admin_pb2.ReplicationStatusRequest(), timeout=args.timeout)
+            except grpc.aio.AioRpcError as e:  # an operator of another region sees the node only
+                if e.code() != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                out["replication"] = {"notShown": e.details()}
+            else:
+                out["replication"] = json_format.MessageToDict(rep, always_print_fields_with_no_presence=True)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -44,14 +44,17 @@ def _replicate(args: argparse.Namespace) -> int:
     from residency.server.config.node import load_config
 
     c = load_config(args.config)
-    serve = _worker_metrics(args.metrics_listen, c.tls) if args.metrics_listen else None
-    asyncio.run(run_worker(c, args.region or None, serve))
+    serve, reread = _worker_metrics(args.metrics_listen, c.tls) if args.metrics_listen else (None, None)
+    asyncio.run(run_worker(c, args.region or None, serve, reread))
     return 0
 
 
-def _worker_metrics(listen: str, tls_config: Any) -> Callable[[Any], Callable[[], None]]:
-    """A standalone worker's metrics server: the process's metrics and its leases, over mutual
-    TLS with its config's certificate (as a node's metrics port)."""
+def _worker_metrics(
+    listen: str, tls_config: Any
+) -> tuple[Callable[[Any], Callable[[], None]], Callable[[], None]]:
+    """A standalone worker's metrics server (the process's metrics and its leases, over mutual
+    TLS with its config's certificate, as a node's metrics port), and what a SIGHUP rereads:
+    that certificate, its CA and the revocation list."""
     from residency.replicator.metrics import Leases
     from residency.server.api.https import serve_metrics_tls
     from residency.server.api.tls import ServerTls
@@ -65,7 +68,7 @@ def _worker_metrics(listen: str, tls_config: Any) -> Callable[[Any], Callable[[]
         except OSError as e:
             raise ConfigError(f"--metrics-listen {listen}: cannot listen there ({e.strerror or e})") from e
 
-    return serve
+    return serve, tls.reload
 
 
 def add_replicate(sub: argparse._SubParsersAction) -> None:

@@ -43,9 +43,11 @@ async def run_worker(
     c: NodeConfig,
     regions: list[str] | None = None,
     serve_metrics: Callable[[Replicator], Callable[[], None]] | None = None,
+    reread: Callable[[], None] | None = None,
 ) -> None:
     """Ships the primary's outbox until SIGTERM; `serve_metrics` (the command's: `--metrics-
-    listen`) serves the process's metrics with the worker's leases and returns its stop."""
+    listen`) serves the process's metrics with the worker's leases and returns its stop;
+    `reread` runs on SIGHUP (the metrics port's certificate and revocation list)."""
     if not c.is_primary or not c.affiliates:
         raise ConfigError(f"{c.path}: a replicator needs the primary's config, with 'affiliates'")
     schema = load_schema(c.schema)
@@ -94,6 +96,8 @@ async def run_worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP rereads what it can, and never ends the worker (its default would).
+        loop.add_signal_handler(signal.SIGHUP, reread or (lambda: log.info("SIGHUP: nothing to reread")))
         await stop.wait()
         log.info("replicator %s stopping", replicator.owner)
     finally:  # stopped, or failed: its leases handed over, its metrics no longer served

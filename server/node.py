@@ -194,7 +194,7 @@ class RunningNode:
             home=home,
         )
         node.reload_rules = self.apply_rules
-        node.tls, node.keys, node.health = self.tls, keys, self.health
+        node.tls, node.keys, node.health, node.hearing = self.tls, keys, self.health, self.hearing
         self.node, self.schema = node, schema
         self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
         if c.is_primary:  # a rules file changed while stopped, or a re-projection cut short

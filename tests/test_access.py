@@ -149,6 +149,7 @@ def test_an_operator_administers_the_node_of_its_own_region_only():
         f"{admin}ApplyRules": "admin.rules",
         f"{admin}PauseReplication": "admin.replication",
         f"{admin}RetryDeadLetters": "admin.replication",
+        f"{admin}ReplicationStatus": "admin.replication",
         f"{admin}ExplainTransfer": "admin.explain",
         f"{admin}RotateKeys": "admin.keys",
         "/residency.v1.GrantService/CreateGrant": "grants.write",

@@ -333,7 +333,8 @@ async def test_a_front_end_that_stops_hearing_the_others_is_not_ready_until_it_h
 ):
     """Without the store's notifications a front end would serve what another changed (an
     erasure, the rules) as it was: from 1 s after its listening connection is lost it is not
-    ready, saying why, and ready again once it listens and has caught up."""
+    ready, saying why, refuses calls on data UNAVAILABLE, and is ready again once it listens
+    and has caught up."""
     import psycopg
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -360,7 +361,11 @@ async def test_a_front_end_that_stops_hearing_the_others_is_not_ready_until_it_h
             assert cut == [(True,)]
             await eventually(lambda: readiness_is(not_serving), "the front end is not ready", deadline=10)
             status = await c.status(PRIMARY)
-            assert any(w.startswith("store notifications: not heard for") for w in status.not_ready_because)
+            assert any(w.startswith("store notifications: not heard since") for w in status.not_ready_because)
+            # ... and calls on data are refused meanwhile, naming why; its status still answers.
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.get("nobody-1")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "not heard since" in e.value.details()
         finally:
             admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
     await eventually(lambda: readiness_is(serving), "the front end listens again and is ready", deadline=15)
@@ -380,5 +385,5 @@ def test_hearing_is_a_problem_before_the_first_catch_up_and_after_a_second_witho
     h.listening = False
     h.settle(set())
     assert h.problems() == []  # within the grace
-    h.down_since = time.monotonic() - 2
-    assert h.problems() == ["store notifications: not heard for 2 s (other front ends' changes)"]
+    h.down_since, h.down_at = time.monotonic() - 2, "12:00:00"
+    assert h.problems() == ["store notifications: not heard since 12:00:00 UTC (other front ends' changes)"]

@@ -264,3 +264,29 @@ async def test_the_metrics_port_takes_only_mutual_tls_13_from_the_deployments_ca
     async with scraper(creds) as client:
         reply = await client.get(url, timeout=10)
     assert reply.status_code == 200 and "residency_rpc_requests_total" in reply.text
+
+
+async def test_idle_connections_are_cut_and_cannot_hold_more_than_a_few_threads(module_cluster: Cluster):
+    """Someone who can reach the metrics port but never shakes hands holds at most
+    `https.CONNECTIONS` of its threads, each for at most `https.TIMEOUT` seconds."""
+    import socket
+
+    from residency.server.api import https
+
+    host, _, port = (
+        metrics_url(module_cluster).removeprefix("https://").removesuffix("/metrics").rpartition(":")
+    )
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(https.CONNECTIONS)]
+    try:
+        extra = socket.create_connection((host, int(port)), timeout=30)
+        with extra:  # every turn taken: closed at once, not queued
+            assert await asyncio.to_thread(extra.recv, 1) == b""
+        started = time.monotonic()
+        for s in idle:  # each cut by the server within its deadline, though it sent nothing
+            assert await asyncio.to_thread(s.recv, 1) == b""
+        assert time.monotonic() - started < https.TIMEOUT + 5
+    finally:
+        for s in idle:
+            s.close()
+    async with scraper(prometheus_creds(module_cluster)) as client:
+        assert (await client.get(metrics_url(module_cluster), timeout=10)).status_code == 200

@@ -528,6 +528,17 @@ async def test_workers_limited_to_a_region_each_share_the_outbox_without_losing_
         for region, port in zip(("ap-southeast-1", "eu-west-1"), ports, strict=True):
             check = functools.partial(serves_its_lease_and_batches, region, port)
             await eventually(check, f"the {region} worker's metrics")
+        # SIGHUP rereads its metrics port's certificate, and does not end it.
+        workers[0].send_signal(signal.SIGHUP)
+
+        async def reread() -> bool:
+            return "TLS reloaded" in (c.dir / "worker-ap-southeast-1.log").read_text(errors="replace")
+
+        await eventually(reread, "the worker rereads its certificate on SIGHUP")
+        assert workers[0].poll() is None
+        await eventually(
+            functools.partial(serves_its_lease_and_batches, "ap-southeast-1", ports[0]), "metrics"
+        )
         # A worker that cannot serve its metrics says so and stops before taking any lease.
         busy = await asyncio.to_thread(
             subprocess.run,

@@ -268,7 +268,7 @@ async def test_sighup_rereads_the_revocation_list_and_the_node_certificate_witho
     # The refused write named a user: the log says who tried, and why (its probes named nobody).
     tried = [json.loads(e) for _, e, _ in await c.log()]
     tried = [e for e in tried if e["actor"] == stolen.identity().uri and e["outcome"] == "denied"]
-    assert [(e["subject"], "revoked" in e["reason"]) for e in tried] == [("rv-1", True)]
+    assert [(e["subjects"], "revoked" in e["reason"]) for e in tried] == [(["rv-1"], True)]
     # The same identity, reissued: accepted at once.
     pki.issue(folder, "service", PRIMARY, "checkout", folder / "checkout-2")
     await put_over(Credentials.files(folder / "checkout-2", folder / "ca.crt"), address, "rv-2")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +25,8 @@ from residency.server.api.requests import Refused
 from residency.server.api.tls import CALLER, ServerTls, peer_certificate, peer_chain
 from residency.server.api.wrapping import HandlerRewriter, kind_of
 from residency.server.core import translog
-from residency.server.core.errors import CallerDenied
+from residency.server.core.errors import CallerDenied, StoreUnavailable
+from residency.server.core.policy.credentials import TokenBuckets
 from residency.server.core.schema import USER_ID, data_uses
 from residency.server.keys.pki import Identity
 
@@ -56,7 +58,8 @@ METHODS: dict[str, str] = {
     "/residency.v1.DisclosureService/DenyDisclosure": "disclosures.approve",
     "/residency.v1.DisclosureService/ListDisclosures": "disclosures.approve",
     "/residency.v1.AdminService/GetNodeStatus": "admin.status",
-    "/residency.v1.AdminService/ReplicationStatus": "admin.status",
+    # Per destination: addresses, lease holders' hosts, errors: the region's own operators'.
+    "/residency.v1.AdminService/ReplicationStatus": "admin.replication",
     # Which fields of a user's record would go where: about one user, so own-region only.
     "/residency.v1.AdminService/ExplainTransfer": "admin.explain",
     "/residency.v1.AdminService/PauseReplication": "admin.replication",
@@ -139,6 +142,15 @@ OWN_REGION = frozenset(
 )
 
 
+# Calls on users' data, answered from what a front end keeps in memory (rules, data keys): not
+# while it cannot hear the other front ends' changes (`notices.Hearing`).
+_DATA = ("records.", "credentials.", "consents.", "subjects.", "disclosures.", "grants.", "replica.")
+
+
+def _on_data(method: str) -> bool:
+    return METHODS.get(method, "").startswith(_DATA)
+
+
 def holders(permission: str) -> list[str]:
     return [role for role, held in ROLES.items() if permission in held]
 
@@ -192,6 +204,9 @@ def _user_ids(message: Message) -> Iterator[str]:
                 yield from _user_ids(item)
 
 
+# How many calls of one revoked or expired certificate a minute are logged (`Gate._log_disowned`).
+DISOWNED_PER_MINUTE = 6.0
+
 # A refused request read as bytes (PutRecords) is parsed for the users it names only up to
 # this size, on the event loop: a larger one is logged without them.
 _PARSE_LIMIT = 1024 * 1024
@@ -230,6 +245,7 @@ class Gate(HandlerRewriter):
     def __init__(self, tls: ServerTls, node: Node | None = None):
         super().__init__()
         self.tls, self.node = tls, node
+        self._disowned = TokenBuckets(DISOWNED_PER_MINUTE)  # per certificate serial
 
     def rewrite(self, method: str, handler: Any) -> Any:
         kind = kind_of(handler)
@@ -239,8 +255,8 @@ class Gate(HandlerRewriter):
         peer = peer_certificate(context)
         if (why := self.tls.refusal(peer, lambda: peer_chain(context))) is not None:
             refused("unauthenticated")
-            if peer is not None and peer.identity is not None:  # revoked or expired: who it was
-                await self._log_refused(method, request, peer.identity, why, named_only=True)
+            if peer is not None and peer.identity is not None and self.tls.disowned(peer):
+                await self._log_disowned(method, request, peer, why)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         assert peer is not None and peer.identity is not None  # `refusal` said so
         ident = peer.identity
@@ -254,31 +270,63 @@ class Gate(HandlerRewriter):
             else refusal(ident, method, "")
         )
         if denied is None:
+            # What another front end changed may not hold here while it is not heard.
+            deaf = node.hearing.problems() if node is not None and node.hearing is not None else []
+            if deaf and _on_data(method):
+                why = f"this front end cannot act on data now ({deaf[0]}): nothing was done; call another"
+                await refuse(context, status_for(StoreUnavailable(why)))
             return  # a number out of range: `RequestGuard` refuses it INVALID_ARGUMENT next
         permission, why = denied
         await self._log_refused(method, request, ident, why)
         await refuse(context, status_for(CallerDenied(why, permission=permission)))
 
-    async def _log_refused(
-        self, method: str, request: Any, ident: Identity, why: str, named_only: bool = False
-    ) -> None:
-        """The transfer-log entries of a refused call: one per user it names, or one without
-        a subject (none without a node; with `named_only`, a certificate refused at the door,
-        none if it names nobody: a revoked service's health probes are no transfers)."""
-        node = self.node
-        if node is None:
-            return
-        # A request refused for an out-of-range number still names its users; an unreadable
-        # one names nobody.
+    def _named(self, method: str, request: Any) -> tuple[list[str], str]:
+        """The users a refused request names, and its purpose if that is a Fides data use (else
+        "": the caller's words, of any length, are not written to the log, as in
+        `identity.caller_of`). A request refused for an out-of-range number still names its
+        users; an unreadable one names nobody."""
         message = _parsed(method, request.message if isinstance(request, Refused) else request)
         users = subjects(message) if message is not None else []
-        if named_only and not users:
-            return
-        # A purpose that is no Fides data use is the caller's words, of any length: not written
-        # to the log (as in `identity.caller_of`).
         stated = getattr(getattr(message, "context", None), "purpose", "")
-        purpose = stated if stated in data_uses() else ""
-        entries = denial_entries(ident.uri, ident.region, why, users or [""], purpose, node)
+        return users, stated if stated in data_uses() else ""
+
+    async def _log_refused(self, method: str, request: Any, ident: Identity, why: str) -> None:
+        """The transfer-log entries of a call refused for its role: one per user it names, or
+        one without a subject (none without a node)."""
+        if (node := self.node) is not None:
+            users, purpose = self._named(method, request)
+            await self._append(
+                node, method, denial_entries(ident.uri, ident.region, why, users or [""], purpose, node)
+            )
+
+    async def _log_disowned(self, method: str, request: Any, peer: Any, why: str) -> None:
+        """A revoked or expired certificate's call that names users: one entry naming them all
+        (`subjects`), at most `DISOWNED_PER_MINUTE` a minute per certificate, so its holder
+        leaves a trace without filling the log (its health probes name nobody: none)."""
+        node = self.node
+        if node is None or self._disowned.wait(str(peer.serial), time.monotonic()) > 0:
+            return
+        users, purpose = self._named(method, request)
+        if not users:
+            return
+        self._disowned.take(str(peer.serial), time.monotonic())
+        ident = peer.identity
+        entry = translog.entry(
+            "access",
+            subject="",
+            subjects=users,
+            source_region=node.records.region,
+            destination_region=ident.region,
+            outcome="denied",
+            actor=ident.uri,
+            rules_version=node.records.rules.version,
+            purpose=purpose,
+            reason=why,
+        )
+        await self._append(node, method, [entry])
+
+    @staticmethod
+    async def _append(node: Node, method: str, entries: list[dict[str, Any]]) -> None:
         try:
             await node.db.write(lambda: node.db.store.log_append(entries))
         except Exception:  # the caller is refused all the same

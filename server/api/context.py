@@ -15,6 +15,7 @@ from residency.server.config.node import Affiliate
 from residency.server.core.errors import FailedPrecondition, InvalidRecord
 from residency.server.core.policy.credentials import VerifyLimits
 from residency.server.core.schema import USER_ID
+from residency.server.storage.notices import Hearing
 from residency.server.storage.roles import ServiceStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.copies import Home
@@ -61,6 +62,9 @@ class Node:
         self.access = access
         # The node's TLS credentials (its certificate's expiry is in the node's status).
         self.tls: ServerTls | None = None
+        # Whether it hears the other front ends of its store (PostgreSQL): while it does not,
+        # calls on data are refused (`access.Gate`).
+        self.hearing: Hearing | None = None
         # The node's key acts (rotate, rewrap, retire, shred, rekey).
         self.keys: KeyLifecycle | None = None
         # Readiness and its reasons (`GetNodeStatus` reports them).

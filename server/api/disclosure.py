@@ -13,7 +13,7 @@ from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
 from residency.server.api.identity import at_home_only, caller_of, peer_of, purpose_refusal
 from residency.server.core import codec
-from residency.server.core.errors import FailedPrecondition, InvalidRecord, ResidencyError
+from residency.server.core.errors import CallerDenied, FailedPrecondition, InvalidRecord, ResidencyError
 from residency.server.core.policy import disclosure as policy
 from residency.server.core.policy.disclosure import Disclosure, Request
 from residency.server.vault.records import Caller
@@ -110,9 +110,12 @@ class DisclosureService(disclosure_pb2_grpc.DisclosureServiceServicer):
     async def ReleaseDisclosure(self, request, context):
         self.node.primary_only()
         caller = _peer_caller(context)
-        ops, node = self.node.policy, self.node
+        ops, node, here = self.node.policy, self.node, self.node.records.region
 
-        def refusal(purpose: str) -> str:  # the access policy as it stands now, not when asked
+        def refusal(purpose: str) -> str | CallerDenied:  # the access policy as it stands now
+            if caller.location != here:  # released at home only, as asked (logged, as any refusal)
+                why = f"disclosures are released in {here} only; the caller is in {caller.location}"
+                return CallerDenied(why, permission=f"disclosures.request in {here}")
             return purpose_refusal(node, caller, purpose)
 
         sent, withheld, seq, r = _taken(

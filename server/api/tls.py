@@ -217,19 +217,19 @@ class ServerTls:
             "TLS reloaded: certificate valid until %s, %d serials revoked", self.expires, len(self.revoked)
         )
 
-    def refusal(self, peer: Peer | None, chain: Callable[[], list[x509.Certificate]] = list) -> str | None:
+    def refusal(
+        self, peer: Peer | None, chain: Callable[[], list[x509.Certificate]] | None = list
+    ) -> str | None:
         """Why a call's peer (`peer_certificate`) may not call at all, or None. A connection
         outlives its certificate and the CA of its handshake: each call checks the one's
         validity, and, once the CA changed, that the certificate is still the CA's (`chain`:
-        the intermediate certificates the client sent, `peer_chain`)."""
+        the intermediate certificates the client sent, `peer_chain`; None for a connection
+        that serves one request and shook hands with the CA of now, the metrics port's)."""
         if peer is None:
             return "a client certificate from the deployment's CA is required"
-        if peer.serial in self.revoked:
-            return f"the client certificate with serial {peer.serial:x} is revoked"
-        now = datetime.datetime.now(datetime.UTC)
-        if now > peer.not_after:  # (its start was checked at the handshake)
-            return f"the client certificate expired at {peer.not_after:%Y-%m-%d %H:%M:%S} UTC"
-        if self.ca_changes and not self._still_trusted(peer, chain):
+        if (why := self.disowned(peer)) is not None:
+            return why
+        if chain is not None and self.ca_changes and not self._still_trusted(peer, chain):
             return "the client certificate is not from the node's CA (it changed since the connection began)"
         ident = peer.identity
         if ident is None or ident.trust_domain != self.config.trust_domain:
@@ -237,6 +237,15 @@ class ServerTls:
                 "the client certificate must name one identity "
                 f"spiffe://{self.config.trust_domain}/ROLE/REGION/NAME in its URI SAN"
             )
+        return None
+
+    def disowned(self, peer: Peer) -> str | None:
+        """Why a certificate of the CA, and so of someone known, is refused all the same:
+        revoked, or expired (its start was checked at the handshake)."""
+        if peer.serial in self.revoked:
+            return f"the client certificate with serial {peer.serial:x} is revoked"
+        if datetime.datetime.now(datetime.UTC) > peer.not_after:
+            return f"the client certificate expired at {peer.not_after:%Y-%m-%d %H:%M:%S} UTC"
         return None
 
     def _still_trusted(self, peer: Peer, chain: Callable[[], list[x509.Certificate]]) -> bool:

@@ -36,6 +36,7 @@ class Hearing:
         self.listening = False
         self.ever = False  # listened and caught up once since start
         self.down_since: float | None = time.monotonic()
+        self.down_at = ""  # when it stopped hearing, UTC, for the reason (steady while down)
 
     def use(self) -> Hearing:
         self.used = True
@@ -46,17 +47,16 @@ class Hearing:
         if self.listening and not failed:
             self.ever, self.down_since = True, None
         elif self.down_since is None:
-            self.down_since = time.monotonic()
+            self.down_since, self.down_at = time.monotonic(), time.strftime("%H:%M:%S", time.gmtime())
 
     def problems(self) -> list[str]:
         if not self.used or self.down_since is None:
             return []
         if not self.ever:
             return ["store notifications: not listening yet (other front ends' changes)"]
-        down = time.monotonic() - self.down_since
-        if down <= self.grace:
+        if time.monotonic() - self.down_since <= self.grace:
             return []
-        return [f"store notifications: not heard for {down:.0f} s (other front ends' changes)"]
+        return [f"store notifications: not heard since {self.down_at} UTC (other front ends' changes)"]
 
 
 async def listen(
@@ -76,9 +76,10 @@ async def listen(
                 connect = psycopg.AsyncConnection.connect(make_conninfo(dsn, **KEEPALIVES), autocommit=True)
                 async with await connect as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    hearing.listening = True
                     for kind, handler in handlers.items():
                         await _run(kind, handler, "", failed)
+                    # Hearing only once every handler caught up (a retry meanwhile is not enough).
+                    hearing.listening = True
                     hearing.settle(failed)
                     async for n in conn.notifies():
                         kind, _, rest = n.payload.partition(" ")

@@ -90,17 +90,20 @@ class Disclosures:
         return self._log(r, step, approver.identity, "allowed", "approved: the requester may release it")
 
     def release_disclosure(
-        self, request_id: str, caller: Caller, purpose_refusal: Callable[[str], str]
+        self, request_id: str, caller: Caller, purpose_refusal: Callable[[str], str | CallerDenied]
     ) -> Released | ResidencyError:
         """Hands the approved request's fields to its requester, once, reading the record now:
         a record erased since, a 3a consent withdrawn since, or a purpose the requester may no
-        longer state (`purpose_refusal`: why not, or "") discloses nothing."""
+        longer state (`purpose_refusal`: why not, or "", or the refusal itself) discloses
+        nothing."""
         r = self.disclosure_request(request_id)
         refused = disclosure.release_refusal(r, caller.identity, time.time())
         if refused:
             return self._refuse(r, "release", caller.identity, refused)
         if why := purpose_refusal(r.purpose):
-            denied = CallerDenied(why, permission=f"purpose {r.purpose}")
+            denied = (
+                why if isinstance(why, CallerDenied) else CallerDenied(why, permission=f"purpose {r.purpose}")
+            )
             return self._refuse(r, "release", caller.identity, denied)
         records, d = self.records, r.disclosure
         row = records.store.rows([d.user_id]).get(d.user_id)
