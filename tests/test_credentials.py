@@ -11,13 +11,21 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from argon2 import PasswordHasher
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
-from residency.server.core.policy.credentials import TokenBuckets, VerifyLimits
+from residency.server.core.policy.credentials import (
+    TokenBuckets,
+    Verdict,
+    VerifyLimits,
+    hash_credential,
+    prepared,
+    verify_credential,
+)
 from residency.server.deployment import PRIMARY
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
@@ -94,6 +102,35 @@ async def test_an_old_scrypt_hash_still_verifies_and_is_rehashed_to_argon2id(
     assert await verify(idle_cluster, "lg-1", "hunter2") is True
     assert await verify(idle_cluster, "lg-1", "hunter3") is False
     assert (await idle_cluster.get("lg-1")).record.version == 2  # rehashed once
+
+
+async def test_a_password_matches_however_its_characters_are_composed_or_spaced(
+    module_cluster: Cluster, tmp_path: Path
+):
+    """RFC 8265's OpaqueString: the same characters composed otherwise (e + U+0301 against
+    U+00E9) or another space character (U+00A0, U+3000) are the same password."""
+    decomposed = "cafe\u0301\u00a0au\u3000lait"
+    await module_cluster.put("nf-1", {"email": "nf@example.cn", "password": decomposed})
+    assert await verify(module_cluster, "nf-1", "caf\u00e9 au lait") is True
+    assert await verify(module_cluster, "nf-1", decomposed) is True
+    assert await verify(module_cluster, "nf-1", "cafe au lait") is False  # not accent-blind
+    assert await verify(module_cluster, "nf-1", "Caf\u00e9 au lait") is False  # nor case-blind
+    stored = stored_password(module_cluster, tmp_path, "nf-1")
+    assert verify_credential("caf\u00e9 au lait", stored) == Verdict(True)
+
+
+def test_a_hash_made_of_the_secret_as_sent_still_verifies_and_is_rehashed():
+    """Hashes stored before secrets were prepared were made of the secret as it was sent: it
+    still matches (asking for a rehash), the prepared form of it does not until then, and a
+    secret that preparing changes costs two verifies whether or not it matches."""
+    decomposed = "cafe\u0301"
+    old = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1).hash(decomposed).encode()
+    assert verify_credential(decomposed, old) == Verdict(True, rehash=True)
+    assert verify_credential("caf\u00e9", old) == Verdict(False)
+    assert verify_credential("cafe", old) == Verdict(False)
+    assert prepared(decomposed) == "caf\u00e9" and prepared("a\u2003b") == "a b"
+    new = hash_credential(decomposed)
+    assert verify_credential("caf\u00e9", new) == verify_credential(decomposed, new) == Verdict(True)
 
 
 def exhausted(e: grpc.aio.AioRpcError) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import unicodedata
 from dataclasses import dataclass, field
 
 from argon2 import PasswordHasher
@@ -23,9 +24,20 @@ _PHC = b"$argon2id$"
 _SCRYPT, _SALT, _DIGEST = b"scrypt$", 16, 32
 
 
+def prepared(secret: str) -> str:
+    """`secret` as it is hashed: the mapping and normalisation of RFC 8265's OpaqueString
+    profile (every space character as U+0020, then NFC), so that a password typed on another
+    keyboard or system, the same characters composed otherwise, still matches. Written here
+    rather than taken from `precis-i18n`: that library's profile also refuses characters
+    (controls, unassigned code points) that credentials already stored may hold, which a
+    verify must not turn into a refusal."""
+    spaced = "".join(" " if unicodedata.category(c) == "Zs" else c for c in secret)
+    return unicodedata.normalize("NFC", spaced)
+
+
 def hash_credential(secret: str) -> bytes:
     """The PHC string of `secret` (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`), as bytes."""
-    return _HASHER.hash(secret).encode()
+    return _HASHER.hash(prepared(secret)).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +56,19 @@ def _dummy() -> str:
 
 def verify_credential(secret: str, stored: bytes) -> Verdict:
     """Whether `secret` is the one `stored` was hashed from (compared in constant time); an
-    empty or unreadable `stored` costs a verify all the same, and never matches."""
+    empty or unreadable `stored` costs a verify all the same, and never matches. A hash made
+    before secrets were `prepared` was made of the secret as sent: when preparing changes the
+    secret, that one is checked too, every time (the time taken says nothing of which
+    matched), and a match rehashes."""
+    ready = prepared(secret)
+    verdict = _verify(ready, stored)
+    if ready == secret:
+        return verdict
+    as_sent = _verify(secret, stored)
+    return verdict if verdict.match else Verdict(as_sent.match, rehash=as_sent.match)
+
+
+def _verify(secret: str, stored: bytes) -> Verdict:
     if stored.startswith(_SCRYPT) and len(stored) == len(_SCRYPT) + _SALT + _DIGEST:
         salt, digest = stored[len(_SCRYPT) : len(_SCRYPT) + _SALT], stored[len(_SCRYPT) + _SALT :]
         computed = hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=_DIGEST)
