@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -76,18 +77,25 @@ class Destination:
         self.keys = CopyKeys(key, KeyCache(self.keys.cache.max_entries, self.keys.cache.max_age))
 
 
+# How far a region key statement's `issued_at` may be from this node's clock: the region node
+# signs a new one for every ask, so an older one is a replay (or clocks that disagree).
+STATEMENT_MAX_SKEW = 600.0
+
+
 def statement_key(region: str, evidence: bytes) -> RecipientKey:
     """The key a stored GetRegionKeyResponse states (checked with `verified_key` when learned)."""
-    reply = replica_pb2.GetRegionKeyResponse.FromString(evidence)
-    s = replica_pb2.RegionKeyStatement.FromString(reply.statement)
-    return RecipientKey(region, s.public_key)
+    return RecipientKey(region, _statement(evidence).public_key)
 
 
-def verified_key(region: str, evidence: bytes, tls: TlsConfig) -> tuple[RecipientKey | None, str]:
+def verified_key(
+    region: str, evidence: bytes, tls: TlsConfig, held: bytes | None = None, now: float | None = None
+) -> tuple[RecipientKey | None, str]:
     """(the region's current key, or None while it has none; the node identity that signed)
     of a region node's GetRegionKeyResponse: signed with the key of a certificate of the
-    deployment's CA naming spiffe://TD/node/REGION/..., for this region, and stating a key whose
-    id is that of its public key. Raises CallerDenied naming what fails."""
+    deployment's CA naming spiffe://TD/node/REGION/..., for this region, stating a key whose
+    id is that of its public key, issued within `STATEMENT_MAX_SKEW` of `now` and after the
+    statement `held` (the one the store keeps, if any), so that a statement recorded earlier
+    (of a key since shredded) cannot be played back. Raises CallerDenied naming what fails."""
     reply = replica_pb2.GetRegionKeyResponse.FromString(evidence)
     revoked = pki.read_serials(tls.revoked) if tls.revoked else frozenset()
     signer = pki.verify_signed(
@@ -102,12 +110,37 @@ def verified_key(region: str, evidence: bytes, tls: TlsConfig) -> tuple[Recipien
     s = replica_pb2.RegionKeyStatement.FromString(reply.statement)
     if signer.region != region or s.region != region:
         raise CallerDenied(f"{signer.uri} stated a key of region {s.region!r}; the destination is {region}")
+    issued = _issued(s)
+    now = time.time() if now is None else now
+    if abs(now - issued) > STATEMENT_MAX_SKEW:
+        raise CallerDenied(
+            f"{signer.uri} stated a key issued at {_utc(issued)}, more than {STATEMENT_MAX_SKEW:.0f} s "
+            f"from this node's clock ({_utc(now)}): a statement played back, or clocks apart"
+        )
+    if held is not None and issued <= (before := _issued(_statement(held))):
+        raise CallerDenied(
+            f"{signer.uri} stated a key issued at {_utc(issued)}, not after the statement held "
+            f"({_utc(before)}): a statement played back"
+        )
     if not s.key_id:
         return None, signer.uri
     key = RecipientKey(region, s.public_key)
     if key.key_id != s.key_id:
         raise CallerDenied(f"{signer.uri} stated key id {s.key_id}, but its public key's id is {key.key_id}")
     return key, signer.uri
+
+
+def _statement(evidence: bytes) -> replica_pb2.RegionKeyStatement:
+    reply = replica_pb2.GetRegionKeyResponse.FromString(evidence)
+    return replica_pb2.RegionKeyStatement.FromString(reply.statement)
+
+
+def _issued(s: replica_pb2.RegionKeyStatement) -> float:
+    return s.issued_at.seconds + s.issued_at.nanos / 1e9
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def destinations_for(config: NodeConfig, regions: list[str] | None = None) -> list[Destination]:
@@ -140,7 +173,8 @@ async def learn_key(d: Destination, tls: TlsConfig | None, home: Records, db: St
     evidence = await d.sink.region_key() if tls is not None else None
     if evidence is None or tls is None:
         return False
-    key, signer = verified_key(d.region, evidence, tls)
+    _, held, _ = await db.call(db.store.key_state, d.region)
+    key, signer = verified_key(d.region, evidence, tls, held)
     if key is None or key.key_id == d.keys.recipient.key_id:
         return False
     d.use_key(key)
@@ -162,6 +196,7 @@ async def learn_key(d: Destination, tls: TlsConfig | None, home: Records, db: St
 
 
 class KeyStore(UnitOfWork, Protocol):
+    def key_state(self, destination: str) -> tuple[str, bytes | None, str | None]: ...
     def set_region_key(self, destination: str, statement: bytes) -> None: ...
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
 

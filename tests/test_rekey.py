@@ -6,6 +6,7 @@ the region node's signed statement (and from nobody else) and sends every copy a
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -113,9 +114,11 @@ async def held_in(c: Cluster, user: str, region: str) -> bool:
         raise
 
 
-def statement(region: str, key: RecipientKey | None, signer: Path) -> bytes:
-    """A GetRegionKeyResponse signed with the key of certificate `signer`.crt."""
+def statement(region: str, key: RecipientKey | None, signer: Path, issued: float | None = None) -> bytes:
+    """A GetRegionKeyResponse signed with the key of certificate `signer`.crt, issued now (or
+    at `issued`)."""
     s = replica_pb2.RegionKeyStatement(region=region)
+    s.issued_at.FromNanoseconds(int((time.time() if issued is None else issued) * 1e9))
     if key is not None:
         s.key_id, s.kem, s.public_key = key.key_id, key.kem, key.public_raw
     return statement_from(s, signer)
@@ -142,10 +145,18 @@ def test_a_new_region_key_is_taken_only_from_that_regions_node(idle_cluster: Clu
     swapped = replica_pb2.GetRegionKeyResponse.FromString(statement(SG, key, folder / SG))
     swapped.certificate = (folder / IE).with_suffix(".crt").read_bytes()
     liars["not signed by the key of"] = swapped.SerializeToString()
+    # A statement recorded earlier and played back: an hour old, or no newer than the one held.
+    liars["more than 600 s from this node's clock"] = statement(SG, key, folder / SG, time.time() - 3600)
+    liars["from this node's clock"] = statement(SG, key, folder / SG, time.time() + 3600)
     for why, evidence in liars.items():
         with pytest.raises(CallerDenied) as e:
             verified_key(SG, evidence, tls)
         assert why in str(e.value), (why, str(e.value))
+    earlier = statement(SG, key, folder / SG, time.time() - 60)
+    held = statement(SG, key, folder / SG, time.time() - 30)
+    with pytest.raises(CallerDenied, match="not after the statement held"):
+        verified_key(SG, earlier, tls, held)
+    assert verified_key(SG, statement(SG, key, folder / SG), tls, held)[0] == key
     # A statement from another deployment's CA is refused too.
     foreign = tmp_path / "foreign"
     pki.create_ca(foreign, "residency")
