@@ -2,7 +2,13 @@
 over mutual TLS with the node's own certificate (every listener is mutual TLS: there is no
 plaintext health port). Exit status 0 when SERVING, 1 when not serving or no answer, 2 when the
 config cannot be read. It runs every few seconds: the config model and the health stubs are
-imported only when it runs, and it asks once, without waiting for a node that is not there."""
+imported only when it runs, and it asks once, without waiting for a node that is not there.
+
+Front ends of one host may share one listen address (gRPC binds it with SO_REUSEPORT): the
+kernel then hands each new connection to one of them. Every answer names the process that gave
+it, which also wrote its name into `DATA_DIR/serving-LISTEN.lock` at start; an answer from
+another process is not this config's, and the probe asks again on a new connection, until its
+own answers or the time is up. A node that is gone is then not vouched for by its sibling."""
 
 from __future__ import annotations
 
@@ -16,6 +22,14 @@ from cryptography import x509
 
 from residency.cli.channel import Credentials
 from residency.server.core.errors import ConfigError
+
+# New connections tried for the answer of this config's own process, when another process on
+# the same address answers: with two front ends, a 1 in 2^16 chance of never reaching it.
+ATTEMPTS = 16
+
+
+class Elsewhere(Exception):
+    """Only other processes sharing the address answered."""
 
 
 def local_target(listen: str) -> str:
@@ -52,22 +66,47 @@ def server_name(cert_pem: bytes, host: str) -> str:
     return (dns + ips)[0]
 
 
-async def check(creds: Credentials, target: str, name: str, service: str, timeout: float) -> int:
-    """The node's answer to one `grpc.health.v1.Health/Check`: its status."""
+async def check(creds: Credentials, target: str, name: str, service: str, timeout: float) -> tuple[int, str]:
+    """One `grpc.health.v1.Health/Check` on a new connection: (the status, the name of the
+    process that answered, "" if it gave none)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    options = [("grpc.ssl_target_name_override", name)]
+    from residency.server.api.health import INSTANCE
+
+    # A channel of its own, not one sharing a connection with the last: a new connection is a
+    # new draw among the processes sharing the address.
+    options = [("grpc.ssl_target_name_override", name), ("grpc.use_local_subchannel_pool", 1)]
     async with creds.channel(target, options) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
+        call = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )
-    return reply.status
+        reply = await call
+        answered = dict(await call.trailing_metadata() or ()).get(INSTANCE, "")
+    return reply.status, str(answered)
+
+
+async def ask(creds: Credentials, target: str, name: str, service: str, timeout: float, own: str) -> int:
+    """The status this config's process (`own`: its name; "" for whichever answers) gives
+    within `timeout` seconds; Elsewhere if only other processes answered."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    others: set[str] = set()
+    for _ in range(ATTEMPTS):
+        left = deadline - loop.time()
+        if left <= 0 and others:
+            break
+        status, answered = await check(creds, target, name, service, left)
+        if not own or answered in ("", own):
+            return status
+        others.add(answered)
+    raise Elsewhere(f"only another process on this address answered ({len(others)} of them)")
 
 
 def _health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2
 
     from residency.server.config.node import load_config
+    from residency.server.storage.running import serving_instance
 
     config = load_config(args.config)  # a ConfigError: `main` says so and exits 2
     tls, target = config.tls, local_target(config.listen)
@@ -81,7 +120,8 @@ def _health(args: argparse.Namespace) -> int:
         raise ConfigError(f"{config.path}: 'tls.cert' {tls.cert}: {e}") from None
     creds, label = Credentials(tls.cert, tls.key, tls.ca), f"{args.service!r} at {target}"
     try:
-        status = asyncio.run(check(creds, target, name, args.service, args.timeout))
+        own = serving_instance(config.data_dir, config.listen)
+        status = asyncio.run(ask(creds, target, name, args.service, args.timeout, own))
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             why = f"no answer within {args.timeout:g} s"
@@ -90,6 +130,9 @@ def _health(args: argparse.Namespace) -> int:
         else:
             why = f"{e.code().name}: {e.details()}"
         print(f"residency health: {label}: {why}", file=sys.stderr)
+        return 1
+    except Elsewhere as e:
+        print(f"residency health: {label}: {e}, not the node of this config", file=sys.stderr)
         return 1
     except Exception as e:  # a probe says why in one line, never with a traceback
         print(f"residency health: {label}: {type(e).__name__}: {e}", file=sys.stderr)

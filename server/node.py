@@ -120,7 +120,7 @@ class RunningNode:
         c = self.config
         # Held while it runs, before anything listens: no `keys --config`, no same config twice.
         self._running = hold_running(c.data_dir)
-        self._serving = hold_serving(c.data_dir, c.listen)
+        self._serving = hold_serving(c.data_dir, c.listen, self.health.instance)
         await tls_floor.verify(self.tls.credentials())  # before anything listens or opens
         await self.health.begin()  # alive, not ready, until the checks pass
         schema = load_schema(c.schema)

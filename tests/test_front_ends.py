@@ -4,20 +4,32 @@ of them changes (an erasure, the rules, the region key) the other honours within
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import time
 
 import grpc
 import pytest
 import yaml
 
+from residency.cli.channel import Credentials
+from residency.cli.health import check, server_name
 from residency.server.config.node import load_config
+from residency.server.config.rules import load_rules
+from residency.server.config.schema import load_schema
 from residency.server.core import translog
 from residency.server.deployment import PRIMARY, start_node
+from residency.server.keys.keyring import Keyring
+from residency.server.keys.providers import open_provider
+from residency.server.storage.running import serving_instance
+from residency.server.storage.stores import open_store
+from residency.server.vault.records import Records, Write
 from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, translog_pb2, translog_pb2_grpc
 from tests.conftest import COOKIES, Cluster, ctx, values
 from tests.harness import eventually
 from tests.postgres import Postgres
+from tests.test_health import residency_health
 
 SG = "ap-southeast-1"
 
@@ -387,3 +399,84 @@ def test_hearing_is_a_problem_before_the_first_catch_up_and_after_a_second_witho
     assert h.problems() == []  # within the grace
     h.down_since, h.down_at = time.monotonic() - 2, "12:00:00"
     assert h.problems() == ["store notifications: not heard since 12:00:00 UTC (other front ends' changes)"]
+
+
+async def test_two_front_ends_on_one_address_share_its_connections_and_each_probe_answers_for_its_own(
+    idle_cluster: Cluster,
+):
+    """Issue 17.3's other layout: two `residency serve` of one host on one listen address, which
+    gRPC binds with SO_REUSEPORT, so the kernel hands each new connection to one of them. A
+    probe of one config must not be answered by the other: once one is killed, its probe fails
+    while the survivor, alone on the address, answers every connection."""
+    c = idle_cluster
+    b = c.add_front_end("b")
+    config = yaml.safe_load(c.dep.configs[b].read_text())
+    config["listen"] = c.dep.addresses[b] = c.dep.addresses[PRIMARY]
+    c.dep.configs[b].write_text(yaml.safe_dump(config, sort_keys=False))
+    await c.start(PRIMARY, b)
+
+    node = load_config(c.dep.configs[PRIMARY])
+    creds, target = Credentials(node.tls.cert, node.tls.key, node.tls.ca), c.dep.addresses[PRIMARY]
+    name = server_name(node.tls.cert.read_bytes(), target.rpartition(":")[0])
+    seen = [(await check(creds, target, name, "readiness", 10))[1] for _ in range(32)]
+    names = {serving_instance(load_config(c.dep.configs[f]).data_dir, target) for f in (PRIMARY, b)}
+    assert set(seen) == names and len(names) == 2, seen  # each new connection went to one of them
+    for u in ("ra-1", "ra-2", "ra-3"):
+        assert await c.put(u, {"name": f"name of {u}"}) == 1
+        assert values(await c.get(u))["name"] == f"name of {u}"
+    for f in (PRIMARY, b):
+        probe = await asyncio.to_thread(residency_health, c.dep.configs[f])
+        assert (probe.returncode, probe.stdout) == (0, "SERVING\n"), probe.stderr
+
+    c.stop(b, signal.SIGKILL)
+    survivor = [(await check(creds, target, name, "readiness", 10))[1] for _ in range(8)]
+    assert set(survivor) == names - {serving_instance(load_config(c.dep.configs[b]).data_dir, target)}
+    gone = await asyncio.to_thread(residency_health, c.dep.configs[b], "--timeout", "3")
+    assert gone.returncode == 1 and "only another process on this address answered" in gone.stderr, gone
+    assert "not the node of this config" in gone.stderr and "Traceback" not in gone.stderr
+    assert (await asyncio.to_thread(residency_health, c.dep.configs[PRIMARY])).returncode == 0
+
+
+def test_a_write_through_a_front_end_holding_a_replaced_key_merges_into_the_new_record(
+    idle_cluster: Cluster,
+):
+    """Two front ends' vaults on one PostgreSQL store, before any notice reaches the first (it
+    holds the user's data key cached): the second erases the user and registers them again
+    under a new key. The first's next write to the user opens the new record under the
+    keyring's key instead of failing, and nothing of the erased record comes back."""
+    c = load_config(idle_cluster.dep.configs[PRIMARY])
+    schema = load_schema(c.schema)
+    rules = load_rules(c.rules, schema)
+    stores = [open_store(c), open_store(c)]
+    try:
+        a, b = (
+            Records(
+                c.region, True, schema, rules, Keyring(c.region, open_provider(c.keys), c.keys_dir), s, False
+            )
+            for s in stores
+        )
+
+        def put(r: Records, **fields: str) -> int:
+            record = records_pb2.Record()
+            for name, value in fields.items():
+                record.fields[name].string_value = value
+            writes = [Write("sk-1", "registration", record.SerializeToString())]
+            r.prepare_keys(writes)
+            with r.store.transaction():
+                return r.put(writes)[0]
+
+        put(a, name="Old Name", email="old@example.cn")
+        old_mark = a.open_row(a.store.rows(["sk-1"])["sk-1"]).key_mark  # cached by a
+        with b.store.transaction():
+            b.delete("sk-1", "spiffe://residency/service/cn-north/test-suite")
+        put(b, name="New Name")
+        version = put(a, phone="+86 10 1234 5678")
+        opened = b.open_row(b.store.rows(["sk-1"])["sk-1"])
+        assert opened.version == version and opened.key_mark != old_mark
+        assert {k: v.string_value for k, v in opened.fields.items()} == {
+            "name": "New Name",
+            "phone": "+86 10 1234 5678",
+        }
+    finally:
+        for s in stores:
+            s.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,10 @@ from grpc_health.v1 import health, health_pb2
 from residency.server.core.errors import ResidencyError
 
 LIVENESS, READINESS = "liveness", "readiness"
+# Trailing metadata of every Check answer: which process answered. Front ends sharing one
+# address (SO_REUSEPORT) share its connections, so `residency health` compares it with what
+# the process of its own config wrote at start (`storage.running.hold_serving`).
+INSTANCE = "residency-instance"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 log = logging.getLogger("residency.health")
@@ -25,7 +30,8 @@ class Health:
     """Readiness and its reasons; `problems` is what `residency status` shows."""
 
     def __init__(self, services: list[str]):
-        self.servicer = health.aio.HealthServicer()
+        self.instance = secrets.token_hex(8)
+        self.servicer = _Answering(self.instance)
         self.services = services
         self.problems: list[str] = ["starting"]
 
@@ -70,6 +76,18 @@ class Health:
 
     async def close(self) -> None:
         await self.servicer.set(LIVENESS, NOT_SERVING)
+
+
+class _Answering(health.aio.HealthServicer):
+    """The standard servicer, each Check answer naming the process that gave it."""
+
+    def __init__(self, instance: str):
+        super().__init__()
+        self._named = ((INSTANCE, instance),)
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        context.set_trailing_metadata(self._named)
+        return await super().Check(request, context)
 
 
 async def check(store_call: Any, keyring: Any, timeout: float) -> list[str]:

@@ -2,7 +2,9 @@
 a shared lock on `DATA_DIR/running.lock` for as long as they run (the kernel drops it when the
 process ends, killed or not); what must not run beside them (`residency keys ... --config`)
 holds it alone, or is refused. `residency serve` also holds `DATA_DIR/serving-LISTEN.lock`
-alone, so that one config is not served twice on one host."""
+alone, so that one config is not served twice on one host, and writes into it the name its
+health answers carry (`residency health` tells its own node from another front end sharing
+the address by it)."""
 
 from __future__ import annotations
 
@@ -40,15 +42,21 @@ def hold_running(data_dir: Path) -> int:
     )
 
 
-def hold_serving(data_dir: Path, listen: str) -> int:
-    """Held alone by the one `residency serve` of this data folder and listen address: the same
-    config started twice on one host would be one worker owner (host, listen address and
-    data folder name it) holding one lease twice, which fencing cannot tell apart."""
+def serving_lock(data_dir: Path, listen: str) -> Path:
+    """`DATA_DIR/serving-LISTEN.lock`."""
     safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in listen)
     if len(safe) > 100:  # a file name has at most 255 bytes
         safe = hashlib.sha256(listen.encode()).hexdigest()[:32]
-    name = f"serving-{safe}.lock"
-    return _hold(
+    return data_dir / f"serving-{safe}.lock"
+
+
+def hold_serving(data_dir: Path, listen: str, instance: str) -> int:
+    """Held alone by the one `residency serve` of this data folder and listen address: the same
+    config started twice on one host would be one worker owner (host, listen address and
+    data folder name it) holding one lease twice, which fencing cannot tell apart. Once held,
+    the file holds `instance`, the name this process's health answers carry."""
+    name = serving_lock(data_dir, listen).name
+    fd = _hold(
         data_dir,
         fcntl.LOCK_EX,
         f"a node with data_dir {data_dir} and listen address {listen} already runs on this host "
@@ -56,6 +64,18 @@ def hold_serving(data_dir: Path, listen: str) -> int:
         "(docs/operators.md, PostgreSQL)",
         name,
     )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, instance.encode(), 0)
+    return fd
+
+
+def serving_instance(data_dir: Path, listen: str) -> str:
+    """The name the last `residency serve` of this data folder and listen address wrote (its
+    health answers carry it), or "" if there is none to read."""
+    try:
+        return serving_lock(data_dir, listen).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def hold_stopped(data_dir: Path) -> int:

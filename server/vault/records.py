@@ -32,7 +32,7 @@ from residency.server.core.rules import (
     Withheld,
 )
 from residency.server.core.schema import Schema
-from residency.server.core.sealing import DataKey, field_aads, record_aad
+from residency.server.core.sealing import DataKey, SealError, field_aads, record_aad
 from residency.server.core.transform import put_in_forms
 from residency.server.keys.hashkey import HashKeys
 from residency.server.keys.keyring import Keyring
@@ -109,7 +109,7 @@ class Records(RecordKeys):
                 keys[u] = self._data_key(u)
             else:
                 keys[u], new_key_ids[u] = self.new_keys.take(u)
-        versions, sealed = seal_writes(
+        args = (
             self.region,
             time.time(),
             [(w.user_id, w.body, w.remove, w.touch, w.source) for w in writes],
@@ -118,6 +118,15 @@ class Records(RecordKeys):
             new_key_ids,
             self.version_floor(),
         )
+        try:
+            versions, sealed = seal_writes(*args)
+        except SealError:
+            # A cached key another process replaced (the user erased and written again
+            # through another front end, before its notice came): the keyring's, once more.
+            for u in live:
+                self.keyring.data_keys.drop(u)
+                keys[u] = self._data_key(u)
+            versions, sealed = seal_writes(*args)
         for u in new_key_ids:
             self.keyring.data_keys.put(u, keys[u])
         self.store.upsert([Row(u, v, False, blob, age) for u, v, blob, age in sealed])
