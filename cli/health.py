@@ -86,27 +86,40 @@ async def check(creds: Credentials, target: str, name: str, service: str, timeou
 
 
 async def ask(creds: Credentials, target: str, name: str, service: str, timeout: float, own: str) -> int:
-    """The status this config's process (`own`: its name; "" for whichever answers) gives
-    within `timeout` seconds; Elsewhere if only other processes answered."""
+    """The status this config's process (`own`: the name it wrote at start) gives within
+    `timeout` seconds. An answer from another process sharing the address (one of an older
+    version names none), or a failure on the way (a sibling stopping; a hung one, so each try
+    gets half the time left, at least a second), is tried again on a new connection while time
+    is left; then Elsewhere if only other processes answered, else the last failure."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     others: set[str] = set()
+    failure: grpc.aio.AioRpcError | None = None
     for _ in range(ATTEMPTS):
         left = deadline - loop.time()
-        if left <= 0 and others:
+        if left <= 0:
             break
-        status, answered = await check(creds, target, name, service, left)
-        if not own or answered in ("", own):
+        try:
+            status, answered = await check(creds, target, name, service, max(min(left, 1.0), left / 2))
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            failure = e
+            continue
+        if answered == own:
             return status
         others.add(answered)
-    raise Elsewhere(f"only another process on this address answered ({len(others)} of them)")
+    if others:
+        raise Elsewhere(f"only another process on this address answered ({len(others)} of them)")
+    assert failure is not None  # a positive timeout makes one try at least
+    raise failure
 
 
 def _health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2
 
     from residency.server.config.node import load_config
-    from residency.server.storage.running import serving_instance
+    from residency.server.storage.running import serving_instance, serving_lock
 
     config = load_config(args.config)  # a ConfigError: `main` says so and exits 2
     tls, target = config.tls, local_target(config.listen)
@@ -121,6 +134,14 @@ def _health(args: argparse.Namespace) -> int:
     creds, label = Credentials(tls.cert, tls.key, tls.ca), f"{args.service!r} at {target}"
     try:
         own = serving_instance(config.data_dir, config.listen)
+        if not own:
+            lock = serving_lock(config.data_dir, config.listen)
+            print(
+                f"residency health: {label}: no `residency serve` of this config started on this "
+                f"host ({lock} names none)",
+                file=sys.stderr,
+            )
+            return 1
         status = asyncio.run(ask(creds, target, name, args.service, args.timeout, own))
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -144,6 +165,13 @@ def _health(args: argparse.Namespace) -> int:
     return 1
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def add_health(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "health",
@@ -156,5 +184,5 @@ def add_health(sub: argparse._SubParsersAction) -> None:
         default="readiness",
         help='readiness (default), liveness, "" (the overall status) or an API service\'s name',
     )
-    s.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    s.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer (default 3)")
     s.set_defaults(run=_health)

@@ -52,7 +52,7 @@ fields:
                       max_bytes: 32, sensitive: true, source: registration,
                       description: "Resident identity card number"}
   password:          {category: user.authorization.password, type: string, max_bytes: 256, source: registration,
-                      description: "Account password; stored only as a scrypt hash"}
+                      description: "Account password; stored only as an Argon2id hash"}
   ip_address:        {category: user.device.ip_address, type: string, max_bytes: 45, source: automatic,
                       description: "IP address of the terminal"}
   browser_type:      {category: user.device, type: string, max_bytes: 256, source: automatic,

@@ -33,7 +33,7 @@ from residency.server.storage.sqlite import SqliteStore
 from residency.server.vault.records import Records, Write
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 from tests.conftest import Cluster, ctx
-from tests.test_crypto import legacy_scrypt
+from tests.test_crypto import counting, legacy_scrypt
 from tests.test_keys_node import backup, open_offline
 
 
@@ -117,6 +117,16 @@ async def test_a_password_matches_however_its_characters_are_composed_or_spaced(
     assert await verify(module_cluster, "nf-1", "Caf\u00e9 au lait") is False  # nor case-blind
     stored = stored_password(module_cluster, tmp_path, "nf-1")
     assert verify_credential("caf\u00e9 au lait", stored) == Verdict(True)
+    # The field's max_bytes (256) bounds the prepared form: at the limit composed, over it
+    # as sent decomposed, still the same password, on a write and on a verify.
+    composed, decomposed = "\u00e9" * 128, "e\u0301" * 128
+    assert len(composed.encode()) == 256 and len(decomposed.encode()) == 384
+    await module_cluster.put("nf-2", {"email": "nf2@example.cn", "password": decomposed})
+    assert await verify(module_cluster, "nf-2", composed) is True
+    assert await verify(module_cluster, "nf-2", decomposed) is True
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await verify(module_cluster, "nf-2", composed + "e")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit is 256" in e.value.details()
 
 
 def test_a_hash_made_of_the_secret_as_sent_still_verifies_and_is_rehashed():
@@ -129,6 +139,10 @@ def test_a_hash_made_of_the_secret_as_sent_still_verifies_and_is_rehashed():
     assert verify_credential("caf\u00e9", old) == Verdict(False)
     assert verify_credential("cafe", old) == Verdict(False)
     assert prepared(decomposed) == "caf\u00e9" and prepared("a\u2003b") == "a b"
+    # A code point this Python's Unicode does not assign (U+0378): the secret is kept as sent, so
+    # that a later Unicode assigning it cannot change what was hashed.
+    unassigned = "cafe\u0301\u0378"
+    assert prepared(unassigned) == unassigned
     new = hash_credential(decomposed)
     assert verify_credential("caf\u00e9", new) == verify_credential(decomposed, new) == Verdict(True)
 
@@ -165,6 +179,12 @@ async def test_verify_is_rate_limited_per_user_and_per_caller(idle_cluster: Clus
         await verify(idle_cluster, "nobody-4", "guess", "svc-e")
     assert 0 < exhausted(e.value) <= 12 and "by this caller" in e.value.details()
     assert await verify(idle_cluster, "nobody-4", "guess", "svc-f") is False  # other callers are not
+    # The buckets are kept in the store (shared by front ends, see test_front_ends), and a
+    # user's goes with the user's erasure.
+    held = "SELECT bucket FROM credential_limits WHERE bucket LIKE 'user:rl-%' ORDER BY bucket"
+    assert idle_cluster.query(PRIMARY, held) == [("user:rl-1",), ("user:rl-2",)]
+    await idle_cluster.delete("rl-1")
+    assert idle_cluster.query(PRIMARY, held) == [("user:rl-2",)]
 
 
 async def test_users_without_a_credential_take_as_long_to_verify_as_users_with_one(idle_cluster: Cluster):
@@ -189,11 +209,11 @@ async def test_users_without_a_credential_take_as_long_to_verify_as_users_with_o
 
 
 def test_a_limit_under_one_a_minute_still_lets_a_call_through_now_and_then():
-    limits = VerifyLimits.per_minute(0.5, 600)
-    assert limits.admit("u-1", "svc", 0.0) is None
-    refused = limits.admit("u-1", "svc", 1.0)
+    admit = counting(VerifyLimits.per_minute(0.5, 600))
+    assert admit("u-1", "svc", 0.0) is None
+    refused = admit("u-1", "svc", 1.0)
     assert refused is not None and refused[0] == "user" and refused[1] == pytest.approx(119.0)
-    assert limits.admit("u-1", "svc", 121.0) is None
+    assert admit("u-1", "svc", 121.0) is None
 
 
 def test_many_users_at_once_do_not_make_every_call_sweep_the_buckets():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import pytest
 from argon2 import PasswordHasher
@@ -140,12 +141,24 @@ def test_a_hash_made_with_weaker_parameters_asks_to_be_rehashed():
     assert verify_credential("hunter3", weaker) == Verdict(False)
 
 
+def counting(limits: VerifyLimits) -> Callable[[str, str, float], tuple[str, float] | None]:
+    """`limits.admit` over buckets kept in a dict, as the store keeps them."""
+    held: dict[str, tuple[float, float]] = {}
+
+    def admit(user_id: str, caller: str, now: float) -> tuple[str, float] | None:
+        refused, taken = limits.admit(held, user_id, caller, now)
+        held.update(taken)
+        return refused
+
+    return admit
+
+
 def test_token_buckets_refill_at_their_rate_and_a_refusal_takes_nothing():
-    limits = VerifyLimits.per_minute(user=2, caller=3)
-    assert limits.admit("u-1", "svc:a", 0.0) is None
-    assert limits.admit("u-1", "svc:b", 0.0) is None  # another caller: the same user's bucket
-    assert limits.admit("u-1", "svc:c", 0.0) == ("user", 30.0)
-    assert limits.admit("u-2", "svc:a", 0.0) is None
-    assert limits.admit("u-3", "svc:a", 0.0) is None
-    assert limits.admit("u-4", "svc:a", 0.0) == ("caller", 20.0)  # another user: the same caller
-    assert limits.admit("u-1", "svc:c", 30.0) is None  # one token back after 30 s
+    admit = counting(VerifyLimits.per_minute(user=2, caller=3))
+    assert admit("u-1", "svc:a", 0.0) is None
+    assert admit("u-1", "svc:b", 0.0) is None  # another caller: the same user's bucket
+    assert admit("u-1", "svc:c", 0.0) == ("user", 30.0)
+    assert admit("u-2", "svc:a", 0.0) is None
+    assert admit("u-3", "svc:a", 0.0) is None
+    assert admit("u-4", "svc:a", 0.0) == ("caller", 20.0)  # another user: the same caller
+    assert admit("u-1", "svc:c", 30.0) is None  # one token back after 30 s

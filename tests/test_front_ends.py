@@ -10,6 +10,7 @@ import signal
 import time
 
 import grpc
+import psycopg
 import pytest
 import yaml
 
@@ -25,10 +26,18 @@ from residency.server.keys.providers import open_provider
 from residency.server.storage.running import serving_instance
 from residency.server.storage.stores import open_store
 from residency.server.vault.records import Records, Write
-from residency.v1 import admin_pb2, admin_pb2_grpc, records_pb2, translog_pb2, translog_pb2_grpc
+from residency.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    records_pb2,
+    records_pb2_grpc,
+    translog_pb2,
+    translog_pb2_grpc,
+)
 from tests.conftest import COOKIES, Cluster, ctx, values
 from tests.harness import eventually
 from tests.postgres import Postgres
+from tests.test_credentials import exhausted, limits
 from tests.test_health import residency_health
 
 SG = "ap-southeast-1"
@@ -480,3 +489,37 @@ def test_a_write_through_a_front_end_holding_a_replaced_key_merges_into_the_new_
     finally:
         for s in stores:
             s.close()
+
+
+async def test_credential_checks_through_two_front_ends_count_against_one_limit(
+    idle_cluster: Cluster, primary_store: dict
+):
+    """Policy 6a's limits hold for the store, not for each front end: with 3 checks a minute
+    about a user, a guesser spreading its checks over two front ends gets 3, not 6. The
+    buckets live in the store, and a user's goes with the user's erasure."""
+    c = idle_cluster
+    limits(c, per_user=3, per_caller=600)
+    b = c.add_front_end("b")  # the same limits: its config is the primary's
+    await c.start(PRIMARY, b)
+    await c.put("vl-1", {"email": "vl@example.cn", "password": "secret"})
+
+    async def verify(front: str, secret: str) -> bool:
+        request = records_pb2.VerifyCredentialRequest(
+            context=ctx(PRIMARY, "essential.service"), user_id="vl-1", field="password", secret=secret
+        )
+        stub = records_pb2_grpc.RecordServiceStub(c.channel(front, "service", PRIMARY, "guesser"))
+        return (await stub.VerifyCredential(request, timeout=30)).match
+
+    assert [await verify(f, "guess") for f in (PRIMARY, b, PRIMARY)] == [False, False, False]
+    for front in (b, PRIMARY):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await verify(front, "secret")
+        assert 0 < exhausted(e.value) <= 20 and "about this user" in e.value.details()
+
+    def buckets() -> list[str]:
+        with psycopg.connect(primary_store["dsn"]) as db:
+            return [r[0] for r in db.execute("SELECT bucket FROM credential_limits ORDER BY bucket")]
+
+    assert buckets() == ["caller:spiffe://residency/service/cn-north/guesser", "user:vl-1"]
+    await c.delete("vl-1")
+    assert buckets() == ["caller:spiffe://residency/service/cn-north/guesser"]

@@ -187,6 +187,9 @@ async def test_residency_health_probes_the_node_of_its_config_over_mutual_tls(tm
         r = await asyncio.to_thread(residency_health, config_path, "--service", service)
         return r.returncode == code
 
+    # Never started on this host: its serving lock names no process to ask for.
+    never = residency_health(config_path)
+    assert never.returncode == 1 and "no `residency serve` of this config started" in never.stderr, never
     dep.start(PRIMARY)
     try:
         await eventually(answers, "`residency health` says the node is ready")
@@ -218,6 +221,9 @@ async def test_residency_health_probes_the_node_of_its_config_over_mutual_tls(tm
     # A config it cannot read: exit status 2.
     missing = residency_health(tmp_path / "nowhere.yaml")
     assert missing.returncode == 2 and "cannot read config" in missing.stderr, missing
+    for timeout in ("0", "-1", "nan"):
+        bad = residency_health(config_path, "--timeout", timeout)
+        assert bad.returncode == 2 and "not a number of seconds above 0" in bad.stderr, bad
 
 
 def test_a_config_with_the_plaintext_health_port_is_refused_naming_it(tmp_path: Path):

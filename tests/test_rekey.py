@@ -5,20 +5,25 @@ the region node's signed statement (and from nobody else) and sends every copy a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from residency.replicator.destinations import verified_key
+from residency.replicator.destinations import learn_key, verified_key
 from residency.server.config.node import load_config
 from residency.server.core.errors import CallerDenied
 from residency.server.deployment import AFFILIATES, PRIMARY
 from residency.server.keys import pki
 from residency.server.keys.region import RecipientKey
+from residency.server.storage.sqlite import SqliteStore
+from residency.server.storage.thread import StoreThread
 from residency.v1 import replica_pb2
 from tests.conftest import Cluster, values
 from tests.test_keys_node import keys_run, until
@@ -171,3 +176,41 @@ def statement_from(s: replica_pb2.RegionKeyStatement, signer: Path) -> bytes:
     return replica_pb2.GetRegionKeyResponse(
         statement=data, signature=pki.sign(private, data), certificate=signer.with_suffix(".crt").read_bytes()
     ).SerializeToString()
+
+
+async def test_a_held_primary_refuses_a_statement_no_newer_than_the_one_it_keeps(
+    idle_cluster: Cluster, tmp_path: Path
+):
+    """`learn_key` against whoever answers at the region's address (the sink stands for it):
+    the store keeps the statement of the key learned last; a recording of an earlier one, of
+    another key, is refused and leaves the hold as it was; a fresh one is learned."""
+    c = idle_cluster
+    tls = load_config(c.dep.configs[PRIMARY]).tls
+    signer = c.dir / "pki" / SG
+    old, kept, new = (
+        RecipientKey(SG, X25519PrivateKey.generate().public_key().public_bytes_raw()) for _ in range(3)
+    )
+    recorded = statement(SG, old, signer, time.time() - 60)
+    store = SqliteStore(tmp_path / "node.db")
+    db = StoreThread(store)
+    db.start()
+    try:
+        await db.write(lambda: store.set_region_key(SG, statement(SG, kept, signer, time.time() - 30)))
+        answers: list[bytes] = []
+        dest = SimpleNamespace(
+            region=SG,
+            sink=SimpleNamespace(region_key=lambda: asyncio.sleep(0, answers.pop())),
+            keys=SimpleNamespace(recipient=kept),
+            use_key=lambda key: setattr(dest.keys, "recipient", key),
+        )
+        home = SimpleNamespace(region=PRIMARY, rules=SimpleNamespace(version="v1"))
+        answers.append(recorded)
+        with pytest.raises(CallerDenied, match="not after the statement held"):
+            await learn_key(dest, tls, home, db)  # type: ignore[arg-type]
+        assert dest.keys.recipient == kept and (await db.call(store.key_state, SG))[1] != recorded
+        answers.append(fresh := statement(SG, new, signer))
+        assert await learn_key(dest, tls, home, db) is True  # type: ignore[arg-type]
+        assert dest.keys.recipient == new and (await db.call(store.key_state, SG))[1] == fresh
+    finally:
+        await db.drain()
+        store.close()

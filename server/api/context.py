@@ -19,6 +19,7 @@ from residency.server.storage.notices import Hearing
 from residency.server.storage.roles import ServiceStore
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.copies import Home
+from residency.server.vault.credentials import VerifyBuckets
 from residency.server.vault.key_lifecycle import KeyLifecycle
 from residency.server.vault.policy import Policy
 from residency.server.vault.records import Records
@@ -54,7 +55,9 @@ class Node:
         self.policy = Policy(records)
         self.hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="credentials")
         limits = credentials or CredentialsConfig()
-        self.verify_limits = VerifyLimits.per_minute(limits.per_user_per_minute, limits.per_caller_per_minute)
+        self.verify_buckets = VerifyBuckets(
+            VerifyLimits.per_minute(limits.per_user_per_minute, limits.per_caller_per_minute), db.store
+        )
         # Re-projection after a rules change: (done, total).
         self.backfill = (0, 0)
         self.reload_rules: Any = None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from typing import Any
 
 import grpc
@@ -20,7 +19,7 @@ from residency.server.api.messages import record_message, withheld_messages
 from residency.server.api.subject import export_subject
 from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
 from residency.server.core.lookup import DEFAULT_FIND, MAX_FIND
-from residency.server.core.policy.credentials import hash_credential, verify_credential
+from residency.server.core.policy.credentials import hash_credential, prepared, verify_credential
 from residency.server.vault.credentials import rehash_credential, stored_credential
 from residency.server.vault.finding import Finder, check_token
 from residency.server.vault.records import Caller, ReadResult, Write
@@ -179,12 +178,17 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         spec = self.records.schema.fields.get(request.field)
         if spec is None or not spec.credential:
             raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
-        size = len(request.secret.encode())
+        size = len(prepared(request.secret).encode())  # as it was stored, however composed
         if size > spec.max_bytes:  # no secret that long was stored: not worth the hashing
             raise InvalidRecord([("secret", f"{size} bytes; the field's limit is {spec.max_bytes}")])
         what, users = "credentials are verified in", [request.user_id]
         await at_home_only(self.node, caller, "credentials.verify", what, users, "remote_read")
-        refused = self.node.verify_limits.admit(request.user_id, caller.identity, time.monotonic())
+        # Read first: a caller past its limit costs no write. Then taken in a write, where no
+        # other front end of the store counts meanwhile.
+        buckets, user, who = self.node.verify_buckets, request.user_id, caller.identity
+        refused = await self.node.db.call(buckets.check, user, who)
+        if refused is None:
+            refused = await self.node.db.write(lambda: buckets.take(user, who))
         if refused is not None:
             limit, wait = refused
             about = "about this user" if limit == "user" else "by this caller"

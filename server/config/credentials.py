@@ -9,7 +9,7 @@ from residency.server.config.errors import FileModel
 
 
 class CredentialsConfig(FileModel):
-    """Token buckets, kept in the node's memory: a minute's calls may come at once."""
+    """Token buckets, kept in the store (shared by its front ends): a minute's calls may come at once."""
 
     per_user_per_minute: float = Field(
         default=10.0, gt=0, description="a number of verify calls per minute about one user, above 0"

@@ -12,6 +12,8 @@ from datetime import datetime
 from functools import cache, cached_property
 from typing import Any, Literal
 
+from residency.server.core.policy.credentials import prepared
+
 FieldValue = str | int | bool | bytes | datetime | list[str]
 
 # The value types a field may declare, and the Python types each accepts.
@@ -132,7 +134,9 @@ def _check_value(spec: FieldSpec, value: FieldValue | None) -> tuple[str, int]:
     if not isinstance(value, expected) or (spec.type == "int" and isinstance(value, bool)):
         return f"expected a {spec.type} value, got {_kind(value)}", 0
     if isinstance(value, str):
-        size = len(value.encode())
+        # A credential is bounded as it is hashed (`prepared`: the same password however
+        # composed has one size); an ASCII one, the fast path above, is its own prepared form.
+        size = len((prepared(value) if spec.credential else value).encode())
     elif isinstance(value, bytes):
         size = len(value)
     elif isinstance(value, list):

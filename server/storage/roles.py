@@ -13,6 +13,7 @@ from residency.server.storage.consents import ConsentStore
 from residency.server.storage.database import UnitOfWork
 from residency.server.storage.disclosures import DisclosureStore
 from residency.server.storage.keyring import KeyStore
+from residency.server.storage.limits import LimitStore
 from residency.server.storage.lookup import LookupStore
 from residency.server.storage.records import RecordStore
 from residency.server.storage.replication import (
@@ -34,6 +35,7 @@ class VaultStore(
     DisclosureStore,
     LookupStore,
     RulesStateStore,
+    LimitStore,
     LogWriter,
     Protocol,
 ):
@@ -47,7 +49,7 @@ class WorkerStore(UnitOfWork, ReplicationStore, LogWriter, Protocol):
 
 
 class ServiceStore(
-    UnitOfWork, RecordStore, ConsentStore, ReplicationControlStore, LogStore, LogWriter, Protocol
+    UnitOfWork, RecordStore, ConsentStore, ReplicationControlStore, LogStore, LogWriter, LimitStore, Protocol
 ):
     """The gRPC servicers' store thread: status counts, consents and grants listed, replication
     control, the transfer log read, and refused callers logged."""

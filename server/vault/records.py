@@ -19,6 +19,7 @@ from residency.server.core import codec, translog
 from residency.server.core.errors import NotFound
 from residency.server.core.policy.consent import StandingConsent, consented_rules
 from residency.server.core.policy.cookies import refused_cookie_writes
+from residency.server.core.policy.credentials import user_bucket
 from residency.server.core.policy.erasure import ERASED_HERE, expired_fields
 from residency.server.core.policy.grants import split_grants
 from residency.server.core.rules import (
@@ -125,7 +126,8 @@ class Records(RecordKeys):
             # through another front end, before its notice came): the keyring's, once more.
             for u in live:
                 self.keyring.data_keys.drop(u)
-                keys[u] = self._data_key(u)
+            self.warm_keys(list(live))  # one query
+            keys.update((u, self._data_key(u)) for u in live)
             versions, sealed = seal_writes(*args)
         for u in new_key_ids:
             self.keyring.data_keys.put(u, keys[u])
@@ -216,6 +218,7 @@ class Records(RecordKeys):
                 user_id, consented, recipient, bool(sensitive), now, ERASED_HERE, actor, True
             )
         grants = self.store.grants_leave(user_id)
+        self.store.limits_forget(user_bucket(user_id))  # when the user's credentials were last verified
         entry = translog.entry(
             "erasure",
             subject=user_id,

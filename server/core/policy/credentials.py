@@ -27,11 +27,17 @@ _SCRYPT, _SALT, _DIGEST = b"scrypt$", 16, 32
 def prepared(secret: str) -> str:
     """`secret` as it is hashed: the mapping and normalisation of RFC 8265's OpaqueString
     profile (every space character as U+0020, then NFC), so that a password typed on another
-    keyboard or system, the same characters composed otherwise, still matches. Written here
-    rather than taken from `precis-i18n`: that library's profile also refuses characters
-    (controls, unassigned code points) that credentials already stored may hold, which a
-    verify must not turn into a refusal."""
-    spaced = "".join(" " if unicodedata.category(c) == "Zs" else c for c in secret)
+    keyboard or system, the same characters composed otherwise, still matches. A secret with
+    a code point this Python's Unicode data does not assign is left as sent: a later version
+    may assign it as a combining mark, which NFC would then move, and the hash would no
+    longer match (left as sent, a later version's verify checks it as sent too, and rehashes).
+    Written here rather than taken from `precis-i18n`: that library's profile refuses such
+    code points (and controls), which credentials already stored may hold, and a verify must
+    not turn into a refusal."""
+    categories = [unicodedata.category(c) for c in secret]
+    if "Cn" in categories:
+        return secret
+    spaced = "".join(" " if k == "Zs" else c for c, k in zip(secret, categories, strict=True))
     return unicodedata.normalize("NFC", spaced)
 
 
@@ -59,7 +65,7 @@ def verify_credential(secret: str, stored: bytes) -> Verdict:
     empty or unreadable `stored` costs a verify all the same, and never matches. A hash made
     before secrets were `prepared` was made of the secret as sent: when preparing changes the
     secret, that one is checked too, every time (the time taken says nothing of which
-    matched), and a match rehashes."""
+    matched; such a secret costs the caller's token two checks), and a match rehashes."""
     ready = prepared(secret)
     verdict = _verify(ready, stored)
     if ready == secret:
@@ -108,32 +114,65 @@ class TokenBuckets:
 
     @property
     def _capacity(self) -> float:
-        return max(1.0, self.per_minute)
+        return _capacity(self.per_minute)
 
     def _tokens(self, key: str, now: float) -> float:
-        tokens, then = self._buckets.get(key, (self._capacity, now))
-        return min(self._capacity, tokens + (now - then) * self.per_minute / 60)
+        return refilled(self._buckets.get(key), now, self.per_minute)
 
 
-@dataclass(slots=True)
+def user_bucket(user_id: str) -> str:
+    """The name of a user's bucket, which goes with the user's erasure."""
+    return f"user:{user_id}"
+
+
+def _capacity(per_minute: float) -> float:
+    return max(1.0, per_minute)
+
+
+def refilled(held: tuple[float, float] | None, now: float, per_minute: float) -> float:
+    """A bucket's tokens at `now`: (tokens, when counted) refilled at `per_minute`, up to its
+    capacity; a bucket never counted (None) is full."""
+    capacity = _capacity(per_minute)
+    if held is None:
+        return capacity
+    tokens, then = held
+    return min(capacity, tokens + max(0.0, now - then) * per_minute / 60)
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyLimits:
     """How often credentials may be verified: per user (whoever asks) and per caller
-    (whichever users it asks about). A refused call takes no token."""
+    (whichever users it asks about), a token bucket each; the buckets themselves are kept by
+    the store (`vault.credentials.admit_verify`), so that front ends sharing one count
+    together. A refused call takes no token."""
 
-    per_user: TokenBuckets
-    per_caller: TokenBuckets
+    per_user: float
+    per_caller: float
 
     @classmethod
     def per_minute(cls, user: float, caller: float) -> VerifyLimits:
-        return cls(TokenBuckets(user), TokenBuckets(caller))
+        return cls(user, caller)
 
-    def admit(self, user_id: str, caller: str, now: float) -> tuple[str, float] | None:
-        """None if the call may go ahead (a token is taken from both buckets), else which
-        limit it hit ("user" or "caller") and the seconds until it would not."""
-        waits = [("user", self.per_user.wait(user_id, now)), ("caller", self.per_caller.wait(caller, now))]
+    def buckets(self, user_id: str, caller: str) -> list[str]:
+        return [user_bucket(user_id), f"caller:{caller}"]
+
+    def admit(
+        self, held: dict[str, tuple[float, float]], user_id: str, caller: str, now: float
+    ) -> tuple[tuple[str, float] | None, dict[str, tuple[float, float]]]:
+        """Given the buckets as held (bucket -> (tokens, when counted); a missing one is
+        full): (None, both buckets with a token taken, to keep) if the call may go ahead;
+        else (which limit it hit, "user" or "caller", and the seconds until it would not;
+        nothing to keep)."""
+        waits, taken = [], {}
+        rates = (self.per_user, self.per_caller)
+        for kind, bucket, rate in zip(("user", "caller"), self.buckets(user_id, caller), rates, strict=True):
+            tokens = refilled(held.get(bucket), now, rate)
+            waits.append((kind, 0.0 if tokens >= 1 else (1 - tokens) * 60 / rate))
+            taken[bucket] = (tokens - 1, now)
         over = max(waits, key=lambda w: w[1])
-        if over[1] > 0:
-            return over
-        self.per_user.take(user_id, now)
-        self.per_caller.take(caller, now)
-        return None
+        return (over, {}) if over[1] > 0 else (None, taken)
+
+    @property
+    def full_after(self) -> float:
+        """Seconds after which any bucket last counted is full again (as good as none)."""
+        return max(_capacity(r) * 60 / r for r in (self.per_user, self.per_caller))

@@ -1,0 +1,12 @@
+-- VerifyCredential's rate limits (policy 6a): a token bucket per user (`user:ID`) and per
+-- caller (`caller:IDENTITY`), kept in the store so that every front end of one store counts
+-- against the same buckets (each front end's own buckets let a guesser try N times as often
+-- through N of them), timed by the store's clock. `tokens` as counted at `at`. A user's bucket
+-- goes with the user's erasure; a bucket that would be full again is as good as none, and is
+-- deleted by a later verify's sweep.
+CREATE TABLE credential_limits (
+    bucket TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,
+    at     REAL NOT NULL
+);
+CREATE INDEX credential_limits_at ON credential_limits (at);
