@@ -2,13 +2,15 @@
 over mutual TLS with the node's own certificate (every listener is mutual TLS: there is no
 plaintext health port). Exit status 0 when SERVING, 1 when not serving or no answer, 2 when the
 config cannot be read. It runs every few seconds: the config model and the health stubs are
-imported only when it runs, and it asks once, without waiting for a node that is not there.
+imported only when it runs, and it does not wait for a node that is not there.
 
 Front ends of one host may share one listen address (gRPC binds it with SO_REUSEPORT): the
 kernel then hands each new connection to one of them. Every answer names the process that gave
 it, which also wrote its name into `DATA_DIR/serving-LISTEN.lock` at start; an answer from
-another process is not this config's, and the probe asks again on a new connection, until its
-own answers or the time is up. A node that is gone is then not vouched for by its sibling."""
+another process is not this config's, nor is a failure on the way (a sibling stopping), and the
+probe asks again on a new connection, up to `ATTEMPTS` times, until its own answers or the time
+is up. A node that is gone is then not vouched for by its sibling; one whose lock file names no
+process (never started here, or not readable by the probe's user) is not asked."""
 
 from __future__ import annotations
 
@@ -138,7 +140,7 @@ def _health(args: argparse.Namespace) -> int:
             lock = serving_lock(config.data_dir, config.listen)
             print(
                 f"residency health: {label}: no `residency serve` of this config started on this "
-                f"host ({lock} names none)",
+                f"host ({lock} names none, or cannot be read)",
                 file=sys.stderr,
             )
             return 1

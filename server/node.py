@@ -296,21 +296,21 @@ class RunningNode:
         return prev, new.version, state.total
 
     async def _sweep(self) -> None:
-        """The primary ends grants past their end and withdraws copies past their retention; a
-        region node deletes the fields whose travelling policy lapsed, primary reachable or not
-        (a page of copies per transaction)."""
+        """The primary ends grants past their end, withdraws copies past their retention and
+        forgets verify limits' buckets full again; a region node deletes the fields whose
+        travelling policy lapsed, primary reachable or not (a page of copies per transaction)."""
         assert self.node is not None and self.db is not None
-        policy = self.node.policy
+        policy, db = self.node.policy, self.db
         while True:
             await asyncio.sleep(self.config.policy_sweep_seconds)
             try:
                 if self.config.is_primary:
-                    changed = await self.db.write(policy.end_grants)
-                    changed += await self.db.write(policy.sweep_retention)
+                    changed = await db.write(policy.end_grants) + await db.write(policy.sweep_retention)
+                    await db.write(self.node.verify_buckets.sweep)
                 else:
-                    after, changed = await self.db.write(policy.sweep_copies)
+                    after, changed = await db.write(policy.sweep_copies)
                     while after:
-                        after, _ = await self.db.write(functools.partial(policy.sweep_copies, after))
+                        after, _ = await db.write(functools.partial(policy.sweep_copies, after))
             except Exception:
                 log.exception("policy sweep failed; trying again next round")
                 continue

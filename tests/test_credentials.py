@@ -23,13 +23,14 @@ from residency.server.core.policy.credentials import (
     Verdict,
     VerifyLimits,
     hash_credential,
-    prepared,
     verify_credential,
 )
+from residency.server.core.policy.opaque import prepared
 from residency.server.deployment import PRIMARY
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.sqlite import SqliteStore
+from residency.server.vault.credentials import VerifyBuckets
 from residency.server.vault.records import Records, Write
 from residency.v1 import common_pb2, records_pb2, records_pb2_grpc
 from tests.conftest import Cluster, ctx
@@ -214,6 +215,36 @@ def test_a_limit_under_one_a_minute_still_lets_a_call_through_now_and_then():
     refused = admit("u-1", "svc", 1.0)
     assert refused is not None and refused[0] == "user" and refused[1] == pytest.approx(119.0)
     assert admit("u-1", "svc", 121.0) is None
+
+
+def test_a_refusal_costs_the_store_no_write_and_is_remembered_until_it_would_not_be(tmp_path: Path):
+    store = SqliteStore(tmp_path / "node.db")
+    try:
+        buckets = VerifyBuckets(VerifyLimits.per_minute(1, 600), store)
+        with store.transaction():
+            assert buckets.take("u-1", "svc") is None
+        kept = store.limits_held(["user:u-1", "caller:svc"])
+        refused = buckets.check("u-1", "svc")  # a read: what a second call would get
+        assert refused is not None and refused[0] == "user" and 59 < refused[1] <= 60
+        with store.transaction():
+            again = buckets.take("u-1", "svc")  # in a write: refused too
+        assert again is not None and again[0] == "user"
+        assert store.limits_held(["user:u-1", "caller:svc"]) == kept  # nothing taken, nothing written
+        # Remembered by this front end: refused again without asking the store.
+        remembered = buckets.refused("u-1", "svc")
+        assert remembered is not None and remembered[0] == "user" and 58 < remembered[1] <= 60
+        assert buckets.refused("u-2", "svc") is None
+        # Each bucket is deleted once full again: the caller's (600 a minute) 0.1 s after its
+        # token was taken, the user's (1 a minute) a minute after.
+        at = kept["caller:svc"][1]
+        with store.transaction():
+            assert store.limits_sweep(at + 1) == 1
+        assert list(store.limits_held(["user:u-1", "caller:svc"])) == ["user:u-1"]
+        with store.transaction():
+            assert store.limits_sweep(at + 61) == 1
+        assert store.limits_held(["user:u-1"]) == {}
+    finally:
+        store.close()
 
 
 def test_many_users_at_once_do_not_make_every_call_sweep_the_buckets():

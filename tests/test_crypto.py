@@ -147,7 +147,7 @@ def counting(limits: VerifyLimits) -> Callable[[str, str, float], tuple[str, flo
 
     def admit(user_id: str, caller: str, now: float) -> tuple[str, float] | None:
         refused, taken = limits.admit(held, user_id, caller, now)
-        held.update(taken)
+        held.update((b, (tokens, at)) for b, (tokens, at, _) in taken.items())
         return refused
 
     return admit
@@ -162,3 +162,17 @@ def test_token_buckets_refill_at_their_rate_and_a_refusal_takes_nothing():
     assert admit("u-3", "svc:a", 0.0) is None
     assert admit("u-4", "svc:a", 0.0) == ("caller", 20.0)  # another user: the same caller
     assert admit("u-1", "svc:c", 30.0) is None  # one token back after 30 s
+
+
+def test_a_bucket_counts_when_it_is_full_again_and_a_clock_gone_back_refills_nothing():
+    limits = VerifyLimits.per_minute(user=2, caller=600)
+    refused, taken = limits.admit({}, "u-1", "svc", 100.0)
+    assert refused is None
+    # 2 a minute: one token taken, full again 30 s later; 600 a minute: 0.1 s later.
+    assert taken == {"user:u-1": (1.0, 100.0, 130.0), "caller:svc": (599.0, 100.0, 100.1)}
+    held = {b: (t, at) for b, (t, at, _) in taken.items()}
+    # The clock went back 20 s: nothing refilled, and the bucket stays counted at 100.
+    refused, taken = limits.admit(held, "u-1", "svc", 80.0)
+    assert refused is None and taken["user:u-1"] == (0.0, 100.0, 160.0)
+    held = {b: (t, at) for b, (t, at, _) in taken.items()}
+    assert limits.admit(held, "u-1", "svc", 90.0) == (("user", 30.0), {})

@@ -499,6 +499,9 @@ async def test_credential_checks_through_two_front_ends_count_against_one_limit(
     buckets live in the store, and a user's goes with the user's erasure."""
     c = idle_cluster
     limits(c, per_user=3, per_caller=600)
+    config = yaml.safe_load(c.dep.configs[PRIMARY].read_text())
+    config["policy_sweep_seconds"] = 0.5  # buckets full again deleted within a second
+    c.dep.configs[PRIMARY].write_text(yaml.safe_dump(config, sort_keys=False))
     b = c.add_front_end("b")  # the same limits: its config is the primary's
     await c.start(PRIMARY, b)
     await c.put("vl-1", {"email": "vl@example.cn", "password": "secret"})
@@ -523,3 +526,5 @@ async def test_credential_checks_through_two_front_ends_count_against_one_limit(
     assert buckets() == ["caller:spiffe://residency/service/cn-north/guesser", "user:vl-1"]
     await c.delete("vl-1")
     assert buckets() == ["caller:spiffe://residency/service/cn-north/guesser"]
+    # The caller's bucket (600 a minute, 3 taken) is full again 0.3 s after; the sweep deletes it.
+    await eventually(lambda: asyncio.to_thread(lambda: buckets() == []), "the full bucket is swept", 10)

@@ -19,7 +19,8 @@ from residency.server.api.messages import record_message, withheld_messages
 from residency.server.api.subject import export_subject
 from residency.server.core.errors import InvalidRecord, RateLimited, ResidencyError, TransferDenied
 from residency.server.core.lookup import DEFAULT_FIND, MAX_FIND
-from residency.server.core.policy.credentials import hash_credential, prepared, verify_credential
+from residency.server.core.policy.credentials import hash_credential, verify_credential
+from residency.server.core.policy.opaque import oversize
 from residency.server.vault.credentials import rehash_credential, stored_credential
 from residency.server.vault.finding import Finder, check_token
 from residency.server.vault.records import Caller, ReadResult, Write
@@ -178,15 +179,15 @@ class RecordService(records_pb2_grpc.RecordServiceServicer):
         spec = self.records.schema.fields.get(request.field)
         if spec is None or not spec.credential:
             raise InvalidRecord([("field", f"{request.field!r} is not a credential field of the schema")])
-        size = len(prepared(request.secret).encode())  # as it was stored, however composed
-        if size > spec.max_bytes:  # no secret that long was stored: not worth the hashing
+        # As it was stored, however composed: no secret that long was, not worth the hashing.
+        if size := oversize(request.secret, spec.max_bytes):
             raise InvalidRecord([("secret", f"{size} bytes; the field's limit is {spec.max_bytes}")])
         what, users = "credentials are verified in", [request.user_id]
         await at_home_only(self.node, caller, "credentials.verify", what, users, "remote_read")
-        # Read first: a caller past its limit costs no write. Then taken in a write, where no
-        # other front end of the store counts meanwhile.
+        # A refusal seen already costs nothing; then a read, so that a caller past its limit
+        # costs no write; then taken in a write, where no other front end counts meanwhile.
         buckets, user, who = self.node.verify_buckets, request.user_id, caller.identity
-        refused = await self.node.db.call(buckets.check, user, who)
+        refused = buckets.refused(user, who) or await self.node.db.call(buckets.check, user, who)
         if refused is None:
             refused = await self.node.db.write(lambda: buckets.take(user, who))
         if refused is not None:

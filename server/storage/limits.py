@@ -9,14 +9,16 @@ from residency.server.storage.database import Database
 
 # bucket -> (tokens, when counted)
 Held = dict[str, tuple[float, float]]
+# bucket -> (tokens, when counted, when full again)
+Taken = dict[str, tuple[float, float, float]]
 
 
 class LimitStore(Protocol):
     def now(self) -> float: ...
     def limits_held(self, buckets: list[str]) -> Held: ...
-    def limits_set(self, held: Held) -> None: ...
+    def limits_set(self, taken: Taken) -> None: ...
     def limits_forget(self, bucket: str) -> None: ...
-    def limits_sweep(self, before: float) -> int: ...
+    def limits_sweep(self, now: float) -> int: ...
 
 
 class LimitRows(Database):
@@ -30,16 +32,17 @@ class LimitRows(Database):
         )
         return {b: (t, at) for b, t, at in rows}
 
-    def limits_set(self, held: Held) -> None:
+    def limits_set(self, taken: Taken) -> None:
         self._db.executemany(
-            "INSERT INTO credential_limits (bucket, tokens, at) VALUES (?,?,?)"
-            " ON CONFLICT(bucket) DO UPDATE SET tokens=excluded.tokens, at=excluded.at",
-            [(b, t, at) for b, (t, at) in sorted(held.items())],
+            "INSERT INTO credential_limits (bucket, tokens, at, full_at) VALUES (?,?,?,?)"
+            " ON CONFLICT(bucket) DO UPDATE SET"
+            " tokens=excluded.tokens, at=excluded.at, full_at=excluded.full_at",
+            [(b, *row) for b, row in sorted(taken.items())],
         )
 
     def limits_forget(self, bucket: str) -> None:
         self._db.execute("DELETE FROM credential_limits WHERE bucket=?", (bucket,))
 
-    def limits_sweep(self, before: float) -> int:
-        """Deletes the buckets last counted before `before` (full again by then); how many."""
-        return self._db.execute("DELETE FROM credential_limits WHERE at < ?", (before,)).rowcount
+    def limits_sweep(self, now: float) -> int:
+        """Deletes the buckets full again by `now`; how many."""
+        return self._db.execute("DELETE FROM credential_limits WHERE full_at <= ?", (now,)).rowcount

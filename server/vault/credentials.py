@@ -4,6 +4,8 @@ buckets' arithmetic are `core.policy.credentials`)."""
 
 from __future__ import annotations
 
+import time
+
 from residency.server.core.policy.credentials import VerifyLimits
 from residency.server.storage.limits import LimitStore
 from residency.server.vault.reads import Write
@@ -34,30 +36,53 @@ def rehash_credential(records: Records, user_id: str, field: str, old: bytes, ne
 
 class VerifyBuckets:
     """`VerifyLimits` over buckets kept in the store, so that every front end of a store counts
-    against the same ones, by the store's clock. Both methods run on the store thread."""
+    against the same ones, by the store's clock. What this front end saw refused is also
+    remembered here until it would not be (the store can only hold fewer tokens: the other
+    front ends only take), so that a caller past its limit costs neither a read nor a write."""
 
-    # A sweep of the buckets full again runs at most this often (seconds), in a taking write.
-    SWEEP_EVERY = 60.0
+    # Remembered refusals past this many are pruned of those that have run out.
+    REMEMBER = 10_000
 
     def __init__(self, limits: VerifyLimits, store: LimitStore):
         self.limits, self.store = limits, store
-        self._swept = 0.0
+        # bucket -> time.monotonic() until which it refuses
+        self._refused: dict[str, float] = {}
+
+    def refused(self, user_id: str, caller: str) -> tuple[str, float] | None:
+        """A refusal this front end saw and that still stands; memory only (on the event loop)."""
+        now = time.monotonic()
+        for kind, bucket in zip(("user", "caller"), self.limits.buckets(user_id, caller), strict=True):
+            until = self._refused.get(bucket, 0.0)
+            if until > now:
+                return kind, until - now
+        return None
 
     def check(self, user_id: str, caller: str) -> tuple[str, float] | None:
-        """The refusal the call would get now, or None; reads only, so that a caller past its
-        limit costs no write (`take` decides)."""
+        """On the store thread: the refusal the call would get now, or None; reads only, so that
+        a caller past its limit costs no write (`take` decides)."""
         buckets = self.limits.buckets(user_id, caller)
-        return self.limits.admit(self.store.limits_held(buckets), user_id, caller, self.store.now())[0]
+        held = self.store.limits_held(buckets)
+        return self._remember(buckets, self.limits.admit(held, user_id, caller, self.store.now())[0])
 
     def take(self, user_id: str, caller: str) -> tuple[str, float] | None:
         """Inside a write (the writers' lock held, so no other front end counts meanwhile):
         a token from both buckets and None, or the refusal, taking nothing."""
-        store, now = self.store, self.store.now()
-        held = store.limits_held(self.limits.buckets(user_id, caller))
-        refused, taken = self.limits.admit(held, user_id, caller, now)
+        buckets = self.limits.buckets(user_id, caller)
+        held = self.store.limits_held(buckets)
+        refused, taken = self.limits.admit(held, user_id, caller, self.store.now())
         if refused is None:
-            store.limits_set(taken)
-            if now - self._swept >= self.SWEEP_EVERY:
-                store.limits_sweep(now - self.limits.full_after)
-                self._swept = now
+            self.store.limits_set(taken)
+        return self._remember(buckets, refused)
+
+    def sweep(self) -> int:
+        """Inside a write: deletes the buckets full again (the node's policy sweep)."""
+        return self.store.limits_sweep(self.store.now())
+
+    def _remember(self, buckets: list[str], refused: tuple[str, float] | None) -> tuple[str, float] | None:
+        if refused is not None:
+            now = time.monotonic()
+            if len(self._refused) >= self.REMEMBER:
+                self._refused = {b: t for b, t in self._refused.items() if t > now}
+            kind, wait = refused
+            self._refused[buckets[0 if kind == "user" else 1]] = now + wait
         return refused

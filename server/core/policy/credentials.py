@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import unicodedata
 from dataclasses import dataclass, field
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+
+from residency.server.core.policy.opaque import prepared
 
 # OWASP's first Argon2id configuration (Password Storage Cheat Sheet): 19 MiB, 2 passes,
 # 1 lane, about as slow here as the scrypt it replaces. Raising these makes every stored
@@ -22,23 +23,6 @@ _HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 _PHC = b"$argon2id$"
 # The format before PHC strings: b"scrypt$" + 16-byte salt + scrypt(N=2^14, r=8, p=1) digest.
 _SCRYPT, _SALT, _DIGEST = b"scrypt$", 16, 32
-
-
-def prepared(secret: str) -> str:
-    """`secret` as it is hashed: the mapping and normalisation of RFC 8265's OpaqueString
-    profile (every space character as U+0020, then NFC), so that a password typed on another
-    keyboard or system, the same characters composed otherwise, still matches. A secret with
-    a code point this Python's Unicode data does not assign is left as sent: a later version
-    may assign it as a combining mark, which NFC would then move, and the hash would no
-    longer match (left as sent, a later version's verify checks it as sent too, and rehashes).
-    Written here rather than taken from `precis-i18n`: that library's profile refuses such
-    code points (and controls), which credentials already stored may hold, and a verify must
-    not turn into a refusal."""
-    categories = [unicodedata.category(c) for c in secret]
-    if "Cn" in categories:
-        return secret
-    spaced = "".join(" " if k == "Zs" else c for c, k in zip(secret, categories, strict=True))
-    return unicodedata.normalize("NFC", spaced)
 
 
 def hash_credential(secret: str) -> bytes:
@@ -131,7 +115,7 @@ def _capacity(per_minute: float) -> float:
 
 def refilled(held: tuple[float, float] | None, now: float, per_minute: float) -> float:
     """A bucket's tokens at `now`: (tokens, when counted) refilled at `per_minute`, up to its
-    capacity; a bucket never counted (None) is full."""
+    capacity; a bucket never counted (None) is full. A clock that went back refills nothing."""
     capacity = _capacity(per_minute)
     if held is None:
         return capacity
@@ -143,7 +127,7 @@ def refilled(held: tuple[float, float] | None, now: float, per_minute: float) ->
 class VerifyLimits:
     """How often credentials may be verified: per user (whoever asks) and per caller
     (whichever users it asks about), a token bucket each; the buckets themselves are kept by
-    the store (`vault.credentials.admit_verify`), so that front ends sharing one count
+    the store (`vault.credentials.VerifyBuckets`), so that front ends sharing one count
     together. A refused call takes no token."""
 
     per_user: float
@@ -158,21 +142,20 @@ class VerifyLimits:
 
     def admit(
         self, held: dict[str, tuple[float, float]], user_id: str, caller: str, now: float
-    ) -> tuple[tuple[str, float] | None, dict[str, tuple[float, float]]]:
+    ) -> tuple[tuple[str, float] | None, dict[str, tuple[float, float, float]]]:
         """Given the buckets as held (bucket -> (tokens, when counted); a missing one is
-        full): (None, both buckets with a token taken, to keep) if the call may go ahead;
-        else (which limit it hit, "user" or "caller", and the seconds until it would not;
-        nothing to keep)."""
+        full): (None, both buckets with a token taken, as (tokens, when counted, when full
+        again), to keep) if the call may go ahead; else (which limit it hit, "user" or
+        "caller", and the seconds until it would not; nothing to keep). A bucket is counted
+        at the later of `now` and when it was counted before: a clock that went back does
+        not refill it twice."""
         waits, taken = [], {}
         rates = (self.per_user, self.per_caller)
         for kind, bucket, rate in zip(("user", "caller"), self.buckets(user_id, caller), rates, strict=True):
-            tokens = refilled(held.get(bucket), now, rate)
+            before = held.get(bucket)
+            tokens = refilled(before, now, rate)
             waits.append((kind, 0.0 if tokens >= 1 else (1 - tokens) * 60 / rate))
-            taken[bucket] = (tokens - 1, now)
+            at = max(now, before[1]) if before else now
+            taken[bucket] = (tokens - 1, at, at + (_capacity(rate) - tokens + 1) * 60 / rate)
         over = max(waits, key=lambda w: w[1])
         return (over, {}) if over[1] > 0 else (None, taken)
-
-    @property
-    def full_after(self) -> float:
-        """Seconds after which any bucket last counted is full again (as good as none)."""
-        return max(_capacity(r) * 60 / r for r in (self.per_user, self.per_caller))
