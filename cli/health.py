@@ -99,7 +99,7 @@ async def ask(creds: Credentials, target: str, name: str, service: str, timeout:
     failure: grpc.aio.AioRpcError | None = None
     for _ in range(ATTEMPTS):
         left = deadline - loop.time()
-        if left <= 0:
+        if left <= 0 and (others or failure):
             break
         try:
             status, answered = await check(creds, target, name, service, max(min(left, 1.0), left / 2))
@@ -113,7 +113,7 @@ async def ask(creds: Credentials, target: str, name: str, service: str, timeout:
         others.add(answered)
     if others:
         raise Elsewhere(f"only another process on this address answered ({len(others)} of them)")
-    assert failure is not None  # a positive timeout makes one try at least
+    assert failure is not None  # one try at least was made
     raise failure
 
 

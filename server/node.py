@@ -197,6 +197,8 @@ class RunningNode:
         node.tls, node.keys, node.health, node.hearing = self.tls, keys, self.health, self.hearing
         self.node, self.schema = node, schema
         self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
+        sweep = node.verify_buckets.sweeping(self.db, c.policy_sweep_seconds)  # buckets full again
+        self._tasks.append(asyncio.create_task(sweep, name="verify-limits-sweep"))
         if c.is_primary:  # a rules file changed while stopped, or a re-projection cut short
             self._reprojection = Reprojection(self.db, node.policy, node.set_backfill, node.wake)
             self._shared = SharedRules(c, schema, records, self.db, self._rules_lock)
@@ -296,9 +298,8 @@ class RunningNode:
         return prev, new.version, state.total
 
     async def _sweep(self) -> None:
-        """The primary ends grants past their end, withdraws copies past their retention and
-        forgets verify limits' buckets full again; a region node deletes the fields whose
-        travelling policy lapsed, primary reachable or not (a page of copies per transaction)."""
+        """The primary ends grants past their end and withdraws copies past their retention; a region
+        node deletes the fields whose travelling policy lapsed, primary reachable or not."""
         assert self.node is not None and self.db is not None
         policy, db = self.node.policy, self.db
         while True:
@@ -306,7 +307,6 @@ class RunningNode:
             try:
                 if self.config.is_primary:
                     changed = await db.write(policy.end_grants) + await db.write(policy.sweep_retention)
-                    await db.write(self.node.verify_buckets.sweep)
                 else:
                     after, changed = await db.write(policy.sweep_copies)
                     while after:

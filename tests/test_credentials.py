@@ -25,7 +25,8 @@ from residency.server.core.policy.credentials import (
     hash_credential,
     verify_credential,
 )
-from residency.server.core.policy.opaque import prepared
+from residency.server.core.policy.opaque import oversize, prepared
+from residency.server.core.schema import FieldSpec, _check_value
 from residency.server.deployment import PRIMARY
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
@@ -215,6 +216,21 @@ def test_a_limit_under_one_a_minute_still_lets_a_call_through_now_and_then():
     refused = admit("u-1", "svc", 1.0)
     assert refused is not None and refused[0] == "user" and refused[1] == pytest.approx(119.0)
     assert admit("u-1", "svc", 121.0) is None
+
+
+def test_a_secret_is_bounded_as_it_is_hashed_when_stored_and_either_way_when_verified():
+    """What a write stores is the prepared form's hash, so that is what max_bytes bounds; a
+    verify is refused only over the limit both as sent and as prepared (hashes stored before
+    secrets were prepared were bounded as sent)."""
+    password = FieldSpec("password", "user.authorization.password", "string", max_bytes=6)
+    grows, shrinks = "\u0958" * 2, "\u1fbe\u0308\u0301" * 2  # 6 -> 12 bytes; 14 -> 4 bytes
+    assert len(prepared(grows).encode()) == 12 and prepared(shrinks) == "\u0390" * 2
+    assert _check_value(password, grows) == ("12 bytes; the limit is 6", 12)
+    assert _check_value(password, shrinks) == ("", 4)
+    assert _check_value(password, "x" * 25) == ("25 bytes; the limit is 6", 25)  # not prepared
+    assert oversize(grows, 6) == 0  # as sent it fits: a hash stored before may be of it
+    assert oversize(shrinks, 6) == 0 and oversize("\u0915\u093c" * 2, 6) == 12
+    assert oversize("\u00e9" * 4, 6) == 8 and oversize("e\u0301" * 3, 6) == 0
 
 
 def test_a_refusal_costs_the_store_no_write_and_is_remembered_until_it_would_not_be(tmp_path: Path):

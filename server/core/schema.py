@@ -12,7 +12,7 @@ from datetime import datetime
 from functools import cache, cached_property
 from typing import Any, Literal
 
-from residency.server.core.policy.opaque import oversize
+from residency.server.core.policy.opaque import prepared_size
 
 FieldValue = str | int | bool | bytes | datetime | list[str]
 
@@ -134,14 +134,9 @@ def _check_value(spec: FieldSpec, value: FieldValue | None) -> tuple[str, int]:
     if not isinstance(value, expected) or (spec.type == "int" and isinstance(value, bool)):
         return f"expected a {spec.type} value, got {_kind(value)}", 0
     if isinstance(value, str):
-        size = len(value.encode())
-        if spec.credential and size > spec.max_bytes:
-            # Bounded as it is hashed (`prepared`): the same password however composed has one
-            # size; an ASCII one, the fast path above, is its own prepared form.
-            over = oversize(value, spec.max_bytes)
-            if over:
-                return f"{over} bytes; the limit is {spec.max_bytes}", over
-            return "", spec.max_bytes
+        # A credential is bounded as it is hashed (`prepared`): the same password however
+        # composed has one size; an ASCII one, the fast path above, is its own prepared form.
+        size = prepared_size(value, spec.max_bytes) if spec.credential else len(value.encode())
     elif isinstance(value, bytes):
         size = len(value)
     elif isinstance(value, list):

@@ -4,13 +4,19 @@ buckets' arithmetic are `core.policy.credentials`)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from typing import Any
 
 from residency.server.core.policy.credentials import VerifyLimits
 from residency.server.storage.limits import LimitStore
+from residency.server.storage.thread import StoreThread
 from residency.server.vault.reads import Write
 from residency.server.vault.records import Records, Value
 from residency.v1 import records_pb2
+
+log = logging.getLogger("residency.credentials")
 
 
 def stored_credential(records: Records, user_id: str, field: str) -> bytes:
@@ -40,13 +46,14 @@ class VerifyBuckets:
     remembered here until it would not be (the store can only hold fewer tokens: the other
     front ends only take), so that a caller past its limit costs neither a read nor a write."""
 
-    # Remembered refusals past this many are pruned of those that have run out.
+    # Remembered refusals past this many (at first) are pruned of those that have run out.
     REMEMBER = 10_000
 
     def __init__(self, limits: VerifyLimits, store: LimitStore):
         self.limits, self.store = limits, store
         # bucket -> time.monotonic() until which it refuses
         self._refused: dict[str, float] = {}
+        self._prune_at = self.REMEMBER  # doubles while most remembered refusals still stand
 
     def refused(self, user_id: str, caller: str) -> tuple[str, float] | None:
         """A refusal this front end saw and that still stands; memory only (on the event loop)."""
@@ -75,14 +82,25 @@ class VerifyBuckets:
         return self._remember(buckets, refused)
 
     def sweep(self) -> int:
-        """Inside a write: deletes the buckets full again (the node's policy sweep)."""
+        """Inside a write: deletes the buckets full again."""
         return self.store.limits_sweep(self.store.now())
+
+    async def sweeping(self, db: StoreThread[Any], every: float) -> None:
+        """Sweeps every `every` seconds (the node's `policy_sweep_seconds`), for as long as the
+        node runs; a failed sweep is logged and tried again next time."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await db.write(self.sweep)
+            except Exception:
+                log.exception("sweeping the verify limits' full buckets failed; trying again next round")
 
     def _remember(self, buckets: list[str], refused: tuple[str, float] | None) -> tuple[str, float] | None:
         if refused is not None:
             now = time.monotonic()
-            if len(self._refused) >= self.REMEMBER:
+            if len(self._refused) >= self._prune_at:
                 self._refused = {b: t for b, t in self._refused.items() if t > now}
+                self._prune_at = max(self.REMEMBER, 2 * len(self._refused))
             kind, wait = refused
             self._refused[buckets[0 if kind == "user" else 1]] = now + wait
         return refused

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import unicodedata
 
-# NFC makes UTF-8 text at most this many times longer (U+0958: 3 bytes, then 6); a secret
-# longer than this many times its limit is refused as sent, before it is prepared.
-_GROWTH = 3
+# Preparing makes UTF-8 text shorter by less than this factor (the most found: 3.5, U+1FBE
+# U+0308 U+0301, 7 bytes, to U+0390, 2 bytes; U+3000 to a space is 3): a secret longer than
+# this many times its limit as sent cannot fit once prepared, and is refused unprepared.
+# (Longer, it can get too: U+1D160, 4 bytes, is 12 in NFC; so the prepared form is bounded.)
+_SHRINK = 4
 
 
 def prepared(secret: str) -> str:
@@ -28,15 +30,22 @@ def prepared(secret: str) -> str:
     return unicodedata.normalize("NFC", spaced)
 
 
+def prepared_size(secret: str, max_bytes: int) -> int:
+    """The size in UTF-8 bytes of `secret` as it is hashed (`prepared`), to hold against its
+    field's `max_bytes`: what a write stores. One far over the limit as sent is not prepared
+    (preparing costs memory and time in its length): its size as sent is given."""
+    size = len(secret.encode())
+    if size > _SHRINK * max_bytes:
+        return size
+    return len(prepared(secret).encode())
+
+
 def oversize(secret: str, max_bytes: int) -> int:
-    """The size of `secret` in UTF-8 bytes if it is over `max_bytes` both as sent and as
-    prepared (a hash stored before secrets were prepared was bounded as sent), else 0. One
-    far over the limit as sent is not prepared at all: preparing costs memory and time in
-    its length."""
+    """The size of a secret to verify if it is over `max_bytes` both as sent and as prepared
+    (no stored one can be: a hash stored before secrets were prepared was bounded as sent,
+    one since as prepared), else 0."""
     size = len(secret.encode())
     if size <= max_bytes:
         return 0
-    if size > _GROWTH * max_bytes:
-        return size
-    ready = len(prepared(secret).encode())
+    ready = prepared_size(secret, max_bytes)
     return 0 if ready <= max_bytes else ready
