@@ -197,9 +197,9 @@ class RunningNode:
         node.tls, node.keys, node.health, node.hearing = self.tls, keys, self.health, self.hearing
         self.node, self.schema = node, schema
         self._tasks.append(asyncio.create_task(self._sweep(), name="policy-sweep"))
-        sweep = node.verify_buckets.sweeping(self.db, c.policy_sweep_seconds)  # buckets full again
-        self._tasks.append(asyncio.create_task(sweep, name="verify-limits-sweep"))
-        if c.is_primary:  # a rules file changed while stopped, or a re-projection cut short
+        if c.is_primary:  # full verify-limit buckets; rules changed while stopped, a re-projection cut short
+            sweep = node.verify_buckets.sweeping(self.db, c.policy_sweep_seconds)
+            self._tasks.append(asyncio.create_task(sweep, name="verify-limits-sweep"))
             self._reprojection = Reprojection(self.db, node.policy, node.set_backfill, node.wake)
             self._shared = SharedRules(c, schema, records, self.db, self._rules_lock)
             start = functools.partial(node.policy.rules_at_start, "node")
