@@ -3,7 +3,9 @@ and the worker's place in the outbox."""
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -80,6 +82,8 @@ class Destination:
 # How far a region key statement's `issued_at` may be from this node's clock: the region node
 # signs a new one for every ask, so an older one is a replay (or clocks that disagree).
 STATEMENT_MAX_SKEW = 600.0
+# The random bytes of each ask for a region's key, which the statement must carry back.
+NONCE_BYTES = 16
 
 
 def statement_key(region: str, evidence: bytes) -> RecipientKey:
@@ -88,14 +92,20 @@ def statement_key(region: str, evidence: bytes) -> RecipientKey:
 
 
 def verified_key(
-    region: str, evidence: bytes, tls: TlsConfig, held: bytes | None = None, now: float | None = None
+    region: str,
+    evidence: bytes,
+    tls: TlsConfig,
+    nonce: bytes,
+    held: bytes | None = None,
+    now: float | None = None,
 ) -> tuple[RecipientKey | None, str]:
     """(the region's current key, or None while it has none; the node identity that signed)
     of a region node's GetRegionKeyResponse: signed with the key of a certificate of the
     deployment's CA naming spiffe://TD/node/REGION/..., for this region, stating a key whose
-    id is that of its public key, issued within `STATEMENT_MAX_SKEW` of `now` and after the
-    statement `held` (the one the store keeps, if any), so that a statement recorded earlier
-    (of a key since shredded) cannot be played back. Raises CallerDenied naming what fails."""
+    id is that of its public key, answering the ask that sent `nonce`, issued within
+    `STATEMENT_MAX_SKEW` of `now` and after the statement `held` (the one the store keeps, if
+    any), so that a statement recorded earlier (of a key since shredded) cannot be played
+    back. Raises CallerDenied naming what fails."""
     reply = replica_pb2.GetRegionKeyResponse.FromString(evidence)
     revoked = pki.read_serials(tls.revoked) if tls.revoked else frozenset()
     signer = pki.verify_signed(
@@ -110,6 +120,11 @@ def verified_key(
     s = replica_pb2.RegionKeyStatement.FromString(reply.statement)
     if signer.region != region or s.region != region:
         raise CallerDenied(f"{signer.uri} stated a key of region {s.region!r}; the destination is {region}")
+    if not hmac.compare_digest(s.nonce, nonce):
+        raise CallerDenied(
+            f"{signer.uri} stated a key in answer to another ask (its nonce is not this ask's): "
+            "a statement played back"
+        )
     issued = _issued(s)
     now = time.time() if now is None else now
     if abs(now - issued) > STATEMENT_MAX_SKEW:
@@ -170,11 +185,12 @@ async def learn_key(d: Destination, tls: TlsConfig | None, home: Records, db: St
     node, ends the hold: sealed to from now on, kept with its statement in the store, logged,
     and every copy is sent again. False while there is none (or the sink cannot be asked: a
     bucket's new key comes with its config)."""
-    evidence = await d.sink.region_key() if tls is not None else None
+    nonce = os.urandom(NONCE_BYTES)
+    evidence = await d.sink.region_key(nonce) if tls is not None else None
     if evidence is None or tls is None:
         return False
     _, held, _ = await db.call(db.store.key_state, d.region)
-    key, signer = verified_key(d.region, evidence, tls, held)
+    key, signer = verified_key(d.region, evidence, tls, nonce, held)
     if key is None or key.key_id == d.keys.recipient.key_id:
         return False
     d.use_key(key)

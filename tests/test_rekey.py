@@ -5,9 +5,9 @@ the region node's signed statement (and from nobody else) and sends every copy a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +27,7 @@ from residency.server.storage.thread import StoreThread
 from residency.v1 import replica_pb2
 from tests.conftest import Cluster, values
 from tests.test_keys_node import keys_run, until
+from tests.test_records import violations
 
 SG, IE = AFFILIATES
 
@@ -119,10 +120,15 @@ async def held_in(c: Cluster, user: str, region: str) -> bool:
         raise
 
 
-def statement(region: str, key: RecipientKey | None, signer: Path, issued: float | None = None) -> bytes:
+ASK = b"nonce of this ask"
+
+
+def statement(
+    region: str, key: RecipientKey | None, signer: Path, issued: float | None = None, nonce: bytes = ASK
+) -> bytes:
     """A GetRegionKeyResponse signed with the key of certificate `signer`.crt, issued now (or
-    at `issued`)."""
-    s = replica_pb2.RegionKeyStatement(region=region)
+    at `issued`), answering the ask that sent `nonce`."""
+    s = replica_pb2.RegionKeyStatement(region=region, nonce=nonce)
     s.issued_at.FromNanoseconds(int((time.time() if issued is None else issued) * 1e9))
     if key is not None:
         s.key_id, s.kem, s.public_key = key.key_id, key.kem, key.public_raw
@@ -134,7 +140,7 @@ def test_a_new_region_key_is_taken_only_from_that_regions_node(idle_cluster: Clu
     tls = load_config(c.dep.configs[PRIMARY]).tls
     folder = c.dir / "pki"
     key = RecipientKey.load(SG, load_config(c.dep.configs[SG]).keys_dir / "region.pub")
-    got, signer = verified_key(SG, statement(SG, key, folder / SG), tls)
+    got, signer = verified_key(SG, statement(SG, key, folder / SG), tls, ASK)
     assert got == key and signer == "spiffe://residency/node/ap-southeast-1/region"
     # Liars: another region's node, a service of the region, a node stating another region's
     # key, a statement whose key id is not its key's, a signature by another certificate.
@@ -150,24 +156,27 @@ def test_a_new_region_key_is_taken_only_from_that_regions_node(idle_cluster: Clu
     swapped = replica_pb2.GetRegionKeyResponse.FromString(statement(SG, key, folder / SG))
     swapped.certificate = (folder / IE).with_suffix(".crt").read_bytes()
     liars["not signed by the key of"] = swapped.SerializeToString()
-    # A statement recorded earlier and played back: an hour old, or no newer than the one held.
+    # A statement recorded earlier and played back: answering another ask (made a second
+    # ago, or by a region node that signs no nonce), an hour old, or no newer than the one held.
+    liars["in answer to another ask"] = statement(SG, key, folder / SG, nonce=b"nonce of an earlier ask")
+    liars["its nonce is not this ask's"] = statement(SG, key, folder / SG, nonce=b"")
     liars["more than 600 s from this node's clock"] = statement(SG, key, folder / SG, time.time() - 3600)
     liars["from this node's clock"] = statement(SG, key, folder / SG, time.time() + 3600)
     for why, evidence in liars.items():
         with pytest.raises(CallerDenied) as e:
-            verified_key(SG, evidence, tls)
+            verified_key(SG, evidence, tls, ASK)
         assert why in str(e.value), (why, str(e.value))
     earlier = statement(SG, key, folder / SG, time.time() - 60)
     held = statement(SG, key, folder / SG, time.time() - 30)
     with pytest.raises(CallerDenied, match="not after the statement held"):
-        verified_key(SG, earlier, tls, held)
-    assert verified_key(SG, statement(SG, key, folder / SG), tls, held)[0] == key
+        verified_key(SG, earlier, tls, ASK, held)
+    assert verified_key(SG, statement(SG, key, folder / SG), tls, ASK, held)[0] == key
     # A statement from another deployment's CA is refused too.
     foreign = tmp_path / "foreign"
     pki.create_ca(foreign, "residency")
     pki.issue(foreign, "node", SG, "region", foreign / "sg")
     with pytest.raises(CallerDenied, match="does not chain to the deployment's CA"):
-        verified_key(SG, statement(SG, key, foreign / "sg"), tls)
+        verified_key(SG, statement(SG, key, foreign / "sg"), tls, ASK)
 
 
 def statement_from(s: replica_pb2.RegionKeyStatement, signer: Path) -> bytes:
@@ -183,34 +192,73 @@ async def test_a_held_primary_refuses_a_statement_no_newer_than_the_one_it_keeps
 ):
     """`learn_key` against whoever answers at the region's address (the sink stands for it):
     the store keeps the statement of the key learned last; a recording of an earlier one, of
-    another key, is refused and leaves the hold as it was; a fresh one is learned."""
+    another key, is refused and leaves the hold as it was, and so is a recording of a fresh
+    one, newer than the one held, made for another ask; one made for this ask is learned."""
     c = idle_cluster
     tls = load_config(c.dep.configs[PRIMARY]).tls
     signer = c.dir / "pki" / SG
     old, kept, new = (
         RecipientKey(SG, X25519PrivateKey.generate().public_key().public_bytes_raw()) for _ in range(3)
     )
-    recorded = statement(SG, old, signer, time.time() - 60)
     store = SqliteStore(tmp_path / "node.db")
     db = StoreThread(store)
     db.start()
     try:
         await db.write(lambda: store.set_region_key(SG, statement(SG, kept, signer, time.time() - 30)))
-        answers: list[bytes] = []
+        answers: list[Callable[[bytes], bytes]] = []
+        asked: list[bytes] = []
+
+        async def region_key(nonce: bytes) -> bytes:
+            asked.append(nonce)
+            return answers.pop()(nonce)
+
         dest = SimpleNamespace(
             region=SG,
-            sink=SimpleNamespace(region_key=lambda: asyncio.sleep(0, answers.pop())),
+            sink=SimpleNamespace(region_key=region_key),
             keys=SimpleNamespace(recipient=kept),
             use_key=lambda key: setattr(dest.keys, "recipient", key),
         )
         home = SimpleNamespace(region=PRIMARY, rules=SimpleNamespace(version="v1"))
-        answers.append(recorded)
+        answers.append(lambda nonce: statement(SG, old, signer, time.time() - 60, nonce))
         with pytest.raises(CallerDenied, match="not after the statement held"):
             await learn_key(dest, tls, home, db)  # type: ignore[arg-type]
+        recorded = statement(SG, new, signer, nonce=asked[-1])  # answers the first ask
+        answers.append(lambda nonce: recorded)
+        with pytest.raises(CallerDenied, match="in answer to another ask"):
+            await learn_key(dest, tls, home, db)  # type: ignore[arg-type]
+        assert len(asked) == 2 and len(set(asked)) == 2 and all(len(n) == 16 for n in asked)
         assert dest.keys.recipient == kept and (await db.call(store.key_state, SG))[1] != recorded
-        answers.append(fresh := statement(SG, new, signer))
+        fresh = b""
+
+        def answer(nonce: bytes) -> bytes:
+            nonlocal fresh
+            fresh = statement(SG, new, signer, nonce=nonce)
+            return fresh
+
+        answers.append(answer)
         assert await learn_key(dest, tls, home, db) is True  # type: ignore[arg-type]
         assert dest.keys.recipient == new and (await db.call(store.key_state, SG))[1] == fresh
     finally:
         await db.drain()
         store.close()
+
+
+async def test_a_region_node_signs_the_askers_nonce_into_its_statement(idle_cluster: Cluster):
+    """Over the wire: the statement a region node signs answers the ask it was made for, and
+    for no other; a nonce longer than 64 bytes is refused INVALID_ARGUMENT naming it."""
+    c = idle_cluster
+    await c.start(SG)
+    tls = load_config(c.dep.configs[PRIMARY]).tls
+    key = RecipientKey.load(SG, load_config(c.dep.configs[SG]).keys_dir / "region.pub")
+    stub = c.replica(SG)
+    ask, other = b"\x01" * 16, b"\x02" * 16
+    reply = await stub.GetRegionKey(replica_pb2.GetRegionKeyRequest(nonce=ask), timeout=30)
+    assert replica_pb2.RegionKeyStatement.FromString(reply.statement).nonce == ask
+    evidence = reply.SerializeToString()
+    assert verified_key(SG, evidence, tls, ask) == (key, "spiffe://residency/node/ap-southeast-1/region")
+    with pytest.raises(CallerDenied, match="in answer to another ask"):
+        verified_key(SG, evidence, tls, other)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GetRegionKey(replica_pb2.GetRegionKeyRequest(nonce=b"\x00" * 65), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(e.value) == {"nonce": "holds 65 bytes; at most 64"}

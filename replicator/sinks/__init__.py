@@ -42,9 +42,10 @@ class Sink(Protocol):
         more may go there until its new key is known), or None."""
         ...
 
-    async def region_key(self) -> bytes | None:
+    async def region_key(self, nonce: bytes) -> bytes | None:
         """The region's signed statement of its current key (a serialized
-        GetRegionKeyResponse), or None where the sink cannot ask (a bucket)."""
+        GetRegionKeyResponse), answering an ask that carries `nonce`, or None where the sink
+        cannot ask (a bucket)."""
         ...
 
     async def close(self) -> None: ...

@@ -123,10 +123,12 @@ class ReplicaSink:
             return e.details()
         return None
 
-    async def region_key(self) -> bytes | None:
+    async def region_key(self, nonce: bytes) -> bytes | None:
         await self._fresh()
         try:
-            reply = await self._stub.GetRegionKey(replica_pb2.GetRegionKeyRequest(), timeout=self.timeout)
+            reply = await self._stub.GetRegionKey(
+                replica_pb2.GetRegionKeyRequest(nonce=nonce), timeout=self.timeout
+            )
         except grpc.aio.AioRpcError as e:
             await self._renew_after(e)
             raise

@@ -365,7 +365,7 @@ class S3Sink:
     def key_shredded(self, e: BaseException) -> str | None:
         return None  # a bucket cannot tell: the affiliate tells the operator (docs/operators.md)
 
-    async def region_key(self) -> bytes | None:
+    async def region_key(self, nonce: bytes) -> bytes | None:
         return None
 
     def permanent(self, e: BaseException) -> str | None:

@@ -27,6 +27,9 @@ from residency.server.vault.copies import (
 from residency.server.vault.inbound import Sender
 from residency.v1 import replica_pb2, replica_pb2_grpc
 
+# The longest nonce a GetRegionKeyRequest may carry (the primary sends 16 bytes).
+MAX_NONCE = 64
+
 
 def read_copies(sent: list[bytes]) -> tuple[list[replica_pb2.SealedCopy], list[tuple[str, str]]]:
     """The copies of a batch read from the bytes sent, and the (field path, reason) of each
@@ -129,10 +132,13 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
     @rpc
     async def GetRegionKey(self, request, context):
         """The region's current public key, as a statement signed with this node's
-        certificate key, so that the primary can trust a key it has not seen."""
+        certificate key, so that the primary can trust a key it has not seen; the statement
+        carries the asker's nonce, so that it answers this ask and no later one."""
+        if len(request.nonce) > MAX_NONCE:
+            raise InvalidRecord([("nonce", f"holds {len(request.nonce)} bytes; at most {MAX_NONCE}")])
         keyring = self.node.records.keyring
         statement = replica_pb2.RegionKeyStatement(
-            region=self.node.records.region, issued_at=codec.timestamp(time.time())
+            region=self.node.records.region, issued_at=codec.timestamp(time.time()), nonce=request.nonce
         )
         if keyring.shredded:
             statement.shredded = keyring.shredded

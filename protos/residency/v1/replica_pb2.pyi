@@ -145,8 +145,10 @@ class ApplyCopiesResponse(_message.Message):
     def __init__(self, applied: _Optional[int] = ..., skipped: _Optional[int] = ...) -> None: ...
 
 class GetRegionKeyRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class GetRegionKeyResponse(_message.Message):
     __slots__ = ("statement", "signature", "certificate")
@@ -159,17 +161,19 @@ class GetRegionKeyResponse(_message.Message):
     def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class RegionKeyStatement(_message.Message):
-    __slots__ = ("region", "key_id", "kem", "public_key", "issued_at", "shredded")
+    __slots__ = ("region", "key_id", "kem", "public_key", "issued_at", "shredded", "nonce")
     REGION_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEM_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
     SHREDDED_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     region: str
     key_id: str
     kem: str
     public_key: bytes
     issued_at: _timestamp_pb2.Timestamp
     shredded: str
-    def __init__(self, region: _Optional[str] = ..., key_id: _Optional[str] = ..., kem: _Optional[str] = ..., public_key: _Optional[bytes] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shredded: _Optional[str] = ...) -> None: ...
+    nonce: bytes
+    def __init__(self, region: _Optional[str] = ..., key_id: _Optional[str] = ..., kem: _Optional[str] = ..., public_key: _Optional[bytes] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shredded: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
