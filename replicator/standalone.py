@@ -32,7 +32,7 @@ from residency.server.storage.postgres import PostgresStore
 from residency.server.storage.running import hold_running
 from residency.server.storage.stores import open_store
 from residency.server.storage.thread import StoreThread
-from residency.server.vault.key_events import KeyEvents
+from residency.server.vault.key_events import KeyEvents, KeysBehind
 from residency.server.vault.records import Records
 from residency.server.vault.shared_rules import SharedRules, rules_at_start
 
@@ -122,6 +122,8 @@ async def _follow_key_events(key_events: KeyEvents, every: float = 1.0) -> None:
         await asyncio.sleep(every)
         try:
             await key_events.apply()
+        except KeysBehind:
+            pass  # said once, when it began; nothing opens meanwhile
         except Exception as e:
             log.warning("key events not read: %s", e)
 

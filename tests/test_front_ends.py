@@ -200,6 +200,78 @@ async def test_a_rules_change_and_a_key_shred_through_one_front_end_hold_at_the_
     assert time.monotonic() - shredded < 1.0
 
 
+async def test_a_front_end_whose_keys_folder_lacks_anothers_key_event_opens_nothing_until_it_has_it(
+    idle_cluster: Cluster,
+):
+    """Front ends of a region share its keys folder. One given a copy instead would not see a
+    rotation, a retirement or a shred made through another (the event is in the other's
+    `keyring.json`): were it to go on, a shred would not hold there. From the notice on, it
+    opens nothing and refuses calls on data UNAVAILABLE naming its folder, not ready; once
+    the folder holds the events it serves again, records written since included."""
+    import shutil
+
+    c = idle_cluster
+    b = c.add_front_end("b")
+    shared = load_config(c.dep.configs[PRIMARY]).keys_dir
+    own = c.dir / "keys-of-b"
+    shutil.copytree(shared, own)
+    config = yaml.safe_load(c.dep.configs[b].read_text())
+    config["keys"] = {**config["keys"], "dir": str(own), "passphrase_file": str(own / "passphrase")}
+    c.dep.configs[b].write_text(yaml.safe_dump(config, sort_keys=False))
+    await c.start(PRIMARY, b)
+    reads_b = c.records(b, PRIMARY)
+    admin_b = admin_pb2_grpc.AdminServiceStub(c.channel(b, "operator", PRIMARY))
+
+    async def get_b(user: str) -> records_pb2.GetRecordResponse:
+        request = records_pb2.GetRecordRequest(context=ctx(PRIMARY, "essential.service"), user_id=user)
+        return await reads_b.GetRecord(request, timeout=10)
+
+    await c.put("kf-1", {"name": "Li Wei"})
+    assert values(await get_b("kf-1"))["name"] == "Li Wei"
+    rotated = await c.admin(PRIMARY).RotateKeys(admin_pb2.RotateKeysRequest(from_version="v1"), timeout=60)
+    assert rotated.version == "v2"
+    await c.put("kf-2", {"name": "Wang Fang"})  # its data key under v2, which b's folder lacks
+
+    refusals: list[str] = []
+
+    async def b_refuses() -> bool:
+        try:
+            await get_b("kf-1")
+        except grpc.aio.AioRpcError as e:
+            refusals.append(e.details() or "")
+            return e.code() == grpc.StatusCode.UNAVAILABLE
+        return False
+
+    await eventually(b_refuses, "the front end without the event opens nothing", deadline=10)
+    assert str(own) in refusals[-1], refusals[-1]
+    # ... from the notice on: never a record opened meanwhile, refused as unopenable at first.
+    assert all(str(own) in r for r in refusals), refusals
+
+    async def b_not_ready() -> bool:  # readiness follows within a second
+        status = await admin_b.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)
+        return not status.ready and any(str(own) in w for w in status.not_ready_because)
+
+    await eventually(b_not_ready, "the front end says it is not ready, and why", deadline=5)
+    # The folder given the events (an operator's sync), b serves again: both users open.
+    shutil.copytree(shared, own, dirs_exist_ok=True)
+
+    async def b_serves() -> bool:
+        try:
+            return [values(await get_b(u))["name"] for u in ("kf-1", "kf-2")] == ["Li Wei", "Wang Fang"]
+        except grpc.aio.AioRpcError:
+            return False
+
+    await eventually(b_serves, "the front end serves again once its folder holds the events", deadline=10)
+    # A front end started with a folder behind the store's log does not start, saying why.
+    c.stop(b)
+    await c.admin(PRIMARY).RotateKeys(admin_pb2.RotateKeysRequest(from_version="v2"), timeout=60)
+    c.dep.start(b)
+    with pytest.raises(RuntimeError) as e:
+        await c.dep.wait_serving()
+    assert str(own) in str(e.value) and "holds 2 key events and the store has logged 4" in str(e.value)
+    c.dep.procs.pop(b)
+
+
 async def test_an_index_key_rotation_through_one_front_end_holds_at_the_other(idle_cluster: Cluster):
     """Front ends share the region's `index.key`: a rotation made through one is the other's
     at its next write or find. Otherwise the other, still on the old version, rewrites the
@@ -408,6 +480,13 @@ def test_hearing_is_a_problem_before_the_first_catch_up_and_after_a_second_witho
     assert h.problems() == []  # within the grace
     h.down_since, h.down_at = time.monotonic() - 2, "12:00:00"
     assert h.problems() == ["store notifications: not heard since 12:00:00 UTC (other front ends' changes)"]
+    # A handler that names why it cannot act (its keys folder behind the store's log, say).
+    h.listening, h.why["keys"] = True, "the keys folder K holds 1 key events and the store has logged 2"
+    h.settle({"keys"})
+    assert h.problems() == [
+        "another front end's change cannot be acted on here: the keys folder K holds 1 key events and "
+        "the store has logged 2"
+    ]
 
 
 async def test_two_front_ends_on_one_address_share_its_connections_and_each_probe_answers_for_its_own(

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from residency.server.core.errors import ResidencyError
 from residency.server.storage.postgres import CHANNEL
 
 log = logging.getLogger("residency.storage")
@@ -37,6 +38,9 @@ class Hearing:
         self.ever = False  # listened and caught up once since start
         self.down_since: float | None = time.monotonic()
         self.down_at = ""  # when it stopped hearing, UTC, for the reason (steady while down)
+        # Why a handler cannot act on what it heard, by kind (a ResidencyError's words for
+        # operators: this process's keys folder lagging the store's, say), while it cannot.
+        self.why: dict[str, str] = {}
 
     def use(self) -> Hearing:
         self.used = True
@@ -56,6 +60,8 @@ class Hearing:
             return ["store notifications: not listening yet (other front ends' changes)"]
         if time.monotonic() - self.down_since <= self.grace:
             return []
+        if self.why:
+            return [f"another front end's change cannot be acted on here: {w}" for w in self.why.values()]
         return [f"store notifications: not heard since {self.down_at} UTC (other front ends' changes)"]
 
 
@@ -77,7 +83,7 @@ async def listen(
                 async with await connect as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     for kind, handler in handlers.items():
-                        await _run(kind, handler, "", failed)
+                        await _run(kind, handler, "", failed, hearing)
                     # Hearing only once every handler caught up (a retry meanwhile is not enough).
                     hearing.listening = True
                     hearing.settle(failed)
@@ -87,7 +93,8 @@ async def listen(
                         if token != own_token and kind in handlers:
                             # After a failed run, everything: this notice's detail would not
                             # cover what the failed one was about.
-                            await _run(kind, handlers[kind], "" if kind in failed else detail, failed)
+                            said = "" if kind in failed else detail
+                            await _run(kind, handlers[kind], said, failed, hearing)
                             hearing.settle(failed)
             except (psycopg.Error, OSError) as e:
                 log.warning("store notifications: %s; listening again in %.0f s", e.__class__.__name__, retry)
@@ -102,15 +109,21 @@ async def _retry_failed(handlers: Handlers, failed: set[str], every: float, hear
     while True:
         await asyncio.sleep(every)
         for kind in sorted(failed):
-            await _run(kind, handlers[kind], "", failed)  # what the failed notice said: unknown now
+            await _run(kind, handlers[kind], "", failed, hearing)  # what the failed notice said: unknown now
             hearing.settle(failed)
 
 
-async def _run(kind: str, handler: Callable[[str], Awaitable[None]], detail: str, failed: set[str]) -> None:
+async def _run(
+    kind: str, handler: Callable[[str], Awaitable[None]], detail: str, failed: set[str], hearing: Hearing
+) -> None:
     try:
         await handler(detail)
+    except ResidencyError as e:  # a state the handler names (it said so in the log itself)
+        hearing.why[kind] = str(e)
+        failed.add(kind)
     except Exception:
         log.exception("acting on another process's %s change failed; trying again", kind)
         failed.add(kind)
     else:
+        hearing.why.pop(kind, None)
         failed.discard(kind)

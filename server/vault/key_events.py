@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from residency.server.core import translog
+from residency.server.core.errors import FailedPrecondition
 from residency.server.keys import lifecycle
 from residency.server.storage.database import UnitOfWork
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
 
 log = logging.getLogger("residency.keys")
+
+
+class KeysBehind(FailedPrecondition):
+    """The store has logged more key events than this process's keys folder holds: another
+    process of the store made one (a rotation, a retirement, a shred, a rekey) in a folder this
+    one does not share. Until the folder holds them this process opens nothing: it may be a
+    shred, which must hold here too."""
 
 
 class KeyEventStore(UnitOfWork, Protocol):
@@ -46,6 +54,9 @@ class KeyEvents:
         # Drops the opened (plaintext) records a replicator holds: one user's (called on the
         # store thread), or (None) all.
         self.forget = forget
+        # Why this process's keys folder lags the store's log of key events, while it does (as
+        # first seen: the reason its keyring was shredded with).
+        self.behind = ""
 
     async def keys_changed_elsewhere(self, detail: str = "") -> None:
         """Another process of a shared store erased users, or replaced their data keys (a
@@ -77,8 +88,11 @@ class KeyEvents:
         standalone worker works for."""
         keyring, region, store = self.records.keyring, self.region, self.db.store
         cursor = f"key_events:{region}"
-        events = lifecycle.read_events(self.dir)
+        # The log first: a process appends an event to the folder before it logs it, so one
+        # sharing this folder is never seen ahead of it.
         done = await self.db.call(store.cursor, cursor)
+        events = lifecycle.read_events(self.dir)
+        self._hold_if_behind(len(events), done)
         new = [e["event"] for e in events[done:]]
         reason = lifecycle.shredded_reason(region, events)
         if (reason or "shredded" in new) and not keyring.shredded:
@@ -109,6 +123,32 @@ class KeyEvents:
 
         if len(events) > done:  # nothing else to log: no transaction (a worker asks every second)
             await self.db.write(write)
+
+    def _hold_if_behind(self, held: int, logged: int) -> None:
+        """Opens nothing, and raises KeysBehind, while the folder holds fewer events than the
+        store has logged; opens again once it holds them all (the events then say whether the
+        key is shredded)."""
+        keyring = self.records.keyring
+        if held >= logged:
+            if self.behind:
+                log.warning("the keys folder %s holds every key event the store has logged", self.dir)
+                if keyring.shredded == self.behind:
+                    keyring.rekeyed()
+                self.behind = ""
+            return
+        why = (
+            f"the keys folder {self.dir} holds {held} key events and the store has logged {logged}: "
+            "another process of this store made key events (a rotation, a retirement, a shred or a "
+            "rekey) in a keys folder this one does not share; nothing opens here until this folder "
+            "holds them (give every process of the region the same keys folder)"
+        )
+        if not self.behind:  # the first time: forget every key held, and say why once
+            self.behind = why
+            if not keyring.shredded:  # a shred already known keeps its own reason
+                keyring.shred(why)
+            self.forget(None)
+            log.error("%s", why)
+        raise KeysBehind(why)
 
 
 def _users(detail: str) -> list[str] | None:
