@@ -120,6 +120,11 @@ def verified_key(
     s = replica_pb2.RegionKeyStatement.FromString(reply.statement)
     if signer.region != region or s.region != region:
         raise CallerDenied(f"{signer.uri} stated a key of region {s.region!r}; the destination is {region}")
+    if not s.nonce:
+        raise CallerDenied(
+            f"{signer.uri} stated a key without this ask's nonce (a region node older than its "
+            "primary signs none: upgrade it), or a statement played back"
+        )
     if not hmac.compare_digest(s.nonce, nonce):
         raise CallerDenied(
             f"{signer.uri} stated a key in answer to another ask (its nonce is not this ask's): "

@@ -22,17 +22,17 @@ from residency.replicator.loop import Replicator
 from residency.server.config.node import NodeConfig
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
-from residency.server.core.errors import ConfigError
+from residency.server.core.errors import ConfigError, KeysBehind
 from residency.server.core.schema import Schema
 from residency.server.keys.hashkey import load_hash_keys
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
-from residency.server.storage.notices import listen
+from residency.server.storage.notices import hear
 from residency.server.storage.postgres import PostgresStore
 from residency.server.storage.running import hold_running
 from residency.server.storage.stores import open_store
 from residency.server.storage.thread import StoreThread
-from residency.server.vault.key_events import KeyEvents, KeysBehind
+from residency.server.vault.key_events import KeyEvents
 from residency.server.vault.records import Records
 from residency.server.vault.shared_rules import SharedRules, rules_at_start
 
@@ -90,7 +90,7 @@ async def run_worker(
                 "keys": lambda _: key_events.apply(),
                 "erasure": key_events.keys_changed_elsewhere,
             }
-            tasks.append(asyncio.create_task(listen(c.store.dsn, store.token, handlers)))
+            tasks.append(asyncio.create_task(hear(c.store, store.token, handlers)))
         log.info("replicator %s started for %s", replicator.owner, ", ".join(replicator.destinations))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

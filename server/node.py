@@ -43,7 +43,7 @@ from residency.server.keys.keyring import Keyring
 from residency.server.keys.logkey import open_log_key
 from residency.server.keys.providers import open_log_provider, open_provider
 from residency.server.keys.region import RecipientKey
-from residency.server.storage.notices import Hearing, listen
+from residency.server.storage.notices import Hearing, hear
 from residency.server.storage.postgres import PostgresStore
 from residency.server.storage.running import hold_running, hold_serving
 from residency.server.storage.stores import Store, open_store
@@ -213,7 +213,7 @@ class RunningNode:
             if self._shared is not None:
                 follow = self._shared.follow
                 handlers["rules"] = lambda _: follow()
-            listening = listen(c.store.dsn, store.token, handlers, hearing=self.hearing.use())
+            listening = hear(c.store, store.token, handlers, hearing=self.hearing.use())
             self._tasks.append(asyncio.create_task(listening, name="store-notices"))
         server = grpc.aio.server(
             # Measured outermost: the gate's refusals are calls too.

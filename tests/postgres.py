@@ -114,11 +114,20 @@ class Postgres:
         extra = "".join(f" {k}={v}" for k, v in params.items())
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={database}{extra}"
 
-    def database(self, prefix: str = "t") -> str:
-        """A new empty database; its name."""
+    def database(self, prefix: str = "t", notify: bool = True) -> str:
+        """A new empty database; its name. Without `notify`, as a database without NOTIFY
+        (CockroachDB): every `pg_notify` call fails (a function of that name in `public`,
+        found first) and a process must poll (`store.notices: poll`)."""
         name = f"{prefix}_{os.getpid()}_{next(_names)}"
         with psycopg.connect(self.dsn(**self._client_tls()), autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{name}"')
+        if not notify:
+            with psycopg.connect(self.dsn(name, **self._client_tls()), autocommit=True) as c:
+                c.execute(
+                    "CREATE FUNCTION public.pg_notify(text, text) RETURNS void LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'this database has no NOTIFY'; END $$"
+                )
+                c.execute(f'ALTER DATABASE "{name}" SET search_path = "$user", public, pg_catalog')
         return name
 
     def _client_tls(self) -> dict[str, str]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -31,6 +33,7 @@ from residency.v1 import (
     admin_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
+    replica_pb2,
     translog_pb2,
     translog_pb2_grpc,
 )
@@ -48,6 +51,39 @@ def store_backend() -> str:
     return "postgres"
 
 
+@pytest.fixture
+def notices() -> str:
+    """How front ends hear each other (`store.notices`); tests of it run with both."""
+    return "listen"
+
+
+@pytest.fixture
+def primary_store(postgres_server: Postgres, notices: str) -> dict:
+    """The region's PostgreSQL store; with `notices` "poll", on a database without NOTIFY
+    (as CockroachDB: `Postgres.database(notify=False)`)."""
+    dsn = postgres_server.dsn(postgres_server.database(notify=notices == "listen"))
+    return {"kind": "postgres", "dsn": dsn} | ({"notices": "poll"} if notices == "poll" else {})
+
+
+def mirror(src: Path, dst: Path) -> None:
+    """`dst` made the same as `src` (an operator's sync: `rsync -a --delete`): a key file the
+    source destroyed goes from the copy too."""
+
+    for gone in [p for p in dst.iterdir() if not (src / p.name).exists()]:
+        gone.unlink()
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def listening(dsn: str) -> int:
+    """How many connections LISTEN on the store's database."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 async def _log(c: Cluster, front: str) -> list[tuple[bytes, bytes]]:
     stub = translog_pb2_grpc.TransferLogServiceStub(c.channel(front, "reviewer", PRIMARY))
     return [
@@ -56,8 +92,9 @@ async def _log(c: Cluster, front: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
+@pytest.mark.parametrize("notices", ["listen", "poll"])
 async def test_two_front_ends_serve_one_store_and_an_erasure_or_withdrawal_through_one_holds_at_the_other(
-    idle_cluster: Cluster,
+    idle_cluster: Cluster, notices: str
 ):
     c = idle_cluster
     b = c.add_front_end("b")
@@ -143,12 +180,14 @@ async def test_two_front_ends_serve_one_store_and_an_erasure_or_withdrawal_throu
     assert b'"fb-7"' in b"".join(e for e, _ in a_log)
 
 
+@pytest.mark.parametrize("notices", ["listen", "poll"])
 async def test_a_rules_change_and_a_key_shred_through_one_front_end_hold_at_the_other_within_1_s(
-    idle_cluster: Cluster,
+    idle_cluster: Cluster, notices: str, primary_store: dict
 ):
     """What a front end keeps in memory follows the store: the rules another applied (also
     written to its own rules file, so a restart keeps them) and the region key another
-    shredded, both notified at commit (PostgreSQL LISTEN/NOTIFY)."""
+    shredded, both notified at commit (PostgreSQL LISTEN/NOTIFY), or read from the store's
+    notices every 250 ms (`store.notices: poll`, on a database without NOTIFY)."""
     c = idle_cluster
     b = c.add_front_end("b")
     await c.start(PRIMARY, b, "ap-southeast-1", "eu-west-1")
@@ -198,6 +237,8 @@ async def test_a_rules_change_and_a_key_shred_through_one_front_end_hold_at_the_
 
     await eventually(b_refuses, "the other front end opens nothing under the shredded key", deadline=1.0)
     assert time.monotonic() - shredded < 1.0
+    # Both front ends LISTEN, or (polling) neither does.
+    assert listening(primary_store["dsn"]) == (2 if notices == "listen" else 0)
 
 
 async def test_a_front_end_whose_keys_folder_lacks_anothers_key_event_opens_nothing_until_it_has_it(
@@ -208,7 +249,6 @@ async def test_a_front_end_whose_keys_folder_lacks_anothers_key_event_opens_noth
     `keyring.json`): were it to go on, a shred would not hold there. From the notice on, it
     opens nothing and refuses calls on data UNAVAILABLE naming its folder, not ready; once
     the folder holds the events it serves again, records written since included."""
-    import shutil
 
     c = idle_cluster
     b = c.add_front_end("b")
@@ -243,17 +283,19 @@ async def test_a_front_end_whose_keys_folder_lacks_anothers_key_event_opens_noth
         return False
 
     await eventually(b_refuses, "the front end without the event opens nothing", deadline=10)
-    assert str(own) in refusals[-1], refusals[-1]
-    # ... from the notice on: never a record opened meanwhile, refused as unopenable at first.
-    assert all(str(own) in r for r in refusals), refusals
+    behind = "keys folder holds 0 key events and the store has logged 2"
+    # ... from the notice on: never a record opened meanwhile, each refusal saying why (its
+    # folder is named in its log, not to callers).
+    assert all(behind in r for r in refusals), refusals
+    assert str(own) in c.dep.node_log(b).read_text()
 
     async def b_not_ready() -> bool:  # readiness follows within a second
         status = await admin_b.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)
-        return not status.ready and any(str(own) in w for w in status.not_ready_because)
+        return not status.ready and any(behind in w for w in status.not_ready_because)
 
     await eventually(b_not_ready, "the front end says it is not ready, and why", deadline=5)
     # The folder given the events (an operator's sync), b serves again: both users open.
-    shutil.copytree(shared, own, dirs_exist_ok=True)
+    mirror(shared, own)
 
     async def b_serves() -> bool:
         try:
@@ -270,6 +312,74 @@ async def test_a_front_end_whose_keys_folder_lacks_anothers_key_event_opens_noth
         await c.dep.wait_serving()
     assert str(own) in str(e.value) and "holds 2 key events and the store has logged 4" in str(e.value)
     c.dep.procs.pop(b)
+
+
+async def test_a_region_front_end_behind_on_key_events_makes_its_primary_wait_and_catches_up_to_a_rekey(
+    idle_cluster: Cluster, postgres_server: Postgres
+):
+    """Review: a region front end whose keys folder lagged answered `ApplyCopies` as a region
+    whose key is shredded, and its primary held the region for good (only a new key ends a
+    hold); and one that read a rekey another front end had logged first stayed shredded. Now
+    it answers UNAVAILABLE, so the primary sends again, and takes the key's state from every
+    event, whoever logged it."""
+
+    c = idle_cluster
+    config = yaml.safe_load(c.dep.configs[SG].read_text())
+    config["store"] = {"kind": "postgres", "dsn": postgres_server.dsn(postgres_server.database())}
+    c.dep.configs[SG].write_text(yaml.safe_dump(config, sort_keys=False))
+    other = c.add_front_end("b", SG)  # on the region's keys folder
+    shared = load_config(c.dep.configs[SG]).keys_dir
+    own = c.dir / "keys-of-sg"  # the front end the primary ships to works on a copy
+    shutil.copytree(shared, own)
+    config["keys"] = {**config["keys"], "dir": str(own), "passphrase_file": str(own / "passphrase")}
+    c.dep.configs[SG].write_text(yaml.safe_dump(config, sort_keys=False))
+    await c.start(PRIMARY, SG, other, "eu-west-1")
+    admin_b = admin_pb2_grpc.AdminServiceStub(c.channel(other, "operator", SG))
+    await c.put("rf-1", {"name": "Li Wei"})
+    await c.replicated()
+
+    await admin_b.RotateKeys(admin_pb2.RotateKeysRequest(from_version="v1"), timeout=60)
+    await c.put("rf-2", {"name": "Wang Fang"})
+
+    async def refused_unavailable() -> bool:
+        status = (await c.replication())[SG]
+        assert not status.key_state, status  # never held as a shredded region
+        return "UNAVAILABLE" in status.last_error and "keys folder holds" in status.last_error
+
+    await eventually(refused_unavailable, "the lagging region answers the primary UNAVAILABLE", deadline=30)
+    mirror(shared, own)
+    await c.replicated()
+    assert values(await c.held("rf-2", SG))["name"] == "Wang Fang"
+    assert not (await c.replication())[SG].key_state
+
+    # A shred, then a rekey, both through the other front end, the folder synced after each.
+    status = await admin_b.GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)
+    await admin_b.ShredRegionKey(
+        admin_pb2.ShredRegionKeyRequest(key_id=status.region_key_id, reason="test"), timeout=30
+    )
+    mirror(shared, own)
+    new = (await admin_b.RekeyRegionKey(admin_pb2.RekeyRegionKeyRequest(), timeout=60)).key_id
+    mirror(shared, own)
+
+    async def states_the_new_key() -> bool:
+        try:
+            reply = await c.replica(SG).GetRegionKey(replica_pb2.GetRegionKeyRequest(nonce=b"n"), timeout=10)
+        except grpc.aio.AioRpcError:
+            return False
+        return replica_pb2.RegionKeyStatement.FromString(reply.statement).key_id == new
+
+    await eventually(states_the_new_key, "the front end shipped to opens under the new key", deadline=30)
+    # The primary, told the old key is gone at its next copy, learns the new one from the region.
+    await c.put("rf-3", {"name": "Zhao Lei"})
+
+    async def arrived() -> bool:
+        try:
+            return values(await c.held("rf-3", SG))["name"] == "Zhao Lei"
+        except grpc.aio.AioRpcError:
+            return False
+
+    await eventually(arrived, "a copy sealed to the new key arrives", deadline=60)
+    assert (await c.replication())[SG].dead_lettered == 0
 
 
 async def test_an_index_key_rotation_through_one_front_end_holds_at_the_other(idle_cluster: Cluster):

@@ -488,3 +488,68 @@ async def test_leases_are_timed_by_the_database_clock_not_each_hosts(
         for t in threads:
             await t.drain()
             t.store.close()
+
+
+async def test_a_database_without_notify_is_heard_by_polling_in_commit_order(
+    postgres_server: Postgres, monkeypatch: pytest.MonkeyPatch
+):
+    """`store.notices: poll` (CockroachDB and YugabyteDB have no NOTIFY): a notice is a row of
+    `store_notices`, numbered in commit order under the writers' lock, read after the last one
+    seen; this process's own are skipped, and a number missing (pruned before it was read)
+    makes every handler act on everything."""
+    import asyncio
+
+    import psycopg
+
+    from residency.server.storage.keyring import users_notice
+    from residency.server.storage.notices import listen
+    from tests.harness import eventually
+
+    dsn = postgres_server.dsn(postgres_server.database(notify=False))
+    listening_store = PostgresStore(dsn)  # as before: NOTIFY, which this database refuses
+    with pytest.raises(psycopg.errors.RaiseException, match="no NOTIFY"), listening_store.transaction():
+        listening_store.notify("rules")
+    listening_store.close()
+    other, own = PostgresStore(dsn, notices="poll"), PostgresStore(dsn, notices="poll")
+    own.token = "this-front-end"
+    heard: list[tuple[str, str]] = []
+
+    async def handler(kind: str):
+        async def run(detail: str) -> None:
+            heard.append((kind, detail))
+
+        return run
+
+    handlers = {"erasure": await handler("erasure"), "rules": await handler("rules")}
+    polling = asyncio.create_task(listen(dsn, "this-front-end", handlers, retry=0.2, poll=0.05))
+    try:
+        await eventually(lambda: _at_least(heard, 2), "each handler runs once, polling")
+        assert heard == [("erasure", ""), ("rules", "")]
+        for store, kind, detail in (
+            (other, "erasure", users_notice(["a"])),
+            (own, "rules", ""),  # this process's own: not heard
+            (other, "rules", ""),
+            (other, "erasure", users_notice(["b"])),
+        ):
+            with store.transaction():
+                store.notify(kind, detail)
+        await eventually(lambda: _at_least(heard, 5), "the other's three notices heard")
+        a, b, c = (users_notice([u]) for u in "abc")
+        assert heard[2:] == [("erasure", a), ("rules", ""), ("erasure", b)]
+        seqs = other._db.execute("SELECT seq FROM store_notices ORDER BY seq").fetchall()
+        assert [r[0] for r in seqs] == [1, 2, 3, 4]
+        # Notices this process never read (pruned): every handler acts on everything.
+        other._db.execute("INSERT INTO store_notices VALUES (9, 'another', 'erasure', ?)", (c,))
+        await eventually(lambda: _at_least(heard, 8), "the gap and the notice after it heard")
+        assert heard[5:] == [("erasure", ""), ("rules", ""), ("erasure", c)]
+        # Only the latest notices are kept.
+        monkeypatch.setattr("residency.server.storage.postgres.NOTICES_KEPT", 2)
+        with other.transaction():
+            other.notify("rules")
+        seqs = other._db.execute("SELECT seq FROM store_notices ORDER BY seq").fetchall()
+        assert [r[0] for r in seqs] == [9, 10]
+    finally:
+        polling.cancel()
+        await asyncio.gather(polling, return_exceptions=True)
+        other.close()
+        own.close()

@@ -159,7 +159,9 @@ def test_a_new_region_key_is_taken_only_from_that_regions_node(idle_cluster: Clu
     # A statement recorded earlier and played back: answering another ask (made a second
     # ago, or by a region node that signs no nonce), an hour old, or no newer than the one held.
     liars["in answer to another ask"] = statement(SG, key, folder / SG, nonce=b"nonce of an earlier ask")
-    liars["its nonce is not this ask's"] = statement(SG, key, folder / SG, nonce=b"")
+    liars["without this ask's nonce (a region node older than its primary"] = statement(
+        SG, key, folder / SG, nonce=b""
+    )
     liars["more than 600 s from this node's clock"] = statement(SG, key, folder / SG, time.time() - 3600)
     liars["from this node's clock"] = statement(SG, key, folder / SG, time.time() + 3600)
     for why, evidence in liars.items():

@@ -45,6 +45,12 @@ class PostgresStoreFile(FileModel):
     )
     tls: StoreTlsFile | None = None
     connect_timeout: float = Field(default=10.0, gt=0, description="a number of seconds above 0")
+    notices: Literal["listen", "poll"] = Field(
+        default="listen",
+        description="how this process hears the others' changes (an erasure, the rules, a key "
+        "event): 'listen' (PostgreSQL's LISTEN/NOTIFY) or 'poll' (every 250 ms, for databases "
+        "without NOTIFY such as CockroachDB)",
+    )
 
     @field_validator("dsn")
     @classmethod
@@ -65,6 +71,7 @@ class StoreConfig:
     kind: str = "sqlite"
     dsn: str = ""
     connect_timeout: float = 10.0
+    notices: str = "listen"
 
 
 def store_config(
@@ -83,4 +90,4 @@ def store_config(
         extra |= {"sslmode": "verify-full", "sslrootcert": str(rel(f.tls.ca))}
         if f.tls.cert and f.tls.key:
             extra |= {"sslcert": str(rel(f.tls.cert)), "sslkey": str(rel(f.tls.key))}
-    return StoreConfig("postgres", make_conninfo(f.dsn, **extra), f.connect_timeout)
+    return StoreConfig("postgres", make_conninfo(f.dsn, **extra), f.connect_timeout, f.notices)

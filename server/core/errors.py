@@ -121,6 +121,13 @@ class StoreUnavailable(ResidencyError):
     nothing of the request was written, and it can be sent again."""
 
 
+class KeysBehind(StoreUnavailable):
+    """The store has logged more key events than this process's keys folder holds: another
+    process of the store made one (a rotation, a retirement, a shred, a rekey) in a folder this
+    one does not share. Until the folder holds them this process opens nothing (it may be a
+    shred, which must hold here too); a call can go to another process meanwhile."""
+
+
 class TransactionConflict(StoreUnavailable):
     """The database gave a transaction up to let a concurrent one through (PostgreSQL's
     serialization failure or deadlock, SQLSTATE 40001 / 40P01; distributed SQL raises them

@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from residency.server.core.errors import KeysBehind
 from residency.server.core.sealing import NONCE, DataKey, KeyDestroyed, SealError, dek_context
 from residency.server.keys.cache import KeyCache
 from residency.server.keys.indexkey import IndexKeys
@@ -82,6 +83,8 @@ class Keyring:
         self._index_keys: IndexKeys | None = None
         # Set when the region's key was shredded: why every open fails.
         self.shredded = ""
+        # Set while this process's keys folder lags the store's key events (`suspend`).
+        self.suspended = ""
 
     @property
     def region_key(self) -> RegionKey:
@@ -101,10 +104,27 @@ class Keyring:
     def check(self) -> None:
         if self.shredded:
             raise KeyDestroyed(self.shredded)
+        if self.suspended:
+            raise KeysBehind(self.suspended)
 
     def shred(self, reason: str) -> None:
         """Forgets every key held in memory; from now on every open fails with `reason`."""
         self.shredded = reason
+        self._forget()
+
+    def suspend(self, why: str) -> None:
+        """Forgets every key held in memory; until `resume`, every open fails KeysBehind(`why`)
+        (UNAVAILABLE: not a shred, which the primary would hold a destination for)."""
+        self.suspended = why
+        self._forget()
+
+    def resume(self) -> None:
+        """Opens again, reading the provider's versions and the key files anew."""
+        self.suspended = ""
+        if not self.shredded:
+            self.rekeyed()
+
+    def _forget(self) -> None:
         self._region_key = None
         self._index_keys = None
         self._active = None

@@ -8,9 +8,13 @@ The acts themselves, with the node's data keys and transfer log, are
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +44,25 @@ _APPENDING = threading.Lock()
 
 
 def append_event(directory: Path, event: str, actor: str, detail: str) -> dict[str, Any]:
-    with _APPENDING:
+    with _APPENDING, _locked(directory):
         events = read_events(directory)
         item = {"event": event, "time": round(time.time(), 3), "actor": actor, "detail": detail}
         events.append(item)
         # Durably, like a key file: a power cut leaves the events before or after, never none.
         write_private(directory / STATE, json.dumps({"events": events}, indent=1).encode())
     return item
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """The folder locked against other processes' appends (front ends and workers sharing it,
+    `residency keys`): two appending at once would each write the events they read, one lost."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 def shredded_reason(region: str, events: list[dict[str, Any]]) -> str:

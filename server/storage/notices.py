@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from residency.server.core.errors import ResidencyError
+from residency.server.config.store import StoreConfig
+from residency.server.core.errors import KeysBehind
 from residency.server.storage.postgres import CHANNEL
 
 log = logging.getLogger("residency.storage")
@@ -38,8 +40,8 @@ class Hearing:
         self.ever = False  # listened and caught up once since start
         self.down_since: float | None = time.monotonic()
         self.down_at = ""  # when it stopped hearing, UTC, for the reason (steady while down)
-        # Why a handler cannot act on what it heard, by kind (a ResidencyError's words for
-        # operators: this process's keys folder lagging the store's, say), while it cannot.
+        # Why a handler cannot act on what it heard, by kind (this process's keys folder lagging
+        # the store's key events: `KeysBehind`), while it cannot.
         self.why: dict[str, str] = {}
 
     def use(self) -> Hearing:
@@ -56,23 +58,40 @@ class Hearing:
     def problems(self) -> list[str]:
         if not self.used or self.down_since is None:
             return []
+        if self.why:  # at once: what this process holds is known to be behind
+            return [f"another front end's change cannot be acted on here: {w}" for w in self.why.values()]
         if not self.ever:
             return ["store notifications: not listening yet (other front ends' changes)"]
         if time.monotonic() - self.down_since <= self.grace:
             return []
-        if self.why:
-            return [f"another front end's change cannot be acted on here: {w}" for w in self.why.values()]
         return [f"store notifications: not heard since {self.down_at} UTC (other front ends' changes)"]
 
 
+# How often a process with `store.notices: poll` reads the notices (issue 17.3: another front
+# end's erasure, rules change or key shred holds here within 1 s).
+POLL_EVERY = 0.25
+
+
+def hear(store: StoreConfig, own_token: str, handlers: Handlers, hearing: Hearing | None = None) -> Any:
+    """`listen` as the node config's `store.notices` says: LISTEN/NOTIFY, or polling."""
+    poll = POLL_EVERY if store.notices == "poll" else None
+    return listen(store.dsn, own_token, handlers, hearing=hearing, poll=poll)
+
+
 async def listen(
-    dsn: str, own_token: str, handlers: Handlers, retry: float = 1.0, hearing: Hearing | None = None
+    dsn: str,
+    own_token: str,
+    handlers: Handlers,
+    retry: float = 1.0,
+    hearing: Hearing | None = None,
+    poll: float | None = None,
 ) -> None:
     """Runs each handler when another process notifies its kind. A notification sent while
     this process was not listening is lost, so after every (re)connection each handler runs
     once: it reads the store's state and acts only on a difference. A handler that fails
     (the store busy a moment) runs again every `retry` seconds until it succeeds, without
-    waiting for another notice."""
+    waiting for another notice. With `poll` (seconds), the notices are read from the rows of
+    `store_notices` every `poll` seconds, without LISTEN (a database without NOTIFY)."""
     failed: set[str] = set()
     hearing = hearing or Hearing()
     again = asyncio.create_task(_retry_failed(handlers, failed, retry, hearing), name="store-notices-retry")
@@ -81,21 +100,23 @@ async def listen(
             try:
                 connect = psycopg.AsyncConnection.connect(make_conninfo(dsn, **KEEPALIVES), autocommit=True)
                 async with await connect as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    source = _Polled(conn, poll) if poll else _Notified(conn)
+                    await source.start()  # before catching up: nothing said after is missed
                     for kind, handler in handlers.items():
                         await _run(kind, handler, "", failed, hearing)
                     # Hearing only once every handler caught up (a retry meanwhile is not enough).
                     hearing.listening = True
                     hearing.settle(failed)
-                    async for n in conn.notifies():
-                        kind, _, rest = n.payload.partition(" ")
-                        token, _, detail = rest.partition(" ")
-                        if token != own_token and kind in handlers:
+                    async for kind, token, detail in source.notices():
+                        if not kind:  # notices this process could not read: everything
+                            for k, handler in handlers.items():
+                                await _run(k, handler, "", failed, hearing)
+                        elif token != own_token and kind in handlers:
                             # After a failed run, everything: this notice's detail would not
                             # cover what the failed one was about.
                             said = "" if kind in failed else detail
                             await _run(kind, handlers[kind], said, failed, hearing)
-                            hearing.settle(failed)
+                        hearing.settle(failed)
             except (psycopg.Error, OSError) as e:
                 log.warning("store notifications: %s; listening again in %.0f s", e.__class__.__name__, retry)
             hearing.listening = False
@@ -103,6 +124,52 @@ async def listen(
             await asyncio.sleep(retry)
     finally:
         again.cancel()
+
+
+Notice = tuple[str, str, str]  # (kind, the notifier's token, detail); kind "": some were missed
+
+
+class _Notified:
+    """Notices as PostgreSQL delivers them (LISTEN/NOTIFY): at the notifier's COMMIT."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]):
+        self.conn = conn
+
+    async def start(self) -> None:
+        await self.conn.execute(f"LISTEN {CHANNEL}")
+
+    async def notices(self) -> AsyncIterator[Notice]:
+        async for n in self.conn.notifies():
+            kind, _, rest = n.payload.partition(" ")
+            token, _, detail = rest.partition(" ")
+            yield kind, token, detail
+
+
+class _Polled:
+    """Notices read from `store_notices`, whose rows are numbered in commit order without a
+    gap: every `every` seconds, those after the last one read. A number skipped was pruned
+    before this process read it (`NOTICES_KEPT`): it acts on everything."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], every: float):
+        self.conn, self.every, self.seen = conn, every, 0
+
+    async def start(self) -> None:
+        cur = await self.conn.execute("SELECT coalesce(max(seq), 0) FROM store_notices")
+        row = await cur.fetchone()
+        self.seen = int(row[0]) if row else 0
+
+    async def notices(self) -> AsyncIterator[Notice]:
+        while True:
+            await asyncio.sleep(self.every)
+            cur = await self.conn.execute(
+                "SELECT seq, token, kind, detail FROM store_notices WHERE seq > %s ORDER BY seq LIMIT 1000",
+                (self.seen,),
+            )
+            for seq, token, kind, detail in await cur.fetchall():
+                if seq != self.seen + 1:
+                    yield "", "", ""
+                self.seen = seq
+                yield kind, token, detail
 
 
 async def _retry_failed(handlers: Handlers, failed: set[str], every: float, hearing: Hearing) -> None:
@@ -118,7 +185,7 @@ async def _run(
 ) -> None:
     try:
         await handler(detail)
-    except ResidencyError as e:  # a state the handler names (it said so in the log itself)
+    except KeysBehind as e:  # a state the handler names (it said so in the log itself)
         hearing.why[kind] = str(e)
         failed.add(kind)
     except Exception:

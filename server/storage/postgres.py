@@ -33,6 +33,9 @@ log = logging.getLogger("residency.storage")
 T = TypeVar("T")
 # Where a process tells the others sharing the store what changed (`notices.listen`).
 CHANNEL = "residency"
+# The latest notices `store_notices` keeps: a process that polls and finds one missing (it was
+# more than this many behind) acts on everything, as after a notice it may have missed.
+NOTICES_KEPT = 10_000
 
 # The one row every writer locks, and the schema version the migrations brought it to.
 _META = (
@@ -137,10 +140,14 @@ class PostgresDatabase(Database):
     _db: PgConnection
     _keys_with_records = True
 
-    def __init__(self, dsn: str, crash_after: str = "", connect_timeout: float = 10.0):
+    def __init__(
+        self, dsn: str, crash_after: str = "", connect_timeout: float = 10.0, notices: str = "listen"
+    ):
         super().__init__(crash_after)
         # Names this process in its notifications, so that it skips its own.
         self.token = secrets.token_hex(8)
+        # "listen": other processes are woken by NOTIFY; "poll": they read `store_notices`.
+        self.notices = notices
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn,
             min_size=1,
@@ -210,9 +217,21 @@ class PostgresDatabase(Database):
         return float(row[0])
 
     def notify(self, kind: str, detail: str = "") -> None:
-        # Delivered at COMMIT, and not at all if the transaction rolls back.
-        payload = f"{kind} {self.token} {detail}" if detail else f"{kind} {self.token}"
-        self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload))
+        # A row for processes that poll (`store_notices`), numbered under the writers' lock
+        # taken at BEGIN: in commit order, without a gap. Then, unless this database has no
+        # NOTIFY, a notice delivered at COMMIT. Neither outlives a rollback.
+        self._db.execute(
+            "INSERT INTO store_notices (seq, token, kind, detail) "
+            "SELECT coalesce(max(seq), 0) + 1, ?, ?, ? FROM store_notices",
+            (self.token, kind, detail),
+        )
+        self._db.execute(
+            "DELETE FROM store_notices WHERE seq <= (SELECT max(seq) FROM store_notices) - ?",
+            (NOTICES_KEPT,),
+        )
+        if self.notices == "listen":
+            payload = f"{kind} {self.token} {detail}" if detail else f"{kind} {self.token}"
+            self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload))
 
     def _begin_snapshot(self) -> None:
         self._db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

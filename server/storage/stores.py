@@ -14,5 +14,10 @@ Store: TypeAlias = SqliteStore | PostgresStore
 
 def open_store(c: NodeConfig, crash_after: str = "") -> Store:
     if c.store.kind == "postgres":
-        return PostgresStore(c.store.dsn, crash_after=crash_after, connect_timeout=c.store.connect_timeout)
+        return PostgresStore(
+            c.store.dsn,
+            crash_after=crash_after,
+            connect_timeout=c.store.connect_timeout,
+            notices=c.store.notices,
+        )
     return SqliteStore(c.data_dir / "node.db", durability=c.durability, crash_after=crash_after)

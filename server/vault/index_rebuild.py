@@ -37,8 +37,10 @@ class IndexRebuild:
         return self.index.records.keyring.index_keys
 
     async def active_version(self) -> int:
-        """The active index key version (0: none yet, or the region's key was shredded)."""
-        if self.index.records.keyring.shredded:
+        """The active index key version (0: none yet, the region's key was shredded, or this
+        process's keys folder is behind the store's key events)."""
+        keyring = self.index.records.keyring
+        if keyring.shredded or keyring.suspended:
             return 0
         return (await self.db.call(self._keys.versions))[0]
 

@@ -13,20 +13,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from residency.server.core import translog
-from residency.server.core.errors import FailedPrecondition
+from residency.server.core.errors import KeysBehind
 from residency.server.keys import lifecycle
 from residency.server.storage.database import UnitOfWork
 from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
 
 log = logging.getLogger("residency.keys")
-
-
-class KeysBehind(FailedPrecondition):
-    """The store has logged more key events than this process's keys folder holds: another
-    process of the store made one (a rotation, a retirement, a shred, a rekey) in a folder this
-    one does not share. Until the folder holds them this process opens nothing: it may be a
-    shred, which must hold here too."""
 
 
 class KeyEventStore(UnitOfWork, Protocol):
@@ -54,8 +47,7 @@ class KeyEvents:
         # Drops the opened (plaintext) records a replicator holds: one user's (called on the
         # store thread), or (None) all.
         self.forget = forget
-        # Why this process's keys folder lags the store's log of key events, while it does (as
-        # first seen: the reason its keyring was shredded with).
+        # Why this process's keys folder lags the store's log of key events, while it does.
         self.behind = ""
 
     async def keys_changed_elsewhere(self, detail: str = "") -> None:
@@ -103,6 +95,9 @@ class KeyEvents:
         if rekeyed:
             keyring.rekeyed()
             log.warning("%s has a new region key; copies sealed to the shredded one are dropped", region)
+        elif not reason and keyring.shredded:  # a rekey another process logged before this one read it
+            keyring.rekeyed()
+            log.warning("%s has a new region key (rekeyed through another process)", region)
 
         def write() -> None:
             logged = store.cursor(cursor)  # another process may have logged them meanwhile
@@ -126,28 +121,26 @@ class KeyEvents:
 
     def _hold_if_behind(self, held: int, logged: int) -> None:
         """Opens nothing, and raises KeysBehind, while the folder holds fewer events than the
-        store has logged; opens again once it holds them all (the events then say whether the
-        key is shredded)."""
+        store has logged; opens again once it holds them all (`apply` then takes the key's
+        state from all of them)."""
         keyring = self.records.keyring
         if held >= logged:
             if self.behind:
                 log.warning("the keys folder %s holds every key event the store has logged", self.dir)
-                if keyring.shredded == self.behind:
-                    keyring.rekeyed()
+                keyring.resume()
                 self.behind = ""
             return
         why = (
-            f"the keys folder {self.dir} holds {held} key events and the store has logged {logged}: "
+            f"this process's keys folder holds {held} key events and the store has logged {logged}: "
             "another process of this store made key events (a rotation, a retirement, a shred or a "
-            "rekey) in a keys folder this one does not share; nothing opens here until this folder "
-            "holds them (give every process of the region the same keys folder)"
+            "rekey) in a keys folder this one does not share; it opens nothing until its folder holds "
+            "them (give every process of the region the same keys folder)"
         )
         if not self.behind:  # the first time: forget every key held, and say why once
-            self.behind = why
-            if not keyring.shredded:  # a shred already known keeps its own reason
-                keyring.shred(why)
+            keyring.suspend(why)
             self.forget(None)
-            log.error("%s", why)
+            log.error("%s (keys folder %s)", why, self.dir)
+        self.behind = keyring.suspended = why
         raise KeysBehind(why)
 
 
