@@ -23,6 +23,7 @@ from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
 from residency.server.core import translog
 from residency.server.deployment import PRIMARY, start_node
+from residency.server.keys import lifecycle
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.running import serving_instance
@@ -74,12 +75,12 @@ def mirror(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
-def listening(dsn: str) -> int:
-    """How many connections LISTEN on the store's database."""
+def following(dsn: str) -> int:
+    """How many connections follow the others' notices on the store's database."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+            "WHERE datname = current_database() AND application_name = 'residency-notices'"
         ).fetchone()
     return int(row[0]) if row else 0
 
@@ -237,8 +238,12 @@ async def test_a_rules_change_and_a_key_shred_through_one_front_end_hold_at_the_
 
     await eventually(b_refuses, "the other front end opens nothing under the shredded key", deadline=1.0)
     assert time.monotonic() - shredded < 1.0
-    # Both front ends LISTEN, or (polling) neither does.
-    assert listening(primary_store["dsn"]) == (2 if notices == "listen" else 0)
+    # Both front ends follow the notices (polling: on a database whose pg_notify fails, which
+    # every write above that notifies would have run into); each was a row.
+    assert following(primary_store["dsn"]) == 2
+    with psycopg.connect(primary_store["dsn"]) as conn:
+        kinds = [k for (k,) in conn.execute("SELECT kind FROM store_notices ORDER BY seq").fetchall()]
+    assert "rules" in kinds and "keys" in kinds
 
 
 async def test_a_front_end_whose_keys_folder_lacks_anothers_key_event_opens_nothing_until_it_has_it(
@@ -294,6 +299,19 @@ async def test_a_front_end_whose_keys_folder_lacks_anothers_key_event_opens_noth
         return not status.ready and any(behind in w for w in status.not_ready_because)
 
     await eventually(b_not_ready, "the front end says it is not ready, and why", deadline=5)
+    # Nor does it make key events of its own meanwhile (its event would be counted in the
+    # place of the one it lacks, and never logged): refused, nothing destroyed.
+    primary_status = await c.admin(PRIMARY).GetNodeStatus(admin_pb2.GetNodeStatusRequest(), timeout=10)
+    shred = admin_pb2.ShredRegionKeyRequest(key_id=primary_status.region_key_id, reason="test")
+    for call in (
+        admin_b.ShredRegionKey(shred, timeout=30),
+        admin_b.RotateKeys(admin_pb2.RotateKeysRequest(from_version="v1"), timeout=30),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert behind in (refused.value.details() or "")
+    assert (own / "region.key").exists() and lifecycle.read_events(own) == []
     # The folder given the events (an operator's sync), b serves again: both users open.
     mirror(shared, own)
 
@@ -558,7 +576,7 @@ async def test_a_front_end_that_stops_hearing_the_others_is_not_ready_until_it_h
         try:
             cut = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND query LIKE 'LISTEN%%'",
+                "WHERE datname = %s AND application_name = 'residency-notices'",
                 (database,),
             ).fetchall()
             assert cut == [(True,)]

@@ -553,3 +553,91 @@ async def test_a_database_without_notify_is_heard_by_polling_in_commit_order(
         await asyncio.gather(polling, return_exceptions=True)
         other.close()
         own.close()
+
+
+async def test_a_listening_process_hears_a_writer_that_only_polls_and_each_notice_once(
+    postgres_server: Postgres,
+):
+    """Review: processes set to `listen` never read `store_notices`, so they missed every notice
+    of one set to `poll` (which sends no NOTIFY). A listener also reads the rows, every 0.5 s,
+    and acts once on a notice that came both ways."""
+    import asyncio
+
+    from residency.server.storage.keyring import users_notice
+    from residency.server.storage.notices import listen
+    from tests.harness import eventually
+
+    dsn = postgres_server.dsn(postgres_server.database())
+    listening_writer, polling_writer = PostgresStore(dsn), PostgresStore(dsn, notices="poll")
+    heard: list[tuple[str, str]] = []
+
+    def handler(kind: str):
+        async def run(detail: str) -> None:
+            heard.append((kind, detail))
+
+        return run
+
+    task = asyncio.create_task(
+        listen(dsn, "this-front-end", {"erasure": handler("erasure"), "rules": handler("rules")}, retry=0.2)
+    )
+    try:
+        await eventually(lambda: _at_least(heard, 2), "each handler runs once, listening")
+        a, b = users_notice(["a"]), users_notice(["b"])
+        for store, kind, detail in (
+            (polling_writer, "erasure", a),
+            (listening_writer, "rules", ""),
+            (polling_writer, "erasure", b),
+        ):
+            with store.transaction():
+                store.notify(kind, detail)
+        # b comes as a row only, after the rules notice's row: once b is heard, that row was read.
+        await eventually(lambda: _at_least(heard, 5), "the three notices heard", deadline=5)
+        assert sorted(heard[2:]) == [("erasure", a), ("erasure", b), ("rules", "")]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        listening_writer.close()
+        polling_writer.close()
+
+
+async def test_a_poll_that_hangs_makes_the_process_not_ready_and_it_reads_again_after(
+    postgres_server: Postgres, monkeypatch: pytest.MonkeyPatch
+):
+    """Review: a poll that never answered (a hung or partitioned server; a connection polled
+    every 250 ms is never idle, so keepalives never fire) left the process ready while it
+    heard nothing. A read taking over `READ_TIMEOUT` ends the connection: not ready, until a
+    new one reads."""
+    import asyncio
+
+    import psycopg
+
+    from residency.server.storage import notices
+    from tests.harness import eventually
+
+    monkeypatch.setattr(notices, "READ_TIMEOUT", 0.5)
+    dsn = postgres_server.dsn(postgres_server.database())
+    PostgresStore(dsn).close()  # the schema
+    hearing = notices.Hearing(grace=0.2).use()
+
+    async def nothing(_detail: str) -> None:
+        return None
+
+    async def heard() -> bool:
+        return hearing.problems() == []
+
+    async def deaf() -> bool:
+        return any("not heard since" in p for p in hearing.problems())
+
+    task = asyncio.create_task(
+        notices.listen(dsn, "me", {"rules": nothing}, retry=0.1, hearing=hearing, poll=0.05)
+    )
+    try:
+        await eventually(heard, "polling")
+        with psycopg.connect(dsn) as blocker:  # a transaction holding the table: reads wait
+            blocker.execute("LOCK TABLE store_notices IN ACCESS EXCLUSIVE MODE")
+            await eventually(deaf, "the process says it hears nothing", deadline=10)
+            blocker.rollback()
+        await eventually(heard, "polling again", deadline=10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -29,6 +29,7 @@ from residency.server.keys.providers import KeyProvider
 from residency.server.keys.region import RegionKey
 
 STATE = "keyring.json"
+LOCK = "keyring.json.lock"  # held while an event is appended (`_locked`); always empty
 
 
 def read_events(directory: Path) -> list[dict[str, Any]]:
@@ -56,10 +57,12 @@ def append_event(directory: Path, event: str, actor: str, detail: str) -> dict[s
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """The folder locked against other processes' appends (front ends and workers sharing it,
-    `residency keys`): two appending at once would each write the events they read, one lost."""
-    fd = os.open(directory, os.O_RDONLY)
+    `residency keys`): two appending at once would each write the events they read, one lost.
+    A POSIX lock on `keyring.json.lock`, which NFS carries between hosts (`flock` on a folder
+    it does not)."""
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # and the lock with it

@@ -17,7 +17,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from residency.server.config.store import StoreConfig
-from residency.server.core.errors import KeysBehind
+from residency.server.core.errors import KeysBehind, ResidencyError
 from residency.server.storage.postgres import CHANNEL
 
 log = logging.getLogger("residency.storage")
@@ -25,7 +25,22 @@ Handlers = Mapping[str, Callable[[str], Awaitable[None]]]  # called with the not
 # A server gone without a reset (a partition) ends the wait for notices within about 5 s
 # (keepalive probes after 2 s idle, 3 unanswered a second apart), the node not ready from then
 # (`Hearing`), and the loop listens again, catching up on what it missed.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3}
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
+    "keepalives_count": 3,
+    # A connection that is never idle (polled) ends when what it sent goes unacknowledged 5 s.
+    "tcp_user_timeout": 5000,
+}
+# The connection's name in the server's `pg_stat_activity`.
+APPLICATION = "residency-notices"
+# The longest a read of `store_notices` may take before the connection is given up (a hung or
+# partitioned server): the process is then not ready, and connects again.
+READ_TIMEOUT = 2.0
+# How often a process that LISTENs also reads `store_notices`: a writer that sends no NOTIFY (one
+# with `notices: poll`) is heard within it.
+LISTEN_READ_EVERY = 0.5
 
 
 class Hearing:
@@ -98,9 +113,10 @@ async def listen(
     try:
         while True:
             try:
-                connect = psycopg.AsyncConnection.connect(make_conninfo(dsn, **KEEPALIVES), autocommit=True)
+                conninfo = make_conninfo(dsn, application_name=APPLICATION, **KEEPALIVES)
+                connect = psycopg.AsyncConnection.connect(conninfo, autocommit=True)
                 async with await connect as conn:
-                    source = _Polled(conn, poll) if poll else _Notified(conn)
+                    source = _Polled(conn, poll) if poll else _Notified(conn, LISTEN_READ_EVERY)
                     await source.start()  # before catching up: nothing said after is missed
                     for kind, handler in handlers.items():
                         await _run(kind, handler, "", failed, hearing)
@@ -129,47 +145,73 @@ async def listen(
 Notice = tuple[str, str, str]  # (kind, the notifier's token, detail); kind "": some were missed
 
 
-class _Notified:
-    """Notices as PostgreSQL delivers them (LISTEN/NOTIFY): at the notifier's COMMIT."""
-
-    def __init__(self, conn: psycopg.AsyncConnection[Any]):
-        self.conn = conn
-
-    async def start(self) -> None:
-        await self.conn.execute(f"LISTEN {CHANNEL}")
-
-    async def notices(self) -> AsyncIterator[Notice]:
-        async for n in self.conn.notifies():
-            kind, _, rest = n.payload.partition(" ")
-            token, _, detail = rest.partition(" ")
-            yield kind, token, detail
-
-
-class _Polled:
-    """Notices read from `store_notices`, whose rows are numbered in commit order without a
-    gap: every `every` seconds, those after the last one read. A number skipped was pruned
-    before this process read it (`NOTICES_KEPT`): it acts on everything."""
+class _Rows:
+    """The rows of `store_notices` after the last one read. They are numbered in commit order
+    without a gap (the writers' lock), so a number skipped was pruned before this process read
+    it (`NOTICES_KEPT`): it then acts on everything."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], every: float):
         self.conn, self.every, self.seen = conn, every, 0
+        self.delivered: set[int] = set()  # numbers already acted on as a NOTIFY (`_Notified`)
 
     async def start(self) -> None:
-        cur = await self.conn.execute("SELECT coalesce(max(seq), 0) FROM store_notices")
-        row = await cur.fetchone()
+        async with asyncio.timeout(READ_TIMEOUT):
+            cur = await self.conn.execute("SELECT coalesce(max(seq), 0) FROM store_notices")
+            row = await cur.fetchone()
         self.seen = int(row[0]) if row else 0
 
-    async def notices(self) -> AsyncIterator[Notice]:
-        while True:
-            await asyncio.sleep(self.every)
+    async def read(self) -> list[Notice]:
+        async with asyncio.timeout(READ_TIMEOUT):  # TimeoutError: an OSError, the loop reconnects
             cur = await self.conn.execute(
                 "SELECT seq, token, kind, detail FROM store_notices WHERE seq > %s ORDER BY seq LIMIT 1000",
                 (self.seen,),
             )
-            for seq, token, kind, detail in await cur.fetchall():
-                if seq != self.seen + 1:
-                    yield "", "", ""
-                self.seen = seq
+            rows = await cur.fetchall()
+        out: list[Notice] = []
+        for seq, token, kind, detail in rows:
+            if seq != self.seen + 1:
+                out.append(("", "", ""))
+            self.seen = seq
+            if seq in self.delivered:
+                self.delivered.discard(seq)
+            else:
+                out.append((kind, token, detail))
+        self.delivered = {n for n in self.delivered if n > self.seen}
+        return out
+
+
+class _Polled(_Rows):
+    """Notices read every `every` seconds (a database without NOTIFY)."""
+
+    async def notices(self) -> AsyncIterator[Notice]:
+        while True:
+            await asyncio.sleep(self.every)
+            for n in await self.read():
+                yield n
+
+
+class _Notified(_Rows):
+    """Notices as PostgreSQL delivers them (LISTEN/NOTIFY), at the notifier's COMMIT; and the
+    rows, read every `every` seconds, for writers that send no NOTIFY (`notices: poll`). A
+    NOTIFY names its row (`TOKEN#SEQ`), which the read then skips: each is acted on once."""
+
+    async def start(self) -> None:
+        await self.conn.execute(f"LISTEN {CHANNEL}")
+        await super().start()
+
+    async def notices(self) -> AsyncIterator[Notice]:
+        while True:
+            async for n in self.conn.notifies(timeout=self.every):
+                kind, _, rest = n.payload.partition(" ")
+                named, _, detail = rest.partition(" ")
+                token, _, seq = named.partition("#")
+                if seq.isdigit():
+                    if int(seq) <= self.seen:
+                        continue  # read as a row already
+                    self.delivered.add(int(seq))
                 yield kind, token, detail
+            for notice in await self.read():
+                yield notice
 
 
 async def _retry_failed(handlers: Handlers, failed: set[str], every: float, hearing: Hearing) -> None:
@@ -187,6 +229,9 @@ async def _run(
         await handler(detail)
     except KeysBehind as e:  # a state the handler names (it said so in the log itself)
         hearing.why[kind] = str(e)
+        failed.add(kind)
+    except ResidencyError as e:  # a state it explains (the store busy a moment): no traceback
+        log.warning("acting on another process's %s change failed (%s); trying again", kind, e)
         failed.add(kind)
     except Exception:
         log.exception("acting on another process's %s change failed; trying again", kind)

@@ -220,17 +220,15 @@ class PostgresDatabase(Database):
         # A row for processes that poll (`store_notices`), numbered under the writers' lock
         # taken at BEGIN: in commit order, without a gap. Then, unless this database has no
         # NOTIFY, a notice delivered at COMMIT. Neither outlives a rollback.
-        self._db.execute(
+        row = self._db.execute(
             "INSERT INTO store_notices (seq, token, kind, detail) "
-            "SELECT coalesce(max(seq), 0) + 1, ?, ?, ? FROM store_notices",
+            "SELECT coalesce(max(seq), 0) + 1, ?, ?, ? FROM store_notices RETURNING seq",
             (self.token, kind, detail),
-        )
-        self._db.execute(
-            "DELETE FROM store_notices WHERE seq <= (SELECT max(seq) FROM store_notices) - ?",
-            (NOTICES_KEPT,),
-        )
-        if self.notices == "listen":
-            payload = f"{kind} {self.token} {detail}" if detail else f"{kind} {self.token}"
+        ).fetchone()
+        seq = int(row[0]) if row else 0
+        self._db.execute("DELETE FROM store_notices WHERE seq <= ?", (seq - NOTICES_KEPT,))
+        if self.notices == "listen":  # the row's number with the token: a listener acts once
+            payload = f"{kind} {self.token}#{seq} {detail}" if detail else f"{kind} {self.token}#{seq}"
             self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload))
 
     def _begin_snapshot(self) -> None:
@@ -252,6 +250,10 @@ class PostgresDatabase(Database):
     def _failure(self, e: BaseException) -> BaseException | None:
         if isinstance(e, (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)):
             return TransactionConflict(str(e.__class__.__name__))
+        if isinstance(e, pg_errors.UniqueViolation) and e.diag.constraint_name == "store_notices_pkey":
+            # Two notices numbered alike: a database whose READ COMMITTED reads a snapshot
+            # (YugabyteDB without `yb_enable_read_committed_isolation`); nothing was written.
+            return TransactionConflict("UniqueViolation on store_notices")
         if isinstance(e, pg_errors.DiskFull):
             return StorageFull(
                 f"the disk of the store's {self._where} is full: nothing was written; "

@@ -25,8 +25,16 @@ Record = Callable[[str, str, str], Awaitable[None]]
 class IndexRebuild:
     """The node's index-key rotation, at most one at a time, and how far its rebuild got."""
 
-    def __init__(self, index: BlindIndex, db: StoreThread[Any], record: Record):
+    def __init__(
+        self,
+        index: BlindIndex,
+        db: StoreThread[Any],
+        record: Record,
+        current: Callable[[], Awaitable[None]] | None = None,
+    ):
         self.index, self.db, self.record = index, db, record
+        # Before a rotation: other processes' key events applied (`KeyLifecycle._current`).
+        self.current = current
         self.region = index.records.keyring.region
         # The version being built (0: none), and records indexed of those to index.
         self.version = self.done = self.total = 0
@@ -47,6 +55,8 @@ class IndexRebuild:
     async def rotate(self, actor: str, from_version: int) -> dict[str, Any]:
         if not self.index.fields:
             raise FailedPrecondition("the schema has no lookup field: there is no index to rotate the key of")
+        if self.current is not None:
+            await self.current()
 
         def turn() -> tuple[int, int]:
             active, building = self._keys.versions()

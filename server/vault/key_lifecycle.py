@@ -61,7 +61,7 @@ class KeyLifecycle:
         # Two operators at once, or an act and a rewrap: one waits for the other.
         self._lock = asyncio.Lock()
         # The blind-index key's rotation and rebuild (issue 18).
-        self.index = IndexRebuild(events.records.index, db, self._record)
+        self.index = IndexRebuild(events.records.index, db, self._record, self._current)
 
     @property
     def provider(self) -> KeyProvider:
@@ -78,6 +78,13 @@ class KeyLifecycle:
         except KeyUnavailable:  # no region key (yet): nothing to name
             return ""
 
+    async def _current(self) -> None:
+        """Before a key command: the events of other processes applied, and refused (KeysBehind)
+        while this folder lacks some: the command's own event would then be counted in their
+        place, and never logged. Refused too once the key is shredded."""
+        await self.events.apply()
+        self.keyring.check()
+
     async def _record(self, actor: str, event: str, detail: str) -> None:
         """Adds the event to `keyring.json` and applies it: logged before the call returns."""
         await asyncio.to_thread(lifecycle.append_event, self.dir, event, actor, detail)
@@ -87,7 +94,7 @@ class KeyLifecycle:
         """A new key version, if the newest is still `from_version` (what the caller saw): from
         the switch on every new data key is wrapped under it; then every data key is rewrapped."""
         async with self._lock:
-            self.keyring.check()
+            await self._current()
             newest = await asyncio.to_thread(self.provider.newest_version)
             if from_version != newest:
                 raise FailedPrecondition(
@@ -110,7 +117,7 @@ class KeyLifecycle:
         """Every data key under a fresh wrapping key of the newest version (after a rotation cut
         short, before a retire)."""
         async with self._lock:
-            self.keyring.check()
+            await self._current()
             generation = await self.db.call(self.db.store.key_generation)
             new = await self.db.call(self._fresh, generation)
             version = await asyncio.to_thread(self.provider.newest_version)
@@ -163,7 +170,7 @@ class KeyLifecycle:
     async def retire(self, actor: str) -> dict[str, Any]:
         """Old key versions stop unwrapping; refused while any data key is under one."""
         async with self._lock:
-            self.keyring.check()
+            await self._current()
             store = self.db.store
 
             # The version the check and the retire go by, read first: one another front end's
@@ -200,6 +207,7 @@ class KeyLifecycle:
         """Destroys the region key `key_id` names (it must be the one the node holds) and the
         provider's key: every copy and record sealed for this region becomes unreadable."""
         async with self._lock:
+            await self.events.apply()  # this folder behind the store's events: refused
             if why := lifecycle.shredded_reason(self.region, lifecycle.read_events(self.dir)):
                 raise FailedPrecondition(
                     f"{why}; nothing more to shred (`residency keys rekey` makes a new key)"
@@ -218,6 +226,7 @@ class KeyLifecycle:
         """After a shred: a new region key pair; a region node drops the copies sealed to the
         shredded one, and its primary learns the new key and sends them again."""
         async with self._lock:
+            await self.events.apply()  # this folder behind the store's events: refused
             if self.events.primary:
                 raise FailedPrecondition(
                     "rekey is for a region node's key (copies are sealed to it); "

@@ -23,7 +23,9 @@ class RecordKeys:
 
     def _data_key(self, user_id: str) -> DataKey:
         """The user's DEK, from the cache or the keyring: the primary's under one of its
-        wrapping keys; a region's as the primary sent it, or rewrapped by a rotation."""
+        wrapping keys; a region's as the primary sent it, or rewrapped by a rotation. A cached
+        one too is refused while the keyring is shredded or suspended."""
+        self.keyring.check()
         dek = self.keyring.data_keys.get(user_id)
         if dek is None:
             found = self.store.data_keys([user_id]).get(user_id)
@@ -53,6 +55,7 @@ class RecordKeys:
         """Loads the DEKs of `user_ids` that are not cached with one query, so that opening
         a batch of records (a worker after a restart, a standalone worker) does not query the
         keyring once per record. A missing key is left for `_data_key` to report."""
+        self.keyring.check()
         missing = [u for u in user_ids if self.keyring.data_keys.get(u) is None]
         if missing:
             for user_id, found in self.store.data_keys(missing).items():
