@@ -377,6 +377,15 @@ async def test_a_region_front_end_behind_on_key_events_makes_its_primary_wait_an
     )
     mirror(shared, own)
     new = (await admin_b.RekeyRegionKey(admin_pb2.RekeyRegionKeyRequest(), timeout=60)).key_id
+
+    async def says_it_is_behind() -> bool:  # not "shredded": a primary would hold the region
+        try:
+            await c.replica(SG).GetRegionKey(replica_pb2.GetRegionKeyRequest(nonce=b"n"), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.UNAVAILABLE and "keys folder holds" in (e.details() or "")
+        return False
+
+    await eventually(says_it_is_behind, "the front end without the rekey says it is behind", deadline=10)
     mirror(shared, own)
 
     async def states_the_new_key() -> bool:

@@ -14,7 +14,7 @@ from residency.server.api.errors import rpc
 from residency.server.api.identity import peer_of
 from residency.server.api.requests import out_of_range
 from residency.server.core import codec, translog
-from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyShredded
+from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeysBehind, KeyShredded
 from residency.server.core.schema import USER_ID
 from residency.server.core.sealing import MAX_BATCH
 from residency.server.vault.copies import (
@@ -103,6 +103,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         a leaked key. Tombstones carry no key and are always taken."""
         records = self.node.records
         keyring = records.keyring
+        if keyring.suspended:  # what it holds may be behind another front end's rekey
+            raise KeysBehind(keyring.suspended)
         current = "" if keyring.shredded else keyring.region_key.key_id
         stale = [c for c in copies if not c.deleted and c.key_id != current]
         if not stale:
@@ -137,6 +139,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
         if len(request.nonce) > MAX_NONCE:
             raise InvalidRecord([("nonce", f"holds {len(request.nonce)} bytes; at most {MAX_NONCE}")])
         keyring = self.node.records.keyring
+        if keyring.suspended:  # its key may be behind another front end's rekey or shred
+            raise KeysBehind(keyring.suspended)
         statement = replica_pb2.RegionKeyStatement(
             region=self.node.records.region, issued_at=codec.timestamp(time.time()), nonce=request.nonce
         )

@@ -102,10 +102,12 @@ class Keyring:
         return self._index_keys
 
     def check(self) -> None:
-        if self.shredded:
-            raise KeyDestroyed(self.shredded)
+        # Suspended first: a shred this process knows of may have been followed by a rekey it
+        # does not know of yet, and a region node must not answer its primary "shredded" then.
         if self.suspended:
             raise KeysBehind(self.suspended)
+        if self.shredded:
+            raise KeyDestroyed(self.shredded)
 
     def shred(self, reason: str) -> None:
         """Forgets every key held in memory; from now on every open fails with `reason`."""

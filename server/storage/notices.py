@@ -154,19 +154,33 @@ class _Rows:
         self.conn, self.every, self.seen = conn, every, 0
         self.delivered: set[int] = set()  # numbers already acted on as a NOTIFY (`_Notified`)
 
+    async def _bounded(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of `sql`, or TimeoutError (an OSError: the loop connects again) after
+        `READ_TIMEOUT`, the connection closed at once: psycopg's own cancellation of a query
+        asks the server first, which a hung or unreachable one leaves waiting for many seconds."""
+
+        async def run() -> list[tuple[Any, ...]]:
+            cur = await self.conn.execute(sql, params)
+            return await cur.fetchall()
+
+        task = asyncio.ensure_future(run())
+        done, _ = await asyncio.wait({task}, timeout=READ_TIMEOUT)
+        if not done:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self.conn.pgconn.finish()
+            task.cancel()
+            raise TimeoutError(f"store_notices: no answer within {READ_TIMEOUT:.0f} s")
+        return task.result()
+
     async def start(self) -> None:
-        async with asyncio.timeout(READ_TIMEOUT):
-            cur = await self.conn.execute("SELECT coalesce(max(seq), 0) FROM store_notices")
-            row = await cur.fetchone()
-        self.seen = int(row[0]) if row else 0
+        rows = await self._bounded("SELECT coalesce(max(seq), 0) FROM store_notices")
+        self.seen = int(rows[0][0]) if rows else 0
 
     async def read(self) -> list[Notice]:
-        async with asyncio.timeout(READ_TIMEOUT):  # TimeoutError: an OSError, the loop reconnects
-            cur = await self.conn.execute(
-                "SELECT seq, token, kind, detail FROM store_notices WHERE seq > %s ORDER BY seq LIMIT 1000",
-                (self.seen,),
-            )
-            rows = await cur.fetchall()
+        rows = await self._bounded(
+            "SELECT seq, token, kind, detail FROM store_notices WHERE seq > %s ORDER BY seq LIMIT 1000",
+            (self.seen,),
+        )
         out: list[Notice] = []
         for seq, token, kind, detail in rows:
             if seq != self.seen + 1:

@@ -55,8 +55,8 @@ class RecordKeys:
         """Loads the DEKs of `user_ids` that are not cached with one query, so that opening
         a batch of records (a worker after a restart, a standalone worker) does not query the
         keyring once per record. A missing key is left for `_data_key` to report."""
-        self.keyring.check()
         missing = [u for u in user_ids if self.keyring.data_keys.get(u) is None]
         if missing:
+            self.keyring.check()
             for user_id, found in self.store.data_keys(missing).items():
                 self.keyring.data_keys.put(user_id, self.keyring.open_stored_key(user_id, *found))
