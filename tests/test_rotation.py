@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from residency.cli.channel import Credentials
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
-from residency.server.core.errors import FailedPrecondition
+from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeysBehind
 from residency.server.deployment import AFFILIATES, PRIMARY, init_deployment, local_keys
 from residency.server.keys import lifecycle, pki
 from residency.server.keys.keyring import Keyring
@@ -302,6 +303,87 @@ async def test_rewrap_swaps_a_row_only_if_it_still_holds_the_key_that_was_read(t
     for u in ("a", "c"):
         fresh.open_stored_key(u, *now[u])
     store.close()
+
+
+async def test_a_keys_folder_with_as_many_events_as_the_store_logged_but_not_the_same_opens_nothing(
+    tmp_path: Path,
+):
+    """Review: a process compared its keys folder with the store's log of key events by their
+    number alone. A copy of the folder holding an event of its own that a crash kept from the
+    log (its process appended it, then died) was taken as current once another process had
+    logged one event more through the shared folder: a shred there would not have held in this
+    one. The store now keeps a digest of the events it logged; a folder whose first events are
+    not those opens nothing, whatever their number, until it holds them."""
+    c, keyring, store, records = _written(tmp_path, SqliteStore, ("u-1",))
+    db, keys = _key_acts(c, store, records)
+    actor = "spiffe://residency/operator/cn-north/operator"
+    shared, own = c.keys_dir, tmp_path / "own-keys"
+    row = lambda: store.rows(["u-1"])["u-1"]  # noqa: E731
+    try:
+        await keys.rotate(actor, "v1")  # `rotated`, `rewrapped`: logged
+        shutil.copytree(shared, own)
+        lifecycle.append_event(own, "rotated", actor, "v2 -> v3")  # never logged
+        await keys.retire(actor)  # logged, through the shared folder
+        logged = lifecycle.read_events(shared)
+        assert len(lifecycle.read_events(own)) == len(logged) == 3
+        assert store.key_event_head(c.region) == (3, lifecycle.events_digest(logged))
+        assert records.open_row(row()).fields["name"].string_value == "Li Wei"
+
+        other = KeyEvents(c.region, True, own, records, db, lambda _: None)  # the copy's process
+        differ = "the first 3 key events in this process's keys folder are not those the store logged"
+        with pytest.raises(KeysBehind, match=differ):
+            await other.apply()
+        with pytest.raises(KeysBehind, match=differ):
+            records.open_row(row())
+        # A copy of the same events with one word changed (an edited actor) is no better, and
+        # neither is one holding an event more after them.
+        edited = json.loads(json.dumps(logged))
+        edited[2]["actor"] = "spiffe://residency/operator/cn-north/someone-else"
+        for events in (edited, [*edited, logged[0]]):
+            (own / lifecycle.STATE).write_text(json.dumps({"events": events}))
+            with pytest.raises(KeysBehind, match=differ):
+                await other.apply()
+        # Nor one whose edited event holds a lone surrogate (the digest is over ASCII JSON).
+        edited[2]["actor"] = "\udce9"
+        (own / lifecycle.STATE).write_text(json.dumps({"events": edited}))
+        with pytest.raises(KeysBehind, match=differ):
+            await other.apply()
+        # Once it holds the store's events (and one more of its own, logged then), it opens again.
+        (own / lifecycle.STATE).write_text(json.dumps({"events": logged}))
+        lifecycle.append_event(own, "rewrapped", actor, "0 data keys")
+        await other.apply()
+        assert not records.keyring.suspended
+        assert records.open_row(row()).fields["name"].string_value == "Li Wei"
+        now = lifecycle.read_events(own)
+        assert store.key_event_head(c.region) == (4, lifecycle.events_digest(now))
+        assert store.cursor(f"key_events:{c.region}") == 4
+        # A store that logged events before it kept their digest (schema version 17) takes the
+        # digest of the first folder it sees, then holds every other to it.
+        store._db.execute("DELETE FROM key_event_heads")
+        await other.apply()
+        assert store.key_event_head(c.region) == (4, lifecycle.events_digest(now))
+        lifecycle.append_event(shared, "rewrapped", actor, "1 data key")  # not the copy's fourth
+        with pytest.raises(KeysBehind, match="the first 4 key events"):
+            await keys.events.apply()
+    finally:
+        await db.drain()
+        store.close()
+
+
+async def test_a_shred_whose_reason_is_not_text_destroys_nothing(tmp_path: Path):
+    """Review: `residency keys shred --config --reason` with bytes that are not UTF-8 (argv's
+    surrogates) destroyed the key, then could never log the event, and every later start
+    failed on it. Refused first now, nothing destroyed."""
+    c, keyring, store, records = _written(tmp_path, SqliteStore, ("u-1",))
+    db, keys = _key_acts(c, store, records)
+    try:
+        with pytest.raises(InvalidRecord, match="reason"):
+            await keys.shred("operator", keys.region_key_id(), "lost \udce9")
+        assert (c.keys_dir / "region.key").exists() and lifecycle.read_events(c.keys_dir) == []
+        assert records.open_row(store.rows(["u-1"])["u-1"]).fields["name"].string_value == "Li Wei"
+    finally:
+        await db.drain()
+        store.close()
 
 
 async def test_with_openbao_a_version_made_in_its_console_holds_retire_until_the_node_rewraps(

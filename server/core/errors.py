@@ -122,10 +122,11 @@ class StoreUnavailable(ResidencyError):
 
 
 class KeysBehind(StoreUnavailable):
-    """The store has logged more key events than this process's keys folder holds: another
-    process of the store made one (a rotation, a retirement, a shred, a rekey) in a folder this
-    one does not share. Until the folder holds them this process opens nothing (it may be a
-    shred, which must hold here too); a call can go to another process meanwhile."""
+    """The store has logged more key events than this process's keys folder holds, or others
+    than its first ones: another process of the store made one (a rotation, a retirement, a
+    shred, a rekey) in a folder this one does not share. Until the folder holds them this
+    process opens nothing (it may be a shred, which must hold here too); a call can go to
+    another process meanwhile."""
 
 
 class TransactionConflict(StoreUnavailable):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import threading
@@ -37,6 +38,18 @@ def read_events(directory: Path) -> list[dict[str, Any]]:
         return json.loads((directory / STATE).read_text()).get("events", [])
     except FileNotFoundError:
         return []
+
+
+def events_digest(events: list[dict[str, Any]]) -> str:
+    """A digest of a sequence of key events: SHA-256 over each event's canonical JSON, each
+    preceded by its length. Two folders' first N events are the same events in the same order
+    exactly when their digests agree (the store keeps the digest of those it logged)."""
+    h = hashlib.sha256()
+    for e in events:
+        # ASCII: total over whatever the file holds, a lone surrogate included.
+        line = json.dumps(e, sort_keys=True, separators=(",", ":")).encode()
+        h.update(len(line).to_bytes(8, "big") + line)
+    return h.hexdigest()
 
 
 # Appends of one process, one at a time: two acts finishing together (a rewrap and an index

@@ -191,6 +191,21 @@ class KeyringRows(Database):
         self.seen_key_generation = int(row[0])
         return self.seen_key_generation
 
+    def key_event_head(self, region: str) -> tuple[int, str] | None:
+        """How many of `region`'s key events the store has logged with a digest of them
+        (`lifecycle.events_digest`), and that digest; None before one was (a store from before
+        schema version 18 until its first `apply`)."""
+        sql = "SELECT logged, digest FROM key_event_heads WHERE region = ?"
+        row = self._db.execute(sql, (region,)).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
+    def set_key_event_head(self, region: str, logged: int, digest: str) -> None:
+        self._db.execute(
+            "INSERT INTO key_event_heads (region, logged, digest) VALUES (?,?,?) "
+            "ON CONFLICT (region) DO UPDATE SET logged=excluded.logged, digest=excluded.digest",
+            (region, logged, digest),
+        )
+
     def renew_wrapping_keys(self) -> int:
         """A new generation (after the provider's new version, or before a retire), returned:
         from its commit on, a batch under a wrapping key made before it writes nothing and runs

@@ -20,6 +20,8 @@ from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records
 
 log = logging.getLogger("residency.keys")
+# How many of a region's key events the store logged with a digest of them, and the digest.
+Head = tuple[int, str] | None
 
 
 class KeyEventStore(UnitOfWork, Protocol):
@@ -28,6 +30,8 @@ class KeyEventStore(UnitOfWork, Protocol):
     def log_append(self, entries: list[dict[str, Any]]) -> list[int]: ...
     def drop_copies(self) -> int: ...
     def notify(self, kind: str, detail: str = "") -> None: ...
+    def key_event_head(self, region: str) -> tuple[int, str] | None: ...
+    def set_key_event_head(self, region: str, logged: int, digest: str) -> None: ...
 
 
 class KeyEvents:
@@ -82,9 +86,9 @@ class KeyEvents:
         cursor = f"key_events:{region}"
         # The log first: a process appends an event to the folder before it logs it, so one
         # sharing this folder is never seen ahead of it.
-        done = await self.db.call(store.cursor, cursor)
+        done, head = await self.db.call(lambda: (store.cursor(cursor), store.key_event_head(region)))
         events = lifecycle.read_events(self.dir)
-        self._hold_if_behind(len(events), done)
+        self._hold(_behind(events, done, head))
         new = [e["event"] for e in events[done:]]
         reason = lifecycle.shredded_reason(region, events)
         if (reason or "shredded" in new) and not keyring.shredded:
@@ -99,10 +103,18 @@ class KeyEvents:
             keyring.rekeyed()
             log.warning("%s has a new region key (rekeyed through another process)", region)
 
-        def write() -> None:
+        def write() -> str:
+            """Logs what the store has not; or why this folder cannot say (nothing written)."""
             logged = store.cursor(cursor)  # another process may have logged them meanwhile
-            if logged >= len(events):
-                return
+            held = store.key_event_head(region)
+            if logged > len(events):  # logged meanwhile: the next `apply` reads the folder again
+                return ""
+            if why := _behind(events, logged, held):  # other events than these were logged
+                return why
+            if logged == len(events):
+                if held is None or held[0] < logged:  # logged before the digest was kept
+                    store.set_key_event_head(region, logged, lifecycle.events_digest(events))
+                return ""
             entries = [self._entry(e["actor"], f"{e['event']}: {e['detail']}") for e in events[logged:]]
             if rekeyed and not self.primary and any(e["event"] == "rekeyed" for e in events[logged:]):
                 dropped = store.drop_copies()
@@ -114,34 +126,49 @@ class KeyEvents:
             if entries:
                 store.log_append(entries)
                 store.set_cursor(cursor, len(events))
+                store.set_key_event_head(region, len(events), lifecycle.events_digest(events))
                 store.notify("keys")  # other front ends of a shared store apply them too
+            return ""
 
-        if len(events) > done:  # nothing else to log: no transaction (a worker asks every second)
-            await self.db.write(write)
+        # Nothing else to log: no transaction (a worker asks every second).
+        if len(events) > done or (done and (head is None or head[0] < done)):
+            self._hold(await self.db.write(write))
 
-    def _hold_if_behind(self, held: int, logged: int) -> None:
-        """Opens nothing, and raises KeysBehind, while the folder holds fewer events than the
-        store has logged; opens again once it holds them all (`apply` then takes the key's
-        state from all of them)."""
+    def _hold(self, why: str) -> None:
+        """While this folder lacks events the store has logged, or holds others in their place
+        (`why`, from `_behind`): opens nothing, and raises KeysBehind. Opens again once it holds
+        them all (`apply` then takes the key's state from all of them)."""
         keyring = self.records.keyring
-        if held >= logged:
+        if not why:
             if self.behind:
                 log.warning("the keys folder %s holds every key event the store has logged", self.dir)
                 keyring.resume()
                 self.behind = ""
             return
-        why = (
-            f"this process's keys folder holds {held} key events and the store has logged {logged}: "
-            "another process of this store made key events (a rotation, a retirement, a shred or a "
-            "rekey) in a keys folder this one does not share; it opens nothing until its folder holds "
-            "them (give every process of the region the same keys folder)"
-        )
         if not self.behind:  # the first time: forget every key held, and say why once
             keyring.suspend(why)
             self.forget(None)
             log.error("%s (keys folder %s)", why, self.dir)
+        elif why != self.behind:
+            log.error("%s (keys folder %s)", why, self.dir)
         self.behind = keyring.suspended = why
         raise KeysBehind(why)
+
+
+def _behind(events: list[dict[str, Any]], logged: int, head: Head) -> str:
+    """Why a folder holding `events` lacks key events the store has logged (`logged` of them;
+    `head`: how many of them it keeps a digest of, and the digest), or ""."""
+    if len(events) < max(logged, head[0] if head else 0):
+        why = f"this process's keys folder holds {len(events)} key events and the store has logged {logged}"
+    elif head is not None and lifecycle.events_digest(events[: head[0]]) != head[1]:
+        why = f"the first {head[0]} key events in this process's keys folder are not those the store logged"
+    else:
+        return ""
+    return why + (
+        ": another process of this store made key events (a rotation, a retirement, a shred or a "
+        "rekey) in a keys folder this one does not share; it opens nothing until its folder holds "
+        "them (give every process of the region the same keys folder)"
+    )
 
 
 def _users(detail: str) -> list[str] | None:

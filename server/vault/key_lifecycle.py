@@ -22,7 +22,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from residency.server.core.errors import FailedPrecondition, KeyUnavailable
+from residency.server.core.errors import FailedPrecondition, InvalidRecord, KeyUnavailable
 from residency.server.keys import lifecycle
 from residency.server.keys.keyring import WrappingKey
 from residency.server.keys.providers import KeyProvider
@@ -206,6 +206,10 @@ class KeyLifecycle:
     async def shred(self, actor: str, key_id: str, reason: str) -> dict[str, Any]:
         """Destroys the region key `key_id` names (it must be the one the node holds) and the
         provider's key: every copy and record sealed for this region becomes unreadable."""
+        try:  # logged after the key is gone: a reason the log cannot hold must not get that far
+            reason.encode()
+        except UnicodeEncodeError:
+            raise InvalidRecord([("reason", "is not text (bytes that are not UTF-8)")]) from None
         async with self._lock:
             await self.events.apply()  # this folder behind the store's events: refused
             if why := lifecycle.shredded_reason(self.region, lifecycle.read_events(self.dir)):
