@@ -317,6 +317,53 @@ def test_reads_recover_after_the_server_drops_the_connection(postgres_server: Po
         s.close()
 
 
+def test_an_erasure_whose_commit_answer_is_lost_still_destroys_the_key(postgres_server: Postgres):
+    """Review: when the connection dropped as COMMIT ran (the server committed, the answer was
+    lost), the erasure's tombstone stood but its data key was forgotten: the shred was asked of
+    a transaction taken for rolled back, and an erasure sent again answers NOT_FOUND. The key
+    stayed in the shared keyring while every front end ran, and the caller was told nothing was
+    written. Now the keys are owed (destroyed after the next commit), and the caller is told the
+    write may have been stored. A COMMIT that did not run destroys nothing."""
+    dsn = postgres_server.dsn(postgres_server.database())
+    s = PostgresStore(dsn)
+
+    def keys_of(user: str) -> int:
+        with psycopg.connect(dsn) as c:
+            sql = "SELECT count(*) FROM keyring.data_keys WHERE user_id = %s"
+            return c.execute(sql, (user,)).fetchone()[0]
+
+    def commit_fails(committed: bool):
+        real = s._commit
+
+        def commit() -> None:
+            s._commit = real
+            if committed:
+                real()  # the server commits ...
+            s._db.conn.close()  # ... and the connection drops before the answer
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        s._commit = commit
+
+    try:
+        with s.transaction():
+            s.put_wrapping_key("wk", b"w")
+            s.put_data_keys([("u1", "wk", b"DEK-u1"), ("u2", "wk", b"DEK-u2")])
+            s.upsert([Row("u1", 1, False, b"sealed", 1.0), Row("u2", 1, False, b"sealed", 1.0)])
+        for user, committed in (("u1", True), ("u2", False)):
+            commit_fails(committed)
+            with pytest.raises(StoreUnavailable, match="may or may not have been stored"), s.transaction():
+                s.upsert([Row(user, 2, True, b"", 2.0)])
+                s.delete_data_keys([user])
+        with s.transaction():  # the next write, of another user
+            s.upsert([Row("x", 1, False, b"sealed", 1.0)])
+        rows = s.rows(["u1", "u2"])
+        assert rows["u1"].deleted and keys_of("u1") == 0  # erased: its key destroyed
+        assert not rows["u2"].deleted and keys_of("u2") == 1  # never erased: its key kept
+        assert not s._shred_owed
+    finally:
+        s.close()
+
+
 def test_keys_staged_for_a_batch_that_never_began_are_not_written_by_a_later_one(
     postgres_server: Postgres,
 ):

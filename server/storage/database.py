@@ -109,6 +109,7 @@ class Database:
         # Users whose data keys this transaction asked to destroy, and those of committed
         # transactions whose keys are not destroyed yet (`_shred` failed: retried next time).
         self._shred_asked: set[str] = set()
+        self._committing = False  # COMMIT was sent: a failure now may follow a commit
         self._shred_owed: set[str] = set()
         self._keys_added = False  # the next transaction commits records under new data keys
         # With `_keys_with_records`: (wrapping keys, data keys) the next transaction writes first.
@@ -212,11 +213,14 @@ class Database:
     def transaction(self) -> Iterator[None]:
         self._lock_writers()
         try:
+            self._committing = False
             try:
                 self._begin()
                 self._began()
                 yield
+                self._committing = True
                 self._commit()
+                self._committing = False
             except BaseException as e:
                 # A write failed, or COMMIT itself did (disk full, an I/O error, a conflict).
                 # The database may have rolled the transaction back on its own already. What
@@ -224,10 +228,18 @@ class Database:
                 # transfer log's sequence, chain head and tree leaves).
                 if self.in_transaction():
                     self._rollback()
+                if self._committing:
+                    # COMMIT may have run before its answer was lost (a connection dropped):
+                    # the keys of the users it erased are owed. The shred keeps every user
+                    # with a live record, so if nothing was committed it destroys nothing.
+                    self._shred_owed |= self._shred_asked
+                    self._scrub_owed |= self._erasing
                 self._erasing = self._keys_added = False
                 self._shred_asked.clear()
                 self._rolled_back()
-                if (domain := self._failure(e)) is not None:
+                domain = self._failure(e)
+                self._committing = False
+                if domain is not None:
                     raise domain from e
                 raise
             if self._keys_added or self._shred_asked:

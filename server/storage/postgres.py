@@ -259,6 +259,13 @@ class PostgresDatabase(Database):
                 f"the disk of the store's {self._where} is full: nothing was written; "
                 "send it again once space is freed"
             )
+        if isinstance(e, psycopg.OperationalError) and self._committing:
+            return StoreUnavailable(
+                f"the store's {self._where} dropped the connection ({e.__class__.__name__}) while "
+                "committing: the write may or may not have been stored; send it again (a record "
+                "written again takes one more version of the same fields, an erasure sent again "
+                "answers NOT_FOUND)"
+            )
         if isinstance(e, psycopg.OperationalError):
             return StoreUnavailable(
                 f"the store's {self._where} dropped the connection ({e.__class__.__name__}): "
