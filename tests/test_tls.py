@@ -402,6 +402,49 @@ async def test_replication_goes_on_after_the_primarys_node_certificate_is_renewe
     assert status[SG].dead_lettered == 0 and not status[SG].last_error, status[SG]
 
 
+async def test_a_large_request_is_read_only_once_its_caller_may_make_it(idle_cluster: Cluster):
+    """Review: a request was read (parsed, and every number in it checked) before the caller's
+    certificate or role was: 20 MB of empty consents to GrantConsents from a revoked
+    certificate held the node's event loop 15 s (a health check waited as long) and took 1.3 GB.
+    Now each method has a largest request (256 KiB but for the bulk methods and ApplyRules), and
+    one over 64 KiB is read only after the certificate and the role pass."""
+    c = idle_cluster
+    revoked = revocation_list(c)
+    evil = c.dep.credentials("recipient", PRIMARY, "evil")
+    revoked.write_text(f"{x509.load_pem_x509_certificate(evil.cert.read_bytes()).serial_number:x}\n")
+    await c.start(PRIMARY)
+    address = c.dep.addresses[PRIMARY]
+    health = health_pb2_grpc.HealthStub(c.channel(PRIMARY, "operator", PRIMARY))
+    method = "/residency.v1.ConsentService/GrantConsents"
+    service = c.dep.credentials("service", PRIMARY, "checkout")
+    reviewer = c.dep.credentials("reviewer", PRIMARY, "r")
+    cases = [
+        (evil, 10_000_000, grpc.StatusCode.UNAUTHENTICATED, "revoked"),  # 20 MB
+        (evil, 100_000, grpc.StatusCode.UNAUTHENTICATED, "revoked"),  # 200 KB: under the bound
+        (service, 10_000_000, grpc.StatusCode.INVALID_ARGUMENT, "larger than 262144 bytes"),
+        (service, 100_000, grpc.StatusCode.INVALID_ARGUMENT, "context"),  # read, then checked
+        # Without the permission: refused for it first, whatever the size.
+        (reviewer, 10_000_000, grpc.StatusCode.PERMISSION_DENIED, "consents"),
+    ]
+    for creds, entries, code, says in cases:
+        async with creds.channel(address) as ch:
+            call = ch.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            began = time.monotonic()
+            attack = asyncio.ensure_future(call(b"\x12\x00" * entries, timeout=60))
+            while not attack.done() and time.monotonic() - began < 0.5:
+                await asyncio.sleep(0.01)  # the request on its way, or read
+            probe = time.monotonic()
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=60)
+            assert time.monotonic() - probe < 2.0, (entries, "the node was held")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await attack
+            assert e.value.code() == code and says in (e.value.details() or ""), (entries, e.value.details())
+            assert time.monotonic() - began < 5.0
+    rss = [line for line in Path(f"/proc/{c.dep.procs[PRIMARY].pid}/status").read_text().splitlines()]
+    (high,) = [int(line.split()[1]) for line in rss if line.startswith("VmHWM")]
+    assert high < 600_000, f"the node's resident memory peaked at {high} kB"
+
+
 def revocation_list(c: Cluster) -> Path:
     """An empty revocation list, `pki/revoked.txt`, named in the primary's config (`tls.revoked`)."""
     revoked = c.dir / "pki" / "revoked.txt"
