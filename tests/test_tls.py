@@ -235,6 +235,48 @@ async def eventually(check, what: str, deadline: float = 20.0) -> None:
         await asyncio.sleep(0.1)
 
 
+async def test_a_revocation_holds_though_the_key_beside_it_does_not_load_and_a_bad_line_revokes_no_fewer(
+    idle_cluster: Cluster,
+):
+    """Review: a SIGHUP read the certificate, key, CA and revocation list together, and any of
+    them failing dropped the new revocations too: a renewal half written (cert-manager writes
+    the certificate, then the key) kept a revoked certificate working, and so did a bad line
+    in the list. The list is now applied on its own; a bad line adds its good lines' serials."""
+    c = idle_cluster
+    revoked = revocation_list(c)
+    first, second = (c.dep.credentials("service", PRIMARY, name) for name in ("first", "second"))
+    await c.start(PRIMARY)
+    address, proc = c.dep.addresses[PRIMARY], c.dep.procs[PRIMARY]
+
+    def serial(creds: Credentials) -> int:
+        return x509.load_pem_x509_certificate(creds.cert.read_bytes()).serial_number
+
+    async def refused(creds: Credentials) -> bool:
+        try:
+            await serving(creds, address)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details()
+            return True
+        return False
+
+    await serving(first, address)
+    key = c.dir / "pki" / f"{PRIMARY}.key"
+    kept = key.read_bytes()
+    key.write_bytes(pki.key_pem(ec.generate_private_key(ec.SECP256R1())))  # not the certificate's
+    revoked.write_text(f"{serial(first):x}\n")
+    proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: refused(first), "the revocation holds though the key does not load")
+    await serving(second, address)  # the node keeps its certificate
+    assert "is not the key of" in c.dep.node_log(PRIMARY).read_text()
+    key.write_bytes(kept)
+    revoked.write_text(f"{serial(second):x}\nnot-a-serial\n")  # `first` no longer listed
+    proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: refused(second), "the good line of a list with a bad one holds")
+    assert await refused(first)  # a bad list revokes no fewer
+    assert "'not-a-serial' is not a hexadecimal serial number" in c.dep.node_log(PRIMARY).read_text()
+    assert proc.poll() is None
+
+
 async def test_sighup_rereads_the_revocation_list_and_the_node_certificate_without_a_restart(
     idle_cluster: Cluster,
 ):

@@ -180,10 +180,11 @@ class ServerTls:
             raise ConfigError(f"'tls': {c.cert}, {c.key} or {c.ca} is not PEM of the right kind: {e}") from e
         if key.public_key() != cert.public_key():
             raise ConfigError(f"'tls.key': {c.key} is not the key of {c.cert}")
-        revoked = read_serials(c.revoked) if c.revoked else frozenset()
+        if not self._ca_pem and c.revoked:  # at start: a list that does not read stops the node
+            self.revoked = read_serials(c.revoked)
         conf = grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=ca_pem)
         context = _ssl_context(c.cert, c.key, ca_pem)
-        self.revoked, self.expires, self.ssl_context = revoked, cert.not_valid_after_utc, context
+        self.expires, self.ssl_context = cert.not_valid_after_utc, context
         if ca_pem != self._ca_pem:
             self.ca_changes += 1 if self._ca_pem else 0
             self._ca_pem, self.anchors, self._trusted = ca_pem, anchors, {}
@@ -207,7 +208,12 @@ class ServerTls:
         return conf
 
     def reload(self) -> None:
-        """Rereads every file; a bad one keeps what runs (and is logged)."""
+        """Rereads every file. The revocation list first, on its own: a certificate, key or CA
+        that does not load (a renewal half written) must not keep a new revocation from
+        holding. A list with a bad line adds the serials of its good ones to those in force
+        (it revokes no fewer); one that does not read keeps them. A bad certificate, key or CA
+        keeps what runs. Each is logged."""
+        self._reload_revoked()
         try:
             self._pending = self._load()
         except ConfigError as e:
@@ -216,6 +222,24 @@ class ServerTls:
         log.info(
             "TLS reloaded: certificate valid until %s, %d serials revoked", self.expires, len(self.revoked)
         )
+
+    def _reload_revoked(self) -> None:
+        if not self.config.revoked:
+            return
+        try:
+            serials, bad = pki.read_serials_leniently(self.config.revoked)
+        except ConfigError as e:
+            log.error("revocation list not reread, the %d serials in force stay: %s", len(self.revoked), e)
+            return
+        if bad:
+            self.revoked |= serials
+            log.error(
+                "revocation list: %s; its other serials are added to those in force (%d now)",
+                "; ".join(bad[:3]),
+                len(self.revoked),
+            )
+        else:
+            self.revoked = serials
 
     def refusal(
         self, peer: Peer | None, chain: Callable[[], list[x509.Certificate]] | None = list

@@ -84,11 +84,20 @@ def identity_of(cert: x509.Certificate) -> Identity | None:
 
 def read_serials(path: Path) -> frozenset[int]:
     """A revocation list: one hexadecimal serial number a line (colons allowed, `#` comments)."""
+    serials, bad = read_serials_leniently(path)
+    if bad:
+        raise ConfigError(bad[0])
+    return serials
+
+
+def read_serials_leniently(path: Path) -> tuple[frozenset[int], list[str]]:
+    """The serial numbers of every line of a revocation list that reads as one, and what is
+    wrong with the others. ConfigError if the file cannot be read at all."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:  # a node keeps the list it has (`ServerTls.reload`)
         raise ConfigError(f"cannot read the revocation list {path}: {e}") from None
-    serials = set()
+    serials, bad = set(), []
     for n, line in enumerate(text.splitlines(), 1):
         text = line.split("#", 1)[0].strip().replace(":", "").lower().removeprefix("0x")
         if not text:
@@ -96,8 +105,8 @@ def read_serials(path: Path) -> frozenset[int]:
         try:
             serials.add(int(text, 16))
         except ValueError:
-            raise ConfigError(f"{path}:{n}: {line.strip()!r} is not a hexadecimal serial number") from None
-    return frozenset(serials)
+            bad.append(f"{path}:{n}: {line.strip()!r} is not a hexadecimal serial number")
+    return frozenset(serials), bad
 
 
 def _write_private(path: Path, data: bytes) -> None:
