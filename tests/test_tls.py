@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -228,6 +229,16 @@ async def test_tls_1_3_is_negotiated_and_status_shows_the_certificate_expiry(mod
     assert status.certificate_expires.ToDatetime(datetime.UTC) == node_cert.not_valid_after_utc
 
 
+async def revoked_now(creds: Credentials, address: str) -> bool:
+    """Whether a new connection with `creds` is refused as revoked (else it serves)."""
+    try:
+        await serving(creds, address)
+    except grpc.aio.AioRpcError as e:
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details()
+        return True
+    return False
+
+
 async def eventually(check, what: str, deadline: float = 20.0) -> None:
     end = time.monotonic() + deadline
     while not await check():
@@ -251,13 +262,8 @@ async def test_a_revocation_holds_though_the_key_beside_it_does_not_load_and_a_b
     def serial(creds: Credentials) -> int:
         return x509.load_pem_x509_certificate(creds.cert.read_bytes()).serial_number
 
-    async def refused(creds: Credentials) -> bool:
-        try:
-            await serving(creds, address)
-        except grpc.aio.AioRpcError as e:
-            assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details()
-            return True
-        return False
+    def refused(creds: Credentials) -> Callable[[], Awaitable[bool]]:
+        return lambda: revoked_now(creds, address)
 
     await serving(first, address)
     key = c.dir / "pki" / f"{PRIMARY}.key"
@@ -265,14 +271,14 @@ async def test_a_revocation_holds_though_the_key_beside_it_does_not_load_and_a_b
     key.write_bytes(pki.key_pem(ec.generate_private_key(ec.SECP256R1())))  # not the certificate's
     revoked.write_text(f"{serial(first):x}\n")
     proc.send_signal(signal.SIGHUP)
-    await eventually(lambda: refused(first), "the revocation holds though the key does not load")
+    await eventually(refused(first), "the revocation holds though the key does not load")
     await serving(second, address)  # the node keeps its certificate
     assert "is not the key of" in c.dep.node_log(PRIMARY).read_text()
     key.write_bytes(kept)
     revoked.write_text(f"{serial(second):x}\nnot-a-serial\n")  # `first` no longer listed
     proc.send_signal(signal.SIGHUP)
-    await eventually(lambda: refused(second), "the good line of a list with a bad one holds")
-    assert await refused(first)  # a bad list revokes no fewer
+    await eventually(refused(second), "the good line of a list with a bad one holds")
+    assert await refused(first)()  # a bad list revokes no fewer
     assert "'not-a-serial' is not a hexadecimal serial number" in c.dep.node_log(PRIMARY).read_text()
     assert proc.poll() is None
 
@@ -293,15 +299,7 @@ async def test_sighup_rereads_the_revocation_list_and_the_node_certificate_witho
         revoked.write_text(revoked.read_text() + f"{serial:x}\n")
         proc.send_signal(signal.SIGHUP)
 
-        async def refused_now() -> bool:
-            try:
-                await serving(stolen, address)
-            except grpc.aio.AioRpcError as e:
-                assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details()
-                return True
-            return False
-
-        await eventually(refused_now, "the revoked certificate is refused")
+        await eventually(lambda: revoked_now(stolen, address), "the revoked certificate is refused")
         with pytest.raises(grpc.aio.AioRpcError) as e:  # on the connection opened before, too
             await stub.PutRecord(record_request("rv-1"), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
