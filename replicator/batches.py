@@ -5,8 +5,9 @@ high-water mark. The loop (`loop`) ships it and commits it."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from residency.server.storage.replication import OutboxItem
 from residency.server.vault.records import Opened, Records
 from residency.v1 import replica_pb2
 
+log = logging.getLogger("residency.replicator")
+
 
 @dataclass(slots=True)
 class Prepared:
@@ -28,6 +31,40 @@ class Prepared:
     high_water: replica_pb2.HighWater
     # time.monotonic() when its making began (the store as read then)
     made: float
+    # The version of the rules its copies were projected under.
+    rules_version: str = ""
+
+
+class RulesMoved(Exception):
+    """The store's rules are not those a batch was projected under (another process of the
+    store applied a change this one has not taken yet): nothing of it is shipped; the worker
+    takes the store's rules, then prepares again. Shipped, a copy narrowed by the change
+    would have reached its region after the change under the old rules, and after the
+    re-projection meant to withdraw it, for good (review finding)."""
+
+
+async def take_rules(follow: Callable[[], Awaitable[None]] | None, records: Records, version: str) -> bool:
+    """After `RulesMoved`: the store's rules taken (`follow`: `SharedRules.follow`); False, and
+    why logged, if this process still runs others (they do not load here, the store failed):
+    the caller waits before it tries again, rather than spin."""
+    try:
+        if follow is not None:
+            await follow()
+    except Exception as e:
+        log.warning("the store's rules (%s) not taken: %s", version, e)
+        return False
+    if records.rules.version == version:
+        return True
+    log.warning("the store's rules are %s, this one runs %s: nothing shipped", version, records.rules.version)
+    return False
+
+
+def rules_moved(store: Any, batch: Prepared) -> str:
+    """On the store thread, after the batch's outbox entries were read: the version of the
+    rules in force if the batch was not projected under it, else "". A re-projection's
+    entries are written after its change commits, so a batch holding one sees it here."""
+    shared = store.rules_version()
+    return shared if shared and batch.copies and shared != batch.rules_version else ""
 
 
 class Batches:
@@ -62,7 +99,8 @@ class Batches:
             copy, entry = self.copy_for(d, row, permits[row.user_id])
             copies.append(copy)
             entries.append(entry)
-        return Prepared(copies, entries, items[-1].sequence, self._mark(d, copies), made)
+        rules = self.records.rules.version
+        return Prepared(copies, entries, items[-1].sequence, self._mark(d, copies), made, rules)
 
     def of_users(self, d: Destination, user_ids: list[str]) -> tuple[Prepared, list[str]]:
         """Copies of the current version of each user (re-driving dead letters), and the
@@ -80,7 +118,7 @@ class Batches:
             copy, entry = self.copy_for(d, row, permits[u])
             copies.append(copy)
             entries.append(entry)
-        return Prepared(copies, entries, 0, self._mark(d, copies), made), gone
+        return Prepared(copies, entries, 0, self._mark(d, copies), made, self.records.rules.version), gone
 
     def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
         """The batch's signed high-water mark: the highest version the store holds (read from

@@ -1,17 +1,16 @@
-"""The replication loop: per destination region, reads the outbox after that region's
-cursor, builds each record's sealed copy for that region (`copies`), ships the batch
-through the destination's sink, then logs the transfers and advances the cursor in one
-transaction. Each destination has its own loop and cursor, so a slow or down region never
-holds back the others; each ships only while this worker holds its lease (`lease`).
+"""The replication loop: per destination region, reads the outbox after that region's cursor,
+builds each record's sealed copy for that region (`copies`), ships the batch through the
+destination's sink, then logs the transfers and advances the cursor in one transaction. Each
+destination has its own loop and cursor, so a slow or down region never holds back the
+others; each ships only while this worker holds its lease (`lease`), and only copies made
+under the rules in force (`batches.RulesMoved`).
 
-Failures: a transient one (unavailable, timeout, throttling, 5xx) is retried with
-exponential backoff and jitter until it lands; a permanent one (the destination refuses
-the copy) sends that user's copy to the dead-letter table with the reason, logs the
-transfer as failed, and the batch goes on, so one refused copy never blocks other users.
-A later version of the same user supersedes its dead letter once it lands (a copy carries
-the user's whole projected state, so the newest version is all a destination needs);
-`residency replication retry` re-drives the current version of each dead-lettered user.
-"""
+Failures: a transient one (unavailable, timeout, throttling, 5xx) is retried with exponential
+backoff and jitter until it lands; a permanent one (the destination refuses the copy) sends
+that user's copy to the dead-letter table with the reason, logs the transfer as failed, and
+the batch goes on. A later version of the same user supersedes its dead letter once it lands
+(a copy carries the user's whole projected state); `residency replication retry` re-drives
+the current version of each dead-lettered user."""
 
 from __future__ import annotations
 
@@ -22,12 +21,13 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 from prometheus_client import Histogram
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from residency.replicator.batches import Batches, Prepared
+from residency.replicator.batches import Batches, Prepared, RulesMoved, rules_moved, take_rules
 from residency.replicator.destinations import Destination, KeyHold, describe_error, learn_key, statement_key
 from residency.replicator.lease import StandDown
 from residency.replicator.spread import Spread
@@ -41,17 +41,15 @@ from residency.server.vault.records import Records
 from residency.v1 import replica_pb2
 
 log = logging.getLogger("residency.replicator")
-# Where a batch's time goes, per destination: `prepare` (reading, opening and sealing, on the
-# store thread; it overlaps the previous batch's shipping), `ship` (until the destination has
-# taken it, retries included) and `commit` (its transfer-log entries and the cursor).
+# Where a batch's time goes, per destination: `prepare` (reading, opening and sealing, on the store
+# thread, overlapping the previous batch's shipping), `ship` (retries included) and `commit`.
 STEPS = Histogram(
     "residency_replication_batch_seconds",
     "Time of one step of a replication batch (prepare, ship, commit), by destination",
     ["destination", "step"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
-# (why the region's key is shredded or "", its learned key statement, where re-sending is at)
-KeyState = tuple[str, bytes | None, str | None]
+KeyState = tuple[str, bytes | None, str | None]  # (why shredded or "", key statement, resend at)
 
 
 class Refused(Exception):
@@ -76,6 +74,8 @@ class Replicator:
         tls: TlsConfig | None = None,
     ):
         self.records = records
+        # Takes the rules another process of a shared store applied (`SharedRules.follow`).
+        self.follow_rules: Callable[[], Awaitable[None]] | None = None
         # The CA and trust domain a region's new key must be signed under (None: none is learned).
         self.tls = tls
         self.db = db
@@ -127,6 +127,9 @@ class Replicator:
                         await asyncio.wait_for(wake.wait(), timeout=self.config.poll_interval)
             except KeyHold as e:
                 await self._hold(d, e.reason)
+            except RulesMoved as e:  # taken, then prepared again; else wait, not spin
+                if not await take_rules(self.follow_rules, self.records, str(e)):
+                    await asyncio.sleep(self.config.retry_max)
             except StandDown as e:
                 await self.leases[d.region].stood_down(self.db, e)
                 with contextlib.suppress(TimeoutError):
@@ -139,10 +142,9 @@ class Replicator:
                 await asyncio.sleep(self.config.retry_max)
 
     async def _step(self, d: Destination, wake: asyncio.Event) -> bool:
-        """One batch (or a round of re-driven dead letters); False when there was nothing.
-
-        The wake-up is cleared first, so a StandDown raised here waits for news (a write, a
-        resume, a lease taken) instead of spinning on wake-ups that came before it."""
+        """One batch (or a round of re-driven dead letters); False when there was nothing. The
+        wake-up is cleared first, so a StandDown raised here waits for news (a write, a resume,
+        a lease taken) instead of spinning on wake-ups that came before it."""
         wake.clear()
         lease = self.leases[d.region]
         # Paused or not is read from the store below: a resume takes effect at once, not at
@@ -209,8 +211,7 @@ class Replicator:
         return evidence is not None and d.keys.recipient.key_id != statement_key(d.region, evidence).key_id
 
     def _poll(self, d: Destination, after: int) -> tuple[bool, KeyState, list[tuple], list[OutboxItem]]:
-        """On the store thread: paused?, the region key's state, dead letters to re-drive,
-        the outbox entries after `after`."""
+        """On the store thread: paused?, the key's state, dead letters, outbox after `after`."""
         store = self.db.store
         keys = store.key_state(d.region)
         if store.is_paused(d.region):
@@ -253,8 +254,10 @@ class Replicator:
         return True
 
     async def _deliver_and_commit(self, d: Destination, batch: Prepared, advance: bool) -> bool:
-        """Ships `batch`, then commits it; whether a batch prepared meanwhile may follow (see
-        `_commit`)."""
+        """Ships `batch` (projected under the rules in force), then commits it; whether a batch
+        prepared meanwhile may follow (see `_commit`)."""
+        if self.follow_rules is not None and (moved := await self.db.call(rules_moved, self.db.store, batch)):
+            raise RulesMoved(moved)
         if d.max_rate and batch.copies:
             # Paced: each batch waits until the rate allows it, and books its own share.
             now = time.monotonic()
@@ -339,8 +342,8 @@ class Replicator:
     def _commit(self, d: Destination, batch: Prepared, refused: dict[int, str], advance: bool) -> bool:
         """In the batch's transaction: its log entries, dead letters and cursor, if the lease is
         still this worker's under the epoch the batch was made under. Returns whether the
-        destination, as the store has it now, lets a batch prepared meanwhile follow: not
-        paused, its key neither held nor replaced, no dead letters to re-drive."""
+        destination, as the store has it now, lets a batch prepared meanwhile follow (not
+        paused, its key neither held nor replaced, no dead letters to re-drive)."""
         store = self.db.store
         now = store.now()
         self.leases[d.region].confirm(store, now, batch.high_water.lease_epoch)
@@ -388,9 +391,9 @@ class Replicator:
         return batch
 
     def forget(self, user_id: str | None = None) -> None:
-        """Drops opened (plaintext) records: one user's, on erasure (on the store thread, as
-        also the user's copy keys, so that copies of a user registered again are never sealed
-        under the erased one's), or every one (a key shredded, the worker stopping)."""
+        """Drops opened (plaintext) records: one user's, on erasure (on the store thread, as also
+        the user's copy keys: a user registered again is never sealed under the erased one's),
+        or every one (a key shredded, the worker stopping)."""
         self.batches.forget(user_id)
         if user_id is not None:
             for d in self.destinations.values():

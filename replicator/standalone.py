@@ -85,6 +85,7 @@ async def run_worker(
         else:  # the rules the store holds, and a change any front end applies, at once; a
             # rules file edited on this host changes nothing (it was never applied, nor logged)
             shared = SharedRules(c, schema, records, db, asyncio.Lock())
+            replicator.follow_rules = shared.follow  # no batch made under older rules is shipped
             handlers: dict[str, Callable[[str], Awaitable[None]]] = {
                 "rules": lambda _: shared.follow(),
                 "keys": lambda _: key_events.apply(),

@@ -149,8 +149,7 @@ class RunningNode:
         # Before serving: what a crash between the two steps of a write or an erasure left.
         orphans = store.drop_orphan_keys()
         log.info("keyring: %d data keys belonged to no record and were destroyed", orphans)
-        # The outbox is written whenever there are destinations, even with the in-process
-        # replicator off: a standalone `residency replicate` worker then reads it.
+        # The outbox is written with destinations, even with the in-process replicator off.
         outbox = c.is_primary and bool(c.affiliates)
         hash_keys = load_hash_keys(c.keys_dir, c.keys) if c.is_primary else None
         records = Records(c.region, c.is_primary, schema, rules, keyring, store, outbox, hash_keys)
@@ -213,6 +212,8 @@ class RunningNode:
             if self._shared is not None:
                 follow = self._shared.follow
                 handlers["rules"] = lambda _: follow()
+                if self.replicator is not None:  # and no batch made under older rules is shipped
+                    self.replicator.follow_rules = follow
             listening = hear(c.store, store.token, handlers, hearing=self.hearing.use())
             self._tasks.append(asyncio.create_task(listening, name="store-notices"))
         server = grpc.aio.server(
@@ -254,8 +255,7 @@ class RunningNode:
         log.info("%s node for %s listening on %s", c.role, c.region, c.listen)
 
     async def _sign_checkpoints(self) -> None:
-        """Signs a checkpoint every interval in which the log grew, so a reviewer always
-        finds one recent enough without asking for it."""
+        """Signs a checkpoint every interval in which the log grew (reviewers find a recent one)."""
         assert self.db is not None and self.transfer_log is not None
         tlog = self.transfer_log
         while True:

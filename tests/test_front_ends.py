@@ -18,17 +18,22 @@ import yaml
 
 from residency.cli.channel import Credentials
 from residency.cli.health import check, server_name
+from residency.replicator.destinations import destinations_for
+from residency.replicator.loop import Replicator
 from residency.server.config.node import load_config
 from residency.server.config.rules import load_rules
 from residency.server.config.schema import load_schema
 from residency.server.core import translog
 from residency.server.deployment import PRIMARY, start_node
 from residency.server.keys import lifecycle
+from residency.server.keys.hashkey import load_hash_keys
 from residency.server.keys.keyring import Keyring
 from residency.server.keys.providers import open_provider
 from residency.server.storage.running import serving_instance
 from residency.server.storage.stores import open_store
+from residency.server.storage.thread import StoreThread
 from residency.server.vault.records import Records, Write
+from residency.server.vault.shared_rules import SharedRules, rules_at_start
 from residency.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -744,3 +749,65 @@ async def test_credential_checks_through_two_front_ends_count_against_one_limit(
     assert buckets() == ["caller:spiffe://residency/service/cn-north/guesser"]
     # The caller's bucket (600 a minute, 3 taken) is full again 0.3 s after; the sweep deletes it.
     await eventually(lambda: asyncio.to_thread(lambda: buckets() == []), "the full bucket is swept", 10)
+
+
+async def test_a_batch_made_under_rules_another_process_narrowed_since_is_not_shipped(idle_cluster: Cluster):
+    """Review: a worker (or another front end's replicator) that had not yet heard of a rules
+    change shipped the re-projection's new versions under the old rules: a field the change
+    took from a region reached it after the change, logged as allowed under the old version,
+    and nothing withdrew it (the re-projection, done, had meant to). Now a batch whose rules
+    are not the store's is not shipped: the worker takes the store's rules and prepares it
+    again. The worker here never hears a notice, so without that check it ships stale."""
+    c = idle_cluster
+    config = yaml.safe_load(c.dep.configs[PRIMARY].read_text())
+    config["replicator"] = {**config.get("replicator", {}), "enabled": False}  # the worker below ships
+    c.dep.configs[PRIMARY].write_text(yaml.safe_dump(config, sort_keys=False))
+    await c.start(PRIMARY, SG)
+    conf = load_config(c.dep.configs[PRIMARY])
+    schema = load_schema(conf.schema)
+    store = open_store(conf)
+    keyring = Keyring(conf.region, open_provider(conf.keys), conf.keys_dir)
+    records = Records(
+        conf.region,
+        True,
+        schema,
+        rules_at_start(store, conf, schema, load_rules(conf.rules, schema)),
+        keyring,
+        store,
+        hash_keys=load_hash_keys(conf.keys_dir, conf.keys),
+    )
+    db = StoreThread(store)
+    db.start()
+    worker = Replicator(records, db, destinations_for(conf, [SG]), conf.replicator, tls=conf.tls)
+    worker.follow_rules = SharedRules(conf, schema, records, db, asyncio.Lock()).follow
+    await worker.start()
+    try:
+        await c.put("rn-1", {"name": "Li Wei", "email": "rn@example.cn"})
+
+        async def sg_holds(name: bool) -> bool:
+            try:
+                return ("name" in values(await c.held("rn-1", SG))) == name
+            except grpc.aio.AioRpcError:
+                return False
+
+        await eventually(lambda: sg_holds(True), "the worker ships the name under the rules", deadline=30)
+        text, before = (c.dir / "rules.yaml").read_text(), records.rules.version
+        narrowed = text.replace("categories: [user.name, user.contact,", "categories: [user.contact,")
+        assert narrowed != text
+        request = admin_pb2.ApplyRulesRequest(rules_yaml=narrowed)
+        applied = await c.admin(PRIMARY).ApplyRules(request, timeout=30)
+        await eventually(lambda: sg_holds(False), "the re-projection withdraws the name", deadline=30)
+        assert records.rules.version == applied.version  # taken from the store, not a notice
+        # Shipped once under each rule set, never the re-projected version under the first.
+        shipped = [
+            x
+            for x in map(json.loads, [e for _, e, _ in await c.log()])
+            if (x["kind"], x.get("subject"), x.get("destination_region")) == ("replication", "rn-1", SG)
+        ]
+        assert [x["rules_version"] for x in shipped] == [before, applied.version], shipped
+        sent = [{f["name"] for f in x["fields"]} for x in shipped]
+        assert "name" in sent[0] and "name" not in sent[1]
+    finally:
+        await worker.stop()
+        await db.drain()
+        store.close()

@@ -26,6 +26,7 @@ class RulesStateStore(Protocol):
     def last_logged_rules_version(self) -> str: ...
     def set_rules_text(self, version: str, text: bytes) -> None: ...
     def rules_text(self) -> tuple[str, bytes] | None: ...
+    def rules_version(self) -> str: ...
     def notify(self, kind: str) -> None: ...
 
 
@@ -45,6 +46,11 @@ class RulesStateRows(Database):
     def set_rules_text(self, version: str, text: bytes) -> None:
         """The text of rule set `version`, which `set_rules_state` has just made current."""
         self._db.execute("UPDATE rules_state SET text = ? WHERE id = 1 AND version = ?", (text, version))
+
+    def rules_version(self) -> str:
+        """The version of the rule set in force, if the store has its text ("": none)."""
+        row = self._db.execute("SELECT version FROM rules_state WHERE id = 1 AND text IS NOT NULL").fetchone()
+        return "" if row is None else str(row[0])
 
     def rules_text(self) -> tuple[str, bytes] | None:
         """(version, text) of the rule set in force, if the store has its text."""
