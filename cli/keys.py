@@ -45,7 +45,7 @@ def operator_of(args: argparse.Namespace, config: NodeConfig) -> str:
             f"residency: --ca is not used here: the certificate must chain to the node's CA, {tls.ca}",
             file=sys.stderr,
         )
-    revoked = pki.read_serials(tls.revoked) if tls.revoked else frozenset()
+    revoked = pki.revoked_serials(tls.revoked)
     try:
         ident = pki.authenticate(
             cert, key, ca, role="operator", trust_domain=tls.trust_domain, revoked=revoked

@@ -86,6 +86,7 @@ class Batches:
 
     def of_outbox(self, d: Destination, items: list[OutboxItem]) -> Prepared:
         made, self._generation_read = time.monotonic(), self._generation
+        rules = self.records.rules.version  # before: rules swapped meanwhile make the batch stale
         users = list({i.user_id for i in items})
         rows = self.records.store.rows(users)
         permits = self.records.permits_for(users)
@@ -99,13 +100,13 @@ class Batches:
             copy, entry = self.copy_for(d, row, permits[row.user_id])
             copies.append(copy)
             entries.append(entry)
-        rules = self.records.rules.version
         return Prepared(copies, entries, items[-1].sequence, self._mark(d, copies), made, rules)
 
     def of_users(self, d: Destination, user_ids: list[str]) -> tuple[Prepared, list[str]]:
         """Copies of the current version of each user (re-driving dead letters), and the
         users who have no record left (nothing to re-drive)."""
         made, self._generation_read = time.monotonic(), self._generation
+        rules = self.records.rules.version
         rows = self.records.store.rows(user_ids)
         permits = self.records.permits_for(user_ids)
         copies, entries = [], []
@@ -118,7 +119,7 @@ class Batches:
             copy, entry = self.copy_for(d, row, permits[u])
             copies.append(copy)
             entries.append(entry)
-        return Prepared(copies, entries, 0, self._mark(d, copies), made, self.records.rules.version), gone
+        return Prepared(copies, entries, 0, self._mark(d, copies), made, rules), gone
 
     def _mark(self, d: Destination, copies: list[replica_pb2.SealedCopy]) -> replica_pb2.HighWater:
         """The batch's signed high-water mark: the highest version the store holds (read from

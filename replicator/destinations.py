@@ -107,7 +107,7 @@ def verified_key(
     any), so that a statement recorded earlier (of a key since shredded) cannot be played
     back. Raises CallerDenied naming what fails."""
     reply = replica_pb2.GetRegionKeyResponse.FromString(evidence)
-    revoked = pki.read_serials(tls.revoked) if tls.revoked else frozenset()
+    revoked = pki.revoked_serials(tls.revoked)
     signer = pki.verify_signed(
         reply.statement,
         reply.signature,

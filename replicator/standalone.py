@@ -16,11 +16,12 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from residency.replicator.destinations import destinations_for
 from residency.replicator.loop import Replicator
 from residency.server.config.node import NodeConfig
-from residency.server.config.rules import load_rules
+from residency.server.config.rules import load_rules, rules_from_bytes
 from residency.server.config.schema import load_schema
 from residency.server.core.errors import ConfigError, KeysBehind
 from residency.server.core.schema import Schema
@@ -82,6 +83,7 @@ async def run_worker(
         tasks.append(asyncio.create_task(_follow_key_events(key_events), name="follow-key-events"))
         if not isinstance(store, PostgresStore):  # SQLite: the node's rules file
             tasks.append(asyncio.create_task(_follow_rules(c, records, schema), name="follow-rules"))
+            replicator.follow_rules = _store_rules(db, records, schema)  # and no batch under older
         else:  # the rules the store holds, and a change any front end applies, at once; a
             # rules file edited on this host changes nothing (it was never applied, nor logged)
             shared = SharedRules(c, schema, records, db, asyncio.Lock())
@@ -127,6 +129,22 @@ async def _follow_key_events(key_events: KeyEvents, every: float = 1.0) -> None:
             pass  # said once, when it began; nothing opens meanwhile
         except Exception as e:
             log.warning("key events not read: %s", e)
+
+
+def _store_rules(db: StoreThread[Any], records: Records, schema: Schema) -> Callable[[], Awaitable[None]]:
+    """On SQLite, what a worker does when a batch's rules are not the store's (`RulesMoved`):
+    takes the rules the node last applied, as it keeps them in the store (`SharedRules.share`),
+    on the store thread (between two batches' making). Within the second before the rules
+    file is seen to change, or for good if the node did not write it, the worker would
+    otherwise ship the rules change's re-projection under the rules it replaced."""
+
+    def take() -> None:
+        shared = db.store.rules_text()
+        if shared is not None and shared[0] != records.rules.version:
+            log.info("rules %s -> %s from the store", records.rules.version, shared[0])
+            records.rules = rules_from_bytes(shared[1], schema, "the store's rules")
+
+    return lambda: db.call(take)
 
 
 async def _follow_rules(c: NodeConfig, records: Records, schema: Schema, every: float = 1.0) -> None:

@@ -405,9 +405,9 @@ async def test_a_refused_transfer_log_query_is_logged_against_the_subject_it_nam
 
 async def test_a_refused_call_writes_its_purpose_to_the_log_only_if_it_is_a_data_use(module_cluster: Cluster):
     c = module_cluster
-    # A reviewer (no records.read) states a "purpose" that is 232 KB of someone's data.
+    # A reviewer (no records.read) states a "purpose" that is 58 KB of someone's data.
     stub = records_pb2_grpc.RecordServiceStub(c.channel(PRIMARY, "reviewer"))
-    words = "Zhang Wei 110105194912310021 " * 8_000  # 232 KB: read for the log, under 256 KiB
+    words = "Zhang Wei 110105194912310021 " * 2_000  # 58 KB: read for the log (over 64 KiB: not)
     for user, purpose in (("pw-1", words), ("pw-2", "essential.service")):
         request = records_pb2.GetRecordRequest(context=ctx(PRIMARY, purpose), user_id=user)
         call = stub.GetRecord(request, timeout=10)

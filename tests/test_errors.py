@@ -330,3 +330,38 @@ async def test_a_domain_error_without_a_status_of_its_own_is_internal_and_its_te
     assert Context.status.code == grpc.StatusCode.INTERNAL
     assert "secret" not in Context.status.details and "internal error" in Context.status.details
     assert "the bundle at /srv/secret/path is damaged" in caplog.text
+
+
+def test_the_largest_valid_request_of_each_bulky_method_is_read_not_refused_for_its_size():
+    """Review: the per-method request bounds must not refuse a request the node itself would
+    take: 1,000 consents with 2,000 characters of three-byte evidence each, a grant of 10,000
+    user ids of 128 characters, 1,000 records of 64 KiB. Each is over 64 KiB, so it is read once
+    the caller passes (`Pending`), and reads as its message; 1 byte over its bound is not."""
+    from residency.server.api.requests import LARGER_REQUESTS, LARGEST_REQUEST, Pending, Refused, _reader
+
+    consents = consent_pb2.GrantConsentsRequest(context=ctx(PRIMARY, "essential.service"))
+    for i in range(1000):
+        consents.consents.add(
+            user_id=f"u-{i}".ljust(128, "x"), purpose="marketing.communications", evidence="語" * 2000
+        )
+    many = consents.consents
+    grant = consent_pb2.CreateGrantRequest(context=ctx(PRIMARY, "essential.service"))
+    grant.grant.user_ids.extend(f"u-{i}".ljust(128, "x") for i in range(10_000))
+    bulk = records_pb2.PutRecordsRequest(context=ctx(PRIMARY, "essential.service"))
+    for i in range(1000):
+        bulk.records.add(user_id=f"u-{i}").fields["name"].string_value = "x" * (64 * 1024 - 64)
+    cases = [
+        ("/residency.v1.ConsentService/GrantConsents", consents),
+        ("/residency.v1.ConsentService/WithdrawConsents", consent_pb2.WithdrawConsentsRequest(consents=many)),
+        ("/residency.v1.GrantService/CreateGrant", grant),
+        ("/residency.v1.RecordService/PutRecords", bulk),
+    ]
+    for method, message in cases:
+        data = message.SerializeToString()
+        read = _reader(method, type(message).FromString)
+        pending = read(data)
+        assert isinstance(pending, Pending), (method, len(data))
+        assert pending.read() == message, method
+        bound = LARGER_REQUESTS.get(method, LARGEST_REQUEST)
+        over = data + b"\x00" * (bound - len(data) + 1)
+        assert len(data) <= bound and isinstance(read(over).read(), Refused)

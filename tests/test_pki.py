@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from residency.server.core.errors import CallerDenied
+from residency.server.core.errors import CallerDenied, ConfigError
 from residency.server.keys import pki
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -119,3 +119,19 @@ def test_a_certificate_naming_two_identities_or_a_dot_segment_names_none(deploym
         assert pki.parse_uri(f"spiffe://residency/service/cn-north/{dots}") is None
         with pytest.raises(pki.ConfigError):
             pki.issue(deployment.dir, "service", "cn-north", dots, deployment.dir / "dots")
+
+
+def test_a_revocation_list_with_a_bad_line_still_revokes_its_other_serials_everywhere(tmp_path, caplog):
+    """Review: the node took a list with a bad line (its good lines' serials added at SIGHUP), but
+    the replicator's check of a region's key statement and `residency keys` refused the whole
+    list, and replication to every region stayed held on it. Each checker now revokes every
+    serial the list names and logs the line it passed over."""
+    listed = tmp_path / "revoked.txt"
+    listed.write_text("# revoked\n0a:1b\nnot-a-serial\n0xff  # a comment\n")
+    with pytest.raises(ConfigError, match="'not-a-serial' is not a hexadecimal serial number"):
+        pki.read_serials(listed)  # a node's start is strict
+    assert pki.revoked_serials(listed) == {0x0A1B, 0xFF}
+    assert "'not-a-serial' is not a hexadecimal serial number (passed over)" in caplog.text
+    assert pki.revoked_serials(None) == frozenset()
+    with pytest.raises(ConfigError, match="cannot read"):
+        pki.revoked_serials(tmp_path / "missing.txt")

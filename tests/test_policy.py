@@ -377,6 +377,21 @@ async def test_explain_gives_every_field_its_rule_or_reason(cluster: Cluster):
         "marketing.communications",
     )
     assert r.returncode == 0 and "no_rule" in r.stdout and "email" in r.stdout
+    # Review: an operator learned which fields a user's record holds (a national id, say) with
+    # nothing in the log. Each explain is an `access` entry naming who asked and about whom,
+    # with no value of the record; an explain of a user without a record logs nothing.
+    explained = [
+        json.loads(e)
+        for _, e, _ in await cluster.log()
+        if json.loads(e)["kind"] == "access" and json.loads(e)["subject"] == "e-1"
+    ]
+    assert [x["reason"].split(":")[0] for x in explained] == ["explain"] * 2
+    assert all(x["actor"] == f"spiffe://residency/operator/{PRIMARY}/operator" for x in explained)
+    assert f"go to {SG} for marketing.communications" in explained[1]["reason"]
+    assert "110105" not in json.dumps(explained) and "hunter2" not in json.dumps(explained)
+    before = len(await cluster.log())
+    r = residency("rules", "explain", *cluster.target(), "--user", "nobody-1", "--to", EU, "--json")
+    assert r.returncode != 0 and len(await cluster.log()) == before
 
 
 def test_rules_check_prints_every_error_and_fails(tmp_path):

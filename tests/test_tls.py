@@ -446,8 +446,8 @@ async def test_a_large_request_is_read_only_once_its_caller_may_make_it(idle_clu
     """Review: a request was read (parsed, and every number in it checked) before the caller's
     certificate or role was: 20 MB of empty consents to GrantConsents from a revoked
     certificate held the node's event loop 15 s (a health check waited as long) and took 1.3 GB.
-    Now each method has a largest request (256 KiB but for the bulk methods and ApplyRules), and
-    one over 64 KiB is read only after the certificate and the role pass."""
+    Now each method has a largest request (4 MiB; consents and bulk methods more), and one over 64 KiB
+    is read only after the certificate and the role pass."""
     c = idle_cluster
     revoked = revocation_list(c)
     evil = c.dep.credentials("recipient", PRIMARY, "evil")
@@ -460,8 +460,8 @@ async def test_a_large_request_is_read_only_once_its_caller_may_make_it(idle_clu
     reviewer = c.dep.credentials("reviewer", PRIMARY, "r")
     cases = [
         (evil, 10_000_000, grpc.StatusCode.UNAUTHENTICATED, "revoked"),  # 20 MB
-        (evil, 100_000, grpc.StatusCode.UNAUTHENTICATED, "revoked"),  # 200 KB: under the bound
-        (service, 10_000_000, grpc.StatusCode.INVALID_ARGUMENT, "larger than 262144 bytes"),
+        (evil, 100_000, grpc.StatusCode.UNAUTHENTICATED, "revoked"),  # 200 KB: under the bound, not read
+        (service, 10_000_000, grpc.StatusCode.INVALID_ARGUMENT, "larger than 16777216 bytes"),
         (service, 100_000, grpc.StatusCode.INVALID_ARGUMENT, "context"),  # read, then checked
         # Without the permission: refused for it first, whatever the size.
         (reviewer, 10_000_000, grpc.StatusCode.PERMISSION_DENIED, "consents"),

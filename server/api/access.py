@@ -21,7 +21,7 @@ from google.protobuf.message_factory import GetMessageClass
 from residency.server.api.context import Node
 from residency.server.api.errors import refuse, status_for
 from residency.server.api.metrics import refused
-from residency.server.api.requests import LARGEST_REQUEST, Pending, Refused
+from residency.server.api.requests import Pending, Refused
 from residency.server.api.tls import CALLER, ServerTls, peer_certificate, peer_chain
 from residency.server.api.wrapping import HandlerRewriter, kind_of
 from residency.server.core import translog
@@ -284,9 +284,9 @@ class Gate(HandlerRewriter):
         """The users a refused request names, and its purpose if that is a Fides data use (else
         "": the caller's words, of any length, are not written to the log, as in
         `identity.caller_of`). A request refused for an out-of-range number still names its
-        users; an unreadable one names nobody, nor does one over `LARGEST_REQUEST` bytes."""
-        if isinstance(request, Pending):  # a large request not read: its bytes, up to a bound
-            request = request.data if len(request.data) <= LARGEST_REQUEST else None
+        users; an unreadable one names nobody, nor does one not read yet (over 64 KiB)."""
+        if isinstance(request, Pending):  # a request too large to read for a refusal's log
+            request = None
         message = _parsed(method, request.message if isinstance(request, Refused) else request)
         users = subjects(message) if message is not None else []
         stated = getattr(getattr(message, "context", None), "purpose", "")

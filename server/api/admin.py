@@ -14,7 +14,7 @@ import grpc
 from residency.server.api.context import Node, check_user
 from residency.server.api.errors import rpc
 from residency.server.api.identity import peer_of
-from residency.server.core import codec
+from residency.server.core import codec, translog
 from residency.server.core.errors import FailedPrecondition, InvalidRecord, NotFound, ResidencyError
 from residency.server.vault import replication_control as control
 from residency.server.vault.key_lifecycle import KeyLifecycle
@@ -79,10 +79,29 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     @rpc
     async def ExplainTransfer(self, request, context):
         check_user(request.user_id)
-        policy = self.node.policy
+        policy, records, caller = self.node.policy, self.node.records, peer_of(context)
         # A region node answers from the copy it holds, by the policies its fields came with.
-        explain = policy.explain if self.node.records.primary else policy.explain_copy
-        items = await self.node.db.call(explain, request.user_id, request.to, request.purpose or None)
+        explain = policy.explain if records.primary else policy.explain_copy
+
+        def logged() -> list[dict[str, Any]]:
+            """The answer, and an entry saying who learned which fields the user's record holds
+            (names and categories, no values), in one transaction: no answer unlogged."""
+            items = explain(request.user_id, request.to, request.purpose or None)
+            about = f"{request.to}" + (f" for {request.purpose}" if request.purpose else "")
+            entry = translog.entry(
+                "access",
+                subject=request.user_id,
+                source_region=records.region,
+                destination_region=caller.region,
+                outcome="allowed",
+                actor=caller.uri,
+                rules_version=records.rules.version,
+                reason=f"explain: which of the record's {len(items)} fields go to {about} (names, no values)",
+            )
+            records.store.log_append([entry])
+            return items
+
+        items = await self.node.db.write(logged)
         return admin_pb2.ExplainTransferResponse(
             user_id=request.user_id,
             to=request.to,

@@ -33,14 +33,16 @@ _U64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
 # (`Pending`, read by the innermost wrapper, after `Gate`): before, 20 MB of empty entries
 # from a revoked certificate held the event loop 15 s and took 1.3 GB (review finding).
 READ_AFTER_CHECK_BYTES = 64 * 1024
-# The largest request of each method: the bulk methods carry up to 1,000 records or copies of
-# up to 64 KiB each (the server's own limit); ApplyRules a rules file; every other one a few
-# fields, or a record.
-LARGEST_REQUEST = 256 * 1024
+# The largest request of each method: gRPC's own default, 4 MiB (CreateGrant's 10,000 user ids
+# of up to 128 characters are 1.3 MB), but for the bulk methods, which carry up to 1,000 records
+# or copies of up to 64 KiB each, and the consents, up to 1,000 of them with up to 2,000
+# characters of evidence each (8,000 bytes of UTF-8) and 200 of recipient: about 9.4 MB.
+LARGEST_REQUEST = 4 * 1024 * 1024
 LARGER_REQUESTS = {
     "/residency.v1.RecordService/PutRecords": 64 * 1024 * 1024,
     "/residency.v1.ReplicaService/ApplyCopies": 64 * 1024 * 1024,
-    "/residency.v1.AdminService/ApplyRules": 4 * 1024 * 1024,
+    "/residency.v1.ConsentService/GrantConsents": 16 * 1024 * 1024,
+    "/residency.v1.ConsentService/WithdrawConsents": 16 * 1024 * 1024,
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from cryptography.x509.verification import (
 )
 
 from residency.server.core.errors import CallerDenied, ConfigError
+
+log = logging.getLogger("residency.pki")
 
 TRUST_DOMAIN = "residency"
 ROLES = ("service", "operator", "reviewer", "approver", "recipient", "node")
@@ -87,6 +90,18 @@ def read_serials(path: Path) -> frozenset[int]:
     serials, bad = read_serials_leniently(path)
     if bad:
         raise ConfigError(bad[0])
+    return serials
+
+
+def revoked_serials(path: Path | None) -> frozenset[int]:
+    """For a check of another's certificate: every serial a revocation list names, a line that
+    is not one logged and passed over (a bad line must not un-revoke the others); none without
+    a list. ConfigError if the file cannot be read."""
+    if path is None:
+        return frozenset()
+    serials, bad = read_serials_leniently(path)
+    for line in bad:
+        log.warning("revocation list: %s (passed over)", line)
     return serials
 
 
